@@ -1,0 +1,76 @@
+"""Build the frozen ViT backbone: timm pretrained weights, a local weights file, or random init.
+
+Nothing is downloaded when the weights are already in the Hugging Face cache or given as a file.
+Offline without them the builder fails at once with one line that says what was asked for and how
+to supply a local file, instead of timm's retries and traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch.nn as nn
+
+RANDOM, PRETRAINED = "random", "pretrained"
+
+
+def _hub_id(name: str) -> str | None:
+    cfg = timm.models.get_pretrained_cfg(name)
+    return getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+
+
+def _cached(hub_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if isinstance(try_to_load_from_cache(hub_id, filename), str):
+            return True
+    return False
+
+
+def build_backbone(name: str, weights: str = PRETRAINED, **overrides: Any) -> nn.Module:
+    """A timm model without its classifier (``num_classes=0``).
+
+    ``weights``: ``"pretrained"`` (timm / Hugging Face hub weights of ``name``), ``"random"``
+    (random init, for tests and smoke runs) or a path to a local weights file (.safetensors,
+    .bin or .pth as timm reads them). ``overrides`` go to ``timm.create_model`` (``img_size``,
+    ``depth``, ``embed_dim``, ...), e.g. a tiny ViT for CPU runs.
+    """
+    if not timm.is_model(name.split(".")[0]):
+        raise ValueError(f"backbone.name: unknown timm model '{name}'")
+    kwargs = dict(num_classes=0, **overrides)
+    if weights == RANDOM:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if weights != PRETRAINED:
+        path = Path(os.path.expanduser(str(weights)))
+        if not path.is_file():
+            raise ValueError(f"backbone.weights: no such weights file {path} "
+                             f"(use 'pretrained', 'random' or a path to a local file)")
+        try:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                     **kwargs)
+        except Exception as exc:  # timm raises many types for a file that does not fit the model
+            raise ValueError(f"backbone.weights: {path} does not load into {name}: "
+                             f"{str(exc).splitlines()[0][:300]}") from None
+    hub_id = _hub_id(name)
+    how = (f"download them where you are online (hf download {hub_id}) into the Hugging Face cache, "
+           f"or set backbone.weights to a local weights file")
+    if hub_id and not _cached(hub_id) and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        raise ValueError(f"backbone.weights: pretrained weights for {name} ({hub_id}) are not on "
+                         f"this machine and HF_HUB_OFFLINE is set; {how}")
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as exc:  # network, cache or hub errors all mean: no weights here
+        raise ValueError(f"backbone.weights: could not get pretrained weights for {name} "
+                         f"({type(exc).__name__}); {how}") from None
+
+
+def build_backbone_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """``{"name": ..., "weights": ..., **overrides}`` as written in a profile's ``backbone`` section."""
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if not name:
+        raise ValueError("backbone.name: missing")
+    return build_backbone(name, spec.pop("weights", PRETRAINED), **spec)

@@ -1,0 +1,29 @@
+"""What every dataset builder returns: the three splits and the long-tail facts about train."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch.utils.data import Dataset
+
+
+@dataclass
+class LTData:
+    """Splits of a long-tailed dataset; ``train_labels`` drive the samplers, ``class_counts``
+    the A-GCL cloud and the many/medium/few split."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    train_labels: list[int]
+    num_classes: int
+    class_names: list[str]
+    image_size: int = 224
+    info: dict = field(default_factory=dict)
+
+    @property
+    def class_counts(self) -> list[int]:
+        counts = [0] * self.num_classes
+        for label in self.train_labels:
+            counts[label] += 1
+        return counts

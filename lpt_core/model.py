@@ -1,0 +1,187 @@
+"""The LPT model: a frozen timm VisionTransformer with shared prompts, a prompt pool and a cosine head.
+
+Prompts are appended after the tokens at the input of a block and dropped from its output
+(VPT-deep). Phase 1 trains the shared prompts and the head. Phase 2 freezes the shared prompts and
+trains a pool of group prompts chosen per image by cosine matching of a query feature against
+learnable keys. The blocks below ``group_start`` see the same input on the query path and on the
+main path, so they run once and both paths branch from their output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PROMPT_KEYS = ("shared_prompts", "group_prompts", "group_keys", "head_weight")
+
+
+def _prompt_init_range(backbone: nn.Module, width: int) -> float:
+    """VPT's uniform init range: sqrt(6 / (3 * patch_area + width))."""
+    patch = getattr(backbone.patch_embed, "patch_size", (16, 16))
+    area = patch[0] * patch[1] if isinstance(patch, (tuple, list)) else patch * patch
+    return math.sqrt(6.0 / float(3 * area + width))
+
+
+class LPT(nn.Module):
+    """Long-tailed Prompt Tuning around a frozen timm ``VisionTransformer`` with a class token.
+
+    Args:
+        backbone: a timm VisionTransformer (any depth, width, patch size) with a class token.
+        num_classes: classes of the cosine classifier.
+        prompt_length: prompt tokens per block, for shared and for group prompts (L).
+        pool_size: group prompts in the pool (P).
+        top_k: group prompts chosen per image and averaged (K).
+        group_start: first block that receives group prompts (S), 1 <= S <= depth - 1.
+        head_dropout: dropout before the cosine classifier while training.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, prompt_length: int = 10,
+                 pool_size: int = 20, top_k: int = 2, group_start: int = 6,
+                 head_dropout: float = 0.1):
+        super().__init__()
+        if getattr(backbone, "cls_token", None) is None or not hasattr(backbone, "blocks"):
+            raise ValueError("backbone: LPT needs a timm VisionTransformer with a class token "
+                             "(class_token=True, global_pool='token')")
+        depth, width = len(backbone.blocks), backbone.embed_dim
+        if num_classes < 1:
+            raise ValueError(f"num_classes: must be >= 1, got {num_classes}")
+        if prompt_length < 1:
+            raise ValueError(f"prompt_length: must be >= 1, got {prompt_length}")
+        if pool_size < 1:
+            raise ValueError(f"pool_size: must be >= 1, got {pool_size}")
+        if not 1 <= top_k <= pool_size:
+            raise ValueError(f"top_k: must be in 1..pool_size={pool_size}, got {top_k}")
+        if not 1 <= group_start <= depth - 1:
+            raise ValueError(f"group_start: must be in 1..depth-1={depth - 1}, got {group_start}")
+
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.num_classes, self.prompt_length = num_classes, prompt_length
+        self.pool_size, self.top_k, self.group_start = pool_size, top_k, group_start
+        self.depth, self.width = depth, width
+
+        val = _prompt_init_range(backbone, width)
+        self.shared_prompts = nn.Parameter(torch.empty(depth, prompt_length, width).uniform_(-val, val))
+        self.group_prompts = nn.Parameter(
+            torch.empty(pool_size, depth - group_start, prompt_length, width).uniform_(-val, val))
+        self.group_keys = nn.Parameter(torch.empty(pool_size, width).uniform_(-1.0, 1.0))
+        self.head = nn.Linear(width, num_classes, bias=False)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        self.head_drop = nn.Dropout(head_dropout)
+        self.phase = 1
+        self.set_phase(1)
+
+    # ----------------------------------------------------------------------------- phases
+    def set_phase(self, phase: int) -> "LPT":
+        """Phase 1 trains shared prompts + head; phase 2 trains group prompts, keys + head."""
+        if phase not in (1, 2):
+            raise ValueError(f"phase: must be 1 or 2, got {phase}")
+        self.phase = phase
+        self.shared_prompts.requires_grad_(phase == 1)
+        self.group_prompts.requires_grad_(phase == 2)
+        self.group_keys.requires_grad_(phase == 2)
+        self.head.weight.requires_grad_(True)
+        return self
+
+    def train(self, mode: bool = True) -> "LPT":
+        super().train(mode)
+        self.backbone.eval()  # frozen: its own dropout / drop-path stay off
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.shared_prompts, self.group_prompts, self.group_keys,
+                            self.head.weight) if p.requires_grad]
+
+    # ----------------------------------------------------------------------------- pieces
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        bb = self.backbone
+        x = bb.patch_embed(images)
+        x = bb._pos_embed(x)
+        x = bb.patch_drop(x)
+        return bb.norm_pre(x)
+
+    def _block(self, i: int, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """Run block i on tokens plus prompts ([B, L', D]); return only the original tokens."""
+        n = x.shape[1]
+        return self.backbone.blocks[i](torch.cat([x, prompts.to(x.dtype)], dim=1))[:, :n]
+
+    def _shared(self, i: int, batch: int) -> torch.Tensor:
+        return self.shared_prompts[i].unsqueeze(0).expand(batch, -1, -1)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-logits class-token feature from the last block's tokens."""
+        return self.backbone.forward_head(self.backbone.norm(x), pre_logits=True)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Cosine logits in [-1, 1]: normalised features times normalised class weights."""
+        f = F.normalize(self.head_drop(features).float(), dim=-1)
+        return f @ F.normalize(self.head.weight.float(), dim=-1).t()
+
+    def match(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k cosine between queries [B, D] and keys: (indices [B, K], cosines [B, K])."""
+        sim = F.normalize(query.float(), dim=-1) @ F.normalize(self.group_keys.float(), dim=-1).t()
+        cos, idx = sim.topk(self.top_k, dim=1)
+        return idx, cos
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return cosine logits [B, C] and aux: in phase 2 ``match`` (scalar: sum of top-k cosines
+        over the batch / batch size), ``match_per_image`` [B] and ``prompt_idx`` [B, K]."""
+        x = self._embed(images)
+        batch = x.shape[0]
+        if self.phase == 1:
+            for i in range(self.depth):
+                x = self._block(i, x, self._shared(i, batch))
+            return self.classify(self._features(x)), {}
+
+        # Phase 2: the trunk (blocks < S) has nothing trainable upstream; run it once, keep no graph.
+        with torch.no_grad():
+            for i in range(self.group_start):
+                x = self._block(i, x, self._shared(i, batch))
+            q = x
+            for i in range(self.group_start, self.depth):
+                q = self._block(i, q, self._shared(i, batch))
+            query = self._features(q)
+        idx, cos = self.match(query)
+        match_per_image = cos.sum(dim=1)
+        group = self.group_prompts[idx].mean(dim=1)  # [B, d-S, L, D]
+        for i in range(self.group_start, self.depth):
+            prompts = torch.cat([self._shared(i, batch), group[:, i - self.group_start]], dim=1)
+            x = self._block(i, x, prompts)
+        aux = {"match": match_per_image.sum() / batch, "match_per_image": match_per_image,
+               "prompt_idx": idx}
+        return self.classify(self._features(x)), aux
+
+    # ----------------------------------------------------------------------------- state
+    def prompt_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything LPT trains, detached: never the frozen backbone."""
+        return {"shared_prompts": self.shared_prompts.detach(),
+                "group_prompts": self.group_prompts.detach(),
+                "group_keys": self.group_keys.detach(),
+                "head_weight": self.head.weight.detach()}
+
+    def load_prompt_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Copy prompts in place; a wrong name or shape raises ValueError naming it."""
+        own = self.prompt_state_dict()
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not an LPT prompt tensor (expected {', '.join(PROMPT_KEYS)})")
+        missing = sorted(set(own) - set(state))
+        if strict and missing:
+            raise ValueError(f"{missing[0]}: missing from the prompt state")
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(own[name].shape):
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the model's "
+                                 f"{tuple(own[name].shape)}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                own[name].copy_(tensor)
+
+    def parameter_counts(self) -> dict[str, float]:
+        """Extra parameters LPT adds against the frozen backbone (all prompts, keys, head)."""
+        extra = sum(t.numel() for t in self.prompt_state_dict().values())
+        backbone = sum(p.numel() for p in self.backbone.parameters())
+        return {"extra_params": extra, "backbone_params": backbone,
+                "extra_percent": 100.0 * extra / backbone}

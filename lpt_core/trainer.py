@@ -1,0 +1,239 @@
+"""Training loop of LPT, one phase at a time, readable top to bottom.
+
+Each step loads one batch holding a class-balanced half and an instance-balanced half (see
+``sampling.DualBatchSampler``), runs it through the model once, and takes
+``AGCL_cb - m*match_cb + w(e) * (AGCL_ib - m*match_ib)`` (the match terms only in phase 2).
+SGD with momentum, lr = lr * batch / 256, one warm-up epoch from ``warmup_lr``, then cosine.
+bf16 autocast on CUDA, fp32 on CPU. The loss is summed on the device and read once per epoch.
+After each epoch the validation split is evaluated and ``on_epoch(metrics, trainer)`` is called,
+where the caller can report and ``trainer.save_state(path)``; ``load_state`` resumes there.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import load_state, save_state
+from .data.base import LTData
+from .losses import AsymmetricGCL, branch_weight
+from .metrics import confusion_counts, per_class_accuracy, shot_accuracy
+from .model import LPT
+from .sampling import DualBatchSampler
+
+
+@dataclass
+class PhaseConfig:
+    """Recipe of one phase; the defaults are the paper's. ``batch_size`` is per branch."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.02            # per 256 images of one branch
+    momentum: float = 0.9
+    weight_decay: float = 0.01
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-6
+    per_class: int = 4          # images per class draw of the class-aware sampler
+    margin: float = 0.1
+    scale: float = 20.0
+    noise_mul: float = 0.5
+    label_smoothing: float = 0.1
+    gamma_pos: float = 0.0      # class-balanced branch
+    gamma_neg: float = 4.0
+    ib_gamma_pos: float = 0.5   # instance-balanced branch
+    ib_gamma_neg: float = 8.0
+    match_weight: float = 0.5   # phase 2 only
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "recipe") -> "PhaseConfig":
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{where}.{unknown[0]}: unknown recipe key")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def make_loader(dataset: Dataset, device: torch.device, num_workers: int, **kwargs) -> DataLoader:
+    return DataLoader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda",
+                      persistent_workers=num_workers > 0, **kwargs)
+
+
+@torch.no_grad()
+def evaluate(model: LPT, dataset: Dataset, class_counts: list[int], *, batch_size: int = 256,
+             num_workers: int = 0, device: torch.device | None = None,
+             loader: DataLoader | None = None) -> dict:
+    """Accuracy (percent) overall and many/medium/few, the per-class vector and, in phase 2,
+    ``prompt_usage`` [C, P]: how often images of each class selected each group prompt."""
+    device = device or next(model.parameters()).device
+    loader = loader or make_loader(dataset, device, num_workers, batch_size=batch_size)
+    was_training = model.training
+    model.eval()
+    c = model.num_classes
+    correct = torch.zeros(c, dtype=torch.long, device=device)
+    total = torch.zeros(c, dtype=torch.long, device=device)
+    usage = torch.zeros(c, model.pool_size, dtype=torch.long, device=device)
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits, aux = model(images)
+        ok, n = confusion_counts(logits.argmax(dim=1), labels, c)
+        correct += ok
+        total += n
+        if "prompt_idx" in aux:
+            idx = aux["prompt_idx"]
+            rows = labels.unsqueeze(1).expand_as(idx).flatten()
+            usage.index_put_((rows, idx.flatten()), torch.ones_like(rows), accumulate=True)
+    model.train(was_training)
+    out = shot_accuracy(correct, total, class_counts)
+    out["per_class"] = per_class_accuracy(correct.double().cpu(), total.double().cpu()).tolist()
+    if model.phase == 2:
+        out["prompt_usage"] = usage.cpu()
+    return out
+
+
+class Trainer:
+    """Trains one phase of ``model`` on ``data`` with ``cfg``."""
+
+    def __init__(self, model: LPT, data: LTData, phase: int, cfg: PhaseConfig, *, seed: int = 0,
+                 device: str | torch.device | None = None, num_workers: int = 0,
+                 eval_batch_size: int = 256, log: Callable[[str], None] | None = print):
+        self.device = resolve_device(device)
+        self.model, self.data, self.phase, self.cfg = model.to(self.device), data, phase, cfg
+        self.model.set_phase(phase)
+        self.seed, self.num_workers, self.eval_batch_size = seed, num_workers, eval_batch_size
+        self.log = log or (lambda msg: None)
+        counts = data.class_counts
+        self.class_counts = counts
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 7919 * phase)
+        loss_args = dict(class_counts=counts, margin=cfg.margin, scale=cfg.scale,
+                         noise_mul=cfg.noise_mul, label_smoothing=cfg.label_smoothing,
+                         generator=self.noise_gen)
+        self.loss_cb = AsymmetricGCL(gamma_pos=cfg.gamma_pos, gamma_neg=cfg.gamma_neg, **loss_args).to(self.device)
+        self.loss_ib = AsymmetricGCL(gamma_pos=cfg.ib_gamma_pos, gamma_neg=cfg.ib_gamma_neg, **loss_args).to(self.device)
+        self.sampler = DualBatchSampler(data.train_labels, data.num_classes, cfg.batch_size,
+                                        cfg.per_class, seed=seed + 1009 * phase)
+        self.loader = make_loader(data.train, self.device, num_workers, batch_sampler=self.sampler)
+        self.val_loader = make_loader(data.val, self.device, num_workers, batch_size=eval_batch_size)
+        self.params = self.model.trainable_parameters()
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.SGD(self.params, lr=cfg.warmup_lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay, fused=fused,
+                                         foreach=None if fused else True)
+        self.steps_per_epoch = len(self.sampler)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = cfg.warmup_epochs * self.steps_per_epoch if cfg.epochs > cfg.warmup_epochs else 0
+        self.peak_lr = cfg.lr * cfg.batch_size / 256
+        self.step, self.epoch = 0, 0  # epoch = the next epoch to run
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------------- schedule
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.cfg.warmup_lr + (self.peak_lr - self.cfg.warmup_lr) * step / self.warmup_steps
+        t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return 0.5 * self.peak_lr * (1 + math.cos(math.pi * t))
+
+    # ------------------------------------------------------------------------- training
+    def train_epoch(self) -> dict:
+        model, cfg, device = self.model, self.cfg, self.device
+        model.train()
+        self.sampler.set_epoch(self.epoch)
+        w = branch_weight(self.epoch, cfg.epochs)
+        loss_sum = torch.zeros((), device=device)
+        images_seen = 0
+        start = time.perf_counter()
+        for images, labels in self.loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            half = images.shape[0] // 2
+            lr = self.lr_at(self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits, aux = model(images)
+            loss_cb = self.loss_cb(logits[:half], labels[:half])
+            loss_ib = self.loss_ib(logits[half:], labels[half:])
+            if self.phase == 2:
+                match = aux["match_per_image"]
+                loss_cb = loss_cb - cfg.match_weight * match[:half].mean()
+                loss_ib = loss_ib - cfg.match_weight * match[half:].mean()
+            loss = loss_cb + w * loss_ib
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.detach()
+            images_seen += images.shape[0]
+            self.step += 1
+        train_loss = float(loss_sum) / self.steps_per_epoch  # the one host sync of the epoch
+        seconds = time.perf_counter() - start
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"train_loss is {train_loss} in phase {self.phase} epoch {self.epoch}")
+        return {"train_loss": train_loss, "images_per_s": images_seen / max(seconds, 1e-9),
+                "lr": self.lr_at(max(0, self.step - 1))}
+
+    def fit(self, on_epoch: Callable[[dict, "Trainer"], None] | None = None) -> dict:
+        """Run the remaining epochs; returns the last epoch's metrics."""
+        if self.epoch == 0:
+            counts = self.model.parameter_counts()
+            self.log(f"phase {self.phase}: {self.cfg.epochs} epochs x {self.steps_per_epoch} steps of "
+                     f"2x{self.cfg.batch_size} images on {self.device}; LPT adds "
+                     f"{counts['extra_params']:,} parameters ({counts['extra_percent']:.2f}% of the backbone)")
+        metrics: dict = {}
+        while self.epoch < self.cfg.epochs:
+            metrics = {"phase": self.phase, "epoch": self.epoch + 1, **self.train_epoch()}
+            val = evaluate(self.model, self.data.val, self.class_counts, device=self.device,
+                           loader=self.val_loader)
+            metrics.update({f"val_{k}": v for k, v in val.items() if k.endswith("acc")})
+            self.epoch += 1
+            self.history.append(metrics)
+            self.log(f"phase {self.phase} epoch {self.epoch}/{self.cfg.epochs}: loss {metrics['train_loss']:.4f} "
+                     f"val {metrics['val_acc']:.2f}% (many {metrics['val_many_acc']:.1f} / medium "
+                     f"{metrics['val_medium_acc']:.1f} / few {metrics['val_few_acc']:.1f}) "
+                     f"{metrics['images_per_s']:.0f} img/s")
+            if on_epoch is not None:
+                on_epoch(metrics, self)
+        return metrics
+
+    # ------------------------------------------------------------------------- resume
+    def save_state(self, path) -> None:
+        """Prompts, momentum buffers, RNG states, step and epoch: enough to resume exactly."""
+        tensors = {f"model.{k}": v for k, v in self.model.prompt_state_dict().items()}
+        for i, p in enumerate(self.params):
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors[f"optim.momentum.{i}"] = buf
+        tensors["rng.cpu"] = torch.get_rng_state()
+        tensors["rng.noise"] = self.noise_gen.get_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        save_state(path, tensors, {"phase": self.phase, "epoch": self.epoch, "step": self.step,
+                                   "history": self.history, "recipe": self.cfg.to_dict()})
+
+    def load_state(self, path) -> None:
+        tensors, meta = load_state(path)
+        if meta["phase"] != self.phase:
+            raise ValueError(f"{path}: holds phase {meta['phase']}, not phase {self.phase}")
+        self.model.load_prompt_state_dict(
+            {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        for i, p in enumerate(self.params):
+            buf = tensors.get(f"optim.momentum.{i}")
+            if buf is not None:
+                self.optimizer.state[p]["momentum_buffer"] = buf.to(p.device, p.dtype)
+        torch.set_rng_state(tensors["rng.cpu"])
+        self.noise_gen.set_state(tensors["rng.noise"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.epoch, self.step, self.history = meta["epoch"], meta["step"], meta["history"]

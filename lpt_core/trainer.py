@@ -67,6 +67,13 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+              batch_transform: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch to ``device``; apply the dataset's on-device transform if it has one."""
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    return (batch_transform(images) if batch_transform is not None else images), labels
+
+
 def make_loader(dataset: Dataset, device: torch.device, num_workers: int, **kwargs) -> DataLoader:
     return DataLoader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda",
                       persistent_workers=num_workers > 0, **kwargs)
@@ -75,7 +82,7 @@ def make_loader(dataset: Dataset, device: torch.device, num_workers: int, **kwar
 @torch.no_grad()
 def evaluate(model: LPT, dataset: Dataset, class_counts: list[int], *, batch_size: int = 256,
              num_workers: int = 0, device: torch.device | None = None,
-             loader: DataLoader | None = None) -> dict:
+             loader: DataLoader | None = None, batch_transform: Callable | None = None) -> dict:
     """Accuracy (percent) overall and many/medium/few, the per-class vector and, in phase 2,
     ``prompt_usage`` [C, P]: how often images of each class selected each group prompt."""
     device = device or next(model.parameters()).device
@@ -87,7 +94,7 @@ def evaluate(model: LPT, dataset: Dataset, class_counts: list[int], *, batch_siz
     total = torch.zeros(c, dtype=torch.long, device=device)
     usage = torch.zeros(c, model.pool_size, dtype=torch.long, device=device)
     for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = to_device(images, labels, device, batch_transform)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits, aux = model(images)
         ok, n = confusion_counts(logits.argmax(dim=1), labels, c)
@@ -148,35 +155,40 @@ class Trainer:
         return 0.5 * self.peak_lr * (1 + math.cos(math.pi * t))
 
     # ------------------------------------------------------------------------- training
-    def train_epoch(self) -> dict:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, w: float) -> torch.Tensor:
+        """One optimiser step on a dual batch (class-balanced half first); returns the detached loss."""
         model, cfg, device = self.model, self.cfg, self.device
-        model.train()
+        images, labels = to_device(images, labels, device, self.data.train_batch_transform)
+        half = images.shape[0] // 2
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits, aux = model(images)
+        loss_cb = self.loss_cb(logits[:half], labels[:half])
+        loss_ib = self.loss_ib(logits[half:], labels[half:])
+        if self.phase == 2:
+            match = aux["match_per_image"]
+            loss_cb = loss_cb - cfg.match_weight * match[:half].mean()
+            loss_ib = loss_ib - cfg.match_weight * match[half:].mean()
+        loss = loss_cb + w * loss_ib
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return loss.detach()
+
+    def train_epoch(self) -> dict:
+        cfg, device = self.cfg, self.device
+        self.model.train()
         self.sampler.set_epoch(self.epoch)
         w = branch_weight(self.epoch, cfg.epochs)
         loss_sum = torch.zeros((), device=device)
         images_seen = 0
         start = time.perf_counter()
         for images, labels in self.loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            half = images.shape[0] // 2
-            lr = self.lr_at(self.step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits, aux = model(images)
-            loss_cb = self.loss_cb(logits[:half], labels[:half])
-            loss_ib = self.loss_ib(logits[half:], labels[half:])
-            if self.phase == 2:
-                match = aux["match_per_image"]
-                loss_cb = loss_cb - cfg.match_weight * match[:half].mean()
-                loss_ib = loss_ib - cfg.match_weight * match[half:].mean()
-            loss = loss_cb + w * loss_ib
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            loss_sum += loss.detach()
+            loss_sum += self.train_step(images, labels, w)
             images_seen += images.shape[0]
-            self.step += 1
         train_loss = float(loss_sum) / self.steps_per_epoch  # the one host sync of the epoch
         seconds = time.perf_counter() - start
         if not math.isfinite(train_loss):
@@ -195,7 +207,7 @@ class Trainer:
         while self.epoch < self.cfg.epochs:
             metrics = {"phase": self.phase, "epoch": self.epoch + 1, **self.train_epoch()}
             val = evaluate(self.model, self.data.val, self.class_counts, device=self.device,
-                           loader=self.val_loader)
+                           loader=self.val_loader, batch_transform=self.data.eval_batch_transform)
             metrics.update({f"val_{k}": v for k, v in val.items() if k.endswith("acc")})
             self.epoch += 1
             self.history.append(metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from torch.utils.data import Dataset
 
@@ -20,6 +21,9 @@ class LTData:
     class_names: list[str]
     image_size: int = 224
     info: dict = field(default_factory=dict)
+    # GPU input path: when set, the datasets yield uint8 images and these run on the device batch.
+    train_batch_transform: Callable | None = None
+    eval_batch_transform: Callable | None = None
 
     @property
     def class_counts(self) -> list[int]:

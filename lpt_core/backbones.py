@@ -8,6 +8,7 @@ to supply a local file, instead of timm's retries and traceback.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,31 @@ def _cached(hub_id: str) -> bool:
     return False
 
 
+def _load_local(name: str, path: Path, kwargs: dict) -> nn.Module:
+    """Load a local weights file strictly (no pickle: safetensors or ``weights_only`` torch files),
+    through the model's own checkpoint filter (timm, JAX or original layouts), minus its classifier."""
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        state = timm.models.load_state_dict(str(path), weights_only=True)
+        filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            state = filter_fn(state, model)
+    except Exception as exc:  # unreadable file or a layout the filter cannot convert
+        raise ValueError(f"backbone.weights: {path} does not load into {name}: "
+                         f"{str(exc).splitlines()[0][:200]}") from None
+    classifier = model.pretrained_cfg.get("classifier", "head")
+    state = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"backbone.weights: {path} does not load into {name}: "
+                         f"{str(exc).splitlines()[1].strip()[:200]}") from None
+    if missing or unexpected:
+        raise ValueError(f"backbone.weights: {path} does not load into {name} "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
 def build_backbone(name: str, weights: str = PRETRAINED, **overrides: Any) -> nn.Module:
     """A timm model without its classifier (``num_classes=0``).
 
@@ -48,12 +74,7 @@ def build_backbone(name: str, weights: str = PRETRAINED, **overrides: Any) -> nn
         if not path.is_file():
             raise ValueError(f"backbone.weights: no such weights file {path} "
                              f"(use 'pretrained', 'random' or a path to a local file)")
-        try:
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                                     **kwargs)
-        except Exception as exc:  # timm raises many types for a file that does not fit the model
-            raise ValueError(f"backbone.weights: {path} does not load into {name}: "
-                             f"{str(exc).splitlines()[0][:300]}") from None
+        return _load_local(name, path, kwargs)
     hub_id = _hub_id(name)
     how = (f"download them where you are online (hf download {hub_id}) into the Hugging Face cache, "
            f"or set backbone.weights to a local weights file")

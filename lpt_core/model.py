@@ -125,6 +125,13 @@ class LPT(nn.Module):
         cos, idx = sim.topk(self.top_k, dim=1)
         return idx, cos
 
+    def average_group_prompts(self, idx: torch.Tensor) -> torch.Tensor:
+        """Mean of the chosen group prompts [B, d-S, L, D], as a selection-matrix product: its
+        backward is a matmul (deterministic), not an index scatter-add."""
+        select = torch.zeros(idx.shape[0], self.pool_size, device=idx.device,
+                             dtype=self.group_prompts.dtype).scatter_(1, idx, 1.0 / self.top_k)
+        return (select @ self.group_prompts.flatten(1)).view(-1, *self.group_prompts.shape[1:])
+
     # ----------------------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return cosine logits [B, C] and aux: in phase 2 ``match`` (scalar: sum of top-k cosines
@@ -146,7 +153,7 @@ class LPT(nn.Module):
             query = self._features(q)
         idx, cos = self.match(query)
         match_per_image = cos.sum(dim=1)
-        group = self.group_prompts[idx].mean(dim=1)  # [B, d-S, L, D]
+        group = self.average_group_prompts(idx)
         for i in range(self.group_start, self.depth):
             prompts = torch.cat([self._shared(i, batch), group[:, i - self.group_start]], dim=1)
             x = self._block(i, x, prompts)
@@ -171,7 +178,8 @@ class LPT(nn.Module):
         missing = sorted(set(own) - set(state))
         if strict and missing:
             raise ValueError(f"{missing[0]}: missing from the prompt state")
-        for name, tensor in state.items():
+        for name in (k for k in PROMPT_KEYS if k in state):
+            tensor = state[name]
             if tuple(tensor.shape) != tuple(own[name].shape):
                 raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the model's "
                                  f"{tuple(own[name].shape)}")

@@ -25,7 +25,7 @@ def plain_forward(model: LPT, images: torch.Tensor) -> tuple[torch.Tensor, dict[
             q = model._block(i, q, model._shared(i, batch))
         query = model._features(q)
     idx, cos = model.match(query)
-    group = model.group_prompts[idx].mean(dim=1)
+    group = model.group_prompts[idx].mean(dim=1)  # the reference's gather; equal to the model's
     x = tokens
     for i in range(model.depth):
         prompts = model._shared(i, batch)

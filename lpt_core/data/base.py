@@ -24,6 +24,8 @@ class LTData:
     # GPU input path: when set, the datasets yield uint8 images and these run on the device batch.
     train_batch_transform: Callable | None = None
     eval_batch_transform: Callable | None = None
+    # gpu_decode: the splits yield encoded bytes; DataLoaders must batch them with this collate.
+    collate_fn: Callable | None = None
 
     @property
     def class_counts(self) -> list[int]:

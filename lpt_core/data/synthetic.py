@@ -3,6 +3,9 @@
 Each class has a colour and a stripe orientation/frequency; each image is its class pattern with a
 random phase, brightness and noise drawn from a generator seeded by (seed, split, index), so the
 same spec always gives the same pixels without storing any.
+
+Keys: ``num_classes`` (10), ``imbalance_ratio`` (10), ``max_per_class`` (100), ``image_size`` (32),
+``val_per_class`` / ``test_per_class`` (20 each, class-balanced), ``gpu_augment`` (false).
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .base import LTData
+from .common import Spec, assemble, input_mode
 from .profile import long_tail_counts
-from .transforms import test_transform, train_transform
 
 _SPLIT_SALT = {"train": 0, "val": 1, "test": 2}
 
@@ -46,27 +49,30 @@ class SyntheticImages(Dataset):
         img = img + 0.08 * torch.randn(3, self.image_size, self.image_size, generator=g)
         return (img.clamp(0, 1) * 255).to(torch.uint8)
 
+    @property
+    def fingerprint(self) -> str:
+        """What fixes the pixels besides labels and index (for the manifest hash)."""
+        return f"synthetic:{self.seed}:{self.salt}:{self.num_classes}:{self.image_size}"
+
     def __getitem__(self, index: int):
         img = self.image(index)
         return (self.transform(img) if self.transform else img), self.labels[index]
 
 
 def build_synthetic(spec: dict) -> LTData:
-    num_classes = int(spec.get("num_classes", 10))
-    max_per_class = int(spec.get("max_per_class", 100))
-    image_size = int(spec.get("image_size", 32))
-    seed = int(spec.get("seed", 0))
-    counts = long_tail_counts(max_per_class, num_classes, float(spec.get("imbalance_ratio", 10)))
+    s = Spec(spec, {"num_classes", "imbalance_ratio", "max_per_class", "val_per_class",
+                    "test_per_class", "gpu_augment"}, image_size=32)
+    num_classes = s.number("num_classes", 10, minimum=1)
+    max_per_class = s.number("max_per_class", 100, minimum=1)
+    counts = long_tail_counts(max_per_class, num_classes, s.number("imbalance_ratio", 10, float, minimum=1))
     if min(counts) < 1:
         raise ValueError("max_per_class: too small for this imbalance_ratio (a class gets 0 images)")
-    per_val = int(spec.get("val_per_class", 20))
-    per_test = int(spec.get("test_per_class", 20))
+    per_val = s.number("val_per_class", 20, minimum=0)
+    per_test = s.number("test_per_class", 20, minimum=0)
     train_labels = [c for c, n in enumerate(counts) for _ in range(n)]
     val_labels = [c for c in range(num_classes) for _ in range(per_val)]
     test_labels = [c for c in range(num_classes) for _ in range(per_test)]
-    make = lambda labels, split, tf: SyntheticImages(labels, num_classes, image_size, seed, split, tf)
-    return LTData(train=make(train_labels, "train", train_transform(image_size)),
-                  val=make(val_labels, "val", test_transform(image_size)),
-                  test=make(test_labels, "test", test_transform(image_size)),
-                  train_labels=train_labels, num_classes=num_classes,
-                  class_names=[f"class_{c:03d}" for c in range(num_classes)], image_size=image_size)
+    make = lambda labels, split: SyntheticImages(labels, num_classes, s.image_size, s.seed, split)
+    return assemble(make(train_labels, "train"), make(val_labels, "val"), make(test_labels, "test"),
+                    [f"class_{c:03d}" for c in range(num_classes)], s.image_size,
+                    input_mode(s, "gpu_augment"))

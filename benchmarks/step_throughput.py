@@ -1,0 +1,522 @@
+#!/usr/bin/env python
+"""Training-step and evaluation throughput of LPT: the reference two-pass computation against the
+lean shared-trunk one, with FLOPs per image and (on CUDA) the fraction of a dense bf16 matmul peak.
+
+Variants, all measured in one run on fixed, pre-made tensors (no data loading is timed):
+
+- ``reference``: the reference code's computation in fp32. Phase 2 runs the plain two-pass forward
+  (``lpt_core.reference.plain_forward``: the query pass and then the whole main pass, so blocks
+  below ``group_start`` run twice), and each sampling branch (class-balanced, instance-balanced) is
+  its own forward and backward pass; one SGD-momentum step per training step.
+- ``reference+bf16`` (CUDA only): the same under bf16 autocast.
+- ``lean``: ``LPT.forward`` (shared trunk) through ``lpt_core.Trainer.train_step``: both branches as
+  one concatenated batch, fused SGD on CUDA; bf16 autocast on CUDA, fp32 on CPU.
+- ``lean+compile`` (``--compile``): the lean variant with ``torch.compile`` on the backbone blocks
+  (``--compile-target blocks``, default) or on the whole LPT module (``--compile-target model``).
+- ``timm``: inference of the plain timm ViT alone (no prompts), the ceiling for evaluation.
+
+Phases: ``phase2`` and ``phase1`` training steps (forward, loss, backward, optimizer step) and
+``eval`` (phase-2 model, no grad). Images/s count both branches of a training step (2 x batch).
+Timing: warm-up calls, then the median of ``--steps`` calls; CUDA events with a synchronize on
+GPU, ``time.perf_counter`` on CPU.
+
+FLOPs are counted with ``lpt_core.flops.count_flops`` (matmul, convolution and attention of the
+forward and backward; optimizer and element-wise ops are not counted) on fake tensors: shapes only,
+no arithmetic, so counting at ViT-B/16 sizes takes seconds even on a small CPU. ``--flops-size``
+(default ``vit_b16``) counts at a second size besides the timed one.
+
+    python benchmarks/step_throughput.py                       # CPU: vit_ti16 at 64 px, ~1-2 min
+    python benchmarks/step_throughput.py --compile --out r.json  # CUDA: ViT-B/16 224 px
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+from lpt_core import LPT, AsymmetricGCL, PhaseConfig, Trainer, build_backbone  # noqa: E402
+from lpt_core.data import build_dataset  # noqa: E402
+from lpt_core.flops import count_flops  # noqa: E402
+from lpt_core.reference import plain_forward  # noqa: E402
+
+NUM_CLASSES = 100
+PHASES = ("phase2", "phase1", "eval")
+
+
+@dataclass(frozen=True)
+class Size:
+    """A named backbone: timm model name, native image size and ``timm.create_model`` overrides."""
+
+    model: str
+    image_size: int
+    overrides: dict = field(default_factory=dict)
+
+
+SIZES = {
+    "vit_b16": Size("vit_base_patch16_224", 224),
+    "vit_s16": Size("vit_small_patch16_224", 224),
+    "vit_ti16": Size("vit_tiny_patch16_224", 224),
+    "tiny": Size("vit_tiny_patch16_224", 32, dict(patch_size=8, depth=4, embed_dim=96, num_heads=3)),
+}
+# Defaults per device: (size, image size, batch per branch, warm-up calls, timed calls).
+CUDA_DEFAULTS = ("vit_b16", None, 128, 5, 20)
+CPU_DEFAULTS = ("vit_ti16", 64, 8, 2, 5)
+
+
+# --------------------------------------------------------------------------------------- model
+def build_lpt(size: Size, image_size: int, *, prompt_length: int = 10, pool_size: int = 20,
+              top_k: int = 2, group_start: int | None = None,
+              num_classes: int = NUM_CLASSES) -> LPT:
+    """LPT around a randomly initialised backbone (no downloads); S defaults to depth // 2."""
+    backbone = build_backbone(size.model, "random", img_size=image_size, **size.overrides)
+    depth = len(backbone.blocks)
+    return LPT(backbone, num_classes, prompt_length=prompt_length, pool_size=pool_size, top_k=top_k,
+               group_start=depth // 2 if group_start is None else group_start)
+
+
+def make_losses(class_counts: list[int], cfg: PhaseConfig,
+                generator: torch.Generator | None = None) -> tuple[AsymmetricGCL, AsymmetricGCL]:
+    """The class-balanced and instance-balanced A-GCL losses, as ``Trainer`` builds them."""
+    common = dict(class_counts=class_counts, margin=cfg.margin, scale=cfg.scale,
+                  noise_mul=cfg.noise_mul, label_smoothing=cfg.label_smoothing, generator=generator)
+    return (AsymmetricGCL(gamma_pos=cfg.gamma_pos, gamma_neg=cfg.gamma_neg, **common),
+            AsymmetricGCL(gamma_pos=cfg.ib_gamma_pos, gamma_neg=cfg.ib_gamma_neg, **common))
+
+
+class ReferenceStep:
+    """A training step as the reference code takes it: each sampling branch runs its own forward
+    (``plain_forward``: two passes in phase 2) and its own backward; then one SGD-momentum step."""
+
+    def __init__(self, model: LPT, phase: int, cfg: PhaseConfig, losses: tuple, *, amp: bool):
+        self.model, self.phase, self.cfg, self.amp = model, phase, cfg, amp
+        self.loss_cb, self.loss_ib = losses
+        model.set_phase(phase)
+        self.params = model.trainable_parameters()
+        self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr * cfg.batch_size / 256,
+                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, w: float) -> torch.Tensor:
+        half = images.shape[0] // 2
+        total = torch.zeros((), device=images.device)
+        branches = ((slice(0, half), self.loss_cb, 1.0), (slice(half, None), self.loss_ib, w))
+        for part, loss_fn, weight in branches:
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                logits, aux = plain_forward(self.model, images[part])
+            loss = loss_fn(logits, labels[part])
+            if self.phase == 2:
+                loss = loss - self.cfg.match_weight * aux["match"]
+            (weight * loss).backward()
+            total = total + weight * loss.detach()
+        return total
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, w: float) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_backward(images, labels, w)
+        self.optimizer.step()
+        return loss
+
+
+def lean_forward_backward(model: LPT, phase: int, cfg: PhaseConfig, losses: tuple,
+                          images: torch.Tensor, labels: torch.Tensor, w: float) -> torch.Tensor:
+    """The loss and backward of ``Trainer.train_step`` (used to count its FLOPs on fake tensors)."""
+    loss_cb_fn, loss_ib_fn = losses
+    half = images.shape[0] // 2
+    logits, aux = model(images)
+    loss_cb = loss_cb_fn(logits[:half], labels[:half])
+    loss_ib = loss_ib_fn(logits[half:], labels[half:])
+    if phase == 2:
+        match = aux["match_per_image"]
+        loss_cb = loss_cb - cfg.match_weight * match[:half].mean()
+        loss_ib = loss_ib - cfg.match_weight * match[half:].mean()
+    loss = loss_cb + w * loss_ib
+    loss.backward()
+    return loss.detach()
+
+
+# --------------------------------------------------------------------------------------- FLOPs
+def count_variant_flops(size: Size, image_size: int, prompt_kwargs: dict,
+                        batch: int = 2) -> dict[str, dict[str, float]]:
+    """GFLOP per image of each variant and phase, ``{variant: {phase: gflop}}``.
+
+    Counted on fake CPU tensors (the model is built on the meta device, then given fake storage):
+    the same kernels are chosen as on a real CPU run, so the counts equal a real count, but no
+    arithmetic runs. ``batch`` is per branch; the counts are divided by the 2 x batch images.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cfg = PhaseConfig(batch_size=batch)
+    losses = make_losses(list(range(NUM_CLASSES, 0, -1)), cfg)  # real buffers, built outside fake mode
+    with torch.device("meta"):
+        model = build_lpt(size, image_size, **prompt_kwargs)
+    n = 2 * batch
+    out: dict[str, dict[str, float]] = {"reference": {}, "lean": {}, "timm": {}}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        images = torch.randn(n, 3, image_size, image_size)
+        labels = torch.zeros(n, dtype=torch.long)
+        w = 0.5
+        for phase in (2, 1):
+            model.set_phase(phase).train()
+            ref = ReferenceStep(model, phase, cfg, losses, amp=False)
+            out["reference"][f"phase{phase}"] = count_flops(
+                lambda: ref.forward_backward(images, labels, w)) / n / 1e9
+            out["lean"][f"phase{phase}"] = count_flops(
+                lambda: lean_forward_backward(model, phase, cfg, losses, images, labels, w)) / n / 1e9
+        model.set_phase(2).eval()
+        with torch.no_grad():
+            out["reference"]["eval"] = count_flops(lambda: plain_forward(model, images)) / n / 1e9
+            out["lean"]["eval"] = count_flops(lambda: model(images)) / n / 1e9
+            out["timm"]["eval"] = count_flops(lambda: model.backbone(images)) / n / 1e9
+    out["reference+bf16"] = dict(out["reference"])
+    out["lean+compile"] = dict(out["lean"])
+    return out
+
+
+def flops_summary(name: str, size: Size, image_size: int, prompt_kwargs: dict) -> dict:
+    start = time.perf_counter()
+    per = count_variant_flops(size, image_size, prompt_kwargs)
+    return {"size": name, "model": size.model, "image_size": image_size,
+            "gflop_per_image": {v: per[v] for v in ("reference", "lean", "timm")},
+            "phase2_ratio_lean_over_reference": per["lean"]["phase2"] / per["reference"]["phase2"],
+            "eval_ratio_lean_over_reference": per["lean"]["eval"] / per["reference"]["eval"],
+            "count_seconds": time.perf_counter() - start, "_per_variant": per}
+
+
+# --------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int, steps: int) -> dict:
+    """Median seconds per call of ``fn`` after ``warmup`` calls; also the first call's seconds."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(max(0, warmup - 1)):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times), "min_seconds": min(times), "first_seconds": first}
+
+
+def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> float:
+    """Achieved TFLOP/s of dense bf16 ``n x n @ n x n`` matmuls: the practical peak of the chip."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        torch.mm(a, b, out=c)
+    _sync(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        torch.mm(a, b, out=c)
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1e3
+    del a, b, c
+    return 2 * n ** 3 * iters / seconds / 1e12
+
+
+def compile_lean(model: LPT, target: str) -> LPT:
+    """A copy of ``model`` with torch.compile on its backbone blocks or on the whole module."""
+    import torch._dynamo.config as dynamo_config
+    for name in ("cache_size_limit", "recompile_limit"):  # per shape x grad mode x phase
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
+    compiled = copy.deepcopy(model)
+    if target == "blocks":
+        for block in compiled.backbone.blocks:
+            block.compile(dynamic=False)
+    else:
+        compiled.compile(dynamic=False)
+    return compiled
+
+
+# --------------------------------------------------------------------------------------- run
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default=None,
+                   help="backbone size to time (default: vit_b16 on CUDA, vit_ti16 on CPU)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image size in pixels (default: the size's native one; 64 for the CPU default)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per branch; a training step takes 2x (default: 128 on CUDA, 8 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed calls per measurement (20 CUDA / 5 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls per measurement (5 CUDA / 2 CPU)")
+    p.add_argument("--prompt-length", type=int, default=10, help="L")
+    p.add_argument("--pool-size", type=int, default=20, help="P")
+    p.add_argument("--top-k", type=int, default=2, help="K")
+    p.add_argument("--group-start", type=int, default=None, help="S (default: depth // 2)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="also time the lean variant under torch.compile")
+    p.add_argument("--compile-target", choices=("blocks", "model"), default="blocks",
+                   help="compile each backbone block (default) or the whole LPT module")
+    p.add_argument("--flops-size", default="vit_b16",
+                   help="also count FLOPs at this size, at its native image size ('none' to skip)")
+    p.add_argument("--no-peak", action="store_true", help="CUDA: skip the bf16 matmul peak measurement")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.flops_size != "none" and args.flops_size not in SIZES:
+        p.error(f"--flops-size: one of {', '.join(sorted(SIZES))} or none")
+    for name in ("batch_size", "steps", "image_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')}: must be >= 1")
+    return args
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if x >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def format_table(rows: list[dict], cuda: bool) -> str:
+    head = ["variant", "precision", "phase", "img/s", "GFLOP/img", "achieved TFLOP/s"]
+    if cuda:
+        head.append("fraction of peak")
+    head.append("speedup vs reference")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [r["variant"], r["precision"], r["phase"], _fmt(r["images_per_s"]),
+                 _fmt(r["gflop_per_image"]), _fmt(r["achieved_tflops"])]
+        if cuda:
+            cells.append(_fmt(r["fraction_of_peak"], 2))
+        cells.append(f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark with command-line ``argv``; print the table and return the results."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> dict:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    cuda = device.type == "cuda"
+    if args.compile and not cuda:
+        print("note: --compile on CPU uses inductor's C++ backend; compiling takes minutes", flush=True)
+    d_size, d_image, d_batch, d_warmup, d_steps = CUDA_DEFAULTS if cuda else CPU_DEFAULTS
+    size_name = args.size or d_size
+    size = SIZES[size_name]
+    image_size = args.image_size or (d_image if args.size is None and d_image else size.image_size)
+    batch = args.batch_size or d_batch
+    warmup = d_warmup if args.warmup is None else args.warmup
+    steps = args.steps or d_steps
+    prompt_kwargs = dict(prompt_length=args.prompt_length, pool_size=args.pool_size, top_k=args.top_k,
+                         group_start=args.group_start)
+    run_start = time.perf_counter()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if not cuda and load is not None and load > 0.5:
+        print(f"warning: load average {load:.1f} before the run: other processes share these cores, "
+              "CPU timings will be low and noisy (OpenMP threads stall on busy cores; try --threads 1)",
+              flush=True)
+
+    # FLOPs first (seconds, no device): at the timed size and at --flops-size.
+    flops = {"timed": flops_summary(size_name, size, image_size, prompt_kwargs)}
+    per_variant = flops["timed"].pop("_per_variant")
+    if args.flops_size != "none":
+        fsize = SIZES[args.flops_size]
+        if (args.flops_size, fsize.image_size) == (size_name, image_size):
+            flops["flops_size"] = flops["timed"]
+        else:
+            flops["flops_size"] = flops_summary(args.flops_size, fsize, fsize.image_size, prompt_kwargs)
+            flops["flops_size"].pop("_per_variant")
+
+    # The model, a tiny synthetic dataset (only for Trainer's samplers), fixed tensors.
+    torch.manual_seed(0)
+    model = build_lpt(size, image_size, **prompt_kwargs).to(device)
+    data = build_dataset({"name": "synthetic", "num_classes": NUM_CLASSES, "imbalance_ratio": 10,
+                          "max_per_class": 20, "image_size": image_size, "seed": 0})
+    cfg = PhaseConfig(epochs=100, batch_size=batch)
+    gen = torch.Generator(device=device).manual_seed(0)
+    images = torch.randn(2 * batch, 3, image_size, image_size, device=device, generator=gen)
+    labels = torch.randint(0, NUM_CLASSES, (2 * batch,), device=device, generator=gen)
+    w = 0.5  # the instance-balanced branch weight of the first epoch
+    losses = tuple(l.to(device) for l in make_losses(
+        data.class_counts, cfg, torch.Generator(device=device).manual_seed(1)))
+
+    def lean_runs(m: LPT) -> dict[str, tuple[Callable, Callable]]:
+        trainers = {p: Trainer(m, data, p, cfg, device=device, log=None) for p in (1, 2)}
+        def step(p):
+            return lambda: trainers[p].train_step(images, labels, w)
+        def evaluate():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                return m(images)
+        return {"phase2": (lambda: m.set_phase(2).train(), step(2)),
+                "phase1": (lambda: m.set_phase(1).train(), step(1)),
+                "eval": (lambda: m.set_phase(2).eval(), evaluate)}
+
+    def reference_runs(m: LPT, amp: bool) -> dict[str, tuple[Callable, Callable]]:
+        ref = {p: ReferenceStep(m, p, cfg, losses, amp=amp) for p in (1, 2)}
+        def step(p):
+            return lambda: ref[p](images, labels, w)
+        def evaluate():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                return plain_forward(m, images)
+        return {"phase2": (lambda: m.set_phase(2).train(), step(2)),
+                "phase1": (lambda: m.set_phase(1).train(), step(1)),
+                "eval": (lambda: m.set_phase(2).eval(), evaluate)}
+
+    def timm_runs(m: LPT) -> dict[str, tuple[Callable, Callable]]:
+        def infer():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                return m.backbone(images)
+        return {"eval": (lambda: m.eval(), infer)}
+
+    lean_precision = "bf16" if cuda else "fp32"
+    variants: list[tuple[str, str, Callable[[], dict]]] = [("reference", "fp32", lambda: reference_runs(model, False))]
+    if cuda:
+        variants.append(("reference+bf16", "bf16", lambda: reference_runs(model, True)))
+    variants.append(("lean", lean_precision, lambda: lean_runs(model)))
+    if args.compile:
+        variants.append(("lean+compile", lean_precision,
+                         lambda: lean_runs(compile_lean(model, args.compile_target))))
+    variants.append(("timm", lean_precision, lambda: timm_runs(model)))
+
+    rows: list[dict] = []
+    for variant, precision, make in variants:
+        runs = make()
+        for phase in PHASES:
+            if phase not in runs:
+                continue
+            setup, fn = runs[phase]
+            setup()
+            t = measure(fn, device, warmup, steps)
+            ips = 2 * batch / t["seconds"]
+            gflop = per_variant[variant][phase]
+            row = {"variant": variant, "precision": precision, "phase": phase,
+                   "seconds_per_step": t["seconds"], "min_seconds": t["min_seconds"],
+                   "first_call_seconds": t["first_seconds"], "images_per_step": 2 * batch,
+                   "images_per_s": ips, "gflop_per_image": gflop,
+                   "achieved_tflops": ips * gflop / 1e3, "fraction_of_peak": None,
+                   "speedup_vs_reference": None}
+            rows.append(row)
+            print(f"  {variant:15s} {phase:7s} {ips:10.1f} img/s  ({t['seconds'] * 1e3:.1f} ms/step, "
+                  f"first call {t['first_seconds']:.2f} s)", flush=True)
+        del runs
+    model.set_phase(2).eval()
+
+    peak = None
+    if cuda and not args.no_peak:
+        peak = matmul_peak_tflops(device)
+        print(f"  dense bf16 matmul 8192^3: {peak:.0f} TFLOP/s", flush=True)
+    base = {r["phase"]: r["images_per_s"] for r in rows if r["variant"] == "reference"}
+    for r in rows:
+        r["speedup_vs_reference"] = r["images_per_s"] / base[r["phase"]] if r["phase"] in base else None
+        if peak:
+            r["fraction_of_peak"] = r["achieved_tflops"] / peak
+
+    def by(variant: str) -> dict[str, float]:
+        return {r["phase"]: r["images_per_s"] for r in rows if r["variant"] == variant}
+
+    compile_result = None
+    if args.compile:
+        eager, comp = by("lean"), by("lean+compile")
+        ratios = {p: comp[p] / eager[p] for p in comp}
+        compile_result = {"target": args.compile_target, "speedup_over_lean": ratios,
+                          "wins": all(v > 1.0 for v in ratios.values()),
+                          "first_call_seconds": {r["phase"]: r["first_call_seconds"] for r in rows
+                                                 if r["variant"] == "lean+compile"}}
+
+    targets = None
+    if cuda and size_name == "vit_b16" and image_size == 224:
+        best = {p: max(by("lean").get(p, 0.0), by("lean+compile").get(p, 0.0)) for p in ("phase2", "phase1")}
+        targets = {"phase2": {"target": 4000, "best_images_per_s": best["phase2"], "met": best["phase2"] >= 4000},
+                   "phase1": {"target": 3500, "best_images_per_s": best["phase1"], "met": best["phase1"] >= 3500}}
+
+    result = {
+        "config": {"size": size_name, "model": size.model, "image_size": image_size,
+                   "batch_per_branch": batch, "images_per_step": 2 * batch, "warmup": warmup,
+                   "steps": steps, "num_classes": NUM_CLASSES,
+                   "prompt_length": model.prompt_length, "pool_size": model.pool_size,
+                   "top_k": model.top_k, "group_start": model.group_start, "depth": model.depth,
+                   "width": model.width, "device": str(device),
+                   "device_name": torch.cuda.get_device_name(device) if cuda else
+                   f"{platform.machine()} {os.cpu_count()} cores",
+                   "threads": torch.get_num_threads(), "load_average_before": load,
+                   "torch": torch.__version__, "timm": timm.__version__,
+                   "compile": args.compile, "compile_target": args.compile_target if args.compile else None,
+                   "date": _dt.date.today().isoformat()},
+        "variants": sorted({r["variant"] for r in rows}, key=[v[0] for v in variants].index),
+        "results": rows, "peak_tflops": peak, "flops": flops, "compile": compile_result,
+        "targets": targets, "wall_seconds": time.perf_counter() - run_start,
+    }
+
+    cfg_line = (f"{size_name} ({size.model}, {image_size}px, depth {model.depth}, width {model.width}), "
+                f"L={model.prompt_length} P={model.pool_size} K={model.top_k} S={model.group_start}, "
+                f"{NUM_CLASSES} classes, batch 2x{batch}, median of {steps} after {warmup} warm-up, "
+                f"{result['config']['device_name']}, {torch.get_num_threads()} threads")
+    print(f"\n{cfg_line}\n")
+    print(format_table(rows, cuda))
+    shown = [flops["timed"]] + ([flops["flops_size"]] if flops.get("flops_size") not in
+                                (None, flops["timed"]) else [])
+    for f in shown:
+        g = f["gflop_per_image"]
+        print(f"\nGFLOP/img at {f['size']} {f['image_size']}px (fwd+bwd matmul/conv/attention): "
+              f"phase-2 step lean {g['lean']['phase2']:.1f} / reference {g['reference']['phase2']:.1f} "
+              f"= {f['phase2_ratio_lean_over_reference']:.3f} (shared-trunk ratio); "
+              f"phase-1 step {g['lean']['phase1']:.1f}; eval lean {g['lean']['eval']:.1f} / "
+              f"reference {g['reference']['eval']:.1f}; timm inference {g['timm']['eval']:.1f}")
+    if compile_result:
+        ratios = ", ".join(f"{p} {v:.2f}x" for p, v in compile_result["speedup_over_lean"].items())
+        print(f"\ntorch.compile ({args.compile_target}) over eager lean: {ratios} -> "
+              f"{'wins' if compile_result['wins'] else 'does not win everywhere'}")
+    if targets:
+        print("targets: " + ", ".join(f"{p} {t['best_images_per_s']:.0f} img/s (target {t['target']}: "
+                                      f"{'met' if t['met'] else 'not met'})" for p, t in targets.items()))
+    print(f"\nwall time {result['wall_seconds']:.1f} s")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The on-device input path: augment (and decode) a whole batch where it lives.
+
+``BatchTransform`` takes a uint8 batch [B, 3, H, W] or an ``EncodedBatch`` of JPEG/PNG bytes, and
+does LPT's transforms as crop boxes: train = RandomResizedCrop (torchvision's parameter rule,
+scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip, eval = resize the short side to
+size*256/224 and center-crop. One ``roi_align`` (aligned, adaptive sampling: bilinear when
+upsampling, area-averaging when downsampling) resamples every box, then images are normalised
+with mean 0.5 / std 0.5. Crop parameters come from torch's global CPU generator, so the trainer's
+saved RNG state covers them. Works on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.ops import roi_align
+
+
+class EncodedBatch:
+    """Encoded images (1-D uint8 CPU tensors) and their paths. ``.to(device)`` only records the
+    device: decoders read the bytes from CPU memory and write the pixels on ``device``."""
+
+    def __init__(self, data: list[torch.Tensor], paths: list[str], device=torch.device("cpu")):
+        self.data, self.paths, self.device = data, paths, torch.device(device)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size([len(self.data)])
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def to(self, device, non_blocking: bool = False) -> "EncodedBatch":
+        return EncodedBatch(self.data, self.paths, device)
+
+    def pin_memory(self, device=None) -> "EncodedBatch":
+        return self
+
+    def decode(self) -> list[torch.Tensor]:
+        """uint8 RGB images [3, h, w] on ``self.device``; nvJPEG in one call on CUDA."""
+        jpeg = all(d[:2].tolist() == [0xFF, 0xD8] for d in self.data)
+        if jpeg:
+            try:
+                return list(decode_jpeg(self.data, mode=ImageReadMode.RGB, device=self.device))
+            except RuntimeError:
+                pass  # a bad or unusual file: decode one by one below to name it
+        out = []
+        for data, path in zip(self.data, self.paths):
+            try:
+                out.append(decode_image(data, mode=ImageReadMode.RGB).to(self.device, non_blocking=True))
+            except RuntimeError as exc:
+                raise ValueError(f"{path}: unreadable image ({exc})") from exc
+        return out
+
+
+def collate_encoded(batch: list) -> tuple[EncodedBatch, torch.Tensor]:
+    """DataLoader collate for datasets that yield ``((bytes, path), label)``."""
+    return (EncodedBatch([item[0][0] for item in batch], [item[0][1] for item in batch]),
+            torch.tensor([item[1] for item in batch], dtype=torch.long))
+
+
+def random_resized_boxes(hw: torch.Tensor, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries: int = 10,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params for every image at once: ``hw`` [B, 2] float
+    heights and widths -> boxes [B, 4] (x1, y1, x2, y2) in pixels."""
+    b = hw.shape[0]
+    height, width = hw[:, :1], hw[:, 1:]
+    area = height * width * torch.empty(b, tries).uniform_(*scale, generator=generator)
+    aspect = torch.exp(torch.empty(b, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                      generator=generator))
+    w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
+    ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = ok.int().argmax(dim=1, keepdim=True)
+    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(dim=1)
+    height, width = height[:, 0], width[:, 0]
+    # fallback: the whole image, clamped to the ratio range, centred
+    in_ratio = width / height
+    fw = torch.where(in_ratio > ratio[1], (height * ratio[1]).round(), width)
+    fh = torch.where(in_ratio < ratio[0], (width / ratio[0]).round(), height)
+    w, h = torch.where(found, w, fw), torch.where(found, h, fh)
+    u = torch.rand(b, 2, generator=generator)
+    top = torch.where(found, (u[:, 0] * (height - h + 1)).floor(), ((height - h) / 2).floor())
+    left = torch.where(found, (u[:, 1] * (width - w + 1)).floor(), ((width - w) / 2).floor())
+    return torch.stack([left, top, left + w, top + h], dim=1)
+
+
+def center_boxes(hw: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision's Resize(round(size*256/224)) (short side) + CenterCrop(size), as a box in the
+    original image (same output sizes and rounding)."""
+    height, width = hw[:, 0], hw[:, 1]
+    short, resized = torch.minimum(height, width), round(size * 256 / 224)
+    new_h = torch.where(height == short, resized, (resized * height / short).floor())
+    new_w = torch.where(width == short, resized, (resized * width / short).floor())
+    top, left = ((new_h - size) / 2).round(), ((new_w - size) / 2).round()
+    sy, sx = height / new_h, width / new_w
+    return torch.stack([left * sx, top * sy, (left + size) * sx, (top + size) * sy], dim=1)
+
+
+class BatchTransform(torch.nn.Module):
+    """LPT's train (``train=True``) or eval transform on a uint8 batch or an ``EncodedBatch``;
+    returns float32 [B, 3, size, size] normalised to [-1, 1] on the batch's device."""
+
+    def __init__(self, size: int, train: bool, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        super().__init__()
+        self.size, self.train_mode, self.scale, self.ratio = size, train, scale, ratio
+
+    def boxes(self, hw: torch.Tensor) -> torch.Tensor:
+        if self.train_mode:
+            return random_resized_boxes(hw, self.scale, self.ratio)
+        return center_boxes(hw, self.size)
+
+    def forward(self, images) -> torch.Tensor:
+        if isinstance(images, EncodedBatch):
+            images = images.decode()
+        out_size = (self.size, self.size)
+        if isinstance(images, torch.Tensor):  # one size: one roi_align for the whole batch
+            b, _, h, w = images.shape
+            device = images.device
+            boxes = self.boxes(torch.tensor([[h, w]], dtype=torch.float32).expand(b, 2))
+            rois = torch.cat([torch.arange(b, dtype=torch.float32)[:, None], boxes], dim=1)
+            out = roi_align(images.float(), rois.to(device, non_blocking=True), out_size, 1.0, -1, True)
+        else:  # decoded images of different sizes: one box each
+            device = images[0].device
+            hw = torch.tensor([img.shape[-2:] for img in images], dtype=torch.float32)
+            rois = torch.cat([torch.zeros(len(images), 1), self.boxes(hw)], dim=1).to(device)
+            out = torch.cat([roi_align(img[None].float(), rois[i:i + 1], out_size, 1.0, -1, True)
+                             for i, img in enumerate(images)])
+        if self.train_mode:
+            flip = (torch.rand(out.shape[0]) < 0.5).to(device, non_blocking=True)
+            out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+        return out.mul_(2.0 / 255).sub_(1.0)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, train={self.train_mode}"

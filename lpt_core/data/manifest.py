@@ -1,0 +1,63 @@
+"""What images each split holds, as a table and as a hash (the phase-1 cache key uses the hash).
+
+Rows: ``split`` (train/val/test), ``index`` (the image's id in its source: CIFAR row of the train or
+test file, entry number of a list file, iNat image id, position in an image folder's sorted listing,
+synthetic position), ``path`` (as listed, relative to root; null for in-memory sets), ``label``.
+The hash covers class names, every row, and each split's ``fingerprint`` where the dataset has one
+(CIFAR: sha256 of the pixels; synthetic: its generator parameters). Files are identified by path,
+not content, and root is left out, so the same lists hash the same on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .base import LTData
+
+SPLITS = ("train", "val", "test")
+
+
+def _split(data: LTData, split: str):
+    ds = getattr(data, split)
+    labels = getattr(ds, "labels", None)
+    if labels is None:
+        raise ValueError(f"{split}: {type(ds).__name__} has no 'labels'; cannot build a manifest")
+    ids = getattr(ds, "ids", None)
+    return (list(range(len(labels))) if ids is None else ids), getattr(ds, "paths", None), labels, ds
+
+
+def build_manifest(data: LTData) -> pa.Table:
+    cols = {"split": [], "index": [], "path": [], "label": []}
+    for split in SPLITS:
+        ids, paths, labels, _ = _split(data, split)
+        cols["split"] += [split] * len(labels)
+        cols["index"] += list(ids)
+        cols["path"] += list(paths) if paths is not None else [None] * len(labels)
+        cols["label"] += list(labels)
+    return pa.table({"split": pa.array(cols["split"], pa.string()),
+                     "index": pa.array(cols["index"], pa.int64()),
+                     "path": pa.array(cols["path"], pa.string()),
+                     "label": pa.array(cols["label"], pa.int64())})
+
+
+def manifest_hash(data: LTData) -> str:
+    """sha256 hex of a canonical serialisation: stable across runs, processes and machines."""
+    h = hashlib.sha256(json.dumps({"num_classes": data.num_classes, "class_names": data.class_names},
+                                  ensure_ascii=False).encode())
+    for split in SPLITS:
+        ids, paths, labels, ds = _split(data, split)
+        h.update(f"\n{split}:{len(labels)}\n".encode())
+        h.update(np.asarray(ids, dtype="<i8").tobytes())
+        h.update(np.asarray(labels, dtype="<i8").tobytes())
+        h.update(b"\0".join(p.encode() for p in paths) if paths is not None else b"\1no-paths")
+        h.update(f"\n{getattr(ds, 'fingerprint', '')}".encode())
+    return h.hexdigest()
+
+
+def write_manifest(data: LTData, path) -> None:
+    pq.write_table(build_manifest(data), path)

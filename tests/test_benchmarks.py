@@ -1,0 +1,89 @@
+"""benchmarks/step_throughput.py runs end to end at the tiniest size and its FLOP counts are right.
+
+No timing assertions: speed is measured by the benchmark, not tested here.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("step_throughput", ROOT / "benchmarks" / "step_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_benchmark()
+PROMPTS = dict(prompt_length=10, pool_size=20, top_k=2, group_start=None)
+
+
+def test_tiny_run_writes_every_variant(tmp_path):
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    result = bench.main(["--size", "tiny", "--device", "cpu", "--batch-size", "2", "--steps", "1",
+                         "--warmup", "1", "--threads", "1", "--flops-size", "none", "--out", str(out)])
+    assert torch.get_num_threads() == threads  # --threads is undone after the run
+    data = json.loads(out.read_text())
+    assert data["variants"] == result["variants"] == ["reference", "lean", "timm"]
+    phases = {}
+    for row in data["results"]:
+        phases.setdefault(row["variant"], set()).add(row["phase"])
+        assert row["images_per_s"] > 0 and row["gflop_per_image"] > 0 and row["achieved_tflops"] > 0
+        assert row["images_per_step"] == 4
+    assert phases == {"reference": {"phase2", "phase1", "eval"}, "lean": {"phase2", "phase1", "eval"},
+                      "timm": {"eval"}}
+    cfg = data["config"]
+    assert (cfg["size"], cfg["image_size"], cfg["depth"], cfg["group_start"]) == ("tiny", 32, 4, 2)
+    assert (cfg["prompt_length"], cfg["pool_size"], cfg["top_k"], cfg["num_classes"]) == (10, 20, 2, 100)
+    flops = data["flops"]["timed"]
+    assert 0 < flops["phase2_ratio_lean_over_reference"] < 1
+    assert 0 < flops["eval_ratio_lean_over_reference"] < 1
+    gflop = flops["gflop_per_image"]
+    assert gflop["timm"]["eval"] < gflop["lean"]["eval"] < gflop["reference"]["eval"]
+    assert gflop["lean"]["phase1"] == pytest.approx(gflop["reference"]["phase1"])
+    assert "flops_size" not in data["flops"]
+
+
+def test_fake_tensor_flops_equal_a_real_count():
+    """The shape-only count equals count_flops of a real Trainer.train_step / reference step."""
+    from lpt_core import PhaseConfig, Trainer
+    from lpt_core.data import build_dataset
+    from lpt_core.flops import count_flops
+
+    data = build_dataset({"name": "synthetic", "num_classes": 100, "imbalance_ratio": 10,
+                          "max_per_class": 20, "image_size": 32, "seed": 0})
+    size = bench.SIZES["tiny"]
+    fake = bench.count_variant_flops(size, 32, PROMPTS, batch=2)
+    torch.manual_seed(0)
+    model = bench.build_lpt(size, 32, **PROMPTS)
+    cfg = PhaseConfig(batch_size=2)
+    trainer = Trainer(model, data, 2, cfg, device="cpu", log=None)
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
+    lean = count_flops(lambda: trainer.train_step(images, labels, 0.5)) / 4 / 1e9
+    ref_step = bench.ReferenceStep(model, 2, cfg, (trainer.loss_cb, trainer.loss_ib), amp=False)
+    ref = count_flops(lambda: ref_step(images, labels, 0.5)) / 4 / 1e9
+    assert fake["lean"]["phase2"] == pytest.approx(lean, rel=1e-9)
+    assert fake["reference"]["phase2"] == pytest.approx(ref, rel=1e-9)
+
+
+def test_vit_b16_flop_ratio_counted_in_seconds():
+    summary = bench.flops_summary("vit_b16", bench.SIZES["vit_b16"], 224, PROMPTS)
+    g = summary["gflop_per_image"]
+    assert 76 < g["lean"]["phase2"] < 78 and 94 < g["reference"]["phase2"] < 96  # 76.9 / 95.2
+    assert 0.80 < summary["phase2_ratio_lean_over_reference"] < 0.82
+    assert 34.5 < g["timm"]["eval"] < 35.5
+
+
+def test_bad_flops_size_is_a_usage_error():
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--flops-size", "vit_huge"])
+    assert exc.value.code == 2

@@ -1,0 +1,194 @@
+"""Image-file datasets (split lists, COCO JSON, class folders) on JPEGs the tests write with PIL;
+the list parser against the real Places-LT lists."""
+
+import json
+import os
+import zlib
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lpt_core.data import EncodedBatch, build_dataset, long_tail_counts
+from lpt_core.data.files import read_list
+from lpt_core.trainer import to_device
+
+SPLITS_DIR = "/work/shared/data/lt-splits"
+COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (200, 200, 20)]
+
+
+def write_image(path, label, size=(40, 30), fmt="JPEG"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    noise = np.random.default_rng(zlib.crc32(path.name.encode())).integers(-20, 20, (size[1], size[0], 3))
+    pixels = np.clip(np.array(COLORS[label]) + noise, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, fmt)
+
+
+def write_list(root, name, rows):
+    (root / name).write_text("".join(f"{p} {y}\n" for p, y in rows))
+    for p, y in rows:
+        if not (root / p).exists():
+            write_image(root / p, y)
+    return root / name
+
+
+@pytest.fixture
+def places(tmp_path):
+    """A Places-LT-shaped tree: train/<class>/*.jpg, val/<class>/*.jpg and three lists."""
+    root = tmp_path / "places"
+    root.mkdir()
+    train = [(f"train/c{y}/{i:03d}.jpg", y) for y, n in enumerate([6, 3, 2]) for i in range(n)]
+    val = [(f"train/c{y}/v{i}.jpg", y) for y in range(3) for i in range(2)]
+    test = [(f"val/c{y}/t{i}.jpg", y) for y in range(3) for i in range(2)]
+    for name, rows in (("train.txt", train), ("val.txt", val), ("test.txt", test)):
+        write_list(root, name, rows)
+    return root
+
+
+def list_spec(root, **kw):
+    return {"name": "places_lt", "root": str(root), "train_list": "train.txt", "val_list": "val.txt",
+            "test_list": "test.txt", "image_size": 32, **kw}
+
+
+def test_list_dataset_reads_the_lists(places, tmp_path):
+    data = build_dataset(list_spec(places))
+    assert data.class_counts == [6, 3, 2] and data.num_classes == 3
+    assert data.class_names == ["class_0", "class_1", "class_2"]
+    assert len(data.val) == len(data.test) == 6 and data.test.paths[0] == "val/c0/t0.jpg"
+    img, label = data.train[7]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.float32 and label == 1
+    # a reddish/greenish image stays that way through the transform (RGB order kept)
+    assert img[1].mean() > img[0].mean() and img[1].mean() > img[2].mean()
+    names = tmp_path / "names.txt"
+    names.write_text("airfield\nbakery\ncanyon\n")
+    absolute = os.fspath(places / "test.txt")
+    data = build_dataset(list_spec(places, name="imagenet_lt", class_names=os.fspath(names), test_list=absolute))
+    assert data.class_names == ["airfield", "bakery", "canyon"] and len(data.test) == 6
+
+
+@pytest.mark.skipif(not os.path.isdir(SPLITS_DIR), reason=f"{SPLITS_DIR} (real Places-LT lists) is absent")
+def test_parser_on_the_real_places_lt_lists():
+    lists = {s: read_list(os.path.join(SPLITS_DIR, f"Places_LT_{s}.txt")) for s in ("train", "val", "test")}
+    assert [len(lists[s].paths) for s in ("train", "val", "test")] == [62_500, 7_300, 36_500]
+    counts = Counter(lists["train"].labels)
+    assert len(counts) == 365 and set(counts) == set(range(365))
+    assert max(counts.values()) == 4980 and min(counts.values()) == 5
+    assert set(Counter(lists["val"].labels).values()) == {20}
+    assert set(Counter(lists["test"].labels).values()) == {100}
+    assert lists["train"].paths[0] == "train/airfield/00004851.jpg" and lists["train"].lines[-1] == 62_500
+
+
+def test_list_errors_name_the_file_and_line(places, tmp_path):
+    (places / "bad.txt").write_text("train/c0/000.jpg 0\n\ntrain/c0/001.jpg zero\n")
+    with pytest.raises(ValueError, match=rf"^{places}/bad.txt:3: expected 'relative/path label'"):
+        build_dataset(list_spec(places, val_list="bad.txt"))
+    (places / "bad.txt").write_text("train/c0/000.jpg 0\ntrain/c0/001.jpg 3\n")
+    with pytest.raises(ValueError, match=rf"^{places}/bad.txt:2: label 3 outside 0..2"):
+        build_dataset(list_spec(places, test_list="bad.txt"))
+    (places / "bad.txt").write_text("train/c0/000.jpg -1\n")
+    with pytest.raises(ValueError, match=rf"^{places}/bad.txt:1: label -1 outside 0..2"):
+        build_dataset(list_spec(places, val_list="bad.txt"))
+    (places / "bad.txt").write_text("train/c0/000.jpg 0\ntrain/c9/gone.jpg 1\ntrain/c9/gone2.jpg 1\n")
+    with pytest.raises(FileNotFoundError, match=rf"^{places}/bad.txt:2: .*c9/gone.jpg: no such image file \(and 1 more"):
+        build_dataset(list_spec(places, val_list="bad.txt"))
+    (places / "bad.txt").write_text("train/c0/000.jpg 0\ntrain/c2/000.jpg 2\n")
+    with pytest.raises(ValueError, match=rf"^{places}/bad.txt: class 1 has no training images"):
+        build_dataset(list_spec(places, train_list="bad.txt"))
+    with pytest.raises(FileNotFoundError, match=rf"^data.val_list: {places}/nope.txt: no such file"):
+        build_dataset(list_spec(places, val_list="nope.txt"))
+    with pytest.raises(ValueError, match=r"^data.test_list: required for dataset 'places_lt'"):
+        build_dataset(list_spec(places) | {"test_list": None})
+    with pytest.raises(ValueError, match=r"^data.imbalance_ratio: unknown key for dataset 'places_lt'"):
+        build_dataset(list_spec(places, imbalance_ratio=10))
+    (tmp_path / "names.txt").write_text("a\nb\n")
+    with pytest.raises(ValueError, match=rf"^{places}/train.txt:\d+: label 2 outside 0..1"):
+        build_dataset(list_spec(places, class_names=os.fspath(tmp_path / "names.txt")))
+    with pytest.raises(FileNotFoundError, match=r"^data.root: .*missing: no such directory"):
+        build_dataset(list_spec(tmp_path / "missing"))
+
+
+def test_unreadable_image_is_named_at_load_time(places):
+    (places / "train/c1/001.jpg").write_bytes(b"\xff\xd8 truncated")
+    data = build_dataset(list_spec(places))
+    with pytest.raises(ValueError, match=rf"^{places}/train/c1/001.jpg: unreadable image"):
+        data.train[7]
+    data = build_dataset(list_spec(places, gpu_decode=True))
+    batch, _ = data.collate_fn([data.train[6], data.train[7]])
+    with pytest.raises(ValueError, match=rf"^{places}/train/c1/001.jpg: unreadable image"):
+        data.train_batch_transform(batch)
+
+
+def test_gpu_decode_batches(places):
+    write_image(places / "val/c2/t1.jpg", 2, size=(64, 48), fmt="PNG")  # a PNG among JPEGs
+    data = build_dataset(list_spec(places, gpu_decode=True, image_size=24))
+    cpu = build_dataset(list_spec(places, image_size=24))
+    assert data.info["input_path"] == "gpu_decode" and data.test.collate_fn is data.collate_fn
+    (item, path), label = data.train[0]
+    assert item.dtype == torch.uint8 and item.dim() == 1 and path.endswith("train/c0/000.jpg") and label == 0
+    loader = torch.utils.data.DataLoader(data.test, batch_size=6, collate_fn=data.collate_fn)
+    batch, labels = next(iter(loader))
+    assert isinstance(batch, EncodedBatch) and batch.shape[0] == 6 and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    images, labels = to_device(batch, labels, torch.device("cpu"), data.eval_batch_transform)
+    ref = torch.stack([cpu.test[i][0] for i in range(6)])
+    assert images.shape == ref.shape == (6, 3, 24, 24)
+    assert (images - ref).abs().mean() < 0.03  # same decode/resize up to JPEG IDCT and resampling
+    train = data.train_batch_transform(batch)
+    assert train.shape == (6, 3, 24, 24) and -1 <= train.min() and train.max() <= 1
+
+
+def write_coco(path, images, categories):
+    doc = {"images": [{"id": i, "file_name": f} for i, f, _ in images],
+           "annotations": [{"id": k, "image_id": i, "category_id": c} for k, (i, _, c) in enumerate(images)],
+           "categories": [{"id": c, "name": n} for c, n in categories]}
+    path.write_text(json.dumps(doc, indent=1))
+
+
+def test_inat_json_val_doubles_as_test(tmp_path):
+    cats = [(30, "Zebra"), (10, "Ant"), (20, "Bee")]  # labels follow sorted ids: Ant, Bee, Zebra
+    train = [(100 + k, f"train/{c}/{k}.jpg", c) for k, c in enumerate([10, 10, 10, 20, 20, 30])]
+    val = [(900 + k, f"val/{c}/{k}.jpg", c) for k, c in enumerate([10, 20, 30])]
+    for i, f, c in train + val:
+        write_image(tmp_path / f, c // 10 - 1)
+    write_coco(tmp_path / "train2018.json", train, cats)
+    write_coco(tmp_path / "val2018.json", val, cats)
+    spec = {"name": "inat2018", "root": str(tmp_path), "train_json": "train2018.json",
+            "val_json": "val2018.json", "image_size": 16}
+    data = build_dataset(spec)
+    assert data.class_names == ["Ant", "Bee", "Zebra"] and data.class_counts == [3, 2, 1]
+    assert data.test is data.val and data.val.labels == [0, 1, 2] and data.val.ids == [900, 901, 902]
+    assert data.info["test_is_val"] and data.train[0][0].shape == (3, 16, 16)
+    write_coco(tmp_path / "val2018.json", val + [(999, "val/10/0.jpg", 40)], cats)
+    with pytest.raises(ValueError, match=r"val2018.json: annotations\[3\]: category_id 40 is not a train category"):
+        build_dataset(spec)
+    (tmp_path / "val2018.json").write_text('{"images": [\n  {"id": 1,}\n]}')
+    with pytest.raises(ValueError, match=r"val2018.json:2: malformed JSON"):
+        build_dataset(spec)
+    (tmp_path / "val2018.json").write_text('{"images": [{"id": 1}], "annotations": []}')
+    with pytest.raises(ValueError, match=r"val2018.json: malformed COCO-style JSON \(missing key 'file_name'\)"):
+        build_dataset(spec)
+
+
+def test_image_folder_holds_out_and_applies_the_profile(tmp_path):
+    sizes = {"cat": 9, "dog": 14, "emu": 7}  # dog is the biggest class, ranked first by the profile
+    for c, (name, n) in enumerate(sizes.items()):
+        for i in range(n):
+            write_image(tmp_path / name / f"{i:02d}.jpg", c)
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    spec = {"name": "image_folder", "root": str(tmp_path), "val_per_class": 2, "test_per_class": 1,
+            "image_size": 16}
+    plain = build_dataset(spec)
+    assert plain.class_names == ["cat", "dog", "emu"] and plain.class_counts == [6, 11, 4]
+    data = build_dataset({**spec, "imbalance_ratio": 4})
+    ranked = long_tail_counts(11, 3, 4)  # dog, cat, emu
+    assert data.class_counts == [min(6, ranked[1]), ranked[0], min(4, ranked[2])] == [5, 11, 2]
+    assert Counter(data.val.labels) == {0: 2, 1: 2, 2: 2} and Counter(data.test.labels) == {0: 1, 1: 1, 2: 1}
+    splits = [set(getattr(data, s).ids) for s in ("train", "val", "test")]
+    assert not (splits[0] & splits[1]) and not (splits[0] & splits[2]) and not (splits[1] & splits[2])
+    assert set(data.val.paths) == set(plain.val.paths)  # hold-outs do not depend on the profile
+    assert all(p.split("/")[0] == data.class_names[y] for p, y in zip(data.train.paths, data.train.labels))
+    with pytest.raises(ValueError, match=r"^data.val_per_class: class folder 'emu' has 7 images"):
+        build_dataset({**spec, "val_per_class": 6})
+    with pytest.raises(ValueError, match=r"^data.imbalance_ratio: must be >= 1"):
+        build_dataset({**spec, "imbalance_ratio": 0})

@@ -1,0 +1,88 @@
+"""Two-phase training end to end on CPU; exact resume; metrics by shot group."""
+
+import pytest
+import torch
+
+from conftest import tiny_backbone
+from lpt_core import LPT, PhaseConfig, Trainer, evaluate
+from lpt_core.metrics import shot_accuracy
+
+RECIPE = PhaseConfig(epochs=3, batch_size=32, lr=0.5)
+
+
+def make_model():
+    return LPT(tiny_backbone(), 10, prompt_length=4, pool_size=6, top_k=2, group_start=2)
+
+
+def test_two_phases_learn_well_above_chance(synthetic_data):
+    model = make_model()
+    seen = []
+    p1 = Trainer(model, synthetic_data, 1, RECIPE, log=None).fit(lambda m, t: seen.append(m))
+    p2 = Trainer(model, synthetic_data, 2, RECIPE, log=None).fit(lambda m, t: seen.append(m))
+    assert [(m["phase"], m["epoch"]) for m in seen] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    for m in seen:
+        assert {"train_loss", "images_per_s", "val_acc", "val_many_acc", "val_medium_acc",
+                "val_few_acc"} <= set(m)
+    test = evaluate(model, synthetic_data.test, synthetic_data.class_counts)
+    assert test["acc"] > 45.0, test   # chance is 10%
+    assert p2["val_acc"] > 45.0 and p1["val_acc"] > 30.0
+    assert test["prompt_usage"].shape == (10, 6)
+    assert int(test["prompt_usage"].sum()) == len(synthetic_data.test) * 2
+
+
+def test_resume_after_epoch_k_equals_uninterrupted(synthetic_data, tmp_path):
+    def run(stop_after=None):
+        torch.manual_seed(0)
+        model = make_model()
+        Trainer(model, synthetic_data, 1, PhaseConfig(epochs=1, batch_size=32), log=None).fit()
+        recipe = PhaseConfig(epochs=3, batch_size=32, lr=0.5)
+        trainer = Trainer(model, synthetic_data, 2, recipe, seed=3, log=None)
+        if stop_after is None:
+            trainer.fit()
+            return model.prompt_state_dict()
+
+        class Stop(Exception):
+            pass
+
+        def on_epoch(metrics, t):
+            t.save_state(tmp_path / "state.safetensors")
+            if metrics["epoch"] == stop_after:
+                raise Stop
+        with pytest.raises(Stop):
+            trainer.fit(on_epoch)
+        torch.manual_seed(123)  # the resumed process starts from other RNG states
+        fresh = make_model()
+        fresh.load_prompt_state_dict({k: v.clone() for k, v in model.prompt_state_dict().items()})
+        resumed = Trainer(fresh, synthetic_data, 2, recipe, seed=3, log=None)
+        resumed.load_state(tmp_path / "state.safetensors")
+        assert resumed.epoch == stop_after
+        resumed.fit()
+        return fresh.prompt_state_dict()
+
+    full, resumed = run(), run(stop_after=1)
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=0, msg=name)
+
+
+def test_nan_loss_is_an_error(synthetic_data):
+    model = make_model()
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="train_loss is nan"):
+        Trainer(model, synthetic_data, 1, PhaseConfig(epochs=1, batch_size=64), log=None).fit()
+
+
+def test_shot_accuracy_groups():
+    counts = [150, 101, 100, 20, 19, 1]
+    correct = torch.tensor([10, 5, 3, 2, 1, 0])
+    total = torch.tensor([10, 10, 10, 10, 10, 10])
+    acc = shot_accuracy(correct, total, counts)
+    assert acc["acc"] == pytest.approx(100 * 21 / 60)
+    assert acc["many_acc"] == pytest.approx(75.0)     # classes 0, 1
+    assert acc["medium_acc"] == pytest.approx(25.0)   # classes 2, 3
+    assert acc["few_acc"] == pytest.approx(5.0)       # classes 4, 5
+
+
+def test_recipe_rejects_unknown_key():
+    with pytest.raises(ValueError, match=r"^phase2.gama_pos: unknown recipe key"):
+        PhaseConfig.from_dict({"gama_pos": 1.0}, where="phase2")

@@ -1,0 +1,130 @@
+"""The CLI's checks before Ray starts: bad input exits 2 with one line naming the key; an
+unreachable service exits 1 naming the address; --dry-run describes the search and trains nothing."""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tune.search import main  # noqa: E402
+
+GOOD_STUDY = {"objective": {"metric": "val_acc", "mode": "max"}, "budget": {"trials": 2, "concurrency": 1},
+              "space": {"pool_size": {"type": "int", "low": 4, "high": 8}}}
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def run_main(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def study_with(**changes):
+    study = yaml.safe_load(yaml.safe_dump(GOOD_STUDY))
+    for dotted, value in changes.items():
+        node = study
+        keys = dotted.split("__")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return study
+
+
+@pytest.mark.parametrize("changes, needle", [
+    (dict(budget__trails=3), "budget.trails: unknown key"),
+    (dict(budget__trials="many"), "budget.trials: must be an integer"),
+    (dict(space={}), "space: empty"),
+    (dict(space={"top_k": {"type": "int", "low": 0, "high": 3}}), "space.top_k.low: must be >= 1"),
+    (dict(space={"pool_sise": {"type": "int", "low": 2, "high": 3}}), "space.pool_sise: not a searchable parameter"),
+    (dict(space={"margin": {"type": "int", "low": 0, "high": 1}}), "space.margin.type: margin is a real number"),
+    (dict(space={"pool_size": {"type": "int", "low": 9, "high": 3}}), "space.pool_size.low: must be <= high"),
+    (dict(space={"group_start": {"type": "int", "low": 5, "high": 9}}), "space.group_start: no value in 1..3"),
+    (dict(objective={"metric": "test_acc"}), "objective.metric: must be one of"),
+])
+def test_bad_study_exits_2_naming_the_key(tmp_path, capsys, changes, needle):
+    study = write(tmp_path, "study", study_with(**changes))
+    code, err = run_main(capsys, "--study", study, "--dry-run")
+    assert code == 2
+    assert needle in err and study in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("phase2.epochs=0", "phase2.epochs: must be >= 1"),
+    ("phase2.gama=1", "phase2.gama: unknown key"),
+    ("resources.gpu=-1", "resources.gpu: must be >= 0"),
+    ("model.top_k=20", "model.top_k: 20 exceeds the smallest pool_size"),
+    ("data.name=nope", "data.name: unknown dataset 'nope'"),
+    ("backbone.name=not_a_model", "backbone.name: unknown timm model"),
+    ("seed=abc", "seed: must be an integer"),
+    ("phase2", "--set phase2: expected dotted.key=value"),
+])
+def test_bad_override_exits_2_naming_the_key(tmp_path, capsys, override, needle):
+    code, err = run_main(capsys, "--study", write(tmp_path, "s", GOOD_STUDY), "--set", override, "--dry-run")
+    assert code == 2 and needle in err, err
+    assert len(err.splitlines()) == 1
+
+
+def test_missing_files_and_bad_yaml(tmp_path, capsys):
+    code, err = run_main(capsys, "--study", "no_such_study", "--dry-run")
+    assert code == 2 and "--study no_such_study: no such study" in err and "prompt_pool" in err
+    code, err = run_main(capsys, "--study", write(tmp_path, "s", GOOD_STUDY), "--profile", "nope", "--dry-run")
+    assert code == 2 and "--profile nope: no such profile" in err
+    broken = write(tmp_path, "broken", "space: {pool_size: [unclosed\n")
+    code, err = run_main(capsys, "--study", broken, "--dry-run")
+    assert code == 2 and "not valid YAML" in err and broken in err
+
+
+def test_dry_run_describes_and_trains_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["--study", "prompt_pool", "--dry-run", "--trials", "5"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "pool_size: int 4..40 step 2" in out and "budget: 5 trials" in out
+    assert "phase-1 trainings: up to 1 (one per prompt_length in [4]" in out
+    assert "resources per trial: 1 CPU, 0 GPU" in out
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_dry_run_counts_phase1_trainings_per_prompt_length(capsys):
+    assert main(["--study", "prompt_length", "--dry-run"]) == 0
+    assert "phase-1 trainings: up to 4 (one per prompt_length in [2, 5, 10, 20]" in capsys.readouterr().out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_services_exit_1_naming_the_address(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study = write(tmp_path, "s", GOOD_STUDY)
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    code, err = run_main(capsys, "--study", study)
+    assert code == 1 and f"MLFLOW_TRACKING_URI={url}: cannot reach the MLflow server" in err
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    code, err = run_main(capsys, "--study", study)
+    assert code == 1 and f"RAY_ADDRESS={address}: cannot reach the Ray cluster" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_real_cli_prints_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "tune" / "search.py"), "--study", "prompt_pool",
+                           "--set", "phase1.lr=-1", "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("phase1.lr: must be > 0, got -1")
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,228 @@
+"""The search itself, once the plan is checked: Ray, MLflow parent run, Tuner, and the wrap-up
+(test accuracy of the best trial, optional confirmation seeds, the summary)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import ray
+import yaml
+from mlflow import MlflowClient
+from optuna.samplers import TPESampler
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from . import mlflow_tracking as mt
+from .search_space import DefineByRun
+from .study_config import ConfigError, objective_of
+from .trainable import SHOT_METRICS, SearchSetup, confirm_seed, evaluate_prompts, run_trial
+from .trial_table import COMPLETED, TrialTable, read_rows, trial_row, write_table
+
+SEARCH_FILE = "search.json"
+TABLE_FILE = "trials.parquet"
+
+
+def start_ray(address: str | None) -> None:
+    env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "PYTHONUNBUFFERED": "1",
+           "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+    os.environ.update(env)
+    for passthrough in ("HF_HUB_OFFLINE", "HF_HOME", "MLFLOW_TRACKING_URI"):
+        if passthrough in os.environ:
+            env[passthrough] = os.environ[passthrough]
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env},
+                 log_to_driver=True)
+
+
+def latest_search(storage: Path, prefix: str) -> Path | None:
+    found = sorted(p for p in storage.glob(f"{prefix}-*") if (p / SEARCH_FILE).is_file())
+    return found[-1] if found else None
+
+
+def open_search(plan, args, client: MlflowClient, uri: str) -> tuple[Path, dict, bool]:
+    """The search folder and its record (new, or the latest one for ``--resume``)."""
+    prefix = f"{plan.study_name}-{plan.profile_name}"
+    plan.storage.mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        folder = latest_search(plan.storage, prefix)
+        if folder is None:
+            raise ConfigError(f"--resume: no search of {prefix} under {plan.storage} to resume")
+        record = json.loads((folder / SEARCH_FILE).read_text())
+        if record["manifest_hash"] != plan.manifest_hash or record["profile"] != plan.profile:
+            raise ConfigError(f"--resume: {folder} was run with another profile or data; start a new search")
+        client.update_run(record["parent_run_id"], status="RUNNING")
+        return folder, record, True
+    name = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = plan.storage / name
+    folder.mkdir(parents=True)
+    exp_id = mt.experiment_id(client, plan.study_name, uri)
+    parent = client.create_run(exp_id, run_name=name, tags={mt.ROLE: "study", "lpt.search": name,
+                                                            "lpt.storage": str(folder)})
+    b = plan.study["budget"]
+    mt.log(client, parent.info.run_id, params={
+        "study": plan.study_name, "profile": plan.profile_name, "trials": b["trials"],
+        "concurrency": b["concurrency"], "objective": json.dumps(plan.study["objective"]),
+        "sampler_seed": plan.study["seed"], "space": json.dumps(plan.study["space"]),
+        "data": plan.profile["data"]["name"], "backbone": plan.profile["backbone"]["name"],
+        "manifest_hash": plan.manifest_hash})
+    record = {"name": name, "study": plan.study_name, "profile_name": plan.profile_name,
+              "profile": plan.profile, "study_config": plan.study, "manifest_hash": plan.manifest_hash,
+              "experiment_id": exp_id, "parent_run_id": parent.info.run_id, "tracking_uri": uri}
+    (folder / SEARCH_FILE).write_text(json.dumps(record, indent=2, default=str))
+    (folder / "profile.yaml").write_text(yaml.safe_dump(plan.profile, sort_keys=False))
+    client.log_artifact(parent.info.run_id, str(folder / "profile.yaml"))
+    return folder, record, False
+
+
+def make_tuner(plan, folder: Path, setup: SearchSetup, client: MlflowClient, resume: bool) -> tune.Tuner:
+    study, profile = plan.study, plan.profile
+    metrics, modes = objective_of(study)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
+                                    {"cpu": profile["resources"]["cpu"], "gpu": profile["resources"]["gpu"]})
+    epochs = profile["phase2"].get("epochs", 10)
+    table = TrialTable(folder / TABLE_FILE, list(study["space"]), epochs, client)
+    if resume and tune.Tuner.can_restore(str(folder)):
+        return tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True), table
+    single = len(metrics) == 1
+    searcher = OptunaSearch(space=DefineByRun(study["space"], profile["model"], plan.depth),
+                            metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
+                            sampler=TPESampler(seed=study["seed"]))
+    es = study["early_stopping"]
+    scheduler = (ASHAScheduler(time_attr="epoch", metric=metrics[0], mode=modes[0], max_t=epochs,
+                               grace_period=es["grace_period"], reduction_factor=es["reduction_factor"])
+                 if es["enabled"] else FIFOScheduler())
+    run_config = tune.RunConfig(
+        name=folder.name, storage_path=str(folder.parent),
+        failure_config=tune.FailureConfig(max_failures=study["budget"]["max_failures"]),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[table], verbose=1)
+    return tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
+        search_alg=ConcurrencyLimiter(searcher, max_concurrent=study["budget"]["concurrency"]),
+        scheduler=scheduler, num_samples=study["budget"]["trials"])), table
+
+
+def on_resources(fn, profile: dict):
+    r = profile["resources"]
+    return ray.remote(num_cpus=r["cpu"], num_gpus=r["gpu"], max_retries=2)(fn)
+
+
+def summarise(rows: list[dict], metrics: list[str], modes: list[str]) -> dict | None:
+    """The best completed trial by the first objective metric."""
+    done = [r for r in rows if r["status"] == COMPLETED and not math.isnan(r.get(metrics[0], math.nan))]
+    if not done:
+        return None
+    sign = 1 if modes[0] == "max" else -1
+    return max(done, key=lambda r: sign * r[metrics[0]])
+
+
+def pareto(rows: list[dict], metrics: list[str], modes: list[str]) -> list[str]:
+    done = [r for r in rows if r["status"] == COMPLETED]
+    signed = lambda r: [(1 if m == "max" else -1) * r[k] for k, m in zip(metrics, modes)]
+
+    def dominated(a):
+        return any(all(x >= y for x, y in zip(signed(b), signed(a))) and signed(b) != signed(a) for b in done)
+    return [r["trial_id"] for r in done if not dominated(r)]
+
+
+def run_search(plan, args, uri: str, address: str | None) -> int:
+    client = MlflowClient(uri)
+    folder, record, resume = open_search(plan, args, client, uri)
+    parent_id = record["parent_run_id"]
+    metrics, modes = objective_of(plan.study)
+    setup = SearchSetup(study=plan.study_name, profile_name=plan.profile_name, profile=plan.profile,
+                        manifest_hash=plan.manifest_hash, search_dir=str(folder),
+                        cache_dir=str(plan.storage / "phase1-cache"), tracking_uri=uri,
+                        experiment_id=record["experiment_id"], parent_run_id=parent_id,
+                        metrics=tuple(metrics))
+    print(plan.describe(), flush=True)
+    print(f"search folder: {folder}\nMLflow: {uri} (experiment '{plan.study_name}', parent run {parent_id})", flush=True)
+    start_ray(address)
+    started = time.time()
+    try:
+        tuner, table = make_tuner(plan, folder, setup, client, resume)
+        grid = tuner.fit()
+        rows = dict(read_rows(folder / TABLE_FILE))
+        epochs = plan.profile["phase2"].get("epochs", 10)
+        for result in grid:  # trials that ended before a resume are in the grid too
+            tid = (result.metrics or {}).get("trial_id")
+            if tid and tid not in rows:
+                error = str(result.error).strip().splitlines()[-1][:500] if result.error else None
+                rows[tid] = trial_row(tid, result.config or {}, list(plan.study["space"]), result.metrics, epochs, error)
+        write_table(list(rows.values()), folder / TABLE_FILE)
+        rows = list(rows.values())
+        wrap_up(plan, args, setup, client, folder, rows, metrics, modes, time.time() - started)
+    except KeyboardInterrupt:
+        client.set_terminated(parent_id, "KILLED")
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        client.set_terminated(parent_id, "FAILED")
+        mt.log(client, parent_id, tags={"lpt.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        print(f"error: the search failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+              file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+    return 0 if any(r["status"] == COMPLETED for r in rows) else 1
+
+
+def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, rows: list[dict],
+            metrics: list[str], modes: list[str], seconds: float) -> None:
+    parent_id = setup.parent_run_id
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "early_stopped", "failed")}
+    summary = {"trials_" + k: v for k, v in counts.items()}
+    summary["search_wall_s"] = seconds
+    best = summarise(rows, metrics, modes)
+    lines = [f"\n{len(rows)} trials: {counts['completed']} completed, {counts['early_stopped']} stopped early "
+             f"by ASHA, {counts['failed']} failed ({seconds:.0f} s)"]
+    if best is not None:
+        config = {p: best[p] for p in plan.study["space"]}
+        prompt_file = folder / "prompts" / f"{best['trial_id']}.safetensors"
+        test = ray.get(on_resources(evaluate_prompts, plan.profile).remote(setup, config, str(prompt_file)))
+        mt.log(client, best["mlflow_run_id"], metrics=test, tags={"lpt.best": "true"})
+        summary.update({f"best_{k}": v for k, v in {**{m: best[m] for m in metrics}, **test}.items()})
+        client.set_tag(parent_id, "lpt.best_trial_id", best["trial_id"])
+        lines += [f"best trial {best['trial_id']}: " + ", ".join(f"{k}={v}" for k, v in config.items()),
+                  "  validation: " + shot_line(best, "val_"),
+                  "  test:       " + shot_line(test, "test_"),
+                  f"  prompts:    {prompt_file}"]
+        if len(metrics) > 1:
+            front = pareto(rows, metrics, modes)
+            client.set_tag(parent_id, "lpt.pareto_trials", ",".join(front))
+            lines.append(f"  Pareto front on {', '.join(metrics)}: {', '.join(front)}")
+        if args.confirm:
+            seeds = [plan.profile["seed"] + 1000 + i for i in range(args.confirm)]
+            print(f"confirming the best config with seeds {seeds} ...", flush=True)
+            task = on_resources(confirm_seed, plan.profile)
+            results = ray.get([task.remote(setup, config, s) for s in seeds])
+            for k in (f"test_{m}" for m in SHOT_METRICS):
+                values = [r[k] for r in results]
+                summary[f"confirm_{k}_mean"] = statistics.fmean(values)
+                summary[f"confirm_{k}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            lines.append(f"  confirmed over {len(seeds)} seeds: " + ", ".join(
+                f"{k.removeprefix('test_')} {summary[f'confirm_{k}_mean']:.2f} ± {summary[f'confirm_{k}_std']:.2f}"
+                for k in (f"test_{m}" for m in SHOT_METRICS)))
+    else:
+        lines.append("no trial completed: see the table's error column and the trials' MLflow runs")
+    mt.log(client, parent_id, metrics=summary)
+    client.log_artifact(parent_id, str(folder / TABLE_FILE))
+    client.set_terminated(parent_id, "FINISHED")
+    lines += [f"table:  {folder / TABLE_FILE}",
+              f"MLflow: mlflow ui --backend-store-uri {setup.tracking_uri}  (experiment '{plan.study_name}')"
+              if setup.tracking_uri.startswith("sqlite") else f"MLflow: {setup.tracking_uri} (experiment '{plan.study_name}')"]
+    print("\n".join(lines), flush=True)
+
+
+def shot_line(values: dict, prefix: str) -> str:
+    get = lambda k: values.get(f"{prefix}{k}", math.nan)
+    return (f"{get('acc'):.2f}% (many {get('many_acc'):.2f} / medium {get('medium_acc'):.2f} / "
+            f"few {get('few_acc'):.2f})")

@@ -1,0 +1,109 @@
+"""MLflow bookkeeping with DESIGN.md's names: an experiment per study, a parent run per search
+(``lpt.role=study``), a child run per trial (``lpt.role=trial``), a run per phase-1 training
+(``lpt.role=phase1``). Everything goes through ``MlflowClient`` and ``log_batch``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+ROLE, TRIAL_ID, NODE, PHASE1_KEY = "lpt.role", "lpt.trial_id", "lpt.node", "lpt.phase1_key"
+PARENT = "mlflow.parentRunId"
+MAX_BATCH = 900  # MLflow accepts 1000 metrics per log_batch
+
+
+class ServiceError(RuntimeError):
+    """A tracking or cluster address that cannot be used: the message is the CLI's one line."""
+
+
+def resolve_tracking_uri(cwd: str | os.PathLike | None = None) -> str:
+    """MLFLOW_TRACKING_URI, or MLflow's default local store made absolute (trials run elsewhere)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri:
+        return uri
+    return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / 'mlflow.db'}"
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+                if resp.status != 200:
+                    raise ServiceError(f"MLFLOW_TRACKING_URI={uri}: the server answered {resp.status}")
+        except urllib.error.HTTPError as exc:
+            raise ServiceError(f"MLFLOW_TRACKING_URI={uri}: the server answered {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ServiceError(f"MLFLOW_TRACKING_URI={uri}: cannot reach the MLflow server ({reason})") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ServiceError(f"MLFLOW_TRACKING_URI={uri}: folder {folder} is missing or not writable")
+
+
+def local_artifact_root(uri: str) -> str | None:
+    """For a local sqlite store, artifacts go beside the database (absolute, for every worker)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=local_artifact_root(uri))
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _str(value: Any) -> str:
+    return str(value)[:6000]
+
+
+def log(client: MlflowClient, run_id: str, metrics: dict | None = None, params: dict | None = None,
+        tags: dict | None = None, step: int = 0) -> None:
+    """Numbers (finite or not) as metrics, in batches; params and tags as strings."""
+    now = int(time.time() * 1000)
+    ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    ps = [Param(k, _str(v)) for k, v in (params or {}).items()]
+    ts = [RunTag(k, _str(v)) for k, v in (tags or {}).items()]
+    for i in range(0, max(len(ms), 1), MAX_BATCH):
+        client.log_batch(run_id, metrics=ms[i:i + MAX_BATCH], params=ps if i == 0 else [],
+                         tags=ts if i == 0 else [])
+
+
+def find_run(client: MlflowClient, exp_id: str, **tags: str) -> str | None:
+    """The newest run with all these tags (``lpt_trial_id`` style keys map to ``lpt.trial_id``)."""
+    clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    runs = client.search_runs([exp_id], " and ".join(clauses), max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def trial_run(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str, name: str,
+              params: dict, tags: dict) -> str:
+    """The trial's child run: the same one again when the trial is retried or resumed."""
+    run_id = find_run(client, exp_id, **{PARENT: parent_id, TRIAL_ID: trial_id})
+    if run_id is None:
+        run = client.create_run(exp_id, run_name=name,
+                                tags={ROLE: "trial", PARENT: parent_id, TRIAL_ID: trial_id, **tags})
+        run_id = run.info.run_id
+        log(client, run_id, params=params)
+    else:
+        client.update_run(run_id, status="RUNNING")
+        log(client, run_id, tags={"lpt.resumed": "true", **tags})
+    return run_id

@@ -1,0 +1,140 @@
+"""Run an LPT hyperparameter study: ``python tune/search.py --study prompt_pool [--profile smoke]``.
+
+Checks the study and profile, then runs a Ray Tune search (Optuna TPE proposes, ASHA stops bad
+trials early) on the local machine or on the cluster named by RAY_ADDRESS; every trial lands in
+MLflow (MLFLOW_TRACKING_URI, or ./mlflow.db) and in ``trials.parquet``. Exit 0 on success, 2 with
+one line on stderr for bad input, 1 for a failure while running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script from anywhere
+
+from tune.study_config import ConfigError  # noqa: E402
+
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tune/search.py", description=__doc__.splitlines()[0])
+    p.add_argument("--study", required=True, help="a file in studies/ (name or .yaml path)")
+    p.add_argument("--profile", default="smoke", help="a file in studies/profiles/ or a .yaml path (default: smoke)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a profile value, e.g. --set phase2.epochs=3 (repeatable)")
+    p.add_argument("--trials", type=int, help="trial budget (default: the study's)")
+    p.add_argument("--storage", help="search folder root, shared by all nodes (default: ./runs or $LPT_STORAGE)")
+    p.add_argument("--resume", action="store_true", help="continue the latest interrupted search of this study and profile")
+    p.add_argument("--confirm", type=int, default=0, metavar="N",
+                   help="retrain the best config with N fresh seeds and report test accuracy mean and std")
+    p.add_argument("--dry-run", action="store_true", help="check and describe the search, train nothing")
+    return p.parse_args(argv)
+
+
+class Plan:
+    """Everything checked before Ray starts."""
+
+    def __init__(self, args: argparse.Namespace):
+        from lpt_core.backbones import build_backbone_from_spec
+        from lpt_core.data import build_dataset
+        from lpt_core.data.manifest import manifest_hash
+        from tune.search_space import check_space
+        from tune.study_config import load_profile, load_study
+
+        self.study_path, self.study = load_study(args.study)
+        self.profile_path, self.profile = load_profile(args.profile, args.set)
+        self.study_name, self.profile_name = self.study_path.stem, self.profile_path.stem
+        if args.trials is not None:
+            if args.trials < 1:
+                raise ConfigError(f"--trials: must be >= 1, got {args.trials}")
+            self.study["budget"]["trials"] = args.trials
+        if args.confirm < 0:
+            raise ConfigError(f"--confirm: must be >= 0, got {args.confirm}")
+        where = f"{self.profile_path}"
+        try:
+            self.data = build_dataset(self.profile["data"])
+            backbone = build_backbone_from_spec(self.profile["backbone"])
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        self.depth = len(getattr(backbone, "blocks", []))
+        check_space(self.study["space"], self.profile["model"], self.depth, f"{self.study_path}")
+        self.manifest_hash = manifest_hash(self.data)
+        self.storage = Path(os.path.expanduser(args.storage or os.environ.get("LPT_STORAGE", "runs"))).resolve()
+        if "://" in str(args.storage or ""):
+            raise ConfigError(f"--storage {args.storage}: give a folder on a filesystem every node mounts")
+
+    def describe(self) -> str:
+        from tune.search_space import describe, prompt_lengths
+        b, r = self.study["budget"], self.profile["resources"]
+        lengths = prompt_lengths(self.study["space"], self.profile["model"]["prompt_length"])
+        n_phase1 = min(len(lengths), b["trials"])
+        es = self.study["early_stopping"]
+        lines = [f"study {self.study_name} ({self.study_path}), profile {self.profile_name} ({self.profile_path})",
+                 f"data: {self.profile['data']['name']}, {self.data.num_classes} classes, "
+                 f"{len(self.data.train_labels)} train / {len(self.data.val)} val / {len(self.data.test)} test images; "
+                 f"manifest {self.manifest_hash[:12]}",
+                 f"backbone: {self.profile['backbone']['name']} ({self.depth} blocks), weights {self.profile['backbone'].get('weights', 'pretrained')}",
+                 "search space:", *[f"  {line}" for line in describe(self.study["space"])],
+                 f"objective: {self.study['objective']}",
+                 f"budget: {b['trials']} trials, {b['concurrency']} at a time, up to {b['max_failures']} retries each",
+                 f"early stopping: {'ASHA grace %d, reduction %s' % (es['grace_period'], es['reduction_factor']) if es['enabled'] else 'off'}"
+                 f" over {self.profile['phase2']['epochs'] if 'epochs' in self.profile['phase2'] else 10} phase-2 epochs",
+                 f"phase-1 trainings: up to {n_phase1} (one per prompt_length in {lengths if len(lengths) <= 12 else f'{lengths[0]}..{lengths[-1]}'}; "
+                 f"cached under {self.storage / 'phase1-cache'})",
+                 f"resources per trial: {r['cpu']} CPU, {r['gpu']} GPU"]
+        return "\n".join(lines)
+
+
+def check_ray_address() -> str | None:
+    """RAY_ADDRESS, checked to answer before anything starts; None means a local Ray."""
+    from tune.mlflow_tracking import ServiceError
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if not address or address in ("local", "auto"):
+        return address or None
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host or hostport, int(port or 6379)), timeout=5):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ServiceError(f"RAY_ADDRESS={address}: cannot reach the Ray cluster ({exc})") from None
+    return address
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from tune.mlflow_tracking import ServiceError, check_tracking_uri, resolve_tracking_uri
+    try:
+        plan = Plan(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.dry_run:
+        print(plan.describe())
+        return 0
+    uri = resolve_tracking_uri()
+    try:
+        check_tracking_uri(uri)
+        address = check_ray_address()
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    from tune.driver import run_search
+    try:
+        return run_search(plan, args, uri, address)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

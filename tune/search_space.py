@@ -1,0 +1,89 @@
+"""The study's search space as an Optuna define-by-run function, with LPT's constraints.
+
+``top_k`` never exceeds the sampled (or fixed) ``pool_size``, and ``group_start`` stays within
+1..depth-1 of the profile's backbone: their integer ranges are narrowed per trial.
+"""
+
+from __future__ import annotations
+
+import optuna
+
+from .study_config import ConfigError
+
+# Sample pool_size before top_k so the constraint can narrow top_k's range.
+ORDER = ("prompt_length", "pool_size", "top_k", "group_start")
+
+
+def _ordered(space: dict) -> list[str]:
+    return sorted(space, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+
+
+def int_bounds(name: str, spec: dict, chosen: dict, depth: int) -> tuple[int, int]:
+    low, high = spec["low"], spec["high"]
+    if name == "top_k":
+        high = min(high, chosen["pool_size"])
+    if name == "group_start":
+        low, high = max(low, 1), min(high, depth - 1)
+    return low, high
+
+
+def check_space(space: dict, model_defaults: dict, depth: int, where: str) -> None:
+    """Fail before Ray starts when a range cannot be satisfied for this backbone."""
+    pool = space.get("pool_size")
+    min_pool = (min(pool["values"]) if pool["type"] == "choice" else pool["low"]) if pool else model_defaults["pool_size"]
+    for name, spec in space.items():
+        values = spec["values"] if spec["type"] == "choice" else [spec["low"], spec["high"]]
+        if name == "group_start" and (max(values) < 1 or min(values) > depth - 1):
+            raise ConfigError(f"{where}: space.group_start: no value in 1..{depth - 1} (the backbone has {depth} blocks)")
+        if name == "group_start" and spec["type"] == "choice" and max(values) > depth - 1:
+            raise ConfigError(f"{where}: space.group_start.values: {max(values)} is not below the depth {depth}")
+        if name == "top_k" and min(values) > min_pool:
+            raise ConfigError(f"{where}: space.top_k: low {min(values)} exceeds the smallest pool_size {min_pool}")
+        if name == "top_k" and spec["type"] == "choice" and max(values) > min_pool:
+            raise ConfigError(f"{where}: space.top_k.values: {max(values)} exceeds the smallest pool_size {min_pool}; use an int range")
+    if "top_k" not in space and model_defaults["top_k"] > min_pool:
+        raise ConfigError(f"{where}: model.top_k: {model_defaults['top_k']} exceeds the smallest pool_size {min_pool}")
+    if "group_start" not in space and not 1 <= model_defaults["group_start"] <= depth - 1:
+        raise ConfigError(f"{where}: model.group_start: must be in 1..{depth - 1} for this backbone")
+
+
+class DefineByRun:
+    """Optuna define-by-run space (a class, not a closure: Tune pickles its searcher)."""
+
+    def __init__(self, space: dict, model_defaults: dict, depth: int):
+        self.space, self.model_defaults, self.depth = space, model_defaults, depth
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        chosen = dict(self.model_defaults)
+        for name in _ordered(self.space):
+            spec = self.space[name]
+            if spec["type"] == "choice":
+                chosen[name] = trial.suggest_categorical(name, spec["values"])
+            elif spec["type"] == "int":
+                low, high = int_bounds(name, spec, chosen, self.depth)
+                chosen[name] = trial.suggest_int(name, low, high, step=int(spec.get("step", 1)),
+                                                 log=bool(spec.get("log", False)))
+            else:
+                chosen[name] = trial.suggest_float(name, spec["low"], spec["high"], step=spec.get("step"),
+                                                   log=bool(spec.get("log", False)))
+
+
+def describe(space: dict) -> list[str]:
+    lines = []
+    for name, spec in space.items():
+        if spec["type"] == "choice":
+            lines.append(f"{name}: one of {spec['values']}")
+        else:
+            extra = (f" step {spec['step']}" if "step" in spec else "") + (" (log)" if spec.get("log") else "")
+            lines.append(f"{name}: {spec['type']} {spec['low']}..{spec['high']}{extra}")
+    return lines
+
+
+def prompt_lengths(space: dict, default: int) -> list[int] | None:
+    """The prompt lengths the search can sample (each is one phase-1 training); None if many."""
+    spec = space.get("prompt_length")
+    if spec is None:
+        return [default]
+    if spec["type"] == "choice":
+        return sorted(set(spec["values"]))
+    return list(range(spec["low"], spec["high"] + 1, int(spec.get("step", 1))))

@@ -1,0 +1,213 @@
+"""The Ray Tune function trainable: one trial is phase 2 of LPT on top of cached phase-1 prompts.
+
+``run_trial(config, setup)`` gets phase-1 prompts from the cache (training them if it is the first
+to need them), trains phase 2 with the sampled params, and after every epoch logs to its MLflow run
+and calls ``tune.report`` with a checkpoint of the resumable trainer state. A retried or resumed
+trial starts from that checkpoint in the same MLflow run. The helpers below also serve the
+driver's test evaluation of the best trial and the confirmation runs with fresh seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+from mlflow import MlflowClient
+from ray import tune
+
+from lpt_core import LPT, PhaseConfig, Trainer, build_backbone_from_spec, evaluate, load_prompts, save_prompts
+from lpt_core.data import build_dataset
+from lpt_core.trainer import resolve_device
+
+from . import mlflow_tracking as mt
+from .phase1_cache import PROMPTS, STATE, Phase1Cache, phase1_key
+from .study_config import MODEL_KEYS, RECIPE_KEYS
+
+SHOT_METRICS = ("acc", "many_acc", "medium_acc", "few_acc")
+
+
+@dataclass
+class SearchSetup:
+    """What every trial of a search shares; made by the driver, passed with ``tune.with_parameters``."""
+
+    study: str
+    profile_name: str
+    profile: dict
+    manifest_hash: str
+    search_dir: str
+    cache_dir: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    metrics: tuple[str, ...]
+
+
+def trial_settings(profile: dict, config: dict) -> tuple[dict, PhaseConfig]:
+    """The model kwargs and phase-2 recipe of a trial: the profile's values, then the sampled ones."""
+    model = {k: config.get(k, profile["model"][k]) for k in MODEL_KEYS}
+    recipe = PhaseConfig.from_dict({**profile["phase2"], **{k: config[k] for k in RECIPE_KEYS if k in config}},
+                                   where="phase2")
+    return model, recipe
+
+
+def trial_params(profile: dict, config: dict, profile_name: str) -> dict:
+    model, recipe = trial_settings(profile, config)
+    return {**model, **recipe.to_dict(), "seed": profile["seed"], "profile": profile_name,
+            "data": profile["data"]["name"], "backbone": profile["backbone"]["name"]}
+
+
+def _trainer_kwargs(profile: dict, log) -> dict:
+    return dict(device=profile["device"], num_workers=profile["loader"]["num_workers"],
+                eval_batch_size=profile["loader"]["eval_batch_size"], log=log)
+
+
+def build_model(setup: SearchSetup, config: dict, data, seed: int) -> tuple[LPT, PhaseConfig]:
+    """The trial's LPT. A randomly initialised backbone depends on the profile's seed only, so
+    every trial, the test evaluation and the confirmation runs see the same one."""
+    model_kwargs, recipe = trial_settings(setup.profile, config)
+    torch.manual_seed(setup.profile["seed"])
+    backbone = build_backbone_from_spec(setup.profile["backbone"])
+    torch.manual_seed(seed)
+    return LPT(backbone, data.num_classes, **model_kwargs), recipe
+
+
+def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: MlflowClient, log) -> str:
+    """Load the shared prompts and head of phase 1 into ``model``, training them once per key."""
+    profile = setup.profile
+    recipe = PhaseConfig.from_dict(profile["phase1"], where="phase1")
+    key = phase1_key(profile["backbone"], setup.manifest_hash, model.prompt_length, recipe.to_dict(), seed)
+
+    def train(folder: Path) -> dict:
+        run_id = mt.find_run(client, setup.experiment_id, **{mt.ROLE: "phase1", mt.PHASE1_KEY: key})
+        if run_id is None:
+            run_id = client.create_run(setup.experiment_id, run_name=f"phase1-{key}",
+                                       tags={mt.ROLE: "phase1", mt.PHASE1_KEY: key}).info.run_id
+            mt.log(client, run_id, params={"prompt_length": model.prompt_length, **recipe.to_dict(),
+                                           "seed": seed, "profile": setup.profile_name,
+                                           "data": profile["data"]["name"],
+                                           "backbone": profile["backbone"]["name"]})
+        torch.manual_seed(seed)
+        trainer = Trainer(model, data, 1, recipe, seed=seed, **_trainer_kwargs(profile, log))
+        if (folder / STATE).is_file():
+            trainer.load_state(folder / STATE)
+            log(f"phase 1 {key}: resuming at epoch {trainer.epoch}")
+
+        def on_epoch(metrics: dict, t: Trainer) -> None:
+            mt.log(client, run_id, metrics=metrics, step=metrics["epoch"])
+            t.save_state(folder / STATE)
+        try:
+            final = trainer.fit(on_epoch)
+        except Exception as exc:
+            mt.log(client, run_id, tags={"lpt.error": f"{type(exc).__name__}: {exc}"})
+            client.set_terminated(run_id, "FAILED")
+            raise
+        save_prompts(model, folder / PROMPTS, phase1_key=key)
+        client.log_artifact(run_id, str(folder / PROMPTS))
+        client.set_terminated(run_id, "FINISHED")
+        return {"mlflow_run_id": run_id, "val_acc": final.get("val_acc")}
+
+    path, trained = Phase1Cache(setup.cache_dir).get_or_train(key, train, log)
+    if not trained:
+        state = load_prompts_partial(path)
+        model.load_prompt_state_dict(state, strict=False)
+        log(f"phase 1 {key}: reusing cached prompts")
+    return key
+
+
+def load_prompts_partial(path: Path) -> dict:
+    """The phase-1 tensors of a prompt file (shared prompts and head)."""
+    from safetensors.torch import load_file
+    tensors = load_file(str(path))
+    return {k: tensors[k] for k in ("shared_prompts", "head_weight")}
+
+
+def _node_id() -> str:
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return "local"
+
+
+def run_trial(config: dict, setup: SearchSetup) -> None:
+    """Ray Tune function trainable."""
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    node = _node_id()
+    log = lambda msg: print(f"[{trial_id}] {msg}", flush=True)
+    client = MlflowClient(setup.tracking_uri)
+    seed = setup.profile["seed"]
+    data = build_dataset(setup.profile["data"])
+    model, recipe = build_model(setup, config, data, seed)
+    run_id = mt.trial_run(client, setup.experiment_id, setup.parent_run_id, trial_id, f"trial-{trial_id}",
+                          trial_params(setup.profile, config, setup.profile_name), {mt.NODE: node})
+    trainer = None
+    try:
+        key = ensure_phase1(setup, model, data, seed, client, log)
+        mt.log(client, run_id, tags={mt.PHASE1_KEY: key, mt.NODE: node})
+        trainer = Trainer(model, data, 2, recipe, seed=seed, **_trainer_kwargs(setup.profile, log))
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                trainer.load_state(Path(folder) / STATE)
+            log(f"resuming phase 2 at epoch {trainer.epoch} on node {node[:12]}")
+            mt.log(client, run_id, tags={"lpt.resumed_at_epoch": trainer.epoch})
+
+        def on_epoch(metrics: dict, t: Trainer) -> None:
+            mt.log(client, run_id, metrics=metrics, step=metrics["epoch"])
+            if t.epoch == t.cfg.epochs:  # before the last report: Tune may end the actor right after it
+                prompt_file = Path(setup.search_dir) / "prompts" / f"{trial_id}.safetensors"
+                save_prompts(model, prompt_file, trial_id=trial_id, phase1_key=key)
+                client.log_artifact(run_id, str(prompt_file))
+            with tempfile.TemporaryDirectory() as folder:
+                t.save_state(Path(folder) / STATE)
+                (Path(folder) / "trial.json").write_text(json.dumps({"mlflow_run_id": run_id}))
+                tune.report({**metrics, "mlflow_run_id": run_id, "node": node},
+                            checkpoint=tune.Checkpoint.from_directory(folder))
+
+        trainer.fit(on_epoch)
+    except FloatingPointError as exc:  # diverged: a result for this config, not a crash to retry
+        reason = str(exc)
+        log(f"failed: {reason}")
+        mt.log(client, run_id, tags={"lpt.error": reason})
+        client.set_terminated(run_id, "FAILED")
+        tune.report({**{m: math.nan for m in setup.metrics}, "error": reason, "mlflow_run_id": run_id,
+                     "node": node, "epoch": trainer.epoch if trainer else 0})
+        return
+    except Exception as exc:
+        mt.log(client, run_id, tags={"lpt.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        client.set_terminated(run_id, "FAILED")
+        raise
+
+
+def _split_metrics(setup: SearchSetup, model: LPT, data, split: str) -> dict:
+    kw = _trainer_kwargs(setup.profile, None)
+    device = resolve_device(kw["device"])
+    model.set_phase(2)
+    result = evaluate(model.to(device), getattr(data, split), data.class_counts, device=device,
+                      batch_size=kw["eval_batch_size"], num_workers=kw["num_workers"],
+                      batch_transform=data.eval_batch_transform)
+    return {f"{split}_{k}": result[k] for k in SHOT_METRICS}
+
+
+def evaluate_prompts(setup: SearchSetup, config: dict, prompt_file: str, split: str = "test") -> dict:
+    """Accuracy of a trial's saved prompts on ``split`` (the driver runs this on the best trial)."""
+    data = build_dataset(setup.profile["data"])
+    model, _ = build_model(setup, config, data, setup.profile["seed"])
+    load_prompts(model, prompt_file)
+    return _split_metrics(setup, model, data, split)
+
+
+def confirm_seed(setup: SearchSetup, config: dict, seed: int) -> dict:
+    """Retrain a config from scratch with ``seed`` (its own phase 1) and return test accuracy."""
+    client = MlflowClient(setup.tracking_uri)
+    log = lambda msg: print(f"[confirm seed {seed}] {msg}", flush=True)
+    data = build_dataset(setup.profile["data"])
+    model, recipe = build_model(setup, config, data, seed)
+    ensure_phase1(setup, model, data, seed, client, log)
+    Trainer(model, data, 2, recipe, seed=seed, **_trainer_kwargs(setup.profile, log)).fit()
+    return _split_metrics(setup, model, data, "test")

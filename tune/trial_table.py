@@ -1,0 +1,76 @@
+"""``trials.parquet``: one row per trial, rewritten as trials end, so a crash leaves what finished.
+
+The same Tune callback closes each trial's MLflow run with its final status: a trial that ASHA
+stops is ended by Ray before its own code can do that.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from mlflow import MlflowClient
+from ray import tune
+
+
+FINAL_METRICS = ("val_acc", "val_many_acc", "val_medium_acc", "val_few_acc", "train_loss")
+COMPLETED, EARLY_STOPPED, FAILED = "completed", "early_stopped", "failed"
+
+
+def trial_row(trial_id: str, config: dict, params: list[str], result: dict | None, epochs: int,
+              error: str | None = None) -> dict:
+    result = result or {}
+    reason = error or result.get("error")
+    done = int(result.get("epoch", 0) or 0)
+    status = FAILED if reason else (COMPLETED if done >= epochs else EARLY_STOPPED)
+    row = {"trial_id": trial_id, "status": status, "epochs": done}
+    row.update({p: config.get(p) for p in params})
+    for m in FINAL_METRICS:
+        value = result.get(m)
+        row[m] = float(value) if isinstance(value, (int, float)) else math.nan
+    row.update({"mlflow_run_id": result.get("mlflow_run_id"), "node": result.get("node"),
+                "wall_s": float(result.get("time_total_s", math.nan)), "error": reason})
+    return row
+
+
+def write_table(rows: list[dict], path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(sorted(rows, key=lambda r: r["trial_id"])), tmp)
+    os.replace(tmp, path)
+
+
+def read_rows(path: str | os.PathLike) -> dict[str, dict]:
+    path = Path(path)
+    return {r["trial_id"]: r for r in pq.read_table(path).to_pylist()} if path.is_file() else {}
+
+
+class TrialTable(tune.Callback):
+    def __init__(self, path: str | os.PathLike, params: list[str], epochs: int, client: MlflowClient):
+        self.path, self.params, self.epochs, self.client = Path(path), params, epochs, client
+        self.rows = read_rows(self.path)          # rows of an interrupted search survive a resume
+        self.last: dict[str, dict] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.last[trial.trial_id] = result
+
+    def _end(self, trial, error: str | None) -> None:
+        result = self.last.get(trial.trial_id) or trial.last_result
+        row = trial_row(trial.trial_id, trial.config, self.params, result, self.epochs, error)
+        self.rows[trial.trial_id] = row
+        write_table(list(self.rows.values()), self.path)
+        if row["mlflow_run_id"]:
+            self.client.set_tag(row["mlflow_run_id"], "lpt.status", row["status"])
+            self.client.set_terminated(row["mlflow_run_id"], "FAILED" if row["status"] == FAILED else "FINISHED",
+                                       end_time=int(time.time() * 1000))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, None)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error = getattr(trial, "error_msg", None) or "trial raised (see its error.txt)"
+        self._end(trial, str(error).strip().splitlines()[-1][:500])

@@ -90,7 +90,8 @@ def make_tuner(plan, folder: Path, setup: SearchSetup, client: MlflowClient, res
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                     {"cpu": profile["resources"]["cpu"], "gpu": profile["resources"]["gpu"]})
     epochs = profile["phase2"].get("epochs", 10)
-    table = TrialTable(folder / TABLE_FILE, list(study["space"]), epochs, client)
+    table = TrialTable(folder / TABLE_FILE, list(study["space"]), epochs, client,
+                       study["budget"]["trials"], metrics[0])
     if resume and tune.Tuner.can_restore(str(folder)):
         return tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True), table
     single = len(metrics) == 1
@@ -104,7 +105,7 @@ def make_tuner(plan, folder: Path, setup: SearchSetup, client: MlflowClient, res
     run_config = tune.RunConfig(
         name=folder.name, storage_path=str(folder.parent),
         failure_config=tune.FailureConfig(max_failures=study["budget"]["max_failures"]),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[table], verbose=1)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[table], verbose=0)
     return tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
         search_alg=ConcurrencyLimiter(searcher, max_concurrent=study["budget"]["concurrency"]),
         scheduler=scheduler, num_samples=study["budget"]["trials"])), table

@@ -60,6 +60,7 @@ class Plan:
         if args.confirm < 0:
             raise ConfigError(f"--confirm: must be >= 0, got {args.confirm}")
         where = f"{self.profile_path}"
+        absolute_paths(self.profile)
         try:
             self.data = build_dataset(self.profile["data"])
             backbone = build_backbone_from_spec(self.profile["backbone"])
@@ -92,6 +93,17 @@ class Plan:
                  f"cached under {self.storage / 'phase1-cache'})",
                  f"resources per trial: {r['cpu']} CPU, {r['gpu']} GPU"]
         return "\n".join(lines)
+
+
+def absolute_paths(profile: dict) -> None:
+    """Relative data and weight paths are relative to where the search starts, not to a worker."""
+    data = profile["data"]
+    for key, value in data.items():
+        if isinstance(value, str) and (key == "root" or key.endswith(("_list", "_json"))):
+            data[key] = str(Path(os.path.expanduser(value)).resolve())
+    weights = profile["backbone"].get("weights")
+    if isinstance(weights, str) and weights not in ("pretrained", "random"):
+        profile["backbone"]["weights"] = str(Path(os.path.expanduser(weights)).resolve())
 
 
 def check_ray_address() -> str | None:

@@ -10,6 +10,7 @@ driver's test evaluation of the best trial and the confirmation runs with fresh 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 from dataclasses import dataclass
@@ -135,6 +136,8 @@ def _node_id() -> str:
 
 def run_trial(config: dict, setup: SearchSetup) -> None:
     """Ray Tune function trainable."""
+    for name in ("ray.train", "ray.tune"):  # per-checkpoint INFO lines drown the epoch lines
+        logging.getLogger(name).setLevel(logging.WARNING)
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     node = _node_id()

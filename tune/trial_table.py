@@ -50,8 +50,10 @@ def read_rows(path: str | os.PathLike) -> dict[str, dict]:
 
 
 class TrialTable(tune.Callback):
-    def __init__(self, path: str | os.PathLike, params: list[str], epochs: int, client: MlflowClient):
+    def __init__(self, path: str | os.PathLike, params: list[str], epochs: int, client: MlflowClient,
+                 budget: int, metric: str):
         self.path, self.params, self.epochs, self.client = Path(path), params, epochs, client
+        self.budget, self.metric = budget, metric
         self.rows = read_rows(self.path)          # rows of an interrupted search survive a resume
         self.last: dict[str, dict] = {}
 
@@ -63,6 +65,10 @@ class TrialTable(tune.Callback):
         row = trial_row(trial.trial_id, trial.config, self.params, result, self.epochs, error)
         self.rows[trial.trial_id] = row
         write_table(list(self.rows.values()), self.path)
+        shown = ", ".join(f"{p}={row[p]}" for p in self.params)
+        print(f"trial {len(self.rows)}/{self.budget} {trial.trial_id} {row['status']} after {row['epochs']} "
+              f"epochs: {self.metric} {row.get(self.metric, math.nan):.2f} ({shown})"
+              + (f" - {row['error']}" if row["error"] else ""), flush=True)
         if row["mlflow_run_id"]:
             self.client.set_tag(row["mlflow_run_id"], "lpt.status", row["status"])
             self.client.set_terminated(row["mlflow_run_id"], "FAILED" if row["status"] == FAILED else "FINISHED",

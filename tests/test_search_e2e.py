@@ -1,0 +1,141 @@
+"""Whole searches on a real local Ray with a real MLflow store (slow: each is a minute or two)."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+SEARCH = ROOT / "tune" / "search.py"
+pytestmark = pytest.mark.slow
+
+
+def search_cmd(*args):
+    return [sys.executable, str(SEARCH), *args]
+
+
+def env_for(tmp_path, **extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0", **extra)
+    return env
+
+
+def one_search(tmp_path) -> Path:
+    folders = [p for p in (tmp_path / "runs").iterdir() if (p / "search.json").exists()]
+    assert len(folders) == 1
+    return folders[0]
+
+
+def runs_of(client, role):
+    exp = client.get_experiment_by_name("prompt_pool")
+    return client.search_runs([exp.experiment_id], f"tags.`lpt.role` = '{role}'", max_results=500)
+
+
+def test_smoke_search_records_every_trial(tmp_path):
+    proc = subprocess.run(search_cmd("--study", "prompt_pool", "--trials", "6"), cwd=tmp_path,
+                          env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "best trial" in proc.stdout and "test:" in proc.stdout
+    folder = one_search(tmp_path)
+    table = pq.read_table(folder / "trials.parquet").to_pylist()
+    assert len(table) == 6 and len({r["trial_id"] for r in table}) == 6
+    assert {"trial_id", "status", "pool_size", "top_k", "group_start", "val_acc", "mlflow_run_id",
+            "wall_s"} <= set(table[0])
+    statuses = [r["status"] for r in table]
+    assert statuses.count("early_stopped") >= 1 and statuses.count("completed") >= 1
+    assert all(r["top_k"] <= r["pool_size"] and 2 <= r["group_start"] <= 3 for r in table)
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parents, trials, phase1 = runs_of(client, "study"), runs_of(client, "trial"), runs_of(client, "phase1")
+    assert len(parents) == 1 and len(phase1) == 1   # one prompt length: one phase-1 training
+    assert len(trials) == 6
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials_early_stopped"] == statuses.count("early_stopped")
+    assert 0 <= parent.data.metrics["best_test_acc"] <= 100
+    for run in trials:
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["lpt.phase1_key"] == phase1[0].data.tags["lpt.phase1_key"]
+        assert tags["lpt.node"] and tags["lpt.trial_id"] in {r["trial_id"] for r in table}
+        assert run.info.status == "FINISHED"
+        for p in ("prompt_length", "pool_size", "top_k", "group_start", "gamma_pos", "gamma_neg"):
+            assert p in params
+        row = next(r for r in table if r["trial_id"] == tags["lpt.trial_id"])
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        assert [m.step for m in history] == list(range(1, row["epochs"] + 1))
+        for m in ("val_many_acc", "val_medium_acc", "val_few_acc", "train_loss", "images_per_s"):
+            assert m in metrics
+    best = [r for r in trials if r.data.tags.get("lpt.best") == "true"]
+    assert len(best) == 1 and "test_few_acc" in best[0].data.metrics
+    artifacts = [a.path for a in client.list_artifacts(best[0].info.run_id)]
+    assert any(a.endswith(".safetensors") for a in artifacts)
+
+    # a second search on the same storage reuses phase 1
+    proc = subprocess.run(search_cmd("--study", "prompt_pool", "--trials", "1"), cwd=tmp_path,
+                          env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(runs_of(client, "phase1")) == 1 and len(runs_of(client, "study")) == 2
+
+
+def test_sigkill_then_resume_finishes_the_budget_once(tmp_path):
+    budget = 5
+    args = ("--study", "prompt_pool", "--trials", str(budget), "--set", "phase2.epochs=3")
+    driver = subprocess.Popen(search_cmd(*args), cwd=tmp_path, env=env_for(tmp_path), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    table = None
+    while time.time() < deadline:
+        folders = list((tmp_path / "runs").glob("prompt_pool-smoke-*/trials.parquet"))
+        if folders and pq.read_table(folders[0]).num_rows >= 2:
+            table = folders[0]
+            break
+        assert driver.poll() is None, "the search ended before it could be killed"
+        time.sleep(0.5)
+    assert table is not None, "no trial finished in time"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env_for(tmp_path))
+    finished_before = pq.read_table(table).num_rows
+
+    proc = subprocess.run(search_cmd(*args, "--resume"), cwd=tmp_path, env=env_for(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pq.read_table(table).to_pylist()
+    assert len(rows) == budget and len({r["trial_id"] for r in rows}) == budget
+    assert finished_before < budget
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    trials = runs_of(client, "trial")
+    ids = [r.data.tags["lpt.trial_id"] for r in trials]
+    assert sorted(ids) == sorted(r["trial_id"] for r in rows)      # one MLflow run per trial
+    assert all(r.info.status == "FINISHED" for r in trials)
+    assert len(runs_of(client, "study")) == 1 and len(runs_of(client, "phase1")) == 1
+
+
+def test_diverging_trials_fail_and_the_search_goes_on(tmp_path):
+    study = {"budget": {"trials": 4, "concurrency": 1}, "early_stopping": {"enabled": False}, "seed": 3,
+             "space": {"scale": {"type": "choice", "values": [20.0, 1.0e+38]}}}
+    path = tmp_path / "diverge.yaml"
+    path.write_text(yaml.safe_dump(study))
+    proc = subprocess.run(search_cmd("--study", str(path), "--set", "phase2.epochs=1"), cwd=tmp_path,
+                          env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pq.read_table(next((tmp_path / "runs").glob("diverge-smoke-*/trials.parquet"))).to_pylist()
+    assert len(rows) == 4
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert failed and len(failed) < 4
+    assert all(r["scale"] == 1e38 and "train_loss is nan" in r["error"] for r in failed)
+    assert all(r["status"] == "completed" and r["scale"] == 20.0 for r in rows if r not in failed)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("diverge")
+    runs = client.search_runs([exp.experiment_id], "tags.`lpt.role` = 'trial'")
+    bad = [r for r in runs if r.info.status == "FAILED"]
+    assert len(bad) == len(failed) and all("train_loss is nan" in r.data.tags["lpt.error"] for r in bad)

@@ -92,8 +92,11 @@ def make_tuner(plan, folder: Path, setup: SearchSetup, client: MlflowClient, res
     epochs = profile["phase2"].get("epochs", 10)
     table = TrialTable(folder / TABLE_FILE, list(study["space"]), epochs, client,
                        study["budget"]["trials"], metrics[0])
-    if resume and tune.Tuner.can_restore(str(folder)):
-        return tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True), table
+    if resume:
+        if tune.Tuner.can_restore(str(folder)):
+            return tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True), table
+        print(f"{folder}: the search stopped before Tune saved its state; starting its trials again", flush=True)
+        table.rows = {}
     single = len(metrics) == 1
     searcher = OptunaSearch(space=DefineByRun(study["space"], profile["model"], plan.depth),
                             metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,

@@ -84,7 +84,7 @@ class Plan:
                  f"{len(self.data.train_labels)} train / {len(self.data.val)} val / {len(self.data.test)} test images; "
                  f"manifest {self.manifest_hash[:12]}",
                  f"backbone: {self.profile['backbone']['name']} ({self.depth} blocks), weights {self.profile['backbone'].get('weights', 'pretrained')}",
-                 "search space:", *[f"  {line}" for line in describe(self.study["space"])],
+                 "search space:", *[f"  {line}" for line in describe(self.study["space"], self.depth)],
                  f"objective: {self.study['objective']}",
                  f"budget: {b['trials']} trials, {b['concurrency']} at a time, up to {b['max_failures']} retries each",
                  f"early stopping: {'ASHA grace %d, reduction %s' % (es['grace_period'], es['reduction_factor']) if es['enabled'] else 'off'}"

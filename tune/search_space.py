@@ -68,14 +68,18 @@ class DefineByRun:
                                                    log=bool(spec.get("log", False)))
 
 
-def describe(space: dict) -> list[str]:
+def describe(space: dict, depth: int) -> list[str]:
     lines = []
     for name, spec in space.items():
         if spec["type"] == "choice":
             lines.append(f"{name}: one of {spec['values']}")
-        else:
-            extra = (f" step {spec['step']}" if "step" in spec else "") + (" (log)" if spec.get("log") else "")
-            lines.append(f"{name}: {spec['type']} {spec['low']}..{spec['high']}{extra}")
+            continue
+        extra = (f" step {spec['step']}" if "step" in spec else "") + (" (log)" if spec.get("log") else "")
+        if name == "group_start" and (spec["low"] < 1 or spec["high"] > depth - 1):
+            extra += f" (here {max(spec['low'], 1)}..{min(spec['high'], depth - 1)}: the backbone has {depth} blocks)"
+        if name == "top_k":
+            extra += " (at most pool_size)"
+        lines.append(f"{name}: {spec['type']} {spec['low']}..{spec['high']}{extra}")
     return lines
 
 

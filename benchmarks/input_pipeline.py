@@ -2,7 +2,7 @@
 synthetic set, a CIFAR-format set and a JPEG folder it writes to a temp dir; the on-device paths
 (gpu_augment on uint8 batches, gpu_decode on JPEG bytes) on CPU, and on CUDA when there is one.
 
-    python benchmarks/input_pipeline.py [--batch-size 64] [--batches 8] [--image-size 224] [--out r.json]
+    python benchmarks/input_pipeline.py [--batch-size 32] [--batches 6] [--image-size 224] [--out r.json]
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def measure(data, device: torch.device, workers: int, batch_size: int, batches: 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batches", type=int, default=6)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)

@@ -75,6 +75,7 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
 
 
 def make_loader(dataset: Dataset, device: torch.device, num_workers: int, **kwargs) -> DataLoader:
+    kwargs.setdefault("collate_fn", getattr(dataset, "collate_fn", None))  # encoded-JPEG batches
     return DataLoader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda",
                       persistent_workers=num_workers > 0, **kwargs)
 

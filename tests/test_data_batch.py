@@ -1,9 +1,7 @@
 """On-device batch transforms, the synthetic set's spec and the manifests / their hash."""
 
-import json
+import math
 import os
-import subprocess
-import sys
 import time
 
 import pyarrow.parquet as pq
@@ -18,6 +16,8 @@ from lpt_core.data.batch import random_resized_boxes
 from lpt_core.data.files import FileImages, read_list
 from lpt_core.data.transforms import test_transform as eval_transform
 from lpt_core.data.transforms import train_transform
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision.io
 
 SPLITS_DIR = "/work/shared/data/lt-splits"
 SYNTH = {"name": "synthetic", "num_classes": 4, "imbalance_ratio": 4, "max_per_class": 12,
@@ -66,7 +66,9 @@ def test_batch_transform_statistics_match_the_cpu_train_transform():
 
 
 def test_encoded_batch_moves_lazily():
-    batch = EncodedBatch([torch.zeros(5, dtype=torch.uint8)] * 3, ["a", "b", "c"])
+    parts = [torch.arange(n, dtype=torch.uint8) for n in (5, 0, 3)]
+    batch = EncodedBatch.pack(parts, ["a", "b", "c"])
+    assert batch.buffer.shape == (8,) and all(torch.equal(a, b) for a, b in zip(batch.data, parts))
     moved = batch.to("meta", non_blocking=True)
     assert moved.device == torch.device("meta") and moved.data[0].device.type == "cpu"
     assert batch.shape == (3,) and len(moved) == 3 and batch.pin_memory() is batch
@@ -97,6 +99,16 @@ def test_synthetic_keeps_its_contract_and_checks_keys():
         build_dataset({"name": "cifar"})
 
 
+def test_trainer_consumes_gpu_augment_batches(backbone):
+    from lpt_core import LPT, PhaseConfig, Trainer
+    data = build_dataset({**SYNTH, "gpu_augment": True})
+    model = LPT(backbone, 4, prompt_length=2, pool_size=4, top_k=2, group_start=2)
+    seen = []
+    metrics = Trainer(model, data, 1, PhaseConfig(epochs=1, batch_size=8), log=None).fit(
+        lambda m, t: seen.append(m))
+    assert len(seen) == 1 and math.isfinite(metrics["train_loss"]) and 0 <= metrics["val_acc"] <= 100
+
+
 def test_manifest_rows_and_hash(tmp_path):
     data = build_dataset(SYNTH)
     table = build_manifest(data)
@@ -110,13 +122,9 @@ def test_manifest_rows_and_hash(tmp_path):
     assert len(h) == 64 and h == manifest_hash(build_dataset(SYNTH))
     assert h != manifest_hash(build_dataset({**SYNTH, "seed": 1}))  # same labels, other pixels
     assert h != manifest_hash(build_dataset({**SYNTH, "imbalance_ratio": 3}))
-    # another process with another str-hash seed agrees
-    code = ("from lpt_core.data import build_dataset, manifest_hash; import sys, json; "
-            "print(manifest_hash(build_dataset(json.loads(sys.argv[1]))))")
-    env = {**os.environ, "PYTHONHASHSEED": "123"}
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(SYNTH)], capture_output=True, text=True,
-                         env=env, cwd=os.path.dirname(os.path.dirname(__file__)), check=True)
-    assert out.stdout.strip() == h
+    # the serialisation is fixed: this digest was computed in other processes (PYTHONHASHSEED 1, 2);
+    # a change here invalidates every phase-1 cache key, so make it on purpose
+    assert h == "948b41bc48dd729ee73246ba26772754c28463c4725da0700faa490192f99be8"
 
 
 def test_manifest_of_files_is_root_independent(tmp_path):

@@ -15,6 +15,8 @@ from lpt_core.data import EncodedBatch, build_dataset, long_tail_counts
 from lpt_core.data.files import read_list
 from lpt_core.trainer import to_device
 
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision.io
+
 SPLITS_DIR = "/work/shared/data/lt-splits"
 COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (200, 200, 20)]
 
@@ -52,7 +54,7 @@ def list_spec(root, **kw):
             "test_list": "test.txt", "image_size": 32, **kw}
 
 
-def test_list_dataset_reads_the_lists(places, tmp_path):
+def test_list_dataset_reads_the_lists(places, tmp_path, monkeypatch):
     data = build_dataset(list_spec(places))
     assert data.class_counts == [6, 3, 2] and data.num_classes == 3
     assert data.class_names == ["class_0", "class_1", "class_2"]
@@ -66,6 +68,8 @@ def test_list_dataset_reads_the_lists(places, tmp_path):
     absolute = os.fspath(places / "test.txt")
     data = build_dataset(list_spec(places, name="imagenet_lt", class_names=os.fspath(names), test_list=absolute))
     assert data.class_names == ["airfield", "bakery", "canyon"] and len(data.test) == 6
+    monkeypatch.chdir(tmp_path)  # a list path relative to the working directory (not to root)
+    assert build_dataset(list_spec(places, val_list="places/val.txt")).val.paths == data.val.paths
 
 
 @pytest.mark.skipif(not os.path.isdir(SPLITS_DIR), reason=f"{SPLITS_DIR} (real Places-LT lists) is absent")
@@ -136,6 +140,9 @@ def test_gpu_decode_batches(places):
     assert (images - ref).abs().mean() < 0.03  # same decode/resize up to JPEG IDCT and resampling
     train = data.train_batch_transform(batch)
     assert train.shape == (6, 3, 24, 24) and -1 <= train.min() and train.max() <= 1
+    workers = torch.utils.data.DataLoader(data.test, batch_size=6, num_workers=1, collate_fn=data.collate_fn)
+    batch, labels = next(iter(workers))  # the encoded batch crosses the worker queue
+    assert torch.equal(data.eval_batch_transform(batch), images) and labels.tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def write_coco(path, images, categories):

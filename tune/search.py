@@ -99,7 +99,7 @@ def absolute_paths(profile: dict) -> None:
     """Relative data and weight paths are relative to where the search starts, not to a worker."""
     data = profile["data"]
     for key, value in data.items():
-        if isinstance(value, str) and (key == "root" or key.endswith(("_list", "_json"))):
+        if isinstance(value, str) and (key in ("root", "class_names") or key.endswith(("_list", "_json"))):
             data[key] = str(Path(os.path.expanduser(value)).resolve())
     weights = profile["backbone"].get("weights")
     if isinstance(weights, str) and weights not in ("pretrained", "random"):

@@ -19,37 +19,50 @@ from torchvision.ops import roi_align
 
 
 class EncodedBatch:
-    """Encoded images (1-D uint8 CPU tensors) and their paths. ``.to(device)`` only records the
+    """Encoded images packed in one 1-D uint8 CPU tensor (image i = ``buffer[offsets[i]:offsets[i+1]]``;
+    one storage crosses the worker queue) and their paths. ``.to(device)`` only records the
     device: decoders read the bytes from CPU memory and write the pixels on ``device``."""
 
-    def __init__(self, data: list[torch.Tensor], paths: list[str], device=torch.device("cpu")):
-        self.data, self.paths, self.device = data, paths, torch.device(device)
+    def __init__(self, buffer: torch.Tensor, offsets: list[int], paths: list[str],
+                 device=torch.device("cpu")):
+        self.buffer, self.offsets, self.paths, self.device = buffer, offsets, paths, torch.device(device)
+
+    @classmethod
+    def pack(cls, data: list[torch.Tensor], paths: list[str]) -> "EncodedBatch":
+        offsets = [0]
+        for d in data:
+            offsets.append(offsets[-1] + d.numel())
+        return cls(torch.cat(data) if data else torch.empty(0, dtype=torch.uint8), offsets, paths)
+
+    @property
+    def data(self) -> list[torch.Tensor]:
+        return [self.buffer[a:b] for a, b in zip(self.offsets, self.offsets[1:])]
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size([len(self.data)])
+        return torch.Size([len(self.paths)])
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.paths)
 
     def to(self, device, non_blocking: bool = False) -> "EncodedBatch":
-        return EncodedBatch(self.data, self.paths, device)
+        return EncodedBatch(self.buffer, self.offsets, self.paths, device)
 
     def pin_memory(self, device=None) -> "EncodedBatch":
         return self
 
     def decode(self) -> list[torch.Tensor]:
         """uint8 RGB images [3, h, w] on ``self.device``; nvJPEG in one call on CUDA."""
-        jpeg = all(d[:2].tolist() == [0xFF, 0xD8] for d in self.data)
-        if jpeg:
+        data = self.data
+        if all(d[:2].tolist() == [0xFF, 0xD8] for d in data):
             try:
-                return list(decode_jpeg(self.data, mode=ImageReadMode.RGB, device=self.device))
+                return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
             except RuntimeError:
                 pass  # a bad or unusual file: decode one by one below to name it
         out = []
-        for data, path in zip(self.data, self.paths):
+        for d, path in zip(data, self.paths):
             try:
-                out.append(decode_image(data, mode=ImageReadMode.RGB).to(self.device, non_blocking=True))
+                out.append(decode_image(d, mode=ImageReadMode.RGB).to(self.device, non_blocking=True))
             except RuntimeError as exc:
                 raise ValueError(f"{path}: unreadable image ({exc})") from exc
         return out
@@ -57,7 +70,7 @@ class EncodedBatch:
 
 def collate_encoded(batch: list) -> tuple[EncodedBatch, torch.Tensor]:
     """DataLoader collate for datasets that yield ``((bytes, path), label)``."""
-    return (EncodedBatch([item[0][0] for item in batch], [item[0][1] for item in batch]),
+    return (EncodedBatch.pack([item[0][0] for item in batch], [item[0][1] for item in batch]),
             torch.tensor([item[1] for item in batch], dtype=torch.long))
 
 

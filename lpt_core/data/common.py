@@ -3,6 +3,7 @@ per-class shuffle, and ``assemble`` which wires the CPU or on-device input path 
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -24,7 +25,7 @@ class Spec:
         if unknown:
             raise ValueError(f"data.{unknown[0]}: unknown key for dataset '{self.name}' "
                              f"(known: {', '.join(sorted(COMMON_KEYS | keys))})")
-        self.seed = self.number("seed", 0)
+        self.seed = self.number("seed", 0, minimum=0)
         self.image_size = self.number("image_size", image_size, minimum=1)
 
     def number(self, key: str, default, kind=int, minimum=None):
@@ -33,7 +34,7 @@ class Spec:
             if isinstance(value, bool):
                 raise TypeError
             out = kind(value)
-            if kind is int and out != float(value):
+            if (kind is int and out != float(value)) or not math.isfinite(out):
                 raise ValueError
         except (TypeError, ValueError):
             raise ValueError(f"data.{key}: expected {'an integer' if kind is int else 'a number'}, "
@@ -63,13 +64,14 @@ class Spec:
         return root
 
     def file(self, key: str, root: str, required: bool = True) -> str | None:
-        """A file named by ``key``: absolute, or relative to ``root``."""
+        """A file named by ``key``: absolute, relative to ``root``, else to the working directory."""
         if not required and self.spec.get(key) is None:
             return None
-        path = os.path.join(root, self.required(key))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"data.{key}: {path}: no such file")
-        return path
+        value = self.required(key)
+        for path in (os.path.join(root, value), value):
+            if os.path.isfile(path):
+                return path
+        raise FileNotFoundError(f"data.{key}: {os.path.join(root, value)}: no such file")
 
     def imbalance_ratio(self, default):
         if self.spec.get("imbalance_ratio", default) is None:

@@ -8,7 +8,6 @@ import json
 import os
 from dataclasses import dataclass
 
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.io import read_file

@@ -11,7 +11,8 @@ from .files import (FileImages, check_counts, check_labels, file_splits, read_co
 
 def build_list_dataset(spec: dict):
     """``places_lt`` / ``imagenet_lt``: ``root`` + ``train_list``/``val_list``/``test_list`` of
-    ``relative/path label`` lines (list paths absolute or relative to root); class names from an
+    ``relative/path label`` lines (list files: absolute, relative to root, else to the working
+    directory; image paths: relative to root); class names from an
     optional ``class_names`` file (one per line), else ``class_{i}`` for 0..max train label."""
     s = Spec(spec, {"root", "train_list", "val_list", "test_list", "class_names", "gpu_decode"})
     root, mode = s.root(), input_mode(s, "gpu_decode")

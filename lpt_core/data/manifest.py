@@ -14,8 +14,6 @@ import hashlib
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .base import LTData
 
@@ -31,7 +29,9 @@ def _split(data: LTData, split: str):
     return (list(range(len(labels))) if ids is None else ids), getattr(ds, "paths", None), labels, ds
 
 
-def build_manifest(data: LTData) -> pa.Table:
+def build_manifest(data: LTData) -> "pyarrow.Table":
+    import pyarrow as pa  # lazily: lpt_core itself needs only torch
+
     cols = {"split": [], "index": [], "path": [], "label": []}
     for split in SPLITS:
         ids, paths, labels, _ = _split(data, split)
@@ -60,4 +60,6 @@ def manifest_hash(data: LTData) -> str:
 
 
 def write_manifest(data: LTData, path) -> None:
+    import pyarrow.parquet as pq
+
     pq.write_table(build_manifest(data), path)

@@ -30,12 +30,16 @@ def test_two_phases_learn_well_above_chance(synthetic_data):
     assert int(test["prompt_usage"].sum()) == len(synthetic_data.test) * 2
 
 
-def test_resume_after_epoch_k_equals_uninterrupted(synthetic_data, tmp_path):
+def test_resume_after_epoch_k_equals_uninterrupted(tmp_path):
+    from lpt_core.data import build_dataset
+    synthetic_data = build_dataset({"name": "synthetic", "num_classes": 10, "imbalance_ratio": 4,
+                                    "max_per_class": 24, "image_size": 32, "seed": 1})
+
     def run(stop_after=None):
         torch.manual_seed(0)
         model = make_model()
-        Trainer(model, synthetic_data, 1, PhaseConfig(epochs=1, batch_size=32), log=None).fit()
-        recipe = PhaseConfig(epochs=3, batch_size=32, lr=0.5)
+        Trainer(model, synthetic_data, 1, PhaseConfig(epochs=1, batch_size=16), log=None).fit()
+        recipe = PhaseConfig(epochs=3, batch_size=16, lr=0.5)
         trainer = Trainer(model, synthetic_data, 2, recipe, seed=3, log=None)
         if stop_after is None:
             trainer.fit()

@@ -25,7 +25,7 @@ forward and backward; optimizer and element-wise ops are not counted) on fake te
 no arithmetic, so counting at ViT-B/16 sizes takes seconds even on a small CPU. ``--flops-size``
 (default ``vit_b16``) counts at a second size besides the timed one.
 
-    python benchmarks/step_throughput.py                       # CPU: vit_ti16 at 64 px, ~1-2 min
+    python benchmarks/step_throughput.py                       # CPU: vit_ti16 at 96 px, ~40 s
     python benchmarks/step_throughput.py --compile --out r.json  # CUDA: ViT-B/16 224 px
 """
 
@@ -76,7 +76,7 @@ SIZES = {
 }
 # Defaults per device: (size, image size, batch per branch, warm-up calls, timed calls).
 CUDA_DEFAULTS = ("vit_b16", None, 128, 5, 20)
-CPU_DEFAULTS = ("vit_ti16", 64, 8, 2, 5)
+CPU_DEFAULTS = ("vit_ti16", 96, 8, 2, 8)
 
 
 # --------------------------------------------------------------------------------------- model
@@ -150,13 +150,14 @@ def lean_forward_backward(model: LPT, phase: int, cfg: PhaseConfig, losses: tupl
 
 
 # --------------------------------------------------------------------------------------- FLOPs
-def count_variant_flops(size: Size, image_size: int, prompt_kwargs: dict,
-                        batch: int = 2) -> dict[str, dict[str, float]]:
+def count_variant_flops(size: Size, image_size: int, prompt_kwargs: dict, batch: int = 2,
+                        phases: tuple[str, ...] = PHASES) -> dict[str, dict[str, float]]:
     """GFLOP per image of each variant and phase, ``{variant: {phase: gflop}}``.
 
     Counted on fake CPU tensors (the model is built on the meta device, then given fake storage):
     the same kernels are chosen as on a real CPU run, so the counts equal a real count, but no
-    arithmetic runs. ``batch`` is per branch; the counts are divided by the 2 x batch images.
+    arithmetic runs; the cost is Python dispatch, a few seconds at any size. ``batch`` is per
+    branch; the counts are divided by the 2 x batch images. ``timm`` is counted with ``eval``.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -172,29 +173,36 @@ def count_variant_flops(size: Size, image_size: int, prompt_kwargs: dict,
         labels = torch.zeros(n, dtype=torch.long)
         w = 0.5
         for phase in (2, 1):
+            if f"phase{phase}" not in phases:
+                continue
             model.set_phase(phase).train()
             ref = ReferenceStep(model, phase, cfg, losses, amp=False)
             out["reference"][f"phase{phase}"] = count_flops(
                 lambda: ref.forward_backward(images, labels, w)) / n / 1e9
             out["lean"][f"phase{phase}"] = count_flops(
                 lambda: lean_forward_backward(model, phase, cfg, losses, images, labels, w)) / n / 1e9
-        model.set_phase(2).eval()
-        with torch.no_grad():
-            out["reference"]["eval"] = count_flops(lambda: plain_forward(model, images)) / n / 1e9
-            out["lean"]["eval"] = count_flops(lambda: model(images)) / n / 1e9
-            out["timm"]["eval"] = count_flops(lambda: model.backbone(images)) / n / 1e9
+        if "eval" in phases:
+            model.set_phase(2).eval()
+            with torch.no_grad():
+                out["reference"]["eval"] = count_flops(lambda: plain_forward(model, images)) / n / 1e9
+                out["lean"]["eval"] = count_flops(lambda: model(images)) / n / 1e9
+                out["timm"]["eval"] = count_flops(lambda: model.backbone(images)) / n / 1e9
     out["reference+bf16"] = dict(out["reference"])
     out["lean+compile"] = dict(out["lean"])
     return out
 
 
-def flops_summary(name: str, size: Size, image_size: int, prompt_kwargs: dict) -> dict:
+def flops_summary(name: str, size: Size, image_size: int, prompt_kwargs: dict,
+                  phases: tuple[str, ...] = PHASES) -> dict:
+    """FLOP counts at one size, with the lean / reference ratios of the phase-2 step and eval."""
     start = time.perf_counter()
-    per = count_variant_flops(size, image_size, prompt_kwargs)
+    per = count_variant_flops(size, image_size, prompt_kwargs, phases=phases)
+    ratio = lambda phase: (per["lean"][phase] / per["reference"][phase]  # noqa: E731
+                           if phase in per["reference"] else None)
     return {"size": name, "model": size.model, "image_size": image_size,
             "gflop_per_image": {v: per[v] for v in ("reference", "lean", "timm")},
-            "phase2_ratio_lean_over_reference": per["lean"]["phase2"] / per["reference"]["phase2"],
-            "eval_ratio_lean_over_reference": per["lean"]["eval"] / per["reference"]["eval"],
+            "phase2_ratio_lean_over_reference": ratio("phase2"),
+            "eval_ratio_lean_over_reference": ratio("eval"),
             "count_seconds": time.perf_counter() - start, "_per_variant": per}
 
 
@@ -249,6 +257,39 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> 
     return 2 * n ** 3 * iters / seconds / 1e12
 
 
+class OtherLoad:
+    """Cores kept busy by other processes over an interval: all busy CPU time in /proc/stat minus
+    this process's own (Linux only; ``cores()`` is None elsewhere)."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[int, int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                values = [int(v) for v in f.readline().split()[1:]]
+            with open("/proc/self/stat") as f:
+                own = f.read().rsplit(")", 1)[1].split()
+            return sum(values), sum(values) - values[3] - values[4], int(own[11]) + int(own[12])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def cores(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None or end[0] == self.start[0]:
+            return None
+        total, busy, own = (e - s for e, s in zip(end, self.start))
+        return max(0.0, (busy - own) / total) * (os.cpu_count() or 1)
+
+
+def busy_cores(seconds: float = 0.5) -> float | None:
+    """Cores kept busy by other processes while this one sleeps ``seconds``."""
+    probe = OtherLoad()
+    time.sleep(seconds)
+    return probe.cores()
+
+
 def compile_lean(model: LPT, target: str) -> LPT:
     """A copy of ``model`` with torch.compile on its backbone blocks or on the whole module."""
     import torch._dynamo.config as dynamo_config
@@ -271,10 +312,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", choices=sorted(SIZES), default=None,
                    help="backbone size to time (default: vit_b16 on CUDA, vit_ti16 on CPU)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="image size in pixels (default: the size's native one; 64 for the CPU default)")
+                   help="image size in pixels (default: the size's native one; 96 for the CPU default)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per branch; a training step takes 2x (default: 128 on CUDA, 8 on CPU)")
-    p.add_argument("--steps", type=int, default=None, help="timed calls per measurement (20 CUDA / 5 CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed calls per measurement (20 CUDA / 8 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per measurement (5 CUDA / 2 CPU)")
     p.add_argument("--prompt-length", type=int, default=10, help="L")
     p.add_argument("--pool-size", type=int, default=20, help="P")
@@ -351,11 +392,10 @@ def _run(args: argparse.Namespace) -> dict:
     prompt_kwargs = dict(prompt_length=args.prompt_length, pool_size=args.pool_size, top_k=args.top_k,
                          group_start=args.group_start)
     run_start = time.perf_counter()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    if not cuda and load is not None and load > 0.5:
-        print(f"warning: load average {load:.1f} before the run: other processes share these cores, "
-              "CPU timings will be low and noisy (OpenMP threads stall on busy cores; try --threads 1)",
-              flush=True)
+    busy = None if cuda else busy_cores()
+    if busy is not None and busy > 0.5:
+        print(f"warning: other processes keep {busy:.1f} of {os.cpu_count()} cores busy: CPU timings "
+              "will be low and noisy (OpenMP threads stall on busy cores; try --threads 1)", flush=True)
 
     # FLOPs first (seconds, no device): at the timed size and at --flops-size.
     flops = {"timed": flops_summary(size_name, size, image_size, prompt_kwargs)}
@@ -420,6 +460,7 @@ def _run(args: argparse.Namespace) -> dict:
     variants.append(("timm", lean_precision, lambda: timm_runs(model)))
 
     rows: list[dict] = []
+    others = OtherLoad()
     for variant, precision, make in variants:
         runs = make()
         for phase in PHASES:
@@ -441,6 +482,7 @@ def _run(args: argparse.Namespace) -> dict:
                   f"first call {t['first_seconds']:.2f} s)", flush=True)
         del runs
     model.set_phase(2).eval()
+    busy_during = None if cuda else others.cores()
 
     peak = None
     if cuda and not args.no_peak:
@@ -479,7 +521,7 @@ def _run(args: argparse.Namespace) -> dict:
                    "width": model.width, "device": str(device),
                    "device_name": torch.cuda.get_device_name(device) if cuda else
                    f"{platform.machine()} {os.cpu_count()} cores",
-                   "threads": torch.get_num_threads(), "load_average_before": load,
+                   "threads": torch.get_num_threads(), "busy_cores_before": busy, "busy_cores_during": busy_during,
                    "torch": torch.__version__, "timm": timm.__version__,
                    "compile": args.compile, "compile_target": args.compile_target if args.compile else None,
                    "date": _dt.date.today().isoformat()},
@@ -499,10 +541,10 @@ def _run(args: argparse.Namespace) -> dict:
     for f in shown:
         g = f["gflop_per_image"]
         print(f"\nGFLOP/img at {f['size']} {f['image_size']}px (fwd+bwd matmul/conv/attention): "
-              f"phase-2 step lean {g['lean']['phase2']:.1f} / reference {g['reference']['phase2']:.1f} "
+              f"phase-2 step lean {g['lean']['phase2']:.4g} / reference {g['reference']['phase2']:.4g} "
               f"= {f['phase2_ratio_lean_over_reference']:.3f} (shared-trunk ratio); "
-              f"phase-1 step {g['lean']['phase1']:.1f}; eval lean {g['lean']['eval']:.1f} / "
-              f"reference {g['reference']['eval']:.1f}; timm inference {g['timm']['eval']:.1f}")
+              f"phase-1 step {g['lean']['phase1']:.4g}; eval lean {g['lean']['eval']:.4g} / "
+              f"reference {g['reference']['eval']:.4g}; timm inference {g['timm']['eval']:.4g}")
     if compile_result:
         ratios = ", ".join(f"{p} {v:.2f}x" for p, v in compile_result["speedup_over_lean"].items())
         print(f"\ntorch.compile ({args.compile_target}) over eager lean: {ratios} -> "
@@ -510,6 +552,10 @@ def _run(args: argparse.Namespace) -> dict:
     if targets:
         print("targets: " + ", ".join(f"{p} {t['best_images_per_s']:.0f} img/s (target {t['target']}: "
                                       f"{'met' if t['met'] else 'not met'})" for p, t in targets.items()))
+    if busy_during is not None and busy_during > 0.25:
+        print(f"\nwarning: other processes kept {busy_during:.1f} of {os.cpu_count()} cores busy during "
+              "the timing: these CPU figures are not a clean measurement"
+              + (" (with --compile this includes inductor's compile workers)" if args.compile else ""))
     print(f"\nwall time {result['wall_seconds']:.1f} s")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,123 @@
+"""Rebuild the report of a finished search: ``python tune/report.py --study NAME [--run-id ID]``.
+
+Reads the search's parent MLflow run (the latest ``lpt.role=study`` run of the experiment NAME, or
+``--run-id``), its trial runs and the search folder's ``trials.parquet`` (the parent's tag
+``lpt.storage``, or ``--storage``); trains nothing. Writes Optuna's figures, ``trials.csv`` and
+``summary.html`` to ``--out`` (default: ``<search folder>/report``) and logs them to the parent run
+under ``report/``. MLflow: MLFLOW_TRACKING_URI, or ./mlflow.db as for ``tune/search.py``.
+Exit 0 on success, 2 with one line on stderr for bad input, 1 for a failure while building.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script from anywhere
+
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
+
+
+class BadInput(ValueError):
+    """The one line the CLI prints for bad input."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tune/report.py", description=__doc__.splitlines()[0])
+    p.add_argument("--study", required=True, help="the study's name (its MLflow experiment), or its .yaml path")
+    p.add_argument("--run-id", help="the search's parent run (default: the latest search of the study)")
+    p.add_argument("--storage", help="the search folder, or the storage root holding it (default: the "
+                                     "parent run's lpt.storage tag)")
+    p.add_argument("--out", help="output folder (default: <search folder>/report)")
+    return p.parse_args(argv)
+
+
+def find_parent(client, study: str, run_id: str | None):
+    """The parent run of the search to report on."""
+    from mlflow.exceptions import MlflowException
+
+    from tune import mlflow_tracking as mt
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+        raise BadInput(f"--study {study}: no MLflow experiment of that name "
+                       f"(known: {', '.join(known) if known else 'none'})")
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            raise BadInput(f"--run-id {run_id}: no such MLflow run") from None
+        if run.info.experiment_id != exp.experiment_id:
+            raise BadInput(f"--run-id {run_id}: the run is not in experiment '{study}'")
+        if run.data.tags.get(mt.ROLE) != "study":
+            raise BadInput(f"--run-id {run_id}: not a search's parent run "
+                           f"(lpt.role={run.data.tags.get(mt.ROLE, 'unset')}; the parent has lpt.role=study)")
+        return run
+    runs = client.search_runs([exp.experiment_id], f"tags.`{mt.ROLE}` = 'study'", max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    if not runs:
+        raise BadInput(f"--study {study}: experiment has no search (no run with lpt.role=study)")
+    return runs[0]
+
+
+def search_folder(run, storage: str | None) -> Path:
+    tags = run.data.tags
+    if storage:
+        root = Path(storage).expanduser().resolve()
+        folder = root if (root / "trials.parquet").is_file() else root / tags.get("lpt.search", "")
+        where = f"--storage {storage}"
+    else:
+        if not tags.get("lpt.storage"):
+            raise BadInput(f"run {run.info.run_id}: no lpt.storage tag; give the search folder with --storage")
+        folder = Path(tags["lpt.storage"])
+        where = f"run {run.info.run_id} (tag lpt.storage)"
+    if not (folder / "trials.parquet").is_file():
+        raise BadInput(f"{folder / 'trials.parquet'}: missing; {where} does not hold the search's table"
+                       + ("" if storage else " (give the search folder with --storage)"))
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from mlflow import MlflowClient
+
+    from tune.mlflow_tracking import ServiceError, check_tracking_uri, resolve_tracking_uri
+    from tune.plots import search_report
+    study = Path(args.study).stem if args.study.endswith((".yaml", ".yml")) else args.study
+    uri = resolve_tracking_uri()
+    try:
+        check_tracking_uri(uri)
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        print(f"error: no MLflow store at {uri[len('sqlite:///'):]}: run this where the search ran, "
+              f"or set MLFLOW_TRACKING_URI", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    client = MlflowClient(uri)
+    try:
+        run = find_parent(client, study, args.run_id)
+        folder = search_folder(run, args.storage)
+    except BadInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = Path(args.out).expanduser().resolve() if args.out else folder / "report"
+    try:
+        built = search_report(client, run.info.run_id, out, folder)
+    except Exception as exc:
+        text = str(exc).strip()
+        print(f"error: the report failed: {type(exc).__name__}: {text.splitlines()[0] if text else ''}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    print(f"search {run.data.tags.get('lpt.search', run.info.run_name)} (parent run {run.info.run_id}): "
+          f"{len(built['files'])} files in {out}, logged to the parent run under report/")
+    for path in built["files"]:
+        print(f"  {path.name}")
+    for name, why in built["skipped"].items():
+        print(f"  ({name}: not drawn, {why})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Figures and reports (tune/plots.py, tune/report.py): fast tests on small fabricated searches with
+"""Figures and reports (tune/trial_report.py, tune/search_report.py, tune/report.py): fast tests on small fabricated searches with
 real arrays, tables and a real MLflow store; one slow test on a finished smoke search."""
 
 import csv
@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from tune import mlflow_tracking as mt
-from tune import plots
+from tune import search_report, trial_report
 from tune import report as report_cli
 from tune.trial_table import trial_row, write_table
 
@@ -51,16 +51,16 @@ def test_shot_confusion_and_usage_entropy_by_hand():
     counts = [300, 150, 60, 30, 10, 5]          # many, many, medium, medium, few, few
     labels = [0, 0, 1, 2, 3, 4, 5, 5]
     preds = [0, 4, 1, 0, 3, 5, 2, 5]
-    m = plots.shot_confusion(preds, labels, counts)
+    m = trial_report.shot_confusion(preds, labels, counts)
     assert m.tolist() == [[2, 0, 1],            # many: 0->0, 0->4 (few), 1->1
                           [1, 1, 0],            # medium: 2->0 (many), 3->3
                           [0, 1, 2]]            # few: 4->5, 5->2 (medium), 5->5
-    usage = plots.prompt_usage([0, 1, 1], [[0, 1], [1, 2], [1, 3]], 2, 4)
+    usage = trial_report.prompt_usage([0, 1, 1], [[0, 1], [1, 2], [1, 3]], 2, 4)
     assert usage.tolist() == [[1, 1, 0, 0], [0, 2, 1, 1]]
-    assert plots.usage_entropy(np.ones((3, 8))) == pytest.approx(1.0)
-    assert plots.usage_entropy([[0, 5, 0, 0], [0, 7, 0, 0]]) == 0.0
-    assert plots.usage_entropy([[4]]) == 0.0
-    half = plots.usage_entropy([[1, 1, 0, 0]])    # two of four prompts used equally
+    assert trial_report.usage_entropy(np.ones((3, 8))) == pytest.approx(1.0)
+    assert trial_report.usage_entropy([[0, 5, 0, 0], [0, 7, 0, 0]]) == 0.0
+    assert trial_report.usage_entropy([[4]]) == 0.0
+    half = trial_report.usage_entropy([[1, 1, 0, 0]])    # two of four prompts used equally
     assert half == pytest.approx(0.5)
 
 
@@ -76,13 +76,13 @@ def fabricated_diagnostics(num_classes=30, pool=10, seed=0) -> dict:
     centre = (labels * pool // num_classes)[:, None]
     idx = (centre + rng.integers(0, 2, size=(labels.size, 2)) * np.array([0, 1])) % pool
     pred = {"preds": torch.as_tensor(preds), "labels": torch.as_tensor(labels), "prompt_idx": torch.as_tensor(idx)}
-    return plots.diagnostics(pred, counts, pool)
+    return trial_report.diagnostics(pred, counts, pool)
 
 
 def test_trial_figures_are_valid_pngs_with_their_numbers(tmp_path):
     diag = fabricated_diagnostics()
     phase1 = {"acc": 61.0, "many_acc": 90.5, "medium_acc": 58.0, "few_acc": 20.0}
-    files = plots.write_trial_figures(diag, tmp_path, phase1, [f"class {i}" for i in range(30)], "epoch 4")
+    files = trial_report.write_trial_figures(diag, tmp_path, phase1, [f"class {i}" for i in range(30)], "epoch 4")
     names = sorted(p.name for p in files)
     assert names == ["per_class_accuracy.png", "prompt_usage.png", "shot_accuracy.png", "shot_confusion.png",
                      "val_diagnostics.json"]
@@ -95,7 +95,7 @@ def test_trial_figures_are_valid_pngs_with_their_numbers(tmp_path):
     assert sum(numbers["prompt_usage_per_prompt"]) == 600 * 2
     assert 0 < numbers["prompt_usage_entropy"] < 1
     # no phase-1 metrics (a phase-1 run that is gone) and an empty group: still drawn
-    png_size(plots.plot_shot_bars({"acc": 50.0, "many_acc": 60.0, "medium_acc": math.nan, "few_acc": 20.0}, None,
+    png_size(trial_report.plot_shot_bars({"acc": 50.0, "many_acc": 60.0, "medium_acc": math.nan, "few_acc": 20.0}, None,
                                   tmp_path / "no_phase1.png"))
 
 
@@ -124,7 +124,7 @@ def test_log_trial_report_logs_figures_and_entropy(store, backbone):
     trainer = Trainer(model, synthetic_data, 2, PhaseConfig(epochs=1, batch_size=8), device="cpu", log=None)
     trainer.epoch = 1
     lines = []
-    metrics = plots.log_trial_report(client, run, trainer, exp, "k1", lines.append)
+    metrics = trial_report.log_trial_report(client, run, trainer, exp, "k1", lines.append)
     assert 0.0 <= metrics["prompt_usage_entropy"] <= 1.0 and metrics["extra_params"] > 0
     logged = client.get_run(run).data.metrics
     assert logged["prompt_usage_entropy"] == pytest.approx(metrics["prompt_usage_entropy"])
@@ -147,11 +147,11 @@ def test_log_trial_report_logs_figures_and_entropy(store, backbone):
     assert diag["prompt_usage"] == ref["prompt_usage"].tolist()
     assert diag["prompt_usage_per_prompt"] == ref["prompt_usage"].sum(0).tolist()
     assert np.sum(diag["shot_confusion"]) == len(synthetic_data.val) == 60
-    assert diag["prompt_usage_entropy"] == pytest.approx(plots.usage_entropy(ref["prompt_usage"].numpy()))
+    assert diag["prompt_usage_entropy"] == pytest.approx(trial_report.usage_entropy(ref["prompt_usage"].numpy()))
 
     # a broken trainer costs the figures, not the trial
     bad = client.create_run(exp).info.run_id
-    assert plots.log_trial_report(client, bad, object(), exp, "k1", lines.append) == {}
+    assert trial_report.log_trial_report(client, bad, object(), exp, "k1", lines.append) == {}
     assert "AttributeError" in client.get_run(bad).data.tags["lpt.report_error"]
 
 
@@ -220,7 +220,7 @@ def test_build_study_rebuilds_states_params_and_curves():
     import optuna
     rows = fabricated_rows()
     histories = {r["trial_id"]: {1: 50.0, 2: 55.0} for r in rows}
-    study = plots.build_study(rows, SPACE, ["val_acc"], ["max"], histories, order=[r["trial_id"] for r in rows[::-1]])
+    study = search_report.build_study(rows, SPACE, ["val_acc"], ["max"], histories, order=[r["trial_id"] for r in rows[::-1]])
     states = [t.state.name for t in study.trials]
     assert states.count("COMPLETE") == 6 and states.count("PRUNED") == 2 and states.count("FAIL") == 1
     assert [t.user_attrs["trial_id"] for t in study.trials] == [r["trial_id"] for r in rows[::-1]]
@@ -233,8 +233,8 @@ def test_build_study_rebuilds_states_params_and_curves():
     assert dists["lr"].log and dists["prompt_length"].choices == (5, 10, 20)
     # the trainable narrows group_start to the backbone's depth: a value outside the study's range still fits
     odd = dict(rows[0], trial_id="zz", group_start=1)
-    assert plots.build_study([odd], SPACE, ["val_acc"], ["max"]).trials[0].params["group_start"] == 1
-    multi = plots.build_study(rows, SPACE, ["val_acc", "val_few_acc"], ["max", "max"])
+    assert search_report.build_study([odd], SPACE, ["val_acc"], ["max"]).trials[0].params["group_start"] == 1
+    multi = search_report.build_study(rows, SPACE, ["val_acc", "val_few_acc"], ["max", "max"])
     assert len(multi.best_trials) >= 1 and all(len(t.values) == 2 for t in multi.best_trials)
 
 

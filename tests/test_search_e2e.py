@@ -1,6 +1,5 @@
 """Whole searches on a real local Ray with a real MLflow store (slow: each is a minute or two)."""
 
-import math
 import os
 import signal
 import subprocess

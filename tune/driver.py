@@ -21,7 +21,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from . import mlflow_tracking as mt
-from .plots import log_search_report  # issue 7
+from .search_report import log_search_report
 from .search_space import DefineByRun
 from .study_config import ConfigError, objective_of
 from .trainable import SHOT_METRICS, SearchSetup, confirm_seed, evaluate_prompts, run_trial
@@ -220,7 +220,7 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
         lines.append("no trial completed: see the table's error column and the trials' MLflow runs")
     mt.log(client, parent_id, metrics=summary)
     client.log_artifact(parent_id, str(folder / TABLE_FILE))
-    log_search_report(client, parent_id, folder)  # issue 7: search figures and summary (tune/plots.py)
+    log_search_report(client, parent_id, folder)  # figures and summary.html
     client.set_terminated(parent_id, "FINISHED")
     lines += [f"table:  {folder / TABLE_FILE}",
               f"MLflow: mlflow ui --backend-store-uri {setup.tracking_uri}  (experiment '{plan.study_name}')"

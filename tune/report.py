@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow import MlflowClient
 
     from tune.mlflow_tracking import ServiceError, check_tracking_uri, resolve_tracking_uri
-    from tune.plots import search_report
+    from tune.search_report import search_report
     study = Path(args.study).stem if args.study.endswith((".yaml", ".yml")) else args.study
     uri = resolve_tracking_uri()
     try:

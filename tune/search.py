@@ -9,13 +9,9 @@ one line on stderr for bad input, 1 for a failure while running.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import socket
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script from anywhere

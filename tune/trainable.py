@@ -27,7 +27,7 @@ from lpt_core.trainer import resolve_device
 
 from . import mlflow_tracking as mt
 from .phase1_cache import PROMPTS, STATE, Phase1Cache, phase1_key
-from .plots import log_trial_report  # issue 7: per-trial figures
+from .trial_report import log_trial_report
 from .study_config import MODEL_KEYS, RECIPE_KEYS
 
 SHOT_METRICS = ("acc", "many_acc", "medium_acc", "few_acc")
@@ -167,7 +167,7 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
                 prompt_file = Path(setup.search_dir) / "prompts" / f"{trial_id}.safetensors"
                 save_prompts(model, prompt_file, trial_id=trial_id, phase1_key=key)
                 client.log_artifact(run_id, str(prompt_file))
-                # issue 7: validation figures as artifacts of the trial run (best effort, tune/plots.py)
+                # validation figures as artifacts of the trial run (best effort)
                 log_trial_report(client, run_id, t, setup.experiment_id, key, log)
             with tempfile.TemporaryDirectory() as folder:
                 t.save_state(Path(folder) / STATE)

@@ -1,0 +1,348 @@
+"""Figures of one trial, as artifacts of its MLflow run (PNG through matplotlib's Agg backend).
+
+``log_trial_report`` (called by the trainable after the last epoch, before its final
+``tune.report``) makes them from one pass of the final model over the validation split:
+
+- ``per_class_accuracy.png``: per-class validation accuracy against train images per class (log x),
+  the many / medium / few bands shaded and each band's accuracy drawn across it;
+- ``shot_accuracy.png``: overall / many / medium / few accuracy of the final model against the
+  phase-1 model it started from (read from the phase-1 MLflow run's last epoch);
+- ``prompt_usage.png``: which group prompts the images of each class select (classes sorted by
+  train frequency, rows normalised), with the pool's share per prompt on top; the normalised
+  entropy of that share is logged as the metric ``prompt_usage_entropy`` (1: every prompt used
+  equally, 0: one prompt takes everything);
+- ``shot_confusion.png``: how often images of many / medium / few classes are predicted as a class
+  of each group (row-normalised; the diagonal includes the correct predictions);
+- ``val_diagnostics.json``: the numbers behind them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from lpt_core.metrics import FEW_BELOW, MANY_ABOVE, confusion_counts, per_class_accuracy, shot_accuracy, shot_groups
+
+from . import mlflow_tracking as mt
+
+GROUPS = ("many", "medium", "few")
+GROUP_COLORS = {"many": "#4c72b0", "medium": "#dd8452", "few": "#c44e52"}
+REPORT_DIR = "report"  # artifact folder in the trial and parent runs
+SHOT_KEYS = ("acc", "many_acc", "medium_acc", "few_acc")
+SHOT_LABELS = ("overall", "many", "medium", "few")
+
+
+def _pyplot():
+    """pyplot on the Agg backend (headless), imported on first use: trials import this module."""
+    import matplotlib
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+# ============================================================================ per trial: numbers
+@torch.no_grad()
+def predict(model, loader, device: torch.device, batch_transform: Callable | None = None) -> dict:
+    """Predicted class, label and (phase 2) selected prompt indices of every image of ``loader``,
+    computed as ``lpt_core.evaluate`` computes them (eval mode, bf16 autocast on CUDA)."""
+    from lpt_core.trainer import to_device
+    was_training = model.training
+    model.eval()
+    preds, labels, idx = [], [], []
+    for images, y in loader:
+        images, y = to_device(images, y, device, batch_transform)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits, aux = model(images)
+        preds.append(logits.argmax(dim=1))
+        labels.append(y)
+        if "prompt_idx" in aux:
+            idx.append(aux["prompt_idx"])
+    model.train(was_training)
+    return {"preds": torch.cat(preds).cpu(), "labels": torch.cat(labels).cpu(),
+            "prompt_idx": torch.cat(idx).cpu() if idx else None}
+
+
+def class_groups(class_counts: Sequence[int]) -> np.ndarray:
+    """Index into ``GROUPS`` (0 many, 1 medium, 2 few) of every class."""
+    masks = shot_groups(class_counts)
+    out = np.zeros(len(class_counts), dtype=np.int64)
+    for g, name in enumerate(GROUPS):
+        out[masks[name].numpy()] = g
+    return out
+
+
+def shot_confusion(preds, labels, class_counts: Sequence[int]) -> np.ndarray:
+    """[3, 3] counts: images of a many/medium/few class (rows) predicted as a class of each group (columns)."""
+    group = class_groups(class_counts)
+    preds, labels = np.asarray(preds, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    out = np.zeros((3, 3), dtype=np.int64)
+    np.add.at(out, (group[labels], group[preds]), 1)
+    return out
+
+
+def prompt_usage(labels, prompt_idx, num_classes: int, pool_size: int) -> np.ndarray:
+    """[C, P] counts: how often images of each class selected each group prompt."""
+    usage = np.zeros((num_classes, pool_size), dtype=np.int64)
+    idx = np.asarray(prompt_idx, dtype=np.int64)
+    rows = np.repeat(np.asarray(labels, dtype=np.int64), idx.shape[1])
+    np.add.at(usage, (rows, idx.reshape(-1)), 1)
+    return usage
+
+
+def usage_entropy(usage) -> float:
+    """Entropy of the pool's usage share per prompt, divided by log(pool size): 1 when every
+    prompt is selected equally often, 0 when one prompt takes every selection (or the pool has one)."""
+    totals = np.asarray(usage, dtype=np.float64).sum(axis=0)
+    if totals.size < 2 or totals.sum() <= 0:
+        return 0.0
+    p = totals[totals > 0] / totals.sum()
+    return float(max(0.0, -(p * np.log(p)).sum() / math.log(totals.size)))
+
+
+def diagnostics(pred: dict, class_counts: Sequence[int], pool_size: int | None = None) -> dict:
+    """Shot accuracy, per-class accuracy, group confusion and prompt usage from ``predict``'s output."""
+    preds, labels = pred["preds"], pred["labels"]
+    c = len(class_counts)
+    correct, total = confusion_counts(preds, labels, c)
+    out = shot_accuracy(correct, total, class_counts)
+    out["per_class"] = per_class_accuracy(correct.double(), total.double()).tolist()
+    out["class_counts"] = [int(n) for n in class_counts]
+    out["shot_confusion"] = shot_confusion(preds, labels, class_counts).tolist()
+    if pred.get("prompt_idx") is not None:
+        usage = prompt_usage(labels, pred["prompt_idx"], c, pool_size or int(pred["prompt_idx"].max()) + 1)
+        out["prompt_usage"] = usage
+        out["prompt_usage_entropy"] = usage_entropy(usage)
+    return out
+
+
+# ============================================================================ per trial: figures
+def _band_edges() -> dict[str, tuple[float, float]]:
+    return {"few": (0.0, FEW_BELOW - 0.5), "medium": (FEW_BELOW - 0.5, MANY_ABOVE + 0.5),
+            "many": (MANY_ABOVE + 0.5, math.inf)}
+
+
+def plot_per_class(per_class: Sequence[float], class_counts: Sequence[int], path: Path,
+                   shot: dict | None = None, title: str = "") -> Path:
+    """Per-class accuracy (%) against train images per class, log x, shot bands shaded."""
+    plt = _pyplot()
+    counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 0.8)
+    acc = np.asarray(per_class, dtype=np.float64)
+    lo, hi = counts.min() / 1.4, counts.max() * 1.4
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for name, (a, b) in _band_edges().items():
+        a, b = max(a, lo), min(b, hi)
+        if a >= b:
+            continue
+        ax.axvspan(a, b, color=GROUP_COLORS[name], alpha=0.10, lw=0)
+        ax.text(math.sqrt(a * b), 103, name, ha="center", va="bottom", fontsize=9, color=GROUP_COLORS[name])
+        if shot and not math.isnan(shot.get(f"{name}_acc", math.nan)):
+            ax.hlines(shot[f"{name}_acc"], a, b, colors=GROUP_COLORS[name], linestyles="--", lw=1.2)
+    ok = ~np.isnan(acc)
+    group = class_groups(class_counts)
+    ax.scatter(counts[ok], acc[ok], s=14, c=[GROUP_COLORS[GROUPS[g]] for g in group[ok]],
+               edgecolors="black", linewidths=0.3, zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(-3, 112)
+    ax.set_xlabel("train images of the class (log scale)")
+    ax.set_ylabel("validation accuracy of the class (%)")
+    ax.set_title(title or "Per-class validation accuracy against class frequency", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    if shot:
+        ax.plot([], [], "k--", lw=1.2, label="group accuracy (over its images)")
+        ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_shot_bars(final: dict, phase1: dict | None, path: Path, title: str = "") -> Path:
+    """Overall / many / medium / few validation accuracy: the phase-1 model and the final model."""
+    plt = _pyplot()
+    x = np.arange(len(SHOT_KEYS))
+    series = [("phase 1 (shared prompts)", phase1, "#9e9e9e"), ("final (phase 2)", final, "#4c72b0")]
+    series = [s for s in series if s[1]]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for i, (label, values, color) in enumerate(series):
+        ys = np.array([values.get(k, math.nan) for k in SHOT_KEYS], dtype=np.float64)
+        xs = x - 0.4 + width * (i + 0.5)
+        bars = ax.bar(xs[~np.isnan(ys)], ys[~np.isnan(ys)], width * 0.95, label=label, color=color)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=1)
+        for xv in xs[np.isnan(ys)]:
+            ax.text(xv, 1, "n/a", ha="center", fontsize=8)
+    ax.set_xticks(x, SHOT_LABELS)
+    ax.set_ylim(0, 112)
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title or ("Shot accuracy: final model against phase 1" if phase1 else
+                           "Shot accuracy of the final model (no phase-1 metrics found)"), fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8, ncol=len(series), frameon=False)
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_prompt_usage(usage, class_counts: Sequence[int], path: Path, class_names: Sequence[str] | None = None,
+                      title: str = "") -> Path:
+    """Heatmap of prompt selections: classes by train frequency (most frequent on top) x group prompts."""
+    plt = _pyplot()
+    usage = np.asarray(usage, dtype=np.float64)
+    c, p = usage.shape
+    order = np.argsort(-np.asarray(class_counts), kind="stable")
+    rows = usage[order]
+    frac = rows / np.maximum(rows.sum(axis=1, keepdims=True), 1)
+    share = 100 * usage.sum(axis=0) / max(usage.sum(), 1)
+    height = min(max(3.0, 0.22 * c), 11.0) + 1.4
+    width = min(max(5.5, 0.35 * p + 2.5), 14)
+    fig, (top, ax) = plt.subplots(2, 1, figsize=(width, height), sharex=True,
+                                  gridspec_kw={"height_ratios": [1.2, max(3.0, height - 1.4)], "hspace": 0.05})
+    top.bar(np.arange(p), share, color="#4c72b0", width=0.85)
+    top.set_ylabel("pool\nshare %", fontsize=8)
+    top.tick_params(labelsize=7)
+    top.grid(True, axis="y", alpha=0.3)
+    top.set_title(title or f"Prompt usage on the validation split (entropy {usage_entropy(usage):.2f})",
+                  fontsize=10)
+    im = ax.imshow(frac, aspect="auto", cmap="viridis", vmin=0, vmax=max(frac.max(), 1e-9),
+                   interpolation="nearest")
+    ax.set_xlabel("group prompt")
+    ax.set_xticks(np.arange(p) if p <= 40 else np.linspace(0, p - 1, 10).astype(int))
+    ax.set_ylabel("class (most train images first)")
+    if c <= 40:
+        names = class_names or [str(i) for i in range(c)]
+        ax.set_yticks(np.arange(c), [f"{names[i]} ({class_counts[i]})" for i in order], fontsize=7)
+    else:
+        ax.set_yticks([])
+    group = class_groups(class_counts)[order]
+    for g in range(3):
+        where = np.flatnonzero(group == g)
+        if where.size:
+            if where[0] > 0:
+                ax.axhline(where[0] - 0.5, color="white", lw=1.5)
+            ax.text(p - 0.4, (where[0] + where[-1]) / 2, f" {GROUPS[g]}", va="center", ha="left",
+                    fontsize=9, color=GROUP_COLORS[GROUPS[g]], clip_on=False)
+    cbar = fig.colorbar(im, ax=[top, ax], fraction=0.04, pad=0.8 / width)  # room for the group names
+    cbar.set_label("share of the class's selections", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_shot_confusion(matrix, path: Path, title: str = "") -> Path:
+    """3x3 heatmap: images of many/medium/few classes (rows) predicted as many/medium/few classes."""
+    plt = _pyplot()
+    m = np.asarray(matrix, dtype=np.float64)
+    totals = m.sum(axis=1, keepdims=True)
+    pct = np.where(totals > 0, 100 * m / np.maximum(totals, 1), np.nan)
+    fig, ax = plt.subplots(figsize=(4.8, 4.0))
+    ax.imshow(np.nan_to_num(pct, nan=0.0), cmap="Blues", vmin=0, vmax=100)
+    for i in range(3):
+        for j in range(3):
+            text = "–" if np.isnan(pct[i, j]) else f"{pct[i, j]:.1f}%\n({int(m[i, j])})"
+            dark = not np.isnan(pct[i, j]) and pct[i, j] > 55
+            ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
+    ax.set_xticks(range(3), [f"{g}" for g in GROUPS])
+    ax.set_yticks(range(3), [f"{g}\n({int(t)} img)" for g, t in zip(GROUPS, totals[:, 0])])
+    ax.set_xlabel("predicted class is in group")
+    ax.set_ylabel("true class is in group")
+    ax.set_title(title or "Head-vs-tail confusion on the validation split", fontsize=10)
+    return _save(fig, path)
+
+
+def write_trial_figures(diag: dict, out: Path, phase1: dict | None = None,
+                        class_names: Sequence[str] | None = None, label: str = "") -> list[Path]:
+    """The trial's PNGs and ``val_diagnostics.json`` in ``out`` from ``diagnostics``' output."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = diag["class_counts"]
+    shot = {k: diag[k] for k in SHOT_KEYS}
+    suffix = f" ({label})" if label else ""
+    files = [plot_per_class(diag["per_class"], counts, out / "per_class_accuracy.png", shot,
+                            f"Per-class validation accuracy against class frequency{suffix}"),
+             plot_shot_bars(shot, phase1, out / "shot_accuracy.png"),
+             plot_shot_confusion(diag["shot_confusion"], out / "shot_confusion.png",
+                                 f"Head-vs-tail confusion on the validation split{suffix}")]
+    if "prompt_usage" in diag:
+        files.append(plot_prompt_usage(diag["prompt_usage"], counts, out / "prompt_usage.png", class_names,
+                                       f"Prompt usage on the validation split{suffix}, entropy "
+                                       f"{diag['prompt_usage_entropy']:.2f}"))
+    numbers = dict(diag)
+    if "prompt_usage" in diag:
+        numbers["prompt_usage_per_prompt"] = np.asarray(diag["prompt_usage"]).sum(axis=0).tolist()
+    numbers["phase1"] = phase1
+    numbers["groups"] = list(GROUPS)
+    path = out / "val_diagnostics.json"
+    plain = _plain(numbers)  # one key a line, each value compact (the usage matrix has C x P numbers)
+    path.write_text("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in plain.items()) + "\n}\n")
+    return [*files, path]
+
+
+def _plain(value):
+    """JSON-ready: arrays as lists, NaN as null (strict JSON for any reader)."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.integer, np.floating)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def phase1_val_metrics(client, experiment_id: str, phase1_key: str) -> dict | None:
+    """Validation shot accuracy of the phase-1 model: its MLflow run's last logged epoch."""
+    run_id = mt.find_run(client, experiment_id, **{mt.ROLE: "phase1", mt.PHASE1_KEY: phase1_key})
+    if run_id is None:
+        return None
+    metrics = client.get_run(run_id).data.metrics
+    found = {k: metrics[f"val_{k}"] for k in SHOT_KEYS if f"val_{k}" in metrics}
+    return found or None
+
+
+def log_trial_report(client, run_id: str, trainer, experiment_id: str, phase1_key: str,
+                     log: Callable[[str], None] = print) -> dict:
+    """Build the trial's figures from one validation pass of ``trainer``'s model and log them to
+    ``run_id`` under ``report/`` with ``prompt_usage_entropy`` and the extra parameter count.
+    Best effort: a failure is logged as the tag ``lpt.report_error`` and never fails the trial."""
+    try:
+        started = time.perf_counter()
+        model, data = trainer.model, trainer.data
+        pred = predict(model, trainer.val_loader, trainer.device, data.eval_batch_transform)
+        diag = diagnostics(pred, trainer.class_counts, getattr(model, "pool_size", None))
+        phase1 = phase1_val_metrics(client, experiment_id, phase1_key)
+        counts = model.parameter_counts()
+        metrics = {"extra_params": counts["extra_params"], "extra_percent": counts["extra_percent"]}
+        if "prompt_usage_entropy" in diag:
+            metrics["prompt_usage_entropy"] = diag["prompt_usage_entropy"]
+        with tempfile.TemporaryDirectory() as folder:
+            write_trial_figures(diag, Path(folder), phase1, getattr(data, "class_names", None),
+                                f"epoch {trainer.epoch}")
+            client.log_artifacts(run_id, folder, REPORT_DIR)
+        mt.log(client, run_id, metrics=metrics, step=trainer.epoch)
+        log(f"report: validation figures logged ({time.perf_counter() - started:.1f} s)")
+        return metrics
+    except Exception as exc:  # figures are a convenience; the trial's result stands without them
+        log_report_error(client, run_id, exc, "report: no validation figures", log)
+        return {}
+
+
+def log_report_error(client, run_id: str, exc: Exception, what: str, log: Callable[[str], None]) -> None:
+    """Say why a report could not be made, in the log and as the run's tag ``lpt.report_error``."""
+    reason = f"{type(exc).__name__}: {exc}"[:2000]
+    log(f"{what} ({reason})")
+    try:
+        mt.log(client, run_id, tags={"lpt.report_error": reason})
+    except Exception:  # the tracking server may be what failed
+        pass

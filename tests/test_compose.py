@@ -226,8 +226,9 @@ def test_dockerfile_pins_match_the_project():
 
 
 def test_the_docs_walk_through_the_cluster():
-    doc = (ROOT / "docs" / "cluster.md").read_text()
-    assert doc.startswith("## Run on a cluster")
+    readme = (ROOT / "README.md").read_text()
+    assert "\n## Run on a cluster\n" in readme
+    doc = readme.split("\n## Run on a cluster\n", 1)[1].split("\n## ", 1)[0]
     for needle in ("cp .env.example .env", "--scale ray-worker=", "docker compose run --rm driver",
                    "ssh -L 5000:127.0.0.1:5000 -L 8265:127.0.0.1:8265", "docker compose down -v",
                    "secrets.token_hex", "ray get-auth-token --generate"):

@@ -17,8 +17,9 @@ Variants, all measured in one run on fixed, pre-made tensors (no data loading is
 
 Phases: ``phase2`` and ``phase1`` training steps (forward, loss, backward, optimizer step) and
 ``eval`` (phase-2 model, no grad). Images/s count both branches of a training step (2 x batch).
-Timing: warm-up calls, then the median of ``--steps`` calls; CUDA events with a synchronize on
-GPU, ``time.perf_counter`` on CPU.
+Timing: every measurement's warm-up calls, then ``--steps`` rounds of one call of each measurement
+(interleaved, so a drift of a shared machine hits all variants alike) and the median per
+measurement; CUDA events with a synchronize on GPU, ``time.perf_counter`` on CPU.
 
 FLOPs are counted with ``lpt_core.flops.count_flops`` (matmul, convolution and attention of the
 forward and backward; optimizer and element-wise ops are not counted) on fake tensors: shapes only,
@@ -212,30 +213,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device, warmup: int, steps: int) -> dict:
-    """Median seconds per call of ``fn`` after ``warmup`` calls; also the first call's seconds."""
-    _sync(device)
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of ``fn``: CUDA events and a synchronize on GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
     fn()
-    _sync(device)
-    first = time.perf_counter() - t0
-    for _ in range(max(0, warmup - 1)):
+    return time.perf_counter() - t0
+
+
+def measure_all(plan: list[tuple], device: torch.device, warmup: int, steps: int) -> dict:
+    """Time every ``(key, setup, fn)`` of ``plan``: its warm-up calls first (the first one timed on
+    its own: it holds any compilation), then ``steps`` rounds of one call of each, so that a drift
+    of a shared machine hits all variants alike. Returns ``{key: {seconds (median), min_seconds,
+    first_seconds}}``."""
+    first = {}
+    for key, setup, fn in plan:
+        setup()
+        _sync(device)
+        t0 = time.perf_counter()
         fn()
-    _sync(device)
-    times = []
+        _sync(device)
+        first[key] = time.perf_counter() - t0
+        for _ in range(max(0, warmup - 1)):
+            fn()
+        _sync(device)
+        print(f"  warmed up {' '.join(key):22s} first call {first[key]:.2f} s", flush=True)
+    times: dict = {key: [] for key, _, _ in plan}
     for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "min_seconds": min(times), "first_seconds": first}
+        for key, setup, fn in plan:
+            setup()
+            times[key].append(time_call(fn, device))
+    return {key: {"seconds": statistics.median(t), "min_seconds": min(t), "first_seconds": first[key]}
+            for key, t in times.items()}
 
 
 def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> float:
@@ -450,7 +465,8 @@ def _run(args: argparse.Namespace) -> dict:
         return {"eval": (lambda: m.eval(), infer)}
 
     lean_precision = "bf16" if cuda else "fp32"
-    variants: list[tuple[str, str, Callable[[], dict]]] = [("reference", "fp32", lambda: reference_runs(model, False))]
+    variants: list[tuple[str, str, Callable[[], dict]]] = [
+        ("reference", "fp32", lambda: reference_runs(model, False))]
     if cuda:
         variants.append(("reference+bf16", "bf16", lambda: reference_runs(model, True)))
     variants.append(("lean", lean_precision, lambda: lean_runs(model)))
@@ -459,28 +475,24 @@ def _run(args: argparse.Namespace) -> dict:
                          lambda: lean_runs(compile_lean(model, args.compile_target))))
     variants.append(("timm", lean_precision, lambda: timm_runs(model)))
 
-    rows: list[dict] = []
-    others = OtherLoad()
+    plan, precisions = [], {}
     for variant, precision, make in variants:
+        precisions[variant] = precision
         runs = make()
-        for phase in PHASES:
-            if phase not in runs:
-                continue
-            setup, fn = runs[phase]
-            setup()
-            t = measure(fn, device, warmup, steps)
-            ips = 2 * batch / t["seconds"]
-            gflop = per_variant[variant][phase]
-            row = {"variant": variant, "precision": precision, "phase": phase,
-                   "seconds_per_step": t["seconds"], "min_seconds": t["min_seconds"],
-                   "first_call_seconds": t["first_seconds"], "images_per_step": 2 * batch,
-                   "images_per_s": ips, "gflop_per_image": gflop,
-                   "achieved_tflops": ips * gflop / 1e3, "fraction_of_peak": None,
-                   "speedup_vs_reference": None}
-            rows.append(row)
-            print(f"  {variant:15s} {phase:7s} {ips:10.1f} img/s  ({t['seconds'] * 1e3:.1f} ms/step, "
-                  f"first call {t['first_seconds']:.2f} s)", flush=True)
-        del runs
+        plan += [((variant, phase), *runs[phase]) for phase in PHASES if phase in runs]
+    others = OtherLoad()
+    timings = measure_all(plan, device, warmup, steps)
+    rows: list[dict] = []
+    for (variant, phase), _, _ in plan:
+        t = timings[(variant, phase)]
+        ips = 2 * batch / t["seconds"]
+        gflop = per_variant[variant][phase]
+        rows.append({"variant": variant, "precision": precisions[variant], "phase": phase,
+                     "seconds_per_step": t["seconds"], "min_seconds": t["min_seconds"],
+                     "first_call_seconds": t["first_seconds"], "images_per_step": 2 * batch,
+                     "images_per_s": ips, "gflop_per_image": gflop,
+                     "achieved_tflops": ips * gflop / 1e3, "fraction_of_peak": None,
+                     "speedup_vs_reference": None})
     model.set_phase(2).eval()
     busy_during = None if cuda else others.cores()
 
@@ -509,8 +521,8 @@ def _run(args: argparse.Namespace) -> dict:
     targets = None
     if cuda and size_name == "vit_b16" and image_size == 224:
         best = {p: max(by("lean").get(p, 0.0), by("lean+compile").get(p, 0.0)) for p in ("phase2", "phase1")}
-        targets = {"phase2": {"target": 4000, "best_images_per_s": best["phase2"], "met": best["phase2"] >= 4000},
-                   "phase1": {"target": 3500, "best_images_per_s": best["phase1"], "met": best["phase1"] >= 3500}}
+        targets = {p: {"target": goal, "best_images_per_s": best[p], "met": best[p] >= goal}
+                   for p, goal in (("phase2", 4000), ("phase1", 3500))}
 
     result = {
         "config": {"size": size_name, "model": size.model, "image_size": image_size,
@@ -521,7 +533,8 @@ def _run(args: argparse.Namespace) -> dict:
                    "width": model.width, "device": str(device),
                    "device_name": torch.cuda.get_device_name(device) if cuda else
                    f"{platform.machine()} {os.cpu_count()} cores",
-                   "threads": torch.get_num_threads(), "busy_cores_before": busy, "busy_cores_during": busy_during,
+                   "threads": torch.get_num_threads(), "busy_cores_before": busy,
+                   "busy_cores_during": busy_during,
                    "torch": torch.__version__, "timm": timm.__version__,
                    "compile": args.compile, "compile_target": args.compile_target if args.compile else None,
                    "date": _dt.date.today().isoformat()},

@@ -9,7 +9,6 @@ driver's test evaluation of the best trial and the confirmation runs with fresh 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
@@ -171,7 +170,6 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
                 log_trial_report(client, run_id, t, setup.experiment_id, key, log)
             with tempfile.TemporaryDirectory() as folder:
                 t.save_state(Path(folder) / STATE)
-                (Path(folder) / "trial.json").write_text(json.dumps({"mlflow_run_id": run_id}))
                 tune.report({**metrics, "mlflow_run_id": run_id, "node": node},
                             checkpoint=tune.Checkpoint.from_directory(folder))
 

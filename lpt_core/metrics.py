@@ -36,6 +36,8 @@ def shot_accuracy(correct: torch.Tensor, total: torch.Tensor,
 def confusion_counts(preds: torch.Tensor, targets: torch.Tensor,
                      num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class (correct, total) counts on the predictions' device, with no host sync."""
-    total = torch.bincount(targets, minlength=num_classes)
-    correct = torch.bincount(targets[preds == targets], minlength=num_classes)
+    # index_add_ instead of bincount / boolean masks, which read sizes back from the device
+    total = torch.zeros(num_classes, dtype=torch.long, device=targets.device)
+    total.index_add_(0, targets, torch.ones_like(targets))
+    correct = torch.zeros_like(total).index_add_(0, targets, (preds == targets).long())
     return correct, total

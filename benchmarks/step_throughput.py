@@ -9,10 +9,15 @@ Variants, all measured in one run on fixed, pre-made tensors (no data loading is
   below ``group_start`` run twice), and each sampling branch (class-balanced, instance-balanced) is
   its own forward and backward pass; one SGD-momentum step per training step.
 - ``reference+bf16`` (CUDA only): the same under bf16 autocast.
-- ``lean``: ``LPT.forward`` (shared trunk) through ``lpt_core.Trainer.train_step``: both branches as
-  one concatenated batch, fused SGD on CUDA; bf16 autocast on CUDA, fp32 on CPU.
-- ``lean+compile`` (``--compile``): the lean variant with ``torch.compile`` on the backbone blocks
-  (``--compile-target blocks``, default) or on the whole LPT module (``--compile-target model``).
+- ``lean``: ``LPT.forward`` (shared trunk, prompts as keys and values only) through
+  ``lpt_core.Trainer.train_step``: both branches as one concatenated batch, fused SGD on CUDA; bf16
+  autocast on CUDA, fp32 on CPU.
+- ``lean+compile`` (``--compile``): the lean variant with ``torch.compile`` on the per-block
+  function (``--compile-target blocks``, default: ``LPT.compile_blocks``, what ``Trainer(compile=True)``
+  does) or on the whole LPT module (``--compile-target model``).
+
+After the table: the input pipeline's images/s at the same size and batch (CIFAR-format images
+through ``gpu_augment`` on CUDA, the CPU transforms on CPU) next to the lean phase-2 step's.
 - ``timm``: inference of the plain timm ViT alone (no prompts), the ceiling for evaluation.
 
 Phases: ``phase2`` and ``phase1`` training steps (forward, loss, backward, optimizer step) and
@@ -306,18 +311,30 @@ def busy_cores(seconds: float = 0.5) -> float | None:
 
 
 def compile_lean(model: LPT, target: str) -> LPT:
-    """A copy of ``model`` with torch.compile on its backbone blocks or on the whole module."""
-    import torch._dynamo.config as dynamo_config
-    for name in ("cache_size_limit", "recompile_limit"):  # per shape x grad mode x phase
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
+    """A copy of ``model`` with torch.compile on its per-block function or on the whole module."""
     compiled = copy.deepcopy(model)
     if target == "blocks":
-        for block in compiled.backbone.blocks:
-            block.compile(dynamic=False)
-    else:
-        compiled.compile(dynamic=False)
+        return compiled.compile_blocks()
+    import torch._dynamo.config as dynamo_config
+    dynamo_config.recompile_limit = max(64, dynamo_config.recompile_limit)  # shape x grad mode x phase
+    compiled.compile(dynamic=False)
     return compiled
+
+
+def input_throughput(device: torch.device, image_size: int, batch: int, batches: int = 6) -> dict:
+    """Images/s of the input path that feeds a training step of this size: CIFAR-format uint8
+    images through ``gpu_augment`` on CUDA (crop, flip, resize on the device), through the CPU
+    transforms on CPU; one loader process, as in the step's own measurement."""
+    from benchmarks.input_pipeline import measure, write_cifar100
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        write_cifar100(tmp)
+        gpu = device.type == "cuda"
+        data = build_dataset({"name": "cifar100_lt", "root": tmp, "imbalance_ratio": 10,
+                              "val_per_class": 5, "image_size": image_size, "gpu_augment": gpu})
+        return {"path": "cifar100_lt format, " + ("gpu_augment on the device" if gpu else "CPU transforms"),
+                "loader_workers": 0, "batch": 2 * batch,
+                "images_per_s": measure(data, device, 0, 2 * batch, batches)}
 
 
 # --------------------------------------------------------------------------------------- run
@@ -344,6 +361,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--flops-size", default="vit_b16",
                    help="also count FLOPs at this size, at its native image size ('none' to skip)")
     p.add_argument("--no-peak", action="store_true", help="CUDA: skip the bf16 matmul peak measurement")
+    p.add_argument("--no-input", action="store_true", help="skip the input-pipeline images/s")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.flops_size != "none" and args.flops_size not in SIZES:
@@ -518,6 +536,12 @@ def _run(args: argparse.Namespace) -> dict:
                           "first_call_seconds": {r["phase"]: r["first_call_seconds"] for r in rows
                                                  if r["variant"] == "lean+compile"}}
 
+    feed = None
+    if not args.no_input:
+        feed = input_throughput(device, image_size, batch)
+        best_step = max(by("lean").get("phase2", 0.0), by("lean+compile").get("phase2", 0.0))
+        feed["over_phase2_step"] = feed["images_per_s"] / best_step if best_step else None
+
     targets = None
     if cuda and size_name == "vit_b16" and image_size == 224:
         best = {p: max(by("lean").get(p, 0.0), by("lean+compile").get(p, 0.0)) for p in ("phase2", "phase1")}
@@ -540,7 +564,7 @@ def _run(args: argparse.Namespace) -> dict:
                    "date": _dt.date.today().isoformat()},
         "variants": sorted({r["variant"] for r in rows}, key=[v[0] for v in variants].index),
         "results": rows, "peak_tflops": peak, "flops": flops, "compile": compile_result,
-        "targets": targets, "wall_seconds": time.perf_counter() - run_start,
+        "targets": targets, "input": feed, "wall_seconds": time.perf_counter() - run_start,
     }
 
     cfg_line = (f"{size_name} ({size.model}, {image_size}px, depth {model.depth}, width {model.width}), "
@@ -562,6 +586,10 @@ def _run(args: argparse.Namespace) -> dict:
         ratios = ", ".join(f"{p} {v:.2f}x" for p, v in compile_result["speedup_over_lean"].items())
         print(f"\ntorch.compile ({args.compile_target}) over eager lean: {ratios} -> "
               f"{'wins' if compile_result['wins'] else 'does not win everywhere'}")
+    if feed:
+        print(f"\ninput pipeline ({feed['path']}, batch {feed['batch']}, {feed['loader_workers']} loader "
+              f"workers): {feed['images_per_s']:,.0f} img/s = {feed['over_phase2_step']:.1f}x the lean "
+              f"phase-2 step ({'keeps up' if feed['over_phase2_step'] >= 1 else 'the step would wait for it'})")
     if targets:
         print("targets: " + ", ".join(f"{p} {t['best_images_per_s']:.0f} img/s (target {t['target']}: "
                                       f"{'met' if t['met'] else 'not met'})" for p, t in targets.items()))

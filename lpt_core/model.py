@@ -4,7 +4,8 @@ Prompts are appended after the tokens at the input of a block and dropped from i
 (VPT-deep). Phase 1 trains the shared prompts and the head. Phase 2 freezes the shared prompts and
 trains a pool of group prompts chosen per image by cosine matching of a query feature against
 learnable keys. The blocks below ``group_start`` see the same input on the query path and on the
-main path, so they run once and both paths branch from their output.
+main path, so they run once and both paths branch from their output. Since the prompts' own outputs
+are dropped, they enter each block as keys and values only (``prompted_block``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,46 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
 
 PROMPT_KEYS = ("shared_prompts", "group_prompts", "group_keys", "head_weight")
+
+
+def plain_block(block: nn.Module, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """Block on tokens ``x`` [B, N, D] with ``prompts`` [B or 1, L, D] appended; the N token outputs."""
+    prompts = prompts.to(x.dtype).expand(x.shape[0], -1, -1)
+    return block(torch.cat([x, prompts], dim=1))[:, :x.shape[1]]
+
+
+def prompted_block(block: Block, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """``plain_block`` without the work whose result it throws away.
+
+    The prompt tokens' outputs are dropped after every block, so prompts only matter as keys and
+    values: queries, attention rows, the projection and the MLP run for the N image tokens alone.
+    Same numbers as ``plain_block`` (up to rounding) for a timm ``Block`` with ``Attention``.
+    """
+    attn = block.attn
+    batch, n, _ = x.shape
+    heads, head_dim, width = attn.num_heads, attn.head_dim, attn.attn_dim
+    h = block.norm1(torch.cat([x, prompts.to(x.dtype).expand(batch, -1, -1)], dim=1))
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(h[:, :n], w[:width], None if b is None else b[:width])
+    kv = F.linear(h, w[width:], None if b is None else b[width:])
+    q = attn.q_norm(q.view(batch, n, heads, head_dim).transpose(1, 2))
+    k, v = kv.view(batch, h.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, attn.k_norm(k), v)  # the backbone is frozen in eval: no dropout
+    out = attn.proj(attn.norm(out.transpose(1, 2).reshape(batch, n, width)))
+    x = x + block.drop_path1(block.ls1(out))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def supports_prompted_block(block: nn.Module) -> bool:
+    """True for timm's own ``Block`` and ``Attention`` (not subclasses that change their forward)."""
+    attn = getattr(block, "attn", None)
+    return (type(block).forward is Block.forward and isinstance(block, Block)
+            and isinstance(attn, Attention) and type(attn).forward is Attention.forward
+            and getattr(attn, "gate", None) is None)
 
 
 def _prompt_init_range(backbone: nn.Module, width: int) -> float:
@@ -70,6 +109,9 @@ class LPT(nn.Module):
         self.head = nn.Linear(width, num_classes, bias=False)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         self.head_drop = nn.Dropout(head_dropout)
+        self._block_fns = [prompted_block if supports_prompted_block(b) else plain_block
+                           for b in backbone.blocks]
+        self.blocks_compiled = False
         self.phase = 1
         self.set_phase(1)
 
@@ -103,12 +145,23 @@ class LPT(nn.Module):
         return bb.norm_pre(x)
 
     def _block(self, i: int, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """Run block i on tokens plus prompts ([B, L', D]); return only the original tokens."""
-        n = x.shape[1]
-        return self.backbone.blocks[i](torch.cat([x, prompts.to(x.dtype)], dim=1))[:, :n]
+        """Run block i on tokens plus prompts ([B or 1, L', D]); return only the original tokens."""
+        return self._block_fns[i](self.backbone.blocks[i], x, prompts)
 
     def _shared(self, i: int, batch: int) -> torch.Tensor:
         return self.shared_prompts[i].unsqueeze(0).expand(batch, -1, -1)
+
+    def compile_blocks(self, **options) -> "LPT":
+        """``torch.compile`` the per-block function, once. Blocks of one structure share a compiled
+        graph; grad mode and batch size add variants, hence the raised recompile limit."""
+        if not self.blocks_compiled:
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, 8 * self.depth)
+            options.setdefault("dynamic", False)
+            compiled = {fn: torch.compile(fn, **options) for fn in set(self._block_fns)}
+            self._block_fns = [compiled[fn] for fn in self._block_fns]
+            self.blocks_compiled = True
+        return self
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-logits class-token feature from the last block's tokens."""

@@ -114,14 +114,19 @@ def evaluate(model: LPT, dataset: Dataset, class_counts: list[int], *, batch_siz
 
 
 class Trainer:
-    """Trains one phase of ``model`` on ``data`` with ``cfg``."""
+    """Trains one phase of ``model`` on ``data`` with ``cfg``. ``compile=True`` (or a dict of
+    ``torch.compile`` options) runs the blocks compiled (``LPT.compile_blocks``); the first steps
+    then take the compile time."""
 
     def __init__(self, model: LPT, data: LTData, phase: int, cfg: PhaseConfig, *, seed: int = 0,
                  device: str | torch.device | None = None, num_workers: int = 0,
-                 eval_batch_size: int = 256, log: Callable[[str], None] | None = print):
+                 eval_batch_size: int = 256, compile: bool | dict = False,
+                 log: Callable[[str], None] | None = print):
         self.device = resolve_device(device)
         self.model, self.data, self.phase, self.cfg = model.to(self.device), data, phase, cfg
         self.model.set_phase(phase)
+        if compile:
+            self.model.compile_blocks(**(compile if isinstance(compile, dict) else {}))
         self.seed, self.num_workers, self.eval_batch_size = seed, num_workers, eval_batch_size
         self.log = log or (lambda msg: None)
         counts = data.class_counts

@@ -363,6 +363,7 @@ class LocalStack:
         self.marker = uuid.uuid4().hex
         self.env_values = write_test_env(self.workdir / ".env")
         self.env_values["RAY_WORKER_CPUS"] = "1"  # one trial at a time per worker node
+        self.env_values["RAY_WORKER_GPUS"] = "1"  # a logical GPU each: fractional GPU requests get placed
         self.compose = load_compose(self.env_values)
         self.services = self.compose["services"]
         self.shared = self.workdir / "shared"

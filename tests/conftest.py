@@ -27,3 +27,11 @@ def synthetic_data():
     from lpt_core.data import build_dataset
     return build_dataset({"name": "synthetic", "num_classes": 10, "imbalance_ratio": 10,
                           "max_per_class": 120, "image_size": 32, "seed": 0})
+
+
+@pytest.fixture(scope="session")
+def smoke_search(tmp_path_factory):
+    """One whole smoke search (a minute or three), shared by the slow tests that inspect its outputs
+    (see smoke_search.py). Read it, never change it: ``smoke_search.copy_to(tmp_path)`` to write."""
+    from smoke_search import run_smoke_search
+    return run_smoke_search(tmp_path_factory.mktemp("smoke_search"))

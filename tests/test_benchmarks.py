@@ -50,8 +50,12 @@ def test_tiny_run_writes_every_variant(tmp_path):
     assert 0 < flops["eval_ratio_lean_over_reference"] < 1
     gflop = flops["gflop_per_image"]
     assert gflop["timm"]["eval"] < gflop["lean"]["eval"] < gflop["reference"]["eval"]
-    assert gflop["lean"]["phase1"] == pytest.approx(gflop["reference"]["phase1"])
+    # prompts enter as keys and values only: less work in phase 1 too
+    assert gflop["lean"]["phase1"] < gflop["reference"]["phase1"]
     assert "flops_size" not in data["flops"]
+    feed = data["input"]
+    assert feed["path"] == "cifar100_lt format, CPU transforms" and feed["batch"] == 4
+    assert feed["images_per_s"] > 0 and feed["over_phase2_step"] > 0
 
 
 def test_fake_tensor_flops_equal_a_real_count():
@@ -79,8 +83,8 @@ def test_fake_tensor_flops_equal_a_real_count():
 def test_vit_b16_phase2_flop_ratio_counted_in_seconds():
     summary = bench.flops_summary("vit_b16", bench.SIZES["vit_b16"], 224, PROMPTS, phases=("phase2",))
     g = summary["gflop_per_image"]
-    assert 76 < g["lean"]["phase2"] < 78 and 94 < g["reference"]["phase2"] < 96  # 76.9 / 95.2
-    assert 0.80 < summary["phase2_ratio_lean_over_reference"] < 0.82
+    assert 71.5 < g["lean"]["phase2"] < 73 and 94 < g["reference"]["phase2"] < 96  # 72.3 / 95.2
+    assert 0.75 < summary["phase2_ratio_lean_over_reference"] < 0.77
     assert summary["eval_ratio_lean_over_reference"] is None and g["timm"] == {}
 
 

@@ -143,7 +143,8 @@ def test_the_dashboard_wants_the_token(stack):
 
 def test_search_spreads_over_both_workers_into_the_mlflow_server(stack, tmp_path):
     before = searches(stack, "prompt_pool-smoke")
-    proc = start_search(stack, tmp_path, "--trials", "4", "--set", "phase2.epochs=3")
+    # each worker has one logical GPU (no CUDA here): trials asking for half a GPU are placed on it
+    proc = start_search(stack, tmp_path, "--trials", "4", "--set", "phase2.epochs=3", "--set", "resources.gpu=0.5")
     finish(proc)
     folder = new_search_folder(stack, "prompt_pool-smoke", before)
     record = json.loads((folder / "search.json").read_text())
@@ -162,6 +163,8 @@ def test_search_spreads_over_both_workers_into_the_mlflow_server(stack, tmp_path
     assert nodes == set(stack.worker_ids), f"trial nodes {nodes}, workers {stack.worker_ids}, head {stack.head_id}"
     assert stack.head_id not in nodes
     assert all(r.info.status == "FINISHED" and "val_acc" in r.data.metrics for r in runs)
+    # Ray gave each trial GPU 0 of its node; device auto found no CUDA there and used the CPU
+    assert {(r.data.tags["lpt.gpu_ids"], r.data.tags["lpt.device"]) for r in runs} == {("0", "cpu")}
 
     # artifacts went through the server (--serve-artifacts) into --artifacts-destination
     best = [r for r in runs if r.data.tags.get("lpt.best") == "true"]

@@ -5,6 +5,7 @@ import json
 import os
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,33 +85,43 @@ def test_parser_on_the_real_places_lt_lists():
     assert lists["train"].paths[0] == "train/airfield/00004851.jpg" and lists["train"].lines[-1] == 62_500
 
 
-def test_list_errors_name_the_file_and_line(places, tmp_path):
-    (places / "bad.txt").write_text("train/c0/000.jpg 0\n\ntrain/c0/001.jpg zero\n")
-    with pytest.raises(ValueError, match=rf"^{places}/bad.txt:3: expected 'relative/path label'"):
-        build_dataset(list_spec(places, val_list="bad.txt"))
-    (places / "bad.txt").write_text("train/c0/000.jpg 0\ntrain/c0/001.jpg 3\n")
-    with pytest.raises(ValueError, match=rf"^{places}/bad.txt:2: label 3 outside 0..2"):
-        build_dataset(list_spec(places, test_list="bad.txt"))
-    (places / "bad.txt").write_text("train/c0/000.jpg -1\n")
-    with pytest.raises(ValueError, match=rf"^{places}/bad.txt:1: label -1 outside 0..2"):
-        build_dataset(list_spec(places, val_list="bad.txt"))
-    (places / "bad.txt").write_text("train/c0/000.jpg 0\ntrain/c9/gone.jpg 1\ntrain/c9/gone2.jpg 1\n")
-    with pytest.raises(FileNotFoundError, match=rf"^{places}/bad.txt:2: .*c9/gone.jpg: no such image file \(and 1 more"):
-        build_dataset(list_spec(places, val_list="bad.txt"))
-    (places / "bad.txt").write_text("train/c0/000.jpg 0\ntrain/c2/000.jpg 2\n")
-    with pytest.raises(ValueError, match=rf"^{places}/bad.txt: class 1 has no training images"):
-        build_dataset(list_spec(places, train_list="bad.txt"))
-    with pytest.raises(FileNotFoundError, match=rf"^data.val_list: {places}/nope.txt: no such file"):
-        build_dataset(list_spec(places, val_list="nope.txt"))
-    with pytest.raises(ValueError, match=r"^data.test_list: required for dataset 'places_lt'"):
-        build_dataset(list_spec(places) | {"test_list": None})
-    with pytest.raises(ValueError, match=r"^data.imbalance_ratio: unknown key for dataset 'places_lt'"):
-        build_dataset(list_spec(places, imbalance_ratio=10))
-    (tmp_path / "names.txt").write_text("a\nb\n")
-    with pytest.raises(ValueError, match=rf"^{places}/train.txt:\d+: label 2 outside 0..1"):
-        build_dataset(list_spec(places, class_names=os.fspath(tmp_path / "names.txt")))
-    with pytest.raises(FileNotFoundError, match=r"^data.root: .*missing: no such directory"):
-        build_dataset(list_spec(tmp_path / "missing"))
+# bad list inputs: {files to write}, data-spec overrides, the error and its message. "{places}" (the
+# Places-LT-shaped tree) and "{tmp_path}" stand for the fixtures' folders in all four.
+LIST_ERRORS = [
+    pytest.param({"{places}/bad.txt": "train/c0/000.jpg 0\n\ntrain/c0/001.jpg zero\n"}, {"val_list": "bad.txt"},
+                 ValueError, r"^{places}/bad.txt:3: expected 'relative/path label'", id="unparsable-line"),
+    pytest.param({"{places}/bad.txt": "train/c0/000.jpg 0\ntrain/c0/001.jpg 3\n"}, {"test_list": "bad.txt"},
+                 ValueError, r"^{places}/bad.txt:2: label 3 outside 0..2", id="label-too-big"),
+    pytest.param({"{places}/bad.txt": "train/c0/000.jpg -1\n"}, {"val_list": "bad.txt"},
+                 ValueError, r"^{places}/bad.txt:1: label -1 outside 0..2", id="negative-label"),
+    pytest.param({"{places}/bad.txt": "train/c0/000.jpg 0\ntrain/c9/gone.jpg 1\ntrain/c9/gone2.jpg 1\n"},
+                 {"val_list": "bad.txt"}, FileNotFoundError,
+                 r"^{places}/bad.txt:2: .*c9/gone.jpg: no such image file \(and 1 more", id="missing-images"),
+    pytest.param({"{places}/bad.txt": "train/c0/000.jpg 0\ntrain/c2/000.jpg 2\n"}, {"train_list": "bad.txt"},
+                 ValueError, r"^{places}/bad.txt: class 1 has no training images", id="empty-class"),
+    pytest.param({}, {"val_list": "nope.txt"},
+                 FileNotFoundError, r"^data.val_list: {places}/nope.txt: no such file", id="missing-list"),
+    pytest.param({}, {"test_list": None},
+                 ValueError, r"^data.test_list: required for dataset 'places_lt'", id="no-test-list"),
+    pytest.param({}, {"imbalance_ratio": 10},
+                 ValueError, r"^data.imbalance_ratio: unknown key for dataset 'places_lt'", id="unknown-key"),
+    pytest.param({"{tmp_path}/names.txt": "a\nb\n"}, {"class_names": "{tmp_path}/names.txt"},
+                 ValueError, r"^{places}/train.txt:\d+: label 2 outside 0..1", id="too-few-class-names"),
+    pytest.param({}, {"root": "{tmp_path}/missing"},
+                 FileNotFoundError, r"^data.root: .*missing: no such directory", id="missing-root"),
+]
+
+
+@pytest.mark.parametrize("files, overrides, error, message", LIST_ERRORS)
+def test_list_errors_name_the_file_and_line(places, tmp_path, files, overrides, error, message):
+    def fill(text):
+        if not isinstance(text, str):
+            return text
+        return text.replace("{places}", str(places)).replace("{tmp_path}", str(tmp_path))
+    for path, content in files.items():
+        Path(fill(path)).write_text(content)
+    with pytest.raises(error, match=fill(message)):
+        build_dataset(list_spec(places) | {key: fill(value) for key, value in overrides.items()})
 
 
 def test_unreadable_image_is_named_at_load_time(places):

@@ -1,4 +1,5 @@
-"""The MLflow UI shows a search: a smoke search, ``mlflow server`` on loopback, headless Chromium.
+"""The MLflow UI shows a search: the session's smoke search (conftest.py), ``mlflow server`` on
+loopback, headless Chromium.
 
 Opens the experiment page (the search's parent run expanded to its trial runs, with a param and
 metric column added through the UI's column picker), the compare view of the trial runs and the
@@ -25,6 +26,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
+
+from smoke_search import TRIALS as SMOKE_TRIALS
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -54,20 +57,19 @@ def clean_env(**extra) -> dict:
 
 
 @pytest.fixture
-def smoke_search(tmp_path):
+def smoke_db(request):
+    """The MLflow store of the session's shared smoke search (conftest.py); read only."""
     need_browser()  # before the minutes of training
-    proc = subprocess.run([sys.executable, str(ROOT / "tune" / "search.py"), "--study", "prompt_pool",
-                           "--trials", "3", "--set", "phase2.epochs=2"], cwd=tmp_path, env=clean_env(),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp_path / "mlflow.db"
+    search = request.getfixturevalue("smoke_search")
+    assert search.returncode == 0, search.stderr[-3000:]
+    return search.cwd / "mlflow.db"
 
 
 @pytest.fixture
-def mlflow_server(smoke_search, tmp_path):
+def mlflow_server(smoke_db, tmp_path):
     port = free_port()
     log = open(tmp_path / "mlflow-server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{smoke_search}",
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{smoke_db}",
                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                               cwd=tmp_path, env=clean_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -207,16 +209,18 @@ def shrink_png(src: Path, dst: Path, limit: int = 300_000) -> None:
     assert dst.stat().st_size < limit
 
 
-def test_mlflow_ui_shows_the_trial_runs_with_params_and_metrics(smoke_search, mlflow_server, browser, tmp_path):
+def test_mlflow_ui_shows_the_trial_runs_with_params_and_metrics(smoke_db, mlflow_server, browser, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    client = MlflowClient(f"sqlite:///{smoke_search}")
+    client = MlflowClient(f"sqlite:///{smoke_db}")
     exp = client.get_experiment_by_name("prompt_pool").experiment_id
-    parent = client.search_runs([exp], "tags.`lpt.role` = 'study'")[0]
+    parents = client.search_runs([exp], "tags.`lpt.role` = 'study'")
+    assert len(parents) == 1
+    parent = parents[0]
     trials = {r.data.tags["lpt.trial_id"]: r for r in client.search_runs([exp], "tags.`lpt.role` = 'trial'")}
     table = pq.read_table(Path(parent.data.tags["lpt.storage"]) / "trials.parquet").to_pylist()
-    assert len(trials) == 3 == len(table)
+    assert len(trials) == SMOKE_TRIALS == len(table)
 
     # 1. the experiment page, filtered to the search's trial runs (their parent is shown above them)
     search = urllib.parse.quote("tags.`lpt.role` = 'trial'")
@@ -226,14 +230,14 @@ def test_mlflow_ui_shows_the_trial_runs_with_params_and_metrics(smoke_search, ml
     expand = wait_for(browser, lambda d: d.find_element(
         By.CSS_SELECTOR, "div.ag-row button[data-component-id*=runnamecellrenderer]"), "the parent's expander")
     expand.click()
-    wait_for(browser, lambda d: all(f"trial-{t}" in page_text(d) for t in trials), "the three trial runs")
+    wait_for(browser, lambda d: all(f"trial-{t}" in page_text(d) for t in trials), "the search's trial runs")
     click_text(browser, "Columns", "button")  # the column picker: hide three empty attributes, add params and metrics
     for column in ("Dataset", "Source", "Models", "pool_size", "top_k", "group_start", "val_acc", "val_many_acc",
                    "val_medium_acc", "val_few_acc", "prompt_usage_entropy"):
         click_text(browser, column, "span[contains(@class, 'tree-title')]")
     ActionChains(browser).send_keys(Keys.ESCAPE).perform()
     ActionChains(browser).move_to_element(browser.find_element(By.TAG_NAME, "body")).perform()  # no tooltip
-    rows = wait_for(browser, lambda d: (lambda r: r if len(r) == 3 and all(
+    rows = wait_for(browser, lambda d: (lambda r: r if len(r) == len(trials) and all(
         any("val_acc" in k for k in cells) and any("pool_size" in k for k in cells) for cells in r.values()) else None)(
         table_rows(d)), "the pool_size and val_acc columns")
     for tid, run in trials.items():

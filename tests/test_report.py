@@ -1,5 +1,5 @@
 """Figures and reports (tune/trial_report.py, tune/search_report.py, tune/report.py): fast tests on small fabricated searches with
-real arrays, tables and a real MLflow store; one slow test on a finished smoke search."""
+real arrays, tables and a real MLflow store; one slow test on the session's finished smoke search (conftest.py)."""
 
 import csv
 import json
@@ -15,6 +15,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+
+from smoke_search import TRIALS as SMOKE_TRIALS
 
 from tune import mlflow_tracking as mt
 from tune import search_report, trial_report
@@ -308,19 +310,21 @@ def test_report_cli_rebuilds_a_search_from_mlflow_and_the_table(store, tmp_path,
 
 # ============================================================================ slow: a real search
 @pytest.mark.slow
-def test_report_of_a_finished_smoke_search(tmp_path):
+def test_report_of_a_finished_smoke_search(smoke_search, tmp_path):
+    # the session's shared smoke search (conftest.py; SMOKE_TRIALS trials): read here, rebuilt on a copy below
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0")
-    proc = subprocess.run([sys.executable, str(ROOT / "tune" / "search.py"), "--study", "prompt_pool", "--trials", "3",
-                           "--set", "phase2.epochs=2"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "report: " in proc.stdout
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert smoke_search.returncode == 0, smoke_search.stderr[-3000:]
+    assert "report: " in smoke_search.stdout
+    client = MlflowClient(f"sqlite:///{smoke_search.cwd / 'mlflow.db'}")
     exp = client.get_experiment_by_name("prompt_pool")
-    parent = client.search_runs([exp.experiment_id], "tags.`lpt.role` = 'study'")[0]
+    parents = client.search_runs([exp.experiment_id], "tags.`lpt.role` = 'study'")
+    assert len(parents) == 1
+    parent = parents[0]
     folder = Path(parent.data.tags["lpt.storage"])
+    assert folder == smoke_search.folder
     rows = pq.read_table(folder / "trials.parquet").to_pylist()
+    assert len(rows) == SMOKE_TRIALS
     made = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/summary.html", "report/trials.csv", "report/optimization_history.png", "report/slice.png"} <= made
     assert "lpt.report_error" not in parent.data.tags
@@ -341,16 +345,21 @@ def test_report_of_a_finished_smoke_search(tmp_path):
                                                          str(tmp_path))).read_text())
         assert diag["phase1"] is not None and diag["acc"] == pytest.approx(run.data.metrics["val_acc"])
 
-    # rebuild from MLflow and the table alone, after the first report is gone
+    # rebuild from MLflow and the table alone, after the first report is gone (on a copy: the search is shared)
     import shutil
+    copy = smoke_search.copy_to(tmp_path / "search")
+    copied = MlflowClient(f"sqlite:///{copy.cwd / 'mlflow.db'}").get_run(parent.info.run_id)
+    folder = Path(copied.data.tags["lpt.storage"])
+    assert folder == copy.folder and folder.is_relative_to(tmp_path.resolve())
     shutil.rmtree(folder / "report")
-    proc = subprocess.run([sys.executable, str(ROOT / "tune" / "report.py"), "--study", "prompt_pool"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, str(ROOT / "tune" / "report.py"), "--study", "prompt_pool"], cwd=copy.cwd,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(folder / "report") in proc.stdout
     rebuilt = {p.name for p in (folder / "report").iterdir()}
     assert {f.removeprefix("report/") for f in made} == rebuilt
     with open(folder / "report" / "trials.csv") as f:
-        assert len(list(csv.DictReader(f))) == 3
+        assert len(list(csv.DictReader(f))) == SMOKE_TRIALS
     best = parent.data.tags["lpt.best_trial_id"]
     page = (folder / "report" / "summary.html").read_text()
     assert f"Best trial {best}" in page

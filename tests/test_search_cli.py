@@ -63,6 +63,9 @@ def test_bad_study_exits_2_naming_the_key(tmp_path, capsys, changes, needle):
     ("phase2.epochs=0", "phase2.epochs: must be >= 1"),
     ("phase2.gama=1", "phase2.gama: unknown key"),
     ("resources.gpu=-1", "resources.gpu: must be >= 0"),
+    ("resources.gpu=1.5", "resources.gpu: must be a fraction below 1 (trials share a GPU) or a whole number"),
+    ("device=cuda", "resources.gpu: device cuda needs a GPU share per trial, got 0"),
+    ("compile=maybe", "compile: must be true or false, got 'maybe'"),
     ("model.top_k=20", "model.top_k: 20 exceeds the smallest pool_size"),
     ("data.name=nope", "data.name: unknown dataset 'nope'"),
     ("backbone.name=not_a_model", "backbone.name: unknown timm model"),
@@ -94,6 +97,24 @@ def test_dry_run_describes_and_trains_nothing(tmp_path, capsys, monkeypatch):
     assert "phase-1 trainings: up to 1 (one per prompt_length in [4]" in out
     assert "resources per trial: 1 CPU, 0 GPU" in out
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_dry_run_shows_trials_per_gpu_and_compile(capsys):
+    assert main(["--study", "prompt_pool", "--dry-run", "--set", "resources.gpu=0.25", "--set", "compile=true"]) == 0
+    assert "resources per trial: 1 CPU, 0.25 GPU (4 trials per GPU), compiled blocks" in capsys.readouterr().out
+
+
+def test_a_trial_too_big_for_the_local_ray_exits_2_and_records_nothing(tmp_path, capsys, monkeypatch):
+    """Checked once Ray is up (a real local Ray): Tune would otherwise leave the trials pending."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    code, err = run_main(capsys, "--study", write(tmp_path, "s", GOOD_STUDY), "--set", "resources.cpu=4096")
+    assert code == 2, err
+    last = err.splitlines()[-1]  # Ray's own start-up warnings come first
+    assert last.startswith("error: resources: a trial asks for 4096 CPU and 0 GPU on one node; the Ray nodes have")
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_dry_run_counts_phase1_trainings_per_prompt_length(capsys):

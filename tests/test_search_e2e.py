@@ -12,6 +12,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from smoke_search import TRIALS as SMOKE_TRIALS, search_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = ROOT / "tune" / "search.py"
 pytestmark = pytest.mark.slow
@@ -22,9 +24,7 @@ def search_cmd(*args):
 
 
 def env_for(tmp_path, **extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env.update(HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0", **extra)
-    return env
+    return search_env(**extra)
 
 
 def kill_session(sid: int) -> None:
@@ -49,12 +49,13 @@ def runs_of(client, role):
     return client.search_runs([exp.experiment_id], f"tags.`lpt.role` = '{role}'", max_results=500)
 
 
-def test_smoke_search_records_every_trial(tmp_path):
-    proc = subprocess.run(search_cmd("--study", "prompt_pool", "--trials", "6"), cwd=tmp_path,
-                          env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "best trial" in proc.stdout and "test:" in proc.stdout
-    folder = one_search(tmp_path)
+def test_smoke_search_records_every_trial(smoke_search, tmp_path):
+    # the session's shared smoke search (conftest.py): `search.py --study prompt_pool --trials 6`
+    assert smoke_search.args == ("--study", "prompt_pool", "--trials", str(SMOKE_TRIALS)) and SMOKE_TRIALS == 6
+    assert smoke_search.returncode == 0, smoke_search.stderr[-3000:]
+    assert "best trial" in smoke_search.stdout and "test:" in smoke_search.stdout
+    folder = one_search(smoke_search.cwd)
+    assert folder == smoke_search.folder
     table = pq.read_table(folder / "trials.parquet").to_pylist()
     assert len(table) == 6 and len({r["trial_id"] for r in table}) == 6
     assert {"trial_id", "status", "pool_size", "top_k", "group_start", "val_acc", "mlflow_run_id",
@@ -63,7 +64,7 @@ def test_smoke_search_records_every_trial(tmp_path):
     assert statuses.count("early_stopped") >= 1 and statuses.count("completed") >= 1
     assert all(r["top_k"] <= r["pool_size"] and 2 <= r["group_start"] <= 3 for r in table)
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{smoke_search.cwd / 'mlflow.db'}")
     parents, trials, phase1 = runs_of(client, "study"), runs_of(client, "trial"), runs_of(client, "phase1")
     assert len(parents) == 1 and len(phase1) == 1   # one prompt length: one phase-1 training
     assert len(trials) == 6
@@ -89,11 +90,16 @@ def test_smoke_search_records_every_trial(tmp_path):
     artifacts = [a.path for a in client.list_artifacts(best[0].info.run_id)]
     assert any(a.endswith(".safetensors") for a in artifacts)
 
-    # a second search on the same storage reuses phase 1
-    proc = subprocess.run(search_cmd("--study", "prompt_pool", "--trials", "1"), cwd=tmp_path,
+    # a second search on the same storage reuses phase 1 (on a copy: the first search is shared)
+    copy = smoke_search.copy_to(tmp_path)
+    proc = subprocess.run(search_cmd("--study", "prompt_pool", "--trials", "1"), cwd=copy.cwd,
                           env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(runs_of(client, "phase1")) == 1 and len(runs_of(client, "study")) == 2
+    copy_client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(runs_of(copy_client, "phase1")) == 1 and len(runs_of(copy_client, "study")) == 2
+    assert len(runs_of(copy_client, "trial")) == 7
+    assert all(run.info.artifact_uri.startswith(tmp_path.resolve().as_uri()) for run in runs_of(copy_client, "trial"))
+    assert len(runs_of(client, "study")) == 1 and len(runs_of(client, "trial")) == 6   # the shared one is untouched
 
 
 def test_sigkill_then_resume_finishes_the_budget_once(tmp_path):

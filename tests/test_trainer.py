@@ -68,6 +68,36 @@ def test_resume_after_epoch_k_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("phase", [1, 2])
+def test_compiled_blocks_train_like_eager_without_graph_breaks(synthetic_data, phase):
+    """aot_eager traces forward and backward as inductor would, without its C++ compile time;
+    fullgraph=True turns any graph break into an error."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    recipe = PhaseConfig(epochs=2, batch_size=8)
+    trainers = []
+    for compile in (False, {"backend": "aot_eager", "fullgraph": True}):
+        torch.manual_seed(0)
+        trainers.append(Trainer(make_model(), synthetic_data, phase, recipe, compile=compile, log=None))
+    eager, compiled = trainers
+    assert compiled.model.blocks_compiled and not eager.model.blocks_compiled
+    batches = iter(eager.loader)
+    for step in range(3):
+        images, labels = next(batches)
+        losses = []
+        for t in trainers:
+            torch.manual_seed(step)  # the same head-dropout masks for both
+            losses.append(t.train_step(images, labels, 0.5))
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+    for name, value in eager.model.prompt_state_dict().items():
+        torch.testing.assert_close(compiled.model.prompt_state_dict()[name], value, rtol=1e-4, atol=1e-5)
+    # the 4 blocks share graphs: first block (its input needs no grad) and the rest; phase 2 adds
+    # the no-grad trunk and query path. Not one graph per block.
+    assert counters["stats"]["unique_graphs"] <= phase + 1
+
+
 def test_nan_loss_is_an_error(synthetic_data):
     model = make_model()
     with torch.no_grad():

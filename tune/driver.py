@@ -138,7 +138,30 @@ def pareto(rows: list[dict], metrics: list[str], modes: list[str]) -> list[str]:
     return [r["trial_id"] for r in done if not dominated(r)]
 
 
+def check_resources(resources: dict, local: bool) -> None:
+    """One trial must fit on one node, or Tune leaves it pending for ever: a local Ray that cannot
+    hold one is an input error; a cluster may still get such a node, so it only warns."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if any(n.get("CPU", 0) >= resources["cpu"] and n.get("GPU", 0) >= resources["gpu"] for n in nodes):
+        return
+    have = "; ".join(f"{n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for n in nodes)
+    message = (f"resources: a trial asks for {resources['cpu']:g} CPU and {resources['gpu']:g} GPU "
+               f"on one node; the Ray nodes have {have or 'nothing'}")
+    if local:
+        raise ConfigError(f"{message} (lower them with --set resources.cpu=... resources.gpu=...)")
+    print(f"warning: {message}; trials wait until such a node joins", flush=True)
+
+
 def run_search(plan, args, uri: str, address: str | None) -> int:
+    start_ray(address)
+    try:
+        check_resources(plan.profile["resources"], local=address is None)
+        return run_on_ray(plan, args, uri)
+    finally:
+        ray.shutdown()
+
+
+def run_on_ray(plan, args, uri: str) -> int:
     client = MlflowClient(uri)
     folder, record, resume = open_search(plan, args, client, uri)
     parent_id = record["parent_run_id"]
@@ -150,7 +173,6 @@ def run_search(plan, args, uri: str, address: str | None) -> int:
                         metrics=tuple(metrics))
     print(plan.describe(), flush=True)
     print(f"search folder: {folder}\nMLflow: {uri} (experiment '{plan.study_name}', parent run {parent_id})", flush=True)
-    start_ray(address)
     started = time.time()
     try:
         tuner, table = make_tuner(plan, folder, setup, client, resume)
@@ -175,8 +197,6 @@ def run_search(plan, args, uri: str, address: str | None) -> int:
         print(f"error: the search failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
               file=sys.stderr)
         return 1
-    finally:
-        ray.shutdown()
     return 0 if any(r["status"] == COMPLETED for r in rows) else 1
 
 

@@ -87,7 +87,9 @@ class Plan:
                  f" over {self.profile['phase2']['epochs'] if 'epochs' in self.profile['phase2'] else 10} phase-2 epochs",
                  f"phase-1 trainings: up to {n_phase1} (one per prompt_length in {lengths if len(lengths) <= 12 else f'{lengths[0]}..{lengths[-1]}'}; "
                  f"cached under {self.storage / 'phase1-cache'})",
-                 f"resources per trial: {r['cpu']} CPU, {r['gpu']} GPU"]
+                 f"resources per trial: {r['cpu']} CPU, {r['gpu']} GPU"
+                 + (f" ({int(1 / r['gpu'])} trials per GPU)" if 0 < r["gpu"] < 1 else "")
+                 + (", compiled blocks" if self.profile["compile"] else "")]
         return "\n".join(lines)
 
 

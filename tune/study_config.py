@@ -64,6 +64,20 @@ class Str:
         return value
 
 
+class GpuShare(Num):
+    """GPUs per trial as Ray places them: a fraction below 1 (trials share a GPU) or a whole number."""
+
+    def __init__(self):
+        super().__init__(0)
+
+    def check(self, value: Any, where: str) -> Any:
+        super().check(value, where)
+        if value > 1 and value != int(value):
+            raise ConfigError(f"{where}: must be a fraction below 1 (trials share a GPU) or a whole "
+                              f"number of GPUs, got {value!r}")
+        return value
+
+
 class Bool:
     def check(self, value: Any, where: str) -> Any:
         if not isinstance(value, bool):
@@ -139,7 +153,8 @@ PROFILE_SCHEMA = {
     "phase2": RECIPE_RULES,
     "seed": Num(0, integer=True),
     "device": Str(("auto", "cpu", "cuda")),
-    "resources": {"cpu": Num(0, above=True), "gpu": Num(0)},
+    "compile": Bool(),
+    "resources": {"cpu": Num(0, above=True), "gpu": GpuShare()},
     "loader": {"num_workers": Num(0, integer=True), "eval_batch_size": Num(1, integer=True)},
 }
 PROFILE_REQUIRED = ("data", "backbone")
@@ -166,7 +181,7 @@ STUDY_DEFAULTS = {
 }
 PROFILE_DEFAULTS = {
     "model": {"prompt_length": 10, "pool_size": 20, "top_k": 2, "group_start": 6},
-    "phase1": {}, "phase2": {}, "seed": 0, "device": "auto",
+    "phase1": {}, "phase2": {}, "seed": 0, "device": "auto", "compile": False,
     "resources": {"cpu": 1, "gpu": 0},
     "loader": {"num_workers": 4, "eval_batch_size": 256},
 }
@@ -238,7 +253,11 @@ def load_profile(name: str, overrides: list[str] | None = None) -> tuple[Path, d
         check_map(raw, PROFILE_SCHEMA, "", PROFILE_REQUIRED)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return path, _merge(PROFILE_DEFAULTS, raw)
+    profile = _merge(PROFILE_DEFAULTS, raw)
+    if profile["device"] == "cuda" and profile["resources"]["gpu"] == 0:
+        raise ConfigError(f"{path}: resources.gpu: device cuda needs a GPU share per trial, got 0 "
+                          "(Ray would not give the trial a GPU)")
+    return path, profile
 
 
 def check_param(name: str, spec: Any, where: str) -> dict:

@@ -62,9 +62,18 @@ def trial_params(profile: dict, config: dict, profile_name: str) -> dict:
             "data": profile["data"]["name"], "backbone": profile["backbone"]["name"]}
 
 
+def trial_device(setting: str) -> str:
+    """``auto`` is the GPU Ray gave this task, else the CPU. Ray leaves CUDA_VISIBLE_DEVICES alone
+    for a task that asked for no GPU, so torch alone would pick a GPU it was never given."""
+    if setting != "auto":
+        return setting
+    gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+    return "cuda" if gpus and torch.cuda.is_available() else "cpu"
+
+
 def _trainer_kwargs(profile: dict, log) -> dict:
-    return dict(device=profile["device"], num_workers=profile["loader"]["num_workers"],
-                eval_batch_size=profile["loader"]["eval_batch_size"], log=log)
+    return dict(device=trial_device(profile["device"]), num_workers=profile["loader"]["num_workers"],
+                eval_batch_size=profile["loader"]["eval_batch_size"], compile=profile["compile"], log=log)
 
 
 def build_model(setup: SearchSetup, config: dict, data, seed: int) -> tuple[LPT, PhaseConfig]:
@@ -151,8 +160,9 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
     trainer = None
     try:
         key = ensure_phase1(setup, model, data, seed, client, log)
-        mt.log(client, run_id, tags={mt.PHASE1_KEY: key, mt.NODE: node})
         trainer = Trainer(model, data, 2, recipe, seed=seed, **_trainer_kwargs(setup.profile, log))
+        mt.log(client, run_id, tags={mt.PHASE1_KEY: key, mt.NODE: node, "lpt.device": str(trainer.device),
+                                     "lpt.gpu_ids": ",".join(map(str, ray.get_gpu_ids()))})
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:

@@ -579,7 +579,7 @@ def _run(args: argparse.Namespace) -> dict:
         g = f["gflop_per_image"]
         print(f"\nGFLOP/img at {f['size']} {f['image_size']}px (fwd+bwd matmul/conv/attention): "
               f"phase-2 step lean {g['lean']['phase2']:.4g} / reference {g['reference']['phase2']:.4g} "
-              f"= {f['phase2_ratio_lean_over_reference']:.3f} (shared-trunk ratio); "
+              f"= {f['phase2_ratio_lean_over_reference']:.3f} (lean / reference); "
               f"phase-1 step {g['lean']['phase1']:.4g}; eval lean {g['lean']['eval']:.4g} / "
               f"reference {g['reference']['eval']:.4g}; timm inference {g['timm']['eval']:.4g}")
     if compile_result:

@@ -37,9 +37,10 @@ def prompted_block(block: Block, x: torch.Tensor, prompts: torch.Tensor) -> torc
     attn = block.attn
     batch, n, _ = x.shape
     heads, head_dim, width = attn.num_heads, attn.head_dim, attn.attn_dim
-    h = block.norm1(torch.cat([x, prompts.to(x.dtype).expand(batch, -1, -1)], dim=1))
+    hx = block.norm1(x)  # queries from a contiguous tensor: a slice of h would cost a bmm and copies
+    h = torch.cat([hx, block.norm1(prompts.to(x.dtype)).expand(batch, -1, -1)], dim=1)
     w, b = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(h[:, :n], w[:width], None if b is None else b[:width])
+    q = F.linear(hx, w[:width], None if b is None else b[:width])
     kv = F.linear(h, w[width:], None if b is None else b[width:])
     q = attn.q_norm(q.view(batch, n, heads, head_dim).transpose(1, 2))
     k, v = kv.view(batch, h.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)

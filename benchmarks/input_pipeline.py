@@ -49,8 +49,7 @@ def write_jpegs(root: str, classes: int = 8, per_class: int = 40, size=(320, 240
 
 def measure(data, device: torch.device, workers: int, batch_size: int, batches: int) -> float:
     """images/s over ``batches`` batches after one warm-up batch (worker start-up not counted)."""
-    loader = make_loader(data.train, device, workers, batch_size=batch_size, shuffle=True,
-                         drop_last=True, collate_fn=data.collate_fn)
+    loader = make_loader(data.train, device, workers, batch_size=batch_size, shuffle=True, drop_last=True)
     it, seen = iter(loader), 0
     for k in range(batches + 1):
         if k == 1:
@@ -91,23 +90,23 @@ def main(argv=None) -> int:
                               "val_per_class": 2, "test_per_class": 2, **size}, "gpu_decode"),
         }
         for name, (spec, gpu_key) in sets.items():
+            data = build_dataset(spec)
             for workers in (0, 2):
                 rows.append((name, "cpu transforms", "cpu", workers,
-                             measure(build_dataset(spec), devices[0], workers, args.batch_size, args.batches)))
+                             measure(data, devices[0], workers, args.batch_size, args.batches)))
+            data = build_dataset({**spec, gpu_key: True})
             for device in devices:
-                data = build_dataset({**spec, gpu_key: True})
                 rows.append((name, gpu_key, device.type, 0,
                              measure(data, device, 0, args.batch_size, args.batches)))
-    out_size = args.image_size
     print(f"input pipeline, batch {args.batch_size}, {args.batches} batches, output "
-          f"{out_size}px (synthetic: 32px), torch threads {torch.get_num_threads()}")
+          f"{args.image_size}px (synthetic: 32px), torch threads {torch.get_num_threads()}")
     print(f"{'dataset':<14}{'path':<16}{'device':<8}{'workers':>8}{'images/s':>12}")
     for name, path, device, workers, ips in rows:
         print(f"{name:<14}{path:<16}{device:<8}{workers:>8}{ips:>12.0f}")
     if args.out:
         keys = ("dataset", "path", "device", "workers", "images_per_s")
         with open(args.out, "w") as f:
-            json.dump({"batch_size": args.batch_size, "batches": args.batches, "image_size": out_size,
+            json.dump({"batch_size": args.batch_size, "batches": args.batches, "image_size": args.image_size,
                        "results": [dict(zip(keys, row)) for row in rows]}, f, indent=2)
     return 0
 

@@ -56,10 +56,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from lpt_core import LPT, AsymmetricGCL, PhaseConfig, Trainer, build_backbone  # noqa: E402
+from lpt_core import LPT, PhaseConfig, Trainer, build_backbone  # noqa: E402
 from lpt_core.data import build_dataset  # noqa: E402
 from lpt_core.flops import count_flops  # noqa: E402
 from lpt_core.reference import plain_forward  # noqa: E402
+from lpt_core.trainer import branch_losses, dual_batch_loss, resolve_device  # noqa: E402
 
 NUM_CLASSES = 100
 PHASES = ("phase2", "phase1", "eval")
@@ -96,15 +97,6 @@ def build_lpt(size: Size, image_size: int, *, prompt_length: int = 10, pool_size
                group_start=depth // 2 if group_start is None else group_start)
 
 
-def make_losses(class_counts: list[int], cfg: PhaseConfig,
-                generator: torch.Generator | None = None) -> tuple[AsymmetricGCL, AsymmetricGCL]:
-    """The class-balanced and instance-balanced A-GCL losses, as ``Trainer`` builds them."""
-    common = dict(class_counts=class_counts, margin=cfg.margin, scale=cfg.scale,
-                  noise_mul=cfg.noise_mul, label_smoothing=cfg.label_smoothing, generator=generator)
-    return (AsymmetricGCL(gamma_pos=cfg.gamma_pos, gamma_neg=cfg.gamma_neg, **common),
-            AsymmetricGCL(gamma_pos=cfg.ib_gamma_pos, gamma_neg=cfg.ib_gamma_neg, **common))
-
-
 class ReferenceStep:
     """A training step as the reference code takes it: each sampling branch runs its own forward
     (``plain_forward``: two passes in phase 2) and its own backward; then one SGD-momentum step."""
@@ -138,19 +130,12 @@ class ReferenceStep:
         return loss
 
 
-def lean_forward_backward(model: LPT, phase: int, cfg: PhaseConfig, losses: tuple,
-                          images: torch.Tensor, labels: torch.Tensor, w: float) -> torch.Tensor:
-    """The loss and backward of ``Trainer.train_step`` (used to count its FLOPs on fake tensors)."""
-    loss_cb_fn, loss_ib_fn = losses
-    half = images.shape[0] // 2
+def lean_forward_backward(model: LPT, cfg: PhaseConfig, losses: tuple, images: torch.Tensor,
+                          labels: torch.Tensor, w: float) -> torch.Tensor:
+    """The forward, loss and backward of ``Trainer.train_step`` (used to count its FLOPs on fake
+    tensors, where a ``Trainer`` cannot be built)."""
     logits, aux = model(images)
-    loss_cb = loss_cb_fn(logits[:half], labels[:half])
-    loss_ib = loss_ib_fn(logits[half:], labels[half:])
-    if phase == 2:
-        match = aux["match_per_image"]
-        loss_cb = loss_cb - cfg.match_weight * match[:half].mean()
-        loss_ib = loss_ib - cfg.match_weight * match[half:].mean()
-    loss = loss_cb + w * loss_ib
+    loss = dual_batch_loss(logits, aux, labels, losses, w, cfg.match_weight)
     loss.backward()
     return loss.detach()
 
@@ -168,7 +153,7 @@ def count_variant_flops(size: Size, image_size: int, prompt_kwargs: dict, batch:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     cfg = PhaseConfig(batch_size=batch)
-    losses = make_losses(list(range(NUM_CLASSES, 0, -1)), cfg)  # real buffers, built outside fake mode
+    losses = branch_losses(list(range(NUM_CLASSES, 0, -1)), cfg)  # real buffers, built outside fake mode
     with torch.device("meta"):
         model = build_lpt(size, image_size, **prompt_kwargs)
     n = 2 * batch
@@ -186,7 +171,7 @@ def count_variant_flops(size: Size, image_size: int, prompt_kwargs: dict, batch:
             out["reference"][f"phase{phase}"] = count_flops(
                 lambda: ref.forward_backward(images, labels, w)) / n / 1e9
             out["lean"][f"phase{phase}"] = count_flops(
-                lambda: lean_forward_backward(model, phase, cfg, losses, images, labels, w)) / n / 1e9
+                lambda: lean_forward_backward(model, cfg, losses, images, labels, w)) / n / 1e9
         if "eval" in phases:
             model.set_phase(2).eval()
             with torch.no_grad():
@@ -410,8 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _run(args: argparse.Namespace) -> dict:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
     if args.compile and not cuda:
         print("note: --compile on CPU uses inductor's C++ backend; compiling takes minutes", flush=True)
@@ -451,36 +435,32 @@ def _run(args: argparse.Namespace) -> dict:
     images = torch.randn(2 * batch, 3, image_size, image_size, device=device, generator=gen)
     labels = torch.randint(0, NUM_CLASSES, (2 * batch,), device=device, generator=gen)
     w = 0.5  # the instance-balanced branch weight of the first epoch
-    losses = tuple(l.to(device) for l in make_losses(
+    losses = tuple(loss.to(device) for loss in branch_losses(
         data.class_counts, cfg, torch.Generator(device=device).manual_seed(1)))
+
+    def inference(forward: Callable, amp: bool) -> Callable[[], object]:
+        def infer():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                return forward(images)
+        return infer
+
+    def phase_runs(m: LPT, step: Callable[[int], object], forward: Callable,
+                   amp: bool) -> dict[str, tuple[Callable, Callable]]:
+        """(setup, call) per phase: the training steps ``step(phase)``, eval ``forward(images)``."""
+        return {"phase2": (lambda: m.set_phase(2).train(), lambda: step(2)),
+                "phase1": (lambda: m.set_phase(1).train(), lambda: step(1)),
+                "eval": (lambda: m.set_phase(2).eval(), inference(forward, amp))}
 
     def lean_runs(m: LPT) -> dict[str, tuple[Callable, Callable]]:
         trainers = {p: Trainer(m, data, p, cfg, device=device, log=None) for p in (1, 2)}
-        def step(p):
-            return lambda: trainers[p].train_step(images, labels, w)
-        def evaluate():
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                return m(images)
-        return {"phase2": (lambda: m.set_phase(2).train(), step(2)),
-                "phase1": (lambda: m.set_phase(1).train(), step(1)),
-                "eval": (lambda: m.set_phase(2).eval(), evaluate)}
+        return phase_runs(m, lambda p: trainers[p].train_step(images, labels, w), m, cuda)
 
     def reference_runs(m: LPT, amp: bool) -> dict[str, tuple[Callable, Callable]]:
         ref = {p: ReferenceStep(m, p, cfg, losses, amp=amp) for p in (1, 2)}
-        def step(p):
-            return lambda: ref[p](images, labels, w)
-        def evaluate():
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                return plain_forward(m, images)
-        return {"phase2": (lambda: m.set_phase(2).train(), step(2)),
-                "phase1": (lambda: m.set_phase(1).train(), step(1)),
-                "eval": (lambda: m.set_phase(2).eval(), evaluate)}
+        return phase_runs(m, lambda p: ref[p](images, labels, w), lambda x: plain_forward(m, x), amp)
 
     def timm_runs(m: LPT) -> dict[str, tuple[Callable, Callable]]:
-        def infer():
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                return m.backbone(images)
-        return {"eval": (lambda: m.eval(), infer)}
+        return {"eval": (lambda: m.eval(), inference(m.backbone, cuda))}
 
     lean_precision = "bf16" if cuda else "fp32"
     variants: list[tuple[str, str, Callable[[], dict]]] = [

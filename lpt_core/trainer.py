@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -80,6 +80,51 @@ def make_loader(dataset: Dataset, device: torch.device, num_workers: int, **kwar
                       persistent_workers=num_workers > 0, **kwargs)
 
 
+def branch_losses(class_counts: list[int], cfg: PhaseConfig, generator: torch.Generator | None = None
+                  ) -> tuple[AsymmetricGCL, AsymmetricGCL]:
+    """The class-balanced and the instance-balanced A-GCL of ``cfg``: one cloud, margin, scale and
+    smoothing (and noise ``generator``), each branch with its own gammas."""
+    common = dict(class_counts=class_counts, margin=cfg.margin, scale=cfg.scale,
+                  noise_mul=cfg.noise_mul, label_smoothing=cfg.label_smoothing, generator=generator)
+    return (AsymmetricGCL(gamma_pos=cfg.gamma_pos, gamma_neg=cfg.gamma_neg, **common),
+            AsymmetricGCL(gamma_pos=cfg.ib_gamma_pos, gamma_neg=cfg.ib_gamma_neg, **common))
+
+
+def dual_batch_loss(logits: torch.Tensor, aux: dict, labels: torch.Tensor,
+                    losses: tuple[AsymmetricGCL, AsymmetricGCL], w: float,
+                    match_weight: float) -> torch.Tensor:
+    """``AGCL_cb - m*match_cb + w * (AGCL_ib - m*match_ib)`` of a dual batch (class-balanced half
+    first, ``losses`` as ``branch_losses`` gives them); the match terms where ``aux`` has them
+    (phase 2)."""
+    loss_cb_fn, loss_ib_fn = losses
+    half = logits.shape[0] // 2
+    loss_cb = loss_cb_fn(logits[:half], labels[:half])
+    loss_ib = loss_ib_fn(logits[half:], labels[half:])
+    match = aux.get("match_per_image")
+    if match is not None:
+        loss_cb = loss_cb - match_weight * match[:half].mean()
+        loss_ib = loss_ib - match_weight * match[half:].mean()
+    return loss_cb + w * loss_ib
+
+
+@torch.no_grad()
+def predict_batches(model: LPT, loader: DataLoader, device: torch.device,
+                    batch_transform: Callable | None = None
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """``(logits, labels, aux)`` of each batch of ``loader`` on ``device``: eval mode, no grad, bf16
+    autocast on CUDA; the model's training mode is restored when the loop ends."""
+    was_training = model.training
+    model.eval()
+    try:
+        for images, labels in loader:
+            images, labels = to_device(images, labels, device, batch_transform)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits, aux = model(images)
+            yield logits, labels, aux
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(model: LPT, dataset: Dataset, class_counts: list[int], *, batch_size: int = 256,
              num_workers: int = 0, device: torch.device | None = None,
@@ -88,16 +133,11 @@ def evaluate(model: LPT, dataset: Dataset, class_counts: list[int], *, batch_siz
     ``prompt_usage`` [C, P]: how often images of each class selected each group prompt."""
     device = device or next(model.parameters()).device
     loader = loader or make_loader(dataset, device, num_workers, batch_size=batch_size)
-    was_training = model.training
-    model.eval()
     c = model.num_classes
     correct = torch.zeros(c, dtype=torch.long, device=device)
     total = torch.zeros(c, dtype=torch.long, device=device)
     usage = torch.zeros(c, model.pool_size, dtype=torch.long, device=device)
-    for images, labels in loader:
-        images, labels = to_device(images, labels, device, batch_transform)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits, aux = model(images)
+    for logits, labels, aux in predict_batches(model, loader, device, batch_transform):
         ok, n = confusion_counts(logits.argmax(dim=1), labels, c)
         correct += ok
         total += n
@@ -105,7 +145,6 @@ def evaluate(model: LPT, dataset: Dataset, class_counts: list[int], *, batch_siz
             idx = aux["prompt_idx"]
             rows = labels.unsqueeze(1).expand_as(idx).flatten()
             usage.index_put_((rows, idx.flatten()), torch.ones_like(rows), accumulate=True)
-    model.train(was_training)
     out = shot_accuracy(correct, total, class_counts)
     out["per_class"] = per_class_accuracy(correct.double().cpu(), total.double().cpu()).tolist()
     if model.phase == 2:
@@ -129,14 +168,10 @@ class Trainer:
             self.model.compile_blocks(**(compile if isinstance(compile, dict) else {}))
         self.seed, self.num_workers, self.eval_batch_size = seed, num_workers, eval_batch_size
         self.log = log or (lambda msg: None)
-        counts = data.class_counts
-        self.class_counts = counts
+        self.class_counts = data.class_counts
         self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 7919 * phase)
-        loss_args = dict(class_counts=counts, margin=cfg.margin, scale=cfg.scale,
-                         noise_mul=cfg.noise_mul, label_smoothing=cfg.label_smoothing,
-                         generator=self.noise_gen)
-        self.loss_cb = AsymmetricGCL(gamma_pos=cfg.gamma_pos, gamma_neg=cfg.gamma_neg, **loss_args).to(self.device)
-        self.loss_ib = AsymmetricGCL(gamma_pos=cfg.ib_gamma_pos, gamma_neg=cfg.ib_gamma_neg, **loss_args).to(self.device)
+        self.loss_cb, self.loss_ib = (loss.to(self.device) for loss in
+                                      branch_losses(self.class_counts, cfg, self.noise_gen))
         self.sampler = DualBatchSampler(data.train_labels, data.num_classes, cfg.batch_size,
                                         cfg.per_class, seed=seed + 1009 * phase)
         self.loader = make_loader(data.train, self.device, num_workers, batch_sampler=self.sampler)
@@ -163,21 +198,14 @@ class Trainer:
     # ------------------------------------------------------------------------- training
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, w: float) -> torch.Tensor:
         """One optimiser step on a dual batch (class-balanced half first); returns the detached loss."""
-        model, cfg, device = self.model, self.cfg, self.device
+        device = self.device
         images, labels = to_device(images, labels, device, self.data.train_batch_transform)
-        half = images.shape[0] // 2
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits, aux = model(images)
-        loss_cb = self.loss_cb(logits[:half], labels[:half])
-        loss_ib = self.loss_ib(logits[half:], labels[half:])
-        if self.phase == 2:
-            match = aux["match_per_image"]
-            loss_cb = loss_cb - cfg.match_weight * match[:half].mean()
-            loss_ib = loss_ib - cfg.match_weight * match[half:].mean()
-        loss = loss_cb + w * loss_ib
+            logits, aux = self.model(images)
+        loss = dual_batch_loss(logits, aux, labels, (self.loss_cb, self.loss_ib), w, self.cfg.match_weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -17,6 +17,7 @@ leaves it alone, so the Ray nodes register and are reached at 127.0.0.2; everyth
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import pwd
@@ -43,7 +44,6 @@ LOOPBACK = "127.0.0.1"
 RAY_IP = "127.0.0.2"
 MARKER = "LPT_CLUSTER_TEST"  # env var carried by every process a test starts
 
-RAY_SERVICES = ("ray-head", "ray-worker", "ray-worker-gpu")
 SECRET_VARS = ("RAY_AUTH_TOKEN", "POSTGRES_PASSWORD")
 
 
@@ -164,14 +164,10 @@ class Proc:
     """A process in its own group, output in a log file."""
 
     def __init__(self, name: str, argv: list[str], env: dict, log: Path, cwd: Path | None = None):
-        self.name, self.argv, self.log = name, argv, Path(log)
+        self.name, self.log = name, Path(log)
         with open(self.log, "wb") as out:
             self.popen = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -275,9 +271,7 @@ def postgres_unavailable() -> str | None:
             return "running as root and there is no 'postgres' user to run PostgreSQL as"
         if not shutil.which("runuser"):
             return "running as root and `runuser` is missing (PostgreSQL refuses to run as root)"
-    try:
-        import psycopg2  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("psycopg2") is None:
         return ("psycopg2 is not installed in the venv (MLflow's PostgreSQL driver): "
                 "add \"psycopg2-binary\" to the test extra in pyproject.toml, or pip install psycopg2-binary")
     return None
@@ -295,11 +289,10 @@ class Postgres:
         self.bindir = postgres_bindir()
         self.base = Path(tempfile.mkdtemp(prefix="lpt-pg-"))
         self.data = self.base / "data"
-        self.as_user: list[str] = []
-        if os.geteuid() == 0:
-            pw = pwd.getpwnam("postgres")
-            os.chown(self.base, pw.pw_uid, pw.pw_gid)
-            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.owner = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
+        self.as_user = ["runuser", "-u", "postgres", "--"] if self.owner else []
+        if self.owner:
+            os.chown(self.base, self.owner.pw_uid, self.owner.pw_gid)
         self.started = False
 
     def _run(self, *argv: str, timeout: float = 120) -> None:
@@ -311,9 +304,8 @@ class Postgres:
     def start(self) -> "Postgres":
         pwfile = self.base / "pwfile"
         pwfile.write_text(self.password + "\n")
-        if self.as_user:
-            pw = pwd.getpwnam("postgres")
-            os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+        if self.owner:
+            os.chown(pwfile, self.owner.pw_uid, self.owner.pw_gid)
         pwfile.chmod(0o600)
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.user, f"--pwfile={pwfile}",
                   "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync")
@@ -323,25 +315,17 @@ class Postgres:
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.base / "postgres.log"),
                   "-o", opts, "-w", "-t", "120", "start", timeout=150)
         self.started = True
-        import psycopg2
-        conn = psycopg2.connect(host=LOOPBACK, port=self.port, user=self.user, password=self.password,
-                                dbname="postgres", connect_timeout=10)
+        conn = self.connect("postgres")
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(f"CREATE DATABASE {self.database}")
         conn.close()
         return self
 
-    def connect(self):
+    def connect(self, dbname: str | None = None):
         import psycopg2
         return psycopg2.connect(host=LOOPBACK, port=self.port, user=self.user, password=self.password,
-                                dbname=self.database, connect_timeout=10)
-
-    def log(self) -> str:
-        try:
-            return (self.base / "postgres.log").read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
+                                dbname=dbname or self.database, connect_timeout=10)
 
     def stop(self) -> None:
         try:
@@ -356,7 +340,7 @@ class Postgres:
 
 class LocalStack:
     """PostgreSQL, the MLflow server and a Ray head started from docker-compose.yml's commands;
-    ``add_worker`` starts ray-worker's command once more per call."""
+    ``add_workers(n)`` starts ray-worker's command n more times."""
 
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
@@ -489,9 +473,6 @@ print(json.dumps(nodes))
 
     def driver_argv(self, *extra: str, flags: dict | None = None) -> list[str]:
         return localize(command_of(self.services["driver"]), self.subst, flags) + list(extra)
-
-    def driver_env(self) -> dict:
-        return self.service_env("driver")
 
     def stop(self) -> None:
         """Everything down: the Ray nodes killed (a throwaway cluster has nothing to save), the

@@ -10,6 +10,11 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=4, embed_dim=64, num_heads=2)
 
+# the real Places-LT split lists, where this machine has them
+PLACES_LT_SPLITS = "/work/shared/data/lt-splits"
+needs_places_lt_splits = pytest.mark.skipif(not os.path.isdir(PLACES_LT_SPLITS),
+                                            reason=f"{PLACES_LT_SPLITS} (real Places-LT lists) is absent")
+
 
 def tiny_backbone(**overrides):
     from lpt_core import build_backbone

@@ -50,6 +50,10 @@ class SmokeSearch:
     def tracking_uri(self) -> str:
         return f"sqlite:///{self.db}"
 
+    def client(self):
+        from mlflow import MlflowClient
+        return MlflowClient(self.tracking_uri)
+
     @property
     def folder(self) -> Path:
         """The one search folder (``runs/prompt_pool-smoke-<time>``)."""
@@ -79,8 +83,23 @@ class SmokeSearch:
         return SmokeSearch(Path(new), self.args, self.returncode, self.stdout, self.stderr)
 
 
+def search_argv(*args: str) -> list[str]:
+    return [sys.executable, str(SEARCH), *args]
+
+
+def run_search(cwd: Path, *args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """``tune/search.py *args`` in ``cwd`` with ``search_env()``, output captured."""
+    return subprocess.run(search_argv(*args), cwd=cwd, env=search_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def runs_of(client, role: str, experiment: str = STUDY) -> list:
+    """The runs of an experiment with ``lpt.role`` = ``role`` (study, phase1, trial)."""
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], f"tags.`lpt.role` = '{role}'", max_results=500)
+
+
 def run_smoke_search(cwd: Path) -> SmokeSearch:
     """``tune/search.py`` with ``ARGS`` in ``cwd``; its exit status and output, checked by the tests."""
-    proc = subprocess.run([sys.executable, str(SEARCH), *ARGS], cwd=cwd, env=search_env(), capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+    proc = run_search(cwd, *ARGS)
     return SmokeSearch(Path(cwd).resolve(), ARGS, proc.returncode, proc.stdout, proc.stderr)

@@ -74,7 +74,7 @@ def searches(stack, prefix: str) -> set:
 def start_search(stack, tmp_path: Path, *args: str, flags: dict | None = None) -> Proc:
     argv = stack.driver_argv(*args, flags=flags)
     assert argv[1] == str(ROOT / "tune" / "search.py") and f"{stack.shared}/runs" in argv, argv
-    return Proc("search driver", argv, stack.driver_env(), tmp_path / "driver.log", cwd=tmp_path)
+    return Proc("search driver", argv, stack.service_env("driver"), tmp_path / "driver.log", cwd=tmp_path)
 
 
 def finish(proc: Proc, timeout_s: float = SEARCH_TIMEOUT_S) -> None:
@@ -221,7 +221,7 @@ def test_search_survives_losing_a_worker_node(stack, tmp_path):
         killed_at = time.time()
         stack.workers[1].kill()
         print(f"killed worker 2 while trial {victim[0]} was past epoch {victim[2]}")
-        finish(proc, SEARCH_TIMEOUT_S)
+        finish(proc)
     finally:
         proc.stop()
     print(f"the search finished {time.time() - killed_at:.0f} s after the kill")

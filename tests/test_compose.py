@@ -33,7 +33,7 @@ def services(env_values):
 
 @pytest.fixture(scope="module")
 def raw():
-    return yaml.safe_load(COMPOSE_FILE.read_text())
+    return load_compose()
 
 
 def docker_compose() -> str:
@@ -133,7 +133,7 @@ def test_the_env_file_stays_out_of_git():
 
 def test_one_shared_volume_at_one_path(raw, services):
     assert "shared" in raw["volumes"]
-    for name in (*RAY_PROCESSES,):
+    for name in RAY_PROCESSES:
         volumes = [str(v) for v in services[name]["volumes"]]
         assert f"shared:{SHARED}" in volumes, f"{name}: {volumes}"
         data = [v for v in volumes if v.endswith(":/data:ro")]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
+from conftest import PLACES_LT_SPLITS, needs_places_lt_splits
 from lpt_core.data import (BatchTransform, EncodedBatch, build_dataset, build_manifest, manifest_hash,
                            write_manifest)
 from lpt_core.data.base import LTData
@@ -19,7 +20,6 @@ from lpt_core.data.transforms import train_transform
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision.io
 
-SPLITS_DIR = "/work/shared/data/lt-splits"
 SYNTH = {"name": "synthetic", "num_classes": 4, "imbalance_ratio": 4, "max_per_class": 12,
          "val_per_class": 3, "test_per_class": 2, "image_size": 32, "seed": 0}
 
@@ -143,9 +143,9 @@ def test_manifest_of_files_is_root_independent(tmp_path):
     assert manifest_hash(a) != manifest_hash(build_dataset(spec(tmp_path / "b")))
 
 
-@pytest.mark.skipif(not os.path.isdir(SPLITS_DIR), reason=f"{SPLITS_DIR} (real Places-LT lists) is absent")
+@needs_places_lt_splits
 def test_manifest_hash_is_cheap_at_places_lt_size():
-    splits = [FileImages("/nonexistent", read_list(os.path.join(SPLITS_DIR, f"Places_LT_{s}.txt")))
+    splits = [FileImages("/nonexistent", read_list(os.path.join(PLACES_LT_SPLITS, f"Places_LT_{s}.txt")))
               for s in ("train", "val", "test")]
     data = LTData(*splits, train_labels=splits[0].labels, num_classes=365,
                   class_names=[f"class_{i}" for i in range(365)])

@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import PLACES_LT_SPLITS, needs_places_lt_splits
 from lpt_core.data import EncodedBatch, build_dataset, long_tail_counts
 from lpt_core.data.files import read_list
 from lpt_core.trainer import to_device
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision.io
 
-SPLITS_DIR = "/work/shared/data/lt-splits"
 COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (200, 200, 20)]
 
 
@@ -73,9 +73,9 @@ def test_list_dataset_reads_the_lists(places, tmp_path, monkeypatch):
     assert build_dataset(list_spec(places, val_list="places/val.txt")).val.paths == data.val.paths
 
 
-@pytest.mark.skipif(not os.path.isdir(SPLITS_DIR), reason=f"{SPLITS_DIR} (real Places-LT lists) is absent")
+@needs_places_lt_splits
 def test_parser_on_the_real_places_lt_lists():
-    lists = {s: read_list(os.path.join(SPLITS_DIR, f"Places_LT_{s}.txt")) for s in ("train", "val", "test")}
+    lists = {s: read_list(os.path.join(PLACES_LT_SPLITS, f"Places_LT_{s}.txt")) for s in ("train", "val", "test")}
     assert [len(lists[s].paths) for s in ("train", "val", "test")] == [62_500, 7_300, 36_500]
     counts = Counter(lists["train"].labels)
     assert len(counts) == 365 and set(counts) == set(range(365))

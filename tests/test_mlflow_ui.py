@@ -14,20 +14,16 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from mlflow import MlflowClient
 
-from smoke_search import TRIALS as SMOKE_TRIALS
+from cluster_fixtures import Proc, free_port, wait_http
+from smoke_search import TRIALS as SMOKE_TRIALS, runs_of, search_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -43,56 +39,27 @@ def need_browser():
     pytest.importorskip("selenium", reason="selenium is not installed (it is in the project's test extra)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env.update(HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
-               SE_OFFLINE="true", **extra)
-    return env
-
-
 @pytest.fixture
-def smoke_db(request):
-    """The MLflow store of the session's shared smoke search (conftest.py); read only."""
+def smoke(request):
+    """The session's shared smoke search (conftest.py); read only."""
     need_browser()  # before the minutes of training
     search = request.getfixturevalue("smoke_search")
     assert search.returncode == 0, search.stderr[-3000:]
-    return search.cwd / "mlflow.db"
+    return search
 
 
 @pytest.fixture
-def mlflow_server(smoke_db, tmp_path):
+def mlflow_server(smoke, tmp_path):
     port = free_port()
-    log = open(tmp_path / "mlflow-server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{smoke_db}",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=tmp_path, env=clean_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Proc("mlflow server", [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", smoke.tracking_uri,
+                                    "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                  search_env(), tmp_path / "mlflow-server.log", cwd=tmp_path)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
     try:
-        while True:
-            assert server.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "mlflow server did not answer /health in 180 s"
-            time.sleep(1)
+        wait_http(f"{base}/health", 180, server)
         yield base
     finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)   # the server's own session: uvicorn and its worker
-            server.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+        server.stop(grace_s=30)   # the server's own session: uvicorn and its worker
 
 
 @pytest.fixture
@@ -209,16 +176,16 @@ def shrink_png(src: Path, dst: Path, limit: int = 300_000) -> None:
     assert dst.stat().st_size < limit
 
 
-def test_mlflow_ui_shows_the_trial_runs_with_params_and_metrics(smoke_db, mlflow_server, browser, tmp_path):
+def test_mlflow_ui_shows_the_trial_runs_with_params_and_metrics(smoke, mlflow_server, browser, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    client = MlflowClient(f"sqlite:///{smoke_db}")
+    client = smoke.client()
     exp = client.get_experiment_by_name("prompt_pool").experiment_id
-    parents = client.search_runs([exp], "tags.`lpt.role` = 'study'")
+    parents = runs_of(client, "study")
     assert len(parents) == 1
     parent = parents[0]
-    trials = {r.data.tags["lpt.trial_id"]: r for r in client.search_runs([exp], "tags.`lpt.role` = 'trial'")}
+    trials = {r.data.tags["lpt.trial_id"]: r for r in runs_of(client, "trial")}
     table = pq.read_table(Path(parent.data.tags["lpt.storage"]) / "trials.parquet").to_pylist()
     assert len(trials) == SMOKE_TRIALS == len(table)
 

@@ -154,7 +154,7 @@ def test_backbone_without_class_token_is_refused():
         LPT(nn.Linear(3, 3), 5)
 
 
-def test_any_depth_width_patch(backbone):
+def test_any_depth_width_patch():
     bb = tiny_backbone(depth=3, embed_dim=48, num_heads=3, patch_size=4)
     model = LPT(bb, 3, prompt_length=2, pool_size=3, top_k=3, group_start=1).set_phase(2)
     logits, aux = model(torch.randn(2, 3, 32, 32))

@@ -4,7 +4,7 @@ real arrays, tables and a real MLflow store; one slow test on the session's fini
 import csv
 import json
 import math
-import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +16,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from smoke_search import TRIALS as SMOKE_TRIALS
+from smoke_search import TRIALS as SMOKE_TRIALS, runs_of, search_env
 
 from tune import mlflow_tracking as mt
 from tune import search_report, trial_report
@@ -312,13 +312,10 @@ def test_report_cli_rebuilds_a_search_from_mlflow_and_the_table(store, tmp_path,
 @pytest.mark.slow
 def test_report_of_a_finished_smoke_search(smoke_search, tmp_path):
     # the session's shared smoke search (conftest.py; SMOKE_TRIALS trials): read here, rebuilt on a copy below
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env.update(HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0")
     assert smoke_search.returncode == 0, smoke_search.stderr[-3000:]
     assert "report: " in smoke_search.stdout
-    client = MlflowClient(f"sqlite:///{smoke_search.cwd / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("prompt_pool")
-    parents = client.search_runs([exp.experiment_id], "tags.`lpt.role` = 'study'")
+    client = smoke_search.client()
+    parents = runs_of(client, "study")
     assert len(parents) == 1
     parent = parents[0]
     folder = Path(parent.data.tags["lpt.storage"])
@@ -330,7 +327,7 @@ def test_report_of_a_finished_smoke_search(smoke_search, tmp_path):
     assert "lpt.report_error" not in parent.data.tags
 
     # each trial that ran every epoch has its validation figures and the usage entropy
-    trials = client.search_runs([exp.experiment_id], "tags.`lpt.role` = 'trial'")
+    trials = runs_of(client, "trial")
     completed = {r["mlflow_run_id"] for r in rows if r["status"] == "completed"}
     assert completed
     for run in trials:
@@ -346,14 +343,13 @@ def test_report_of_a_finished_smoke_search(smoke_search, tmp_path):
         assert diag["phase1"] is not None and diag["acc"] == pytest.approx(run.data.metrics["val_acc"])
 
     # rebuild from MLflow and the table alone, after the first report is gone (on a copy: the search is shared)
-    import shutil
     copy = smoke_search.copy_to(tmp_path / "search")
-    copied = MlflowClient(f"sqlite:///{copy.cwd / 'mlflow.db'}").get_run(parent.info.run_id)
+    copied = copy.client().get_run(parent.info.run_id)
     folder = Path(copied.data.tags["lpt.storage"])
     assert folder == copy.folder and folder.is_relative_to(tmp_path.resolve())
     shutil.rmtree(folder / "report")
     proc = subprocess.run([sys.executable, str(ROOT / "tune" / "report.py"), "--study", "prompt_pool"], cwd=copy.cwd,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=search_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(folder / "report") in proc.stdout
     rebuilt = {p.name for p in (folder / "report").iterdir()}

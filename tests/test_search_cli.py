@@ -1,17 +1,14 @@
 """The CLI's checks before Ray starts: bad input exits 2 with one line naming the key; an
 unreachable service exits 1 naming the address; --dry-run describes the search and trains nothing."""
 
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tune.search import main  # noqa: E402
+from cluster_fixtures import free_port
+from smoke_search import search_argv
+from tune.search import main
 
 GOOD_STUDY = {"objective": {"metric": "val_acc", "mode": "max"}, "budget": {"trials": 2, "concurrency": 1},
               "space": {"pool_size": {"type": "int", "low": 4, "high": 8}}}
@@ -122,12 +119,6 @@ def test_dry_run_counts_phase1_trainings_per_prompt_length(capsys):
     assert "phase-1 trainings: up to 4 (one per prompt_length in [2, 5, 10, 20]" in capsys.readouterr().out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_services_exit_1_naming_the_address(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     study = write(tmp_path, "s", GOOD_STUDY)
@@ -144,8 +135,8 @@ def test_unreachable_services_exit_1_naming_the_address(tmp_path, capsys, monkey
 
 
 def test_the_real_cli_prints_one_line_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "tune" / "search.py"), "--study", "prompt_pool",
-                           "--set", "phase1.lr=-1", "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(search_argv("--study", "prompt_pool", "--set", "phase1.lr=-1", "--dry-run"),
+                          capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith("phase1.lr: must be > 0, got -1")
     assert len(proc.stderr.strip().splitlines()) == 1

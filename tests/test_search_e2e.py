@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,19 +11,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from smoke_search import TRIALS as SMOKE_TRIALS, search_env
+from smoke_search import TRIALS as SMOKE_TRIALS, run_search, runs_of, search_argv, search_env
 
-ROOT = Path(__file__).resolve().parents[1]
-SEARCH = ROOT / "tune" / "search.py"
 pytestmark = pytest.mark.slow
-
-
-def search_cmd(*args):
-    return [sys.executable, str(SEARCH), *args]
-
-
-def env_for(tmp_path, **extra):
-    return search_env(**extra)
 
 
 def kill_session(sid: int) -> None:
@@ -38,24 +27,12 @@ def kill_session(sid: int) -> None:
                 pass
 
 
-def one_search(tmp_path) -> Path:
-    folders = [p for p in (tmp_path / "runs").iterdir() if (p / "search.json").exists()]
-    assert len(folders) == 1
-    return folders[0]
-
-
-def runs_of(client, role):
-    exp = client.get_experiment_by_name("prompt_pool")
-    return client.search_runs([exp.experiment_id], f"tags.`lpt.role` = '{role}'", max_results=500)
-
-
 def test_smoke_search_records_every_trial(smoke_search, tmp_path):
     # the session's shared smoke search (conftest.py): `search.py --study prompt_pool --trials 6`
     assert smoke_search.args == ("--study", "prompt_pool", "--trials", str(SMOKE_TRIALS)) and SMOKE_TRIALS == 6
     assert smoke_search.returncode == 0, smoke_search.stderr[-3000:]
     assert "best trial" in smoke_search.stdout and "test:" in smoke_search.stdout
-    folder = one_search(smoke_search.cwd)
-    assert folder == smoke_search.folder
+    folder = smoke_search.folder   # the one search folder
     table = pq.read_table(folder / "trials.parquet").to_pylist()
     assert len(table) == 6 and len({r["trial_id"] for r in table}) == 6
     assert {"trial_id", "status", "pool_size", "top_k", "group_start", "val_acc", "mlflow_run_id",
@@ -64,7 +41,7 @@ def test_smoke_search_records_every_trial(smoke_search, tmp_path):
     assert statuses.count("early_stopped") >= 1 and statuses.count("completed") >= 1
     assert all(r["top_k"] <= r["pool_size"] and 2 <= r["group_start"] <= 3 for r in table)
 
-    client = MlflowClient(f"sqlite:///{smoke_search.cwd / 'mlflow.db'}")
+    client = smoke_search.client()
     parents, trials, phase1 = runs_of(client, "study"), runs_of(client, "trial"), runs_of(client, "phase1")
     assert len(parents) == 1 and len(phase1) == 1   # one prompt length: one phase-1 training
     assert len(trials) == 6
@@ -92,10 +69,9 @@ def test_smoke_search_records_every_trial(smoke_search, tmp_path):
 
     # a second search on the same storage reuses phase 1 (on a copy: the first search is shared)
     copy = smoke_search.copy_to(tmp_path)
-    proc = subprocess.run(search_cmd("--study", "prompt_pool", "--trials", "1"), cwd=copy.cwd,
-                          env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    proc = run_search(copy.cwd, "--study", "prompt_pool", "--trials", "1", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    copy_client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    copy_client = copy.client()
     assert len(runs_of(copy_client, "phase1")) == 1 and len(runs_of(copy_client, "study")) == 2
     assert len(runs_of(copy_client, "trial")) == 7
     assert all(run.info.artifact_uri.startswith(tmp_path.resolve().as_uri()) for run in runs_of(copy_client, "trial"))
@@ -105,7 +81,7 @@ def test_smoke_search_records_every_trial(smoke_search, tmp_path):
 def test_sigkill_then_resume_finishes_the_budget_once(tmp_path):
     budget = 5
     args = ("--study", "prompt_pool", "--trials", str(budget), "--set", "phase2.epochs=3")
-    driver = subprocess.Popen(search_cmd(*args), cwd=tmp_path, env=env_for(tmp_path), start_new_session=True,
+    driver = subprocess.Popen(search_argv(*args), cwd=tmp_path, env=search_env(), start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
     table = None
@@ -121,8 +97,7 @@ def test_sigkill_then_resume_finishes_the_budget_once(tmp_path):
     driver.wait()
     finished_before = pq.read_table(table).num_rows
 
-    proc = subprocess.run(search_cmd(*args, "--resume"), cwd=tmp_path, env=env_for(tmp_path),
-                          capture_output=True, text=True, timeout=600)
+    proc = run_search(tmp_path, *args, "--resume", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = pq.read_table(table).to_pylist()
     assert len(rows) == budget and len({r["trial_id"] for r in rows}) == budget
@@ -141,8 +116,7 @@ def test_diverging_trials_fail_and_the_search_goes_on(tmp_path):
              "space": {"scale": {"type": "choice", "values": [20.0, 1.0e+38]}}}
     path = tmp_path / "diverge.yaml"
     path.write_text(yaml.safe_dump(study))
-    proc = subprocess.run(search_cmd("--study", str(path), "--set", "phase2.epochs=1"), cwd=tmp_path,
-                          env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    proc = run_search(tmp_path, "--study", str(path), "--set", "phase2.epochs=1", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = pq.read_table(next((tmp_path / "runs").glob("diverge-smoke-*/trials.parquet"))).to_pylist()
     assert len(rows) == 4
@@ -150,8 +124,6 @@ def test_diverging_trials_fail_and_the_search_goes_on(tmp_path):
     assert failed and len(failed) < 4
     assert all(r["scale"] == 1e38 and "train_loss is nan" in r["error"] for r in failed)
     assert all(r["status"] == "completed" and r["scale"] == 20.0 for r in rows if r not in failed)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("diverge")
-    runs = client.search_runs([exp.experiment_id], "tags.`lpt.role` = 'trial'")
+    runs = runs_of(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "trial", "diverge")
     bad = [r for r in runs if r.info.status == "FAILED"]
     assert len(bad) == len(failed) and all("train_loss is nan" in r.data.tags["lpt.error"] for r in bad)

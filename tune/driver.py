@@ -23,12 +23,12 @@ from ray.tune.search.optuna import OptunaSearch
 from . import mlflow_tracking as mt
 from .search_report import log_search_report
 from .search_space import DefineByRun
-from .study_config import ConfigError, objective_of
-from .trainable import SHOT_METRICS, SearchSetup, confirm_seed, evaluate_prompts, run_trial
-from .trial_table import COMPLETED, TrialTable, read_rows, trial_row, write_table
+from .study_config import SHOT_KEYS, ConfigError, error_line, objective_of, phase2_epochs
+from .trainable import SearchSetup, confirm_seed, evaluate_prompts, run_trial
+from .trial_table import (COMPLETED, TABLE_FILE, TrialTable, best_row, last_line, prompt_path, read_rows,
+                          status_counts, trial_row, write_table)
 
 SEARCH_FILE = "search.json"
-TABLE_FILE = "trials.parquet"
 
 
 def start_ray(address: str | None) -> None:
@@ -87,17 +87,15 @@ def open_search(plan, args, client: MlflowClient, uri: str) -> tuple[Path, dict,
 
 def make_tuner(plan, folder: Path, setup: SearchSetup, client: MlflowClient, resume: bool) -> tune.Tuner:
     study, profile = plan.study, plan.profile
-    metrics, modes = objective_of(study)
+    metrics, modes = objective_of(study["objective"])
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                     {"cpu": profile["resources"]["cpu"], "gpu": profile["resources"]["gpu"]})
-    epochs = profile["phase2"].get("epochs", 10)
-    table = TrialTable(folder / TABLE_FILE, list(study["space"]), epochs, client,
-                       study["budget"]["trials"], metrics[0])
+    epochs = phase2_epochs(profile)
     if resume:
-        if tune.Tuner.can_restore(str(folder)):
-            return tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True), table
+        if tune.Tuner.can_restore(str(folder)):  # with the trial table callback it was started with
+            return tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
         print(f"{folder}: the search stopped before Tune saved its state; starting its trials again", flush=True)
-        table.rows = {}
+    table = TrialTable(folder / TABLE_FILE, list(study["space"]), epochs, client, study["budget"]["trials"], metrics[0])
     single = len(metrics) == 1
     searcher = OptunaSearch(space=DefineByRun(study["space"], profile["model"], plan.depth),
                             metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
@@ -112,21 +110,12 @@ def make_tuner(plan, folder: Path, setup: SearchSetup, client: MlflowClient, res
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[table], verbose=0)
     return tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
         search_alg=ConcurrencyLimiter(searcher, max_concurrent=study["budget"]["concurrency"]),
-        scheduler=scheduler, num_samples=study["budget"]["trials"])), table
+        scheduler=scheduler, num_samples=study["budget"]["trials"]))
 
 
 def on_resources(fn, profile: dict):
     r = profile["resources"]
     return ray.remote(num_cpus=r["cpu"], num_gpus=r["gpu"], max_retries=2)(fn)
-
-
-def summarise(rows: list[dict], metrics: list[str], modes: list[str]) -> dict | None:
-    """The best completed trial by the first objective metric."""
-    done = [r for r in rows if r["status"] == COMPLETED and not math.isnan(r.get(metrics[0], math.nan))]
-    if not done:
-        return None
-    sign = 1 if modes[0] == "max" else -1
-    return max(done, key=lambda r: sign * r[metrics[0]])
 
 
 def pareto(rows: list[dict], metrics: list[str], modes: list[str]) -> list[str]:
@@ -165,8 +154,8 @@ def run_on_ray(plan, args, uri: str) -> int:
     client = MlflowClient(uri)
     folder, record, resume = open_search(plan, args, client, uri)
     parent_id = record["parent_run_id"]
-    metrics, modes = objective_of(plan.study)
-    setup = SearchSetup(study=plan.study_name, profile_name=plan.profile_name, profile=plan.profile,
+    metrics, modes = objective_of(plan.study["objective"])
+    setup = SearchSetup(profile_name=plan.profile_name, profile=plan.profile,
                         manifest_hash=plan.manifest_hash, search_dir=str(folder),
                         cache_dir=str(plan.storage / "phase1-cache"), tracking_uri=uri,
                         experiment_id=record["experiment_id"], parent_run_id=parent_id,
@@ -175,27 +164,24 @@ def run_on_ray(plan, args, uri: str) -> int:
     print(f"search folder: {folder}\nMLflow: {uri} (experiment '{plan.study_name}', parent run {parent_id})", flush=True)
     started = time.time()
     try:
-        tuner, table = make_tuner(plan, folder, setup, client, resume)
-        grid = tuner.fit()
-        rows = dict(read_rows(folder / TABLE_FILE))
-        epochs = plan.profile["phase2"].get("epochs", 10)
-        for result in grid:  # trials that ended before a resume are in the grid too
+        grid = make_tuner(plan, folder, setup, client, resume).fit()
+        rows = read_rows(folder / TABLE_FILE)
+        epochs = phase2_epochs(plan.profile)
+        for result in grid:  # a trial that ended without a row (the search was killed right after it)
             tid = (result.metrics or {}).get("trial_id")
             if tid and tid not in rows:
-                error = str(result.error).strip().splitlines()[-1][:500] if result.error else None
+                error = last_line(result.error) if result.error else None
                 rows[tid] = trial_row(tid, result.config or {}, list(plan.study["space"]), result.metrics, epochs, error)
-        write_table(list(rows.values()), folder / TABLE_FILE)
         rows = list(rows.values())
+        write_table(rows, folder / TABLE_FILE)
         wrap_up(plan, args, setup, client, folder, rows, metrics, modes, time.time() - started)
     except KeyboardInterrupt:
         client.set_terminated(parent_id, "KILLED")
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130
     except Exception as exc:
-        client.set_terminated(parent_id, "FAILED")
-        mt.log(client, parent_id, tags={"lpt.error": f"{type(exc).__name__}: {exc}"[:5000]})
-        print(f"error: the search failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
-              file=sys.stderr)
+        mt.fail_run(client, parent_id, exc)
+        print(f"error: the search failed: {error_line(exc)}", file=sys.stderr)
         return 1
     return 0 if any(r["status"] == COMPLETED for r in rows) else 1
 
@@ -203,15 +189,15 @@ def run_on_ray(plan, args, uri: str) -> int:
 def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, rows: list[dict],
             metrics: list[str], modes: list[str], seconds: float) -> None:
     parent_id = setup.parent_run_id
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "early_stopped", "failed")}
+    counts = status_counts(rows)
     summary = {"trials_" + k: v for k, v in counts.items()}
     summary["search_wall_s"] = seconds
-    best = summarise(rows, metrics, modes)
+    best = best_row(rows, metrics[0], modes[0])
     lines = [f"\n{len(rows)} trials: {counts['completed']} completed, {counts['early_stopped']} stopped early "
              f"by ASHA, {counts['failed']} failed ({seconds:.0f} s)"]
     if best is not None:
         config = {p: best[p] for p in plan.study["space"]}
-        prompt_file = folder / "prompts" / f"{best['trial_id']}.safetensors"
+        prompt_file = prompt_path(folder, best["trial_id"])
         test = ray.get(on_resources(evaluate_prompts, plan.profile).remote(setup, config, str(prompt_file)))
         mt.log(client, best["mlflow_run_id"], metrics=test, tags={"lpt.best": "true"})
         summary.update({f"best_{k}": v for k, v in {**{m: best[m] for m in metrics}, **test}.items()})
@@ -229,13 +215,14 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
             print(f"confirming the best config with seeds {seeds} ...", flush=True)
             task = on_resources(confirm_seed, plan.profile)
             results = ray.get([task.remote(setup, config, s) for s in seeds])
-            for k in (f"test_{m}" for m in SHOT_METRICS):
+            keys = [f"test_{m}" for m in SHOT_KEYS]
+            for k in keys:
                 values = [r[k] for r in results]
                 summary[f"confirm_{k}_mean"] = statistics.fmean(values)
                 summary[f"confirm_{k}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             lines.append(f"  confirmed over {len(seeds)} seeds: " + ", ".join(
                 f"{k.removeprefix('test_')} {summary[f'confirm_{k}_mean']:.2f} ± {summary[f'confirm_{k}_std']:.2f}"
-                for k in (f"test_{m}" for m in SHOT_METRICS)))
+                for k in keys))
     else:
         lines.append("no trial completed: see the table's error column and the trials' MLflow runs")
     mt.log(client, parent_id, metrics=summary)

@@ -1,4 +1,4 @@
-"""MLflow bookkeeping with DESIGN.md's names: an experiment per study, a parent run per search
+"""MLflow bookkeeping with the README's names: an experiment per study, a parent run per search
 (``lpt.role=study``), a child run per trial (``lpt.role=trial``), a run per phase-1 training
 (``lpt.role=phase1``). Everything goes through ``MlflowClient`` and ``log_batch``.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 
 ROLE, TRIAL_ID, NODE, PHASE1_KEY = "lpt.role", "lpt.trial_id", "lpt.node", "lpt.phase1_key"
 PARENT = "mlflow.parentRunId"
@@ -32,6 +32,11 @@ def resolve_tracking_uri(cwd: str | os.PathLike | None = None) -> str:
     return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / 'mlflow.db'}"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a local ``sqlite:///`` store; None for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
     if uri.startswith(("http://", "https://")):
         try:
@@ -43,17 +48,16 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ServiceError(f"MLFLOW_TRACKING_URI={uri}: cannot reach the MLflow server ({reason})") from None
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
+    elif (db := sqlite_path(uri)) is not None:
+        folder = db.parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise ServiceError(f"MLFLOW_TRACKING_URI={uri}: folder {folder} is missing or not writable")
 
 
 def local_artifact_root(uri: str) -> str | None:
     """For a local sqlite store, artifacts go beside the database (absolute, for every worker)."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return None
+    db = sqlite_path(uri)
+    return (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
 
 
 def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
@@ -86,12 +90,26 @@ def log(client: MlflowClient, run_id: str, metrics: dict | None = None, params: 
                          tags=ts if i == 0 else [])
 
 
-def find_run(client: MlflowClient, exp_id: str, **tags: str) -> str | None:
-    """The newest run with all these tags (``lpt_trial_id`` style keys map to ``lpt.trial_id``)."""
+def latest_run(client: MlflowClient, exp_id: str, **tags: str) -> Run | None:
+    """The newest run with all these tags (pass dotted names as ``**{ROLE: "study"}``), with its data."""
     clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
     runs = client.search_runs([exp_id], " and ".join(clauses), max_results=1,
                               order_by=["attributes.start_time DESC"])
-    return runs[0].info.run_id if runs else None
+    return runs[0] if runs else None
+
+
+def find_run(client: MlflowClient, exp_id: str, **tags: str) -> str | None:
+    """The id of ``latest_run``."""
+    run = latest_run(client, exp_id, **tags)
+    return run.info.run_id if run else None
+
+
+def fail_run(client: MlflowClient, run_id: str, reason: str | BaseException) -> None:
+    """End a run as FAILED with ``reason`` (an exception: its type and message) in its tag ``lpt.error``."""
+    if isinstance(reason, BaseException):
+        reason = f"{type(reason).__name__}: {reason}"
+    log(client, run_id, tags={"lpt.error": reason[:5000]})
+    client.set_terminated(run_id, "FAILED")
 
 
 def trial_run(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str, name: str,

@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script from anywhere
+if not __package__:  # run as a script from anywhere: the repository root instead of tune/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
@@ -54,11 +55,10 @@ def find_parent(client, study: str, run_id: str | None):
             raise BadInput(f"--run-id {run_id}: not a search's parent run "
                            f"(lpt.role={run.data.tags.get(mt.ROLE, 'unset')}; the parent has lpt.role=study)")
         return run
-    runs = client.search_runs([exp.experiment_id], f"tags.`{mt.ROLE}` = 'study'", max_results=1,
-                              order_by=["attributes.start_time DESC"])
-    if not runs:
+    run = mt.latest_run(client, exp.experiment_id, **{mt.ROLE: "study"})
+    if run is None:
         raise BadInput(f"--study {study}: experiment has no search (no run with lpt.role=study)")
-    return runs[0]
+    return run
 
 
 def search_folder(run, storage: str | None) -> Path:
@@ -82,17 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from mlflow import MlflowClient
 
-    from tune.mlflow_tracking import ServiceError, check_tracking_uri, resolve_tracking_uri
+    from tune import mlflow_tracking as mt
     from tune.search_report import search_report
+    from tune.study_config import error_line
     study = Path(args.study).stem if args.study.endswith((".yaml", ".yml")) else args.study
-    uri = resolve_tracking_uri()
+    uri = mt.resolve_tracking_uri()
     try:
-        check_tracking_uri(uri)
-    except ServiceError as exc:
+        mt.check_tracking_uri(uri)
+    except mt.ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        print(f"error: no MLflow store at {uri[len('sqlite:///'):]}: run this where the search ran, "
+    db = mt.sqlite_path(uri)
+    if db is not None and not db.is_file():
+        print(f"error: no MLflow store at {db}: run this where the search ran, "
               f"or set MLFLOW_TRACKING_URI", file=sys.stderr)
         return EXIT_BAD_INPUT
     client = MlflowClient(uri)
@@ -106,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         built = search_report(client, run.info.run_id, out, folder)
     except Exception as exc:
-        text = str(exc).strip()
-        print(f"error: the report failed: {type(exc).__name__}: {text.splitlines()[0] if text else ''}",
-              file=sys.stderr)
+        print(f"error: the report failed: {error_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     print(f"search {run.data.tags.get('lpt.search', run.info.run_name)} (parent run {run.info.run_id}): "
           f"{len(built['files'])} files in {out}, logged to the parent run under report/")

@@ -14,9 +14,10 @@ import socket
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script from anywhere
+if not __package__:  # run as a script from anywhere: the repository root instead of tune/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from tune.study_config import ConfigError  # noqa: E402
+from tune.study_config import ConfigError, phase2_epochs  # noqa: E402
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
@@ -55,15 +56,14 @@ class Plan:
             self.study["budget"]["trials"] = args.trials
         if args.confirm < 0:
             raise ConfigError(f"--confirm: must be >= 0, got {args.confirm}")
-        where = f"{self.profile_path}"
         absolute_paths(self.profile)
         try:
             self.data = build_dataset(self.profile["data"])
             backbone = build_backbone_from_spec(self.profile["backbone"])
         except (ValueError, FileNotFoundError) as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            raise ConfigError(f"{self.profile_path}: {exc}") from None
         self.depth = len(getattr(backbone, "blocks", []))
-        check_space(self.study["space"], self.profile["model"], self.depth, f"{self.study_path}")
+        check_space(self.study["space"], self.profile["model"], self.depth, str(self.study_path))
         self.manifest_hash = manifest_hash(self.data)
         self.storage = Path(os.path.expanduser(args.storage or os.environ.get("LPT_STORAGE", "runs"))).resolve()
         if "://" in str(args.storage or ""):
@@ -84,7 +84,7 @@ class Plan:
                  f"objective: {self.study['objective']}",
                  f"budget: {b['trials']} trials, {b['concurrency']} at a time, up to {b['max_failures']} retries each",
                  f"early stopping: {'ASHA grace %d, reduction %s' % (es['grace_period'], es['reduction_factor']) if es['enabled'] else 'off'}"
-                 f" over {self.profile['phase2']['epochs'] if 'epochs' in self.profile['phase2'] else 10} phase-2 epochs",
+                 f" over {phase2_epochs(self.profile)} phase-2 epochs",
                  f"phase-1 trainings: up to {n_phase1} (one per prompt_length in {lengths if len(lengths) <= 12 else f'{lengths[0]}..{lengths[-1]}'}; "
                  f"cached under {self.storage / 'phase1-cache'})",
                  f"resources per trial: {r['cpu']} CPU, {r['gpu']} GPU"

@@ -23,9 +23,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-
 from . import mlflow_tracking as mt
-from .trial_report import REPORT_DIR, SHOT_KEYS, _pyplot, _save, log_report_error
+from .study_config import SHOT_KEYS, error_line, objective_of
+from .trial_report import REPORT_DIR, _pyplot, _save, log_report_error
 
 
 # ============================================================================ per search: Optuna study
@@ -166,7 +166,7 @@ def search_figures(study, metrics: list[str], out: Path,
             fig.set_size_inches(max(width, 6.4), max(height, 4.2))
             files.append(_save(fig, out / f"{name}.png"))
         except Exception as exc:  # one figure Optuna cannot draw for this study must not cost the others
-            skipped[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+            skipped[name] = error_line(exc)[:300]
         finally:
             plt.close("all")
     return files, skipped
@@ -213,13 +213,10 @@ def prompt_file_params(path: Path) -> int | None:
 
 def backbone_params(spec: dict) -> int | None:
     """Parameters of the profile's backbone, counted on the meta device (no weights, no download)."""
+    from lpt_core import build_backbone_from_spec
     try:
-        import timm
-        spec = dict(spec)
-        name = spec.pop("name")
-        spec.pop("weights", None)
         with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False, num_classes=0, **spec)
+            model = build_backbone_from_spec({**spec, "weights": "random"})
         return int(sum(p.numel() for p in model.parameters()))
     except Exception:
         return None
@@ -308,40 +305,27 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
     return "\n".join(parts)
 
 
-def _best_row(rows: list[dict], metric: str, mode: str, tag: str | None) -> dict | None:
-    by_id = {r["trial_id"]: r for r in rows}
-    if tag and tag in by_id:
-        return by_id[tag]
-    done = [r for r in rows if r["status"] == "completed" and math.isfinite(r.get(metric) or math.nan)]
-    if not done:
-        return None
-    sign = 1 if mode == "max" else -1
-    return max(done, key=lambda r: sign * r[metric])
-
-
-def search_report(client, parent_run_id: str, out: str | Path, folder: str | Path | None = None,
-                  log_artifacts: bool = True) -> dict:
+def search_report(client, parent_run_id: str, out: str | Path, folder: str | Path | None = None) -> dict:
     """Build the search report of ``parent_run_id`` in ``out`` from MLflow and the search folder's
     ``trials.parquet`` (and its ``search.json`` / ``profile.yaml`` for the profile's defaults);
     log the files to the parent run under ``report/``. Returns what it built.
 
     Raises FileNotFoundError when the table is missing, KeyError for a run that is not a search."""
-    from .trial_table import read_rows
+    from .trial_table import TABLE_FILE, best_row, prompt_path, read_rows, status_counts
     parent = client.get_run(parent_run_id)
     tags, params, pm = parent.data.tags, parent.data.params, parent.data.metrics
     if tags.get(mt.ROLE) != "study":
         raise KeyError(f"run {parent_run_id} is not a search's parent run (lpt.role={tags.get(mt.ROLE)})")
     folder = Path(folder or tags.get("lpt.storage", ""))
-    table = folder / "trials.parquet"
+    table = folder / TABLE_FILE
     if not table.is_file():
         raise FileNotFoundError(f"{table}: no trial table")
     rows = list(read_rows(table).values())
     record = json.loads((folder / "search.json").read_text()) if (folder / "search.json").is_file() else {}
     study_cfg = record.get("study_config") or {}
     space = json.loads(params["space"]) if "space" in params else study_cfg.get("space", {})
-    objective = json.loads(params["objective"]) if "objective" in params else study_cfg.get("objective", {})
-    metrics = list(objective.get("metrics") or [objective.get("metric", "val_acc")])
-    modes = list(objective.get("modes") or [objective.get("mode", "max")])
+    metrics, modes = objective_of(json.loads(params["objective"]) if "objective" in params
+                                  else study_cfg.get("objective", {}))
     profile = record.get("profile")
     if profile is None and (folder / "profile.yaml").is_file():
         import yaml
@@ -365,20 +349,16 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
     figures, skipped = search_figures(study, metrics, out)
     write_csv(rows, out / "trials.csv")
 
-    best = _best_row(rows, metrics[0], modes[0], tags.get("lpt.best_trial_id"))
-    test = {}
-    if best is not None:
-        test = {f"test_{k}": pm[f"best_test_{k}"] for k in SHOT_KEYS if f"best_test_{k}" in pm}
-        run = runs.get(best["trial_id"])
-        if not test and run is not None:
-            test = {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
-    extra = None
+    by_id = {r["trial_id"]: r for r in rows}
+    best = by_id.get(tags.get("lpt.best_trial_id")) or best_row(rows, metrics[0], modes[0])
+    test, extra = {}, None
     if best is not None:
         run = runs.get(best["trial_id"])
-        if run is not None and "extra_params" in run.data.metrics:
-            extra = int(run.data.metrics["extra_params"])
-        else:
-            extra = prompt_file_params(folder / "prompts" / f"{best['trial_id']}.safetensors")
+        best_metrics = run.data.metrics if run is not None else {}
+        test = ({f"test_{k}": pm[f"best_test_{k}"] for k in SHOT_KEYS if f"best_test_{k}" in pm}
+                or {k: v for k, v in best_metrics.items() if k.startswith("test_")})
+        extra = (int(best_metrics["extra_params"]) if "extra_params" in best_metrics
+                 else prompt_file_params(prompt_path(folder, best["trial_id"])))
     sign = 1 if modes[0] == "max" else -1
 
     def rank(r: dict) -> tuple:
@@ -386,7 +366,7 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
         ok = isinstance(v, (int, float)) and math.isfinite(v)
         return (r["status"] != "completed", not ok, -sign * v if ok else 0.0)
     ranked = sorted(rows, key=rank)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "early_stopped", "failed")}
+    counts = status_counts(rows)
     info = {"name": tags.get("lpt.search", parent.info.run_name), "study": params.get("study", record.get("study")),
             "profile": params.get("profile", record.get("profile_name")), "metrics": metrics, "modes": modes,
             "counts": {**counts, "total": len(rows)}, "search_wall_s": pm.get("search_wall_s"),
@@ -397,8 +377,7 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
             "pareto": [t for t in tags.get("lpt.pareto_trials", "").split(",") if t], "top": ranked[:10]}
     (out / "summary.html").write_text(summary_html(info, figures, skipped))
     files = sorted(p for p in out.iterdir() if p.is_file())
-    if log_artifacts:
-        client.log_artifacts(parent_run_id, str(out), REPORT_DIR)
+    client.log_artifacts(parent_run_id, str(out), REPORT_DIR)
     return {"out": out, "files": files, "skipped": skipped, "best": best, "study": study}
 
 

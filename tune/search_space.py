@@ -75,16 +75,18 @@ def describe(space: dict, depth: int) -> list[str]:
             lines.append(f"{name}: one of {spec['values']}")
             continue
         extra = (f" step {spec['step']}" if "step" in spec else "") + (" (log)" if spec.get("log") else "")
-        if name == "group_start" and (spec["low"] < 1 or spec["high"] > depth - 1):
-            extra += f" (here {max(spec['low'], 1)}..{min(spec['high'], depth - 1)}: the backbone has {depth} blocks)"
+        if name == "group_start":
+            low, high = int_bounds(name, spec, {}, depth)  # what the trials can sample
+            if (low, high) != (spec["low"], spec["high"]):
+                extra += f" (here {low}..{high}: the backbone has {depth} blocks)"
         if name == "top_k":
             extra += " (at most pool_size)"
         lines.append(f"{name}: {spec['type']} {spec['low']}..{spec['high']}{extra}")
     return lines
 
 
-def prompt_lengths(space: dict, default: int) -> list[int] | None:
-    """The prompt lengths the search can sample (each is one phase-1 training); None if many."""
+def prompt_lengths(space: dict, default: int) -> list[int]:
+    """The prompt lengths the search can sample (each is one phase-1 training)."""
     spec = space.get("prompt_length")
     if spec is None:
         return [default]

@@ -24,11 +24,18 @@ PROFILES_DIR = STUDIES_DIR / "profiles"
 
 MODEL_KEYS = ("prompt_length", "pool_size", "top_k", "group_start")
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(PhaseConfig))
-OBJECTIVE_METRICS = ("val_acc", "val_many_acc", "val_medium_acc", "val_few_acc")
+SHOT_KEYS = ("acc", "many_acc", "medium_acc", "few_acc")  # lpt_core.evaluate's accuracies, overall and by shot
+OBJECTIVE_METRICS = tuple(f"val_{k}" for k in SHOT_KEYS)
 
 
 class ConfigError(ValueError):
     """Bad study, profile or override: the message is the one line the CLI prints."""
+
+
+def error_line(exc: BaseException) -> str:
+    """An unexpected exception in one line: its type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 # ----------------------------------------------------------------------------- value checks
@@ -314,9 +321,14 @@ def load_study(name: str) -> tuple[Path, dict]:
     return path, study
 
 
-def objective_of(study: dict) -> tuple[list[str], list[str]]:
-    """Metric names and modes; the first pair drives early stopping."""
-    obj = study["objective"]
-    if "metrics" in obj:
-        return list(obj["metrics"]), list(obj["modes"])
+def objective_of(objective: dict) -> tuple[list[str], list[str]]:
+    """Metric names and modes of a study's ``objective``; the first pair drives early stopping."""
+    if "metrics" in objective:
+        return list(objective["metrics"]), list(objective["modes"])
+    obj = {**STUDY_DEFAULTS["objective"], **objective}
     return [obj["metric"]], [obj["mode"]]
+
+
+def phase2_epochs(profile: dict) -> int:
+    """Phase-2 epochs of a trial: the profile's, else ``PhaseConfig``'s default."""
+    return profile["phase2"].get("epochs", PhaseConfig.epochs)

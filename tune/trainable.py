@@ -26,17 +26,15 @@ from lpt_core.trainer import resolve_device
 
 from . import mlflow_tracking as mt
 from .phase1_cache import PROMPTS, STATE, Phase1Cache, phase1_key
+from .study_config import MODEL_KEYS, RECIPE_KEYS, SHOT_KEYS
 from .trial_report import log_trial_report
-from .study_config import MODEL_KEYS, RECIPE_KEYS
-
-SHOT_METRICS = ("acc", "many_acc", "medium_acc", "few_acc")
+from .trial_table import prompt_path
 
 
 @dataclass
 class SearchSetup:
     """What every trial of a search shares; made by the driver, passed with ``tune.with_parameters``."""
 
-    study: str
     profile_name: str
     profile: dict
     manifest_hash: str
@@ -56,10 +54,16 @@ def trial_settings(profile: dict, config: dict) -> tuple[dict, PhaseConfig]:
     return model, recipe
 
 
-def trial_params(profile: dict, config: dict, profile_name: str) -> dict:
-    model, recipe = trial_settings(profile, config)
-    return {**model, **recipe.to_dict(), "seed": profile["seed"], "profile": profile_name,
-            "data": profile["data"]["name"], "backbone": profile["backbone"]["name"]}
+def run_params(setup: SearchSetup, seed: int) -> dict:
+    """What a trial or phase-1 run was trained on, besides its recipe, as MLflow params."""
+    profile = setup.profile
+    return {"seed": seed, "profile": setup.profile_name, "data": profile["data"]["name"],
+            "backbone": profile["backbone"]["name"]}
+
+
+def trial_params(setup: SearchSetup, config: dict) -> dict:
+    model, recipe = trial_settings(setup.profile, config)
+    return {**model, **recipe.to_dict(), **run_params(setup, setup.profile["seed"])}
 
 
 def trial_device(setting: str) -> str:
@@ -98,9 +102,7 @@ def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: Mlflo
             run_id = client.create_run(setup.experiment_id, run_name=f"phase1-{key}",
                                        tags={mt.ROLE: "phase1", mt.PHASE1_KEY: key}).info.run_id
             mt.log(client, run_id, params={"prompt_length": model.prompt_length, **recipe.to_dict(),
-                                           "seed": seed, "profile": setup.profile_name,
-                                           "data": profile["data"]["name"],
-                                           "backbone": profile["backbone"]["name"]})
+                                           **run_params(setup, seed)})
         torch.manual_seed(seed)
         trainer = Trainer(model, data, 1, recipe, seed=seed, **_trainer_kwargs(profile, log))
         if (folder / STATE).is_file():
@@ -113,8 +115,7 @@ def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: Mlflo
         try:
             final = trainer.fit(on_epoch)
         except Exception as exc:
-            mt.log(client, run_id, tags={"lpt.error": f"{type(exc).__name__}: {exc}"})
-            client.set_terminated(run_id, "FAILED")
+            mt.fail_run(client, run_id, exc)
             raise
         save_prompts(model, folder / PROMPTS, phase1_key=key)
         client.log_artifact(run_id, str(folder / PROMPTS))
@@ -156,12 +157,12 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
     data = build_dataset(setup.profile["data"])
     model, recipe = build_model(setup, config, data, seed)
     run_id = mt.trial_run(client, setup.experiment_id, setup.parent_run_id, trial_id, f"trial-{trial_id}",
-                          trial_params(setup.profile, config, setup.profile_name), {mt.NODE: node})
+                          trial_params(setup, config), {mt.NODE: node})
     trainer = None
     try:
         key = ensure_phase1(setup, model, data, seed, client, log)
         trainer = Trainer(model, data, 2, recipe, seed=seed, **_trainer_kwargs(setup.profile, log))
-        mt.log(client, run_id, tags={mt.PHASE1_KEY: key, mt.NODE: node, "lpt.device": str(trainer.device),
+        mt.log(client, run_id, tags={mt.PHASE1_KEY: key, "lpt.device": str(trainer.device),  # lpt.node: set by trial_run
                                      "lpt.gpu_ids": ",".join(map(str, ray.get_gpu_ids()))})
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
@@ -173,7 +174,7 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
         def on_epoch(metrics: dict, t: Trainer) -> None:
             mt.log(client, run_id, metrics=metrics, step=metrics["epoch"])
             if t.epoch == t.cfg.epochs:  # before the last report: Tune may end the actor right after it
-                prompt_file = Path(setup.search_dir) / "prompts" / f"{trial_id}.safetensors"
+                prompt_file = prompt_path(setup.search_dir, trial_id)
                 save_prompts(model, prompt_file, trial_id=trial_id, phase1_key=key)
                 client.log_artifact(run_id, str(prompt_file))
                 # validation figures as artifacts of the trial run (best effort)
@@ -187,33 +188,31 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
     except FloatingPointError as exc:  # diverged: a result for this config, not a crash to retry
         reason = str(exc)
         log(f"failed: {reason}")
-        mt.log(client, run_id, tags={"lpt.error": reason})
-        client.set_terminated(run_id, "FAILED")
+        mt.fail_run(client, run_id, reason)
         tune.report({**{m: math.nan for m in setup.metrics}, "error": reason, "mlflow_run_id": run_id,
                      "node": node, "epoch": trainer.epoch if trainer else 0})
         return
     except Exception as exc:
-        mt.log(client, run_id, tags={"lpt.error": f"{type(exc).__name__}: {exc}"[:5000]})
-        client.set_terminated(run_id, "FAILED")
+        mt.fail_run(client, run_id, exc)
         raise
 
 
-def _split_metrics(setup: SearchSetup, model: LPT, data, split: str) -> dict:
+def _test_metrics(setup: SearchSetup, model: LPT, data) -> dict:
     kw = _trainer_kwargs(setup.profile, None)
     device = resolve_device(kw["device"])
     model.set_phase(2)
-    result = evaluate(model.to(device), getattr(data, split), data.class_counts, device=device,
+    result = evaluate(model.to(device), data.test, data.class_counts, device=device,
                       batch_size=kw["eval_batch_size"], num_workers=kw["num_workers"],
                       batch_transform=data.eval_batch_transform)
-    return {f"{split}_{k}": result[k] for k in SHOT_METRICS}
+    return {f"test_{k}": result[k] for k in SHOT_KEYS}
 
 
-def evaluate_prompts(setup: SearchSetup, config: dict, prompt_file: str, split: str = "test") -> dict:
-    """Accuracy of a trial's saved prompts on ``split`` (the driver runs this on the best trial)."""
+def evaluate_prompts(setup: SearchSetup, config: dict, prompt_file: str) -> dict:
+    """Test accuracy of a trial's saved prompts (the driver runs this on the best trial)."""
     data = build_dataset(setup.profile["data"])
     model, _ = build_model(setup, config, data, setup.profile["seed"])
     load_prompts(model, prompt_file)
-    return _split_metrics(setup, model, data, split)
+    return _test_metrics(setup, model, data)
 
 
 def confirm_seed(setup: SearchSetup, config: dict, seed: int) -> dict:
@@ -224,4 +223,4 @@ def confirm_seed(setup: SearchSetup, config: dict, seed: int) -> dict:
     model, recipe = build_model(setup, config, data, seed)
     ensure_phase1(setup, model, data, seed, client, log)
     Trainer(model, data, 2, recipe, seed=seed, **_trainer_kwargs(setup.profile, log)).fit()
-    return _split_metrics(setup, model, data, "test")
+    return _test_metrics(setup, model, data)

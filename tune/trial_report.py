@@ -30,13 +30,14 @@ import numpy as np
 import torch
 
 from lpt_core.metrics import FEW_BELOW, MANY_ABOVE, confusion_counts, per_class_accuracy, shot_accuracy, shot_groups
+from lpt_core.trainer import predict_batches
 
 from . import mlflow_tracking as mt
+from .study_config import SHOT_KEYS
 
 GROUPS = ("many", "medium", "few")
 GROUP_COLORS = {"many": "#4c72b0", "medium": "#dd8452", "few": "#c44e52"}
 REPORT_DIR = "report"  # artifact folder in the trial and parent runs
-SHOT_KEYS = ("acc", "many_acc", "medium_acc", "few_acc")
 SHOT_LABELS = ("overall", "many", "medium", "few")
 
 
@@ -56,23 +57,15 @@ def _save(fig, path: Path) -> Path:
 
 
 # ============================================================================ per trial: numbers
-@torch.no_grad()
 def predict(model, loader, device: torch.device, batch_transform: Callable | None = None) -> dict:
     """Predicted class, label and (phase 2) selected prompt indices of every image of ``loader``,
-    computed as ``lpt_core.evaluate`` computes them (eval mode, bf16 autocast on CUDA)."""
-    from lpt_core.trainer import to_device
-    was_training = model.training
-    model.eval()
+    from the batches ``lpt_core.evaluate`` counts (``predict_batches``)."""
     preds, labels, idx = [], [], []
-    for images, y in loader:
-        images, y = to_device(images, y, device, batch_transform)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits, aux = model(images)
+    for logits, y, aux in predict_batches(model, loader, device, batch_transform):
         preds.append(logits.argmax(dim=1))
         labels.append(y)
         if "prompt_idx" in aux:
             idx.append(aux["prompt_idx"])
-    model.train(was_training)
     return {"preds": torch.cat(preds).cpu(), "labels": torch.cat(labels).cpu(),
             "prompt_idx": torch.cat(idx).cpu() if idx else None}
 
@@ -303,10 +296,10 @@ def _plain(value):
 
 def phase1_val_metrics(client, experiment_id: str, phase1_key: str) -> dict | None:
     """Validation shot accuracy of the phase-1 model: its MLflow run's last logged epoch."""
-    run_id = mt.find_run(client, experiment_id, **{mt.ROLE: "phase1", mt.PHASE1_KEY: phase1_key})
-    if run_id is None:
+    run = mt.latest_run(client, experiment_id, **{mt.ROLE: "phase1", mt.PHASE1_KEY: phase1_key})
+    if run is None:
         return None
-    metrics = client.get_run(run_id).data.metrics
+    metrics = run.data.metrics
     found = {k: metrics[f"val_{k}"] for k in SHOT_KEYS if f"val_{k}" in metrics}
     return found or None
 

@@ -1,7 +1,8 @@
 """``trials.parquet``: one row per trial, rewritten as trials end, so a crash leaves what finished.
 
 The same Tune callback closes each trial's MLflow run with its final status: a trial that ASHA
-stops is ended by Ray before its own code can do that.
+stops is ended by Ray before its own code can do that. The helpers below read the rows (best
+trial, counts by status) for the driver's wrap-up and the search report.
 """
 
 from __future__ import annotations
@@ -16,9 +17,21 @@ import pyarrow.parquet as pq
 from mlflow import MlflowClient
 from ray import tune
 
+from .study_config import OBJECTIVE_METRICS
 
-FINAL_METRICS = ("val_acc", "val_many_acc", "val_medium_acc", "val_few_acc", "train_loss")
+TABLE_FILE = "trials.parquet"  # in the search folder
+FINAL_METRICS = (*OBJECTIVE_METRICS, "train_loss")
 COMPLETED, EARLY_STOPPED, FAILED = "completed", "early_stopped", "failed"
+
+
+def prompt_path(folder: str | os.PathLike, trial_id: str) -> Path:
+    """Where a trial that ran every epoch saves its prompts, in the search folder."""
+    return Path(folder) / "prompts" / f"{trial_id}.safetensors"
+
+
+def last_line(error) -> str:
+    """A trial's error (Ray's traceback text) as its last line, which names the exception."""
+    return str(error).strip().splitlines()[-1][:500]
 
 
 def trial_row(trial_id: str, config: dict, params: list[str], result: dict | None, epochs: int,
@@ -49,20 +62,34 @@ def read_rows(path: str | os.PathLike) -> dict[str, dict]:
     return {r["trial_id"]: r for r in pq.read_table(path).to_pylist()} if path.is_file() else {}
 
 
+def status_counts(rows: list[dict]) -> dict[str, int]:
+    return {s: sum(r["status"] == s for r in rows) for s in (COMPLETED, EARLY_STOPPED, FAILED)}
+
+
+def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
+    """The completed trial with the best finite ``metric``; None if no trial completed."""
+    done = [r for r in rows if r["status"] == COMPLETED and isinstance(r.get(metric), (int, float))
+            and math.isfinite(r[metric])]
+    if not done:
+        return None
+    sign = 1 if mode == "max" else -1
+    return max(done, key=lambda r: sign * r[metric])
+
+
 class TrialTable(tune.Callback):
     def __init__(self, path: str | os.PathLike, params: list[str], epochs: int, client: MlflowClient,
                  budget: int, metric: str):
         self.path, self.params, self.epochs, self.client = Path(path), params, epochs, client
         self.budget, self.metric = budget, metric
-        self.rows = read_rows(self.path)          # rows of an interrupted search survive a resume
-        self.last: dict[str, dict] = {}
+        self.rows: dict[str, dict] = {}  # a new search, or one started again: its table starts empty
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.last[trial.trial_id] = result
+    def __setstate__(self, state: dict) -> None:
+        # Tuner.restore (--resume) unpickles this callback as it was when the search began:
+        # the rows of the trials that ended since then are in the table
+        self.__dict__.update(state, rows=read_rows(state["path"]))
 
     def _end(self, trial, error: str | None) -> None:
-        result = self.last.get(trial.trial_id) or trial.last_result
-        row = trial_row(trial.trial_id, trial.config, self.params, result, self.epochs, error)
+        row = trial_row(trial.trial_id, trial.config, self.params, trial.last_result, self.epochs, error)
         self.rows[trial.trial_id] = row
         write_table(list(self.rows.values()), self.path)
         shown = ", ".join(f"{p}={row[p]}" for p in self.params)
@@ -79,4 +106,4 @@ class TrialTable(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         error = getattr(trial, "error_msg", None) or "trial raised (see its error.txt)"
-        self._end(trial, str(error).strip().splitlines()[-1][:500])
+        self._end(trial, last_line(error))

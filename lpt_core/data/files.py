@@ -75,11 +75,10 @@ def read_list(path: str) -> Entries:
                 if not parts:
                     continue
                 try:
-                    labels.append(int(parts[1]) if len(parts) == 2 else None)
-                except ValueError:
-                    labels.append(None)
-                if labels[-1] is None:
-                    raise ValueError(f"{path}:{n}: expected 'relative/path label', got {line.strip()[:80]!r}")
+                    labels.append(int(parts[1]))
+                except (IndexError, ValueError):
+                    raise ValueError(f"{path}:{n}: expected 'relative/path label', "
+                                     f"got {line.strip()[:80]!r}") from None
                 paths.append(parts[0])
                 lines.append(n)
     except UnicodeDecodeError as exc:

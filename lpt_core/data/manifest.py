@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .base import LTData
+
+if TYPE_CHECKING:
+    import pyarrow
 
 SPLITS = ("train", "val", "test")
 

@@ -95,6 +95,7 @@ def make_tuner(plan, folder: Path, setup: SearchSetup, client: MlflowClient, res
         if tune.Tuner.can_restore(str(folder)):  # with the trial table callback it was started with
             return tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
         print(f"{folder}: the search stopped before Tune saved its state; starting its trials again", flush=True)
+        (folder / TABLE_FILE).unlink(missing_ok=True)  # rows of trials that run again; a copied callback re-reads it
     table = TrialTable(folder / TABLE_FILE, list(study["space"]), epochs, client, study["budget"]["trials"], metrics[0])
     single = len(metrics) == 1
     searcher = OptunaSearch(space=DefineByRun(study["space"], profile["model"], plan.depth),

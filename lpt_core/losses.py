@@ -63,14 +63,22 @@ class AsymmetricGCL(nn.Module):
             logits = logits - self.noise_mul * cloud
         return self.scale * logits
 
+    def asymmetric_weight(self, p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``(1 - p)^gamma_pos`` on the target, ``p^gamma_neg`` elsewhere, as the released loss
+        takes it: the base first (``1 - p`` or ``p``), then one power. Powering both bases and
+        selecting after would give 0 * inf = NaN gradients for a saturated class (p == 1); the
+        target's base is kept >= 1e-12 so a saturated target stays finite too (no value changes:
+        in fp32, 1 - p is either 0 or >= 6e-8)."""
+        base = torch.where(target, (1 - p).clamp(min=1e-12), p)
+        exponent = torch.where(target, self.gamma_pos, self.gamma_neg).to(p.dtype)
+        return base.pow(exponent)
+
     def forward(self, cosine: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.gcl_logits(cosine, targets)
         num_classes = logits.shape[1]
         log_p = logits.log_softmax(dim=1)
         onehot = F.one_hot(targets, num_classes).to(log_p.dtype)
         if self.gamma_pos > 0 or self.gamma_neg > 0:
-            p = log_p.exp()
-            weight = torch.where(onehot.bool(), (1 - p).pow(self.gamma_pos), p.pow(self.gamma_neg))
-            log_p = log_p * weight
+            log_p = log_p * self.asymmetric_weight(log_p.exp(), onehot.bool())
         smooth = onehot * (1 - self.label_smoothing) + self.label_smoothing / num_classes
         return -(smooth * log_p).sum(dim=1).mean()

@@ -1,4 +1,9 @@
-"""Accuracy overall and by shot group: many (>100 train images), medium (20..100), few (<20)."""
+"""Accuracy overall and by shot group of the training class counts.
+
+Two splits: ``standard`` (many > 100 train images, medium 20..100, few < 20; the paper's tables)
+and ``released`` (the released LPT evaluation script's: few <= 20, medium 21..100), to compare with
+the released checkpoints' numbers.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,22 @@ from typing import Sequence
 
 import torch
 
-MANY_ABOVE, FEW_BELOW = 100, 20
+MANY_ABOVE = 100
+FEW_AT_MOST = {"standard": 19, "released": 20}  # the largest train count that is still "few"
+SHOT_SPLITS = tuple(FEW_AT_MOST)
 
 
-def shot_groups(class_counts: Sequence[int]) -> dict[str, torch.Tensor]:
+def few_at_most(split: str = "standard") -> int:
+    if split not in FEW_AT_MOST:
+        raise ValueError(f"shot_split: must be one of {', '.join(SHOT_SPLITS)}, got {split!r}")
+    return FEW_AT_MOST[split]
+
+
+def shot_groups(class_counts: Sequence[int], split: str = "standard") -> dict[str, torch.Tensor]:
     """Boolean class masks for the many / medium / few groups from train class counts."""
-    counts = torch.as_tensor(list(class_counts))
-    return {"many": counts > MANY_ABOVE, "medium": (counts >= FEW_BELOW) & (counts <= MANY_ABOVE),
-            "few": counts < FEW_BELOW}
+    counts, few = torch.as_tensor(list(class_counts)), few_at_most(split)
+    return {"many": counts > MANY_ABOVE, "medium": (counts > few) & (counts <= MANY_ABOVE),
+            "few": counts <= few}
 
 
 def per_class_accuracy(correct: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -22,12 +35,12 @@ def per_class_accuracy(correct: torch.Tensor, total: torch.Tensor) -> torch.Tens
 
 
 def shot_accuracy(correct: torch.Tensor, total: torch.Tensor,
-                  class_counts: Sequence[int]) -> dict[str, float]:
+                  class_counts: Sequence[int], split: str = "standard") -> dict[str, float]:
     """``acc`` (over all images) and ``many_acc`` / ``medium_acc`` / ``few_acc`` (over the images
     of that group's classes, as the reference code counts them; NaN for an empty group)."""
     correct, total = correct.double().cpu(), total.double().cpu()
     out = {"acc": float(100.0 * correct.sum() / total.sum().clamp(min=1))}
-    for name, mask in shot_groups(class_counts).items():
+    for name, mask in shot_groups(class_counts, split).items():
         n = total[mask].sum()
         out[f"{name}_acc"] = float(100.0 * correct[mask].sum() / n) if n > 0 else float("nan")
     return out

@@ -10,8 +10,6 @@ are dropped, they enter each block as keys and values only (``prompted_block``).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -58,11 +56,12 @@ def supports_prompted_block(block: nn.Module) -> bool:
             and getattr(attn, "gate", None) is None)
 
 
-def _prompt_init_range(backbone: nn.Module, width: int) -> float:
-    """VPT's uniform init range: sqrt(6 / (3 * patch_area + width))."""
-    patch = getattr(backbone.patch_embed, "patch_size", (16, 16))
-    area = patch[0] * patch[1] if isinstance(patch, (tuple, list)) else patch * patch
-    return math.sqrt(6.0 / float(3 * area + width))
+def unit_class_vectors(weight: torch.Tensor) -> torch.Tensor:
+    """The released ``NormedLinear`` init, in place: uniform(-1, 1), then each class vector (a row
+    of ``weight`` [C, D]) scaled to norm 1."""
+    with torch.no_grad():
+        weight.uniform_(-1.0, 1.0)
+        return weight.div_(weight.norm(dim=1, keepdim=True))
 
 
 class LPT(nn.Module):
@@ -102,13 +101,14 @@ class LPT(nn.Module):
         self.pool_size, self.top_k, self.group_start = pool_size, top_k, group_start
         self.depth, self.width = depth, width
 
-        val = _prompt_init_range(backbone, width)
-        self.shared_prompts = nn.Parameter(torch.empty(depth, prompt_length, width).uniform_(-val, val))
-        self.group_prompts = nn.Parameter(
-            torch.empty(pool_size, depth - group_start, prompt_length, width).uniform_(-val, val))
-        self.group_keys = nn.Parameter(torch.empty(pool_size, width).uniform_(-1.0, 1.0))
+        # The released code's scales: prompts and keys trunc_normal(0.02), class vectors of norm 1.
+        # Keys and class vectors are normalised before use, so their scale sets how fast SGD turns them.
+        self.shared_prompts = nn.Parameter(nn.init.trunc_normal_(torch.empty(depth, prompt_length, width), std=0.02))
+        self.group_prompts = nn.Parameter(nn.init.trunc_normal_(
+            torch.empty(pool_size, depth - group_start, prompt_length, width), std=0.02))
+        self.group_keys = nn.Parameter(nn.init.trunc_normal_(torch.empty(pool_size, width), std=0.02))
         self.head = nn.Linear(width, num_classes, bias=False)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        unit_class_vectors(self.head.weight)
         self.head_drop = nn.Dropout(head_dropout)
         self._block_fns = [prompted_block if supports_prompted_block(b) else plain_block
                            for b in backbone.blocks]
@@ -169,14 +169,19 @@ class LPT(nn.Module):
         return self.backbone.forward_head(self.backbone.norm(x), pre_logits=True)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """Cosine logits in [-1, 1]: normalised features times normalised class weights."""
-        f = F.normalize(self.head_drop(features).float(), dim=-1)
-        return f @ F.normalize(self.head.weight.float(), dim=-1).t()
+        """Cosine logits in [-1, 1], in fp32 under any autocast: normalised features times
+        normalised class weights. (bf16 would round a cosine to 0.004 and break ties towards
+        the lowest class index, the most frequent class of an LT dataset.)"""
+        with torch.autocast(features.device.type, enabled=False):
+            f = F.normalize(self.head_drop(features).float(), dim=-1)
+            return f @ F.normalize(self.head.weight.float(), dim=-1).t()
 
     def match(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k cosine between queries [B, D] and keys: (indices [B, K], cosines [B, K])."""
-        sim = F.normalize(query.float(), dim=-1) @ F.normalize(self.group_keys.float(), dim=-1).t()
-        cos, idx = sim.topk(self.top_k, dim=1)
+        """Top-k cosine between queries [B, D] and keys, in fp32 under any autocast:
+        (indices [B, K], cosines [B, K])."""
+        with torch.autocast(query.device.type, enabled=False):
+            sim = F.normalize(query.float(), dim=-1) @ F.normalize(self.group_keys.float(), dim=-1).t()
+            cos, idx = sim.topk(self.top_k, dim=1)
         return idx, cos
 
     def average_group_prompts(self, idx: torch.Tensor) -> torch.Tensor:

@@ -22,17 +22,18 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import load_state, save_state
 from .data.base import LTData
 from .losses import AsymmetricGCL, branch_weight
-from .metrics import confusion_counts, per_class_accuracy, shot_accuracy
+from .metrics import confusion_counts, few_at_most, per_class_accuracy, shot_accuracy
 from .model import LPT
 from .sampling import DualBatchSampler
 
 
 @dataclass
 class PhaseConfig:
-    """Recipe of one phase; the defaults are the paper's. ``batch_size`` is per branch."""
+    """Recipe of one phase; the defaults are the released phase-2 script's (phase 1 uses the same:
+    A-GCL, dual sampling, a relatively large weight decay). ``batch_size`` is per branch."""
 
-    epochs: int = 10
-    batch_size: int = 128
+    epochs: int = 90
+    batch_size: int = 256
     lr: float = 0.02            # per 256 images of one branch
     momentum: float = 0.9
     weight_decay: float = 0.01
@@ -128,8 +129,10 @@ def predict_batches(model: LPT, loader: DataLoader, device: torch.device,
 @torch.no_grad()
 def evaluate(model: LPT, dataset: Dataset, class_counts: list[int], *, batch_size: int = 256,
              num_workers: int = 0, device: torch.device | None = None,
-             loader: DataLoader | None = None, batch_transform: Callable | None = None) -> dict:
-    """Accuracy (percent) overall and many/medium/few, the per-class vector and, in phase 2,
+             loader: DataLoader | None = None, batch_transform: Callable | None = None,
+             shot_split: str = "standard") -> dict:
+    """Accuracy (percent) overall and many/medium/few (``shot_split``: ``standard`` or the released
+    script's ``released``; see ``metrics``), the per-class vector and, in phase 2,
     ``prompt_usage`` [C, P]: how often images of each class selected each group prompt."""
     device = device or next(model.parameters()).device
     loader = loader or make_loader(dataset, device, num_workers, batch_size=batch_size)
@@ -145,7 +148,7 @@ def evaluate(model: LPT, dataset: Dataset, class_counts: list[int], *, batch_siz
             idx = aux["prompt_idx"]
             rows = labels.unsqueeze(1).expand_as(idx).flatten()
             usage.index_put_((rows, idx.flatten()), torch.ones_like(rows), accumulate=True)
-    out = shot_accuracy(correct, total, class_counts)
+    out = shot_accuracy(correct, total, class_counts, shot_split)
     out["per_class"] = per_class_accuracy(correct.double().cpu(), total.double().cpu()).tolist()
     if model.phase == 2:
         out["prompt_usage"] = usage.cpu()
@@ -160,13 +163,15 @@ class Trainer:
     def __init__(self, model: LPT, data: LTData, phase: int, cfg: PhaseConfig, *, seed: int = 0,
                  device: str | torch.device | None = None, num_workers: int = 0,
                  eval_batch_size: int = 256, compile: bool | dict = False,
-                 log: Callable[[str], None] | None = print):
+                 shot_split: str = "standard", log: Callable[[str], None] | None = print):
         self.device = resolve_device(device)
         self.model, self.data, self.phase, self.cfg = model.to(self.device), data, phase, cfg
         self.model.set_phase(phase)
         if compile:
             self.model.compile_blocks(**(compile if isinstance(compile, dict) else {}))
         self.seed, self.num_workers, self.eval_batch_size = seed, num_workers, eval_batch_size
+        self.shot_split = shot_split
+        few_at_most(shot_split)  # a bad split fails here, not after the first epoch
         self.log = log or (lambda msg: None)
         self.class_counts = data.class_counts
         self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 7919 * phase)
@@ -241,7 +246,8 @@ class Trainer:
         while self.epoch < self.cfg.epochs:
             metrics = {"phase": self.phase, "epoch": self.epoch + 1, **self.train_epoch()}
             val = evaluate(self.model, self.data.val, self.class_counts, device=self.device,
-                           loader=self.val_loader, batch_transform=self.data.eval_batch_transform)
+                           loader=self.val_loader, batch_transform=self.data.eval_batch_transform,
+                           shot_split=self.shot_split)
             metrics.update({f"val_{k}": v for k, v in val.items() if k.endswith("acc")})
             self.epoch += 1
             self.history.append(metrics)

@@ -63,6 +63,8 @@ def test_bad_study_exits_2_naming_the_key(tmp_path, capsys, changes, needle):
     ("resources.gpu=1.5", "resources.gpu: must be a fraction below 1 (trials share a GPU) or a whole number"),
     ("device=cuda", "resources.gpu: device cuda needs a GPU share per trial, got 0"),
     ("compile=maybe", "compile: must be true or false, got 'maybe'"),
+    ("shot_split=paper", "shot_split: must be one of standard, released, got 'paper'"),
+    ("images_per_s=0", "images_per_s: must be > 0"),
     ("model.top_k=20", "model.top_k: 20 exceeds the smallest pool_size"),
     ("data.name=nope", "data.name: unknown dataset 'nope'"),
     ("backbone.name=not_a_model", "backbone.name: unknown timm model"),
@@ -94,6 +96,19 @@ def test_dry_run_describes_and_trains_nothing(tmp_path, capsys, monkeypatch):
     assert "phase-1 trainings: up to 1 (one per prompt_length in [4]" in out
     assert "resources per trial: 1 CPU, 0 GPU" in out
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_dry_run_states_the_cost_of_a_trial_and_of_the_search(capsys):
+    """smoke: 10 classes, 15 steps of 2x32 per epoch; phase 1 2 epochs, phase 2 4; 200 val images."""
+    assert main(["--study", "prompt_pool", "--dry-run", "--trials", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "cost per trial: phase 2 trains 4 epochs x 15 steps x 2x32 = 3,840 images (+ 800 evaluated)" in out
+    assert "cost per phase 1 (up to 1, cached): 2 epochs x 15 steps x 2x32 = 1,920 images (+ 400 evaluated)" in out
+    assert "at most 21,120 training images (5 whole trials" in out
+    assert "GPU time: add --set images_per_s=N" in out
+    assert main(["--study", "prompt_pool", "--dry-run", "--trials", "5", "--set", "images_per_s=0.5"]) == 0
+    assert ("GPU time at 0.5 img/s: 2.13 GPU-h per trial, 1.07 per phase 1, at most 11.7 GPU-h for the search"
+            in capsys.readouterr().out)
 
 
 def test_dry_run_shows_trials_per_gpu_and_compile(capsys):

@@ -22,11 +22,14 @@ from typing import Callable, Iterator
 PROMPTS, INFO, STATE, LOCK = "prompts.safetensors", "info.json", "state.safetensors", "lock"
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 60.0
+# Bumped when what phase 1 computes changes for the same config (2: the released initial scales),
+# so prompts cached by older code are not reused.
+PHASE1_VERSION = 2
 
 
 def phase1_key(backbone: dict, manifest_hash: str, prompt_length: int, recipe: dict, seed: int) -> str:
     blob = json.dumps({"backbone": backbone, "data": manifest_hash, "prompt_length": prompt_length,
-                       "recipe": recipe, "seed": seed, "version": 1}, sort_keys=True, default=str)
+                       "recipe": recipe, "seed": seed, "version": PHASE1_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

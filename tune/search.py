@@ -17,6 +17,7 @@ from pathlib import Path
 if not __package__:  # run as a script from anywhere: the repository root instead of tune/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from lpt_core.trainer import PhaseConfig  # noqa: E402
 from tune.study_config import ConfigError, phase2_epochs  # noqa: E402
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
@@ -89,9 +90,34 @@ class Plan:
                  f"cached under {self.storage / 'phase1-cache'})",
                  f"resources per trial: {r['cpu']} CPU, {r['gpu']} GPU"
                  + (f" ({int(1 / r['gpu'])} trials per GPU)" if 0 < r["gpu"] < 1 else "")
-                 + (", compiled blocks" if self.profile["compile"] else "")]
+                 + (", compiled blocks" if self.profile["compile"] else ""),
+                 *self.cost_lines(n_phase1)]
         return "\n".join(lines)
 
+    def cost_lines(self, n_phase1: int) -> list[str]:
+        """Images each trial trains on, and GPU-hours at the profile's ``images_per_s`` estimate."""
+        n_train, n_val, trials = len(self.data.train_labels), len(self.data.val), self.study["budget"]["trials"]
+
+        def phase(name: str) -> tuple[int, str]:
+            cfg = PhaseConfig.from_dict(self.profile[name], where=name)
+            steps = max(1, n_train // cfg.batch_size)  # an epoch of DualBatchSampler
+            images = cfg.epochs * steps * 2 * cfg.batch_size
+            return images, (f"{cfg.epochs} epochs x {steps} steps x 2x{cfg.batch_size} = {images:,} images "
+                            f"(+ {cfg.epochs * n_val:,} evaluated)")
+        (phase1, phase1_text), (phase2, phase2_text) = phase("phase1"), phase("phase2")
+        total = trials * phase2 + n_phase1 * phase1
+        lines = [f"cost per trial: phase 2 trains {phase2_text}",
+                 f"cost per phase 1 (up to {n_phase1}, cached): {phase1_text}",
+                 f"cost of the search: at most {total:,} training images ({trials} whole trials; ASHA stops some early)"]
+        rate = self.profile.get("images_per_s")
+        if rate:
+            hours = lambda n: n / rate / 3600
+            lines.append(f"GPU time at {rate:g} img/s: {hours(phase2):.2f} GPU-h per trial, "
+                         f"{hours(phase1):.2f} per phase 1, at most {hours(total):.1f} GPU-h for the search")
+        else:
+            lines.append("GPU time: add --set images_per_s=N (the training img/s of one trial, e.g. from "
+                         "benchmarks/step_throughput.py on your GPU) for GPU-hours")
+        return lines
 
 def absolute_paths(profile: dict) -> None:
     """Relative data and weight paths are relative to where the search starts, not to a worker."""

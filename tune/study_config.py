@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from lpt_core.metrics import SHOT_SPLITS
 from lpt_core.trainer import PhaseConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +162,8 @@ PROFILE_SCHEMA = {
     "seed": Num(0, integer=True),
     "device": Str(("auto", "cpu", "cuda")),
     "compile": Bool(),
+    "shot_split": Str(SHOT_SPLITS),
+    "images_per_s": Num(0, above=True),
     "resources": {"cpu": Num(0, above=True), "gpu": GpuShare()},
     "loader": {"num_workers": Num(0, integer=True), "eval_batch_size": Num(1, integer=True)},
 }
@@ -188,7 +191,7 @@ STUDY_DEFAULTS = {
 }
 PROFILE_DEFAULTS = {
     "model": {"prompt_length": 10, "pool_size": 20, "top_k": 2, "group_start": 6},
-    "phase1": {}, "phase2": {}, "seed": 0, "device": "auto", "compile": False,
+    "phase1": {}, "phase2": {}, "seed": 0, "device": "auto", "compile": False, "shot_split": "standard",
     "resources": {"cpu": 1, "gpu": 0},
     "loader": {"num_workers": 4, "eval_batch_size": 256},
 }

@@ -77,7 +77,8 @@ def trial_device(setting: str) -> str:
 
 def _trainer_kwargs(profile: dict, log) -> dict:
     return dict(device=trial_device(profile["device"]), num_workers=profile["loader"]["num_workers"],
-                eval_batch_size=profile["loader"]["eval_batch_size"], compile=profile["compile"], log=log)
+                eval_batch_size=profile["loader"]["eval_batch_size"], compile=profile["compile"],
+                shot_split=profile["shot_split"], log=log)
 
 
 def build_model(setup: SearchSetup, config: dict, data, seed: int) -> tuple[LPT, PhaseConfig]:
@@ -203,7 +204,7 @@ def _test_metrics(setup: SearchSetup, model: LPT, data) -> dict:
     model.set_phase(2)
     result = evaluate(model.to(device), data.test, data.class_counts, device=device,
                       batch_size=kw["eval_batch_size"], num_workers=kw["num_workers"],
-                      batch_transform=data.eval_batch_transform)
+                      batch_transform=data.eval_batch_transform, shot_split=kw["shot_split"])
     return {f"test_{k}": result[k] for k in SHOT_KEYS}
 
 

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from lpt_core.metrics import FEW_BELOW, MANY_ABOVE, confusion_counts, per_class_accuracy, shot_accuracy, shot_groups
+from lpt_core.metrics import MANY_ABOVE, confusion_counts, few_at_most, per_class_accuracy, shot_accuracy, shot_groups
 from lpt_core.trainer import predict_batches
 
 from . import mlflow_tracking as mt
@@ -70,18 +70,18 @@ def predict(model, loader, device: torch.device, batch_transform: Callable | Non
             "prompt_idx": torch.cat(idx).cpu() if idx else None}
 
 
-def class_groups(class_counts: Sequence[int]) -> np.ndarray:
+def class_groups(class_counts: Sequence[int], split: str = "standard") -> np.ndarray:
     """Index into ``GROUPS`` (0 many, 1 medium, 2 few) of every class."""
-    masks = shot_groups(class_counts)
+    masks = shot_groups(class_counts, split)
     out = np.zeros(len(class_counts), dtype=np.int64)
     for g, name in enumerate(GROUPS):
         out[masks[name].numpy()] = g
     return out
 
 
-def shot_confusion(preds, labels, class_counts: Sequence[int]) -> np.ndarray:
+def shot_confusion(preds, labels, class_counts: Sequence[int], split: str = "standard") -> np.ndarray:
     """[3, 3] counts: images of a many/medium/few class (rows) predicted as a class of each group (columns)."""
-    group = class_groups(class_counts)
+    group = class_groups(class_counts, split)
     preds, labels = np.asarray(preds, dtype=np.int64), np.asarray(labels, dtype=np.int64)
     out = np.zeros((3, 3), dtype=np.int64)
     np.add.at(out, (group[labels], group[preds]), 1)
@@ -107,15 +107,17 @@ def usage_entropy(usage) -> float:
     return float(max(0.0, -(p * np.log(p)).sum() / math.log(totals.size)))
 
 
-def diagnostics(pred: dict, class_counts: Sequence[int], pool_size: int | None = None) -> dict:
+def diagnostics(pred: dict, class_counts: Sequence[int], pool_size: int | None = None,
+                split: str = "standard") -> dict:
     """Shot accuracy, per-class accuracy, group confusion and prompt usage from ``predict``'s output."""
     preds, labels = pred["preds"], pred["labels"]
     c = len(class_counts)
     correct, total = confusion_counts(preds, labels, c)
-    out = shot_accuracy(correct, total, class_counts)
+    out = shot_accuracy(correct, total, class_counts, split)
     out["per_class"] = per_class_accuracy(correct.double(), total.double()).tolist()
     out["class_counts"] = [int(n) for n in class_counts]
-    out["shot_confusion"] = shot_confusion(preds, labels, class_counts).tolist()
+    out["shot_split"] = split
+    out["shot_confusion"] = shot_confusion(preds, labels, class_counts, split).tolist()
     if pred.get("prompt_idx") is not None:
         usage = prompt_usage(labels, pred["prompt_idx"], c, pool_size or int(pred["prompt_idx"].max()) + 1)
         out["prompt_usage"] = usage
@@ -124,20 +126,21 @@ def diagnostics(pred: dict, class_counts: Sequence[int], pool_size: int | None =
 
 
 # ============================================================================ per trial: figures
-def _band_edges() -> dict[str, tuple[float, float]]:
-    return {"few": (0.0, FEW_BELOW - 0.5), "medium": (FEW_BELOW - 0.5, MANY_ABOVE + 0.5),
+def _band_edges(split: str = "standard") -> dict[str, tuple[float, float]]:
+    few = few_at_most(split) + 0.5
+    return {"few": (0.0, few), "medium": (few, MANY_ABOVE + 0.5),
             "many": (MANY_ABOVE + 0.5, math.inf)}
 
 
 def plot_per_class(per_class: Sequence[float], class_counts: Sequence[int], path: Path,
-                   shot: dict | None = None, title: str = "") -> Path:
+                   shot: dict | None = None, title: str = "", split: str = "standard") -> Path:
     """Per-class accuracy (%) against train images per class, log x, shot bands shaded."""
     plt = _pyplot()
     counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 0.8)
     acc = np.asarray(per_class, dtype=np.float64)
     lo, hi = counts.min() / 1.4, counts.max() * 1.4
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for name, (a, b) in _band_edges().items():
+    for name, (a, b) in _band_edges(split).items():
         a, b = max(a, lo), min(b, hi)
         if a >= b:
             continue
@@ -146,7 +149,7 @@ def plot_per_class(per_class: Sequence[float], class_counts: Sequence[int], path
         if shot and not math.isnan(shot.get(f"{name}_acc", math.nan)):
             ax.hlines(shot[f"{name}_acc"], a, b, colors=GROUP_COLORS[name], linestyles="--", lw=1.2)
     ok = ~np.isnan(acc)
-    group = class_groups(class_counts)
+    group = class_groups(class_counts, split)
     ax.scatter(counts[ok], acc[ok], s=14, c=[GROUP_COLORS[GROUPS[g]] for g in group[ok]],
                edgecolors="black", linewidths=0.3, zorder=3)
     ax.set_xscale("log")
@@ -188,7 +191,7 @@ def plot_shot_bars(final: dict, phase1: dict | None, path: Path, title: str = ""
 
 
 def plot_prompt_usage(usage, class_counts: Sequence[int], path: Path, class_names: Sequence[str] | None = None,
-                      title: str = "") -> Path:
+                      title: str = "", split: str = "standard") -> Path:
     """Heatmap of prompt selections: classes by train frequency (most frequent on top) x group prompts."""
     plt = _pyplot()
     usage = np.asarray(usage, dtype=np.float64)
@@ -217,7 +220,7 @@ def plot_prompt_usage(usage, class_counts: Sequence[int], path: Path, class_name
         ax.set_yticks(np.arange(c), [f"{names[i]} ({class_counts[i]})" for i in order], fontsize=7)
     else:
         ax.set_yticks([])
-    group = class_groups(class_counts)[order]
+    group = class_groups(class_counts, split)[order]
     for g in range(3):
         where = np.flatnonzero(group == g)
         if where.size:
@@ -256,18 +259,18 @@ def write_trial_figures(diag: dict, out: Path, phase1: dict | None = None,
     """The trial's PNGs and ``val_diagnostics.json`` in ``out`` from ``diagnostics``' output."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    counts = diag["class_counts"]
+    counts, split = diag["class_counts"], diag.get("shot_split", "standard")
     shot = {k: diag[k] for k in SHOT_KEYS}
     suffix = f" ({label})" if label else ""
     files = [plot_per_class(diag["per_class"], counts, out / "per_class_accuracy.png", shot,
-                            f"Per-class validation accuracy against class frequency{suffix}"),
+                            f"Per-class validation accuracy against class frequency{suffix}", split),
              plot_shot_bars(shot, phase1, out / "shot_accuracy.png"),
              plot_shot_confusion(diag["shot_confusion"], out / "shot_confusion.png",
                                  f"Head-vs-tail confusion on the validation split{suffix}")]
     if "prompt_usage" in diag:
         files.append(plot_prompt_usage(diag["prompt_usage"], counts, out / "prompt_usage.png", class_names,
                                        f"Prompt usage on the validation split{suffix}, entropy "
-                                       f"{diag['prompt_usage_entropy']:.2f}"))
+                                       f"{diag['prompt_usage_entropy']:.2f}", split))
     numbers = dict(diag)
     if "prompt_usage" in diag:
         numbers["prompt_usage_per_prompt"] = np.asarray(diag["prompt_usage"]).sum(axis=0).tolist()
@@ -313,7 +316,7 @@ def log_trial_report(client, run_id: str, trainer, experiment_id: str, phase1_ke
         started = time.perf_counter()
         model, data = trainer.model, trainer.data
         pred = predict(model, trainer.val_loader, trainer.device, data.eval_batch_transform)
-        diag = diagnostics(pred, trainer.class_counts, getattr(model, "pool_size", None))
+        diag = diagnostics(pred, trainer.class_counts, getattr(model, "pool_size", None), trainer.shot_split)
         phase1 = phase1_val_metrics(client, experiment_id, phase1_key)
         counts = model.parameter_counts()
         metrics = {"extra_params": counts["extra_params"], "extra_percent": counts["extra_percent"]}

@@ -2,10 +2,13 @@
 
 Each class has a colour and a stripe orientation/frequency; each image is its class pattern with a
 random phase, brightness and noise drawn from a generator seeded by (seed, split, index), so the
-same spec always gives the same pixels without storing any.
+same spec always gives the same pixels without storing any. With ``families: F`` the classes fall
+into F visual families (class c in family c % F): one colour per family, the classes of a family
+told apart by their stripes only.
 
 Keys: ``num_classes`` (10), ``imbalance_ratio`` (10), ``max_per_class`` (100), ``image_size`` (32),
-``val_per_class`` / ``test_per_class`` (20 each, class-balanced), ``gpu_augment`` (false).
+``val_per_class`` / ``test_per_class`` (20 each, class-balanced), ``families`` (0: none),
+``gpu_augment`` (false).
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ class SyntheticImages(Dataset):
     """uint8 images [3, S, S] made on the fly; ``labels[i]`` is the class of image i."""
 
     def __init__(self, labels: list[int], num_classes: int, image_size: int, seed: int, split: str,
-                 transform=None):
+                 transform=None, families: int = 0):
         self.labels, self.num_classes, self.image_size = labels, num_classes, image_size
         self.seed, self.salt, self.transform = seed, _SPLIT_SALT[split], transform
         g = torch.Generator().manual_seed(seed)
         self.colors = torch.rand(num_classes, 3, generator=g) * 0.8 + 0.1
         self.angles = torch.rand(num_classes, generator=g) * math.pi
         self.freqs = 1.0 + torch.rand(num_classes, generator=g) * 3.0
+        self.families = families
+        if families:
+            self.colors = self.colors[torch.arange(num_classes) % families]
         coords = torch.linspace(0, 1, image_size)
         self.yy, self.xx = torch.meshgrid(coords, coords, indexing="ij")
 
@@ -52,7 +58,8 @@ class SyntheticImages(Dataset):
     @property
     def fingerprint(self) -> str:
         """What fixes the pixels besides labels and index (for the manifest hash)."""
-        return f"synthetic:{self.seed}:{self.salt}:{self.num_classes}:{self.image_size}"
+        families = f":families={self.families}" if self.families else ""
+        return f"synthetic:{self.seed}:{self.salt}:{self.num_classes}:{self.image_size}{families}"
 
     def __getitem__(self, index: int):
         img = self.image(index)
@@ -61,7 +68,7 @@ class SyntheticImages(Dataset):
 
 def build_synthetic(spec: dict) -> LTData:
     s = Spec(spec, {"num_classes", "imbalance_ratio", "max_per_class", "val_per_class",
-                    "test_per_class", "gpu_augment"}, image_size=32)
+                    "test_per_class", "families", "gpu_augment"}, image_size=32)
     num_classes = s.number("num_classes", 10, minimum=1)
     max_per_class = s.number("max_per_class", 100, minimum=1)
     counts = long_tail_counts(max_per_class, num_classes, s.number("imbalance_ratio", 10, float, minimum=1))
@@ -69,10 +76,12 @@ def build_synthetic(spec: dict) -> LTData:
         raise ValueError("max_per_class: too small for this imbalance_ratio (a class gets 0 images)")
     per_val = s.number("val_per_class", 20, minimum=0)
     per_test = s.number("test_per_class", 20, minimum=0)
+    families = s.number("families", 0, minimum=0)
     train_labels = [c for c, n in enumerate(counts) for _ in range(n)]
     val_labels = [c for c in range(num_classes) for _ in range(per_val)]
     test_labels = [c for c in range(num_classes) for _ in range(per_test)]
-    make = lambda labels, split: SyntheticImages(labels, num_classes, s.image_size, s.seed, split)
+    make = lambda labels, split: SyntheticImages(labels, num_classes, s.image_size, s.seed, split,
+                                                 families=families)
     return assemble(make(train_labels, "train"), make(val_labels, "val"), make(test_labels, "test"),
                     [f"class_{c:03d}" for c in range(num_classes)], s.image_size,
                     input_mode(s, "gpu_augment"))

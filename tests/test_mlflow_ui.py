@@ -228,12 +228,15 @@ def test_mlflow_ui_shows_the_trial_runs_with_params_and_metrics(smoke, mlflow_se
     tables = browser.execute_script(COMPARE_TABLE_JS)
     order = next(r[1:] for r in tables if r and r[0].startswith("Run ID"))
     assert sorted(order) == sorted(ids)
-    pools = next(r[1:] for r in tables if r and r[0] == "pool_size")
     accs = browser.execute_script(COMPARE_METRIC_JS, "val_acc")
     by_id = {r.info.run_id: r for r in trials.values()}
-    for run_id, pool, acc in zip(order, pools, accs):
-        assert pool == by_id[run_id].data.params["pool_size"]
+    for param in ("pool_size", "top_k", "group_start"):   # every searched parameter
+        shown = next(r[1:] for r in tables if r and r[0] == param)
+        assert shown == [by_id[run_id].data.params[param] for run_id in order], (param, shown)
+    for run_id, acc in zip(order, accs):
         assert close(acc, by_id[run_id].data.metrics["val_acc"]), (run_id, acc)
+    for constant in ("phase", "epoch"):   # not metrics: the compare plots would open on them
+        assert browser.execute_script(COMPARE_METRIC_JS, constant) is None, constant
     assert all(f"trial-{t}" in page_text(browser) for t in trials)
     wait_for(browser, lambda d: d.execute_script("return document.querySelectorAll('.js-plotly-plot svg').length"),
              "the parallel coordinates plot", 60)

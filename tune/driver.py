@@ -14,6 +14,7 @@ from pathlib import Path
 import ray
 import yaml
 from mlflow import MlflowClient
+import optuna
 from optuna.samplers import TPESampler
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -21,19 +22,25 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from . import mlflow_tracking as mt
-from .search_report import log_search_report
+from .cluster_checks import check_shared_storage
+from .progress import SearchProgress
+from .search_report import build_study, log_search_report
 from .search_space import DefineByRun
+from .stop_signals import StopSignals
 from .study_config import SHOT_KEYS, ConfigError, error_line, objective_of, phase2_epochs
 from .trainable import SearchSetup, confirm_seed, evaluate_prompts, run_trial
-from .trial_table import (COMPLETED, TABLE_FILE, TrialTable, best_row, last_line, prompt_path, read_rows,
-                          status_counts, trial_row, write_table)
+from .trial_table import (COMPLETED, FAILED, INTERRUPTED, TABLE_FILE, TrialTable, best_row, last_line, prompt_path,
+                          read_rows, status_counts, trial_row, write_table)
 
 SEARCH_FILE = "search.json"
+RUNNING, INTERRUPTED_STATE, FINISHED = "running", "interrupted", "finished"  # search.json's "state"
+EXIT_INTERRUPTED = 130
+QUIET_ENV = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # no "View run ..." line per run
 
 
 def start_ray(address: str | None) -> None:
     env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "PYTHONUNBUFFERED": "1",
-           "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+           "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0", **QUIET_ENV}
     os.environ.update(env)
     for passthrough in ("HF_HUB_OFFLINE", "HF_HOME", "MLFLOW_TRACKING_URI"):
         if passthrough in os.environ:
@@ -41,8 +48,9 @@ def start_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env},
-                 log_to_driver=True)
+        # "local": a Ray of this search's own, never a cluster someone else started on this machine
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 runtime_env={"env_vars": env}, log_to_driver=True)
 
 
 def latest_search(storage: Path, prefix: str) -> Path | None:
@@ -50,19 +58,69 @@ def latest_search(storage: Path, prefix: str) -> Path | None:
     return found[-1] if found else None
 
 
-def open_search(plan, args, client: MlflowClient, uri: str) -> tuple[Path, dict, bool]:
-    """The search folder and its record (new, or the latest one for ``--resume``)."""
+def save_record(folder: Path, record: dict) -> None:
+    tmp = folder / f".{SEARCH_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, folder / SEARCH_FILE)
+
+
+def _plain(value):
+    """As ``search.json`` holds it (a JSON round trip), so that stored and new configs compare."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def first_difference(old, new, path: str = "") -> str | None:
+    """The first key path where two configs differ, with both values; None when equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*old, *(k for k in new if k not in old)]:
+            found = first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    return None if old == new else f"{path} (the search has {old!r}, now {new!r})"
+
+
+def resume_mode(plan, args, record: dict, folder: Path) -> str:
+    """``resume`` (finish the budget), ``extend`` (more trials) or ``finished``; a search that
+    differs from the one in ``folder`` is refused, since its trials would mix two searches."""
+    if record["manifest_hash"] != plan.manifest_hash:
+        raise ConfigError(f"--resume: {folder.name} was run on other data (manifest "
+                          f"{record['manifest_hash'][:12]}, now {plan.manifest_hash[:12]}); start a new search")
+    diff = first_difference(_plain(record["profile"]), _plain(plan.profile))
+    if diff:
+        raise ConfigError(f"--resume: profile {diff} in {folder.name}; start a new search without --resume")
+    stored, wanted = _plain(record["study_config"]), _plain(plan.study)
+    budget = stored["budget"]["trials"]
+    asked = budget if args.trials is None else args.trials  # the search's own budget unless --trials
+    diff = first_difference({**stored, "budget": {**stored["budget"], "trials": None}},
+                            {**wanted, "budget": {**wanted["budget"], "trials": None}})
+    if diff:
+        raise ConfigError(f"--resume: study {diff} in {folder.name}; start a new search without --resume")
+    if asked < budget:
+        raise ConfigError(f"--trials {asked}: the search in {folder.name} has a budget of {budget}; resume it "
+                          f"as it is (no --trials), or extend it with --trials N (N > {budget})")
+    plan.study["budget"]["trials"] = asked
+    if asked > budget:
+        return "extend"
+    return "finished" if record.get("state") == FINISHED else "resume"
+
+
+def find_resumed(plan, args) -> tuple[Path, dict, str]:
+    """For ``--resume``: the latest search of this study and profile, its record and what to do
+    (``resume_mode``). Read before Ray starts, so that a refusal is one line and costs nothing."""
+    prefix = f"{plan.study_name}-{plan.profile_name}"
+    folder = latest_search(plan.storage, prefix) if plan.storage.is_dir() else None
+    if folder is None:
+        raise ConfigError(f"--resume: no search of {prefix} under {plan.storage} to resume")
+    record = json.loads((folder / SEARCH_FILE).read_text())
+    record.setdefault("runs", [{"dir": ".", "trials": record["study_config"]["budget"]["trials"], "rows_before": []}])
+    return folder, record, resume_mode(plan, args, record, folder)
+
+
+def new_search(plan, client: MlflowClient, uri: str) -> tuple[Path, dict, str]:
+    """A new search folder, its parent run and its record."""
     prefix = f"{plan.study_name}-{plan.profile_name}"
     plan.storage.mkdir(parents=True, exist_ok=True)
-    if args.resume:
-        folder = latest_search(plan.storage, prefix)
-        if folder is None:
-            raise ConfigError(f"--resume: no search of {prefix} under {plan.storage} to resume")
-        record = json.loads((folder / SEARCH_FILE).read_text())
-        if record["manifest_hash"] != plan.manifest_hash or record["profile"] != plan.profile:
-            raise ConfigError(f"--resume: {folder} was run with another profile or data; start a new search")
-        client.update_run(record["parent_run_id"], status="RUNNING")
-        return folder, record, True
     name = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = plan.storage / name
     folder.mkdir(parents=True)
@@ -78,40 +136,56 @@ def open_search(plan, args, client: MlflowClient, uri: str) -> tuple[Path, dict,
         "manifest_hash": plan.manifest_hash})
     record = {"name": name, "study": plan.study_name, "profile_name": plan.profile_name,
               "profile": plan.profile, "study_config": plan.study, "manifest_hash": plan.manifest_hash,
-              "experiment_id": exp_id, "parent_run_id": parent.info.run_id, "tracking_uri": uri}
-    (folder / SEARCH_FILE).write_text(json.dumps(record, indent=2, default=str))
+              "experiment_id": exp_id, "parent_run_id": parent.info.run_id, "tracking_uri": uri,
+              "state": RUNNING, "runs": [{"dir": ".", "trials": b["trials"], "rows_before": []}]}
+    save_record(folder, record)
     (folder / "profile.yaml").write_text(yaml.safe_dump(plan.profile, sort_keys=False))
     client.log_artifact(parent.info.run_id, str(folder / "profile.yaml"))
-    return folder, record, False
+    return folder, record, "new"
 
 
-def make_tuner(plan, folder: Path, setup: SearchSetup, client: MlflowClient, resume: bool) -> tune.Tuner:
+def make_tuner(plan, folder: Path, run: dict, setup: SearchSetup, client: MlflowClient, restore: bool,
+               budget: int) -> tune.Tuner:
+    """The Tuner of one Tune run of the search: the first (``run["dir"] == "."``, the search folder
+    itself) or an extension (``extend-N`` inside it) whose sampler starts from every earlier trial.
+    ``restore`` continues the run's unfinished trials from their checkpoints."""
     study, profile = plan.study, plan.profile
     metrics, modes = objective_of(study["objective"])
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                     {"cpu": profile["resources"]["cpu"], "gpu": profile["resources"]["gpu"]})
     epochs = phase2_epochs(profile)
-    if resume:
-        if tune.Tuner.can_restore(str(folder)):  # with the trial table callback it was started with
-            return tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
-        print(f"{folder}: the search stopped before Tune saved its state; starting its trials again", flush=True)
-        (folder / TABLE_FILE).unlink(missing_ok=True)  # rows of trials that run again; a copied callback re-reads it
-    table = TrialTable(folder / TABLE_FILE, list(study["space"]), epochs, client, study["budget"]["trials"], metrics[0])
+    path = folder / run["dir"]
+    table_path = folder / TABLE_FILE
+    if restore:
+        if tune.Tuner.can_restore(str(path)):  # with the callbacks it was started with
+            return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        print(f"{path}: the search stopped before Tune saved its state; starting its trials again", flush=True)
+        earlier = read_rows(table_path)  # keep the rows of earlier runs; this run's trials run again
+        write_table([r for tid, r in earlier.items() if tid in run["rows_before"]], table_path)
+    prior = [r for tid, r in read_rows(table_path).items() if tid in run["rows_before"]]
+    params = list(study["space"])
+    table = TrialTable(table_path, params, epochs, client, budget, metrics[0], prior,
+                       (setup.experiment_id, setup.parent_run_id))
+    progress = SearchProgress(budget, epochs, metrics[0], modes[0], params, prior)
     single = len(metrics) == 1
+    storage = {}
+    if prior:  # an extension: the sampler sees every earlier trial
+        earlier = build_study(prior, study["space"], metrics, modes)
+        storage = dict(storage=earlier._storage, study_name=earlier.study_name)
     searcher = OptunaSearch(space=DefineByRun(study["space"], profile["model"], plan.depth),
                             metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
-                            sampler=TPESampler(seed=study["seed"]))
+                            sampler=TPESampler(seed=study["seed"] + len(prior)), **storage)
     es = study["early_stopping"]
     scheduler = (ASHAScheduler(time_attr="epoch", metric=metrics[0], mode=modes[0], max_t=epochs,
                                grace_period=es["grace_period"], reduction_factor=es["reduction_factor"])
                  if es["enabled"] else FIFOScheduler())
     run_config = tune.RunConfig(
-        name=folder.name, storage_path=str(folder.parent),
+        name=path.name, storage_path=str(path.parent),
         failure_config=tune.FailureConfig(max_failures=study["budget"]["max_failures"]),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[table], verbose=0)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[table, progress], verbose=0)
     return tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
         search_alg=ConcurrencyLimiter(searcher, max_concurrent=study["budget"]["concurrency"]),
-        scheduler=scheduler, num_samples=study["budget"]["trials"]))
+        scheduler=scheduler, num_samples=run["trials"]))
 
 
 def on_resources(fn, profile: dict):
@@ -143,18 +217,82 @@ def check_resources(resources: dict, local: bool) -> None:
 
 
 def run_search(plan, args, uri: str, address: str | None) -> int:
+    resumed = find_resumed(plan, args) if args.resume else None
+    if resumed and resumed[2] == "finished":
+        return say_finished(plan, *resumed[:2])
     start_ray(address)
     try:
         check_resources(plan.profile["resources"], local=address is None)
-        return run_on_ray(plan, args, uri)
+        if address:
+            check_shared_storage(plan.storage, plan.profile["resources"])
+        return run_on_ray(plan, args, uri, resumed)
     finally:
         ray.shutdown()
 
 
-def run_on_ray(plan, args, uri: str) -> int:
+def resume_command(plan, args) -> str:
+    parts = ["python tune/search.py", f"--study {plan.study_name}", f"--profile {plan.profile_name}",
+             *(f"--set {s}" for s in args.set), *([f"--storage {args.storage}"] if args.storage else []),
+             "--resume"]
+    return " ".join(parts)
+
+
+def collect_rows(plan, folder: Path, grids: list, interrupted: bool) -> list[dict]:
+    """The table's rows, plus a row for each trial that ended without one: the search was killed
+    right after it, or (``interrupted``) it was still running when the search stopped."""
+    rows = read_rows(folder / TABLE_FILE)
+    epochs = phase2_epochs(plan.profile)
+    for grid in grids:
+        for result in grid:
+            tid = (result.metrics or {}).get("trial_id")
+            if tid and tid not in rows:
+                error = last_line(result.error) if result.error and not interrupted else None
+                rows[tid] = trial_row(tid, result.config or {}, list(plan.study["space"]), result.metrics,
+                                      epochs, error, interrupted=interrupted)
+    rows = list(rows.values())
+    write_table(rows, folder / TABLE_FILE)
+    return rows
+
+
+def stop_interrupted(plan, args, client: MlflowClient, folder: Path, record: dict, rows: list[dict],
+                     signal_name: str) -> int:
+    """A stopped search: its unfinished trials' runs and the parent run end KILLED, the record
+    says ``interrupted``, and one line says how to continue."""
+    for row in (r for r in rows if r["status"] == INTERRUPTED):
+        # a trial stopped before its first epoch has reported no run id: find its run by its tags
+        row["mlflow_run_id"] = row.get("mlflow_run_id") or mt.trial_run_id(
+            client, record["experiment_id"], record["parent_run_id"], row["trial_id"])
+        if row["mlflow_run_id"]:
+            client.set_tag(row["mlflow_run_id"], "lpt.status", INTERRUPTED)
+            client.set_terminated(row["mlflow_run_id"], "KILLED")
+    write_table(rows, folder / TABLE_FILE)
+    mt.log(client, record["parent_run_id"], tags={"lpt.interrupted": signal_name})
+    client.set_terminated(record["parent_run_id"], "KILLED")
+    save_record(folder, {**record, "state": INTERRUPTED_STATE})
+    counts = status_counts(rows)
+    ended = sum(counts.values()) - counts[INTERRUPTED]
+    print(f"interrupted ({signal_name}): {ended} of {record['study_config']['budget']['trials']} trials ended, "
+          f"{counts[INTERRUPTED]} stopped mid-way keep their last epoch; continue with: "
+          f"{resume_command(plan, args)}", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+def say_finished(plan, folder: Path, record: dict) -> int:
+    budget = record["study_config"]["budget"]["trials"]
+    counts = status_counts(list(read_rows(folder / TABLE_FILE).values()))
+    print(f"{folder.name} is finished: {budget} trials ({counts[COMPLETED]} completed). See its summary "
+          f"with python tune/report.py --study {plan.study_name}; extend it with --resume --trials N "
+          f"(N > {budget})", flush=True)
+    return 0
+
+
+def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None) -> int:
+    os.environ.update(QUIET_ENV)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
     client = MlflowClient(uri)
-    folder, record, resume = open_search(plan, args, client, uri)
+    folder, record, mode = resumed or new_search(plan, client, uri)
     parent_id = record["parent_run_id"]
+    budget = plan.study["budget"]["trials"]
     metrics, modes = objective_of(plan.study["objective"])
     setup = SearchSetup(profile_name=plan.profile_name, profile=plan.profile,
                         manifest_hash=plan.manifest_hash, search_dir=str(folder),
@@ -162,29 +300,55 @@ def run_on_ray(plan, args, uri: str) -> int:
                         experiment_id=record["experiment_id"], parent_run_id=parent_id,
                         metrics=tuple(metrics))
     print(plan.describe(), flush=True)
-    print(f"search folder: {folder}\nMLflow: {uri} (experiment '{plan.study_name}', parent run {parent_id})", flush=True)
+    print(f"search folder: {folder}\nMLflow: {ui_address(uri)} (experiment '{plan.study_name}', parent run "
+          f"{parent_id})", flush=True)
+    if mode != "new":
+        client.update_run(parent_id, status="RUNNING")
+        save_record(folder, {**record, "state": RUNNING})
     started = time.time()
-    try:
-        grid = make_tuner(plan, folder, setup, client, resume).fit()
-        rows = read_rows(folder / TABLE_FILE)
-        epochs = phase2_epochs(plan.profile)
-        for result in grid:  # a trial that ended without a row (the search was killed right after it)
-            tid = (result.metrics or {}).get("trial_id")
-            if tid and tid not in rows:
-                error = last_line(result.error) if result.error else None
-                rows[tid] = trial_row(tid, result.config or {}, list(plan.study["space"]), result.metrics, epochs, error)
-        rows = list(rows.values())
-        write_table(rows, folder / TABLE_FILE)
-        wrap_up(plan, args, setup, client, folder, rows, metrics, modes, time.time() - started)
-    except KeyboardInterrupt:
-        client.set_terminated(parent_id, "KILLED")
-        print("interrupted; continue with --resume", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        mt.fail_run(client, parent_id, exc)
-        print(f"error: the search failed: {error_line(exc)}", file=sys.stderr)
-        return 1
+    grids, rows = [], []
+    with StopSignals() as stop:
+        try:
+            if mode == "new" or record.get("state") != FINISHED:  # the last Tune run, new or unfinished
+                grids.append(stop.fit(make_tuner(plan, folder, record["runs"][-1], setup, client,
+                                                 restore=mode != "new", budget=record["study_config"]["budget"]["trials"])))
+            if mode == "extend" and not stop.received:
+                done = list(read_rows(folder / TABLE_FILE))
+                extra = budget - record["study_config"]["budget"]["trials"]
+                record["runs"].append({"dir": f"extend-{len(record['runs'])}", "trials": extra, "rows_before": done})
+                record["study_config"] = plan.study
+                client.log_param(parent_id, f"trials_after_extension_{len(record['runs']) - 1}", budget)
+                save_record(folder, record)
+                print(f"extending {folder.name} by {extra} trials to {budget}", flush=True)
+                grids.append(stop.fit(make_tuner(plan, folder, record["runs"][-1], setup, client,
+                                                 restore=False, budget=budget)))
+            rows = collect_rows(plan, folder, grids, interrupted=bool(stop.received))
+            if stop.received:
+                return stop_interrupted(plan, args, client, folder, record, rows, stop.received)
+            wrap_up(plan, args, setup, client, folder, rows, metrics, modes, time.time() - started)
+            save_record(folder, {**record, "state": FINISHED})
+        except KeyboardInterrupt:
+            return stop_interrupted(plan, args, client, folder, record,
+                                    rows or collect_rows(plan, folder, grids, interrupted=True),
+                                    stop.received or "SIGINT")
+        except Exception as exc:
+            mt.fail_run(client, parent_id, exc)
+            save_record(folder, {**record, "state": INTERRUPTED_STATE})
+            print(f"error: the search failed: {error_line(exc)}", file=sys.stderr)
+            return 1
     return 0 if any(r["status"] == COMPLETED for r in rows) else 1
+
+
+def ui_address(uri: str) -> str:
+    """What a user opens to see the runs: ``LPT_MLFLOW_UI`` (the compose stack sets the host's
+    tunnel address; the tracking URI there is a name only containers resolve), the ``mlflow ui``
+    command for a local store, else the tracking URI."""
+    shown = os.environ.get("LPT_MLFLOW_UI", "").strip()
+    if shown:
+        return shown
+    if mt.sqlite_path(uri) is not None:
+        return f"mlflow ui --backend-store-uri {uri}"
+    return uri
 
 
 def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, rows: list[dict],
@@ -196,6 +360,7 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
     best = best_row(rows, metrics[0], modes[0])
     lines = [f"\n{len(rows)} trials: {counts['completed']} completed, {counts['early_stopped']} stopped early "
              f"by ASHA, {counts['failed']} failed ({seconds:.0f} s)"]
+    lines += [f"  failed {r['trial_id']}: {r['error']}" for r in rows if r["status"] == FAILED][:5]
     if best is not None:
         config = {p: best[p] for p in plan.study["space"]}
         prompt_file = prompt_path(folder, best["trial_id"])
@@ -231,8 +396,7 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
     log_search_report(client, parent_id, folder)  # figures and summary.html
     client.set_terminated(parent_id, "FINISHED")
     lines += [f"table:  {folder / TABLE_FILE}",
-              f"MLflow: mlflow ui --backend-store-uri {setup.tracking_uri}  (experiment '{plan.study_name}')"
-              if setup.tracking_uri.startswith("sqlite") else f"MLflow: {setup.tracking_uri} (experiment '{plan.study_name}')"]
+              f"MLflow: {ui_address(setup.tracking_uri)}  (experiment '{plan.study_name}')"]
     print("\n".join(lines), flush=True)
 
 

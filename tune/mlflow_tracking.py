@@ -112,10 +112,15 @@ def fail_run(client: MlflowClient, run_id: str, reason: str | BaseException) -> 
     client.set_terminated(run_id, "FAILED")
 
 
+def trial_run_id(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str) -> str | None:
+    """The run of Ray trial ``trial_id`` of the search whose parent run is ``parent_id``."""
+    return find_run(client, exp_id, **{PARENT: parent_id, TRIAL_ID: trial_id})
+
+
 def trial_run(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str, name: str,
               params: dict, tags: dict) -> str:
     """The trial's child run: the same one again when the trial is retried or resumed."""
-    run_id = find_run(client, exp_id, **{PARENT: parent_id, TRIAL_ID: trial_id})
+    run_id = trial_run_id(client, exp_id, parent_id, trial_id)
     if run_id is None:
         run = client.create_run(exp_id, run_name=name,
                                 tags={ROLE: "trial", PARENT: parent_id, TRIAL_ID: trial_id, **tags})

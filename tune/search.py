@@ -146,30 +146,35 @@ def check_ray_address() -> str | None:
     return address
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from tune.mlflow_tracking import ServiceError, check_tracking_uri, resolve_tracking_uri
-    try:
-        plan = Plan(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+def run(args: argparse.Namespace) -> int:
+    from tune.cluster_checks import check_cluster_tracking
+    from tune.mlflow_tracking import check_tracking_uri, resolve_tracking_uri
+    plan = Plan(args)
     if args.dry_run:
         print(plan.describe())
         return 0
     uri = resolve_tracking_uri()
-    try:
-        check_tracking_uri(uri)
-        address = check_ray_address()
-    except ServiceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    check_tracking_uri(uri)
+    address = check_ray_address()
+    if address:
+        check_cluster_tracking(uri)
     from tune.driver import run_search
+    return run_search(plan, args, uri, address)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 2 with one line for bad input, 1 with one line for a service or download that fails."""
+    args = parse_args(argv)
+    from lpt_core.data import DownloadError
+    from tune.mlflow_tracking import ServiceError
     try:
-        return run_search(plan, args, uri, address)
+        return run(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (ServiceError, DownloadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

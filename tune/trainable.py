@@ -75,6 +75,19 @@ def trial_device(setting: str) -> str:
     return "cuda" if gpus and torch.cuda.is_available() else "cpu"
 
 
+def last_logged_epoch(client: MlflowClient, run_id: str) -> int:
+    """The last epoch ``run_id`` holds. A resumed trial re-runs the epochs after its checkpoint
+    (exactly: the checkpoint holds the RNG states), and those the run has already are not logged
+    a second time."""
+    return max((m.step for m in client.get_metric_history(run_id, "train_loss")), default=0)
+
+
+def run_metrics(metrics: dict) -> dict:
+    """What an epoch logs to MLflow: the figures worth comparing across runs (``epoch`` is the
+    step of each point, ``phase`` a constant of the run)."""
+    return {k: v for k, v in metrics.items() if k not in ("epoch", "phase")}
+
+
 def _trainer_kwargs(profile: dict, log) -> dict:
     return dict(device=trial_device(profile["device"]), num_workers=profile["loader"]["num_workers"],
                 eval_batch_size=profile["loader"]["eval_batch_size"], compile=profile["compile"],
@@ -104,6 +117,7 @@ def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: Mlflo
                                        tags={mt.ROLE: "phase1", mt.PHASE1_KEY: key}).info.run_id
             mt.log(client, run_id, params={"prompt_length": model.prompt_length, **recipe.to_dict(),
                                            **run_params(setup, seed)})
+        logged = last_logged_epoch(client, run_id)
         torch.manual_seed(seed)
         trainer = Trainer(model, data, 1, recipe, seed=seed, **_trainer_kwargs(profile, log))
         if (folder / STATE).is_file():
@@ -111,7 +125,8 @@ def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: Mlflo
             log(f"phase 1 {key}: resuming at epoch {trainer.epoch}")
 
         def on_epoch(metrics: dict, t: Trainer) -> None:
-            mt.log(client, run_id, metrics=metrics, step=metrics["epoch"])
+            if metrics["epoch"] > logged:
+                mt.log(client, run_id, metrics=run_metrics(metrics), step=metrics["epoch"])
             t.save_state(folder / STATE)
         try:
             final = trainer.fit(on_epoch)
@@ -159,6 +174,7 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
     model, recipe = build_model(setup, config, data, seed)
     run_id = mt.trial_run(client, setup.experiment_id, setup.parent_run_id, trial_id, f"trial-{trial_id}",
                           trial_params(setup, config), {mt.NODE: node})
+    logged = last_logged_epoch(client, run_id)
     trainer = None
     try:
         key = ensure_phase1(setup, model, data, seed, client, log)
@@ -173,13 +189,16 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
             mt.log(client, run_id, tags={"lpt.resumed_at_epoch": trainer.epoch})
 
         def on_epoch(metrics: dict, t: Trainer) -> None:
-            mt.log(client, run_id, metrics=metrics, step=metrics["epoch"])
+            new = metrics["epoch"] > logged
+            if new:
+                mt.log(client, run_id, metrics=run_metrics(metrics), step=metrics["epoch"])
             if t.epoch == t.cfg.epochs:  # before the last report: Tune may end the actor right after it
                 prompt_file = prompt_path(setup.search_dir, trial_id)
                 save_prompts(model, prompt_file, trial_id=trial_id, phase1_key=key)
-                client.log_artifact(run_id, str(prompt_file))
-                # validation figures as artifacts of the trial run (best effort)
-                log_trial_report(client, run_id, t, setup.experiment_id, key, log)
+                if new:
+                    client.log_artifact(run_id, str(prompt_file))
+                    # validation figures as artifacts of the trial run (best effort)
+                    log_trial_report(client, run_id, t, setup.experiment_id, key, log)
             with tempfile.TemporaryDirectory() as folder:
                 t.save_state(Path(folder) / STATE)
                 tune.report({**metrics, "mlflow_run_id": run_id, "node": node},

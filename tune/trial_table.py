@@ -17,11 +17,13 @@ import pyarrow.parquet as pq
 from mlflow import MlflowClient
 from ray import tune
 
+from . import mlflow_tracking as mt
 from .study_config import OBJECTIVE_METRICS
 
 TABLE_FILE = "trials.parquet"  # in the search folder
 FINAL_METRICS = (*OBJECTIVE_METRICS, "train_loss")
-COMPLETED, EARLY_STOPPED, FAILED = "completed", "early_stopped", "failed"
+COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED = "completed", "early_stopped", "failed", "interrupted"
+STATUSES = (COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED)
 
 
 def prompt_path(folder: str | os.PathLike, trial_id: str) -> Path:
@@ -31,15 +33,27 @@ def prompt_path(folder: str | os.PathLike, trial_id: str) -> Path:
 
 def last_line(error) -> str:
     """A trial's error (Ray's traceback text) as its last line, which names the exception."""
-    return str(error).strip().splitlines()[-1][:500]
+    lines = str(error).strip().splitlines()
+    return lines[-1][:500] if lines else type(error).__name__
+
+
+def trial_error(trial) -> str:
+    """The message of the exception a trial raised, from Ray's stored error (``get_error``)."""
+    try:
+        error = trial.get_error()
+    except Exception as exc:  # the error file itself cannot be read
+        return f"trial raised; its error could not be read ({type(exc).__name__}: {exc})"[:500]
+    return last_line(error) if error is not None else "trial raised (no error recorded by Ray)"
 
 
 def trial_row(trial_id: str, config: dict, params: list[str], result: dict | None, epochs: int,
-              error: str | None = None) -> dict:
+              error: str | None = None, interrupted: bool = False) -> dict:
+    """A table row; ``interrupted``: the search stopped (Ctrl+C, SIGTERM) before this trial ended."""
     result = result or {}
     reason = error or result.get("error")
     done = int(result.get("epoch", 0) or 0)
-    status = FAILED if reason else (COMPLETED if done >= epochs else EARLY_STOPPED)
+    status = (FAILED if reason else COMPLETED if done >= epochs else INTERRUPTED if interrupted
+              else EARLY_STOPPED)
     row = {"trial_id": trial_id, "status": status, "epochs": done}
     row.update({p: config.get(p) for p in params})
     for m in FINAL_METRICS:
@@ -63,7 +77,7 @@ def read_rows(path: str | os.PathLike) -> dict[str, dict]:
 
 
 def status_counts(rows: list[dict]) -> dict[str, int]:
-    return {s: sum(r["status"] == s for r in rows) for s in (COMPLETED, EARLY_STOPPED, FAILED)}
+    return {s: sum(r["status"] == s for r in rows) for s in STATUSES}
 
 
 def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
@@ -78,10 +92,13 @@ def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
 
 class TrialTable(tune.Callback):
     def __init__(self, path: str | os.PathLike, params: list[str], epochs: int, client: MlflowClient,
-                 budget: int, metric: str):
+                 budget: int, metric: str, prior: list[dict] = (), search_run: tuple[str, str] | None = None):
+        """``search_run``: (experiment id, parent run id), to find the run of a trial that ended
+        before it reported one (it raised, or was stopped, before its first epoch)."""
         self.path, self.params, self.epochs, self.client = Path(path), params, epochs, client
-        self.budget, self.metric = budget, metric
-        self.rows: dict[str, dict] = {}  # a new search, or one started again: its table starts empty
+        self.budget, self.metric, self.search_run = budget, metric, search_run
+        # a new search starts empty; an extension with the rows of the runs before it
+        self.rows: dict[str, dict] = {r["trial_id"]: r for r in prior}
 
     def __setstate__(self, state: dict) -> None:
         # Tuner.restore (--resume) unpickles this callback as it was when the search began:
@@ -90,6 +107,8 @@ class TrialTable(tune.Callback):
 
     def _end(self, trial, error: str | None) -> None:
         row = trial_row(trial.trial_id, trial.config, self.params, trial.last_result, self.epochs, error)
+        if not row["mlflow_run_id"] and self.search_run:
+            row["mlflow_run_id"] = mt.trial_run_id(self.client, *self.search_run, trial.trial_id)
         self.rows[trial.trial_id] = row
         write_table(list(self.rows.values()), self.path)
         shown = ", ".join(f"{p}={row[p]}" for p in self.params)
@@ -105,5 +124,4 @@ class TrialTable(tune.Callback):
         self._end(trial, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = getattr(trial, "error_msg", None) or "trial raised (see its error.txt)"
-        self._end(trial, last_line(error))
+        self._end(trial, trial_error(trial))

@@ -7,7 +7,7 @@ or malformed file raise ValueError / FileNotFoundError with one line naming the 
 
 from __future__ import annotations
 
-from .base import LTData
+from .base import DownloadError, LTData
 from .batch import BatchTransform, EncodedBatch, collate_encoded
 from .cifar import build_cifar_lt
 from .filesets import build_image_folder, build_inat, build_list_dataset
@@ -36,5 +36,5 @@ def build_dataset(spec: dict) -> LTData:
     return BUILDERS[name](spec)
 
 
-__all__ = ["LTData", "build_dataset", "long_tail_counts", "BUILDERS", "BatchTransform",
+__all__ = ["LTData", "DownloadError", "build_dataset", "long_tail_counts", "BUILDERS", "BatchTransform",
            "EncodedBatch", "collate_encoded", "build_manifest", "manifest_hash", "write_manifest"]

@@ -33,3 +33,7 @@ class LTData:
         for label in self.train_labels:
             counts[label] += 1
         return counts
+
+
+class DownloadError(RuntimeError):
+    """``download: true`` could not fetch a dataset: the message names the URL and where the files go."""

@@ -21,6 +21,7 @@ import torch
 import torchvision
 from torch.utils.data import Dataset
 
+from .base import DownloadError
 from .common import Spec, assemble, class_perm, input_mode, lt_targets
 
 # name: (folder, train files, test files, meta file, label key, class-names key, torchvision class)
@@ -100,7 +101,12 @@ def build_cifar_lt(spec: dict):
         raise FileNotFoundError(f"data.root: {os.path.join(base, missing[0])}: no such file "
                                 f"(torchvision's CIFAR pickle layout; data.download: true fetches it)")
     if missing:
-        tv_class(root, train=True, download=True)
+        try:
+            tv_class(root, train=True, download=True)
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad checksum a RuntimeError
+            reason = getattr(exc, "reason", None) or exc
+            raise DownloadError(f"data.download: cannot fetch {tv_class.url} ({reason}); download it "
+                                f"elsewhere and unpack {folder}/ into {root}") from None
 
     meta_path = os.path.join(base, meta)
     names = _unpickle(meta_path).get(names_key)

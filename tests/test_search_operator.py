@@ -1,0 +1,122 @@
+"""The search as an operator meets it, on a real local Ray and MLflow store (slow): Ctrl+C stops it
+as interrupted and --resume finishes it with nothing run twice; a finished search says so and
+--trials extends it; a changed study is refused; progress lines and no tracebacks; a trial's own
+error message reaches the table, its run and the summary."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from mlflow import MlflowClient
+
+from smoke_search import run_search, runs_of, search_argv, search_env
+
+pytestmark = pytest.mark.slow
+
+ARGS = ("--study", "prompt_pool", "--set", "phase2.epochs=2")
+
+
+def table_rows(cwd):
+    tables = list((cwd / "runs").glob("prompt_pool-smoke-*/trials.parquet"))
+    return pq.read_table(tables[0]).to_pylist() if tables else []
+
+
+def assert_quiet(text: str) -> None:
+    assert "Traceback" not in text and "View run" not in text and "View experiment" not in text, text[-3000:]
+
+
+def test_ctrl_c_resume_finished_and_extend(tmp_path):
+    env = search_env(LPT_PROGRESS_S="5")
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        # a terminal's Ctrl+C: SIGINT to the driver's whole process group
+        driver = subprocess.Popen(search_argv(*ARGS, "--trials", "4"), cwd=tmp_path, env=env,
+                                  start_new_session=True, stdout=stdout, stderr=stderr)
+        deadline = time.time() + 600
+        while time.time() < deadline and not table_rows(tmp_path):
+            assert driver.poll() is None, err.read_text()[-3000:]
+            time.sleep(0.5)
+        assert table_rows(tmp_path), "no trial ended in time"
+        os.killpg(driver.pid, signal.SIGINT)
+        code = driver.wait(timeout=300)
+    stdout_text, stderr_text = out.read_text(), err.read_text()
+    assert code == 130, stderr_text[-3000:]
+    assert ("continue with: python tune/search.py --study prompt_pool --profile smoke --set phase2.epochs=2 "
+            "--resume") in stderr_text
+    assert "[search " in stdout_text and "best trial" not in stdout_text   # no wrap-up, no test evaluation
+    assert_quiet(stdout_text + stderr_text)
+    rows = table_rows(tmp_path)
+    assert 1 <= len(rows) <= 4 and {r["status"] for r in rows} <= {"completed", "early_stopped", "interrupted"}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = runs_of(client, "study")[0]
+    assert parent.info.status == "KILLED" and parent.data.tags["lpt.interrupted"] == "SIGINT"
+    assert "best_test_acc" not in parent.data.metrics
+    for row in rows:   # a row names its run, also a trial stopped before its first epoch
+        if row["mlflow_run_id"] is None:   # stopped before it even opened its run
+            assert row["status"] == "interrupted" and row["epochs"] == 0
+            continue
+        run = client.get_run(row["mlflow_run_id"])
+        assert run.info.status == ("KILLED" if row["status"] == "interrupted" else "FINISHED")
+
+    proc = run_search(tmp_path, *ARGS, "--resume", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_quiet(proc.stdout + proc.stderr)
+    rows = table_rows(tmp_path)
+    assert len(rows) == 4 and {r["status"] for r in rows} <= {"completed", "early_stopped"}
+    trials = runs_of(client, "trial")
+    assert sorted(r.data.tags["lpt.trial_id"] for r in trials) == sorted(r["trial_id"] for r in rows)
+    for run in trials:   # nothing ran twice: one point per epoch
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+        assert steps == sorted(set(steps)), steps
+        assert "phase" not in run.data.metrics and "epoch" not in run.data.metrics
+    assert runs_of(client, "study")[0].info.status == "FINISHED"
+
+    proc = run_search(tmp_path, *ARGS, "--resume", timeout=300)
+    assert proc.returncode == 0 and "is finished: 4 trials" in proc.stdout, proc.stdout[-2000:]
+    assert len(table_rows(tmp_path)) == 4
+
+    proc = run_search(tmp_path, *ARGS, "--resume", "--set", "phase2.lr=0.1", timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "profile phase2.lr" in proc.stderr
+
+    proc = run_search(tmp_path, *ARGS, "--resume", "--trials", "6", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "extending" in proc.stdout and "6/6 done" in proc.stdout
+    rows = table_rows(tmp_path)
+    assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6
+    assert len(runs_of(client, "trial")) == 6 and len(runs_of(client, "study")) == 1
+    record = json.loads(next((tmp_path / "runs").glob("prompt_pool-smoke-*/search.json")).read_text())
+    assert record["state"] == "finished" and record["study_config"]["budget"]["trials"] == 6
+
+
+def test_a_trial_error_carries_its_own_message(tmp_path):
+    """A corrupt phase-1 cache entry makes every trial raise: the real message, not a placeholder."""
+    from argparse import Namespace
+
+    from lpt_core.trainer import PhaseConfig
+    from tune.phase1_cache import PROMPTS, phase1_key
+    from tune.search import Plan
+
+    args = Namespace(study="prompt_pool", profile="smoke", set=[], trials=1, confirm=0, resume=False,
+                     dry_run=False, storage=str(tmp_path / "runs"))
+    plan = Plan(args)
+    profile = plan.profile
+    key = phase1_key(profile["backbone"], plan.manifest_hash, profile["model"]["prompt_length"],
+                     PhaseConfig.from_dict(profile["phase1"]).to_dict(), profile["seed"])
+    entry = tmp_path / "runs" / "phase1-cache" / key
+    entry.mkdir(parents=True)
+    (entry / PROMPTS).write_bytes(b"not a safetensors file")
+
+    proc = run_search(tmp_path, "--study", "prompt_pool", "--trials", "1", "--set", "phase2.epochs=1",
+                      timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    row = table_rows(tmp_path)[0]
+    assert row["status"] == "failed" and "SafetensorError" in row["error"], row["error"]
+    assert "see its error.txt" not in row["error"]
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(row["mlflow_run_id"])
+    assert "SafetensorError" in run.data.tags["lpt.error"]
+    assert f"failed {row['trial_id']}: " in proc.stdout and "SafetensorError" in proc.stdout

@@ -1,0 +1,112 @@
+"""One plain progress line for the whole search, at each trial event and at least every 30 s.
+
+``done/budget`` (completed, stopped early, failed), running (and how many have reported no phase-2
+epoch yet: starting, or training or waiting for phase 1), pending, the best objective so far with
+its parameters, the elapsed time and an estimate of the time left from the phase-2 epochs finished
+so far (an upper bound: ASHA stops some trials before their last epoch). Plain lines, so that logs
+and ``docker logs`` read well.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+from ray import tune
+from ray.tune.experiment import Trial
+
+INTERVAL_S = float(os.environ.get("LPT_PROGRESS_S", "30"))
+
+
+def duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class SearchProgress(tune.Callback):
+    def __init__(self, budget: int, epochs: int, metric: str, mode: str, params: list[str],
+                 prior: list[dict] = (), interval_s: float = INTERVAL_S):
+        """``budget``: trials of the whole search; ``prior``: table rows of its earlier Tune runs."""
+        self.budget, self.epochs, self.metric, self.mode, self.params = budget, epochs, metric, mode, params
+        self.prior = [{"status": r["status"], "value": r.get(metric), "config": {p: r.get(p) for p in params}}
+                      for r in prior]
+        self.interval_s = interval_s
+        self.started = self.last = None
+        self.epochs_at_start: int | None = None  # a resumed search: epochs that ran before this driver
+
+    def __setstate__(self, state: dict) -> None:  # Tuner.restore: this driver's clock starts again
+        self.__dict__.update(state, started=None, last=None, epochs_at_start=None)
+
+    # ----------------------------------------------------------------------------- the line
+    def line(self, trials: list[Trial], now: float | None = None, ending: dict | None = None) -> str:
+        """``ending``: {trial_id: "completed" | "failed"} of trials whose end Tune is reporting
+        (their status changes only after the callbacks ran)."""
+        now = time.time() if now is None else now
+        ending = ending or {}
+        self.started = self.started or now
+        epochs_of = {t.trial_id: int((t.last_result or {}).get("epoch", 0) or 0) for t in trials}
+        running = [t for t in trials if t.status == Trial.RUNNING and t.trial_id not in ending]
+        ended = [self.outcome(t, epochs_of[t.trial_id], ending.get(t.trial_id)) for t in trials
+                 if t.status in (Trial.TERMINATED, Trial.ERROR) or t.trial_id in ending]
+        ended += [{"completed": "completed", "failed": "failed"}.get(r["status"], "stopped") for r in self.prior]
+        completed, stopped, failed = (ended.count(k) for k in ("completed", "stopped", "failed"))
+        pending = max(0, self.budget - len(ended) - len(running))
+        no_epoch = sum(epochs_of[t.trial_id] == 0 for t in running)
+        parts = [f"[search {duration(now - self.started)}] {len(ended)}/{self.budget} done "
+                 f"({completed} completed, {stopped} stopped early, {failed} failed), "
+                 f"{len(running)} running" + (f" ({no_epoch} before their first epoch)" if no_epoch else "")
+                 + f", {pending} pending"]
+        best = self.best(trials)
+        if best is not None:
+            value, config = best
+            shown = ", ".join(f"{p}={config.get(p)}" for p in self.params)
+            parts.append(f"best {self.metric} {value:.2f} ({shown})")
+        left = self.time_left(trials, epochs_of, pending, now)
+        if left is not None:
+            parts.append(f"about {duration(left)} left at most")
+        return "; ".join(parts)
+
+    def outcome(self, trial: Trial, epochs: int, ending: str | None = None) -> str:
+        if ending == "failed" or trial.status == Trial.ERROR or (trial.last_result or {}).get("error"):
+            return "failed"
+        return "completed" if epochs >= self.epochs else "stopped"
+
+    def best(self, trials: list[Trial]) -> tuple[float, dict] | None:
+        """The best objective value reported so far (any epoch) and its trial's config."""
+        sign = 1 if self.mode == "max" else -1
+        seen = [((t.last_result or {}).get(self.metric), t.config) for t in trials]
+        seen += [(r["value"], r["config"]) for r in self.prior]
+        scored = [(float(v), c) for v, c in seen if isinstance(v, (int, float)) and math.isfinite(v)]
+        return max(scored, key=lambda s: sign * s[0]) if scored else None
+
+    def time_left(self, trials: list[Trial], epochs_of: dict, pending: int, now: float) -> float | None:
+        done = sum(epochs_of.values())
+        if self.epochs_at_start is None:
+            self.epochs_at_start = done
+        ran = done - self.epochs_at_start
+        if ran <= 0:
+            return None
+        remaining = pending * self.epochs + sum(max(0, self.epochs - epochs_of[t.trial_id])
+                                                for t in trials if t.status == Trial.RUNNING)
+        return remaining * (now - self.started) / ran
+
+    # ----------------------------------------------------------------------------- Tune's hooks
+    def _show(self, trials: list[Trial], ending: dict | None = None) -> None:
+        self.last = time.time()
+        print(self.line(trials, self.last, ending), flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._show(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._show(trials, {trial.trial_id: "completed"})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._show(trials, {trial.trial_id: "failed"})
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.last is None or time.time() - self.last >= self.interval_s:
+            self._show(trials)

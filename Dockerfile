@@ -35,11 +35,12 @@ RUN apt-get update \
 
 WORKDIR /app
 
-# Dependencies first (layers that survive source edits): torch and torchvision (the big layer),
-# then the project's dependencies and its "cluster" extra (the MLflow login app, the PostgreSQL
-# driver) read from pyproject.toml, all pinned by constraints.txt.
-COPY constraints.txt pyproject.toml ./
+# Dependencies first (layers that survive source edits), all pinned by constraints.txt: torch and
+# torchvision (the big layer, rebuilt only when the lock changes), then the project's dependencies
+# and its "cluster" extra (the MLflow login app, the PostgreSQL driver) read from pyproject.toml.
+COPY constraints.txt ./
 RUN pip install -c constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch torchvision
+COPY pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['cluster']))" > /tmp/requirements.txt \
     && pip install -c constraints.txt -r /tmp/requirements.txt \

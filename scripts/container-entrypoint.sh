@@ -8,13 +8,18 @@
 # good. The services find them through environment variables that hold paths, never values
 # (RAY_AUTH_TOKEN_PATH, PGPASSFILE, MLFLOW_AUTH_CONFIG_PATH, NAME_FILE, ~/.mlflow/credentials),
 # so `docker inspect` shows no secret. Started as lpt, it runs the command directly.
+#
+# `lpt-entrypoint CMD` also runs any later command as lpt: the health checks, `docker exec`.
 set -eu
 SECRETS=/run/lpt-secrets
 
 if [ "$(id -u)" = 0 ]; then
-  for file in /run/secrets/*; do
-    [ -f "$file" ] && install -m 400 -o lpt -g lpt "$file" "$SECRETS/$(basename "$file")"
-  done
+  if [ ! -e "$SECRETS/.installed" ]; then   # once, at the container's start
+    for file in /run/secrets/*; do
+      [ -f "$file" ] && install -m 400 -o lpt -g lpt "$file" "$SECRETS/$(basename "$file")"
+    done
+    touch "$SECRETS/.installed"
+  fi
   export HOME=/home/lpt USER=lpt LOGNAME=lpt
   exec setpriv --reuid=lpt --regid=lpt --init-groups -- "$0" "$@"
 fi

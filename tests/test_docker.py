@@ -10,8 +10,8 @@ Checks: the stack comes up healthy with two workers; MLflow and the Ray dashboar
 without the login or the token (401); no secret value in any container's `docker inspect`; every
 process of the project's containers runs as the image's user (PostgreSQL's own container aside);
 a 6-trial smoke search from the driver container runs trials on both worker containers into the
-MLflow server, and ends with all 6 trials completed although a worker container is killed in the
-middle of it. Everything is torn down (`down -v`); the images and the build cache stay.
+MLflow server, and ends with all 6 trials done (none failed) although a worker container is killed
+in the middle of it. Everything is torn down (`down -v`); the images and the build cache stay.
 
 Slow: about 10 minutes for the first build on two cores (torch's CUDA wheels), a few minutes
 after that. Skips with the reason where no daemon can be started (not root, no docker).
@@ -261,14 +261,23 @@ def assert_no_secret_in_inspect(stack: Stack, containers: list[str]) -> None:
             assert value not in shown, f"{name}: a secret value in `docker inspect`"
 
 
+def processes(container: str) -> set[tuple[int, int, str]]:
+    rows = sh(["docker", "top", container, "-eo", "uid,pid,args"], timeout=60).stdout.strip().splitlines()[1:]
+    return {(int(uid), int(pid), args.strip()) for uid, pid, args in (row.split(None, 2) for row in rows)}
+
+
 def assert_service_user(stack: Stack, containers: list[str]) -> None:
-    """Every process in the project's containers (PID 1, tini, included) runs as the image's user."""
+    """Every process in the project's containers (PID 1, tini, included) runs as the image's user.
+    The entrypoint of a health check is root for a moment before it drops to the user: a process
+    counts only when it is still there, as another user, two seconds later."""
+    first = {c: processes(c) for c in containers}
+    time.sleep(2)
     for container in containers:
         name = stack.inspect(container)["Name"]
-        rows = sh(["docker", "top", container, "-eo", "uid,pid,args"], timeout=60).stdout.strip().splitlines()[1:]
-        assert rows, name
-        root = [r for r in rows if int(r.split()[0]) != SERVICE_UID]
-        assert not root, f"{name}: processes not run by uid {SERVICE_UID}: {root}"
+        assert first[container], name
+        other = first[container] & processes(container)
+        other = [p for p in other if p[0] != SERVICE_UID]
+        assert not other, f"{name}: processes not run by uid {SERVICE_UID}: {other}"
 
 
 def lpt_containers(stack: Stack) -> list[str]:
@@ -305,8 +314,9 @@ def trial_runs(client, parent_run_id: str | None = None):
 
 def test_search_runs_on_both_workers_and_survives_losing_one(stack, tmp_path):
     """The driver container's 6-trial smoke search: trials on both worker containers; a worker
-    container killed once both ran trials; the search still ends with every trial completed, in
-    the MLflow server. While it runs, the driver too holds no secret and runs as the user."""
+    container killed while it runs a trial; the search still ends with every trial done (completed
+    or stopped early by ASHA, none failed; the killed one retried elsewhere), in the MLflow server.
+    While it runs, the driver too holds no secret and runs as the user."""
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=f"http://127.0.0.1:{stack.mlflow_port}")
     workers = stack.worker_nodes()
@@ -324,18 +334,19 @@ def test_search_runs_on_both_workers_and_survives_losing_one(stack, tmp_path):
             time.sleep(2)
             runs = trial_runs(client)
             seen |= {r.data.tags.get("lpt.node") for r in runs}
-            running = [r.data.tags.get("lpt.node") for r in runs if r.info.status == "RUNNING"]
+            running = [(r.data.tags.get("lpt.node"), r.info.run_id) for r in runs if r.info.status == "RUNNING"]
             if set(workers) <= seen and len([r for r in runs if r.info.status == "FINISHED"]) < TRIALS - 2:
-                victim = next((n for n in running if n in workers), None)
+                victim = next(((n, run_id) for n, run_id in running if n in workers), None)
         timed("search: until trials ran on both workers", started)
         driver = stack.containers("driver")
         assert driver, "the driver container is not running"
         assert_no_secret_in_inspect(stack, driver)
         assert_service_user(stack, lpt_containers(stack))   # the driver and the workers' trial processes too
+        victim, victim_run = victim
         killed = time.time()
         sh(["docker", "kill", workers[victim]], timeout=60)
         print(f"[docker test] killed worker container {workers[victim][:12]} (Ray node {victim[:12]}) "
-              f"{killed - started:.0f} s into the search", flush=True)
+              f"{killed - started:.0f} s into the search, while it ran the trial of run {victim_run[:12]}", flush=True)
         search.wait(timeout=max(60, deadline - time.time()))
     except subprocess.TimeoutExpired:
         pytest.fail(f"the search did not finish within {SEARCH_TIMEOUT_S} s:\n{log.read_text()[-6000:]}")
@@ -357,11 +368,14 @@ def test_search_runs_on_both_workers_and_survives_losing_one(stack, tmp_path):
     folder, rows = json.loads(table.strip().splitlines()[-1])
     record = json.loads(stack.exec_as_user(head, "cat", f"{folder}/search.json").stdout)
     assert len(rows) == TRIALS and len({r["trial_id"] for r in rows}) == TRIALS
-    assert [r["status"] for r in rows] == ["completed"] * TRIALS, rows
+    statuses = [r["status"] for r in rows]   # ASHA may stop some early; none failed
+    assert set(statuses) <= {"completed", "early_stopped"} and "completed" in statuses, rows
     runs = trial_runs(client, record["parent_run_id"])
     assert len(runs) == TRIALS and {r.info.run_id for r in runs} == {r["mlflow_run_id"] for r in rows}
     assert all(r.info.status == "FINISHED" for r in runs)
     assert set(workers) <= seen, f"trial nodes {seen}, workers {set(workers)}"
     finished_after = {r.data.tags.get("lpt.node") for r in runs if r.info.end_time / 1000 > killed}
     assert finished_after and victim not in finished_after, f"trials finished after the kill on {finished_after}"
+    retried = client.get_run(victim_run)   # the killed worker's trial, retried elsewhere in the same run
+    assert retried.info.status == "FINISHED" and retried.data.tags["lpt.node"] != victim
     print(f"[docker test] timings: {json.dumps(TIMINGS)}", flush=True)

@@ -116,6 +116,15 @@ def mlflow_login(secrets: dict) -> dict:
     return {key.upper(): value for key, value in config["mlflow"].items()}
 
 
+def login_to_mlflow(secrets: dict):
+    """This process's MLflow clients log in as the cluster's driver does; ``.undo()`` to log out."""
+    import pytest
+    patch = pytest.MonkeyPatch()
+    for name, value in mlflow_login(secrets).items():
+        patch.setenv(name, value)
+    return patch
+
+
 def load_compose(env: dict | None = None, path: Path = COMPOSE_FILE) -> dict:
     """docker-compose.yml with YAML anchors merged and, given ``env``, variables substituted."""
     data = yaml.safe_load(Path(path).read_text())

@@ -15,7 +15,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pytest
 import yaml
 
 from cluster_fixtures import (DASHBOARD_TOKEN_EXPECTED, LOOPBACK, MLFLOW_LOGIN_EXPECTED, ROOT, VENV_BIN, LocalStack,
-                              Proc, dashboard_token_statuses, mlflow_login, mlflow_login_statuses,
+                              Proc, dashboard_token_statuses, login_to_mlflow, mlflow_login, mlflow_login_statuses,
                               postgres_unavailable, wait_http)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]   # every wait inside has its own limit too
@@ -41,9 +40,7 @@ def stack(tmp_path_factory):
         if not (VENV_BIN / tool).exists():
             pytest.skip(f"`{tool}` is not installed next to {sys.executable}")
     stack = LocalStack(tmp_path_factory.mktemp("cluster"))
-    login = pytest.MonkeyPatch()   # this process reads the MLflow server with the cluster's login
-    for name, value in mlflow_login(stack.secrets).items():
-        login.setenv(name, value)
+    login = login_to_mlflow(stack.secrets)   # this process reads the MLflow server as the driver does
     try:
         started = time.time()
         stack.start_postgres()

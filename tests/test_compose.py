@@ -21,7 +21,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from cluster_fixtures import (COMPOSE_FILE, ROOT, SECRETS_DIR, VENV_BIN, cluster_setup, command_of, environment_of,
-                              load_compose, mlflow_login, read_env_file, read_secrets)
+                              load_compose, mlflow_login, read_env_file)
 
 RAY_NODES = ("ray-head", "ray-worker", "ray-worker-gpu")
 RAY_PROCESSES = (*RAY_NODES, "driver")

@@ -25,14 +25,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from cluster_fixtures import (COMPOSE_FILE, DASHBOARD_TOKEN_EXPECTED, LIST_NODES, MLFLOW_LOGIN_EXPECTED, ROOT,
-                              cluster_setup, dashboard_token_statuses, free_port, mlflow_login, mlflow_login_statuses)
+                              cluster_setup, dashboard_token_statuses, free_port, login_to_mlflow, mlflow_login,
+                              mlflow_login_statuses)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]   # every wait inside has its own limit
 
@@ -223,9 +223,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(image, tmp_path_factory):
     stack = Stack(tmp_path_factory.mktemp("docker-stack"), image)
-    login = pytest.MonkeyPatch()   # this process reads the MLflow server with the cluster's login
-    for name, value in mlflow_login(stack.secrets).items():
-        login.setenv(name, value)
+    login = login_to_mlflow(stack.secrets)   # this process reads the MLflow server as the driver does
     started = time.time()
     try:
         stack.run("up", "-d", "--no-build", "--scale", f"ray-worker={WORKERS}", timeout=600)

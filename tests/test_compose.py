@@ -10,10 +10,12 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import importlib.util
+import platform
 import re
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -342,8 +344,9 @@ def test_the_lock_is_current_and_installed():
     installed = {lock.normalize(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
     differ = {n: (v, installed[n]) for n, v in pins.items() if n in installed and installed[n] != v}
     assert not differ, f"the venv differs from constraints.txt (pin, installed): {differ}"
-    missing = [n for n in pins if n not in installed]
-    assert not missing, f"pinned but not installed here: {missing}"
+    if sys.platform.startswith("linux") and platform.machine() == "x86_64":   # the platform it is resolved for
+        missing = [n for n in pins if n not in installed]
+        assert not missing, f"pinned but not installed here: {missing}"
 
 
 def test_the_docs_walk_through_the_cluster():

@@ -1,9 +1,13 @@
 # System packages the slow tests use (sourced by scripts/test.sh): PostgreSQL (MLflow's backend
-# store, as in docker-compose.yml), docker-compose v1 (its config parser; no engine needed),
+# store, as in docker-compose.yml), docker-compose v1 (its config parser), the Docker engine with
+# iptables and debootstrap (tests/test_docker.py starts dockerd and builds stand-in base images),
 # Chromium and its driver (the MLflow UI browser test). Installed with apt when missing and root.
 need=()
 command -v pg_ctlcluster >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
+command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then

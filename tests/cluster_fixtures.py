@@ -16,13 +16,14 @@ leaves it alone, so the Ray nodes register and are reached at 127.0.0.2; everyth
 
 from __future__ import annotations
 
+import base64
+import configparser
 import glob
 import importlib.util
 import json
 import os
 import pwd
 import re
-import secrets
 import shlex
 import shutil
 import signal
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -44,7 +46,7 @@ LOOPBACK = "127.0.0.1"
 RAY_IP = "127.0.0.2"
 MARKER = "LPT_CLUSTER_TEST"  # env var carried by every process a test starts
 
-SECRET_VARS = ("RAY_AUTH_TOKEN", "POSTGRES_PASSWORD")
+SECRETS_DIR = "/run/lpt-secrets"   # where the image's entrypoint installs the compose secrets
 
 
 # ---------------------------------------------------------------- compose file
@@ -93,12 +95,34 @@ def read_env_file(path: Path) -> dict:
     return values
 
 
-def write_test_env(path: Path) -> dict:
-    """A .env like a user's: .env.example with fresh secrets filled in."""
-    values = read_env_file(ROOT / ".env.example")
-    values.update(RAY_AUTH_TOKEN=secrets.token_hex(32), POSTGRES_PASSWORD=secrets.token_hex(16))
-    Path(path).write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    return values
+def cluster_setup(folder: Path) -> tuple[dict, dict]:
+    """What a user's ``scripts/cluster-setup.sh`` makes, in ``folder``: ``.env`` and ``secrets/``.
+    Returns the .env values and ``{secret name: content}``."""
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "cluster-setup.sh"), str(folder)], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"scripts/cluster-setup.sh failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return read_env_file(Path(folder) / ".env"), read_secrets(Path(folder) / "secrets")
+
+
+def read_secrets(folder: Path) -> dict:
+    return {p.name: p.read_text() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def mlflow_login(secrets: dict) -> dict:
+    """The driver's and workers' MLflow login, as MLflow's environment variables."""
+    config = configparser.ConfigParser()
+    config.read_string(secrets["mlflow_credentials"])
+    return {key.upper(): value for key, value in config["mlflow"].items()}
+
+
+def login_to_mlflow(secrets: dict):
+    """This process's MLflow clients log in as the cluster's driver does; ``.undo()`` to log out."""
+    import pytest
+    patch = pytest.MonkeyPatch()
+    for name, value in mlflow_login(secrets).items():
+        patch.setenv(name, value)
+    return patch
 
 
 def load_compose(env: dict | None = None, path: Path = COMPOSE_FILE) -> dict:
@@ -244,6 +268,41 @@ def wait_http(url: str, timeout_s: float, proc: Proc | None = None) -> None:
                        + (f":\n{proc.tail()}" if proc else ""))
 
 
+def http_status(url: str, headers: dict | None = None, timeout_s: float = 60) -> int:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def basic_auth(username: str, password: str) -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()}
+
+
+def mlflow_login_statuses(base_url: str, login: dict) -> dict:
+    """The MLflow server's answers to an API request without a login, with a wrong password and
+    with the cluster's login, and to /health without one (the health checks)."""
+    api = f"{base_url}/api/2.0/mlflow/experiments/search?max_results=1"
+    user, password = login["MLFLOW_TRACKING_USERNAME"], login["MLFLOW_TRACKING_PASSWORD"]
+    return {"no login": http_status(api), "wrong password": http_status(api, basic_auth(user, "not-" + password)),
+            "login": http_status(api, basic_auth(user, password)), "health": http_status(f"{base_url}/health")}
+
+
+MLFLOW_LOGIN_EXPECTED = {"no login": 401, "wrong password": 401, "login": 200, "health": 200}
+
+
+def dashboard_token_statuses(base_url: str, token: str) -> dict:
+    """The Ray dashboard's job API without the token, with a wrong one and with the cluster's."""
+    api = f"{base_url}/api/jobs/"
+    return {"no token": http_status(api), "wrong token": http_status(api, {"Authorization": "Bearer not-the-token"}),
+            "token": http_status(api, {"Authorization": f"Bearer {token}"})}
+
+
+DASHBOARD_TOKEN_EXPECTED = {"no token": 401, "wrong token": 403, "token": 200}
+
+
 # ---------------------------------------------------------------- PostgreSQL
 
 def postgres_bindir() -> Path | None:
@@ -338,6 +397,26 @@ class Postgres:
 
 # ---------------------------------------------------------------- the whole stack
 
+# Lists a Ray cluster's nodes from its GCS as JSON (argv: address, alive nodes to wait for or -1,
+# timeout in seconds); run with the cluster's token in the environment.
+LIST_NODES = r"""
+import json, sys, time
+from ray._raylet import GcsClient
+from ray.core.generated.gcs_pb2 import GcsNodeInfo
+client = GcsClient(address=sys.argv[1])
+want, deadline = int(sys.argv[2]), time.time() + float(sys.argv[3])
+while True:
+    nodes = [{"node_id": nid.hex(), "port": n.node_manager_port, "head": n.is_head_node,
+              "alive": n.state == GcsNodeInfo.ALIVE, "cpu": dict(n.resources_total).get("CPU", 0.0),
+              "ip": n.node_manager_address}
+             for nid, n in client.get_all_node_info(timeout=30).items()]
+    if want < 0 or sum(n["alive"] for n in nodes) >= want or time.time() > deadline:
+        break
+    time.sleep(1)
+print(json.dumps(nodes))
+"""
+
+
 class LocalStack:
     """PostgreSQL, the MLflow server and a Ray head started from docker-compose.yml's commands;
     ``add_workers(n)`` starts ray-worker's command n more times."""
@@ -345,7 +424,8 @@ class LocalStack:
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
         self.marker = uuid.uuid4().hex
-        self.env_values = write_test_env(self.workdir / ".env")
+        self.env_values, self.secrets = cluster_setup(self.workdir)
+        self.secrets_dir = self.workdir / "secrets"
         self.env_values["RAY_WORKER_CPUS"] = "1"  # one trial at a time per worker node
         self.env_values["RAY_WORKER_GPUS"] = "1"  # a logical GPU each: fractional GPU requests get placed
         self.compose = load_compose(self.env_values)
@@ -354,6 +434,10 @@ class LocalStack:
         self.artifacts = self.workdir / "mlartifacts"
         self.shared.mkdir()
         self.artifacts.mkdir()
+        # the image's home: MLflow reads the driver's and workers' login from ~/.mlflow/credentials
+        self.home = self.workdir / "home"
+        (self.home / ".mlflow").mkdir(parents=True)
+        (self.home / ".mlflow" / "credentials").symlink_to(self.secrets_dir / "mlflow_credentials")
         # Ray's socket paths must stay short (AF_UNIX): its temp dir is a short folder in /tmp
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="lptray-"))
         self.ray_port, self.dashboard_port, self.mlflow_port = free_port(), free_port(), free_port()
@@ -371,7 +455,7 @@ class LocalStack:
         pg = f"{LOOPBACK}:{self.postgres.port}" if self.postgres else "postgres:5432"
         return {"ray-head:6379": f"{RAY_IP}:{self.ray_port}", "mlflow:5000": f"{LOOPBACK}:{self.mlflow_port}",
                 "postgres:5432": pg, "/shared": str(self.shared), "/mlartifacts": str(self.artifacts),
-                "/data": str(self.workdir / "data")}
+                "/data": str(self.workdir / "data"), SECRETS_DIR: str(self.secrets_dir)}
 
     @property
     def tracking_uri(self) -> str:
@@ -385,16 +469,22 @@ class LocalStack:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("RAY_", "MLFLOW_", "LPT_")) and k not in ("HF_HOME",)}
         env.update({MARKER: self.marker, "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-                    "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+                    "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "HOME": str(self.home)})
         return env
 
     def service_env(self, name: str) -> dict:
         env = self.base_env()
         env.update({k: substitute(v, self.subst) for k, v in environment_of(self.services[name]).items()})
+        # what the image's entrypoint does with NAME_FILE=/run/lpt-secrets/x
+        for key in [k for k, v in env.items() if k.endswith("_FILE") and v.startswith(f"{self.secrets_dir}/")]:
+            env[key[:-len("_FILE")]] = Path(env.pop(key)).read_text()
         return env
 
     def start_postgres(self) -> None:
-        self.postgres = Postgres(self.env_values["POSTGRES_PASSWORD"]).start()
+        self.postgres = Postgres(self.secrets["postgres_password"]).start()
+        # the MLflow login app's settings name the database by its compose address
+        config = self.secrets_dir / "mlflow_auth_config"
+        config.write_text(substitute(config.read_text(), self.subst))
 
     def start_mlflow(self) -> Proc:
         flags = {"--host": LOOPBACK, "--port": self.mlflow_port}
@@ -446,22 +536,7 @@ class LocalStack:
     def nodes(self, expect_alive: int | None = None, timeout_s: float = 120) -> list[dict]:
         """The cluster's nodes from its GCS (through a client holding the token); with
         ``expect_alive``, waits until that many are alive."""
-        code = r"""
-import json, sys, time
-from ray._raylet import GcsClient
-from ray.core.generated.gcs_pb2 import GcsNodeInfo
-client = GcsClient(address=sys.argv[1])
-want, deadline = int(sys.argv[2]), time.time() + float(sys.argv[3])
-while True:
-    nodes = [{"node_id": nid.hex(), "port": n.node_manager_port, "head": n.is_head_node,
-              "alive": n.state == GcsNodeInfo.ALIVE, "cpu": dict(n.resources_total).get("CPU", 0.0)}
-             for nid, n in client.get_all_node_info(timeout=30).items()]
-    if want < 0 or sum(n["alive"] for n in nodes) >= want or time.time() > deadline:
-        break
-    time.sleep(1)
-print(json.dumps(nodes))
-"""
-        proc = subprocess.run([sys.executable, "-c", code, self.ray_address, str(expect_alive or -1), str(timeout_s)],
+        proc = subprocess.run([sys.executable, "-c", LIST_NODES, self.ray_address, str(expect_alive or -1), str(timeout_s)],
                               env=self.service_env("ray-head"), capture_output=True, text=True,
                               timeout=timeout_s + 90, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:

@@ -1,29 +1,47 @@
-"""docker-compose.yml, Dockerfile and .env.example: checked with docker-compose's own parser (no
-engine needed) and structurally -- ports on loopback only, token auth on every Ray process, no
-secret in the files, one shared volume at one path, MLflow on a healthy PostgreSQL, and every
-command the services run exists with the options it is given."""
+"""docker-compose.yml, Dockerfile, .env.example, scripts/cluster-setup.sh and constraints.txt:
+checked with docker-compose's own parser (no engine needed) and structurally -- ports on loopback
+only, token auth on every Ray process, secrets only as files (no value in any environment), MLflow
+behind its login, a non-root service user, each GPU reserved by one worker, one shared volume at
+one path, MLflow on a healthy PostgreSQL, every command the services run exists with the options
+it is given, and the lock file current with pyproject.toml and installed in the venv."""
 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import importlib.util
+import platform
 import re
 import shutil
+import stat
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
-from cluster_fixtures import (COMPOSE_FILE, ROOT, SECRET_VARS, VENV_BIN, InterpolationError, command_of,
-                              environment_of, load_compose, read_env_file, write_test_env)
+from cluster_fixtures import (COMPOSE_FILE, ROOT, SECRETS_DIR, VENV_BIN, cluster_setup, command_of, environment_of,
+                              load_compose, mlflow_login, read_env_file)
 
 RAY_NODES = ("ray-head", "ray-worker", "ray-worker-gpu")
 RAY_PROCESSES = (*RAY_NODES, "driver")
+LPT_SERVICES = (*RAY_PROCESSES, "mlflow")     # the services that run the project's image
 SHARED = "/shared"
+SERVICE_UID = "10001"
 
 
 @pytest.fixture(scope="module")
-def env_values(tmp_path_factory):
-    return write_test_env(tmp_path_factory.mktemp("compose") / ".env")
+def setup_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compose")
+    cluster_setup(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def env_values(setup_dir):
+    return read_env_file(setup_dir / ".env")
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +60,13 @@ def docker_compose() -> str:
         pytest.skip("docker-compose (v1, Debian's package) is not installed: `apt-get install docker-compose` "
                     "(scripts/system-deps.sh does it when run as root); it parses the file without an engine")
     return exe
+
+
+def load_lock_module():
+    spec = importlib.util.spec_from_file_location("lock", ROOT / "scripts" / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_config(tmp_path, env_text: str, *args: str) -> subprocess.CompletedProcess:
@@ -69,26 +94,42 @@ def test_docker_compose_parses_the_file(tmp_path, env_values):
     assert set(resolved) == {"ray-head", "ray-worker", "ray-worker-gpu", "mlflow", "postgres", "driver"}
     for name in RAY_PROCESSES:
         env = resolved[name]["environment"]
-        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == env_values["RAY_AUTH_TOKEN"], name
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == f"{SECRETS_DIR}/ray_auth_token", name
+    assert {s["source"] for s in resolved["mlflow"]["secrets"]} == {"pgpass", "mlflow_auth_config", "mlflow_flask_secret_key"}
     published = {name: [port_text(p) for p in svc.get("ports", [])] for name, svc in resolved.items() if svc.get("ports")}
     assert published == {"ray-head": ["127.0.0.1:8265:8265/tcp"], "mlflow": ["127.0.0.1:5000:5000/tcp"]}
     assert resolved["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     devices = resolved["ray-worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["capabilities"] == ["gpu"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
 
 
-def test_docker_compose_refuses_to_run_without_the_secrets(tmp_path):
-    """The template's empty secrets stop compose with a message naming the variable."""
-    proc = run_config(tmp_path, (ROOT / ".env.example").read_text(), "config", "-q")
-    assert proc.returncode != 0
-    assert "RAY_AUTH_TOKEN" in proc.stderr or "POSTGRES_PASSWORD" in proc.stderr, proc.stderr
-
-
-def test_our_interpolation_matches_compose_on_missing_secrets():
-    template = read_env_file(ROOT / ".env.example")
-    assert all(template[name] == "" for name in SECRET_VARS)
-    with pytest.raises(InterpolationError, match="RAY_AUTH_TOKEN|POSTGRES_PASSWORD"):
-        load_compose(template)
+def test_cluster_setup_makes_every_secret_once(tmp_path):
+    """scripts/cluster-setup.sh: .env from the template, one random file per secret the compose
+    file mounts (mode 600, in a mode-700 folder), consistent with each other, never overwritten."""
+    env, first = cluster_setup(tmp_path)
+    assert env == read_env_file(ROOT / ".env.example")
+    folder = tmp_path / "secrets"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for path in folder.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+    files = {Path(spec["file"]).name for spec in load_compose()["secrets"].values()}
+    assert files <= set(first), files - set(first)
+    randoms = ("ray_auth_token", "postgres_password", "mlflow_admin_password", "mlflow_flask_secret_key")
+    for name in randoms:
+        assert re.fullmatch(r"[0-9a-f]{48,64}", first[name]), name
+    assert len({first[n] for n in randoms}) == len(randoms)
+    assert first["pgpass"].strip().endswith(":mlflow:mlflow:" + first["postgres_password"])
+    login = mlflow_login(first)
+    assert login == {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": first["mlflow_admin_password"]}
+    assert f"admin_password = {first['mlflow_admin_password']}" in first["mlflow_auth_config"]
+    assert "database_uri = postgresql+psycopg2://mlflow@postgres:5432/mlflow" in first["mlflow_auth_config"]
+    # a second run keeps everything, and makes what was deleted
+    (tmp_path / ".env").write_text("RAY_WORKER_CPUS=3\n")
+    (folder / "ray_auth_token").unlink()
+    _, second = cluster_setup(tmp_path)
+    assert read_env_file(tmp_path / ".env") == {"RAY_WORKER_CPUS": "3"}
+    assert {k: v for k, v in second.items() if k != "ray_auth_token"} == {k: v for k, v in first.items() if k != "ray_auth_token"}
+    assert second["ray_auth_token"] != first["ray_auth_token"]
 
 
 def test_published_ports_are_loopback_only(raw, services):
@@ -100,35 +141,75 @@ def test_published_ports_are_loopback_only(raw, services):
     assert "ports" not in services["postgres"] and "ports" not in services["ray-worker"]
 
 
-def test_token_auth_on_every_ray_process(services, env_values):
+def test_token_auth_on_every_ray_process(services):
     for name in RAY_PROCESSES:
         env = environment_of(services[name])
         assert env["RAY_AUTH_MODE"] == "token", name
-        assert env["RAY_AUTH_TOKEN"] == env_values["RAY_AUTH_TOKEN"], name
+        assert env["RAY_AUTH_TOKEN_PATH"] == f"{SECRETS_DIR}/ray_auth_token", name
+        assert "ray_auth_token" in services[name]["secrets"], name
 
 
-def test_no_secret_is_written_in_the_files(raw):
-    """Secrets only as ${VAR} references to .env; .env stays out of git and of the image."""
+def test_secrets_are_files_never_values(raw, services):
+    """No environment value, command argument or URI holds a secret: a variable about a secret
+    holds the path of a file compose mounts as a secret of that very service."""
     text = COMPOSE_FILE.read_text()
-    for name, svc in raw["services"].items():
+    for name, svc in services.items():
+        mounted = {f"{SECRETS_DIR}/{s}" for s in svc.get("secrets", [])} | {f"/run/secrets/{s}" for s in svc.get("secrets", [])}
         for key, value in environment_of(svc).items():
-            if re.search(r"TOKEN|PASSWORD|SECRET", key) or re.search(r"://[^/\s]*:[^@/\s]*@", value):
-                assert re.search(r"\$\{(RAY_AUTH_TOKEN|POSTGRES_PASSWORD)", value), f"{name}: {key}={value}"
+            assert not re.search(r"://[^/\s@]*:[^@/\s]*@", value), f"{name}: {key} holds a password in a URI"
+            if re.search(r"TOKEN|PASSWORD|SECRET|CREDENTIAL|PASS", key) or value.startswith((SECRETS_DIR, "/run/secrets")):
+                assert value in mounted, f"{name}: {key}={value} is not the path of a secret it mounts ({mounted})"
+        for arg in command_of(svc) + command_of(svc, "entrypoint"):
+            assert not re.search(r"://[^/\s@]*:[^@/\s]*@", arg), f"{name}: a password in its command"
     for line in text.splitlines():
-        assert not re.search(r"(?i)(token|password)\s*[:=]\s*['\"]?(?!\$\{)[A-Za-z0-9+/]{12,}", line), line
+        assert not re.search(r"(?i)(token|password)\s*[:=]\s*['\"]?[A-Za-z0-9+/]{12,}", line), line
+    assert {Path(spec["file"]).parent.as_posix() for spec in raw["secrets"].values()} == {"secrets"}
     for name, value in read_env_file(ROOT / ".env.example").items():
-        if name in SECRET_VARS:
-            assert value == "", f".env.example must leave {name} empty"
-    assert ".env" in (ROOT / ".dockerignore").read_text().split()
+        assert not re.search(r"TOKEN|PASSWORD|SECRET", name), f".env.example holds {name}: secrets are files"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".env" in ignored and "secrets" in ignored
+
+
+def test_mlflow_behind_its_login(services):
+    """The basic-auth app on PostgreSQL without a password in the URI (libpq's PGPASSFILE); the
+    health check uses /health, the one path open without a login."""
+    mlflow = services["mlflow"]
+    argv = command_of(mlflow)
+    assert argv[argv.index("--app-name") + 1] == "basic-auth"
+    assert argv[argv.index("--backend-store-uri") + 1] == "postgresql+psycopg2://mlflow@postgres:5432/mlflow"
+    env = environment_of(mlflow)
+    assert env == {"PGPASSFILE": f"{SECRETS_DIR}/pgpass", "MLFLOW_AUTH_CONFIG_PATH": f"{SECRETS_DIR}/mlflow_auth_config",
+                   "MLFLOW_FLASK_SERVER_SECRET_KEY_FILE": f"{SECRETS_DIR}/mlflow_flask_secret_key"}
+    assert "/health" in " ".join(mlflow["healthcheck"]["test"])
+    for name in ("ray-worker", "ray-worker-gpu", "driver"):   # trials and the driver log in
+        assert "mlflow_credentials" in services[name]["secrets"], name
+    assert environment_of(services["postgres"])["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+
+
+def test_services_run_as_the_image_user(raw, services):
+    """The project's services run as the image's user (its entrypoint drops root after installing
+    the secrets); none overrides the user or the entrypoint with one that skips that."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(rf"^ARG LPT_UID={SERVICE_UID}$", dockerfile, re.M)
+    assert re.search(r'^ENTRYPOINT \["lpt-entrypoint"\]$', dockerfile, re.M)
+    entrypoint = (ROOT / "scripts" / "container-entrypoint.sh").read_text()
+    assert "setpriv --reuid=lpt --regid=lpt --init-groups" in entrypoint and 'exec tini -s -- "$@"' in entrypoint
+    for name in LPT_SERVICES:
+        svc = services[name]
+        assert "user" not in svc and "init" not in svc, name   # docker's init would stay root
+        assert svc.get("security_opt") == ["no-new-privileges:true"], name
+        entry = command_of(svc, "entrypoint")
+        assert not entry or entry[0] == "lpt-entrypoint", name
 
 
 def test_the_env_file_stays_out_of_git():
     if not (shutil.which("git") and (ROOT / ".git").exists()):
         pytest.skip("not a git checkout")
-    check = subprocess.run(["git", "check-ignore", "-q", "--no-index", ".env"], cwd=ROOT)
-    assert check.returncode == 0, ".env (the secrets) must be listed in .gitignore"
-    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", ".env"], cwd=ROOT, capture_output=True)
-    assert tracked.returncode != 0, ".env is committed"
+    for path in (".env", "secrets/ray_auth_token"):
+        check = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT)
+        assert check.returncode == 0, f"{path} must be ignored by git (.gitignore)"
+    tracked = subprocess.run(["git", "ls-files", ".env", "secrets"], cwd=ROOT, capture_output=True, text=True)
+    assert tracked.stdout == "", f"committed: {tracked.stdout}"
 
 
 def test_one_shared_volume_at_one_path(raw, services):
@@ -158,8 +239,6 @@ def test_services_run_what_the_issue_asks(services):
     assert mlflow[mlflow.index("--artifacts-destination") + 1] == "/mlartifacts"
     assert mlflow[mlflow.index("--allowed-hosts") + 1] == "mlflow,mlflow:5000,localhost:*,127.0.0.1:*"
     assert mlflow[mlflow.index("--host") + 1] == "0.0.0.0" and mlflow[mlflow.index("--port") + 1] == "5000"
-    store = environment_of(services["mlflow"])["MLFLOW_BACKEND_STORE_URI"]
-    assert store.startswith("postgresql+psycopg2://mlflow:") and store.endswith("@postgres:5432/mlflow")
     assert "/mlartifacts" in [str(v).split(":")[1] for v in services["mlflow"]["volumes"]]
     assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
@@ -170,6 +249,7 @@ def test_services_run_what_the_issue_asks(services):
     assert env["RAY_ADDRESS"] == "ray-head:6379" and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert command_of(driver)[:2] == ["python", "tune/search.py"]
     join = " ".join(command_of(driver, "entrypoint"))
+    assert command_of(driver, "entrypoint")[:3] == ["lpt-entrypoint", "sh", "-c"]
     assert 'ray start --address="$RAY_ADDRESS" --num-cpus=0' in join and 'exec "$@"' in join
     assert {"ray-head", "mlflow"} <= set(driver["depends_on"])
 
@@ -195,7 +275,7 @@ def test_every_command_exists_with_its_options(services):
         assert proc.returncode == 0, f"{' '.join(helps[k][-3:])}: {err[-2000:]}"
     # the search CLI's options, from its argparse calls (importing it takes torch and timm)
     known = {**out, "search": "\n".join(re.findall(r'add_argument\(\s*"(--[\w-]+)"', (ROOT / "tune" / "search.py").read_text()))}
-    join = [a for a in command_of(services["driver"], "entrypoint")[2].split() if a.startswith("--")]
+    join = [a for a in command_of(services["driver"], "entrypoint")[3].split() if a.startswith("--")]
     commands = [("ray", command_of(services[n])) for n in RAY_NODES] + [("ray", join)] + [
         ("mlflow", command_of(services["mlflow"])), ("search", command_of(services["driver"]))]
     for tool, argv in commands:
@@ -205,31 +285,76 @@ def test_every_command_exists_with_its_options(services):
     assert (ROOT / command_of(services["driver"])[1]).is_file()
     # the health checks
     head_check = services["ray-head"]["healthcheck"]["test"]
-    assert head_check[1:3] == ["ray", "health-check"]
+    assert head_check[1:4] == ["lpt-entrypoint", "ray", "health-check"]   # as the image's user, not root
     assert "--address" in out["health"]
     code = services["mlflow"]["healthcheck"]["test"]
-    assert code[1:3] == ["python", "-c"]
-    ast.parse(code[3])
+    assert code[1:4] == ["lpt-entrypoint", "python", "-c"]
+    ast.parse(code[4])
 
 
-def test_dockerfile_pins_match_the_project():
+def test_gpu_workers_get_their_own_gpus(services):
+    """One GPU worker per host holding every GPU, Ray detecting them: never two replicas handed
+    the same devices (a fixed container name refuses --scale), no hard-coded GPU count."""
+    gpu = services["ray-worker-gpu"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert gpu.get("container_name"), "a fixed name: compose refuses to scale the GPU worker"
+    assert not [a for a in command_of(gpu) if a.startswith("--num-gpus")], "Ray detects the GPUs it is given"
+    for name, svc in services.items():
+        if name != "ray-worker-gpu":
+            assert "deploy" not in svc, f"{name} reserves devices"
+    readme = (ROOT / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if "--profile gpu" in line]
+    assert commands and all("--scale ray-worker-gpu" not in line and "RAY_WORKER_GPUS" not in line for line in commands)
+    assert any("--scale ray-worker=0" in line for line in commands)
+
+
+def test_dockerfile_installs_the_lock():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    for pin in re.findall(r'"(torch(?:vision)?==[\d.]+)"', pyproject):
-        assert pin in text, f"Dockerfile must install {pin} like pyproject.toml"
-    assert "psycopg2-binary" in text
-    assert '"ray[default]"' in text   # the dashboard's HTTP server: port 8265 serves nothing without it
+    assert text.index("COPY constraints.txt ./") < text.index("torch torchvision") < text.index("COPY pyproject.toml ./")
+    installs = re.findall(r"pip install [^\n]*", text)
+    assert len(installs) == 3, installs
+    for command in installs:
+        assert "-c constraints.txt" in command or "--no-deps" in command, command
+    assert "['optional-dependencies']['cluster']" in text   # the MLflow login app, the PostgreSQL driver
     assert "TORCH_INDEX_URL" in text  # the CPU wheel index, documented
     ignore = (ROOT / ".dockerignore").read_text().split()
-    assert {".env", ".venv", ".git"} <= set(ignore)
+    assert {".env", ".venv", ".git", "secrets"} <= set(ignore)
+    assert '-c "$ROOT/constraints.txt"' in (ROOT / "scripts" / "venv.sh").read_text()
+
+
+def test_the_lock_is_current_and_installed():
+    """constraints.txt was resolved from today's pyproject.toml, pins a version inside every range
+    pyproject.toml asks for, and is what this venv holds (scripts/venv.sh installs with it)."""
+    lock = load_lock_module()
+    assert lock.recorded_digest() == lock.dependency_digest(), \
+        "constraints.txt is out of date with pyproject.toml: run `python scripts/lock.py`"
+    pins = lock.read_pins()
+    meta = lock.project()
+    own = lock.normalize(meta["name"])
+    requirements = [Requirement(r) for r in meta["dependencies"]]
+    requirements += [Requirement(r) for extra in meta["optional-dependencies"].values() for r in extra]
+    for req in requirements:
+        name = lock.normalize(req.name)
+        if name == own:
+            continue
+        assert name in pins, f"constraints.txt has no pin for {req.name}"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} is outside {req.specifier}"
+    installed = {lock.normalize(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    differ = {n: (v, installed[n]) for n, v in pins.items() if n in installed and installed[n] != v}
+    assert not differ, f"the venv differs from constraints.txt (pin, installed): {differ}"
+    if sys.platform.startswith("linux") and platform.machine() == "x86_64":   # the platform it is resolved for
+        missing = [n for n in pins if n not in installed]
+        assert not missing, f"pinned but not installed here: {missing}"
 
 
 def test_the_docs_walk_through_the_cluster():
     readme = (ROOT / "README.md").read_text()
     assert "\n## Run on a cluster\n" in readme
     doc = readme.split("\n## Run on a cluster\n", 1)[1].split("\n## ", 1)[0]
-    for needle in ("cp .env.example .env", "--scale ray-worker=", "docker compose run --rm driver",
+    assert doc.split("```bash\n", 1)[1].startswith("scripts/cluster-setup.sh"), "the section starts with the set-up"
+    for needle in ("scripts/cluster-setup.sh", "--scale ray-worker=", "docker compose run --rm driver",
                    "ssh -L 5000:127.0.0.1:5000 -L 8265:127.0.0.1:8265", "docker compose down -v",
-                   "secrets.token_hex", "ray get-auth-token --generate"):
+                   "secrets/mlflow_admin_password", "--profile gpu", "10001"):
         assert needle in doc, needle

@@ -21,6 +21,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from . import mlflow_tracking as mt
+from .model_registry import RegisterError, model_name, register_best
 from .search_report import log_search_report
 from .search_space import DefineByRun
 from .study_config import SHOT_KEYS, ConfigError, error_line, objective_of, phase2_epochs
@@ -175,7 +176,7 @@ def run_on_ray(plan, args, uri: str) -> int:
                 rows[tid] = trial_row(tid, result.config or {}, list(plan.study["space"]), result.metrics, epochs, error)
         rows = list(rows.values())
         write_table(rows, folder / TABLE_FILE)
-        wrap_up(plan, args, setup, client, folder, rows, metrics, modes, time.time() - started)
+        registered = wrap_up(plan, args, setup, client, folder, rows, metrics, modes, time.time() - started)
     except KeyboardInterrupt:
         client.set_terminated(parent_id, "KILLED")
         print("interrupted; continue with --resume", file=sys.stderr)
@@ -184,16 +185,19 @@ def run_on_ray(plan, args, uri: str) -> int:
         mt.fail_run(client, parent_id, exc)
         print(f"error: the search failed: {error_line(exc)}", file=sys.stderr)
         return 1
-    return 0 if any(r["status"] == COMPLETED for r in rows) else 1
+    return 0 if registered and any(r["status"] == COMPLETED for r in rows) else 1
 
 
 def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, rows: list[dict],
-            metrics: list[str], modes: list[str], seconds: float) -> None:
+            metrics: list[str], modes: list[str], seconds: float) -> bool:
+    """Test accuracy of the best trial, confirmation, report, registration (``--register``) and
+    the summary; False when the model was asked for and not registered."""
     parent_id = setup.parent_run_id
     counts = status_counts(rows)
     summary = {"trials_" + k: v for k, v in counts.items()}
     summary["search_wall_s"] = seconds
     best = best_row(rows, metrics[0], modes[0])
+    registered = True
     lines = [f"\n{len(rows)} trials: {counts['completed']} completed, {counts['early_stopped']} stopped early "
              f"by ASHA, {counts['failed']} failed ({seconds:.0f} s)"]
     if best is not None:
@@ -207,6 +211,17 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
                   "  validation: " + shot_line(best, "val_"),
                   "  test:       " + shot_line(test, "test_"),
                   f"  prompts:    {prompt_file}"]
+        if args.register is not None:  # the pyfunc model of the best trial, in the Model Registry
+            name = args.register or model_name(plan.study_name, plan.profile_name)
+            try:
+                lines.append("  model:      " + register_best(
+                    setup.tracking_uri, name, study=plan.study_name, profile_name=plan.profile_name,
+                    profile=plan.profile, data=plan.data, best=best, config=config, prompt_file=prompt_file,
+                    test=test, parent_run_id=parent_id))
+            except RegisterError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                lines.append(f"  model:      not registered ({exc})")
+                registered = False
         if len(metrics) > 1:
             front = pareto(rows, metrics, modes)
             client.set_tag(parent_id, "lpt.pareto_trials", ",".join(front))
@@ -234,6 +249,7 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
               f"MLflow: mlflow ui --backend-store-uri {setup.tracking_uri}  (experiment '{plan.study_name}')"
               if setup.tracking_uri.startswith("sqlite") else f"MLflow: {setup.tracking_uri} (experiment '{plan.study_name}')"]
     print("\n".join(lines), flush=True)
+    return registered
 
 
 def shot_line(values: dict, prefix: str) -> str:

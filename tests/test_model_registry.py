@@ -132,7 +132,7 @@ def test_every_input_form_gives_the_trained_models_answer(registered, tmp_path):
         paths.append(str(tmp_path / f"{i}.png"))
         Path(paths[-1]).write_bytes(png_bytes(img))
     with torch.no_grad():
-        expected = model(torch.stack([data.test[i][0] for i in range(len(data.test))]))[0].argmax(1).tolist()
+        expected = model.eval()(torch.stack([data.test[i][0] for i in range(len(data.test))]))[0].argmax(1).tolist()
     assert len(set(expected)) > 1   # not a constant answer
 
     by_bytes = loaded.predict(pd.DataFrame({"image": [png_bytes(img) for img in images]}), params={"top_classes": 3})
@@ -197,7 +197,7 @@ def run_predict(registered, *args, timeout=300):
 def test_predict_cli_images_and_bad_input(registered, tmp_path):
     data = registered["data"]
     photos = tmp_path / "photos"
-    (photos / "sub").mkdir(parents=True)
+    (photos / "sub").mkdir(parents=True)   # searched recursively
     raw = raw_split(data.test)
     for i in range(3):
         (photos / ("sub" if i else "") / f"img{i}.png").write_bytes(png_bytes(raw[i][0]))
@@ -212,19 +212,32 @@ def test_predict_cli_images_and_bad_input(registered, tmp_path):
                              "class_index_2", "class_name_2", "probability_2"]
     assert all(r["class_name_1"] == data.class_names[int(r["class_index_1"])] for r in rows)
 
+    # bad input, as a user runs it: one line on stderr, exit 2
     (photos / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    proc = run_predict(registered, "--model", registered["model_uri"], "--images", str(photos), "--out", str(out))
+    assert proc.returncode == 2 and re.fullmatch(r"error: --images: \S+broken\.jpg: unreadable image \(.*\)",
+                                                 one_line(proc.stderr)), proc.stderr
+    assert not (photos.parent / "preds.csv.partial").exists() and len(out.read_text().splitlines()) == 4
+
+
+def test_predict_cli_bad_input_names_it(registered, tmp_path, monkeypatch, capsys):
+    from tune import predict as predict_cli
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
     empty = tmp_path / "empty"
     empty.mkdir()
-    bad = {("--model", "models:/prompt_pool-tiny/7", "--images", str(photos)): "models:/prompt_pool-tiny/7",
-           ("--model", "models:/no-such-model/1", "--images", str(photos)): "no-such-model",
-           ("--model", registered["model_uri"], "--images", str(photos)): "broken.jpg: unreadable image",
-           ("--model", registered["model_uri"], "--images", str(empty)): f"--images {empty}: no image files",
-           ("--model", registered["model_uri"], "--split", "test", "--profile", "nope"): "nope"}
+    model = registered["model_uri"]
+    bad = {("--model", "models:/prompt_pool-tiny/7", "--images", str(empty)): "--model models:/prompt_pool-tiny/7: ",
+           ("--model", "models:/no-such-model/1", "--images", str(empty)): "--model models:/no-such-model/1: ",
+           ("--model", model, "--images", str(tmp_path / "nope")): f"--images {tmp_path / 'nope'}: no such folder",
+           ("--model", model, "--images", str(empty)): f"--images {empty}: no image files",
+           ("--model", model, "--split", "test", "--profile", "nope"): "nope",
+           ("--model", model, "--split", "test", "--set", "seed=1"): "--set: only with --profile",
+           ("--model", model, "--images", str(empty), "--top-classes", "0"): "--top-classes"}
     for args, needle in bad.items():
-        proc = run_predict(registered, *args, "--out", str(tmp_path / "bad.csv"))
-        assert proc.returncode == 2, (args, proc.stderr[-2000:])
-        line = one_line(proc.stderr)
-        assert line.startswith("error: ") and needle in line, (args, line)
+        assert predict_cli.main([*args, "--out", str(tmp_path / "bad.csv")]) == 2, args
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and needle in errors[0], (args, errors)
+    assert not (tmp_path / "bad.csv").exists()
 
 
 # ============================================================================ the smoke search
@@ -376,3 +389,11 @@ def test_served_model_answers_the_readme_curl(smoke_search, tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
         log.close()
+
+
+def test_register_name_is_checked_before_anything_runs(capsys):
+    from tune import search
+    assert search.main(["--study", "prompt_pool", "--register", "bad/name", "--dry-run"]) == 2
+    assert "--register 'bad/name': a registered model name is letters" in one_line(capsys.readouterr().err)
+    assert search.parse_args(["--study", "s", "--register"]).register == ""   # the default name
+    assert search.parse_args(["--study", "s"]).register is None

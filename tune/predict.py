@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -116,13 +117,13 @@ def recorded_test(uri: str) -> dict:
     """The test accuracies the search recorded for this model: a registered version's tags, or the run's metrics."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-    client = MlflowClient()
+    registered = re.fullmatch(r"models:/([^/]+)/(\d+)", uri)
+    run = re.match(r"runs:/([^/]+)/", uri)
     try:
-        if uri.startswith("models:/") and uri.count("/") == 2 and uri.rsplit("/", 1)[1].isdigit():
-            name, version = uri[len("models:/"):].split("/")
-            values = client.get_model_version(name, version).tags
-        elif uri.startswith("runs:/"):
-            values = client.get_run(uri[len("runs:/"):].split("/")[0]).data.metrics
+        if registered:
+            values = MlflowClient().get_model_version(*registered.groups()).tags
+        elif run:
+            values = MlflowClient().get_run(run.group(1)).data.metrics
         else:
             return {}
     except MlflowException:
@@ -152,27 +153,35 @@ def predict(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     k = max(1, min(args.top_classes, len(classifier.class_names)))
     loader = DataLoader(images, batch_size=args.batch_size, num_workers=args.workers)
+    if out.is_dir():
+        raise BadInput(f"--out {args.out}: a folder, not a CSV file")
     c = len(classifier.class_names)
     correct = torch.zeros(c, dtype=torch.long)
     total = torch.zeros(c, dtype=torch.long)
     header = ["path"] + (["label"] if data is not None else []) + [
         f"{field}_{rank}" for rank in range(1, k + 1) for field in ("class_index", "class_name", "probability")]
     seen = 0
-    with open(out, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        progress = tqdm(loader, desc="predicting", unit="batch", file=sys.stderr, disable=None)
-        for idx, prob, top1, labels in classifier.top_classes(progress, k):
-            for row, p, label in zip(idx.tolist(), prob.tolist(), labels.tolist()):
-                cells = [images.ids[seen]] + ([label] if data is not None else [])
-                for ci, pi in zip(row, p):
-                    cells += [ci, classifier.class_names[ci], f"{pi:.6f}"]
-                writer.writerow(cells)
-                seen += 1
-            if data is not None:
-                ok, n = confusion_counts(top1.cpu(), labels.cpu(), c)
-                correct += ok
-                total += n
+    partial = out.with_name(out.name + ".partial")  # the CSV appears only when every image is classified
+    try:
+        with open(partial, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            progress = tqdm(loader, desc="predicting", unit="batch", file=sys.stderr, disable=None)
+            for idx, prob, top1, labels in classifier.top_classes(progress, k):
+                for row, p, label in zip(idx.tolist(), prob.tolist(), labels.tolist()):
+                    cells = [images.ids[seen]] + ([label] if data is not None else [])
+                    for ci, pi in zip(row, p):
+                        cells += [ci, classifier.class_names[ci], f"{pi:.6f}"]
+                    writer.writerow(cells)
+                    seen += 1
+                if data is not None:
+                    ok, n = confusion_counts(top1.cpu(), labels.cpu(), c)
+                    correct += ok
+                    total += n
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, out)
     print(f"{seen} images classified by {args.model}: {out}")
     if data is not None:
         from tune.driver import shot_line
@@ -191,18 +200,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from tune import mlflow_tracking as mt
     from tune.study_config import error_line
-    uri = mt.resolve_tracking_uri()
     try:
-        mt.check_tracking_uri(uri)
+        mlflow.set_tracking_uri(mt.existing_store_uri())
+    except mt.MissingStore as exc:
+        if not Path(args.model).expanduser().is_dir():  # a model folder needs no store
+            print(f"error: --model {args.model}: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     except mt.ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    db = mt.sqlite_path(uri)
-    if db is not None and not db.is_file() and not args.model.startswith(("/", "file:")):
-        print(f"error: --model {args.model}: no MLflow store at {db}: run this where the search ran, "
-              f"or set MLFLOW_TRACKING_URI", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    mlflow.set_tracking_uri(uri)
     try:
         if args.top_classes < 1 or args.batch_size < 1 or args.workers < 0:
             raise BadInput("--top-classes and --batch-size must be >= 1, --workers >= 0")

@@ -89,17 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     from tune.search_report import search_report
     from tune.study_config import error_line
     study = Path(args.study).stem if args.study.endswith((".yaml", ".yml")) else args.study
-    uri = mt.resolve_tracking_uri()
     try:
-        mt.check_tracking_uri(uri)
+        uri = mt.existing_store_uri()
     except mt.ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    db = mt.sqlite_path(uri)
-    if db is not None and not db.is_file():
-        print(f"error: no MLflow store at {db}: run this where the search ran, "
-              f"or set MLFLOW_TRACKING_URI", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT if isinstance(exc, mt.MissingStore) else EXIT_FAILED
     client = MlflowClient(uri)
     try:
         if args.register:

@@ -42,7 +42,8 @@ def start_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env},
+        # address="local": a Ray of its own, never a cluster another process left running on this machine
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env},
                  log_to_driver=True)
 
 

@@ -6,6 +6,7 @@ report CLI registers a finished search, and ``mlflow models serve`` answers the 
 
 import base64
 import csv
+import io
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from PIL import Image
 
 from smoke_search import search_env
 
@@ -31,7 +34,7 @@ from lpt_core.data import build_dataset
 from lpt_core.inference import build_classifier, png_bytes, raw_split
 from lpt_core.trainer import evaluate
 from tune import mlflow_tracking as mt
-from tune.model_registry import MODEL_URI_TAG, RegisterError, register_best
+from tune.model_registry import MODEL_URI_TAG, register_best
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT = ROOT / "tune" / "predict.py"
@@ -291,7 +294,6 @@ def test_fresh_process_predicts_the_searchs_test_accuracy(smoke_search, tmp_path
                         readme, re.S).group(1)
     photo = tmp_path / "photos" / "cat.jpg"
     photo.parent.mkdir()
-    from PIL import Image
     Image.new("RGB", (48, 40), (200, 40, 40)).save(photo, format="JPEG")
     Image.new("RGB", (32, 32), (20, 40, 200)).save(tmp_path / "photos" / "dog.png")
     proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300,
@@ -341,8 +343,7 @@ def test_served_model_answers_the_readme_curl(smoke_search, tmp_path):
     data = build_dataset(json.loads((smoke_search.folder / "search.json").read_text())["profile"]["data"])
     image, _ = raw_split(data.test)[37]
     (tmp_path / "photos").mkdir()
-    from PIL import Image
-    Image.open(__import__("io").BytesIO(png_bytes(image))).save(tmp_path / "photos" / "cat.jpg", quality=95)
+    Image.open(io.BytesIO(png_bytes(image))).save(tmp_path / "photos" / "cat.jpg", quality=95)
     mlflow.set_tracking_uri(smoke_search.tracking_uri)
     expected = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"image": [str(tmp_path / "photos" / "cat.jpg")]}))
 

@@ -172,7 +172,7 @@ def test_bad_input_is_one_line(registered, tmp_path):
         classifier.predict([torch.zeros(1, 8, 8, dtype=torch.uint8)])
 
 
-def test_missing_backbone_weights_fail_like_the_search(registered, tmp_path):
+def test_missing_backbone_weights_fail_like_the_search(registered, tmp_path, monkeypatch, capsys):
     """A model whose backbone is pretrained but not on this machine: the search's one-line error."""
     mlflow.set_tracking_uri(registered["uri"])
     local = Path(mlflow.artifacts.download_artifacts(registered["model_uri"], dst_path=str(tmp_path)))
@@ -186,8 +186,10 @@ def test_missing_backbone_weights_fail_like_the_search(registered, tmp_path):
         mlflow.pyfunc.load_model(str(local))
     assert one_line(err.value.message) == str(search_error.value)
     assert "backbone.weights: pretrained weights for vit_tiny_patch16_224" in str(search_error.value)
-    proc = run_predict(registered, "--model", str(local), "--split", "test", "--out", str(tmp_path / "p.csv"))
-    assert proc.returncode == 2 and one_line(proc.stderr) == f"error: --model {local}: {search_error.value}"
+    from tune import predict as predict_cli
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
+    assert predict_cli.main(["--model", str(local), "--split", "test", "--out", str(tmp_path / "p.csv")]) == 2
+    assert f"error: --model {local}: {search_error.value}" in capsys.readouterr().err.splitlines()
     with pytest.raises(ValueError, match="backbone.weights: no such weights file"):
         build_classifier(config, registered["prompt_file"], weights=str(tmp_path / "missing.safetensors"))
 
@@ -197,6 +199,7 @@ def run_predict(registered, *args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_predict_cli_images_and_bad_input(registered, tmp_path):
     data = registered["data"]
     photos = tmp_path / "photos"

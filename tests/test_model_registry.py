@@ -34,7 +34,7 @@ from lpt_core.data import build_dataset
 from lpt_core.inference import build_classifier, png_bytes, raw_split
 from lpt_core.trainer import evaluate
 from tune import mlflow_tracking as mt
-from tune.model_registry import MODEL_URI_TAG, register_best
+from tune.model_registry import MODEL_URI_TAG, NothingToRegister, register_best, register_finished_search
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT = ROOT / "tune" / "predict.py"
@@ -405,3 +405,22 @@ def test_register_name_is_checked_before_anything_runs(capsys):
     assert "--register 'bad/name': a registered model name is letters" in one_line(capsys.readouterr().err)
     assert search.parse_args(["--study", "s", "--register"]).register == ""   # the default name
     assert search.parse_args(["--study", "s"]).register is None
+
+
+def test_a_search_without_a_best_trial_has_nothing_to_register(registered, tmp_path):
+    from tune.trial_table import write_table
+    client = registered["client"]
+    folder = tmp_path / "prompt_pool-tiny-1"
+    folder.mkdir()
+    (folder / "search.json").write_text(json.dumps({"study": "prompt_pool", "profile_name": "tiny", "profile": PROFILE,
+                                                    "study_config": {"space": {"pool_size": {}}}}))
+    write_table([{"trial_id": "t1", "status": "completed", "pool_size": 6, "mlflow_run_id": registered["trial"]}],
+                folder / "trials.parquet")
+    parent = client.get_run(client.create_run(client.get_experiment_by_name("prompt_pool").experiment_id,
+                                              tags={mt.ROLE: "study"}).info.run_id)
+    with pytest.raises(NothingToRegister, match=r"no best trial recorded \(tag lpt.best_trial_id\)"):
+        register_finished_search(client, registered["uri"], parent, folder, None)
+    client.set_tag(parent.info.run_id, "lpt.best_trial_id", "t9")
+    with pytest.raises(NothingToRegister, match=r"trials.parquet: no row for the best trial t9"):
+        register_finished_search(client, registered["uri"], client.get_run(parent.info.run_id), folder, None)
+    assert not client.search_model_versions("name = 'prompt_pool-tiny'")[1:]   # still only version 1

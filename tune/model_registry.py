@@ -31,7 +31,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,255}")
 
 
 class RegisterError(RuntimeError):
-    """Logging or registering the model failed, or the search has no model to register: one line."""
+    """Logging or registering the model failed: one line."""
+
+
+class NothingToRegister(RegisterError):
+    """The search's records lack what a model needs (best trial, its row, run or dataset): bad input."""
 
 
 def model_name(study: str, profile: str) -> str:
@@ -106,19 +110,19 @@ def register_finished_search(client: MlflowClient, uri: str, parent, folder: Pat
     record = json.loads((folder / SEARCH_FILE).read_text())
     trial_id = parent.data.tags.get("lpt.best_trial_id")
     if not trial_id:
-        raise RegisterError(f"run {parent.info.run_id}: no best trial recorded (tag lpt.best_trial_id): "
-                            f"the search did not finish or no trial completed")
+        raise NothingToRegister(f"run {parent.info.run_id}: no best trial recorded (tag lpt.best_trial_id): "
+                                f"the search did not finish or no trial completed")
     best = read_rows(folder / TABLE_FILE).get(trial_id)
     if best is None:
-        raise RegisterError(f"{folder / TABLE_FILE}: no row for the best trial {trial_id}")
+        raise NothingToRegister(f"{folder / TABLE_FILE}: no row for the best trial {trial_id}")
     try:
         test = {k: v for k, v in client.get_run(best["mlflow_run_id"]).data.metrics.items() if k.startswith("test_")}
     except MlflowException:
-        raise RegisterError(f"trial {trial_id}: its MLflow run {best['mlflow_run_id']} is missing") from None
+        raise NothingToRegister(f"trial {trial_id}: its MLflow run {best['mlflow_run_id']} is missing") from None
     try:
         data = build_dataset(record["profile"]["data"])
     except (ValueError, FileNotFoundError) as exc:
-        raise RegisterError(f"{folder / SEARCH_FILE}: {exc}") from None
+        raise NothingToRegister(f"{folder / SEARCH_FILE}: {exc}") from None
     name = name or model_name(record["study"], record["profile_name"])
     return register_best(uri, name, study=record["study"], profile_name=record["profile_name"],
                          profile=record["profile"], data=data, best=best,

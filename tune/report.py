@@ -121,12 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, why in built["skipped"].items():
         print(f"  ({name}: not drawn, {why})")
     if args.register is not None:
-        from tune.model_registry import RegisterError, register_finished_search
+        from tune.model_registry import NothingToRegister, RegisterError, register_finished_search
         try:
             print(f"model: {register_finished_search(client, uri, run, folder, args.register)}")
         except RegisterError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+            return EXIT_BAD_INPUT if isinstance(exc, NothingToRegister) else EXIT_FAILED
     return 0
 
 

@@ -1,7 +1,7 @@
 """One whole smoke search, run once per test session and shared by the slow tests that inspect it.
 
 ``tests/conftest.py``'s session fixture ``smoke_search`` runs ``tune/search.py --study prompt_pool
---trials 6`` (the smoke profile: a tiny random ViT on synthetic data, phase 2 for 4 epochs) in a
+--trials 6 --register`` (the smoke profile: a tiny random ViT on synthetic data, phase 2 for 4 epochs) in a
 folder of its own, as a user would: ``./mlflow.db``, ``./mlartifacts/`` and ``./runs/`` beside each
 other. Tests read it and never change it; a test that writes (a second search, a rebuilt report)
 works on ``copy_to(...)``, a copy whose MLflow store points at the copy's own files.
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SEARCH = ROOT / "tune" / "search.py"
 STUDY = "prompt_pool"
 TRIALS = 6          # enough trials for ASHA to stop one early while another runs every epoch
-ARGS = ("--study", STUDY, "--trials", str(TRIALS))
+ARGS = ("--study", STUDY, "--trials", str(TRIALS), "--register")   # --register: the best trial's model too
 TIMEOUT_S = 900
 
 

@@ -28,8 +28,8 @@ def kill_session(sid: int) -> None:
 
 
 def test_smoke_search_records_every_trial(smoke_search, tmp_path):
-    # the session's shared smoke search (conftest.py): `search.py --study prompt_pool --trials 6`
-    assert smoke_search.args == ("--study", "prompt_pool", "--trials", str(SMOKE_TRIALS)) and SMOKE_TRIALS == 6
+    # the session's shared smoke search (conftest.py): `search.py --study prompt_pool --trials 6 --register`
+    assert smoke_search.args == ("--study", "prompt_pool", "--trials", str(SMOKE_TRIALS), "--register") and SMOKE_TRIALS == 6
     assert smoke_search.returncode == 0, smoke_search.stderr[-3000:]
     assert "best trial" in smoke_search.stdout and "test:" in smoke_search.stdout
     folder = smoke_search.folder   # the one search folder

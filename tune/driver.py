@@ -23,6 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from . import mlflow_tracking as mt
 from .cluster_checks import check_shared_storage
+from .model_registry import RegisterError, model_name, register_best
 from .progress import SearchProgress
 from .search_report import build_study, log_search_report
 from .search_space import DefineByRun
@@ -306,7 +307,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None) -> 
         client.update_run(parent_id, status="RUNNING")
         save_record(folder, {**record, "state": RUNNING})
     started = time.time()
-    grids, rows = [], []
+    grids, rows, registered = [], [], False
     with StopSignals() as stop:
         try:
             if mode == "new" or record.get("state") != FINISHED:  # the last Tune run, new or unfinished
@@ -325,7 +326,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None) -> 
             rows = collect_rows(plan, folder, grids, interrupted=bool(stop.received))
             if stop.received:
                 return stop_interrupted(plan, args, client, folder, record, rows, stop.received)
-            wrap_up(plan, args, setup, client, folder, rows, metrics, modes, time.time() - started)
+            registered = wrap_up(plan, args, setup, client, folder, rows, metrics, modes, time.time() - started)
             save_record(folder, {**record, "state": FINISHED})
         except KeyboardInterrupt:
             return stop_interrupted(plan, args, client, folder, record,
@@ -336,7 +337,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None) -> 
             save_record(folder, {**record, "state": INTERRUPTED_STATE})
             print(f"error: the search failed: {error_line(exc)}", file=sys.stderr)
             return 1
-    return 0 if any(r["status"] == COMPLETED for r in rows) else 1
+    return 0 if registered and any(r["status"] == COMPLETED for r in rows) else 1
 
 
 def ui_address(uri: str) -> str:
@@ -352,12 +353,15 @@ def ui_address(uri: str) -> str:
 
 
 def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, rows: list[dict],
-            metrics: list[str], modes: list[str], seconds: float) -> None:
+            metrics: list[str], modes: list[str], seconds: float) -> bool:
+    """Test accuracy of the best trial, confirmation, report, registration (``--register``) and
+    the summary; False when the model was asked for and not registered."""
     parent_id = setup.parent_run_id
     counts = status_counts(rows)
     summary = {"trials_" + k: v for k, v in counts.items()}
     summary["search_wall_s"] = seconds
     best = best_row(rows, metrics[0], modes[0])
+    registered = True
     lines = [f"\n{len(rows)} trials: {counts['completed']} completed, {counts['early_stopped']} stopped early "
              f"by ASHA, {counts['failed']} failed ({seconds:.0f} s)"]
     lines += [f"  failed {r['trial_id']}: {r['error']}" for r in rows if r["status"] == FAILED][:5]
@@ -372,6 +376,17 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
                   "  validation: " + shot_line(best, "val_"),
                   "  test:       " + shot_line(test, "test_"),
                   f"  prompts:    {prompt_file}"]
+        if args.register is not None:  # the pyfunc model of the best trial, in the Model Registry
+            name = args.register or model_name(plan.study_name, plan.profile_name)
+            try:
+                lines.append("  model:      " + register_best(
+                    setup.tracking_uri, name, study=plan.study_name, profile_name=plan.profile_name,
+                    profile=plan.profile, data=plan.data, best=best, config=config, prompt_file=prompt_file,
+                    test=test, parent_run_id=parent_id))
+            except RegisterError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                lines.append(f"  model:      not registered ({exc})")
+                registered = False
         if len(metrics) > 1:
             front = pareto(rows, metrics, modes)
             client.set_tag(parent_id, "lpt.pareto_trials", ",".join(front))
@@ -398,6 +413,7 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
     lines += [f"table:  {folder / TABLE_FILE}",
               f"MLflow: {ui_address(setup.tracking_uri)}  (experiment '{plan.study_name}')"]
     print("\n".join(lines), flush=True)
+    return registered
 
 
 def shot_line(values: dict, prefix: str) -> str:

@@ -54,6 +54,21 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
             raise ServiceError(f"MLFLOW_TRACKING_URI={uri}: folder {folder} is missing or not writable")
 
 
+class MissingStore(ServiceError):
+    """A CLI that reads runs found no local store: bad input (exit 2), not an unreachable service."""
+
+
+def existing_store_uri() -> str:
+    """``resolve_tracking_uri`` for a CLI that reads what a search recorded: checked to answer
+    (``ServiceError``), and a local store must already exist (``MissingStore``)."""
+    uri = resolve_tracking_uri()
+    check_tracking_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise MissingStore(f"no MLflow store at {db}: run this where the search ran, or set MLFLOW_TRACKING_URI")
+    return uri
+
+
 def local_artifact_root(uri: str) -> str | None:
     """For a local sqlite store, artifacts go beside the database (absolute, for every worker)."""
     db = sqlite_path(uri)

@@ -4,7 +4,8 @@ Reads the search's parent MLflow run (the latest ``lpt.role=study`` run of the e
 ``--run-id``), its trial runs and the search folder's ``trials.parquet`` (the parent's tag
 ``lpt.storage``, or ``--storage``); trains nothing. Writes Optuna's figures, ``trials.csv`` and
 ``summary.html`` to ``--out`` (default: ``<search folder>/report``) and logs them to the parent run
-under ``report/``. MLflow: MLFLOW_TRACKING_URI, or ./mlflow.db as for ``tune/search.py``.
+under ``report/``. ``--register [NAME]`` also registers the best trial's model (tune/model_registry.py).
+MLflow: MLFLOW_TRACKING_URI, or ./mlflow.db as for ``tune/search.py``.
 Exit 0 on success, 2 with one line on stderr for bad input, 1 for a failure while building.
 """
 
@@ -31,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage", help="the search folder, or the storage root holding it (default: the "
                                      "parent run's lpt.storage tag)")
     p.add_argument("--out", help="output folder (default: <search folder>/report)")
+    p.add_argument("--register", nargs="?", const="", metavar="NAME",
+                   help="also log the best trial as an MLflow model and register it as NAME (default: <study>-<profile>)")
     return p.parse_args(argv)
 
 
@@ -86,19 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     from tune.search_report import search_report
     from tune.study_config import error_line
     study = Path(args.study).stem if args.study.endswith((".yaml", ".yml")) else args.study
-    uri = mt.resolve_tracking_uri()
     try:
-        mt.check_tracking_uri(uri)
+        uri = mt.existing_store_uri()
     except mt.ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    db = mt.sqlite_path(uri)
-    if db is not None and not db.is_file():
-        print(f"error: no MLflow store at {db}: run this where the search ran, "
-              f"or set MLFLOW_TRACKING_URI", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT if isinstance(exc, mt.MissingStore) else EXIT_FAILED
     client = MlflowClient(uri)
     try:
+        if args.register:
+            from tune.model_registry import check_model_name
+            from tune.study_config import ConfigError
+            try:
+                check_model_name(args.register)
+            except ConfigError as exc:
+                raise BadInput(str(exc)) from None
         run = find_parent(client, study, args.run_id)
         folder = search_folder(run, args.storage)
     except BadInput as exc:
@@ -116,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {path.name}")
     for name, why in built["skipped"].items():
         print(f"  ({name}: not drawn, {why})")
+    if args.register is not None:
+        from tune.model_registry import NothingToRegister, RegisterError, register_finished_search
+        try:
+            print(f"model: {register_finished_search(client, uri, run, folder, args.register)}")
+        except RegisterError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT if isinstance(exc, NothingToRegister) else EXIT_FAILED
     return 0
 
 

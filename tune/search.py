@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--confirm", type=int, default=0, metavar="N",
                    help="retrain the best config with N fresh seeds and report test accuracy mean and std")
     p.add_argument("--dry-run", action="store_true", help="check and describe the search, train nothing")
+    p.add_argument("--register", nargs="?", const="", metavar="NAME",
+                   help="log the best trial as an MLflow model and register it as NAME (default: <study>-<profile>)")
     return p.parse_args(argv)
 
 
@@ -57,6 +59,9 @@ class Plan:
             self.study["budget"]["trials"] = args.trials
         if args.confirm < 0:
             raise ConfigError(f"--confirm: must be >= 0, got {args.confirm}")
+        if args.register:
+            from tune.model_registry import check_model_name
+            check_model_name(args.register)
         absolute_paths(self.profile)
         try:
             self.data = build_dataset(self.profile["data"])

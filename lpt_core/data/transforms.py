@@ -23,11 +23,11 @@ def train_transform(image_size: int = 224) -> v2.Compose:
     ])
 
 
-def test_transform(image_size: int = 224) -> v2.Compose:
+def test_transform(image_size: int = 224, mean=MEAN, std=STD) -> v2.Compose:
     return v2.Compose([
         v2.ToImage(),
         v2.Resize(int(round(image_size * 256 / 224)), antialias=True),
         v2.CenterCrop(image_size),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(MEAN, STD),
+        v2.Normalize(list(mean), list(std)),
     ])

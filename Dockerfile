@@ -35,12 +35,16 @@ RUN apt-get update \
 
 WORKDIR /app
 
-# Dependencies first (layers that survive source edits), all pinned by constraints.txt: torch and
-# torchvision (the big layer, rebuilt only when the lock changes), then the project's dependencies
-# and its "cluster" extra (the MLflow login app, the PostgreSQL driver) read from pyproject.toml.
-COPY constraints.txt ./
-RUN pip install -c constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch torchvision
-COPY pyproject.toml ./
+# Dependencies first (layers that survive source edits). torch and torchvision are the big layer
+# (several GB): it depends only on their two pins below (tests/test_compose.py checks that they
+# equal constraints.txt's), so a change of any other dependency does not download them again.
+# Then the project's dependencies and its "cluster" extra (the MLflow login app, the PostgreSQL
+# driver) read from pyproject.toml, all pinned by constraints.txt (torch's own pins included).
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+    "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+COPY constraints.txt pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['cluster']))" > /tmp/requirements.txt \
     && pip install -c constraints.txt -r /tmp/requirements.txt \

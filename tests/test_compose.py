@@ -312,10 +312,14 @@ def test_gpu_workers_get_their_own_gpus(services):
 def test_dockerfile_installs_the_lock():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
-    assert text.index("COPY constraints.txt ./") < text.index("torch torchvision") < text.index("COPY pyproject.toml ./")
+    # the torch layer: its own pins, equal to the lock's, before anything that changes more often
+    pins = dict(re.findall(r"^([a-z0-9-]+)==(\S+)", (ROOT / "constraints.txt").read_text(), re.M))
+    args = dict(re.findall(r"^ARG (TORCH_VERSION|TORCHVISION_VERSION)=(\S+)", text, re.M))
+    assert args == {"TORCH_VERSION": pins["torch"], "TORCHVISION_VERSION": pins["torchvision"]}, args
+    assert text.index('"torch==${TORCH_VERSION}"') < text.index("COPY constraints.txt pyproject.toml ./")
     installs = re.findall(r"pip install [^\n]*", text)
     assert len(installs) == 3, installs
-    for command in installs:
+    for command in installs[1:]:
         assert "-c constraints.txt" in command or "--no-deps" in command, command
     assert "['optional-dependencies']['cluster']" in text   # the MLflow login app, the PostgreSQL driver
     assert "TORCH_INDEX_URL" in text  # the CPU wheel index, documented

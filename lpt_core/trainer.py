@@ -13,53 +13,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields
 from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import load_state, save_state
+from .config import PhaseConfig
 from .data.base import LTData
 from .losses import AsymmetricGCL, branch_weight
 from .metrics import confusion_counts, few_at_most, per_class_accuracy, shot_accuracy
 from .model import LPT
 from .sampling import DualBatchSampler
-
-
-@dataclass
-class PhaseConfig:
-    """Recipe of one phase; the defaults are the released phase-2 script's (phase 1 uses the same:
-    A-GCL, dual sampling, a relatively large weight decay). ``batch_size`` is per branch."""
-
-    epochs: int = 90
-    batch_size: int = 256
-    lr: float = 0.02            # per 256 images of one branch
-    momentum: float = 0.9
-    weight_decay: float = 0.01
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-6
-    per_class: int = 4          # images per class draw of the class-aware sampler
-    margin: float = 0.1
-    scale: float = 20.0
-    noise_mul: float = 0.5
-    label_smoothing: float = 0.1
-    gamma_pos: float = 0.0      # class-balanced branch
-    gamma_neg: float = 4.0
-    ib_gamma_pos: float = 0.5   # instance-balanced branch
-    ib_gamma_neg: float = 8.0
-    match_weight: float = 0.5   # phase 2 only
-
-    @classmethod
-    def from_dict(cls, values: dict, where: str = "recipe") -> "PhaseConfig":
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"{where}.{unknown[0]}: unknown recipe key")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

@@ -118,5 +118,5 @@ def test_shot_accuracy_groups():
 
 
 def test_recipe_rejects_unknown_key():
-    with pytest.raises(ValueError, match=r"^phase2.gama_pos: unknown recipe key"):
+    with pytest.raises(ValueError, match=r"^phase2.gama_pos: unknown key \(known: epochs, "):
         PhaseConfig.from_dict({"gama_pos": 1.0}, where="phase2")

@@ -21,15 +21,14 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from . import mlflow_tracking as mt
+from . import names
 from .search_report import log_search_report
 from .search_space import DefineByRun
 from .study_config import SHOT_KEYS, ConfigError, error_line, objective_of, phase2_epochs
 from .trainable import SearchSetup, confirm_seed, evaluate_prompts, run_trial
-from .trial_table import (COMPLETED, TABLE_FILE, TrialTable, best_row, last_line, prompt_path, read_rows,
+from .names import SEARCH_FILE, TABLE_FILE
+from .trial_table import (COMPLETED, TrialTable, best_row, last_line, prompt_path, read_rows,
                           status_counts, trial_row, write_table)
-
-SEARCH_FILE = "search.json"
-
 
 def start_ray(address: str | None) -> None:
     env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "PYTHONUNBUFFERED": "1",
@@ -67,8 +66,8 @@ def open_search(plan, args, client: MlflowClient, uri: str) -> tuple[Path, dict,
     folder = plan.storage / name
     folder.mkdir(parents=True)
     exp_id = mt.experiment_id(client, plan.study_name, uri)
-    parent = client.create_run(exp_id, run_name=name, tags={mt.ROLE: "study", "lpt.search": name,
-                                                            "lpt.storage": str(folder)})
+    parent = client.create_run(exp_id, run_name=name, tags={names.ROLE: names.ROLE_STUDY, names.SEARCH: name,
+                                                            names.STORAGE: str(folder)})
     b = plan.study["budget"]
     mt.log(client, parent.info.run_id, params={
         "study": plan.study_name, "profile": plan.profile_name, "trials": b["trials"],
@@ -80,8 +79,8 @@ def open_search(plan, args, client: MlflowClient, uri: str) -> tuple[Path, dict,
               "profile": plan.profile, "study_config": plan.study, "manifest_hash": plan.manifest_hash,
               "experiment_id": exp_id, "parent_run_id": parent.info.run_id, "tracking_uri": uri}
     (folder / SEARCH_FILE).write_text(json.dumps(record, indent=2, default=str))
-    (folder / "profile.yaml").write_text(yaml.safe_dump(plan.profile, sort_keys=False))
-    client.log_artifact(parent.info.run_id, str(folder / "profile.yaml"))
+    (folder / names.PROFILE_FILE).write_text(yaml.safe_dump(plan.profile, sort_keys=False))
+    client.log_artifact(parent.info.run_id, str(folder / names.PROFILE_FILE))
     return folder, record, False
 
 
@@ -158,7 +157,7 @@ def run_on_ray(plan, args, uri: str) -> int:
     metrics, modes = objective_of(plan.study["objective"])
     setup = SearchSetup(profile_name=plan.profile_name, profile=plan.profile,
                         manifest_hash=plan.manifest_hash, search_dir=str(folder),
-                        cache_dir=str(plan.storage / "phase1-cache"), tracking_uri=uri,
+                        cache_dir=str(plan.storage / names.PHASE1_CACHE), tracking_uri=uri,
                         experiment_id=record["experiment_id"], parent_run_id=parent_id,
                         metrics=tuple(metrics))
     print(plan.describe(), flush=True)
@@ -200,16 +199,16 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
         config = {p: best[p] for p in plan.study["space"]}
         prompt_file = prompt_path(folder, best["trial_id"])
         test = ray.get(on_resources(evaluate_prompts, plan.profile).remote(setup, config, str(prompt_file)))
-        mt.log(client, best["mlflow_run_id"], metrics=test, tags={"lpt.best": "true"})
+        mt.log(client, best["mlflow_run_id"], metrics=test, tags={names.BEST: "true"})
         summary.update({f"best_{k}": v for k, v in {**{m: best[m] for m in metrics}, **test}.items()})
-        client.set_tag(parent_id, "lpt.best_trial_id", best["trial_id"])
+        client.set_tag(parent_id, names.BEST_TRIAL_ID, best["trial_id"])
         lines += [f"best trial {best['trial_id']}: " + ", ".join(f"{k}={v}" for k, v in config.items()),
                   "  validation: " + shot_line(best, "val_"),
                   "  test:       " + shot_line(test, "test_"),
                   f"  prompts:    {prompt_file}"]
         if len(metrics) > 1:
             front = pareto(rows, metrics, modes)
-            client.set_tag(parent_id, "lpt.pareto_trials", ",".join(front))
+            client.set_tag(parent_id, names.PARETO_TRIALS, ",".join(front))
             lines.append(f"  Pareto front on {', '.join(metrics)}: {', '.join(front)}")
         if args.confirm:
             seeds = [plan.profile["seed"] + 1000 + i for i in range(args.confirm)]

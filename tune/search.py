@@ -25,7 +25,7 @@ EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tune/search.py", description=__doc__.splitlines()[0])
-    p.add_argument("--study", required=True, help="a file in studies/ (name or .yaml path)")
+    p.add_argument("--study", help="a file in studies/ (name or .yaml path); required unless --schema")
     p.add_argument("--profile", default="smoke", help="a file in studies/profiles/ or a .yaml path (default: smoke)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile value, e.g. --set phase2.epochs=3 (repeatable)")
@@ -35,7 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--confirm", type=int, default=0, metavar="N",
                    help="retrain the best config with N fresh seeds and report test accuracy mean and std")
     p.add_argument("--dry-run", action="store_true", help="check and describe the search, train nothing")
-    return p.parse_args(argv)
+    p.add_argument("--schema", choices=("study", "profile"),
+                   help="print the JSON Schema of a study or a profile file and exit")
+    args = p.parse_args(argv)
+    if not args.schema and not args.study:
+        p.error("the following arguments are required: --study")
+    return args
 
 
 class Plan:
@@ -43,10 +48,9 @@ class Plan:
 
     def __init__(self, args: argparse.Namespace):
         from lpt_core.backbones import build_backbone_from_spec
-        from lpt_core.data import build_dataset
         from lpt_core.data.manifest import manifest_hash
         from tune.search_space import check_space
-        from tune.study_config import load_profile, load_study
+        from tune.study_config import load_profile, load_study, profile_data
 
         self.study_path, self.study = load_study(args.study)
         self.profile_path, self.profile = load_profile(args.profile, args.set)
@@ -59,8 +63,8 @@ class Plan:
             raise ConfigError(f"--confirm: must be >= 0, got {args.confirm}")
         absolute_paths(self.profile)
         try:
-            self.data = build_dataset(self.profile["data"])
             backbone = build_backbone_from_spec(self.profile["backbone"])
+            self.data = profile_data(self.profile)
         except (ValueError, FileNotFoundError) as exc:
             raise ConfigError(f"{self.profile_path}: {exc}") from None
         self.depth = len(getattr(backbone, "blocks", []))
@@ -81,6 +85,7 @@ class Plan:
                  f"{len(self.data.train_labels)} train / {len(self.data.val)} val / {len(self.data.test)} test images; "
                  f"manifest {self.manifest_hash[:12]}",
                  f"backbone: {self.profile['backbone']['name']} ({self.depth} blocks), weights {self.profile['backbone'].get('weights', 'pretrained')}",
+                 f"input: {describe_input(self.data.input_cfg)}",
                  "search space:", *[f"  {line}" for line in describe(self.study["space"], self.depth)],
                  f"objective: {self.study['objective']}",
                  f"budget: {b['trials']} trials, {b['concurrency']} at a time, up to {b['max_failures']} retries each",
@@ -88,7 +93,7 @@ class Plan:
                  f" over {phase2_epochs(self.profile)} phase-2 epochs",
                  f"phase-1 trainings: up to {n_phase1} (one per prompt_length in {lengths if len(lengths) <= 12 else f'{lengths[0]}..{lengths[-1]}'}; "
                  f"cached under {self.storage / 'phase1-cache'})",
-                 f"resources per trial: {r['cpu']} CPU, {r['gpu']} GPU"
+                 f"resources per trial: {r['cpu']:g} CPU, {r['gpu']:g} GPU"
                  + (f" ({int(1 / r['gpu'])} trials per GPU)" if 0 < r["gpu"] < 1 else "")
                  + (", compiled blocks" if self.profile["compile"] else ""),
                  *self.cost_lines(n_phase1)]
@@ -119,6 +124,11 @@ class Plan:
                          "benchmarks/step_throughput.py on your GPU) for GPU-hours")
         return lines
 
+def describe_input(cfg) -> str:
+    fmt = lambda xs: "/".join(f"{x:.3g}" for x in xs)
+    return f"mean {fmt(cfg.mean)}, std {fmt(cfg.std)}, {cfg.interpolation}, eval crop {cfg.crop_pct:.3g}"
+
+
 def absolute_paths(profile: dict) -> None:
     """Relative data and weight paths are relative to where the search starts, not to a worker."""
     data = profile["data"]
@@ -148,6 +158,12 @@ def check_ray_address() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.schema:
+        import json
+
+        from tune.study_config import schema
+        print(json.dumps(schema(args.schema), indent=2))
+        return 0
     from tune.mlflow_tracking import ServiceError, check_tracking_uri, resolve_tracking_uri
     try:
         plan = Plan(args)

@@ -33,11 +33,12 @@ from lpt_core.metrics import MANY_ABOVE, confusion_counts, few_at_most, per_clas
 from lpt_core.trainer import predict_batches
 
 from . import mlflow_tracking as mt
+from . import names
+from .names import REPORT_DIR
 from .study_config import SHOT_KEYS
 
 GROUPS = ("many", "medium", "few")
 GROUP_COLORS = {"many": "#4c72b0", "medium": "#dd8452", "few": "#c44e52"}
-REPORT_DIR = "report"  # artifact folder in the trial and parent runs
 SHOT_LABELS = ("overall", "many", "medium", "few")
 
 
@@ -299,7 +300,7 @@ def _plain(value):
 
 def phase1_val_metrics(client, experiment_id: str, phase1_key: str) -> dict | None:
     """Validation shot accuracy of the phase-1 model: its MLflow run's last logged epoch."""
-    run = mt.latest_run(client, experiment_id, **{mt.ROLE: "phase1", mt.PHASE1_KEY: phase1_key})
+    run = mt.latest_run(client, experiment_id, **{names.ROLE: names.ROLE_PHASE1, names.PHASE1_KEY: phase1_key})
     if run is None:
         return None
     metrics = run.data.metrics
@@ -339,6 +340,6 @@ def log_report_error(client, run_id: str, exc: Exception, what: str, log: Callab
     reason = f"{type(exc).__name__}: {exc}"[:2000]
     log(f"{what} ({reason})")
     try:
-        mt.log(client, run_id, tags={"lpt.report_error": reason})
+        mt.log(client, run_id, tags={names.REPORT_ERROR: reason})
     except Exception:  # the tracking server may be what failed
         pass

@@ -57,6 +57,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from lpt_core import LPT, PhaseConfig, Trainer, build_backbone  # noqa: E402
+from lpt_core.config import LPTConfig  # noqa: E402
 from lpt_core.data import build_dataset  # noqa: E402
 from lpt_core.flops import count_flops  # noqa: E402
 from lpt_core.reference import plain_forward  # noqa: E402
@@ -87,10 +88,11 @@ CPU_DEFAULTS = ("vit_ti16", 96, 8, 2, 8)
 
 
 # --------------------------------------------------------------------------------------- model
-def build_lpt(size: Size, image_size: int, *, prompt_length: int = 10, pool_size: int = 20,
-              top_k: int = 2, group_start: int | None = None,
-              num_classes: int = NUM_CLASSES) -> LPT:
-    """LPT around a randomly initialised backbone (no downloads); S defaults to depth // 2."""
+def build_lpt(size: Size, image_size: int, *, prompt_length: int = LPTConfig.default("prompt_length"),
+              pool_size: int = LPTConfig.default("pool_size"), top_k: int = LPTConfig.default("top_k"),
+              group_start: int | None = None, num_classes: int = NUM_CLASSES) -> LPT:
+    """LPT around a randomly initialised backbone (no downloads); L, P, K default to ``LPTConfig``'s,
+    S to depth // 2 (``LPTConfig``'s 6 for the 12 blocks of ViT-B, and valid at any depth)."""
     backbone = build_backbone(size.model, "random", img_size=image_size, **size.overrides)
     depth = len(backbone.blocks)
     return LPT(backbone, num_classes, prompt_length=prompt_length, pool_size=pool_size, top_k=top_k,
@@ -334,9 +336,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="images per branch; a training step takes 2x (default: 128 on CUDA, 8 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed calls per measurement (20 CUDA / 8 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per measurement (5 CUDA / 2 CPU)")
-    p.add_argument("--prompt-length", type=int, default=10, help="L")
-    p.add_argument("--pool-size", type=int, default=20, help="P")
-    p.add_argument("--top-k", type=int, default=2, help="K")
+    p.add_argument("--prompt-length", type=int, default=LPTConfig.default("prompt_length"), help="L")
+    p.add_argument("--pool-size", type=int, default=LPTConfig.default("pool_size"), help="P")
+    p.add_argument("--top-k", type=int, default=LPTConfig.default("top_k"), help="K")
     p.add_argument("--group-start", type=int, default=None, help="S (default: depth // 2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

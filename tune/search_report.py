@@ -27,7 +27,7 @@ from . import mlflow_tracking as mt
 from . import names
 from .names import REPORT_DIR, SEARCH_FILE
 from .study_config import SHOT_KEYS, error_line, objective_of
-from .trial_report import _pyplot, _save, log_report_error
+from .figures import log_report_error, pyplot, save_figure
 
 
 # ============================================================================ per search: Optuna study
@@ -109,7 +109,7 @@ def search_figures(study, metrics: list[str], out: Path,
                    names: Sequence[str] | None = None) -> tuple[list[Path], dict[str, str]]:
     """Optuna's matplotlib figures of ``study`` (all, or ``names``) as PNGs in ``out``;
     returns (files, {name: why it was not drawn})."""
-    plt = _pyplot()  # Agg before Optuna's module imports pyplot
+    plt = pyplot()  # Agg before Optuna's module imports pyplot
     import optuna
     import optuna.visualization.matplotlib as ovm
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def search_figures(study, metrics: list[str], out: Path,
             if name == "parallel_coordinate":
                 width = max(width, 1.5 * (len(params) + 1) + 1.5)  # an axis per param and one for the objective
             fig.set_size_inches(max(width, 6.4), max(height, 4.2))
-            files.append(_save(fig, out / f"{name}.png"))
+            files.append(save_figure(fig, out / f"{name}.png"))
         except Exception as exc:  # one figure Optuna cannot draw for this study must not cost the others
             skipped[name] = error_line(exc)[:300]
         finally:

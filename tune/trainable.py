@@ -111,12 +111,11 @@ def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: Mlflo
         if (folder / STATE).is_file():
             trainer.load_state(folder / STATE)
             log(f"phase 1 {key}: resuming at epoch {trainer.epoch}")
-
-        def on_epoch(metrics: dict, t: Trainer) -> None:
-            mt.log(client, run_id, metrics=metrics, step=metrics["epoch"])
-            t.save_state(folder / STATE)
+        final: dict = {}
         try:
-            final = trainer.fit(on_epoch)
+            for final in trainer.epochs():
+                mt.log(client, run_id, metrics=final, step=final["epoch"])
+                trainer.save_state(folder / STATE)
         except Exception as exc:
             mt.fail_run(client, run_id, exc)
             raise
@@ -174,20 +173,18 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
             log(f"resuming phase 2 at epoch {trainer.epoch} on node {node[:12]}")
             mt.log(client, run_id, tags={names.RESUMED_AT_EPOCH: trainer.epoch})
 
-        def on_epoch(metrics: dict, t: Trainer) -> None:
+        for metrics in trainer.epochs():
             mt.log(client, run_id, metrics=metrics, step=metrics["epoch"])
-            if t.epoch == t.cfg.epochs:  # before the last report: Tune may end the actor right after it
+            if trainer.epoch == trainer.cfg.epochs:  # before the last report: Tune may end the actor right after it
                 prompt_file = prompt_path(setup.search_dir, trial_id)
                 save_prompts(model, prompt_file, trial_id=trial_id, phase1_key=key)
                 client.log_artifact(run_id, str(prompt_file))
                 # validation figures as artifacts of the trial run (best effort)
-                log_trial_report(client, run_id, t, setup.experiment_id, key, log)
+                log_trial_report(client, run_id, trainer, setup.experiment_id, key, log)
             with tempfile.TemporaryDirectory() as folder:
-                t.save_state(Path(folder) / STATE)
+                trainer.save_state(Path(folder) / STATE)
                 tune.report({**metrics, "mlflow_run_id": run_id, "node": node},
                             checkpoint=tune.Checkpoint.from_directory(folder))
-
-        trainer.fit(on_epoch)
     except FloatingPointError as exc:  # diverged: a result for this config, not a crash to retry
         reason = str(exc)
         log(f"failed: {reason}")

@@ -28,8 +28,7 @@ def param(default: Any, *, searchable: bool = True, why: str = "", **constraints
 class Section(BaseModel):
     """A closed, strict section of a configuration file: unknown keys name the known ones."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False,
-                              validate_default=False, frozen=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -114,7 +113,7 @@ class PhaseConfig(Section):
 
 
 # ----------------------------------------------------------------------------- errors
-_PLAIN = {  # pydantic error type -> our wording (``{got}``: the value given)
+_PLAIN = {  # pydantic error type -> our wording (``{got}``: the value given; the rest: the error's ctx)
     "missing": "missing",
     "int_type": "must be an integer, got {got}", "int_parsing": "must be an integer, got {got}",
     "int_from_float": "must be an integer, got {got}",
@@ -125,18 +124,18 @@ _PLAIN = {  # pydantic error type -> our wording (``{got}``: the value given)
     "string_too_short": "must be a non-empty string, got {got}",
     "dict_type": "must be a mapping, got {got}", "model_type": "must be a mapping, got {got}",
     "model_attributes_type": "must be a mapping, got {got}",
-    "list_type": "must be a list, got {got}", "too_short": "must be a non-empty list, got {got}",
+    "list_type": "must be a list, got {got}", "too_short": "must have at least {min_length} items, got {got}",
+    "too_long": "must have at most {max_length} items, got {got}",
     "greater_than_equal": "must be >= {ge}, got {got}", "greater_than": "must be > {gt}, got {got}",
     "less_than_equal": "must be <= {le}, got {got}", "less_than": "must be < {lt}, got {got}",
 }
-
-
 TAG_NOUNS = {"name": "dataset", "type": "type"}  # what the tag of a tagged union names
 
 
 def _path(loc: tuple, data: Any) -> list[str]:
     """``loc`` as written in the file: list indices as ``[i]``, and without the tags pydantic adds
-    for the member of a tagged union (a loc part that is not a key of the input at that level)."""
+    for the member of a tagged union (a loc part that is not a key but a value at that level, such
+    as ``synthetic`` of ``name: synthetic``)."""
     parts, node = [], data
     for part in loc:
         if isinstance(part, int) and isinstance(node, list):

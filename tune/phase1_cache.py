@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .names import PHASE1_INFO as INFO, PHASE1_LOCK as LOCK, PHASE1_PROMPTS as PROMPTS, PHASE1_STATE as STATE
+from .names import PHASE1_INFO as INFO, PHASE1_LOCK as LOCK, PHASE1_PROMPTS as PROMPTS  # noqa: F401
+from .names import PHASE1_STATE as STATE  # noqa: F401 (the trainable resumes phase 1 from it)
 
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 60.0

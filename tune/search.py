@@ -18,6 +18,7 @@ if not __package__:  # run as a script from anywhere: the repository root instea
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from lpt_core.trainer import PhaseConfig  # noqa: E402
+from tune.names import PHASE1_CACHE  # noqa: E402
 from tune.study_config import ConfigError, phase2_epochs  # noqa: E402
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
@@ -92,7 +93,7 @@ class Plan:
                  f"early stopping: {'ASHA grace %d, reduction %s' % (es['grace_period'], es['reduction_factor']) if es['enabled'] else 'off'}"
                  f" over {phase2_epochs(self.profile)} phase-2 epochs",
                  f"phase-1 trainings: up to {n_phase1} (one per prompt_length in {lengths if len(lengths) <= 12 else f'{lengths[0]}..{lengths[-1]}'}; "
-                 f"cached under {self.storage / 'phase1-cache'})",
+                 f"cached under {self.storage / PHASE1_CACHE})",
                  f"resources per trial: {r['cpu']:g} CPU, {r['gpu']:g} GPU"
                  + (f" ({int(1 / r['gpu'])} trials per GPU)" if 0 < r["gpu"] < 1 else "")
                  + (", compiled blocks" if self.profile["compile"] else ""),
@@ -123,6 +124,7 @@ class Plan:
             lines.append("GPU time: add --set images_per_s=N (the training img/s of one trial, e.g. from "
                          "benchmarks/step_throughput.py on your GPU) for GPU-hours")
         return lines
+
 
 def describe_input(cfg) -> str:
     fmt = lambda xs: "/".join(f"{x:.3g}" for x in xs)

@@ -23,7 +23,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import mlflow_tracking as mt
 from . import names
 from .names import REPORT_DIR, SEARCH_FILE
 from .study_config import SHOT_KEYS, error_line, objective_of

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from mlflow import MlflowClient
 from ray import tune
 
-from .names import PROMPTS_DIR, STATUS, TABLE_FILE  # noqa: F401 (TABLE_FILE: trial_table.TABLE_FILE)
+from .names import PROMPTS_DIR, STATUS, TABLE_FILE  # noqa: F401 (TABLE_FILE: still importable from here)
 from .study_config import OBJECTIVE_METRICS
 
 FINAL_METRICS = (*OBJECTIVE_METRICS, "train_loss")

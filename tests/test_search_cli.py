@@ -75,7 +75,7 @@ def test_bad_study_exits_2_naming_the_key(tmp_path, capsys, changes, needle):
     ("data.name=nope", "data.name: unknown dataset 'nope'"),
     ("backbone.name=not_a_model", "backbone.name: unknown timm model"),
     ("seed=abc", "seed: must be an integer"),
-    ("data.max_per_clas=3", "data.max_per_clas: unknown key (known: name, seed, image_size, num_classes"),
+    ("data.max_per_clas=3", "data.max_per_clas: unknown key for dataset 'synthetic' (known: name, seed, image_size, num_classes"),
     ("data.imbalance_ratio=0.5", "data.imbalance_ratio: must be >= 1, got 0.5"),
     ("input.interpolation=nearest", "input.interpolation: must be one of bilinear, bicubic, got 'nearest'"),
     ("model.head_dropout=1", "model.head_dropout: must be < 1, got 1"),

@@ -57,6 +57,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from lpt_core import LPT, PhaseConfig, Trainer, build_backbone  # noqa: E402
+from lpt_core.config import LPTConfig  # noqa: E402
 from lpt_core.data import build_dataset  # noqa: E402
 from lpt_core.flops import count_flops  # noqa: E402
 from lpt_core.reference import plain_forward  # noqa: E402
@@ -87,10 +88,11 @@ CPU_DEFAULTS = ("vit_ti16", 96, 8, 2, 8)
 
 
 # --------------------------------------------------------------------------------------- model
-def build_lpt(size: Size, image_size: int, *, prompt_length: int = 10, pool_size: int = 20,
-              top_k: int = 2, group_start: int | None = None,
-              num_classes: int = NUM_CLASSES) -> LPT:
-    """LPT around a randomly initialised backbone (no downloads); S defaults to depth // 2."""
+def build_lpt(size: Size, image_size: int, *, prompt_length: int = LPTConfig.default("prompt_length"),
+              pool_size: int = LPTConfig.default("pool_size"), top_k: int = LPTConfig.default("top_k"),
+              group_start: int | None = None, num_classes: int = NUM_CLASSES) -> LPT:
+    """LPT around a randomly initialised backbone (no downloads); L, P, K default to ``LPTConfig``'s,
+    S to depth // 2 (``LPTConfig``'s 6 for the 12 blocks of ViT-B, and valid at any depth)."""
     backbone = build_backbone(size.model, "random", img_size=image_size, **size.overrides)
     depth = len(backbone.blocks)
     return LPT(backbone, num_classes, prompt_length=prompt_length, pool_size=pool_size, top_k=top_k,
@@ -334,9 +336,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="images per branch; a training step takes 2x (default: 128 on CUDA, 8 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed calls per measurement (20 CUDA / 8 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per measurement (5 CUDA / 2 CPU)")
-    p.add_argument("--prompt-length", type=int, default=10, help="L")
-    p.add_argument("--pool-size", type=int, default=20, help="P")
-    p.add_argument("--top-k", type=int, default=2, help="K")
+    p.add_argument("--prompt-length", type=int, default=LPTConfig.default("prompt_length"), help="L")
+    p.add_argument("--pool-size", type=int, default=LPTConfig.default("pool_size"), help="P")
+    p.add_argument("--top-k", type=int, default=LPTConfig.default("top_k"), help="K")
     p.add_argument("--group-start", type=int, default=None, help="S (default: depth // 2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -394,7 +396,26 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(threads)
 
 
-def _run(args: argparse.Namespace) -> dict:
+@dataclass(frozen=True)
+class Settings:
+    """What one benchmark run times: the device, the backbone size, image size, batch and counts."""
+
+    device: torch.device
+    size_name: str
+    size: Size
+    image_size: int
+    batch: int
+    warmup: int
+    steps: int
+    prompt_kwargs: dict
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    """The command line's choices, with the device's defaults for what it leaves out."""
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     if args.compile and not cuda:
@@ -402,157 +423,191 @@ def _run(args: argparse.Namespace) -> dict:
     d_size, d_image, d_batch, d_warmup, d_steps = CUDA_DEFAULTS if cuda else CPU_DEFAULTS
     size_name = args.size or d_size
     size = SIZES[size_name]
-    image_size = args.image_size or (d_image if args.size is None and d_image else size.image_size)
-    batch = args.batch_size or d_batch
-    warmup = d_warmup if args.warmup is None else args.warmup
-    steps = args.steps or d_steps
-    prompt_kwargs = dict(prompt_length=args.prompt_length, pool_size=args.pool_size, top_k=args.top_k,
-                         group_start=args.group_start)
-    run_start = time.perf_counter()
-    busy = None if cuda else busy_cores()
-    if busy is not None and busy > 0.5:
-        print(f"warning: other processes keep {busy:.1f} of {os.cpu_count()} cores busy: CPU timings "
-              "will be low and noisy (OpenMP threads stall on busy cores; try --threads 1)", flush=True)
+    return Settings(device=device, size_name=size_name, size=size,
+                    image_size=args.image_size or (d_image if args.size is None and d_image else size.image_size),
+                    batch=args.batch_size or d_batch, warmup=d_warmup if args.warmup is None else args.warmup,
+                    steps=args.steps or d_steps,
+                    prompt_kwargs=dict(prompt_length=args.prompt_length, pool_size=args.pool_size,
+                                       top_k=args.top_k, group_start=args.group_start))
 
-    # FLOPs first (seconds, no device): at the timed size and at --flops-size.
-    flops = {"timed": flops_summary(size_name, size, image_size, prompt_kwargs)}
+
+def count_all_flops(args: argparse.Namespace, s: Settings) -> tuple[dict, dict]:
+    """FLOPs (seconds, no device) at the timed size and at --flops-size; and the timed size's
+    GFLOP per image of each variant and phase."""
+    flops = {"timed": flops_summary(s.size_name, s.size, s.image_size, s.prompt_kwargs)}
     per_variant = flops["timed"].pop("_per_variant")
     if args.flops_size != "none":
         fsize = SIZES[args.flops_size]
-        if (args.flops_size, fsize.image_size) == (size_name, image_size):
+        if (args.flops_size, fsize.image_size) == (s.size_name, s.image_size):
             flops["flops_size"] = flops["timed"]
         else:
-            flops["flops_size"] = flops_summary(args.flops_size, fsize, fsize.image_size, prompt_kwargs)
+            flops["flops_size"] = flops_summary(args.flops_size, fsize, fsize.image_size, s.prompt_kwargs)
             flops["flops_size"].pop("_per_variant")
+    return flops, per_variant
 
-    # The model, a tiny synthetic dataset (only for Trainer's samplers), fixed tensors.
-    torch.manual_seed(0)
-    model = build_lpt(size, image_size, **prompt_kwargs).to(device)
-    data = build_dataset({"name": "synthetic", "num_classes": NUM_CLASSES, "imbalance_ratio": 10,
-                          "max_per_class": 20, "image_size": image_size, "seed": 0})
-    cfg = PhaseConfig(epochs=100, batch_size=batch)
-    gen = torch.Generator(device=device).manual_seed(0)
-    images = torch.randn(2 * batch, 3, image_size, image_size, device=device, generator=gen)
-    labels = torch.randint(0, NUM_CLASSES, (2 * batch,), device=device, generator=gen)
-    w = 0.5  # the instance-balanced branch weight of the first epoch
-    losses = tuple(loss.to(device) for loss in branch_losses(
-        data.class_counts, cfg, torch.Generator(device=device).manual_seed(1)))
 
-    def inference(forward: Callable, amp: bool) -> Callable[[], object]:
+class Workload:
+    """The model, a tiny synthetic dataset (only for Trainer's samplers) and fixed tensors; and
+    the (setup, call) pairs that time each variant's phases."""
+
+    def __init__(self, s: Settings):
+        self.s, device, batch = s, s.device, s.batch
+        torch.manual_seed(0)
+        self.model = build_lpt(s.size, s.image_size, **s.prompt_kwargs).to(device)
+        self.data = build_dataset({"name": "synthetic", "num_classes": NUM_CLASSES, "imbalance_ratio": 10,
+                                   "max_per_class": 20, "image_size": s.image_size, "seed": 0})
+        self.cfg = PhaseConfig(epochs=100, batch_size=batch)
+        gen = torch.Generator(device=device).manual_seed(0)
+        self.images = torch.randn(2 * batch, 3, s.image_size, s.image_size, device=device, generator=gen)
+        self.labels = torch.randint(0, NUM_CLASSES, (2 * batch,), device=device, generator=gen)
+        self.w = 0.5  # the instance-balanced branch weight of the first epoch
+        self.losses = tuple(loss.to(device) for loss in branch_losses(
+            self.data.class_counts, self.cfg, torch.Generator(device=device).manual_seed(1)))
+
+    def inference(self, forward: Callable, amp: bool) -> Callable[[], object]:
         def infer():
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                return forward(images)
+            with torch.no_grad(), torch.autocast(self.s.device.type, dtype=torch.bfloat16, enabled=amp):
+                return forward(self.images)
         return infer
 
-    def phase_runs(m: LPT, step: Callable[[int], object], forward: Callable,
+    def phase_runs(self, m: LPT, step: Callable[[int], object], forward: Callable,
                    amp: bool) -> dict[str, tuple[Callable, Callable]]:
         """(setup, call) per phase: the training steps ``step(phase)``, eval ``forward(images)``."""
         return {"phase2": (lambda: m.set_phase(2).train(), lambda: step(2)),
                 "phase1": (lambda: m.set_phase(1).train(), lambda: step(1)),
-                "eval": (lambda: m.set_phase(2).eval(), inference(forward, amp))}
+                "eval": (lambda: m.set_phase(2).eval(), self.inference(forward, amp))}
 
-    def lean_runs(m: LPT) -> dict[str, tuple[Callable, Callable]]:
-        trainers = {p: Trainer(m, data, p, cfg, device=device, log=None) for p in (1, 2)}
-        return phase_runs(m, lambda p: trainers[p].train_step(images, labels, w), m, cuda)
+    def lean(self, m: LPT) -> dict[str, tuple[Callable, Callable]]:
+        trainers = {p: Trainer(m, self.data, p, self.cfg, device=self.s.device, log=None) for p in (1, 2)}
+        return self.phase_runs(m, lambda p: trainers[p].train_step(self.images, self.labels, self.w), m,
+                               self.s.cuda)
 
-    def reference_runs(m: LPT, amp: bool) -> dict[str, tuple[Callable, Callable]]:
-        ref = {p: ReferenceStep(m, p, cfg, losses, amp=amp) for p in (1, 2)}
-        return phase_runs(m, lambda p: ref[p](images, labels, w), lambda x: plain_forward(m, x), amp)
+    def reference(self, m: LPT, amp: bool) -> dict[str, tuple[Callable, Callable]]:
+        ref = {p: ReferenceStep(m, p, self.cfg, self.losses, amp=amp) for p in (1, 2)}
+        return self.phase_runs(m, lambda p: ref[p](self.images, self.labels, self.w),
+                               lambda x: plain_forward(m, x), amp)
 
-    def timm_runs(m: LPT) -> dict[str, tuple[Callable, Callable]]:
-        return {"eval": (lambda: m.eval(), inference(m.backbone, cuda))}
+    def timm(self, m: LPT) -> dict[str, tuple[Callable, Callable]]:
+        return {"eval": (lambda: m.eval(), self.inference(m.backbone, self.s.cuda))}
 
-    lean_precision = "bf16" if cuda else "fp32"
-    variants: list[tuple[str, str, Callable[[], dict]]] = [
-        ("reference", "fp32", lambda: reference_runs(model, False))]
-    if cuda:
-        variants.append(("reference+bf16", "bf16", lambda: reference_runs(model, True)))
-    variants.append(("lean", lean_precision, lambda: lean_runs(model)))
-    if args.compile:
-        variants.append(("lean+compile", lean_precision,
-                         lambda: lean_runs(compile_lean(model, args.compile_target))))
-    variants.append(("timm", lean_precision, lambda: timm_runs(model)))
+    def variants(self, args: argparse.Namespace) -> list[tuple[str, str, Callable[[], dict]]]:
+        """(name, precision, make the runs) of every variant this run times, in table order."""
+        model, cuda = self.model, self.s.cuda
+        lean_precision = "bf16" if cuda else "fp32"
+        out = [("reference", "fp32", lambda: self.reference(model, False))]
+        if cuda:
+            out.append(("reference+bf16", "bf16", lambda: self.reference(model, True)))
+        out.append(("lean", lean_precision, lambda: self.lean(model)))
+        if args.compile:
+            out.append(("lean+compile", lean_precision,
+                        lambda: self.lean(compile_lean(model, args.compile_target))))
+        out.append(("timm", lean_precision, lambda: self.timm(model)))
+        return out
 
+
+def time_variants(work: Workload, variants: list, per_variant: dict) -> tuple[list[dict], float | None]:
+    """Time every (variant, phase); one row each. Returns the rows and, on the CPU, how many
+    cores other processes kept busy meanwhile."""
+    s = work.s
     plan, precisions = [], {}
     for variant, precision, make in variants:
         precisions[variant] = precision
         runs = make()
         plan += [((variant, phase), *runs[phase]) for phase in PHASES if phase in runs]
     others = OtherLoad()
-    timings = measure_all(plan, device, warmup, steps)
+    timings = measure_all(plan, s.device, s.warmup, s.steps)
     rows: list[dict] = []
     for (variant, phase), _, _ in plan:
         t = timings[(variant, phase)]
-        ips = 2 * batch / t["seconds"]
+        ips = 2 * s.batch / t["seconds"]
         gflop = per_variant[variant][phase]
         rows.append({"variant": variant, "precision": precisions[variant], "phase": phase,
                      "seconds_per_step": t["seconds"], "min_seconds": t["min_seconds"],
-                     "first_call_seconds": t["first_seconds"], "images_per_step": 2 * batch,
+                     "first_call_seconds": t["first_seconds"], "images_per_step": 2 * s.batch,
                      "images_per_s": ips, "gflop_per_image": gflop,
                      "achieved_tflops": ips * gflop / 1e3, "fraction_of_peak": None,
                      "speedup_vs_reference": None})
-    model.set_phase(2).eval()
-    busy_during = None if cuda else others.cores()
+    work.model.set_phase(2).eval()
+    return rows, None if s.cuda else others.cores()
 
+
+def add_ratios(rows: list[dict], args: argparse.Namespace, s: Settings) -> float | None:
+    """Speed-up over the reference per row and, on CUDA, the fraction of the matmul peak (returned)."""
     peak = None
-    if cuda and not args.no_peak:
-        peak = matmul_peak_tflops(device)
+    if s.cuda and not args.no_peak:
+        peak = matmul_peak_tflops(s.device)
         print(f"  dense bf16 matmul 8192^3: {peak:.0f} TFLOP/s", flush=True)
     base = {r["phase"]: r["images_per_s"] for r in rows if r["variant"] == "reference"}
     for r in rows:
         r["speedup_vs_reference"] = r["images_per_s"] / base[r["phase"]] if r["phase"] in base else None
         if peak:
             r["fraction_of_peak"] = r["achieved_tflops"] / peak
+    return peak
 
-    def by(variant: str) -> dict[str, float]:
-        return {r["phase"]: r["images_per_s"] for r in rows if r["variant"] == variant}
 
-    compile_result = None
-    if args.compile:
-        eager, comp = by("lean"), by("lean+compile")
-        ratios = {p: comp[p] / eager[p] for p in comp}
-        compile_result = {"target": args.compile_target, "speedup_over_lean": ratios,
-                          "wins": all(v > 1.0 for v in ratios.values()),
-                          "first_call_seconds": {r["phase"]: r["first_call_seconds"] for r in rows
-                                                 if r["variant"] == "lean+compile"}}
+def images_per_s(rows: list[dict], variant: str) -> dict[str, float]:
+    return {r["phase"]: r["images_per_s"] for r in rows if r["variant"] == variant}
 
-    feed = None
-    if not args.no_input:
-        feed = input_throughput(device, image_size, batch)
-        best_step = max(by("lean").get("phase2", 0.0), by("lean+compile").get("phase2", 0.0))
-        feed["over_phase2_step"] = feed["images_per_s"] / best_step if best_step else None
 
-    targets = None
-    if cuda and size_name == "vit_b16" and image_size == 224:
-        best = {p: max(by("lean").get(p, 0.0), by("lean+compile").get(p, 0.0)) for p in ("phase2", "phase1")}
-        targets = {p: {"target": goal, "best_images_per_s": best[p], "met": best[p] >= goal}
-                   for p, goal in (("phase2", 4000), ("phase1", 3500))}
+def compile_summary(rows: list[dict], args: argparse.Namespace) -> dict | None:
+    if not args.compile:
+        return None
+    eager, comp = images_per_s(rows, "lean"), images_per_s(rows, "lean+compile")
+    ratios = {p: comp[p] / eager[p] for p in comp}
+    return {"target": args.compile_target, "speedup_over_lean": ratios,
+            "wins": all(v > 1.0 for v in ratios.values()),
+            "first_call_seconds": {r["phase"]: r["first_call_seconds"] for r in rows
+                                   if r["variant"] == "lean+compile"}}
 
-    result = {
-        "config": {"size": size_name, "model": size.model, "image_size": image_size,
-                   "batch_per_branch": batch, "images_per_step": 2 * batch, "warmup": warmup,
-                   "steps": steps, "num_classes": NUM_CLASSES,
-                   "prompt_length": model.prompt_length, "pool_size": model.pool_size,
-                   "top_k": model.top_k, "group_start": model.group_start, "depth": model.depth,
-                   "width": model.width, "device": str(device),
-                   "device_name": torch.cuda.get_device_name(device) if cuda else
-                   f"{platform.machine()} {os.cpu_count()} cores",
-                   "threads": torch.get_num_threads(), "busy_cores_before": busy,
-                   "busy_cores_during": busy_during,
-                   "torch": torch.__version__, "timm": timm.__version__,
-                   "compile": args.compile, "compile_target": args.compile_target if args.compile else None,
-                   "date": _dt.date.today().isoformat()},
-        "variants": sorted({r["variant"] for r in rows}, key=[v[0] for v in variants].index),
-        "results": rows, "peak_tflops": peak, "flops": flops, "compile": compile_result,
-        "targets": targets, "input": feed, "wall_seconds": time.perf_counter() - run_start,
-    }
 
-    cfg_line = (f"{size_name} ({size.model}, {image_size}px, depth {model.depth}, width {model.width}), "
-                f"L={model.prompt_length} P={model.pool_size} K={model.top_k} S={model.group_start}, "
-                f"{NUM_CLASSES} classes, batch 2x{batch}, median of {steps} after {warmup} warm-up, "
-                f"{result['config']['device_name']}, {torch.get_num_threads()} threads")
+def best_lean(rows: list[dict], phase: str) -> float:
+    """The faster of lean and lean+compile in ``phase`` (0 if neither ran)."""
+    return max(images_per_s(rows, "lean").get(phase, 0.0), images_per_s(rows, "lean+compile").get(phase, 0.0))
+
+
+def feed_summary(rows: list[dict], args: argparse.Namespace, s: Settings) -> dict | None:
+    """The input pipeline's img/s against the best lean phase-2 step."""
+    if args.no_input:
+        return None
+    feed = input_throughput(s.device, s.image_size, s.batch)
+    best_step = best_lean(rows, "phase2")
+    feed["over_phase2_step"] = feed["images_per_s"] / best_step if best_step else None
+    return feed
+
+
+def target_summary(rows: list[dict], s: Settings) -> dict | None:
+    """ViT-B/16 at 224 on CUDA: the img/s goals of the lean step per phase."""
+    if not (s.cuda and s.size_name == "vit_b16" and s.image_size == 224):
+        return None
+    return {p: {"target": goal, "best_images_per_s": best_lean(rows, p), "met": best_lean(rows, p) >= goal}
+            for p, goal in (("phase2", 4000), ("phase1", 3500))}
+
+
+def run_config(args: argparse.Namespace, s: Settings, model: LPT, busy, busy_during) -> dict:
+    return {"size": s.size_name, "model": s.size.model, "image_size": s.image_size,
+            "batch_per_branch": s.batch, "images_per_step": 2 * s.batch, "warmup": s.warmup,
+            "steps": s.steps, "num_classes": NUM_CLASSES,
+            "prompt_length": model.prompt_length, "pool_size": model.pool_size,
+            "top_k": model.top_k, "group_start": model.group_start, "depth": model.depth,
+            "width": model.width, "device": str(s.device),
+            "device_name": torch.cuda.get_device_name(s.device) if s.cuda else
+            f"{platform.machine()} {os.cpu_count()} cores",
+            "threads": torch.get_num_threads(), "busy_cores_before": busy,
+            "busy_cores_during": busy_during,
+            "torch": torch.__version__, "timm": timm.__version__,
+            "compile": args.compile, "compile_target": args.compile_target if args.compile else None,
+            "date": _dt.date.today().isoformat()}
+
+
+def print_summary(result: dict, rows: list[dict], args: argparse.Namespace, s: Settings) -> None:
+    config, flops = result["config"], result["flops"]
+    compile_result, feed, targets = result["compile"], result["input"], result["targets"]
+    cfg_line = (f"{s.size_name} ({s.size.model}, {s.image_size}px, depth {config['depth']}, width {config['width']}), "
+                f"L={config['prompt_length']} P={config['pool_size']} K={config['top_k']} S={config['group_start']}, "
+                f"{NUM_CLASSES} classes, batch 2x{s.batch}, median of {s.steps} after {s.warmup} warm-up, "
+                f"{config['device_name']}, {torch.get_num_threads()} threads")
     print(f"\n{cfg_line}\n")
-    print(format_table(rows, cuda))
+    print(format_table(rows, s.cuda))
     shown = [flops["timed"]] + ([flops["flops_size"]] if flops.get("flops_size") not in
                                 (None, flops["timed"]) else [])
     for f in shown:
@@ -573,11 +628,34 @@ def _run(args: argparse.Namespace) -> dict:
     if targets:
         print("targets: " + ", ".join(f"{p} {t['best_images_per_s']:.0f} img/s (target {t['target']}: "
                                       f"{'met' if t['met'] else 'not met'})" for p, t in targets.items()))
+    busy_during = config["busy_cores_during"]
     if busy_during is not None and busy_during > 0.25:
         print(f"\nwarning: other processes kept {busy_during:.1f} of {os.cpu_count()} cores busy during "
               "the timing: these CPU figures are not a clean measurement"
               + (" (with --compile this includes inductor's compile workers)" if args.compile else ""))
     print(f"\nwall time {result['wall_seconds']:.1f} s")
+
+
+def _run(args: argparse.Namespace) -> dict:
+    s = resolve_settings(args)
+    run_start = time.perf_counter()
+    busy = None if s.cuda else busy_cores()
+    if busy is not None and busy > 0.5:
+        print(f"warning: other processes keep {busy:.1f} of {os.cpu_count()} cores busy: CPU timings "
+              "will be low and noisy (OpenMP threads stall on busy cores; try --threads 1)", flush=True)
+    flops, per_variant = count_all_flops(args, s)
+    work = Workload(s)
+    variants = work.variants(args)
+    rows, busy_during = time_variants(work, variants, per_variant)
+    peak = add_ratios(rows, args, s)
+    result = {
+        "config": run_config(args, s, work.model, busy, busy_during),
+        "variants": sorted({r["variant"] for r in rows}, key=[v[0] for v in variants].index),
+        "results": rows, "peak_tflops": peak, "flops": flops, "compile": compile_summary(rows, args),
+        "targets": target_summary(rows, s), "input": feed_summary(rows, args, s),
+        "wall_seconds": time.perf_counter() - run_start,
+    }
+    print_summary(result, rows, args, s)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -13,9 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 import torch.nn as nn
+from timm.data import resolve_model_data_config
+
+from .data.transforms import RELEASED, InputConfig, InputOverrides
 
 RANDOM, PRETRAINED = "random", "pretrained"
+# Pretrained tags of the JAX-trained ViTs the LPT release fine-tunes (augreg_*, orig_in21k): their
+# mean/std is 0.5 and the release resizes them bilinearly, 256 -> 224, where timm's config says
+# bicubic 0.9 (its own evaluation). Every other backbone takes timm's numbers as they are.
+RELEASED_RECIPE_TAGS = ("augreg", "orig_in21k")
 
 
 def _hub_id(name: str) -> str | None:
@@ -95,3 +103,31 @@ def build_backbone_from_spec(spec: dict[str, Any]) -> nn.Module:
     if not name:
         raise ValueError("backbone.name: missing")
     return build_backbone(name, spec.pop("weights", PRETRAINED), **spec)
+
+
+def input_config(backbone: nn.Module | dict[str, Any], overrides: InputOverrides | dict | None = None
+                 ) -> InputConfig:
+    """How images must be prepared for ``backbone`` (a model, or a profile's backbone spec, which
+    is built on the meta device: no weights, no memory): mean, std, interpolation and crop ratio
+    from its pretrained config (``timm.data.resolve_model_data_config``), the released LPT recipe's
+    resampling for ``RELEASED_RECIPE_TAGS``, then ``overrides`` (a profile's ``input`` section)."""
+    if isinstance(backbone, dict):
+        spec = dict(backbone)
+        spec.pop("weights", None)
+        name = spec.pop("name", None)
+        if not name or not timm.is_model(name.split(".")[0]):
+            raise ValueError(f"backbone.name: unknown timm model '{name}'")
+        with torch.device("meta"):
+            backbone = timm.create_model(name, pretrained=False, num_classes=0, **spec)
+    timm_cfg = resolve_model_data_config(backbone)
+    tag = str((getattr(backbone, "pretrained_cfg", None) or {}).get("tag") or "")
+    values = {"mean": list(timm_cfg["mean"]), "std": list(timm_cfg["std"])}
+    if tag.startswith(RELEASED_RECIPE_TAGS):
+        values.update(interpolation=RELEASED.interpolation, crop_pct=RELEASED.crop_pct)
+    else:  # torchvision resamples bilinear or bicubic; timm's rarer modes map to bicubic
+        values.update(interpolation="bilinear" if timm_cfg["interpolation"] == "bilinear" else "bicubic",
+                      crop_pct=float(timm_cfg["crop_pct"]))
+    if overrides:
+        given = overrides.model_dump(exclude_none=True) if isinstance(overrides, InputOverrides) else overrides
+        values.update({k: v for k, v in given.items() if v is not None})
+    return InputConfig.from_dict(values, where="input")

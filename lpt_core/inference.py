@@ -29,21 +29,16 @@ from .trainer import predict_batches, resolve_device
 CONFIG_FORMAT = "lpt-classifier"
 
 
-def data_normalisation(backbone_spec: dict) -> dict[str, list[float]]:
-    """The mean and std the backbone's inputs are normalised with: the one place that says so for a
-    stored model (today the project's transforms' values, whatever the backbone)."""
-    return {"mean": list(transforms.MEAN), "std": list(transforms.STD)}
-
-
 def classifier_config(backbone: dict, backbone_seed: int, model: dict, class_names: Sequence[str],
-                      image_size: int, logit_scale: float, data: dict | None = None,
-                      shot_split: str = "standard") -> dict[str, Any]:
-    """The JSON-able description of a trained LPT (everything but its prompt file); ``shot_split``
-    is how its data's shot groups are counted (``lpt_core.metrics``)."""
+                      image_size: int, logit_scale: float, input_cfg: transforms.InputConfig,
+                      data: dict | None = None, shot_split: str = "standard") -> dict[str, Any]:
+    """The JSON-able description of a trained LPT (everything but its prompt file): ``input_cfg``
+    is the input pipeline it was trained with (``backbones.input_config``; stored as
+    ``normalisation``), ``shot_split`` how its data's shot groups are counted (``metrics``)."""
     return {"format": CONFIG_FORMAT, "backbone": dict(backbone), "backbone_seed": int(backbone_seed),
-            "model": {k: int(v) for k, v in model.items()}, "num_classes": len(class_names),
+            "model": dict(model), "num_classes": len(class_names),
             "class_names": list(class_names), "image_size": int(image_size),
-            "normalisation": data_normalisation(backbone), "logit_scale": float(logit_scale),
+            "normalisation": input_cfg.to_dict(), "logit_scale": float(logit_scale),
             "data": dict(data or {}), "shot_split": shot_split}
 
 
@@ -82,8 +77,8 @@ class LPTClassifier:
         self.image_size = config["image_size"]
         self.class_names = config["class_names"]
         self.scale = config["logit_scale"]
-        norm = config["normalisation"]
-        self.transform = transforms.test_transform(self.image_size, norm["mean"], norm["std"])
+        norm = transforms.InputConfig.from_dict(config["normalisation"], where="normalisation")
+        self.transform = transforms.test_transform(self.image_size, norm)
 
     # ----------------------------------------------------------------------------- input
     def load_image(self, item, where: str):

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
+from .config import LPTConfig
+
 PROMPT_KEYS = ("shared_prompts", "group_prompts", "group_keys", "head_weight")
 
 
@@ -75,11 +77,16 @@ class LPT(nn.Module):
         top_k: group prompts chosen per image and averaged (K).
         group_start: first block that receives group prompts (S), 1 <= S <= depth - 1.
         head_dropout: dropout before the cosine classifier while training.
+
+    The defaults and ranges are ``LPTConfig``'s; ``LPT.from_config(backbone, num_classes, cfg)``
+    takes one, and ``model.config`` is the one it was built with.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, prompt_length: int = 10,
-                 pool_size: int = 20, top_k: int = 2, group_start: int = 6,
-                 head_dropout: float = 0.1):
+    def __init__(self, backbone: nn.Module, num_classes: int,
+                 prompt_length: int = LPTConfig.default("prompt_length"),
+                 pool_size: int = LPTConfig.default("pool_size"), top_k: int = LPTConfig.default("top_k"),
+                 group_start: int = LPTConfig.default("group_start"),
+                 head_dropout: float = LPTConfig.default("head_dropout")):
         super().__init__()
         if getattr(backbone, "cls_token", None) is None or not hasattr(backbone, "blocks"):
             raise ValueError("backbone: LPT needs a timm VisionTransformer with a class token "
@@ -87,12 +94,8 @@ class LPT(nn.Module):
         depth, width = len(backbone.blocks), backbone.embed_dim
         if num_classes < 1:
             raise ValueError(f"num_classes: must be >= 1, got {num_classes}")
-        if prompt_length < 1:
-            raise ValueError(f"prompt_length: must be >= 1, got {prompt_length}")
-        if pool_size < 1:
-            raise ValueError(f"pool_size: must be >= 1, got {pool_size}")
-        if not 1 <= top_k <= pool_size:
-            raise ValueError(f"top_k: must be in 1..pool_size={pool_size}, got {top_k}")
+        self.config = LPTConfig.from_dict(dict(prompt_length=prompt_length, pool_size=pool_size, top_k=top_k,
+                                               group_start=group_start, head_dropout=head_dropout))
         if not 1 <= group_start <= depth - 1:
             raise ValueError(f"group_start: must be in 1..depth-1={depth - 1}, got {group_start}")
 
@@ -115,6 +118,11 @@ class LPT(nn.Module):
         self.blocks_compiled = False
         self.phase = 1
         self.set_phase(1)
+
+    @classmethod
+    def from_config(cls, backbone: nn.Module, num_classes: int, config: LPTConfig | dict) -> "LPT":
+        values = config.to_dict() if isinstance(config, LPTConfig) else dict(config)
+        return cls(backbone, num_classes, **values)
 
     # ----------------------------------------------------------------------------- phases
     def set_phase(self, phase: int) -> "LPT":

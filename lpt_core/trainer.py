@@ -5,61 +5,27 @@ Each step loads one batch holding a class-balanced half and an instance-balanced
 ``AGCL_cb - m*match_cb + w(e) * (AGCL_ib - m*match_ib)`` (the match terms only in phase 2).
 SGD with momentum, lr = lr * batch / 256, one warm-up epoch from ``warmup_lr``, then cosine.
 bf16 autocast on CUDA, fp32 on CPU. The loss is summed on the device and read once per epoch.
-After each epoch the validation split is evaluated and ``on_epoch(metrics, trainer)`` is called,
-where the caller can report and ``trainer.save_state(path)``; ``load_state`` resumes there.
+After each epoch the validation split is evaluated and ``epochs()`` yields the metrics, where the
+caller can report and ``trainer.save_state(path)`` (``fit`` runs them all, with an optional
+``on_epoch(metrics, trainer)``); ``load_state`` resumes there.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields
 from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import load_state, save_state
+from .config import PhaseConfig
 from .data.base import LTData
 from .losses import AsymmetricGCL, branch_weight
 from .metrics import confusion_counts, few_at_most, per_class_accuracy, shot_accuracy
 from .model import LPT
 from .sampling import DualBatchSampler
-
-
-@dataclass
-class PhaseConfig:
-    """Recipe of one phase; the defaults are the released phase-2 script's (phase 1 uses the same:
-    A-GCL, dual sampling, a relatively large weight decay). ``batch_size`` is per branch."""
-
-    epochs: int = 90
-    batch_size: int = 256
-    lr: float = 0.02            # per 256 images of one branch
-    momentum: float = 0.9
-    weight_decay: float = 0.01
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-6
-    per_class: int = 4          # images per class draw of the class-aware sampler
-    margin: float = 0.1
-    scale: float = 20.0
-    noise_mul: float = 0.5
-    label_smoothing: float = 0.1
-    gamma_pos: float = 0.0      # class-balanced branch
-    gamma_neg: float = 4.0
-    ib_gamma_pos: float = 0.5   # instance-balanced branch
-    ib_gamma_neg: float = 8.0
-    match_weight: float = 0.5   # phase 2 only
-
-    @classmethod
-    def from_dict(cls, values: dict, where: str = "recipe") -> "PhaseConfig":
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"{where}.{unknown[0]}: unknown recipe key")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -235,14 +201,15 @@ class Trainer:
         return {"train_loss": train_loss, "images_per_s": images_seen / max(seconds, 1e-9),
                 "lr": self.lr_at(max(0, self.step - 1))}
 
-    def fit(self, on_epoch: Callable[[dict, "Trainer"], None] | None = None) -> dict:
-        """Run the remaining epochs; returns the last epoch's metrics."""
+    def epochs(self) -> Iterator[dict]:
+        """Run the remaining epochs, yielding each one's metrics once it is trained and validated.
+        While the caller holds them the trainer is at the end of that epoch: report, then
+        ``save_state`` to resume from there."""
         if self.epoch == 0:
             counts = self.model.parameter_counts()
             self.log(f"phase {self.phase}: {self.cfg.epochs} epochs x {self.steps_per_epoch} steps of "
                      f"2x{self.cfg.batch_size} images on {self.device}; LPT adds "
                      f"{counts['extra_params']:,} parameters ({counts['extra_percent']:.2f}% of the backbone)")
-        metrics: dict = {}
         while self.epoch < self.cfg.epochs:
             metrics = {"phase": self.phase, "epoch": self.epoch + 1, **self.train_epoch()}
             val = evaluate(self.model, self.data.val, self.class_counts, device=self.device,
@@ -255,6 +222,13 @@ class Trainer:
                      f"val {metrics['val_acc']:.2f}% (many {metrics['val_many_acc']:.1f} / medium "
                      f"{metrics['val_medium_acc']:.1f} / few {metrics['val_few_acc']:.1f}) "
                      f"{metrics['images_per_s']:.0f} img/s")
+            yield metrics
+
+    def fit(self, on_epoch: Callable[[dict, "Trainer"], None] | None = None) -> dict:
+        """Run the remaining epochs (``epochs()``), calling ``on_epoch(metrics, trainer)`` after
+        each; returns the last epoch's metrics."""
+        metrics: dict = {}
+        for metrics in self.epochs():
             if on_epoch is not None:
                 on_epoch(metrics, self)
         return metrics

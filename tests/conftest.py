@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny random ViTs and tiny synthetic long-tailed data (no downloads)."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +11,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=4, embed_dim=64, num_heads=2)
 
-# the real Places-LT split lists, where this machine has them
-PLACES_LT_SPLITS = "/work/shared/data/lt-splits"
-needs_places_lt_splits = pytest.mark.skipif(not os.path.isdir(PLACES_LT_SPLITS),
-                                            reason=f"{PLACES_LT_SPLITS} (real Places-LT lists) is absent")
+# The real Places-LT split lists (reference data, never copied into the repository): the folder in
+# $LPT_LT_SPLITS, else ../shared/data/lt-splits next to the checkout.
+REPO = Path(__file__).resolve().parents[1]
+PLACES_LT_SPLITS = os.environ.get("LPT_LT_SPLITS") or str(REPO.parent / "shared" / "data" / "lt-splits")
+needs_places_lt_splits = pytest.mark.skipif(
+    not os.path.isfile(os.path.join(PLACES_LT_SPLITS, "Places_LT_train.txt")),
+    reason=f"no real Places-LT lists: looked for {PLACES_LT_SPLITS}/Places_LT_train.txt "
+           f"(set LPT_LT_SPLITS to the folder holding Places_LT_{{train,val,test}}.txt)")
 
 
 def tiny_backbone(**overrides):

@@ -93,7 +93,7 @@ def test_synthetic_keeps_its_contract_and_checks_keys():
     assert (gpu.eval_batch_transform(raw[None])[0] - data.val[1][0]).abs().max() < 2 / 255 + 1e-4
     with pytest.raises(ValueError, match=r"^data.max_per_clas: unknown key for dataset 'synthetic'"):
         build_dataset({**SYNTH, "max_per_clas": 3})
-    with pytest.raises(ValueError, match=r"^data.num_classes: expected an integer"):
+    with pytest.raises(ValueError, match=r"^data.num_classes: must be an integer, got 2.5"):
         build_dataset({**SYNTH, "num_classes": 2.5})
     with pytest.raises(ValueError, match=r"^data.name: unknown dataset 'cifar'"):
         build_dataset({"name": "cifar"})

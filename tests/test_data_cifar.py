@@ -158,12 +158,12 @@ def test_gpu_augment_batches_match_the_cpu_eval_transform(small100):
 
 @pytest.mark.parametrize("change,message", [
     (dict(imbalance_ratio=0.5), r"^data.imbalance_ratio: must be >= 1"),
-    (dict(imbalance_ratio="x"), r"^data.imbalance_ratio: expected a number"),
+    (dict(imbalance_ratio="x"), r"^data.imbalance_ratio: must be a number, got .x."),
     (dict(val_per_class=-1), r"^data.val_per_class: must be >= 0"),
     (dict(imbalance_ratio=1000), r"^data.imbalance_ratio: too large"),
     (dict(ratio=10), r"^data.ratio: unknown key for dataset 'cifar100_lt'"),
     (dict(gpu_decode=True), r"^data.gpu_decode: unknown key"),
-    (dict(download="maybe"), r"^data.download: expected true or false"),
+    (dict(download="maybe"), r"^data.download: must be true or false, got .maybe."),
 ])
 def test_bad_spec_values_name_the_key(small100, change, message):
     with pytest.raises(ValueError, match=message):

@@ -102,7 +102,7 @@ LIST_ERRORS = [
     pytest.param({}, {"val_list": "nope.txt"},
                  FileNotFoundError, r"^data.val_list: {places}/nope.txt: no such file", id="missing-list"),
     pytest.param({}, {"test_list": None},
-                 ValueError, r"^data.test_list: required for dataset 'places_lt'", id="no-test-list"),
+                 ValueError, r"^data.test_list: must be a non-empty string, got None", id="no-test-list"),
     pytest.param({}, {"imbalance_ratio": 10},
                  ValueError, r"^data.imbalance_ratio: unknown key for dataset 'places_lt'", id="unknown-key"),
     pytest.param({"{tmp_path}/names.txt": "a\nb\n"}, {"class_names": "{tmp_path}/names.txt"},

@@ -35,15 +35,18 @@ from lpt_core.inference import build_classifier, png_bytes, raw_split
 from lpt_core.trainer import evaluate
 from tune import mlflow_tracking as mt
 from tune.model_registry import MODEL_URI_TAG, NothingToRegister, register_best, register_finished_search
+from tune.study_config import ProfileConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT = ROOT / "tune" / "predict.py"
-PROFILE = {"data": {"name": "synthetic", "num_classes": 10, "imbalance_ratio": 10, "max_per_class": 120,
-                    "image_size": 32, "val_per_class": 4, "test_per_class": 4, "seed": 0},
-           "backbone": {"name": "vit_tiny_patch16_224", "weights": "random", "img_size": 32, "patch_size": 8,
-                        "depth": 4, "embed_dim": 96, "num_heads": 3},
-           "model": {"prompt_length": 4, "pool_size": 8, "top_k": 2, "group_start": 2},
-           "phase2": {"epochs": 1, "scale": 20.0}, "seed": 3}
+# as load_profile returns it: every default filled in by the profile model
+PROFILE = ProfileConfig.from_dict({
+    "data": {"name": "synthetic", "num_classes": 10, "imbalance_ratio": 10, "max_per_class": 120,
+             "image_size": 32, "val_per_class": 4, "test_per_class": 4, "seed": 0},
+    "backbone": {"name": "vit_tiny_patch16_224", "weights": "random", "img_size": 32, "patch_size": 8,
+                 "depth": 4, "embed_dim": 96, "num_heads": 3},
+    "model": {"prompt_length": 4, "pool_size": 8, "top_k": 2, "group_start": 2},
+    "phase2": {"epochs": 1, "scale": 20.0}, "seed": 3}).to_dict()
 CONFIG = {"pool_size": 6, "top_k": 3}     # the "trial's" sampled params
 ENV = search_env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
 
@@ -113,7 +116,8 @@ def test_logged_model_holds_prompts_config_and_example_not_the_backbone(register
     assert config["backbone"] == PROFILE["backbone"] and config["backbone_seed"] == PROFILE["seed"]
     assert config["model"] == {**PROFILE["model"], **CONFIG}
     assert config["class_names"] == registered["data"].class_names and config["image_size"] == 32
-    assert config["normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3} and config["logit_scale"] == 20.0
+    assert config["normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
+                                       "crop_pct": 0.875} and config["logit_scale"] == 20.0
     meta = mlflow.models.get_model_info(registered["model_uri"])
     assert meta.signature.inputs.input_names() == ["image"]
     assert meta.signature.outputs.input_names() == ["class_index", "class_name", "probability"]

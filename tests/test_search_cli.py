@@ -43,7 +43,13 @@ def study_with(**changes):
     (dict(space={}), "space: empty"),
     (dict(space={"top_k": {"type": "int", "low": 0, "high": 3}}), "space.top_k.low: must be >= 1"),
     (dict(space={"pool_sise": {"type": "int", "low": 2, "high": 3}}), "space.pool_sise: not a searchable parameter"),
-    (dict(space={"margin": {"type": "int", "low": 0, "high": 1}}), "space.margin.type: margin is a real number"),
+    (dict(space={"margin": {"type": "int", "low": 0, "high": 1}}), "space.margin.type: unknown type 'int' (known: float, choice)"),
+    (dict(space={"epochs": {"type": "int", "low": 2, "high": 9}}),
+     "space.epochs: not searchable: it sets the epoch count that early stopping (ASHA) compares trials at"),
+    (dict(space={"top_k": {"type": "choice", "values": [1, 2.5]}}), "space.top_k.values[1]: must be an integer, got 2.5"),
+    (dict(space={"lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}), "space.lr.low: must be > 0"),
+    (dict(budget__trails=3), "budget.trails: unknown key (known: trials, concurrency, max_failures)"),
+    (dict(objective={"metrics": ["val_acc", "val_few_acc"], "modes": ["max"]}), "objective.modes: must give one mode per metric"),
     (dict(space={"pool_size": {"type": "int", "low": 9, "high": 3}}), "space.pool_size.low: must be <= high"),
     (dict(space={"group_start": {"type": "int", "low": 5, "high": 9}}), "space.group_start: no value in 1..3"),
     (dict(objective={"metric": "test_acc"}), "objective.metric: must be one of"),
@@ -65,10 +71,14 @@ def test_bad_study_exits_2_naming_the_key(tmp_path, capsys, changes, needle):
     ("compile=maybe", "compile: must be true or false, got 'maybe'"),
     ("shot_split=paper", "shot_split: must be one of standard, released, got 'paper'"),
     ("images_per_s=0", "images_per_s: must be > 0"),
-    ("model.top_k=20", "model.top_k: 20 exceeds the smallest pool_size"),
+    ("model.top_k=20", "model.top_k: must be in 1..pool_size=8, got 20"),
     ("data.name=nope", "data.name: unknown dataset 'nope'"),
     ("backbone.name=not_a_model", "backbone.name: unknown timm model"),
     ("seed=abc", "seed: must be an integer"),
+    ("data.max_per_clas=3", "data.max_per_clas: unknown key for dataset 'synthetic' (known: name, seed, image_size, num_classes"),
+    ("data.imbalance_ratio=0.5", "data.imbalance_ratio: must be >= 1, got 0.5"),
+    ("input.interpolation=nearest", "input.interpolation: must be one of bilinear, bicubic, got 'nearest'"),
+    ("model.head_dropout=1", "model.head_dropout: must be < 1, got 1"),
     ("phase2", "--set phase2: expected dotted.key=value"),
 ])
 def test_bad_override_exits_2_naming_the_key(tmp_path, capsys, override, needle):
@@ -111,6 +121,14 @@ def test_dry_run_states_the_cost_of_a_trial_and_of_the_search(capsys):
             in capsys.readouterr().out)
 
 
+def test_dry_run_shows_the_input_pipeline_of_the_backbone(capsys):
+    assert main(["--study", "prompt_pool", "--dry-run"]) == 0
+    assert "input: mean 0.5/0.5/0.5, std 0.5/0.5/0.5, bilinear, eval crop 0.875" in capsys.readouterr().out
+    assert main(["--study", "prompt_pool", "--dry-run", "--set", "backbone.name=vit_small_patch16_224.dino"]) == 0
+    assert ("input: mean 0.485/0.456/0.406, std 0.229/0.224/0.225, bicubic, eval crop 0.9"
+            in capsys.readouterr().out)
+
+
 def test_dry_run_shows_trials_per_gpu_and_compile(capsys):
     assert main(["--study", "prompt_pool", "--dry-run", "--set", "resources.gpu=0.25", "--set", "compile=true"]) == 0
     assert "resources per trial: 1 CPU, 0.25 GPU (4 trials per GPU), compiled blocks" in capsys.readouterr().out
@@ -125,7 +143,7 @@ def test_a_trial_too_big_for_the_local_ray_exits_2_and_records_nothing(tmp_path,
     assert code == 2, err
     last = err.splitlines()[-1]  # Ray's own start-up warnings come first
     assert last.startswith("error: resources: a trial asks for 4096 CPU and 0 GPU on one node; the Ray nodes have")
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
     assert not (tmp_path / "runs").exists()
 
 

@@ -118,5 +118,14 @@ def test_shot_accuracy_groups():
 
 
 def test_recipe_rejects_unknown_key():
-    with pytest.raises(ValueError, match=r"^phase2.gama_pos: unknown recipe key"):
+    with pytest.raises(ValueError, match=r"^phase2.gama_pos: unknown key \(known: epochs, "):
         PhaseConfig.from_dict({"gama_pos": 1.0}, where="phase2")
+
+
+def test_epochs_yields_each_epoch_and_continues_where_the_caller_stopped(synthetic_data):
+    trainer = Trainer(make_model(), synthetic_data, 1, PhaseConfig(epochs=3, batch_size=32), log=None)
+    for metrics in trainer.epochs():
+        assert trainer.epoch == metrics["epoch"] == 1 and trainer.history[-1] is metrics
+        break
+    assert [m["epoch"] for m in trainer.epochs()] == [2, 3] and trainer.epoch == 3
+    assert list(trainer.epochs()) == [] and trainer.fit() == {}

@@ -16,9 +16,9 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from .names import SHARED_CHECK
 from .study_config import ConfigError
 
-MARKER = ".lpt-shared-check"
 TIMEOUT_S = 120
 
 
@@ -50,7 +50,7 @@ def trial_nodes(resources: dict) -> list[dict]:
 
 def check_shared_storage(storage: Path, resources: dict) -> None:
     storage.mkdir(parents=True, exist_ok=True)
-    marker = storage / MARKER
+    marker = storage / SHARED_CHECK
     token = secrets.token_hex(16)
     marker.write_text(token)
     try:

@@ -22,6 +22,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from . import mlflow_tracking as mt
+from . import names
 from .cluster_checks import check_shared_storage
 from .model_registry import RegisterError, model_name, register_best
 from .progress import SearchProgress
@@ -30,10 +31,10 @@ from .search_space import DefineByRun
 from .stop_signals import StopSignals
 from .study_config import SHOT_KEYS, ConfigError, error_line, objective_of, phase2_epochs
 from .trainable import SearchSetup, confirm_seed, evaluate_prompts, run_trial
-from .trial_table import (COMPLETED, FAILED, INTERRUPTED, TABLE_FILE, TrialTable, best_row, last_line, prompt_path,
+from .names import SEARCH_FILE, TABLE_FILE
+from .trial_table import (COMPLETED, FAILED, INTERRUPTED, TrialTable, best_row, last_line, prompt_path,
                           read_rows, status_counts, trial_row, write_table)
 
-SEARCH_FILE = "search.json"
 RUNNING, INTERRUPTED_STATE, FINISHED = "running", "interrupted", "finished"  # search.json's "state"
 EXIT_INTERRUPTED = 130
 QUIET_ENV = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # no "View run ..." line per run
@@ -126,8 +127,8 @@ def new_search(plan, client: MlflowClient, uri: str) -> tuple[Path, dict, str]:
     folder = plan.storage / name
     folder.mkdir(parents=True)
     exp_id = mt.experiment_id(client, plan.study_name, uri)
-    parent = client.create_run(exp_id, run_name=name, tags={mt.ROLE: "study", "lpt.search": name,
-                                                            "lpt.storage": str(folder)})
+    parent = client.create_run(exp_id, run_name=name, tags={names.ROLE: names.ROLE_STUDY, names.SEARCH: name,
+                                                            names.STORAGE: str(folder)})
     b = plan.study["budget"]
     mt.log(client, parent.info.run_id, params={
         "study": plan.study_name, "profile": plan.profile_name, "trials": b["trials"],
@@ -140,8 +141,8 @@ def new_search(plan, client: MlflowClient, uri: str) -> tuple[Path, dict, str]:
               "experiment_id": exp_id, "parent_run_id": parent.info.run_id, "tracking_uri": uri,
               "state": RUNNING, "runs": [{"dir": ".", "trials": b["trials"], "rows_before": []}]}
     save_record(folder, record)
-    (folder / "profile.yaml").write_text(yaml.safe_dump(plan.profile, sort_keys=False))
-    client.log_artifact(parent.info.run_id, str(folder / "profile.yaml"))
+    (folder / names.PROFILE_FILE).write_text(yaml.safe_dump(plan.profile, sort_keys=False))
+    client.log_artifact(parent.info.run_id, str(folder / names.PROFILE_FILE))
     return folder, record, "new"
 
 
@@ -264,10 +265,10 @@ def stop_interrupted(plan, args, client: MlflowClient, folder: Path, record: dic
         row["mlflow_run_id"] = row.get("mlflow_run_id") or mt.trial_run_id(
             client, record["experiment_id"], record["parent_run_id"], row["trial_id"])
         if row["mlflow_run_id"]:
-            client.set_tag(row["mlflow_run_id"], "lpt.status", INTERRUPTED)
+            client.set_tag(row["mlflow_run_id"], names.STATUS, INTERRUPTED)
             client.set_terminated(row["mlflow_run_id"], "KILLED")
     write_table(rows, folder / TABLE_FILE)
-    mt.log(client, record["parent_run_id"], tags={"lpt.interrupted": signal_name})
+    mt.log(client, record["parent_run_id"], tags={names.INTERRUPTED: signal_name})
     client.set_terminated(record["parent_run_id"], "KILLED")
     save_record(folder, {**record, "state": INTERRUPTED_STATE})
     counts = status_counts(rows)
@@ -297,7 +298,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None) -> 
     metrics, modes = objective_of(plan.study["objective"])
     setup = SearchSetup(profile_name=plan.profile_name, profile=plan.profile,
                         manifest_hash=plan.manifest_hash, search_dir=str(folder),
-                        cache_dir=str(plan.storage / "phase1-cache"), tracking_uri=uri,
+                        cache_dir=str(plan.storage / names.PHASE1_CACHE), tracking_uri=uri,
                         experiment_id=record["experiment_id"], parent_run_id=parent_id,
                         metrics=tuple(metrics))
     print(plan.describe(), flush=True)
@@ -369,9 +370,9 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
         config = {p: best[p] for p in plan.study["space"]}
         prompt_file = prompt_path(folder, best["trial_id"])
         test = ray.get(on_resources(evaluate_prompts, plan.profile).remote(setup, config, str(prompt_file)))
-        mt.log(client, best["mlflow_run_id"], metrics=test, tags={"lpt.best": "true"})
+        mt.log(client, best["mlflow_run_id"], metrics=test, tags={names.BEST: "true"})
         summary.update({f"best_{k}": v for k, v in {**{m: best[m] for m in metrics}, **test}.items()})
-        client.set_tag(parent_id, "lpt.best_trial_id", best["trial_id"])
+        client.set_tag(parent_id, names.BEST_TRIAL_ID, best["trial_id"])
         lines += [f"best trial {best['trial_id']}: " + ", ".join(f"{k}={v}" for k, v in config.items()),
                   "  validation: " + shot_line(best, "val_"),
                   "  test:       " + shot_line(test, "test_"),
@@ -389,7 +390,7 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
                 registered = False
         if len(metrics) > 1:
             front = pareto(rows, metrics, modes)
-            client.set_tag(parent_id, "lpt.pareto_trials", ",".join(front))
+            client.set_tag(parent_id, names.PARETO_TRIALS, ",".join(front))
             lines.append(f"  Pareto front on {', '.join(metrics)}: {', '.join(front)}")
         if args.confirm:
             seeds = [plan.profile["seed"] + 1000 + i for i in range(args.confirm)]

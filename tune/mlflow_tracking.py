@@ -15,8 +15,8 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 
-ROLE, TRIAL_ID, NODE, PHASE1_KEY = "lpt.role", "lpt.trial_id", "lpt.node", "lpt.phase1_key"
-PARENT = "mlflow.parentRunId"
+from .names import ERROR, NODE, PARENT, PHASE1_KEY, RESUMED, ROLE, ROLE_TRIAL, TRIAL_ID  # noqa: F401 (mt.ROLE ...)
+
 MAX_BATCH = 900  # MLflow accepts 1000 metrics per log_batch
 
 
@@ -123,7 +123,7 @@ def fail_run(client: MlflowClient, run_id: str, reason: str | BaseException) -> 
     """End a run as FAILED with ``reason`` (an exception: its type and message) in its tag ``lpt.error``."""
     if isinstance(reason, BaseException):
         reason = f"{type(reason).__name__}: {reason}"
-    log(client, run_id, tags={"lpt.error": reason[:5000]})
+    log(client, run_id, tags={ERROR: reason[:5000]})
     client.set_terminated(run_id, "FAILED")
 
 
@@ -138,10 +138,10 @@ def trial_run(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str, 
     run_id = trial_run_id(client, exp_id, parent_id, trial_id)
     if run_id is None:
         run = client.create_run(exp_id, run_name=name,
-                                tags={ROLE: "trial", PARENT: parent_id, TRIAL_ID: trial_id, **tags})
+                                tags={ROLE: ROLE_TRIAL, PARENT: parent_id, TRIAL_ID: trial_id, **tags})
         run_id = run.info.run_id
         log(client, run_id, params=params)
     else:
         client.update_run(run_id, status="RUNNING")
-        log(client, run_id, tags={"lpt.resumed": "true", **tags})
+        log(client, run_id, tags={RESUMED: "true", **tags})
     return run_id

@@ -22,11 +22,12 @@ from lpt_core.inference import classifier_config
 
 from . import lpt_model
 from . import mlflow_tracking as mt
+from . import names
 from .study_config import SHOT_KEYS, ConfigError, error_line
 
-MODEL_URI_TAG, REGISTER_ERROR_TAG = "lpt.model_uri", "lpt.register_error"
+MODEL_URI_TAG, REGISTER_ERROR_TAG = names.MODEL_URI, names.REGISTER_ERROR
 VERSION_TRIAL, VERSION_PARENT, VERSION_STUDY, VERSION_PROFILE = (
-    mt.TRIAL_ID, "lpt.parent_run_id", "lpt.study", "lpt.profile")
+    names.TRIAL_ID, names.VERSION_PARENT_RUN, names.VERSION_STUDY, names.VERSION_PROFILE)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,255}")
 
 
@@ -56,7 +57,7 @@ def trial_classifier_config(profile: dict, config: dict, data) -> dict:
     from .trainable import trial_settings
     model, recipe = trial_settings(profile, config)
     return classifier_config(profile["backbone"], profile["seed"], model, data.class_names, data.image_size,
-                             recipe.scale, profile["data"], profile.get("shot_split", "standard"))
+                             recipe.scale, data.input_cfg, profile["data"], profile.get("shot_split", "standard"))
 
 
 def version_tags(trial_id: str, parent_run_id: str, study: str, profile_name: str, val: dict, test: dict) -> dict:
@@ -103,12 +104,11 @@ def register_best(uri: str, name: str, *, study: str, profile_name: str, profile
 def register_finished_search(client: MlflowClient, uri: str, parent, folder: Path, name: str | None) -> str:
     """``register_best`` for a search that has ended: its record, table and the best trial's
     logged test accuracy (the driver's wrap-up tags the parent run with ``lpt.best_trial_id``)."""
-    from lpt_core.data import build_dataset
-
     from .driver import SEARCH_FILE
+    from .study_config import profile_data
     from .trial_table import TABLE_FILE, prompt_path, read_rows
     record = json.loads((folder / SEARCH_FILE).read_text())
-    trial_id = parent.data.tags.get("lpt.best_trial_id")
+    trial_id = parent.data.tags.get(names.BEST_TRIAL_ID)
     if not trial_id:
         raise NothingToRegister(f"run {parent.info.run_id}: no best trial recorded (tag lpt.best_trial_id): "
                                 f"the search did not finish or no trial completed")
@@ -120,7 +120,7 @@ def register_finished_search(client: MlflowClient, uri: str, parent, folder: Pat
     except MlflowException:
         raise NothingToRegister(f"trial {trial_id}: its MLflow run {best['mlflow_run_id']} is missing") from None
     try:
-        data = build_dataset(record["profile"]["data"])
+        data = profile_data(record["profile"])
     except (ValueError, FileNotFoundError) as exc:
         raise NothingToRegister(f"{folder / SEARCH_FILE}: {exc}") from None
     name = name or model_name(record["study"], record["profile_name"])

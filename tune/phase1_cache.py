@@ -19,7 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-PROMPTS, INFO, STATE, LOCK = "prompts.safetensors", "info.json", "state.safetensors", "lock"
+from .names import PHASE1_INFO as INFO, PHASE1_LOCK as LOCK, PHASE1_PROMPTS as PROMPTS  # noqa: F401
+from .names import PHASE1_STATE as STATE  # noqa: F401 (the trainable resumes phase 1 from it)
+
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 60.0
 # Bumped when what phase 1 computes changes for the same config (2: the released initial scales),
@@ -27,9 +29,15 @@ STALE_AFTER_S = 60.0
 PHASE1_VERSION = 2
 
 
-def phase1_key(backbone: dict, manifest_hash: str, prompt_length: int, recipe: dict, seed: int) -> str:
-    blob = json.dumps({"backbone": backbone, "data": manifest_hash, "prompt_length": prompt_length,
-                       "recipe": recipe, "seed": seed, "version": PHASE1_VERSION}, sort_keys=True, default=str)
+def phase1_key(backbone: dict, manifest_hash: str, prompt_length: int, recipe: dict, seed: int,
+               input_cfg: dict | None = None) -> str:
+    """``input_cfg``: the input pipeline where it is not the released one (keys of profiles that
+    use the released pipeline stay what they were before it could differ)."""
+    fields = {"backbone": backbone, "data": manifest_hash, "prompt_length": prompt_length,
+              "recipe": recipe, "seed": seed, "version": PHASE1_VERSION}
+    if input_cfg is not None:
+        fields["input"] = input_cfg
+    blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

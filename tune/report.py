@@ -42,6 +42,7 @@ def find_parent(client, study: str, run_id: str | None):
     from mlflow.exceptions import MlflowException
 
     from tune import mlflow_tracking as mt
+    from tune import names
     exp = client.get_experiment_by_name(study)
     if exp is None:
         known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
@@ -54,29 +55,30 @@ def find_parent(client, study: str, run_id: str | None):
             raise BadInput(f"--run-id {run_id}: no such MLflow run") from None
         if run.info.experiment_id != exp.experiment_id:
             raise BadInput(f"--run-id {run_id}: the run is not in experiment '{study}'")
-        if run.data.tags.get(mt.ROLE) != "study":
+        if run.data.tags.get(names.ROLE) != names.ROLE_STUDY:
             raise BadInput(f"--run-id {run_id}: not a search's parent run "
-                           f"(lpt.role={run.data.tags.get(mt.ROLE, 'unset')}; the parent has lpt.role=study)")
+                           f"(lpt.role={run.data.tags.get(names.ROLE, 'unset')}; the parent has lpt.role=study)")
         return run
-    run = mt.latest_run(client, exp.experiment_id, **{mt.ROLE: "study"})
+    run = mt.latest_run(client, exp.experiment_id, **{names.ROLE: names.ROLE_STUDY})
     if run is None:
         raise BadInput(f"--study {study}: experiment has no search (no run with lpt.role=study)")
     return run
 
 
 def search_folder(run, storage: str | None) -> Path:
+    from tune import names
     tags = run.data.tags
     if storage:
         root = Path(storage).expanduser().resolve()
-        folder = root if (root / "trials.parquet").is_file() else root / tags.get("lpt.search", "")
+        folder = root if (root / names.TABLE_FILE).is_file() else root / tags.get(names.SEARCH, "")
         where = f"--storage {storage}"
     else:
-        if not tags.get("lpt.storage"):
+        if not tags.get(names.STORAGE):
             raise BadInput(f"run {run.info.run_id}: no lpt.storage tag; give the search folder with --storage")
-        folder = Path(tags["lpt.storage"])
+        folder = Path(tags[names.STORAGE])
         where = f"run {run.info.run_id} (tag lpt.storage)"
-    if not (folder / "trials.parquet").is_file():
-        raise BadInput(f"{folder / 'trials.parquet'}: missing; {where} does not hold the search's table"
+    if not (folder / names.TABLE_FILE).is_file():
+        raise BadInput(f"{folder / names.TABLE_FILE}: missing; {where} does not hold the search's table"
                        + ("" if storage else " (give the search folder with --storage)"))
     return folder
 
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow import MlflowClient
 
     from tune import mlflow_tracking as mt
+    from tune import names
     from tune.search_report import search_report
     from tune.study_config import error_line
     study = Path(args.study).stem if args.study.endswith((".yaml", ".yml")) else args.study
@@ -108,13 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    out = Path(args.out).expanduser().resolve() if args.out else folder / "report"
+    out = Path(args.out).expanduser().resolve() if args.out else folder / names.REPORT_DIR
     try:
         built = search_report(client, run.info.run_id, out, folder)
     except Exception as exc:
         print(f"error: the report failed: {error_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"search {run.data.tags.get('lpt.search', run.info.run_name)} (parent run {run.info.run_id}): "
+    print(f"search {run.data.tags.get(names.SEARCH, run.info.run_name)} (parent run {run.info.run_id}): "
           f"{len(built['files'])} files in {out}, logged to the parent run under report/")
     for path in built["files"]:
         print(f"  {path.name}")

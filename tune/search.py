@@ -9,6 +9,7 @@ one line on stderr for bad input, 1 for a failure while running.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -18,6 +19,7 @@ if not __package__:  # run as a script from anywhere: the repository root instea
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from lpt_core.trainer import PhaseConfig  # noqa: E402
+from tune.names import PHASE1_CACHE  # noqa: E402
 from tune.study_config import ConfigError, phase2_epochs  # noqa: E402
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
@@ -25,7 +27,7 @@ EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tune/search.py", description=__doc__.splitlines()[0])
-    p.add_argument("--study", required=True, help="a file in studies/ (name or .yaml path)")
+    p.add_argument("--study", help="a file in studies/ (name or .yaml path); required unless --schema")
     p.add_argument("--profile", default="smoke", help="a file in studies/profiles/ or a .yaml path (default: smoke)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile value, e.g. --set phase2.epochs=3 (repeatable)")
@@ -37,7 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="check and describe the search, train nothing")
     p.add_argument("--register", nargs="?", const="", metavar="NAME",
                    help="log the best trial as an MLflow model and register it as NAME (default: <study>-<profile>)")
-    return p.parse_args(argv)
+    p.add_argument("--schema", choices=("study", "profile"),
+                   help="print the JSON Schema of a study or a profile file and exit")
+    args = p.parse_args(argv)
+    if not args.schema and not args.study:
+        p.error("the following arguments are required: --study")
+    return args
 
 
 class Plan:
@@ -45,10 +52,9 @@ class Plan:
 
     def __init__(self, args: argparse.Namespace):
         from lpt_core.backbones import build_backbone_from_spec
-        from lpt_core.data import build_dataset
         from lpt_core.data.manifest import manifest_hash
         from tune.search_space import check_space
-        from tune.study_config import load_profile, load_study
+        from tune.study_config import load_profile, load_study, profile_data
 
         self.study_path, self.study = load_study(args.study)
         self.profile_path, self.profile = load_profile(args.profile, args.set)
@@ -64,8 +70,8 @@ class Plan:
             check_model_name(args.register)
         absolute_paths(self.profile)
         try:
-            self.data = build_dataset(self.profile["data"])
             backbone = build_backbone_from_spec(self.profile["backbone"])
+            self.data = profile_data(self.profile)
         except (ValueError, FileNotFoundError) as exc:
             raise ConfigError(f"{self.profile_path}: {exc}") from None
         self.depth = len(getattr(backbone, "blocks", []))
@@ -86,14 +92,15 @@ class Plan:
                  f"{len(self.data.train_labels)} train / {len(self.data.val)} val / {len(self.data.test)} test images; "
                  f"manifest {self.manifest_hash[:12]}",
                  f"backbone: {self.profile['backbone']['name']} ({self.depth} blocks), weights {self.profile['backbone'].get('weights', 'pretrained')}",
+                 f"input: {describe_input(self.data.input_cfg)}",
                  "search space:", *[f"  {line}" for line in describe(self.study["space"], self.depth)],
                  f"objective: {self.study['objective']}",
                  f"budget: {b['trials']} trials, {b['concurrency']} at a time, up to {b['max_failures']} retries each",
                  f"early stopping: {'ASHA grace %d, reduction %s' % (es['grace_period'], es['reduction_factor']) if es['enabled'] else 'off'}"
                  f" over {phase2_epochs(self.profile)} phase-2 epochs",
                  f"phase-1 trainings: up to {n_phase1} (one per prompt_length in {lengths if len(lengths) <= 12 else f'{lengths[0]}..{lengths[-1]}'}; "
-                 f"cached under {self.storage / 'phase1-cache'})",
-                 f"resources per trial: {r['cpu']} CPU, {r['gpu']} GPU"
+                 f"cached under {self.storage / PHASE1_CACHE})",
+                 f"resources per trial: {r['cpu']:g} CPU, {r['gpu']:g} GPU"
                  + (f" ({int(1 / r['gpu'])} trials per GPU)" if 0 < r["gpu"] < 1 else "")
                  + (", compiled blocks" if self.profile["compile"] else ""),
                  *self.cost_lines(n_phase1)]
@@ -124,6 +131,12 @@ class Plan:
                          "benchmarks/step_throughput.py on your GPU) for GPU-hours")
         return lines
 
+
+def describe_input(cfg) -> str:
+    fmt = lambda xs: "/".join(f"{x:.3g}" for x in xs)
+    return f"mean {fmt(cfg.mean)}, std {fmt(cfg.std)}, {cfg.interpolation}, eval crop {cfg.crop_pct:.3g}"
+
+
 def absolute_paths(profile: dict) -> None:
     """Relative data and weight paths are relative to where the search starts, not to a worker."""
     data = profile["data"]
@@ -152,8 +165,11 @@ def check_ray_address() -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tune.cluster_checks import check_cluster_tracking
     from tune.mlflow_tracking import check_tracking_uri, resolve_tracking_uri
+    if args.schema:
+        from tune.study_config import schema
+        print(json.dumps(schema(args.schema), indent=2))
+        return 0
     plan = Plan(args)
     if args.dry_run:
         print(plan.describe())
@@ -162,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     check_tracking_uri(uri)
     address = check_ray_address()
     if address:
+        from tune.cluster_checks import check_cluster_tracking  # imports Ray: not for a dry run
         check_cluster_tracking(uri)
     from tune.driver import run_search
     return run_search(plan, args, uri, address)

@@ -23,9 +23,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import mlflow_tracking as mt
+from . import names
+from .names import REPORT_DIR, SEARCH_FILE
 from .study_config import SHOT_KEYS, error_line, objective_of
-from .trial_report import REPORT_DIR, _pyplot, _save, log_report_error
+from .figures import log_report_error, pyplot, save_figure
 
 
 # ============================================================================ per search: Optuna study
@@ -107,7 +108,7 @@ def search_figures(study, metrics: list[str], out: Path,
                    names: Sequence[str] | None = None) -> tuple[list[Path], dict[str, str]]:
     """Optuna's matplotlib figures of ``study`` (all, or ``names``) as PNGs in ``out``;
     returns (files, {name: why it was not drawn})."""
-    plt = _pyplot()  # Agg before Optuna's module imports pyplot
+    plt = pyplot()  # Agg before Optuna's module imports pyplot
     import optuna
     import optuna.visualization.matplotlib as ovm
     out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +165,7 @@ def search_figures(study, metrics: list[str], out: Path,
             if name == "parallel_coordinate":
                 width = max(width, 1.5 * (len(params) + 1) + 1.5)  # an axis per param and one for the objective
             fig.set_size_inches(max(width, 6.4), max(height, 4.2))
-            files.append(_save(fig, out / f"{name}.png"))
+            files.append(save_figure(fig, out / f"{name}.png"))
         except Exception as exc:  # one figure Optuna cannot draw for this study must not cost the others
             skipped[name] = error_line(exc)[:300]
         finally:
@@ -311,29 +312,30 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
     log the files to the parent run under ``report/``. Returns what it built.
 
     Raises FileNotFoundError when the table is missing, KeyError for a run that is not a search."""
-    from .trial_table import TABLE_FILE, best_row, prompt_path, read_rows, status_counts
+    from .names import TABLE_FILE
+    from .trial_table import best_row, prompt_path, read_rows, status_counts
     parent = client.get_run(parent_run_id)
     tags, params, pm = parent.data.tags, parent.data.params, parent.data.metrics
-    if tags.get(mt.ROLE) != "study":
-        raise KeyError(f"run {parent_run_id} is not a search's parent run (lpt.role={tags.get(mt.ROLE)})")
-    folder = Path(folder or tags.get("lpt.storage", ""))
+    if tags.get(names.ROLE) != names.ROLE_STUDY:
+        raise KeyError(f"run {parent_run_id} is not a search's parent run (lpt.role={tags.get(names.ROLE)})")
+    folder = Path(folder or tags.get(names.STORAGE, ""))
     table = folder / TABLE_FILE
     if not table.is_file():
         raise FileNotFoundError(f"{table}: no trial table")
     rows = list(read_rows(table).values())
-    record = json.loads((folder / "search.json").read_text()) if (folder / "search.json").is_file() else {}
+    record = json.loads((folder / SEARCH_FILE).read_text()) if (folder / SEARCH_FILE).is_file() else {}
     study_cfg = record.get("study_config") or {}
     space = json.loads(params["space"]) if "space" in params else study_cfg.get("space", {})
     metrics, modes = objective_of(json.loads(params["objective"]) if "objective" in params
                                   else study_cfg.get("objective", {}))
     profile = record.get("profile")
-    if profile is None and (folder / "profile.yaml").is_file():
+    if profile is None and (folder / names.PROFILE_FILE).is_file():
         import yaml
-        profile = yaml.safe_load((folder / "profile.yaml").read_text())
+        profile = yaml.safe_load((folder / names.PROFILE_FILE).read_text())
     profile = profile or {}
 
-    runs = {r.data.tags.get(mt.TRIAL_ID): r for r in client.search_runs(
-        [parent.info.experiment_id], f"tags.`{mt.PARENT}` = '{parent_run_id}'", max_results=5000)}
+    runs = {r.data.tags.get(names.TRIAL_ID): r for r in client.search_runs(
+        [parent.info.experiment_id], f"tags.`{names.PARENT}` = '{parent_run_id}'", max_results=5000)}
     order = [tid for tid, _ in sorted(((tid, r.info.start_time or 0) for tid, r in runs.items() if tid),
                                       key=lambda x: x[1])]
     histories = {}
@@ -347,10 +349,10 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     study = build_study(rows, space, metrics, modes, histories, order)
     figures, skipped = search_figures(study, metrics, out)
-    write_csv(rows, out / "trials.csv")
+    write_csv(rows, out / names.REPORT_TABLE)
 
     by_id = {r["trial_id"]: r for r in rows}
-    best = by_id.get(tags.get("lpt.best_trial_id")) or best_row(rows, metrics[0], modes[0])
+    best = by_id.get(tags.get(names.BEST_TRIAL_ID)) or best_row(rows, metrics[0], modes[0])
     test, extra = {}, None
     if best is not None:
         run = runs.get(best["trial_id"])
@@ -367,15 +369,15 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
         return (r["status"] != "completed", not ok, -sign * v if ok else 0.0)
     ranked = sorted(rows, key=rank)
     counts = status_counts(rows)
-    info = {"name": tags.get("lpt.search", parent.info.run_name), "study": params.get("study", record.get("study")),
+    info = {"name": tags.get(names.SEARCH, parent.info.run_name), "study": params.get("study", record.get("study")),
             "profile": params.get("profile", record.get("profile_name")), "metrics": metrics, "modes": modes,
             "counts": {**counts, "total": len(rows)}, "search_wall_s": pm.get("search_wall_s"),
             "experiment_id": parent.info.experiment_id, "parent_run_id": parent_run_id, "table": str(table),
             "space": space, "defaults": profile_defaults(profile, list(space)), "best": best, "test": test,
             "confirm": {k: v for k, v in pm.items() if k.startswith("confirm_")},
             "extra_params": extra, "backbone_params": backbone_params(profile["backbone"]) if extra and profile.get("backbone") else None,
-            "pareto": [t for t in tags.get("lpt.pareto_trials", "").split(",") if t], "top": ranked[:10]}
-    (out / "summary.html").write_text(summary_html(info, figures, skipped))
+            "pareto": [t for t in tags.get(names.PARETO_TRIALS, "").split(",") if t], "top": ranked[:10]}
+    (out / names.REPORT_PAGE).write_text(summary_html(info, figures, skipped))
     files = sorted(p for p in out.iterdir() if p.is_file())
     client.log_artifacts(parent_run_id, str(out), REPORT_DIR)
     return {"out": out, "files": files, "skipped": skipped, "best": best, "study": study}

@@ -1,32 +1,39 @@
-"""Load and check study and profile YAML files before anything starts.
+"""Load and check study and profile YAML files before anything starts, through typed models.
 
 A study says what to search (``space``), what to optimise (``objective``), how many trials
 (``budget``) and how to stop bad ones early (``early_stopping``). A profile says what to train on
 (``data``, ``backbone``), the fixed recipe (``model``, ``phase1``, ``phase2``) and the per-trial
-``resources``. Every problem is a ``ConfigError`` whose one-line message names the file and key.
+``resources``. ``StudyConfig`` and ``ProfileConfig`` hold every key with its default and range
+(the model and recipe keys are ``lpt_core.config``'s ``LPTConfig`` and ``PhaseConfig``, the data
+keys ``lpt_core.data.specs``'); ``schema("study"|"profile")`` is their JSON Schema. Every problem
+is a ``ConfigError`` whose one-line message names the file and key.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
+from pydantic import Field, create_model, model_validator
+from pydantic_core import PydanticCustomError
 
+from lpt_core.config import LPTConfig, PhaseConfig, Section, searchable_fields, validate, why_fixed
+from lpt_core.data.specs import DataSpec
+from lpt_core.data.transforms import InputOverrides
 from lpt_core.metrics import SHOT_SPLITS
-from lpt_core.trainer import PhaseConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES_DIR = ROOT / "studies"
 PROFILES_DIR = STUDIES_DIR / "profiles"
 
-MODEL_KEYS = ("prompt_length", "pool_size", "top_k", "group_start")
-RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(PhaseConfig))
+MODEL_KEYS = tuple(LPTConfig.model_fields)
+RECIPE_KEYS = tuple(PhaseConfig.model_fields)
 SHOT_KEYS = ("acc", "many_acc", "medium_acc", "few_acc")  # lpt_core.evaluate's accuracies, overall and by shot
 OBJECTIVE_METRICS = tuple(f"val_{k}" for k in SHOT_KEYS)
+SEARCHABLE = {k: model for model in (LPTConfig, PhaseConfig)
+              for k, ok in searchable_fields(model).items() if ok}
 
 
 class ConfigError(ValueError):
@@ -39,162 +46,182 @@ def error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-# ----------------------------------------------------------------------------- value checks
-class Num:
-    """A number (``integer`` for ints only) within [lo, hi]; ``above`` makes lo exclusive."""
-
-    def __init__(self, lo: float | None = None, hi: float | None = None, integer: bool = False,
-                 above: bool = False):
-        self.lo, self.hi, self.integer, self.above = lo, hi, integer, above
-
-    def check(self, value: Any, where: str) -> Any:
-        kind = "an integer" if self.integer else "a number"
-        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
-            raise ConfigError(f"{where}: must be {kind}, got {value!r}")
-        if not self.integer and not math.isfinite(value):
-            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
-        if self.lo is not None and (value <= self.lo if self.above else value < self.lo):
-            raise ConfigError(f"{where}: must be {'>' if self.above else '>='} {self.lo}, got {value!r}")
-        if self.hi is not None and value > self.hi:
-            raise ConfigError(f"{where}: must be <= {self.hi}, got {value!r}")
-        return value
+def _error(at: str, text: str, **ctx: Any) -> PydanticCustomError:
+    """An error at sub-key ``at`` of the model that raises it (``lpt_core.config.error_text``)."""
+    return PydanticCustomError("config", text, {"at": at, **ctx})
 
 
-class Str:
-    def __init__(self, choices: tuple[str, ...] | None = None):
-        self.choices = choices
+# ----------------------------------------------------------------------------- profiles
+class BackboneSpec(Section):
+    """A timm model: ``name``, ``weights`` and any ``timm.create_model`` keyword (``img_size``,
+    ``depth``, ``embed_dim``...) for a smaller ViT."""
 
-    def check(self, value: Any, where: str) -> Any:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where}: must be a non-empty string, got {value!r}")
-        if self.choices and value not in self.choices:
-            raise ConfigError(f"{where}: must be one of {', '.join(self.choices)}, got {value!r}")
-        return value
+    model_config = Section.model_config | {"extra": "allow"}
+    name: str = Field(min_length=1, description="timm model name, e.g. vit_base_patch16_224.augreg_in21k")
+    weights: str = Field("pretrained", min_length=1, description="pretrained, random, or a local weights file")
 
 
-class GpuShare(Num):
-    """GPUs per trial as Ray places them: a fraction below 1 (trials share a GPU) or a whole number."""
+class Resources(Section):
+    cpu: float = Field(1, gt=0, description="CPUs per trial")
+    gpu: float = Field(0, ge=0, description="GPUs per trial: a fraction below 1 (trials share a GPU) or a whole number")
 
-    def __init__(self):
-        super().__init__(0)
-
-    def check(self, value: Any, where: str) -> Any:
-        super().check(value, where)
-        if value > 1 and value != int(value):
-            raise ConfigError(f"{where}: must be a fraction below 1 (trials share a GPU) or a whole "
-                              f"number of GPUs, got {value!r}")
-        return value
+    @model_validator(mode="after")
+    def _gpu_share(self) -> "Resources":
+        if self.gpu > 1 and self.gpu != int(self.gpu):
+            raise _error("gpu", "must be a fraction below 1 (trials share a GPU) or a whole number of "
+                                "GPUs, got {value}", value=self.gpu)
+        return self
 
 
-class Bool:
-    def check(self, value: Any, where: str) -> Any:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: must be true or false, got {value!r}")
-        return value
+class Loader(Section):
+    num_workers: int = Field(4, ge=0)
+    eval_batch_size: int = Field(256, ge=1)
 
 
-class AnyMap:
-    """A mapping whose keys the code that uses it checks (dataset and backbone specs)."""
+class ProfileConfig(Section):
+    """What a study trains on and how: data, backbone, model shape, both phases' recipes, devices."""
 
-    def __init__(self, required: tuple[str, ...] = ()):
-        self.required = required
+    description: Optional[str] = None
+    data: DataSpec
+    backbone: BackboneSpec
+    model: LPTConfig = LPTConfig()
+    phase1: PhaseConfig = PhaseConfig()
+    phase2: PhaseConfig = PhaseConfig()
+    input: Optional[InputOverrides] = Field(None, description="override the input pipeline the backbone's "
+                                            "pretrained config gives (mean, std, interpolation, crop_pct)")
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    shot_split: Literal[SHOT_SPLITS] = "standard"
+    images_per_s: Optional[float] = Field(None, gt=0, description="training img/s of one trial, for --dry-run's GPU-hours")
+    resources: Resources = Resources()
+    loader: Loader = Loader()
 
-    def check(self, value: Any, where: str) -> Any:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: must be a mapping, got {value!r}")
-        for key in self.required:
-            if key not in value:
-                raise ConfigError(f"{where}.{key}: missing")
-        return value
+    @model_validator(mode="after")
+    def _cuda_needs_a_gpu(self) -> "ProfileConfig":
+        if self.device == "cuda" and self.resources.gpu == 0:
+            raise PydanticCustomError("config", "device cuda needs a GPU share per trial, got 0 "
+                                      "(Ray would not give the trial a GPU)", {"at": "resources.gpu"})
+        return self
 
-
-class AnyList:
-    """A non-empty list whose items the caller checks."""
-
-    def check(self, value: Any, where: str) -> Any:
-        if not isinstance(value, list) or not value:
-            raise ConfigError(f"{where}: must be a non-empty list, got {value!r}")
-        return value
-
-
-def check_map(value: Any, schema: dict, where: str, required: tuple[str, ...] = ()) -> dict:
-    prefix = f"{where}." if where else ""
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where or 'file'}: must be a mapping, got {value!r}")
-    for key in value:
-        if key not in schema:
-            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(schema)})")
-    for key in required:
-        if key not in value:
-            raise ConfigError(f"{prefix}{key}: missing")
-    for key, sub in value.items():
-        rule = schema[key]
-        if isinstance(rule, dict):
-            check_map(sub, rule, f"{prefix}{key}")
-        else:
-            rule.check(sub, f"{prefix}{key}")
-    return value
+    def to_dict(self) -> dict:
+        out = self.model_dump(exclude={"backbone"})
+        out["backbone"] = self.backbone.model_dump(exclude_unset=True)  # as written: it keys the phase-1 cache
+        return out
 
 
-def _recipe_rules() -> dict:
-    rules = {}
-    for f in dataclasses.fields(PhaseConfig):
-        if f.type in ("int", int):
-            rules[f.name] = Num(0 if f.name == "warmup_epochs" else 1, integer=True)
-        else:
-            rules[f.name] = Num(0, above=f.name in ("lr", "scale"))
-    rules["label_smoothing"] = Num(0, 0.99)
-    return rules
+# ----------------------------------------------------------------------------- studies
+class Objective(Section):
+    metric: Literal[OBJECTIVE_METRICS] = "val_acc"
+    mode: Literal["max", "min"] = "max"
+    metrics: Optional[list[Literal[OBJECTIVE_METRICS]]] = Field(None, min_length=2, description="several objectives (Pareto front)")
+    modes: Optional[list[Literal["max", "min"]]] = None
+
+    @model_validator(mode="after")
+    def _one_mode_per_metric(self) -> "Objective":
+        if self.metrics is not None and len(self.modes or []) != len(self.metrics):
+            raise _error("modes", "must give one mode per metric")
+        return self
 
 
-MODEL_RULES = {"prompt_length": Num(1, integer=True), "pool_size": Num(1, integer=True),
-               "top_k": Num(1, integer=True), "group_start": Num(1, integer=True)}
-RECIPE_RULES = _recipe_rules()
-PARAM_RULES = {**MODEL_RULES, **RECIPE_RULES}
+class Budget(Section):
+    trials: int = Field(12, ge=1)
+    concurrency: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
 
-PROFILE_SCHEMA = {
-    "description": Str(),
-    "data": AnyMap(required=("name",)),
-    "backbone": AnyMap(required=("name",)),
-    "model": MODEL_RULES,
-    "phase1": RECIPE_RULES,
-    "phase2": RECIPE_RULES,
-    "seed": Num(0, integer=True),
-    "device": Str(("auto", "cpu", "cuda")),
-    "compile": Bool(),
-    "shot_split": Str(SHOT_SPLITS),
-    "images_per_s": Num(0, above=True),
-    "resources": {"cpu": Num(0, above=True), "gpu": GpuShare()},
-    "loader": {"num_workers": Num(0, integer=True), "eval_batch_size": Num(1, integer=True)},
-}
-PROFILE_REQUIRED = ("data", "backbone")
 
-PARAM_SCHEMA = {"type": Str(("int", "float", "choice")), "low": Num(), "high": Num(),
-                "step": Num(0, above=True), "log": Bool(), "values": AnyList()}
+class EarlyStopping(Section):
+    enabled: bool = True
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2, gt=1)
 
-STUDY_SCHEMA = {
-    "description": Str(),
-    "objective": {"metric": Str(OBJECTIVE_METRICS), "mode": Str(("max", "min")),
-                  "metrics": AnyList(), "modes": AnyList()},
-    "budget": {"trials": Num(1, integer=True), "concurrency": Num(1, integer=True),
-               "max_failures": Num(0, integer=True)},
-    "early_stopping": {"enabled": Bool(), "grace_period": Num(1, integer=True),
-                       "reduction_factor": Num(1, above=True)},
-    "seed": Num(0, integer=True),
-    "space": AnyMap(),
-}
-STUDY_DEFAULTS = {
-    "objective": {"metric": "val_acc", "mode": "max"},
-    "budget": {"trials": 12, "concurrency": 2, "max_failures": 2},
-    "early_stopping": {"enabled": True, "grace_period": 1, "reduction_factor": 2},
-    "seed": 0,
-}
-PROFILE_DEFAULTS = {
-    "model": {"prompt_length": 10, "pool_size": 20, "top_k": 2, "group_start": 6},
-    "phase1": {}, "phase2": {}, "seed": 0, "device": "auto", "compile": False, "shot_split": "standard",
-    "resources": {"cpu": 1, "gpu": 0},
-    "loader": {"num_workers": 4, "eval_batch_size": 256},
-}
+
+class _Range(Section):
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "_Range":
+        if self.low > self.high:
+            raise _error("low", "must be <= high ({low} > {high})", low=self.low, high=self.high)
+        if self.log and self.low <= 0:
+            raise _error("low", "must be > 0 with log: true")
+        return self
+
+
+class _IntRange(_Range):
+    type: Literal["int"]
+    step: Optional[int] = Field(None, ge=1)
+
+
+class _FloatRange(_Range):
+    type: Literal["float"]
+    step: Optional[float] = Field(None, gt=0)
+
+
+class _Choice(Section):
+    type: Literal["choice"]
+
+
+def _param_spec(name: str) -> Any:
+    """The spec a study may give for searchable parameter ``name``: a range of its own type with
+    its own bounds, or a choice of valid values."""
+    field = SEARCHABLE[name].model_fields[name]
+    value = Annotated[(field.annotation, *field.metadata)]
+    is_int = field.annotation is int
+    ranged = create_model(f"{name}_range", __base__=_IntRange if is_int else _FloatRange,
+                          low=(value, ...), high=(value, ...))
+    choice = create_model(f"{name}_choice", __base__=_Choice, values=(list[value], Field(min_length=1)))
+    return Annotated[Union[ranged, choice], Field(discriminator="type", description=field.description)]
+
+
+class _SpaceBase(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for key in data:
+            if key in RECIPE_KEYS or key in MODEL_KEYS:
+                if key not in SEARCHABLE:
+                    owner = LPTConfig if key in MODEL_KEYS else PhaseConfig
+                    raise _error(key, "not searchable: {why}", why=why_fixed(owner, key))
+            else:
+                known = lambda model: ", ".join(k for k in SEARCHABLE if SEARCHABLE[k] is model)
+                raise _error(key, "not a searchable parameter (model: {model}; recipe: {recipe})",
+                             model=known(LPTConfig), recipe=known(PhaseConfig))
+        if not data:
+            raise PydanticCustomError("config", "empty; name at least one parameter to search")
+        return data
+
+
+Space = create_model("Space", __base__=_SpaceBase, **{name: (Optional[_param_spec(name)], None) for name in SEARCHABLE})
+
+
+class StudyConfig(Section):
+    """What to search, what to optimise, how many trials, how to stop bad ones early."""
+
+    description: Optional[str] = None
+    objective: Objective = Objective()
+    budget: Budget = Budget()
+    early_stopping: EarlyStopping = EarlyStopping()
+    seed: int = Field(0, ge=0, description="seed of the Optuna sampler")
+    space: Space = Field(description="parameter: {type: int|float, low, high[, step, log]} or {type: choice, values}")
+
+    def to_dict(self, order: list[str] | None = None) -> dict:
+        out = self.model_dump(exclude_none=True, exclude={"space"})
+        given = self.space.model_dump(exclude_none=True)
+        out["space"] = {k: getattr(self.space, k).model_dump(exclude_unset=True)  # as written, in the file's order
+                        for k in order or given}
+        return out
+
+
+MODELS = {"study": StudyConfig, "profile": ProfileConfig}
+
+
+def schema(kind: str) -> dict:
+    """The JSON Schema of a study or a profile file."""
+    out = MODELS[kind].model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": f"LPT {kind}", **out}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -222,13 +249,6 @@ def resolve_file(name: str, folder: Path, what: str) -> Path:
         return candidate
     known = sorted(p.stem for p in folder.glob("*.yaml"))
     raise ConfigError(f"--{what} {name}: no such {what} (known: {', '.join(known)}; or give a .yaml path)")
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -259,79 +279,38 @@ def apply_overrides(profile: dict, overrides: list[str]) -> dict:
 def load_profile(name: str, overrides: list[str] | None = None) -> tuple[Path, dict]:
     path = resolve_file(name, PROFILES_DIR, "profile")
     raw = apply_overrides(_read_yaml(path), overrides or [])
-    try:
-        check_map(raw, PROFILE_SCHEMA, "", PROFILE_REQUIRED)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    profile = _merge(PROFILE_DEFAULTS, raw)
-    if profile["device"] == "cuda" and profile["resources"]["gpu"] == 0:
-        raise ConfigError(f"{path}: resources.gpu: device cuda needs a GPU share per trial, got 0 "
-                          "(Ray would not give the trial a GPU)")
-    return path, profile
-
-
-def check_param(name: str, spec: Any, where: str) -> dict:
-    if name not in PARAM_RULES:
-        raise ConfigError(f"{where}: not a searchable parameter (model: {', '.join(MODEL_KEYS)}; "
-                          f"recipe: {', '.join(RECIPE_KEYS)})")
-    check_map(spec, PARAM_SCHEMA, where, ("type",))
-    rule = PARAM_RULES[name]
-    if spec["type"] == "choice":
-        values = spec.get("values")
-        if values is None:
-            raise ConfigError(f"{where}.values: missing")
-        for i, v in enumerate(values):
-            rule.check(v, f"{where}.values[{i}]")
-        return spec
-    for key in ("low", "high"):
-        if key not in spec:
-            raise ConfigError(f"{where}.{key}: missing")
-        rule.check(spec[key], f"{where}.{key}")
-    if spec["type"] == "int" and not rule.integer:
-        raise ConfigError(f"{where}.type: {name} is a real number; use float or choice")
-    if spec["type"] == "float" and rule.integer:
-        raise ConfigError(f"{where}.type: {name} is an integer; use int or choice")
-    if spec["low"] > spec["high"]:
-        raise ConfigError(f"{where}.low: must be <= high ({spec['low']} > {spec['high']})")
-    if spec.get("log") and spec["low"] <= 0:
-        raise ConfigError(f"{where}.low: must be > 0 with log: true")
-    return spec
+    return path, _checked(ProfileConfig, raw, path).to_dict()
 
 
 def load_study(name: str) -> tuple[Path, dict]:
     path = resolve_file(name, STUDIES_DIR, "study")
     raw = _read_yaml(path)
+    study = _checked(StudyConfig, raw, path)
+    return path, study.to_dict(order=list(raw["space"]))
+
+
+def _checked(model: type[Section], raw: dict, path: Path) -> Section:
     try:
-        check_map(raw, STUDY_SCHEMA, "", ("space",))
-        study = _merge(STUDY_DEFAULTS, raw)
-        if not study["space"]:
-            raise ConfigError("space: empty; name at least one parameter to search")
-        for pname, spec in study["space"].items():
-            check_param(pname, spec, f"space.{pname}")
-        objective = study["objective"]
-        if "metrics" in raw.get("objective", {}):
-            metrics, modes = objective["metrics"], objective.get("modes")
-            if not isinstance(metrics, list) or len(metrics) < 2:
-                raise ConfigError("objective.metrics: must list two or more metrics")
-            for i, m in enumerate(metrics):
-                Str(OBJECTIVE_METRICS).check(m, f"objective.metrics[{i}]")
-            if not isinstance(modes, list) or len(modes) != len(metrics):
-                raise ConfigError("objective.modes: must give one mode per metric")
-            for i, m in enumerate(modes):
-                Str(("max", "min")).check(m, f"objective.modes[{i}]")
-    except ConfigError as exc:
+        return validate(model, raw)
+    except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return path, study
+
+
+def profile_data(profile: dict):
+    """The profile's dataset, its images prepared for the profile's backbone (``input_config``)."""
+    from lpt_core.backbones import input_config
+    from lpt_core.data import build_dataset
+    return build_dataset(profile["data"], input_config(profile["backbone"], profile.get("input")))
 
 
 def objective_of(objective: dict) -> tuple[list[str], list[str]]:
     """Metric names and modes of a study's ``objective``; the first pair drives early stopping."""
     if "metrics" in objective:
         return list(objective["metrics"]), list(objective["modes"])
-    obj = {**STUDY_DEFAULTS["objective"], **objective}
+    obj = {**Objective().to_dict(), **objective}
     return [obj["metric"]], [obj["mode"]]
 
 
 def phase2_epochs(profile: dict) -> int:
     """Phase-2 epochs of a trial: the profile's, else ``PhaseConfig``'s default."""
-    return profile["phase2"].get("epochs", PhaseConfig.epochs)
+    return profile["phase2"].get("epochs", PhaseConfig.default("epochs"))

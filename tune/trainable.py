@@ -21,12 +21,13 @@ from mlflow import MlflowClient
 from ray import tune
 
 from lpt_core import LPT, PhaseConfig, Trainer, build_backbone_from_spec, evaluate, load_prompts, save_prompts
-from lpt_core.data import build_dataset
+from lpt_core.data.transforms import RELEASED
 from lpt_core.trainer import resolve_device
 
 from . import mlflow_tracking as mt
+from . import names
 from .phase1_cache import PROMPTS, STATE, Phase1Cache, phase1_key
-from .study_config import MODEL_KEYS, RECIPE_KEYS, SHOT_KEYS
+from .study_config import MODEL_KEYS, RECIPE_KEYS, SHOT_KEYS, profile_data
 from .trial_report import log_trial_report
 from .trial_table import prompt_path
 
@@ -108,13 +109,14 @@ def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: Mlflo
     """Load the shared prompts and head of phase 1 into ``model``, training them once per key."""
     profile = setup.profile
     recipe = PhaseConfig.from_dict(profile["phase1"], where="phase1")
-    key = phase1_key(profile["backbone"], setup.manifest_hash, model.prompt_length, recipe.to_dict(), seed)
+    key = phase1_key(profile["backbone"], setup.manifest_hash, model.prompt_length, recipe.to_dict(), seed,
+                     None if data.input_cfg == RELEASED else data.input_cfg.to_dict())
 
     def train(folder: Path) -> dict:
-        run_id = mt.find_run(client, setup.experiment_id, **{mt.ROLE: "phase1", mt.PHASE1_KEY: key})
+        run_id = mt.find_run(client, setup.experiment_id, **{names.ROLE: names.ROLE_PHASE1, names.PHASE1_KEY: key})
         if run_id is None:
             run_id = client.create_run(setup.experiment_id, run_name=f"phase1-{key}",
-                                       tags={mt.ROLE: "phase1", mt.PHASE1_KEY: key}).info.run_id
+                                       tags={names.ROLE: names.ROLE_PHASE1, names.PHASE1_KEY: key}).info.run_id
             mt.log(client, run_id, params={"prompt_length": model.prompt_length, **recipe.to_dict(),
                                            **run_params(setup, seed)})
         logged = last_logged_epoch(client, run_id)
@@ -123,13 +125,12 @@ def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: Mlflo
         if (folder / STATE).is_file():
             trainer.load_state(folder / STATE)
             log(f"phase 1 {key}: resuming at epoch {trainer.epoch}")
-
-        def on_epoch(metrics: dict, t: Trainer) -> None:
-            if metrics["epoch"] > logged:
-                mt.log(client, run_id, metrics=run_metrics(metrics), step=metrics["epoch"])
-            t.save_state(folder / STATE)
+        final: dict = {}
         try:
-            final = trainer.fit(on_epoch)
+            for final in trainer.epochs():
+                if final["epoch"] > logged:
+                    mt.log(client, run_id, metrics=run_metrics(final), step=final["epoch"])
+                trainer.save_state(folder / STATE)
         except Exception as exc:
             mt.fail_run(client, run_id, exc)
             raise
@@ -170,41 +171,39 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
     log = lambda msg: print(f"[{trial_id}] {msg}", flush=True)
     client = MlflowClient(setup.tracking_uri)
     seed = setup.profile["seed"]
-    data = build_dataset(setup.profile["data"])
+    data = profile_data(setup.profile)
     model, recipe = build_model(setup, config, data, seed)
     run_id = mt.trial_run(client, setup.experiment_id, setup.parent_run_id, trial_id, f"trial-{trial_id}",
-                          trial_params(setup, config), {mt.NODE: node})
+                          trial_params(setup, config), {names.NODE: node})
     logged = last_logged_epoch(client, run_id)
     trainer = None
     try:
         key = ensure_phase1(setup, model, data, seed, client, log)
         trainer = Trainer(model, data, 2, recipe, seed=seed, **_trainer_kwargs(setup.profile, log))
-        mt.log(client, run_id, tags={mt.PHASE1_KEY: key, "lpt.device": str(trainer.device),  # lpt.node: set by trial_run
-                                     "lpt.gpu_ids": ",".join(map(str, ray.get_gpu_ids()))})
+        mt.log(client, run_id, tags={names.PHASE1_KEY: key, names.DEVICE: str(trainer.device),  # lpt.node: set by trial_run
+                                     names.GPU_IDS: ",".join(map(str, ray.get_gpu_ids()))})
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
                 trainer.load_state(Path(folder) / STATE)
             log(f"resuming phase 2 at epoch {trainer.epoch} on node {node[:12]}")
-            mt.log(client, run_id, tags={"lpt.resumed_at_epoch": trainer.epoch})
+            mt.log(client, run_id, tags={names.RESUMED_AT_EPOCH: trainer.epoch})
 
-        def on_epoch(metrics: dict, t: Trainer) -> None:
+        for metrics in trainer.epochs():
             new = metrics["epoch"] > logged
             if new:
                 mt.log(client, run_id, metrics=run_metrics(metrics), step=metrics["epoch"])
-            if t.epoch == t.cfg.epochs:  # before the last report: Tune may end the actor right after it
+            if trainer.epoch == trainer.cfg.epochs:  # before the last report: Tune may end the actor right after it
                 prompt_file = prompt_path(setup.search_dir, trial_id)
                 save_prompts(model, prompt_file, trial_id=trial_id, phase1_key=key)
                 if new:
                     client.log_artifact(run_id, str(prompt_file))
                     # validation figures as artifacts of the trial run (best effort)
-                    log_trial_report(client, run_id, t, setup.experiment_id, key, log)
+                    log_trial_report(client, run_id, trainer, setup.experiment_id, key, log)
             with tempfile.TemporaryDirectory() as folder:
-                t.save_state(Path(folder) / STATE)
+                trainer.save_state(Path(folder) / STATE)
                 tune.report({**metrics, "mlflow_run_id": run_id, "node": node},
                             checkpoint=tune.Checkpoint.from_directory(folder))
-
-        trainer.fit(on_epoch)
     except FloatingPointError as exc:  # diverged: a result for this config, not a crash to retry
         reason = str(exc)
         log(f"failed: {reason}")
@@ -229,7 +228,7 @@ def _test_metrics(setup: SearchSetup, model: LPT, data) -> dict:
 
 def evaluate_prompts(setup: SearchSetup, config: dict, prompt_file: str) -> dict:
     """Test accuracy of a trial's saved prompts (the driver runs this on the best trial)."""
-    data = build_dataset(setup.profile["data"])
+    data = profile_data(setup.profile)
     model, _ = build_model(setup, config, data, setup.profile["seed"])
     load_prompts(model, prompt_file)
     return _test_metrics(setup, model, data)
@@ -239,7 +238,7 @@ def confirm_seed(setup: SearchSetup, config: dict, seed: int) -> dict:
     """Retrain a config from scratch with ``seed`` (its own phase 1) and return test accuracy."""
     client = MlflowClient(setup.tracking_uri)
     log = lambda msg: print(f"[confirm seed {seed}] {msg}", flush=True)
-    data = build_dataset(setup.profile["data"])
+    data = profile_data(setup.profile)
     model, recipe = build_model(setup, config, data, seed)
     ensure_phase1(setup, model, data, seed, client, log)
     Trainer(model, data, 2, recipe, seed=seed, **_trainer_kwargs(setup.profile, log)).fit()

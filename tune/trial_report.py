@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,27 +32,14 @@ from lpt_core.metrics import MANY_ABOVE, confusion_counts, few_at_most, per_clas
 from lpt_core.trainer import predict_batches
 
 from . import mlflow_tracking as mt
+from . import names
+from .figures import log_report_error, pyplot, save_figure
+from .names import REPORT_DIR
 from .study_config import SHOT_KEYS
 
 GROUPS = ("many", "medium", "few")
 GROUP_COLORS = {"many": "#4c72b0", "medium": "#dd8452", "few": "#c44e52"}
-REPORT_DIR = "report"  # artifact folder in the trial and parent runs
 SHOT_LABELS = ("overall", "many", "medium", "few")
-
-
-def _pyplot():
-    """pyplot on the Agg backend (headless), imported on first use: trials import this module."""
-    import matplotlib
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    return path
 
 
 # ============================================================================ per trial: numbers
@@ -135,7 +121,7 @@ def _band_edges(split: str = "standard") -> dict[str, tuple[float, float]]:
 def plot_per_class(per_class: Sequence[float], class_counts: Sequence[int], path: Path,
                    shot: dict | None = None, title: str = "", split: str = "standard") -> Path:
     """Per-class accuracy (%) against train images per class, log x, shot bands shaded."""
-    plt = _pyplot()
+    plt = pyplot()
     counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 0.8)
     acc = np.asarray(per_class, dtype=np.float64)
     lo, hi = counts.min() / 1.4, counts.max() * 1.4
@@ -162,12 +148,12 @@ def plot_per_class(per_class: Sequence[float], class_counts: Sequence[int], path
     if shot:
         ax.plot([], [], "k--", lw=1.2, label="group accuracy (over its images)")
         ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_shot_bars(final: dict, phase1: dict | None, path: Path, title: str = "") -> Path:
     """Overall / many / medium / few validation accuracy: the phase-1 model and the final model."""
-    plt = _pyplot()
+    plt = pyplot()
     x = np.arange(len(SHOT_KEYS))
     series = [("phase 1 (shared prompts)", phase1, "#9e9e9e"), ("final (phase 2)", final, "#4c72b0")]
     series = [s for s in series if s[1]]
@@ -187,13 +173,13 @@ def plot_shot_bars(final: dict, phase1: dict | None, path: Path, title: str = ""
                            "Shot accuracy of the final model (no phase-1 metrics found)"), fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8, ncol=len(series), frameon=False)
     ax.grid(True, axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_prompt_usage(usage, class_counts: Sequence[int], path: Path, class_names: Sequence[str] | None = None,
                       title: str = "", split: str = "standard") -> Path:
     """Heatmap of prompt selections: classes by train frequency (most frequent on top) x group prompts."""
-    plt = _pyplot()
+    plt = pyplot()
     usage = np.asarray(usage, dtype=np.float64)
     c, p = usage.shape
     order = np.argsort(-np.asarray(class_counts), kind="stable")
@@ -230,12 +216,12 @@ def plot_prompt_usage(usage, class_counts: Sequence[int], path: Path, class_name
                     fontsize=9, color=GROUP_COLORS[GROUPS[g]], clip_on=False)
     cbar = fig.colorbar(im, ax=[top, ax], fraction=0.04, pad=0.8 / width)  # room for the group names
     cbar.set_label("share of the class's selections", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_shot_confusion(matrix, path: Path, title: str = "") -> Path:
     """3x3 heatmap: images of many/medium/few classes (rows) predicted as many/medium/few classes."""
-    plt = _pyplot()
+    plt = pyplot()
     m = np.asarray(matrix, dtype=np.float64)
     totals = m.sum(axis=1, keepdims=True)
     pct = np.where(totals > 0, 100 * m / np.maximum(totals, 1), np.nan)
@@ -251,7 +237,7 @@ def plot_shot_confusion(matrix, path: Path, title: str = "") -> Path:
     ax.set_xlabel("predicted class is in group")
     ax.set_ylabel("true class is in group")
     ax.set_title(title or "Head-vs-tail confusion on the validation split", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_trial_figures(diag: dict, out: Path, phase1: dict | None = None,
@@ -299,7 +285,7 @@ def _plain(value):
 
 def phase1_val_metrics(client, experiment_id: str, phase1_key: str) -> dict | None:
     """Validation shot accuracy of the phase-1 model: its MLflow run's last logged epoch."""
-    run = mt.latest_run(client, experiment_id, **{mt.ROLE: "phase1", mt.PHASE1_KEY: phase1_key})
+    run = mt.latest_run(client, experiment_id, **{names.ROLE: names.ROLE_PHASE1, names.PHASE1_KEY: phase1_key})
     if run is None:
         return None
     metrics = run.data.metrics
@@ -332,13 +318,3 @@ def log_trial_report(client, run_id: str, trainer, experiment_id: str, phase1_ke
     except Exception as exc:  # figures are a convenience; the trial's result stands without them
         log_report_error(client, run_id, exc, "report: no validation figures", log)
         return {}
-
-
-def log_report_error(client, run_id: str, exc: Exception, what: str, log: Callable[[str], None]) -> None:
-    """Say why a report could not be made, in the log and as the run's tag ``lpt.report_error``."""
-    reason = f"{type(exc).__name__}: {exc}"[:2000]
-    log(f"{what} ({reason})")
-    try:
-        mt.log(client, run_id, tags={"lpt.report_error": reason})
-    except Exception:  # the tracking server may be what failed
-        pass

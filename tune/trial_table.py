@@ -18,9 +18,9 @@ from mlflow import MlflowClient
 from ray import tune
 
 from . import mlflow_tracking as mt
+from .names import PROMPTS_DIR, STATUS, TABLE_FILE  # noqa: F401 (TABLE_FILE: still importable from here)
 from .study_config import OBJECTIVE_METRICS
 
-TABLE_FILE = "trials.parquet"  # in the search folder
 FINAL_METRICS = (*OBJECTIVE_METRICS, "train_loss")
 COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED = "completed", "early_stopped", "failed", "interrupted"
 STATUSES = (COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED)
@@ -28,7 +28,7 @@ STATUSES = (COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED)
 
 def prompt_path(folder: str | os.PathLike, trial_id: str) -> Path:
     """Where a trial that ran every epoch saves its prompts, in the search folder."""
-    return Path(folder) / "prompts" / f"{trial_id}.safetensors"
+    return Path(folder) / PROMPTS_DIR / f"{trial_id}.safetensors"
 
 
 def last_line(error) -> str:
@@ -116,7 +116,7 @@ class TrialTable(tune.Callback):
               f"epochs: {self.metric} {row.get(self.metric, math.nan):.2f} ({shown})"
               + (f" - {row['error']}" if row["error"] else ""), flush=True)
         if row["mlflow_run_id"]:
-            self.client.set_tag(row["mlflow_run_id"], "lpt.status", row["status"])
+            self.client.set_tag(row["mlflow_run_id"], STATUS, row["status"])
             self.client.set_terminated(row["mlflow_run_id"], "FAILED" if row["status"] == FAILED else "FINISHED",
                                        end_time=int(time.time() * 1000))
 

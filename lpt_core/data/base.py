@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from torch.utils.data import Dataset
 
@@ -21,6 +21,7 @@ class LTData:
     class_names: list[str]
     image_size: int = 224
     info: dict = field(default_factory=dict)
+    input_cfg: Any = None  # transforms.InputConfig: normalisation, resampling, eval crop of the splits
     # GPU input path: when set, the datasets yield uint8 images and these run on the device batch.
     train_batch_transform: Callable | None = None
     eval_batch_transform: Callable | None = None

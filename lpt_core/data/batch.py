@@ -3,10 +3,11 @@
 ``BatchTransform`` takes a uint8 batch [B, 3, H, W] or an ``EncodedBatch`` of JPEG/PNG bytes, and
 does LPT's transforms as crop boxes: train = RandomResizedCrop (torchvision's parameter rule,
 scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip, eval = resize the short side to
-size*256/224 and center-crop. One ``roi_align`` (aligned, adaptive sampling: bilinear when
-upsampling, area-averaging when downsampling) resamples every box, then images are normalised
-with mean 0.5 / std 0.5. Crop parameters come from torch's global CPU generator, so the trainer's
-saved RNG state covers them. Works on CPU and CUDA.
+size / crop_pct and center-crop (``transforms.InputConfig``). Bilinear: one ``roi_align``
+(aligned, adaptive sampling: bilinear when upsampling, area-averaging when downsampling)
+resamples every box; bicubic: torchvision's antialiased resized crop per image. Images are then
+normalised with the config's mean and std. Crop parameters come from torch's global CPU
+generator, so the trainer's saved RNG state covers them. Works on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import math
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
+from torchvision.transforms.v2 import functional as TF
+
+from .transforms import RELEASED, InputConfig
 
 
 class EncodedBatch:
@@ -99,11 +103,11 @@ def random_resized_boxes(hw: torch.Tensor, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     return torch.stack([left, top, left + w, top + h], dim=1)
 
 
-def center_boxes(hw: torch.Tensor, size: int) -> torch.Tensor:
-    """torchvision's Resize(round(size*256/224)) (short side) + CenterCrop(size), as a box in the
-    original image (same output sizes and rounding)."""
+def center_boxes(hw: torch.Tensor, size: int, resized: int) -> torch.Tensor:
+    """torchvision's Resize(resized) (short side) + CenterCrop(size), as a box in the original
+    image (same output sizes and rounding)."""
     height, width = hw[:, 0], hw[:, 1]
-    short, resized = torch.minimum(height, width), round(size * 256 / 224)
+    short = torch.minimum(height, width)
     new_h = torch.where(height == short, resized, (resized * height / short).floor())
     new_w = torch.where(width == short, resized, (resized * width / short).floor())
     top, left = ((new_h - size) / 2).round(), ((new_w - size) / 2).round()
@@ -113,22 +117,47 @@ def center_boxes(hw: torch.Tensor, size: int) -> torch.Tensor:
 
 class BatchTransform(torch.nn.Module):
     """LPT's train (``train=True``) or eval transform on a uint8 batch or an ``EncodedBatch``;
-    returns float32 [B, 3, size, size] normalised to [-1, 1] on the batch's device."""
+    returns float32 [B, 3, size, size] normalised with ``cfg``'s mean and std on the batch's device."""
 
-    def __init__(self, size: int, train: bool, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    def __init__(self, size: int, train: bool, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 cfg: InputConfig = RELEASED):
         super().__init__()
-        self.size, self.train_mode, self.scale, self.ratio = size, train, scale, ratio
+        self.size, self.train_mode, self.scale, self.ratio, self.cfg = size, train, scale, ratio, cfg
+        # (x / 255 - mean) / std as one multiply and one subtract (mean/std 0.5: x * 2/255 - 1)
+        self.register_buffer("mul", 1.0 / (255.0 * torch.tensor(cfg.std)).view(3, 1, 1), persistent=False)
+        self.register_buffer("sub", (torch.tensor(cfg.mean) / torch.tensor(cfg.std)).view(3, 1, 1), persistent=False)
 
     def boxes(self, hw: torch.Tensor) -> torch.Tensor:
         if self.train_mode:
             return random_resized_boxes(hw, self.scale, self.ratio)
-        return center_boxes(hw, self.size)
+        return center_boxes(hw, self.size, self.cfg.resize_size(self.size))
+
+    def resample(self, images) -> torch.Tensor:
+        """Bicubic (or any torchvision mode): the crop and resize of torchvision, image by image."""
+        mode, out = self.cfg.mode(), []
+        if isinstance(images, torch.Tensor):
+            images = list(images)
+        hw = torch.tensor([img.shape[-2:] for img in images], dtype=torch.float32)
+        boxes = random_resized_boxes(hw, self.scale, self.ratio).long().tolist() if self.train_mode else None
+        for i, img in enumerate(images):
+            if boxes is not None:
+                left, top, right, bottom = boxes[i]
+                img = TF.resized_crop(img, top, left, bottom - top, right - left, [self.size] * 2,
+                                      interpolation=mode, antialias=True)
+            else:
+                img = TF.center_crop(TF.resize(img, self.cfg.resize_size(self.size), interpolation=mode,
+                                               antialias=True), [self.size] * 2)
+            out.append(img.float())
+        return torch.stack(out)
 
     def forward(self, images) -> torch.Tensor:
         if isinstance(images, EncodedBatch):
             images = images.decode()
         out_size = (self.size, self.size)
-        if isinstance(images, torch.Tensor):  # one size: one roi_align for the whole batch
+        if self.cfg.interpolation != "bilinear":
+            out = self.resample(images)
+            device = out.device
+        elif isinstance(images, torch.Tensor):  # one size: one roi_align for the whole batch
             b, _, h, w = images.shape
             device = images.device
             boxes = self.boxes(torch.tensor([[h, w]], dtype=torch.float32).expand(b, 2))
@@ -143,7 +172,7 @@ class BatchTransform(torch.nn.Module):
         if self.train_mode:
             flip = (torch.rand(out.shape[0]) < 0.5).to(device, non_blocking=True)
             out = torch.where(flip[:, None, None, None], out.flip(-1), out)
-        return out.mul_(2.0 / 255).sub_(1.0)
+        return out.mul_(self.mul.to(device)).sub_(self.sub.to(device))
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, train={self.train_mode}"
+        return f"size={self.size}, train={self.train_mode}, {self.cfg.interpolation}, crop_pct={self.cfg.crop_pct:g}"

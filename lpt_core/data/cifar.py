@@ -22,7 +22,8 @@ import torchvision
 from torch.utils.data import Dataset
 
 from .base import DownloadError
-from .common import Spec, assemble, class_perm, input_mode, lt_targets
+from .common import assemble, class_perm, data_root, input_mode, lt_targets
+from .transforms import RELEASED
 
 # name: (folder, train files, test files, meta file, label key, class-names key, torchvision class)
 LAYOUT = {
@@ -31,7 +32,6 @@ LAYOUT = {
     "cifar100_lt": ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names",
                     torchvision.datasets.CIFAR100),
 }
-KEYS = {"root", "imbalance_ratio", "val_per_class", "download", "gpu_augment"}
 
 
 class ArrayImages(Dataset):
@@ -87,13 +87,12 @@ def _load_split(base: str, files: list[str], label_key: str, num_classes: int):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def build_cifar_lt(spec: dict):
-    s = Spec(spec, KEYS)
+def build_cifar_lt(s, input_cfg=RELEASED):
+    """``cifar10_lt`` / ``cifar100_lt`` from a ``specs.CifarSpec``."""
     folder, train_files, test_files, meta, label_key, names_key, tv_class = LAYOUT[s.name]
-    download = s.flag("download")
-    root = s.root(must_exist=not download)
-    ratio = s.imbalance_ratio(100)
-    per_val = s.number("val_per_class", 20, minimum=0)
+    download = s.download
+    root = data_root(s, must_exist=not download)
+    ratio, per_val = s.imbalance_ratio, s.val_per_class
     mode = input_mode(s, "gpu_augment")
     base = os.path.join(root, folder)
     missing = [f for f in [meta, *train_files, *test_files] if not os.path.isfile(os.path.join(base, f))]
@@ -139,4 +138,5 @@ def build_cifar_lt(spec: dict):
 
     return assemble(split(x, y, train_idx), split(x, y, val_idx),
                     split(test_x, test_y, np.arange(len(test_y))), names, s.image_size, mode,
-                    {"imbalance_ratio": ratio, "val_per_class": per_val, "val_short": val_short})
+                    {"imbalance_ratio": ratio, "val_per_class": per_val, "val_short": val_short},
+                    input_cfg=input_cfg)

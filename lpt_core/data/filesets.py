@@ -1,54 +1,51 @@
 """Datasets of image files: Places-LT / ImageNet-LT (split lists), iNaturalist 2018 (COCO-style
-JSON) and a folder of class sub-folders. ``gpu_decode: true`` yields encoded bytes that
+JSON) and a folder of class sub-folders, each from its typed spec (``specs``). ``gpu_decode: true`` yields encoded bytes that
 ``BatchTransform`` decodes on the device (see ``common.assemble``)."""
 
 from __future__ import annotations
 
-from .common import Spec, assemble, class_perm, input_mode, lt_targets
+from .common import assemble, class_perm, data_file, data_root, input_mode, lt_targets
 from .files import (FileImages, check_counts, check_labels, file_splits, read_coco, read_list,
                     read_names, scan_folder)
+from .transforms import RELEASED
 
 
-def build_list_dataset(spec: dict):
+def build_list_dataset(s, input_cfg=RELEASED):
     """``places_lt`` / ``imagenet_lt``: ``root`` + ``train_list``/``val_list``/``test_list`` of
     ``relative/path label`` lines (list files: absolute, relative to root, else to the working
     directory; image paths: relative to root); class names from an
     optional ``class_names`` file (one per line), else ``class_{i}`` for 0..max train label."""
-    s = Spec(spec, {"root", "train_list", "val_list", "test_list", "class_names", "gpu_decode"})
-    root, mode = s.root(), input_mode(s, "gpu_decode")
-    train, val, test = (read_list(s.file(k, root)) for k in ("train_list", "val_list", "test_list"))
-    names_file = s.file("class_names", root, required=False)
+    root, mode = data_root(s), input_mode(s, "gpu_decode")
+    train, val, test = (read_list(data_file(s, k, root)) for k in ("train_list", "val_list", "test_list"))
+    names_file = data_file(s, "class_names", root)
     names = read_names(names_file) if names_file else None
     num_classes = len(names) if names else max(train.labels) + 1
     for entries in (train, val, test):
         check_labels(entries, num_classes)
     check_counts(train, num_classes)
     names = names or [f"class_{i}" for i in range(num_classes)]
-    return assemble(*file_splits(root, train, val, test), names, s.image_size, mode)
+    return assemble(*file_splits(root, train, val, test), names, s.image_size, mode, input_cfg=input_cfg)
 
 
-def build_inat(spec: dict):
+def build_inat(s, input_cfg=RELEASED):
     """``inat2018``: ``root`` + ``train_json``/``val_json`` (COCO-style). As in the paper the val
     set is also the test set (``data.val is data.test``): searches select on the numbers they
     report. Labels index the train categories sorted by id; names are the category names."""
-    s = Spec(spec, {"root", "train_json", "val_json", "gpu_decode"})
-    root, mode = s.root(), input_mode(s, "gpu_decode")
-    train, categories, names = read_coco(s.file("train_json", root))
-    val, _, _ = read_coco(s.file("val_json", root), categories)
+    root, mode = data_root(s), input_mode(s, "gpu_decode")
+    train, categories, names = read_coco(data_file(s, "train_json", root))
+    val, _, _ = read_coco(data_file(s, "val_json", root), categories)
     check_counts(train, len(names))
-    return assemble(*file_splits(root, train, val), names, s.image_size, mode, {"test_is_val": True})
+    return assemble(*file_splits(root, train, val), names, s.image_size, mode, {"test_is_val": True},
+                    input_cfg=input_cfg)
 
 
-def build_image_folder(spec: dict):
+def build_image_folder(s, input_cfg=RELEASED):
     """``image_folder``: ``root/<class>/<images>`` (classes in sorted order). Per class a seeded
     shuffle holds out ``test_per_class`` then ``val_per_class`` images (default 20 each; a class
     needs more than their sum); with ``imbalance_ratio`` the rest is cut to the LT profile over
     the classes ranked by image count (n_max = the largest), else all of it trains."""
-    s = Spec(spec, {"root", "imbalance_ratio", "val_per_class", "test_per_class", "gpu_decode"})
-    root, mode = s.root(), input_mode(s, "gpu_decode")
-    ratio = s.imbalance_ratio(None)
-    per_val = s.number("val_per_class", 20, minimum=0)
-    per_test = s.number("test_per_class", 20, minimum=0)
+    root, mode = data_root(s), input_mode(s, "gpu_decode")
+    ratio, per_val, per_test = s.imbalance_ratio, s.val_per_class, s.test_per_class
     entries, classes = scan_folder(root)
     by_class = [[] for _ in classes]
     for i, y in enumerate(entries.labels):
@@ -67,4 +64,5 @@ def build_image_folder(spec: dict):
         parts["train"] += order[held:held + counts[c]]
     train, val, test = (FileImages(root, entries.subset(sorted(parts[k]))) for k in parts)
     return assemble(train, val, test, classes, s.image_size, mode,
-                    {"imbalance_ratio": ratio, "val_per_class": per_val, "test_per_class": per_test})
+                    {"imbalance_ratio": ratio, "val_per_class": per_val, "test_per_class": per_test},
+                    input_cfg=input_cfg)

@@ -6,9 +6,7 @@ same spec always gives the same pixels without storing any. With ``families: F``
 into F visual families (class c in family c % F): one colour per family, the classes of a family
 told apart by their stripes only.
 
-Keys: ``num_classes`` (10), ``imbalance_ratio`` (10), ``max_per_class`` (100), ``image_size`` (32),
-``val_per_class`` / ``test_per_class`` (20 each, class-balanced), ``families`` (0: none),
-``gpu_augment`` (false).
+Keys and defaults: ``specs.SyntheticSpec``.
 """
 
 from __future__ import annotations
@@ -19,8 +17,9 @@ import torch
 from torch.utils.data import Dataset
 
 from .base import LTData
-from .common import Spec, assemble, input_mode
+from .common import assemble, input_mode
 from .profile import long_tail_counts
+from .transforms import RELEASED
 
 _SPLIT_SALT = {"train": 0, "val": 1, "test": 2}
 
@@ -66,17 +65,13 @@ class SyntheticImages(Dataset):
         return (self.transform(img) if self.transform else img), self.labels[index]
 
 
-def build_synthetic(spec: dict) -> LTData:
-    s = Spec(spec, {"num_classes", "imbalance_ratio", "max_per_class", "val_per_class",
-                    "test_per_class", "families", "gpu_augment"}, image_size=32)
-    num_classes = s.number("num_classes", 10, minimum=1)
-    max_per_class = s.number("max_per_class", 100, minimum=1)
-    counts = long_tail_counts(max_per_class, num_classes, s.number("imbalance_ratio", 10, float, minimum=1))
+def build_synthetic(s, input_cfg=RELEASED) -> LTData:
+    """``synthetic`` from a ``specs.SyntheticSpec``."""
+    num_classes, max_per_class = s.num_classes, s.max_per_class
+    counts = long_tail_counts(max_per_class, num_classes, s.imbalance_ratio)
     if min(counts) < 1:
-        raise ValueError("max_per_class: too small for this imbalance_ratio (a class gets 0 images)")
-    per_val = s.number("val_per_class", 20, minimum=0)
-    per_test = s.number("test_per_class", 20, minimum=0)
-    families = s.number("families", 0, minimum=0)
+        raise ValueError("data.max_per_class: too small for this imbalance_ratio (a class gets 0 images)")
+    per_val, per_test, families = s.val_per_class, s.test_per_class, s.families
     train_labels = [c for c, n in enumerate(counts) for _ in range(n)]
     val_labels = [c for c in range(num_classes) for _ in range(per_val)]
     test_labels = [c for c in range(num_classes) for _ in range(per_test)]
@@ -84,4 +79,4 @@ def build_synthetic(spec: dict) -> LTData:
                                                  families=families)
     return assemble(make(train_labels, "train"), make(val_labels, "val"), make(test_labels, "test"),
                     [f"class_{c:03d}" for c in range(num_classes)], s.image_size,
-                    input_mode(s, "gpu_augment"))
+                    input_mode(s, "gpu_augment"), input_cfg=input_cfg)

@@ -1,33 +1,71 @@
 """Train and test transforms of LPT (torchvision transforms v2), for PIL images or uint8 tensors.
 
-Train: RandomResizedCrop + horizontal flip; test: resize to size*256/224, center crop; both
-normalised with mean 0.5 / std 0.5 (DESIGN.md).
+Train: RandomResizedCrop + horizontal flip; test: resize the short side to size / crop_pct,
+center crop. Both normalised with the backbone's mean and std. ``InputConfig`` holds those four
+numbers; its defaults are the released LPT code's (mean 0.5 / std 0.5, bilinear, 256 -> 224),
+``lpt_core.backbones.input_config`` reads them from a backbone's pretrained config.
 """
 
 from __future__ import annotations
 
+from typing import Annotated, Literal, Optional
+
 import torch
+from pydantic import Field
 from torchvision.transforms import v2
+
+from ..config import Section
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
+Triple = Annotated[list[float], Field(min_length=3, max_length=3)]
+PositiveTriple = Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=3, max_length=3)]
+Interpolation = Literal["bilinear", "bicubic"]
 
 
-def train_transform(image_size: int = 224) -> v2.Compose:
+class InputConfig(Section):
+    """How images become the model's input: normalisation, resampling and the eval crop ratio."""
+
+    mean: Triple = Field(list(MEAN), description="per-channel mean of [0, 1] pixels (RGB)")
+    std: PositiveTriple = Field(list(STD), description="per-channel std (RGB)")
+    interpolation: Interpolation = Field("bilinear", description="resampling of the resize and the random crop")
+    crop_pct: float = Field(224 / 256, gt=0, le=1, description="eval: resize the short side to size / crop_pct, center-crop size")
+
+    def resize_size(self, image_size: int) -> int:
+        """The eval resize of the short side (rounded: 224 at 0.875 gives 256)."""
+        return int(round(image_size / self.crop_pct))
+
+    def mode(self) -> v2.InterpolationMode:
+        return v2.InterpolationMode(self.interpolation)
+
+
+class InputOverrides(Section):
+    """A profile's ``input`` section: any of ``InputConfig``'s keys, over the backbone's."""
+
+    mean: Optional[Triple] = None
+    std: Optional[PositiveTriple] = None
+    interpolation: Optional[Interpolation] = None
+    crop_pct: Optional[float] = Field(None, gt=0, le=1)
+
+
+RELEASED = InputConfig()  # the released LPT code's input pipeline
+
+
+def train_transform(image_size: int = 224, cfg: InputConfig = RELEASED) -> v2.Compose:
     return v2.Compose([
         v2.ToImage(),
-        v2.RandomResizedCrop(image_size, antialias=True),
+        v2.RandomResizedCrop(image_size, interpolation=cfg.mode(), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(MEAN, STD),
+        v2.Normalize(cfg.mean, cfg.std),
     ])
 
 
-def test_transform(image_size: int = 224, mean=MEAN, std=STD) -> v2.Compose:
+def test_transform(image_size: int = 224, cfg: InputConfig = RELEASED) -> v2.Compose:
     return v2.Compose([
         v2.ToImage(),
-        v2.Resize(int(round(image_size * 256 / 224)), antialias=True),
+        v2.Resize(cfg.resize_size(image_size), interpolation=cfg.mode(), antialias=True),
         v2.CenterCrop(image_size),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
+        v2.Normalize(cfg.mean, cfg.std),
     ])

@@ -1,0 +1,101 @@
+"""The input pipeline follows the backbone: mean, std, interpolation and eval crop from its
+pretrained config (``lpt_core.backbones.input_config``), on the CPU and the on-device paths. The
+paper's augreg ViT-B keeps exactly the released LPT numbers; a DINO ViT gets ImageNet statistics
+and bicubic resampling. Backbones are built on the meta device: no weights are needed."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from lpt_core.backbones import input_config
+from lpt_core.data import BatchTransform, build_dataset
+from lpt_core.data.transforms import RELEASED, InputConfig, train_transform
+from lpt_core.data.transforms import test_transform as eval_transform
+from tune.phase1_cache import PHASE1_VERSION, phase1_key
+
+AUGREG = {"name": "vit_base_patch16_224.augreg_in21k", "weights": "pretrained"}
+DINO = {"name": "vit_small_patch16_224.dino", "weights": "pretrained"}
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+SYNTH = {"name": "synthetic", "num_classes": 4, "imbalance_ratio": 4, "max_per_class": 12,
+         "val_per_class": 3, "test_per_class": 2, "image_size": 32, "seed": 0}
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def released_eval(size: int) -> v2.Compose:
+    """The released LPT code's eval transform, written out: bilinear resize to size*256/224, center
+    crop, mean/std 0.5 (what this project computed before it read the backbone's config)."""
+    return v2.Compose([v2.ToImage(), v2.Resize(int(round(size * 256 / 224)), antialias=True), v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize((0.5,) * 3, (0.5,) * 3)])
+
+
+def test_augreg_vit_b_keeps_the_released_numbers():
+    cfg = input_config(AUGREG)
+    assert cfg == RELEASED == InputConfig(mean=[0.5] * 3, std=[0.5] * 3, interpolation="bilinear", crop_pct=0.875)
+    assert cfg.resize_size(224) == 256 and cfg.resize_size(32) == 37  # round(size * 256 / 224)
+    image = torch.randint(0, 256, (3, 300, 410), dtype=torch.uint8)
+    assert torch.equal(eval_transform(224, cfg)(image), released_eval(224)(image))
+    raw = build_dataset({**SYNTH, "gpu_augment": True}, cfg).val
+    batch = torch.stack([raw[i][0] for i in range(len(raw))])  # uint8 images of the synthetic set
+    out = BatchTransform(32, train=False, cfg=cfg)(batch)
+    assert (out - torch.stack([released_eval(32)(b) for b in batch])).abs().max() < 2 / 255 + 1e-4
+    # the on-device normalisation of mean/std 0.5 is x * 2/255 - 1 to the bit, as before
+    t, x = BatchTransform(8, train=False, cfg=cfg), torch.arange(256.0).expand(3, 1, 256)
+    assert torch.equal(x.mul(t.mul).sub(t.sub), x.mul(2.0 / 255).sub(1.0))
+
+
+def test_dino_vit_gets_imagenet_statistics_and_bicubic():
+    cfg = input_config(DINO)
+    assert cfg.mean == pytest.approx(IMAGENET_MEAN) and cfg.std == pytest.approx(IMAGENET_STD)
+    assert cfg.interpolation == "bicubic" and cfg.crop_pct == pytest.approx(0.9) and cfg.resize_size(32) == 36
+    data = build_dataset(SYNTH, cfg)
+    assert data.input_cfg == cfg
+    raw = build_dataset({**SYNTH, "gpu_augment": True}, cfg).val[1][0]   # uint8, untransformed
+    want = v2.Compose([v2.ToImage(), v2.Resize(36, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.CenterCrop(32), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(raw)
+    assert torch.allclose(data.val[1][0], want, atol=1e-6)
+    assert not torch.allclose(build_dataset(SYNTH).val[1][0], want, atol=1e-2)  # the released pipeline differs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dino_vit_on_the_device_path_matches_the_cpu_path(device):
+    cfg = input_config(DINO)
+    gpu = build_dataset({**SYNTH, "gpu_augment": True}, cfg)
+    cpu = build_dataset(SYNTH, cfg)
+    raw = torch.stack([gpu.val[i][0] for i in range(len(gpu.val))]).to(device)
+    out = gpu.eval_batch_transform(raw)
+    assert out.device.type == device and out.shape == (len(gpu.val), 3, 32, 32)
+    want = torch.stack([cpu.val[i][0] for i in range(len(cpu.val))])
+    assert (out.cpu() - want).abs().max() < 1e-3
+    torch.manual_seed(0)
+    train = gpu.train_batch_transform(raw)
+    lo = (0 - max(IMAGENET_MEAN)) / min(IMAGENET_STD)
+    hi = (1 - min(IMAGENET_MEAN)) / min(IMAGENET_STD)
+    assert train.shape == out.shape and lo - 1e-4 <= train.min() and train.max() <= hi + 1e-4
+    assert train.min() < -1.2  # ImageNet statistics, not mean/std 0.5 ([-1, 1])
+
+
+def test_train_transform_uses_the_interpolation():
+    cfg = input_config(DINO)
+    steps = {type(t).__name__: t for t in train_transform(32, cfg).transforms}
+    assert steps["RandomResizedCrop"].interpolation == v2.InterpolationMode.BICUBIC
+    assert list(steps["Normalize"].mean) == pytest.approx(IMAGENET_MEAN)
+
+
+def test_a_profile_input_section_overrides_the_backbone():
+    cfg = input_config(DINO, {"crop_pct": 1.0, "interpolation": "bilinear"})
+    assert cfg.crop_pct == 1.0 and cfg.interpolation == "bilinear" and cfg.mean == pytest.approx(IMAGENET_MEAN)
+    with pytest.raises(ValueError, match=r"^input.crop_pct: must be <= 1, got 2"):
+        input_config(DINO, {"crop_pct": 2.0})
+
+
+def test_phase1_keys_of_the_released_pipeline_are_unchanged_and_others_differ():
+    args = ({"name": "vit"}, "abc", 10, {"lr": 0.02}, 0)
+    old = hashlib.sha256(json.dumps({"backbone": args[0], "data": args[1], "prompt_length": args[2],
+                                     "recipe": args[3], "seed": args[4], "version": PHASE1_VERSION},
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert phase1_key(*args) == old
+    assert phase1_key(*args, input_cfg=input_config(DINO).to_dict()) != old

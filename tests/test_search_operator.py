@@ -95,18 +95,14 @@ def test_ctrl_c_resume_finished_and_extend(tmp_path):
 
 def test_a_trial_error_carries_its_own_message(tmp_path):
     """A corrupt phase-1 cache entry makes every trial raise: the real message, not a placeholder."""
-    from argparse import Namespace
+    from tune.phase1_cache import PROMPTS
+    from tune.search import Plan, parse_args
+    from tune.trainable import profile_phase1_key
 
-    from lpt_core.trainer import PhaseConfig
-    from tune.phase1_cache import PROMPTS, phase1_key
-    from tune.search import Plan
-
-    args = Namespace(study="prompt_pool", profile="smoke", set=[], trials=1, confirm=0, resume=False,
-                     dry_run=False, storage=str(tmp_path / "runs"))
-    plan = Plan(args)
+    plan = Plan(parse_args(["--study", "prompt_pool", "--trials", "1", "--storage", str(tmp_path / "runs")]))
     profile = plan.profile
-    key = phase1_key(profile["backbone"], plan.manifest_hash, profile["model"]["prompt_length"],
-                     PhaseConfig.from_dict(profile["phase1"]).to_dict(), profile["seed"])
+    key = profile_phase1_key(profile, plan.manifest_hash, profile["model"]["prompt_length"], plan.data,
+                             profile["seed"])
     entry = tmp_path / "runs" / "phase1-cache" / key
     entry.mkdir(parents=True)
     (entry / PROMPTS).write_bytes(b"not a safetensors file")

@@ -105,12 +105,18 @@ def build_model(setup: SearchSetup, config: dict, data, seed: int) -> tuple[LPT,
     return LPT(backbone, data.num_classes, **model_kwargs), recipe
 
 
+def profile_phase1_key(profile: dict, manifest_hash: str, prompt_length: int, data, seed: int) -> str:
+    """The phase-1 cache key of a profile's phase 1 at ``prompt_length`` and ``seed``."""
+    recipe = PhaseConfig.from_dict(profile["phase1"], where="phase1")
+    return phase1_key(profile["backbone"], manifest_hash, prompt_length, recipe.to_dict(), seed,
+                      None if data.input_cfg == RELEASED else data.input_cfg.to_dict())
+
+
 def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: MlflowClient, log) -> str:
     """Load the shared prompts and head of phase 1 into ``model``, training them once per key."""
     profile = setup.profile
     recipe = PhaseConfig.from_dict(profile["phase1"], where="phase1")
-    key = phase1_key(profile["backbone"], setup.manifest_hash, model.prompt_length, recipe.to_dict(), seed,
-                     None if data.input_cfg == RELEASED else data.input_cfg.to_dict())
+    key = profile_phase1_key(profile, setup.manifest_hash, model.prompt_length, data, seed)
 
     def train(folder: Path) -> dict:
         run_id = mt.find_run(client, setup.experiment_id, **{names.ROLE: names.ROLE_PHASE1, names.PHASE1_KEY: key})

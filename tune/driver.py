@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -232,9 +233,11 @@ def run_search(plan, args, uri: str, address: str | None) -> int:
         ray.shutdown()
 
 
-def resume_command(plan, args) -> str:
-    parts = ["python tune/search.py", f"--study {plan.study_name}", f"--profile {plan.profile_name}",
-             *(f"--set {s}" for s in args.set), *([f"--storage {args.storage}"] if args.storage else []),
+def resume_command(args) -> str:
+    """The command line that continues this search: its own study, profile, overrides and storage."""
+    q = shlex.quote
+    parts = ["python tune/search.py", f"--study {q(args.study)}", f"--profile {q(args.profile)}",
+             *(f"--set {q(s)}" for s in args.set), *([f"--storage {q(args.storage)}"] if args.storage else []),
              "--resume"]
     return " ".join(parts)
 
@@ -275,7 +278,7 @@ def stop_interrupted(plan, args, client: MlflowClient, folder: Path, record: dic
     ended = sum(counts.values()) - counts[INTERRUPTED]
     print(f"interrupted ({signal_name}): {ended} of {record['study_config']['budget']['trials']} trials ended, "
           f"{counts[INTERRUPTED]} stopped mid-way keep their last epoch; continue with: "
-          f"{resume_command(plan, args)}", file=sys.stderr, flush=True)
+          f"{resume_command(args)}", file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED
 
 

@@ -33,8 +33,8 @@ from .stop_signals import StopSignals
 from .study_config import SHOT_KEYS, ConfigError, error_line, objective_of, phase2_epochs
 from .trainable import SearchSetup, confirm_seed, evaluate_prompts, run_trial
 from .names import SEARCH_FILE, TABLE_FILE
-from .trial_table import (COMPLETED, FAILED, INTERRUPTED, TrialTable, best_row, last_line, prompt_path,
-                          read_rows, status_counts, trial_row, write_table)
+from .trial_table import (COMPLETED, FAILED, INTERRUPTED, TrialTable, best_row, close_trial_run, last_line,
+                          prompt_path, read_rows, status_counts, trial_row, write_table)
 
 RUNNING, INTERRUPTED_STATE, FINISHED = "running", "interrupted", "finished"  # search.json's "state"
 EXIT_INTERRUPTED = 130
@@ -242,7 +242,7 @@ def resume_command(args) -> str:
     return " ".join(parts)
 
 
-def collect_rows(plan, folder: Path, grids: list, interrupted: bool) -> list[dict]:
+def collect_rows(plan, client: MlflowClient, folder: Path, grids: list, interrupted: bool) -> list[dict]:
     """The table's rows, plus a row for each trial that ended without one: the search was killed
     right after it, or (``interrupted``) it was still running when the search stopped."""
     rows = read_rows(folder / TABLE_FILE)
@@ -254,6 +254,8 @@ def collect_rows(plan, folder: Path, grids: list, interrupted: bool) -> list[dic
                 error = last_line(result.error) if result.error and not interrupted else None
                 rows[tid] = trial_row(tid, result.config or {}, list(plan.study["space"]), result.metrics,
                                       epochs, error, interrupted=interrupted)
+                if rows[tid]["status"] != INTERRUPTED:  # it ended, but its end reached no callback
+                    close_trial_run(client, rows[tid])
     rows = list(rows.values())
     write_table(rows, folder / TABLE_FILE)
     return rows
@@ -327,14 +329,14 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None) -> 
                 print(f"extending {folder.name} by {extra} trials to {budget}", flush=True)
                 grids.append(stop.fit(make_tuner(plan, folder, record["runs"][-1], setup, client,
                                                  restore=False, budget=budget)))
-            rows = collect_rows(plan, folder, grids, interrupted=bool(stop.received))
+            rows = collect_rows(plan, client, folder, grids, interrupted=bool(stop.received))
             if stop.received:
                 return stop_interrupted(plan, args, client, folder, record, rows, stop.received)
             registered = wrap_up(plan, args, setup, client, folder, rows, metrics, modes, time.time() - started)
             save_record(folder, {**record, "state": FINISHED})
         except KeyboardInterrupt:
             return stop_interrupted(plan, args, client, folder, record,
-                                    rows or collect_rows(plan, folder, grids, interrupted=True),
+                                    rows or collect_rows(plan, client, folder, grids, interrupted=True),
                                     stop.received or "SIGINT")
         except Exception as exc:
             mt.fail_run(client, parent_id, exc)

@@ -90,6 +90,15 @@ def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
     return max(done, key=lambda r: sign * r[metric])
 
 
+def close_trial_run(client: MlflowClient, row: dict) -> None:
+    """End an ended trial's MLflow run with the table's status (a trial that ASHA stops is ended
+    by Ray before its own code can close the run)."""
+    if row.get("mlflow_run_id"):
+        client.set_tag(row["mlflow_run_id"], STATUS, row["status"])
+        client.set_terminated(row["mlflow_run_id"], "FAILED" if row["status"] == FAILED else "FINISHED",
+                              end_time=int(time.time() * 1000))
+
+
 class TrialTable(tune.Callback):
     def __init__(self, path: str | os.PathLike, params: list[str], epochs: int, client: MlflowClient,
                  budget: int, metric: str, prior: list[dict] = (), search_run: tuple[str, str] | None = None):
@@ -115,10 +124,7 @@ class TrialTable(tune.Callback):
         print(f"trial {len(self.rows)}/{self.budget} {trial.trial_id} {row['status']} after {row['epochs']} "
               f"epochs: {self.metric} {row.get(self.metric, math.nan):.2f} ({shown})"
               + (f" - {row['error']}" if row["error"] else ""), flush=True)
-        if row["mlflow_run_id"]:
-            self.client.set_tag(row["mlflow_run_id"], STATUS, row["status"])
-            self.client.set_terminated(row["mlflow_run_id"], "FAILED" if row["status"] == FAILED else "FINISHED",
-                                       end_time=int(time.time() * 1000))
+        close_trial_run(self.client, row)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, None)

@@ -103,7 +103,7 @@ def test_dry_run_describes_and_trains_nothing(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert code == 0
     assert "pool_size: int 4..40 step 2" in out and "budget: 5 trials" in out
-    assert "phase-1 trainings: up to 1 (one per prompt_length in [4]" in out
+    assert "phase-1 trainings: up to 1 (one per prompt_length in [5]" in out
     assert "resources per trial: 1 CPU, 0 GPU" in out
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
 

@@ -197,6 +197,43 @@ class _SpaceBase(Section):
 Space = create_model("Space", __base__=_SpaceBase, **{name: (Optional[_param_spec(name)], None) for name in SEARCHABLE})
 
 
+SAMPLERS = ("tpe", "random", "gp", "cmaes")
+TPE_ONLY = ("multivariate", "group", "constant_liar")
+
+
+class Sampler(Section):
+    """The Optuna sampler; unset keys are sized to the search (``tune.samplers``)."""
+
+    type: Literal[SAMPLERS] = Field("tpe", description="tpe, random, gp (Gaussian process) or cmaes")
+    n_startup_trials: Optional[int] = Field(
+        None, ge=0, description="random trials before the model takes over (default: a third of the budget, "
+                                "at least 2, at most 10); not for random")
+    multivariate: Optional[bool] = Field(None, description="tpe: sample parameters jointly (default: true)")
+    group: Optional[bool] = Field(None, description="tpe: multivariate per group of parameters that occur together "
+                                                    "(default: true where one parameter's range depends on another)")
+    constant_liar: Optional[bool] = Field(None, description="tpe: treat running trials as bad so that concurrent "
+                                                            "trials spread out (default: true)")
+
+    @model_validator(mode="after")
+    def _keys_of_its_type(self) -> "Sampler":
+        for key in TPE_ONLY:
+            if getattr(self, key) is not None and self.type != "tpe":
+                raise _error(key, "only for type tpe, not {type}", type=self.type)
+        if self.n_startup_trials is not None and self.type == "random":
+            raise _error("n_startup_trials", "not for type random (every trial is random)")
+        if self.group and self.multivariate is False:
+            raise _error("group", "needs multivariate: true")
+        return self
+
+
+class Baseline(Section):
+    """A first trial with the profile's own values of every searched parameter: the reference
+    the best trial's gain is measured against."""
+
+    enabled: bool = Field(True, description="run the profile's own values as the search's first trial")
+    exempt_from_early_stopping: bool = Field(True, description="the baseline always runs every epoch")
+
+
 class StudyConfig(Section):
     """What to search, what to optimise, how many trials, how to stop bad ones early."""
 
@@ -205,7 +242,16 @@ class StudyConfig(Section):
     budget: Budget = Budget()
     early_stopping: EarlyStopping = EarlyStopping()
     seed: int = Field(0, ge=0, description="seed of the Optuna sampler")
+    sampler: Sampler = Sampler()
+    baseline: Baseline = Baseline()
     space: Space = Field(description="parameter: {type: int|float, low, high[, step, log]} or {type: choice, values}")
+
+    @model_validator(mode="after")
+    def _sampler_fits_the_objective(self) -> "StudyConfig":
+        if self.sampler.type == "cmaes" and self.objective.metrics is not None:
+            raise _error("sampler.type", "cmaes optimises one objective; this study has {n} (use tpe, gp or random)",
+                         n=len(self.objective.metrics))
+        return self
 
     def to_dict(self, order: list[str] | None = None) -> dict:
         out = self.model_dump(exclude_none=True, exclude={"space"})

@@ -1,0 +1,67 @@
+"""The study's Optuna sampler, sized to its budget.
+
+Optuna's TPE starts with ``n_startup_trials=10`` random trials: a 12-trial study would be a random
+search. Unless the study says otherwise, the sampler here starts with a third of the budget (at
+least 2, never more than Optuna's 10), samples the parameters jointly (multivariate TPE), and in
+groups where one parameter's range depends on another (``top_k`` is narrowed to each trial's
+``pool_size``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import optuna
+
+MAX_STARTUP = 10  # Optuna's own default: never more random trials than that
+NAMES = {"tpe": "TPE", "random": "random", "gp": "Gaussian process", "cmaes": "CMA-ES"}
+
+
+def startup_trials(budget: int) -> int:
+    """Random trials before the model: about a third of the budget, at least 2, at most 10."""
+    return max(2, min(MAX_STARTUP, budget // 3))
+
+
+def conditional(space: dict) -> bool:
+    """Whether a parameter's range depends on another's value in this space."""
+    return "pool_size" in space and "top_k" in space
+
+
+def sampler_settings(study: dict, budget: int) -> dict:
+    """The study's ``sampler`` section with every unset key resolved for ``budget`` trials."""
+    spec = {"type": "tpe", **study.get("sampler", {})}
+    out = {"type": spec["type"], "seed": study["seed"]}
+    if spec["type"] != "random":
+        n = spec.get("n_startup_trials")
+        out["n_startup_trials"] = startup_trials(budget) if n is None else n
+    if spec["type"] == "tpe":
+        out["multivariate"] = spec.get("multivariate", True)
+        group = spec.get("group")
+        out["group"] = (conditional(study["space"]) and out["multivariate"]) if group is None else group
+        out["constant_liar"] = spec.get("constant_liar", True)
+    return out
+
+
+def make_sampler(settings: dict, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler of ``sampler_settings``; ``seed_offset`` gives an extension of a search
+    draws of its own."""
+    kw = {k: v for k, v in settings.items() if k not in ("type", "seed")}
+    seed = settings["seed"] + seed_offset
+    with warnings.catch_warnings():  # group and the GP sampler are "experimental" in Optuna's sense
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if settings["type"] == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, **kw)
+        if settings["type"] == "gp":
+            return optuna.samplers.GPSampler(seed=seed, **kw)
+        if settings["type"] == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False, **kw)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def describe_sampler(settings: dict, budget: int) -> str:
+    """One line: ``TPE (multivariate, constant liar), 4 random start-up trials of 12, seed 0``."""
+    flags = [k.replace("_", " ") for k in ("multivariate", "group", "constant_liar") if settings.get(k)]
+    text = NAMES[settings["type"]] + (f" ({', '.join(flags)})" if flags else "")
+    if "n_startup_trials" in settings:
+        text += f", {settings['n_startup_trials']} random start-up trials of {budget}"
+    return f"{text}, seed {settings['seed']}"

@@ -1,0 +1,114 @@
+"""The search algorithm and the scheduler of a study, as Ray Tune takes them.
+
+``make_searcher``: Optuna (the study's sampler, ``tune.samplers``) proposes configs through the
+LPT space (``tune.search_space.DefineByRun``), at most ``concurrency`` at a time; its study lives
+in the given Optuna storage. ``make_scheduler``: ASHA stops bad trials early, except the baseline
+trial. The benchmark ``benchmarks/search_quality.py`` uses the same two functions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from .samplers import make_sampler
+from .search_space import DefineByRun
+
+BASELINE = "baseline"  # a constant of every config: True for the baseline trial
+TUNE_TRIAL_ID = "tune_trial_id"  # user attribute of each Optuna trial: its Tune trial id
+
+
+class LPTOptunaSearch(OptunaSearch):
+    """Ray's ``OptunaSearch``, except that a trial ASHA stopped before its last epoch goes into
+    the Optuna study as PRUNED (at its last reported value), not as COMPLETE: the sampler then
+    ranks it below every trial that ran its epochs, and ``study.best_trials`` holds only those."""
+
+    def __init__(self, *args, epochs: int, time_attr: str = "epoch", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epochs, self._time_attr = epochs, time_attr
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        config = super().suggest(trial_id)
+        if config is not None:
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, list):  # Optuna keeps no intermediate values for several objectives
+            return
+        value, step = result.get(self.metric), int(result.get(self._time_attr, 0))
+        reported = self.__dict__.setdefault("_last_step", {})
+        if value is not None and trial_id not in self._completed_trials and step > reported.get(trial_id, 0):
+            self._ot_trials[trial_id].report(value, step)
+            reported[trial_id] = step
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        stopped_early = (result and not error and trial_id not in self._completed_trials
+                         and result.get(self._time_attr, self._epochs) < self._epochs
+                         and not _nan(result, self.metric))
+        if not stopped_early:
+            return super().on_trial_complete(trial_id, result, error)
+        self.on_trial_result(trial_id, result)  # the result ASHA stopped it on reaches only this call
+        self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+
+def _nan(result: dict, metric) -> bool:
+    values = [result.get(m) for m in (metric if isinstance(metric, list) else [metric])]
+    return any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values)
+
+
+class BaselineSpace(DefineByRun):
+    """The LPT space, plus the ``baseline`` constant: True for the trial enqueued with the profile's
+    own values (``enqueue_baseline``), so the scheduler, the table and the runs can tell it apart."""
+
+    def __call__(self, trial: optuna.Trial) -> dict:
+        super().__call__(trial)
+        return {BASELINE: bool(trial.user_attrs.get(BASELINE, False))}
+
+
+def baseline_config(space: dict, model_defaults: dict, recipe: dict) -> dict:
+    """The profile's own value of every searched parameter."""
+    return {name: model_defaults[name] if name in model_defaults else recipe[name] for name in space}
+
+
+def enqueue_baseline(study: optuna.Study, config: dict) -> None:
+    study.enqueue_trial(config, user_attrs={BASELINE: True}, skip_if_exists=True)
+
+
+def make_searcher(study_cfg: dict, model_defaults: dict, depth: int, epochs: int, metrics: list[str],
+                  modes: list[str], settings: dict, storage: optuna.storages.BaseStorage | None = None,
+                  study_name: str | None = None, seed_offset: int = 0) -> ConcurrencyLimiter:
+    """Optuna behind a ConcurrencyLimiter. ``settings``: ``tune.samplers.sampler_settings``."""
+    single = len(metrics) == 1
+    searcher = LPTOptunaSearch(
+        space=BaselineSpace(study_cfg["space"], model_defaults, depth), epochs=epochs,
+        metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
+        sampler=make_sampler(settings, seed_offset), storage=storage, study_name=study_name)
+    return ConcurrencyLimiter(searcher, max_concurrent=study_cfg["budget"]["concurrency"])
+
+
+class BaselineExemptASHA(ASHAScheduler):
+    """ASHA that compares every trial with the baseline's results but never stops the baseline."""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if trial.config.get(BASELINE) and result.get(self._time_attr, 0) < self._max_t:
+            return TrialScheduler.CONTINUE
+        return action
+
+
+def make_scheduler(study_cfg: dict, epochs: int, metric: str, mode: str) -> TrialScheduler:
+    es = study_cfg["early_stopping"]
+    if not es["enabled"]:
+        return FIFOScheduler()
+    exempt = study_cfg.get("baseline", {}).get("exempt_from_early_stopping", True)
+    return (BaselineExemptASHA if exempt else ASHAScheduler)(
+        time_attr="epoch", metric=metric, mode=mode, max_t=epochs, grace_period=es["grace_period"],
+        reduction_factor=es["reduction_factor"])

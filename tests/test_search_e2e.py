@@ -111,8 +111,9 @@ def test_sigkill_then_resume_finishes_the_budget_once(tmp_path):
 
 
 def test_diverging_trials_fail_and_the_search_goes_on(tmp_path):
-    # scale 1e38 overflows the logits: NaN loss. TPE's first random draws with seed 7 give both values.
+    # scale 1e38 overflows the logits: NaN loss. The random sampler's draws with seed 7 give both values.
     study = {"budget": {"trials": 4, "concurrency": 1}, "early_stopping": {"enabled": False}, "seed": 7,
+             "sampler": {"type": "random"}, "baseline": {"enabled": False},
              "space": {"scale": {"type": "choice", "values": [20.0, 1.0e+38]}}}
     path = tmp_path / "diverge.yaml"
     path.write_text(yaml.safe_dump(study))

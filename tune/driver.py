@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -16,21 +14,21 @@ import ray
 import yaml
 from mlflow import MlflowClient
 import optuna
-from optuna.samplers import TPESampler
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 
 from . import mlflow_tracking as mt
 from . import names
 from .cluster_checks import check_shared_storage
 from .model_registry import RegisterError, model_name, register_best
+from .baseline_gain import baseline_row, confirm_summary, shots, validation_gain
 from .progress import SearchProgress
+from .optuna_storage import fail_unfinished, open_storage, search_study, storage_url
+from .samplers import describe_sampler, sampler_settings
 from .search_report import build_study, log_search_report
-from .search_space import DefineByRun
+from .search_space import baseline_config
+from .searcher import TUNE_TRIAL_ID, enqueue_baseline, make_scheduler, make_searcher
 from .stop_signals import StopSignals
-from .study_config import SHOT_KEYS, ConfigError, error_line, objective_of, phase2_epochs
+from .study_config import ConfigError, StudyConfig, error_line, objective_of, phase2_epochs
 from .trainable import SearchSetup, confirm_seed, evaluate_prompts, run_trial
 from .names import SEARCH_FILE, TABLE_FILE
 from .trial_table import (COMPLETED, FAILED, INTERRUPTED, TrialTable, best_row, close_trial_run, last_line,
@@ -83,6 +81,11 @@ def first_difference(old, new, path: str = "") -> str | None:
     return None if old == new else f"{path} (the search has {old!r}, now {new!r})"
 
 
+def with_defaults(study: dict) -> dict:
+    """A stored study config with the keys added since it was stored, at their defaults."""
+    return StudyConfig.model_validate(study).to_dict(order=list(study["space"]))
+
+
 def resume_mode(plan, args, record: dict, folder: Path) -> str:
     """``resume`` (finish the budget), ``extend`` (more trials) or ``finished``; a search that
     differs from the one in ``folder`` is refused, since its trials would mix two searches."""
@@ -92,7 +95,7 @@ def resume_mode(plan, args, record: dict, folder: Path) -> str:
     diff = first_difference(_plain(record["profile"]), _plain(plan.profile))
     if diff:
         raise ConfigError(f"--resume: profile {diff} in {folder.name}; start a new search without --resume")
-    stored, wanted = _plain(record["study_config"]), _plain(plan.study)
+    stored, wanted = _plain(with_defaults(record["study_config"])), _plain(plan.study)
     budget = stored["budget"]["trials"]
     asked = budget if args.trials is None else args.trials  # the search's own budget unless --trials
     diff = first_difference({**stored, "budget": {**stored["budget"], "trials": None}},
@@ -135,22 +138,25 @@ def new_search(plan, client: MlflowClient, uri: str) -> tuple[Path, dict, str]:
         "study": plan.study_name, "profile": plan.profile_name, "trials": b["trials"],
         "concurrency": b["concurrency"], "objective": json.dumps(plan.study["objective"]),
         "sampler_seed": plan.study["seed"], "space": json.dumps(plan.study["space"]),
+        "sampler": describe_sampler(sampler_settings(plan.study, b["trials"]), b["trials"]),
+        "baseline": json.dumps(plan.baseline) if plan.baseline else "off",
         "data": plan.profile["data"]["name"], "backbone": plan.profile["backbone"]["name"],
         "manifest_hash": plan.manifest_hash})
     record = {"name": name, "study": plan.study_name, "profile_name": plan.profile_name,
               "profile": plan.profile, "study_config": plan.study, "manifest_hash": plan.manifest_hash,
               "experiment_id": exp_id, "parent_run_id": parent.info.run_id, "tracking_uri": uri,
               "state": RUNNING, "runs": [{"dir": ".", "trials": b["trials"], "rows_before": []}]}
-    save_record(folder, record)
+    keep_optuna_study(plan, client, folder, record)  # saves the record
     (folder / names.PROFILE_FILE).write_text(yaml.safe_dump(plan.profile, sort_keys=False))
     client.log_artifact(parent.info.run_id, str(folder / names.PROFILE_FILE))
     return folder, record, "new"
 
 
 def make_tuner(plan, folder: Path, run: dict, setup: SearchSetup, client: MlflowClient, restore: bool,
-               budget: int) -> tune.Tuner:
+               budget: int, record: dict) -> tune.Tuner:
     """The Tuner of one Tune run of the search: the first (``run["dir"] == "."``, the search folder
-    itself) or an extension (``extend-N`` inside it) whose sampler starts from every earlier trial.
+    itself) or an extension (``extend-N`` inside it). Every run's sampler works on the search's
+    one Optuna study (``record["optuna_study"]``), so an extension starts from every earlier trial.
     ``restore`` continues the run's unfinished trials from their checkpoints."""
     study, profile = plan.study, plan.profile
     metrics, modes = objective_of(study["objective"])
@@ -160,7 +166,7 @@ def make_tuner(plan, folder: Path, run: dict, setup: SearchSetup, client: Mlflow
     path = folder / run["dir"]
     table_path = folder / TABLE_FILE
     if restore:
-        if tune.Tuner.can_restore(str(path)):  # with the callbacks it was started with
+        if tune.Tuner.can_restore(str(path)):  # with the callbacks and the searcher it was started with
             return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
         print(f"{path}: the search stopped before Tune saved its state; starting its trials again", flush=True)
         earlier = read_rows(table_path)  # keep the rows of earlier runs; this run's trials run again
@@ -170,25 +176,37 @@ def make_tuner(plan, folder: Path, run: dict, setup: SearchSetup, client: Mlflow
     table = TrialTable(table_path, params, epochs, client, budget, metrics[0], prior,
                        (setup.experiment_id, setup.parent_run_id))
     progress = SearchProgress(budget, epochs, metrics[0], modes[0], params, prior)
-    single = len(metrics) == 1
-    storage = {}
-    if prior:  # an extension: the sampler sees every earlier trial
-        earlier = build_study(prior, study["space"], metrics, modes)
-        storage = dict(storage=earlier._storage, study_name=earlier.study_name)
-    searcher = OptunaSearch(space=DefineByRun(study["space"], profile["model"], plan.depth),
-                            metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
-                            sampler=TPESampler(seed=study["seed"] + len(prior)), **storage)
-    es = study["early_stopping"]
-    scheduler = (ASHAScheduler(time_attr="epoch", metric=metrics[0], mode=modes[0], max_t=epochs,
-                               grace_period=es["grace_period"], reduction_factor=es["reduction_factor"])
-                 if es["enabled"] else FIFOScheduler())
+    storage = open_storage(record["optuna_storage"])
+    ot_study = search_study(storage, record["optuna_study"], modes)
+    fail_unfinished(ot_study)  # trials of a run that starts again
+    if study["baseline"]["enabled"]:
+        enqueue_baseline(ot_study, baseline_config(study["space"], profile["model"], profile["phase2"]))
+    searcher = make_searcher(study, profile["model"], plan.depth, epochs, metrics, modes,
+                             sampler_settings(study, budget), storage=storage,
+                             study_name=record["optuna_study"], seed_offset=len(prior))
     run_config = tune.RunConfig(
         name=path.name, storage_path=str(path.parent),
         failure_config=tune.FailureConfig(max_failures=study["budget"]["max_failures"]),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[table, progress], verbose=0)
     return tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
-        search_alg=ConcurrencyLimiter(searcher, max_concurrent=study["budget"]["concurrency"]),
-        scheduler=scheduler, num_samples=run["trials"]))
+        search_alg=searcher, scheduler=make_scheduler(study, epochs, metrics[0], modes[0]),
+        num_samples=run["trials"]))
+
+
+def keep_optuna_study(plan, client: MlflowClient, folder: Path, record: dict) -> None:
+    """Name the search's Optuna storage and study in its record and parent run. A search started
+    before the study was kept gets one now, holding the trials of its table."""
+    if "optuna_study" in record:
+        return
+    record.update(optuna_storage=storage_url(folder), optuna_study=record["name"])
+    rows = list(read_rows(folder / TABLE_FILE).values())
+    if rows:
+        metrics, modes = objective_of(plan.study["objective"])
+        study = search_study(open_storage(record["optuna_storage"]), record["optuna_study"], modes)
+        study.add_trials(build_study(rows, plan.study["space"], metrics, modes).trials)
+    client.set_tag(record["parent_run_id"], names.OPTUNA_STORAGE, record["optuna_storage"])
+    client.set_tag(record["parent_run_id"], names.OPTUNA_STUDY, record["optuna_study"])
+    save_record(folder, record)
 
 
 def on_resources(fn, profile: dict):
@@ -196,13 +214,11 @@ def on_resources(fn, profile: dict):
     return ray.remote(num_cpus=r["cpu"], num_gpus=r["gpu"], max_retries=2)(fn)
 
 
-def pareto(rows: list[dict], metrics: list[str], modes: list[str]) -> list[str]:
-    done = [r for r in rows if r["status"] == COMPLETED]
-    signed = lambda r: [(1 if m == "max" else -1) * r[k] for k, m in zip(metrics, modes)]
-
-    def dominated(a):
-        return any(all(x >= y for x, y in zip(signed(b), signed(a))) and signed(b) != signed(a) for b in done)
-    return [r["trial_id"] for r in done if not dominated(r)]
+def pareto(record: dict) -> list[str]:
+    """The Tune trial ids of the Pareto front: Optuna's ``best_trials`` of the search's study (its
+    trials that ran every epoch; those ASHA stopped are PRUNED)."""
+    study = optuna.load_study(study_name=record["optuna_study"], storage=open_storage(record["optuna_storage"]))
+    return sorted(t.user_attrs[TUNE_TRIAL_ID] for t in study.best_trials if TUNE_TRIAL_ID in t.user_attrs)
 
 
 def check_resources(resources: dict, local: bool) -> None:
@@ -298,6 +314,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None) -> 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
     client = MlflowClient(uri)
     folder, record, mode = resumed or new_search(plan, client, uri)
+    keep_optuna_study(plan, client, folder, record)  # a search from before the study was kept
     parent_id = record["parent_run_id"]
     budget = plan.study["budget"]["trials"]
     metrics, modes = objective_of(plan.study["objective"])
@@ -308,7 +325,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None) -> 
                         metrics=tuple(metrics))
     print(plan.describe(), flush=True)
     print(f"search folder: {folder}\nMLflow: {ui_address(uri)} (experiment '{plan.study_name}', parent run "
-          f"{parent_id})", flush=True)
+          f"{parent_id})\nOptuna: {optuna_address(record)}", flush=True)
     if mode != "new":
         client.update_run(parent_id, status="RUNNING")
         save_record(folder, {**record, "state": RUNNING})
@@ -318,7 +335,8 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None) -> 
         try:
             if mode == "new" or record.get("state") != FINISHED:  # the last Tune run, new or unfinished
                 grids.append(stop.fit(make_tuner(plan, folder, record["runs"][-1], setup, client,
-                                                 restore=mode != "new", budget=record["study_config"]["budget"]["trials"])))
+                                                 restore=mode != "new", budget=record["study_config"]["budget"]["trials"],
+                                                 record=record)))
             if mode == "extend" and not stop.received:
                 done = list(read_rows(folder / TABLE_FILE))
                 extra = budget - record["study_config"]["budget"]["trials"]
@@ -328,11 +346,12 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None) -> 
                 save_record(folder, record)
                 print(f"extending {folder.name} by {extra} trials to {budget}", flush=True)
                 grids.append(stop.fit(make_tuner(plan, folder, record["runs"][-1], setup, client,
-                                                 restore=False, budget=budget)))
+                                                 restore=False, budget=budget, record=record)))
             rows = collect_rows(plan, client, folder, grids, interrupted=bool(stop.received))
             if stop.received:
                 return stop_interrupted(plan, args, client, folder, record, rows, stop.received)
-            registered = wrap_up(plan, args, setup, client, folder, rows, metrics, modes, time.time() - started)
+            registered = wrap_up(plan, args, setup, client, folder, record, rows, metrics, modes,
+                                 time.time() - started)
             save_record(folder, {**record, "state": FINISHED})
         except KeyboardInterrupt:
             return stop_interrupted(plan, args, client, folder, record,
@@ -358,15 +377,21 @@ def ui_address(uri: str) -> str:
     return uri
 
 
-def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, rows: list[dict],
-            metrics: list[str], modes: list[str], seconds: float) -> bool:
+def optuna_address(record: dict) -> str:
+    """How to watch or reload the search's Optuna study."""
+    return (f"optuna-dashboard {shlex.quote(record['optuna_storage'])}  (study '{record['optuna_study']}'; "
+            f"or optuna.load_study(study_name=..., storage=...))")
+
+
+def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, record: dict,
+            rows: list[dict], metrics: list[str], modes: list[str], seconds: float) -> bool:
     """Test accuracy of the best trial, confirmation, report, registration (``--register``) and
     the summary; False when the model was asked for and not registered."""
     parent_id = setup.parent_run_id
     counts = status_counts(rows)
     summary = {"trials_" + k: v for k, v in counts.items()}
     summary["search_wall_s"] = seconds
-    best = best_row(rows, metrics[0], modes[0])
+    best, baseline = best_row(rows, metrics[0], modes[0]), baseline_row(rows)
     registered = True
     lines = [f"\n{len(rows)} trials: {counts['completed']} completed, {counts['early_stopped']} stopped early "
              f"by ASHA, {counts['failed']} failed ({seconds:.0f} s)"]
@@ -382,6 +407,9 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
                   "  validation: " + shot_line(best, "val_"),
                   "  test:       " + shot_line(test, "test_"),
                   f"  prompts:    {prompt_file}"]
+        gain, gain_lines = validation_gain(best, baseline, list(plan.study["space"]))
+        summary.update(gain)
+        lines += gain_lines
         if args.register is not None:  # the pyfunc model of the best trial, in the Model Registry
             name = args.register or model_name(plan.study_name, plan.profile_name)
             try:
@@ -394,22 +422,11 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
                 lines.append(f"  model:      not registered ({exc})")
                 registered = False
         if len(metrics) > 1:
-            front = pareto(rows, metrics, modes)
+            front = pareto(record)
             client.set_tag(parent_id, names.PARETO_TRIALS, ",".join(front))
             lines.append(f"  Pareto front on {', '.join(metrics)}: {', '.join(front)}")
         if args.confirm:
-            seeds = [plan.profile["seed"] + 1000 + i for i in range(args.confirm)]
-            print(f"confirming the best config with seeds {seeds} ...", flush=True)
-            task = on_resources(confirm_seed, plan.profile)
-            results = ray.get([task.remote(setup, config, s) for s in seeds])
-            keys = [f"test_{m}" for m in SHOT_KEYS]
-            for k in keys:
-                values = [r[k] for r in results]
-                summary[f"confirm_{k}_mean"] = statistics.fmean(values)
-                summary[f"confirm_{k}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-            lines.append(f"  confirmed over {len(seeds)} seeds: " + ", ".join(
-                f"{k.removeprefix('test_')} {summary[f'confirm_{k}_mean']:.2f} ± {summary[f'confirm_{k}_std']:.2f}"
-                for k in keys))
+            lines += confirm(plan, setup, config, baseline, args.confirm, summary)
     else:
         lines.append("no trial completed: see the table's error column and the trials' MLflow runs")
     mt.log(client, parent_id, metrics=summary)
@@ -417,12 +434,34 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
     log_search_report(client, parent_id, folder)  # figures and summary.html
     client.set_terminated(parent_id, "FINISHED")
     lines += [f"table:  {folder / TABLE_FILE}",
-              f"MLflow: {ui_address(setup.tracking_uri)}  (experiment '{plan.study_name}')"]
+              f"MLflow: {ui_address(setup.tracking_uri)}  (experiment '{plan.study_name}')",
+              f"Optuna: {optuna_address(record)}"]
     print("\n".join(lines), flush=True)
     return registered
 
 
 def shot_line(values: dict, prefix: str) -> str:
-    get = lambda k: values.get(f"{prefix}{k}", math.nan)
-    return (f"{get('acc'):.2f}% (many {get('many_acc'):.2f} / medium {get('medium_acc'):.2f} / "
-            f"few {get('few_acc'):.2f})")
+    """``80.00% (many 90.00 / medium 75.00 / few 50.00)``."""
+    return shots(values, prefix, "{:.2f}", "%")
+
+
+def confirm(plan, setup: SearchSetup, config: dict, baseline: dict | None, n: int, summary: dict) -> list[str]:
+    """Retrain the best config, and the baseline's when it ran every epoch and is another config,
+    with the same ``n`` fresh seeds (all at once, as Ray tasks); adds the means and stds to
+    ``summary`` and returns the summary lines."""
+    seeds = [plan.profile["seed"] + 1000 + i for i in range(n)]
+    configs = {"best": config}
+    base = ({p: baseline[p] for p in plan.study["space"]}
+            if baseline is not None and baseline["status"] == COMPLETED else None)
+    if base is not None and base != config:
+        configs["baseline"] = base
+    print(f"confirming the best config{' and the baseline' if len(configs) > 1 else ''} with seeds {seeds} ...",
+          flush=True)
+    task = on_resources(confirm_seed, plan.profile)
+    pending = {name: [task.remote(setup, c, s) for s in seeds] for name, c in configs.items()}
+    results = {name: ray.get(refs) for name, refs in pending.items()}
+    if base is not None and "baseline" not in results:  # the best trial is the baseline
+        results["baseline"] = results["best"]
+    metrics, lines = confirm_summary(results)
+    summary.update(metrics)
+    return lines

@@ -24,6 +24,10 @@ ERROR = "lpt.error"                  # a failed run's reason
 REPORT_ERROR = "lpt.report_error"    # why a run has no report
 DEVICE, GPU_IDS = "lpt.device", "lpt.gpu_ids"
 RESUMED, RESUMED_AT_EPOCH = "lpt.resumed", "lpt.resumed_at_epoch"
+BASELINE = "lpt.baseline"            # the baseline trial's run (the profile's own values): "true"
+OPTUNA_STORAGE = "lpt.optuna_storage"  # parent run: the URL optuna.load_study takes
+OPTUNA_STUDY = "lpt.optuna_study"    # parent run: the study's name in that storage
+SAMPLER = "lpt.sampler"              # parent run: the sampler as it ran (tune.samplers.describe_sampler)
 
 # ----------------------------------------------------------------------------- search storage
 PHASE1_CACHE = "phase1-cache"        # under the storage root, shared by every search
@@ -31,6 +35,7 @@ SEARCH_FILE = "search.json"          # in a search folder: the record --resume r
 SHARED_CHECK = ".lpt-shared-check"   # the cluster's storage check: a marker every node reads back
 PROFILE_FILE = "profile.yaml"        # the profile as the search ran it (also a parent-run artifact)
 TABLE_FILE = "trials.parquet"        # one row per trial
+OPTUNA_FILE = "optuna.db"            # the search's Optuna study (SQLite), unless LPT_OPTUNA_STORAGE
 PROMPTS_DIR = "prompts"              # <trial id>.safetensors of the trials that ran every epoch
 REPORT_DIR = "report"                # the report's folder, and its artifact folder in MLflow
 REPORT_TABLE, REPORT_PAGE = "trials.csv", "summary.html"

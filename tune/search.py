@@ -53,7 +53,7 @@ class Plan:
     def __init__(self, args: argparse.Namespace):
         from lpt_core.backbones import build_backbone_from_spec
         from lpt_core.data.manifest import manifest_hash
-        from tune.search_space import check_space
+        from tune.search_space import baseline_config, check_baseline, check_space
         from tune.study_config import load_profile, load_study, profile_data
 
         self.study_path, self.study = load_study(args.study)
@@ -76,12 +76,17 @@ class Plan:
             raise ConfigError(f"{self.profile_path}: {exc}") from None
         self.depth = len(getattr(backbone, "blocks", []))
         check_space(self.study["space"], self.profile["model"], self.depth, str(self.study_path))
+        self.baseline = (baseline_config(self.study["space"], self.profile["model"], self.profile["phase2"])
+                         if self.study["baseline"]["enabled"] else None)
+        self.baseline_notes = (check_baseline(self.study["space"], self.baseline, str(self.study_path))
+                               if self.baseline else [])
         self.manifest_hash = manifest_hash(self.data)
         self.storage = Path(os.path.expanduser(args.storage or os.environ.get("LPT_STORAGE", "runs"))).resolve()
         if "://" in str(args.storage or ""):
             raise ConfigError(f"--storage {args.storage}: give a folder on a filesystem every node mounts")
 
     def describe(self) -> str:
+        from tune.samplers import describe_sampler, sampler_settings
         from tune.search_space import describe, prompt_lengths
         b, r = self.study["budget"], self.profile["resources"]
         lengths = prompt_lengths(self.study["space"], self.profile["model"]["prompt_length"])
@@ -96,8 +101,10 @@ class Plan:
                  "search space:", *[f"  {line}" for line in describe(self.study["space"], self.depth)],
                  f"objective: {self.study['objective']}",
                  f"budget: {b['trials']} trials, {b['concurrency']} at a time, up to {b['max_failures']} retries each",
+                 f"sampler: {describe_sampler(sampler_settings(self.study, b['trials']), b['trials'])}",
                  f"early stopping: {'ASHA grace %d, reduction %s' % (es['grace_period'], es['reduction_factor']) if es['enabled'] else 'off'}"
                  f" over {phase2_epochs(self.profile)} phase-2 epochs",
+                 self.baseline_line(),
                  f"phase-1 trainings: up to {n_phase1} (one per prompt_length in {lengths if len(lengths) <= 12 else f'{lengths[0]}..{lengths[-1]}'}; "
                  f"cached under {self.storage / PHASE1_CACHE})",
                  f"resources per trial: {r['cpu']:g} CPU, {r['gpu']:g} GPU"
@@ -105,6 +112,15 @@ class Plan:
                  + (", compiled blocks" if self.profile["compile"] else ""),
                  *self.cost_lines(n_phase1)]
         return "\n".join(lines)
+
+    def baseline_line(self) -> str:
+        if self.baseline is None:
+            return "baseline: off (baseline.enabled: false)"
+        values = ", ".join(f"{k}={v}" for k, v in self.baseline.items())
+        exempt = self.study["baseline"]["exempt_from_early_stopping"] and self.study["early_stopping"]["enabled"]
+        return (f"baseline: the first trial runs the profile's values ({values})"
+                + (", every epoch (exempt from early stopping)" if exempt else "")
+                + "".join(f"; note: {n}" for n in self.baseline_notes))
 
     def cost_lines(self, n_phase1: int) -> list[str]:
         """Images each trial trains on, and GPU-hours at the profile's ``images_per_s`` estimate."""

@@ -93,3 +93,22 @@ def prompt_lengths(space: dict, default: int) -> list[int]:
     if spec["type"] == "choice":
         return sorted(set(spec["values"]))
     return list(range(spec["low"], spec["high"] + 1, int(spec.get("step", 1))))
+
+
+def baseline_config(space: dict, model_defaults: dict, recipe: dict) -> dict:
+    """The profile's own value of every searched parameter: the baseline trial's config."""
+    return {name: model_defaults[name] if name in model_defaults else recipe[name] for name in space}
+
+
+def check_baseline(space: dict, config: dict, where: str) -> list[str]:
+    """A baseline value that a ``choice`` lacks cannot be a trial of the study (an error); one
+    outside a range can (Optuna keeps it), and is returned as a note for the dry run."""
+    notes = []
+    for name, value in config.items():
+        spec = space[name]
+        if spec["type"] == "choice" and value not in spec["values"]:
+            raise ConfigError(f"{where}: space.{name}.values: the baseline needs the profile's {name} {value!r} "
+                              f"among {spec['values']}; add it, or set baseline.enabled: false")
+        if spec["type"] != "choice" and not spec["low"] <= value <= spec["high"]:
+            notes.append(f"{name}={value:g} lies outside {spec['low']:g}..{spec['high']:g}")
+    return notes

@@ -8,6 +8,7 @@ trial. The benchmark ``benchmarks/search_quality.py`` uses the same two function
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional
 
@@ -20,8 +21,10 @@ from ray.tune.search.optuna import OptunaSearch
 from .samplers import make_sampler
 from .search_space import DefineByRun
 
+logger = logging.getLogger(__name__)
+
 BASELINE = "baseline"  # a constant of every config: True for the baseline trial
-TUNE_TRIAL_ID = "tune_trial_id"  # user attribute of each Optuna trial: its Tune trial id
+TUNE_TRIAL_ID = "trial_id"  # user attribute of each Optuna trial: its Tune trial id (as in search_report)
 
 
 class LPTOptunaSearch(OptunaSearch):
@@ -54,8 +57,11 @@ class LPTOptunaSearch(OptunaSearch):
                          and not _nan(result, self.metric))
         if not stopped_early:
             return super().on_trial_complete(trial_id, result, error)
-        self.on_trial_result(trial_id, result)  # the result ASHA stopped it on reaches only this call
-        self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+        try:
+            self.on_trial_result(trial_id, result)  # the result ASHA stopped it on reaches only this call
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+        except Exception as exc:  # as Ray's own: e.g. a trial a restored search had already told
+            logger.warning(exc)
         self._completed_trials.add(trial_id)
 
 
@@ -73,13 +79,14 @@ class BaselineSpace(DefineByRun):
         return {BASELINE: bool(trial.user_attrs.get(BASELINE, False))}
 
 
-def baseline_config(space: dict, model_defaults: dict, recipe: dict) -> dict:
-    """The profile's own value of every searched parameter."""
-    return {name: model_defaults[name] if name in model_defaults else recipe[name] for name in space}
-
-
-def enqueue_baseline(study: optuna.Study, config: dict) -> None:
-    study.enqueue_trial(config, user_attrs={BASELINE: True}, skip_if_exists=True)
+def enqueue_baseline(study: optuna.Study, config: dict) -> bool:
+    """Queue the baseline (``search_space.baseline_config``) as the study's next trial, unless the
+    study has it already (waiting, running or ended); True when queued."""
+    had = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+    if any(t.user_attrs.get(BASELINE) for t in study.get_trials(deepcopy=False, states=had)):
+        return False
+    study.enqueue_trial(config, user_attrs={BASELINE: True})
+    return True
 
 
 def make_searcher(study_cfg: dict, model_defaults: dict, depth: int, epochs: int, metrics: list[str],

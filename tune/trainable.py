@@ -180,7 +180,8 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
     data = profile_data(setup.profile)
     model, recipe = build_model(setup, config, data, seed)
     run_id = mt.trial_run(client, setup.experiment_id, setup.parent_run_id, trial_id, f"trial-{trial_id}",
-                          trial_params(setup, config), {names.NODE: node})
+                          trial_params(setup, config),
+                          {names.NODE: node, **({names.BASELINE: "true"} if config.get("baseline") else {})})
     logged = last_logged_epoch(client, run_id)
     trainer = None
     try:

@@ -54,7 +54,7 @@ def trial_row(trial_id: str, config: dict, params: list[str], result: dict | Non
     done = int(result.get("epoch", 0) or 0)
     status = (FAILED if reason else COMPLETED if done >= epochs else INTERRUPTED if interrupted
               else EARLY_STOPPED)
-    row = {"trial_id": trial_id, "status": status, "epochs": done}
+    row = {"trial_id": trial_id, "status": status, "epochs": done, "baseline": bool(config.get("baseline", False))}
     row.update({p: config.get(p) for p in params})
     for m in FINAL_METRICS:
         value = result.get(m)

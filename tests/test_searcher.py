@@ -1,0 +1,186 @@
+"""The sampler sized to the budget, the baseline trial, ASHA-stopped trials as PRUNED and the
+search's persistent Optuna study: the project's searcher and scheduler on a real local Ray Tune
+run with an instant stand-in trainable (no training), and the checks of the study file."""
+
+import optuna
+import pytest
+import ray
+import yaml
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from tune.driver import pareto
+from tune.optuna_storage import open_storage, search_study, storage_url
+from tune.samplers import describe_sampler, make_sampler, sampler_settings, startup_trials
+from tune.search import main
+from tune.search_space import baseline_config, check_baseline
+from tune.searcher import BASELINE, TUNE_TRIAL_ID, enqueue_baseline, make_scheduler, make_searcher
+from tune.study_config import ConfigError, load_profile, load_study
+
+EPOCHS = 4
+
+
+def test_the_start_up_count_is_a_third_of_the_budget_between_2_and_10():
+    assert [startup_trials(b) for b in (1, 6, 8, 12, 16, 30, 48, 200)] == [2, 2, 2, 4, 5, 10, 10, 10]
+    _, study = load_study("prompt_pool")   # pool_size and top_k: top_k's range depends on pool_size
+    settings = sampler_settings(study, 12)
+    assert settings == {"type": "tpe", "seed": 0, "n_startup_trials": 4, "multivariate": True, "group": True,
+                        "constant_liar": True}
+    assert describe_sampler(settings, 12) == ("TPE (multivariate, group, constant liar), "
+                                              "4 random start-up trials of 12, seed 0")
+    _, lengths = load_study("prompt_length")
+    assert sampler_settings(lengths, 8)["group"] is False and sampler_settings(lengths, 8)["n_startup_trials"] == 2
+    sampler = make_sampler(settings, seed_offset=3)
+    assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == 4
+
+
+def test_a_study_names_its_sampler():
+    base = {"seed": 1, "space": {"margin": {"type": "float", "low": 0.0, "high": 0.5}}}
+    given = sampler_settings({**base, "sampler": {"type": "tpe", "n_startup_trials": 7, "group": False}}, 12)
+    assert given["n_startup_trials"] == 7 and given["group"] is False
+    assert sampler_settings({**base, "sampler": {"type": "random"}}, 12) == {"type": "random", "seed": 1}
+    for kind, cls in (("gp", optuna.samplers.GPSampler), ("cmaes", optuna.samplers.CmaEsSampler),
+                      ("random", optuna.samplers.RandomSampler)):
+        assert isinstance(make_sampler(sampler_settings({**base, "sampler": {"type": kind}}, 12)), cls)
+
+
+@pytest.mark.parametrize("sampler, objective, message", [
+    ({"type": "random", "n_startup_trials": 3}, None, "sampler.n_startup_trials: not for type random"),
+    ({"type": "gp", "multivariate": True}, None, "sampler.multivariate: only for type tpe, not gp"),
+    ({"type": "tpe", "multivariate": False, "group": True}, None, "sampler.group: needs multivariate: true"),
+    ({"type": "cmaes"}, {"metrics": ["val_acc", "val_few_acc"], "modes": ["max", "max"]},
+     "sampler.type: cmaes optimises one objective"),
+    ({"type": "bayes"}, None, "sampler.type"),
+    ({"type": "tpe", "n_startup_trials": -1}, None, "sampler.n_startup_trials"),
+])
+def test_a_bad_sampler_is_one_line_naming_the_key(tmp_path, capsys, sampler, objective, message):
+    study = {"space": {"margin": {"type": "float", "low": 0.0, "high": 0.5}}, "sampler": sampler,
+             **({"objective": objective} if objective else {})}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(study))
+    assert main(["--study", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and message in err, err
+
+
+def test_the_baseline_is_the_profiles_values_and_must_be_a_possible_trial(tmp_path, capsys):
+    _, profile = load_profile("smoke")
+    space = {"prompt_length": {"type": "choice", "values": [2, 10]}, "lr": {"type": "float", "low": 0.01, "high": 0.1}}
+    config = baseline_config(space, profile["model"], profile["phase2"])
+    assert config == {"prompt_length": profile["model"]["prompt_length"], "lr": profile["phase2"]["lr"]}
+    with pytest.raises(ConfigError, match=r"space.prompt_length.values: the baseline needs the profile's "
+                                          r"prompt_length 5 among \[2, 10\]; add it, or set baseline.enabled: false"):
+        check_baseline(space, config, "s.yaml")
+    space["prompt_length"]["values"].append(5)
+    assert check_baseline(space, config, "s.yaml") == ["lr=0.5 lies outside 0.01..0.1"]
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"space": space}, sort_keys=False))
+    assert main(["--study", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert ("baseline: the first trial runs the profile's values (prompt_length=5, lr=0.5), every epoch "
+            "(exempt from early stopping); note: lr=0.5 lies outside 0.01..0.1") in out
+    assert "sampler: TPE (multivariate, constant liar), 4 random start-up trials of 12, seed 0" in out
+    path.write_text(yaml.safe_dump({"space": space, "baseline": {"enabled": False}}))
+    assert main(["--study", str(path), "--dry-run"]) == 0
+    assert "baseline: off (baseline.enabled: false)" in capsys.readouterr().out
+
+
+def _trial(config: dict) -> Trial:
+    return Trial("stand_in", config=config, stub=True)
+
+
+def test_asha_compares_with_the_baseline_but_never_stops_it():
+    study = {"early_stopping": {"enabled": True, "grace_period": 1, "reduction_factor": 2},
+             "baseline": {"enabled": True, "exempt_from_early_stopping": True}}
+    decisions = {}
+    for exempt in (True, False):
+        study["baseline"]["exempt_from_early_stopping"] = exempt
+        scheduler = make_scheduler(study, EPOCHS, "val_acc", "max")
+        assert isinstance(scheduler, ASHAScheduler)
+        trials = [_trial({BASELINE: False}) for _ in range(4)] + [_trial({BASELINE: True})]
+        for trial in trials:
+            scheduler.on_trial_add(None, trial)
+        for trial, value in zip(trials[:4], (90.0, 85.0, 80.0, 75.0)):
+            scheduler.on_trial_result(None, trial, {"epoch": 1, "val_acc": value})
+        decisions[exempt] = scheduler.on_trial_result(None, trials[4], {"epoch": 1, "val_acc": 10.0})
+        other = _trial({BASELINE: False})
+        scheduler.on_trial_add(None, other)
+        assert scheduler.on_trial_result(None, other, {"epoch": 1, "val_acc": 10.0}) == TrialScheduler.STOP
+    assert decisions == {True: TrialScheduler.CONTINUE, False: TrialScheduler.STOP}
+
+
+def stand_in(config: dict) -> None:
+    """Instant: the profile's values are the worst config; values rise with the epochs."""
+    for epoch in range(1, EPOCHS + 1):
+        score = 60.0 - abs(config["pool_size"] - 24) - 4 * abs(config["top_k"] - 3) + 2 * epoch
+        tune.report({"val_acc": score, "val_few_acc": 40.0 + config["pool_size"] - 3 * config["top_k"],
+                     "epoch": epoch})
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import sys
+    from ray import cloudpickle
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def run_study(tmp_path, metrics, modes, trials=8, concurrency=1):
+    _, profile = load_profile("smoke")
+    study = {"space": {"pool_size": {"type": "int", "low": 4, "high": 40, "step": 2},
+                       "top_k": {"type": "int", "low": 1, "high": 4}},
+             "budget": {"trials": trials, "concurrency": concurrency, "max_failures": 0},
+             "early_stopping": {"enabled": True, "grace_period": 1, "reduction_factor": 2}, "seed": 3,
+             "baseline": {"enabled": True, "exempt_from_early_stopping": True}}
+    record = {"optuna_storage": storage_url(tmp_path), "optuna_study": "stand-in"}
+    storage = open_storage(record["optuna_storage"])
+    assert enqueue_baseline(search_study(storage, "stand-in", modes), baseline_config(
+        study["space"], profile["model"], profile["phase2"]))
+    searcher = make_searcher(study, profile["model"], 4, EPOCHS, metrics, modes, sampler_settings(study, trials),
+                             storage=storage, study_name="stand-in")
+    grid = tune.Tuner(stand_in, tune_config=tune.TuneConfig(
+        search_alg=searcher, scheduler=make_scheduler(study, EPOCHS, metrics[0], modes[0]), num_samples=trials),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="stand-in", verbose=0)).fit()
+    return record, {r.metrics["trial_id"]: r for r in grid}
+
+
+@pytest.mark.slow
+def test_the_study_outlives_the_search_with_the_baseline_first_and_asha_stops_pruned(tmp_path, local_ray):
+    record, results = run_study(tmp_path, ["val_acc"], ["max"])
+    assert record["optuna_storage"] == f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.load_study(study_name="stand-in", storage=record["optuna_storage"])
+    trials = study.get_trials()
+    assert len(trials) == 8 and {t.user_attrs[TUNE_TRIAL_ID] for t in trials} == set(results)
+    first = trials[0]
+    assert first.user_attrs.get(BASELINE) is True and first.params == {"pool_size": 8, "top_k": 2}
+    assert [t for t in trials if t.user_attrs.get(BASELINE)] == [first]
+    assert results[first.user_attrs[TUNE_TRIAL_ID]].config[BASELINE] is True
+    assert first.state == TrialState.COMPLETE and results[first.user_attrs[TUNE_TRIAL_ID]].metrics["epoch"] == EPOCHS
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, [t.state for t in trials]   # ASHA stopped some: in the study as PRUNED, not COMPLETE
+    for t in trials:
+        last = results[t.user_attrs[TUNE_TRIAL_ID]].metrics
+        if t.state == TrialState.PRUNED:
+            assert last["epoch"] < EPOCHS and t.value == last["val_acc"]
+            assert t.intermediate_values[last["epoch"]] == last["val_acc"]
+        else:
+            assert t.state == TrialState.COMPLETE and last["epoch"] == EPOCHS and t.value == last["val_acc"]
+    assert not enqueue_baseline(study, {"pool_size": 8, "top_k": 2})   # the study has its baseline
+
+
+@pytest.mark.slow
+def test_the_pareto_front_is_optunas_best_trials(tmp_path, local_ray):
+    record, results = run_study(tmp_path, ["val_acc", "val_few_acc"], ["max", "max"], trials=8)
+    done = [r.metrics for r in results.values() if r.metrics["epoch"] == EPOCHS]
+    keys = ("val_acc", "val_few_acc")
+    expected = sorted(a["trial_id"] for a in done if not any(
+        all(b[k] >= a[k] for k in keys) and any(b[k] > a[k] for k in keys) for b in done))
+    assert expected and pareto(record) == expected
+    study = optuna.load_study(study_name="stand-in", storage=record["optuna_storage"])
+    stopped = {r.metrics["trial_id"] for r in results.values() if r.metrics["epoch"] < EPOCHS}
+    assert {t.user_attrs[TUNE_TRIAL_ID] for t in study.trials if t.state == TrialState.PRUNED} == stopped

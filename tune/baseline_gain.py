@@ -1,0 +1,76 @@
+"""What a search bought: its best trial against the baseline trial (the profile's own values), by
+shot group, on validation and, with ``--confirm N``, over N fresh seeds (paired by seed).
+
+The figures go to the parent run as metrics: ``baseline_val_*`` and ``gain_val_*``;
+``confirm_test_*``, ``confirm_baseline_test_*`` and ``confirm_gain_test_*`` (each ``_mean`` and
+``_std``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from .study_config import SHOT_KEYS
+from .trial_table import COMPLETED
+
+
+def baseline_row(rows: list[dict]) -> dict | None:
+    return next((r for r in rows if r.get("baseline")), None)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def validation_gain(best: dict, baseline: dict | None, params: list[str]) -> tuple[dict, list[str]]:
+    """Parent-run metrics and summary lines of the baseline's validation accuracy and the best
+    trial's gain over it (points), when the baseline ran every epoch."""
+    if baseline is None:
+        return {}, []
+    head = (f"baseline trial {baseline['trial_id']} (the profile's values): "
+            + ", ".join(f"{p}={baseline[p]}" for p in params))
+    if baseline["trial_id"] == best["trial_id"]:
+        return ({**{f"baseline_val_{k}": best[f"val_{k}"] for k in SHOT_KEYS if _finite(best.get(f"val_{k}"))},
+                 **{f"gain_val_{k}": 0.0 for k in SHOT_KEYS if _finite(best.get(f"val_{k}"))}},
+                [f"baseline trial {baseline['trial_id']}: the best trial is the baseline (the profile's values); "
+                 "no config of the search beat it"])
+    if baseline["status"] != COMPLETED:
+        why = baseline.get("error") or f"{baseline['status'].replace('_', ' ')} at epoch {baseline['epochs']}"
+        return {}, [head, f"  {why}: no gain to report"]
+    metrics = {f"baseline_val_{k}": baseline[f"val_{k}"] for k in SHOT_KEYS if _finite(baseline.get(f"val_{k}"))}
+    metrics.update({f"gain_val_{k}": best[f"val_{k}"] - baseline[f"val_{k}"]
+                    for k in SHOT_KEYS if _finite(best.get(f"val_{k}")) and f"baseline_val_{k}" in metrics})
+    return metrics, [head, "  validation: " + shots(baseline, "val_", "{:.2f}", "%"),
+                     "  gain of the best: " + shots(metrics, "gain_val_", "{:+.2f}", " points")]
+
+
+def confirm_summary(results: dict[str, list[dict]]) -> tuple[dict, list[str]]:
+    """``results``: the test accuracies of each seed for ``best`` and (when there is one)
+    ``baseline``, in the same seed order. Mean and std of each, and of the paired gain."""
+    n = len(results["best"])
+    groups = {"confirm_": results["best"]}
+    if "baseline" in results:
+        groups["confirm_baseline_"] = results["baseline"]
+        groups["confirm_gain_"] = [{k: b[k] - a[k] for k in b} for b, a in zip(results["best"], results["baseline"])]
+    metrics = {}
+    for prefix, per_seed in groups.items():
+        for k in SHOT_KEYS:
+            values = [r[f"test_{k}"] for r in per_seed]
+            metrics[f"{prefix}test_{k}_mean"] = statistics.fmean(values)
+            metrics[f"{prefix}test_{k}_std"] = statistics.stdev(values) if n > 1 else 0.0
+    labels = {"confirm_": "best", "confirm_baseline_": "baseline", "confirm_gain_": "gain"}
+    lines = [f"  confirmed over {n} seeds (test):"]
+    for prefix in groups:
+        fmt = "{:+.2f}" if prefix == "confirm_gain_" else "{:.2f}"
+        lines.append(f"    {labels[prefix] + ':':9} " + ", ".join(
+            f"{k.removesuffix('_acc') if k != 'acc' else 'acc'} {fmt.format(metrics[f'{prefix}test_{k}_mean'])}"
+            f" ± {metrics[f'{prefix}test_{k}_std']:.2f}" for k in SHOT_KEYS))
+    return metrics, lines
+
+
+def shots(values: dict, prefix: str, fmt: str, unit: str) -> str:
+    """``80.00% (many 90.00 / medium 75.00 / few 50.00)`` from ``values[prefix + key]``."""
+    get = lambda k: values.get(f"{prefix}{k}", math.nan)
+    return (f"{fmt.format(get('acc'))}{unit} (many {fmt.format(get('many_acc'))} / "
+            f"medium {fmt.format(get('medium_acc'))} / few {fmt.format(get('few_acc'))})")

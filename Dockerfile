@@ -38,15 +38,17 @@ WORKDIR /app
 # Dependencies first (layers that survive source edits). torch and torchvision are the big layer
 # (several GB): it depends only on their two pins below (tests/test_compose.py checks that they
 # equal constraints.txt's), so a change of any other dependency does not download them again.
-# Then the project's dependencies and its "cluster" extra (the MLflow login app, the PostgreSQL
-# driver) read from pyproject.toml, all pinned by constraints.txt (torch's own pins included).
+# Then the project's dependencies, its "cluster" extra (the MLflow login app, the PostgreSQL
+# driver) and its "dashboard" extra (optuna-dashboard) read from pyproject.toml, all pinned by
+# constraints.txt (torch's own pins included).
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
     "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 COPY constraints.txt pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['cluster']))" > /tmp/requirements.txt \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['cluster'] + p['optional-dependencies']['dashboard']))" \
+    > /tmp/requirements.txt \
     && pip install -c constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
@@ -55,7 +57,7 @@ COPY . .
 RUN pip install --no-deps --no-build-isolation . \
     && install -m 755 scripts/container-entrypoint.sh /usr/local/bin/lpt-entrypoint \
     && pip check \
-    && python -c "import lpt_core, tune.trainable, psycopg2, aiohttp_cors, flask_wtf" \
+    && python -c "import lpt_core, tune.trainable, psycopg2, aiohttp_cors, flask_wtf, optuna_dashboard" \
     && ray --version && mlflow --version
 
 ENTRYPOINT ["lpt-entrypoint"]

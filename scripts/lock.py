@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"
 CONSTRAINTS = ROOT / "constraints.txt"
-EXTRAS = "test,cluster"
+EXTRAS = "test,cluster,dashboard"
 DIGEST_LINE = "# pyproject-dependencies-sha256: "
 
 

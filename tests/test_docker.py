@@ -376,4 +376,16 @@ def test_search_runs_on_both_workers_and_survives_losing_one(stack, tmp_path):
     assert finished_after and victim not in finished_after, f"trials finished after the kill on {finished_after}"
     retried = client.get_run(victim_run)   # the killed worker's trial, retried elsewhere in the same run
     assert retried.info.status == "FINISHED" and retried.data.tags["lpt.node"] != victim
+
+    # the search's Optuna study is in the stack's PostgreSQL, where optuna.load_study finds it
+    tags = client.get_run(record["parent_run_id"]).data.tags
+    assert tags["lpt.optuna_storage"].startswith("postgresql+psycopg2://mlflow@postgres:5432/mlflow?")
+    loaded = subprocess.run([*map(str, stack.compose), "run", "--rm", "-T", "--entrypoint", "lpt-entrypoint", "driver",
+                             "python", "-c", "import json, optuna, sys; s = optuna.load_study(study_name=sys.argv[1], "
+                             "storage=sys.argv[2]); print(json.dumps({t.user_attrs['trial_id']: t.state.name "
+                             "for t in s.trials}))", tags["lpt.optuna_study"], tags["lpt.optuna_storage"]],
+                            cwd=stack.workdir, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    states = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert states == {r["trial_id"]: {"completed": "COMPLETE", "early_stopped": "PRUNED"}[r["status"]] for r in rows}
     print(f"[docker test] timings: {json.dumps(TIMINGS)}", flush=True)

@@ -244,8 +244,11 @@ def test_report_cli_rebuilds_a_search_from_mlflow_and_the_table(store, tmp_path,
     folder_db, uri, client = store
     mt.experiment_id(client, "trial_report", uri)
     rows = fabricated_rows()
+    rows[0]["baseline"] = True   # the search's first trial: the profile's values
     parent, folder = fabricate_search(client, uri, tmp_path / "runs", "pool_study", rows,
                                       {"metric": "val_acc", "mode": "max"})
+    mt.log(client, parent, metrics={"gain_val_acc": 1.5, "gain_val_many_acc": 0.25, "gain_val_medium_acc": 2.0,
+                                    "gain_val_few_acc": 3.75})
     rows2 = fabricated_rows(n=3, seed=1, stopped=(1, 2), failed=())  # one completed trial, two objectives
     parent2, folder2 = fabricate_search(client, uri, tmp_path / "runs2", "pool_study", rows2,
                                         {"metrics": ["val_acc", "val_few_acc"], "modes": ["max", "max"]})
@@ -285,6 +288,11 @@ def test_report_cli_rebuilds_a_search_from_mlflow_and_the_table(store, tmp_path,
     extra = 4 * 4 * 96 + best["pool_size"] * (2 * 4 * 96 + 96) + 10 * 96
     assert f"{extra:,}</b>" in page and "% of the" in page
     assert page.count("data:image/png;base64,") == 5
+    baseline_row = (f"<tr><td>validation, baseline trial t000 (the profile's values)</td><td>{rows[0]['val_acc']:.2f}</td>"
+                    f"<td>{rows[0]['val_many_acc']:.2f}</td>")
+    assert baseline_row in page, page
+    assert ("<tr><td>gain of the best over the baseline (points)</td><td>1.50</td><td>0.25</td><td>2.00</td>"
+            "<td>3.75</td></tr>") in page
     arts = {a.path for a in client.list_artifacts(parent, "report")}
     assert arts == {f"report/{n}" for n in pngs | {"summary.html", "trials.csv"}}
     capsys.readouterr()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 
+import optuna
 import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
@@ -74,6 +75,7 @@ def test_ctrl_c_resume_finished_and_extend(tmp_path):
         assert steps == sorted(set(steps)), steps
         assert "phase" not in run.data.metrics and "epoch" not in run.data.metrics
     assert runs_of(client, "study")[0].info.status == "FINISHED"
+    assert_study_matches_table(runs_of(client, "study")[0], rows)
 
     proc = run_search(tmp_path, *ARGS, "--resume", timeout=300)
     assert proc.returncode == 0 and "is finished: 4 trials" in proc.stdout, proc.stdout[-2000:]
@@ -91,6 +93,18 @@ def test_ctrl_c_resume_finished_and_extend(tmp_path):
     assert len(runs_of(client, "trial")) == 6 and len(runs_of(client, "study")) == 1
     record = json.loads(next((tmp_path / "runs").glob("prompt_pool-smoke-*/search.json")).read_text())
     assert record["state"] == "finished" and record["study_config"]["budget"]["trials"] == 6
+    assert_study_matches_table(runs_of(client, "study")[0], rows)
+
+
+def assert_study_matches_table(parent, rows: list[dict]) -> None:
+    """The parent run names an Optuna study that ``optuna.load_study`` opens, with one trial per
+    table row: completed ones COMPLETE, those ASHA stopped PRUNED, and one baseline."""
+    tags = parent.data.tags
+    study = optuna.load_study(study_name=tags["lpt.optuna_study"], storage=tags["lpt.optuna_storage"])
+    states = {t.user_attrs["trial_id"]: t.state.name for t in study.trials}
+    assert states == {r["trial_id"]: {"completed": "COMPLETE", "early_stopped": "PRUNED"}[r["status"]] for r in rows}
+    baselines = [t.user_attrs["trial_id"] for t in study.trials if t.user_attrs.get("baseline")]
+    assert baselines == [r["trial_id"] for r in rows if r["baseline"]] and len(baselines) == 1
 
 
 def test_a_trial_error_carries_its_own_message(tmp_path):

@@ -171,6 +171,36 @@ def test_the_study_outlives_the_search_with_the_baseline_first_and_asha_stops_pr
         else:
             assert t.state == TrialState.COMPLETE and last["epoch"] == EPOCHS and t.value == last["val_acc"]
     assert not enqueue_baseline(study, {"pool_size": 8, "top_k": 2})   # the study has its baseline
+    assert "stand-in" in dashboard_studies(record["optuna_storage"])
+
+
+def dashboard_studies(url: str) -> str:
+    """What ``optuna-dashboard URL`` (the README's command) lists at /api/studies."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = Path(sys.executable).with_name("optuna-dashboard")
+    proc = subprocess.Popen([str(exe), url, "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as answer:
+                    return json.dumps(json.load(answer))
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+                time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @pytest.mark.slow
@@ -184,3 +214,14 @@ def test_the_pareto_front_is_optunas_best_trials(tmp_path, local_ray):
     study = optuna.load_study(study_name="stand-in", storage=record["optuna_storage"])
     stopped = {r.metrics["trial_id"] for r in results.values() if r.metrics["epoch"] < EPOCHS}
     assert {t.user_attrs[TUNE_TRIAL_ID] for t in study.trials if t.state == TrialState.PRUNED} == stopped
+
+
+@pytest.mark.parametrize("url, message", [
+    ("postgresql+psycopg2://lpt:secret@db:5432/optuna", "the URL holds a password"),
+    ("not a url", "not a database URL"),
+])
+def test_a_bad_optuna_storage_is_refused_before_anything_starts(monkeypatch, capsys, url, message):
+    monkeypatch.setenv("LPT_OPTUNA_STORAGE", url)
+    assert main(["--study", "prompt_pool", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: LPT_OPTUNA_STORAGE") and message in err, err

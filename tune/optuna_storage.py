@@ -1,5 +1,5 @@
 """Where a search's Optuna study lives: an SQLite file in the search folder, or the database named
-by ``LPT_OPTUNA_STORAGE`` (the compose stack's PostgreSQL), one study per search.
+by ``LPT_OPTUNA_STORAGE`` (the compose stack sets its PostgreSQL), one study per search.
 
 The study outlives the driver: optuna-dashboard can watch it while the search runs, and
 ``optuna.load_study(study_name=..., storage=...)`` (the parent run's ``lpt.optuna_study`` and
@@ -9,6 +9,7 @@ The study outlives the driver: optuna-dashboard can watch it while the search ru
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import optuna
@@ -22,39 +23,52 @@ ENV = "LPT_OPTUNA_STORAGE"
 
 def storage_url(folder: Path) -> str:
     """``LPT_OPTUNA_STORAGE`` when set, else ``sqlite:///<folder>/optuna.db``."""
+    return os.environ.get(ENV, "").strip() or f"sqlite:///{(Path(folder) / OPTUNA_FILE).resolve()}"
+
+
+def check_storage_env() -> None:
+    """``LPT_OPTUNA_STORAGE``, checked before anything starts: a database URL without a password
+    (the URL is recorded in MLflow, tag ``lpt.optuna_storage``)."""
     url = os.environ.get(ENV, "").strip()
-    return url or f"sqlite:///{(Path(folder) / OPTUNA_FILE).resolve()}"
+    if not url:
+        return
+    import sqlalchemy
+    try:
+        password = sqlalchemy.engine.make_url(url).password
+    except Exception:
+        raise ConfigError(f"{ENV}={url}: not a database URL (e.g. postgresql+psycopg2://user@host:5432/db)") from None
+    if password is not None:
+        raise ConfigError(f"{ENV}: the URL holds a password, and the URL is recorded in MLflow "
+                          f"(tag lpt.optuna_storage); give the password through PGPASSFILE instead")
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """The RDB storage at ``url``; a PostgreSQL database that does not exist yet is created (the
-    compose stack's server holds MLflow's database, and the two must not share one: both keep an
-    ``alembic_version`` table)."""
+    """The RDB storage at ``url``. On PostgreSQL a ``search_path`` schema in the URL's options
+    (``?options=-csearch_path%3Doptuna``: the compose stack keeps the studies in its MLflow
+    database, apart from MLflow's tables, as both keep an ``alembic_version`` table) is created
+    first if missing."""
     try:
+        if url.startswith("postgresql"):
+            _create_schema(url)
         return optuna.storages.RDBStorage(url)
-    except Exception as first:
-        if url.startswith("postgresql") and _create_database(url):
-            return optuna.storages.RDBStorage(url)
-        raise ConfigError(f"{ENV if os.environ.get(ENV) else 'Optuna storage'} {url}: cannot open "
-                          f"({type(first).__name__}: {str(first).strip().splitlines()[0]})") from None
+    except Exception as exc:
+        where = ENV if os.environ.get(ENV, "").strip() == url else "Optuna storage"
+        raise ConfigError(f"{where} {url}: cannot open ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
 
 
-def _create_database(url: str) -> bool:
-    """``CREATE DATABASE`` for ``url``'s database through the server's ``postgres`` database."""
+def _create_schema(url: str) -> None:
     import sqlalchemy
-    target = sqlalchemy.engine.make_url(url)
-    admin = sqlalchemy.create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    options = sqlalchemy.engine.make_url(url).query.get("options", "")
+    found = re.search(r"search_path=([A-Za-z_][A-Za-z0-9_]*)", options if isinstance(options, str) else " ".join(options))
+    if not found:
+        return
+    engine = sqlalchemy.create_engine(url)
     try:
-        with admin.connect() as conn:
-            exists = conn.execute(sqlalchemy.text("SELECT 1 FROM pg_database WHERE datname = :n"),
-                                  {"n": target.database}).scalar()
-            if not exists:
-                conn.execute(sqlalchemy.text(f'CREATE DATABASE "{target.database}"'))
-        return True
-    except Exception:
-        return False
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE SCHEMA IF NOT EXISTS "{found.group(1)}"'))
     finally:
-        admin.dispose()
+        engine.dispose()
 
 
 def search_study(storage: optuna.storages.BaseStorage, name: str, modes: list[str]) -> optuna.Study:

@@ -53,6 +53,7 @@ class Plan:
     def __init__(self, args: argparse.Namespace):
         from lpt_core.backbones import build_backbone_from_spec
         from lpt_core.data.manifest import manifest_hash
+        from tune.optuna_storage import check_storage_env
         from tune.search_space import baseline_config, check_baseline, check_space
         from tune.study_config import load_profile, load_study, profile_data
 
@@ -82,6 +83,7 @@ class Plan:
                                if self.baseline else [])
         self.manifest_hash = manifest_hash(self.data)
         self.storage = Path(os.path.expanduser(args.storage or os.environ.get("LPT_STORAGE", "runs"))).resolve()
+        check_storage_env()
         if "://" in str(args.storage or ""):
             raise ConfigError(f"--storage {args.storage}: give a folder on a filesystem every node mounts")
 

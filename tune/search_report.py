@@ -272,15 +272,27 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
                          f"<td>{_fmt(b, 4)}</td></tr>")
         parts.append("</table>")
         parts.append("<table><tr><th>accuracy (%)</th><th>overall</th><th>many</th><th>medium</th><th>few</th></tr>")
-        for label, prefix, values in (("validation (search)", "val_", best), ("test (best trial)", "test_", info.get("test") or {})):
+        baseline, gain = info.get("baseline"), info.get("gain") or {}
+        rows = [("validation (search)", "val_", best),
+                *([(f"validation, baseline trial {e(baseline['trial_id'])} (the profile's values)", "val_", baseline)]
+                  if baseline and baseline.get("status") == "completed" else []),
+                *([("gain of the best over the baseline (points)", "gain_val_", gain)] if gain else []),
+                ("test (best trial)", "test_", info.get("test") or {})]
+        for label, prefix, values in rows:
             parts.append(f"<tr><td>{label}</td>" + "".join(
                 f"<td>{_fmt(values.get(prefix + k))}</td>" for k in SHOT_KEYS) + "</tr>")
         confirm = info.get("confirm") or {}
-        if confirm:
-            parts.append("<tr><td>test, confirmation seeds (mean ± std)</td>" + "".join(
-                f"<td>{_fmt(confirm.get(f'confirm_test_{k}_mean'))} ± {_fmt(confirm.get(f'confirm_test_{k}_std'))}</td>"
-                for k in SHOT_KEYS) + "</tr>")
+        for label, prefix in (("test, confirmation seeds (mean ± std)", "confirm_"),
+                              ("test, the baseline over the same seeds", "confirm_baseline_"),
+                              ("gain over the baseline, paired by seed", "confirm_gain_")):
+            if f"{prefix}test_acc_mean" in confirm:
+                parts.append(f"<tr><td>{label}</td>" + "".join(
+                    f"<td>{_fmt(confirm.get(f'{prefix}test_{k}_mean'))} ± {_fmt(confirm.get(f'{prefix}test_{k}_std'))}</td>"
+                    for k in SHOT_KEYS) + "</tr>")
         parts.append("</table>")
+        if baseline and baseline.get("status") != "completed":
+            parts.append(f"<p>The baseline trial {e(baseline['trial_id'])} did not run every epoch "
+                         f"({e(str(baseline.get('status')))}): no gain to report.</p>")
         extra, backbone = info.get("extra_params"), info.get("backbone_params")
         if extra is not None:
             pct = f" ({100.0 * extra / backbone:.2f}% of the {backbone:,}-parameter backbone)" if backbone else ""
@@ -376,7 +388,9 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
             "space": space, "defaults": profile_defaults(profile, list(space)), "best": best, "test": test,
             "confirm": {k: v for k, v in pm.items() if k.startswith("confirm_")},
             "extra_params": extra, "backbone_params": backbone_params(profile["backbone"]) if extra and profile.get("backbone") else None,
-            "pareto": [t for t in tags.get(names.PARETO_TRIALS, "").split(",") if t], "top": ranked[:10]}
+            "pareto": [t for t in tags.get(names.PARETO_TRIALS, "").split(",") if t], "top": ranked[:10],
+            "baseline": next((r for r in rows if r.get("baseline")), None),
+            "gain": {k: v for k, v in pm.items() if k.startswith("gain_val_")}}
     (out / names.REPORT_PAGE).write_text(summary_html(info, figures, skipped))
     files = sorted(p for p in out.iterdir() if p.is_file())
     client.log_artifacts(parent_run_id, str(out), REPORT_DIR)

@@ -12,8 +12,9 @@ the reported trial being the best observed final value among trials that ran all
 stopped the others). Sampler settings, all with the same seeds:
 
 - ``configured``: ``tune.samplers.sampler_settings(study, budget)`` (what a search runs);
-- ``defaults``: a plain ``optuna.samplers.TPESampler(seed=...)`` (Optuna's ``n_startup_trials=10``,
-  independent sampling: what the code did before the study had a ``sampler`` section);
+- ``defaults``: a plain ``optuna.samplers.TPESampler(seed=...)``, what the code did before the study
+  had a ``sampler`` section. Optuna 5's defaults: ``n_startup_trials=10``, constant liar, and
+  multivariate TPE for one objective but independent TPE for several;
 - ``random``: ``optuna.samplers.RandomSampler``;
 - ``gp`` (not run by default): ``optuna.samplers.GPSampler`` with the configured start-up count.
 
@@ -68,7 +69,7 @@ from ray import tune as raytune  # noqa: E402
 from tune.samplers import sampler_settings, startup_trials  # noqa: E402
 from tune.search_space import check_space  # noqa: E402
 from tune.searcher import baseline_config, enqueue_baseline, make_scheduler, make_searcher  # noqa: E402
-from tune.study_config import load_profile, load_study, objective_of  # noqa: E402
+from tune.study_config import ConfigError, error_line, load_profile, load_study, objective_of  # noqa: E402
 
 DEPTH = 12  # blocks of the shipped profiles' ViT-B/16: group_start can take 1..11
 PEAK = {"val_acc": 80.0, "val_few_acc": 65.0}
@@ -218,8 +219,10 @@ def summarise(rows: list[dict], within: float) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["study"], r["budget"], r["setting"]), []).append(r)
+    studies = list(dict.fromkeys(r["study"] for r in rows))
     out = []
-    for (study, budget, setting), rs in groups.items():
+    for (study, budget, setting), rs in sorted(groups.items(), key=lambda g: (
+            studies.index(g[0][0]), g[0][1], SETTINGS.index(g[0][2]))):
         regrets = [r["regret"] for r in rs if not math.isnan(r["regret"])]
         limit = within / 100 * rs[0]["optimum"]
         out.append({"study": study, "budget": budget, "setting": setting, "seeds": len(rs),
@@ -294,28 +297,34 @@ def write(path: str, result: dict) -> None:
                          for r in rows)
 
 
-def report(rows: list[dict], within: float, seconds: float | None, where: str, epochs, noise) -> None:
+def report(rows: list[dict], within: float, wall: str, where: str, epochs, noise) -> None:
     print(table(summarise(rows, within), within))
-    wall = f"{seconds:.0f} s wall" if seconds is not None else "searches"
     print(f"\n{len(rows)} searches, {sum(r['trials'] for r in rows)} trials, {epochs} epochs each, "
           f"noise {noise}; {wall} on {where}")
 
 
+def read_result(path: str) -> dict:
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: {error_line(exc)}") from None
+    if not isinstance(result, dict) or not {"runs", "config", "seconds", "machine"} <= set(result):
+        raise ConfigError(f"{path}: not a JSON file of search_quality.py --out")
+    return result
+
+
 def reprint(paths: list[str], within: float) -> dict:
     """The table of earlier runs' JSON files together (a run split over several processes)."""
-    results = [json.loads(Path(p).read_text()) for p in paths]
+    results = [read_result(p) for p in paths]
     rows = [r for res in results for r in res["runs"]]
     configs = {(res["config"]["epochs"], res["config"]["noise"]) for res in results}
-    seconds = sum(res["seconds"] for res in results)
-    report(rows, within, seconds, results[0]["machine"], *(list(configs)[0] if len(configs) == 1 else ("mixed", "mixed")))
+    wall = f"{sum(res['seconds'] for res in results):.0f} s wall summed over {len(results)} runs"
+    report(rows, within, wall, results[0]["machine"], *(list(configs)[0] if len(configs) == 1 else ("mixed", "mixed")))
     return {"summary": summarise(rows, within), "runs": rows}
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.summarise:
-        return reprint(args.summarise, args.within)
-    _, profile = load_profile(args.profile)
+def load_studies(args: argparse.Namespace, profile: dict) -> list[dict]:
+    """The studies to run, checked before Ray starts (a space the stand-in cannot score fails here)."""
     studies = []
     for name in args.studies:
         path, study = load_study(name)
@@ -323,8 +332,23 @@ def main(argv=None) -> dict:
         if args.concurrency:
             study["budget"] = {**study["budget"], "concurrency": args.concurrency}
         check_space(study["space"], profile["model"], DEPTH, str(path))
-        StandIn(study["space"], objective_of(study["objective"])[0], args.epochs, args.noise, 0)  # fail early
+        try:
+            StandIn(study["space"], objective_of(study["objective"])[0], args.epochs, args.noise, 0)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         studies.append(study)
+    return studies
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        if args.summarise:
+            return reprint(args.summarise, args.within)
+        _, profile = load_profile(args.profile)
+        studies = load_studies(args, profile)
+    except ConfigError as exc:
+        raise SystemExit(f"search_quality.py: {exc}") from None
     quiet()
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no per-trial result files
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # then verbose=0 prints nothing
@@ -355,7 +379,7 @@ def main(argv=None) -> dict:
         ray.shutdown()
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["summary"] = summarise(rows, args.within)
-    report(rows, args.within, result["seconds"], where, args.epochs, args.noise)
+    report(rows, args.within, f"{result['seconds']:.0f} s wall", where, args.epochs, args.noise)
     if args.out:
         write(args.out, result)
     return result

@@ -117,6 +117,9 @@ def test_search_quality_tiny_run(tmp_path):
         assert set(run["best_config"]) == {"pool_size", "top_k", "group_start"}
     assert data["runs"][0]["sampler"]["n_startup_trials"] == 2  # a third of 6, at least 2
     assert "| prompt_pool | 6 | tpe (as configured) |" in proc.stdout
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_quality.py"), "--summarise",
+                            str(out)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.split("\n\n")[0] == proc.stdout.split("\n\n")[0]
 
 
 def test_search_quality_stand_in_has_its_optimum_inside_the_space():

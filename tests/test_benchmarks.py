@@ -1,29 +1,33 @@
-"""benchmarks/step_throughput.py runs end to end at the tiniest size and its FLOP counts are right.
+"""benchmarks/step_throughput.py runs end to end at the tiniest size and its FLOP counts are right;
+benchmarks/search_quality.py runs its searches and its stand-in objective peaks where it says.
 
 No timing assertions: speed is measured by the benchmark, not tested here.
 """
 
 import importlib.util
 import json
+import math
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_benchmark():
-    path = ROOT / "benchmarks" / "step_throughput.py"
-    spec = importlib.util.spec_from_file_location("step_throughput", path)
+def _load(name: str = "step_throughput"):
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-bench = _load_benchmark()
+bench = _load()
 PROMPTS = dict(prompt_length=10, pool_size=20, top_k=2, group_start=None)
 
 
@@ -92,3 +96,47 @@ def test_bad_flops_size_is_a_usage_error():
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(["--flops-size", "vit_huge"])
     assert exc.value.code == 2
+
+
+@pytest.mark.slow  # a Ray session and six Tune runs: 1-2 minutes on 2 shared cores
+def test_search_quality_tiny_run(tmp_path):
+    """benchmarks/search_quality.py runs the real wiring (Ray Tune, Optuna, ASHA) on its stand-in:
+    one row per sampler setting, a finite regret >= 0 for every search."""
+    out = tmp_path / "quality.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_quality.py"), "--studies",
+                           "prompt_pool", "--budgets", "6", "--seeds", "2", "--epochs", "4", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [(s["study"], s["budget"], s["setting"], s["seeds"]) for s in data["summary"]] == [
+        ("prompt_pool", 6, setting, 2) for setting in ("configured", "defaults", "random")]
+    assert len(data["runs"]) == 6
+    for run in data["runs"]:
+        assert math.isfinite(run["regret"]) and run["regret"] >= 0
+        assert run["trials"] == 6 and 1 <= run["finished"] <= 6  # the baseline always finishes
+        assert set(run["best_config"]) == {"pool_size", "top_k", "group_start"}
+    assert data["runs"][0]["sampler"]["n_startup_trials"] == 2  # a third of 6, at least 2
+    assert "| prompt_pool | 6 | tpe (as configured) |" in proc.stdout
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_quality.py"), "--summarise",
+                            str(out)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.split("\n\n")[0] == proc.stdout.split("\n\n")[0]
+
+
+def test_search_quality_stand_in_has_its_optimum_inside_the_space():
+    quality = _load("search_quality")
+    from tune.study_config import load_study, objective_of
+
+    for name in ("prompt_pool", "full", "gcl_asymmetry"):
+        study = load_study(name)[1]
+        standin = quality.StandIn(study["space"], objective_of(study["objective"])[0], 4, 0.0, 0)
+        optimum = standin.optimum()
+        rng = np.random.default_rng(0)
+        for _ in range(200):  # no point of the space scores above the optimum
+            config = {n: quality.on_grid(s, s["values"][rng.integers(len(s["values"]))] if s["type"] == "choice"
+                                         else rng.uniform(s["low"], s["high"])) for n, s in study["space"].items()}
+            assert standin.score(standin.final(config)) <= optimum + 1e-9
+        at = {n: quality.on_grid(s, quality.OPTIMUM[n]) for n, s in study["space"].items()}
+        if len(standin.metrics) == 1:  # the optimum is reached at OPTIMUM, and reported values rise to it
+            assert standin.score(standin.final(at)) == pytest.approx(optimum) == pytest.approx(80.0)
+            values = [standin.observed(at, e)["val_acc"] for e in range(1, 5)]
+            assert values == sorted(values) and values[-1] == pytest.approx(80.0)

@@ -64,6 +64,19 @@ def test_smoke_search_records_every_trial(smoke_search, tmp_path):
             assert m in metrics
     best = [r for r in trials if r.data.tags.get("lpt.best") == "true"]
     assert len(best) == 1 and "test_few_acc" in best[0].data.metrics
+
+    # the baseline: the profile's values, every epoch, a run tagged as such, its gain on the parent
+    [baseline] = [r for r in table if r["baseline"]]
+    assert (baseline["pool_size"], baseline["top_k"], baseline["group_start"]) == (8, 2, 2)   # smoke.yaml's model
+    assert baseline["status"] == "completed" and baseline["epochs"] == 4
+    assert [r.data.tags["lpt.trial_id"] for r in trials if r.data.tags.get("lpt.baseline") == "true"] == [baseline["trial_id"]]
+    best_row = next(r for r in table if r["trial_id"] == best[0].data.tags["lpt.trial_id"])
+    for k in ("acc", "many_acc", "medium_acc", "few_acc"):
+        assert parent.data.metrics[f"baseline_val_{k}"] == baseline[f"val_{k}"]
+        assert parent.data.metrics[f"gain_val_{k}"] == pytest.approx(best_row[f"val_{k}"] - baseline[f"val_{k}"])
+    assert f"baseline trial {baseline['trial_id']}" in smoke_search.stdout
+    assert "sampler: TPE (multivariate, constant liar), 2 random start-up trials of 6" in smoke_search.stdout
+    assert parent.data.params["sampler"].startswith("TPE (multivariate, constant liar)")
     artifacts = [a.path for a in client.list_artifacts(best[0].info.run_id)]
     assert any(a.endswith(".safetensors") for a in artifacts)
 

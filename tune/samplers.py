@@ -2,9 +2,10 @@
 
 Optuna's TPE starts with ``n_startup_trials=10`` random trials: a 12-trial study would be a random
 search. Unless the study says otherwise, the sampler here starts with a third of the budget (at
-least 2, never more than Optuna's 10), samples the parameters jointly (multivariate TPE), and in
-groups where one parameter's range depends on another (``top_k`` is narrowed to each trial's
-``pool_size``).
+least 2, never more than Optuna's 10) and samples the parameters jointly (multivariate TPE, which
+Optuna 5 already does for one objective but not for several), in groups where one parameter's
+range depends on another (``top_k`` cut to each trial's ``pool_size``), with the constant liar
+for concurrent trials (Optuna 5's default too).
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ def startup_trials(budget: int) -> int:
 
 
 def conditional(space: dict) -> bool:
-    """Whether a parameter's range depends on another's value in this space."""
-    return "pool_size" in space and "top_k" in space
+    """Whether a parameter's range depends on another's value in this space: ``top_k``'s range is
+    cut to each trial's ``pool_size`` when it can exceed the smallest pool."""
+    pool, top_k = space.get("pool_size"), space.get("top_k")
+    if not pool or not top_k or top_k["type"] == "choice":
+        return False
+    return top_k["high"] > (min(pool["values"]) if pool["type"] == "choice" else pool["low"])
 
 
 def sampler_settings(study: dict, budget: int) -> dict:

@@ -1,57 +1,166 @@
-"""Phase-1 cache: one training per key across processes; a dead owner's lock is taken over."""
+"""Phase-1 cache: one training per key across processes; a stale lock is taken over by exactly one
+waiter, judged on the waiter's own clock; an owner removes only its own lock; a crash leaves
+nothing that blocks the next owner."""
 
+import json
 import multiprocessing as mp
 import os
+import socket
 import time
 from pathlib import Path
 
-from tune.phase1_cache import LOCK, PROMPTS, Phase1Cache, phase1_key
+import pytest
+
+from tune.phase1_cache import LOCK, PROMPTS, STATE, TAKEOVER, Phase1Cache, phase1_key
 
 
-def _worker(root: str, key: str, log_dir: str, results: str) -> None:
+def _worker(root: str, key: str, log_dir: str, results: str, train_s: float = 1.5, stale_after_s: float = 60.0,
+            heartbeat_s: float = 5.0, until_trainings: int = 0) -> None:
+    """``get_or_train`` whose training takes ``train_s``, or lasts until ``until_trainings`` have started."""
     def train(folder: Path) -> dict:
         (Path(log_dir) / f"trained-{os.getpid()}").touch()
-        time.sleep(1.5)
+        time.sleep(train_s)
+        deadline = time.monotonic() + 60
+        while len(list(Path(log_dir).iterdir())) < until_trainings and time.monotonic() < deadline:
+            time.sleep(0.05)
         (folder / PROMPTS).write_bytes(b"prompts")
         return {"by": os.getpid()}
-    path, trained = Phase1Cache(root, poll_s=0.1).get_or_train(key, train, log=lambda m: None)
+    cache = Phase1Cache(root, poll_s=0.05, stale_after_s=stale_after_s, heartbeat_s=heartbeat_s)
+    path, trained = cache.get_or_train(key, train, log=lambda m: None)
     Path(results, f"{os.getpid()}").write_text(f"{path}|{trained}")
 
 
-def test_concurrent_trials_train_phase1_once(tmp_path):
-    logs, results = tmp_path / "logs", tmp_path / "results"
-    logs.mkdir(), results.mkdir()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(str(tmp_path / "cache"), "k1", str(logs), str(results)))
-             for _ in range(3)]
-    for p in procs:
-        p.start()
+def _start(target, *args, **kwargs):
+    proc = mp.get_context("spawn").Process(target=target, args=args, kwargs=kwargs)
+    proc.start()
+    return proc
+
+
+def _join(procs):
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
+
+
+def _dirs(tmp_path):
+    logs, results = tmp_path / "logs", tmp_path / "results"
+    logs.mkdir(), results.mkdir()
+    return logs, results
+
+
+def test_concurrent_trials_train_phase1_once(tmp_path):
+    logs, results = _dirs(tmp_path)
+    procs = [_start(_worker, str(tmp_path / "cache"), "k1", str(logs), str(results)) for _ in range(3)]
+    _join(procs)
     assert len(list(logs.iterdir())) == 1
     outcomes = [f.read_text().split("|") for f in results.iterdir()]
     assert sorted(t for _, t in outcomes) == ["False", "False", "True"]
     assert {p for p, _ in outcomes} == {str(tmp_path / "cache" / "k1" / PROMPTS)}
     assert Phase1Cache(tmp_path / "cache").info("k1")["by"] > 0
-    assert not (tmp_path / "cache" / "k1" / LOCK).exists()
+    entry = tmp_path / "cache" / "k1"
+    assert sorted(p.name for p in entry.iterdir()) == ["info.json", PROMPTS]   # no lock, no temporary file
 
 
-def test_stale_lock_of_a_dead_owner_is_taken_over(tmp_path, monkeypatch):
-    import tune.phase1_cache as pc
-    monkeypatch.setattr(pc, "STALE_AFTER_S", 0.5)
-    cache = Phase1Cache(tmp_path, poll_s=0.05)
-    lock = tmp_path / "k2" / LOCK
-    lock.parent.mkdir()
-    lock.write_text("{}")
-    old = time.time() - 10
-    os.utime(lock, (old, old))
+def _stale_lock(folder: Path) -> bytes:
+    """The lock of an owner on another host that stopped beating; its mtime an hour in the future
+    (a clock ahead of ours, or NFS's cached attributes): only its unchanged content tells."""
+    folder.mkdir(parents=True)
+    content = json.dumps({"token": "t0", "host": "elsewhere", "pid": 1, "beat": 7}).encode()
+    (folder / LOCK).write_bytes(content)
+    ahead = time.time() + 3600
+    os.utime(folder / LOCK, (ahead, ahead))
+    return content
+
+
+@pytest.mark.slow
+def test_a_stale_lock_is_taken_over_by_exactly_one_of_its_waiters(tmp_path):
+    logs, results = _dirs(tmp_path)
+    _stale_lock(tmp_path / "cache" / "k2")
+    procs = [_start(_worker, str(tmp_path / "cache"), "k2", str(logs), str(results), 1.5, 0.5, 0.1)
+             for _ in range(3)]
+    _join(procs)
+    assert len(list(logs.iterdir())) == 1                         # one training, not one per waiter
+    assert sorted(f.read_text().split("|")[1] for f in results.iterdir()) == ["False", "False", "True"]
+    assert not list((tmp_path / "cache" / "k2").glob(LOCK + "*"))   # the lock and the takeover marker
+
+
+def test_a_stale_lock_is_judged_on_the_waiters_clock(tmp_path):
+    _stale_lock(tmp_path / "k3")
+    cache = Phase1Cache(tmp_path, poll_s=0.05, stale_after_s=0.5)
+    started = time.monotonic()
 
     def train(folder):
         (folder / PROMPTS).write_bytes(b"x")
         return {}
-    path, trained = cache.get_or_train("k2", train, log=lambda m: None)
+    path, trained = cache.get_or_train("k3", train, log=lambda m: None)
     assert trained and path.read_bytes() == b"x"
+    assert 0.5 <= time.monotonic() - started < 10
+
+
+def _beating_owner(root: str, key: str, log_dir: str) -> None:
+    """An owner whose heartbeat keeps the lock alive for longer than a waiter's stale limit."""
+    def train(folder):
+        (Path(log_dir) / f"trained-{os.getpid()}").touch()
+        time.sleep(2.0)
+        (folder / PROMPTS).write_bytes(b"owner")
+        return {}
+    Phase1Cache(root, poll_s=0.05, heartbeat_s=0.1).get_or_train(key, train, log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_a_live_owner_is_not_taken_over_and_an_owner_removes_only_its_own_lock(tmp_path):
+    logs, results = _dirs(tmp_path)
+    root = str(tmp_path / "cache")
+    # a beating owner: a waiter with a short stale limit waits for it
+    owner = _start(_beating_owner, root, "live", str(logs))
+    while not (tmp_path / "cache" / "live" / LOCK).exists():
+        time.sleep(0.02)
+    waiter = _start(_worker, root, "live", str(logs), str(results), 0.1, 0.5, 0.1)
+    _join([owner, waiter])
+    assert len(list(logs.iterdir())) == 1
+
+    # an owner that stalls (no heartbeat for longer than the stale limit) is taken over; when it
+    # resumes and ends, it leaves the new owner's lock in place
+    for f in [*logs.iterdir(), *results.iterdir()]:
+        f.unlink()
+    slow = _start(_worker, root, "stall", str(logs), str(results), 0.0, 60.0, 3600.0, until_trainings=2)
+    lock = tmp_path / "cache" / "stall" / LOCK
+    while not lock.exists():
+        time.sleep(0.02)
+    first = json.loads(lock.read_text())
+    taker = _start(_worker, root, "stall", str(logs), str(results), 3.0, 0.5, 0.1)
+    slow.join(60)
+    assert slow.exitcode == 0
+    held = json.loads(lock.read_text())                  # the stalled owner ended: the lock is the taker's
+    assert held["pid"] == taker.pid and held["token"] != first["token"]
+    _join([taker])
+    assert not lock.exists() and len(list(logs.iterdir())) == 2
+
+
+def _crash_mid_phase1(root: str, key: str) -> None:
+    def train(folder):
+        (folder / STATE).write_bytes(b"epoch 1")
+        os._exit(1)   # killed mid-phase 1: lock and resume state stay behind
+    Phase1Cache(root).get_or_train(key, train, log=lambda m: None)
+
+
+def test_a_crash_mid_phase1_does_not_block_the_next_owner(tmp_path):
+    proc = _start(_crash_mid_phase1, str(tmp_path), "k4")
+    proc.join(60)
+    assert proc.exitcode == 1
+    lock = tmp_path / "k4" / LOCK
+    assert json.loads(lock.read_text())["host"] == socket.gethostname()
+    resumed_from = []
+
+    def train(folder):
+        resumed_from.append((folder / STATE).read_bytes())
+        (folder / PROMPTS).write_bytes(b"x")
+        return {}
+    started = time.monotonic()
+    path, trained = Phase1Cache(tmp_path, poll_s=0.05).get_or_train("k4", train, log=lambda m: None)
+    assert trained and resumed_from == [b"epoch 1"]
+    assert time.monotonic() - started < 5       # the owner's process is gone: no 60 s stale wait
+    assert not lock.exists() and not list(lock.parent.glob(TAKEOVER + "*"))
 
 
 def test_key_depends_on_what_phase1_depends_on():

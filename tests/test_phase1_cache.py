@@ -170,3 +170,28 @@ def test_key_depends_on_what_phase1_depends_on():
     for change in (dict(manifest_hash="abd"), dict(prompt_length=5), dict(recipe={"epochs": 3}), dict(seed=1),
                    dict(backbone={"name": "vit", "weights": "x"})):
         assert phase1_key(**{**base, **change}) != key
+
+
+def test_a_trial_whose_phase1_is_missing_trains_it_and_its_wait_says_so(tmp_path):
+    """The fallback behind the up-front step (a fresh confirmation seed, a cache entry deleted
+    mid-search): ``ensure_phase1`` trains the key, once, in a phase-1 run of its own."""
+    from mlflow import MlflowClient
+
+    from tune import mlflow_tracking as mt
+    from tune.search import Plan, parse_args
+    from tune.trainable import SearchSetup, build_model, ensure_phase1
+
+    plan = Plan(parse_args(["--study", "prompt_pool", "--set", "phase1.epochs=1", "--storage", str(tmp_path)]))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = mt.experiment_id(client, "cache-test", uri)
+    setup = SearchSetup("smoke", plan.profile, plan.manifest_hash, str(tmp_path), str(tmp_path / "cache"), uri, exp,
+                        "", ("val_acc",))
+    waits = []
+    for _ in range(2):
+        model, _ = build_model(setup, {}, plan.data, 0)
+        key, waited = ensure_phase1(setup, model, plan.data, 0, client, log=lambda m: None)
+        waits.append(waited)
+    assert waits[0] > 0 and waits[1] == 0.0
+    runs = client.search_runs([exp], "tags.`lpt.role` = 'phase1'")
+    assert len(runs) == 1 and runs[0].data.tags["lpt.phase1_key"] == key and runs[0].info.status == "FINISHED"

@@ -158,3 +158,20 @@ def test_prompt_length_search_trains_each_phase1_once_up_front(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "phase 1 up front: 2 configs (prompt_length 2, 5), 2 cached, 0 to train" in proc.stdout
     assert len(runs_of(client, "phase1", "lengths")) == 2
+
+
+def test_a_failed_phase1_fails_the_search_in_one_line(tmp_path):
+    # scale 1e38 overflows phase 1's logits: its task raises before any trial starts
+    proc = run_search(tmp_path, "--study", "prompt_pool", "--trials", "2", "--set", "phase1.scale=1.0e+38",
+                      "--set", "phase1.epochs=1", timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the search failed: Phase1Error: phase 1 of prompt_length 4 (key "), last
+    assert last.endswith("failed: FloatingPointError: train_loss is nan in phase 1 epoch 0"), last
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert runs_of(client, "study")[0].info.status == "FAILED" and not runs_of(client, "trial")
+    phase1 = runs_of(client, "phase1")
+    assert len(phase1) == 1 and phase1[0].info.status == "FAILED" and "nan" in phase1[0].data.tags["lpt.error"]
+    record = next((tmp_path / "runs").glob("prompt_pool-smoke-*/search.json")).read_text()
+    assert '"state": "interrupted"' in record
+    assert not list((tmp_path / "runs" / "phase1-cache").glob("*/lock"))   # nothing left to block a retry

@@ -14,19 +14,31 @@ import pytest
 from tune.phase1_cache import LOCK, PROMPTS, STATE, TAKEOVER, Phase1Cache, phase1_key
 
 
+# A waiter's stale limit far above the owner's heartbeat, so that a loaded machine (a thread not
+# scheduled for a while) cannot make a live owner look dead
+STALE_S, BEAT_S = 3.0, 0.1
+
+
 def _worker(root: str, key: str, log_dir: str, results: str, train_s: float = 1.5, stale_after_s: float = 60.0,
-            heartbeat_s: float = 5.0, until_trainings: int = 0) -> None:
-    """``get_or_train`` whose training takes ``train_s``, or lasts until ``until_trainings`` have started."""
+            heartbeat_s: float = 5.0, until_trainings: int = 0, until_file: str | None = None,
+            log_file: str | None = None) -> None:
+    """``get_or_train`` whose training takes ``train_s``, then lasts until ``until_trainings`` have
+    started and ``until_file`` exists; the cache's messages go to ``log_file``."""
     def train(folder: Path) -> dict:
         (Path(log_dir) / f"trained-{os.getpid()}").touch()
         time.sleep(train_s)
-        deadline = time.monotonic() + 60
-        while len(list(Path(log_dir).iterdir())) < until_trainings and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (len(list(Path(log_dir).iterdir())) < until_trainings
+                                               or (until_file and not Path(until_file).exists())):
             time.sleep(0.05)
         (folder / PROMPTS).write_bytes(b"prompts")
         return {"by": os.getpid()}
+    def log(message: str) -> None:
+        if log_file:
+            with open(log_file, "a") as f:
+                f.write(message + "\n")
     cache = Phase1Cache(root, poll_s=0.05, stale_after_s=stale_after_s, heartbeat_s=heartbeat_s)
-    path, trained = cache.get_or_train(key, train, log=lambda m: None)
+    path, trained = cache.get_or_train(key, train, log=log)
     Path(results, f"{os.getpid()}").write_text(f"{path}|{trained}")
 
 
@@ -76,7 +88,7 @@ def _stale_lock(folder: Path) -> bytes:
 def test_a_stale_lock_is_taken_over_by_exactly_one_of_its_waiters(tmp_path):
     logs, results = _dirs(tmp_path)
     _stale_lock(tmp_path / "cache" / "k2")
-    procs = [_start(_worker, str(tmp_path / "cache"), "k2", str(logs), str(results), 1.5, 0.5, 0.1)
+    procs = [_start(_worker, str(tmp_path / "cache"), "k2", str(logs), str(results), 1.5, STALE_S, BEAT_S)
              for _ in range(3)]
     _join(procs)
     assert len(list(logs.iterdir())) == 1                         # one training, not one per waiter
@@ -97,25 +109,21 @@ def test_a_stale_lock_is_judged_on_the_waiters_clock(tmp_path):
     assert 0.5 <= time.monotonic() - started < 10
 
 
-def _beating_owner(root: str, key: str, log_dir: str) -> None:
-    """An owner whose heartbeat keeps the lock alive for longer than a waiter's stale limit."""
-    def train(folder):
-        (Path(log_dir) / f"trained-{os.getpid()}").touch()
-        time.sleep(2.0)
-        (folder / PROMPTS).write_bytes(b"owner")
-        return {}
-    Phase1Cache(root, poll_s=0.05, heartbeat_s=0.1).get_or_train(key, train, log=lambda m: None)
-
-
 @pytest.mark.slow
 def test_a_live_owner_is_not_taken_over_and_an_owner_removes_only_its_own_lock(tmp_path):
     logs, results = _dirs(tmp_path)
     root = str(tmp_path / "cache")
-    # a beating owner: a waiter with a short stale limit waits for it
-    owner = _start(_beating_owner, root, "live", str(logs))
+    # a beating owner, training for several of the waiter's stale limits after it started waiting
+    done, said = tmp_path / "done", tmp_path / "waiter-said.txt"
+    owner = _start(_worker, root, "live", str(logs), str(results), 0.0, STALE_S, BEAT_S, until_file=str(done))
     while not (tmp_path / "cache" / "live" / LOCK).exists():
         time.sleep(0.02)
-    waiter = _start(_worker, root, "live", str(logs), str(results), 0.1, 0.5, 0.1)
+    waiter = _start(_worker, root, "live", str(logs), str(results), 0.0, STALE_S, BEAT_S, log_file=str(said))
+    while not (said.exists() and "waiting" in said.read_text()):
+        assert waiter.is_alive()
+        time.sleep(0.05)
+    time.sleep(3 * STALE_S)
+    done.touch()
     _join([owner, waiter])
     assert len(list(logs.iterdir())) == 1
 
@@ -128,11 +136,13 @@ def test_a_live_owner_is_not_taken_over_and_an_owner_removes_only_its_own_lock(t
     while not lock.exists():
         time.sleep(0.02)
     first = json.loads(lock.read_text())
-    taker = _start(_worker, root, "stall", str(logs), str(results), 3.0, 0.5, 0.1)
+    checked = tmp_path / "checked"
+    taker = _start(_worker, root, "stall", str(logs), str(results), 0.0, 0.5, BEAT_S, until_file=str(checked))
     slow.join(60)
     assert slow.exitcode == 0
     held = json.loads(lock.read_text())                  # the stalled owner ended: the lock is the taker's
     assert held["pid"] == taker.pid and held["token"] != first["token"]
+    checked.touch()
     _join([taker])
     assert not lock.exists() and len(list(logs.iterdir())) == 2
 

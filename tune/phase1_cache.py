@@ -109,6 +109,7 @@ class Lock:
         """Make a file of ours the lock: linked (only if there is none) or renamed over it."""
         tmp = unique_tmp(self.path)
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        installed = False
         try:
             os.write(fd, self._content())
             os.fsync(fd)
@@ -116,13 +117,16 @@ class Lock:
                 os.replace(tmp, self.path)
             else:
                 os.link(tmp, self.path)
+            installed = True
         except FileExistsError:
-            os.close(fd)
-            return False
+            pass
         finally:
             tmp.unlink(missing_ok=True)
-        self.fd = fd
-        return True
+            if not installed:
+                os.close(fd)
+        if installed:
+            self.fd = fd  # kept open: the heartbeat writes through it
+        return installed
 
     def acquire(self) -> bool:
         """True when the lock was free and is now ours."""

@@ -1,57 +1,176 @@
-"""Phase-1 cache: one training per key across processes; a dead owner's lock is taken over."""
+"""Phase-1 cache: one training per key across processes; a stale lock is taken over by exactly one
+waiter, judged on the waiter's own clock; an owner removes only its own lock; a crash leaves
+nothing that blocks the next owner."""
 
+import json
 import multiprocessing as mp
 import os
+import socket
 import time
 from pathlib import Path
 
-from tune.phase1_cache import LOCK, PROMPTS, Phase1Cache, phase1_key
+import pytest
+
+from tune.phase1_cache import LOCK, PROMPTS, STATE, TAKEOVER, Phase1Cache, phase1_key
 
 
-def _worker(root: str, key: str, log_dir: str, results: str) -> None:
+# A waiter's stale limit far above the owner's heartbeat, so that a loaded machine (a thread not
+# scheduled for a while) cannot make a live owner look dead
+STALE_S, BEAT_S = 3.0, 0.1
+
+
+def _worker(root: str, key: str, log_dir: str, results: str, train_s: float = 1.5, stale_after_s: float = 60.0,
+            heartbeat_s: float = 5.0, until_trainings: int = 0, until_file: str | None = None,
+            log_file: str | None = None) -> None:
+    """``get_or_train`` whose training takes ``train_s``, then lasts until ``until_trainings`` have
+    started and ``until_file`` exists; the cache's messages go to ``log_file``."""
     def train(folder: Path) -> dict:
         (Path(log_dir) / f"trained-{os.getpid()}").touch()
-        time.sleep(1.5)
+        time.sleep(train_s)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (len(list(Path(log_dir).iterdir())) < until_trainings
+                                               or (until_file and not Path(until_file).exists())):
+            time.sleep(0.05)
         (folder / PROMPTS).write_bytes(b"prompts")
         return {"by": os.getpid()}
-    path, trained = Phase1Cache(root, poll_s=0.1).get_or_train(key, train, log=lambda m: None)
+    def log(message: str) -> None:
+        if log_file:
+            with open(log_file, "a") as f:
+                f.write(message + "\n")
+    cache = Phase1Cache(root, poll_s=0.05, stale_after_s=stale_after_s, heartbeat_s=heartbeat_s)
+    path, trained = cache.get_or_train(key, train, log=log)
     Path(results, f"{os.getpid()}").write_text(f"{path}|{trained}")
 
 
-def test_concurrent_trials_train_phase1_once(tmp_path):
-    logs, results = tmp_path / "logs", tmp_path / "results"
-    logs.mkdir(), results.mkdir()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(str(tmp_path / "cache"), "k1", str(logs), str(results)))
-             for _ in range(3)]
-    for p in procs:
-        p.start()
+def _start(target, *args, **kwargs):
+    proc = mp.get_context("spawn").Process(target=target, args=args, kwargs=kwargs)
+    proc.start()
+    return proc
+
+
+def _join(procs):
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
+
+
+def _dirs(tmp_path):
+    logs, results = tmp_path / "logs", tmp_path / "results"
+    logs.mkdir(), results.mkdir()
+    return logs, results
+
+
+def test_concurrent_trials_train_phase1_once(tmp_path):
+    logs, results = _dirs(tmp_path)
+    procs = [_start(_worker, str(tmp_path / "cache"), "k1", str(logs), str(results)) for _ in range(3)]
+    _join(procs)
     assert len(list(logs.iterdir())) == 1
     outcomes = [f.read_text().split("|") for f in results.iterdir()]
     assert sorted(t for _, t in outcomes) == ["False", "False", "True"]
     assert {p for p, _ in outcomes} == {str(tmp_path / "cache" / "k1" / PROMPTS)}
     assert Phase1Cache(tmp_path / "cache").info("k1")["by"] > 0
-    assert not (tmp_path / "cache" / "k1" / LOCK).exists()
+    entry = tmp_path / "cache" / "k1"
+    assert sorted(p.name for p in entry.iterdir()) == ["info.json", PROMPTS]   # no lock, no temporary file
 
 
-def test_stale_lock_of_a_dead_owner_is_taken_over(tmp_path, monkeypatch):
-    import tune.phase1_cache as pc
-    monkeypatch.setattr(pc, "STALE_AFTER_S", 0.5)
-    cache = Phase1Cache(tmp_path, poll_s=0.05)
-    lock = tmp_path / "k2" / LOCK
-    lock.parent.mkdir()
-    lock.write_text("{}")
-    old = time.time() - 10
-    os.utime(lock, (old, old))
+def _stale_lock(folder: Path) -> bytes:
+    """The lock of an owner on another host that stopped beating; its mtime an hour in the future
+    (a clock ahead of ours, or NFS's cached attributes): only its unchanged content tells."""
+    folder.mkdir(parents=True)
+    content = json.dumps({"token": "t0", "host": "elsewhere", "pid": 1, "beat": 7}).encode()
+    (folder / LOCK).write_bytes(content)
+    ahead = time.time() + 3600
+    os.utime(folder / LOCK, (ahead, ahead))
+    return content
+
+
+@pytest.mark.slow
+def test_a_stale_lock_is_taken_over_by_exactly_one_of_its_waiters(tmp_path):
+    logs, results = _dirs(tmp_path)
+    _stale_lock(tmp_path / "cache" / "k2")
+    procs = [_start(_worker, str(tmp_path / "cache"), "k2", str(logs), str(results), 1.5, STALE_S, BEAT_S)
+             for _ in range(3)]
+    _join(procs)
+    assert len(list(logs.iterdir())) == 1                         # one training, not one per waiter
+    assert sorted(f.read_text().split("|")[1] for f in results.iterdir()) == ["False", "False", "True"]
+    assert not list((tmp_path / "cache" / "k2").glob(LOCK + "*"))   # the lock and the takeover marker
+
+
+def test_a_stale_lock_is_judged_on_the_waiters_clock(tmp_path):
+    _stale_lock(tmp_path / "k3")
+    cache = Phase1Cache(tmp_path, poll_s=0.05, stale_after_s=0.5)
+    started = time.monotonic()
 
     def train(folder):
         (folder / PROMPTS).write_bytes(b"x")
         return {}
-    path, trained = cache.get_or_train("k2", train, log=lambda m: None)
+    path, trained = cache.get_or_train("k3", train, log=lambda m: None)
     assert trained and path.read_bytes() == b"x"
+    assert 0.5 <= time.monotonic() - started < 10
+
+
+@pytest.mark.slow
+def test_a_live_owner_is_not_taken_over_and_an_owner_removes_only_its_own_lock(tmp_path):
+    logs, results = _dirs(tmp_path)
+    root = str(tmp_path / "cache")
+    # a beating owner, training for several of the waiter's stale limits after it started waiting
+    done, said = tmp_path / "done", tmp_path / "waiter-said.txt"
+    owner = _start(_worker, root, "live", str(logs), str(results), 0.0, STALE_S, BEAT_S, until_file=str(done))
+    while not (tmp_path / "cache" / "live" / LOCK).exists():
+        time.sleep(0.02)
+    waiter = _start(_worker, root, "live", str(logs), str(results), 0.0, STALE_S, BEAT_S, log_file=str(said))
+    while not (said.exists() and "waiting" in said.read_text()):
+        assert waiter.is_alive()
+        time.sleep(0.05)
+    time.sleep(3 * STALE_S)
+    done.touch()
+    _join([owner, waiter])
+    assert len(list(logs.iterdir())) == 1
+
+    # an owner that stalls (no heartbeat for longer than the stale limit) is taken over; when it
+    # resumes and ends, it leaves the new owner's lock in place
+    for f in [*logs.iterdir(), *results.iterdir()]:
+        f.unlink()
+    slow = _start(_worker, root, "stall", str(logs), str(results), 0.0, 60.0, 3600.0, until_trainings=2)
+    lock = tmp_path / "cache" / "stall" / LOCK
+    while not lock.exists():
+        time.sleep(0.02)
+    first = json.loads(lock.read_text())
+    checked = tmp_path / "checked"
+    taker = _start(_worker, root, "stall", str(logs), str(results), 0.0, 0.5, BEAT_S, until_file=str(checked))
+    slow.join(60)
+    assert slow.exitcode == 0
+    held = json.loads(lock.read_text())                  # the stalled owner ended: the lock is the taker's
+    assert held["pid"] == taker.pid and held["token"] != first["token"]
+    checked.touch()
+    _join([taker])
+    assert not lock.exists() and len(list(logs.iterdir())) == 2
+
+
+def _crash_mid_phase1(root: str, key: str) -> None:
+    def train(folder):
+        (folder / STATE).write_bytes(b"epoch 1")
+        os._exit(1)   # killed mid-phase 1: lock and resume state stay behind
+    Phase1Cache(root).get_or_train(key, train, log=lambda m: None)
+
+
+def test_a_crash_mid_phase1_does_not_block_the_next_owner(tmp_path):
+    proc = _start(_crash_mid_phase1, str(tmp_path), "k4")
+    proc.join(60)
+    assert proc.exitcode == 1
+    lock = tmp_path / "k4" / LOCK
+    assert json.loads(lock.read_text())["host"] == socket.gethostname()
+    resumed_from = []
+
+    def train(folder):
+        resumed_from.append((folder / STATE).read_bytes())
+        (folder / PROMPTS).write_bytes(b"x")
+        return {}
+    started = time.monotonic()
+    path, trained = Phase1Cache(tmp_path, poll_s=0.05).get_or_train("k4", train, log=lambda m: None)
+    assert trained and resumed_from == [b"epoch 1"]
+    assert time.monotonic() - started < 5       # the owner's process is gone: no 60 s stale wait
+    assert not lock.exists() and not list(lock.parent.glob(TAKEOVER + "*"))
 
 
 def test_key_depends_on_what_phase1_depends_on():
@@ -61,3 +180,28 @@ def test_key_depends_on_what_phase1_depends_on():
     for change in (dict(manifest_hash="abd"), dict(prompt_length=5), dict(recipe={"epochs": 3}), dict(seed=1),
                    dict(backbone={"name": "vit", "weights": "x"})):
         assert phase1_key(**{**base, **change}) != key
+
+
+def test_a_trial_whose_phase1_is_missing_trains_it_and_its_wait_says_so(tmp_path):
+    """The fallback behind the up-front step (a fresh confirmation seed, a cache entry deleted
+    mid-search): ``ensure_phase1`` trains the key, once, in a phase-1 run of its own."""
+    from mlflow import MlflowClient
+
+    from tune import mlflow_tracking as mt
+    from tune.search import Plan, parse_args
+    from tune.trainable import SearchSetup, build_model, ensure_phase1
+
+    plan = Plan(parse_args(["--study", "prompt_pool", "--set", "phase1.epochs=1", "--storage", str(tmp_path)]))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = mt.experiment_id(client, "cache-test", uri)
+    setup = SearchSetup("smoke", plan.profile, plan.manifest_hash, str(tmp_path), str(tmp_path / "cache"), uri, exp,
+                        "", ("val_acc",))
+    waits = []
+    for _ in range(2):
+        model, _ = build_model(setup, {}, plan.data, 0)
+        key, waited = ensure_phase1(setup, model, plan.data, 0, client, log=lambda m: None)
+        waits.append(waited)
+    assert waits[0] > 0 and waits[1] == 0.0
+    runs = client.search_runs([exp], "tags.`lpt.role` = 'phase1'")
+    assert len(runs) == 1 and runs[0].data.tags["lpt.phase1_key"] == key and runs[0].info.status == "FINISHED"

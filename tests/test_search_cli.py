@@ -103,7 +103,7 @@ def test_dry_run_describes_and_trains_nothing(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert code == 0
     assert "pool_size: int 4..40 step 2" in out and "budget: 5 trials" in out
-    assert "phase-1 trainings: up to 1 (one per prompt_length in [5]" in out
+    assert "phase-1 trainings: 1, up front before the trials (one per prompt_length in [5]" in out
     assert "resources per trial: 1 CPU, 0 GPU" in out
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
 
@@ -113,7 +113,7 @@ def test_dry_run_states_the_cost_of_a_trial_and_of_the_search(capsys):
     assert main(["--study", "prompt_pool", "--dry-run", "--trials", "5"]) == 0
     out = capsys.readouterr().out
     assert "cost per trial: phase 2 trains 4 epochs x 15 steps x 2x32 = 3,840 images (+ 800 evaluated)" in out
-    assert "cost per phase 1 (up to 1, cached): 2 epochs x 15 steps x 2x32 = 1,920 images (+ 400 evaluated)" in out
+    assert "cost per phase 1 (1, unless cached): 2 epochs x 15 steps x 2x32 = 1,920 images (+ 400 evaluated)" in out
     assert "at most 21,120 training images (5 whole trials" in out
     assert "GPU time: add --set images_per_s=N" in out
     assert main(["--study", "prompt_pool", "--dry-run", "--trials", "5", "--set", "images_per_s=0.5"]) == 0
@@ -149,7 +149,26 @@ def test_a_trial_too_big_for_the_local_ray_exits_2_and_records_nothing(tmp_path,
 
 def test_dry_run_counts_phase1_trainings_per_prompt_length(capsys):
     assert main(["--study", "prompt_length", "--dry-run"]) == 0
-    assert "phase-1 trainings: up to 4 (one per prompt_length in [2, 5, 10, 20]" in capsys.readouterr().out
+    assert "phase-1 trainings: 4, up front before the trials (one per prompt_length in [2, 5, 10, 20]" in capsys.readouterr().out
+
+
+def test_a_prompt_length_range_wider_than_the_budget_is_refused(tmp_path, capsys):
+    """Each length is a phase 1 trained up front: 2..20 would be 19 of them for 8 trials."""
+    wide = {**GOOD_STUDY, "budget": {"trials": 8, "concurrency": 2},
+            "space": {"prompt_length": {"type": "int", "low": 2, "high": 20}}}
+    study = write(tmp_path, "wide", wide)
+    code, err = run_main(capsys, "--study", study, "--dry-run")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err == (f"error: {study}: space.prompt_length: an int range of 19 lengths (2..20) means 19 phase-1 "
+                   f"trainings up front for 8 trials; use a choice of lengths, e.g. "
+                   f"{{type: choice, values: [2, 8, 14, 20]}}")
+    # within the budget (--trials 19), or as a choice, it is fine
+    assert main(["--study", study, "--dry-run", "--trials", "19"]) == 0
+    assert "phase-1 trainings: 19, up front" in capsys.readouterr().out
+    narrow = {**wide, "space": {"prompt_length": {"type": "int", "low": 2, "high": 20, "step": 6}}}
+    assert main(["--study", write(tmp_path, "narrow", narrow), "--dry-run"]) == 0
+    assert "phase-1 trainings: 4, up front before the trials (one per prompt_length in [2, 8, 14, 20]" in \
+        capsys.readouterr().out
 
 
 def test_unreachable_services_exit_1_naming_the_address(tmp_path, capsys, monkeypatch):

@@ -141,3 +141,51 @@ def test_diverging_trials_fail_and_the_search_goes_on(tmp_path):
     runs = runs_of(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "trial", "diverge")
     bad = [r for r in runs if r.info.status == "FAILED"]
     assert len(bad) == len(failed) and all("train_loss is nan" in r.data.tags["lpt.error"] for r in bad)
+
+
+def test_prompt_length_search_trains_each_phase1_once_up_front(tmp_path):
+    """Every phase 1 is trained before the first trial starts, once per length; the trials only
+    read the cache and wait 0 s; a second search on the same storage trains none."""
+    study = {"budget": {"trials": 4, "concurrency": 2}, "early_stopping": {"enabled": False}, "seed": 0,
+             "space": {"prompt_length": {"type": "choice", "values": [2, 5]}}}
+    path = tmp_path / "lengths.yaml"
+    path.write_text(yaml.safe_dump(study))
+    proc = run_search(tmp_path, "--study", str(path), "--set", "phase2.epochs=1", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "phase 1 up front: 2 configs (prompt_length 2, 5), 0 cached, 2 to train as Ray tasks" in proc.stdout
+    assert "phase 1 prompt_length 2 ready" in proc.stdout and "phase 1 prompt_length 5 ready" in proc.stdout
+    assert proc.stdout.count("reusing cached prompts") == 4, proc.stdout[-3000:]   # each trial read it
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    phase1, trials = runs_of(client, "phase1", "lengths"), runs_of(client, "trial", "lengths")
+    assert sorted(r.data.params["prompt_length"] for r in phase1) == ["2", "5"]
+    assert all(r.info.status == "FINISHED" for r in phase1) and len(trials) == 4
+    first_trial = min(r.info.start_time for r in trials)
+    assert all(r.info.end_time <= first_trial for r in phase1)
+    keys = {r.data.params["prompt_length"]: r.data.tags["lpt.phase1_key"] for r in phase1}
+    for run in trials:
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "phase1_wait_s")] == [0.0]
+        assert run.data.tags["lpt.phase1_key"] == keys[run.data.params["prompt_length"]]
+    assert runs_of(client, "study", "lengths")[0].data.metrics["phase1_upfront_s"] > 0
+
+    proc = run_search(tmp_path, "--study", str(path), "--trials", "1", "--set", "phase2.epochs=1", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "phase 1 up front: 2 configs (prompt_length 2, 5), 2 cached, 0 to train" in proc.stdout
+    assert len(runs_of(client, "phase1", "lengths")) == 2
+
+
+def test_a_failed_phase1_fails_the_search_in_one_line(tmp_path):
+    # scale 1e38 overflows phase 1's logits: its task raises before any trial starts
+    proc = run_search(tmp_path, "--study", "prompt_pool", "--trials", "2", "--set", "phase1.scale=1.0e+38",
+                      "--set", "phase1.epochs=1", timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the search failed: Phase1Error: phase 1 of prompt_length 4 (key "), last
+    assert last.endswith("failed: FloatingPointError: train_loss is nan in phase 1 epoch 0"), last
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert runs_of(client, "study")[0].info.status == "FAILED" and not runs_of(client, "trial")
+    phase1 = runs_of(client, "phase1")
+    assert len(phase1) == 1 and phase1[0].info.status == "FAILED" and "nan" in phase1[0].data.tags["lpt.error"]
+    record = next((tmp_path / "runs").glob("prompt_pool-smoke-*/search.json")).read_text()
+    assert '"state": "interrupted"' in record
+    assert not list((tmp_path / "runs" / "phase1-cache").glob("*/lock"))   # nothing left to block a retry

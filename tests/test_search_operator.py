@@ -107,6 +107,43 @@ def assert_study_matches_table(parent, rows: list[dict]) -> None:
     assert baselines == [r["trial_id"] for r in rows if r["baseline"]] and len(baselines) == 1
 
 
+def test_ctrl_c_during_phase1_up_front_then_resume(tmp_path):
+    """Ctrl+C while the driver trains phase 1 up front: an interrupted search with the resume line;
+    the phase-1 training stopped mid-way blocks nothing: --resume continues it from its last epoch."""
+    args = ("--study", "prompt_pool", "--trials", "2", "--set", "phase1.epochs=40", "--set", "phase2.epochs=1")
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        driver = subprocess.Popen(search_argv(*args), cwd=tmp_path, env=search_env(), start_new_session=True,
+                                  stdout=stdout, stderr=stderr)
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((tmp_path / "runs").glob("phase1-cache/*/state.safetensors")):
+            assert driver.poll() is None, err.read_text()[-3000:]
+            time.sleep(0.2)
+        assert "phase 1 up front: 1 config (prompt_length 4), 0 cached, 1 to train" in out.read_text()
+        os.killpg(driver.pid, signal.SIGINT)
+        code = driver.wait(timeout=120)
+    stderr_text = err.read_text()
+    assert code == 130, stderr_text[-3000:]
+    assert "interrupted (SIGINT): 0 of 2 trials ended" in stderr_text
+    assert "continue with: python tune/search.py --study prompt_pool --profile smoke" in stderr_text
+    assert_quiet(out.read_text() + stderr_text)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = runs_of(client, "study")[0]
+    assert parent.info.status == "KILLED" and parent.data.tags["lpt.interrupted"] == "SIGINT"
+    record = json.loads(next((tmp_path / "runs").glob("prompt_pool-smoke-*/search.json")).read_text())
+    assert record["state"] == "interrupted" and not table_rows(tmp_path)
+
+    proc = run_search(tmp_path, *args, "--resume", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming at epoch" in proc.stdout and "phase 1 prompt_length 4 ready" in proc.stdout
+    phase1 = runs_of(client, "phase1")
+    assert len(phase1) == 1 and phase1[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(phase1[0].info.run_id, "val_acc")]
+    assert steps == list(range(1, 41))          # each epoch once, across the interruption
+    for run in runs_of(client, "trial"):
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "phase1_wait_s")] == [0.0]
+
+
 def test_a_trial_error_carries_its_own_message(tmp_path):
     """A corrupt phase-1 cache entry makes every trial raise: the real message, not a placeholder."""
     from tune.phase1_cache import PROMPTS

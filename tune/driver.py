@@ -21,6 +21,7 @@ from . import names
 from .cluster_checks import check_shared_storage
 from .model_registry import RegisterError, model_name, register_best
 from .baseline_gain import baseline_row, confirm_summary, shots, validation_gain
+from .phase1_upfront import train_up_front
 from .progress import SearchProgress
 from .optuna_storage import fail_unfinished, open_storage, search_study, storage_url
 from .samplers import describe_sampler, sampler_settings
@@ -333,6 +334,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None) -> 
     grids, rows, registered = [], [], False
     with StopSignals() as stop:
         try:
+            train_up_front(plan, setup, client, on_resources)  # the trials then only read the cache
             if mode == "new" or record.get("state") != FINISHED:  # the last Tune run, new or unfinished
                 grids.append(stop.fit(make_tuner(plan, folder, record["runs"][-1], setup, client,
                                                  restore=mode != "new", budget=record["study_config"]["budget"]["trials"],

@@ -54,7 +54,7 @@ class Plan:
         from lpt_core.backbones import build_backbone_from_spec
         from lpt_core.data.manifest import manifest_hash
         from tune.optuna_storage import check_storage_env
-        from tune.search_space import baseline_config, check_baseline, check_space
+        from tune.search_space import baseline_config, check_baseline, check_prompt_lengths, check_space
         from tune.study_config import load_profile, load_study, profile_data
 
         self.study_path, self.study = load_study(args.study)
@@ -77,6 +77,7 @@ class Plan:
             raise ConfigError(f"{self.profile_path}: {exc}") from None
         self.depth = len(getattr(backbone, "blocks", []))
         check_space(self.study["space"], self.profile["model"], self.depth, str(self.study_path))
+        check_prompt_lengths(self.study["space"], self.study["budget"]["trials"], str(self.study_path))
         self.baseline = (baseline_config(self.study["space"], self.profile["model"], self.profile["phase2"])
                          if self.study["baseline"]["enabled"] else None)
         self.baseline_notes = (check_baseline(self.study["space"], self.baseline, str(self.study_path))
@@ -92,7 +93,7 @@ class Plan:
         from tune.search_space import describe, prompt_lengths
         b, r = self.study["budget"], self.profile["resources"]
         lengths = prompt_lengths(self.study["space"], self.profile["model"]["prompt_length"])
-        n_phase1 = min(len(lengths), b["trials"])
+        n_phase1 = len(lengths)  # all trained up front (check_prompt_lengths keeps it within the budget)
         es = self.study["early_stopping"]
         lines = [f"study {self.study_name} ({self.study_path}), profile {self.profile_name} ({self.profile_path})",
                  f"data: {self.profile['data']['name']}, {self.data.num_classes} classes, "
@@ -107,8 +108,9 @@ class Plan:
                  f"early stopping: {'ASHA grace %d, reduction %s' % (es['grace_period'], es['reduction_factor']) if es['enabled'] else 'off'}"
                  f" over {phase2_epochs(self.profile)} phase-2 epochs",
                  self.baseline_line(),
-                 f"phase-1 trainings: up to {n_phase1} (one per prompt_length in {lengths if len(lengths) <= 12 else f'{lengths[0]}..{lengths[-1]}'}; "
-                 f"cached under {self.storage / PHASE1_CACHE})",
+                 f"phase-1 trainings: {n_phase1}, up front before the trials (one per prompt_length in "
+                 f"{lengths if len(lengths) <= 12 else f'{lengths[0]}..{lengths[-1]}'}; a cached one is not "
+                 f"trained again: {self.storage / PHASE1_CACHE})",
                  f"resources per trial: {r['cpu']:g} CPU, {r['gpu']:g} GPU"
                  + (f" ({int(1 / r['gpu'])} trials per GPU)" if 0 < r["gpu"] < 1 else "")
                  + (", compiled blocks" if self.profile["compile"] else ""),
@@ -137,7 +139,7 @@ class Plan:
         (phase1, phase1_text), (phase2, phase2_text) = phase("phase1"), phase("phase2")
         total = trials * phase2 + n_phase1 * phase1
         lines = [f"cost per trial: phase 2 trains {phase2_text}",
-                 f"cost per phase 1 (up to {n_phase1}, cached): {phase1_text}",
+                 f"cost per phase 1 ({n_phase1}, unless cached): {phase1_text}",
                  f"cost of the search: at most {total:,} training images ({trials} whole trials; ASHA stops some early)"]
         rate = self.profile.get("images_per_s")
         if rate:

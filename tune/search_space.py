@@ -112,3 +112,18 @@ def check_baseline(space: dict, config: dict, where: str) -> list[str]:
         if spec["type"] != "choice" and not spec["low"] <= value <= spec["high"]:
             notes.append(f"{name}={value:g} lies outside {spec['low']:g}..{spec['high']:g}")
     return notes
+
+
+def check_prompt_lengths(space: dict, trials: int, where: str) -> None:
+    """Every prompt length the space can sample is one phase 1, trained up front: an int range of
+    more lengths than the budget has trials would train phase 1s that no trial uses."""
+    spec = space.get("prompt_length")
+    if spec is None or spec["type"] != "int":
+        return
+    lengths = prompt_lengths(space, 0)
+    if len(lengths) > trials:
+        k = min(trials, 4)
+        some = sorted({lengths[round(i * (len(lengths) - 1) / max(k - 1, 1))] for i in range(k)})
+        raise ConfigError(f"{where}: space.prompt_length: an int range of {len(lengths)} lengths "
+                          f"({spec['low']}..{spec['high']}) means {len(lengths)} phase-1 trainings up front for "
+                          f"{trials} trials; use a choice of lengths, e.g. {{type: choice, values: {some}}}")

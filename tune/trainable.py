@@ -1,8 +1,8 @@
 """The Ray Tune function trainable: one trial is phase 2 of LPT on top of cached phase-1 prompts.
 
-``run_trial(config, setup)`` gets phase-1 prompts from the cache (training them if it is the first
-to need them), trains phase 2 with the sampled params, and after every epoch logs to its MLflow run
-and calls ``tune.report`` with a checkpoint of the resumable trainer state. A retried or resumed
+``run_trial(config, setup)`` reads its phase-1 prompts from the cache (the driver trained them up
+front; the run's ``phase1_wait_s`` is how long it waited for them, 0 normally), trains phase 2 with
+the sampled params, and after every epoch logs to its MLflow run and calls ``tune.report`` with a checkpoint of the resumable trainer state. A retried or resumed
 trial starts from that checkpoint in the same MLflow run. The helpers below also serve the
 driver's test evaluation of the best trial and the confirmation runs with fresh seeds.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from .phase1_cache import PROMPTS, STATE, Phase1Cache, phase1_key
 from .study_config import MODEL_KEYS, RECIPE_KEYS, SHOT_KEYS, profile_data
 from .trial_report import log_trial_report
 from .trial_table import prompt_path
+
+PHASE1_WAIT = "phase1_wait_s"   # trial-run metric: seconds the trial waited for its phase-1 prompts
 
 
 @dataclass
@@ -112,45 +115,59 @@ def profile_phase1_key(profile: dict, manifest_hash: str, prompt_length: int, da
                       None if data.input_cfg == RELEASED else data.input_cfg.to_dict())
 
 
-def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: MlflowClient, log) -> str:
-    """Load the shared prompts and head of phase 1 into ``model``, training them once per key."""
-    profile = setup.profile
-    recipe = PhaseConfig.from_dict(profile["phase1"], where="phase1")
-    key = profile_phase1_key(profile, setup.manifest_hash, model.prompt_length, data, seed)
-
-    def train(folder: Path) -> dict:
-        run_id = mt.find_run(client, setup.experiment_id, **{names.ROLE: names.ROLE_PHASE1, names.PHASE1_KEY: key})
-        if run_id is None:
-            run_id = client.create_run(setup.experiment_id, run_name=f"phase1-{key}",
-                                       tags={names.ROLE: names.ROLE_PHASE1, names.PHASE1_KEY: key}).info.run_id
-            mt.log(client, run_id, params={"prompt_length": model.prompt_length, **recipe.to_dict(),
-                                           **run_params(setup, seed)})
-        logged = last_logged_epoch(client, run_id)
-        torch.manual_seed(seed)
-        trainer = Trainer(model, data, 1, recipe, seed=seed, **_trainer_kwargs(profile, log))
-        if (folder / STATE).is_file():
-            trainer.load_state(folder / STATE)
-            log(f"phase 1 {key}: resuming at epoch {trainer.epoch}")
-        final: dict = {}
-        try:
-            for final in trainer.epochs():
-                if final["epoch"] > logged:
-                    mt.log(client, run_id, metrics=run_metrics(final), step=final["epoch"])
-                trainer.save_state(folder / STATE)
-        except Exception as exc:
-            mt.fail_run(client, run_id, exc)
-            raise
-        save_prompts(model, folder / PROMPTS, phase1_key=key)
-        client.log_artifact(run_id, str(folder / PROMPTS))
-        client.set_terminated(run_id, "FINISHED")
-        return {"mlflow_run_id": run_id, "val_acc": final.get("val_acc")}
-
-    path, trained = Phase1Cache(setup.cache_dir).get_or_train(key, train, log)
+def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: MlflowClient,
+                  log) -> tuple[str, float]:
+    """Load the shared prompts and head of phase 1 into ``model``; returns the key and the seconds
+    spent waiting for its prompt file. The driver trains every phase 1 of a search up front
+    (``tune.phase1_upfront``), so a trial finds its key ready and waits 0 s; a key that is missing
+    (a fresh seed, an entry deleted mid-search) is trained here, once per key, and the wait says so."""
+    key = profile_phase1_key(setup.profile, setup.manifest_hash, model.prompt_length, data, seed)
+    cache = Phase1Cache(setup.cache_dir)
+    if cache.ready(key):
+        path, trained, waited = cache.folder(key) / PROMPTS, False, 0.0
+    else:
+        started = time.monotonic()
+        path, trained = cache.get_or_train(key, lambda folder: train_phase1(setup, model, data, seed, key, folder,
+                                                                            client, log), log)
+        waited = time.monotonic() - started
     if not trained:
-        state = load_prompts_partial(path)
-        model.load_prompt_state_dict(state, strict=False)
+        model.load_prompt_state_dict(load_prompts_partial(path), strict=False)
         log(f"phase 1 {key}: reusing cached prompts")
-    return key
+    return key, waited
+
+
+def train_phase1(setup: SearchSetup, model: LPT, data, seed: int, key: str, folder: Path, client: MlflowClient,
+                 log) -> dict:
+    """Phase 1 of ``model`` into the cache entry ``folder``, resuming from its state file, in an
+    MLflow run of its own (the same run again after a crash)."""
+    recipe = PhaseConfig.from_dict(setup.profile["phase1"], where="phase1")
+    run_id = mt.find_run(client, setup.experiment_id, **{names.ROLE: names.ROLE_PHASE1, names.PHASE1_KEY: key})
+    if run_id is None:
+        run_id = client.create_run(setup.experiment_id, run_name=f"phase1-{key}",
+                                   tags={names.ROLE: names.ROLE_PHASE1, names.PHASE1_KEY: key}).info.run_id
+        mt.log(client, run_id, params={"prompt_length": model.prompt_length, **recipe.to_dict(),
+                                       **run_params(setup, seed)})
+    else:
+        client.update_run(run_id, status="RUNNING")
+    logged = last_logged_epoch(client, run_id)
+    torch.manual_seed(seed)
+    trainer = Trainer(model, data, 1, recipe, seed=seed, **_trainer_kwargs(setup.profile, log))
+    if (folder / STATE).is_file():
+        trainer.load_state(folder / STATE)
+        log(f"phase 1 {key}: resuming at epoch {trainer.epoch}")
+    final: dict = {}
+    try:
+        for final in trainer.epochs():
+            if final["epoch"] > logged:
+                mt.log(client, run_id, metrics=run_metrics(final), step=final["epoch"])
+            trainer.save_state(folder / STATE)
+    except Exception as exc:
+        mt.fail_run(client, run_id, exc)
+        raise
+    save_prompts(model, folder / PROMPTS, phase1_key=key)
+    client.log_artifact(run_id, str(folder / PROMPTS))
+    client.set_terminated(run_id, "FINISHED")
+    return {"mlflow_run_id": run_id, "val_acc": final.get("val_acc")}
 
 
 def load_prompts_partial(path: Path) -> dict:
@@ -185,10 +202,11 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
     logged = last_logged_epoch(client, run_id)
     trainer = None
     try:
-        key = ensure_phase1(setup, model, data, seed, client, log)
+        key, waited = ensure_phase1(setup, model, data, seed, client, log)
         trainer = Trainer(model, data, 2, recipe, seed=seed, **_trainer_kwargs(setup.profile, log))
-        mt.log(client, run_id, tags={names.PHASE1_KEY: key, names.DEVICE: str(trainer.device),  # lpt.node: set by trial_run
-                                     names.GPU_IDS: ",".join(map(str, ray.get_gpu_ids()))})
+        mt.log(client, run_id, metrics={PHASE1_WAIT: waited},
+               tags={names.PHASE1_KEY: key, names.DEVICE: str(trainer.device),  # lpt.node: set by trial_run
+                     names.GPU_IDS: ",".join(map(str, ray.get_gpu_ids()))})
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:

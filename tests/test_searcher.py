@@ -172,6 +172,7 @@ def test_the_study_outlives_the_search_with_the_baseline_first_and_asha_stops_pr
             assert t.intermediate_values[last["epoch"]] == last["val_acc"]
         else:
             assert t.state == TrialState.COMPLETE and last["epoch"] == EPOCHS and t.value == last["val_acc"]
+            assert sorted(t.intermediate_values) == list(range(1, EPOCHS + 1))
     assert not enqueue_baseline(study, {"pool_size": 8, "top_k": 2})   # the study has its baseline
     assert "stand-in" in dashboard_studies(record["optuna_storage"])
 

@@ -56,6 +56,8 @@ class LPTOptunaSearch(OptunaSearch):
                          and result.get(self._time_attr, self._epochs) < self._epochs
                          and not _nan(result, self.metric))
         if not stopped_early:
+            if result and not error and trial_id not in self._completed_trials and not _nan(result, self.metric):
+                self.on_trial_result(trial_id, result)  # the last epoch, too, is a point of its curve
             return super().on_trial_complete(trial_id, result, error)
         try:
             self.on_trial_result(trial_id, result)  # the result ASHA stopped it on reaches only this call

@@ -36,9 +36,10 @@ class SearchProgress(tune.Callback):
         self.interval_s = interval_s
         self.started = self.last = None
         self.epochs_at_start: int | None = None  # a resumed search: epochs that ran before this driver
+        self.best_seen: tuple[float, dict] | None = None
 
     def __setstate__(self, state: dict) -> None:  # Tuner.restore: this driver's clock starts again
-        self.__dict__.update(state, started=None, last=None, epochs_at_start=None)
+        self.__dict__.update({"best_seen": None, **state}, started=None, last=None, epochs_at_start=None)
 
     # ----------------------------------------------------------------------------- the line
     def line(self, trials: list[Trial], now: float | None = None, ending: dict | None = None) -> str:
@@ -75,12 +76,15 @@ class SearchProgress(tune.Callback):
         return "completed" if epochs >= self.epochs else "stopped"
 
     def best(self, trials: list[Trial]) -> tuple[float, dict] | None:
-        """The best objective value reported so far (any epoch) and its trial's config."""
+        """The best objective value reported so far (any epoch) and its trial's config. It never
+        gets worse: a trial's later epoch may report less than an earlier one did."""
         sign = 1 if self.mode == "max" else -1
         seen = [((t.last_result or {}).get(self.metric), t.config) for t in trials]
         seen += [(r["value"], r["config"]) for r in self.prior]
         scored = [(float(v), c) for v, c in seen if isinstance(v, (int, float)) and math.isfinite(v)]
-        return max(scored, key=lambda s: sign * s[0]) if scored else None
+        scored += [self.best_seen] if self.best_seen else []
+        self.best_seen = max(scored, key=lambda s: sign * s[0]) if scored else None
+        return self.best_seen
 
     def time_left(self, trials: list[Trial], epochs_of: dict, pending: int, now: float) -> float | None:
         done = sum(epochs_of.values())

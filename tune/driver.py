@@ -337,8 +337,8 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None) -> 
             train_up_front(plan, setup, client, on_resources)  # the trials then only read the cache
             if mode == "new" or record.get("state") != FINISHED:  # the last Tune run, new or unfinished
                 grids.append(stop.fit(make_tuner(plan, folder, record["runs"][-1], setup, client,
-                                                 restore=mode != "new", budget=record["study_config"]["budget"]["trials"],
-                                                 record=record)))
+                                                 restore=mode != "new", record=record,
+                                                 budget=record["study_config"]["budget"]["trials"])))
             if mode == "extend" and not stop.received:
                 done = list(read_rows(folder / TABLE_FILE))
                 extra = budget - record["study_config"]["budget"]["trials"]

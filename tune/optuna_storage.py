@@ -60,7 +60,8 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 def _create_schema(url: str) -> None:
     import sqlalchemy
     options = sqlalchemy.engine.make_url(url).query.get("options", "")
-    found = re.search(r"search_path=([A-Za-z_][A-Za-z0-9_]*)", options if isinstance(options, str) else " ".join(options))
+    options = options if isinstance(options, str) else " ".join(options)  # a key given twice: a tuple
+    found = re.search(r"search_path=([A-Za-z_][A-Za-z0-9_]*)", options)
     if not found:
         return
     engine = sqlalchemy.create_engine(url)

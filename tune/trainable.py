@@ -2,8 +2,9 @@
 
 ``run_trial(config, setup)`` reads its phase-1 prompts from the cache (the driver trained them up
 front; the run's ``phase1_wait_s`` is how long it waited for them, 0 normally), trains phase 2 with
-the sampled params, and after every epoch logs to its MLflow run and calls ``tune.report`` with a checkpoint of the resumable trainer state. A retried or resumed
-trial starts from that checkpoint in the same MLflow run. The helpers below also serve the
+the sampled params, and after every epoch logs to its MLflow run and calls ``tune.report`` with a
+checkpoint of the resumable trainer state. A retried or resumed trial starts from that checkpoint
+in the same MLflow run. The helpers below also serve the
 driver's test evaluation of the best trial and the confirmation runs with fresh seeds.
 """
 

@@ -67,8 +67,8 @@ import ray  # noqa: E402
 from ray import tune as raytune  # noqa: E402
 
 from tune.samplers import sampler_settings, startup_trials  # noqa: E402
-from tune.search_space import check_space  # noqa: E402
-from tune.searcher import baseline_config, enqueue_baseline, make_scheduler, make_searcher  # noqa: E402
+from tune.search_space import baseline_config, check_space  # noqa: E402
+from tune.searcher import enqueue_baseline, make_scheduler, make_searcher  # noqa: E402
 from tune.study_config import ConfigError, error_line, load_profile, load_study, objective_of  # noqa: E402
 
 DEPTH = 12  # blocks of the shipped profiles' ViT-B/16: group_start can take 1..11

@@ -11,9 +11,12 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from tune.study_config import load_profile
+
 from smoke_search import TRIALS as SMOKE_TRIALS, run_search, runs_of, search_argv, search_env
 
 pytestmark = pytest.mark.slow
+SMOKE_LENGTH = load_profile("smoke")[1]["model"]["prompt_length"]   # its one phase 1
 
 
 def kill_session(sid: int) -> None:
@@ -180,7 +183,7 @@ def test_a_failed_phase1_fails_the_search_in_one_line(tmp_path):
                       "--set", "phase1.epochs=1", timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: the search failed: Phase1Error: phase 1 of prompt_length 4 (key "), last
+    assert last.startswith(f"error: the search failed: Phase1Error: phase 1 of prompt_length {SMOKE_LENGTH} (key "), last
     assert last.endswith("failed: FloatingPointError: train_loss is nan in phase 1 epoch 0"), last
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert runs_of(client, "study")[0].info.status == "FAILED" and not runs_of(client, "trial")

@@ -14,9 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
+from tune.study_config import load_profile
+
 from smoke_search import run_search, runs_of, search_argv, search_env
 
 pytestmark = pytest.mark.slow
+SMOKE_LENGTH = load_profile("smoke")[1]["model"]["prompt_length"]   # its one phase 1
 
 ARGS = ("--study", "prompt_pool", "--set", "phase2.epochs=2")
 
@@ -119,7 +122,7 @@ def test_ctrl_c_during_phase1_up_front_then_resume(tmp_path):
         while time.time() < deadline and not list((tmp_path / "runs").glob("phase1-cache/*/state.safetensors")):
             assert driver.poll() is None, err.read_text()[-3000:]
             time.sleep(0.2)
-        assert "phase 1 up front: 1 config (prompt_length 4), 0 cached, 1 to train" in out.read_text()
+        assert f"phase 1 up front: 1 config (prompt_length {SMOKE_LENGTH}), 0 cached, 1 to train" in out.read_text()
         os.killpg(driver.pid, signal.SIGINT)
         code = driver.wait(timeout=120)
     stderr_text = err.read_text()
@@ -135,7 +138,7 @@ def test_ctrl_c_during_phase1_up_front_then_resume(tmp_path):
 
     proc = run_search(tmp_path, *args, "--resume", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming at epoch" in proc.stdout and "phase 1 prompt_length 4 ready" in proc.stdout
+    assert "resuming at epoch" in proc.stdout and f"phase 1 prompt_length {SMOKE_LENGTH} ready" in proc.stdout
     phase1 = runs_of(client, "phase1")
     assert len(phase1) == 1 and phase1[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(phase1[0].info.run_id, "val_acc")]

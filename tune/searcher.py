@@ -35,6 +35,7 @@ class LPTOptunaSearch(OptunaSearch):
     def __init__(self, *args, epochs: int, time_attr: str = "epoch", **kwargs):
         super().__init__(*args, **kwargs)
         self._epochs, self._time_attr = epochs, time_attr
+        self._last_step: dict[str, int] = {}  # the last epoch reported to Optuna, by trial
 
     def suggest(self, trial_id: str) -> Optional[dict]:
         config = super().suggest(trial_id)
@@ -46,22 +47,19 @@ class LPTOptunaSearch(OptunaSearch):
         if isinstance(self.metric, list):  # Optuna keeps no intermediate values for several objectives
             return
         value, step = result.get(self.metric), int(result.get(self._time_attr, 0))
-        reported = self.__dict__.setdefault("_last_step", {})
-        if value is not None and trial_id not in self._completed_trials and step > reported.get(trial_id, 0):
+        if value is not None and trial_id not in self._completed_trials and step > self._last_step.get(trial_id, 0):
             self._ot_trials[trial_id].report(value, step)
-            reported[trial_id] = step
+            self._last_step[trial_id] = step
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
-        stopped_early = (result and not error and trial_id not in self._completed_trials
-                         and result.get(self._time_attr, self._epochs) < self._epochs
-                         and not _nan(result, self.metric))
-        if not stopped_early:
-            if result and not error and trial_id not in self._completed_trials and not _nan(result, self.metric):
-                self.on_trial_result(trial_id, result)  # the last epoch, too, is a point of its curve
+        ended = result and not error and trial_id not in self._completed_trials and not _nan(result, self.metric)
+        if not ended:
             return super().on_trial_complete(trial_id, result, error)
         try:
-            self.on_trial_result(trial_id, result)  # the result ASHA stopped it on reaches only this call
-            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+            self.on_trial_result(trial_id, result)  # the last result reaches only this call: a point of its curve
+            if result.get(self._time_attr, self._epochs) >= self._epochs:
+                return super().on_trial_complete(trial_id, result, error)
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)  # ASHA stopped it
         except Exception as exc:  # as Ray's own: e.g. a trial a restored search had already told
             logger.warning(exc)
         self._completed_trials.add(trial_id)

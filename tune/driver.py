@@ -409,9 +409,6 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
                   "  validation: " + shot_line(best, "val_"),
                   "  test:       " + shot_line(test, "test_"),
                   f"  prompts:    {prompt_file}"]
-        gain, gain_lines = validation_gain(best, baseline, list(plan.study["space"]))
-        summary.update(gain)
-        lines += gain_lines
         if args.register is not None:  # the pyfunc model of the best trial, in the Model Registry
             name = args.register or model_name(plan.study_name, plan.profile_name)
             try:
@@ -427,6 +424,9 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
             front = pareto(record)
             client.set_tag(parent_id, names.PARETO_TRIALS, ",".join(front))
             lines.append(f"  Pareto front on {', '.join(metrics)}: {', '.join(front)}")
+        gain, gain_lines = validation_gain(best, baseline, list(plan.study["space"]))
+        summary.update(gain)
+        lines += gain_lines
         if args.confirm:
             lines += confirm(plan, setup, config, baseline, args.confirm, summary)
     else:

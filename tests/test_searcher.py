@@ -16,7 +16,8 @@ from tune.optuna_storage import open_storage, search_study, storage_url
 from tune.samplers import describe_sampler, make_sampler, sampler_settings, startup_trials
 from tune.search import main
 from tune.search_space import baseline_config, check_baseline
-from tune.searcher import BASELINE, TUNE_TRIAL_ID, enqueue_baseline, make_scheduler, make_searcher
+from tune.names import OPTUNA_TRIAL_ID as TUNE_TRIAL_ID
+from tune.searcher import BASELINE, enqueue_baseline, make_scheduler, make_searcher
 from tune.study_config import ConfigError, load_profile, load_study
 
 EPOCHS = 4

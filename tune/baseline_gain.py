@@ -30,17 +30,15 @@ def validation_gain(best: dict, baseline: dict | None, params: list[str]) -> tup
         return {}, []
     head = (f"baseline trial {baseline['trial_id']} (the profile's values): "
             + ", ".join(f"{p}={baseline[p]}" for p in params))
-    if baseline["trial_id"] == best["trial_id"]:
-        return ({**{f"baseline_val_{k}": best[f"val_{k}"] for k in SHOT_KEYS if _finite(best.get(f"val_{k}"))},
-                 **{f"gain_val_{k}": 0.0 for k in SHOT_KEYS if _finite(best.get(f"val_{k}"))}},
-                [f"baseline trial {baseline['trial_id']}: the best trial is the baseline (the profile's values); "
-                 "no config of the search beat it"])
     if baseline["status"] != COMPLETED:
         why = baseline.get("error") or f"{baseline['status'].replace('_', ' ')} at epoch {baseline['epochs']}"
         return {}, [head, f"  {why}: no gain to report"]
     metrics = {f"baseline_val_{k}": baseline[f"val_{k}"] for k in SHOT_KEYS if _finite(baseline.get(f"val_{k}"))}
     metrics.update({f"gain_val_{k}": best[f"val_{k}"] - baseline[f"val_{k}"]
                     for k in SHOT_KEYS if _finite(best.get(f"val_{k}")) and f"baseline_val_{k}" in metrics})
+    if baseline["trial_id"] == best["trial_id"]:  # every gain is 0
+        return metrics, [f"baseline trial {baseline['trial_id']}: the best trial is the baseline (the profile's "
+                         "values); no config of the search beat it"]
     return metrics, [head, "  validation: " + shots(baseline, "val_", "{:.2f}", "%"),
                      "  gain of the best: " + shots(metrics, "gain_val_", "{:+.2f}", " points")]
 

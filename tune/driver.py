@@ -27,7 +27,7 @@ from .optuna_storage import fail_unfinished, open_storage, search_study, storage
 from .samplers import describe_sampler, sampler_settings
 from .search_report import build_study, log_search_report
 from .search_space import baseline_config
-from .searcher import TUNE_TRIAL_ID, enqueue_baseline, make_scheduler, make_searcher
+from .searcher import enqueue_baseline, make_scheduler, make_searcher
 from .stop_signals import StopSignals
 from .study_config import ConfigError, StudyConfig, error_line, objective_of, phase2_epochs
 from .trainable import SearchSetup, confirm_seed, evaluate_prompts, run_trial
@@ -147,7 +147,7 @@ def new_search(plan, client: MlflowClient, uri: str) -> tuple[Path, dict, str]:
               "profile": plan.profile, "study_config": plan.study, "manifest_hash": plan.manifest_hash,
               "experiment_id": exp_id, "parent_run_id": parent.info.run_id, "tracking_uri": uri,
               "state": RUNNING, "runs": [{"dir": ".", "trials": b["trials"], "rows_before": []}]}
-    keep_optuna_study(plan, client, folder, record)  # saves the record
+    save_record(folder, record)
     (folder / names.PROFILE_FILE).write_text(yaml.safe_dump(plan.profile, sort_keys=False))
     client.log_artifact(parent.info.run_id, str(folder / names.PROFILE_FILE))
     return folder, record, "new"
@@ -195,8 +195,8 @@ def make_tuner(plan, folder: Path, run: dict, setup: SearchSetup, client: Mlflow
 
 
 def keep_optuna_study(plan, client: MlflowClient, folder: Path, record: dict) -> None:
-    """Name the search's Optuna storage and study in its record and parent run. A search started
-    before the study was kept gets one now, holding the trials of its table."""
+    """Name the search's Optuna storage and study in its record and parent run (once). A search
+    started before the study was kept gets one now, holding the trials of its table."""
     if "optuna_study" in record:
         return
     record.update(optuna_storage=storage_url(folder), optuna_study=record["name"])
@@ -219,7 +219,8 @@ def pareto(record: dict) -> list[str]:
     """The Tune trial ids of the Pareto front: Optuna's ``best_trials`` of the search's study (its
     trials that ran every epoch; those ASHA stopped are PRUNED)."""
     study = optuna.load_study(study_name=record["optuna_study"], storage=open_storage(record["optuna_storage"]))
-    return sorted(t.user_attrs[TUNE_TRIAL_ID] for t in study.best_trials if TUNE_TRIAL_ID in t.user_attrs)
+    return sorted(t.user_attrs[names.OPTUNA_TRIAL_ID] for t in study.best_trials
+                  if names.OPTUNA_TRIAL_ID in t.user_attrs)
 
 
 def check_resources(resources: dict, local: bool) -> None:
@@ -315,7 +316,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None) -> 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
     client = MlflowClient(uri)
     folder, record, mode = resumed or new_search(plan, client, uri)
-    keep_optuna_study(plan, client, folder, record)  # a search from before the study was kept
+    keep_optuna_study(plan, client, folder, record)  # a new search, or one from before the study was kept
     parent_id = record["parent_run_id"]
     budget = plan.study["budget"]["trials"]
     metrics, modes = objective_of(plan.study["objective"])

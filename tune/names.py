@@ -36,6 +36,7 @@ SHARED_CHECK = ".lpt-shared-check"   # the cluster's storage check: a marker eve
 PROFILE_FILE = "profile.yaml"        # the profile as the search ran it (also a parent-run artifact)
 TABLE_FILE = "trials.parquet"        # one row per trial
 OPTUNA_FILE = "optuna.db"            # the search's Optuna study (SQLite), unless LPT_OPTUNA_STORAGE
+OPTUNA_TRIAL_ID = "trial_id"         # user attribute of each Optuna trial: Ray's trial id
 PROMPTS_DIR = "prompts"              # <trial id>.safetensors of the trials that ran every epoch
 REPORT_DIR = "report"                # the report's folder, and its artifact folder in MLflow
 REPORT_TABLE, REPORT_PAGE = "trials.csv", "summary.html"

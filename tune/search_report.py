@@ -98,7 +98,7 @@ def build_study(rows: list[dict], space: dict, metrics: list[str], modes: list[s
             state=getattr(optuna.trial.TrialState, state),
             values=[float(v) for v in values] if state == "COMPLETE" else None,
             params=params, distributions=used, intermediate_values=inter or None,
-            user_attrs={"trial_id": row["trial_id"], "status": row["status"],
+            user_attrs={names.OPTUNA_TRIAL_ID: row["trial_id"], "status": row["status"],
                         "mlflow_run_id": row.get("mlflow_run_id") or ""})
         study.add_trial(trial)
     return study

@@ -18,13 +18,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from .names import OPTUNA_TRIAL_ID
 from .samplers import make_sampler
 from .search_space import DefineByRun
 
 logger = logging.getLogger(__name__)
 
 BASELINE = "baseline"  # a constant of every config: True for the baseline trial
-TUNE_TRIAL_ID = "trial_id"  # user attribute of each Optuna trial: its Tune trial id (as in search_report)
 
 
 class LPTOptunaSearch(OptunaSearch):
@@ -40,7 +40,7 @@ class LPTOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> Optional[dict]:
         config = super().suggest(trial_id)
         if config is not None:
-            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
+            self._ot_trials[trial_id].set_user_attr(OPTUNA_TRIAL_ID, trial_id)
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

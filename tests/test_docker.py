@@ -325,21 +325,24 @@ def test_search_runs_on_both_workers_and_survives_losing_one(stack, tmp_path):
                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                   env={**os.environ, "DOCKER_BUILDKIT": "0"})
     try:
-        seen, victim, deadline = set(), None, time.time() + SEARCH_TIMEOUT_S
+        seen, victim, deadline, checked = set(), None, time.time() + SEARCH_TIMEOUT_S, False
         while victim is None:
             assert time.time() < deadline, f"trials did not reach both workers in time:\n{log.read_text()[-4000:]}"
             assert search.poll() is None, f"the search ended before a worker could be killed:\n{log.read_text()[-6000:]}"
-            time.sleep(2)
+            time.sleep(1)
+            if not checked and set(workers) <= seen:   # before a victim is picked: these take seconds
+                assert stack.containers("driver"), "the driver container is not running"
+                assert_no_secret_in_inspect(stack, stack.containers("driver"))
+                assert_service_user(stack, lpt_containers(stack))   # the driver and the workers' trial processes too
+                checked = True
             runs = trial_runs(client)
             seen |= {r.data.tags.get("lpt.node") for r in runs}
-            running = [(r.data.tags.get("lpt.node"), r.info.run_id) for r in runs if r.info.status == "RUNNING"]
-            if set(workers) <= seen and len([r for r in runs if r.info.status == "FINISHED"]) < TRIALS - 2:
-                victim = next(((n, run_id) for n, run_id in running if n in workers), None)
+            # a trial with no epoch done yet still has the whole of phase 2 ahead: it cannot end before the kill
+            fresh = [(r.data.tags.get("lpt.node"), r.info.run_id) for r in runs
+                     if r.info.status == "RUNNING" and "val_acc" not in r.data.metrics]
+            if checked and set(workers) <= seen and len([r for r in runs if r.info.status == "FINISHED"]) < TRIALS - 2:
+                victim = next(((n, run_id) for n, run_id in fresh if n in workers), None)
         timed("search: until trials ran on both workers", started)
-        driver = stack.containers("driver")
-        assert driver, "the driver container is not running"
-        assert_no_secret_in_inspect(stack, driver)
-        assert_service_user(stack, lpt_containers(stack))   # the driver and the workers' trial processes too
         victim, victim_run = victim
         killed = time.time()
         sh(["docker", "kill", workers[victim]], timeout=60)

@@ -295,6 +295,22 @@ def test_report_cli_rebuilds_a_search_from_mlflow_and_the_table(store, tmp_path,
             "<td>3.75</td></tr>") in page
     arts = {a.path for a in client.list_artifacts(parent, "report")}
     assert arts == {f"report/{n}" for n in pngs | {"summary.html", "trials.csv"}}
+
+    # --confirm's rows belong to the trial it retrained: after an extension found another best, they go
+    confirm_row = "<tr><td>test, confirmation seeds (mean ± std)</td><td>80.00 ± 1.50</td><td>80.00 ± 1.50</td>"
+    mt.log(client, parent, metrics={f"confirm_test_{k}_{s}": v for k in ("acc", "many_acc", "medium_acc", "few_acc")
+                                    for s, v in (("mean", 80.0), ("std", 1.5))},
+           tags={"lpt.confirmed_trial": best["trial_id"]})
+    assert report_cli.main(["--study", "pool_study", "--run-id", parent, "--out", str(out)]) == 0
+    page = (out / "summary.html").read_text()
+    assert confirm_row in page and "has not been confirmed" not in page
+    earlier = next(r["trial_id"] for r in rows if r["trial_id"] != best["trial_id"])
+    client.set_tag(parent, "lpt.confirmed_trial", earlier)
+    assert report_cli.main(["--study", "pool_study", "--run-id", parent, "--out", str(out)]) == 0
+    page = (out / "summary.html").read_text()
+    assert confirm_row not in page
+    assert (f"The confirmation seeds retrained trial {earlier}, the best before an extension; this best trial "
+            "has not been confirmed.") in page
     capsys.readouterr()
 
     # bad input: one line, exit 2

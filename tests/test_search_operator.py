@@ -66,9 +66,12 @@ def test_ctrl_c_resume_finished_and_extend(tmp_path):
         run = client.get_run(row["mlflow_run_id"])
         assert run.info.status == ("KILLED" if row["status"] == "interrupted" else "FINISHED")
 
-    proc = run_search(tmp_path, *ARGS, "--resume", timeout=900)
+    proc = run_search(tmp_path, *ARGS, "--resume", "--confirm", "1", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_quiet(proc.stdout + proc.stderr)
+    tags = runs_of(client, "study")[0].data.tags
+    confirmed = tags["lpt.confirmed_trial"]
+    assert confirmed == tags["lpt.best_trial_id"] and "confirm_test_acc_mean" in runs_of(client, "study")[0].data.metrics
     rows = table_rows(tmp_path)
     assert len(rows) == 4 and {r["status"] for r in rows} <= {"completed", "early_stopped"}
     trials = runs_of(client, "trial")
@@ -91,6 +94,10 @@ def test_ctrl_c_resume_finished_and_extend(tmp_path):
     proc = run_search(tmp_path, *ARGS, "--resume", "--trials", "6", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "extending" in proc.stdout and "6/6 done" in proc.stdout
+    tags = runs_of(client, "study")[0].data.tags   # no --confirm: the confirmation stays that of the earlier best
+    assert tags["lpt.confirmed_trial"] == confirmed
+    stale = f"confirmation: the parent run's confirm_* metrics are of trial {confirmed}, the best before"
+    assert (stale in proc.stdout) == (tags["lpt.best_trial_id"] != confirmed), proc.stdout[-2000:]
     rows = table_rows(tmp_path)
     assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6
     assert len(runs_of(client, "trial")) == 6 and len(runs_of(client, "study")) == 1

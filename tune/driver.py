@@ -430,6 +430,9 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
         lines += gain_lines
         if args.confirm:
             lines += confirm(plan, setup, config, baseline, args.confirm, summary)
+            client.set_tag(parent_id, names.CONFIRMED_TRIAL, best["trial_id"])
+        else:
+            lines += stale_confirmation(client.get_run(parent_id).data.tags, best["trial_id"], args)
     else:
         lines.append("no trial completed: see the table's error column and the trials' MLflow runs")
     mt.log(client, parent_id, metrics=summary)
@@ -446,6 +449,17 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
 def shot_line(values: dict, prefix: str) -> str:
     """``80.00% (many 90.00 / medium 75.00 / few 50.00)``."""
     return shots(values, prefix, "{:.2f}", "%")
+
+
+def stale_confirmation(tags: dict, best_trial_id: str, args) -> list[str]:
+    """A line when the parent's ``confirm_*`` metrics are of an earlier best trial (the search was
+    extended without ``--confirm``): they stay on the run, ``lpt.confirmed_trial`` says whose they are."""
+    confirmed = tags.get(names.CONFIRMED_TRIAL)
+    if confirmed is None or confirmed == best_trial_id:
+        return []
+    return [f"  confirmation: the parent run's confirm_* metrics are of trial {confirmed}, the best before this "
+            f"extension; confirm {best_trial_id} by extending again with --confirm N ({resume_command(args)} "
+            f"--trials M --confirm N)"]
 
 
 def confirm(plan, setup: SearchSetup, config: dict, baseline: dict | None, n: int, summary: dict) -> list[str]:

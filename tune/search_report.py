@@ -282,6 +282,9 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
             parts.append(f"<tr><td>{label}</td>" + "".join(
                 f"<td>{_fmt(values.get(prefix + k))}</td>" for k in SHOT_KEYS) + "</tr>")
         confirm = info.get("confirm") or {}
+        stale = info.get("confirmed_trial") not in (None, best["trial_id"])
+        if stale:  # the search was extended without --confirm and found another best
+            confirm = {}
         for label, prefix in (("test, confirmation seeds (mean ± std)", "confirm_"),
                               ("test, the baseline over the same seeds", "confirm_baseline_"),
                               ("gain over the baseline, paired by seed", "confirm_gain_")):
@@ -290,6 +293,9 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
                     f"<td>{_fmt(confirm.get(f'{prefix}test_{k}_mean'))} ± {_fmt(confirm.get(f'{prefix}test_{k}_std'))}</td>"
                     for k in SHOT_KEYS) + "</tr>")
         parts.append("</table>")
+        if stale:
+            parts.append(f"<p>The confirmation seeds retrained trial {e(info['confirmed_trial'])}, the best before "
+                         f"an extension; this best trial has not been confirmed.</p>")
         if baseline and baseline.get("status") != "completed":
             parts.append(f"<p>The baseline trial {e(baseline['trial_id'])} did not run every epoch "
                          f"({e(str(baseline.get('status')))}): no gain to report.</p>")
@@ -387,6 +393,7 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
             "experiment_id": parent.info.experiment_id, "parent_run_id": parent_run_id, "table": str(table),
             "space": space, "defaults": profile_defaults(profile, list(space)), "best": best, "test": test,
             "confirm": {k: v for k, v in pm.items() if k.startswith("confirm_")},
+            "confirmed_trial": tags.get(names.CONFIRMED_TRIAL),
             "extra_params": extra, "backbone_params": backbone_params(profile["backbone"]) if extra and profile.get("backbone") else None,
             "pareto": [t for t in tags.get(names.PARETO_TRIALS, "").split(",") if t], "top": ranked[:10],
             "baseline": next((r for r in rows if r.get("baseline")), None),

@@ -58,7 +58,7 @@ def confirm_summary(results: dict[str, list[dict]]) -> tuple[dict, list[str]]:
             metrics[f"{prefix}test_{k}_mean"] = statistics.fmean(values)
             metrics[f"{prefix}test_{k}_std"] = statistics.stdev(values) if n > 1 else 0.0
     labels = {"confirm_": "best", "confirm_baseline_": "baseline", "confirm_gain_": "gain"}
-    lines = [f"  confirmed over {n} seeds (test):"]
+    lines = [f"  confirmed over {n} seed{'s' if n > 1 else ''} (test{'' if n > 1 else '; one seed has no spread'}):"]
     for prefix in groups:
         fmt = "{:+.2f}" if prefix == "confirm_gain_" else "{:.2f}"
         lines.append(f"    {labels[prefix] + ':':9} " + ", ".join(

@@ -11,10 +11,10 @@ from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from tune.driver import pareto
+from tune.driver import pareto, stale_confirmation
 from tune.optuna_storage import open_storage, search_study, storage_url
 from tune.samplers import describe_sampler, make_sampler, sampler_settings, startup_trials
-from tune.search import main
+from tune.search import main, parse_args
 from tune.search_space import baseline_config, check_baseline
 from tune.names import OPTUNA_TRIAL_ID as TUNE_TRIAL_ID
 from tune.searcher import BASELINE, enqueue_baseline, make_scheduler, make_searcher
@@ -93,6 +93,18 @@ def test_the_baseline_is_the_profiles_values_and_must_be_a_possible_trial(tmp_pa
 
 def _trial(config: dict) -> Trial:
     return Trial("stand_in", config=config, stub=True)
+
+
+def test_a_confirmation_of_an_earlier_best_is_named_as_such():
+    """``--confirm``'s metrics stay on the parent run; after an extension found another best without
+    ``--confirm``, one summary line says whose they are and how to confirm the new best."""
+    args = parse_args(["--study", "prompt_pool", "--profile", "smoke", "--resume", "--trials", "8"])
+    assert stale_confirmation({}, "t2", args) == []   # never confirmed
+    assert stale_confirmation({"lpt.confirmed_trial": "t2"}, "t2", args) == []
+    [line] = stale_confirmation({"lpt.confirmed_trial": "t1"}, "t2", args)
+    assert line == ("  confirmation: the parent run's confirm_* metrics are of trial t1, the best before this "
+                    "extension; confirm t2 by extending again with --confirm N (python tune/search.py --study "
+                    "prompt_pool --profile smoke --resume --trials M --confirm N)")
 
 
 def test_asha_compares_with_the_baseline_but_never_stops_it():

@@ -111,6 +111,22 @@ class PhaseConfig(Section):
     ib_gamma_neg: float = param(8.0, ge=0, description="instance-balanced branch")
     match_weight: float = param(0.5, ge=0, description="weight of the matching term (phase 2 only)")
 
+    def describe(self, phase: int) -> str:
+        """The recipe in one line, e.g. ``90 epochs, dual sampling, A-GCL (gamma_pos 0, gamma_neg 4;
+        IB branch gamma_pos 0.5, gamma_neg 8, weight 0.5 -> 0), lr 0.02, wd 0.01, batch 256 per branch,
+        warm-up 1 epoch (per epoch, from 1e-06)``."""
+        g = lambda pos, neg: f"gamma_pos {pos:g}, gamma_neg {neg:g}"
+        loss = "A-GCL" if self.gamma_pos or self.gamma_neg else "GCL"
+        dual = self.sampling == "dual"
+        focus = g(self.gamma_pos, self.gamma_neg)
+        if dual:
+            focus += f"; IB branch {g(self.ib_gamma_pos, self.ib_gamma_neg)}, weight 0.5 -> 0"
+        match = f", match weight {self.match_weight:g}" if phase == 2 else ""
+        warmup = (f", warm-up {self.warmup_epochs} epoch{'s' if self.warmup_epochs != 1 else ''} "
+                  f"(per {self.warmup}, from {self.warmup_lr:g})" if self.warmup_epochs else ", no warm-up")
+        return (f"{self.epochs} epochs, {self.sampling} sampling, {loss} ({focus}){match}, lr {self.lr:g}, "
+                f"wd {self.weight_decay:g}, batch {self.batch_size}{' per branch' if dual else ''}{warmup}")
+
 
 # ----------------------------------------------------------------------------- errors
 _PLAIN = {  # pydantic error type -> our wording (``{got}``: the value given; the rest: the error's ctx)

@@ -3,9 +3,6 @@ pretrained config (``lpt_core.backbones.input_config``), on the CPU and the on-d
 paper's augreg ViT-B keeps exactly the released LPT numbers; a DINO ViT gets ImageNet statistics
 and bicubic resampling. Backbones are built on the meta device: no weights are needed."""
 
-import hashlib
-import json
-
 import pytest
 import torch
 from torchvision.transforms import v2
@@ -14,7 +11,6 @@ from lpt_core.backbones import input_config
 from lpt_core.data import BatchTransform, build_dataset
 from lpt_core.data.transforms import RELEASED, InputConfig, train_transform
 from lpt_core.data.transforms import test_transform as eval_transform
-from tune.phase1_cache import PHASE1_VERSION, phase1_key
 
 AUGREG = {"name": "vit_base_patch16_224.augreg_in21k", "weights": "pretrained"}
 DINO = {"name": "vit_small_patch16_224.dino", "weights": "pretrained"}
@@ -90,12 +86,3 @@ def test_a_profile_input_section_overrides_the_backbone():
     assert cfg.crop_pct == 1.0 and cfg.interpolation == "bilinear" and cfg.mean == pytest.approx(IMAGENET_MEAN)
     with pytest.raises(ValueError, match=r"^input.crop_pct: must be <= 1, got 2"):
         input_config(DINO, {"crop_pct": 2.0})
-
-
-def test_phase1_keys_of_the_released_pipeline_are_unchanged_and_others_differ():
-    args = ({"name": "vit"}, "abc", 10, {"lr": 0.02}, 0)
-    old = hashlib.sha256(json.dumps({"backbone": args[0], "data": args[1], "prompt_length": args[2],
-                                     "recipe": args[3], "seed": args[4], "version": PHASE1_VERSION},
-                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
-    assert phase1_key(*args) == old
-    assert phase1_key(*args, input_cfg=input_config(DINO).to_dict()) != old

@@ -100,12 +100,12 @@ def _trainer_kwargs(profile: dict, log) -> dict:
 
 def build_model(setup: SearchSetup, config: dict, data, seed: int) -> tuple[LPT, PhaseConfig]:
     """The trial's LPT. A randomly initialised backbone depends on the profile's seed only, so
-    every trial, the test evaluation and the confirmation runs see the same one."""
+    every trial, the test evaluation and the confirmation runs see the same one; the prompts and
+    head start from ``seed``'s own generators (``LPT(init_seed=...)``), whatever the phase-2 shape."""
     model_kwargs, recipe = trial_settings(setup.profile, config)
     torch.manual_seed(setup.profile["seed"])
     backbone = build_backbone_from_spec(setup.profile["backbone"])
-    torch.manual_seed(seed)
-    return LPT(backbone, data.num_classes, **model_kwargs), recipe
+    return LPT(backbone, data.num_classes, init_seed=seed, **model_kwargs), recipe
 
 
 def phase1_inputs(profile: dict, manifest_hash: str, prompt_length: int, data, seed: int, device: str) -> dict:

@@ -78,7 +78,7 @@ def test_fake_tensor_flops_equal_a_real_count():
     trainer = Trainer(model, data, 2, cfg, device="cpu", log=None)
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
     lean = count_flops(lambda: trainer.train_step(images, labels, 0.5)) / 4 / 1e9
-    ref_step = bench.ReferenceStep(model, 2, cfg, (trainer.loss_cb, trainer.loss_ib), amp=False)
+    ref_step = bench.ReferenceStep(model, 2, cfg, trainer.losses, amp=False)
     ref = count_flops(lambda: ref_step(images, labels, 0.5)) / 4 / 1e9
     assert fake["lean"]["phase2"] == pytest.approx(lean, rel=1e-9)
     assert fake["reference"]["phase2"] == pytest.approx(ref, rel=1e-9)

@@ -98,6 +98,13 @@ def _trainer_kwargs(profile: dict, log) -> dict:
                 shot_split=profile["shot_split"], log=log)
 
 
+def seeded_trainer(setup: SearchSetup, model: LPT, data, phase: int, recipe: PhaseConfig, seed: int, log) -> Trainer:
+    """A trainer of ``phase`` whose global RNG (dropout, crops) starts from ``seed``, whether or not
+    this process trained anything before (a phase 1 that was not cached)."""
+    torch.manual_seed(seed)
+    return Trainer(model, data, phase, recipe, seed=seed, **_trainer_kwargs(setup.profile, log))
+
+
 def build_model(setup: SearchSetup, config: dict, data, seed: int) -> tuple[LPT, PhaseConfig]:
     """The trial's LPT. A randomly initialised backbone depends on the profile's seed only, so
     every trial, the test evaluation and the confirmation runs see the same one; the prompts and
@@ -173,8 +180,7 @@ def train_phase1(setup: SearchSetup, model: LPT, data, seed: int, key: str, fold
     else:
         client.update_run(run_id, status="RUNNING")
     logged = last_logged_epoch(client, run_id)
-    torch.manual_seed(seed)
-    trainer = Trainer(model, data, 1, recipe, seed=seed, **_trainer_kwargs(setup.profile, log))
+    trainer = seeded_trainer(setup, model, data, 1, recipe, seed, log)
     if (folder / STATE).is_file():
         trainer.load_state(folder / STATE)
         log(f"phase 1 {key}: resuming at epoch {trainer.epoch}")
@@ -226,7 +232,7 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
     trainer = None
     try:
         key, waited = ensure_phase1(setup, model, data, seed, client, log)
-        trainer = Trainer(model, data, 2, recipe, seed=seed, **_trainer_kwargs(setup.profile, log))
+        trainer = seeded_trainer(setup, model, data, 2, recipe, seed, log)
         mt.log(client, run_id, metrics={PHASE1_WAIT: waited},
                tags={names.PHASE1_KEY: key, names.DEVICE: str(trainer.device),  # lpt.node: set by trial_run
                      names.GPU_IDS: ",".join(map(str, ray.get_gpu_ids()))})
@@ -289,5 +295,5 @@ def confirm_seed(setup: SearchSetup, config: dict, seed: int) -> dict:
     data = profile_data(setup.profile)
     model, recipe = build_model(setup, config, data, seed)
     ensure_phase1(setup, model, data, seed, client, log)
-    Trainer(model, data, 2, recipe, seed=seed, **_trainer_kwargs(setup.profile, log)).fit()
+    seeded_trainer(setup, model, data, 2, recipe, seed, log).fit()
     return _test_metrics(setup, model, data)

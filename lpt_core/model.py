@@ -131,8 +131,9 @@ class LPT(nn.Module):
         self.group_prompts = prompt_init((pool_size, depth - group_start, prompt_length, width), init_seed,
                                          "group_prompts")
         self.group_keys = prompt_init((pool_size, width), init_seed, "group_keys")
+        # built on the meta device so that nn.Linear's own init draws nothing from the global RNG
         self.head = nn.Linear(width, num_classes, bias=False, device="meta").to_empty(device="cpu")
-        unit_class_vectors(self.head.weight, init_generator(init_seed, "head_weight"))  # (meta: no global RNG draw)
+        unit_class_vectors(self.head.weight, init_generator(init_seed, "head_weight"))
         self.head_drop = nn.Dropout(head_dropout)
         self._block_fns = [prompted_block if supports_prompted_block(b) else plain_block
                            for b in backbone.blocks]

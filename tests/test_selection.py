@@ -43,8 +43,9 @@ def test_the_grace_period_resolves_against_the_profiles_phase_2(phase2, given, g
 @pytest.mark.parametrize("phase2, given, message", [
     (RELEASED, 1, r"early_stopping.grace_period: 1 is inside phase 2's warm-up .*per epoch.*use auto or at least 2"),
     (PhaseConfig(epochs=90, warmup_epochs=5, warmup="step"), 0.04,
-     r"0.04 of 90 epochs = 4 is inside phase 2's warm-up .*at least 5"),
-    (SMOKE, 5, r"5 is beyond phase 2's 4 epochs"),
+     r"early_stopping.grace_period: 0.04 of 90 epochs = 4 is inside phase 2's warm-up \(5 warm-up epochs, "
+     r"per step over epochs 1..5 from lr 1e-06\).*at least 5"),
+    (SMOKE, 5, r"early_stopping.grace_period: 5 is beyond phase 2's 4 epochs"),
 ])
 def test_a_grace_period_inside_the_warm_up_is_refused(phase2, given, message):
     with pytest.raises(ConfigError, match=r"^s.yaml: " + message):

@@ -197,7 +197,7 @@ def test_instance_sampling_is_one_shuffled_branch(synthetic_data):
     recipe = PhaseConfig(epochs=1, batch_size=32, lr=0.5, sampling="instance", noise_mul=0.0,
                          gamma_pos=1.5, gamma_neg=2.0, ib_gamma_pos=9.0, ib_gamma_neg=9.0)
     model = make_model()
-    trainer = Trainer(model, synthetic_data, 2, recipe, log=logs.append)
+    trainer = Trainer(model, synthetic_data, 2, recipe, device="cpu", log=logs.append)  # fp32: exact
     assert isinstance(trainer.sampler, InstanceBatchSampler) and len(trainer.losses) == 1
     assert trainer.steps_per_epoch == len(synthetic_data.train) // 32
     images, labels = next(iter(trainer.loader))
@@ -211,8 +211,9 @@ def test_instance_sampling_is_one_shuffled_branch(synthetic_data):
     torch.manual_seed(0)
     torch.testing.assert_close(trainer.train_step(images, labels, 0.3), want.detach(), rtol=0, atol=0)
     trainer.fit()
-    assert "steps of 32 images (instance sampling, lr set per epoch)" in logs[0]
-    dual = Trainer(make_model(), synthetic_data, 1, PhaseConfig(epochs=1, batch_size=32), log=logs.append)
+    assert "steps of 32 images (instance sampling, lr set per epoch) on cpu" in logs[0]
+    dual = Trainer(make_model(), synthetic_data, 1, PhaseConfig(epochs=1, batch_size=32), device="cpu",
+                   log=logs.append)
     assert isinstance(dual.sampler, DualBatchSampler) and len(dual.losses) == 2
     list(dual.epochs())
-    assert "steps of 2x32 images (dual sampling, lr set per epoch)" in logs[-2]
+    assert "steps of 2x32 images (dual sampling, lr set per epoch) on cpu" in logs[-2]

@@ -52,8 +52,9 @@ def grace_epochs(early_stopping: dict, phase2: PhaseConfig, where: str = "") -> 
                           f"(use auto, a fraction such as 0.1, or enabled: false)")
     if grace < earliest:
         schedule = ("per epoch, as released: epochs 1.." if phase2.warmup == "epoch" else "per step over epochs 1..")
-        raise ConfigError(f"{at}: {shown} is inside phase 2's warm-up ({phase2.warmup_epochs} warm-up epoch(s), "
-                          f"{schedule}{phase2.warmup_epochs} from lr {phase2.warmup_lr:g}): ASHA would compare "
+        w = phase2.warmup_epochs
+        raise ConfigError(f"{at}: {shown} is inside phase 2's warm-up ({w} warm-up epoch{'s' * (w != 1)}, "
+                          f"{schedule}{w} from lr {phase2.warmup_lr:g}): ASHA would compare "
                           f"trials before their learning rate peaks; use auto or at least {earliest}")
     return grace
 

@@ -168,15 +168,22 @@ class Plan:
 
 def describe_input(cfg) -> str:
     fmt = lambda xs: "/".join(f"{x:.3g}" for x in xs)
-    return f"mean {fmt(cfg.mean)}, std {fmt(cfg.std)}, {cfg.interpolation}, eval crop {cfg.crop_pct:.3g}"
+    resize = cfg.eval_resize.replace("_", "-")
+    return f"mean {fmt(cfg.mean)}, std {fmt(cfg.std)}, {cfg.interpolation}, eval {resize} resize, crop {cfg.crop_pct:.3g}"
 
 
 def absolute_paths(profile: dict) -> None:
-    """Relative data and weight paths are relative to where the search starts, not to a worker."""
+    """Relative data and weight paths are relative to where the search starts, not to a worker;
+    a data file (a list, a json, class names) relative to ``data.root`` where it is there, as
+    the dataset specs read them."""
     data = profile["data"]
+    here = lambda value: Path(os.path.expanduser(value)).resolve()
+    if isinstance(data.get("root"), str):
+        data["root"] = str(here(data["root"]))
     for key, value in data.items():
-        if isinstance(value, str) and (key in ("root", "class_names") or key.endswith(("_list", "_json"))):
-            data[key] = str(Path(os.path.expanduser(value)).resolve())
+        if isinstance(value, str) and (key == "class_names" or key.endswith(("_list", "_json"))):
+            under_root = Path(data.get("root") or ".", os.path.expanduser(value))
+            data[key] = str(under_root.resolve() if under_root.is_file() else here(value))
     weights = profile["backbone"].get("weights")
     if isinstance(weights, str) and weights not in ("pretrained", "random"):
         profile["backbone"]["weights"] = str(Path(os.path.expanduser(weights)).resolve())

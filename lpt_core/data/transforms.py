@@ -3,8 +3,9 @@
 Train: RandomResizedCrop + horizontal flip; test: resize to size / crop_pct (``eval_resize``:
 ``square`` resizes the image to a square of that side, as the released LPT code's
 ``Resize((256, 256))``; ``short_side`` resizes the short side, timm's convention), then center
-crop. Both normalised with the backbone's mean and std. Geometry runs before the tensor
-conversion, so PIL images are resampled by PIL as in the released code. ``InputConfig`` holds
+crop. Both normalised with the backbone's mean and std. Images become uint8 tensors first, so
+every input (PIL, tensor, encoded) is resampled by torch alike (the released code resamples PIL
+images with PIL: within a grey level of torch's antialiased bilinear). ``InputConfig`` holds
 those numbers; its defaults are the released LPT code's (mean 0.5 / std 0.5, bilinear, 256x256
 -> 224), ``lpt_core.backbones.input_config`` reads them from a backbone's pretrained config.
 """
@@ -67,9 +68,9 @@ RELEASED = InputConfig()  # the released LPT code's input pipeline
 
 def train_transform(image_size: int = 224, cfg: InputConfig = RELEASED) -> v2.Compose:
     return v2.Compose([
+        v2.ToImage(),
         v2.RandomResizedCrop(image_size, interpolation=cfg.mode(), antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(cfg.mean, cfg.std),
     ])
@@ -77,9 +78,9 @@ def train_transform(image_size: int = 224, cfg: InputConfig = RELEASED) -> v2.Co
 
 def test_transform(image_size: int = 224, cfg: InputConfig = RELEASED) -> v2.Compose:
     return v2.Compose([
+        v2.ToImage(),
         v2.Resize(cfg.eval_resize_to(image_size), interpolation=cfg.mode(), antialias=True),
         v2.CenterCrop(image_size),
-        v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(cfg.mean, cfg.std),
     ])

@@ -66,6 +66,7 @@ import optuna  # noqa: E402
 import ray  # noqa: E402
 from ray import tune as raytune  # noqa: E402
 
+from lpt_core.config import PhaseConfig  # noqa: E402
 from tune.samplers import sampler_settings, startup_trials  # noqa: E402
 from tune.search_space import baseline_config, check_space  # noqa: E402
 from tune.searcher import enqueue_baseline, make_scheduler, make_searcher  # noqa: E402
@@ -192,7 +193,7 @@ def run_search(study: dict, profile: dict, setting: str, budget: int, seed: int,
     settings = settings_for(setting, study, budget, seed)
     searcher = make_searcher(study, profile["model"], DEPTH, epochs, metrics, modes, settings,
                              storage=storage, study_name=name)
-    scheduler = make_scheduler(study, epochs, metrics[0], modes[0])
+    scheduler = make_scheduler(study, PhaseConfig(epochs=epochs, warmup_epochs=0), metrics[0], modes[0])  # no warm-up
 
     def trainable(config: dict) -> None:
         standin.train(config)

@@ -21,8 +21,9 @@ from .data.transforms import RELEASED, InputConfig, InputOverrides
 
 RANDOM, PRETRAINED = "random", "pretrained"
 # Pretrained tags of the JAX-trained ViTs the LPT release fine-tunes (augreg_*, orig_in21k): their
-# mean/std is 0.5 and the release resizes them bilinearly, 256 -> 224, where timm's config says
-# bicubic 0.9 (its own evaluation). Every other backbone takes timm's numbers as they are.
+# mean/std is 0.5 and the release resizes them bilinearly to a 256x256 square, center-crops 224,
+# where timm's config says bicubic 0.9 of the short side (its own evaluation). Every other backbone
+# takes timm's numbers as they are and resizes the short side.
 RELEASED_RECIPE_TAGS = ("augreg", "orig_in21k")
 
 
@@ -109,8 +110,9 @@ def input_config(backbone: nn.Module | dict[str, Any], overrides: InputOverrides
                  ) -> InputConfig:
     """How images must be prepared for ``backbone`` (a model, or a profile's backbone spec, which
     is built on the meta device: no weights, no memory): mean, std, interpolation and crop ratio
-    from its pretrained config (``timm.data.resolve_model_data_config``), the released LPT recipe's
-    resampling for ``RELEASED_RECIPE_TAGS``, then ``overrides`` (a profile's ``input`` section)."""
+    from its pretrained config (``timm.data.resolve_model_data_config``) with a short-side eval
+    resize, the released LPT recipe's resampling and square resize for ``RELEASED_RECIPE_TAGS``,
+    then ``overrides`` (a profile's ``input`` section)."""
     if isinstance(backbone, dict):
         spec = dict(backbone)
         spec.pop("weights", None)
@@ -123,10 +125,11 @@ def input_config(backbone: nn.Module | dict[str, Any], overrides: InputOverrides
     tag = str((getattr(backbone, "pretrained_cfg", None) or {}).get("tag") or "")
     values = {"mean": list(timm_cfg["mean"]), "std": list(timm_cfg["std"])}
     if tag.startswith(RELEASED_RECIPE_TAGS):
-        values.update(interpolation=RELEASED.interpolation, crop_pct=RELEASED.crop_pct)
+        values.update(interpolation=RELEASED.interpolation, crop_pct=RELEASED.crop_pct,
+                      eval_resize=RELEASED.eval_resize)
     else:  # torchvision resamples bilinear or bicubic; timm's rarer modes map to bicubic
         values.update(interpolation="bilinear" if timm_cfg["interpolation"] == "bilinear" else "bicubic",
-                      crop_pct=float(timm_cfg["crop_pct"]))
+                      crop_pct=float(timm_cfg["crop_pct"]), eval_resize="short_side")
     if overrides:
         given = overrides.model_dump(exclude_none=True) if isinstance(overrides, InputOverrides) else overrides
         values.update({k: v for k, v in given.items() if v is not None})

@@ -12,7 +12,7 @@ Schema (``model_json_schema()``) carries ``"searchable": true|false`` on every f
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
@@ -88,16 +88,33 @@ class LPTConfig(Section):
 
 
 # ----------------------------------------------------------------------------- the recipe
+RECIPE_CHOICE = "a recipe choice: set it in the profile (phase1.{key} / phase2.{key})"
+
+
 class PhaseConfig(Section):
-    """Recipe of one phase; the defaults are the released phase-2 script's (phase 1 uses the same:
-    A-GCL, dual sampling, a relatively large weight decay). ``batch_size`` is per branch."""
+    """Recipe of one phase; the defaults are the released phase-2 script's. Phase 1 uses the same
+    by default (A-GCL, dual sampling, a relatively large weight decay), as the LPT author states
+    for phase 1 (released repository, issue #1); ``sampling: instance`` with ``gamma_pos`` =
+    ``gamma_neg`` = 0 is the paper abstract's "conventional supervised prompt tuning" with GCL.
+    ``batch_size`` is per branch."""
 
     epochs: int = param(90, ge=1, searchable=False,
                         why="it sets the epoch count that early stopping (ASHA) compares trials at")
-    batch_size: int = param(256, ge=1, description="images per branch (class-balanced and instance-balanced)")
+    batch_size: int = param(256, ge=1, description="images per branch and step (dual: each of the two branches)")
+    sampling: Literal["dual", "instance"] = param(
+        "dual", searchable=False, why=RECIPE_CHOICE.format(key="sampling"),
+        description="dual: a class-balanced and an instance-balanced branch per step, "
+                    "AGCL_cb + w(e) * AGCL_ib (the released code); instance: one shuffled branch, "
+                    "AGCL(gamma_pos, gamma_neg) alone (ib_gamma_* unused)")
     lr: float = param(0.02, gt=0, description="learning rate per 256 images of one branch")
     momentum: float = param(0.9, ge=0)
     weight_decay: float = param(0.01, ge=0)
+    warmup: Literal["epoch", "step"] = param(
+        "epoch", searchable=False, why=RECIPE_CHOICE.format(key="warmup"),
+        description="epoch: the lr changes once per epoch, as the released code steps timm's "
+                    "CosineLRScheduler (warm-up epochs at warmup_lr + e * (lr - warmup_lr) / "
+                    "warmup_epochs, then 0.5 * lr * (1 + cos(pi * e / epochs))); step: a linear "
+                    "warm-up per step over warmup_epochs, then a per-step cosine to 0")
     warmup_epochs: int = param(1, ge=0)
     warmup_lr: float = param(1e-6, ge=0)
     per_class: int = param(4, ge=1, description="images per class draw of the class-aware sampler")
@@ -105,11 +122,29 @@ class PhaseConfig(Section):
     scale: float = param(20.0, gt=0)
     noise_mul: float = param(0.5, ge=0)
     label_smoothing: float = param(0.1, ge=0, le=0.99)
-    gamma_pos: float = param(0.0, ge=0, description="class-balanced branch")
-    gamma_neg: float = param(4.0, ge=0, description="class-balanced branch")
-    ib_gamma_pos: float = param(0.5, ge=0, description="instance-balanced branch")
-    ib_gamma_neg: float = param(8.0, ge=0, description="instance-balanced branch")
+    gamma_pos: float = param(0.0, ge=0, description="A-GCL focusing on the target, class-balanced branch "
+                                                    "(instance sampling: the only branch); 0/0 is plain GCL")
+    gamma_neg: float = param(4.0, ge=0, description="A-GCL focusing on the other classes, class-balanced "
+                                                    "branch (instance sampling: the only branch); 0/0 is plain GCL")
+    ib_gamma_pos: float = param(0.5, ge=0, description="instance-balanced branch of dual sampling")
+    ib_gamma_neg: float = param(8.0, ge=0, description="instance-balanced branch of dual sampling")
     match_weight: float = param(0.5, ge=0, description="weight of the matching term (phase 2 only)")
+
+    def describe(self, phase: int) -> str:
+        """The recipe in one line, e.g. ``90 epochs, dual sampling, A-GCL (gamma_pos 0, gamma_neg 4;
+        IB branch gamma_pos 0.5, gamma_neg 8, weight 0.5 -> 0), lr 0.02, wd 0.01, batch 256 per branch,
+        warm-up 1 epoch (per epoch, from 1e-06)``."""
+        g = lambda pos, neg: f"gamma_pos {pos:g}, gamma_neg {neg:g}"
+        loss = "A-GCL" if self.gamma_pos or self.gamma_neg else "GCL"
+        dual = self.sampling == "dual"
+        focus = g(self.gamma_pos, self.gamma_neg)
+        if dual:
+            focus += f"; IB branch {g(self.ib_gamma_pos, self.ib_gamma_neg)}, weight 0.5 -> 0"
+        match = f", match weight {self.match_weight:g}" if phase == 2 else ""
+        warmup = (f", warm-up {self.warmup_epochs} epoch{'s' if self.warmup_epochs != 1 else ''} "
+                  f"(per {self.warmup}, from {self.warmup_lr:g})" if self.warmup_epochs else ", no warm-up")
+        return (f"{self.epochs} epochs, {self.sampling} sampling, {loss} ({focus}){match}, lr {self.lr:g}, "
+                f"wd {self.weight_decay:g}, batch {self.batch_size}{' per branch' if dual else ''}{warmup}")
 
 
 # ----------------------------------------------------------------------------- errors

@@ -10,6 +10,8 @@ are dropped, they enter each block as keys and values only (``prompted_block``).
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -58,12 +60,26 @@ def supports_prompted_block(block: nn.Module) -> bool:
             and getattr(attn, "gate", None) is None)
 
 
-def unit_class_vectors(weight: torch.Tensor) -> torch.Tensor:
+def unit_class_vectors(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """The released ``NormedLinear`` init, in place: uniform(-1, 1), then each class vector (a row
     of ``weight`` [C, D]) scaled to norm 1."""
     with torch.no_grad():
-        weight.uniform_(-1.0, 1.0)
+        weight.uniform_(-1.0, 1.0, generator=generator)
         return weight.div_(weight.norm(dim=1, keepdim=True))
+
+
+def init_generator(init_seed: int, component: str) -> torch.Generator:
+    """The CPU generator that initialises one component (a ``PROMPT_KEYS`` name): seeded by
+    sha256 of (init_seed, component), so each component has its own stream and its values depend
+    on nothing else (not the global RNG, not the shape of the other components)."""
+    digest = hashlib.sha256(f"lpt-init:{init_seed}:{component}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def prompt_init(shape: tuple[int, ...], init_seed: int, component: str) -> nn.Parameter:
+    """trunc_normal(std 0.02) of ``shape`` from the component's own generator (released scale)."""
+    return nn.Parameter(nn.init.trunc_normal_(torch.empty(shape), std=0.02,
+                                              generator=init_generator(init_seed, component)))
 
 
 class LPT(nn.Module):
@@ -77,6 +93,10 @@ class LPT(nn.Module):
         top_k: group prompts chosen per image and averaged (K).
         group_start: first block that receives group prompts (S), 1 <= S <= depth - 1.
         head_dropout: dropout before the cosine classifier while training.
+        init_seed: seeds the initial values: shared prompts, group prompts, keys and class vectors
+            each from its own generator (``init_generator``). The phase-1 tensors (shared prompts,
+            class vectors) are therefore the same whatever ``pool_size``, ``top_k`` and
+            ``group_start``, and the global torch RNG is neither read nor advanced.
 
     The defaults and ranges are ``LPTConfig``'s; ``LPT.from_config(backbone, num_classes, cfg)``
     takes one, and ``model.config`` is the one it was built with.
@@ -86,7 +106,7 @@ class LPT(nn.Module):
                  prompt_length: int = LPTConfig.default("prompt_length"),
                  pool_size: int = LPTConfig.default("pool_size"), top_k: int = LPTConfig.default("top_k"),
                  group_start: int = LPTConfig.default("group_start"),
-                 head_dropout: float = LPTConfig.default("head_dropout")):
+                 head_dropout: float = LPTConfig.default("head_dropout"), init_seed: int = 0):
         super().__init__()
         if getattr(backbone, "cls_token", None) is None or not hasattr(backbone, "blocks"):
             raise ValueError("backbone: LPT needs a timm VisionTransformer with a class token "
@@ -106,12 +126,14 @@ class LPT(nn.Module):
 
         # The released code's scales: prompts and keys trunc_normal(0.02), class vectors of norm 1.
         # Keys and class vectors are normalised before use, so their scale sets how fast SGD turns them.
-        self.shared_prompts = nn.Parameter(nn.init.trunc_normal_(torch.empty(depth, prompt_length, width), std=0.02))
-        self.group_prompts = nn.Parameter(nn.init.trunc_normal_(
-            torch.empty(pool_size, depth - group_start, prompt_length, width), std=0.02))
-        self.group_keys = nn.Parameter(nn.init.trunc_normal_(torch.empty(pool_size, width), std=0.02))
-        self.head = nn.Linear(width, num_classes, bias=False)
-        unit_class_vectors(self.head.weight)
+        self.init_seed = init_seed
+        self.shared_prompts = prompt_init((depth, prompt_length, width), init_seed, "shared_prompts")
+        self.group_prompts = prompt_init((pool_size, depth - group_start, prompt_length, width), init_seed,
+                                         "group_prompts")
+        self.group_keys = prompt_init((pool_size, width), init_seed, "group_keys")
+        # built on the meta device so that nn.Linear's own init draws nothing from the global RNG
+        self.head = nn.Linear(width, num_classes, bias=False, device="meta").to_empty(device="cpu")
+        unit_class_vectors(self.head.weight, init_generator(init_seed, "head_weight"))
         self.head_drop = nn.Dropout(head_dropout)
         self._block_fns = [prompted_block if supports_prompted_block(b) else plain_block
                            for b in backbone.blocks]
@@ -120,9 +142,10 @@ class LPT(nn.Module):
         self.set_phase(1)
 
     @classmethod
-    def from_config(cls, backbone: nn.Module, num_classes: int, config: LPTConfig | dict) -> "LPT":
+    def from_config(cls, backbone: nn.Module, num_classes: int, config: LPTConfig | dict,
+                    init_seed: int = 0) -> "LPT":
         values = config.to_dict() if isinstance(config, LPTConfig) else dict(config)
-        return cls(backbone, num_classes, **values)
+        return cls(backbone, num_classes, **values, init_seed=init_seed)
 
     # ----------------------------------------------------------------------------- phases
     def set_phase(self, phase: int) -> "LPT":

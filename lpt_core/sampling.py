@@ -1,10 +1,16 @@
-"""Dual sampling: class-balanced and instance-balanced batches drawn together.
+"""Batch samplers of a phase: dual (class-balanced and instance-balanced together) or instance only.
 
-The class-aware sampler picks a class uniformly at random, then takes the next ``per_class`` images
-of that class from its own reshuffled cycle (the reference ClassAwareSampler). The instance-balanced
-branch is a plain shuffle. ``DualBatchSampler`` yields, for each step, the class-balanced indices
-followed by the instance-balanced ones in one list, so a single DataLoader loads one batch of
-``2 * batch_size`` images and the model runs both branches as one batch.
+The class-aware sampler is the released ClassAwareSampler's cycling: it walks a shuffled list of
+the classes (each class once per cycle, the list reshuffled when a cycle ends) and for each class
+takes the next ``per_class`` images from that class's own image cycle (reshuffled whenever it runs
+out). So every block of ``num_classes * per_class`` draws from an epoch's start holds each class
+exactly ``per_class`` times. The instance-balanced draws are a plain shuffle.
+
+``DualBatchSampler`` yields, for each step, the class-balanced indices followed by the
+instance-balanced ones in one list, so a single DataLoader loads one batch of ``2 * batch_size``
+images and the model runs both branches as one batch. ``InstanceBatchSampler`` yields the shuffled
+indices alone (``sampling: instance``). Both draw from a generator seeded by (seed, epoch) only, so
+a resumed run sees the same batches; unlike the released iterators, cycles restart every epoch.
 """
 
 from __future__ import annotations
@@ -24,8 +30,26 @@ def _class_index_lists(labels: Sequence[int], num_classes: int) -> list[torch.Te
     return lists
 
 
+class _Cycle:
+    """``items`` in a shuffled order, reshuffled each time they have all been given (the released
+    ``RandomCycleIter``, with a seeded generator)."""
+
+    def __init__(self, items: torch.Tensor, generator: torch.Generator):
+        self.items, self.generator = items, generator
+        self.order, self.position = self._shuffled(), 0
+
+    def _shuffled(self) -> list[int]:
+        return self.items[torch.randperm(self.items.numel(), generator=self.generator)].tolist()
+
+    def __next__(self) -> int:
+        if self.position == len(self.order):
+            self.order, self.position = self._shuffled(), 0
+        self.position += 1
+        return self.order[self.position - 1]
+
+
 class ClassAwareSampler:
-    """Draws classes uniformly; ``per_class`` consecutive images of each drawn class."""
+    """Cycles through the classes in shuffled order; ``per_class`` consecutive images of each."""
 
     def __init__(self, labels: Sequence[int], num_classes: int, per_class: int = 4):
         if per_class < 1:
@@ -35,34 +59,27 @@ class ClassAwareSampler:
 
     def draw(self, count: int, generator: torch.Generator) -> Iterator[int]:
         """Yield ``count`` dataset indices."""
-        cycles = [idx[torch.randperm(idx.numel(), generator=generator)] for idx in self.class_indices]
-        positions = [0] * self.num_classes
-        produced = 0
-        while produced < count:
-            c = int(torch.randint(self.num_classes, (1,), generator=generator))
-            for _ in range(self.per_class):
-                if positions[c] == cycles[c].numel():
-                    idx = self.class_indices[c]
-                    cycles[c], positions[c] = idx[torch.randperm(idx.numel(), generator=generator)], 0
-                yield int(cycles[c][positions[c]])
-                positions[c] += 1
-                produced += 1
-                if produced == count:
-                    return
+        images = [_Cycle(idx, generator) for idx in self.class_indices]
+        classes = _Cycle(torch.arange(self.num_classes), generator)
+        for produced in range(count):
+            if produced % self.per_class == 0:
+                current = images[next(classes)]
+            yield next(current)
 
 
-class DualBatchSampler(Sampler[list[int]]):
-    """Per step: ``batch_size`` class-balanced indices then ``batch_size`` shuffled ones.
+def shuffled_indices(num_images: int, count: int, generator: torch.Generator) -> list[int]:
+    """``count`` indices of a shuffle of ``range(num_images)``, reshuffled whenever it runs out."""
+    repeats = -(-count // num_images)
+    return torch.cat([torch.randperm(num_images, generator=generator) for _ in range(repeats)])[:count].tolist()
 
-    An epoch is ``len(labels) // batch_size`` steps (at least one). Call ``set_epoch`` before each
-    epoch: the draws depend only on (seed, epoch), so a resumed run sees the same batches.
-    """
 
-    def __init__(self, labels: Sequence[int], num_classes: int, batch_size: int,
-                 per_class: int = 4, seed: int = 0):
+class _EpochBatchSampler(Sampler[list[int]]):
+    """``len(labels) // batch_size`` steps per epoch (at least one); ``set_epoch`` before each
+    epoch: the draws depend only on (seed, epoch)."""
+
+    def __init__(self, labels: Sequence[int], batch_size: int, seed: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-        self.class_aware = ClassAwareSampler(labels, num_classes, per_class)
         self.num_images = len(labels)
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.steps = max(1, self.num_images // batch_size)
@@ -73,13 +90,32 @@ class DualBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.steps
 
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+
+
+class DualBatchSampler(_EpochBatchSampler):
+    """Per step: ``batch_size`` class-balanced indices then ``batch_size`` shuffled ones."""
+
+    def __init__(self, labels: Sequence[int], num_classes: int, batch_size: int,
+                 per_class: int = 4, seed: int = 0):
+        super().__init__(labels, batch_size, seed)
+        self.class_aware = ClassAwareSampler(labels, num_classes, per_class)
+
     def __iter__(self) -> Iterator[list[int]]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        total = self.steps * self.batch_size
+        gen = self.generator()
+        total, b = self.steps * self.batch_size, self.batch_size
         balanced = list(self.class_aware.draw(total, gen))
-        repeats = -(-total // self.num_images)
-        shuffled = torch.cat([torch.randperm(self.num_images, generator=gen) for _ in range(repeats)])
-        shuffled = shuffled[:total].tolist()
-        b = self.batch_size
+        shuffled = shuffled_indices(self.num_images, total, gen)
         for s in range(self.steps):
             yield balanced[s * b:(s + 1) * b] + shuffled[s * b:(s + 1) * b]
+
+
+class InstanceBatchSampler(_EpochBatchSampler):
+    """Per step: ``batch_size`` indices of a plain shuffle (one pass per epoch where it fits)."""
+
+    def __iter__(self) -> Iterator[list[int]]:
+        shuffled = shuffled_indices(self.num_images, self.steps * self.batch_size, self.generator())
+        b = self.batch_size
+        for s in range(self.steps):
+            yield shuffled[s * b:(s + 1) * b]

@@ -1,9 +1,13 @@
 """Training loop of LPT, one phase at a time, readable top to bottom.
 
-Each step loads one batch holding a class-balanced half and an instance-balanced half (see
-``sampling.DualBatchSampler``), runs it through the model once, and takes
-``AGCL_cb - m*match_cb + w(e) * (AGCL_ib - m*match_ib)`` (the match terms only in phase 2).
-SGD with momentum, lr = lr * batch / 256, one warm-up epoch from ``warmup_lr``, then cosine.
+``sampling: dual`` (the released recipe): each step loads one batch holding a class-balanced half
+and an instance-balanced half (``sampling.DualBatchSampler``), runs it through the model once, and
+takes ``AGCL_cb - m*match_cb + w(e) * (AGCL_ib - m*match_ib)``. ``sampling: instance``: each step
+is ``batch_size`` shuffled images (``sampling.InstanceBatchSampler``) and the loss
+``AGCL(gamma_pos, gamma_neg) - m*match``. The match terms only in phase 2.
+SGD with momentum, lr = lr * batch / 256; ``warmup: epoch`` changes the lr once per epoch as the
+released code steps timm's CosineLRScheduler (``released_epoch_lr``), ``warmup: step`` warms up
+linearly per step from ``warmup_lr`` and then follows a per-step cosine.
 bf16 autocast on CUDA, fp32 on CPU. The loss is summed on the device and read once per epoch.
 After each epoch the validation split is evaluated and ``epochs()`` yields the metrics, where the
 caller can report and ``trainer.save_state(path)`` (``fit`` runs them all, with an optional
@@ -25,7 +29,7 @@ from .data.base import LTData
 from .losses import AsymmetricGCL, branch_weight
 from .metrics import confusion_counts, few_at_most, per_class_accuracy, shot_accuracy
 from .model import LPT
-from .sampling import DualBatchSampler
+from .sampling import DualBatchSampler, InstanceBatchSampler
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -48,13 +52,23 @@ def make_loader(dataset: Dataset, device: torch.device, num_workers: int, **kwar
 
 
 def branch_losses(class_counts: list[int], cfg: PhaseConfig, generator: torch.Generator | None = None
-                  ) -> tuple[AsymmetricGCL, AsymmetricGCL]:
-    """The class-balanced and the instance-balanced A-GCL of ``cfg``: one cloud, margin, scale and
-    smoothing (and noise ``generator``), each branch with its own gammas."""
+                  ) -> tuple[AsymmetricGCL, ...]:
+    """The A-GCL of each branch of ``cfg``: one cloud, margin, scale and smoothing (and noise
+    ``generator``); the class-balanced branch (or with ``sampling: instance`` the only one) with
+    ``gamma_pos``/``gamma_neg``, the instance-balanced branch of dual sampling with ``ib_gamma_*``."""
     common = dict(class_counts=class_counts, margin=cfg.margin, scale=cfg.scale,
                   noise_mul=cfg.noise_mul, label_smoothing=cfg.label_smoothing, generator=generator)
-    return (AsymmetricGCL(gamma_pos=cfg.gamma_pos, gamma_neg=cfg.gamma_neg, **common),
-            AsymmetricGCL(gamma_pos=cfg.ib_gamma_pos, gamma_neg=cfg.ib_gamma_neg, **common))
+    main = AsymmetricGCL(gamma_pos=cfg.gamma_pos, gamma_neg=cfg.gamma_neg, **common)
+    if cfg.sampling == "instance":
+        return (main,)
+    return main, AsymmetricGCL(gamma_pos=cfg.ib_gamma_pos, gamma_neg=cfg.ib_gamma_neg, **common)
+
+
+def branch_loss(loss_fn: AsymmetricGCL, logits: torch.Tensor, labels: torch.Tensor,
+                match: torch.Tensor | None, match_weight: float) -> torch.Tensor:
+    """``AGCL - m*mean(match)`` of one branch (``match`` per image, None in phase 1)."""
+    loss = loss_fn(logits, labels)
+    return loss if match is None else loss - match_weight * match.mean()
 
 
 def dual_batch_loss(logits: torch.Tensor, aux: dict, labels: torch.Tensor,
@@ -65,13 +79,22 @@ def dual_batch_loss(logits: torch.Tensor, aux: dict, labels: torch.Tensor,
     (phase 2)."""
     loss_cb_fn, loss_ib_fn = losses
     half = logits.shape[0] // 2
-    loss_cb = loss_cb_fn(logits[:half], labels[:half])
-    loss_ib = loss_ib_fn(logits[half:], labels[half:])
     match = aux.get("match_per_image")
-    if match is not None:
-        loss_cb = loss_cb - match_weight * match[:half].mean()
-        loss_ib = loss_ib - match_weight * match[half:].mean()
+    loss_cb = branch_loss(loss_cb_fn, logits[:half], labels[:half], None if match is None else match[:half],
+                          match_weight)
+    loss_ib = branch_loss(loss_ib_fn, logits[half:], labels[half:], None if match is None else match[half:],
+                          match_weight)
     return loss_cb + w * loss_ib
+
+
+def released_epoch_lr(epoch: int, epochs: int, peak_lr: float, warmup_epochs: int, warmup_lr: float) -> float:
+    """The lr of ``epoch`` (0-based) under the released code's schedule: timm's
+    ``CosineLRScheduler(t_initial=epochs, warmup_t=warmup_epochs, warmup_lr_init=warmup_lr)``
+    (lr_min 0, no warm-up prefix, one cycle) stepped once per epoch. Written out with timm's
+    arithmetic, so the values are equal to the bit."""
+    if epoch < warmup_epochs:
+        return warmup_lr + epoch * ((peak_lr - warmup_lr) / warmup_epochs)
+    return 0.5 * peak_lr * (1 + math.cos(math.pi * epoch / epochs))
 
 
 @torch.no_grad()
@@ -141,10 +164,11 @@ class Trainer:
         self.log = log or (lambda msg: None)
         self.class_counts = data.class_counts
         self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 7919 * phase)
-        self.loss_cb, self.loss_ib = (loss.to(self.device) for loss in
-                                      branch_losses(self.class_counts, cfg, self.noise_gen))
-        self.sampler = DualBatchSampler(data.train_labels, data.num_classes, cfg.batch_size,
-                                        cfg.per_class, seed=seed + 1009 * phase)
+        self.losses = tuple(loss.to(self.device) for loss in branch_losses(self.class_counts, cfg, self.noise_gen))
+        sampler_seed = seed + 1009 * phase
+        self.sampler = (DualBatchSampler(data.train_labels, data.num_classes, cfg.batch_size, cfg.per_class,
+                                         seed=sampler_seed) if cfg.sampling == "dual"
+                        else InstanceBatchSampler(data.train_labels, cfg.batch_size, seed=sampler_seed))
         self.loader = make_loader(data.train, self.device, num_workers, batch_sampler=self.sampler)
         self.val_loader = make_loader(data.val, self.device, num_workers, batch_size=eval_batch_size)
         self.params = self.model.trainable_parameters()
@@ -161,14 +185,20 @@ class Trainer:
 
     # ------------------------------------------------------------------------- schedule
     def lr_at(self, step: int) -> float:
+        """The lr of optimiser step ``step`` (0-based), by ``cfg.warmup``."""
+        cfg = self.cfg
+        if cfg.warmup == "epoch":
+            return released_epoch_lr(step // self.steps_per_epoch, cfg.epochs, self.peak_lr,
+                                     cfg.warmup_epochs, cfg.warmup_lr)
         if step < self.warmup_steps:
-            return self.cfg.warmup_lr + (self.peak_lr - self.cfg.warmup_lr) * step / self.warmup_steps
+            return cfg.warmup_lr + (self.peak_lr - cfg.warmup_lr) * step / self.warmup_steps
         t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         return 0.5 * self.peak_lr * (1 + math.cos(math.pi * t))
 
     # ------------------------------------------------------------------------- training
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, w: float) -> torch.Tensor:
-        """One optimiser step on a dual batch (class-balanced half first); returns the detached loss."""
+        """One optimiser step on a batch of the sampler (dual: class-balanced half first; ``w`` the
+        instance-balanced branch's weight, unused by instance sampling); returns the detached loss."""
         device = self.device
         images, labels = to_device(images, labels, device, self.data.train_batch_transform)
         lr = self.lr_at(self.step)
@@ -176,7 +206,10 @@ class Trainer:
             group["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits, aux = self.model(images)
-        loss = dual_batch_loss(logits, aux, labels, (self.loss_cb, self.loss_ib), w, self.cfg.match_weight)
+        if self.cfg.sampling == "dual":
+            loss = dual_batch_loss(logits, aux, labels, self.losses, w, self.cfg.match_weight)
+        else:
+            loss = branch_loss(self.losses[0], logits, labels, aux.get("match_per_image"), self.cfg.match_weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -207,8 +240,10 @@ class Trainer:
         ``save_state`` to resume from there."""
         if self.epoch == 0:
             counts = self.model.parameter_counts()
-            self.log(f"phase {self.phase}: {self.cfg.epochs} epochs x {self.steps_per_epoch} steps of "
-                     f"2x{self.cfg.batch_size} images on {self.device}; LPT adds "
+            cfg = self.cfg
+            images = f"2x{cfg.batch_size}" if cfg.sampling == "dual" else f"{cfg.batch_size}"
+            self.log(f"phase {self.phase}: {cfg.epochs} epochs x {self.steps_per_epoch} steps of "
+                     f"{images} images ({cfg.sampling} sampling, lr set per {cfg.warmup}) on {self.device}; LPT adds "
                      f"{counts['extra_params']:,} parameters ({counts['extra_percent']:.2f}% of the backbone)")
         while self.epoch < self.cfg.epochs:
             metrics = {"phase": self.phase, "epoch": self.epoch + 1, **self.train_epoch()}

@@ -78,7 +78,7 @@ def test_fake_tensor_flops_equal_a_real_count():
     trainer = Trainer(model, data, 2, cfg, device="cpu", log=None)
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
     lean = count_flops(lambda: trainer.train_step(images, labels, 0.5)) / 4 / 1e9
-    ref_step = bench.ReferenceStep(model, 2, cfg, (trainer.loss_cb, trainer.loss_ib), amp=False)
+    ref_step = bench.ReferenceStep(model, 2, cfg, trainer.losses, amp=False)
     ref = count_flops(lambda: ref_step(images, labels, 0.5)) / 4 / 1e9
     assert fake["lean"]["phase2"] == pytest.approx(lean, rel=1e-9)
     assert fake["reference"]["phase2"] == pytest.approx(ref, rel=1e-9)
@@ -140,3 +140,15 @@ def test_search_quality_stand_in_has_its_optimum_inside_the_space():
             assert standin.score(standin.final(at)) == pytest.approx(optimum) == pytest.approx(80.0)
             values = [standin.observed(at, e)["val_acc"] for e in range(1, 5)]
             assert values == sorted(values) and values[-1] == pytest.approx(80.0)
+
+
+def test_phase1_sampling_ablation_runs_both_samplings(capsys):
+    """benchmarks/phase1_sampling.py: dual against instance sampling in phase 1 from the same start;
+    instance sampling trains one branch, so half the images per epoch."""
+    ablation = _load("phase1_sampling")
+    assert ablation.main(["--epochs", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {(r.split()[0], r.split()[1]): r.split() for r in out if r.split()[:1] in (["1"], ["2"])}
+    assert set(rows) == {(e, s) for e in ("1", "2") for s in ("dual", "instance")}
+    assert int(rows["2", "dual"][2]) == 2 * int(rows["2", "instance"][2]) == 2 * 2 * 15 * 32   # 2 epochs x 15 steps of 2x32
+    assert any(line.startswith("dual: last val_acc ") and "(1 SE, 200 images)" in line for line in out)

@@ -11,7 +11,7 @@ from torchvision.transforms import v2
 
 from conftest import PLACES_LT_SPLITS, needs_places_lt_splits
 from lpt_core.data import (BatchTransform, EncodedBatch, build_dataset, build_manifest, manifest_hash,
-                           write_manifest)
+                           val_test_overlap, write_manifest)
 from lpt_core.data.base import LTData
 from lpt_core.data.batch import random_resized_boxes
 from lpt_core.data.files import FileImages, read_list
@@ -85,6 +85,8 @@ def test_batch_transform_on_cuda_matches_cpu():
 def test_synthetic_keeps_its_contract_and_checks_keys():
     data = build_dataset(SYNTH)
     assert data.class_counts == [12, 7, 4, 3] and len(data.val) == 12 and len(data.test) == 8
+    assert data.info["val_missing_classes"] == [] and val_test_overlap(data) == 0
+    assert build_dataset({**SYNTH, "val_per_class": 0}).info["val_missing_classes"] == [0, 1, 2, 3]
     img, _ = data.train[0]
     assert img.dtype == torch.float32 and img.shape == (3, 32, 32) and data.train_batch_transform is None
     gpu = build_dataset({**SYNTH, "gpu_augment": True})

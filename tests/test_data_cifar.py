@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lpt_core.data import build_dataset, long_tail_counts
+from lpt_core.data import build_dataset, long_tail_counts, val_test_overlap
 from lpt_core.data import cifar as cifar_module
 from lpt_core.data.transforms import test_transform as eval_transform
 
@@ -101,6 +101,8 @@ def test_split_images_are_the_rows_of_the_files_and_disjoint(small100):
     # 30 - n_c dropped images per class, at most 20 taken
     assert np.bincount(data.val.labels).tolist() == [0, 14, 20, 20, 20]
     assert data.info["val_short"] == [0, 1]
+    assert data.info["val_missing_classes"] == [0]  # class 0 keeps all its images: none to validate on
+    assert val_test_overlap(data) == 0  # in memory: validation from the training file, test from the test file
     seen = {}
     for split in ("train", "val", "test"):
         ds = getattr(data, split)

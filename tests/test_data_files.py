@@ -1,6 +1,7 @@
 """Image-file datasets (split lists, COCO JSON, class folders) on JPEGs the tests write with PIL;
 the list parser against the real Places-LT lists."""
 
+import dataclasses
 import json
 import os
 import zlib
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import PLACES_LT_SPLITS, needs_places_lt_splits
-from lpt_core.data import EncodedBatch, build_dataset, long_tail_counts
+from lpt_core.data import EncodedBatch, build_dataset, long_tail_counts, manifest_hash, val_test_overlap
 from lpt_core.data.files import read_list
 from lpt_core.trainer import to_device
 
@@ -163,21 +164,51 @@ def write_coco(path, images, categories):
     path.write_text(json.dumps(doc, indent=1))
 
 
-def test_inat_json_val_doubles_as_test(tmp_path):
+def inat_tree(tmp_path, train_counts, val_counts):
+    """iNat-style COCO JSON pair and its JPEGs: categories 10 (Ant), 20 (Bee), 30 (Zebra), listed
+    out of order; image ids 100+ in train2018.json, 900+ in val2018.json."""
     cats = [(30, "Zebra"), (10, "Ant"), (20, "Bee")]  # labels follow sorted ids: Ant, Bee, Zebra
-    train = [(100 + k, f"train/{c}/{k}.jpg", c) for k, c in enumerate([10, 10, 10, 20, 20, 30])]
-    val = [(900 + k, f"val/{c}/{k}.jpg", c) for k, c in enumerate([10, 20, 30])]
+    train = [(100 + k, f"train_val2018/{c}/{k}.jpg", c)
+             for k, c in enumerate(c for c, n in zip((10, 20, 30), train_counts) for _ in range(n))]
+    val = [(900 + k, f"train_val2018/{c}/v{k}.jpg", c)
+           for k, c in enumerate(c for c, n in zip((10, 20, 30), val_counts) for _ in range(n))]
     for i, f, c in train + val:
         write_image(tmp_path / f, c // 10 - 1)
     write_coco(tmp_path / "train2018.json", train, cats)
     write_coco(tmp_path / "val2018.json", val, cats)
-    spec = {"name": "inat2018", "root": str(tmp_path), "train_json": "train2018.json",
-            "val_json": "val2018.json", "image_size": 16}
-    data = build_dataset(spec)
-    assert data.class_names == ["Ant", "Bee", "Zebra"] and data.class_counts == [3, 2, 1]
-    assert data.test is data.val and data.val.labels == [0, 1, 2] and data.val.ids == [900, 901, 902]
-    assert data.info["test_is_val"] and data.train[0][0].shape == (3, 16, 16)
-    write_coco(tmp_path / "val2018.json", val + [(999, "val/10/0.jpg", 40)], cats)
+    return {"name": "inat2018", "root": str(tmp_path), "train_json": "train2018.json",
+            "val_json": "val2018.json", "image_size": 16}, train, val
+
+
+def test_inat_validates_on_a_train_hold_out_and_tests_on_the_official_val(tmp_path):
+    spec, train, val = inat_tree(tmp_path, train_counts=(8, 3, 1), val_counts=(2, 2, 1))
+    data = build_dataset(spec)   # val_per_class: 3
+    assert data.class_names == ["Ant", "Bee", "Zebra"]
+    # up to 3 per class, never a class's last image: Ant gives 3 of 8, Bee 2 of 3, Zebra 0 of 1
+    assert Counter(data.val.labels) == {0: 3, 1: 2} and data.class_counts == [5, 1, 1]
+    assert data.info["val_missing_classes"] == [2] and data.info["val_per_class"] == 3
+    listed = {i: (f, c // 10 - 1) for i, f, c in train}
+    assert set(data.val.ids) <= set(listed) and not set(data.val.ids) & set(data.train.ids)
+    assert sorted(data.val.ids + data.train.ids) == sorted(listed)    # a partition of the train list
+    assert all(listed[i] == (p, y) for i, p, y in zip(data.val.ids, data.val.paths, data.val.labels))
+    assert data.test.ids == [i for i, _, _ in val] and data.test.labels == [0, 0, 1, 1, 2]
+    assert data.test is not data.val and val_test_overlap(data) == 0
+    assert data.train[0][0].shape == (3, 16, 16)
+    # seeded by the spec's seed: the same spec holds out the same images, other seeds others
+    assert build_dataset(spec).val.ids == data.val.ids
+    assert any(build_dataset({**spec, "seed": s}).val.ids != data.val.ids for s in (1, 2, 3))
+    assert manifest_hash(build_dataset({**spec, "seed": 1})) != manifest_hash(data)
+    one = build_dataset({**spec, "val_per_class": 1})
+    assert Counter(one.val.labels) == {0: 1, 1: 1} and one.class_counts == [7, 2, 1]
+    assert manifest_hash(one) != manifest_hash(data)
+    none = build_dataset({**spec, "val_per_class": 0})
+    assert len(none.val) == 0 and none.class_counts == [8, 3, 1] and none.info["val_missing_classes"] == [0, 1, 2]
+
+
+def test_inat_json_errors_name_the_file(tmp_path):
+    spec, train, val = inat_tree(tmp_path, train_counts=(3, 2, 1), val_counts=(1, 1, 1))
+    cats = [(30, "Zebra"), (10, "Ant"), (20, "Bee")]
+    write_coco(tmp_path / "val2018.json", val + [(999, val[0][1], 40)], cats)
     with pytest.raises(ValueError, match=r"val2018.json: annotations\[3\]: category_id 40 is not a train category"):
         build_dataset(spec)
     (tmp_path / "val2018.json").write_text('{"images": [\n  {"id": 1,}\n]}')
@@ -186,6 +217,22 @@ def test_inat_json_val_doubles_as_test(tmp_path):
     (tmp_path / "val2018.json").write_text('{"images": [{"id": 1}], "annotations": []}')
     with pytest.raises(ValueError, match=r"val2018.json: malformed COCO-style JSON \(missing key 'file_name'\)"):
         build_dataset(spec)
+    with pytest.raises(ValueError, match=r"^data.val_per_class: must be >= 0"):
+        build_dataset({**spec, "val_per_class": -1})
+
+
+def test_val_test_overlap_counts_shared_images(places):
+    data = build_dataset(list_spec(places))
+    assert val_test_overlap(data) == 0 and data.info["val_missing_classes"] == []
+    same = build_dataset(list_spec(places, val_list="test.txt"))   # val_list equals test_list
+    assert same.val is not same.test and val_test_overlap(same) == len(same.test) == 6
+    # one Dataset object serving both splits: all of it
+    assert val_test_overlap(dataclasses.replace(data, test=data.val)) == len(data.val)
+    # paths compare as resolved under root: './a/../a' spellings and an absolute path are one file
+    rows = [(f"./val/c{y}/../c{y}/t{i}.jpg", y) for y in range(3) for i in range(2)][:3]
+    rows[0] = (str(places / "val/c0/t0.jpg"), 0)
+    write_list(places, "odd.txt", rows)
+    assert val_test_overlap(build_dataset(list_spec(places, val_list="odd.txt"))) == 3
 
 
 def test_image_folder_holds_out_and_applies_the_profile(tmp_path):

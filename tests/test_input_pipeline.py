@@ -3,18 +3,16 @@ pretrained config (``lpt_core.backbones.input_config``), on the CPU and the on-d
 paper's augreg ViT-B keeps exactly the released LPT numbers; a DINO ViT gets ImageNet statistics
 and bicubic resampling. Backbones are built on the meta device: no weights are needed."""
 
-import hashlib
-import json
-
 import pytest
 import torch
+from PIL import Image
+from torchvision import transforms as T
 from torchvision.transforms import v2
 
 from lpt_core.backbones import input_config
 from lpt_core.data import BatchTransform, build_dataset
 from lpt_core.data.transforms import RELEASED, InputConfig, train_transform
 from lpt_core.data.transforms import test_transform as eval_transform
-from tune.phase1_cache import PHASE1_VERSION, phase1_key
 
 AUGREG = {"name": "vit_base_patch16_224.augreg_in21k", "weights": "pretrained"}
 DINO = {"name": "vit_small_patch16_224.dino", "weights": "pretrained"}
@@ -24,36 +22,90 @@ SYNTH = {"name": "synthetic", "num_classes": 4, "imbalance_ratio": 4, "max_per_c
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def released_eval(size: int) -> v2.Compose:
-    """The released LPT code's eval transform, written out: bilinear resize to size*256/224, center
-    crop, mean/std 0.5 (what this project computed before it read the backbone's config)."""
-    return v2.Compose([v2.ToImage(), v2.Resize(int(round(size * 256 / 224)), antialias=True), v2.CenterCrop(size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize((0.5,) * 3, (0.5,) * 3)])
+def released_eval(size: int) -> T.Compose:
+    """The released LPT code's ``val_transforms`` (train_dual_dualloss.py, eval_phase2.py) in
+    torchvision's v1 transforms, as it wrote them: ``Resize((size * 8 // 7, size * 8 // 7))``,
+    ``CenterCrop((size, size))``, ``ToTensor()``, ``Normalize`` 0.5 / 0.5."""
+    side = size * 8 // 7
+    return T.Compose([T.Resize((side, side)), T.CenterCrop((size, size)), T.ToTensor(),
+                      T.Normalize([0.5] * 3, [0.5] * 3)])
+
+
+def short_side_eval(size: int) -> T.Compose:
+    """timm's evaluation at crop_pct 0.875 written the same way: the short side to size * 8 // 7."""
+    return T.Compose([T.Resize(size * 8 // 7), T.CenterCrop(size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+
+
+def non_square_image(height: int, width: int, noise: int = 0) -> Image.Image:
+    """A PIL RGB image with structure in both directions (two waves and a gradient), plus uniform
+    noise of +-``noise`` grey levels (0: smooth, where resamplers that differ only in filter
+    support agree within about a grey level)."""
+    yy, xx = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
+    pixels = torch.stack([128 + 100 * torch.sin(xx / 9), 128 + 100 * torch.cos(yy / 13),
+                          (xx + yy) * 255 / (height + width)])
+    pixels = pixels + torch.randint(-noise, noise + 1, pixels.shape, generator=torch.Generator().manual_seed(0))
+    return Image.fromarray(pixels.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def assert_same_chain(ours: v2.Compose, theirs: T.Compose, other: T.Compose, image: Image.Image) -> None:
+    """``ours`` turns the image into a uint8 tensor first and resamples with torch; ``theirs``
+    (torchvision v1, as the released code wrote it) resamples the PIL image with PIL. They differ
+    by at most one grey level (torch's antialiased bilinear against PIL's, rounding), on a small
+    share of the values; ``other`` (the other eval resize) differs by far more."""
+    level = 2 / 255  # one grey level after normalising with std 0.5
+    got = ours(image)
+    diff = (got - theirs(image)).abs()
+    assert got.shape == (3, 224, 224) and diff.max() <= level * 1.001 and diff.mean() < 0.01 * level
+    assert (got - other(image)).abs().mean() > 10 * level
 
 
 def test_augreg_vit_b_keeps_the_released_numbers():
     cfg = input_config(AUGREG)
-    assert cfg == RELEASED == InputConfig(mean=[0.5] * 3, std=[0.5] * 3, interpolation="bilinear", crop_pct=0.875)
-    assert cfg.resize_size(224) == 256 and cfg.resize_size(32) == 37  # round(size * 256 / 224)
-    image = torch.randint(0, 256, (3, 300, 410), dtype=torch.uint8)
-    assert torch.equal(eval_transform(224, cfg)(image), released_eval(224)(image))
-    raw = build_dataset({**SYNTH, "gpu_augment": True}, cfg).val
-    batch = torch.stack([raw[i][0] for i in range(len(raw))])  # uint8 images of the synthetic set
+    assert cfg == RELEASED == InputConfig(mean=[0.5] * 3, std=[0.5] * 3, interpolation="bilinear", crop_pct=0.875,
+                                          eval_resize="square")
+    assert [cfg.resize_size(s) for s in (224, 384, 32)] == [s * 8 // 7 for s in (224, 384, 32)] == [256, 438, 36]
+    # a non-square PIL image, as the released datasets load them
+    assert_same_chain(eval_transform(224, cfg), released_eval(224), short_side_eval(224),
+                      non_square_image(375, 500, noise=15))
+    # the on-device path (run here on CPU tensors) agrees up to bilinear rounding
+    image = non_square_image(300, 410)
+    raw = v2.functional.pil_to_tensor(image)
+    out = BatchTransform(224, train=False, cfg=cfg)(raw[None])[0]
+    want = released_eval(224)(image)
+    assert (out - want).abs().max() < 4 / 255  # 2 grey levels (normalised to [-1, 1])
+    on_device_short_side = BatchTransform(224, train=False, cfg=cfg.model_copy(update={"eval_resize": "short_side"}))
+    assert (on_device_short_side(raw[None])[0] - want).abs().mean() > 10 / 255  # the two resizes differ here
+    synth = build_dataset({**SYNTH, "gpu_augment": True}, cfg).val
+    batch = torch.stack([synth[i][0] for i in range(len(synth))])  # uint8 images of the synthetic set
     out = BatchTransform(32, train=False, cfg=cfg)(batch)
-    assert (out - torch.stack([released_eval(32)(b) for b in batch])).abs().max() < 2 / 255 + 1e-4
+    assert (out - torch.stack([eval_transform(32, cfg)(b) for b in batch])).abs().max() < 2 / 255 + 1e-4
     # the on-device normalisation of mean/std 0.5 is x * 2/255 - 1 to the bit, as before
     t, x = BatchTransform(8, train=False, cfg=cfg), torch.arange(256.0).expand(3, 1, 256)
     assert torch.equal(x.mul(t.mul).sub(t.sub), x.mul(2.0 / 255).sub(1.0))
 
 
+def test_eval_resize_short_side_keeps_the_aspect_ratio():
+    cfg = RELEASED.model_copy(update={"eval_resize": "short_side"})
+    assert_same_chain(eval_transform(224, cfg), short_side_eval(224), released_eval(224),
+                      non_square_image(375, 500, noise=15))
+    image = non_square_image(300, 410)
+    want = short_side_eval(224)(image)
+    out = BatchTransform(224, train=False, cfg=cfg)(v2.functional.pil_to_tensor(image)[None])[0]
+    assert (out - want).abs().max() < 4 / 255
+    assert input_config(DINO).eval_resize == "short_side"
+    assert input_config(DINO, {"eval_resize": "square"}).eval_resize == "square"
+    with pytest.raises(ValueError, match=r"^input.eval_resize: must be one of square, short_side, got 'crop'"):
+        input_config(AUGREG, {"eval_resize": "crop"})
+
+
 def test_dino_vit_gets_imagenet_statistics_and_bicubic():
     cfg = input_config(DINO)
     assert cfg.mean == pytest.approx(IMAGENET_MEAN) and cfg.std == pytest.approx(IMAGENET_STD)
-    assert cfg.interpolation == "bicubic" and cfg.crop_pct == pytest.approx(0.9) and cfg.resize_size(32) == 36
+    assert cfg.interpolation == "bicubic" and cfg.crop_pct == pytest.approx(0.9) and cfg.resize_size(32) == 35
     data = build_dataset(SYNTH, cfg)
     assert data.input_cfg == cfg
     raw = build_dataset({**SYNTH, "gpu_augment": True}, cfg).val[1][0]   # uint8, untransformed
-    want = v2.Compose([v2.ToImage(), v2.Resize(36, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+    want = v2.Compose([v2.ToImage(), v2.Resize(35, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                        v2.CenterCrop(32), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(raw)
     assert torch.allclose(data.val[1][0], want, atol=1e-6)
@@ -90,12 +142,3 @@ def test_a_profile_input_section_overrides_the_backbone():
     assert cfg.crop_pct == 1.0 and cfg.interpolation == "bilinear" and cfg.mean == pytest.approx(IMAGENET_MEAN)
     with pytest.raises(ValueError, match=r"^input.crop_pct: must be <= 1, got 2"):
         input_config(DINO, {"crop_pct": 2.0})
-
-
-def test_phase1_keys_of_the_released_pipeline_are_unchanged_and_others_differ():
-    args = ({"name": "vit"}, "abc", 10, {"lr": 0.02}, 0)
-    old = hashlib.sha256(json.dumps({"backbone": args[0], "data": args[1], "prompt_length": args[2],
-                                     "recipe": args[3], "seed": args[4], "version": PHASE1_VERSION},
-                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
-    assert phase1_key(*args) == old
-    assert phase1_key(*args, input_cfg=input_config(DINO).to_dict()) != old

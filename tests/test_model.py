@@ -1,11 +1,12 @@
-"""LPT model: shared-trunk forward equals the plain two-pass version; FLOPs; bad arguments."""
+"""LPT model: shared-trunk forward equals the plain two-pass version; FLOPs; bad arguments; the
+initial values come from ``init_seed`` alone, per component."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 from conftest import tiny_backbone
-from lpt_core import LPT, build_backbone
+from lpt_core import LPT, LPTConfig, PhaseConfig, Trainer, build_backbone
 from lpt_core.flops import count_flops
 from lpt_core.reference import plain_forward
 
@@ -159,3 +160,44 @@ def test_any_depth_width_patch():
     model = LPT(bb, 3, prompt_length=2, pool_size=3, top_k=3, group_start=1).set_phase(2)
     logits, aux = model(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 3) and aux["prompt_idx"].shape == (2, 3)
+
+
+PHASE1 = ("shared_prompts", "head_weight")
+
+
+def test_phase1_tensors_do_not_depend_on_the_phase2_shape_before_or_after_phase1(synthetic_data):
+    """Shared prompts and class vectors come from generators seeded by (init_seed, component):
+    the same whatever pool_size / top_k / group_start and whatever the global RNG holds, and
+    phase 1 never reads the phase-2 tensors, so its results are bit-identical too."""
+    shapes = [dict(pool_size=8, group_start=2, top_k=2), dict(pool_size=20, group_start=3, top_k=3)]
+    init, trained = [], []
+    for k, shape in enumerate(shapes):
+        backbone = tiny_backbone()
+        torch.manual_seed(100 + k)  # another global RNG state each time: the init must not read it
+        model = LPT(backbone, 10, prompt_length=4, init_seed=5, **shape)
+        init.append({n: v.clone() for n, v in model.prompt_state_dict().items()})
+        torch.manual_seed(0)  # what the training itself draws (dropout, crops) is the caller's seed
+        Trainer(model, synthetic_data, 1, PhaseConfig(epochs=1, warmup_epochs=0, batch_size=32, lr=0.5), seed=0,
+                device="cpu", log=None).fit()  # CPU kernels are deterministic; the claim is about inputs
+        trained.append(model.prompt_state_dict())
+    for name in PHASE1:
+        assert torch.equal(init[0][name], init[1][name]), name
+        assert torch.equal(trained[0][name], trained[1][name]), name
+        assert not torch.equal(init[0][name], trained[0][name]), name  # phase 1 did train it
+    assert init[0]["group_keys"].shape != init[1]["group_keys"].shape
+
+
+def test_init_seed_sets_the_initial_values_and_not_the_global_rng():
+    backbone = tiny_backbone()
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    a = LPT(backbone, 6, prompt_length=3, pool_size=4, group_start=2, init_seed=1)
+    assert torch.equal(torch.get_rng_state(), before)  # nothing drawn from the global generator
+    b = LPT.from_config(backbone, 6, LPTConfig(prompt_length=3, pool_size=4, group_start=2), init_seed=1)
+    c = LPT(backbone, 6, prompt_length=3, pool_size=4, group_start=2, init_seed=2)
+    for name, value in a.prompt_state_dict().items():
+        assert torch.equal(value, b.prompt_state_dict()[name]), name
+        assert not torch.equal(value, c.prompt_state_dict()[name]), name
+    # separate streams: no component repeats another's draws
+    assert not torch.equal(a.shared_prompts[0, 0], a.group_prompts[0, 0, 0])
+    assert not torch.equal(a.group_keys[0], a.group_prompts[0, 0, 0])

@@ -117,7 +117,7 @@ def test_logged_model_holds_prompts_config_and_example_not_the_backbone(register
     assert config["model"] == {**PROFILE["model"], **CONFIG}
     assert config["class_names"] == registered["data"].class_names and config["image_size"] == 32
     assert config["normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
-                                       "crop_pct": 0.875} and config["logit_scale"] == 20.0
+                                       "crop_pct": 0.875, "eval_resize": "square"} and config["logit_scale"] == 20.0
     meta = mlflow.models.get_model_info(registered["model_uri"])
     assert meta.signature.inputs.input_names() == ["image"]
     assert meta.signature.outputs.input_names() == ["class_index", "class_name", "probability"]

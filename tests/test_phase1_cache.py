@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tune.phase1_cache import LOCK, PROMPTS, STATE, TAKEOVER, Phase1Cache, phase1_key
+from lpt_core.config import PhaseConfig
+from tune.phase1_cache import LOCK, PROMPTS, STATE, TAKEOVER, Phase1Cache
 
 
 # A waiter's stale limit far above the owner's heartbeat, so that a loaded machine (a thread not
@@ -173,13 +174,43 @@ def test_a_crash_mid_phase1_does_not_block_the_next_owner(tmp_path):
     assert not lock.exists() and not list(lock.parent.glob(TAKEOVER + "*"))
 
 
-def test_key_depends_on_what_phase1_depends_on():
-    base = dict(backbone={"name": "vit"}, manifest_hash="abc", prompt_length=10, recipe={"epochs": 2}, seed=0)
-    key = phase1_key(**base)
-    assert key == phase1_key(**base)
-    for change in (dict(manifest_hash="abd"), dict(prompt_length=5), dict(recipe={"epochs": 3}), dict(seed=1),
-                   dict(backbone={"name": "vit", "weights": "x"})):
-        assert phase1_key(**{**base, **change}) != key
+def other(name: str, value):
+    """A valid value of PhaseConfig field ``name`` that differs from ``value``."""
+    if name in ("sampling", "warmup"):
+        return {"dual": "instance", "instance": "dual", "epoch": "step", "step": "epoch"}[value]
+    return value + 1 if isinstance(value, int) else round(value / 2 + 0.01, 6)
+
+
+def test_the_key_holds_every_input_of_phase_1_and_no_phase_2_value():
+    """Any input that changes phase 1's prompts or head changes its key, so one key never holds
+    two results; a phase-2-only value (the pool's shape included: LPT draws the phase-1 tensors
+    from generators of their own) leaves it equal, so trials share their phase 1."""
+    from lpt_core.data.manifest import manifest_hash
+    from tune.study_config import load_profile, profile_data
+    from tune.trainable import profile_phase1_key
+
+    def key(*sets, seed=0, length=5, device=None):
+        profile = load_profile("smoke", list(sets))[1]
+        data = profile_data(profile)
+        return profile_phase1_key(profile, manifest_hash(data), length, data, seed, device)
+
+    base = key()
+    assert base == key() == key(device="cpu")
+    phase1 = load_profile("smoke")[1]["phase1"]
+    changed = [f"phase1.{name}={other(name, value)}" for name, value in PhaseConfig().to_dict().items()
+               for value in [phase1.get(name, value)]]
+    changed += ["model.head_dropout=0.2", "compile=true", "data.gpu_augment=true", "loader.num_workers=2",
+                "backbone.depth=3", "data.seed=1", "input.crop_pct=1.0", "input.interpolation=bicubic"]
+    for text in changed:
+        assert key(text) != base, text
+    assert key(seed=1) != base and key(length=4) != base and key(device="cuda") != base
+    same = [f"phase2.{name}={other(name, value)}" for name, value in PhaseConfig().to_dict().items()]
+    same += ["model.pool_size=20", "model.top_k=3", "model.group_start=3", "resources.cpu=2",
+             "loader.eval_batch_size=50", "shot_split=released", "images_per_s=100"]
+    for text in same:
+        assert key(text) == base, text
+    # on the device path the loader workers draw no crops: their count does not matter there
+    assert key("data.gpu_augment=true", "loader.num_workers=2") == key("data.gpu_augment=true")
 
 
 def test_a_trial_whose_phase1_is_missing_trains_it_and_its_wait_says_so(tmp_path):

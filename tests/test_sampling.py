@@ -1,11 +1,12 @@
-"""Class-aware sampling is uniform over classes; dual batches; reproducible per epoch."""
+"""Class-aware sampling cycles through the classes as the released sampler does; dual and
+instance batches; reproducible per epoch."""
 
 from collections import Counter
 
 import pytest
 import torch
 
-from lpt_core.sampling import ClassAwareSampler, DualBatchSampler
+from lpt_core.sampling import ClassAwareSampler, DualBatchSampler, InstanceBatchSampler
 
 LABELS = [c for c, n in enumerate([200, 80, 30, 10, 4, 2]) for _ in range(n)]
 
@@ -20,6 +21,23 @@ def test_class_aware_draws_classes_uniformly():
     assert chi2 / 4 < 20.5, counts
     runs = [LABELS[i] for i in draws[:400]]
     assert all(len(set(runs[k:k + 4])) == 1 for k in range(0, 400, 4))
+
+
+@pytest.mark.parametrize("per_class", [1, 4, 3])
+def test_each_class_comes_once_per_cycle_of_shuffled_classes(per_class):
+    """The released ClassAwareSampler walks a shuffled class list (RandomCycleIter over the
+    classes): every cycle of num_classes * per_class draws holds each class exactly per_class
+    times, in runs of per_class, and the class order is reshuffled between cycles."""
+    sampler = ClassAwareSampler(LABELS, 6, per_class=per_class)
+    cycle = 6 * per_class
+    draws = [LABELS[i] for i in sampler.draw(cycle * 200 + 5, torch.Generator().manual_seed(2))]
+    orders = set()
+    for k in range(0, 200 * cycle, cycle):
+        block = draws[k:k + cycle]
+        assert Counter(block) == {c: per_class for c in range(6)}, (k, block)
+        assert all(len(set(block[j:j + per_class])) == 1 for j in range(0, cycle, per_class))
+        orders.add(tuple(block[::per_class]))
+    assert len(orders) > 100  # 720 possible orders: reshuffled, not one order repeated
 
 
 def test_class_aware_cycles_through_each_class_before_repeating():
@@ -46,3 +64,19 @@ def test_dual_batches_and_epoch_reproducibility():
 def test_empty_class_is_an_error():
     with pytest.raises(ValueError, match="class 2"):
         ClassAwareSampler([0, 1, 3], 4)
+
+
+def test_instance_batches_one_shuffle_per_epoch_and_reproducible():
+    sampler = InstanceBatchSampler(LABELS, batch_size=16, seed=5)
+    assert len(sampler) == len(LABELS) // 16
+    sampler.set_epoch(1)
+    first = list(sampler)
+    flat = [i for b in first for i in b]
+    assert all(len(b) == 16 for b in first) and len(set(flat)) == len(flat) == len(sampler) * 16
+    assert flat != sorted(flat)
+    sampler.set_epoch(2)
+    assert list(sampler) != first
+    sampler.set_epoch(1)
+    assert list(sampler) == first
+    big = InstanceBatchSampler(LABELS[:10], batch_size=16, seed=0)  # batch above the set: one step
+    assert len(big) == 1 and len(next(iter(big))) == 16 and set(next(iter(big))) == set(range(10))

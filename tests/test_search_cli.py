@@ -123,9 +123,9 @@ def test_dry_run_states_the_cost_of_a_trial_and_of_the_search(capsys):
 
 def test_dry_run_shows_the_input_pipeline_of_the_backbone(capsys):
     assert main(["--study", "prompt_pool", "--dry-run"]) == 0
-    assert "input: mean 0.5/0.5/0.5, std 0.5/0.5/0.5, bilinear, eval crop 0.875" in capsys.readouterr().out
+    assert "input: mean 0.5/0.5/0.5, std 0.5/0.5/0.5, bilinear, eval square resize, crop 0.875" in capsys.readouterr().out
     assert main(["--study", "prompt_pool", "--dry-run", "--set", "backbone.name=vit_small_patch16_224.dino"]) == 0
-    assert ("input: mean 0.485/0.456/0.406, std 0.229/0.224/0.225, bicubic, eval crop 0.9"
+    assert ("input: mean 0.485/0.456/0.406, std 0.229/0.224/0.225, bicubic, eval short-side resize, crop 0.9"
             in capsys.readouterr().out)
 
 

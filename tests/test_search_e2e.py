@@ -12,6 +12,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tune.study_config import load_profile
+from tune.validation import binomial_se
 
 from smoke_search import TRIALS as SMOKE_TRIALS, run_search, runs_of, search_argv, search_env
 
@@ -78,6 +79,18 @@ def test_smoke_search_records_every_trial(smoke_search, tmp_path):
         assert parent.data.metrics[f"baseline_val_{k}"] == baseline[f"val_{k}"]
         assert parent.data.metrics[f"gain_val_{k}"] == pytest.approx(best_row[f"val_{k}"] - baseline[f"val_{k}"])
     assert f"baseline trial {baseline['trial_id']}" in smoke_search.stdout
+    # the noise floor: the validation size and one binomial standard error, next to the best and the baseline
+    n_val = 200   # smoke.yaml: 10 classes x val_per_class 20
+    assert parent.data.metrics["val_images"] == n_val
+    assert parent.data.metrics["val_acc_se"] == pytest.approx(binomial_se(best_row["val_acc"], n_val))
+    assert parent.data.metrics["baseline_val_acc_se"] == pytest.approx(binomial_se(baseline["val_acc"], n_val))
+    assert "validation: 200 images, 20 per class; one standard error of val_acc: ±2.1 points at 90%" in smoke_search.stdout
+    assert (f"  validation: {best_row['val_acc']:.2f}% ± {binomial_se(best_row['val_acc'], n_val):.2f} "
+            f"(1 SE, 200 images)") in smoke_search.stdout
+    if best_row["trial_id"] != baseline["trial_id"]:   # a gain: measured on the selection set, not confirmed
+        assert ("not confirmed: measured on the 200 validation images the best of 6 trials (one seed each) was "
+                "selected on") in smoke_search.stdout
+        assert "--resume --confirm 3" in smoke_search.stdout
     assert "sampler: TPE (multivariate, constant liar), 2 random start-up trials of 6" in smoke_search.stdout
     assert parent.data.params["sampler"].startswith("TPE (multivariate, constant liar)")
     artifacts = [a.path for a in client.list_artifacts(best[0].info.run_id)]

@@ -98,6 +98,13 @@ def test_ctrl_c_resume_finished_and_extend(tmp_path):
     assert tags["lpt.confirmed_trial"] == confirmed
     stale = f"confirmation: the parent run's confirm_* metrics are of trial {confirmed}, the best before"
     assert (stale in proc.stdout) == (tags["lpt.best_trial_id"] != confirmed), proc.stdout[-2000:]
+
+    # a finished search confirms its (new) best on its own: --resume --confirm N, no extension needed
+    proc = run_search(tmp_path, *ARGS, "--resume", "--confirm", "1", timeout=900)
+    assert proc.returncode == 0 and "confirmed over 1 seed (test; one seed has no spread)" in proc.stdout, proc.stderr[-3000:]
+    parent = runs_of(client, "study")[0]
+    assert parent.data.tags["lpt.confirmed_trial"] == parent.data.tags["lpt.best_trial_id"]
+    assert parent.info.status == "FINISHED" and len(table_rows(tmp_path)) == 6
     rows = table_rows(tmp_path)
     assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6
     assert len(runs_of(client, "trial")) == 6 and len(runs_of(client, "study")) == 1

@@ -1,11 +1,17 @@
-"""Two-phase training end to end on CPU; exact resume; metrics by shot group."""
+"""Two-phase training end to end on CPU; exact resume; metrics by shot group; the released
+per-epoch lr schedule; instance sampling."""
+
+import math
 
 import pytest
 import torch
 
 from conftest import tiny_backbone
 from lpt_core import LPT, PhaseConfig, Trainer, evaluate
+from lpt_core.losses import AsymmetricGCL
 from lpt_core.metrics import shot_accuracy
+from lpt_core.sampling import DualBatchSampler, InstanceBatchSampler
+from lpt_core.trainer import released_epoch_lr
 
 RECIPE = PhaseConfig(epochs=3, batch_size=32, lr=0.5)
 
@@ -30,7 +36,8 @@ def test_two_phases_learn_well_above_chance(synthetic_data):
     assert int(test["prompt_usage"].sum()) == len(synthetic_data.test) * 2
 
 
-def test_resume_after_epoch_k_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("sampling", ["dual", "instance"])
+def test_resume_after_epoch_k_equals_uninterrupted(tmp_path, sampling):
     from lpt_core.data import build_dataset
     synthetic_data = build_dataset({"name": "synthetic", "num_classes": 10, "imbalance_ratio": 4,
                                     "max_per_class": 24, "image_size": 32, "seed": 1})
@@ -39,7 +46,7 @@ def test_resume_after_epoch_k_equals_uninterrupted(tmp_path):
         torch.manual_seed(0)
         model = make_model()
         Trainer(model, synthetic_data, 1, PhaseConfig(epochs=1, batch_size=16), log=None).fit()
-        recipe = PhaseConfig(epochs=3, batch_size=16, lr=0.5)
+        recipe = PhaseConfig(epochs=3, batch_size=16, lr=0.5, sampling=sampling)
         trainer = Trainer(model, synthetic_data, 2, recipe, seed=3, log=None)
         if stop_after is None:
             trainer.fit()
@@ -129,3 +136,84 @@ def test_epochs_yields_each_epoch_and_continues_where_the_caller_stopped(synthet
         break
     assert [m["epoch"] for m in trainer.epochs()] == [2, 3] and trainer.epoch == 3
     assert list(trainer.epochs()) == [] and trainer.fit() == {}
+
+
+def released_schedule(epochs: int, warmup_epochs: int, peak_lr: float, warmup_lr: float = 1e-6) -> list[float]:
+    """The lr each epoch trains with in the released train_dual_dualloss.py: ``CosineLRScheduler(
+    optimizer, warmup_lr_init=1e-6, t_initial=args.epochs, cycle_decay=0.1,
+    warmup_t=args.warmup_epochs)`` on SGD at ``args.lr = base_lr * batch_size / 256``, and
+    ``scheduler.step(epoch + 1)`` after each epoch."""
+    from timm.scheduler import CosineLRScheduler
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak_lr)
+    scheduler = CosineLRScheduler(optimizer, warmup_lr_init=warmup_lr, t_initial=epochs, cycle_decay=0.1,
+                                  warmup_t=warmup_epochs)
+    lrs = []
+    for epoch in range(epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(epoch + 1)
+    return lrs
+
+
+@pytest.mark.parametrize("epochs,warmup_epochs,lr,batch_size", [
+    (90, 1, 0.02, 256), (4, 1, 0.5, 32), (7, 3, 0.1, 64), (3, 0, 0.5, 32), (2, 2, 0.5, 32)])
+def test_epoch_warmup_is_the_released_schedule_to_the_bit(synthetic_data, epochs, warmup_epochs, lr, batch_size):
+    cfg = PhaseConfig(epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, batch_size=batch_size)
+    assert cfg.warmup == "epoch"
+    released = released_schedule(epochs, warmup_epochs, lr * batch_size / 256)
+    trainer = Trainer(make_model(), synthetic_data, 1, cfg, log=None)
+    steps = trainer.steps_per_epoch
+    for e in range(epochs):  # every step of an epoch trains at its epoch's lr
+        assert trainer.lr_at(e * steps) == trainer.lr_at(e * steps + steps - 1) == released[e], e
+    assert [released_epoch_lr(e, epochs, lr * batch_size / 256, warmup_epochs, 1e-6)
+            for e in range(epochs)] == released
+    if warmup_epochs:
+        assert released[0] == 1e-6  # all of epoch 0 at warmup_lr
+
+
+def test_step_warmup_is_linear_per_step_then_cosine(synthetic_data):
+    cfg = PhaseConfig(epochs=4, warmup_epochs=1, lr=0.5, batch_size=32, warmup="step")
+    trainer = Trainer(make_model(), synthetic_data, 1, cfg, log=None)
+    steps, peak = trainer.steps_per_epoch, 0.5 * 32 / 256
+    lrs = [trainer.lr_at(s) for s in range(4 * steps)]
+    assert lrs[0] == 1e-6 and lrs[steps] == pytest.approx(peak)
+    assert lrs[1] == pytest.approx(1e-6 + (peak - 1e-6) / steps)
+    assert all(a < b for a, b in zip(lrs[:steps], lrs[1:steps + 1]))
+    assert all(a > b for a, b in zip(lrs[steps:], lrs[steps + 1:]))
+    assert lrs[steps + (3 * steps) // 2] == pytest.approx(0.5 * peak * (1 + math.cos(math.pi * ((3 * steps) // 2) / (3 * steps))))
+
+
+def test_reported_lr_is_the_lr_the_last_step_used(synthetic_data):
+    for warmup in ("epoch", "step"):
+        trainer = Trainer(make_model(), synthetic_data, 1,
+                          PhaseConfig(epochs=2, batch_size=32, lr=0.5, warmup=warmup), log=None)
+        for metrics in trainer.epochs():
+            assert metrics["lr"] == trainer.optimizer.param_groups[0]["lr"]
+        assert trainer.history[0]["lr"] == (1e-6 if warmup == "epoch" else pytest.approx(
+            trainer.lr_at(trainer.steps_per_epoch - 1)))
+
+
+def test_instance_sampling_is_one_shuffled_branch(synthetic_data):
+    logs = []
+    recipe = PhaseConfig(epochs=1, batch_size=32, lr=0.5, sampling="instance", noise_mul=0.0,
+                         gamma_pos=1.5, gamma_neg=2.0, ib_gamma_pos=9.0, ib_gamma_neg=9.0)
+    model = make_model()
+    trainer = Trainer(model, synthetic_data, 2, recipe, device="cpu", log=logs.append)  # fp32: exact
+    assert isinstance(trainer.sampler, InstanceBatchSampler) and len(trainer.losses) == 1
+    assert trainer.steps_per_epoch == len(synthetic_data.train) // 32
+    images, labels = next(iter(trainer.loader))
+    assert images.shape[0] == 32
+    # the step's loss: AGCL(gamma_pos, gamma_neg) - m * match over the whole batch, no branch weight
+    model.train()
+    torch.manual_seed(0)
+    logits, aux = model(images)
+    want = AsymmetricGCL(synthetic_data.class_counts, noise_mul=0.0, gamma_pos=1.5, gamma_neg=2.0)(logits, labels)
+    want = want - 0.5 * aux["match_per_image"].mean()
+    torch.manual_seed(0)
+    torch.testing.assert_close(trainer.train_step(images, labels, 0.3), want.detach(), rtol=0, atol=0)
+    trainer.fit()
+    assert "steps of 32 images (instance sampling, lr set per epoch) on cpu" in logs[0]
+    dual = Trainer(make_model(), synthetic_data, 1, PhaseConfig(epochs=1, batch_size=32), device="cpu",
+                   log=logs.append)
+    assert isinstance(dual.sampler, DualBatchSampler) and len(dual.losses) == 2
+    list(dual.epochs())
+    assert "steps of 2x32 images (dual sampling, lr set per epoch) on cpu" in logs[-2]

@@ -1,7 +1,8 @@
 """What a search bought: its best trial against the baseline trial (the profile's own values), by
 shot group, on validation and, with ``--confirm N``, over N fresh seeds (paired by seed).
 
-The figures go to the parent run as metrics: ``baseline_val_*`` and ``gain_val_*``;
+The figures go to the parent run as metrics: ``baseline_val_*`` (with ``baseline_val_acc_se``, one
+binomial standard error) and ``gain_val_*``;
 ``confirm_test_*``, ``confirm_baseline_test_*`` and ``confirm_gain_test_*`` (each ``_mean`` and
 ``_std``).
 """
@@ -13,6 +14,7 @@ import statistics
 
 from .study_config import SHOT_KEYS
 from .trial_table import COMPLETED
+from .validation import SE_METRIC, binomial_se
 
 
 def baseline_row(rows: list[dict]) -> dict | None:
@@ -23,9 +25,13 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def validation_gain(best: dict, baseline: dict | None, params: list[str]) -> tuple[dict, list[str]]:
-    """Parent-run metrics and summary lines of the baseline's validation accuracy and the best
-    trial's gain over it (points), when the baseline ran every epoch."""
+def validation_gain(best: dict, baseline: dict | None, params: list[str], val_images: int, trials: int,
+                    confirm_command: str | None) -> tuple[dict, list[str]]:
+    """Parent-run metrics and summary lines of the baseline's validation accuracy (with one
+    binomial standard error on ``val_images``) and the best trial's gain over it (points), when
+    the baseline ran every epoch. ``confirm_command``: the command that confirms the gain on test
+    (None when this search confirms it): the gain line then says it is measured on the images
+    the best of ``trials`` was selected on."""
     if baseline is None:
         return {}, []
     head = (f"baseline trial {baseline['trial_id']} (the profile's values): "
@@ -34,13 +40,26 @@ def validation_gain(best: dict, baseline: dict | None, params: list[str]) -> tup
         why = baseline.get("error") or f"{baseline['status'].replace('_', ' ')} at epoch {baseline['epochs']}"
         return {}, [head, f"  {why}: no gain to report"]
     metrics = {f"baseline_val_{k}": baseline[f"val_{k}"] for k in SHOT_KEYS if _finite(baseline.get(f"val_{k}"))}
+    metrics[f"baseline_{SE_METRIC}"] = binomial_se(baseline["val_acc"], val_images)
     metrics.update({f"gain_val_{k}": best[f"val_{k}"] - baseline[f"val_{k}"]
                     for k in SHOT_KEYS if _finite(best.get(f"val_{k}")) and f"baseline_val_{k}" in metrics})
     if baseline["trial_id"] == best["trial_id"]:  # every gain is 0
         return metrics, [f"baseline trial {baseline['trial_id']}: the best trial is the baseline (the profile's "
                          "values); no config of the search beat it"]
-    return metrics, [head, "  validation: " + shots(baseline, "val_", "{:.2f}", "%"),
-                     "  gain of the best: " + shots(metrics, "gain_val_", "{:+.2f}", " points")]
+    lines = [head, "  validation: " + with_se(baseline, val_images),
+             "  gain of the best: " + shots(metrics, "gain_val_", "{:+.2f}", " points")]
+    if confirm_command is not None:
+        lines.append(f"  not confirmed: measured on the {val_images:,} validation images the best of {trials} trials "
+                     f"(one seed each) was selected on, so it is biased upward; confirm it on test with fresh seeds: "
+                     f"{confirm_command}")
+    return metrics, lines
+
+
+def with_se(values: dict, val_images: int) -> str:
+    """``87.00% ± 2.51 (1 SE, 180 images) (many 90.00 / medium 75.00 / few 50.00)``."""
+    se = binomial_se(values.get("val_acc", math.nan), val_images)
+    head, _, groups = shots(values, "val_", "{:.2f}", "%").partition(" (")
+    return f"{head} ± {se:.2f} (1 SE, {val_images:,} images) ({groups}"
 
 
 def confirm_summary(results: dict[str, list[dict]]) -> tuple[dict, list[str]]:

@@ -20,7 +20,9 @@ from . import mlflow_tracking as mt
 from . import names
 from .cluster_checks import check_shared_storage
 from .model_registry import RegisterError, model_name, register_best
-from .baseline_gain import baseline_row, confirm_summary, shots, validation_gain
+from . import validation
+from .baseline_gain import baseline_row, confirm_summary, shots, validation_gain, with_se
+from .validation import SE_METRIC, SIZE_METRIC, binomial_se
 from .phase1_upfront import train_up_front
 from .progress import SearchProgress
 from .optuna_storage import fail_unfinished, open_storage, search_study, storage_url
@@ -29,7 +31,7 @@ from .search_report import build_study, log_search_report
 from .search_space import baseline_config
 from .searcher import enqueue_baseline, make_scheduler, make_searcher
 from .stop_signals import StopSignals
-from .study_config import ConfigError, StudyConfig, error_line, objective_of, phase2_epochs
+from .study_config import ConfigError, StudyConfig, error_line, objective_of
 from .trainable import SearchSetup, confirm_seed, evaluate_prompts, run_trial
 from .names import SEARCH_FILE, TABLE_FILE
 from .trial_table import (COMPLETED, FAILED, INTERRUPTED, TrialTable, best_row, close_trial_run, last_line,
@@ -163,7 +165,7 @@ def make_tuner(plan, folder: Path, run: dict, setup: SearchSetup, client: Mlflow
     metrics, modes = objective_of(study["objective"])
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                     {"cpu": profile["resources"]["cpu"], "gpu": profile["resources"]["gpu"]})
-    epochs = phase2_epochs(profile)
+    epochs = plan.phase2.epochs
     path = folder / run["dir"]
     table_path = folder / TABLE_FILE
     if restore:
@@ -190,7 +192,7 @@ def make_tuner(plan, folder: Path, run: dict, setup: SearchSetup, client: Mlflow
         failure_config=tune.FailureConfig(max_failures=study["budget"]["max_failures"]),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[table, progress], verbose=0)
     return tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
-        search_alg=searcher, scheduler=make_scheduler(study, epochs, metrics[0], modes[0]),
+        search_alg=searcher, scheduler=make_scheduler(study, plan.phase2, metrics[0], modes[0]),
         num_samples=run["trials"]))
 
 
@@ -239,13 +241,15 @@ def check_resources(resources: dict, local: bool) -> None:
 
 def run_search(plan, args, uri: str, address: str | None) -> int:
     resumed = find_resumed(plan, args) if args.resume else None
-    if resumed and resumed[2] == "finished":
+    if resumed and resumed[2] == "finished" and not args.confirm:
         return say_finished(plan, *resumed[:2])
     start_ray(address)
     try:
         check_resources(plan.profile["resources"], local=address is None)
         if address:
             check_shared_storage(plan.storage, plan.profile["resources"])
+        if resumed and resumed[2] == "finished":
+            return confirm_finished(plan, args, uri, *resumed[:2])
         return run_on_ray(plan, args, uri, resumed)
     finally:
         ray.shutdown()
@@ -264,7 +268,7 @@ def collect_rows(plan, client: MlflowClient, folder: Path, grids: list, interrup
     """The table's rows, plus a row for each trial that ended without one: the search was killed
     right after it, or (``interrupted``) it was still running when the search stopped."""
     rows = read_rows(folder / TABLE_FILE)
-    epochs = phase2_epochs(plan.profile)
+    epochs = plan.phase2.epochs
     for grid in grids:
         for result in grid:
             tid = (result.metrics or {}).get("trial_id")
@@ -307,7 +311,34 @@ def say_finished(plan, folder: Path, record: dict) -> int:
     counts = status_counts(list(read_rows(folder / TABLE_FILE).values()))
     print(f"{folder.name} is finished: {budget} trials ({counts[COMPLETED]} completed). See its summary "
           f"with python tune/report.py --study {plan.study_name}; extend it with --resume --trials N "
-          f"(N > {budget})", flush=True)
+          f"(N > {budget}), or confirm its best on test with --resume --confirm N", flush=True)
+    return 0
+
+
+def search_setup(plan, folder: Path, record: dict, uri: str) -> SearchSetup:
+    return SearchSetup(profile_name=plan.profile_name, profile=plan.profile, manifest_hash=plan.manifest_hash,
+                       search_dir=str(folder), cache_dir=str(plan.storage / names.PHASE1_CACHE), tracking_uri=uri,
+                       experiment_id=record["experiment_id"], parent_run_id=record["parent_run_id"],
+                       metrics=tuple(objective_of(plan.study["objective"])[0]))
+
+
+def confirm_finished(plan, args, uri: str, folder: Path, record: dict) -> int:
+    """``--resume --confirm N`` on a finished search: retrain its best config and its baseline with
+    N fresh seeds and add the confirmation to its parent run and report."""
+    client = MlflowClient(uri)
+    parent_id = record["parent_run_id"]
+    rows = list(read_rows(folder / TABLE_FILE).values())
+    metrics, modes = objective_of(plan.study["objective"])
+    by_id = {r["trial_id"]: r for r in rows}
+    best = by_id.get(client.get_run(parent_id).data.tags.get(names.BEST_TRIAL_ID)) or best_row(rows, metrics[0], modes[0])
+    if best is None:
+        raise ConfigError(f"--confirm: {folder.name} has no completed trial to confirm")
+    summary: dict = {}
+    lines = confirm(plan, search_setup(plan, folder, record, uri), {p: best[p] for p in plan.study["space"]},
+                    baseline_row(rows), args.confirm, summary)
+    mt.log(client, parent_id, metrics=summary, tags={names.CONFIRMED_TRIAL: best["trial_id"]})
+    log_search_report(client, parent_id, folder)
+    print(f"{folder.name}: best trial {best['trial_id']}\n" + "\n".join(lines), flush=True)
     return 0
 
 
@@ -320,11 +351,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None) -> 
     parent_id = record["parent_run_id"]
     budget = plan.study["budget"]["trials"]
     metrics, modes = objective_of(plan.study["objective"])
-    setup = SearchSetup(profile_name=plan.profile_name, profile=plan.profile,
-                        manifest_hash=plan.manifest_hash, search_dir=str(folder),
-                        cache_dir=str(plan.storage / names.PHASE1_CACHE), tracking_uri=uri,
-                        experiment_id=record["experiment_id"], parent_run_id=parent_id,
-                        metrics=tuple(metrics))
+    setup = search_setup(plan, folder, record, uri)
     print(plan.describe(), flush=True)
     print(f"search folder: {folder}\nMLflow: {ui_address(uri)} (experiment '{plan.study_name}', parent run "
           f"{parent_id})\nOptuna: {optuna_address(record)}", flush=True)
@@ -395,19 +422,23 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
     summary = {"trials_" + k: v for k, v in counts.items()}
     summary["search_wall_s"] = seconds
     best, baseline = best_row(rows, metrics[0], modes[0]), baseline_row(rows)
+    val_images = len(plan.data.val)
+    summary[SIZE_METRIC] = val_images
     registered = True
     lines = [f"\n{len(rows)} trials: {counts['completed']} completed, {counts['early_stopped']} stopped early "
              f"by ASHA, {counts['failed']} failed ({seconds:.0f} s)"]
     lines += [f"  failed {r['trial_id']}: {r['error']}" for r in rows if r["status"] == FAILED][:5]
+    lines.append(validation.describe(plan.data))
     if best is not None:
         config = {p: best[p] for p in plan.study["space"]}
         prompt_file = prompt_path(folder, best["trial_id"])
         test = ray.get(on_resources(evaluate_prompts, plan.profile).remote(setup, config, str(prompt_file)))
         mt.log(client, best["mlflow_run_id"], metrics=test, tags={names.BEST: "true"})
         summary.update({f"best_{k}": v for k, v in {**{m: best[m] for m in metrics}, **test}.items()})
+        summary[SE_METRIC] = binomial_se(best["val_acc"], val_images)
         client.set_tag(parent_id, names.BEST_TRIAL_ID, best["trial_id"])
         lines += [f"best trial {best['trial_id']}: " + ", ".join(f"{k}={v}" for k, v in config.items()),
-                  "  validation: " + shot_line(best, "val_"),
+                  "  validation: " + with_se(best, val_images),
                   "  test:       " + shot_line(test, "test_"),
                   f"  prompts:    {prompt_file}"]
         if args.register is not None:  # the pyfunc model of the best trial, in the Model Registry
@@ -425,7 +456,8 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
             front = pareto(record)
             client.set_tag(parent_id, names.PARETO_TRIALS, ",".join(front))
             lines.append(f"  Pareto front on {', '.join(metrics)}: {', '.join(front)}")
-        gain, gain_lines = validation_gain(best, baseline, list(plan.study["space"]))
+        gain, gain_lines = validation_gain(best, baseline, list(plan.study["space"]), val_images, len(rows),
+                                           None if args.confirm else f"{resume_command(args)} --confirm 3")
         summary.update(gain)
         lines += gain_lines
         if args.confirm:
@@ -458,8 +490,7 @@ def stale_confirmation(tags: dict, best_trial_id: str, args) -> list[str]:
     if confirmed is None or confirmed == best_trial_id:
         return []
     return [f"  confirmation: the parent run's confirm_* metrics are of trial {confirmed}, the best before this "
-            f"extension; confirm {best_trial_id} by extending again with --confirm N ({resume_command(args)} "
-            f"--trials M --confirm N)"]
+            f"extension; confirm {best_trial_id} with {resume_command(args)} --confirm N"]
 
 
 def confirm(plan, setup: SearchSetup, config: dict, baseline: dict | None, n: int, summary: dict) -> list[str]:

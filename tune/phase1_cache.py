@@ -1,7 +1,8 @@
 """Phase-1 prompts, trained once per distinct phase-1 config and shared through the search storage.
 
-The key hashes everything phase 1 depends on: backbone spec, data manifest hash, prompt length,
-phase-1 recipe and seed. Whoever trains a key (the driver's up-front tasks, or a trial that finds
+The key hashes everything phase 1's result depends on (``tune.trainable.phase1_inputs``): backbone
+spec, data manifest, input pipeline and augmentation path, prompt length, head dropout, phase-1
+recipe, precision, compilation and seed. Whoever trains a key (the driver's up-front tasks, or a trial that finds
 its key missing) holds the entry's lock file, trains with per-epoch resume state in the entry's
 folder, and publishes ``prompts.safetensors`` atomically. Others wait.
 
@@ -43,20 +44,16 @@ from .names import PHASE1_STATE as STATE  # noqa: F401 (the trainable resumes ph
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 60.0
 TAKEOVER = LOCK + ".takeover-"   # + the hash of the stale lock's content
-# Bumped when what phase 1 computes changes for the same config (2: the released initial scales),
-# so prompts cached by older code are not reused.
-PHASE1_VERSION = 2
+# Bumped when what phase 1 computes changes for the same inputs (2: the released initial scales;
+# 3: every input in the key, initial values from per-component generators, the released
+# class-cycling sampler and per-epoch warm-up), so prompts cached by older code are not reused.
+PHASE1_VERSION = 3
 
 
-def phase1_key(backbone: dict, manifest_hash: str, prompt_length: int, recipe: dict, seed: int,
-               input_cfg: dict | None = None) -> str:
-    """``input_cfg``: the input pipeline where it is not the released one (keys of profiles that
-    use the released pipeline stay what they were before it could differ)."""
-    fields = {"backbone": backbone, "data": manifest_hash, "prompt_length": prompt_length,
-              "recipe": recipe, "seed": seed, "version": PHASE1_VERSION}
-    if input_cfg is not None:
-        fields["input"] = input_cfg
-    blob = json.dumps(fields, sort_keys=True, default=str)
+def phase1_key(inputs: dict) -> str:
+    """The cache key of a phase 1: a hash of every input its result depends on
+    (``tune.trainable.phase1_inputs``) and ``PHASE1_VERSION``."""
+    blob = json.dumps({**inputs, "version": PHASE1_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

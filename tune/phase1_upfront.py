@@ -42,7 +42,7 @@ def phase1_task(setup: SearchSetup, prompt_length: int) -> dict:
     model, _ = build_model(setup, {"prompt_length": prompt_length}, data, seed)
     started = time.monotonic()
     key, _ = ensure_phase1(setup, model, data, seed, MlflowClient(setup.tracking_uri), log)
-    return {"seconds": time.monotonic() - started, **Phase1Cache(setup.cache_dir).info(key)}
+    return {"seconds": time.monotonic() - started, **Phase1Cache(setup.cache_dir).info(key), "key": key}
 
 
 def task_error(exc: BaseException) -> str:
@@ -78,7 +78,7 @@ def train_up_front(plan, setup: SearchSetup, client: MlflowClient, remote) -> fl
                     raise Phase1Error(f"phase 1 of prompt_length {n} (key {keys[n]}) failed: "
                                       f"{task_error(exc)}") from None
                 val = result.get("val_acc")
-                print(f"phase 1 prompt_length {n} ready: key {keys[n]}, {result['seconds']:.0f} s"
+                print(f"phase 1 prompt_length {n} ready: key {result['key']}, {result['seconds']:.0f} s"
                       + (f", val_acc {val:.2f}%" if val is not None else "")
                       + f" [{len(todo) - len(pending)}/{len(todo)}]", flush=True)
     finally:

@@ -20,7 +20,7 @@ if not __package__:  # run as a script from anywhere: the repository root instea
 
 from lpt_core.trainer import PhaseConfig  # noqa: E402
 from tune.names import PHASE1_CACHE  # noqa: E402
-from tune.study_config import ConfigError, phase2_epochs  # noqa: E402
+from tune.study_config import ConfigError  # noqa: E402
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
@@ -55,7 +55,9 @@ class Plan:
         from lpt_core.data.manifest import manifest_hash
         from tune.optuna_storage import check_storage_env
         from tune.search_space import baseline_config, check_baseline, check_prompt_lengths, check_space
-        from tune.study_config import load_profile, load_study, profile_data
+        from tune.early_stopping import grace_epochs
+        from tune.study_config import load_profile, load_study, objective_of, profile_data
+        from tune.validation import check_disjoint, check_objectives
 
         self.study_path, self.study = load_study(args.study)
         self.profile_path, self.profile = load_profile(args.profile, args.set)
@@ -76,6 +78,13 @@ class Plan:
         except (ValueError, FileNotFoundError) as exc:
             raise ConfigError(f"{self.profile_path}: {exc}") from None
         self.depth = len(getattr(backbone, "blocks", []))
+        self.phase1 = PhaseConfig.from_dict(self.profile["phase1"], where=f"{self.profile_path}: phase1")
+        self.phase2 = PhaseConfig.from_dict(self.profile["phase2"], where=f"{self.profile_path}: phase2")
+        dataset = self.profile["data"]["name"]
+        check_disjoint(self.data, dataset, str(self.profile_path))
+        check_objectives(objective_of(self.study["objective"])[0], self.data, self.profile["shot_split"], dataset,
+                         str(self.study_path))
+        grace_epochs(self.study["early_stopping"], self.phase2, str(self.study_path))
         check_space(self.study["space"], self.profile["model"], self.depth, str(self.study_path))
         check_prompt_lengths(self.study["space"], self.study["budget"]["trials"], str(self.study_path))
         self.baseline = (baseline_config(self.study["space"], self.profile["model"], self.profile["phase2"])
@@ -89,24 +98,28 @@ class Plan:
             raise ConfigError(f"--storage {args.storage}: give a folder on a filesystem every node mounts")
 
     def describe(self) -> str:
+        from tune import early_stopping, validation
         from tune.samplers import describe_sampler, sampler_settings
         from tune.search_space import describe, prompt_lengths
+        from tune.study_config import objective_of
         b, r = self.study["budget"], self.profile["resources"]
         lengths = prompt_lengths(self.study["space"], self.profile["model"]["prompt_length"])
         n_phase1 = len(lengths)  # all trained up front (check_prompt_lengths keeps it within the budget)
-        es = self.study["early_stopping"]
+        metrics = objective_of(self.study["objective"])[0]
         lines = [f"study {self.study_name} ({self.study_path}), profile {self.profile_name} ({self.profile_path})",
                  f"data: {self.profile['data']['name']}, {self.data.num_classes} classes, "
                  f"{len(self.data.train_labels)} train / {len(self.data.val)} val / {len(self.data.test)} test images; "
                  f"manifest {self.manifest_hash[:12]}",
+                 validation.describe(self.data),
                  f"backbone: {self.profile['backbone']['name']} ({self.depth} blocks), weights {self.profile['backbone'].get('weights', 'pretrained')}",
                  f"input: {describe_input(self.data.input_cfg)}",
                  "search space:", *[f"  {line}" for line in describe(self.study["space"], self.depth)],
                  f"objective: {self.study['objective']}",
                  f"budget: {b['trials']} trials, {b['concurrency']} at a time, up to {b['max_failures']} retries each",
                  f"sampler: {describe_sampler(sampler_settings(self.study, b['trials']), b['trials'])}",
-                 f"early stopping: {'ASHA grace %d, reduction %s' % (es['grace_period'], es['reduction_factor']) if es['enabled'] else 'off'}"
-                 f" over {phase2_epochs(self.profile)} phase-2 epochs",
+                 f"phase 1: {self.phase1.describe(1)}",
+                 f"phase 2: {self.phase2.describe(2)}",
+                 early_stopping.describe(self.study["early_stopping"], self.phase2, metrics[0], len(metrics)),
                  self.baseline_line(),
                  f"phase-1 trainings: {n_phase1}, up front before the trials (one per prompt_length in "
                  f"{lengths if len(lengths) <= 12 else f'{lengths[0]}..{lengths[-1]}'}; a cached one is not "
@@ -131,11 +144,12 @@ class Plan:
         n_train, n_val, trials = len(self.data.train_labels), len(self.data.val), self.study["budget"]["trials"]
 
         def phase(name: str) -> tuple[int, str]:
-            cfg = PhaseConfig.from_dict(self.profile[name], where=name)
-            steps = max(1, n_train // cfg.batch_size)  # an epoch of DualBatchSampler
-            images = cfg.epochs * steps * 2 * cfg.batch_size
-            return images, (f"{cfg.epochs} epochs x {steps} steps x 2x{cfg.batch_size} = {images:,} images "
-                            f"(+ {cfg.epochs * n_val:,} evaluated)")
+            cfg = getattr(self, name)
+            steps = max(1, n_train // cfg.batch_size)  # an epoch of the trainer's sampler
+            branches = 2 if cfg.sampling == "dual" else 1
+            images = cfg.epochs * steps * branches * cfg.batch_size
+            return images, (f"{cfg.epochs} epochs x {steps} steps x {'2x' if branches == 2 else ''}{cfg.batch_size}"
+                            f" = {images:,} images (+ {cfg.epochs * n_val:,} evaluated)")
         (phase1, phase1_text), (phase2, phase2_text) = phase("phase1"), phase("phase2")
         total = trials * phase2 + n_phase1 * phase1
         lines = [f"cost per trial: phase 2 trains {phase2_text}",
@@ -154,15 +168,22 @@ class Plan:
 
 def describe_input(cfg) -> str:
     fmt = lambda xs: "/".join(f"{x:.3g}" for x in xs)
-    return f"mean {fmt(cfg.mean)}, std {fmt(cfg.std)}, {cfg.interpolation}, eval crop {cfg.crop_pct:.3g}"
+    resize = cfg.eval_resize.replace("_", "-")
+    return f"mean {fmt(cfg.mean)}, std {fmt(cfg.std)}, {cfg.interpolation}, eval {resize} resize, crop {cfg.crop_pct:.3g}"
 
 
 def absolute_paths(profile: dict) -> None:
-    """Relative data and weight paths are relative to where the search starts, not to a worker."""
+    """Relative data and weight paths are relative to where the search starts, not to a worker;
+    a data file (a list, a json, class names) relative to ``data.root`` where it is there, as
+    the dataset specs read them."""
     data = profile["data"]
+    here = lambda value: Path(os.path.expanduser(value)).resolve()
+    if isinstance(data.get("root"), str):
+        data["root"] = str(here(data["root"]))
     for key, value in data.items():
-        if isinstance(value, str) and (key in ("root", "class_names") or key.endswith(("_list", "_json"))):
-            data[key] = str(Path(os.path.expanduser(value)).resolve())
+        if isinstance(value, str) and (key == "class_names" or key.endswith(("_list", "_json"))):
+            under_root = Path(data.get("root") or ".", os.path.expanduser(value))
+            data[key] = str(under_root.resolve() if under_root.is_file() else here(value))
     weights = profile["backbone"].get("weights")
     if isinstance(weights, str) and weights not in ("pretrained", "random"):
         profile["backbone"]["weights"] = str(Path(os.path.expanduser(weights)).resolve())

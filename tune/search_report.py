@@ -293,9 +293,20 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
                     f"<td>{_fmt(confirm.get(f'{prefix}test_{k}_mean'))} ± {_fmt(confirm.get(f'{prefix}test_{k}_std'))}</td>"
                     for k in SHOT_KEYS) + "</tr>")
         parts.append("</table>")
+        if info.get("val_images"):
+            se = [f"{who} {_fmt(info.get(key))}" for who, key in (("best", "val_acc_se"), ("baseline", "baseline_val_acc_se"))
+                  if info.get(key) is not None]
+            parts.append(f"<p>Validation: {int(info['val_images']):,} images; one binomial standard error of "
+                         f"val_acc (points): {', '.join(se)}.</p>")
         if stale:
             parts.append(f"<p>The confirmation seeds retrained trial {e(info['confirmed_trial'])}, the best before "
                          f"an extension; this best trial has not been confirmed.</p>")
+        if gain and "confirm_test_acc_mean" not in confirm:
+            parts.append(f"<p><b>Not confirmed.</b> The gain is measured on the validation images the best of "
+                         f"{info['counts']['total']} trials (one seed each) was selected on, so it is biased upward; "
+                         f"confirm it on test with fresh seeds: <code>python tune/search.py --study {e(str(info['study']))} "
+                         f"--profile {e(str(info['profile']))} --resume --confirm 3</code> (with the search's own "
+                         f"--set and --storage).</p>")
         if baseline and baseline.get("status") != "completed":
             parts.append(f"<p>The baseline trial {e(baseline['trial_id'])} did not run every epoch "
                          f"({e(str(baseline.get('status')))}): no gain to report.</p>")
@@ -397,7 +408,8 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
             "extra_params": extra, "backbone_params": backbone_params(profile["backbone"]) if extra and profile.get("backbone") else None,
             "pareto": [t for t in tags.get(names.PARETO_TRIALS, "").split(",") if t], "top": ranked[:10],
             "baseline": next((r for r in rows if r.get("baseline")), None),
-            "gain": {k: v for k, v in pm.items() if k.startswith("gain_val_")}}
+            "gain": {k: v for k, v in pm.items() if k.startswith("gain_val_")},
+            **{k: pm.get(k) for k in ("val_images", "val_acc_se", "baseline_val_acc_se")}}
     (out / names.REPORT_PAGE).write_text(summary_html(info, figures, skipped))
     files = sorted(p for p in out.iterdir() if p.is_file())
     client.log_artifacts(parent_run_id, str(out), REPORT_DIR)

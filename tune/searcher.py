@@ -18,6 +18,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from lpt_core.config import PhaseConfig
+
+from .early_stopping import grace_epochs
 from .names import OPTUNA_TRIAL_ID
 from .samplers import make_sampler
 from .search_space import DefineByRun
@@ -111,11 +114,14 @@ class BaselineExemptASHA(ASHAScheduler):
         return action
 
 
-def make_scheduler(study_cfg: dict, epochs: int, metric: str, mode: str) -> TrialScheduler:
+def make_scheduler(study_cfg: dict, phase2: PhaseConfig, metric: str, mode: str) -> TrialScheduler:
+    """ASHA with the study's grace period resolved against ``phase2`` (``tune.early_stopping``);
+    FIFO (every trial runs its epochs) when early stopping is off or has no epoch to judge at."""
     es = study_cfg["early_stopping"]
-    if not es["enabled"]:
+    grace = grace_epochs(es, phase2)
+    if grace is None:
         return FIFOScheduler()
-    exempt = study_cfg.get("baseline", {}).get("exempt_from_early_stopping", True)
+    exempt = study_cfg["baseline"]["exempt_from_early_stopping"]
     return (BaselineExemptASHA if exempt else ASHAScheduler)(
-        time_attr="epoch", metric=metric, mode=mode, max_t=epochs, grace_period=es["grace_period"],
+        time_attr="epoch", metric=metric, mode=mode, max_t=phase2.epochs, grace_period=grace,
         reduction_factor=es["reduction_factor"])

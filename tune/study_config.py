@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import Field, create_model, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from lpt_core.config import LPTConfig, PhaseConfig, Section, searchable_fields, validate, why_fixed
@@ -130,10 +130,27 @@ class Budget(Section):
     max_failures: int = Field(2, ge=0)
 
 
+GracePeriod = Union[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0, lt=1)], Literal["auto"]]
+
+
 class EarlyStopping(Section):
-    enabled: bool = True
-    grace_period: int = Field(1, ge=1)
+    """ASHA on the first objective; its grace period resolves against the profile's phase 2
+    (``tune.early_stopping``)."""
+
+    enabled: bool = Field(True, description="stop bad trials early (ASHA); not with several objectives")
+    grace_period: GracePeriod = Field(
+        "auto", description="first rung: phase-2 epochs (an integer), a fraction of them (e.g. 0.1), or auto "
+                            "(at least a tenth of the schedule, never inside the warm-up)")
     reduction_factor: float = Field(2, gt=1)
+
+    @field_validator("grace_period", mode="wrap")
+    @classmethod
+    def _one_line(cls, value: Any, handler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("config", "must be a whole number of epochs >= 1, a fraction of the phase-2 "
+                                      "epochs in (0, 1), or auto, got {got}", {"got": repr(value)}) from None
 
 
 class _Range(Section):
@@ -251,6 +268,10 @@ class StudyConfig(Section):
         if self.sampler.type == "cmaes" and self.objective.metrics is not None:
             raise _error("sampler.type", "cmaes optimises one objective; this study has {n} (use tpe, gp or random)",
                          n=len(self.objective.metrics))
+        if self.objective.metrics is not None and self.early_stopping.enabled:
+            raise _error("early_stopping.enabled", "ASHA ranks trials on one objective, and a trial it stopped "
+                         "would be off the Pareto front of this study's {n} only because its first one started "
+                         "slower: set enabled: false (every trial runs its epochs)", n=len(self.objective.metrics))
         return self
 
     def to_dict(self, order: list[str] | None = None) -> dict:
@@ -355,8 +376,3 @@ def objective_of(objective: dict) -> tuple[list[str], list[str]]:
         return list(objective["metrics"]), list(objective["modes"])
     obj = {**Objective().to_dict(), **objective}
     return [obj["metric"]], [obj["mode"]]
-
-
-def phase2_epochs(profile: dict) -> int:
-    """Phase-2 epochs of a trial: the profile's, else ``PhaseConfig``'s default."""
-    return profile["phase2"].get("epochs", PhaseConfig.default("epochs"))

@@ -23,7 +23,6 @@ from mlflow import MlflowClient
 from ray import tune
 
 from lpt_core import LPT, PhaseConfig, Trainer, build_backbone_from_spec, evaluate, load_prompts, save_prompts
-from lpt_core.data.transforms import RELEASED
 from lpt_core.trainer import resolve_device
 
 from . import mlflow_tracking as mt
@@ -99,21 +98,50 @@ def _trainer_kwargs(profile: dict, log) -> dict:
                 shot_split=profile["shot_split"], log=log)
 
 
+def seeded_trainer(setup: SearchSetup, model: LPT, data, phase: int, recipe: PhaseConfig, seed: int, log) -> Trainer:
+    """A trainer of ``phase`` whose global RNG (dropout, crops) starts from ``seed``, whether or not
+    this process trained anything before (a phase 1 that was not cached)."""
+    torch.manual_seed(seed)
+    return Trainer(model, data, phase, recipe, seed=seed, **_trainer_kwargs(setup.profile, log))
+
+
 def build_model(setup: SearchSetup, config: dict, data, seed: int) -> tuple[LPT, PhaseConfig]:
     """The trial's LPT. A randomly initialised backbone depends on the profile's seed only, so
-    every trial, the test evaluation and the confirmation runs see the same one."""
+    every trial, the test evaluation and the confirmation runs see the same one; the prompts and
+    head start from ``seed``'s own generators (``LPT(init_seed=...)``), whatever the phase-2 shape."""
     model_kwargs, recipe = trial_settings(setup.profile, config)
     torch.manual_seed(setup.profile["seed"])
     backbone = build_backbone_from_spec(setup.profile["backbone"])
-    torch.manual_seed(seed)
-    return LPT(backbone, data.num_classes, **model_kwargs), recipe
+    return LPT(backbone, data.num_classes, init_seed=seed, **model_kwargs), recipe
 
 
-def profile_phase1_key(profile: dict, manifest_hash: str, prompt_length: int, data, seed: int) -> str:
-    """The phase-1 cache key of a profile's phase 1 at ``prompt_length`` and ``seed``."""
-    recipe = PhaseConfig.from_dict(profile["phase1"], where="phase1")
-    return phase1_key(profile["backbone"], manifest_hash, prompt_length, recipe.to_dict(), seed,
-                      None if data.input_cfg == RELEASED else data.input_cfg.to_dict())
+def phase1_inputs(profile: dict, manifest_hash: str, prompt_length: int, data, seed: int, device: str) -> dict:
+    """Everything phase 1's prompts and head depend on, for its cache key. Not the phase-2 shape
+    (``pool_size``, ``top_k``, ``group_start``): ``LPT`` draws the phase-1 tensors from
+    generators of their own. ``device``: where it trains (``cuda`` trains under bf16 autocast);
+    CPU-side augmentation draws its random crops in the loader workers, so their count counts."""
+    on_device = data.train_batch_transform is not None
+    return {"backbone": profile["backbone"], "data": manifest_hash, "input": data.input_cfg.to_dict(),
+            "augment": "device" if on_device else f"cpu, {profile['loader']['num_workers']} loader workers",
+            "prompt_length": prompt_length, "head_dropout": profile["model"]["head_dropout"],
+            "recipe": PhaseConfig.from_dict(profile["phase1"], where="phase1").to_dict(),
+            "precision": "bf16 autocast" if torch.device(device).type == "cuda" else "fp32",
+            "compile": profile["compile"], "seed": seed}
+
+
+def planned_device(profile: dict) -> str:
+    """Where a trial of ``profile`` will train, as the driver sees it before any task runs."""
+    if profile["device"] != "auto":
+        return profile["device"]
+    return "cuda" if profile["resources"]["gpu"] > 0 else "cpu"
+
+
+def profile_phase1_key(profile: dict, manifest_hash: str, prompt_length: int, data, seed: int,
+                       device: str | None = None) -> str:
+    """The phase-1 cache key of a profile's phase 1 at ``prompt_length`` and ``seed``, trained on
+    ``device`` (default: ``planned_device``)."""
+    return phase1_key(phase1_inputs(profile, manifest_hash, prompt_length, data, seed,
+                                    device or planned_device(profile)))
 
 
 def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: MlflowClient,
@@ -122,7 +150,8 @@ def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: Mlflo
     spent waiting for its prompt file. The driver trains every phase 1 of a search up front
     (``tune.phase1_upfront``), so a trial finds its key ready and waits 0 s; a key that is missing
     (a fresh seed, an entry deleted mid-search) is trained here, once per key, and the wait says so."""
-    key = profile_phase1_key(setup.profile, setup.manifest_hash, model.prompt_length, data, seed)
+    device = trial_device(setup.profile["device"])
+    key = profile_phase1_key(setup.profile, setup.manifest_hash, model.prompt_length, data, seed, device)
     cache = Phase1Cache(setup.cache_dir)
     if cache.ready(key):
         path, trained, waited = cache.folder(key) / PROMPTS, False, 0.0
@@ -151,8 +180,7 @@ def train_phase1(setup: SearchSetup, model: LPT, data, seed: int, key: str, fold
     else:
         client.update_run(run_id, status="RUNNING")
     logged = last_logged_epoch(client, run_id)
-    torch.manual_seed(seed)
-    trainer = Trainer(model, data, 1, recipe, seed=seed, **_trainer_kwargs(setup.profile, log))
+    trainer = seeded_trainer(setup, model, data, 1, recipe, seed, log)
     if (folder / STATE).is_file():
         trainer.load_state(folder / STATE)
         log(f"phase 1 {key}: resuming at epoch {trainer.epoch}")
@@ -204,7 +232,7 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
     trainer = None
     try:
         key, waited = ensure_phase1(setup, model, data, seed, client, log)
-        trainer = Trainer(model, data, 2, recipe, seed=seed, **_trainer_kwargs(setup.profile, log))
+        trainer = seeded_trainer(setup, model, data, 2, recipe, seed, log)
         mt.log(client, run_id, metrics={PHASE1_WAIT: waited},
                tags={names.PHASE1_KEY: key, names.DEVICE: str(trainer.device),  # lpt.node: set by trial_run
                      names.GPU_IDS: ",".join(map(str, ray.get_gpu_ids()))})
@@ -267,5 +295,5 @@ def confirm_seed(setup: SearchSetup, config: dict, seed: int) -> dict:
     data = profile_data(setup.profile)
     model, recipe = build_model(setup, config, data, seed)
     ensure_phase1(setup, model, data, seed, client, log)
-    Trainer(model, data, 2, recipe, seed=seed, **_trainer_kwargs(setup.profile, log)).fit()
+    seeded_trainer(setup, model, data, 2, recipe, seed, log).fit()
     return _test_metrics(setup, model, data)

@@ -11,7 +11,7 @@ from .base import DownloadError, LTData
 from .batch import BatchTransform, EncodedBatch, collate_encoded
 from .cifar import build_cifar_lt
 from .filesets import build_image_folder, build_inat, build_list_dataset
-from .manifest import build_manifest, manifest_hash, write_manifest
+from .manifest import build_manifest, manifest_hash, val_test_overlap, write_manifest
 from .profile import long_tail_counts
 from .specs import CommonSpec, DataSpec, parse_spec
 from .transforms import RELEASED, InputConfig
@@ -37,5 +37,5 @@ def build_dataset(spec: dict | CommonSpec, input_cfg: InputConfig | None = None)
 
 
 __all__ = ["LTData", "DownloadError", "build_dataset", "long_tail_counts", "BUILDERS", "BatchTransform",
-           "EncodedBatch", "collate_encoded", "build_manifest", "manifest_hash", "write_manifest",
+           "EncodedBatch", "collate_encoded", "build_manifest", "manifest_hash", "val_test_overlap", "write_manifest",
            "DataSpec", "parse_spec", "InputConfig"]

@@ -11,7 +11,9 @@ from torch.utils.data import Dataset
 @dataclass
 class LTData:
     """Splits of a long-tailed dataset; ``train_labels`` drive the samplers, ``class_counts``
-    the A-GCL cloud and the many/medium/few split."""
+    the A-GCL cloud and the many/medium/few split. ``info`` holds facts about the splits for
+    reports; every builder sets ``input_path`` and ``val_missing_classes`` (the class indices
+    with no validation image, [] when none)."""
 
     train: Dataset
     val: Dataset

@@ -2,8 +2,8 @@
 
 ``BatchTransform`` takes a uint8 batch [B, 3, H, W] or an ``EncodedBatch`` of JPEG/PNG bytes, and
 does LPT's transforms as crop boxes: train = RandomResizedCrop (torchvision's parameter rule,
-scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip, eval = resize the short side to
-size / crop_pct and center-crop (``transforms.InputConfig``). Bilinear: one ``roi_align``
+scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip, eval = resize to size / crop_pct (a square,
+or the short side: ``eval_resize``) and center-crop (``transforms.InputConfig``). Bilinear: one ``roi_align``
 (aligned, adaptive sampling: bilinear when upsampling, area-averaging when downsampling)
 resamples every box; bicubic: torchvision's antialiased resized crop per image. Images are then
 normalised with the config's mean and std. Crop parameters come from torch's global CPU
@@ -103,13 +103,16 @@ def random_resized_boxes(hw: torch.Tensor, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     return torch.stack([left, top, left + w, top + h], dim=1)
 
 
-def center_boxes(hw: torch.Tensor, size: int, resized: int) -> torch.Tensor:
-    """torchvision's Resize(resized) (short side) + CenterCrop(size), as a box in the original
-    image (same output sizes and rounding)."""
+def center_boxes(hw: torch.Tensor, size: int, resized: int, square: bool = False) -> torch.Tensor:
+    """torchvision's Resize(resized) (short side; ``square``: Resize((resized, resized))) +
+    CenterCrop(size), as a box in the original image (same output sizes and rounding)."""
     height, width = hw[:, 0], hw[:, 1]
-    short = torch.minimum(height, width)
-    new_h = torch.where(height == short, resized, (resized * height / short).floor())
-    new_w = torch.where(width == short, resized, (resized * width / short).floor())
+    if square:
+        new_h = new_w = torch.full_like(height, resized)
+    else:
+        short = torch.minimum(height, width)
+        new_h = torch.where(height == short, resized, (resized * height / short).floor())
+        new_w = torch.where(width == short, resized, (resized * width / short).floor())
     top, left = ((new_h - size) / 2).round(), ((new_w - size) / 2).round()
     sy, sx = height / new_h, width / new_w
     return torch.stack([left * sx, top * sy, (left + size) * sx, (top + size) * sy], dim=1)
@@ -130,7 +133,7 @@ class BatchTransform(torch.nn.Module):
     def boxes(self, hw: torch.Tensor) -> torch.Tensor:
         if self.train_mode:
             return random_resized_boxes(hw, self.scale, self.ratio)
-        return center_boxes(hw, self.size, self.cfg.resize_size(self.size))
+        return center_boxes(hw, self.size, self.cfg.resize_size(self.size), self.cfg.eval_resize == "square")
 
     def resample(self, images) -> torch.Tensor:
         """Bicubic (or any torchvision mode): the crop and resize of torchvision, image by image."""
@@ -145,7 +148,7 @@ class BatchTransform(torch.nn.Module):
                 img = TF.resized_crop(img, top, left, bottom - top, right - left, [self.size] * 2,
                                       interpolation=mode, antialias=True)
             else:
-                img = TF.center_crop(TF.resize(img, self.cfg.resize_size(self.size), interpolation=mode,
+                img = TF.center_crop(TF.resize(img, self.cfg.eval_resize_to(self.size), interpolation=mode,
                                                antialias=True), [self.size] * 2)
             out.append(img.float())
         return torch.stack(out)
@@ -175,4 +178,5 @@ class BatchTransform(torch.nn.Module):
         return out.mul_(self.mul.to(device)).sub_(self.sub.to(device))
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, train={self.train_mode}, {self.cfg.interpolation}, crop_pct={self.cfg.crop_pct:g}"
+        return (f"size={self.size}, train={self.train_mode}, {self.cfg.interpolation}, crop_pct={self.cfg.crop_pct:g}, "
+                f"eval_resize={self.cfg.eval_resize}")

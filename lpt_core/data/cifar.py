@@ -4,8 +4,9 @@ Train: per class a seeded shuffle of the official training images, the first n_i
 n_i = int(n_max * (1/rho) ** (i/(C-1))) (n_max = images per class of the file, 5000 / 500).
 Val: the next ``val_per_class`` (default 20) of each class's shuffle, i.e. class-balanced and taken
 from the images the profile drops. A class with fewer dropped images gives what it has (listed in
-``info["val_short"]``): class 0 keeps all its images, so it has no validation images; for rho near
-1 other head classes are short too, and rho = 1 leaves nothing (an error unless val_per_class: 0).
+``info["val_short"]``): class 0 keeps all its images (the literature's training set, kept as is),
+so it has no validation images and ``info["val_missing_classes"]`` names it; for rho near 1 other
+head classes are short too, and rho = 1 leaves nothing (an error unless val_per_class: 0).
 Test: the official test set. No md5 check: any file in the layout loads; ``download: true``
 fetches the real files through torchvision only when they are missing.
 """

@@ -54,7 +54,8 @@ def lt_targets(available: list[int], ratio: float | None, where: str = "imbalanc
 
 def assemble(train, val, test, class_names: list[str], image_size: int, mode: str = "cpu",
              info: dict | None = None, input_cfg: InputConfig = RELEASED) -> LTData:
-    """Set each split's transform for ``mode`` and ``input_cfg`` and return the ``LTData``.
+    """Set each split's transform for ``mode`` and ``input_cfg`` and return the ``LTData``; its
+    ``info["val_missing_classes"]`` lists the classes without a validation image ([] if none).
 
     cpu: PIL/uint8 images go through the torchvision transforms in the loader workers.
     gpu_augment: the splits yield uint8 [3, H, W]; ``BatchTransform`` augments the device batch.
@@ -66,9 +67,11 @@ def assemble(train, val, test, class_names: list[str], image_size: int, mode: st
         ds.transform = None if gpu else (train_transform if ds is train else test_transform)(image_size, input_cfg)
         if hasattr(ds, "encoded"):
             ds.encoded = mode == "gpu_decode"
+    validated = set(val.labels)
+    missing = [c for c in range(len(class_names)) if c not in validated]
     return LTData(train=train, val=val, test=test, train_labels=list(train.labels),
                   num_classes=len(class_names), class_names=class_names, image_size=image_size,
-                  info={"input_path": mode, **(info or {})}, input_cfg=input_cfg,
+                  info={"input_path": mode, **(info or {}), "val_missing_classes": missing}, input_cfg=input_cfg,
                   train_batch_transform=BatchTransform(image_size, train=True, cfg=input_cfg) if gpu else None,
                   eval_batch_transform=BatchTransform(image_size, train=False, cfg=input_cfg) if gpu else None,
                   collate_fn=collate_encoded if mode == "gpu_decode" else None)

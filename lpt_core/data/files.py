@@ -181,9 +181,8 @@ def check_counts(entries: Entries, num_classes: int) -> list[int]:
     return counts
 
 
-def file_splits(root: str, train: Entries, val: Entries, test: Entries | None = None):
-    """Check files exist; the three FileImages (``test=None``: test is the val dataset)."""
-    for e in (train, val) if test is None else (train, val, test):
+def file_splits(root: str, train: Entries, val: Entries, test: Entries):
+    """Check files exist; the three FileImages."""
+    for e in (train, val, test):
         check_files(root, e)
-    val_ds = FileImages(root, val)
-    return FileImages(root, train), val_ds, (val_ds if test is None else FileImages(root, test))
+    return FileImages(root, train), FileImages(root, val), FileImages(root, test)

@@ -28,15 +28,28 @@ def build_list_dataset(s, input_cfg=RELEASED):
 
 
 def build_inat(s, input_cfg=RELEASED):
-    """``inat2018``: ``root`` + ``train_json``/``val_json`` (COCO-style). As in the paper the val
-    set is also the test set (``data.val is data.test``): searches select on the numbers they
-    report. Labels index the train categories sorted by id; names are the category names."""
+    """``inat2018``: ``root`` + ``train_json``/``val_json`` (COCO-style). The official val list is
+    the test split (what the long-tail literature reports); validation is a class-stratified
+    hold-out of the train list: per class a seeded shuffle gives up to ``val_per_class`` images,
+    never the class's last one (a class of n images gives at most n - 1), and the rest trains, so
+    ``class_counts`` count what stays in train. Labels index the train categories sorted by id;
+    names are the category names."""
     root, mode = data_root(s), input_mode(s, "gpu_decode")
-    train, categories, names = read_coco(data_file(s, "train_json", root))
-    val, _, _ = read_coco(data_file(s, "val_json", root), categories)
-    check_counts(train, len(names))
-    return assemble(*file_splits(root, train, val), names, s.image_size, mode, {"test_is_val": True},
-                    input_cfg=input_cfg)
+    listed, categories, names = read_coco(data_file(s, "train_json", root))
+    test, _, _ = read_coco(data_file(s, "val_json", root), categories)
+    check_counts(listed, len(names))
+    by_class = [[] for _ in names]
+    for i, y in enumerate(listed.labels):
+        by_class[y].append(i)
+    val_idx = []
+    for c, idx in enumerate(by_class):
+        held = min(s.val_per_class, len(idx) - 1)
+        val_idx += [idx[j] for j in class_perm(s.seed, c, len(idx))[:held]]
+    held_out = set(val_idx)
+    train = listed.subset([i for i in range(len(listed.paths)) if i not in held_out])
+    val = listed.subset(sorted(val_idx))
+    return assemble(*file_splits(root, train, val, test), names, s.image_size, mode,
+                    {"val_per_class": s.val_per_class}, input_cfg=input_cfg)
 
 
 def build_image_folder(s, input_cfg=RELEASED):

@@ -1,4 +1,5 @@
-"""What images each split holds, as a table and as a hash (the phase-1 cache key uses the hash).
+"""What images each split holds, as a table and as a hash (the phase-1 cache key uses the hash),
+and whether validation and test share images (``val_test_overlap``).
 
 Rows: ``split`` (train/val/test), ``index`` (the image's id in its source: CIFAR row of the train or
 test file, entry number of a list file, iNat image id, position in an image folder's sorted listing,
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -67,3 +69,23 @@ def write_manifest(data: LTData, path) -> None:
     import pyarrow.parquet as pq
 
     pq.write_table(build_manifest(data), path)
+
+
+def _resolved_paths(ds) -> list[str]:
+    return [os.path.abspath(os.path.join(ds.root, p)) for p in ds.paths]
+
+
+def val_test_overlap(data: LTData) -> int:
+    """How many test images are also validation images (0: selecting on validation never sees the
+    test split). One Dataset object serving both splits overlaps in all its images. Image files
+    compare by path, resolved under the split's root to an absolute path with ``.`` and ``..``
+    folded (symlinks are not followed and the files are not opened, so this stays cheap for
+    lists of tens of thousands). In-memory sets (CIFAR-LT: validation from the training file,
+    test from the test file; synthetic: images generated per split) are disjoint by
+    construction: 0."""
+    if data.val is data.test:
+        return len(data.test)
+    if not all(hasattr(ds, "paths") and hasattr(ds, "root") for ds in (data.val, data.test)):
+        return 0
+    val = set(_resolved_paths(data.val))
+    return sum(p in val for p in _resolved_paths(data.test))

@@ -64,12 +64,15 @@ class ListSpec(CommonSpec):
 
 
 class InatSpec(CommonSpec):
-    """iNaturalist 2018: COCO-style JSON; the val set is also the test set."""
+    """iNaturalist 2018: COCO-style JSON; validation is a class-stratified hold-out of the train
+    list, the official val list is the test split."""
 
     name: Literal["inat2018"]
     root: PathStr
     train_json: PathStr
     val_json: PathStr
+    val_per_class: Count = Field(3, description="train images per class held out for validation "
+                                                "(a class keeps at least one training image)")
     gpu_decode: bool = False
 
 

@@ -386,9 +386,10 @@ def ui_address(uri: str) -> str:
 
 
 def optuna_address(record: dict) -> str:
-    """How to watch or reload the search's Optuna study."""
-    return (f"optuna-dashboard {shlex.quote(record['optuna_storage'])}  (study '{record['optuna_study']}'; "
-            f"or optuna.load_study(study_name=..., storage=...))")
+    """How to watch or reload the search's Optuna study: ``LPT_OPTUNA_UI`` (the compose stack's
+    read-only optuna-dashboard), else the optuna-dashboard command for its storage."""
+    shown = os.environ.get("LPT_OPTUNA_UI", "").strip() or f"optuna-dashboard {shlex.quote(record['optuna_storage'])}"
+    return f"{shown}  (study '{record['optuna_study']}'; or optuna.load_study(study_name=..., storage=...))"
 
 
 def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, record: dict,

@@ -26,8 +26,8 @@
 # users, then the services that read the secret are recreated. The names are those above (the
 # pgpass files stand for their roles' passwords, mlflow_credentials for the searcher's, and
 # mlflow_admin_password rewrites mlflow_auth_config too); `all` rotates every one. Recreating the
-# Ray nodes (ray_auth_token, mlflow_credentials) or the MLflow server stops what runs on them:
-# rotate between searches. COMPOSE (default: `docker compose`, else `docker-compose`) is the
+# Ray nodes (ray_auth_token, mlflow_credentials) stops the trials on them, and a running driver
+# keeps its old database password (optuna_pgpass): rotate those between searches. COMPOSE (default: `docker compose`, else `docker-compose`) is the
 # command, run in DIR; COMPOSE_PROJECT_NAME and the other compose variables apply.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -150,8 +150,9 @@ recreate() {
     case "$service" in mlflow|ray-head) wait_healthy "$service" ;; esac
   done
 }
-# the one-shot set-up containers `up` made hold the old secret files: removed, so that the next
-# `up` or `run driver` makes new ones (started again, they would set the old passwords back)
+# the one-shot set-up containers `up` made: removed, so that the next `up` or `run driver` makes
+# new ones, which mount the secret files as they are now (a file that was replaced, not rewritten,
+# stays the old one in a container made before, and it would set the old password back)
 forget_setup() { "${compose[@]}" rm -f -s db-setup mlflow-setup >/dev/null 2>&1 || true; }
 
 rotate_one() {
@@ -180,8 +181,7 @@ rotate_one() {
       new="$(random_hex 24)"
       printf '%s\n%s\n' "$(secret mlflow_admin_password)" "$new" | setup_step mlflow-setup rotate-admin
       put mlflow_admin_password "$new"
-      put mlflow_auth_config "$(auth_config "$new")"
-      recreate mlflow ;;
+      put mlflow_auth_config "$(auth_config "$new")" ;;   # read at the server's first start only
   esac
   echo "rotated $name"
 }

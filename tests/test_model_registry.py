@@ -376,7 +376,8 @@ def free_port() -> int:
 
 def readme_serve_and_curl() -> tuple[str, str]:
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```bash\n(mlflow models serve .*?)\n(curl .*?)\n```", readme, re.S)
+    block = re.search(r"```bash\n(MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false mlflow models serve .*?)\n(curl .*?)\n```",
+                      readme, re.S)
     return block.group(1), block.group(2)
 
 
@@ -399,7 +400,7 @@ def test_served_model_answers_the_readme_curl(smoke_search, tmp_path):
     env = {**ENV, "MLFLOW_TRACKING_URI": smoke_search.tracking_uri,   # `mlflow` of this interpreter's venv
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen(["bash", "-c", f"exec {serve}"], cwd=tmp_path, env=env, stdout=log,
+    server = subprocess.Popen(["bash", "-c", f"exec env {serve}"], cwd=tmp_path, env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 180

@@ -315,6 +315,10 @@ def test_search_registers_its_best_trial(smoke_search):
     assert trial.data.tags["lpt.trial_id"] == best_id and trial.data.tags["lpt.best"] == "true"
     for key in ("val_acc", "val_few_acc", "test_acc", "test_many_acc", "test_medium_acc", "test_few_acc"):
         assert float(version.tags[key]) == pytest.approx(trial.data.metrics[key], abs=1e-4), key
+    # --register logged code, not a pickle (the CLI and the server below load it with pickles refused)
+    mlflow.set_tracking_uri(smoke_search.tracking_uri)
+    files = [f.path for f in mlflow.artifacts.list_artifacts(model_uri)]
+    assert "lpt_model_code.py" in files and not [f for f in files if f.endswith((".pkl", ".pickle"))], files
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ Checks:
   runs as the image's user; PostgreSQL has one role per service and none is a superuser but the
   set-up's; the workers' MLflow user is no admin (the admin API refuses it); each container, the
   one-shot set-up steps too, mounts exactly the secrets cluster_fixtures.SECRETS gives it; every
-  container restarts unless stopped (the one-shots never), rotates its logs and is capped.
+  container restarts unless stopped (the one-shots never), rotates its logs and is capped;
+  scripts/cluster-setup.sh prints the Python and Ray the head runs.
 - a 6-trial smoke search (with --register) from the driver container: a second driver's
   `--resume` of it is refused in one line; trials run on both worker containers; a worker
   container is killed while it runs a trial, then PostgreSQL and the MLflow server are restarted;
@@ -410,6 +411,12 @@ def test_the_stack_is_locked_down(stack):
         print(f"[docker test] {info['Name']}: secrets {sorted(SECRETS[service])}, restart "
               f"{host['RestartPolicy']['Name']}, memory {host['Memory'] / 2**30:g} GiB, pids {host['PidsLimit']}", flush=True)
     assert seen == {"postgres", "db-setup", "mlflow", "mlflow-setup", "ray-head", "ray-worker"}
+    # the versions cluster-setup.sh prints are those the stack runs
+    head = stack.exec_as_user(stack.containers("ray-head")[0], "python", "-c",
+                              "import platform, ray; print(platform.python_version(), ray.__version__)").stdout.split()
+    versions = stack.script("cluster-setup.sh").strip().splitlines()[-1]
+    assert versions == f"versions (image {IMAGE}): Python {head[-2]}, Ray {head[-1]}", versions
+    print(f"[docker test] cluster-setup.sh: {versions}", flush=True)
     worker = stack.inspect(stack.containers("ray-worker")[0])
     print(f"[docker test] docker inspect {worker['Name']}: Env {json.dumps(worker['Config']['Env'])}; "
           f"secrets {[m['Destination'] for m in worker['Mounts'] if m['Type'] == 'bind']}", flush=True)

@@ -1,22 +1,43 @@
 #!/usr/bin/env bash
 # The docker-compose cluster's settings and secrets, made once per checkout (README: "Run on a cluster").
 #
-#   scripts/cluster-setup.sh [DIR]     # DIR: where docker-compose.yml runs (default: this checkout)
+#   scripts/cluster-setup.sh [DIR]                   # DIR: where docker-compose.yml runs (default: this checkout)
+#   scripts/cluster-setup.sh --rotate NAME[,NAME...] [DIR]   # change secrets of a running stack in place
+#   scripts/cluster-setup.sh --rotate all [DIR]
 #
 # Creates DIR/.env from .env.example, and DIR/secrets/ (mode 700; ignored by git and by docker
-# builds) with one file per secret (mode 600), random where it is a password or token:
-#   ray_auth_token          Ray's token (every node and the driver: RAY_AUTH_TOKEN_PATH)
-#   postgres_password       the PostgreSQL user mlflow's password (POSTGRES_PASSWORD_FILE)
-#   pgpass                  the same password for the MLflow server's libpq (PGPASSFILE)
-#   mlflow_admin_password   the MLflow login of the user admin (the UI, the driver, the workers)
+# builds) with one file per secret (mode 600), random where it is a password or token. Each
+# service mounts only those it uses (docker-compose.yml):
+#   ray_auth_token          Ray's token (every Ray node and the driver: RAY_AUTH_TOKEN_PATH)
+#   postgres_password       PostgreSQL's superuser postgres (the postgres container and db-setup only)
+#   mlflow_pgpass           the role mlflow's password, as libpq's PGPASSFILE (the MLflow server; db-setup)
+#   optuna_pgpass           the role optuna's (the driver's Optuna storage; db-setup)
+#   optuna_reader_pgpass    the role optuna_reader's, SELECT only (optuna-dashboard; db-setup)
+#   mlflow_admin_password   the MLflow admin's password: people log in with it (mlflow-setup uses it)
 #   mlflow_auth_config      the MLflow server's basic-auth configuration (MLFLOW_AUTH_CONFIG_PATH)
 #   mlflow_flask_secret_key the MLflow server's key for its CSRF tokens (MLFLOW_FLASK_SERVER_SECRET_KEY_FILE)
-#   mlflow_credentials      the driver's and the workers' MLflow login (~/.mlflow/credentials)
-# An existing file is never overwritten: run it again after an upgrade to add what is new. To
-# change a password, delete the secrets and the volumes (docker compose down -v) and run it again:
-# PostgreSQL and MLflow take their passwords only when their databases are first created.
+#   mlflow_credentials      the MLflow login of the driver and the workers: the non-admin user
+#                           searcher (~/.mlflow/credentials; mlflow-setup makes the user)
+# An existing file is never overwritten: run it again after an upgrade to add what is new. It then
+# prints the Python, Ray and PostgreSQL versions the stack runs (the built image's, when there is one).
+#
+# --rotate changes secrets of a running stack without losing anything: ALTER ROLE for the database
+# roles (scripts/cluster_roles.py in the one-shot services), MLflow's update-password API for its
+# users, then the services that read the secret are recreated. The names are those above (the
+# pgpass files stand for their roles' passwords, mlflow_credentials for the searcher's, and
+# mlflow_admin_password rewrites mlflow_auth_config too); `all` rotates every one. Recreating the
+# Ray nodes (ray_auth_token, mlflow_credentials) stops the trials on them, and a running driver
+# keeps its old database password (optuna_pgpass): rotate those between searches. COMPOSE (default: `docker compose`, else `docker-compose`) is the
+# command, run in DIR; COMPOSE_PROJECT_NAME and the other compose variables apply.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROTATABLE=(ray_auth_token mlflow_flask_secret_key postgres_password mlflow_pgpass optuna_pgpass
+           optuna_reader_pgpass mlflow_credentials mlflow_admin_password)
+rotate=""
+if [ "${1:-}" = --rotate ]; then
+  rotate="${2:?--rotate needs a secret name (or all): ${ROTATABLE[*]}}"
+  shift 2
+fi
 DIR="$(cd "${1:-$ROOT}" && pwd)"
 SECRETS="$DIR/secrets"
 made=()
@@ -32,37 +53,139 @@ fi
 
 random_hex() { od -An -vtx1 -N"$1" /dev/urandom | tr -d ' \n'; }
 
+# put NAME CONTENT: secrets/NAME, written in place: compose mounts the file itself into the
+# containers, and a container started again (the entrypoint installs the secrets at each start)
+# must read the new content, not the old file a rename would leave it
+put() {
+  local path="$SECRETS/$1"
+  printf '%s' "$2" >"$path"   # no newline: a token file is read whole
+  chmod 600 "$path"
+}
 # write NAME CONTENT: secrets/NAME, unless it exists
 write() {
-  local path="$SECRETS/$1"
-  [ -e "$path" ] && return
-  printf '%s' "$2" >"$path.tmp"   # no newline: a token file is read whole
-  chmod 600 "$path.tmp"
-  mv "$path.tmp" "$path"
+  [ -e "$SECRETS/$1" ] && return
+  put "$1" "$2"
   made+=("secrets/$1")
 }
 secret() { cat "$SECRETS/$1"; }
 
+# what a derived secret holds, from its password
+pgpass() { printf '*:*:mlflow:%s:%s' "$1" "$2"; }   # host:port:database:role:password (any host: the tests use 127.0.0.1)
+auth_config() {
+  printf '%s\n' "[mlflow]" \
+    "# the users, their password hashes and permissions: tables in the tracking store's database" \
+    "database_uri = postgresql+psycopg2://mlflow@postgres:5432/mlflow" \
+    "default_permission = READ" \
+    "admin_username = admin" \
+    "admin_password = $1" \
+    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth"
+}
+credentials() { printf '%s\n' "[mlflow]" "mlflow_tracking_username = searcher" "mlflow_tracking_password = $1"; }
+
 write ray_auth_token "$(random_hex 32)"
 write postgres_password "$(random_hex 24)"
+write mlflow_pgpass "$(pgpass mlflow "$(random_hex 24)")"
+write optuna_pgpass "$(pgpass optuna "$(random_hex 24)")"
+write optuna_reader_pgpass "$(pgpass optuna_reader "$(random_hex 24)")"
 write mlflow_admin_password "$(random_hex 24)"
+write mlflow_auth_config "$(auth_config "$(secret mlflow_admin_password)")"
+write mlflow_credentials "$(credentials "$(random_hex 24)")"
 write mlflow_flask_secret_key "$(random_hex 32)"
-
-# host:port:database:user:password (any host: the tests run the same file against 127.0.0.1)
-write pgpass "*:*:mlflow:mlflow:$(secret postgres_password)"
-write mlflow_auth_config "[mlflow]
-# the users, their password hashes and permissions: tables in the tracking store's database
-database_uri = postgresql+psycopg2://mlflow@postgres:5432/mlflow
-default_permission = READ
-admin_username = admin
-admin_password = $(secret mlflow_admin_password)
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth"
-write mlflow_credentials "[mlflow]
-mlflow_tracking_username = admin
-mlflow_tracking_password = $(secret mlflow_admin_password)"
 
 if [ ${#made[@]} -gt 0 ]; then
   echo "created in $DIR: ${made[*]}"
-else
+elif [ -z "$rotate" ]; then
   echo "nothing to do: $DIR/.env and every secret in $SECRETS exist"
 fi
+
+# ---------------------------------------------------------------- the versions the stack runs
+env_value() { sed -n "s/^$1=//p" "$DIR/.env" | tail -n 1; }
+compose_file="$DIR/docker-compose.yml"
+[ -f "$compose_file" ] || compose_file="$ROOT/docker-compose.yml"
+pinned() {   # pinned python|postgres: "IMAGE|VERSION" from the x-base-images line of the compose file
+  sed -n "s/^  $1: &$1-image \"\${[A-Z_]*:-\([^}]*\)}\" *# [A-Za-z]* \([0-9.]*\)$/\1|\2/p" "$compose_file"
+}
+image="$(env_value LPT_IMAGE)"
+image="${image:-lpt-studies:latest}"
+if command -v docker >/dev/null 2>&1 && docker image inspect "$image" >/dev/null 2>&1 \
+   && built="$(docker run --rm --entrypoint python "$image" -c \
+        'import platform, ray; print(platform.python_version(), ray.__version__)' 2>/dev/null)"; then
+  echo "versions (image $image): Python ${built% *}, Ray ${built#* }"
+else
+  python_pin="$(pinned python)" postgres_pin="$(pinned postgres)"
+  python_image="$(env_value PYTHON_IMAGE)"
+  python_image="${python_image:-${python_pin%|*}}"
+  [ "$python_image" = "${python_pin%|*}" ] && python_version="${python_pin#*|}" || python_version="of the image"
+  ray_version="$(sed -n 's/^ray==//p' "$ROOT/constraints.txt")"
+  echo "versions (pinned; build the image to check them): Python $python_version ($python_image), Ray $ray_version (constraints.txt), PostgreSQL ${postgres_pin#*|}"
+fi
+
+[ -n "$rotate" ] || exit 0
+
+# ---------------------------------------------------------------- --rotate
+IFS=, read -r -a names <<<"$rotate"
+[ "$rotate" = all ] && names=("${ROTATABLE[@]}")
+for name in "${names[@]}"; do
+  case " ${ROTATABLE[*]} " in *" $name "*) ;; *)
+    echo "error: --rotate $name: not a secret that can be rotated (${ROTATABLE[*]}, or all)" >&2; exit 2 ;; esac
+done
+cd "$DIR"
+# shellcheck source=scripts/compose-lib.sh
+source "$ROOT/scripts/compose-lib.sh"
+need_running postgres mlflow
+# a set-up step, again, in a fresh container (the new secret files); extra lines go to its stdin
+setup_step() { "${compose[@]}" run --rm -T --no-deps "$1" python scripts/cluster_roles.py "${@:2}"; }
+# recreate the running containers of these services, so that they read the new secret files
+recreate() {
+  local names=() flags=() service n
+  for service in "$@"; do
+    n="$(running "$service")"
+    [ "$n" -gt 0 ] || continue
+    names+=("$service")
+    [ "$service" = ray-worker ] && flags+=(--scale "ray-worker=$n")
+  done
+  [ ${#names[@]} -gt 0 ] || return 0
+  "${compose[@]}" up -d --no-deps --force-recreate "${flags[@]}" "${names[@]}"
+  for service in "${names[@]}"; do
+    case "$service" in mlflow|ray-head) wait_healthy "$service" ;; esac
+  done
+}
+# the one-shot set-up containers `up` made: removed, so that the next `up` or `run driver` makes
+# new ones, which mount the secret files as they are now (a file that was replaced, not rewritten,
+# stays the old one in a container made before, and it would set the old password back)
+forget_setup() { "${compose[@]}" rm -f -s db-setup mlflow-setup >/dev/null 2>&1 || true; }
+
+rotate_one() {
+  local name="$1" new
+  case "$name" in
+    ray_auth_token)
+      put ray_auth_token "$(random_hex 32)"
+      recreate ray-head ray-worker ray-worker-gpu ;;
+    mlflow_flask_secret_key)
+      put mlflow_flask_secret_key "$(random_hex 32)"
+      recreate mlflow ;;
+    postgres_password)   # the superuser's: ALTER ROLE as itself, the old password on stdin
+      new="$(random_hex 24)"
+      printf '%s\n%s\n' "$(secret postgres_password)" "$new" | setup_step db-setup rotate-superuser
+      put postgres_password "$new" ;;
+    mlflow_pgpass|optuna_pgpass|optuna_reader_pgpass)   # db-setup sets every role's password to its file
+      local role="${name%_pgpass}"
+      put "$name" "$(pgpass "$role" "$(random_hex 24)")"
+      setup_step db-setup postgres
+      case "$role" in mlflow) recreate mlflow ;; optuna_reader) recreate optuna-dashboard ;; esac ;;
+    mlflow_credentials)   # mlflow-setup sets the searcher's password to the file's
+      put mlflow_credentials "$(credentials "$(random_hex 24)")"
+      setup_step mlflow-setup mlflow
+      recreate ray-worker ray-worker-gpu ;;
+    mlflow_admin_password)   # MLflow's update-password as the admin, the old password on stdin
+      new="$(random_hex 24)"
+      printf '%s\n%s\n' "$(secret mlflow_admin_password)" "$new" | setup_step mlflow-setup rotate-admin
+      put mlflow_admin_password "$new"
+      put mlflow_auth_config "$(auth_config "$new")" ;;   # read at the server's first start only
+  esac
+  echo "rotated $name"
+}
+
+forget_setup
+for name in "${names[@]}"; do rotate_one "$name"; done
+forget_setup

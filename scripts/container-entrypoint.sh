@@ -5,18 +5,20 @@
 # Started as root (compose does), it first installs every secret compose mounts under
 # /run/secrets -- bind mounts of the host's files, owned by the host user with mode 600, which lpt
 # could not read -- as /run/lpt-secrets/NAME, owned by lpt with mode 400, then drops to lpt for
-# good. The services find them through environment variables that hold paths, never values
-# (RAY_AUTH_TOKEN_PATH, PGPASSFILE, MLFLOW_AUTH_CONFIG_PATH, NAME_FILE, ~/.mlflow/credentials),
-# so `docker inspect` shows no secret. Started as lpt, it runs the command directly.
+# good. It does so at each start of the container (PID 1), so that a restarted container reads
+# secrets rotated since (scripts/cluster-setup.sh --rotate). The services find them through
+# environment variables that hold paths, never values (RAY_AUTH_TOKEN_PATH, PGPASSFILE,
+# MLFLOW_AUTH_CONFIG_PATH, NAME_FILE, ~/.mlflow/credentials), so `docker inspect` shows no secret.
+# Started as lpt, it runs the command directly.
 #
 # `lpt-entrypoint CMD` also runs any later command as lpt: the health checks, `docker exec`.
 set -eu
 SECRETS=/run/lpt-secrets
 
 if [ "$(id -u)" = 0 ]; then
-  if [ ! -e "$SECRETS/.installed" ]; then   # once, at the container's start
+  if [ "$$" = 1 ] || [ ! -e "$SECRETS/.installed" ]; then   # at the container's start, not at each `docker exec`
     for file in /run/secrets/*; do
-      [ -f "$file" ] && install -m 400 -o lpt -g lpt "$file" "$SECRETS/$(basename "$file")"
+      [ -f "$file" ] && install -m 400 -o lpt -g lpt "$file" "$SECRETS/$(basename "$file")"   # replaces one there
     done
     touch "$SECRETS/.installed"
   fi

@@ -47,6 +47,20 @@ RAY_IP = "127.0.0.2"
 MARKER = "LPT_CLUSTER_TEST"  # env var carried by every process a test starts
 
 SECRETS_DIR = "/run/lpt-secrets"   # where the image's entrypoint installs the compose secrets
+# The secrets each service mounts, and nothing else: no Ray node holds the PostgreSQL superuser's
+# password, another service's database role or the MLflow admin's password (tests/test_compose.py
+# checks docker-compose.yml against this table, tests/test_docker.py the running containers).
+SECRETS = {
+    "postgres": {"postgres_password"},
+    "db-setup": {"postgres_password", "mlflow_pgpass", "optuna_pgpass", "optuna_reader_pgpass"},
+    "mlflow": {"mlflow_pgpass", "mlflow_auth_config", "mlflow_flask_secret_key"},
+    "mlflow-setup": {"mlflow_admin_password", "mlflow_credentials"},
+    "ray-head": {"ray_auth_token"},
+    "ray-worker": {"ray_auth_token", "mlflow_credentials"},
+    "ray-worker-gpu": {"ray_auth_token", "mlflow_credentials"},
+    "driver": {"ray_auth_token", "mlflow_credentials", "optuna_pgpass"},
+    "optuna-dashboard": {"optuna_reader_pgpass"},
+}
 
 
 # ---------------------------------------------------------------- compose file
@@ -337,11 +351,12 @@ def postgres_unavailable() -> str | None:
 
 
 class Postgres:
-    """A throwaway PostgreSQL cluster on 127.0.0.1 with a password-protected ``mlflow`` database.
-    Its folder is outside pytest's tmp_path: that one is private to the user running pytest,
-    and PostgreSQL runs as the ``postgres`` user when the tests run as root."""
+    """A throwaway PostgreSQL cluster on 127.0.0.1, as the compose stack's postgres service makes
+    it: the superuser ``postgres`` with a password, and an empty database ``mlflow``. Its folder
+    is outside pytest's tmp_path: that one is private to the user running pytest, and PostgreSQL
+    runs as the ``postgres`` user when the tests run as root."""
 
-    user = database = "mlflow"
+    user, database = "postgres", "mlflow"
 
     def __init__(self, password: str):
         self.password, self.port = password, free_port()
@@ -369,11 +384,7 @@ class Postgres:
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.user, f"--pwfile={pwfile}",
                   "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync")
         pwfile.unlink()
-        opts = (f"-c listen_addresses={LOOPBACK} -p {self.port} -k {self.base} -c fsync=off "
-                "-c full_page_writes=off -c synchronous_commit=off")
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.base / "postgres.log"),
-                  "-o", opts, "-w", "-t", "120", "start", timeout=150)
-        self.started = True
+        self.start_server()
         conn = self.connect("postgres")
         conn.autocommit = True
         with conn.cursor() as cur:
@@ -381,16 +392,29 @@ class Postgres:
         conn.close()
         return self
 
-    def connect(self, dbname: str | None = None):
+    def start_server(self) -> None:
+        opts = (f"-c listen_addresses={LOOPBACK} -p {self.port} -k {self.base} -c fsync=off "
+                "-c full_page_writes=off -c synchronous_commit=off")
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.base / "postgres.log"),
+                  "-o", opts, "-w", "-t", "120", "start", timeout=150)
+        self.started = True
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """Stop the server (``fast``: as ``docker restart`` stops the postgres container)."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop", timeout=90)
+        self.started = False
+
+    def connect(self, dbname: str | None = None, user: str | None = None, password: str | None = None):
+        """A connection as the superuser, or as ``user`` with ``password``."""
         import psycopg2
-        return psycopg2.connect(host=LOOPBACK, port=self.port, user=self.user, password=self.password,
+        return psycopg2.connect(host=LOOPBACK, port=self.port, user=user or self.user,
+                                password=self.password if user is None else password,
                                 dbname=dbname or self.database, connect_timeout=10)
 
     def stop(self) -> None:
         try:
             if self.started:
-                self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w",
-                          "-t", "30", "stop", timeout=60)
+                self.stop_server("immediate")
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
 
@@ -481,10 +505,22 @@ class LocalStack:
         return env
 
     def start_postgres(self) -> None:
+        """PostgreSQL as the postgres service makes it, then the db-setup service's roles."""
         self.postgres = Postgres(self.secrets["postgres_password"]).start()
         # the MLflow login app's settings name the database by its compose address
         config = self.secrets_dir / "mlflow_auth_config"
         config.write_text(substitute(config.read_text(), self.subst))
+        self.run_setup("db-setup")
+
+    def run_setup(self, service: str, *args: str, stdin: str | None = None) -> str:
+        """A one-shot set-up service's command (or ``args`` instead), run to its end; its output."""
+        argv = localize(list(args) or command_of(self.services[service]), self.subst)
+        proc = subprocess.run(argv, env=self.service_env(service), cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{service} ({' '.join(argv[1:])}) failed ({proc.returncode}):\n{proc.stdout[-2000:]}"
+                               f"\n{proc.stderr[-3000:]}")
+        return proc.stdout
 
     def start_mlflow(self) -> Proc:
         flags = {"--host": LOOPBACK, "--port": self.mlflow_port}
@@ -496,7 +532,9 @@ class LocalStack:
         return proc
 
     def wait_mlflow(self, timeout_s: float = 240) -> None:
+        """The MLflow server answers; then the mlflow-setup service's user is made."""
         wait_http(f"{self.tracking_uri}/health", timeout_s, self.mlflow)
+        self.run_setup("mlflow-setup")
 
     def _node_ports(self) -> tuple[list[str], int]:
         manager = free_port()

@@ -1,8 +1,10 @@
 """docker-compose.yml's stack without Docker: the commands its services run, started as local
 processes on loopback (see cluster_fixtures.py) -- a Ray head without CPUs and two Ray worker nodes,
-with token authentication on; PostgreSQL and the MLflow server on it; and the driver service's search
-command. The searches must spread over both workers, land in that MLflow server, and survive the
-loss of a worker node.
+with token authentication on; PostgreSQL with the db-setup service's roles, the MLflow server on it
+and the mlflow-setup service's user; and the driver service's search command. The searches must
+spread over both workers, land in that MLflow server, and survive the loss of a worker node; each
+service's database role and MLflow user may do its job and nothing more; the read-only
+optuna-dashboard deletes nothing; the set-up's rotations change passwords in place.
 
 Slow (a few minutes on two cores). Needs PostgreSQL's server binaries and psycopg2 in the venv;
 skips with the reason otherwise.
@@ -12,10 +14,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,8 +28,8 @@ import pytest
 import yaml
 
 from cluster_fixtures import (DASHBOARD_TOKEN_EXPECTED, LOOPBACK, MLFLOW_LOGIN_EXPECTED, ROOT, VENV_BIN, LocalStack,
-                              Proc, dashboard_token_statuses, login_to_mlflow, mlflow_login, mlflow_login_statuses,
-                              postgres_unavailable, wait_http)
+                              Proc, basic_auth, command_of, dashboard_token_statuses, free_port, http_status, localize,
+                              login_to_mlflow, mlflow_login, mlflow_login_statuses, postgres_unavailable, wait_http)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]   # every wait inside has its own limit too
 
@@ -145,6 +150,109 @@ def test_mlflow_wants_a_login(stack):
     assert mlflow_login_statuses(stack.tracking_uri, mlflow_login(stack.secrets)) == MLFLOW_LOGIN_EXPECTED
 
 
+def role_password(stack, role: str) -> str:
+    return stack.secrets[f"{role}_pgpass"].rsplit(":", 1)[1]
+
+
+def as_role(stack, role: str, query: str) -> str:
+    """``ok`` when ``role`` may run ``query``, else PostgreSQL's reason."""
+    import psycopg2
+    conn = stack.postgres.connect(user=role, password=role_password(stack, role))
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query)
+        return "ok"
+    except psycopg2.Error as exc:
+        return str(exc).strip().splitlines()[0]
+    finally:
+        conn.close()
+
+
+def test_each_service_connects_as_a_role_that_can_do_its_job_only(stack):
+    """db-setup's roles: none a superuser; mlflow owns MLflow's tables and cannot read the studies;
+    optuna owns the schema optuna and cannot read MLflow's tables (the users' password hashes among
+    them) nor create any elsewhere; optuna_reader reads the studies and writes nothing."""
+    conn = stack.postgres.connect()
+    with conn.cursor() as cur:
+        cur.execute("SELECT rolname, rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname !~ '^pg_'")
+        roles = {name: flags for name, *flags in cur.fetchall()}
+    conn.close()
+    assert roles == {"postgres": [True, True, True], "mlflow": [False] * 3, "optuna": [False] * 3,
+                     "optuna_reader": [False] * 3}
+    expected = {("mlflow", "SELECT count(*) FROM runs"): "ok",
+                ("mlflow", "SELECT count(*) FROM optuna.studies"): "permission denied for schema optuna",
+                ("optuna", "SELECT count(*) FROM optuna.trials"): "ok",
+                ("optuna", "SELECT count(*) FROM public.users"): "permission denied for table users",
+                ("optuna", "CREATE TABLE public.stray (i int)"): "permission denied for schema public",
+                ("optuna_reader", "SELECT count(*) FROM optuna.trials"): "ok",
+                ("optuna_reader", "DELETE FROM optuna.studies"): "permission denied for table studies",
+                ("optuna_reader", "SELECT count(*) FROM public.runs"): "permission denied for table runs"}
+    assert {check: as_role(stack, *check) for check in expected} == expected
+
+
+def test_the_searches_mlflow_user_writes_runs_and_administers_nothing(stack, monkeypatch):
+    """mlflow-setup's user searcher: no admin; it writes the runs of an experiment made before it
+    existed once mlflow-setup ran again (EDIT); MLflow's admin API and another's experiment's
+    deletion refuse it."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+    searcher = mlflow_login(stack.secrets)
+    admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": stack.secrets["mlflow_admin_password"]}
+    client = MlflowClient(stack.tracking_uri)
+    with monkeypatch.context() as patch:
+        for key, value in admin.items():
+            patch.setenv(key, value)
+        assert AuthServiceClient(stack.tracking_uri).get_user("searcher").is_admin is False
+        experiment = client.create_experiment(f"made_by_admin_{uuid.uuid4().hex[:8]}")
+    with pytest.raises(MlflowException, match="403"):
+        client.create_run(experiment)                 # READ, MLflow's default for any user
+    assert "EDIT granted on 1 of" in stack.run_setup("mlflow-setup")
+    run = client.create_run(experiment)
+    client.log_metric(run.info.run_id, "m", 1.0)
+    client.set_terminated(run.info.run_id)
+    as_searcher = basic_auth(searcher["MLFLOW_TRACKING_USERNAME"], searcher["MLFLOW_TRACKING_PASSWORD"])
+    api = f"{stack.tracking_uri}/api/2.0/mlflow"
+    assert http_status(f"{api}/users/get?username=admin", as_searcher) == 403
+    auth = AuthServiceClient(stack.tracking_uri)
+    for name, call in {"create a user": lambda: auth.create_user("intruder", "x" * 16),
+                       "become an admin": lambda: auth.update_user_admin("searcher", True),
+                       "change the admin's password": lambda: auth.update_user_password("admin", "x" * 16),
+                       "delete the admin's experiment": lambda: client.delete_experiment(experiment)}.items():
+        with pytest.raises(MlflowException, match="403"):
+            call()
+
+
+def test_optuna_dashboard_reads_the_studies_and_deletes_nothing(stack, tmp_path):
+    """The optuna-dashboard service's command, as optuna_reader: it lists a study the role optuna
+    made; its delete button fails and the study stays."""
+    import optuna
+    services = stack.services
+    driver_url = stack.service_env("driver")["LPT_OPTUNA_STORAGE"]
+    storage = optuna.storages.RDBStorage(driver_url, engine_kwargs={
+        "connect_args": {"password": role_password(stack, "optuna")}})
+    name = f"dashboard-{uuid.uuid4().hex[:8]}"
+    study = optuna.create_study(storage=storage, study_name=name)
+    study.enqueue_trial({"x": 1})
+    port = free_port()
+    argv = localize(command_of(services["optuna-dashboard"]), stack.subst, {"--host": LOOPBACK, "--port": port})
+    dashboard = Proc("optuna-dashboard", argv, stack.service_env("optuna-dashboard"), tmp_path / "dashboard.log")
+    stack.procs.append(dashboard)
+    try:
+        url = f"http://{LOOPBACK}:{port}"
+        wait_http(f"{url}/api/studies", 120, dashboard)
+        with urllib.request.urlopen(f"{url}/api/studies", timeout=60) as resp:
+            listed = {s["study_name"]: s["study_id"] for s in json.loads(resp.read())["study_summaries"]}
+        assert name in listed
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(f"{url}/api/studies/{listed[name]}", method="DELETE"),
+                                   timeout=60)
+        assert refused.value.code == 500 and "StorageInternalError" in dashboard.tail(20000)   # permission denied
+        assert optuna.load_study(study_name=name, storage=storage).study_name == name
+    finally:
+        dashboard.stop()
+
+
 def test_search_spreads_over_both_workers_into_the_mlflow_server(stack, tmp_path):
     before = searches(stack, "prompt_pool-smoke")
     # each worker has one logical GPU (no CUDA here): trials asking for half a GPU are placed on it
@@ -244,3 +352,47 @@ def test_search_survives_losing_a_worker_node(stack, tmp_path):
     assert run.data.tags["lpt.node"] == stack.worker_ids[0]    # the retry ran on the surviving worker
     steps = sorted({m.step for m in client.get_metric_history(victim[1], "val_acc")})
     assert steps == list(range(1, epochs + 1))
+
+
+def test_rotations_change_passwords_in_place(stack):
+    """The set-up's rotations (scripts/cluster-setup.sh --rotate runs them in the one-shot
+    services): the superuser's password (ALTER ROLE, the old one on stdin), a role's (db-setup sets
+    it to its new pgpass file), the MLflow admin's and the searcher's (MLflow's update-password);
+    each new password logs in, the old one does not, and what the stack holds stays. Last in this
+    module: the stack's passwords change."""
+    import psycopg2
+    from mlflow import MlflowClient
+    runs_before = MlflowClient(stack.tracking_uri).search_experiments()
+    new = {name: uuid.uuid4().hex + uuid.uuid4().hex[:16] for name in ("postgres", "optuna", "admin", "searcher")}
+    secrets = stack.secrets_dir
+
+    old = stack.postgres.password
+    assert "password of postgres changed" in stack.run_setup(
+        "db-setup", "python", "scripts/cluster_roles.py", "rotate-superuser", stdin=f"{old}\n{new['postgres']}\n")
+    (secrets / "postgres_password").write_text(new["postgres"])
+    stack.postgres.password = new["postgres"]
+    old_optuna = role_password(stack, "optuna")
+    (secrets / "optuna_pgpass").write_text(f"*:*:mlflow:optuna:{new['optuna']}")
+    stack.secrets["optuna_pgpass"] = (secrets / "optuna_pgpass").read_text()
+    stack.run_setup("db-setup")                       # as the superuser, with its new password
+    for user, password in (("postgres", old), ("optuna", old_optuna)):
+        with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+            stack.postgres.connect(user=user, password=password)
+    assert as_role(stack, "optuna", "SELECT count(*) FROM optuna.trials") == "ok"
+
+    old_admin = stack.secrets["mlflow_admin_password"]
+    assert "password of admin changed" in stack.run_setup(
+        "mlflow-setup", "python", "scripts/cluster_roles.py", "rotate-admin", stdin=f"{old_admin}\n{new['admin']}\n")
+    (secrets / "mlflow_admin_password").write_text(new["admin"])
+    old_searcher = mlflow_login(stack.secrets)["MLFLOW_TRACKING_PASSWORD"]
+    (secrets / "mlflow_credentials").write_text(
+        f"[mlflow]\nmlflow_tracking_username = searcher\nmlflow_tracking_password = {new['searcher']}\n")
+    stack.run_setup("mlflow-setup")                   # as the admin, with its new password
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = new["searcher"]   # this process logs in as the searcher (undone at the end)
+    api = f"{stack.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert {who: http_status(api, basic_auth(user, password)) for who, user, password in (
+        ("old admin", "admin", old_admin), ("new admin", "admin", new["admin"]),
+        ("old searcher", "searcher", old_searcher), ("new searcher", "searcher", new["searcher"]))} == {
+        "old admin": 401, "new admin": 200, "old searcher": 401, "new searcher": 200}
+    assert [e.experiment_id for e in MlflowClient(stack.tracking_uri).search_experiments()] == \
+        [e.experiment_id for e in runs_before]

@@ -1,15 +1,18 @@
 """docker-compose.yml, Dockerfile, .env.example, scripts/cluster-setup.sh and constraints.txt:
 checked with docker-compose's own parser (no engine needed) and structurally -- ports on loopback
-only, token auth on every Ray process, secrets only as files (no value in any environment), MLflow
-behind its login, a non-root service user, each GPU reserved by one worker, one shared volume at
-one path, MLflow on a healthy PostgreSQL, every command the services run exists with the options
-it is given, and the lock file current with pyproject.toml and installed in the venv."""
+only, token auth on every Ray process, secrets only as files (no value in any environment) and
+each service only the secrets it uses, MLflow behind its login, a non-root service user, each GPU
+reserved by one worker, one shared volume at one path, MLflow on a healthy PostgreSQL after the
+role set-up, restart policies, log rotation and limits on every service, base images pinned by
+digest, every command the services run exists with the options it is given, and the lock file
+current with pyproject.toml and installed in the venv."""
 
 from __future__ import annotations
 
 import ast
 import importlib.metadata
 import importlib.util
+import os
 import platform
 import re
 import shutil
@@ -22,14 +25,18 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from cluster_fixtures import (COMPOSE_FILE, ROOT, SECRETS_DIR, VENV_BIN, cluster_setup, command_of, environment_of,
-                              load_compose, mlflow_login, read_env_file)
+from cluster_fixtures import (COMPOSE_FILE, ROOT, SECRETS, SECRETS_DIR, VENV_BIN, cluster_setup, command_of,
+                              environment_of, load_compose, mlflow_login, read_env_file, read_secrets)
 
 RAY_NODES = ("ray-head", "ray-worker", "ray-worker-gpu")
 RAY_PROCESSES = (*RAY_NODES, "driver")
-LPT_SERVICES = (*RAY_PROCESSES, "mlflow")     # the services that run the project's image
+SETUP = ("db-setup", "mlflow-setup")          # one-shot steps
+LPT_SERVICES = (*RAY_PROCESSES, "mlflow", *SETUP, "optuna-dashboard")     # the services that run the project's image
+LONG_RUNNING = (*RAY_NODES, "mlflow", "postgres", "optuna-dashboard")
 SHARED = "/shared"
 SERVICE_UID = "10001"
+RANDOM_SECRETS = ("ray_auth_token", "postgres_password", "mlflow_admin_password", "mlflow_flask_secret_key")
+DIGEST_PIN = r"[a-z0-9./-]+:[\w.-]+@sha256:[0-9a-f]{64}"
 
 
 @pytest.fixture(scope="module")
@@ -88,24 +95,35 @@ def test_docker_compose_parses_the_file(tmp_path, env_values):
     proc = run_config(tmp_path, env_text, "config", "-q")
     assert proc.returncode == 0, proc.stderr
     # with every profile, resolved as compose would run it
-    proc = run_config(tmp_path, env_text, "--profile", "gpu", "--profile", "driver", "config")
+    proc = run_config(tmp_path, env_text, "--profile", "gpu", "--profile", "driver", "--profile", "dashboard", "config")
     assert proc.returncode == 0, proc.stderr
     resolved = yaml.safe_load(proc.stdout)["services"]
-    assert set(resolved) == {"ray-head", "ray-worker", "ray-worker-gpu", "mlflow", "postgres", "driver"}
+    assert set(resolved) == set(SECRETS)
     for name in RAY_PROCESSES:
         env = resolved[name]["environment"]
         assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == f"{SECRETS_DIR}/ray_auth_token", name
-    assert {s["source"] for s in resolved["mlflow"]["secrets"]} == {"pgpass", "mlflow_auth_config", "mlflow_flask_secret_key"}
+    assert {name: {s["source"] for s in svc["secrets"]} for name, svc in resolved.items()} == SECRETS
     published = {name: [port_text(p) for p in svc.get("ports", [])] for name, svc in resolved.items() if svc.get("ports")}
-    assert published == {"ray-head": ["127.0.0.1:8265:8265/tcp"], "mlflow": ["127.0.0.1:5000:5000/tcp"]}
-    assert resolved["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert published == {"ray-head": ["127.0.0.1:8265:8265/tcp"], "mlflow": ["127.0.0.1:5000:5000/tcp"],
+                         "optuna-dashboard": ["127.0.0.1:8080:8080/tcp"]}
+    assert resolved["mlflow"]["depends_on"] == {"postgres": {"condition": "service_healthy"},
+                                                "db-setup": {"condition": "service_completed_successfully"}}
+    assert resolved["driver"]["depends_on"]["mlflow-setup"] == {"condition": "service_completed_successfully"}
+    # the base images: the pinned digests, unless .env names others
+    assert re.fullmatch(DIGEST_PIN, resolved["postgres"]["image"]) and resolved["postgres"]["image"].startswith("postgres:16")
+    assert re.fullmatch(DIGEST_PIN, resolved["mlflow"]["build"]["args"]["PYTHON_IMAGE"])
+    proc = run_config(tmp_path, env_text + "PYTHON_IMAGE=local/python:x\nPOSTGRES_IMAGE=local/postgres:y\n", "config")
+    resolved = yaml.safe_load(proc.stdout)["services"]
+    assert resolved["postgres"]["image"] == "local/postgres:y"
+    assert {resolved[s]["build"]["args"]["PYTHON_IMAGE"] for s in ("mlflow", "ray-head", "db-setup")} == {"local/python:x"}
     devices = resolved["ray-worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
 
 
 def test_cluster_setup_makes_every_secret_once(tmp_path):
     """scripts/cluster-setup.sh: .env from the template, one random file per secret the compose
-    file mounts (mode 600, in a mode-700 folder), consistent with each other, never overwritten."""
+    file mounts (mode 600, in a mode-700 folder), consistent with each other, never overwritten;
+    and the versions the stack runs."""
     env, first = cluster_setup(tmp_path)
     assert env == read_env_file(ROOT / ".env.example")
     folder = tmp_path / "secrets"
@@ -113,14 +131,18 @@ def test_cluster_setup_makes_every_secret_once(tmp_path):
     for path in folder.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
     files = {Path(spec["file"]).name for spec in load_compose()["secrets"].values()}
-    assert files <= set(first), files - set(first)
-    randoms = ("ray_auth_token", "postgres_password", "mlflow_admin_password", "mlflow_flask_secret_key")
-    for name in randoms:
+    assert files == set(first), files ^ set(first)
+    for name in RANDOM_SECRETS:
         assert re.fullmatch(r"[0-9a-f]{48,64}", first[name]), name
-    assert len({first[n] for n in randoms}) == len(randoms)
-    assert first["pgpass"].strip().endswith(":mlflow:mlflow:" + first["postgres_password"])
+    passwords = [first[n] for n in RANDOM_SECRETS]
+    for role in ("mlflow", "optuna", "optuna_reader"):   # libpq's pgpass: one role each, its own password
+        found = re.fullmatch(rf"\*:\*:mlflow:{role}:([0-9a-f]{{48}})", first[f"{role}_pgpass"])
+        assert found, first[f"{role}_pgpass"]
+        passwords.append(found.group(1))
     login = mlflow_login(first)
-    assert login == {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": first["mlflow_admin_password"]}
+    assert login["MLFLOW_TRACKING_USERNAME"] == "searcher" and re.fullmatch(r"[0-9a-f]{48}", login["MLFLOW_TRACKING_PASSWORD"])
+    passwords.append(login["MLFLOW_TRACKING_PASSWORD"])
+    assert len(set(passwords)) == len(passwords) == 8
     assert f"admin_password = {first['mlflow_admin_password']}" in first["mlflow_auth_config"]
     assert "database_uri = postgresql+psycopg2://mlflow@postgres:5432/mlflow" in first["mlflow_auth_config"]
     # a second run keeps everything, and makes what was deleted
@@ -132,12 +154,46 @@ def test_cluster_setup_makes_every_secret_once(tmp_path):
     assert second["ray_auth_token"] != first["ray_auth_token"]
 
 
+def test_cluster_setup_prints_the_versions_the_stack_runs(tmp_path):
+    """The Python and PostgreSQL of the pinned base images (docker-compose.yml) and the Ray of
+    constraints.txt; or, once the image is built, what the image holds."""
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "cluster-setup.sh"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    ray_pin = load_lock_module().read_pins()["ray"]
+    python_image = load_compose({})["services"]["mlflow"]["build"]["args"]["PYTHON_IMAGE"]
+    if line.startswith("versions (image "):   # an image lpt-studies:latest is built here
+        assert re.fullmatch(rf"versions \(image \S+\): Python 3\.11\.\d+, Ray {re.escape(ray_pin)}", line), line
+    else:
+        assert line == (f"versions (pinned; build the image to check them): Python 3.11.16 ({python_image}), "
+                        f"Ray {ray_pin} (constraints.txt), PostgreSQL 16.15"), line
+
+
+def test_rotate_refuses_an_unknown_secret_and_a_stopped_stack(tmp_path):
+    cluster_setup(tmp_path)
+    before = read_secrets(tmp_path / "secrets")
+    script = str(ROOT / "scripts" / "cluster-setup.sh")
+    proc = subprocess.run(["bash", script, "--rotate", "ray_auth_token,nope", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --rotate nope: not a secret that can be rotated (ray_auth_token mlflow_flask_secret_key postgres_password "
+        "mlflow_pgpass optuna_pgpass optuna_reader_pgpass mlflow_credentials mlflow_admin_password, or all)"]
+    if shutil.which("docker") or shutil.which("docker-compose"):   # no stack runs in this folder
+        proc = subprocess.run(["bash", script, "--rotate", "postgres_password", str(tmp_path)], capture_output=True,
+                              text=True, timeout=180, env={**os.environ, "COMPOSE_PROJECT_NAME": f"lptnone{os.getpid()}"})
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+            f"error: the stack in {tmp_path} is not running (postgres)"), proc.stderr
+    assert read_secrets(tmp_path / "secrets") == before
+
+
 def test_published_ports_are_loopback_only(raw, services):
     for name, svc in raw["services"].items():
         for port in svc.get("ports", []):
             assert isinstance(port, str) and port.startswith("127.0.0.1:"), f"{name}: {port}"
     assert services["mlflow"]["ports"] == ["127.0.0.1:5000:5000"]
     assert services["ray-head"]["ports"] == ["127.0.0.1:8265:8265"]
+    assert services["optuna-dashboard"]["ports"] == ["127.0.0.1:8080:8080"]
     assert "ports" not in services["postgres"] and "ports" not in services["ray-worker"]
 
 
@@ -157,6 +213,8 @@ def test_secrets_are_files_never_values(raw, services):
         mounted = {f"{SECRETS_DIR}/{s}" for s in svc.get("secrets", [])} | {f"/run/secrets/{s}" for s in svc.get("secrets", [])}
         for key, value in environment_of(svc).items():
             assert not re.search(r"://[^/\s@]*:[^@/\s]*@", value), f"{name}: {key} holds a password in a URI"
+            if value == SECRETS_DIR:   # the folder (LPT_SECRETS: scripts/cluster_roles.py reads its mounted files)
+                continue
             if re.search(r"TOKEN|PASSWORD|SECRET|CREDENTIAL|PASS", key) or value.startswith((SECRETS_DIR, "/run/secrets")):
                 assert value in mounted, f"{name}: {key}={value} is not the path of a secret it mounts ({mounted})"
         for arg in command_of(svc) + command_of(svc, "entrypoint"):
@@ -167,7 +225,45 @@ def test_secrets_are_files_never_values(raw, services):
     for name, value in read_env_file(ROOT / ".env.example").items():
         assert not re.search(r"TOKEN|PASSWORD|SECRET", name), f".env.example holds {name}: secrets are files"
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert ".env" in ignored and "secrets" in ignored
+    assert ".env" in ignored and "secrets" in ignored and "backups" in ignored
+
+
+def test_each_service_mounts_only_the_secrets_it_uses(services):
+    """Least privilege: the table SECRETS, no more. No Ray node, and no process a trial could
+    reach, holds the PostgreSQL superuser, MLflow's database role or the MLflow admin; the admin
+    password is only in the MLflow server (its login configuration) and mlflow-setup."""
+    assert {name: set(svc.get("secrets", [])) for name, svc in services.items()} == SECRETS
+    for name in RAY_PROCESSES:
+        assert not SECRETS[name] & {"postgres_password", "mlflow_pgpass", "mlflow_admin_password", "mlflow_auth_config"}
+    holders = {name for name, secrets in SECRETS.items() if secrets & {"postgres_password"}}
+    assert holders == {"postgres", "db-setup"}
+    # the roles the services connect as: their own, no superuser
+    assert "postgresql+psycopg2://mlflow@postgres:5432/mlflow" in command_of(services["mlflow"])
+    assert environment_of(services["driver"])["LPT_OPTUNA_STORAGE"].startswith("postgresql+psycopg2://optuna@postgres:5432/mlflow?")
+    assert environment_of(services["driver"])["PGPASSFILE"] == f"{SECRETS_DIR}/optuna_pgpass"
+    dashboard = command_of(services["optuna-dashboard"])
+    assert dashboard[0] == "optuna-dashboard" and dashboard[-1].startswith("postgresql+psycopg2://optuna_reader@postgres:5432/")
+    assert environment_of(services["optuna-dashboard"])["PGPASSFILE"] == f"{SECRETS_DIR}/optuna_reader_pgpass"
+    assert environment_of(services["postgres"])["POSTGRES_USER"] == "postgres"
+
+
+def test_services_restart_rotate_their_logs_and_are_capped(raw, services):
+    """Long-running services restart unless stopped (on-failure is not applied after a daemon or
+    host restart); the one-shot set-up steps never restart; every service's json-file log rotates;
+    every service has a memory and a process cap (a runaway trial is killed inside its worker)."""
+    for name in LONG_RUNNING:
+        assert services[name]["restart"] == "unless-stopped", name
+    for name in SETUP:
+        assert services[name]["restart"] == "no", name
+    assert "restart" not in services["driver"]     # a run of the CLI, ended by its command
+    for name, svc in services.items():
+        assert svc["logging"] == {"driver": "json-file", "options": {"max-size": "20m", "max-file": "5"}}, name
+        assert re.fullmatch(r"\d+[gm]", str(svc["mem_limit"])) and int(svc["pids_limit"]) >= 256, name
+    assert services["ray-worker"]["mem_limit"] == "8g" and services["postgres"]["mem_limit"] == "2g"
+    env = read_env_file(ROOT / ".env.example") | {k: v for k, v in re.findall(r"^# ([A-Z_]+)=(\S+)", (ROOT / ".env.example").read_text(), re.M)}
+    for key in ("RAY_WORKER_MEMORY", "RAY_HEAD_MEMORY", "DRIVER_MEMORY", "MLFLOW_MEMORY", "POSTGRES_MEMORY",
+                "LOG_MAX_SIZE", "LOG_MAX_FILE"):
+        assert key in env and f"${{{key}:-{env[key]}}}" in COMPOSE_FILE.read_text(), key   # documented with its default
 
 
 def test_mlflow_behind_its_login(services):
@@ -178,7 +274,7 @@ def test_mlflow_behind_its_login(services):
     assert argv[argv.index("--app-name") + 1] == "basic-auth"
     assert argv[argv.index("--backend-store-uri") + 1] == "postgresql+psycopg2://mlflow@postgres:5432/mlflow"
     env = environment_of(mlflow)
-    assert env == {"PGPASSFILE": f"{SECRETS_DIR}/pgpass", "MLFLOW_AUTH_CONFIG_PATH": f"{SECRETS_DIR}/mlflow_auth_config",
+    assert env == {"PGPASSFILE": f"{SECRETS_DIR}/mlflow_pgpass", "MLFLOW_AUTH_CONFIG_PATH": f"{SECRETS_DIR}/mlflow_auth_config",
                    "MLFLOW_FLASK_SERVER_SECRET_KEY_FILE": f"{SECRETS_DIR}/mlflow_flask_secret_key"}
     assert "/health" in " ".join(mlflow["healthcheck"]["test"])
     for name in ("ray-worker", "ray-worker-gpu", "driver"):   # trials and the driver log in
@@ -251,7 +347,7 @@ def test_services_run_what_the_issue_asks(services):
     join = " ".join(command_of(driver, "entrypoint"))
     assert command_of(driver, "entrypoint")[:3] == ["lpt-entrypoint", "sh", "-c"]
     assert 'ray start --address="$RAY_ADDRESS" --num-cpus=0' in join and 'exec "$@"' in join
-    assert {"ray-head", "mlflow"} <= set(driver["depends_on"])
+    assert {"ray-head", "mlflow-setup"} == set(driver["depends_on"])   # mlflow-setup: after the MLflow server
 
 
 def options_of(argv: list[str]) -> list[str]:
@@ -266,7 +362,8 @@ def test_every_command_exists_with_its_options(services):
         assert (VENV_BIN / tool).exists(), f"{tool} is not installed in {VENV_BIN}"
     assert shutil.which("sh")
     helps = {"ray": [str(VENV_BIN / "ray"), "start", "--help"], "mlflow": [str(VENV_BIN / "mlflow"), "server", "--help"],
-             "health": [str(VENV_BIN / "ray"), "health-check", "--help"]}
+             "health": [str(VENV_BIN / "ray"), "health-check", "--help"],
+             "optuna-dashboard": [str(VENV_BIN / "optuna-dashboard"), "--help"]}
     procs = {k: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # at once: each imports a lot
              for k, argv in helps.items()}
     out = {}
@@ -277,12 +374,22 @@ def test_every_command_exists_with_its_options(services):
     known = {**out, "search": "\n".join(re.findall(r'add_argument\(\s*"(--[\w-]+)"', (ROOT / "tune" / "search.py").read_text()))}
     join = [a for a in command_of(services["driver"], "entrypoint")[3].split() if a.startswith("--")]
     commands = [("ray", command_of(services[n])) for n in RAY_NODES] + [("ray", join)] + [
-        ("mlflow", command_of(services["mlflow"])), ("search", command_of(services["driver"]))]
+        ("mlflow", command_of(services["mlflow"])), ("search", command_of(services["driver"])),
+        ("optuna-dashboard", command_of(services["optuna-dashboard"]))]
     for tool, argv in commands:
         for option in options_of(argv):
             assert re.search(rf"(^|[\s,]){re.escape(option)}([\s=,/]|$)", known[tool], re.M), \
                 f"{tool} does not know {option}"
     assert (ROOT / command_of(services["driver"])[1]).is_file()
+    # the set-up steps: scripts/cluster_roles.py and the commands it knows
+    spec = importlib.util.spec_from_file_location("cluster_roles", ROOT / "scripts" / "cluster_roles.py")
+    roles = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roles)
+    for name in SETUP:
+        argv = command_of(services[name])
+        assert argv[:2] == ["python", "scripts/cluster_roles.py"] and argv[2] in roles.COMMANDS, argv
+    assert set(roles.ROLES) == {"mlflow", "optuna", "optuna_reader"}
+    assert {f"{role}_pgpass" for role in roles.ROLES} == set(roles.ROLES.values()) <= SECRETS["db-setup"]
     # the health checks
     head_check = services["ray-head"]["healthcheck"]["test"]
     assert head_check[1:4] == ["lpt-entrypoint", "ray", "health-check"]   # as the image's user, not root
@@ -309,23 +416,53 @@ def test_gpu_workers_get_their_own_gpus(services):
     assert any("--scale ray-worker=0" in line for line in commands)
 
 
+def torch_closure() -> set[str]:
+    """torch, torchvision and everything they install here (the venv's metadata)."""
+    lock = load_lock_module()
+    seen, todo = set(), ["torch", "torchvision"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for requirement in importlib.metadata.distribution(name).requires or []:
+            req = Requirement(requirement)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(lock.normalize(req.name))
+    return seen
+
+
 def test_dockerfile_installs_the_lock():
+    """The base image is the build argument PYTHON_IMAGE (docker-compose.yml passes the pinned
+    digest), torch comes with its pins from constraints.txt (cut into their own file, so that the
+    torch layer is built again only when they change), everything else with constraints.txt."""
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
-    # the torch layer: its own pins, equal to the lock's, before anything that changes more often
-    pins = dict(re.findall(r"^([a-z0-9-]+)==(\S+)", (ROOT / "constraints.txt").read_text(), re.M))
-    args = dict(re.findall(r"^ARG (TORCH_VERSION|TORCHVISION_VERSION)=(\S+)", text, re.M))
-    assert args == {"TORCH_VERSION": pins["torch"], "TORCHVISION_VERSION": pins["torchvision"]}, args
-    assert text.index('"torch==${TORCH_VERSION}"') < text.index("COPY constraints.txt pyproject.toml ./")
+    assert re.search(r"^ARG PYTHON_IMAGE$", text, re.M)            # no default: compose passes the digest
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
+    pins_filter = re.search(r"grep -E '(\^\(.*\)==)' \\\n\s*/tmp/constraints.txt > /tmp/torch-constraints.txt", text)
+    assert pins_filter, "the torch-pins stage"
+    pattern = re.compile(pins_filter.group(1))
+    constraints = (ROOT / "constraints.txt").read_text().splitlines()
+    missing = [n for n in torch_closure() if not any(pattern.match(line) and line.startswith(f"{n}==") for line in constraints)]
+    assert not missing, f"the torch-pins stage misses these pins of what torch installs: {missing}"
     installs = re.findall(r"pip install [^\n]*", text)
     assert len(installs) == 3, installs
-    for command in installs[1:]:
-        assert "-c constraints.txt" in command or "--no-deps" in command, command
+    assert "-c /tmp/torch-constraints.txt torch torchvision" in installs[0]
+    assert text.index("COPY --from=torch-pins /tmp/torch-constraints.txt") < text.index(installs[0])
+    assert text.index(installs[0]) < text.index("COPY constraints.txt pyproject.toml ./")   # the torch layer first
+    assert "-c constraints.txt" in installs[1] and "--no-deps" in installs[2]
     assert "['optional-dependencies']['cluster']" in text   # the MLflow login app, the PostgreSQL driver
     assert "TORCH_INDEX_URL" in text  # the CPU wheel index, documented
+    assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false" in text   # no service unpickles a model
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert {".env", ".venv", ".git", "secrets"} <= set(ignore)
     assert '-c "$ROOT/constraints.txt"' in (ROOT / "scripts" / "venv.sh").read_text()
+    # one place for the digests: docker-compose.yml's x-base-images, each with its version
+    raw = COMPOSE_FILE.read_text()
+    pins = re.findall(r'^  (python|postgres): &\1-image "\$\{(PYTHON|POSTGRES)_IMAGE:-(' + DIGEST_PIN + r')\}"\s+# \w+ ([\d.]+)$',
+                      raw, re.M)
+    assert [(p[0], p[3]) for p in pins] == [("python", "3.11.16"), ("postgres", "16.15")], pins
+    assert len(re.findall(r"@sha256:", raw)) == 2 and "@sha256:" not in text
 
 
 def test_the_lock_is_current_and_installed():
@@ -360,5 +497,7 @@ def test_the_docs_walk_through_the_cluster():
     assert doc.split("```bash\n", 1)[1].startswith("scripts/cluster-setup.sh"), "the section starts with the set-up"
     for needle in ("scripts/cluster-setup.sh", "--scale ray-worker=", "docker compose run --rm driver",
                    "ssh -L 5000:127.0.0.1:5000 -L 8265:127.0.0.1:8265", "docker compose down -v",
-                   "secrets/mlflow_admin_password", "--profile gpu", "10001"):
+                   "secrets/mlflow_admin_password", "--profile gpu", "10001", "scripts/cluster-backup.sh",
+                   "scripts/cluster-restore.sh", "scripts/cluster-setup.sh --rotate", "--profile dashboard",
+                   "optuna_reader", "searcher", "unless-stopped", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false"):
         assert needle in doc, needle

@@ -23,6 +23,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
@@ -33,6 +34,7 @@ from lpt_core import LPT, build_backbone_from_spec, save_prompts
 from lpt_core.data import build_dataset
 from lpt_core.inference import build_classifier, png_bytes, raw_split
 from lpt_core.trainer import evaluate
+from tune import lpt_model
 from tune import mlflow_tracking as mt
 from tune.model_registry import MODEL_URI_TAG, NothingToRegister, register_best, register_finished_search
 from tune.study_config import ProfileConfig
@@ -48,7 +50,15 @@ PROFILE = ProfileConfig.from_dict({
     "model": {"prompt_length": 4, "pool_size": 8, "top_k": 2, "group_start": 2},
     "phase2": {"epochs": 1, "scale": 20.0}, "seed": 3}).to_dict()
 CONFIG = {"pool_size": 6, "top_k": 3}     # the "trial's" sampled params
-ENV = search_env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+ENV = search_env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_pickles():
+    """Every model here loads as the image loads it: MLflow refuses to unpickle anything."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+        yield
 
 
 def one_line(text: str) -> str:
@@ -104,7 +114,12 @@ def test_logged_model_holds_prompts_config_and_example_not_the_backbone(register
     local = Path(mlflow.artifacts.download_artifacts(registered["model_uri"], dst_path=str(tmp_path)))
     files = {str(p.relative_to(local)): p.stat().st_size for p in local.rglob("*") if p.is_file()}
     assert {"MLmodel", "artifacts/prompts.safetensors", "artifacts/lpt_model.json", "input_example.json",
-            "serving_input_example.json", "python_model.pkl", "requirements.txt"} <= set(files)
+            "serving_input_example.json", "lpt_model_code.py", "requirements.txt"} <= set(files)
+    # models-from-code: the model is tune/lpt_model_code.py, nothing is pickled
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    pyfunc = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert pyfunc["model_code_path"].endswith("lpt_model_code.py") and "python_model" not in pyfunc, pyfunc
+    assert (local / "lpt_model_code.py").read_text() == (ROOT / "tune" / "lpt_model_code.py").read_text()
     model_bytes = sum(files.values())
     backbone_bytes = sum(p.numel() * p.element_size() for p in registered["backbone"].state_dict().values())
     prompt_bytes = sum(t.numel() * t.element_size() for t in registered["model"].prompt_state_dict().values())
@@ -198,6 +213,33 @@ def test_missing_backbone_weights_fail_like_the_search(registered, tmp_path, mon
         build_classifier(config, registered["prompt_file"], weights=str(tmp_path / "missing.safetensors"))
 
 
+class Pickled(mlflow.pyfunc.PythonModel):
+    """A pyfunc model MLflow pickles: what anyone who may write a run could log in an LPT model's place."""
+
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def test_a_pickled_model_is_refused_where_the_project_loads_models(registered, tmp_path, monkeypatch, capsys):
+    """predict.py (and the driver's load-back check, lpt_model.load_model) never unpickle a model,
+    even when the environment allows it; the LPT model, being code, loads."""
+    mlflow.set_tracking_uri(registered["uri"])
+    with mlflow.start_run(experiment_id=registered["client"].get_experiment_by_name("prompt_pool").experiment_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=Pickled())
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path)))
+    assert (local / "python_model.pkl").is_file()
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    from tune import predict as predict_cli
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
+    capsys.readouterr()   # what logging the model printed
+    assert predict_cli.main(["--model", info.model_uri, "--split", "test", "--out", str(tmp_path / "p.csv")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: --model {info.model_uri}: Deserializing model using pickle is disallowed"), errors
+    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "true"   # load_model put it back
+    assert lpt_model.load_model(registered["model_uri"]).unwrap_python_model().classifier is not None
+
+
 def run_predict(registered, *args, timeout=300):
     return subprocess.run([sys.executable, str(PREDICT), *args], cwd=registered["folder"], env=ENV,
                           capture_output=True, text=True, timeout=timeout)
@@ -273,6 +315,10 @@ def test_search_registers_its_best_trial(smoke_search):
     assert trial.data.tags["lpt.trial_id"] == best_id and trial.data.tags["lpt.best"] == "true"
     for key in ("val_acc", "val_few_acc", "test_acc", "test_many_acc", "test_medium_acc", "test_few_acc"):
         assert float(version.tags[key]) == pytest.approx(trial.data.metrics[key], abs=1e-4), key
+    # --register logged code, not a pickle (the CLI and the server below load it with pickles refused)
+    mlflow.set_tracking_uri(smoke_search.tracking_uri)
+    files = [f.path for f in mlflow.artifacts.list_artifacts(model_uri)]
+    assert "lpt_model_code.py" in files and not [f for f in files if f.endswith((".pkl", ".pickle"))], files
 
 
 @pytest.mark.slow
@@ -334,7 +380,8 @@ def free_port() -> int:
 
 def readme_serve_and_curl() -> tuple[str, str]:
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```bash\n(mlflow models serve .*?)\n(curl .*?)\n```", readme, re.S)
+    block = re.search(r"```bash\n(MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false mlflow models serve .*?)\n(curl .*?)\n```",
+                      readme, re.S)
     return block.group(1), block.group(2)
 
 
@@ -357,7 +404,7 @@ def test_served_model_answers_the_readme_curl(smoke_search, tmp_path):
     env = {**ENV, "MLFLOW_TRACKING_URI": smoke_search.tracking_uri,   # `mlflow` of this interpreter's venv
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen(["bash", "-c", f"exec {serve}"], cwd=tmp_path, env=env, stdout=log,
+    server = subprocess.Popen(["bash", "-c", f"exec env {serve}"], cwd=tmp_path, env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 180

@@ -27,6 +27,7 @@ from .phase1_upfront import train_up_front
 from .progress import SearchProgress
 from .optuna_storage import fail_unfinished, open_storage, search_study, storage_url
 from .samplers import describe_sampler, sampler_settings
+from .search_lock import SearchLock
 from .search_report import build_study, log_search_report
 from .search_space import baseline_config
 from .searcher import enqueue_baseline, make_scheduler, make_searcher
@@ -126,13 +127,14 @@ def find_resumed(plan, args) -> tuple[Path, dict, str]:
     return folder, record, resume_mode(plan, args, record, folder)
 
 
-def new_search(plan, client: MlflowClient, uri: str) -> tuple[Path, dict, str]:
-    """A new search folder, its parent run and its record."""
+def new_search(plan, client: MlflowClient, uri: str, lock: SearchLock) -> tuple[Path, dict, str]:
+    """A new search folder (``lock`` taken on it before its record exists), its parent run and its record."""
     prefix = f"{plan.study_name}-{plan.profile_name}"
     plan.storage.mkdir(parents=True, exist_ok=True)
     name = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = plan.storage / name
     folder.mkdir(parents=True)
+    lock.take(folder)
     exp_id = mt.experiment_id(client, plan.study_name, uri)
     parent = client.create_run(exp_id, run_name=name, tags={names.ROLE: names.ROLE_STUDY, names.SEARCH: name,
                                                             names.STORAGE: str(folder)})
@@ -243,16 +245,19 @@ def run_search(plan, args, uri: str, address: str | None) -> int:
     resumed = find_resumed(plan, args) if args.resume else None
     if resumed and resumed[2] == "finished" and not args.confirm:
         return say_finished(plan, *resumed[:2])
-    start_ray(address)
-    try:
-        check_resources(plan.profile["resources"], local=address is None)
-        if address:
-            check_shared_storage(plan.storage, plan.profile["resources"])
-        if resumed and resumed[2] == "finished":
-            return confirm_finished(plan, args, uri, *resumed[:2])
-        return run_on_ray(plan, args, uri, resumed)
-    finally:
-        ray.shutdown()
+    with SearchLock() as lock:
+        if resumed:
+            lock.take(resumed[0])  # a search another driver runs is refused here, before Ray starts
+        start_ray(address)
+        try:
+            check_resources(plan.profile["resources"], local=address is None)
+            if address:
+                check_shared_storage(plan.storage, plan.profile["resources"])
+            if resumed and resumed[2] == "finished":
+                return confirm_finished(plan, args, uri, *resumed[:2])
+            return run_on_ray(plan, args, uri, resumed, lock)
+        finally:
+            ray.shutdown()
 
 
 def resume_command(args) -> str:
@@ -342,11 +347,11 @@ def confirm_finished(plan, args, uri: str, folder: Path, record: dict) -> int:
     return 0
 
 
-def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None) -> int:
+def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None, lock: SearchLock) -> int:
     os.environ.update(QUIET_ENV)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
     client = MlflowClient(uri)
-    folder, record, mode = resumed or new_search(plan, client, uri)
+    folder, record, mode = resumed or new_search(plan, client, uri, lock)
     keep_optuna_study(plan, client, folder, record)  # a new search, or one from before the study was kept
     parent_id = record["parent_run_id"]
     budget = plan.study["budget"]["trials"]
@@ -408,9 +413,10 @@ def ui_address(uri: str) -> str:
 
 
 def optuna_address(record: dict) -> str:
-    """How to watch or reload the search's Optuna study."""
-    return (f"optuna-dashboard {shlex.quote(record['optuna_storage'])}  (study '{record['optuna_study']}'; "
-            f"or optuna.load_study(study_name=..., storage=...))")
+    """How to watch or reload the search's Optuna study: ``LPT_OPTUNA_UI`` (the compose stack's
+    read-only optuna-dashboard), else the optuna-dashboard command for its storage."""
+    shown = os.environ.get("LPT_OPTUNA_UI", "").strip() or f"optuna-dashboard {shlex.quote(record['optuna_storage'])}"
+    return f"{shown}  (study '{record['optuna_study']}'; or optuna.load_study(study_name=..., storage=...))"
 
 
 def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, record: dict,

@@ -3,7 +3,9 @@ registered in the Model Registry.
 
 The logged model holds the prompt file (a few MB), ``lpt_model.json`` (backbone spec, LPT shape,
 class names, image size, normalisation, logit scale: ``lpt_core.inference.classifier_config``), a
-signature and a PNG input example; never the backbone weights. Loading builds the backbone from
+signature and a PNG input example; never the backbone weights. The model itself is code, not a
+pickle (``tune/lpt_model_code.py``, MLflow's models-from-code): loading it unpickles nothing, and
+works with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``. Loading builds the backbone from
 timm (pretrained cache, a local file, or the seeded random one of a smoke profile) and the prompts.
 ``predict`` takes a DataFrame with an ``image`` column (encoded image bytes, as ``mlflow models
 serve`` decodes them from base64, or file paths; uint8 [3, H, W] tensors too), a list of those, or a
@@ -16,6 +18,7 @@ weights file instead of the logged spec's) and ``device``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,6 +39,8 @@ from lpt_core.inference import build_classifier, png_bytes, raw_split
 
 ARTIFACT_PATH = "model"                    # runs:/<trial run id>/model
 CONFIG_FILE, PROMPTS_FILE = "lpt_model.json", "prompts.safetensors"
+MODEL_CODE = Path(__file__).with_name("lpt_model_code.py")   # what MLflow runs to get the model
+NO_PICKLES = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 DEFAULT_TOP_CLASSES = 5
 IMAGE_COLUMN = "image"
 SIGNATURE = ModelSignature(
@@ -97,12 +102,28 @@ def log_model(config: dict, prompt_file: str | Path, example: pd.DataFrame) -> m
         config_file.write_text(json.dumps(config, indent=2))
         shutil.copyfile(prompt_file, prompts)
         info = mlflow.pyfunc.log_model(
-            name=ARTIFACT_PATH, python_model=LPTModel(),
+            name=ARTIFACT_PATH, python_model=str(MODEL_CODE),
             artifacts={"config": str(config_file), "prompts": str(prompts)}, model_config=LOAD_OPTIONS,
             signature=SIGNATURE, input_example=example, pip_requirements=requirements())
     expected = build_classifier(config, prompt_file, device="cpu").predict(example[IMAGE_COLUMN].tolist())
-    got = mlflow.pyfunc.load_model(info.model_uri, model_config={"device": "cpu"}).predict(example)
+    got = load_model(info.model_uri, model_config={"device": "cpu"}).predict(example)
     if got["class_index"].tolist() != [r["class_index"] for r in expected]:
         raise LoggedModelMismatch(f"{info.model_uri}: the logged model, loaded back, does not reproduce "
                                   f"the trial's prediction on the input example")
     return info
+
+
+def load_model(uri: str, model_config: dict | None = None) -> mlflow.pyfunc.PyFuncModel:
+    """``mlflow.pyfunc.load_model`` with unpickling refused whatever the environment says
+    (``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``): an LPT model is code, and a pickled model --
+    one logged before models were code, or one replaced by someone who may write runs -- could run
+    anything on this machine. MLflow refuses it with a one-line error."""
+    previous = os.environ.get(NO_PICKLES)
+    os.environ[NO_PICKLES] = "false"
+    try:
+        return mlflow.pyfunc.load_model(uri, model_config=model_config)
+    finally:
+        if previous is None:
+            os.environ.pop(NO_PICKLES, None)
+        else:
+            os.environ[NO_PICKLES] = previous

@@ -33,6 +33,7 @@ SAMPLER = "lpt.sampler"              # parent run: the sampler as it ran (tune.s
 # ----------------------------------------------------------------------------- search storage
 PHASE1_CACHE = "phase1-cache"        # under the storage root, shared by every search
 SEARCH_FILE = "search.json"          # in a search folder: the record --resume reads
+SEARCH_LOCK = "search.lock"          # in a search folder: held (flock) by the driver running it
 SHARED_CHECK = ".lpt-shared-check"   # the cluster's storage check: a marker every node reads back
 PROFILE_FILE = "profile.yaml"        # the profile as the search ran it (also a parent-run artifact)
 TABLE_FILE = "trials.parquet"        # one row per trial

@@ -48,13 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_classifier(uri: str, weights: str | None, device: str):
-    """The LPT classifier of an MLflow model URI, loaded through its pyfunc flavour."""
-    import mlflow.pyfunc
+    """The LPT classifier of an MLflow model URI, loaded through its pyfunc flavour (never unpickled)."""
     from mlflow.exceptions import MlflowException
 
+    from tune.lpt_model import load_model
     from tune.study_config import error_line
     try:
-        model = mlflow.pyfunc.load_model(uri, model_config={"weights": weights or "", "device": device})
+        model = load_model(uri, model_config={"weights": weights or "", "device": device})
     except MlflowException as exc:
         raise BadInput(f"--model {uri}: {str(exc).strip().splitlines()[0]}") from None
     except OSError as exc:

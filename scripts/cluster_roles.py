@@ -1,0 +1,211 @@
+"""The docker-compose stack's roles, made from its secret files (scripts/cluster-setup.sh). The
+one-shot services run it at every ``docker compose up`` and before each ``run driver``, and
+``scripts/cluster-setup.sh --rotate`` runs it after changing a secret; every run sets the passwords
+to the files' again, so it can run any number of times.
+
+    python scripts/cluster_roles.py postgres           # db-setup
+    python scripts/cluster_roles.py mlflow             # mlflow-setup
+    python scripts/cluster_roles.py rotate-superuser   # db-setup; stdin: the old password, the new one
+    python scripts/cluster_roles.py rotate-admin       # mlflow-setup; stdin: the old password, the new one
+
+``postgres``, as the superuser (``$LPT_SECRETS/postgres_password``) at ``$LPT_POSTGRES_ADDRESS``:
+the roles mlflow, optuna and optuna_reader, each with its pgpass file's password and none a
+superuser (nor CREATEDB, CREATEROLE, REPLICATION, BYPASSRLS); the database mlflow owned by mlflow
+(MLflow's tables and its users'), closed to every other role but optuna and optuna_reader; the
+schema optuna owned by optuna, its Optuna tables made by optuna (so that the read-only role sees
+them before the first search), SELECT on them, now and later, for optuna_reader only.
+
+``mlflow``, as the MLflow admin (``$LPT_SECRETS/mlflow_admin_password``) at ``$MLFLOW_TRACKING_URI``,
+through MLflow's auth API: the user of ``mlflow_credentials`` (searcher), not an admin, with that
+file's password, and EDIT on every experiment and registered model it cannot write yet (those made
+before it, or restored from a backup); MLflow itself gives it MANAGE on those it creates.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import sys
+from pathlib import Path
+
+SUPERUSER, DATABASE, OPTUNA_SCHEMA = "postgres", "mlflow", "optuna"
+ROLES = {"mlflow": "mlflow_pgpass", "optuna": "optuna_pgpass", "optuna_reader": "optuna_reader_pgpass"}
+READER = "optuna_reader"
+MLFLOW_ADMIN = "admin"
+NOT_SUPER = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+
+
+def secrets() -> Path:
+    return Path(os.environ.get("LPT_SECRETS", "/run/lpt-secrets"))
+
+
+def read_secret(name: str) -> str:
+    return (secrets() / name).read_text().strip()
+
+
+def pgpass_password(name: str, role: str) -> str:
+    """The password of ``role`` in the pgpass file ``name`` (host:port:database:role:password)."""
+    for line in read_secret(name).splitlines():
+        fields = line.split(":")
+        if len(fields) == 5 and fields[3] == role:
+            return fields[4]
+    raise ValueError(f"{secrets() / name}: no line for the role {role}")
+
+
+def postgres_address() -> tuple[str, int]:
+    host, _, port = os.environ.get("LPT_POSTGRES_ADDRESS", "postgres:5432").rpartition(":")
+    return host, int(port)
+
+
+def connect(user: str, password: str, database: str = DATABASE):
+    import psycopg2
+    host, port = postgres_address()
+    return psycopg2.connect(host=host, port=port, user=user, password=password, dbname=database, connect_timeout=20)
+
+
+def optuna_url(role: str) -> str:
+    """The Optuna storage URL of ``role`` (no password: libpq's PGPASSFILE, or ``connect_args``)."""
+    host, port = postgres_address()
+    return f"postgresql+psycopg2://{role}@{host}:{port}/{DATABASE}?options=-csearch_path%3D{OPTUNA_SCHEMA}"
+
+
+def setup_postgres() -> str:
+    from psycopg2 import sql
+    passwords = {role: pgpass_password(secret, role) for role, secret in ROLES.items()}
+    conn = connect(SUPERUSER, read_secret("postgres_password"))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for role, password in passwords.items():
+                cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+                verb = "ALTER" if cur.fetchone() else "CREATE"
+                cur.execute(sql.SQL(f"{verb} ROLE {{}} WITH {NOT_SUPER} PASSWORD %s").format(sql.Identifier(role)),
+                            (password,))
+            for statement in (
+                    "ALTER DATABASE {db} OWNER TO mlflow",
+                    "REVOKE ALL ON DATABASE {db} FROM PUBLIC",
+                    "GRANT CONNECT ON DATABASE {db} TO optuna, optuna_reader",
+                    "REVOKE CREATE ON SCHEMA public FROM PUBLIC",   # PostgreSQL < 15 grants it
+                    "CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION optuna",
+                    "ALTER SCHEMA {schema} OWNER TO optuna",
+                    "REVOKE ALL ON SCHEMA {schema} FROM PUBLIC",
+                    "GRANT USAGE ON SCHEMA {schema} TO optuna_reader",
+                    "ALTER DEFAULT PRIVILEGES FOR ROLE optuna IN SCHEMA {schema} GRANT SELECT ON TABLES TO optuna_reader"):
+                cur.execute(sql.SQL(statement).format(db=sql.Identifier(DATABASE), schema=sql.Identifier(OPTUNA_SCHEMA)))
+            make_optuna_tables(passwords["optuna"])
+            cur.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO optuna_reader").format(
+                sql.Identifier(OPTUNA_SCHEMA)))
+    finally:
+        conn.close()
+    return (f"PostgreSQL: roles {', '.join(ROLES)} (none a superuser), database {DATABASE} owned by mlflow, "
+            f"schema {OPTUNA_SCHEMA} owned by optuna, SELECT on it for {READER}")
+
+
+def make_optuna_tables(password: str) -> None:
+    """Optuna's tables in the schema, made by the role optuna (their owner): what a search would
+    make on its first run, and what optuna-dashboard, reading only, needs to start."""
+    import optuna
+    storage = optuna.storages.RDBStorage(optuna_url("optuna"), engine_kwargs={"connect_args": {"password": password}})
+    storage.engine.dispose()
+
+
+def rotate_superuser() -> str:
+    from psycopg2 import sql
+    old, new = read_two_lines()
+    conn = connect(SUPERUSER, old)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("ALTER ROLE {} PASSWORD %s").format(sql.Identifier(SUPERUSER)), (new,))
+    finally:
+        conn.close()
+    return f"PostgreSQL: the password of {SUPERUSER} changed"
+
+
+def read_two_lines() -> tuple[str, str]:
+    lines = sys.stdin.read().splitlines()
+    if len(lines) < 2 or not lines[0] or not lines[1]:
+        raise ValueError("stdin: the old password, then the new one, one a line")
+    return lines[0], lines[1]
+
+
+def as_mlflow_admin(password: str) -> str:
+    """This process's MLflow clients log in as the admin; returns the tracking URI."""
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = MLFLOW_ADMIN, password
+    return os.environ.get("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+
+
+def search_login() -> tuple[str, str]:
+    config = configparser.ConfigParser()
+    config.read_string(read_secret("mlflow_credentials"))
+    return config["mlflow"]["mlflow_tracking_username"], config["mlflow"]["mlflow_tracking_password"]
+
+
+def setup_mlflow() -> str:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import RestException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    user, password = search_login()
+    uri = as_mlflow_admin(read_secret("mlflow_admin_password"))
+    auth = AuthServiceClient(uri)
+    try:
+        existing = auth.get_user(user)
+    except RestException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        auth.create_user(user, password)
+        done = f"MLflow: user {user} created"
+    else:
+        auth.update_user_password(user, password)   # the file is the truth (--rotate)
+        if existing.is_admin:
+            auth.update_user_admin(user, False)
+        done = f"MLflow: user {user} (its password set)"
+    tracking = MlflowClient(uri)
+    resources = [("experiment", e.experiment_id) for e in paged(tracking.search_experiments)
+                 if e.experiment_id != "0"]   # not the Default experiment: searches write their study's
+    resources += [("registered_model", m.name) for m in paged(tracking.search_registered_models)]
+    granted = 0
+    for kind, resource in resources:
+        if auth.get_user_permission(user, kind, resource).permission not in ("EDIT", "MANAGE"):
+            auth.grant_user_permission(user, kind, resource, "EDIT")
+            granted += 1
+    return f"{done}, not an admin; EDIT granted on {granted} of {len(resources)} experiments and models"
+
+
+def paged(search):
+    token = None
+    while True:
+        page = search(max_results=500, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def rotate_admin() -> str:
+    from mlflow.server.auth.client import AuthServiceClient
+    old, new = read_two_lines()
+    AuthServiceClient(as_mlflow_admin(old)).update_user_password(MLFLOW_ADMIN, new, current_password=old)
+    return f"MLflow: the password of {MLFLOW_ADMIN} changed"
+
+
+COMMANDS = {"postgres": setup_postgres, "mlflow": setup_mlflow, "rotate-superuser": rotate_superuser,
+            "rotate-admin": rotate_admin}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        print(COMMANDS[argv[0]](), flush=True)
+    except Exception as exc:  # one line for the set-up's log; the services that depend on it do not start
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        print(f"error: cluster_roles.py {argv[0]}: {type(exc).__name__}: {lines[0] if lines else ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -32,7 +32,8 @@ def search_folder(tmp_path, budget=None, resources=None, phase1_s=0.0, estimate_
     resources = resources or {"cpu": 1, "gpu": 0}
     record = {"profile": {"resources": resources, "phase2": {"epochs": EPOCHS}},
               "study_config": {"budget": {"trials": 6, "concurrency": 2, "max_failures": 2, **(budget or {})}},
-              cost.PHASE1_TASK_S: phase1_s, cost.TRIAL_ESTIMATE_S: estimate_s, "budget_ended": ended}
+              cost.PHASE1_TASK_S: phase1_s, cost.TRIAL_ESTIMATE_S: estimate_s, "budget_ended": ended,
+              "state": "finished" if ended else "running"}
     (tmp_path / "search.json").write_text(json.dumps(record))
     rows = [trial_row(f"t{i}", {}, [], {"epoch": EPOCHS, "time_total_s": w}, EPOCHS, resources=resources)
             for i, w in enumerate(walls)]
@@ -178,7 +179,9 @@ def test_a_search_its_budget_ended_continues_when_the_budget_has_room(tmp_path):
     assert cost.resume_mode("resume", record, spent, folder) == "resume"
     line = cost.finished_line(record, spent, folder)
     assert line == ("its budget ended it after 2 of 6 trials (0.0556 CPU-core-hours spent); run the rest with "
-                    "--resume --cpu-hours H (H > 0.0556)")
+                    "--resume --cpu-hours H (a trial takes about 0.0278)")
+    roomy = {"budget": {"trials": 6, "cpu_hours": 0.08}}              # room, but not for a 100 s trial
+    assert cost.resume_mode("finished", record, roomy, folder) == "finished"
 
 
 def test_the_outcome_and_summary_say_what_the_budget_allowed(tmp_path):

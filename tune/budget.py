@@ -163,15 +163,16 @@ class SpendLedger:
     """Wall seconds of each trial of a search (ended ones from its table, running ones from their
     results) and of its phase 1 up front, in seconds of one trial's resources."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, budget: dict | None = None):
+        """``budget``: a study's ``budget`` section instead of the search's own."""
         self.folder = str(folder)
         self.trials: dict[str, dict] = {}   # trial id: wall_s, epochs, ended, seen (driver time of wall_s)
-        self.reload()
+        self.reload(budget)
 
-    def reload(self) -> None:
+    def reload(self, budget: dict | None = None) -> None:
         """The budget, phase 1 and the ended trials as the search folder has them now."""
         record = _read_record(Path(self.folder))
-        profile, budget = record["profile"], record["study_config"]["budget"]
+        profile, budget = record["profile"], budget or record["study_config"]["budget"]
         self.limit = BudgetLimit.of(budget)
         self.measure = measure_of(budget, profile["resources"])
         self.per_s = profile["resources"][MEASURES[self.measure][0]] / 3600   # hours per wall second
@@ -324,13 +325,10 @@ def resume_mode(mode: str, record: dict, study: dict, folder: Path) -> str:
     """``driver.resume_mode``'s answer with the budget in view: a search the budget ended
     continues (its remaining trials, as an extension) when the budget now has room again; an
     extension on a spent budget is ``finished`` (it would start no trial)."""
-    limit = BudgetLimit.of(study["budget"])
-    rows = _table_rows(folder)
-    spent = search_spent(record, rows)
-    room = limit is None or spent[limit.measure] < limit.hours
+    room = SpendLedger(folder, study["budget"]).allows_new_trial()
     if mode == "finished" and record.get("budget_ended") and room:
         return "extend"
-    if mode == "extend" and not room:
+    if mode == "extend" and record.get("state") == "finished" and not room:
         return "finished"
     return mode
 
@@ -339,9 +337,8 @@ def finished_line(record: dict, study: dict, folder: Path) -> str | None:
     """For a finished search the budget ended: what it allowed and how to continue."""
     if not record.get("budget_ended"):
         return None
-    rows = _table_rows(folder)
-    limit = BudgetLimit.of(study["budget"])
-    measure = limit.measure if limit else measure_of(record["study_config"]["budget"], record["profile"]["resources"])
-    spent, flag = search_spent(record, rows)[measure], measure.replace("_", "-")
-    return (f"its budget ended it after {len(rows)} of {record['study_config']['budget']['trials']} trials "
-            f"({fmt(spent)} {MEASURES[measure][1]} spent); run the rest with --resume --{flag} H (H > {fmt(spent)})")
+    ledger = SpendLedger(folder, study["budget"])
+    spent, flag = ledger.spent(), ledger.measure.replace("_", "-")
+    return (f"its budget ended it after {len(_table_rows(folder))} of {record['study_config']['budget']['trials']} "
+            f"trials ({fmt(spent)} {MEASURES[ledger.measure][1]} spent); run the rest with --resume --{flag} H "
+            f"(a trial takes about {fmt(ledger.hours(ledger.trial_s() or 0))})")

@@ -455,6 +455,8 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
             client.set_tag(parent_id, names.CONFIRMED_TRIAL, best["trial_id"])
         else:
             lines += stale_confirmation(client.get_run(parent_id).data.tags, best["trial_id"], args)
+    elif counts[BUDGET_STOPPED]:
+        lines.append(f"no trial completed: the budget stopped {counts[BUDGET_STOPPED]} before their last epoch")
     else:
         lines.append("no trial completed: see the table's error column and the trials' MLflow runs")
     mt.log(client, parent_id, metrics=summary)

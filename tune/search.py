@@ -223,7 +223,7 @@ def absolute_paths(profile: dict) -> None:
 
 def check_ray_address() -> str | None:
     """RAY_ADDRESS, checked to answer before anything starts; None means a local Ray."""
-    from tune.mlflow_tracking import ServiceError
+    from tune.errors import ServiceError
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if not address or address in ("local", "auto"):
         return address or None
@@ -238,7 +238,6 @@ def check_ray_address() -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tune.mlflow_tracking import check_tracking_uri, resolve_tracking_uri
     if args.schema:
         from tune.study_config import schema
         print(json.dumps(schema(args.schema), indent=2))
@@ -247,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan.describe())
         return 0
+    from tune.mlflow_tracking import check_tracking_uri, resolve_tracking_uri  # imports MLflow: not before here
     uri = resolve_tracking_uri()
     check_tracking_uri(uri)
     address = check_ray_address()
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit 2 with one line for bad input, 1 with one line for a service or download that fails."""
     args = parse_args(argv)
     from lpt_core.data import DownloadError
-    from tune.mlflow_tracking import ServiceError
+    from tune.errors import ServiceError
     try:
         return run(args)
     except ConfigError as exc:

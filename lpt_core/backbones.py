@@ -150,7 +150,8 @@ def weights_source(spec: dict[str, Any]) -> str:
     hub_id = _hub_id(spec["name"])
     if hub_id is None:
         return f"timm's pretrained source for {spec['name']}"
-    fallback = "HF_HUB_OFFLINE is set, so no download" if _hub_offline() else f"else downloaded from {_hub_endpoint()}"
+    fallback = ("HF_HUB_OFFLINE is set, so no download" if _hub_offline()
+                else f"else downloaded from {_hub_endpoint()}")
     return f"{hub_id} in the Hugging Face cache {_hub_cache()} ({fallback})"
 
 

@@ -178,10 +178,15 @@ def test_a_search_its_budget_ended_continues_when_the_budget_has_room(tmp_path):
     assert cost.resume_mode("finished", record, {"budget": {"trials": 6, "cpu_hours": 1}}, folder) == "extend"
     assert cost.resume_mode("resume", record, spent, folder) == "resume"
     line = cost.finished_line(record, spent, folder)
-    assert line == ("its budget ended it after 2 of 6 trials (0.0556 CPU-core-hours spent); run the rest with "
-                    "--resume --cpu-hours H (a trial takes about 0.0278)")
+    assert line == ("its budget ended it after 2 of 6 trials (0.0556 of 0.05 CPU-core-hours spent, a trial takes "
+                    "about 0.0278); raise it with --resume --cpu-hours H")
     roomy = {"budget": {"trials": 6, "cpu_hours": 0.08}}              # room, but not for a 100 s trial
     assert cost.resume_mode("finished", record, roomy, folder) == "finished"
+    done = {**record, "budget_ended": False}                          # all trials ran; --trials 8 on no room
+    assert cost.resume_mode("extend", done, roomy, folder) == "finished"
+    assert cost.finished_line(done, roomy, folder).startswith("its budget has no room for another trial (0.0556 of "
+                                                              "0.08 CPU-core-hours spent")
+    assert cost.finished_line(done, {"budget": {"trials": 6}}, folder) is None
 
 
 def test_the_outcome_and_summary_say_what_the_budget_allowed(tmp_path):

@@ -69,7 +69,7 @@ def test_a_cpu_hour_budget_stops_starting_trials_then_resume_raises_it(smoke_sea
     again = run_search(copy.cwd, "--study", "prompt_pool", "--trials", str(TRIALS), "--resume")
     assert again.returncode == 0 and "is finished" in again.stdout, again.stderr[-2000:]
     assert f"its budget ended it after {allowed} of 6 trials" in again.stdout
-    assert "run the rest with --resume --cpu-hours H" in again.stdout
+    assert "raise it with --resume --cpu-hours H" in again.stdout
     more = run_search(copy.cwd, "--study", "prompt_pool", "--trials", str(TRIALS), "--resume", "--cpu-hours", "1")
     assert more.returncode == 0, more.stderr[-3000:]
     assert f"extending {folder.name} by {TRIALS - allowed} trials to {TRIALS}" in more.stdout

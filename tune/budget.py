@@ -67,7 +67,8 @@ class BudgetLimit:
     def describe(self) -> str:
         then = ("running trials finish" if self.on_exhausted == "finish"
                 else "running trials stop at their next epoch")
-        return f"{fmt(self.hours)} {self.label} (budget.{self.measure}); no trial starts once they are committed, then {then}"
+        return (f"{fmt(self.hours)} {self.label} (budget.{self.measure}); no trial starts once they are committed, "
+                f"then {then}")
 
 
 def budget_tag(study: dict) -> str:
@@ -104,7 +105,7 @@ def expected_epochs(rungs: list, reduction_factor: float, max_t: int) -> float:
     that reach it (a trial reaches milestone m at epoch ceil(m))."""
     stops = [math.ceil(m) for m in rungs] + [max_t]
     expected, reach, last = 0.0, 1.0, 0
-    for k, stop in enumerate(stops):
+    for stop in stops:
         expected += (stop - last) * reach
         reach, last = reach / reduction_factor, stop
     return expected
@@ -298,12 +299,12 @@ def search_spent(record: dict, rows: list[dict]) -> dict[str, float]:
 def outcome(record: dict, rows: list[dict]) -> dict:
     """What the budget did: ``ended`` (it kept trials of budget.trials from starting), the trials
     it allowed, the hours spent; JSON, for the table's metadata and the summary."""
-    budget, trials = record["study_config"]["budget"], record["study_config"]["budget"]["trials"]
+    budget = record["study_config"]["budget"]
     limit = BudgetLimit.of(budget)
-    spent = search_spent(record, rows)
     return {"measure": limit.measure if limit else None, "limit": limit.hours if limit else None,
-            "on_exhausted": limit.on_exhausted if limit else None, "trials": trials,
-            "allowed": len(rows), "ended": bool(limit) and len(rows) < trials, **spent,
+            "on_exhausted": limit.on_exhausted if limit else None, "trials": budget["trials"],
+            "allowed": len(rows), "ended": bool(limit) and len(rows) < budget["trials"],
+            **search_spent(record, rows),
             "phase1": hours_of(float(record.get(PHASE1_TASK_S, 0.0)), record["profile"]["resources"])}
 
 
@@ -334,11 +335,13 @@ def resume_mode(mode: str, record: dict, study: dict, folder: Path) -> str:
 
 
 def finished_line(record: dict, study: dict, folder: Path) -> str | None:
-    """For a finished search the budget ended: what it allowed and how to continue."""
-    if not record.get("budget_ended"):
-        return None
+    """For a finished search whose budget ended it or has no room to extend it: what it allowed,
+    what it spent, and how to continue."""
     ledger = SpendLedger(folder, study["budget"])
-    spent, flag = ledger.spent(), ledger.measure.replace("_", "-")
-    return (f"its budget ended it after {len(_table_rows(folder))} of {record['study_config']['budget']['trials']} "
-            f"trials ({fmt(spent)} {MEASURES[ledger.measure][1]} spent); run the rest with --resume --{flag} H "
-            f"(a trial takes about {fmt(ledger.hours(ledger.trial_s() or 0))})")
+    if ledger.limit is None or not (record.get("budget_ended") or not ledger.allows_new_trial()):
+        return None
+    what = (f"its budget ended it after {len(_table_rows(folder))} of {record['study_config']['budget']['trials']} "
+            f"trials" if record.get("budget_ended") else "its budget has no room for another trial")
+    return (f"{what} ({fmt(ledger.spent())} of {fmt(ledger.limit.hours)} {ledger.limit.label} spent, a trial "
+            f"takes about {fmt(ledger.hours(ledger.trial_s() or 0))}); raise it with --resume "
+            f"--{ledger.measure.replace('_', '-')} H")

@@ -56,8 +56,9 @@ def task_error(exc: BaseException) -> str:
 def train_up_front(plan, setup: SearchSetup, client: MlflowClient, remote) -> tuple[float, float]:
     """Train the search's phase-1 configs that are not cached, as ``remote(phase1_task, profile)``
     tasks (the driver's Ray remote with a trial's resources); returns the seconds it took (also
-    logged on the parent run) and the tasks' seconds summed (what it cost, in a trial's resources). Raises ``Phase1Error`` when a task fails; on any exception (Ctrl+C
-    included) the tasks still running are cancelled."""
+    logged on the parent run) and the tasks' seconds summed (what it cost, in a trial's resources).
+    Raises ``Phase1Error`` when a task fails; on any exception (Ctrl+C included) the tasks still
+    running are cancelled."""
     keys = phase1_keys(plan)
     cache = Phase1Cache(setup.cache_dir)
     todo = [n for n, key in keys.items() if not cache.ready(key)]

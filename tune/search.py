@@ -33,10 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override a profile value, e.g. --set phase2.epochs=3, or a study's budget.* value "
                         "(repeatable)")
     p.add_argument("--trials", type=int, help="trial budget (default: the study's)")
-    p.add_argument("--gpu-hours", type=float, metavar="H",
-                   help="GPU-hours the search may spend (study key budget.gpu_hours): no trial starts past them")
-    p.add_argument("--cpu-hours", type=float, metavar="H",
-                   help="the same in CPU-core-hours (budget.cpu_hours), for CPU-only trials")
+    hours = p.add_mutually_exclusive_group()
+    hours.add_argument("--gpu-hours", type=float, metavar="H",
+                       help="GPU-hours the search may spend (study key budget.gpu_hours): no trial starts past them")
+    hours.add_argument("--cpu-hours", type=float, metavar="H",
+                       help="the same in CPU-core-hours (budget.cpu_hours), for CPU-only trials")
     p.add_argument("--storage", help="search folder root, shared by all nodes (default: ./runs or $LPT_STORAGE)")
     p.add_argument("--resume", action="store_true", help="continue the latest interrupted search of this study and profile")
     p.add_argument("--confirm", type=int, default=0, metavar="N",

@@ -256,7 +256,7 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
              f"{e(', '.join(f'{m} ({d})' for m, d in zip(info['metrics'], info['modes'])))}; "
              f"{info['counts']['total']} trials: {info['counts']['completed']} completed, "
              f"{info['counts']['early_stopped']} stopped early, {info['counts']['failed']} failed"
-             + (f", {info['counts']['budget_stopped']} stopped by the budget" if info['counts']['budget_stopped'] else "")
+             + (f", {n} stopped by the budget" if (n := info["counts"]["budget_stopped"]) else "")
              + f"; search wall time {_fmt(info.get('search_wall_s'), 0)} s"
              + "".join(f", {_fmt(info['cost'][m], 4)} {label}" for m, label in (("gpu_hours", "GPU-hours"),
                                                                            ("cpu_hours", "CPU-core-hours"))

@@ -128,12 +128,13 @@ class Budget(Section):
     trials: int = Field(12, ge=1)
     concurrency: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
-    gpu_hours: Optional[float] = Field(None, gt=0, description="GPU-hours the search may spend (trials' wall time x "
-                                       "resources.gpu, phase 1 up front included); no new trial starts past it")
-    cpu_hours: Optional[float] = Field(None, gt=0, description="the same in CPU-core-hours (wall time x resources.cpu), "
-                                       "e.g. for CPU-only trials")
-    on_exhausted: Literal["finish", "stop"] = Field("finish", description="once the hours are spent: let running "
-                                                    "trials finish, or stop them at their next epoch")
+    gpu_hours: Optional[float] = Field(
+        None, gt=0, description="GPU-hours the search may spend (trials' wall time x resources.gpu, phase 1 up "
+                                "front included); no new trial starts past it (tune.budget)")
+    cpu_hours: Optional[float] = Field(
+        None, gt=0, description="the same in CPU-core-hours (wall time x resources.cpu), e.g. for CPU-only trials")
+    on_exhausted: Literal["finish", "stop"] = Field(
+        "finish", description="once the hours are spent: let running trials finish, or stop them at their next epoch")
 
     @model_validator(mode="after")
     def _one_measure(self) -> "Budget":

@@ -1,8 +1,11 @@
 """Build the frozen ViT backbone: timm pretrained weights, a local weights file, or random init.
 
 Nothing is downloaded when the weights are already in the Hugging Face cache or given as a file.
-Offline without them the builder fails at once with one line that says what was asked for and how
-to supply a local file, instead of timm's retries and traceback.
+Without them, when ``HF_HUB_OFFLINE`` is set or the hub cannot be reached (``lpt_core.reachability``:
+one quiet connection attempt), the builder fails at once with one line that says what was asked
+for and how to supply a local file, instead of a minute of timm's retries and a traceback.
+``build_architecture`` builds the model without any weights (on the meta device) and
+``weights_source`` says where the weights would come from, for a dry run that loads none.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn as nn
 from timm.data import resolve_model_data_config
 
 from .data.transforms import RELEASED, InputConfig, InputOverrides
+from .reachability import unreachable
 
 RANDOM, PRETRAINED = "random", "pretrained"
 # Pretrained tags of the JAX-trained ViTs the LPT release fine-tunes (augreg_*, orig_in21k): their
@@ -30,6 +34,25 @@ RELEASED_RECIPE_TAGS = ("augreg", "orig_in21k")
 def _hub_id(name: str) -> str | None:
     cfg = timm.models.get_pretrained_cfg(name)
     return getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+    return constants.ENDPOINT
+
+
+def _hub_unreachable() -> str | None:
+    why = unreachable(_hub_endpoint())
+    return f"the Hugging Face hub cannot be reached ({why})" if why else None
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+    return constants.HF_HUB_CACHE
 
 
 def _cached(hub_id: str) -> bool:
@@ -87,14 +110,50 @@ def build_backbone(name: str, weights: str = PRETRAINED, **overrides: Any) -> nn
     hub_id = _hub_id(name)
     how = (f"download them where you are online (hf download {hub_id}) into the Hugging Face cache, "
            f"or set backbone.weights to a local weights file")
-    if hub_id and not _cached(hub_id) and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-        raise ValueError(f"backbone.weights: pretrained weights for {name} ({hub_id}) are not on "
-                         f"this machine and HF_HUB_OFFLINE is set; {how}")
+    if hub_id and not _cached(hub_id):
+        why = "HF_HUB_OFFLINE is set" if _hub_offline() else _hub_unreachable()
+        if why:
+            raise ValueError(f"backbone.weights: pretrained weights for {name} ({hub_id}) are not on "
+                             f"this machine and {why}; {how}")
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:  # network, cache or hub errors all mean: no weights here
         raise ValueError(f"backbone.weights: could not get pretrained weights for {name} "
                          f"({type(exc).__name__}); {how}") from None
+
+
+def _name_and_overrides(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A profile's ``backbone`` section as the timm name and its ``create_model`` keywords."""
+    overrides = dict(spec)
+    overrides.pop("weights", None)
+    name = overrides.pop("name", None)
+    if not name or not timm.is_model(name.split(".")[0]):
+        raise ValueError(f"backbone.name: unknown timm model '{name}'")
+    return name, overrides
+
+
+def build_architecture(spec: dict[str, Any]) -> nn.Module:
+    """The backbone of a profile's ``backbone`` section without weights, on the meta device: its
+    blocks and pretrained config, no memory, nothing loaded or downloaded."""
+    name, overrides = _name_and_overrides(spec)
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, num_classes=0, **overrides)
+
+
+def weights_source(spec: dict[str, Any]) -> str:
+    """Where a search takes the weights of a profile's ``backbone`` section from, in words
+    (looks at no file and no network)."""
+    weights = spec.get("weights", PRETRAINED)
+    if weights == RANDOM:
+        return "random (nothing to load)"
+    if weights != PRETRAINED:
+        return f"the file {Path(os.path.expanduser(str(weights)))}"
+    hub_id = _hub_id(spec["name"])
+    if hub_id is None:
+        return f"timm's pretrained source for {spec['name']}"
+    fallback = ("HF_HUB_OFFLINE is set, so no download" if _hub_offline()
+                else f"else downloaded from {_hub_endpoint()}")
+    return f"{hub_id} in the Hugging Face cache {_hub_cache()} ({fallback})"
 
 
 def build_backbone_from_spec(spec: dict[str, Any]) -> nn.Module:
@@ -114,13 +173,7 @@ def input_config(backbone: nn.Module | dict[str, Any], overrides: InputOverrides
     resize, the released LPT recipe's resampling and square resize for ``RELEASED_RECIPE_TAGS``,
     then ``overrides`` (a profile's ``input`` section)."""
     if isinstance(backbone, dict):
-        spec = dict(backbone)
-        spec.pop("weights", None)
-        name = spec.pop("name", None)
-        if not name or not timm.is_model(name.split(".")[0]):
-            raise ValueError(f"backbone.name: unknown timm model '{name}'")
-        with torch.device("meta"):
-            backbone = timm.create_model(name, pretrained=False, num_classes=0, **spec)
+        backbone = build_architecture(backbone)
     timm_cfg = resolve_model_data_config(backbone)
     tag = str((getattr(backbone, "pretrained_cfg", None) or {}).get("tag") or "")
     values = {"mean": list(timm_cfg["mean"]), "std": list(timm_cfg["std"])}

@@ -2,13 +2,17 @@
 
 import os
 import pickle
+import socket
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from lpt_core.data import build_dataset, long_tail_counts, val_test_overlap
+from cluster_fixtures import free_port
+from lpt_core.data import DownloadError, build_dataset, long_tail_counts, val_test_overlap
 from lpt_core.data import cifar as cifar_module
+from lpt_core.data.spec_counts import cifar_counts, data_summary
 from lpt_core.data.transforms import test_transform as eval_transform
 
 TEST_OFFSET = 100_000
@@ -192,8 +196,11 @@ def test_missing_and_broken_files_are_named(tmp_path, small100):
 
 def test_download_only_when_files_are_missing(tmp_path, small100, monkeypatch):
     calls = []
+    source = socket.create_server(("127.0.0.1", 0))   # a reachable download host (it is asked before a download)
 
     class FakeCIFAR100:
+        url = f"http://127.0.0.1:{source.getsockname()[1]}/cifar-100-python.tar.gz"
+
         def __init__(self, root, train, download):
             calls.append((root, download))
             write_cifar100(tmp_path / "fresh", shuffled_labels(5, 30), shuffled_labels(5, 10))
@@ -204,3 +211,42 @@ def test_download_only_when_files_are_missing(tmp_path, small100, monkeypatch):
     assert calls == []
     data = build_dataset(spec(tmp_path / "fresh", download=True, imbalance_ratio=10))
     assert calls == [(os.fspath(tmp_path / "fresh"), True)] and len(data.test) == 50
+    source.close()
+
+
+@pytest.mark.parametrize("rho, val_per_class", [(100, 20), (10, 50), (1, 0)])
+def test_dry_run_sizes_without_the_files_are_the_builders(full100, tmp_path, rho, val_per_class):
+    """Without the pickles, the sizes come from the official files' 500/100 images per class."""
+    here = data_summary(spec(full100, imbalance_ratio=rho, val_per_class=val_per_class))
+    away = data_summary(spec(tmp_path / "absent", imbalance_ratio=rho, val_per_class=val_per_class))
+    assert (away.num_classes, away.train, away.val, away.test) == (here.num_classes, here.train, here.val, here.test)
+    assert (away.class_counts, away.val_counts) == (here.class_counts, here.val_counts)
+    assert here.images_here and here.manifest_hash and not here.missing
+    assert away.data is None and away.manifest_hash is None and len(away.missing) == 1
+    assert away.missing[0].startswith(f"manifest hash: needs the images' pixels (data.root: {tmp_path / 'absent'}: "
+                                      f"no such directory); sizes from the official files' 500 train / 100 test")
+
+
+def test_cifar_lt_sizes_from_the_spec_are_the_papers():
+    """CIFAR-10-LT / CIFAR-100-LT at imbalance 100: 12,406 / 10,847 training images (LDAM-DRW, LPT)."""
+    assert [sum(cifar_counts(n, 100, 20)[0]) for n in ("cifar10_lt", "cifar100_lt")] == [12_406, 10_847]
+    counts, val, test = cifar_counts("cifar10_lt", 100, 20)
+    assert val == [0] + [20] * 9 and test == 10_000   # class 0 keeps all its 5,000 images: none to validate on
+
+
+def test_download_is_never_tried_by_a_dry_run_and_fails_fast_offline(tmp_path, monkeypatch):
+    """Offline (here: every https request goes through a proxy that refuses), data.download fails at
+    once with one line; a dry run does not try it."""
+    port = free_port()
+    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    summary = data_summary(spec(tmp_path, download=True))
+    assert summary.train == 10_847 and "(data.download: true fetches it when the search starts)" in summary.missing[0]
+    assert not (tmp_path / "cifar-100-python").exists()
+    started = time.monotonic()
+    with pytest.raises(DownloadError) as err:
+        build_dataset(spec(tmp_path, download=True))
+    assert time.monotonic() - started < 30   # loose: this shared machine is noisy
+    assert str(err.value) == (f"data.download: cannot fetch {cifar_module.LAYOUT['cifar100_lt'][-1].url} "
+                              f"(127.0.0.1:{port}: connection refused); download it elsewhere and unpack "
+                              f"cifar-100-python/ into {tmp_path}")

@@ -16,6 +16,7 @@ from PIL import Image
 from conftest import PLACES_LT_SPLITS, needs_places_lt_splits
 from lpt_core.data import EncodedBatch, build_dataset, long_tail_counts, manifest_hash, val_test_overlap
 from lpt_core.data.files import read_list
+from lpt_core.data.spec_counts import data_summary
 from lpt_core.trainer import to_device
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision.io
@@ -257,3 +258,46 @@ def test_image_folder_holds_out_and_applies_the_profile(tmp_path):
         build_dataset({**spec, "val_per_class": 6})
     with pytest.raises(ValueError, match=r"^data.imbalance_ratio: must be >= 1"):
         build_dataset({**spec, "imbalance_ratio": 0})
+
+
+def test_dry_run_sizes_from_the_lists_without_the_images(places, tmp_path):
+    """The lists alone give a search's sizes and manifest hash (paths and labels, never pixels)."""
+    lists_only = tmp_path / "lists"
+    lists_only.mkdir()
+    for name in ("train.txt", "val.txt", "test.txt"):
+        (lists_only / name).write_text((places / name).read_text())
+    here, away = data_summary(list_spec(places)), data_summary(list_spec(lists_only))
+    assert (here.num_classes, here.train, here.val, here.test) == (3, 11, 6, 6) and here.images_here
+    assert (away.num_classes, away.train, away.val, away.test, away.manifest_hash) == \
+        (here.num_classes, here.train, here.val, here.test, here.manifest_hash)
+    assert not away.images_here and away.missing == [
+        f"image files: not checked ({lists_only}/train.txt:1: {lists_only}/train/c0/000.jpg: no such image file "
+        f"(and 10 more missing))"]
+    gone = data_summary(list_spec(tmp_path / "nowhere"))
+    assert gone.train is None and gone.missing == [
+        f"classes and split sizes: the split lists are not here (data.train_list: {tmp_path}/nowhere/train.txt: "
+        f"no such file)"]
+
+
+@needs_places_lt_splits
+def test_dry_run_sizes_of_the_real_places_lt_lists(tmp_path):
+    lists = {k: os.path.join(PLACES_LT_SPLITS, f"Places_LT_{k}.txt") for k in ("train", "val", "test")}
+    s = data_summary({"name": "places_lt", "root": str(tmp_path / "places365"), "train_list": lists["train"],
+                      "val_list": lists["val"], "test_list": lists["test"]})
+    assert (s.num_classes, s.train, s.val, s.test) == (365, 62_500, 7_300, 36_500)
+    assert s.missing[0].startswith("image files: not checked (data.root: ")
+
+
+def test_dry_run_sizes_of_inat_and_of_an_absent_image_folder(tmp_path):
+    cats = [(10, "Ant"), (20, "Bee")]
+    write_coco(tmp_path / "train.json", [(1, "a.jpg", 10), (2, "b.jpg", 10), (3, "c.jpg", 20)], cats)
+    write_coco(tmp_path / "val.json", [(9, "v.jpg", 20)], cats)
+    s = data_summary({"name": "inat2018", "root": str(tmp_path / "images"), "train_json": str(tmp_path / "train.json"),
+                      "val_json": str(tmp_path / "val.json")})
+    # validation holds out 1 of Ant's 2 training images (Bee's only one stays), test is val.json
+    assert (s.num_classes, s.train, s.val, s.test) == (2, 2, 1, 1) and s.manifest_hash
+    assert (s.class_counts, s.val_counts) == ([1, 1], [1, 0])
+    folder = data_summary({"name": "image_folder", "root": str(tmp_path / "photos")})
+    assert folder.num_classes is None and folder.missing == [
+        f"classes and split sizes: counted from the images, which are not here (data.root: {tmp_path}/photos: "
+        f"no such directory)"]

@@ -48,7 +48,8 @@ def study_with(**changes):
      "space.epochs: not searchable: it sets the epoch count that early stopping (ASHA) compares trials at"),
     (dict(space={"top_k": {"type": "choice", "values": [1, 2.5]}}), "space.top_k.values[1]: must be an integer, got 2.5"),
     (dict(space={"lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}), "space.lr.low: must be > 0"),
-    (dict(budget__trails=3), "budget.trails: unknown key (known: trials, concurrency, max_failures)"),
+    (dict(budget__trails=3), "budget.trails: unknown key (known: trials, concurrency, max_failures, gpu_hours, "
+                                       "cpu_hours, on_exhausted)"),
     (dict(objective={"metrics": ["val_acc", "val_few_acc"], "modes": ["max"]}), "objective.modes: must give one mode per metric"),
     (dict(space={"pool_size": {"type": "int", "low": 9, "high": 3}}), "space.pool_size.low: must be <= high"),
     (dict(space={"group_start": {"type": "int", "low": 5, "high": 9}}), "space.group_start: no value in 1..3"),
@@ -115,10 +116,57 @@ def test_dry_run_states_the_cost_of_a_trial_and_of_the_search(capsys):
     assert "cost per trial: phase 2 trains 4 epochs x 15 steps x 2x32 = 3,840 images (+ 800 evaluated)" in out
     assert "cost per phase 1 (1, unless cached): 2 epochs x 15 steps x 2x32 = 1,920 images (+ 400 evaluated)" in out
     assert "at most 21,120 training images (5 whole trials" in out
-    assert "GPU time: add --set images_per_s=N" in out
+    assert "CPU time: add --set images_per_s=N" in out   # smoke trials use no GPU: CPU-core-hours
     assert main(["--study", "prompt_pool", "--dry-run", "--trials", "5", "--set", "images_per_s=0.5"]) == 0
-    assert ("GPU time at 0.5 img/s: 2.13 GPU-h per trial, 1.07 per phase 1, at most 11.7 GPU-h for the search"
-            in capsys.readouterr().out)
+    assert ("CPU time at 0.5 img/s: 2.13 CPU-core-h per trial, 1.07 per phase 1, at most 11.7 CPU-core-h for the "
+            "search" in capsys.readouterr().out)
+    args = ["--study", "prompt_pool", "--dry-run", "--trials", "5", "--set", "images_per_s=0.5"]
+    assert main([*args, "--set", "resources.cpu=2", "--set", "resources.gpu=0.5", "--gpu-hours", "9"]) == 0
+    assert "GPU time at 0.5 img/s: 1.07 GPU-h per trial, 0.53 per phase 1, at most 5.9 GPU-h for the search" in \
+        capsys.readouterr().out   # a trial holding half a GPU spends half its wall time in GPU-hours
+
+
+def test_dry_run_says_what_the_budget_pays_for(capsys):
+    """smoke at 50 img/s: a trial (3,840 images) is 76.8 s = 0.0213 CPU-core-hours, phase 1 half of it;
+    ASHA's rungs at epochs 1, 2 of 4 (reduction 2) leave 1 + 1/2 + 2/4 = 2 epochs: half a trial."""
+    assert main(["--study", "prompt_pool", "--dry-run", "--cpu-hours", "0.5", "--set", "images_per_s=50"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert ("cost budget: 0.5 CPU-core-hours (budget.cpu_hours); no trial starts once they are committed, then "
+            "running trials finish") in out
+    assert ("cost budget at 50 img/s: phase 1 up front 0.0107 CPU-core-hours (unless cached), then 22 whole trials "
+            "of 0.0213, about 44 with ASHA's stops at epochs 1, 2 (if each keeps 1/2 of its trials: 0.0107 a trial; "
+            "the baseline runs every epoch): budget.trials (12) ends the search first") in out
+    assert main(["--study", "prompt_pool", "--dry-run", "--set", "budget.cpu_hours=0.05", "--set",
+                 "budget.on_exhausted=stop", "--set", "images_per_s=50"]) == 0
+    out = capsys.readouterr().out
+    assert "then running trials stop at their next epoch" in out
+    assert ("then 1 whole trial of 0.0213, about 2 with ASHA's stops at epochs 1, 2 (if each keeps 1/2 of its "
+            "trials: 0.0107 a trial; the baseline runs every epoch): the budget ends the search before budget.trials "
+            "(12)") in out
+    assert main(["--study", "prompt_pool", "--dry-run", "--cpu-hours", "0.01", "--set", "images_per_s=50"]) == 0
+    assert "it leaves 0, less than one whole trial (0.0213): no trial would start" in capsys.readouterr().out
+    assert main(["--study", "prompt_pool", "--dry-run", "--cpu-hours", "1"]) == 0
+    assert "cost budget in trials: add --set images_per_s=N" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--set", "budget.gpu_hours=1"], "budget.gpu_hours: the profile's trials ask for no GPU (resources.gpu: 0)"),
+    (["--set", "budget.gpu_hours=1", "--set", "budget.cpu_hours=1", "--set", "resources.gpu=1"],
+     "budget.cpu_hours: give gpu_hours or cpu_hours, not both"),
+    (["--cpu-hours", "-1"], "budget.cpu_hours: must be > 0, got -1.0"),
+    (["--set", "budget.on_exhausted=later"], "budget.on_exhausted: must be one of finish, stop, got 'later'"),
+    (["--set", "budget.trials=3"], "--set budget.trials=3: use --trials N"),
+    (["--set", "budget.hours=3"], "budget.hours: unknown key"),
+])
+def test_bad_budgets_exit_2_naming_the_key(capsys, argv, needle):
+    code, err = run_main(capsys, "--study", "prompt_pool", *argv, "--dry-run")
+    assert code == 2 and needle in err and len(err.splitlines()) == 1, err
+
+
+def test_a_budget_flag_replaces_the_studys_other_measure(tmp_path, capsys):
+    study = write(tmp_path, "s", study_with(budget__cpu_hours=2.0))
+    assert main(["--study", study, "--dry-run", "--set", "resources.gpu=1", "--gpu-hours", "3"]) == 0
+    assert "cost budget: 3 GPU-hours (budget.gpu_hours)" in capsys.readouterr().out
 
 
 def test_dry_run_shows_the_input_pipeline_of_the_backbone(capsys):

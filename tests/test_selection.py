@@ -6,11 +6,11 @@ import math
 
 import pytest
 import yaml
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler
 
 from lpt_core.config import PhaseConfig
 from tune.baseline_gain import validation_gain
-from tune.early_stopping import asha_rungs, describe, grace_epochs
+from tune.early_stopping import describe, grace_epochs
 from tune.search import main
 from tune.searcher import make_scheduler
 from tune.study_config import ConfigError, load_study
@@ -22,13 +22,6 @@ from test_data_files import write_list
 RELEASED = PhaseConfig()                            # 90 epochs, 1 warm-up epoch stepped per epoch
 SMOKE = PhaseConfig(epochs=4, warmup="step")        # the smoke profile's phase 2
 ES = {"enabled": True, "grace_period": "auto", "reduction_factor": 2}
-
-
-def ray_rungs(grace: int, rf: float, max_t: int) -> list:
-    """The milestones of Ray's own ASHA (below max_t, where every trial ends anyway)."""
-    scheduler = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=max_t,
-                              grace_period=grace, reduction_factor=rf)
-    return sorted(m for m, _ in scheduler._brackets[0]._rungs if m < max_t)
 
 
 @pytest.mark.parametrize("phase2, given, grace", [
@@ -65,11 +58,6 @@ def make_scheduler_rungs(phase2: PhaseConfig) -> list:
     scheduler = make_scheduler({"early_stopping": ES, "baseline": {"exempt_from_early_stopping": True}},
                                phase2, "val_acc", "max")
     return sorted(m for m, _ in scheduler._brackets[0]._rungs if m < phase2.epochs)
-
-
-@pytest.mark.parametrize("grace, rf, max_t", [(9, 2, 90), (9, 3, 90), (1, 2, 4), (2, 3, 48), (5, 2, 5), (3, 1.5, 40)])
-def test_the_rungs_are_rays_own(grace, rf, max_t):
-    assert asha_rungs(grace, rf, max_t) == ray_rungs(grace, rf, max_t)
 
 
 def test_the_shipped_studies_judge_after_a_tenth_of_the_released_schedule():

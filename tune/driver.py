@@ -16,6 +16,8 @@ from mlflow import MlflowClient
 import optuna
 from ray import tune
 
+from . import budget as cost
+from . import budget_gate as gate
 from . import mlflow_tracking as mt
 from . import names
 from .cluster_checks import check_shared_storage
@@ -35,8 +37,8 @@ from .stop_signals import StopSignals
 from .study_config import ConfigError, StudyConfig, error_line, objective_of
 from .trainable import SearchSetup, confirm_seed, evaluate_prompts, run_trial
 from .names import SEARCH_FILE, TABLE_FILE
-from .trial_table import (COMPLETED, FAILED, INTERRUPTED, TrialTable, best_row, close_trial_run, last_line,
-                          prompt_path, read_rows, status_counts, trial_row, write_table)
+from .trial_table import (BUDGET_STOPPED, COMPLETED, FAILED, INTERRUPTED, TrialTable, best_row, close_trial_run,
+                          last_line, prompt_path, read_rows, status_counts, trial_row, write_table)
 
 RUNNING, INTERRUPTED_STATE, FINISHED = "running", "interrupted", "finished"  # search.json's "state"
 EXIT_INTERRUPTED = 130
@@ -99,20 +101,21 @@ def resume_mode(plan, args, record: dict, folder: Path) -> str:
     diff = first_difference(_plain(record["profile"]), _plain(plan.profile))
     if diff:
         raise ConfigError(f"--resume: profile {diff} in {folder.name}; start a new search without --resume")
+    cost.resumed_budget(plan.study, record["study_config"]["budget"], plan.budget_given)
     stored, wanted = _plain(with_defaults(record["study_config"])), _plain(plan.study)
     budget = stored["budget"]["trials"]
     asked = budget if args.trials is None else args.trials  # the search's own budget unless --trials
-    diff = first_difference({**stored, "budget": {**stored["budget"], "trials": None}},
-                            {**wanted, "budget": {**wanted["budget"], "trials": None}})
+    free = dict.fromkeys(("trials", *cost.BUDGET_KEYS))  # what a resumed search may change (cost.resumed_budget)
+    diff = first_difference({**stored, "budget": {**stored["budget"], **free}},
+                            {**wanted, "budget": {**wanted["budget"], **free}})
     if diff:
         raise ConfigError(f"--resume: study {diff} in {folder.name}; start a new search without --resume")
     if asked < budget:
         raise ConfigError(f"--trials {asked}: the search in {folder.name} has a budget of {budget}; resume it "
                           f"as it is (no --trials), or extend it with --trials N (N > {budget})")
     plan.study["budget"]["trials"] = asked
-    if asked > budget:
-        return "extend"
-    return "finished" if record.get("state") == FINISHED else "resume"
+    mode = "extend" if asked > budget else "finished" if record.get("state") == FINISHED else "resume"
+    return cost.resume_mode(mode, record, plan.study, folder)
 
 
 def find_resumed(plan, args) -> tuple[Path, dict, str]:
@@ -178,9 +181,11 @@ def make_tuner(plan, folder: Path, run: dict, setup: SearchSetup, client: Mlflow
         write_table([r for tid, r in earlier.items() if tid in run["rows_before"]], table_path)
     prior = [r for tid, r in read_rows(table_path).items() if tid in run["rows_before"]]
     params = list(study["space"])
+    stopper = gate.BudgetStopper(folder)  # the budget's pieces read the search folder (and again when restored)
     table = TrialTable(table_path, params, epochs, client, budget, metrics[0], prior,
-                       (setup.experiment_id, setup.parent_run_id))
-    progress = SearchProgress(budget, epochs, metrics[0], modes[0], params, prior)
+                       (setup.experiment_id, setup.parent_run_id), profile["resources"], stopper)
+    progress = SearchProgress(budget, epochs, metrics[0], modes[0], params, prior,
+                              meter=gate.BudgetMeter(folder))
     storage = open_storage(record["optuna_storage"])
     ot_study = search_study(storage, record["optuna_study"], modes)
     fail_unfinished(ot_study)  # trials of a run that starts again
@@ -192,9 +197,11 @@ def make_tuner(plan, folder: Path, run: dict, setup: SearchSetup, client: Mlflow
     run_config = tune.RunConfig(
         name=path.name, storage_path=str(path.parent),
         failure_config=tune.FailureConfig(max_failures=study["budget"]["max_failures"]),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[table, progress], verbose=0)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[table, progress], stop=stopper,
+        verbose=0)
     return tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
-        search_alg=searcher, scheduler=make_scheduler(study, plan.phase2, metrics[0], modes[0]),
+        search_alg=gate.BudgetSearcher(searcher, folder),
+        scheduler=make_scheduler(study, plan.phase2, metrics[0], modes[0]),
         num_samples=run["trials"]))
 
 
@@ -280,7 +287,7 @@ def collect_rows(plan, client: MlflowClient, folder: Path, grids: list, interrup
             if tid and tid not in rows:
                 error = last_line(result.error) if result.error and not interrupted else None
                 rows[tid] = trial_row(tid, result.config or {}, list(plan.study["space"]), result.metrics,
-                                      epochs, error, interrupted=interrupted)
+                                      epochs, error, interrupted=interrupted, resources=plan.profile["resources"])
                 if rows[tid]["status"] != INTERRUPTED:  # it ended, but its end reached no callback
                     close_trial_run(client, rows[tid])
     rows = list(rows.values())
@@ -300,7 +307,8 @@ def stop_interrupted(plan, args, client: MlflowClient, folder: Path, record: dic
             client.set_tag(row["mlflow_run_id"], names.STATUS, INTERRUPTED)
             client.set_terminated(row["mlflow_run_id"], "KILLED")
     write_table(rows, folder / TABLE_FILE)
-    mt.log(client, record["parent_run_id"], tags={names.INTERRUPTED: signal_name})
+    mt.log(client, record["parent_run_id"], metrics=cost.search_spent(record, rows),
+           tags={names.INTERRUPTED: signal_name})
     client.set_terminated(record["parent_run_id"], "KILLED")
     save_record(folder, {**record, "state": INTERRUPTED_STATE})
     counts = status_counts(rows)
@@ -314,9 +322,11 @@ def stop_interrupted(plan, args, client: MlflowClient, folder: Path, record: dic
 def say_finished(plan, folder: Path, record: dict) -> int:
     budget = record["study_config"]["budget"]["trials"]
     counts = status_counts(list(read_rows(folder / TABLE_FILE).values()))
-    print(f"{folder.name} is finished: {budget} trials ({counts[COMPLETED]} completed). See its summary "
-          f"with python tune/report.py --study {plan.study_name}; extend it with --resume --trials N "
-          f"(N > {budget}), or confirm its best on test with --resume --confirm N", flush=True)
+    ended = cost.finished_line(record, plan.study, folder)
+    print(f"{folder.name} is finished: {budget} trials ({counts[COMPLETED]} completed"
+          + (f"; {ended}" if ended else "") + f"). See its summary with python tune/report.py --study "
+          f"{plan.study_name}; extend it with --resume --trials N (N > {budget}), or confirm its best on test "
+          f"with --resume --confirm N", flush=True)
     return 0
 
 
@@ -362,19 +372,23 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None, loc
           f"{parent_id})\nOptuna: {optuna_address(record)}", flush=True)
     if mode != "new":
         client.update_run(parent_id, status="RUNNING")
-        save_record(folder, {**record, "state": RUNNING})
+    cost.keep_in_record(record, plan.study, plan.trial_estimate_s())  # --resume may raise the budget
+    client.set_tag(parent_id, names.BUDGET, cost.budget_tag(plan.study))
+    save_record(folder, {**record, "state": RUNNING})
     started = time.time()
     grids, rows, registered = [], [], False
     with StopSignals() as stop:
         try:
-            train_up_front(plan, setup, client, on_resources)  # the trials then only read the cache
+            _, phase1_s = train_up_front(plan, setup, client, on_resources)  # the trials then only read the cache
+            cost.add_phase1(record, phase1_s)
+            save_record(folder, {**record, "state": RUNNING})
             if mode == "new" or record.get("state") != FINISHED:  # the last Tune run, new or unfinished
                 grids.append(stop.fit(make_tuner(plan, folder, record["runs"][-1], setup, client,
                                                  restore=mode != "new", record=record,
                                                  budget=record["study_config"]["budget"]["trials"])))
             if mode == "extend" and not stop.received:
                 done = list(read_rows(folder / TABLE_FILE))
-                extra = budget - record["study_config"]["budget"]["trials"]
+                extra = budget - len(done)  # a search its cost budget ended has trials left of its own
                 record["runs"].append({"dir": f"extend-{len(record['runs'])}", "trials": extra, "rows_before": done})
                 record["study_config"] = plan.study
                 client.log_param(parent_id, f"trials_after_extension_{len(record['runs']) - 1}", budget)
@@ -431,10 +445,19 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
     val_images = len(plan.data.val)
     summary[SIZE_METRIC] = val_images
     registered = True
+    spend = cost.outcome(record, rows)
+    record["budget_ended"] = spend["ended"]
+    summary.update(gpu_hours=spend["gpu_hours"], cpu_hours=spend["cpu_hours"],
+                   trials_not_started=spend["trials"] - spend["allowed"])
+    if spend["limit"] is not None:
+        client.set_tag(parent_id, names.BUDGET_ENDED, str(spend["ended"]).lower())
+    write_table(rows, folder / TABLE_FILE, metadata={names.BUDGET: json.dumps(spend)})
     lines = [f"\n{len(rows)} trials: {counts['completed']} completed, {counts['early_stopped']} stopped early "
-             f"by ASHA, {counts['failed']} failed ({seconds:.0f} s)"]
+             f"by ASHA, {counts['failed']} failed"
+             + (f", {counts[BUDGET_STOPPED]} stopped by the budget" if counts[BUDGET_STOPPED] else "")
+             + f" ({seconds:.0f} s)", *cost.summary_lines(spend)]
     lines += [f"  failed {r['trial_id']}: {r['error']}" for r in rows if r["status"] == FAILED][:5]
-    lines.append(validation.describe(plan.data))
+    lines.append(validation.describe(plan.summary))
     if best is not None:
         config = {p: best[p] for p in plan.study["space"]}
         prompt_file = prompt_path(folder, best["trial_id"])
@@ -471,6 +494,8 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
             client.set_tag(parent_id, names.CONFIRMED_TRIAL, best["trial_id"])
         else:
             lines += stale_confirmation(client.get_run(parent_id).data.tags, best["trial_id"], args)
+    elif counts[BUDGET_STOPPED]:
+        lines.append(f"no trial completed: the budget stopped {counts[BUDGET_STOPPED]} before their last epoch")
     else:
         lines.append("no trial completed: see the table's error column and the trials' MLflow runs")
     mt.log(client, parent_id, metrics=summary)

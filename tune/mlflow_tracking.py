@@ -15,13 +15,10 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 
+from .errors import ServiceError  # noqa: F401 (mt.ServiceError)
 from .names import ERROR, NODE, PARENT, PHASE1_KEY, RESUMED, ROLE, ROLE_TRIAL, TRIAL_ID  # noqa: F401 (mt.ROLE ...)
 
 MAX_BATCH = 900  # MLflow accepts 1000 metrics per log_batch
-
-
-class ServiceError(RuntimeError):
-    """A tracking or cluster address that cannot be used: the message is the CLI's one line."""
 
 
 def resolve_tracking_uri(cwd: str | os.PathLike | None = None) -> str:

@@ -35,12 +35,13 @@ def phase1_keys(plan) -> dict[int, str]:
 
 
 def phase1_task(setup: SearchSetup, prompt_length: int) -> dict:
-    """One phase 1 of the search (a Ray task): trained into the cache unless someone has already."""
+    """One phase 1 of the search (a Ray task): trained into the cache unless someone has already.
+    ``seconds``: the task's wall time, data and model included (its cost: x a trial's resources)."""
+    started = time.monotonic()
     seed = setup.profile["seed"]
     log = lambda msg: print(f"[phase 1, prompt_length {prompt_length}] {msg}", flush=True)
     data = profile_data(setup.profile)
     model, _ = build_model(setup, {"prompt_length": prompt_length}, data, seed)
-    started = time.monotonic()
     key, _ = ensure_phase1(setup, model, data, seed, MlflowClient(setup.tracking_uri), log)
     return {"seconds": time.monotonic() - started, **Phase1Cache(setup.cache_dir).info(key), "key": key}
 
@@ -52,11 +53,12 @@ def task_error(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {text[-1] if text else ''}"
 
 
-def train_up_front(plan, setup: SearchSetup, client: MlflowClient, remote) -> float:
+def train_up_front(plan, setup: SearchSetup, client: MlflowClient, remote) -> tuple[float, float]:
     """Train the search's phase-1 configs that are not cached, as ``remote(phase1_task, profile)``
-    tasks (the driver's Ray remote with a trial's resources); returns the seconds it took, also
-    logged on the parent run. Raises ``Phase1Error`` when a task fails; on any exception (Ctrl+C
-    included) the tasks still running are cancelled."""
+    tasks (the driver's Ray remote with a trial's resources); returns the seconds it took (also
+    logged on the parent run) and the tasks' seconds summed (what it cost, in a trial's resources).
+    Raises ``Phase1Error`` when a task fails; on any exception (Ctrl+C included) the tasks still
+    running are cancelled."""
     keys = phase1_keys(plan)
     cache = Phase1Cache(setup.cache_dir)
     todo = [n for n, key in keys.items() if not cache.ready(key)]
@@ -67,6 +69,7 @@ def train_up_front(plan, setup: SearchSetup, client: MlflowClient, remote) -> fl
     started = time.monotonic()
     task = remote(phase1_task, plan.profile)
     pending = {task.remote(setup, n): n for n in todo}
+    task_seconds = 0.0
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # a timeout: Ctrl+C gets through
@@ -77,6 +80,7 @@ def train_up_front(plan, setup: SearchSetup, client: MlflowClient, remote) -> fl
                 except Exception as exc:
                     raise Phase1Error(f"phase 1 of prompt_length {n} (key {keys[n]}) failed: "
                                       f"{task_error(exc)}") from None
+                task_seconds += result["seconds"]
                 val = result.get("val_acc")
                 print(f"phase 1 prompt_length {n} ready: key {result['key']}, {result['seconds']:.0f} s"
                       + (f", val_acc {val:.2f}%" if val is not None else "")
@@ -86,4 +90,4 @@ def train_up_front(plan, setup: SearchSetup, client: MlflowClient, remote) -> fl
             ray.cancel(ref)
     seconds = time.monotonic() - started
     mt.log(client, setup.parent_run_id, metrics={UPFRONT_METRIC: seconds})
-    return seconds
+    return seconds, task_seconds

@@ -2,9 +2,10 @@
 
 ``done/budget`` (completed, stopped early, failed), running (and how many have reported no phase-2
 epoch yet: starting, or training or waiting for phase 1), pending, the best objective so far with
-its parameters, the elapsed time and an estimate of the time left from the phase-2 epochs finished
-so far (an upper bound: ASHA stops some trials before their last epoch). Plain lines, so that logs
-and ``docker logs`` read well.
+its parameters, the hours spent (``GPU-hours 3.2 of 10`` with a budget: ``budget.BudgetMeter``),
+the elapsed time and an estimate of the time left from the phase-2 epochs finished so far (an
+upper bound: ASHA stops some trials before their last epoch). Plain lines, so that logs and
+``docker logs`` read well.
 """
 
 from __future__ import annotations
@@ -28,18 +29,19 @@ def duration(seconds: float) -> str:
 
 class SearchProgress(tune.Callback):
     def __init__(self, budget: int, epochs: int, metric: str, mode: str, params: list[str],
-                 prior: list[dict] = (), interval_s: float = INTERVAL_S):
-        """``budget``: trials of the whole search; ``prior``: table rows of its earlier Tune runs."""
+                 prior: list[dict] = (), interval_s: float = INTERVAL_S, meter=None):
+        """``budget``: trials of the whole search; ``prior``: table rows of its earlier Tune runs;
+        ``meter``: a ``budget.BudgetMeter`` (the hours spent), or None."""
         self.budget, self.epochs, self.metric, self.mode, self.params = budget, epochs, metric, mode, params
         self.prior = [{"status": r["status"], "value": r.get(metric), "config": {p: r.get(p) for p in params}}
                       for r in prior]
-        self.interval_s = interval_s
+        self.interval_s, self.meter = interval_s, meter
         self.started = self.last = None
         self.epochs_at_start: int | None = None  # a resumed search: epochs that ran before this driver
         self.best_seen: tuple[float, dict] | None = None
 
     def __setstate__(self, state: dict) -> None:  # Tuner.restore: this driver's clock starts again
-        self.__dict__.update({"best_seen": None, **state}, started=None, last=None, epochs_at_start=None)
+        self.__dict__.update({"best_seen": None, "meter": None, **state}, started=None, last=None, epochs_at_start=None)
 
     # ----------------------------------------------------------------------------- the line
     def line(self, trials: list[Trial], now: float | None = None, ending: dict | None = None) -> str:
@@ -65,6 +67,9 @@ class SearchProgress(tune.Callback):
             value, config = best
             shown = ", ".join(f"{p}={config.get(p)}" for p in self.params)
             parts.append(f"best {self.metric} {value:.2f} ({shown})")
+        cost = self.meter.text(trials, now) if self.meter is not None else None
+        if cost:
+            parts.append(cost)
         left = self.time_left(trials, epochs_of, pending, now)
         if left is not None:
             parts.append(f"about {duration(left)} left at most")

@@ -30,8 +30,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--study", help="a file in studies/ (name or .yaml path); required unless --schema")
     p.add_argument("--profile", default="smoke", help="a file in studies/profiles/ or a .yaml path (default: smoke)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a profile value, e.g. --set phase2.epochs=3 (repeatable)")
+                   help="override a profile value, e.g. --set phase2.epochs=3, or a study's budget.* value "
+                        "(repeatable)")
     p.add_argument("--trials", type=int, help="trial budget (default: the study's)")
+    hours = p.add_mutually_exclusive_group()
+    hours.add_argument("--gpu-hours", type=float, metavar="H",
+                       help="GPU-hours the search may spend (study key budget.gpu_hours): no trial starts past them")
+    hours.add_argument("--cpu-hours", type=float, metavar="H",
+                       help="the same in CPU-core-hours (budget.cpu_hours), for CPU-only trials")
     p.add_argument("--storage", help="search folder root, shared by all nodes (default: ./runs or $LPT_STORAGE)")
     p.add_argument("--resume", action="store_true", help="continue the latest interrupted search of this study and profile")
     p.add_argument("--confirm", type=int, default=0, metavar="N",
@@ -51,16 +57,21 @@ class Plan:
     """Everything checked before Ray starts."""
 
     def __init__(self, args: argparse.Namespace):
-        from lpt_core.backbones import build_backbone_from_spec
-        from lpt_core.data.manifest import manifest_hash
+        from lpt_core.backbones import build_architecture, build_backbone_from_spec, input_config
+        from lpt_core.data.spec_counts import DataSummary, data_summary
+        from tune.budget import check_budget, given_budget
         from tune.optuna_storage import check_storage_env
         from tune.search_space import baseline_config, check_baseline, check_prompt_lengths, check_space
         from tune.early_stopping import grace_epochs
-        from tune.study_config import load_profile, load_study, objective_of, profile_data
+        from tune.study_config import load_profile, load_study, objective_of, profile_data, split_overrides
         from tune.validation import check_disjoint, check_objectives
 
-        self.study_path, self.study = load_study(args.study)
-        self.profile_path, self.profile = load_profile(args.profile, args.set)
+        self.dry_run = args.dry_run
+        profile_sets, study_sets = split_overrides(args.set)
+        study_sets += budget_flags(args)
+        self.budget_given = given_budget(study_sets)  # what --resume changes of a search's budget
+        self.study_path, self.study = load_study(args.study, study_sets)
+        self.profile_path, self.profile = load_profile(args.profile, profile_sets)
         self.study_name, self.profile_name = self.study_path.stem, self.profile_path.stem
         if args.trials is not None:
             if args.trials < 1:
@@ -72,17 +83,24 @@ class Plan:
             from tune.model_registry import check_model_name
             check_model_name(args.register)
         absolute_paths(self.profile)
+        check_budget(self.study, self.profile, str(self.study_path))
         try:
-            backbone = build_backbone_from_spec(self.profile["backbone"])
-            self.data = profile_data(self.profile)
+            self.input_cfg = input_config(self.profile["backbone"], self.profile.get("input"))
+            if args.dry_run:  # the architecture, and the data's sizes from what is here: no weights, no download
+                backbone = build_architecture(self.profile["backbone"])
+                self.summary = data_summary(self.profile["data"], self.input_cfg)
+            else:  # a search refuses here, before Ray starts, when the weights or the data are missing
+                backbone = build_backbone_from_spec(self.profile["backbone"])
+                self.summary = DataSummary.of(profile_data(self.profile))
         except (ValueError, FileNotFoundError) as exc:
             raise ConfigError(f"{self.profile_path}: {exc}") from None
+        self.data = self.summary.data  # None in a dry run without the data's lists or files
         self.depth = len(getattr(backbone, "blocks", []))
         self.phase1 = PhaseConfig.from_dict(self.profile["phase1"], where=f"{self.profile_path}: phase1")
         self.phase2 = PhaseConfig.from_dict(self.profile["phase2"], where=f"{self.profile_path}: phase2")
         dataset = self.profile["data"]["name"]
         check_disjoint(self.data, dataset, str(self.profile_path))
-        check_objectives(objective_of(self.study["objective"])[0], self.data, self.profile["shot_split"], dataset,
+        check_objectives(objective_of(self.study["objective"])[0], self.summary, self.profile["shot_split"], dataset,
                          str(self.study_path))
         grace_epochs(self.study["early_stopping"], self.phase2, str(self.study_path))
         check_space(self.study["space"], self.profile["model"], self.depth, str(self.study_path))
@@ -91,7 +109,7 @@ class Plan:
                          if self.study["baseline"]["enabled"] else None)
         self.baseline_notes = (check_baseline(self.study["space"], self.baseline, str(self.study_path))
                                if self.baseline else [])
-        self.manifest_hash = manifest_hash(self.data)
+        self.manifest_hash = self.summary.manifest_hash
         self.storage = Path(os.path.expanduser(args.storage or os.environ.get("LPT_STORAGE", "runs"))).resolve()
         check_storage_env()
         if "://" in str(args.storage or ""):
@@ -107,12 +125,11 @@ class Plan:
         n_phase1 = len(lengths)  # all trained up front (check_prompt_lengths keeps it within the budget)
         metrics = objective_of(self.study["objective"])[0]
         lines = [f"study {self.study_name} ({self.study_path}), profile {self.profile_name} ({self.profile_path})",
-                 f"data: {self.profile['data']['name']}, {self.data.num_classes} classes, "
-                 f"{len(self.data.train_labels)} train / {len(self.data.val)} val / {len(self.data.test)} test images; "
-                 f"manifest {self.manifest_hash[:12]}",
-                 validation.describe(self.data),
-                 f"backbone: {self.profile['backbone']['name']} ({self.depth} blocks), weights {self.profile['backbone'].get('weights', 'pretrained')}",
-                 f"input: {describe_input(self.data.input_cfg)}",
+                 self.data_line(),
+                 *([f"not computed here: {'; '.join(self.summary.missing)}"] if self.summary.missing else []),
+                 validation.describe(self.summary),
+                 self.backbone_line(),
+                 f"input: {describe_input(self.input_cfg)}",
                  "search space:", *[f"  {line}" for line in describe(self.study["space"], self.depth)],
                  f"objective: {self.study['objective']}",
                  f"budget: {b['trials']} trials, {b['concurrency']} at a time, up to {b['max_failures']} retries each",
@@ -130,6 +147,20 @@ class Plan:
                  *self.cost_lines(n_phase1)]
         return "\n".join(lines)
 
+    def data_line(self) -> str:
+        s, count = self.summary, lambda n: "?" if n is None else f"{n:,}"
+        return (f"data: {self.profile['data']['name']}, {count(s.num_classes)} classes, {count(s.train)} train / "
+                f"{count(s.val)} val / {count(s.test)} test images; manifest "
+                + (s.manifest_hash[:12] if s.manifest_hash else "not computed"))
+
+    def backbone_line(self) -> str:
+        from lpt_core.backbones import weights_source
+        spec = self.profile["backbone"]
+        weights = spec.get("weights", "pretrained")
+        checked = (f": not checked by a dry run; a search takes them from {weights_source(spec)}"
+                   if self.dry_run and weights != "random" else "")
+        return f"backbone: {spec['name']} ({self.depth} blocks), weights {weights}{checked}"
+
     def baseline_line(self) -> str:
         if self.baseline is None:
             return "baseline: off (baseline.enabled: false)"
@@ -139,31 +170,54 @@ class Plan:
                 + (", every epoch (exempt from early stopping)" if exempt else "")
                 + "".join(f"; note: {n}" for n in self.baseline_notes))
 
-    def cost_lines(self, n_phase1: int) -> list[str]:
-        """Images each trial trains on, and GPU-hours at the profile's ``images_per_s`` estimate."""
-        n_train, n_val, trials = len(self.data.train_labels), len(self.data.val), self.study["budget"]["trials"]
+    def phase_images(self, name: str) -> tuple[int, str]:
+        """Training images of one run of phase ``name`` (``phase1`` / ``phase2``), and in words."""
+        n_train, n_val = self.summary.train, self.summary.val or 0
+        cfg = getattr(self, name)
+        steps = max(1, n_train // cfg.batch_size)  # an epoch of the trainer's sampler
+        branches = 2 if cfg.sampling == "dual" else 1
+        images = cfg.epochs * steps * branches * cfg.batch_size
+        return images, (f"{cfg.epochs} epochs x {steps} steps x {'2x' if branches == 2 else ''}{cfg.batch_size}"
+                        f" = {images:,} images (+ {cfg.epochs * n_val:,} evaluated)")
 
-        def phase(name: str) -> tuple[int, str]:
-            cfg = getattr(self, name)
-            steps = max(1, n_train // cfg.batch_size)  # an epoch of the trainer's sampler
-            branches = 2 if cfg.sampling == "dual" else 1
-            images = cfg.epochs * steps * branches * cfg.batch_size
-            return images, (f"{cfg.epochs} epochs x {steps} steps x {'2x' if branches == 2 else ''}{cfg.batch_size}"
-                            f" = {images:,} images (+ {cfg.epochs * n_val:,} evaluated)")
-        (phase1, phase1_text), (phase2, phase2_text) = phase("phase1"), phase("phase2")
+    def trial_estimate_s(self) -> float | None:
+        """A whole trial's seconds at the profile's ``images_per_s``; None without it."""
+        rate = self.profile.get("images_per_s")
+        return self.phase_images("phase2")[0] / rate if rate and self.summary.train else None
+
+    def cost_lines(self, n_phase1: int) -> list[str]:
+        """Images each trial trains on, GPU-hours (CPU-core-hours for CPU trials or a CPU-hour
+        budget) at the profile's ``images_per_s`` estimate, and what the budget pays for."""
+        from tune.budget import MEASURES, measure_of, plan_lines
+        if self.summary.train is None:
+            return ["cost: not computed (the training set's size is not known here)"]
+        trials = self.study["budget"]["trials"]
+        (phase1, phase1_text), (phase2, phase2_text) = self.phase_images("phase1"), self.phase_images("phase2")
         total = trials * phase2 + n_phase1 * phase1
         lines = [f"cost per trial: phase 2 trains {phase2_text}",
                  f"cost per phase 1 ({n_phase1}, unless cached): {phase1_text}",
                  f"cost of the search: at most {total:,} training images ({trials} whole trials; ASHA stops some early)"]
         rate = self.profile.get("images_per_s")
+        key, label = MEASURES[measure_of(self.study["budget"], self.profile["resources"])]
+        unit = label.replace("hours", "h")
         if rate:
-            hours = lambda n: n / rate / 3600
-            lines.append(f"GPU time at {rate:g} img/s: {hours(phase2):.2f} GPU-h per trial, "
-                         f"{hours(phase1):.2f} per phase 1, at most {hours(total):.1f} GPU-h for the search")
+            hours = lambda n: n / rate / 3600 * self.profile["resources"][key]
+            lines.append(f"{label.split('-')[0]} time at {rate:g} img/s: {hours(phase2):.2f} {unit} per trial, "
+                         f"{hours(phase1):.2f} per phase 1, at most {hours(total):.1f} {unit} for the search")
         else:
-            lines.append("GPU time: add --set images_per_s=N (the training img/s of one trial, e.g. from "
-                         "benchmarks/step_throughput.py on your GPU) for GPU-hours")
-        return lines
+            lines.append(f"{label.split('-')[0]} time: add --set images_per_s=N (the training img/s of one trial, e.g. "
+                         f"from benchmarks/step_throughput.py on your GPU) for {label}")
+        return lines + plan_lines(self.study, self.profile, phase2, phase1, n_phase1)
+
+
+def budget_flags(args: argparse.Namespace) -> list[str]:
+    """``--gpu-hours`` / ``--cpu-hours`` as study overrides; either one replaces the study's budget."""
+    flags = []
+    for measure, other in (("gpu_hours", "cpu_hours"), ("cpu_hours", "gpu_hours")):
+        hours = getattr(args, measure, None)
+        if hours is not None:
+            flags += [f"budget.{measure}={hours!r}", f"budget.{other}=null"]
+    return flags
 
 
 def describe_input(cfg) -> str:
@@ -191,7 +245,7 @@ def absolute_paths(profile: dict) -> None:
 
 def check_ray_address() -> str | None:
     """RAY_ADDRESS, checked to answer before anything starts; None means a local Ray."""
-    from tune.mlflow_tracking import ServiceError
+    from tune.errors import ServiceError
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if not address or address in ("local", "auto"):
         return address or None
@@ -206,7 +260,6 @@ def check_ray_address() -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tune.mlflow_tracking import check_tracking_uri, resolve_tracking_uri
     if args.schema:
         from tune.study_config import schema
         print(json.dumps(schema(args.schema), indent=2))
@@ -215,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan.describe())
         return 0
+    from tune.mlflow_tracking import check_tracking_uri, resolve_tracking_uri  # imports MLflow: not before here
     uri = resolve_tracking_uri()
     check_tracking_uri(uri)
     address = check_ray_address()
@@ -229,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit 2 with one line for bad input, 1 with one line for a service or download that fails."""
     args = parse_args(argv)
     from lpt_core.data import DownloadError
-    from tune.mlflow_tracking import ServiceError
+    from tune.errors import ServiceError
     try:
         return run(args)
     except ConfigError as exc:

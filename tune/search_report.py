@@ -86,7 +86,8 @@ def build_study(rows: list[dict], space: dict, metrics: list[str], modes: list[s
             params[name], used[name] = value, dist
         values = [row.get(m) for m in metrics]
         finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-        state = {"completed": "COMPLETE", "early_stopped": "PRUNED"}.get(row["status"], "FAIL")
+        state = {"completed": "COMPLETE", "early_stopped": "PRUNED", "budget_stopped": "PRUNED"}.get(row["status"],
+                                                                                                  "FAIL")
         if state == "COMPLETE" and not finite:
             state = "FAIL"
         inter = {}
@@ -254,8 +255,12 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
              f"<p>study <b>{e(info['study'])}</b>, profile <b>{e(info['profile'])}</b>; objective "
              f"{e(', '.join(f'{m} ({d})' for m, d in zip(info['metrics'], info['modes'])))}; "
              f"{info['counts']['total']} trials: {info['counts']['completed']} completed, "
-             f"{info['counts']['early_stopped']} stopped early, {info['counts']['failed']} failed; "
-             f"search wall time {_fmt(info.get('search_wall_s'), 0)} s.<br>"
+             f"{info['counts']['early_stopped']} stopped early, {info['counts']['failed']} failed"
+             + (f", {n} stopped by the budget" if (n := info["counts"]["budget_stopped"]) else "")
+             + f"; search wall time {_fmt(info.get('search_wall_s'), 0)} s"
+             + "".join(f", {_fmt(info['cost'][m], 4)} {label}" for m, label in (("gpu_hours", "GPU-hours"),
+                                                                           ("cpu_hours", "CPU-core-hours"))
+                       if info["cost"].get(m)) + ".<br>"
              f"<small>MLflow experiment {e(str(info.get('experiment_id')))}, parent run "
              f"{e(str(info.get('parent_run_id')))}; table {e(str(info.get('table')))}</small></p>"]
     if best is None:
@@ -401,6 +406,7 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
     info = {"name": tags.get(names.SEARCH, parent.info.run_name), "study": params.get("study", record.get("study")),
             "profile": params.get("profile", record.get("profile_name")), "metrics": metrics, "modes": modes,
             "counts": {**counts, "total": len(rows)}, "search_wall_s": pm.get("search_wall_s"),
+            "cost": {m: pm[m] for m in ("gpu_hours", "cpu_hours") if m in pm},
             "experiment_id": parent.info.experiment_id, "parent_run_id": parent_run_id, "table": str(table),
             "space": space, "defaults": profile_defaults(profile, list(space)), "best": best, "test": test,
             "confirm": {k: v for k, v in pm.items() if k.startswith("confirm_")},

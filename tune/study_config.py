@@ -128,6 +128,19 @@ class Budget(Section):
     trials: int = Field(12, ge=1)
     concurrency: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
+    gpu_hours: Optional[float] = Field(
+        None, gt=0, description="GPU-hours the search may spend (trials' wall time x resources.gpu, phase 1 up "
+                                "front included); no new trial starts past it (tune.budget)")
+    cpu_hours: Optional[float] = Field(
+        None, gt=0, description="the same in CPU-core-hours (wall time x resources.cpu), e.g. for CPU-only trials")
+    on_exhausted: Literal["finish", "stop"] = Field(
+        "finish", description="once the hours are spent: let running trials finish, or stop them at their next epoch")
+
+    @model_validator(mode="after")
+    def _one_measure(self) -> "Budget":
+        if self.gpu_hours is not None and self.cpu_hours is not None:
+            raise _error("cpu_hours", "give gpu_hours or cpu_hours, not both")
+        return self
 
 
 GracePeriod = Union[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0, lt=1)], Literal["auto"]]
@@ -343,15 +356,34 @@ def apply_overrides(profile: dict, overrides: list[str]) -> dict:
     return out
 
 
+STUDY_OVERRIDES = ("budget",)   # --set sections that are the study's (a profile has none of them)
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``--set`` overrides as (the profile's, the study's): ``budget.*`` keys are the study's,
+    except ``budget.trials``, which ``--trials`` sets (a resumed search reads it there)."""
+    profile, study = [], []
+    for text in overrides:
+        keys, _ = parse_override(text)
+        if keys[0] in STUDY_OVERRIDES:
+            if keys[1:] == ["trials"]:
+                raise ConfigError(f"--set {text}: use --trials N")
+            study.append(text)
+        else:
+            profile.append(text)
+    return profile, study
+
+
 def load_profile(name: str, overrides: list[str] | None = None) -> tuple[Path, dict]:
     path = resolve_file(name, PROFILES_DIR, "profile")
     raw = apply_overrides(_read_yaml(path), overrides or [])
     return path, _checked(ProfileConfig, raw, path).to_dict()
 
 
-def load_study(name: str) -> tuple[Path, dict]:
+def load_study(name: str, overrides: list[str] | None = None) -> tuple[Path, dict]:
+    """``overrides``: ``budget.<key>=value`` (``--set``, ``--gpu-hours``, ``--cpu-hours``)."""
     path = resolve_file(name, STUDIES_DIR, "study")
-    raw = _read_yaml(path)
+    raw = apply_overrides(_read_yaml(path), overrides or [])
     study = _checked(StudyConfig, raw, path)
     return path, study.to_dict(order=list(raw["space"]))
 

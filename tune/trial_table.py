@@ -1,8 +1,9 @@
 """``trials.parquet``: one row per trial, rewritten as trials end, so a crash leaves what finished.
 
-The same Tune callback closes each trial's MLflow run with its final status: a trial that ASHA
-stops is ended by Ray before its own code can do that. The helpers below read the rows (best
-trial, counts by status) for the driver's wrap-up and the search report.
+The same Tune callback closes each trial's MLflow run with its final status (a trial that ASHA
+stops is ended by Ray before its own code can do that) and logs what the trial cost
+(``gpu_hours``, ``cpu_hours``: its wall time x its resources). The helpers below read the rows
+(best trial, counts by status) for the driver's wrap-up and the search report.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from mlflow import MlflowClient
 from ray import tune
 
 from . import mlflow_tracking as mt
+from .budget import MEASURES, hours_of
 from .names import PROMPTS_DIR, STATUS, TABLE_FILE  # noqa: F401 (TABLE_FILE: still importable from here)
 from .study_config import OBJECTIVE_METRICS
 
 FINAL_METRICS = (*OBJECTIVE_METRICS, "train_loss")
 COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED = "completed", "early_stopped", "failed", "interrupted"
-STATUSES = (COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED)
+BUDGET_STOPPED = "budget_stopped"   # budget.on_exhausted: stop ended it before its last epoch
+STATUSES = (COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED, BUDGET_STOPPED)
+COST_METRICS = tuple(MEASURES)   # gpu_hours, cpu_hours: a trial's wall time x its resources, in hours
 
 
 def prompt_path(folder: str | os.PathLike, trial_id: str) -> Path:
@@ -47,27 +51,33 @@ def trial_error(trial) -> str:
 
 
 def trial_row(trial_id: str, config: dict, params: list[str], result: dict | None, epochs: int,
-              error: str | None = None, interrupted: bool = False) -> dict:
-    """A table row; ``interrupted``: the search stopped (Ctrl+C, SIGTERM) before this trial ended."""
+              error: str | None = None, interrupted: bool = False, resources: dict | None = None,
+              budget_stopped: bool = False) -> dict:
+    """A table row; ``interrupted``: the search stopped (Ctrl+C, SIGTERM) before this trial ended;
+    ``budget_stopped``: the budget stopped it; ``resources``: a trial's, for its cost columns."""
     result = result or {}
     reason = error or result.get("error")
     done = int(result.get("epoch", 0) or 0)
     status = (FAILED if reason else COMPLETED if done >= epochs else INTERRUPTED if interrupted
-              else EARLY_STOPPED)
+              else BUDGET_STOPPED if budget_stopped else EARLY_STOPPED)
     row = {"trial_id": trial_id, "status": status, "epochs": done, "baseline": bool(config.get("baseline", False))}
     row.update({p: config.get(p) for p in params})
     for m in FINAL_METRICS:
         value = result.get(m)
         row[m] = float(value) if isinstance(value, (int, float)) else math.nan
-    row.update({"mlflow_run_id": result.get("mlflow_run_id"), "node": result.get("node"),
-                "wall_s": float(result.get("time_total_s", math.nan)), "error": reason})
+    wall = float(result.get("time_total_s", math.nan))
+    row.update({"mlflow_run_id": result.get("mlflow_run_id"), "node": result.get("node"), "wall_s": wall,
+                **(hours_of(wall, resources) if resources else dict.fromkeys(COST_METRICS, math.nan)),
+                "error": reason})
     return row
 
 
-def write_table(rows: list[dict], path: str | os.PathLike) -> None:
+def write_table(rows: list[dict], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """``metadata``: the table's key-value metadata (the wrap-up's ``lpt.budget``)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(sorted(rows, key=lambda r: r["trial_id"])), tmp)
+    table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["trial_id"]))
+    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **(metadata or {})}), tmp)
     os.replace(tmp, path)
 
 
@@ -101,21 +111,27 @@ def close_trial_run(client: MlflowClient, row: dict) -> None:
 
 class TrialTable(tune.Callback):
     def __init__(self, path: str | os.PathLike, params: list[str], epochs: int, client: MlflowClient,
-                 budget: int, metric: str, prior: list[dict] = (), search_run: tuple[str, str] | None = None):
+                 budget: int, metric: str, prior: list[dict] = (), search_run: tuple[str, str] | None = None,
+                 resources: dict | None = None, budget_stopper=None):
         """``search_run``: (experiment id, parent run id), to find the run of a trial that ended
-        before it reported one (it raised, or was stopped, before its first epoch)."""
+        before it reported one (it raised, or was stopped, before its first epoch);
+        ``budget_stopper``: the run's ``budget.BudgetStopper`` (its ``stopped`` trials)."""
         self.path, self.params, self.epochs, self.client = Path(path), params, epochs, client
         self.budget, self.metric, self.search_run = budget, metric, search_run
+        self.resources, self.budget_stopper = resources, budget_stopper
         # a new search starts empty; an extension with the rows of the runs before it
         self.rows: dict[str, dict] = {r["trial_id"]: r for r in prior}
 
     def __setstate__(self, state: dict) -> None:
         # Tuner.restore (--resume) unpickles this callback as it was when the search began:
         # the rows of the trials that ended since then are in the table
-        self.__dict__.update(state, rows=read_rows(state["path"]))
+        # (a search started before the budget: no resources, no stopper)
+        self.__dict__.update({"resources": None, "budget_stopper": None, **state}, rows=read_rows(state["path"]))
 
     def _end(self, trial, error: str | None) -> None:
-        row = trial_row(trial.trial_id, trial.config, self.params, trial.last_result, self.epochs, error)
+        stopped = self.budget_stopper is not None and trial.trial_id in self.budget_stopper.stopped
+        row = trial_row(trial.trial_id, trial.config, self.params, trial.last_result, self.epochs, error,
+                        resources=self.resources, budget_stopped=stopped)
         if not row["mlflow_run_id"] and self.search_run:
             row["mlflow_run_id"] = mt.trial_run_id(self.client, *self.search_run, trial.trial_id)
         self.rows[trial.trial_id] = row
@@ -124,6 +140,9 @@ class TrialTable(tune.Callback):
         print(f"trial {len(self.rows)}/{self.budget} {trial.trial_id} {row['status']} after {row['epochs']} "
               f"epochs: {self.metric} {row.get(self.metric, math.nan):.2f} ({shown})"
               + (f" - {row['error']}" if row["error"] else ""), flush=True)
+        cost = {m: row[m] for m in COST_METRICS if math.isfinite(row[m])}
+        if row["mlflow_run_id"] and cost:
+            mt.log(self.client, row["mlflow_run_id"], metrics=cost)
         close_trial_run(self.client, row)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -12,7 +12,6 @@ as FAIL and the sampler degrades to random).
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 from lpt_core.data import val_test_overlap
 from lpt_core.metrics import FEW_AT_MOST, MANY_ABOVE, shot_groups
@@ -30,31 +29,24 @@ def binomial_se(acc_percent: float, n: int) -> float:
     return 100.0 * math.sqrt(p * (1.0 - p) / n)
 
 
-def val_counts(data) -> list[int]:
-    """Validation images per class."""
-    counts = Counter(int(label) for label in data.val.labels)
-    return [counts.get(c, 0) for c in range(data.num_classes)]
-
-
-def missing_classes(data) -> list[int]:
-    return [c for c, n in enumerate(val_counts(data)) if n == 0]
-
-
-def _classes(data, indices: list[int], limit: int = 5) -> str:
-    names = data.class_names
+def _classes(summary, indices: list[int], limit: int = 5) -> str:
+    names = summary.class_names
     shown = [f"{c} ({names[c]})" if names and names[c] != str(c) else str(c) for c in indices[:limit]]
     return ", ".join(shown) + (f" and {len(indices) - limit} more" if len(indices) > limit else "")
 
 
-def describe(data) -> str:
-    """The dry run's line: size, images per class, the classes it lacks, the noise floor."""
-    counts = val_counts(data)
+def describe(summary) -> str:
+    """The dry run's and the summary's line: size, images per class, the classes it lacks, the
+    noise floor. ``summary``: ``lpt_core.data.spec_counts.DataSummary``."""
+    counts = summary.val_counts
+    if counts is None:
+        return "validation: not computed here (the data's lists or files are not here)"
     n = sum(counts)
     present = [k for k in counts if k]
     per_class = (f"{present[0]} per class" if present and min(present) == max(present)
                  else f"{min(present, default=0)}..{max(present, default=0)} per class")
-    missing = missing_classes(data)
-    lacks = (f"; no image of {len(missing)} class{'es' if len(missing) > 1 else ''}: {_classes(data, missing)} "
+    missing = [c for c, k in enumerate(counts) if k == 0]
+    lacks = (f"; no image of {len(missing)} class{'es' if len(missing) > 1 else ''}: {_classes(summary, missing)} "
              f"(its accuracy is not measured; the test split has it)" if missing else "")
     se = f"±{binomial_se(90.0, n):.1f} points at 90%, ±{binomial_se(50.0, n):.1f} at 50%" if n else "none"
     return f"validation: {n:,} images, {per_class}{lacks}; one standard error of val_acc: {se}"
@@ -66,10 +58,14 @@ def group_rule(group: str, split: str) -> str:
             "few": f"at most {few} training images"}[group]
 
 
-def check_objectives(metrics: list[str], data, split: str, dataset: str, where: str) -> None:
+def check_objectives(metrics: list[str], summary, split: str, dataset: str, where: str) -> None:
     """Each objective (the first also drives early stopping) over a shot group must have
-    validation images: ``val_few_acc`` on CIFAR-10-LT at imbalance 100 has no class to average."""
-    counts, groups = val_counts(data), shot_groups(data.class_counts, split)
+    validation images: ``val_few_acc`` on CIFAR-10-LT at imbalance 100 has no class to average.
+    Unchecked where the class counts are not known (a dry run without the data's lists)."""
+    train, counts = summary.class_counts, summary.val_counts
+    if train is None or counts is None:
+        return
+    groups = shot_groups(train, split)
     for metric in metrics:
         group = metric.removeprefix("val_").removesuffix("_acc")
         if group not in groups:
@@ -77,7 +73,6 @@ def check_objectives(metrics: list[str], data, split: str, dataset: str, where: 
         classes = [c for c, inside in enumerate(groups[group].tolist()) if inside]
         if sum(counts[c] for c in classes) > 0:
             continue
-        train = data.class_counts
         found = (f"its {len(classes)} such class(es) have no validation image" if classes
                  else f"no class has that many (training images per class: {min(train)}..{max(train)})")
         raise ConfigError(f"{where}: objective: {metric} is the accuracy of the {group}-shot classes "
@@ -86,8 +81,9 @@ def check_objectives(metrics: list[str], data, split: str, dataset: str, where: 
 
 
 def check_disjoint(data, dataset: str, where: str) -> None:
-    """A search selects on validation and reports test once: the two must not share images."""
-    shared = val_test_overlap(data)
+    """A search selects on validation and reports test once: the two must not share images.
+    ``data`` None (a dry run without the data's lists) is not checked."""
+    shared = val_test_overlap(data) if data is not None else 0
     if shared:
         raise ConfigError(f"{where}: data: {dataset}'s validation and test splits share {shared:,} images, so the "
                           f"search would select on the test split; give it a validation split disjoint from test "

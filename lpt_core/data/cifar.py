@@ -8,7 +8,7 @@ from the images the profile drops. A class with fewer dropped images gives what 
 so it has no validation images and ``info["val_missing_classes"]`` names it; for rho near 1 other
 head classes are short too, and rho = 1 leaves nothing (an error unless val_per_class: 0).
 Test: the official test set. No md5 check: any file in the layout loads; ``download: true``
-fetches the real files through torchvision only when they are missing.
+fetches the real files through torchvision only when they are missing (offline: one line at once).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 import torchvision
 from torch.utils.data import Dataset
 
+from ..reachability import unreachable
 from .base import DownloadError
 from .common import assemble, class_perm, data_root, input_mode, lt_targets
 from .transforms import RELEASED
@@ -102,6 +103,9 @@ def build_cifar_lt(s, input_cfg=RELEASED):
                                 f"(torchvision's CIFAR pickle layout; data.download: true fetches it)")
     if missing:
         try:
+            offline = unreachable(tv_class.url)  # at once, instead of torchvision's wait on each mirror
+            if offline:
+                raise OSError(offline)
             tv_class(root, train=True, download=True)
         except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad checksum a RuntimeError
             reason = getattr(exc, "reason", None) or exc

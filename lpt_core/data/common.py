@@ -9,13 +9,14 @@ import numpy as np
 
 from .base import LTData
 from .batch import BatchTransform, collate_encoded
+from .files import images_checked
 from .profile import long_tail_counts
 from .transforms import RELEASED, InputConfig, test_transform, train_transform
 
 
 def data_root(spec, must_exist: bool = True) -> str:
-    """The spec's ``root`` folder."""
-    if must_exist and not os.path.isdir(spec.root):
+    """The spec's ``root`` folder (not looked for inside ``files.images_unchecked()``)."""
+    if must_exist and images_checked() and not os.path.isdir(spec.root):
         raise FileNotFoundError(f"data.root: {spec.root}: no such directory")
     return spec.root
 

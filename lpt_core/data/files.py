@@ -1,9 +1,13 @@
 """Image files on disk: the dataset that reads them, and the readers of list files, COCO-style JSON
 and class sub-folders. Readers check everything cheap at build time (format, label range, that
-each image file exists) and name the file, and the line where there is one."""
+each image file exists) and name the file, and the line where there is one. Inside
+``images_unchecked()`` the image files and the image root are not looked for: a dry run reads the
+split sizes from the lists on a machine without the images."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 from dataclasses import dataclass
@@ -15,6 +19,22 @@ from torchvision.io import read_file
 from .batch import collate_encoded
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_CHECK_IMAGES = contextvars.ContextVar("lpt_check_images", default=True)
+
+
+@contextlib.contextmanager
+def images_unchecked():
+    """Build datasets without looking for their image files or image root (lists are still read
+    and checked): the splits know their paths and labels, and reading an image fails."""
+    token = _CHECK_IMAGES.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_IMAGES.reset(token)
+
+
+def images_checked() -> bool:
+    return _CHECK_IMAGES.get()
 
 
 @dataclass
@@ -162,6 +182,8 @@ def check_labels(entries: Entries, num_classes: int) -> None:
 
 def check_files(root: str, entries: Entries) -> None:
     """Every image file exists (existence only: cheap); the error names the first missing one."""
+    if not images_checked():
+        return
     isfile = os.path.isfile
     missing = [i for i, p in enumerate(entries.paths) if not isfile(os.path.join(root, p))]
     if missing:

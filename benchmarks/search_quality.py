@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Search quality of the study's sampler: how far from a known optimum each sampler setting ends.
 
-The project's own wiring runs unchanged (``tune.searcher.make_searcher`` with the LPT space and the
+The project's own wiring runs unchanged (``tune.engine.searcher.make_searcher`` with the LPT space and the
 baseline trial, ``make_scheduler``'s ASHA as the study configures it, the study's concurrency, one
 real Ray Tune run per search) against an instant analytic stand-in for training, so nothing trains
 and the optimum is known. For each study, budget, sampler setting and seed the regret is
@@ -11,7 +11,7 @@ and the optimum is known. For each study, budget, sampler setting and seed the r
 the reported trial being the best observed final value among trials that ran all epochs (ASHA
 stopped the others). Sampler settings, all with the same seeds:
 
-- ``configured``: ``tune.samplers.sampler_settings(study, budget)`` (what a search runs);
+- ``configured``: ``tune.config.samplers.sampler_settings(study, budget)`` (what a search runs);
 - ``defaults``: a plain ``optuna.samplers.TPESampler(seed=...)``, what the code did before the study
   had a ``sampler`` section. Optuna 5's defaults: ``n_startup_trials=10``, constant liar, and
   multivariate TPE for one objective but independent TPE for several;
@@ -67,10 +67,11 @@ import ray  # noqa: E402
 from ray import tune as raytune  # noqa: E402
 
 from lpt_core.config import PhaseConfig  # noqa: E402
-from tune.samplers import sampler_settings, startup_trials  # noqa: E402
-from tune.search_space import baseline_config, check_space  # noqa: E402
-from tune.searcher import enqueue_baseline, make_scheduler, make_searcher  # noqa: E402
-from tune.study_config import ConfigError, error_line, load_profile, load_study, objective_of  # noqa: E402
+from tune.config.samplers import sampler_settings, startup_trials  # noqa: E402
+from tune.config.search_space import baseline_config, check_space  # noqa: E402
+from tune.engine.searcher import enqueue_baseline, make_scheduler, make_searcher  # noqa: E402
+from tune.errors import ConfigError, error_line  # noqa: E402
+from tune.config.loading import load_profile, load_study, objective_of  # noqa: E402
 
 DEPTH = 12  # blocks of the shipped profiles' ViT-B/16: group_start can take 1..11
 PEAK = {"val_acc": 80.0, "val_few_acc": 65.0}

@@ -124,7 +124,7 @@ def test_search_quality_tiny_run(tmp_path):
 
 def test_search_quality_stand_in_has_its_optimum_inside_the_space():
     quality = _load("search_quality")
-    from tune.study_config import load_study, objective_of
+    from tune.config.loading import load_study, objective_of
 
     for name in ("prompt_pool", "full", "gcl_asymmetry"):
         study = load_study(name)[1]

@@ -1,4 +1,4 @@
-"""The cost budget's accounting and decisions (tune/budget.py, tune/budget_gate.py), on real search
+"""The cost budget's accounting and decisions (tune/config/budget.py, tune/engine/budget_gate.py), on real search
 folders (search.json, trials.parquet) with Ray's own searcher and ASHA bracket; whole searches with a
 budget are in test_search_budget.py."""
 
@@ -18,12 +18,12 @@ from ray.tune.schedulers.async_hyperband import _Bracket
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from tune import budget as cost
-from tune import budget_gate as gate
-from tune.early_stopping import asha_rungs
-from tune.progress import SearchProgress
-from tune.study_config import ConfigError
-from tune.trial_table import trial_row, write_table
+from tune.config import budget as cost
+from tune.engine import budget_gate as gate
+from tune.config.early_stopping import asha_rungs
+from tune.engine.progress import SearchProgress
+from tune.errors import ConfigError
+from tune.trial.table import trial_row, write_table
 
 EPOCHS = 4
 

@@ -1,5 +1,5 @@
 """The published JSON Schema of studies and profiles: every shipped file validates against it, broken
-files do not, and the CLI prints it on its own. The same models load the files (tune.study_config),
+files do not, and the CLI prints it on its own. The same models load the files (tune.config.study),
 so the schema and the loader cannot disagree on keys, types or ranges."""
 
 import json
@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from smoke_search import search_argv
-from tune.study_config import PROFILES_DIR, STUDIES_DIR, schema
+from tune.config.loading import PROFILES_DIR, STUDIES_DIR
+from tune.config.study import schema
 
 STUDIES = sorted(STUDIES_DIR.glob("*.yaml"))
 PROFILES = sorted(PROFILES_DIR.glob("*.yaml"))
@@ -73,7 +74,8 @@ def test_the_schema_and_the_loader_reject_broken_files(tmp_path, kind, path, dot
     errors = list(validator(kind).iter_errors(data))
     assert errors, f"the schema accepts {dotted}={value!r}"
     # and the loader, with one line that names the key
-    from tune.study_config import ConfigError, load_profile, load_study
+    from tune.errors import ConfigError
+    from tune.config.loading import load_profile, load_study
     target = tmp_path / path.name
     target.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError) as info:

@@ -1,4 +1,4 @@
-"""The LPT MLflow model (tune/lpt_model.py), its registration (tune/model_registry.py) and batch
+"""The LPT MLflow model (tune/serving/model.py), its registration (tune/serving/registry.py) and batch
 prediction (tune/predict.py). Fast tests log a tiny LPT to a real sqlite MLflow store; the slow
 ones use the session's smoke search (run with ``--register``, conftest.py): a fresh process loads
 the model by its ``models:/`` URI, the predict CLI reproduces the search's test accuracy, the
@@ -34,10 +34,10 @@ from lpt_core import LPT, build_backbone_from_spec, save_prompts
 from lpt_core.data import build_dataset
 from lpt_core.inference import build_classifier, png_bytes, raw_split
 from lpt_core.trainer import evaluate
-from tune import lpt_model
-from tune import mlflow_tracking as mt
-from tune.model_registry import MODEL_URI_TAG, NothingToRegister, register_best, register_finished_search
-from tune.study_config import ProfileConfig
+from tune.serving import model as lpt_model
+from tune import tracking as mt
+from tune.serving.registry import MODEL_URI_TAG, NothingToRegister, register_best, register_finished_search
+from tune.config.study import ProfileConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT = ROOT / "tune" / "predict.py"
@@ -115,7 +115,7 @@ def test_logged_model_holds_prompts_config_and_example_not_the_backbone(register
     files = {str(p.relative_to(local)): p.stat().st_size for p in local.rglob("*") if p.is_file()}
     assert {"MLmodel", "artifacts/prompts.safetensors", "artifacts/lpt_model.json", "input_example.json",
             "serving_input_example.json", "lpt_model_code.py", "requirements.txt"} <= set(files)
-    # models-from-code: the model is tune/lpt_model_code.py, nothing is pickled
+    # models-from-code: the model is tune/serving/lpt_model_code.py, nothing is pickled
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
     pyfunc = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
     assert pyfunc["model_code_path"].endswith("lpt_model_code.py") and "python_model" not in pyfunc, pyfunc
@@ -459,7 +459,7 @@ def test_register_name_is_checked_before_anything_runs(capsys):
 
 
 def test_a_search_without_a_best_trial_has_nothing_to_register(registered, tmp_path):
-    from tune.trial_table import write_table
+    from tune.trial.table import write_table
     client = registered["client"]
     folder = tmp_path / "prompt_pool-tiny-1"
     folder.mkdir()

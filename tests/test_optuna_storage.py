@@ -1,4 +1,4 @@
-"""The searches' Optuna storage on a database server that restarts (tune/optuna_storage.py), as the
+"""The searches' Optuna storage on a database server that restarts (tune/engine/optuna_storage.py), as the
 compose stack's PostgreSQL does under a running search: the storage pings its pooled connections
 and tries again the calls made while the server is away, so no trial is lost; an error the server
 answers with (a wrong password) is not waited out.
@@ -16,8 +16,8 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from cluster_fixtures import Postgres, postgres_unavailable
-from tune import optuna_storage
-from tune.optuna_storage import RetryingRDBStorage, open_storage, search_study, unreachable
+from tune.engine import optuna_storage
+from tune.engine.optuna_storage import RetryingRDBStorage, open_storage, search_study, unreachable
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lpt_core.config import PhaseConfig
-from tune.phase1_cache import LOCK, PROMPTS, STATE, TAKEOVER, Phase1Cache
+from tune.phase1.cache import LOCK, PROMPTS, STATE, TAKEOVER, Phase1Cache
 
 
 # A waiter's stale limit far above the owner's heartbeat, so that a loaded machine (a thread not
@@ -186,8 +186,8 @@ def test_the_key_holds_every_input_of_phase_1_and_no_phase_2_value():
     two results; a phase-2-only value (the pool's shape included: LPT draws the phase-1 tensors
     from generators of their own) leaves it equal, so trials share their phase 1."""
     from lpt_core.data.manifest import manifest_hash
-    from tune.study_config import load_profile, profile_data
-    from tune.trainable import profile_phase1_key
+    from tune.config.loading import load_profile, profile_data
+    from tune.trial.trainable import profile_phase1_key
 
     def key(*sets, seed=0, length=5, device=None):
         profile = load_profile("smoke", list(sets))[1]
@@ -218,9 +218,10 @@ def test_a_trial_whose_phase1_is_missing_trains_it_and_its_wait_says_so(tmp_path
     mid-search): ``ensure_phase1`` trains the key, once, in a phase-1 run of its own."""
     from mlflow import MlflowClient
 
-    from tune import mlflow_tracking as mt
-    from tune.search import Plan, parse_args
-    from tune.trainable import SearchSetup, build_model, ensure_phase1
+    from tune import tracking as mt
+    from tune.config.plan import Plan
+    from tune.search import parse_args
+    from tune.trial.trainable import SearchSetup, build_model, ensure_phase1
 
     plan = Plan(parse_args(["--study", "prompt_pool", "--set", "phase1.epochs=1", "--storage", str(tmp_path)]))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -4,7 +4,7 @@ import pickle
 
 from ray.tune.experiment import Trial
 
-from tune.progress import SearchProgress
+from tune.engine.progress import SearchProgress
 
 
 def test_the_best_so_far_never_gets_worse():

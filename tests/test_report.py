@@ -1,4 +1,4 @@
-"""Figures and reports (tune/trial_report.py, tune/search_report.py, tune/report.py): fast tests on small fabricated searches with
+"""Figures and reports (tune/trial/report.py, tune/reports/search.py, tune/report.py): fast tests on small fabricated searches with
 real arrays, tables and a real MLflow store; one slow test on the session's finished smoke search (conftest.py)."""
 
 import csv
@@ -18,10 +18,11 @@ from mlflow.entities import Metric, Param
 
 from smoke_search import TRIALS as SMOKE_TRIALS, runs_of, search_env
 
-from tune import mlflow_tracking as mt
-from tune import search_report, trial_report
+from tune import tracking as mt
+from tune.reports import search as search_report
+from tune.trial import report as trial_report
 from tune import report as report_cli
-from tune.trial_table import trial_row, write_table
+from tune.trial.table import trial_row, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

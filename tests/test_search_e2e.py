@@ -11,8 +11,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tune.study_config import load_profile
-from tune.validation import binomial_se
+from tune.config.loading import load_profile
+from tune.config.validation import binomial_se
 
 from smoke_search import TRIALS as SMOKE_TRIALS, run_search, runs_of, search_argv, search_env
 

@@ -1,4 +1,4 @@
-"""One driver per search (tune/search_lock.py): a second driver of a running search is refused with
+"""One driver per search (tune/engine/search_lock.py): a second driver of a running search is refused with
 one line before Ray starts, and a killed driver leaves no lock behind."""
 
 import os
@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import ray
 
-from tune.driver import save_record
-from tune.search import Plan, main, parse_args
-from tune.search_lock import SearchLock, SearchRunning
+from tune.record import save_record
+from tune.config.plan import Plan
+from tune.search import main, parse_args
+from tune.engine.search_lock import SearchLock, SearchRunning
 
 ROOT = Path(__file__).resolve().parents[1]
-HOLD = ("import sys, time; from pathlib import Path; from tune.search_lock import SearchLock; "
+HOLD = ("import sys, time; from pathlib import Path; from tune.engine.search_lock import SearchLock; "
         "SearchLock().take(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)")
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from cluster_fixtures import free_port
 from smoke_search import search_argv, search_env
-from tune.study_config import PROFILES_DIR
+from tune.config.loading import PROFILES_DIR
 
 
 def offline_env(tmp_path) -> dict:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
-from tune.study_config import load_profile
+from tune.config.loading import load_profile
 
 from smoke_search import run_search, runs_of, search_argv, search_env
 
@@ -163,9 +163,10 @@ def test_ctrl_c_during_phase1_up_front_then_resume(tmp_path):
 
 def test_a_trial_error_carries_its_own_message(tmp_path):
     """A corrupt phase-1 cache entry makes every trial raise: the real message, not a placeholder."""
-    from tune.phase1_cache import PROMPTS
-    from tune.search import Plan, parse_args
-    from tune.trainable import profile_phase1_key
+    from tune.phase1.cache import PROMPTS
+    from tune.config.plan import Plan
+    from tune.search import parse_args
+    from tune.trial.trainable import profile_phase1_key
 
     plan = Plan(parse_args(["--study", "prompt_pool", "--trials", "1", "--storage", str(tmp_path / "runs")]))
     profile = plan.profile

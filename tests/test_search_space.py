@@ -3,8 +3,8 @@
 import optuna
 import pytest
 
-from tune.search_space import DefineByRun, check_space, prompt_lengths
-from tune.study_config import ConfigError
+from tune.config.search_space import DefineByRun, check_space, prompt_lengths
+from tune.errors import ConfigError
 
 DEFAULTS = {"prompt_length": 10, "pool_size": 20, "top_k": 2, "group_start": 6}
 SPACE = {"pool_size": {"type": "int", "low": 1, "high": 6}, "top_k": {"type": "int", "low": 1, "high": 4},

@@ -12,14 +12,16 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from lpt_core.config import PhaseConfig
-from tune.driver import pareto, stale_confirmation
-from tune.optuna_storage import open_storage, search_study, storage_url
-from tune.samplers import describe_sampler, make_sampler, sampler_settings, startup_trials
+from tune.engine.tuner import pareto
+from tune.engine.wrap_up import stale_confirmation
+from tune.engine.optuna_storage import open_storage, search_study, storage_url
+from tune.config.samplers import describe_sampler, make_sampler, sampler_settings, startup_trials
 from tune.search import main, parse_args
-from tune.search_space import baseline_config, check_baseline
+from tune.config.search_space import baseline_config, check_baseline
 from tune.names import OPTUNA_TRIAL_ID as TUNE_TRIAL_ID
-from tune.searcher import BASELINE, enqueue_baseline, make_scheduler, make_searcher
-from tune.study_config import ConfigError, load_profile, load_study
+from tune.engine.searcher import BASELINE, enqueue_baseline, make_scheduler, make_searcher
+from tune.errors import ConfigError
+from tune.config.loading import load_profile, load_study
 
 EPOCHS = 4
 SMOKE_PHASE2 = PhaseConfig(epochs=EPOCHS, warmup="step")   # the smoke profile's: ASHA may judge at epoch 1

@@ -9,12 +9,13 @@ import yaml
 from ray.tune.schedulers import FIFOScheduler
 
 from lpt_core.config import PhaseConfig
-from tune.baseline_gain import validation_gain
-from tune.early_stopping import describe, grace_epochs
+from tune.engine.baseline_gain import validation_gain
+from tune.config.early_stopping import describe, grace_epochs
 from tune.search import main
-from tune.searcher import make_scheduler
-from tune.study_config import ConfigError, load_study
-from tune.validation import binomial_se
+from tune.engine.searcher import make_scheduler
+from tune.errors import ConfigError
+from tune.config.loading import load_study
+from tune.config.validation import binomial_se
 
 from test_data_cifar import shuffled_labels, write_cifar10, write_cifar100
 from test_data_files import write_list

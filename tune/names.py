@@ -28,7 +28,7 @@ RESUMED, RESUMED_AT_EPOCH = "lpt.resumed", "lpt.resumed_at_epoch"
 BASELINE = "lpt.baseline"            # the baseline trial's run (the profile's own values): "true"
 OPTUNA_STORAGE = "lpt.optuna_storage"  # parent run: the URL optuna.load_study takes
 OPTUNA_STUDY = "lpt.optuna_study"    # parent run: the study's name in that storage
-SAMPLER = "lpt.sampler"              # parent run: the sampler as it ran (tune.samplers.describe_sampler)
+SAMPLER = "lpt.sampler"              # parent run: the sampler as it ran (tune.config.samplers.describe_sampler)
 BUDGET = "lpt.budget"                # parent run: its cost budget (budget.gpu_hours|cpu_hours, on_exhausted), or off;
                                      # trials.parquet's metadata key: what the budget did (budget.outcome), JSON
 BUDGET_ENDED = "lpt.budget_ended"    # parent run with a budget: "true" when it kept trials from starting

@@ -22,7 +22,7 @@ from pathlib import Path
 if not __package__:  # run as a script from anywhere: the repository root instead of tune/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
+from tune._cli import EXIT_BAD_INPUT, EXIT_FAILED, fail  # noqa: E402
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
@@ -51,8 +51,8 @@ def load_classifier(uri: str, weights: str | None, device: str):
     """The LPT classifier of an MLflow model URI, loaded through its pyfunc flavour (never unpickled)."""
     from mlflow.exceptions import MlflowException
 
-    from tune.lpt_model import load_model
-    from tune.study_config import error_line
+    from tune.serving.model import load_model
+    from tune.errors import error_line
     try:
         model = load_model(uri, model_config={"weights": weights or "", "device": device})
     except MlflowException as exc:
@@ -61,7 +61,7 @@ def load_classifier(uri: str, weights: str | None, device: str):
         raise BadInput(f"--model {uri}: {error_line(exc)}") from None
     classifier = getattr(model.unwrap_python_model(), "classifier", None) if hasattr(model, "unwrap_python_model") else None
     if classifier is None:
-        raise BadInput(f"--model {uri}: not an LPT model (its pyfunc flavour is not tune/lpt_model.py's)")
+        raise BadInput(f"--model {uri}: not an LPT model (its pyfunc flavour is not tune/serving/model.py's)")
     return classifier
 
 
@@ -79,7 +79,8 @@ def split_data(args, classifier):
     """The dataset of ``--split`` (the model's own data spec, or ``--profile``'s), the split and
     how its shot groups are counted."""
     from lpt_core.data import build_dataset
-    from tune.study_config import ConfigError, load_profile
+    from tune.errors import ConfigError
+    from tune.config.loading import load_profile
     if args.profile:
         try:
             profile = load_profile(args.profile, args.set)[1]
@@ -187,7 +188,7 @@ def predict(args) -> int:
     os.replace(partial, out)
     print(f"{seen} images classified by {args.model}: {out}")
     if data is not None:
-        from tune.driver import shot_line
+        from tune.reports.lines import shot_line
         acc = {f"{args.split}_{key}": value for key, value in shot_accuracy(correct, total, data.class_counts, shot_split).items()}
         print(f"{args.split}: {shot_line(acc, args.split + '_')}")
         recorded = recorded_test(args.model) if args.split == "test" else {}
@@ -201,17 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
-    from tune import mlflow_tracking as mt
-    from tune.study_config import error_line
+    from tune import tracking as mt
+    from tune.errors import error_line
     try:
         mlflow.set_tracking_uri(mt.existing_store_uri())
     except mt.MissingStore as exc:
         if not Path(args.model).expanduser().is_dir():  # a model folder needs no store
-            print(f"error: --model {args.model}: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            return fail(f"--model {args.model}: {exc}", EXIT_BAD_INPUT)
     except mt.ServiceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return fail(exc, EXIT_FAILED)
     try:
         if args.top_classes < 1 or args.batch_size < 1 or args.workers < 0:
             raise BadInput("--top-classes and --batch-size must be >= 1, --workers >= 0")
@@ -219,11 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BadInput, ValueError, FileNotFoundError) as exc:  # unreadable images name their file
         lines = [line for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
         # from a DataLoader worker the message is a traceback: its last line holds the error
-        print(f"error: {lines[-1] if 'Traceback' in str(exc) else lines[0]}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail(f"{lines[-1] if 'Traceback' in str(exc) else lines[0]}", EXIT_BAD_INPUT)
     except Exception as exc:
-        print(f"error: prediction failed: {error_line(exc)}", file=sys.stderr)
-        return EXIT_FAILED
+        return fail(f"prediction failed: {error_line(exc)}", EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Reads the search's parent MLflow run (the latest ``lpt.role=study`` run of the e
 ``--run-id``), its trial runs and the search folder's ``trials.parquet`` (the parent's tag
 ``lpt.storage``, or ``--storage``); trains nothing. Writes Optuna's figures, ``trials.csv`` and
 ``summary.html`` to ``--out`` (default: ``<search folder>/report``) and logs them to the parent run
-under ``report/``. ``--register [NAME]`` also registers the best trial's model (tune/model_registry.py).
+under ``report/``. ``--register [NAME]`` also registers the best trial's model (tune/serving/registry.py).
 MLflow: MLFLOW_TRACKING_URI, or ./mlflow.db as for ``tune/search.py``.
 Exit 0 on success, 2 with one line on stderr for bad input, 1 for a failure while building.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 if not __package__:  # run as a script from anywhere: the repository root instead of tune/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
+from tune._cli import EXIT_BAD_INPUT, EXIT_FAILED, fail  # noqa: E402
 
 
 class BadInput(ValueError):
@@ -41,7 +41,7 @@ def find_parent(client, study: str, run_id: str | None):
     """The parent run of the search to report on."""
     from mlflow.exceptions import MlflowException
 
-    from tune import mlflow_tracking as mt
+    from tune import tracking as mt
     from tune import names
     exp = client.get_experiment_by_name(study)
     if exp is None:
@@ -87,21 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from mlflow import MlflowClient
 
-    from tune import mlflow_tracking as mt
+    from tune import tracking as mt
     from tune import names
-    from tune.search_report import search_report
-    from tune.study_config import error_line
+    from tune.reports.search import search_report
+    from tune.errors import error_line
     study = Path(args.study).stem if args.study.endswith((".yaml", ".yml")) else args.study
     try:
         uri = mt.existing_store_uri()
     except mt.ServiceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT if isinstance(exc, mt.MissingStore) else EXIT_FAILED
+        return fail(exc, EXIT_BAD_INPUT if isinstance(exc, mt.MissingStore) else EXIT_FAILED)
     client = MlflowClient(uri)
     try:
         if args.register:
-            from tune.model_registry import check_model_name
-            from tune.study_config import ConfigError
+            from tune.config.checks import check_model_name
+            from tune.errors import ConfigError
             try:
                 check_model_name(args.register)
             except ConfigError as exc:
@@ -109,14 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         run = find_parent(client, study, args.run_id)
         folder = search_folder(run, args.storage)
     except BadInput as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail(exc, EXIT_BAD_INPUT)
     out = Path(args.out).expanduser().resolve() if args.out else folder / names.REPORT_DIR
     try:
         built = search_report(client, run.info.run_id, out, folder)
     except Exception as exc:
-        print(f"error: the report failed: {error_line(exc)}", file=sys.stderr)
-        return EXIT_FAILED
+        return fail(f"the report failed: {error_line(exc)}", EXIT_FAILED)
     print(f"search {run.data.tags.get(names.SEARCH, run.info.run_name)} (parent run {run.info.run_id}): "
           f"{len(built['files'])} files in {out}, logged to the parent run under report/")
     for path in built["files"]:
@@ -124,12 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, why in built["skipped"].items():
         print(f"  ({name}: not drawn, {why})")
     if args.register is not None:
-        from tune.model_registry import NothingToRegister, RegisterError, register_finished_search
+        from tune.serving.registry import NothingToRegister, RegisterError, register_finished_search
         try:
             print(f"model: {register_finished_search(client, uri, run, folder, args.register)}")
         except RegisterError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT if isinstance(exc, NothingToRegister) else EXIT_FAILED
+            return fail(exc, EXIT_BAD_INPUT if isinstance(exc, NothingToRegister) else EXIT_FAILED)
     return 0
 
 

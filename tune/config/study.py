@@ -1,0 +1,287 @@
+"""Load and check study and profile YAML files before anything starts, through typed models.
+
+A study says what to search (``space``), what to optimise (``objective``), how many trials
+(``budget``) and how to stop bad ones early (``early_stopping``). A profile says what to train on
+(``data``, ``backbone``), the fixed recipe (``model``, ``phase1``, ``phase2``) and the per-trial
+``resources``. ``StudyConfig`` and ``ProfileConfig`` hold every key with its default and range
+(the model and recipe keys are ``lpt_core.config``'s ``LPTConfig`` and ``PhaseConfig``, the data
+keys ``lpt_core.data.specs``'); ``schema("study"|"profile")`` is their JSON Schema. Every problem
+is a ``ConfigError`` whose one-line message names the file and key.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from lpt_core.config import LPTConfig, PhaseConfig, Section, searchable_fields, why_fixed
+from lpt_core.data.specs import DataSpec
+from lpt_core.data.transforms import InputOverrides
+from lpt_core.metrics import SHOT_SPLITS
+
+MODEL_KEYS = tuple(LPTConfig.model_fields)
+RECIPE_KEYS = tuple(PhaseConfig.model_fields)
+SHOT_KEYS = ("acc", "many_acc", "medium_acc", "few_acc")  # lpt_core.evaluate's accuracies, overall and by shot
+OBJECTIVE_METRICS = tuple(f"val_{k}" for k in SHOT_KEYS)
+SEARCHABLE = {k: model for model in (LPTConfig, PhaseConfig)
+              for k, ok in searchable_fields(model).items() if ok}
+
+
+def _error(at: str, text: str, **ctx: Any) -> PydanticCustomError:
+    """An error at sub-key ``at`` of the model that raises it (``lpt_core.config.error_text``)."""
+    return PydanticCustomError("config", text, {"at": at, **ctx})
+
+
+# ----------------------------------------------------------------------------- profiles
+class BackboneSpec(Section):
+    """A timm model: ``name``, ``weights`` and any ``timm.create_model`` keyword (``img_size``,
+    ``depth``, ``embed_dim``...) for a smaller ViT."""
+
+    model_config = Section.model_config | {"extra": "allow"}
+    name: str = Field(min_length=1, description="timm model name, e.g. vit_base_patch16_224.augreg_in21k")
+    weights: str = Field("pretrained", min_length=1, description="pretrained, random, or a local weights file")
+
+
+class Resources(Section):
+    cpu: float = Field(1, gt=0, description="CPUs per trial")
+    gpu: float = Field(0, ge=0, description="GPUs per trial: a fraction below 1 (trials share a GPU) or a whole number")
+
+    @model_validator(mode="after")
+    def _gpu_share(self) -> "Resources":
+        if self.gpu > 1 and self.gpu != int(self.gpu):
+            raise _error("gpu", "must be a fraction below 1 (trials share a GPU) or a whole number of "
+                                "GPUs, got {value}", value=self.gpu)
+        return self
+
+
+class Loader(Section):
+    num_workers: int = Field(4, ge=0)
+    eval_batch_size: int = Field(256, ge=1)
+
+
+class ProfileConfig(Section):
+    """What a study trains on and how: data, backbone, model shape, both phases' recipes, devices."""
+
+    description: Optional[str] = None
+    data: DataSpec
+    backbone: BackboneSpec
+    model: LPTConfig = LPTConfig()
+    phase1: PhaseConfig = PhaseConfig()
+    phase2: PhaseConfig = PhaseConfig()
+    input: Optional[InputOverrides] = Field(None, description="override the input pipeline the backbone's "
+                                            "pretrained config gives (mean, std, interpolation, crop_pct)")
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    shot_split: Literal[SHOT_SPLITS] = "standard"
+    images_per_s: Optional[float] = Field(None, gt=0, description="training img/s of one trial, for --dry-run's GPU-hours")
+    resources: Resources = Resources()
+    loader: Loader = Loader()
+
+    @model_validator(mode="after")
+    def _cuda_needs_a_gpu(self) -> "ProfileConfig":
+        if self.device == "cuda" and self.resources.gpu == 0:
+            raise PydanticCustomError("config", "device cuda needs a GPU share per trial, got 0 "
+                                      "(Ray would not give the trial a GPU)", {"at": "resources.gpu"})
+        return self
+
+    def to_dict(self) -> dict:
+        out = self.model_dump(exclude={"backbone"})
+        out["backbone"] = self.backbone.model_dump(exclude_unset=True)  # as written: it keys the phase-1 cache
+        return out
+
+
+# ----------------------------------------------------------------------------- studies
+class Objective(Section):
+    metric: Literal[OBJECTIVE_METRICS] = "val_acc"
+    mode: Literal["max", "min"] = "max"
+    metrics: Optional[list[Literal[OBJECTIVE_METRICS]]] = Field(None, min_length=2, description="several objectives (Pareto front)")
+    modes: Optional[list[Literal["max", "min"]]] = None
+
+    @model_validator(mode="after")
+    def _one_mode_per_metric(self) -> "Objective":
+        if self.metrics is not None and len(self.modes or []) != len(self.metrics):
+            raise _error("modes", "must give one mode per metric")
+        return self
+
+
+class Budget(Section):
+    trials: int = Field(12, ge=1)
+    concurrency: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    gpu_hours: Optional[float] = Field(
+        None, gt=0, description="GPU-hours the search may spend (trials' wall time x resources.gpu, phase 1 up "
+                                "front included); no new trial starts past it (tune.config.budget)")
+    cpu_hours: Optional[float] = Field(
+        None, gt=0, description="the same in CPU-core-hours (wall time x resources.cpu), e.g. for CPU-only trials")
+    on_exhausted: Literal["finish", "stop"] = Field(
+        "finish", description="once the hours are spent: let running trials finish, or stop them at their next epoch")
+
+    @model_validator(mode="after")
+    def _one_measure(self) -> "Budget":
+        if self.gpu_hours is not None and self.cpu_hours is not None:
+            raise _error("cpu_hours", "give gpu_hours or cpu_hours, not both")
+        return self
+
+
+GracePeriod = Union[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0, lt=1)], Literal["auto"]]
+
+
+class EarlyStopping(Section):
+    """ASHA on the first objective; its grace period resolves against the profile's phase 2
+    (``tune.config.early_stopping``)."""
+
+    enabled: bool = Field(True, description="stop bad trials early (ASHA); not with several objectives")
+    grace_period: GracePeriod = Field(
+        "auto", description="first rung: phase-2 epochs (an integer), a fraction of them (e.g. 0.1), or auto "
+                            "(at least a tenth of the schedule, never inside the warm-up)")
+    reduction_factor: float = Field(2, gt=1)
+
+    @field_validator("grace_period", mode="wrap")
+    @classmethod
+    def _one_line(cls, value: Any, handler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("config", "must be a whole number of epochs >= 1, a fraction of the phase-2 "
+                                      "epochs in (0, 1), or auto, got {got}", {"got": repr(value)}) from None
+
+
+class _Range(Section):
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "_Range":
+        if self.low > self.high:
+            raise _error("low", "must be <= high ({low} > {high})", low=self.low, high=self.high)
+        if self.log and self.low <= 0:
+            raise _error("low", "must be > 0 with log: true")
+        return self
+
+
+class _IntRange(_Range):
+    type: Literal["int"]
+    step: Optional[int] = Field(None, ge=1)
+
+
+class _FloatRange(_Range):
+    type: Literal["float"]
+    step: Optional[float] = Field(None, gt=0)
+
+
+class _Choice(Section):
+    type: Literal["choice"]
+
+
+def _param_spec(name: str) -> Any:
+    """The spec a study may give for searchable parameter ``name``: a range of its own type with
+    its own bounds, or a choice of valid values."""
+    field = SEARCHABLE[name].model_fields[name]
+    value = Annotated[(field.annotation, *field.metadata)]
+    is_int = field.annotation is int
+    ranged = create_model(f"{name}_range", __base__=_IntRange if is_int else _FloatRange,
+                          low=(value, ...), high=(value, ...))
+    choice = create_model(f"{name}_choice", __base__=_Choice, values=(list[value], Field(min_length=1)))
+    return Annotated[Union[ranged, choice], Field(discriminator="type", description=field.description)]
+
+
+class _SpaceBase(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for key in data:
+            if key in RECIPE_KEYS or key in MODEL_KEYS:
+                if key not in SEARCHABLE:
+                    owner = LPTConfig if key in MODEL_KEYS else PhaseConfig
+                    raise _error(key, "not searchable: {why}", why=why_fixed(owner, key))
+            else:
+                known = lambda model: ", ".join(k for k in SEARCHABLE if SEARCHABLE[k] is model)
+                raise _error(key, "not a searchable parameter (model: {model}; recipe: {recipe})",
+                             model=known(LPTConfig), recipe=known(PhaseConfig))
+        if not data:
+            raise PydanticCustomError("config", "empty; name at least one parameter to search")
+        return data
+
+
+Space = create_model("Space", __base__=_SpaceBase, **{name: (Optional[_param_spec(name)], None) for name in SEARCHABLE})
+
+
+SAMPLERS = ("tpe", "random", "gp", "cmaes")
+TPE_ONLY = ("multivariate", "group", "constant_liar")
+
+
+class Sampler(Section):
+    """The Optuna sampler; unset keys are sized to the search (``tune.config.samplers``)."""
+
+    type: Literal[SAMPLERS] = Field("tpe", description="tpe, random, gp (Gaussian process) or cmaes")
+    n_startup_trials: Optional[int] = Field(
+        None, ge=0, description="random trials before the model takes over (default: a third of the budget, "
+                                "at least 2, at most 10); not for random")
+    multivariate: Optional[bool] = Field(None, description="tpe: sample parameters jointly (default: true)")
+    group: Optional[bool] = Field(None, description="tpe: multivariate per group of parameters that occur together "
+                                                    "(default: true where one parameter's range depends on another)")
+    constant_liar: Optional[bool] = Field(None, description="tpe: treat running trials as bad so that concurrent "
+                                                            "trials spread out (default: true)")
+
+    @model_validator(mode="after")
+    def _keys_of_its_type(self) -> "Sampler":
+        for key in TPE_ONLY:
+            if getattr(self, key) is not None and self.type != "tpe":
+                raise _error(key, "only for type tpe, not {type}", type=self.type)
+        if self.n_startup_trials is not None and self.type == "random":
+            raise _error("n_startup_trials", "not for type random (every trial is random)")
+        if self.group and self.multivariate is False:
+            raise _error("group", "needs multivariate: true")
+        return self
+
+
+class Baseline(Section):
+    """A first trial with the profile's own values of every searched parameter: the reference
+    the best trial's gain is measured against."""
+
+    enabled: bool = Field(True, description="run the profile's own values as the search's first trial")
+    exempt_from_early_stopping: bool = Field(True, description="the baseline always runs every epoch")
+
+
+class StudyConfig(Section):
+    """What to search, what to optimise, how many trials, how to stop bad ones early."""
+
+    description: Optional[str] = None
+    objective: Objective = Objective()
+    budget: Budget = Budget()
+    early_stopping: EarlyStopping = EarlyStopping()
+    seed: int = Field(0, ge=0, description="seed of the Optuna sampler")
+    sampler: Sampler = Sampler()
+    baseline: Baseline = Baseline()
+    space: Space = Field(description="parameter: {type: int|float, low, high[, step, log]} or {type: choice, values}")
+
+    @model_validator(mode="after")
+    def _sampler_fits_the_objective(self) -> "StudyConfig":
+        if self.sampler.type == "cmaes" and self.objective.metrics is not None:
+            raise _error("sampler.type", "cmaes optimises one objective; this study has {n} (use tpe, gp or random)",
+                         n=len(self.objective.metrics))
+        if self.objective.metrics is not None and self.early_stopping.enabled:
+            raise _error("early_stopping.enabled", "ASHA ranks trials on one objective, and a trial it stopped "
+                         "would be off the Pareto front of this study's {n} only because its first one started "
+                         "slower: set enabled: false (every trial runs its epochs)", n=len(self.objective.metrics))
+        return self
+
+    def to_dict(self, order: list[str] | None = None) -> dict:
+        out = self.model_dump(exclude_none=True, exclude={"space"})
+        given = self.space.model_dump(exclude_none=True)
+        out["space"] = {k: getattr(self.space, k).model_dump(exclude_unset=True)  # as written, in the file's order
+                        for k in order or given}
+        return out
+
+
+MODELS = {"study": StudyConfig, "profile": ProfileConfig}
+
+
+def schema(kind: str) -> dict:
+    """The JSON Schema of a study or a profile file."""
+    out = MODELS[kind].model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": f"LPT {kind}", **out}

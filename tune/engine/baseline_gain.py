@@ -1,0 +1,81 @@
+"""What a search bought: its best trial against the baseline trial (the profile's own values), by
+shot group, on validation and, with ``--confirm N``, over N fresh seeds (paired by seed).
+
+The figures go to the parent run as metrics: ``baseline_val_*`` (with ``baseline_val_acc_se``, one
+binomial standard error) and ``gain_val_*``;
+``confirm_test_*``, ``confirm_baseline_test_*`` and ``confirm_gain_test_*`` (each ``_mean`` and
+``_std``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from tune.config.study import SHOT_KEYS
+from tune.trial.table import COMPLETED
+from tune.config.validation import SE_METRIC, binomial_se
+from tune.reports.lines import shots
+from tune.reports.lines import with_se
+
+
+def baseline_row(rows: list[dict]) -> dict | None:
+    return next((r for r in rows if r.get("baseline")), None)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def validation_gain(best: dict, baseline: dict | None, params: list[str], val_images: int, trials: int,
+                    confirm_command: str | None) -> tuple[dict, list[str]]:
+    """Parent-run metrics and summary lines of the baseline's validation accuracy (with one
+    binomial standard error on ``val_images``) and the best trial's gain over it (points), when
+    the baseline ran every epoch. ``confirm_command``: the command that confirms the gain on test
+    (None when this search confirms it): the gain line then says it is measured on the images
+    the best of ``trials`` was selected on."""
+    if baseline is None:
+        return {}, []
+    head = (f"baseline trial {baseline['trial_id']} (the profile's values): "
+            + ", ".join(f"{p}={baseline[p]}" for p in params))
+    if baseline["status"] != COMPLETED:
+        why = baseline.get("error") or f"{baseline['status'].replace('_', ' ')} at epoch {baseline['epochs']}"
+        return {}, [head, f"  {why}: no gain to report"]
+    metrics = {f"baseline_val_{k}": baseline[f"val_{k}"] for k in SHOT_KEYS if _finite(baseline.get(f"val_{k}"))}
+    metrics[f"baseline_{SE_METRIC}"] = binomial_se(baseline["val_acc"], val_images)
+    metrics.update({f"gain_val_{k}": best[f"val_{k}"] - baseline[f"val_{k}"]
+                    for k in SHOT_KEYS if _finite(best.get(f"val_{k}")) and f"baseline_val_{k}" in metrics})
+    if baseline["trial_id"] == best["trial_id"]:  # every gain is 0
+        return metrics, [f"baseline trial {baseline['trial_id']}: the best trial is the baseline (the profile's "
+                         "values); no config of the search beat it"]
+    lines = [head, "  validation: " + with_se(baseline, val_images),
+             "  gain of the best: " + shots(metrics, "gain_val_", "{:+.2f}", " points")]
+    if confirm_command is not None:
+        lines.append(f"  not confirmed: measured on the {val_images:,} validation images the best of {trials} trials "
+                     f"(one seed each) was selected on, so it is biased upward; confirm it on test with fresh seeds: "
+                     f"{confirm_command}")
+    return metrics, lines
+
+
+def confirm_summary(results: dict[str, list[dict]]) -> tuple[dict, list[str]]:
+    """``results``: the test accuracies of each seed for ``best`` and (when there is one)
+    ``baseline``, in the same seed order. Mean and std of each, and of the paired gain."""
+    n = len(results["best"])
+    groups = {"confirm_": results["best"]}
+    if "baseline" in results:
+        groups["confirm_baseline_"] = results["baseline"]
+        groups["confirm_gain_"] = [{k: b[k] - a[k] for k in b} for b, a in zip(results["best"], results["baseline"])]
+    metrics = {}
+    for prefix, per_seed in groups.items():
+        for k in SHOT_KEYS:
+            values = [r[f"test_{k}"] for r in per_seed]
+            metrics[f"{prefix}test_{k}_mean"] = statistics.fmean(values)
+            metrics[f"{prefix}test_{k}_std"] = statistics.stdev(values) if n > 1 else 0.0
+    labels = {"confirm_": "best", "confirm_baseline_": "baseline", "confirm_gain_": "gain"}
+    lines = [f"  confirmed over {n} seed{'s' if n > 1 else ''} (test{'' if n > 1 else '; one seed has no spread'}):"]
+    for prefix in groups:
+        fmt = "{:+.2f}" if prefix == "confirm_gain_" else "{:.2f}"
+        lines.append(f"    {labels[prefix] + ':':9} " + ", ".join(
+            f"{k.removesuffix('_acc') if k != 'acc' else 'acc'} {fmt.format(metrics[f'{prefix}test_{k}_mean'])}"
+            f" ± {metrics[f'{prefix}test_{k}_std']:.2f}" for k in SHOT_KEYS))
+    return metrics, lines

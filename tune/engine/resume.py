@@ -1,0 +1,131 @@
+"""Resuming a search (``--resume``): find the latest search of a study and profile, refuse one that differs, and say what is left to do (resume, extend, finished)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from tune.config import budget as cost
+from tune import tracking as mt
+from tune import names
+from tune.engine.baseline_gain import baseline_row
+from tune.engine.optuna_storage import open_storage, search_study, storage_url
+from tune.reports.study import build_study
+from tune.reports.search import log_search_report
+from tune.errors import ConfigError
+from tune.config.study import StudyConfig
+from tune.config.loading import objective_of
+from tune.names import SEARCH_FILE, TABLE_FILE
+from tune.trial.table import (COMPLETED, best_row, read_rows, status_counts)
+from tune.engine.wrap_up import confirm
+from tune.record import FINISHED,  latest_search
+from tune.record import save_record
+from tune.engine.tuner import search_setup
+
+
+def _plain(value):
+    """As ``search.json`` holds it (a JSON round trip), so that stored and new configs compare."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def first_difference(old, new, path: str = "") -> str | None:
+    """The first key path where two configs differ, with both values; None when equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*old, *(k for k in new if k not in old)]:
+            found = first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    return None if old == new else f"{path} (the search has {old!r}, now {new!r})"
+
+
+def with_defaults(study: dict) -> dict:
+    """A stored study config with the keys added since it was stored, at their defaults."""
+    return StudyConfig.model_validate(study).to_dict(order=list(study["space"]))
+
+
+def resume_mode(plan, args, record: dict, folder: Path) -> str:
+    """``resume`` (finish the budget), ``extend`` (more trials) or ``finished``; a search that
+    differs from the one in ``folder`` is refused, since its trials would mix two searches."""
+    if record["manifest_hash"] != plan.manifest_hash:
+        raise ConfigError(f"--resume: {folder.name} was run on other data (manifest "
+                          f"{record['manifest_hash'][:12]}, now {plan.manifest_hash[:12]}); start a new search")
+    diff = first_difference(_plain(record["profile"]), _plain(plan.profile))
+    if diff:
+        raise ConfigError(f"--resume: profile {diff} in {folder.name}; start a new search without --resume")
+    cost.resumed_budget(plan.study, record["study_config"]["budget"], plan.budget_given)
+    stored, wanted = _plain(with_defaults(record["study_config"])), _plain(plan.study)
+    budget = stored["budget"]["trials"]
+    asked = budget if args.trials is None else args.trials  # the search's own budget unless --trials
+    free = dict.fromkeys(("trials", *cost.BUDGET_KEYS))  # what a resumed search may change (cost.resumed_budget)
+    diff = first_difference({**stored, "budget": {**stored["budget"], **free}},
+                            {**wanted, "budget": {**wanted["budget"], **free}})
+    if diff:
+        raise ConfigError(f"--resume: study {diff} in {folder.name}; start a new search without --resume")
+    if asked < budget:
+        raise ConfigError(f"--trials {asked}: the search in {folder.name} has a budget of {budget}; resume it "
+                          f"as it is (no --trials), or extend it with --trials N (N > {budget})")
+    plan.study["budget"]["trials"] = asked
+    mode = "extend" if asked > budget else "finished" if record.get("state") == FINISHED else "resume"
+    return cost.resume_mode(mode, record, plan.study, folder)
+
+
+def find_resumed(plan, args) -> tuple[Path, dict, str]:
+    """For ``--resume``: the latest search of this study and profile, its record and what to do
+    (``resume_mode``). Read before Ray starts, so that a refusal is one line and costs nothing."""
+    prefix = f"{plan.study_name}-{plan.profile_name}"
+    folder = latest_search(plan.storage, prefix) if plan.storage.is_dir() else None
+    if folder is None:
+        raise ConfigError(f"--resume: no search of {prefix} under {plan.storage} to resume")
+    record = json.loads((folder / SEARCH_FILE).read_text())
+    record.setdefault("runs", [{"dir": ".", "trials": record["study_config"]["budget"]["trials"], "rows_before": []}])
+    return folder, record, resume_mode(plan, args, record, folder)
+
+
+def keep_optuna_study(plan, client: MlflowClient, folder: Path, record: dict) -> None:
+    """Name the search's Optuna storage and study in its record and parent run (once). A search
+    started before the study was kept gets one now, holding the trials of its table."""
+    if "optuna_study" in record:
+        return
+    record.update(optuna_storage=storage_url(folder), optuna_study=record["name"])
+    rows = list(read_rows(folder / TABLE_FILE).values())
+    if rows:
+        metrics, modes = objective_of(plan.study["objective"])
+        study = search_study(open_storage(record["optuna_storage"]), record["optuna_study"], modes)
+        study.add_trials(build_study(rows, plan.study["space"], metrics, modes).trials)
+    client.set_tag(record["parent_run_id"], names.OPTUNA_STORAGE, record["optuna_storage"])
+    client.set_tag(record["parent_run_id"], names.OPTUNA_STUDY, record["optuna_study"])
+    save_record(folder, record)
+
+
+def say_finished(plan, folder: Path, record: dict) -> int:
+    budget = record["study_config"]["budget"]["trials"]
+    counts = status_counts(list(read_rows(folder / TABLE_FILE).values()))
+    ended = cost.finished_line(record, plan.study, folder)
+    print(f"{folder.name} is finished: {budget} trials ({counts[COMPLETED]} completed"
+          + (f"; {ended}" if ended else "") + f"). See its summary with python tune/report.py --study "
+          f"{plan.study_name}; extend it with --resume --trials N (N > {budget}), or confirm its best on test "
+          f"with --resume --confirm N", flush=True)
+    return 0
+
+
+def confirm_finished(plan, args, uri: str, folder: Path, record: dict) -> int:
+    """``--resume --confirm N`` on a finished search: retrain its best config and its baseline with
+    N fresh seeds and add the confirmation to its parent run and report."""
+    client = MlflowClient(uri)
+    parent_id = record["parent_run_id"]
+    rows = list(read_rows(folder / TABLE_FILE).values())
+    metrics, modes = objective_of(plan.study["objective"])
+    by_id = {r["trial_id"]: r for r in rows}
+    best = by_id.get(client.get_run(parent_id).data.tags.get(names.BEST_TRIAL_ID)) or best_row(rows, metrics[0], modes[0])
+    if best is None:
+        raise ConfigError(f"--confirm: {folder.name} has no completed trial to confirm")
+    summary: dict = {}
+    lines = confirm(plan, search_setup(plan, folder, record, uri), {p: best[p] for p in plan.study["space"]},
+                    baseline_row(rows), args.confirm, summary)
+    mt.log(client, parent_id, metrics=summary, tags={names.CONFIRMED_TRIAL: best["trial_id"]})
+    log_search_report(client, parent_id, folder)
+    print(f"{folder.name}: best trial {best['trial_id']}\n" + "\n".join(lines), flush=True)
+    return 0

@@ -1,0 +1,117 @@
+"""The search itself, once the plan is checked: Ray, MLflow parent run, Tuner, and the wrap-up
+(test accuracy of the best trial, optional confirmation seeds, the summary)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import ray
+from mlflow import MlflowClient
+import optuna
+
+from tune.config import budget as cost
+from tune import tracking as mt
+from tune import names
+from tune.engine.cluster_checks import check_shared_storage
+from tune.engine.phase1_upfront import train_up_front
+from tune.engine.search_lock import SearchLock
+from tune.engine.stop_signals import StopSignals
+from tune.errors import error_line
+from tune.config.loading import objective_of
+from tune.names import TABLE_FILE
+from tune.trial.table import (COMPLETED, read_rows)
+from tune.engine.tuner import QUIET_ENV
+from tune.engine.tuner import check_resources
+from tune.engine.wrap_up import collect_rows
+from tune.engine.resume import confirm_finished
+from tune.engine.resume import find_resumed
+from tune.engine.resume import keep_optuna_study
+from tune.engine.tuner import make_tuner
+from tune.engine.tuner import new_search
+from tune.engine.tuner import on_resources
+from tune.engine.wrap_up import optuna_address
+from tune.record import FINISHED, INTERRUPTED_STATE, RUNNING,  save_record
+from tune.engine.resume import say_finished
+from tune.engine.tuner import search_setup
+from tune.engine.tuner import start_ray
+from tune.engine.wrap_up import stop_interrupted
+from tune.engine.wrap_up import ui_address
+from tune.engine.wrap_up import wrap_up
+
+def run_search(plan, args, uri: str, address: str | None) -> int:
+    resumed = find_resumed(plan, args) if args.resume else None
+    if resumed and resumed[2] == "finished" and not args.confirm:
+        return say_finished(plan, *resumed[:2])
+    with SearchLock() as lock:
+        if resumed:
+            lock.take(resumed[0])  # a search another driver runs is refused here, before Ray starts
+        start_ray(address)
+        try:
+            check_resources(plan.profile["resources"], local=address is None)
+            if address:
+                check_shared_storage(plan.storage, plan.profile["resources"])
+            if resumed and resumed[2] == "finished":
+                return confirm_finished(plan, args, uri, *resumed[:2])
+            return run_on_ray(plan, args, uri, resumed, lock)
+        finally:
+            ray.shutdown()
+
+
+def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None, lock: SearchLock) -> int:
+    os.environ.update(QUIET_ENV)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
+    client = MlflowClient(uri)
+    folder, record, mode = resumed or new_search(plan, client, uri, lock)
+    keep_optuna_study(plan, client, folder, record)  # a new search, or one from before the study was kept
+    parent_id = record["parent_run_id"]
+    budget = plan.study["budget"]["trials"]
+    metrics, modes = objective_of(plan.study["objective"])
+    setup = search_setup(plan, folder, record, uri)
+    print(plan.describe(), flush=True)
+    print(f"search folder: {folder}\nMLflow: {ui_address(uri)} (experiment '{plan.study_name}', parent run "
+          f"{parent_id})\nOptuna: {optuna_address(record)}", flush=True)
+    if mode != "new":
+        client.update_run(parent_id, status="RUNNING")
+    cost.keep_in_record(record, plan.study, plan.trial_estimate_s())  # --resume may raise the budget
+    client.set_tag(parent_id, names.BUDGET, cost.budget_tag(plan.study))
+    save_record(folder, {**record, "state": RUNNING})
+    started = time.time()
+    grids, rows, registered = [], [], False
+    with StopSignals() as stop:
+        try:
+            _, phase1_s = train_up_front(plan, setup, client, on_resources)  # the trials then only read the cache
+            cost.add_phase1(record, phase1_s)
+            save_record(folder, {**record, "state": RUNNING})
+            if mode == "new" or record.get("state") != FINISHED:  # the last Tune run, new or unfinished
+                grids.append(stop.fit(make_tuner(plan, folder, record["runs"][-1], setup, client,
+                                                 restore=mode != "new", record=record,
+                                                 budget=record["study_config"]["budget"]["trials"])))
+            if mode == "extend" and not stop.received:
+                done = list(read_rows(folder / TABLE_FILE))
+                extra = budget - len(done)  # a search its cost budget ended has trials left of its own
+                record["runs"].append({"dir": f"extend-{len(record['runs'])}", "trials": extra, "rows_before": done})
+                record["study_config"] = plan.study
+                client.log_param(parent_id, f"trials_after_extension_{len(record['runs']) - 1}", budget)
+                save_record(folder, record)
+                print(f"extending {folder.name} by {extra} trials to {budget}", flush=True)
+                grids.append(stop.fit(make_tuner(plan, folder, record["runs"][-1], setup, client,
+                                                 restore=False, budget=budget, record=record)))
+            rows = collect_rows(plan, client, folder, grids, interrupted=bool(stop.received))
+            if stop.received:
+                return stop_interrupted(plan, args, client, folder, record, rows, stop.received)
+            registered = wrap_up(plan, args, setup, client, folder, record, rows, metrics, modes,
+                                 time.time() - started)
+            save_record(folder, {**record, "state": FINISHED})
+        except KeyboardInterrupt:
+            return stop_interrupted(plan, args, client, folder, record,
+                                    rows or collect_rows(plan, client, folder, grids, interrupted=True),
+                                    stop.received or "SIGINT")
+        except Exception as exc:
+            mt.fail_run(client, parent_id, exc)
+            save_record(folder, {**record, "state": INTERRUPTED_STATE})
+            print(f"error: the search failed: {error_line(exc)}", file=sys.stderr)
+            return 1
+    return 0 if registered and any(r["status"] == COMPLETED for r in rows) else 1

@@ -1,0 +1,210 @@
+"""After the Tuner: the trial table, test accuracy of the best trial, optional confirmation seeds, the summary, the registered model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import ray
+from mlflow import MlflowClient
+
+from tune.config import budget as cost
+from tune import tracking as mt
+from tune import names
+from tune.serving.registry import RegisterError, model_name, register_best
+from tune.config import validation
+from tune.engine.baseline_gain import baseline_row, confirm_summary, validation_gain
+from tune.reports.lines import with_se
+from tune.config.validation import SE_METRIC, SIZE_METRIC, binomial_se
+from tune.reports.search import log_search_report
+from tune.trial.trainable import SearchSetup, confirm_seed, evaluate_prompts
+from tune.names import TABLE_FILE
+from tune.trial.table import (BUDGET_STOPPED, COMPLETED, FAILED, INTERRUPTED, best_row, close_trial_run,
+                          last_line, prompt_path, read_rows, status_counts, trial_row, write_table)
+from tune._cli import EXIT_INTERRUPTED
+from tune.engine.tuner import on_resources
+from tune.engine.tuner import pareto
+from tune.record import INTERRUPTED_STATE,  save_record
+from tune.reports.lines import shot_line
+
+
+def collect_rows(plan, client: MlflowClient, folder: Path, grids: list, interrupted: bool) -> list[dict]:
+    """The table's rows, plus a row for each trial that ended without one: the search was killed
+    right after it, or (``interrupted``) it was still running when the search stopped."""
+    rows = read_rows(folder / TABLE_FILE)
+    epochs = plan.phase2.epochs
+    for grid in grids:
+        for result in grid:
+            tid = (result.metrics or {}).get("trial_id")
+            if tid and tid not in rows:
+                error = last_line(result.error) if result.error and not interrupted else None
+                rows[tid] = trial_row(tid, result.config or {}, list(plan.study["space"]), result.metrics,
+                                      epochs, error, interrupted=interrupted, resources=plan.profile["resources"])
+                if rows[tid]["status"] != INTERRUPTED:  # it ended, but its end reached no callback
+                    close_trial_run(client, rows[tid])
+    rows = list(rows.values())
+    write_table(rows, folder / TABLE_FILE)
+    return rows
+
+
+def stop_interrupted(plan, args, client: MlflowClient, folder: Path, record: dict, rows: list[dict],
+                     signal_name: str) -> int:
+    """A stopped search: its unfinished trials' runs and the parent run end KILLED, the record
+    says ``interrupted``, and one line says how to continue."""
+    for row in (r for r in rows if r["status"] == INTERRUPTED):
+        # a trial stopped before its first epoch has reported no run id: find its run by its tags
+        row["mlflow_run_id"] = row.get("mlflow_run_id") or mt.trial_run_id(
+            client, record["experiment_id"], record["parent_run_id"], row["trial_id"])
+        if row["mlflow_run_id"]:
+            client.set_tag(row["mlflow_run_id"], names.STATUS, INTERRUPTED)
+            client.set_terminated(row["mlflow_run_id"], "KILLED")
+    write_table(rows, folder / TABLE_FILE)
+    mt.log(client, record["parent_run_id"], metrics=cost.search_spent(record, rows),
+           tags={names.INTERRUPTED: signal_name})
+    client.set_terminated(record["parent_run_id"], "KILLED")
+    save_record(folder, {**record, "state": INTERRUPTED_STATE})
+    counts = status_counts(rows)
+    ended = sum(counts.values()) - counts[INTERRUPTED]
+    print(f"interrupted ({signal_name}): {ended} of {record['study_config']['budget']['trials']} trials ended, "
+          f"{counts[INTERRUPTED]} stopped mid-way keep their last epoch; continue with: "
+          f"{resume_command(args)}", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+def ui_address(uri: str) -> str:
+    """What a user opens to see the runs: ``LPT_MLFLOW_UI`` (the compose stack sets the host's
+    tunnel address; the tracking URI there is a name only containers resolve), the ``mlflow ui``
+    command for a local store, else the tracking URI."""
+    shown = os.environ.get("LPT_MLFLOW_UI", "").strip()
+    if shown:
+        return shown
+    if mt.sqlite_path(uri) is not None:
+        return f"mlflow ui --backend-store-uri {uri}"
+    return uri
+
+
+def optuna_address(record: dict) -> str:
+    """How to watch or reload the search's Optuna study: ``LPT_OPTUNA_UI`` (the compose stack's
+    read-only optuna-dashboard), else the optuna-dashboard command for its storage."""
+    shown = os.environ.get("LPT_OPTUNA_UI", "").strip() or f"optuna-dashboard {shlex.quote(record['optuna_storage'])}"
+    return f"{shown}  (study '{record['optuna_study']}'; or optuna.load_study(study_name=..., storage=...))"
+
+
+def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, record: dict,
+            rows: list[dict], metrics: list[str], modes: list[str], seconds: float) -> bool:
+    """Test accuracy of the best trial, confirmation, report, registration (``--register``) and
+    the summary; False when the model was asked for and not registered."""
+    parent_id = setup.parent_run_id
+    counts = status_counts(rows)
+    summary = {"trials_" + k: v for k, v in counts.items()}
+    summary["search_wall_s"] = seconds
+    best, baseline = best_row(rows, metrics[0], modes[0]), baseline_row(rows)
+    val_images = len(plan.data.val)
+    summary[SIZE_METRIC] = val_images
+    registered = True
+    spend = cost.outcome(record, rows)
+    record["budget_ended"] = spend["ended"]
+    summary.update(gpu_hours=spend["gpu_hours"], cpu_hours=spend["cpu_hours"],
+                   trials_not_started=spend["trials"] - spend["allowed"])
+    if spend["limit"] is not None:
+        client.set_tag(parent_id, names.BUDGET_ENDED, str(spend["ended"]).lower())
+    write_table(rows, folder / TABLE_FILE, metadata={names.BUDGET: json.dumps(spend)})
+    lines = [f"\n{len(rows)} trials: {counts['completed']} completed, {counts['early_stopped']} stopped early "
+             f"by ASHA, {counts['failed']} failed"
+             + (f", {counts[BUDGET_STOPPED]} stopped by the budget" if counts[BUDGET_STOPPED] else "")
+             + f" ({seconds:.0f} s)", *cost.summary_lines(spend)]
+    lines += [f"  failed {r['trial_id']}: {r['error']}" for r in rows if r["status"] == FAILED][:5]
+    lines.append(validation.describe(plan.summary))
+    if best is not None:
+        config = {p: best[p] for p in plan.study["space"]}
+        prompt_file = prompt_path(folder, best["trial_id"])
+        test = ray.get(on_resources(evaluate_prompts, plan.profile).remote(setup, config, str(prompt_file)))
+        mt.log(client, best["mlflow_run_id"], metrics=test, tags={names.BEST: "true"})
+        summary.update({f"best_{k}": v for k, v in {**{m: best[m] for m in metrics}, **test}.items()})
+        summary[SE_METRIC] = binomial_se(best["val_acc"], val_images)
+        client.set_tag(parent_id, names.BEST_TRIAL_ID, best["trial_id"])
+        lines += [f"best trial {best['trial_id']}: " + ", ".join(f"{k}={v}" for k, v in config.items()),
+                  "  validation: " + with_se(best, val_images),
+                  "  test:       " + shot_line(test, "test_"),
+                  f"  prompts:    {prompt_file}"]
+        if args.register is not None:  # the pyfunc model of the best trial, in the Model Registry
+            name = args.register or model_name(plan.study_name, plan.profile_name)
+            try:
+                lines.append("  model:      " + register_best(
+                    setup.tracking_uri, name, study=plan.study_name, profile_name=plan.profile_name,
+                    profile=plan.profile, data=plan.data, best=best, config=config, prompt_file=prompt_file,
+                    test=test, parent_run_id=parent_id))
+            except RegisterError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                lines.append(f"  model:      not registered ({exc})")
+                registered = False
+        if len(metrics) > 1:
+            front = pareto(record)
+            client.set_tag(parent_id, names.PARETO_TRIALS, ",".join(front))
+            lines.append(f"  Pareto front on {', '.join(metrics)}: {', '.join(front)}")
+        gain, gain_lines = validation_gain(best, baseline, list(plan.study["space"]), val_images, len(rows),
+                                           None if args.confirm else f"{resume_command(args)} --confirm 3")
+        summary.update(gain)
+        lines += gain_lines
+        if args.confirm:
+            lines += confirm(plan, setup, config, baseline, args.confirm, summary)
+            client.set_tag(parent_id, names.CONFIRMED_TRIAL, best["trial_id"])
+        else:
+            lines += stale_confirmation(client.get_run(parent_id).data.tags, best["trial_id"], args)
+    elif counts[BUDGET_STOPPED]:
+        lines.append(f"no trial completed: the budget stopped {counts[BUDGET_STOPPED]} before their last epoch")
+    else:
+        lines.append("no trial completed: see the table's error column and the trials' MLflow runs")
+    mt.log(client, parent_id, metrics=summary)
+    client.log_artifact(parent_id, str(folder / TABLE_FILE))
+    log_search_report(client, parent_id, folder)  # figures and summary.html
+    client.set_terminated(parent_id, "FINISHED")
+    lines += [f"table:  {folder / TABLE_FILE}",
+              f"MLflow: {ui_address(setup.tracking_uri)}  (experiment '{plan.study_name}')",
+              f"Optuna: {optuna_address(record)}"]
+    print("\n".join(lines), flush=True)
+    return registered
+
+
+def stale_confirmation(tags: dict, best_trial_id: str, args) -> list[str]:
+    """A line when the parent's ``confirm_*`` metrics are of an earlier best trial (the search was
+    extended without ``--confirm``): they stay on the run, ``lpt.confirmed_trial`` says whose they are."""
+    confirmed = tags.get(names.CONFIRMED_TRIAL)
+    if confirmed is None or confirmed == best_trial_id:
+        return []
+    return [f"  confirmation: the parent run's confirm_* metrics are of trial {confirmed}, the best before this "
+            f"extension; confirm {best_trial_id} with {resume_command(args)} --confirm N"]
+
+
+def confirm(plan, setup: SearchSetup, config: dict, baseline: dict | None, n: int, summary: dict) -> list[str]:
+    """Retrain the best config, and the baseline's when it ran every epoch and is another config,
+    with the same ``n`` fresh seeds (all at once, as Ray tasks); adds the means and stds to
+    ``summary`` and returns the summary lines."""
+    seeds = [plan.profile["seed"] + 1000 + i for i in range(n)]
+    configs = {"best": config}
+    base = ({p: baseline[p] for p in plan.study["space"]}
+            if baseline is not None and baseline["status"] == COMPLETED else None)
+    if base is not None and base != config:
+        configs["baseline"] = base
+    print(f"confirming the best config{' and the baseline' if len(configs) > 1 else ''} with seeds {seeds} ...",
+          flush=True)
+    task = on_resources(confirm_seed, plan.profile)
+    pending = {name: [task.remote(setup, c, s) for s in seeds] for name, c in configs.items()}
+    results = {name: ray.get(refs) for name, refs in pending.items()}
+    if base is not None and "baseline" not in results:  # the best trial is the baseline
+        results["baseline"] = results["best"]
+    metrics, lines = confirm_summary(results)
+    summary.update(metrics)
+    return lines
+
+
+def resume_command(args) -> str:
+    """The command line that continues this search: its own study, profile, overrides and storage."""
+    q = shlex.quote
+    parts = ["python tune/search.py", f"--study {q(args.study)}", f"--profile {q(args.profile)}",
+             *(f"--set {q(s)}" for s in args.set), *([f"--storage {q(args.storage)}"] if args.storage else []),
+             "--resume"]
+    return " ".join(parts)

@@ -1,0 +1,1 @@
+"""What a finished search shows: the search report (MLflow artifacts, HTML) and its figures. Never imports engine."""

@@ -1,0 +1,173 @@
+"""The report of a search, as artifacts of its parent MLflow run (PNG, CSV, HTML).
+
+``search_report`` (called by the driver's wrap-up and by ``tune/report.py``) works from the parent
+MLflow run, the trial runs and ``trials.parquet`` alone: an in-memory Optuna study rebuilt from the
+table (``build_study``) drawn with ``optuna.visualization.matplotlib`` (optimisation history,
+learning curves, parameter importances, parallel coordinates, slices, Pareto front for several
+objectives), ``trials.csv`` and ``summary.html`` (best config against the profile's defaults,
+accuracy with many/medium/few, extra parameters, wall time, the figures inline).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tune import names
+from tune.names import REPORT_DIR, SEARCH_FILE
+from tune.config.study import SHOT_KEYS
+from tune.config.loading import objective_of
+from tune.plotting import log_report_error
+from tune.reports.study import build_study
+from tune.reports.study import search_figures
+from tune.reports.html import summary_html
+
+
+# ============================================================================ per search: tables and summary
+def write_csv(rows: list[dict], path: Path) -> Path:
+    """The trial table as CSV: one row per trial, the Parquet table's columns in its order."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+    return path
+
+
+def profile_defaults(profile: dict, params: list[str]) -> dict:
+    """What a param is when the study does not search it: the profile's model value or phase-2
+    recipe value, else ``PhaseConfig``'s default."""
+    from lpt_core.trainer import PhaseConfig
+    recipe = PhaseConfig().to_dict()
+    out = {}
+    for p in params:
+        if p in profile.get("model", {}):
+            out[p] = profile["model"][p]
+        elif p in profile.get("phase2", {}):
+            out[p] = profile["phase2"][p]
+        else:
+            out[p] = recipe.get(p)
+    return out
+
+
+def prompt_file_params(path: Path) -> int | None:
+    """Extra parameters of a prompt file: the number of values in its tensors (read from the header)."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return int(sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()))
+
+
+def backbone_params(spec: dict) -> int | None:
+    """Parameters of the profile's backbone, counted on the meta device (no weights, no download)."""
+    from lpt_core import build_backbone_from_spec
+    try:
+        with torch.device("meta"):
+            model = build_backbone_from_spec({**spec, "weights": "random"})
+        return int(sum(p.numel() for p in model.parameters()))
+    except Exception:
+        return None
+
+
+def search_report(client, parent_run_id: str, out: str | Path, folder: str | Path | None = None) -> dict:
+    """Build the search report of ``parent_run_id`` in ``out`` from MLflow and the search folder's
+    ``trials.parquet`` (and its ``search.json`` / ``profile.yaml`` for the profile's defaults);
+    log the files to the parent run under ``report/``. Returns what it built.
+
+    Raises FileNotFoundError when the table is missing, KeyError for a run that is not a search."""
+    from tune.names import TABLE_FILE
+    from tune.trial.table import best_row, prompt_path, read_rows, status_counts
+    parent = client.get_run(parent_run_id)
+    tags, params, pm = parent.data.tags, parent.data.params, parent.data.metrics
+    if tags.get(names.ROLE) != names.ROLE_STUDY:
+        raise KeyError(f"run {parent_run_id} is not a search's parent run (lpt.role={tags.get(names.ROLE)})")
+    folder = Path(folder or tags.get(names.STORAGE, ""))
+    table = folder / TABLE_FILE
+    if not table.is_file():
+        raise FileNotFoundError(f"{table}: no trial table")
+    rows = list(read_rows(table).values())
+    record = json.loads((folder / SEARCH_FILE).read_text()) if (folder / SEARCH_FILE).is_file() else {}
+    study_cfg = record.get("study_config") or {}
+    space = json.loads(params["space"]) if "space" in params else study_cfg.get("space", {})
+    metrics, modes = objective_of(json.loads(params["objective"]) if "objective" in params
+                                  else study_cfg.get("objective", {}))
+    profile = record.get("profile")
+    if profile is None and (folder / names.PROFILE_FILE).is_file():
+        import yaml
+        profile = yaml.safe_load((folder / names.PROFILE_FILE).read_text())
+    profile = profile or {}
+
+    runs = {r.data.tags.get(names.TRIAL_ID): r for r in client.search_runs(
+        [parent.info.experiment_id], f"tags.`{names.PARENT}` = '{parent_run_id}'", max_results=5000)}
+    order = [tid for tid, _ in sorted(((tid, r.info.start_time or 0) for tid, r in runs.items() if tid),
+                                      key=lambda x: x[1])]
+    histories = {}
+    if len(metrics) == 1:
+        for row in rows:
+            run = runs.get(row["trial_id"])
+            if run is not None:
+                histories[row["trial_id"]] = {m.step: m.value for m in client.get_metric_history(run.info.run_id, metrics[0])}
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    study = build_study(rows, space, metrics, modes, histories, order)
+    figures, skipped = search_figures(study, metrics, out)
+    write_csv(rows, out / names.REPORT_TABLE)
+
+    by_id = {r["trial_id"]: r for r in rows}
+    best = by_id.get(tags.get(names.BEST_TRIAL_ID)) or best_row(rows, metrics[0], modes[0])
+    test, extra = {}, None
+    if best is not None:
+        run = runs.get(best["trial_id"])
+        best_metrics = run.data.metrics if run is not None else {}
+        test = ({f"test_{k}": pm[f"best_test_{k}"] for k in SHOT_KEYS if f"best_test_{k}" in pm}
+                or {k: v for k, v in best_metrics.items() if k.startswith("test_")})
+        extra = (int(best_metrics["extra_params"]) if "extra_params" in best_metrics
+                 else prompt_file_params(prompt_path(folder, best["trial_id"])))
+    sign = 1 if modes[0] == "max" else -1
+
+    def rank(r: dict) -> tuple:
+        v = r.get(metrics[0])
+        ok = isinstance(v, (int, float)) and math.isfinite(v)
+        return (r["status"] != "completed", not ok, -sign * v if ok else 0.0)
+    ranked = sorted(rows, key=rank)
+    counts = status_counts(rows)
+    info = {"name": tags.get(names.SEARCH, parent.info.run_name), "study": params.get("study", record.get("study")),
+            "profile": params.get("profile", record.get("profile_name")), "metrics": metrics, "modes": modes,
+            "counts": {**counts, "total": len(rows)}, "search_wall_s": pm.get("search_wall_s"),
+            "cost": {m: pm[m] for m in ("gpu_hours", "cpu_hours") if m in pm},
+            "experiment_id": parent.info.experiment_id, "parent_run_id": parent_run_id, "table": str(table),
+            "space": space, "defaults": profile_defaults(profile, list(space)), "best": best, "test": test,
+            "confirm": {k: v for k, v in pm.items() if k.startswith("confirm_")},
+            "confirmed_trial": tags.get(names.CONFIRMED_TRIAL),
+            "extra_params": extra, "backbone_params": backbone_params(profile["backbone"]) if extra and profile.get("backbone") else None,
+            "pareto": [t for t in tags.get(names.PARETO_TRIALS, "").split(",") if t], "top": ranked[:10],
+            "baseline": next((r for r in rows if r.get("baseline")), None),
+            "gain": {k: v for k, v in pm.items() if k.startswith("gain_val_")},
+            **{k: pm.get(k) for k in ("val_images", "val_acc_se", "baseline_val_acc_se")}}
+    (out / names.REPORT_PAGE).write_text(summary_html(info, figures, skipped))
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    client.log_artifacts(parent_run_id, str(out), REPORT_DIR)
+    return {"out": out, "files": files, "skipped": skipped, "best": best, "study": study}
+
+
+def log_search_report(client, parent_run_id: str, folder: Path, log: Callable[[str], None] = print) -> None:
+    """``search_report`` into ``folder/report`` for the driver's wrap-up; a failure is a warning
+    and the tag ``lpt.report_error``, never a failed search."""
+    try:
+        started = time.perf_counter()
+        built = search_report(client, parent_run_id, Path(folder) / REPORT_DIR, folder)
+        log(f"report: {built['out']} ({len(built['files'])} files, {time.perf_counter() - started:.0f} s; "
+            f"rebuild with python tune/report.py)")
+    except Exception as exc:  # a report is a convenience; the search's results stand without it
+        log_report_error(client, parent_run_id, exc, "warning: no search report", log)

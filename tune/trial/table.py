@@ -1,0 +1,152 @@
+"""``trials.parquet``: one row per trial, rewritten as trials end, so a crash leaves what finished.
+
+The same Tune callback closes each trial's MLflow run with its final status (a trial that ASHA
+stops is ended by Ray before its own code can do that) and logs what the trial cost
+(``gpu_hours``, ``cpu_hours``: its wall time x its resources). The helpers below read the rows
+(best trial, counts by status) for the driver's wrap-up and the search report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from mlflow import MlflowClient
+from ray import tune
+
+from tune import tracking as mt
+from tune.config.budget import MEASURES, hours_of
+from tune.names import PROMPTS_DIR, STATUS, TABLE_FILE  # noqa: F401 (TABLE_FILE: still importable from here)
+from tune.config.study import OBJECTIVE_METRICS
+
+FINAL_METRICS = (*OBJECTIVE_METRICS, "train_loss")
+COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED = "completed", "early_stopped", "failed", "interrupted"
+BUDGET_STOPPED = "budget_stopped"   # budget.on_exhausted: stop ended it before its last epoch
+STATUSES = (COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED, BUDGET_STOPPED)
+COST_METRICS = tuple(MEASURES)   # gpu_hours, cpu_hours: a trial's wall time x its resources, in hours
+
+
+def prompt_path(folder: str | os.PathLike, trial_id: str) -> Path:
+    """Where a trial that ran every epoch saves its prompts, in the search folder."""
+    return Path(folder) / PROMPTS_DIR / f"{trial_id}.safetensors"
+
+
+def last_line(error) -> str:
+    """A trial's error (Ray's traceback text) as its last line, which names the exception."""
+    lines = str(error).strip().splitlines()
+    return lines[-1][:500] if lines else type(error).__name__
+
+
+def trial_error(trial) -> str:
+    """The message of the exception a trial raised, from Ray's stored error (``get_error``)."""
+    try:
+        error = trial.get_error()
+    except Exception as exc:  # the error file itself cannot be read
+        return f"trial raised; its error could not be read ({type(exc).__name__}: {exc})"[:500]
+    return last_line(error) if error is not None else "trial raised (no error recorded by Ray)"
+
+
+def trial_row(trial_id: str, config: dict, params: list[str], result: dict | None, epochs: int,
+              error: str | None = None, interrupted: bool = False, resources: dict | None = None,
+              budget_stopped: bool = False) -> dict:
+    """A table row; ``interrupted``: the search stopped (Ctrl+C, SIGTERM) before this trial ended;
+    ``budget_stopped``: the budget stopped it; ``resources``: a trial's, for its cost columns."""
+    result = result or {}
+    reason = error or result.get("error")
+    done = int(result.get("epoch", 0) or 0)
+    status = (FAILED if reason else COMPLETED if done >= epochs else INTERRUPTED if interrupted
+              else BUDGET_STOPPED if budget_stopped else EARLY_STOPPED)
+    row = {"trial_id": trial_id, "status": status, "epochs": done, "baseline": bool(config.get("baseline", False))}
+    row.update({p: config.get(p) for p in params})
+    for m in FINAL_METRICS:
+        value = result.get(m)
+        row[m] = float(value) if isinstance(value, (int, float)) else math.nan
+    wall = float(result.get("time_total_s", math.nan))
+    row.update({"mlflow_run_id": result.get("mlflow_run_id"), "node": result.get("node"), "wall_s": wall,
+                **(hours_of(wall, resources) if resources else dict.fromkeys(COST_METRICS, math.nan)),
+                "error": reason})
+    return row
+
+
+def write_table(rows: list[dict], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """``metadata``: the table's key-value metadata (the wrap-up's ``lpt.budget``)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["trial_id"]))
+    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **(metadata or {})}), tmp)
+    os.replace(tmp, path)
+
+
+def read_rows(path: str | os.PathLike) -> dict[str, dict]:
+    path = Path(path)
+    return {r["trial_id"]: r for r in pq.read_table(path).to_pylist()} if path.is_file() else {}
+
+
+def status_counts(rows: list[dict]) -> dict[str, int]:
+    return {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+
+
+def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
+    """The completed trial with the best finite ``metric``; None if no trial completed."""
+    done = [r for r in rows if r["status"] == COMPLETED and isinstance(r.get(metric), (int, float))
+            and math.isfinite(r[metric])]
+    if not done:
+        return None
+    sign = 1 if mode == "max" else -1
+    return max(done, key=lambda r: sign * r[metric])
+
+
+def close_trial_run(client: MlflowClient, row: dict) -> None:
+    """End an ended trial's MLflow run with the table's status (a trial that ASHA stops is ended
+    by Ray before its own code can close the run)."""
+    if row.get("mlflow_run_id"):
+        client.set_tag(row["mlflow_run_id"], STATUS, row["status"])
+        client.set_terminated(row["mlflow_run_id"], "FAILED" if row["status"] == FAILED else "FINISHED",
+                              end_time=int(time.time() * 1000))
+
+
+class TrialTable(tune.Callback):
+    def __init__(self, path: str | os.PathLike, params: list[str], epochs: int, client: MlflowClient,
+                 budget: int, metric: str, prior: list[dict] = (), search_run: tuple[str, str] | None = None,
+                 resources: dict | None = None, budget_stopper=None):
+        """``search_run``: (experiment id, parent run id), to find the run of a trial that ended
+        before it reported one (it raised, or was stopped, before its first epoch);
+        ``budget_stopper``: the run's ``budget.BudgetStopper`` (its ``stopped`` trials)."""
+        self.path, self.params, self.epochs, self.client = Path(path), params, epochs, client
+        self.budget, self.metric, self.search_run = budget, metric, search_run
+        self.resources, self.budget_stopper = resources, budget_stopper
+        # a new search starts empty; an extension with the rows of the runs before it
+        self.rows: dict[str, dict] = {r["trial_id"]: r for r in prior}
+
+    def __setstate__(self, state: dict) -> None:
+        # Tuner.restore (--resume) unpickles this callback as it was when the search began:
+        # the rows of the trials that ended since then are in the table
+        # (a search started before the budget: no resources, no stopper)
+        self.__dict__.update({"resources": None, "budget_stopper": None, **state}, rows=read_rows(state["path"]))
+
+    def _end(self, trial, error: str | None) -> None:
+        stopped = self.budget_stopper is not None and trial.trial_id in self.budget_stopper.stopped
+        row = trial_row(trial.trial_id, trial.config, self.params, trial.last_result, self.epochs, error,
+                        resources=self.resources, budget_stopped=stopped)
+        if not row["mlflow_run_id"] and self.search_run:
+            row["mlflow_run_id"] = mt.trial_run_id(self.client, *self.search_run, trial.trial_id)
+        self.rows[trial.trial_id] = row
+        write_table(list(self.rows.values()), self.path)
+        shown = ", ".join(f"{p}={row[p]}" for p in self.params)
+        print(f"trial {len(self.rows)}/{self.budget} {trial.trial_id} {row['status']} after {row['epochs']} "
+              f"epochs: {self.metric} {row.get(self.metric, math.nan):.2f} ({shown})"
+              + (f" - {row['error']}" if row["error"] else ""), flush=True)
+        cost = {m: row[m] for m in COST_METRICS if math.isfinite(row[m])}
+        if row["mlflow_run_id"] and cost:
+            mt.log(self.client, row["mlflow_run_id"], metrics=cost)
+        close_trial_run(self.client, row)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, None)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, trial_error(trial))

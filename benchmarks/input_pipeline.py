@@ -32,8 +32,7 @@ def write_cifar100(root: str, per_class: int = 50, classes: int = 100) -> None:
     for name, n in (("train", per_class), ("test", 10)):
         labels = rng.permutation(np.repeat(np.arange(classes), n)).tolist()
         with open(os.path.join(base, name), "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
-                         b"fine_labels": labels}, f)
+            pickle.dump({b"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), b"fine_labels": labels}, f)
     with open(os.path.join(base, "meta"), "wb") as f:
         pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(classes)]}, f)
 
@@ -82,32 +81,66 @@ def main(argv=None) -> int:
         write_jpegs(os.path.join(tmp, "jpeg"))
         size = {"image_size": args.image_size}
         sets = {
-            "synthetic": ({"name": "synthetic", "num_classes": 100, "max_per_class": 50,
-                           "image_size": 32, "seed": 0}, "gpu_augment"),
-            "cifar100_lt": ({"name": "cifar100_lt", "root": os.path.join(tmp, "cifar"),
-                             "imbalance_ratio": 10, "val_per_class": 5, **size}, "gpu_augment"),
-            "image_folder": ({"name": "image_folder", "root": os.path.join(tmp, "jpeg"),
-                              "val_per_class": 2, "test_per_class": 2, **size}, "gpu_decode"),
+            "synthetic": (
+                {"name": "synthetic", "num_classes": 100, "max_per_class": 50, "image_size": 32, "seed": 0},
+                "gpu_augment",
+            ),
+            "cifar100_lt": (
+                {
+                    "name": "cifar100_lt",
+                    "root": os.path.join(tmp, "cifar"),
+                    "imbalance_ratio": 10,
+                    "val_per_class": 5,
+                    **size,
+                },
+                "gpu_augment",
+            ),
+            "image_folder": (
+                {
+                    "name": "image_folder",
+                    "root": os.path.join(tmp, "jpeg"),
+                    "val_per_class": 2,
+                    "test_per_class": 2,
+                    **size,
+                },
+                "gpu_decode",
+            ),
         }
         for name, (spec, gpu_key) in sets.items():
             data = build_dataset(spec)
             for workers in (0, 2):
-                rows.append((name, "cpu transforms", "cpu", workers,
-                             measure(data, devices[0], workers, args.batch_size, args.batches)))
+                rows.append(
+                    (
+                        name,
+                        "cpu transforms",
+                        "cpu",
+                        workers,
+                        measure(data, devices[0], workers, args.batch_size, args.batches),
+                    )
+                )
             data = build_dataset({**spec, gpu_key: True})
             for device in devices:
-                rows.append((name, gpu_key, device.type, 0,
-                             measure(data, device, 0, args.batch_size, args.batches)))
-    print(f"input pipeline, batch {args.batch_size}, {args.batches} batches, output "
-          f"{args.image_size}px (synthetic: 32px), torch threads {torch.get_num_threads()}")
+                rows.append((name, gpu_key, device.type, 0, measure(data, device, 0, args.batch_size, args.batches)))
+    print(
+        f"input pipeline, batch {args.batch_size}, {args.batches} batches, output "
+        f"{args.image_size}px (synthetic: 32px), torch threads {torch.get_num_threads()}"
+    )
     print(f"{'dataset':<14}{'path':<16}{'device':<8}{'workers':>8}{'images/s':>12}")
     for name, path, device, workers, ips in rows:
         print(f"{name:<14}{path:<16}{device:<8}{workers:>8}{ips:>12.0f}")
     if args.out:
         keys = ("dataset", "path", "device", "workers", "images_per_s")
         with open(args.out, "w") as f:
-            json.dump({"batch_size": args.batch_size, "batches": args.batches, "image_size": args.image_size,
-                       "results": [dict(zip(keys, row)) for row in rows]}, f, indent=2)
+            json.dump(
+                {
+                    "batch_size": args.batch_size,
+                    "batches": args.batches,
+                    "image_size": args.image_size,
+                    "results": [dict(zip(keys, row)) for row in rows],
+                },
+                f,
+                indent=2,
+            )
     return 0
 
 

@@ -35,11 +35,21 @@ def phase1_curve(profile: dict, data, sampling: str, epochs: int) -> list[dict]:
     torch.manual_seed(seed)
     backbone = build_backbone_from_spec(profile["backbone"])
     model = LPT(backbone, data.num_classes, init_seed=seed, **profile["model"])
-    trainer = Trainer(model, data, 1, recipe, seed=seed, device="cpu" if profile["device"] == "cpu" else None,
-                      num_workers=profile["loader"]["num_workers"], shot_split=profile["shot_split"], log=None)
+    trainer = Trainer(
+        model,
+        data,
+        1,
+        recipe,
+        seed=seed,
+        device="cpu" if profile["device"] == "cpu" else None,
+        num_workers=profile["loader"]["num_workers"],
+        shot_split=profile["shot_split"],
+        log=None,
+    )
     branches = 2 if sampling == "dual" else 1
-    return [{**m, "images": m["epoch"] * trainer.steps_per_epoch * branches * recipe.batch_size}
-            for m in trainer.epochs()]
+    return [
+        {**m, "images": m["epoch"] * trainer.steps_per_epoch * branches * recipe.batch_size} for m in trainer.epochs()
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,14 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     data = profile_data(profile)
     n_val = len(data.val)
     curves = {s: phase1_curve(profile, data, s, args.epochs) for s in SAMPLINGS}
-    print(f"phase 1 on {args.profile} ({profile['data']['name']}, {data.num_classes} classes, "
-          f"{len(data.train_labels)} train / {n_val} val images), {args.epochs} epochs, seed {profile['seed']}")
+    print(
+        f"phase 1 on {args.profile} ({profile['data']['name']}, {data.num_classes} classes, "
+        f"{len(data.train_labels)} train / {n_val} val images), {args.epochs} epochs, seed {profile['seed']}"
+    )
     print(f"{'epoch':>5} {'sampling':>8} {'images':>8} {'loss':>8} {'val_acc':>8} {'many':>6} {'medium':>6} {'few':>6}")
     for epoch in range(args.epochs):
         for s in SAMPLINGS:
             m = curves[s][epoch]
-            print(f"{m['epoch']:>5} {s:>8} {m['images']:>8} {m['train_loss']:>8.4f} {m['val_acc']:>8.2f} "
-                  f"{m['val_many_acc']:>6.1f} {m['val_medium_acc']:>6.1f} {m['val_few_acc']:>6.1f}")
+            print(
+                f"{m['epoch']:>5} {s:>8} {m['images']:>8} {m['train_loss']:>8.4f} {m['val_acc']:>8.2f} "
+                f"{m['val_many_acc']:>6.1f} {m['val_medium_acc']:>6.1f} {m['val_few_acc']:>6.1f}"
+            )
     for s in SAMPLINGS:
         last = curves[s][-1]["val_acc"]
         print(f"{s}: last val_acc {last:.2f} ± {binomial_se(last, n_val):.2f} (1 SE, {n_val} images)")

@@ -77,15 +77,34 @@ DEPTH = 12  # blocks of the shipped profiles' ViT-B/16: group_start can take 1..
 PEAK = {"val_acc": 80.0, "val_few_acc": 65.0}
 SCALE = 50.0
 # The optimum, in each parameter's own units: away from the profiles' baseline and the ranges' middle.
-OPTIMUM = {"prompt_length": 20, "pool_size": 30, "top_k": 3, "group_start": 4, "gamma_pos": 0.5,
-           "gamma_neg": 5.0, "ib_gamma_pos": 1.0, "ib_gamma_neg": 4.0, "margin": 0.2, "lr": 0.05}
+OPTIMUM = {
+    "prompt_length": 20,
+    "pool_size": 30,
+    "top_k": 3,
+    "group_start": 4,
+    "gamma_pos": 0.5,
+    "gamma_neg": 5.0,
+    "ib_gamma_pos": 1.0,
+    "ib_gamma_neg": 4.0,
+    "margin": 0.2,
+    "lr": 0.05,
+}
 FEW_OPTIMUM = {**OPTIMUM, "gamma_neg": 7.0, "ib_gamma_neg": 9.0}  # the tail wants more asymmetry
-WEIGHT = {"prompt_length": 1.0, "pool_size": 1.5, "top_k": 1.0, "group_start": 2.0, "gamma_pos": 0.5,
-          "gamma_neg": 1.0, "ib_gamma_pos": 0.5, "ib_gamma_neg": 1.0, "margin": 0.5, "lr": 3.0}
+WEIGHT = {
+    "prompt_length": 1.0,
+    "pool_size": 1.5,
+    "top_k": 1.0,
+    "group_start": 2.0,
+    "gamma_pos": 0.5,
+    "gamma_neg": 1.0,
+    "ib_gamma_pos": 0.5,
+    "ib_gamma_neg": 1.0,
+    "margin": 0.5,
+    "lr": 3.0,
+}
 COUPLED = [("pool_size", "top_k"), ("gamma_pos", "gamma_neg"), ("ib_gamma_pos", "ib_gamma_neg")]
 SETTINGS = ("configured", "defaults", "random", "gp")
-LABELS = {"configured": "tpe (as configured)", "defaults": "tpe (Optuna defaults)", "random": "random",
-          "gp": "gp"}
+LABELS = {"configured": "tpe (as configured)", "defaults": "tpe (Optuna defaults)", "random": "random", "gp": "gp"}
 DEFAULT_STUDIES = ("prompt_pool", "gcl_asymmetry", "full")
 
 
@@ -159,8 +178,7 @@ class StandIn:
         rng = np.random.default_rng([self.seed, epoch, key])
         left = 1 - epoch / self.epochs
         sigma = self.noise * (1 + left)
-        return {m: v * (1 - 0.4 * left ** 2) + sigma * rng.standard_normal()
-                for m, v in self.final(config).items()}
+        return {m: v * (1 - 0.4 * left**2) + sigma * rng.standard_normal() for m, v in self.final(config).items()}
 
     def train(self, config: dict) -> None:
         """The trial: one report per epoch, instantly."""
@@ -179,21 +197,24 @@ def settings_for(name: str, study: dict, budget: int, seed: int) -> dict:
     return {"type": "random", "seed": seed}
 
 
-def run_search(study: dict, profile: dict, setting: str, budget: int, seed: int, epochs: int,
-               noise: float, storage_path: str) -> dict:
+def run_search(
+    study: dict, profile: dict, setting: str, budget: int, seed: int, epochs: int, noise: float, storage_path: str
+) -> dict:
     """One real Ray Tune search of ``budget`` trials; its regret and what it ran."""
     study = {**study, "seed": seed}
     metrics, modes = objective_of(study["objective"])
     standin = StandIn(study["space"], metrics, epochs, noise, seed)
     storage = optuna.storages.InMemoryStorage()
     name = f"{study['name']}-{setting}-{budget}-{seed}"
-    ot_study = optuna.create_study(storage=storage, study_name=name,
-                                   directions=["maximize" if m == "max" else "minimize" for m in modes])
+    ot_study = optuna.create_study(
+        storage=storage, study_name=name, directions=["maximize" if m == "max" else "minimize" for m in modes]
+    )
     if study.get("baseline", {}).get("enabled", True):
         enqueue_baseline(ot_study, baseline_config(study["space"], profile["model"], profile["phase2"]))
     settings = settings_for(setting, study, budget, seed)
-    searcher = make_searcher(study, profile["model"], DEPTH, epochs, metrics, modes, settings,
-                             storage=storage, study_name=name)
+    searcher = make_searcher(
+        study, profile["model"], DEPTH, epochs, metrics, modes, settings, storage=storage, study_name=name
+    )
     scheduler = make_scheduler(study, PhaseConfig(epochs=epochs, warmup_epochs=0), metrics[0], modes[0])  # no warm-up
 
     def trainable(config: dict) -> None:
@@ -201,19 +222,29 @@ def run_search(study: dict, profile: dict, setting: str, budget: int, seed: int,
 
     started = time.perf_counter()
     grid = raytune.Tuner(
-        trainable, tune_config=raytune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                                num_samples=budget, reuse_actors=True),
-        run_config=raytune.RunConfig(name=name, storage_path=storage_path, verbose=0)).fit()
+        trainable,
+        tune_config=raytune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=budget, reuse_actors=True),
+        run_config=raytune.RunConfig(name=name, storage_path=storage_path, verbose=0),
+    ).fit()
     seconds = time.perf_counter() - started
     finished = [r for r in grid if r.error is None and r.metrics and r.metrics.get("epoch") == epochs]
     best = max(finished, key=lambda r: standin.score(r.metrics), default=None)
     optimum = standin.optimum()
     # max: a trial at the optimum of a discrete space can come out 1e-15 above it
     regret = max(0.0, optimum - standin.score(standin.final(best.config))) if best else math.nan
-    return {"study": study["name"], "budget": budget, "setting": setting, "seed": seed,
-            "regret": regret, "optimum": optimum, "trials": len(grid), "finished": len(finished),
-            "best_config": {n: best.config[n] for n in study["space"]} if best else None,
-            "sampler": settings, "seconds": round(seconds, 2)}
+    return {
+        "study": study["name"],
+        "budget": budget,
+        "setting": setting,
+        "seed": seed,
+        "regret": regret,
+        "optimum": optimum,
+        "trials": len(grid),
+        "finished": len(finished),
+        "best_config": {n: best.config[n] for n in study["space"]} if best else None,
+        "sampler": settings,
+        "seconds": round(seconds, 2),
+    }
 
 
 # ----------------------------------------------------------------------------- summary
@@ -223,38 +254,55 @@ def summarise(rows: list[dict], within: float) -> list[dict]:
         groups.setdefault((r["study"], r["budget"], r["setting"]), []).append(r)
     studies = list(dict.fromkeys(r["study"] for r in rows))
     out = []
-    for (study, budget, setting), rs in sorted(groups.items(), key=lambda g: (
-            studies.index(g[0][0]), g[0][1], SETTINGS.index(g[0][2]))):
+    for (study, budget, setting), rs in sorted(
+        groups.items(), key=lambda g: (studies.index(g[0][0]), g[0][1], SETTINGS.index(g[0][2]))
+    ):
         regrets = [r["regret"] for r in rs if not math.isnan(r["regret"])]
         limit = within / 100 * rs[0]["optimum"]
-        out.append({"study": study, "budget": budget, "setting": setting, "seeds": len(rs),
-                    "mean": statistics.fmean(regrets) if regrets else math.nan,
-                    "std": statistics.stdev(regrets) if len(regrets) > 1 else 0.0,
-                    "median": statistics.median(regrets) if regrets else math.nan,
-                    "within": sum(r <= limit for r in regrets) / len(rs),
-                    "no_result": len(rs) - len(regrets)})
+        out.append(
+            {
+                "study": study,
+                "budget": budget,
+                "setting": setting,
+                "seeds": len(rs),
+                "mean": statistics.fmean(regrets) if regrets else math.nan,
+                "std": statistics.stdev(regrets) if len(regrets) > 1 else 0.0,
+                "median": statistics.median(regrets) if regrets else math.nan,
+                "within": sum(r <= limit for r in regrets) / len(rs),
+                "no_result": len(rs) - len(regrets),
+            }
+        )
     return out
 
 
 def table(summary: list[dict], within: float) -> str:
-    lines = [f"| study | budget | sampler | mean regret ± std | median | within {within:g}% of optimum |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| study | budget | sampler | mean regret ± std | median | within {within:g}% of optimum |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in summary:
         miss = f" ({s['no_result']} without a result)" if s["no_result"] else ""
-        lines.append(f"| {s['study']} | {s['budget']} | {LABELS[s['setting']]} | {s['mean']:.2f} ± "
-                     f"{s['std']:.2f} | {s['median']:.2f} | {s['within'] * s['seeds']:.0f}/{s['seeds']}{miss} |")
+        lines.append(
+            f"| {s['study']} | {s['budget']} | {LABELS[s['setting']]} | {s['mean']:.2f} ± "
+            f"{s['std']:.2f} | {s['median']:.2f} | {s['within'] * s['seeds']:.0f}/{s['seeds']}{miss} |"
+        )
     return "\n".join(lines)
 
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    )
 
 
 # ----------------------------------------------------------------------------- main
@@ -272,8 +320,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="raw results: JSON, or CSV for a .csv name (written after every row)")
     p.add_argument("--summarise", nargs="+", metavar="JSON", help="run nothing: print the table of these --out files")
     args = p.parse_args(argv)
-    for name, value in (("--budgets", min(args.budgets)), ("--seeds", args.seeds), ("--epochs", args.epochs),
-                        ("--concurrency", args.concurrency or 1)):
+    for name, value in (
+        ("--budgets", min(args.budgets)),
+        ("--seeds", args.seeds),
+        ("--epochs", args.epochs),
+        ("--concurrency", args.concurrency or 1),
+    ):
         if value < 1:
             p.error(f"{name} must be at least 1")
     return args
@@ -295,14 +347,17 @@ def write(path: str, result: dict) -> None:
     with out.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows({**r, "best_config": json.dumps(r["best_config"]), "sampler": json.dumps(r["sampler"])}
-                         for r in rows)
+        writer.writerows(
+            {**r, "best_config": json.dumps(r["best_config"]), "sampler": json.dumps(r["sampler"])} for r in rows
+        )
 
 
 def report(rows: list[dict], within: float, wall: str, where: str, epochs, noise) -> None:
     print(table(summarise(rows, within), within))
-    print(f"\n{len(rows)} searches, {sum(r['trials'] for r in rows)} trials, {epochs} epochs each, "
-          f"noise {noise}; {wall} on {where}")
+    print(
+        f"\n{len(rows)} searches, {sum(r['trials'] for r in rows)} trials, {epochs} epochs each, "
+        f"noise {noise}; {wall} on {where}"
+    )
 
 
 def read_result(path: str) -> dict:
@@ -358,23 +413,35 @@ def main(argv=None) -> dict:
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     where = machine()
     started = time.perf_counter()
-    ray.init(address="local", num_cpus=max(s["budget"]["concurrency"] for s in studies),
-             include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local",
+        num_cpus=max(s["budget"]["concurrency"] for s in studies),
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     rows: list[dict] = []
-    result = {"config": vars(args), "machine": where, "seconds": None,
-              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "versions": {"ray": ray.__version__, "optuna": optuna.__version__}, "runs": rows}
+    result = {
+        "config": vars(args),
+        "machine": where,
+        "seconds": None,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"ray": ray.__version__, "optuna": optuna.__version__},
+        "runs": rows,
+    }
     try:
         with tempfile.TemporaryDirectory(prefix="search_quality-") as tmp:
             for budget in args.budgets:  # small budgets first: a run cut short still has whole rows
                 for study in studies:
                     for setting in args.settings:
                         for seed in range(args.seeds):
-                            rows.append(run_search(study, profile, setting, budget, seed, args.epochs,
-                                                   args.noise, tmp))
-                        done = [r["regret"] for r in rows[-args.seeds:]]
-                        print(f"{study['name']} {budget} {LABELS[setting]}: regret "
-                              f"{', '.join(f'{r:.2f}' for r in done)}", file=sys.stderr, flush=True)
+                            rows.append(run_search(study, profile, setting, budget, seed, args.epochs, args.noise, tmp))
+                        done = [r["regret"] for r in rows[-args.seeds :]]
+                        print(
+                            f"{study['name']} {budget} {LABELS[setting]}: regret {', '.join(f'{r:.2f}' for r in done)}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         if args.out:  # after every row of the table, so that a cut-short run keeps them
                             write(args.out, {**result, "seconds": round(time.perf_counter() - started, 1)})
     finally:

@@ -88,15 +88,28 @@ CPU_DEFAULTS = ("vit_ti16", 96, 8, 2, 8)
 
 
 # --------------------------------------------------------------------------------------- model
-def build_lpt(size: Size, image_size: int, *, prompt_length: int = LPTConfig.default("prompt_length"),
-              pool_size: int = LPTConfig.default("pool_size"), top_k: int = LPTConfig.default("top_k"),
-              group_start: int | None = None, num_classes: int = NUM_CLASSES) -> LPT:
+def build_lpt(
+    size: Size,
+    image_size: int,
+    *,
+    prompt_length: int = LPTConfig.default("prompt_length"),
+    pool_size: int = LPTConfig.default("pool_size"),
+    top_k: int = LPTConfig.default("top_k"),
+    group_start: int | None = None,
+    num_classes: int = NUM_CLASSES,
+) -> LPT:
     """LPT around a randomly initialised backbone (no downloads); L, P, K default to ``LPTConfig``'s,
     S to depth // 2 (``LPTConfig``'s 6 for the 12 blocks of ViT-B, and valid at any depth)."""
     backbone = build_backbone(size.model, "random", img_size=image_size, **size.overrides)
     depth = len(backbone.blocks)
-    return LPT(backbone, num_classes, prompt_length=prompt_length, pool_size=pool_size, top_k=top_k,
-               group_start=depth // 2 if group_start is None else group_start)
+    return LPT(
+        backbone,
+        num_classes,
+        prompt_length=prompt_length,
+        pool_size=pool_size,
+        top_k=top_k,
+        group_start=depth // 2 if group_start is None else group_start,
+    )
 
 
 class ReferenceStep:
@@ -108,8 +121,9 @@ class ReferenceStep:
         self.loss_cb, self.loss_ib = losses
         model.set_phase(phase)
         self.params = model.trainable_parameters()
-        self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr * cfg.batch_size / 256,
-                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.SGD(
+            self.params, lr=cfg.lr * cfg.batch_size / 256, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, w: float) -> torch.Tensor:
         half = images.shape[0] // 2
@@ -132,8 +146,9 @@ class ReferenceStep:
         return loss
 
 
-def lean_forward_backward(model: LPT, cfg: PhaseConfig, losses: tuple, images: torch.Tensor,
-                          labels: torch.Tensor, w: float) -> torch.Tensor:
+def lean_forward_backward(
+    model: LPT, cfg: PhaseConfig, losses: tuple, images: torch.Tensor, labels: torch.Tensor, w: float
+) -> torch.Tensor:
     """The forward, loss and backward of ``Trainer.train_step`` (used to count its FLOPs on fake
     tensors, where a ``Trainer`` cannot be built)."""
     logits, aux = model(images)
@@ -143,8 +158,9 @@ def lean_forward_backward(model: LPT, cfg: PhaseConfig, losses: tuple, images: t
 
 
 # --------------------------------------------------------------------------------------- FLOPs
-def count_variant_flops(size: Size, image_size: int, prompt_kwargs: dict, batch: int = 2,
-                        phases: tuple[str, ...] = PHASES) -> dict[str, dict[str, float]]:
+def count_variant_flops(
+    size: Size, image_size: int, prompt_kwargs: dict, batch: int = 2, phases: tuple[str, ...] = PHASES
+) -> dict[str, dict[str, float]]:
     """GFLOP per image of each variant and phase, ``{variant: {phase: gflop}}``.
 
     Counted on fake CPU tensors (the model is built on the meta device, then given fake storage):
@@ -170,10 +186,10 @@ def count_variant_flops(size: Size, image_size: int, prompt_kwargs: dict, batch:
                 continue
             model.set_phase(phase).train()
             ref = ReferenceStep(model, phase, cfg, losses, amp=False)
-            out["reference"][f"phase{phase}"] = count_flops(
-                lambda: ref.forward_backward(images, labels, w)) / n / 1e9
-            out["lean"][f"phase{phase}"] = count_flops(
-                lambda: lean_forward_backward(model, cfg, losses, images, labels, w)) / n / 1e9
+            out["reference"][f"phase{phase}"] = count_flops(lambda: ref.forward_backward(images, labels, w)) / n / 1e9
+            out["lean"][f"phase{phase}"] = (
+                count_flops(lambda: lean_forward_backward(model, cfg, losses, images, labels, w)) / n / 1e9
+            )
         if "eval" in phases:
             model.set_phase(2).eval()
             with torch.no_grad():
@@ -185,18 +201,27 @@ def count_variant_flops(size: Size, image_size: int, prompt_kwargs: dict, batch:
     return out
 
 
-def flops_summary(name: str, size: Size, image_size: int, prompt_kwargs: dict,
-                  phases: tuple[str, ...] = PHASES) -> dict:
+def flops_summary(
+    name: str, size: Size, image_size: int, prompt_kwargs: dict, phases: tuple[str, ...] = PHASES
+) -> dict:
     """FLOP counts at one size, with the lean / reference ratios of the phase-2 step and eval."""
     start = time.perf_counter()
     per = count_variant_flops(size, image_size, prompt_kwargs, phases=phases)
-    ratio = lambda phase: (per["lean"][phase] / per["reference"][phase]  # noqa: E731
-                           if phase in per["reference"] else None)
-    return {"size": name, "model": size.model, "image_size": image_size,
-            "gflop_per_image": {v: per[v] for v in ("reference", "lean", "timm")},
-            "phase2_ratio_lean_over_reference": ratio("phase2"),
-            "eval_ratio_lean_over_reference": ratio("eval"),
-            "count_seconds": time.perf_counter() - start, "_per_variant": per}
+    ratio = lambda phase: (
+        per["lean"][phase] / per["reference"][phase]  # noqa: E731
+        if phase in per["reference"]
+        else None
+    )
+    return {
+        "size": name,
+        "model": size.model,
+        "image_size": image_size,
+        "gflop_per_image": {v: per[v] for v in ("reference", "lean", "timm")},
+        "phase2_ratio_lean_over_reference": ratio("phase2"),
+        "eval_ratio_lean_over_reference": ratio("eval"),
+        "count_seconds": time.perf_counter() - start,
+        "_per_variant": per,
+    }
 
 
 # --------------------------------------------------------------------------------------- timing
@@ -241,8 +266,10 @@ def measure_all(plan: list[tuple], device: torch.device, warmup: int, steps: int
         for key, setup, fn in plan:
             setup()
             times[key].append(time_call(fn, device))
-    return {key: {"seconds": statistics.median(t), "min_seconds": min(t), "first_seconds": first[key]}
-            for key, t in times.items()}
+    return {
+        key: {"seconds": statistics.median(t), "min_seconds": min(t), "first_seconds": first[key]}
+        for key, t in times.items()
+    }
 
 
 def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> float:
@@ -261,7 +288,7 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> 
     end.synchronize()
     seconds = start.elapsed_time(end) / 1e3
     del a, b, c
-    return 2 * n ** 3 * iters / seconds / 1e12
+    return 2 * n**3 * iters / seconds / 1e12
 
 
 class OtherLoad:
@@ -303,6 +330,7 @@ def compile_lean(model: LPT, target: str) -> LPT:
     if target == "blocks":
         return compiled.compile_blocks()
     import torch._dynamo.config as dynamo_config
+
     dynamo_config.recompile_limit = max(64, dynamo_config.recompile_limit)  # shape x grad mode x phase
     compiled.compile(dynamic=False)
     return compiled
@@ -314,26 +342,51 @@ def input_throughput(device: torch.device, image_size: int, batch: int, batches:
     transforms on CPU; one loader process, as in the step's own measurement."""
     from benchmarks.input_pipeline import measure, write_cifar100
     import tempfile
+
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar100(tmp)
         gpu = device.type == "cuda"
-        data = build_dataset({"name": "cifar100_lt", "root": tmp, "imbalance_ratio": 10,
-                              "val_per_class": 5, "image_size": image_size, "gpu_augment": gpu})
-        return {"path": "cifar100_lt format, " + ("gpu_augment on the device" if gpu else "CPU transforms"),
-                "loader_workers": 0, "batch": 2 * batch,
-                "images_per_s": measure(data, device, 0, 2 * batch, batches)}
+        data = build_dataset(
+            {
+                "name": "cifar100_lt",
+                "root": tmp,
+                "imbalance_ratio": 10,
+                "val_per_class": 5,
+                "image_size": image_size,
+                "gpu_augment": gpu,
+            }
+        )
+        return {
+            "path": "cifar100_lt format, " + ("gpu_augment on the device" if gpu else "CPU transforms"),
+            "loader_workers": 0,
+            "batch": 2 * batch,
+            "images_per_s": measure(data, device, 0, 2 * batch, batches),
+        }
 
 
 # --------------------------------------------------------------------------------------- run
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted(SIZES), default=None,
-                   help="backbone size to time (default: vit_b16 on CUDA, vit_ti16 on CPU)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="image size in pixels (default: the size's native one; 96 for the CPU default)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="images per branch; a training step takes 2x (default: 128 on CUDA, 8 on CPU)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default=None,
+        help="backbone size to time (default: vit_b16 on CUDA, vit_ti16 on CPU)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="image size in pixels (default: the size's native one; 96 for the CPU default)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per branch; a training step takes 2x (default: 128 on CUDA, 8 on CPU)",
+    )
     p.add_argument("--steps", type=int, default=None, help="timed calls per measurement (20 CUDA / 8 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per measurement (5 CUDA / 2 CPU)")
     p.add_argument("--prompt-length", type=int, default=LPTConfig.default("prompt_length"), help="L")
@@ -343,10 +396,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="also time the lean variant under torch.compile")
-    p.add_argument("--compile-target", choices=("blocks", "model"), default="blocks",
-                   help="compile each backbone block (default) or the whole LPT module")
-    p.add_argument("--flops-size", default="vit_b16",
-                   help="also count FLOPs at this size, at its native image size ('none' to skip)")
+    p.add_argument(
+        "--compile-target",
+        choices=("blocks", "model"),
+        default="blocks",
+        help="compile each backbone block (default) or the whole LPT module",
+    )
+    p.add_argument(
+        "--flops-size",
+        default="vit_b16",
+        help="also count FLOPs at this size, at its native image size ('none' to skip)",
+    )
     p.add_argument("--no-peak", action="store_true", help="CUDA: skip the bf16 matmul peak measurement")
     p.add_argument("--no-input", action="store_true", help="skip the input-pipeline images/s")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -375,8 +435,14 @@ def format_table(rows: list[dict], cuda: bool) -> str:
     head.append("speedup vs reference")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        cells = [r["variant"], r["precision"], r["phase"], _fmt(r["images_per_s"]),
-                 _fmt(r["gflop_per_image"]), _fmt(r["achieved_tflops"])]
+        cells = [
+            r["variant"],
+            r["precision"],
+            r["phase"],
+            _fmt(r["images_per_s"]),
+            _fmt(r["gflop_per_image"]),
+            _fmt(r["achieved_tflops"]),
+        ]
         if cuda:
             cells.append(_fmt(r["fraction_of_peak"], 2))
         cells.append(f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else "-")
@@ -423,12 +489,18 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     d_size, d_image, d_batch, d_warmup, d_steps = CUDA_DEFAULTS if cuda else CPU_DEFAULTS
     size_name = args.size or d_size
     size = SIZES[size_name]
-    return Settings(device=device, size_name=size_name, size=size,
-                    image_size=args.image_size or (d_image if args.size is None and d_image else size.image_size),
-                    batch=args.batch_size or d_batch, warmup=d_warmup if args.warmup is None else args.warmup,
-                    steps=args.steps or d_steps,
-                    prompt_kwargs=dict(prompt_length=args.prompt_length, pool_size=args.pool_size,
-                                       top_k=args.top_k, group_start=args.group_start))
+    return Settings(
+        device=device,
+        size_name=size_name,
+        size=size,
+        image_size=args.image_size or (d_image if args.size is None and d_image else size.image_size),
+        batch=args.batch_size or d_batch,
+        warmup=d_warmup if args.warmup is None else args.warmup,
+        steps=args.steps or d_steps,
+        prompt_kwargs=dict(
+            prompt_length=args.prompt_length, pool_size=args.pool_size, top_k=args.top_k, group_start=args.group_start
+        ),
+    )
 
 
 def count_all_flops(args: argparse.Namespace, s: Settings) -> tuple[dict, dict]:
@@ -454,38 +526,52 @@ class Workload:
         self.s, device, batch = s, s.device, s.batch
         torch.manual_seed(0)
         self.model = build_lpt(s.size, s.image_size, **s.prompt_kwargs).to(device)
-        self.data = build_dataset({"name": "synthetic", "num_classes": NUM_CLASSES, "imbalance_ratio": 10,
-                                   "max_per_class": 20, "image_size": s.image_size, "seed": 0})
+        self.data = build_dataset(
+            {
+                "name": "synthetic",
+                "num_classes": NUM_CLASSES,
+                "imbalance_ratio": 10,
+                "max_per_class": 20,
+                "image_size": s.image_size,
+                "seed": 0,
+            }
+        )
         self.cfg = PhaseConfig(epochs=100, batch_size=batch)
         gen = torch.Generator(device=device).manual_seed(0)
         self.images = torch.randn(2 * batch, 3, s.image_size, s.image_size, device=device, generator=gen)
         self.labels = torch.randint(0, NUM_CLASSES, (2 * batch,), device=device, generator=gen)
         self.w = 0.5  # the instance-balanced branch weight of the first epoch
-        self.losses = tuple(loss.to(device) for loss in branch_losses(
-            self.data.class_counts, self.cfg, torch.Generator(device=device).manual_seed(1)))
+        self.losses = tuple(
+            loss.to(device)
+            for loss in branch_losses(self.data.class_counts, self.cfg, torch.Generator(device=device).manual_seed(1))
+        )
 
     def inference(self, forward: Callable, amp: bool) -> Callable[[], object]:
         def infer():
             with torch.no_grad(), torch.autocast(self.s.device.type, dtype=torch.bfloat16, enabled=amp):
                 return forward(self.images)
+
         return infer
 
-    def phase_runs(self, m: LPT, step: Callable[[int], object], forward: Callable,
-                   amp: bool) -> dict[str, tuple[Callable, Callable]]:
+    def phase_runs(
+        self, m: LPT, step: Callable[[int], object], forward: Callable, amp: bool
+    ) -> dict[str, tuple[Callable, Callable]]:
         """(setup, call) per phase: the training steps ``step(phase)``, eval ``forward(images)``."""
-        return {"phase2": (lambda: m.set_phase(2).train(), lambda: step(2)),
-                "phase1": (lambda: m.set_phase(1).train(), lambda: step(1)),
-                "eval": (lambda: m.set_phase(2).eval(), self.inference(forward, amp))}
+        return {
+            "phase2": (lambda: m.set_phase(2).train(), lambda: step(2)),
+            "phase1": (lambda: m.set_phase(1).train(), lambda: step(1)),
+            "eval": (lambda: m.set_phase(2).eval(), self.inference(forward, amp)),
+        }
 
     def lean(self, m: LPT) -> dict[str, tuple[Callable, Callable]]:
         trainers = {p: Trainer(m, self.data, p, self.cfg, device=self.s.device, log=None) for p in (1, 2)}
-        return self.phase_runs(m, lambda p: trainers[p].train_step(self.images, self.labels, self.w), m,
-                               self.s.cuda)
+        return self.phase_runs(m, lambda p: trainers[p].train_step(self.images, self.labels, self.w), m, self.s.cuda)
 
     def reference(self, m: LPT, amp: bool) -> dict[str, tuple[Callable, Callable]]:
         ref = {p: ReferenceStep(m, p, self.cfg, self.losses, amp=amp) for p in (1, 2)}
-        return self.phase_runs(m, lambda p: ref[p](self.images, self.labels, self.w),
-                               lambda x: plain_forward(m, x), amp)
+        return self.phase_runs(
+            m, lambda p: ref[p](self.images, self.labels, self.w), lambda x: plain_forward(m, x), amp
+        )
 
     def timm(self, m: LPT) -> dict[str, tuple[Callable, Callable]]:
         return {"eval": (lambda: m.eval(), self.inference(m.backbone, self.s.cuda))}
@@ -499,8 +585,7 @@ class Workload:
             out.append(("reference+bf16", "bf16", lambda: self.reference(model, True)))
         out.append(("lean", lean_precision, lambda: self.lean(model)))
         if args.compile:
-            out.append(("lean+compile", lean_precision,
-                        lambda: self.lean(compile_lean(model, args.compile_target))))
+            out.append(("lean+compile", lean_precision, lambda: self.lean(compile_lean(model, args.compile_target))))
         out.append(("timm", lean_precision, lambda: self.timm(model)))
         return out
 
@@ -521,12 +606,22 @@ def time_variants(work: Workload, variants: list, per_variant: dict) -> tuple[li
         t = timings[(variant, phase)]
         ips = 2 * s.batch / t["seconds"]
         gflop = per_variant[variant][phase]
-        rows.append({"variant": variant, "precision": precisions[variant], "phase": phase,
-                     "seconds_per_step": t["seconds"], "min_seconds": t["min_seconds"],
-                     "first_call_seconds": t["first_seconds"], "images_per_step": 2 * s.batch,
-                     "images_per_s": ips, "gflop_per_image": gflop,
-                     "achieved_tflops": ips * gflop / 1e3, "fraction_of_peak": None,
-                     "speedup_vs_reference": None})
+        rows.append(
+            {
+                "variant": variant,
+                "precision": precisions[variant],
+                "phase": phase,
+                "seconds_per_step": t["seconds"],
+                "min_seconds": t["min_seconds"],
+                "first_call_seconds": t["first_seconds"],
+                "images_per_step": 2 * s.batch,
+                "images_per_s": ips,
+                "gflop_per_image": gflop,
+                "achieved_tflops": ips * gflop / 1e3,
+                "fraction_of_peak": None,
+                "speedup_vs_reference": None,
+            }
+        )
     work.model.set_phase(2).eval()
     return rows, None if s.cuda else others.cores()
 
@@ -554,10 +649,12 @@ def compile_summary(rows: list[dict], args: argparse.Namespace) -> dict | None:
         return None
     eager, comp = images_per_s(rows, "lean"), images_per_s(rows, "lean+compile")
     ratios = {p: comp[p] / eager[p] for p in comp}
-    return {"target": args.compile_target, "speedup_over_lean": ratios,
-            "wins": all(v > 1.0 for v in ratios.values()),
-            "first_call_seconds": {r["phase"]: r["first_call_seconds"] for r in rows
-                                   if r["variant"] == "lean+compile"}}
+    return {
+        "target": args.compile_target,
+        "speedup_over_lean": ratios,
+        "wins": all(v > 1.0 for v in ratios.values()),
+        "first_call_seconds": {r["phase"]: r["first_call_seconds"] for r in rows if r["variant"] == "lean+compile"},
+    }
 
 
 def best_lean(rows: list[dict], phase: str) -> float:
@@ -579,60 +676,91 @@ def target_summary(rows: list[dict], s: Settings) -> dict | None:
     """ViT-B/16 at 224 on CUDA: the img/s goals of the lean step per phase."""
     if not (s.cuda and s.size_name == "vit_b16" and s.image_size == 224):
         return None
-    return {p: {"target": goal, "best_images_per_s": best_lean(rows, p), "met": best_lean(rows, p) >= goal}
-            for p, goal in (("phase2", 4000), ("phase1", 3500))}
+    return {
+        p: {"target": goal, "best_images_per_s": best_lean(rows, p), "met": best_lean(rows, p) >= goal}
+        for p, goal in (("phase2", 4000), ("phase1", 3500))
+    }
 
 
 def run_config(args: argparse.Namespace, s: Settings, model: LPT, busy, busy_during) -> dict:
-    return {"size": s.size_name, "model": s.size.model, "image_size": s.image_size,
-            "batch_per_branch": s.batch, "images_per_step": 2 * s.batch, "warmup": s.warmup,
-            "steps": s.steps, "num_classes": NUM_CLASSES,
-            "prompt_length": model.prompt_length, "pool_size": model.pool_size,
-            "top_k": model.top_k, "group_start": model.group_start, "depth": model.depth,
-            "width": model.width, "device": str(s.device),
-            "device_name": torch.cuda.get_device_name(s.device) if s.cuda else
-            f"{platform.machine()} {os.cpu_count()} cores",
-            "threads": torch.get_num_threads(), "busy_cores_before": busy,
-            "busy_cores_during": busy_during,
-            "torch": torch.__version__, "timm": timm.__version__,
-            "compile": args.compile, "compile_target": args.compile_target if args.compile else None,
-            "date": _dt.date.today().isoformat()}
+    return {
+        "size": s.size_name,
+        "model": s.size.model,
+        "image_size": s.image_size,
+        "batch_per_branch": s.batch,
+        "images_per_step": 2 * s.batch,
+        "warmup": s.warmup,
+        "steps": s.steps,
+        "num_classes": NUM_CLASSES,
+        "prompt_length": model.prompt_length,
+        "pool_size": model.pool_size,
+        "top_k": model.top_k,
+        "group_start": model.group_start,
+        "depth": model.depth,
+        "width": model.width,
+        "device": str(s.device),
+        "device_name": torch.cuda.get_device_name(s.device)
+        if s.cuda
+        else f"{platform.machine()} {os.cpu_count()} cores",
+        "threads": torch.get_num_threads(),
+        "busy_cores_before": busy,
+        "busy_cores_during": busy_during,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "compile": args.compile,
+        "compile_target": args.compile_target if args.compile else None,
+        "date": _dt.date.today().isoformat(),
+    }
 
 
 def print_summary(result: dict, rows: list[dict], args: argparse.Namespace, s: Settings) -> None:
     config, flops = result["config"], result["flops"]
     compile_result, feed, targets = result["compile"], result["input"], result["targets"]
-    cfg_line = (f"{s.size_name} ({s.size.model}, {s.image_size}px, depth {config['depth']}, width {config['width']}), "
-                f"L={config['prompt_length']} P={config['pool_size']} K={config['top_k']} S={config['group_start']}, "
-                f"{NUM_CLASSES} classes, batch 2x{s.batch}, median of {s.steps} after {s.warmup} warm-up, "
-                f"{config['device_name']}, {torch.get_num_threads()} threads")
+    cfg_line = (
+        f"{s.size_name} ({s.size.model}, {s.image_size}px, depth {config['depth']}, width {config['width']}), "
+        f"L={config['prompt_length']} P={config['pool_size']} K={config['top_k']} S={config['group_start']}, "
+        f"{NUM_CLASSES} classes, batch 2x{s.batch}, median of {s.steps} after {s.warmup} warm-up, "
+        f"{config['device_name']}, {torch.get_num_threads()} threads"
+    )
     print(f"\n{cfg_line}\n")
     print(format_table(rows, s.cuda))
-    shown = [flops["timed"]] + ([flops["flops_size"]] if flops.get("flops_size") not in
-                                (None, flops["timed"]) else [])
+    shown = [flops["timed"]] + ([flops["flops_size"]] if flops.get("flops_size") not in (None, flops["timed"]) else [])
     for f in shown:
         g = f["gflop_per_image"]
-        print(f"\nGFLOP/img at {f['size']} {f['image_size']}px (fwd+bwd matmul/conv/attention): "
-              f"phase-2 step lean {g['lean']['phase2']:.4g} / reference {g['reference']['phase2']:.4g} "
-              f"= {f['phase2_ratio_lean_over_reference']:.3f} (lean / reference); "
-              f"phase-1 step {g['lean']['phase1']:.4g}; eval lean {g['lean']['eval']:.4g} / "
-              f"reference {g['reference']['eval']:.4g}; timm inference {g['timm']['eval']:.4g}")
+        print(
+            f"\nGFLOP/img at {f['size']} {f['image_size']}px (fwd+bwd matmul/conv/attention): "
+            f"phase-2 step lean {g['lean']['phase2']:.4g} / reference {g['reference']['phase2']:.4g} "
+            f"= {f['phase2_ratio_lean_over_reference']:.3f} (lean / reference); "
+            f"phase-1 step {g['lean']['phase1']:.4g}; eval lean {g['lean']['eval']:.4g} / "
+            f"reference {g['reference']['eval']:.4g}; timm inference {g['timm']['eval']:.4g}"
+        )
     if compile_result:
         ratios = ", ".join(f"{p} {v:.2f}x" for p, v in compile_result["speedup_over_lean"].items())
-        print(f"\ntorch.compile ({args.compile_target}) over eager lean: {ratios} -> "
-              f"{'wins' if compile_result['wins'] else 'does not win everywhere'}")
+        print(
+            f"\ntorch.compile ({args.compile_target}) over eager lean: {ratios} -> "
+            f"{'wins' if compile_result['wins'] else 'does not win everywhere'}"
+        )
     if feed:
-        print(f"\ninput pipeline ({feed['path']}, batch {feed['batch']}, {feed['loader_workers']} loader "
-              f"workers): {feed['images_per_s']:,.0f} img/s = {feed['over_phase2_step']:.1f}x the lean "
-              f"phase-2 step ({'keeps up' if feed['over_phase2_step'] >= 1 else 'the step would wait for it'})")
+        print(
+            f"\ninput pipeline ({feed['path']}, batch {feed['batch']}, {feed['loader_workers']} loader "
+            f"workers): {feed['images_per_s']:,.0f} img/s = {feed['over_phase2_step']:.1f}x the lean "
+            f"phase-2 step ({'keeps up' if feed['over_phase2_step'] >= 1 else 'the step would wait for it'})"
+        )
     if targets:
-        print("targets: " + ", ".join(f"{p} {t['best_images_per_s']:.0f} img/s (target {t['target']}: "
-                                      f"{'met' if t['met'] else 'not met'})" for p, t in targets.items()))
+        print(
+            "targets: "
+            + ", ".join(
+                f"{p} {t['best_images_per_s']:.0f} img/s (target {t['target']}: {'met' if t['met'] else 'not met'})"
+                for p, t in targets.items()
+            )
+        )
     busy_during = config["busy_cores_during"]
     if busy_during is not None and busy_during > 0.25:
-        print(f"\nwarning: other processes kept {busy_during:.1f} of {os.cpu_count()} cores busy during "
-              "the timing: these CPU figures are not a clean measurement"
-              + (" (with --compile this includes inductor's compile workers)" if args.compile else ""))
+        print(
+            f"\nwarning: other processes kept {busy_during:.1f} of {os.cpu_count()} cores busy during "
+            "the timing: these CPU figures are not a clean measurement"
+            + (" (with --compile this includes inductor's compile workers)" if args.compile else "")
+        )
     print(f"\nwall time {result['wall_seconds']:.1f} s")
 
 
@@ -641,8 +769,11 @@ def _run(args: argparse.Namespace) -> dict:
     run_start = time.perf_counter()
     busy = None if s.cuda else busy_cores()
     if busy is not None and busy > 0.5:
-        print(f"warning: other processes keep {busy:.1f} of {os.cpu_count()} cores busy: CPU timings "
-              "will be low and noisy (OpenMP threads stall on busy cores; try --threads 1)", flush=True)
+        print(
+            f"warning: other processes keep {busy:.1f} of {os.cpu_count()} cores busy: CPU timings "
+            "will be low and noisy (OpenMP threads stall on busy cores; try --threads 1)",
+            flush=True,
+        )
     flops, per_variant = count_all_flops(args, s)
     work = Workload(s)
     variants = work.variants(args)
@@ -651,8 +782,12 @@ def _run(args: argparse.Namespace) -> dict:
     result = {
         "config": run_config(args, s, work.model, busy, busy_during),
         "variants": sorted({r["variant"] for r in rows}, key=[v[0] for v in variants].index),
-        "results": rows, "peak_tflops": peak, "flops": flops, "compile": compile_summary(rows, args),
-        "targets": target_summary(rows, s), "input": feed_summary(rows, args, s),
+        "results": rows,
+        "peak_tflops": peak,
+        "flops": flops,
+        "compile": compile_summary(rows, args),
+        "targets": target_summary(rows, s),
+        "input": feed_summary(rows, args, s),
         "wall_seconds": time.perf_counter() - run_start,
     }
     print_summary(result, rows, args, s)

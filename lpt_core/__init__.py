@@ -8,5 +8,17 @@ from .losses import AsymmetricGCL, branch_weight
 from .model import LPT
 from .trainer import Trainer, evaluate
 
-__all__ = ["LPT", "LPTConfig", "AsymmetricGCL", "branch_weight", "build_backbone", "build_backbone_from_spec",
-           "input_config", "PhaseConfig", "Trainer", "evaluate", "save_prompts", "load_prompts"]
+__all__ = [
+    "LPT",
+    "LPTConfig",
+    "AsymmetricGCL",
+    "branch_weight",
+    "build_backbone",
+    "build_backbone_from_spec",
+    "input_config",
+    "PhaseConfig",
+    "Trainer",
+    "evaluate",
+    "save_prompts",
+    "load_prompts",
+]

@@ -42,6 +42,7 @@ def _hub_offline() -> bool:
 
 def _hub_endpoint() -> str:
     from huggingface_hub import constants
+
     return constants.ENDPOINT
 
 
@@ -52,11 +53,13 @@ def _hub_unreachable() -> str | None:
 
 def _hub_cache() -> str:
     from huggingface_hub import constants
+
     return constants.HF_HUB_CACHE
 
 
 def _cached(hub_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
+
     for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
         if isinstance(try_to_load_from_cache(hub_id, filename), str):
             return True
@@ -73,18 +76,21 @@ def _load_local(name: str, path: Path, kwargs: dict) -> nn.Module:
         if filter_fn is not None:
             state = filter_fn(state, model)
     except Exception as exc:  # unreadable file or a layout the filter cannot convert
-        raise ValueError(f"backbone.weights: {path} does not load into {name}: "
-                         f"{str(exc).splitlines()[0][:200]}") from None
+        raise ValueError(
+            f"backbone.weights: {path} does not load into {name}: {str(exc).splitlines()[0][:200]}"
+        ) from None
     classifier = model.pretrained_cfg.get("classifier", "head")
     state = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise ValueError(f"backbone.weights: {path} does not load into {name}: "
-                         f"{str(exc).splitlines()[1].strip()[:200]}") from None
+        raise ValueError(
+            f"backbone.weights: {path} does not load into {name}: {str(exc).splitlines()[1].strip()[:200]}"
+        ) from None
     if missing or unexpected:
-        raise ValueError(f"backbone.weights: {path} does not load into {name} "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"backbone.weights: {path} does not load into {name} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model
 
 
@@ -104,22 +110,27 @@ def build_backbone(name: str, weights: str = PRETRAINED, **overrides: Any) -> nn
     if weights != PRETRAINED:
         path = Path(os.path.expanduser(str(weights)))
         if not path.is_file():
-            raise ValueError(f"backbone.weights: no such weights file {path} "
-                             f"(use 'pretrained', 'random' or a path to a local file)")
+            raise ValueError(
+                f"backbone.weights: no such weights file {path} (use 'pretrained', 'random' or a path to a local file)"
+            )
         return _load_local(name, path, kwargs)
     hub_id = _hub_id(name)
-    how = (f"download them where you are online (hf download {hub_id}) into the Hugging Face cache, "
-           f"or set backbone.weights to a local weights file")
+    how = (
+        f"download them where you are online (hf download {hub_id}) into the Hugging Face cache, "
+        f"or set backbone.weights to a local weights file"
+    )
     if hub_id and not _cached(hub_id):
         why = "HF_HUB_OFFLINE is set" if _hub_offline() else _hub_unreachable()
         if why:
-            raise ValueError(f"backbone.weights: pretrained weights for {name} ({hub_id}) are not on "
-                             f"this machine and {why}; {how}")
+            raise ValueError(
+                f"backbone.weights: pretrained weights for {name} ({hub_id}) are not on this machine and {why}; {how}"
+            )
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:  # network, cache or hub errors all mean: no weights here
-        raise ValueError(f"backbone.weights: could not get pretrained weights for {name} "
-                         f"({type(exc).__name__}); {how}") from None
+        raise ValueError(
+            f"backbone.weights: could not get pretrained weights for {name} ({type(exc).__name__}); {how}"
+        ) from None
 
 
 def _name_and_overrides(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -151,8 +162,7 @@ def weights_source(spec: dict[str, Any]) -> str:
     hub_id = _hub_id(spec["name"])
     if hub_id is None:
         return f"timm's pretrained source for {spec['name']}"
-    fallback = ("HF_HUB_OFFLINE is set, so no download" if _hub_offline()
-                else f"else downloaded from {_hub_endpoint()}")
+    fallback = "HF_HUB_OFFLINE is set, so no download" if _hub_offline() else f"else downloaded from {_hub_endpoint()}"
     return f"{hub_id} in the Hugging Face cache {_hub_cache()} ({fallback})"
 
 
@@ -165,8 +175,7 @@ def build_backbone_from_spec(spec: dict[str, Any]) -> nn.Module:
     return build_backbone(name, spec.pop("weights", PRETRAINED), **spec)
 
 
-def input_config(backbone: nn.Module | dict[str, Any], overrides: InputOverrides | dict | None = None
-                 ) -> InputConfig:
+def input_config(backbone: nn.Module | dict[str, Any], overrides: InputOverrides | dict | None = None) -> InputConfig:
     """How images must be prepared for ``backbone`` (a model, or a profile's backbone spec, which
     is built on the meta device: no weights, no memory): mean, std, interpolation and crop ratio
     from its pretrained config (``timm.data.resolve_model_data_config``) with a short-side eval
@@ -178,11 +187,15 @@ def input_config(backbone: nn.Module | dict[str, Any], overrides: InputOverrides
     tag = str((getattr(backbone, "pretrained_cfg", None) or {}).get("tag") or "")
     values = {"mean": list(timm_cfg["mean"]), "std": list(timm_cfg["std"])}
     if tag.startswith(RELEASED_RECIPE_TAGS):
-        values.update(interpolation=RELEASED.interpolation, crop_pct=RELEASED.crop_pct,
-                      eval_resize=RELEASED.eval_resize)
+        values.update(
+            interpolation=RELEASED.interpolation, crop_pct=RELEASED.crop_pct, eval_resize=RELEASED.eval_resize
+        )
     else:  # torchvision resamples bilinear or bicubic; timm's rarer modes map to bicubic
-        values.update(interpolation="bilinear" if timm_cfg["interpolation"] == "bilinear" else "bicubic",
-                      crop_pct=float(timm_cfg["crop_pct"]), eval_resize="short_side")
+        values.update(
+            interpolation="bilinear" if timm_cfg["interpolation"] == "bilinear" else "bicubic",
+            crop_pct=float(timm_cfg["crop_pct"]),
+            eval_resize="short_side",
+        )
     if overrides:
         given = overrides.model_dump(exclude_none=True) if isinstance(overrides, InputOverrides) else overrides
         values.update({k: v for k, v in given.items() if v is not None})

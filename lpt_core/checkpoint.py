@@ -19,8 +19,7 @@ def unique_tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                 metadata: dict[str, str]) -> None:
+def _atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Written to a temporary name of its own and renamed into place: a reader sees the old file
     or the new one, and two writers of the same path never share a temporary file."""
     path = Path(path)
@@ -48,10 +47,19 @@ def _load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 def save_prompts(model: LPT, path: str | os.PathLike, **info) -> None:
     """Write the model's prompts, keys and head (never the backbone) with ``info`` as metadata."""
-    meta = {"format": "lpt-prompts", "info": json.dumps(info, default=str),
-            "config": json.dumps({"prompt_length": model.prompt_length, "pool_size": model.pool_size,
-                                  "top_k": model.top_k, "group_start": model.group_start,
-                                  "num_classes": model.num_classes})}
+    meta = {
+        "format": "lpt-prompts",
+        "info": json.dumps(info, default=str),
+        "config": json.dumps(
+            {
+                "prompt_length": model.prompt_length,
+                "pool_size": model.pool_size,
+                "top_k": model.top_k,
+                "group_start": model.group_start,
+                "num_classes": model.num_classes,
+            }
+        ),
+    }
     _atomic_save(model.prompt_state_dict(), path, meta)
 
 

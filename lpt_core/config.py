@@ -36,8 +36,11 @@ class Section(BaseModel):
         if isinstance(data, dict) and cls.model_config.get("extra") == "forbid":
             for key in data:
                 if key not in cls.model_fields:
-                    raise PydanticCustomError("unknown_key", "unknown key{of} (known: {known})",
-                                              {"at": key, "of": cls._owner(data), "known": ", ".join(cls.model_fields)})
+                    raise PydanticCustomError(
+                        "unknown_key",
+                        "unknown key{of} (known: {known})",
+                        {"at": key, "of": cls._owner(data), "known": ", ".join(cls.model_fields)},
+                    )
         return data
 
     @classmethod
@@ -60,8 +63,7 @@ class Section(BaseModel):
 
 def searchable_fields(model: type[BaseModel]) -> dict[str, bool]:
     """``{field: searchable}`` of a model built with ``param``."""
-    return {name: bool((f.json_schema_extra or {}).get("searchable", False))
-            for name, f in model.model_fields.items()}
+    return {name: bool((f.json_schema_extra or {}).get("searchable", False)) for name, f in model.model_fields.items()}
 
 
 def why_fixed(model: type[BaseModel], name: str) -> str:
@@ -82,8 +84,11 @@ class LPTConfig(Section):
     @model_validator(mode="after")
     def _top_k_in_pool(self) -> "LPTConfig":
         if self.top_k > self.pool_size:
-            raise PydanticCustomError("top_k_pool", "must be in 1..pool_size={pool}, got {value}",
-                                      {"at": "top_k", "pool": self.pool_size, "value": self.top_k})
+            raise PydanticCustomError(
+                "top_k_pool",
+                "must be in 1..pool_size={pool}, got {value}",
+                {"at": "top_k", "pool": self.pool_size, "value": self.top_k},
+            )
         return self
 
 
@@ -98,23 +103,30 @@ class PhaseConfig(Section):
     ``gamma_neg`` = 0 is the paper abstract's "conventional supervised prompt tuning" with GCL.
     ``batch_size`` is per branch."""
 
-    epochs: int = param(90, ge=1, searchable=False,
-                        why="it sets the epoch count that early stopping (ASHA) compares trials at")
+    epochs: int = param(
+        90, ge=1, searchable=False, why="it sets the epoch count that early stopping (ASHA) compares trials at"
+    )
     batch_size: int = param(256, ge=1, description="images per branch and step (dual: each of the two branches)")
     sampling: Literal["dual", "instance"] = param(
-        "dual", searchable=False, why=RECIPE_CHOICE.format(key="sampling"),
+        "dual",
+        searchable=False,
+        why=RECIPE_CHOICE.format(key="sampling"),
         description="dual: a class-balanced and an instance-balanced branch per step, "
-                    "AGCL_cb + w(e) * AGCL_ib (the released code); instance: one shuffled branch, "
-                    "AGCL(gamma_pos, gamma_neg) alone (ib_gamma_* unused)")
+        "AGCL_cb + w(e) * AGCL_ib (the released code); instance: one shuffled branch, "
+        "AGCL(gamma_pos, gamma_neg) alone (ib_gamma_* unused)",
+    )
     lr: float = param(0.02, gt=0, description="learning rate per 256 images of one branch")
     momentum: float = param(0.9, ge=0)
     weight_decay: float = param(0.01, ge=0)
     warmup: Literal["epoch", "step"] = param(
-        "epoch", searchable=False, why=RECIPE_CHOICE.format(key="warmup"),
+        "epoch",
+        searchable=False,
+        why=RECIPE_CHOICE.format(key="warmup"),
         description="epoch: the lr changes once per epoch, as the released code steps timm's "
-                    "CosineLRScheduler (warm-up epochs at warmup_lr + e * (lr - warmup_lr) / "
-                    "warmup_epochs, then 0.5 * lr * (1 + cos(pi * e / epochs))); step: a linear "
-                    "warm-up per step over warmup_epochs, then a per-step cosine to 0")
+        "CosineLRScheduler (warm-up epochs at warmup_lr + e * (lr - warmup_lr) / "
+        "warmup_epochs, then 0.5 * lr * (1 + cos(pi * e / epochs))); step: a linear "
+        "warm-up per step over warmup_epochs, then a per-step cosine to 0",
+    )
     warmup_epochs: int = param(1, ge=0)
     warmup_lr: float = param(1e-6, ge=0)
     per_class: int = param(4, ge=1, description="images per class draw of the class-aware sampler")
@@ -122,10 +134,18 @@ class PhaseConfig(Section):
     scale: float = param(20.0, gt=0)
     noise_mul: float = param(0.5, ge=0)
     label_smoothing: float = param(0.1, ge=0, le=0.99)
-    gamma_pos: float = param(0.0, ge=0, description="A-GCL focusing on the target, class-balanced branch "
-                                                    "(instance sampling: the only branch); 0/0 is plain GCL")
-    gamma_neg: float = param(4.0, ge=0, description="A-GCL focusing on the other classes, class-balanced "
-                                                    "branch (instance sampling: the only branch); 0/0 is plain GCL")
+    gamma_pos: float = param(
+        0.0,
+        ge=0,
+        description="A-GCL focusing on the target, class-balanced branch "
+        "(instance sampling: the only branch); 0/0 is plain GCL",
+    )
+    gamma_neg: float = param(
+        4.0,
+        ge=0,
+        description="A-GCL focusing on the other classes, class-balanced "
+        "branch (instance sampling: the only branch); 0/0 is plain GCL",
+    )
     ib_gamma_pos: float = param(0.5, ge=0, description="instance-balanced branch of dual sampling")
     ib_gamma_neg: float = param(8.0, ge=0, description="instance-balanced branch of dual sampling")
     match_weight: float = param(0.5, ge=0, description="weight of the matching term (phase 2 only)")
@@ -141,28 +161,41 @@ class PhaseConfig(Section):
         if dual:
             focus += f"; IB branch {g(self.ib_gamma_pos, self.ib_gamma_neg)}, weight 0.5 -> 0"
         match = f", match weight {self.match_weight:g}" if phase == 2 else ""
-        warmup = (f", warm-up {self.warmup_epochs} epoch{'s' if self.warmup_epochs != 1 else ''} "
-                  f"(per {self.warmup}, from {self.warmup_lr:g})" if self.warmup_epochs else ", no warm-up")
-        return (f"{self.epochs} epochs, {self.sampling} sampling, {loss} ({focus}){match}, lr {self.lr:g}, "
-                f"wd {self.weight_decay:g}, batch {self.batch_size}{' per branch' if dual else ''}{warmup}")
+        warmup = (
+            f", warm-up {self.warmup_epochs} epoch{'s' if self.warmup_epochs != 1 else ''} "
+            f"(per {self.warmup}, from {self.warmup_lr:g})"
+            if self.warmup_epochs
+            else ", no warm-up"
+        )
+        return (
+            f"{self.epochs} epochs, {self.sampling} sampling, {loss} ({focus}){match}, lr {self.lr:g}, "
+            f"wd {self.weight_decay:g}, batch {self.batch_size}{' per branch' if dual else ''}{warmup}"
+        )
 
 
 # ----------------------------------------------------------------------------- errors
 _PLAIN = {  # pydantic error type -> our wording (``{got}``: the value given; the rest: the error's ctx)
     "missing": "missing",
-    "int_type": "must be an integer, got {got}", "int_parsing": "must be an integer, got {got}",
+    "int_type": "must be an integer, got {got}",
+    "int_parsing": "must be an integer, got {got}",
     "int_from_float": "must be an integer, got {got}",
-    "float_type": "must be a number, got {got}", "float_parsing": "must be a number, got {got}",
+    "float_type": "must be a number, got {got}",
+    "float_parsing": "must be a number, got {got}",
     "finite_number": "must be a finite number, got {got}",
-    "bool_type": "must be true or false, got {got}", "bool_parsing": "must be true or false, got {got}",
+    "bool_type": "must be true or false, got {got}",
+    "bool_parsing": "must be true or false, got {got}",
     "string_type": "must be a non-empty string, got {got}",
     "string_too_short": "must be a non-empty string, got {got}",
-    "dict_type": "must be a mapping, got {got}", "model_type": "must be a mapping, got {got}",
+    "dict_type": "must be a mapping, got {got}",
+    "model_type": "must be a mapping, got {got}",
     "model_attributes_type": "must be a mapping, got {got}",
-    "list_type": "must be a list, got {got}", "too_short": "must have at least {min_length} items, got {got}",
+    "list_type": "must be a list, got {got}",
+    "too_short": "must have at least {min_length} items, got {got}",
     "too_long": "must have at most {max_length} items, got {got}",
-    "greater_than_equal": "must be >= {ge}, got {got}", "greater_than": "must be > {gt}, got {got}",
-    "less_than_equal": "must be <= {le}, got {got}", "less_than": "must be < {lt}, got {got}",
+    "greater_than_equal": "must be >= {ge}, got {got}",
+    "greater_than": "must be > {gt}, got {got}",
+    "less_than_equal": "must be <= {le}, got {got}",
+    "less_than": "must be < {lt}, got {got}",
 }
 TAG_NOUNS = {"name": "dataset", "type": "type"}  # what the tag of a tagged union names
 

@@ -29,17 +29,33 @@ from .trainer import predict_batches, resolve_device
 CONFIG_FORMAT = "lpt-classifier"
 
 
-def classifier_config(backbone: dict, backbone_seed: int, model: dict, class_names: Sequence[str],
-                      image_size: int, logit_scale: float, input_cfg: transforms.InputConfig,
-                      data: dict | None = None, shot_split: str = "standard") -> dict[str, Any]:
+def classifier_config(
+    backbone: dict,
+    backbone_seed: int,
+    model: dict,
+    class_names: Sequence[str],
+    image_size: int,
+    logit_scale: float,
+    input_cfg: transforms.InputConfig,
+    data: dict | None = None,
+    shot_split: str = "standard",
+) -> dict[str, Any]:
     """The JSON-able description of a trained LPT (everything but its prompt file): ``input_cfg``
     is the input pipeline it was trained with (``backbones.input_config``; stored as
     ``normalisation``), ``shot_split`` how its data's shot groups are counted (``metrics``)."""
-    return {"format": CONFIG_FORMAT, "backbone": dict(backbone), "backbone_seed": int(backbone_seed),
-            "model": dict(model), "num_classes": len(class_names),
-            "class_names": list(class_names), "image_size": int(image_size),
-            "normalisation": input_cfg.to_dict(), "logit_scale": float(logit_scale),
-            "data": dict(data or {}), "shot_split": shot_split}
+    return {
+        "format": CONFIG_FORMAT,
+        "backbone": dict(backbone),
+        "backbone_seed": int(backbone_seed),
+        "model": dict(model),
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "image_size": int(image_size),
+        "normalisation": input_cfg.to_dict(),
+        "logit_scale": float(logit_scale),
+        "data": dict(data or {}),
+        "shot_split": shot_split,
+    }
 
 
 def raw_split(dataset):
@@ -94,17 +110,19 @@ class LPTClassifier:
                 with Image.open(io.BytesIO(bytes(item))) as im:
                     return im.convert("RGB")
             except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise ValueError(f"{where}: unreadable image ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0][:120]})") from None
+                raise ValueError(
+                    f"{where}: unreadable image ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+                ) from None
         if isinstance(item, Image.Image):
             return item.convert("RGB")
         if isinstance(item, torch.Tensor):
             if item.dim() != 3 or item.shape[0] != 3 or item.dtype != torch.uint8:
-                raise ValueError(f"{where}: expected a uint8 image [3, H, W], got {item.dtype} "
-                                 f"{list(item.shape)}")
+                raise ValueError(f"{where}: expected a uint8 image [3, H, W], got {item.dtype} {list(item.shape)}")
             return item
-        raise ValueError(f"{where}: not an image (expected bytes, a path, a PIL image or a uint8 "
-                         f"tensor [3, H, W], got {type(item).__name__})")
+        raise ValueError(
+            f"{where}: not an image (expected bytes, a path, a PIL image or a uint8 "
+            f"tensor [3, H, W], got {type(item).__name__})"
+        )
 
     def preprocess_one(self, item, where: str = "image") -> torch.Tensor:
         """One image as the model's float input [3, S, S]."""
@@ -119,8 +137,10 @@ class LPTClassifier:
                 return torch.stack([self.preprocess_one(img, f"images[{i}]") for i, img in enumerate(images)])
             if images.is_floating_point():
                 if tuple(images.shape[1:]) != (3, size, size):
-                    raise ValueError(f"images: a float batch must be normalised [B, 3, {size}, {size}] "
-                                     f"(uint8 images of any size are resized), got {list(images.shape)}")
+                    raise ValueError(
+                        f"images: a float batch must be normalised [B, 3, {size}, {size}] "
+                        f"(uint8 images of any size are resized), got {list(images.shape)}"
+                    )
                 return images.float()
             raise ValueError(f"images: expected uint8 or float, got {images.dtype}")
         if isinstance(images, torch.Tensor):
@@ -131,8 +151,9 @@ class LPTClassifier:
         return torch.stack([self.preprocess_one(item, f"images[{i}]") for i, item in enumerate(items)])
 
     # ----------------------------------------------------------------------------- output
-    def top_classes(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], k: int
-                    ) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def top_classes(
+        self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], k: int
+    ) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """For each ``(images, labels)`` batch: (indices [B, k], probabilities [B, k], argmax [B],
         labels [B]) on the CPU; ``k`` is capped at the number of classes."""
         k = max(1, min(int(k), len(self.class_names)))
@@ -145,17 +166,26 @@ class LPTClassifier:
         """Per image: ``class_index``, ``class_name`` and ``probability`` of its top-k classes,
         best first."""
         x = self.preprocess(images)
-        batches = ((x[i:i + batch_size], torch.zeros(len(x[i:i + batch_size]), dtype=torch.long))
-                   for i in range(0, len(x), batch_size))
+        batches = (
+            (x[i : i + batch_size], torch.zeros(len(x[i : i + batch_size]), dtype=torch.long))
+            for i in range(0, len(x), batch_size)
+        )
         out = []
         for idx, p, _, _ in self.top_classes(batches, k):
-            out += [{"class_index": row.tolist(), "class_name": [self.class_names[c] for c in row.tolist()],
-                     "probability": [float(v) for v in prob]} for row, prob in zip(idx, p)]
+            out += [
+                {
+                    "class_index": row.tolist(),
+                    "class_name": [self.class_names[c] for c in row.tolist()],
+                    "probability": [float(v) for v in prob],
+                }
+                for row, prob in zip(idx, p)
+            ]
         return out
 
 
-def build_classifier(config: dict, prompt_file: str | os.PathLike, weights: str | None = None,
-                     device: str | torch.device | None = "auto") -> LPTClassifier:
+def build_classifier(
+    config: dict, prompt_file: str | os.PathLike, weights: str | None = None, device: str | torch.device | None = "auto"
+) -> LPTClassifier:
     """The backbone (timm: pretrained cache, local file ``weights`` overriding the config's, or a
     random one from its seed) plus the prompts. Errors are one-line ValueErrors naming what is wrong."""
     if config.get("format") != CONFIG_FORMAT:

@@ -28,9 +28,17 @@ class AsymmetricGCL(nn.Module):
     The noise comes from ``generator`` (seedable); pass ``noise_mul=0`` for a deterministic loss.
     """
 
-    def __init__(self, class_counts: Sequence[int], margin: float = 0.1, scale: float = 20.0,
-                 noise_mul: float = 0.5, gamma_pos: float = 0.0, gamma_neg: float = 4.0,
-                 label_smoothing: float = 0.1, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        class_counts: Sequence[int],
+        margin: float = 0.1,
+        scale: float = 20.0,
+        noise_mul: float = 0.5,
+        gamma_pos: float = 0.0,
+        gamma_neg: float = 4.0,
+        label_smoothing: float = 0.1,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
         if counts.numel() < 1 or bool((counts < 1).any()):
@@ -40,8 +48,13 @@ class AsymmetricGCL(nn.Module):
         # All classes equally frequent: no cloud (the reference divides by zero here).
         amplitude = (log_n.max() - log_n) / spread if spread > 0 else torch.zeros_like(log_n)
         self.register_buffer("noise_amplitude", amplitude.float(), persistent=False)
-        for name, value in (("margin", margin), ("scale", scale), ("noise_mul", noise_mul),
-                            ("gamma_pos", gamma_pos), ("gamma_neg", gamma_neg)):
+        for name, value in (
+            ("margin", margin),
+            ("scale", scale),
+            ("noise_mul", noise_mul),
+            ("gamma_pos", gamma_pos),
+            ("gamma_neg", gamma_neg),
+        ):
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}: must be a finite number >= 0, got {value}")
         if not 0.0 <= label_smoothing < 1.0:

@@ -25,8 +25,7 @@ def few_at_most(split: str = "standard") -> int:
 def shot_groups(class_counts: Sequence[int], split: str = "standard") -> dict[str, torch.Tensor]:
     """Boolean class masks for the many / medium / few groups from train class counts."""
     counts, few = torch.as_tensor(list(class_counts)), few_at_most(split)
-    return {"many": counts > MANY_ABOVE, "medium": (counts > few) & (counts <= MANY_ABOVE),
-            "few": counts <= few}
+    return {"many": counts > MANY_ABOVE, "medium": (counts > few) & (counts <= MANY_ABOVE), "few": counts <= few}
 
 
 def per_class_accuracy(correct: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -34,8 +33,9 @@ def per_class_accuracy(correct: torch.Tensor, total: torch.Tensor) -> torch.Tens
     return torch.where(total > 0, 100.0 * correct / total.clamp(min=1), torch.nan)
 
 
-def shot_accuracy(correct: torch.Tensor, total: torch.Tensor,
-                  class_counts: Sequence[int], split: str = "standard") -> dict[str, float]:
+def shot_accuracy(
+    correct: torch.Tensor, total: torch.Tensor, class_counts: Sequence[int], split: str = "standard"
+) -> dict[str, float]:
     """``acc`` (over all images) and ``many_acc`` / ``medium_acc`` / ``few_acc`` (over the images
     of that group's classes, as the reference code counts them; NaN for an empty group)."""
     correct, total = correct.double().cpu(), total.double().cpu()
@@ -46,8 +46,7 @@ def shot_accuracy(correct: torch.Tensor, total: torch.Tensor,
     return out
 
 
-def confusion_counts(preds: torch.Tensor, targets: torch.Tensor,
-                     num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def confusion_counts(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class (correct, total) counts on the predictions' device, with no host sync."""
     # index_add_ instead of bincount / boolean masks, which read sizes back from the device
     total = torch.zeros(num_classes, dtype=torch.long, device=targets.device)

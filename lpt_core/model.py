@@ -26,7 +26,7 @@ PROMPT_KEYS = ("shared_prompts", "group_prompts", "group_keys", "head_weight")
 def plain_block(block: nn.Module, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
     """Block on tokens ``x`` [B, N, D] with ``prompts`` [B or 1, L, D] appended; the N token outputs."""
     prompts = prompts.to(x.dtype).expand(x.shape[0], -1, -1)
-    return block(torch.cat([x, prompts], dim=1))[:, :x.shape[1]]
+    return block(torch.cat([x, prompts], dim=1))[:, : x.shape[1]]
 
 
 def prompted_block(block: Block, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
@@ -55,9 +55,13 @@ def prompted_block(block: Block, x: torch.Tensor, prompts: torch.Tensor) -> torc
 def supports_prompted_block(block: nn.Module) -> bool:
     """True for timm's own ``Block`` and ``Attention`` (not subclasses that change their forward)."""
     attn = getattr(block, "attn", None)
-    return (type(block).forward is Block.forward and isinstance(block, Block)
-            and isinstance(attn, Attention) and type(attn).forward is Attention.forward
-            and getattr(attn, "gate", None) is None)
+    return (
+        type(block).forward is Block.forward
+        and isinstance(block, Block)
+        and isinstance(attn, Attention)
+        and type(attn).forward is Attention.forward
+        and getattr(attn, "gate", None) is None
+    )
 
 
 def unit_class_vectors(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -78,8 +82,9 @@ def init_generator(init_seed: int, component: str) -> torch.Generator:
 
 def prompt_init(shape: tuple[int, ...], init_seed: int, component: str) -> nn.Parameter:
     """trunc_normal(std 0.02) of ``shape`` from the component's own generator (released scale)."""
-    return nn.Parameter(nn.init.trunc_normal_(torch.empty(shape), std=0.02,
-                                              generator=init_generator(init_seed, component)))
+    return nn.Parameter(
+        nn.init.trunc_normal_(torch.empty(shape), std=0.02, generator=init_generator(init_seed, component))
+    )
 
 
 class LPT(nn.Module):
@@ -102,20 +107,35 @@ class LPT(nn.Module):
     takes one, and ``model.config`` is the one it was built with.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int,
-                 prompt_length: int = LPTConfig.default("prompt_length"),
-                 pool_size: int = LPTConfig.default("pool_size"), top_k: int = LPTConfig.default("top_k"),
-                 group_start: int = LPTConfig.default("group_start"),
-                 head_dropout: float = LPTConfig.default("head_dropout"), init_seed: int = 0):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        prompt_length: int = LPTConfig.default("prompt_length"),
+        pool_size: int = LPTConfig.default("pool_size"),
+        top_k: int = LPTConfig.default("top_k"),
+        group_start: int = LPTConfig.default("group_start"),
+        head_dropout: float = LPTConfig.default("head_dropout"),
+        init_seed: int = 0,
+    ):
         super().__init__()
         if getattr(backbone, "cls_token", None) is None or not hasattr(backbone, "blocks"):
-            raise ValueError("backbone: LPT needs a timm VisionTransformer with a class token "
-                             "(class_token=True, global_pool='token')")
+            raise ValueError(
+                "backbone: LPT needs a timm VisionTransformer with a class token "
+                "(class_token=True, global_pool='token')"
+            )
         depth, width = len(backbone.blocks), backbone.embed_dim
         if num_classes < 1:
             raise ValueError(f"num_classes: must be >= 1, got {num_classes}")
-        self.config = LPTConfig.from_dict(dict(prompt_length=prompt_length, pool_size=pool_size, top_k=top_k,
-                                               group_start=group_start, head_dropout=head_dropout))
+        self.config = LPTConfig.from_dict(
+            dict(
+                prompt_length=prompt_length,
+                pool_size=pool_size,
+                top_k=top_k,
+                group_start=group_start,
+                head_dropout=head_dropout,
+            )
+        )
         if not 1 <= group_start <= depth - 1:
             raise ValueError(f"group_start: must be in 1..depth-1={depth - 1}, got {group_start}")
 
@@ -128,22 +148,21 @@ class LPT(nn.Module):
         # Keys and class vectors are normalised before use, so their scale sets how fast SGD turns them.
         self.init_seed = init_seed
         self.shared_prompts = prompt_init((depth, prompt_length, width), init_seed, "shared_prompts")
-        self.group_prompts = prompt_init((pool_size, depth - group_start, prompt_length, width), init_seed,
-                                         "group_prompts")
+        self.group_prompts = prompt_init(
+            (pool_size, depth - group_start, prompt_length, width), init_seed, "group_prompts"
+        )
         self.group_keys = prompt_init((pool_size, width), init_seed, "group_keys")
         # built on the meta device so that nn.Linear's own init draws nothing from the global RNG
         self.head = nn.Linear(width, num_classes, bias=False, device="meta").to_empty(device="cpu")
         unit_class_vectors(self.head.weight, init_generator(init_seed, "head_weight"))
         self.head_drop = nn.Dropout(head_dropout)
-        self._block_fns = [prompted_block if supports_prompted_block(b) else plain_block
-                           for b in backbone.blocks]
+        self._block_fns = [prompted_block if supports_prompted_block(b) else plain_block for b in backbone.blocks]
         self.blocks_compiled = False
         self.phase = 1
         self.set_phase(1)
 
     @classmethod
-    def from_config(cls, backbone: nn.Module, num_classes: int, config: LPTConfig | dict,
-                    init_seed: int = 0) -> "LPT":
+    def from_config(cls, backbone: nn.Module, num_classes: int, config: LPTConfig | dict, init_seed: int = 0) -> "LPT":
         values = config.to_dict() if isinstance(config, LPTConfig) else dict(config)
         return cls(backbone, num_classes, **values, init_seed=init_seed)
 
@@ -165,8 +184,9 @@ class LPT(nn.Module):
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.shared_prompts, self.group_prompts, self.group_keys,
-                            self.head.weight) if p.requires_grad]
+        return [
+            p for p in (self.shared_prompts, self.group_prompts, self.group_keys, self.head.weight) if p.requires_grad
+        ]
 
     # ----------------------------------------------------------------------------- pieces
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -218,8 +238,9 @@ class LPT(nn.Module):
     def average_group_prompts(self, idx: torch.Tensor) -> torch.Tensor:
         """Mean of the chosen group prompts [B, d-S, L, D], as a selection-matrix product: its
         backward is a matmul (deterministic), not an index scatter-add."""
-        select = torch.zeros(idx.shape[0], self.pool_size, device=idx.device,
-                             dtype=self.group_prompts.dtype).scatter_(1, idx, 1.0 / self.top_k)
+        select = torch.zeros(idx.shape[0], self.pool_size, device=idx.device, dtype=self.group_prompts.dtype).scatter_(
+            1, idx, 1.0 / self.top_k
+        )
         return (select @ self.group_prompts.flatten(1)).view(-1, *self.group_prompts.shape[1:])
 
     # ----------------------------------------------------------------------------- forward
@@ -247,17 +268,18 @@ class LPT(nn.Module):
         for i in range(self.group_start, self.depth):
             prompts = torch.cat([self._shared(i, batch), group[:, i - self.group_start]], dim=1)
             x = self._block(i, x, prompts)
-        aux = {"match": match_per_image.sum() / batch, "match_per_image": match_per_image,
-               "prompt_idx": idx}
+        aux = {"match": match_per_image.sum() / batch, "match_per_image": match_per_image, "prompt_idx": idx}
         return self.classify(self._features(x)), aux
 
     # ----------------------------------------------------------------------------- state
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything LPT trains, detached: never the frozen backbone."""
-        return {"shared_prompts": self.shared_prompts.detach(),
-                "group_prompts": self.group_prompts.detach(),
-                "group_keys": self.group_keys.detach(),
-                "head_weight": self.head.weight.detach()}
+        return {
+            "shared_prompts": self.shared_prompts.detach(),
+            "group_prompts": self.group_prompts.detach(),
+            "group_keys": self.group_keys.detach(),
+            "head_weight": self.head.weight.detach(),
+        }
 
     def load_prompt_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Copy prompts in place; a wrong name or shape raises ValueError naming it."""
@@ -271,8 +293,9 @@ class LPT(nn.Module):
         for name in (k for k in PROMPT_KEYS if k in state):
             tensor = state[name]
             if tuple(tensor.shape) != tuple(own[name].shape):
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the model's "
-                                 f"{tuple(own[name].shape)}")
+                raise ValueError(
+                    f"{name}: shape {tuple(tensor.shape)} does not match the model's {tuple(own[name].shape)}"
+                )
         with torch.no_grad():
             for name, tensor in state.items():
                 own[name].copy_(tensor)
@@ -281,5 +304,4 @@ class LPT(nn.Module):
         """Extra parameters LPT adds against the frozen backbone (all prompts, keys, head)."""
         extra = sum(t.numel() for t in self.prompt_state_dict().values())
         backbone = sum(p.numel() for p in self.backbone.parameters())
-        return {"extra_params": extra, "backbone_params": backbone,
-                "extra_percent": 100.0 * extra / backbone}
+        return {"extra_params": extra, "backbone_params": backbone, "extra_percent": 100.0 * extra / backbone}

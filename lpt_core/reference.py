@@ -34,5 +34,8 @@ def plain_forward(model: LPT, images: torch.Tensor) -> tuple[torch.Tensor, dict[
             prompts = torch.cat([prompts, group[:, i - model.group_start]], dim=1)
         x = plain_block(model.backbone.blocks[i], x, prompts)
     per_image = cos.sum(dim=1)
-    return model.classify(model._features(x)), {"match": per_image.sum() / batch,
-                                                 "match_per_image": per_image, "prompt_idx": idx}
+    return model.classify(model._features(x)), {
+        "match": per_image.sum() / batch,
+        "match_per_image": per_image,
+        "prompt_idx": idx,
+    }

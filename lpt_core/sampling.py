@@ -97,8 +97,7 @@ class _EpochBatchSampler(Sampler[list[int]]):
 class DualBatchSampler(_EpochBatchSampler):
     """Per step: ``batch_size`` class-balanced indices then ``batch_size`` shuffled ones."""
 
-    def __init__(self, labels: Sequence[int], num_classes: int, batch_size: int,
-                 per_class: int = 4, seed: int = 0):
+    def __init__(self, labels: Sequence[int], num_classes: int, batch_size: int, per_class: int = 4, seed: int = 0):
         super().__init__(labels, batch_size, seed)
         self.class_aware = ClassAwareSampler(labels, num_classes, per_class)
 
@@ -108,7 +107,7 @@ class DualBatchSampler(_EpochBatchSampler):
         balanced = list(self.class_aware.draw(total, gen))
         shuffled = shuffled_indices(self.num_images, total, gen)
         for s in range(self.steps):
-            yield balanced[s * b:(s + 1) * b] + shuffled[s * b:(s + 1) * b]
+            yield balanced[s * b : (s + 1) * b] + shuffled[s * b : (s + 1) * b]
 
 
 class InstanceBatchSampler(_EpochBatchSampler):
@@ -118,4 +117,4 @@ class InstanceBatchSampler(_EpochBatchSampler):
         shuffled = shuffled_indices(self.num_images, self.steps * self.batch_size, self.generator())
         b = self.batch_size
         for s in range(self.steps):
-            yield shuffled[s * b:(s + 1) * b]
+            yield shuffled[s * b : (s + 1) * b]

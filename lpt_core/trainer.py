@@ -38,8 +38,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
-def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-              batch_transform: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def to_device(
+    images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_transform: Callable | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Move a batch to ``device``; apply the dataset's on-device transform if it has one."""
     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     return (batch_transform(images) if batch_transform is not None else images), labels
@@ -47,43 +48,59 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
 
 def make_loader(dataset: Dataset, device: torch.device, num_workers: int, **kwargs) -> DataLoader:
     kwargs.setdefault("collate_fn", getattr(dataset, "collate_fn", None))  # encoded-JPEG batches
-    return DataLoader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda",
-                      persistent_workers=num_workers > 0, **kwargs)
+    return DataLoader(
+        dataset, num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, **kwargs
+    )
 
 
-def branch_losses(class_counts: list[int], cfg: PhaseConfig, generator: torch.Generator | None = None
-                  ) -> tuple[AsymmetricGCL, ...]:
+def branch_losses(
+    class_counts: list[int], cfg: PhaseConfig, generator: torch.Generator | None = None
+) -> tuple[AsymmetricGCL, ...]:
     """The A-GCL of each branch of ``cfg``: one cloud, margin, scale and smoothing (and noise
     ``generator``); the class-balanced branch (or with ``sampling: instance`` the only one) with
     ``gamma_pos``/``gamma_neg``, the instance-balanced branch of dual sampling with ``ib_gamma_*``."""
-    common = dict(class_counts=class_counts, margin=cfg.margin, scale=cfg.scale,
-                  noise_mul=cfg.noise_mul, label_smoothing=cfg.label_smoothing, generator=generator)
+    common = dict(
+        class_counts=class_counts,
+        margin=cfg.margin,
+        scale=cfg.scale,
+        noise_mul=cfg.noise_mul,
+        label_smoothing=cfg.label_smoothing,
+        generator=generator,
+    )
     main = AsymmetricGCL(gamma_pos=cfg.gamma_pos, gamma_neg=cfg.gamma_neg, **common)
     if cfg.sampling == "instance":
         return (main,)
     return main, AsymmetricGCL(gamma_pos=cfg.ib_gamma_pos, gamma_neg=cfg.ib_gamma_neg, **common)
 
 
-def branch_loss(loss_fn: AsymmetricGCL, logits: torch.Tensor, labels: torch.Tensor,
-                match: torch.Tensor | None, match_weight: float) -> torch.Tensor:
+def branch_loss(
+    loss_fn: AsymmetricGCL, logits: torch.Tensor, labels: torch.Tensor, match: torch.Tensor | None, match_weight: float
+) -> torch.Tensor:
     """``AGCL - m*mean(match)`` of one branch (``match`` per image, None in phase 1)."""
     loss = loss_fn(logits, labels)
     return loss if match is None else loss - match_weight * match.mean()
 
 
-def dual_batch_loss(logits: torch.Tensor, aux: dict, labels: torch.Tensor,
-                    losses: tuple[AsymmetricGCL, AsymmetricGCL], w: float,
-                    match_weight: float) -> torch.Tensor:
+def dual_batch_loss(
+    logits: torch.Tensor,
+    aux: dict,
+    labels: torch.Tensor,
+    losses: tuple[AsymmetricGCL, AsymmetricGCL],
+    w: float,
+    match_weight: float,
+) -> torch.Tensor:
     """``AGCL_cb - m*match_cb + w * (AGCL_ib - m*match_ib)`` of a dual batch (class-balanced half
     first, ``losses`` as ``branch_losses`` gives them); the match terms where ``aux`` has them
     (phase 2)."""
     loss_cb_fn, loss_ib_fn = losses
     half = logits.shape[0] // 2
     match = aux.get("match_per_image")
-    loss_cb = branch_loss(loss_cb_fn, logits[:half], labels[:half], None if match is None else match[:half],
-                          match_weight)
-    loss_ib = branch_loss(loss_ib_fn, logits[half:], labels[half:], None if match is None else match[half:],
-                          match_weight)
+    loss_cb = branch_loss(
+        loss_cb_fn, logits[:half], labels[:half], None if match is None else match[:half], match_weight
+    )
+    loss_ib = branch_loss(
+        loss_ib_fn, logits[half:], labels[half:], None if match is None else match[half:], match_weight
+    )
     return loss_cb + w * loss_ib
 
 
@@ -98,9 +115,9 @@ def released_epoch_lr(epoch: int, epochs: int, peak_lr: float, warmup_epochs: in
 
 
 @torch.no_grad()
-def predict_batches(model: LPT, loader: DataLoader, device: torch.device,
-                    batch_transform: Callable | None = None
-                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+def predict_batches(
+    model: LPT, loader: DataLoader, device: torch.device, batch_transform: Callable | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
     """``(logits, labels, aux)`` of each batch of ``loader`` on ``device``: eval mode, no grad, bf16
     autocast on CUDA; the model's training mode is restored when the loop ends."""
     was_training = model.training
@@ -116,10 +133,18 @@ def predict_batches(model: LPT, loader: DataLoader, device: torch.device,
 
 
 @torch.no_grad()
-def evaluate(model: LPT, dataset: Dataset, class_counts: list[int], *, batch_size: int = 256,
-             num_workers: int = 0, device: torch.device | None = None,
-             loader: DataLoader | None = None, batch_transform: Callable | None = None,
-             shot_split: str = "standard") -> dict:
+def evaluate(
+    model: LPT,
+    dataset: Dataset,
+    class_counts: list[int],
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: torch.device | None = None,
+    loader: DataLoader | None = None,
+    batch_transform: Callable | None = None,
+    shot_split: str = "standard",
+) -> dict:
     """Accuracy (percent) overall and many/medium/few (``shot_split``: ``standard`` or the released
     script's ``released``; see ``metrics``), the per-class vector and, in phase 2,
     ``prompt_usage`` [C, P]: how often images of each class selected each group prompt."""
@@ -149,10 +174,21 @@ class Trainer:
     ``torch.compile`` options) runs the blocks compiled (``LPT.compile_blocks``); the first steps
     then take the compile time."""
 
-    def __init__(self, model: LPT, data: LTData, phase: int, cfg: PhaseConfig, *, seed: int = 0,
-                 device: str | torch.device | None = None, num_workers: int = 0,
-                 eval_batch_size: int = 256, compile: bool | dict = False,
-                 shot_split: str = "standard", log: Callable[[str], None] | None = print):
+    def __init__(
+        self,
+        model: LPT,
+        data: LTData,
+        phase: int,
+        cfg: PhaseConfig,
+        *,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        num_workers: int = 0,
+        eval_batch_size: int = 256,
+        compile: bool | dict = False,
+        shot_split: str = "standard",
+        log: Callable[[str], None] | None = print,
+    ):
         self.device = resolve_device(device)
         self.model, self.data, self.phase, self.cfg = model.to(self.device), data, phase, cfg
         self.model.set_phase(phase)
@@ -166,16 +202,23 @@ class Trainer:
         self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 7919 * phase)
         self.losses = tuple(loss.to(self.device) for loss in branch_losses(self.class_counts, cfg, self.noise_gen))
         sampler_seed = seed + 1009 * phase
-        self.sampler = (DualBatchSampler(data.train_labels, data.num_classes, cfg.batch_size, cfg.per_class,
-                                         seed=sampler_seed) if cfg.sampling == "dual"
-                        else InstanceBatchSampler(data.train_labels, cfg.batch_size, seed=sampler_seed))
+        self.sampler = (
+            DualBatchSampler(data.train_labels, data.num_classes, cfg.batch_size, cfg.per_class, seed=sampler_seed)
+            if cfg.sampling == "dual"
+            else InstanceBatchSampler(data.train_labels, cfg.batch_size, seed=sampler_seed)
+        )
         self.loader = make_loader(data.train, self.device, num_workers, batch_sampler=self.sampler)
         self.val_loader = make_loader(data.val, self.device, num_workers, batch_size=eval_batch_size)
         self.params = self.model.trainable_parameters()
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.SGD(self.params, lr=cfg.warmup_lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay, fused=fused,
-                                         foreach=None if fused else True)
+        self.optimizer = torch.optim.SGD(
+            self.params,
+            lr=cfg.warmup_lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            fused=fused,
+            foreach=None if fused else True,
+        )
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = cfg.warmup_epochs * self.steps_per_epoch if cfg.epochs > cfg.warmup_epochs else 0
@@ -188,8 +231,9 @@ class Trainer:
         """The lr of optimiser step ``step`` (0-based), by ``cfg.warmup``."""
         cfg = self.cfg
         if cfg.warmup == "epoch":
-            return released_epoch_lr(step // self.steps_per_epoch, cfg.epochs, self.peak_lr,
-                                     cfg.warmup_epochs, cfg.warmup_lr)
+            return released_epoch_lr(
+                step // self.steps_per_epoch, cfg.epochs, self.peak_lr, cfg.warmup_epochs, cfg.warmup_lr
+            )
         if step < self.warmup_steps:
             return cfg.warmup_lr + (self.peak_lr - cfg.warmup_lr) * step / self.warmup_steps
         t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
@@ -231,8 +275,11 @@ class Trainer:
         seconds = time.perf_counter() - start
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"train_loss is {train_loss} in phase {self.phase} epoch {self.epoch}")
-        return {"train_loss": train_loss, "images_per_s": images_seen / max(seconds, 1e-9),
-                "lr": self.lr_at(max(0, self.step - 1))}
+        return {
+            "train_loss": train_loss,
+            "images_per_s": images_seen / max(seconds, 1e-9),
+            "lr": self.lr_at(max(0, self.step - 1)),
+        }
 
     def epochs(self) -> Iterator[dict]:
         """Run the remaining epochs, yielding each one's metrics once it is trained and validated.
@@ -242,21 +289,31 @@ class Trainer:
             counts = self.model.parameter_counts()
             cfg = self.cfg
             images = f"2x{cfg.batch_size}" if cfg.sampling == "dual" else f"{cfg.batch_size}"
-            self.log(f"phase {self.phase}: {cfg.epochs} epochs x {self.steps_per_epoch} steps of "
-                     f"{images} images ({cfg.sampling} sampling, lr set per {cfg.warmup}) on {self.device}; LPT adds "
-                     f"{counts['extra_params']:,} parameters ({counts['extra_percent']:.2f}% of the backbone)")
+            self.log(
+                f"phase {self.phase}: {cfg.epochs} epochs x {self.steps_per_epoch} steps of "
+                f"{images} images ({cfg.sampling} sampling, lr set per {cfg.warmup}) on {self.device}; LPT adds "
+                f"{counts['extra_params']:,} parameters ({counts['extra_percent']:.2f}% of the backbone)"
+            )
         while self.epoch < self.cfg.epochs:
             metrics = {"phase": self.phase, "epoch": self.epoch + 1, **self.train_epoch()}
-            val = evaluate(self.model, self.data.val, self.class_counts, device=self.device,
-                           loader=self.val_loader, batch_transform=self.data.eval_batch_transform,
-                           shot_split=self.shot_split)
+            val = evaluate(
+                self.model,
+                self.data.val,
+                self.class_counts,
+                device=self.device,
+                loader=self.val_loader,
+                batch_transform=self.data.eval_batch_transform,
+                shot_split=self.shot_split,
+            )
             metrics.update({f"val_{k}": v for k, v in val.items() if k.endswith("acc")})
             self.epoch += 1
             self.history.append(metrics)
-            self.log(f"phase {self.phase} epoch {self.epoch}/{self.cfg.epochs}: loss {metrics['train_loss']:.4f} "
-                     f"val {metrics['val_acc']:.2f}% (many {metrics['val_many_acc']:.1f} / medium "
-                     f"{metrics['val_medium_acc']:.1f} / few {metrics['val_few_acc']:.1f}) "
-                     f"{metrics['images_per_s']:.0f} img/s")
+            self.log(
+                f"phase {self.phase} epoch {self.epoch}/{self.cfg.epochs}: loss {metrics['train_loss']:.4f} "
+                f"val {metrics['val_acc']:.2f}% (many {metrics['val_many_acc']:.1f} / medium "
+                f"{metrics['val_medium_acc']:.1f} / few {metrics['val_few_acc']:.1f}) "
+                f"{metrics['images_per_s']:.0f} img/s"
+            )
             yield metrics
 
     def fit(self, on_epoch: Callable[[dict, "Trainer"], None] | None = None) -> dict:
@@ -280,15 +337,23 @@ class Trainer:
         tensors["rng.noise"] = self.noise_gen.get_state()
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        save_state(path, tensors, {"phase": self.phase, "epoch": self.epoch, "step": self.step,
-                                   "history": self.history, "recipe": self.cfg.to_dict()})
+        save_state(
+            path,
+            tensors,
+            {
+                "phase": self.phase,
+                "epoch": self.epoch,
+                "step": self.step,
+                "history": self.history,
+                "recipe": self.cfg.to_dict(),
+            },
+        )
 
     def load_state(self, path) -> None:
         tensors, meta = load_state(path)
         if meta["phase"] != self.phase:
             raise ValueError(f"{path}: holds phase {meta['phase']}, not phase {self.phase}")
-        self.model.load_prompt_state_dict(
-            {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.model.load_prompt_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
         for i, p in enumerate(self.params):
             buf = tensors.get(f"optim.momentum.{i}")
             if buf is not None:

@@ -59,6 +59,7 @@ def postgres_address() -> tuple[str, int]:
 
 def connect(user: str, password: str, database: str = DATABASE):
     import psycopg2
+
     host, port = postgres_address()
     return psycopg2.connect(host=host, port=port, user=user, password=password, dbname=database, connect_timeout=20)
 
@@ -71,6 +72,7 @@ def optuna_url(role: str) -> str:
 
 def setup_postgres() -> str:
     from psycopg2 import sql
+
     passwords = {role: pgpass_password(secret, role) for role, secret in ROLES.items()}
     conn = connect(SUPERUSER, read_secret("postgres_password"))
     conn.autocommit = True
@@ -79,38 +81,49 @@ def setup_postgres() -> str:
             for role, password in passwords.items():
                 cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
                 verb = "ALTER" if cur.fetchone() else "CREATE"
-                cur.execute(sql.SQL(f"{verb} ROLE {{}} WITH {NOT_SUPER} PASSWORD %s").format(sql.Identifier(role)),
-                            (password,))
+                cur.execute(
+                    sql.SQL(f"{verb} ROLE {{}} WITH {NOT_SUPER} PASSWORD %s").format(sql.Identifier(role)), (password,)
+                )
             for statement in (
-                    "ALTER DATABASE {db} OWNER TO mlflow",
-                    "REVOKE ALL ON DATABASE {db} FROM PUBLIC",
-                    "GRANT CONNECT ON DATABASE {db} TO optuna, optuna_reader",
-                    "REVOKE CREATE ON SCHEMA public FROM PUBLIC",   # PostgreSQL < 15 grants it
-                    "CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION optuna",
-                    "ALTER SCHEMA {schema} OWNER TO optuna",
-                    "REVOKE ALL ON SCHEMA {schema} FROM PUBLIC",
-                    "GRANT USAGE ON SCHEMA {schema} TO optuna_reader",
-                    "ALTER DEFAULT PRIVILEGES FOR ROLE optuna IN SCHEMA {schema} GRANT SELECT ON TABLES TO optuna_reader"):
-                cur.execute(sql.SQL(statement).format(db=sql.Identifier(DATABASE), schema=sql.Identifier(OPTUNA_SCHEMA)))
+                "ALTER DATABASE {db} OWNER TO mlflow",
+                "REVOKE ALL ON DATABASE {db} FROM PUBLIC",
+                "GRANT CONNECT ON DATABASE {db} TO optuna, optuna_reader",
+                "REVOKE CREATE ON SCHEMA public FROM PUBLIC",  # PostgreSQL < 15 grants it
+                "CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION optuna",
+                "ALTER SCHEMA {schema} OWNER TO optuna",
+                "REVOKE ALL ON SCHEMA {schema} FROM PUBLIC",
+                "GRANT USAGE ON SCHEMA {schema} TO optuna_reader",
+                "ALTER DEFAULT PRIVILEGES FOR ROLE optuna IN SCHEMA {schema} GRANT SELECT ON TABLES TO optuna_reader",
+            ):
+                cur.execute(
+                    sql.SQL(statement).format(db=sql.Identifier(DATABASE), schema=sql.Identifier(OPTUNA_SCHEMA))
+                )
             make_optuna_tables(passwords["optuna"])
-            cur.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO optuna_reader").format(
-                sql.Identifier(OPTUNA_SCHEMA)))
+            cur.execute(
+                sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO optuna_reader").format(
+                    sql.Identifier(OPTUNA_SCHEMA)
+                )
+            )
     finally:
         conn.close()
-    return (f"PostgreSQL: roles {', '.join(ROLES)} (none a superuser), database {DATABASE} owned by mlflow, "
-            f"schema {OPTUNA_SCHEMA} owned by optuna, SELECT on it for {READER}")
+    return (
+        f"PostgreSQL: roles {', '.join(ROLES)} (none a superuser), database {DATABASE} owned by mlflow, "
+        f"schema {OPTUNA_SCHEMA} owned by optuna, SELECT on it for {READER}"
+    )
 
 
 def make_optuna_tables(password: str) -> None:
     """Optuna's tables in the schema, made by the role optuna (their owner): what a search would
     make on its first run, and what optuna-dashboard, reading only, needs to start."""
     import optuna
+
     storage = optuna.storages.RDBStorage(optuna_url("optuna"), engine_kwargs={"connect_args": {"password": password}})
     storage.engine.dispose()
 
 
 def rotate_superuser() -> str:
     from psycopg2 import sql
+
     old, new = read_two_lines()
     conn = connect(SUPERUSER, old)
     conn.autocommit = True
@@ -157,13 +170,14 @@ def setup_mlflow() -> str:
         auth.create_user(user, password)
         done = f"MLflow: user {user} created"
     else:
-        auth.update_user_password(user, password)   # the file is the truth (--rotate)
+        auth.update_user_password(user, password)  # the file is the truth (--rotate)
         if existing.is_admin:
             auth.update_user_admin(user, False)
         done = f"MLflow: user {user} (its password set)"
     tracking = MlflowClient(uri)
-    resources = [("experiment", e.experiment_id) for e in paged(tracking.search_experiments)
-                 if e.experiment_id != "0"]   # not the Default experiment: searches write their study's
+    resources = [
+        ("experiment", e.experiment_id) for e in paged(tracking.search_experiments) if e.experiment_id != "0"
+    ]  # not the Default experiment: searches write their study's
     resources += [("registered_model", m.name) for m in paged(tracking.search_registered_models)]
     granted = 0
     for kind, resource in resources:
@@ -185,13 +199,18 @@ def paged(search):
 
 def rotate_admin() -> str:
     from mlflow.server.auth.client import AuthServiceClient
+
     old, new = read_two_lines()
     AuthServiceClient(as_mlflow_admin(old)).update_user_password(MLFLOW_ADMIN, new, current_password=old)
     return f"MLflow: the password of {MLFLOW_ADMIN} changed"
 
 
-COMMANDS = {"postgres": setup_postgres, "mlflow": setup_mlflow, "rotate-superuser": rotate_superuser,
-            "rotate-admin": rotate_admin}
+COMMANDS = {
+    "postgres": setup_postgres,
+    "mlflow": setup_mlflow,
+    "rotate-superuser": rotate_superuser,
+    "rotate-admin": rotate_admin,
+}
 
 
 def main(argv: list[str]) -> int:

@@ -46,7 +46,7 @@ LOOPBACK = "127.0.0.1"
 RAY_IP = "127.0.0.2"
 MARKER = "LPT_CLUSTER_TEST"  # env var carried by every process a test starts
 
-SECRETS_DIR = "/run/lpt-secrets"   # where the image's entrypoint installs the compose secrets
+SECRETS_DIR = "/run/lpt-secrets"  # where the image's entrypoint installs the compose secrets
 # The secrets each service mounts, and nothing else: no Ray node holds the PostgreSQL superuser's
 # password, another service's database role or the MLflow admin's password (tests/test_compose.py
 # checks docker-compose.yml against this table, tests/test_docker.py the running containers).
@@ -64,6 +64,7 @@ SECRETS = {
 
 
 # ---------------------------------------------------------------- compose file
+
 
 class InterpolationError(ValueError):
     pass
@@ -96,6 +97,7 @@ def interpolate(value, env: dict):
                 raise InterpolationError(f"{name}: {arg}")
             return current
         return current or ""
+
     return _VAR.sub(sub, value)
 
 
@@ -112,8 +114,13 @@ def read_env_file(path: Path) -> dict:
 def cluster_setup(folder: Path) -> tuple[dict, dict]:
     """What a user's ``scripts/cluster-setup.sh`` makes, in ``folder``: ``.env`` and ``secrets/``.
     Returns the .env values and ``{secret name: content}``."""
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "cluster-setup.sh"), str(folder)], capture_output=True,
-                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "cluster-setup.sh"), str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"scripts/cluster-setup.sh failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     return read_env_file(Path(folder) / ".env"), read_secrets(Path(folder) / "secrets")
@@ -133,6 +140,7 @@ def mlflow_login(secrets: dict) -> dict:
 def login_to_mlflow(secrets: dict):
     """This process's MLflow clients log in as the cluster's driver does; ``.undo()`` to log out."""
     import pytest
+
     patch = pytest.MonkeyPatch()
     for name, value in mlflow_login(secrets).items():
         patch.setenv(name, value)
@@ -176,8 +184,9 @@ def localize(argv: list[str], subst: dict, flags: dict | None = None) -> list[st
         i += 1
     if out and out[0] in ("ray", "mlflow", "python", "python3"):
         out[0] = sys.executable if out[0].startswith("python") else str(VENV_BIN / out[0])
-    return [str(ROOT / a) if not a.startswith(("-", "/")) and a.endswith(".py") and (ROOT / a).is_file() else a
-            for a in out]
+    return [
+        str(ROOT / a) if not a.startswith(("-", "/")) and a.endswith(".py") and (ROOT / a).is_file() else a for a in out
+    ]
 
 
 def substitute(text: str, subst: dict) -> str:
@@ -190,6 +199,7 @@ def substitute(text: str, subst: dict) -> str:
 
 
 # ---------------------------------------------------------------- processes
+
 
 def free_port() -> int:
     """A TCP port free on every interface (Ray binds its servers to all of them)."""
@@ -204,8 +214,15 @@ class Proc:
     def __init__(self, name: str, argv: list[str], env: dict, log: Path, cwd: Path | None = None):
         self.name, self.log = name, Path(log)
         with open(self.log, "wb") as out:
-            self.popen = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
+            self.popen = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -278,8 +295,9 @@ def wait_http(url: str, timeout_s: float, proc: Proc | None = None) -> None:
         except Exception as exc:  # noqa: BLE001 - not up yet
             last = exc
         time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s ({last})"
-                       + (f":\n{proc.tail()}" if proc else ""))
+    raise TimeoutError(
+        f"{url} did not answer within {timeout_s:.0f} s ({last})" + (f":\n{proc.tail()}" if proc else "")
+    )
 
 
 def http_status(url: str, headers: dict | None = None, timeout_s: float = 60) -> int:
@@ -300,8 +318,12 @@ def mlflow_login_statuses(base_url: str, login: dict) -> dict:
     with the cluster's login, and to /health without one (the health checks)."""
     api = f"{base_url}/api/2.0/mlflow/experiments/search?max_results=1"
     user, password = login["MLFLOW_TRACKING_USERNAME"], login["MLFLOW_TRACKING_PASSWORD"]
-    return {"no login": http_status(api), "wrong password": http_status(api, basic_auth(user, "not-" + password)),
-            "login": http_status(api, basic_auth(user, password)), "health": http_status(f"{base_url}/health")}
+    return {
+        "no login": http_status(api),
+        "wrong password": http_status(api, basic_auth(user, "not-" + password)),
+        "login": http_status(api, basic_auth(user, password)),
+        "health": http_status(f"{base_url}/health"),
+    }
 
 
 MLFLOW_LOGIN_EXPECTED = {"no login": 401, "wrong password": 401, "login": 200, "health": 200}
@@ -310,8 +332,11 @@ MLFLOW_LOGIN_EXPECTED = {"no login": 401, "wrong password": 401, "login": 200, "
 def dashboard_token_statuses(base_url: str, token: str) -> dict:
     """The Ray dashboard's job API without the token, with a wrong one and with the cluster's."""
     api = f"{base_url}/api/jobs/"
-    return {"no token": http_status(api), "wrong token": http_status(api, {"Authorization": "Bearer not-the-token"}),
-            "token": http_status(api, {"Authorization": f"Bearer {token}"})}
+    return {
+        "no token": http_status(api),
+        "wrong token": http_status(api, {"Authorization": "Bearer not-the-token"}),
+        "token": http_status(api, {"Authorization": f"Bearer {token}"}),
+    }
 
 
 DASHBOARD_TOKEN_EXPECTED = {"no token": 401, "wrong token": 403, "token": 200}
@@ -319,10 +344,14 @@ DASHBOARD_TOKEN_EXPECTED = {"no token": 401, "wrong token": 403, "token": 200}
 
 # ---------------------------------------------------------------- PostgreSQL
 
+
 def postgres_bindir() -> Path | None:
     """Debian's server binaries (initdb, pg_ctl), newest version first."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: int(re.sub(r"\D", "", p.split("/")[4]) or 0), reverse=True)
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(re.sub(r"\D", "", p.split("/")[4]) or 0),
+        reverse=True,
+    )
     if found:
         return Path(found[0]).parent
     initdb = shutil.which("initdb")
@@ -335,8 +364,10 @@ def postgres_unavailable() -> str | None:
         return "the cluster tests run on Linux only"
     bindir = postgres_bindir()
     if bindir is None or not (bindir / "pg_ctl").exists():
-        return ("PostgreSQL server binaries (initdb, pg_ctl) not found: `apt-get install postgresql` "
-                "(scripts/system-deps.sh does it when run as root)")
+        return (
+            "PostgreSQL server binaries (initdb, pg_ctl) not found: `apt-get install postgresql` "
+            "(scripts/system-deps.sh does it when run as root)"
+        )
     if os.geteuid() == 0:
         try:
             pwd.getpwnam("postgres")
@@ -345,8 +376,10 @@ def postgres_unavailable() -> str | None:
         if not shutil.which("runuser"):
             return "running as root and `runuser` is missing (PostgreSQL refuses to run as root)"
     if importlib.util.find_spec("psycopg2") is None:
-        return ("psycopg2 is not installed in the venv (MLflow's PostgreSQL driver): "
-                "add \"psycopg2-binary\" to the test extra in pyproject.toml, or pip install psycopg2-binary")
+        return (
+            "psycopg2 is not installed in the venv (MLflow's PostgreSQL driver): "
+            'add "psycopg2-binary" to the test extra in pyproject.toml, or pip install psycopg2-binary'
+        )
     return None
 
 
@@ -370,10 +403,18 @@ class Postgres:
         self.started = False
 
     def _run(self, *argv: str, timeout: float = 120) -> None:
-        proc = subprocess.run([*self.as_user, *argv], cwd=self.base, capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            [*self.as_user, *argv],
+            cwd=self.base,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv[:2])} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+            raise RuntimeError(
+                f"{' '.join(argv[:2])} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+            )
 
     def start(self) -> "Postgres":
         pwfile = self.base / "pwfile"
@@ -381,8 +422,19 @@ class Postgres:
         if self.owner:
             os.chown(pwfile, self.owner.pw_uid, self.owner.pw_gid)
         pwfile.chmod(0o600)
-        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.user, f"--pwfile={pwfile}",
-                  "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync")
+        self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            self.user,
+            f"--pwfile={pwfile}",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
         pwfile.unlink()
         self.start_server()
         conn = self.connect("postgres")
@@ -393,10 +445,24 @@ class Postgres:
         return self
 
     def start_server(self) -> None:
-        opts = (f"-c listen_addresses={LOOPBACK} -p {self.port} -k {self.base} -c fsync=off "
-                "-c full_page_writes=off -c synchronous_commit=off")
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.base / "postgres.log"),
-                  "-o", opts, "-w", "-t", "120", "start", timeout=150)
+        opts = (
+            f"-c listen_addresses={LOOPBACK} -p {self.port} -k {self.base} -c fsync=off "
+            "-c full_page_writes=off -c synchronous_commit=off"
+        )
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.base / "postgres.log"),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            "120",
+            "start",
+            timeout=150,
+        )
         self.started = True
 
     def stop_server(self, mode: str = "fast") -> None:
@@ -407,9 +473,15 @@ class Postgres:
     def connect(self, dbname: str | None = None, user: str | None = None, password: str | None = None):
         """A connection as the superuser, or as ``user`` with ``password``."""
         import psycopg2
-        return psycopg2.connect(host=LOOPBACK, port=self.port, user=user or self.user,
-                                password=self.password if user is None else password,
-                                dbname=dbname or self.database, connect_timeout=10)
+
+        return psycopg2.connect(
+            host=LOOPBACK,
+            port=self.port,
+            user=user or self.user,
+            password=self.password if user is None else password,
+            dbname=dbname or self.database,
+            connect_timeout=10,
+        )
 
     def stop(self) -> None:
         try:
@@ -477,9 +549,15 @@ class LocalStack:
     @property
     def subst(self) -> dict:
         pg = f"{LOOPBACK}:{self.postgres.port}" if self.postgres else "postgres:5432"
-        return {"ray-head:6379": f"{RAY_IP}:{self.ray_port}", "mlflow:5000": f"{LOOPBACK}:{self.mlflow_port}",
-                "postgres:5432": pg, "/shared": str(self.shared), "/mlartifacts": str(self.artifacts),
-                "/data": str(self.workdir / "data"), SECRETS_DIR: str(self.secrets_dir)}
+        return {
+            "ray-head:6379": f"{RAY_IP}:{self.ray_port}",
+            "mlflow:5000": f"{LOOPBACK}:{self.mlflow_port}",
+            "postgres:5432": pg,
+            "/shared": str(self.shared),
+            "/mlartifacts": str(self.artifacts),
+            "/data": str(self.workdir / "data"),
+            SECRETS_DIR: str(self.secrets_dir),
+        }
 
     @property
     def tracking_uri(self) -> str:
@@ -490,10 +568,20 @@ class LocalStack:
         return f"{RAY_IP}:{self.ray_port}"
 
     def base_env(self) -> dict:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("RAY_", "MLFLOW_", "LPT_")) and k not in ("HF_HOME",)}
-        env.update({MARKER: self.marker, "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-                    "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "HOME": str(self.home)})
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("RAY_", "MLFLOW_", "LPT_")) and k not in ("HF_HOME",)
+        }
+        env.update(
+            {
+                MARKER: self.marker,
+                "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+                "HF_HUB_OFFLINE": "1",
+                "PYTHONUNBUFFERED": "1",
+                "HOME": str(self.home),
+            }
+        )
         return env
 
     def service_env(self, name: str) -> dict:
@@ -501,7 +589,7 @@ class LocalStack:
         env.update({k: substitute(v, self.subst) for k, v in environment_of(self.services[name]).items()})
         # what the image's entrypoint does with NAME_FILE=/run/lpt-secrets/x
         for key in [k for k, v in env.items() if k.endswith("_FILE") and v.startswith(f"{self.secrets_dir}/")]:
-            env[key[:-len("_FILE")]] = Path(env.pop(key)).read_text()
+            env[key[: -len("_FILE")]] = Path(env.pop(key)).read_text()
         return env
 
     def start_postgres(self) -> None:
@@ -515,18 +603,29 @@ class LocalStack:
     def run_setup(self, service: str, *args: str, stdin: str | None = None) -> str:
         """A one-shot set-up service's command (or ``args`` instead), run to its end; its output."""
         argv = localize(list(args) or command_of(self.services[service]), self.subst)
-        proc = subprocess.run(argv, env=self.service_env(service), cwd=ROOT, capture_output=True, text=True,
-                              timeout=300, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
+        proc = subprocess.run(
+            argv,
+            env=self.service_env(service),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            input=stdin,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+        )
         if proc.returncode != 0:
-            raise RuntimeError(f"{service} ({' '.join(argv[1:])}) failed ({proc.returncode}):\n{proc.stdout[-2000:]}"
-                               f"\n{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{service} ({' '.join(argv[1:])}) failed ({proc.returncode}):\n{proc.stdout[-2000:]}"
+                f"\n{proc.stderr[-3000:]}"
+            )
         return proc.stdout
 
     def start_mlflow(self) -> Proc:
         flags = {"--host": LOOPBACK, "--port": self.mlflow_port}
         argv = localize(command_of(self.services["mlflow"]), self.subst, flags)
-        proc = Proc("mlflow server", argv, self.service_env("mlflow"), self.workdir / "mlflow-server.log",
-                    cwd=self.workdir)
+        proc = Proc(
+            "mlflow server", argv, self.service_env("mlflow"), self.workdir / "mlflow-server.log", cwd=self.workdir
+        )
         self.procs.append(proc)
         self.mlflow = proc
         return proc
@@ -538,15 +637,22 @@ class LocalStack:
 
     def _node_ports(self) -> tuple[list[str], int]:
         manager = free_port()
-        return [f"--node-ip-address={RAY_IP}", f"--node-manager-port={manager}",
-                f"--object-manager-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-                f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                f"--metrics-export-port={free_port()}"], manager
+        return [
+            f"--node-ip-address={RAY_IP}",
+            f"--node-manager-port={manager}",
+            f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+        ], manager
 
     def start_head(self, timeout_s: float = 180) -> Proc:
         flags = {"--port": self.ray_port, "--dashboard-host": LOOPBACK, "--dashboard-port": self.dashboard_port}
         extra, _ = self._node_ports()
-        argv = localize(command_of(self.services["ray-head"]), self.subst, flags) + extra + [f"--temp-dir={self.ray_tmp}"]
+        argv = (
+            localize(command_of(self.services["ray-head"]), self.subst, flags) + extra + [f"--temp-dir={self.ray_tmp}"]
+        )
         self.head = Proc("ray head", argv, self.service_env("ray-head"), self.workdir / "ray-head.log")
         self.procs.append(self.head)
         self.head.wait_for_line("Ray runtime started", timeout_s)
@@ -574,9 +680,14 @@ class LocalStack:
     def nodes(self, expect_alive: int | None = None, timeout_s: float = 120) -> list[dict]:
         """The cluster's nodes from its GCS (through a client holding the token); with
         ``expect_alive``, waits until that many are alive."""
-        proc = subprocess.run([sys.executable, "-c", LIST_NODES, self.ray_address, str(expect_alive or -1), str(timeout_s)],
-                              env=self.service_env("ray-head"), capture_output=True, text=True,
-                              timeout=timeout_s + 90, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            [sys.executable, "-c", LIST_NODES, self.ray_address, str(expect_alive or -1), str(timeout_s)],
+            env=self.service_env("ray-head"),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s + 90,
+            stdin=subprocess.DEVNULL,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"could not list the Ray nodes:\n{proc.stderr[-3000:]}")
         nodes = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -18,11 +18,13 @@ PLACES_LT_SPLITS = os.environ.get("LPT_LT_SPLITS") or str(REPO.parent / "shared"
 needs_places_lt_splits = pytest.mark.skipif(
     not os.path.isfile(os.path.join(PLACES_LT_SPLITS, "Places_LT_train.txt")),
     reason=f"no real Places-LT lists: looked for {PLACES_LT_SPLITS}/Places_LT_train.txt "
-           f"(set LPT_LT_SPLITS to the folder holding Places_LT_{{train,val,test}}.txt)")
+    f"(set LPT_LT_SPLITS to the folder holding Places_LT_{{train,val,test}}.txt)",
+)
 
 
 def tiny_backbone(**overrides):
     from lpt_core import build_backbone
+
     torch.manual_seed(0)
     return build_backbone("vit_tiny_patch16_224", "random", **{**TINY_VIT, **overrides})
 
@@ -35,8 +37,17 @@ def backbone():
 @pytest.fixture
 def synthetic_data():
     from lpt_core.data import build_dataset
-    return build_dataset({"name": "synthetic", "num_classes": 10, "imbalance_ratio": 10,
-                          "max_per_class": 120, "image_size": 32, "seed": 0})
+
+    return build_dataset(
+        {
+            "name": "synthetic",
+            "num_classes": 10,
+            "imbalance_ratio": 10,
+            "max_per_class": 120,
+            "image_size": 32,
+            "seed": 0,
+        }
+    )
 
 
 @pytest.fixture(scope="session")
@@ -44,4 +55,5 @@ def smoke_search(tmp_path_factory):
     """One whole smoke search (a minute or three), shared by the slow tests that inspect its outputs
     (see smoke_search.py). Read it, never change it: ``smoke_search.copy_to(tmp_path)`` to write."""
     from smoke_search import run_smoke_search
+
     return run_smoke_search(tmp_path_factory.mktemp("smoke_search"))

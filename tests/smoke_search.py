@@ -21,22 +21,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = ROOT / "tune" / "search.py"
 STUDY = "prompt_pool"
-TRIALS = 6          # enough trials for ASHA to stop one early while another runs every epoch
-ARGS = ("--study", STUDY, "--trials", str(TRIALS), "--register")   # --register: the best trial's model too
+TRIALS = 6  # enough trials for ASHA to stop one early while another runs every epoch
+ARGS = ("--study", STUDY, "--trials", str(TRIALS), "--register")  # --register: the best trial's model too
 TIMEOUT_S = 900
 
 
 def search_env(**extra) -> dict:
     """The environment of a search started from a shell with no cluster, tracking server or storage set."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LPT_STORAGE")}
-    env.update(HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
-               **extra)
+    env.update(HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", **extra)
     return env
 
 
 @dataclass(frozen=True)
 class SmokeSearch:
-    cwd: Path           # where the search ran
+    cwd: Path  # where the search ran
     args: tuple[str, ...]
     returncode: int
     stdout: str
@@ -52,6 +51,7 @@ class SmokeSearch:
 
     def client(self):
         from mlflow import MlflowClient
+
         return MlflowClient(self.tracking_uri)
 
     @property
@@ -75,8 +75,11 @@ class SmokeSearch:
             for table in tables:
                 for _, column, kind, *_ in con.execute(f'PRAGMA table_info("{table}")').fetchall():
                     if any(t in kind.upper() for t in ("CHAR", "TEXT", "CLOB")):
-                        con.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
-                                    f'WHERE instr("{column}", ?) > 0', (old, new, old))
+                        con.execute(
+                            f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                            f'WHERE instr("{column}", ?) > 0',
+                            (old, new, old),
+                        )
         con.close()
         for record in Path(new, "runs").glob("*/search.json"):
             record.write_text(record.read_text().replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1]))
@@ -89,8 +92,9 @@ def search_argv(*args: str) -> list[str]:
 
 def run_search(cwd: Path, *args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
     """``tune/search.py *args`` in ``cwd`` with ``search_env()``, output captured."""
-    return subprocess.run(search_argv(*args), cwd=cwd, env=search_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        search_argv(*args), cwd=cwd, env=search_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def runs_of(client, role: str, experiment: str = STUDY) -> list:

@@ -50,6 +50,7 @@ def test_bad_names_and_files(tmp_path):
 def closed_endpoint(monkeypatch, tmp_path) -> str:
     """A hub that refuses connections, an empty Hugging Face cache and no HF_HUB_OFFLINE."""
     from huggingface_hub import constants
+
     endpoint = f"http://127.0.0.1:{free_port()}"
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
@@ -62,13 +63,14 @@ def test_an_unreachable_hub_fails_at_once_with_one_line(monkeypatch, tmp_path):
     started = time.monotonic()
     with pytest.raises(ValueError) as err:
         build_backbone("vit_base_patch16_224.augreg_in21k", "pretrained")
-    assert time.monotonic() - started < 30   # loose: the shared machine is noisy; no retries happen
+    assert time.monotonic() - started < 30  # loose: the shared machine is noisy; no retries happen
     assert str(err.value) == (
         f"backbone.weights: pretrained weights for vit_base_patch16_224.augreg_in21k "
         f"(timm/vit_base_patch16_224.augreg_in21k) are not on this machine and the Hugging Face hub cannot be "
-        f"reached ({endpoint[len('http://'):]}: connection refused); download them where you are online "
+        f"reached ({endpoint[len('http://') :]}: connection refused); download them where you are online "
         f"(hf download timm/vit_base_patch16_224.augreg_in21k) into the Hugging Face cache, or set "
-        f"backbone.weights to a local weights file")
+        f"backbone.weights to a local weights file"
+    )
 
 
 def test_the_architecture_and_where_its_weights_come_from(monkeypatch, tmp_path):
@@ -76,11 +78,14 @@ def test_the_architecture_and_where_its_weights_come_from(monkeypatch, tmp_path)
     spec = {"name": "vit_base_patch16_224.augreg_in21k", "weights": "pretrained"}
     model = build_architecture(spec)
     assert len(model.blocks) == 12 and next(model.parameters()).device.type == "meta"
-    assert weights_source(spec) == (f"timm/vit_base_patch16_224.augreg_in21k in the Hugging Face cache {tmp_path} "
-                                    f"(else downloaded from {endpoint})")
+    assert weights_source(spec) == (
+        f"timm/vit_base_patch16_224.augreg_in21k in the Hugging Face cache {tmp_path} (else downloaded from {endpoint})"
+    )
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert weights_source(spec).endswith("(HF_HUB_OFFLINE is set, so no download)")
-    assert weights_source({**spec, "weights": str(tmp_path / "vit.safetensors")}) == f"the file {tmp_path}/vit.safetensors"
+    assert (
+        weights_source({**spec, "weights": str(tmp_path / "vit.safetensors")}) == f"the file {tmp_path}/vit.safetensors"
+    )
     assert weights_source({**spec, "weights": "random"}) == "random (nothing to load)"
 
 
@@ -94,8 +99,8 @@ def test_reachability_asks_once_through_the_proxy_the_environment_names(monkeypa
     assert unreachable("https://huggingface.co/x") == f"127.0.0.1:{port}: connection refused"
     asked = reachability._connect_error.cache_info().misses
     assert unreachable("https://example.org/y") == f"127.0.0.1:{port}: connection refused"
-    assert reachability._connect_error.cache_info().misses == asked   # the same proxy: not asked again
+    assert reachability._connect_error.cache_info().misses == asked  # the same proxy: not asked again
     monkeypatch.setenv("no_proxy", "huggingface.co")
     assert connect_target("https://huggingface.co/x") == ("huggingface.co", 443)
-    with socket.create_server(("127.0.0.1", 0)) as server:   # a listening host is reachable
+    with socket.create_server(("127.0.0.1", 0)) as server:  # a listening host is reachable
         assert unreachable(f"http://127.0.0.1:{server.getsockname()[1]}/") is None

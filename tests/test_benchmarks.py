@@ -34,8 +34,26 @@ PROMPTS = dict(prompt_length=10, pool_size=20, top_k=2, group_start=None)
 def test_tiny_run_writes_every_variant(tmp_path):
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()
-    result = bench.main(["--size", "tiny", "--device", "cpu", "--batch-size", "2", "--steps", "1",
-                         "--warmup", "1", "--threads", "1", "--flops-size", "none", "--out", str(out)])
+    result = bench.main(
+        [
+            "--size",
+            "tiny",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--flops-size",
+            "none",
+            "--out",
+            str(out),
+        ]
+    )
     assert torch.get_num_threads() == threads  # --threads is undone after the run
     data = json.loads(out.read_text())
     assert data["variants"] == result["variants"] == ["reference", "lean", "timm"]
@@ -44,8 +62,7 @@ def test_tiny_run_writes_every_variant(tmp_path):
         phases.setdefault(row["variant"], set()).add(row["phase"])
         assert row["images_per_s"] > 0 and row["gflop_per_image"] > 0 and row["achieved_tflops"] > 0
         assert row["images_per_step"] == 4
-    assert phases == {"reference": {"phase2", "phase1", "eval"}, "lean": {"phase2", "phase1", "eval"},
-                      "timm": {"eval"}}
+    assert phases == {"reference": {"phase2", "phase1", "eval"}, "lean": {"phase2", "phase1", "eval"}, "timm": {"eval"}}
     cfg = data["config"]
     assert (cfg["size"], cfg["image_size"], cfg["depth"], cfg["group_start"]) == ("tiny", 32, 4, 2)
     assert (cfg["prompt_length"], cfg["pool_size"], cfg["top_k"], cfg["num_classes"]) == (10, 20, 2, 100)
@@ -68,8 +85,16 @@ def test_fake_tensor_flops_equal_a_real_count():
     from lpt_core.data import build_dataset
     from lpt_core.flops import count_flops
 
-    data = build_dataset({"name": "synthetic", "num_classes": 100, "imbalance_ratio": 10,
-                          "max_per_class": 20, "image_size": 32, "seed": 0})
+    data = build_dataset(
+        {
+            "name": "synthetic",
+            "num_classes": 100,
+            "imbalance_ratio": 10,
+            "max_per_class": 20,
+            "image_size": 32,
+            "seed": 0,
+        }
+    )
     size = bench.SIZES["tiny"]
     fake = bench.count_variant_flops(size, 32, PROMPTS, batch=2, phases=("phase2",))
     torch.manual_seed(0)
@@ -103,13 +128,30 @@ def test_search_quality_tiny_run(tmp_path):
     """benchmarks/search_quality.py runs the real wiring (Ray Tune, Optuna, ASHA) on its stand-in:
     one row per sampler setting, a finite regret >= 0 for every search."""
     out = tmp_path / "quality.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_quality.py"), "--studies",
-                           "prompt_pool", "--budgets", "6", "--seeds", "2", "--epochs", "4", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "search_quality.py"),
+            "--studies",
+            "prompt_pool",
+            "--budgets",
+            "6",
+            "--seeds",
+            "2",
+            "--epochs",
+            "4",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert [(s["study"], s["budget"], s["setting"], s["seeds"]) for s in data["summary"]] == [
-        ("prompt_pool", 6, setting, 2) for setting in ("configured", "defaults", "random")]
+        ("prompt_pool", 6, setting, 2) for setting in ("configured", "defaults", "random")
+    ]
     assert len(data["runs"]) == 6
     for run in data["runs"]:
         assert math.isfinite(run["regret"]) and run["regret"] >= 0
@@ -117,8 +159,12 @@ def test_search_quality_tiny_run(tmp_path):
         assert set(run["best_config"]) == {"pool_size", "top_k", "group_start"}
     assert data["runs"][0]["sampler"]["n_startup_trials"] == 2  # a third of 6, at least 2
     assert "| prompt_pool | 6 | tpe (as configured) |" in proc.stdout
-    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_quality.py"), "--summarise",
-                            str(out)], capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "search_quality.py"), "--summarise", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0 and again.stdout.split("\n\n")[0] == proc.stdout.split("\n\n")[0]
 
 
@@ -132,8 +178,15 @@ def test_search_quality_stand_in_has_its_optimum_inside_the_space():
         optimum = standin.optimum()
         rng = np.random.default_rng(0)
         for _ in range(200):  # no point of the space scores above the optimum
-            config = {n: quality.on_grid(s, s["values"][rng.integers(len(s["values"]))] if s["type"] == "choice"
-                                         else rng.uniform(s["low"], s["high"])) for n, s in study["space"].items()}
+            config = {
+                n: quality.on_grid(
+                    s,
+                    s["values"][rng.integers(len(s["values"]))]
+                    if s["type"] == "choice"
+                    else rng.uniform(s["low"], s["high"]),
+                )
+                for n, s in study["space"].items()
+            }
             assert standin.score(standin.final(config)) <= optimum + 1e-9
         at = {n: quality.on_grid(s, quality.OPTIMUM[n]) for n, s in study["space"].items()}
         if len(standin.metrics) == 1:  # the optimum is reached at OPTIMUM, and reported values rise to it
@@ -150,5 +203,7 @@ def test_phase1_sampling_ablation_runs_both_samplings(capsys):
     out = capsys.readouterr().out.splitlines()
     rows = {(r.split()[0], r.split()[1]): r.split() for r in out if r.split()[:1] in (["1"], ["2"])}
     assert set(rows) == {(e, s) for e in ("1", "2") for s in ("dual", "instance")}
-    assert int(rows["2", "dual"][2]) == 2 * int(rows["2", "instance"][2]) == 2 * 2 * 15 * 32   # 2 epochs x 15 steps of 2x32
+    assert (
+        int(rows["2", "dual"][2]) == 2 * int(rows["2", "instance"][2]) == 2 * 2 * 15 * 32
+    )  # 2 epochs x 15 steps of 2x32
     assert any(line.startswith("dual: last val_acc ") and "(1 SE, 200 images)" in line for line in out)

@@ -31,13 +31,19 @@ EPOCHS = 4
 def search_folder(tmp_path, budget=None, resources=None, phase1_s=0.0, estimate_s=None, walls=(), ended=False):
     """A search folder as the driver leaves it: its record, and a table row per ended trial (wall seconds)."""
     resources = resources or {"cpu": 1, "gpu": 0}
-    record = {"profile": {"resources": resources, "phase2": {"epochs": EPOCHS}},
-              "study_config": {"budget": {"trials": 6, "concurrency": 2, "max_failures": 2, **(budget or {})}},
-              cost.PHASE1_TASK_S: phase1_s, cost.TRIAL_ESTIMATE_S: estimate_s, "budget_ended": ended,
-              "state": "finished" if ended else "running"}
+    record = {
+        "profile": {"resources": resources, "phase2": {"epochs": EPOCHS}},
+        "study_config": {"budget": {"trials": 6, "concurrency": 2, "max_failures": 2, **(budget or {})}},
+        cost.PHASE1_TASK_S: phase1_s,
+        cost.TRIAL_ESTIMATE_S: estimate_s,
+        "budget_ended": ended,
+        "state": "finished" if ended else "running",
+    }
     (tmp_path / "search.json").write_text(json.dumps(record))
-    rows = [trial_row(f"t{i}", {}, [], {"epoch": EPOCHS, "time_total_s": w}, EPOCHS, resources=resources)
-            for i, w in enumerate(walls)]
+    rows = [
+        trial_row(f"t{i}", {}, [], {"epoch": EPOCHS, "time_total_s": w}, EPOCHS, resources=resources)
+        for i, w in enumerate(walls)
+    ]
     if rows:
         write_table(rows, tmp_path / "trials.parquet")
     return tmp_path
@@ -52,8 +58,9 @@ def result(epoch: int, seconds: float) -> dict:
     return {"val_acc": 1.0, "epoch": epoch, "training_iteration": epoch, "time_total_s": seconds}
 
 
-@pytest.mark.parametrize("grace, rf, max_t", [(1, 2, 4), (1, 2, 90), (9, 2, 90), (1, 3, 27), (2, 2.5, 50),
-                                              (5, 2, 5), (1, 4, 100), (3, 2, 4)])
+@pytest.mark.parametrize(
+    "grace, rf, max_t", [(1, 2, 4), (1, 2, 90), (9, 2, 90), (1, 3, 27), (2, 2.5, 50), (5, 2, 5), (1, 4, 100), (3, 2, 4)]
+)
 def test_asha_rungs_are_rays_milestones(grace, rf, max_t):
     ray_rungs = sorted(m for m, _ in _Bracket(grace, max_t, rf, 0)._rungs if m < max_t)
     assert asha_rungs(grace, rf, max_t) == ray_rungs
@@ -91,13 +98,13 @@ def test_the_ledger_counts_phase1_ended_and_running_trials(tmp_path):
     folder = search_folder(tmp_path, {"cpu_hours": 1.3}, {"cpu": 2, "gpu": 0}, phase1_s=360, walls=[720])
     ledger = cost.SpendLedger(folder)
     now = time.time()
-    ledger.observe("r", {"time_total_s": 100.0, "epoch": 1}, now=now)   # 1 of 4 epochs in 100 s
+    ledger.observe("r", {"time_total_s": 100.0, "epoch": 1}, now=now)  # 1 of 4 epochs in 100 s
     assert ledger.spent_s(now) == 360 + 720 + 100
     assert ledger.spent(now) == pytest.approx(1180 * 2 / 3600)
-    assert ledger.committed_s(now) == pytest.approx(300)                # its 3 epochs left at its pace
-    assert ledger.trial_s() == 720                                      # the mean of the ended trials
-    assert ledger.allows_new_trial(now)                                 # (1180 + 300 + 720) x 2 CPU = 1.22 h <= 1.3
-    assert ledger.spent_s(now + 10) == 1190                             # it runs on between results
+    assert ledger.committed_s(now) == pytest.approx(300)  # its 3 epochs left at its pace
+    assert ledger.trial_s() == 720  # the mean of the ended trials
+    assert ledger.allows_new_trial(now)  # (1180 + 300 + 720) x 2 CPU = 1.22 h <= 1.3
+    assert ledger.spent_s(now + 10) == 1190  # it runs on between results
     ledger.limit = cost.BudgetLimit("cpu_hours", 1.2, "finish")
     assert not ledger.allows_new_trial(now) and not ledger.exhausted(now)
     assert cost.SpendLedger(search_folder(tmp_path, {"cpu_hours": 0.2}, phase1_s=720)).exhausted()
@@ -107,29 +114,29 @@ def test_the_searcher_holds_trials_back_while_the_budget_has_no_room(tmp_path):
     """Ray's OptunaSearch inside; a whole trial is 100 s (images_per_s) until trials have ended."""
     folder = search_folder(tmp_path, {"cpu_hours": 250 / 3600}, estimate_s=100.0)
     searcher = gate.BudgetSearcher(optuna_search(), folder)
-    assert isinstance(searcher.suggest("a"), dict) and isinstance(searcher.suggest("b"), dict)   # 100 + 100 + 0
-    assert searcher.suggest("c") is None and searcher.held_back    # a, b and c would be 300 s: wait
+    assert isinstance(searcher.suggest("a"), dict) and isinstance(searcher.suggest("b"), dict)  # 100 + 100 + 0
+    assert searcher.suggest("c") is None and searcher.held_back  # a, b and c would be 300 s: wait
     searcher.on_trial_result("a", result(2, 50.0))
     assert searcher.suggest("c") is None
-    searcher.on_trial_complete("a", result(2, 60.0))               # stopped early: 60 s
-    assert isinstance(searcher.suggest("c"), dict)                 # 60 spent + 60 (b) + 60 (one more) fit
-    restored = copy.deepcopy(searcher)        # Tune restores the wrapped searcher on its own ...
+    searcher.on_trial_complete("a", result(2, 60.0))  # stopped early: 60 s
+    assert isinstance(searcher.suggest("c"), dict)  # 60 spent + 60 (b) + 60 (one more) fit
+    restored = copy.deepcopy(searcher)  # Tune restores the wrapped searcher on its own ...
     restored.ledger = restored.live = None
-    restored.set_state(pickle.loads(pickle.dumps(searcher.get_state())))   # ... and the wrapper from its state
+    restored.set_state(pickle.loads(pickle.dumps(searcher.get_state())))  # ... and the wrapper from its state
     assert restored.live == {"b", "c"}
-    for s in (searcher, restored):                                 # the same answers after a restore
-        assert isinstance(s.suggest("d"), dict)                    # 60 + 3 x 60: 240 s fit in 250
-        assert s.suggest("e") is None                              # 60 + 4 x 60 do not
+    for s in (searcher, restored):  # the same answers after a restore
+        assert isinstance(s.suggest("d"), dict)  # 60 + 3 x 60: 240 s fit in 250
+        assert s.suggest("e") is None  # 60 + 4 x 60 do not
         for tid in "bcd":
             s.on_trial_complete(tid, result(4, 200.0))
-        assert s.suggest("e") == Searcher.FINISHED                 # 660 s spent, nothing runs
+        assert s.suggest("e") == Searcher.FINISHED  # 660 s spent, nothing runs
 
 
 def test_a_raised_budget_reaches_a_restored_searcher(tmp_path):
     folder = search_folder(tmp_path, {"cpu_hours": 0.01}, walls=[100.0])
     searcher = gate.BudgetSearcher(optuna_search(), folder)
     assert searcher.suggest("b") == Searcher.FINISHED
-    search_folder(tmp_path, {"cpu_hours": 1.0}, walls=[100.0])     # --resume --cpu-hours 1 rewrites the record
+    search_folder(tmp_path, {"cpu_hours": 1.0}, walls=[100.0])  # --resume --cpu-hours 1 rewrites the record
     searcher.set_state(searcher.get_state())
     assert isinstance(searcher.suggest("b"), dict)
 
@@ -142,7 +149,7 @@ def test_the_stopper_stops_running_trials_once_spent_only_when_asked(tmp_path):
     assert not stop.stop_all()
     finish = gate.BudgetStopper(search_folder(tmp_path, {"cpu_hours": 100 / 3600}))
     assert not finish("a", {"time_total_s": 500.0, "epoch": 1})
-    assert pickle.loads(pickle.dumps(stop)).ledger.limit.on_exhausted == "finish"   # re-read from the folder
+    assert pickle.loads(pickle.dumps(stop)).ledger.limit.on_exhausted == "finish"  # re-read from the folder
 
 
 def test_the_progress_line_shows_the_hours(tmp_path):
@@ -156,7 +163,7 @@ def test_the_progress_line_shows_the_hours(tmp_path):
     assert roomy.text([trial]) == "GPU-hours 3.3 of 20"
     no_budget = gate.BudgetMeter(search_folder(tmp_path, None, {"cpu": 4, "gpu": 1}, phase1_s=3600))
     assert no_budget.text([trial]) == "GPU-hours 3.3"
-    assert gate.BudgetMeter(search_folder(tmp_path, None, phase1_s=3600)).text([trial]) is None   # CPU, no budget
+    assert gate.BudgetMeter(search_folder(tmp_path, None, phase1_s=3600)).text([trial]) is None  # CPU, no budget
 
 
 def test_resume_keeps_the_budget_unless_the_command_gives_one(tmp_path):
@@ -174,30 +181,37 @@ def test_a_search_its_budget_ended_continues_when_the_budget_has_room(tmp_path):
     folder = search_folder(tmp_path, {"cpu_hours": 0.05}, walls=[100.0, 100.0], ended=True)
     record = json.loads((folder / "search.json").read_text())
     spent = {"budget": {"trials": 6, "cpu_hours": 0.05}}
-    assert cost.resume_mode("finished", record, spent, folder) == "finished"   # 200 s = 0.056 h spent
-    assert cost.resume_mode("extend", record, spent, folder) == "finished"     # no trial would start
+    assert cost.resume_mode("finished", record, spent, folder) == "finished"  # 200 s = 0.056 h spent
+    assert cost.resume_mode("extend", record, spent, folder) == "finished"  # no trial would start
     assert cost.resume_mode("finished", record, {"budget": {"trials": 6, "cpu_hours": 1}}, folder) == "extend"
     assert cost.resume_mode("resume", record, spent, folder) == "resume"
     line = cost.finished_line(record, spent, folder)
-    assert line == ("its budget ended it after 2 of 6 trials (0.0556 of 0.05 CPU-core-hours spent, a trial takes "
-                    "about 0.0278); raise it with --resume --cpu-hours H")
-    roomy = {"budget": {"trials": 6, "cpu_hours": 0.08}}              # room, but not for a 100 s trial
+    assert line == (
+        "its budget ended it after 2 of 6 trials (0.0556 of 0.05 CPU-core-hours spent, a trial takes "
+        "about 0.0278); raise it with --resume --cpu-hours H"
+    )
+    roomy = {"budget": {"trials": 6, "cpu_hours": 0.08}}  # room, but not for a 100 s trial
     assert cost.resume_mode("finished", record, roomy, folder) == "finished"
-    done = {**record, "budget_ended": False}                          # all trials ran; --trials 8 on no room
+    done = {**record, "budget_ended": False}  # all trials ran; --trials 8 on no room
     assert cost.resume_mode("extend", done, roomy, folder) == "finished"
-    assert cost.finished_line(done, roomy, folder).startswith("its budget has no room for another trial (0.0556 of "
-                                                              "0.08 CPU-core-hours spent")
+    assert cost.finished_line(done, roomy, folder).startswith(
+        "its budget has no room for another trial (0.0556 of 0.08 CPU-core-hours spent"
+    )
     assert cost.finished_line(done, {"budget": {"trials": 6}}, folder) is None
 
 
 def test_the_outcome_and_summary_say_what_the_budget_allowed(tmp_path):
     folder = search_folder(tmp_path, {"cpu_hours": 0.05}, phase1_s=36.0, walls=[90.0, 54.0])
     record = json.loads((folder / "search.json").read_text())
-    rows = [trial_row(f"t{i}", {}, [], {"epoch": 4, "time_total_s": w}, 4, resources={"cpu": 1, "gpu": 0})
-            for i, w in enumerate([90.0, 54.0])]
+    rows = [
+        trial_row(f"t{i}", {}, [], {"epoch": 4, "time_total_s": w}, 4, resources={"cpu": 1, "gpu": 0})
+        for i, w in enumerate([90.0, 54.0])
+    ]
     done = cost.outcome(record, rows)
     assert done["ended"] and done["allowed"] == 2 and done["cpu_hours"] == pytest.approx(0.05)
-    assert cost.summary_lines(done) == ["cost: 0.05 CPU-core-hours (phase 1 up front 0.01, trials 0.04) of a "
-                                        "budget of 0.05 (budget.cpu_hours, on_exhausted: finish); it allowed 2 of "
-                                        "6 trials and then ended the search"]
+    assert cost.summary_lines(done) == [
+        "cost: 0.05 CPU-core-hours (phase 1 up front 0.01, trials 0.04) of a "
+        "budget of 0.05 (budget.cpu_hours, on_exhausted: finish); it allowed 2 of "
+        "6 trials and then ended the search"
+    ]
     assert json.loads(json.dumps(done)) == done

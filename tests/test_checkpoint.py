@@ -27,6 +27,7 @@ def test_round_trip_holds_only_prompts(backbone, tmp_path):
 
 def test_vit_b_prompt_file_is_a_few_mb(tmp_path):
     from lpt_core import build_backbone
+
     model = LPT(build_backbone("vit_base_patch16_224", "random"), 100)
     path = tmp_path / "p.safetensors"
     save_prompts(model, path)

@@ -27,11 +27,28 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cluster_fixtures import (DASHBOARD_TOKEN_EXPECTED, LOOPBACK, MLFLOW_LOGIN_EXPECTED, ROOT, VENV_BIN, LocalStack,
-                              Proc, basic_auth, command_of, dashboard_token_statuses, free_port, http_status, localize,
-                              login_to_mlflow, mlflow_login, mlflow_login_statuses, postgres_unavailable, wait_http)
+from cluster_fixtures import (
+    DASHBOARD_TOKEN_EXPECTED,
+    LOOPBACK,
+    MLFLOW_LOGIN_EXPECTED,
+    ROOT,
+    VENV_BIN,
+    LocalStack,
+    Proc,
+    basic_auth,
+    command_of,
+    dashboard_token_statuses,
+    free_port,
+    http_status,
+    localize,
+    login_to_mlflow,
+    mlflow_login,
+    mlflow_login_statuses,
+    postgres_unavailable,
+    wait_http,
+)
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]   # every wait inside has its own limit too
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # every wait inside has its own limit too
 
 SEARCH_TIMEOUT_S = 480
 
@@ -45,19 +62,21 @@ def stack(tmp_path_factory):
         if not (VENV_BIN / tool).exists():
             pytest.skip(f"`{tool}` is not installed next to {sys.executable}")
     stack = LocalStack(tmp_path_factory.mktemp("cluster"))
-    login = login_to_mlflow(stack.secrets)   # this process reads the MLflow server as the driver does
+    login = login_to_mlflow(stack.secrets)  # this process reads the MLflow server as the driver does
     try:
         started = time.time()
         stack.start_postgres()
-        stack.start_mlflow()              # migrates the database while Ray starts
+        stack.start_mlflow()  # migrates the database while Ray starts
         stack.start_head()
         stack.add_workers(2)
         stack.wait_mlflow()
         nodes = stack.nodes(expect_alive=3)
         stack.head_id = next(n["node_id"] for n in nodes if n["head"])
         stack.worker_ids = [next(n["node_id"] for n in nodes if n["port"] == port) for port in stack.worker_ports]
-        print(f"stack up in {time.time() - started:.0f} s: head {stack.head_id[:12]}, "
-              f"workers {[w[:12] for w in stack.worker_ids]}, MLflow {stack.tracking_uri}")
+        print(
+            f"stack up in {time.time() - started:.0f} s: head {stack.head_id[:12]}, "
+            f"workers {[w[:12] for w in stack.worker_ids]}, MLflow {stack.tracking_uri}"
+        )
         yield stack
     finally:
         stack.stop()
@@ -66,11 +85,14 @@ def stack(tmp_path_factory):
 
 def client_for(stack):
     from mlflow import MlflowClient
+
     return MlflowClient(tracking_uri=stack.tracking_uri)
 
 
 def new_search_folder(stack, prefix: str, before: set) -> Path:
-    found = [p for p in (stack.shared / "runs").glob(f"{prefix}-*") if p not in before and (p / "search.json").is_file()]
+    found = [
+        p for p in (stack.shared / "runs").glob(f"{prefix}-*") if p not in before and (p / "search.json").is_file()
+    ]
     assert len(found) == 1, f"expected one new search folder {prefix}-*, found {found}"
     return found[0]
 
@@ -95,16 +117,20 @@ def finish(proc: Proc, timeout_s: float = SEARCH_TIMEOUT_S) -> None:
 
 
 def trial_runs(client, record: dict):
-    return client.search_runs([record["experiment_id"]],
-                              f"tags.`mlflow.parentRunId` = '{record['parent_run_id']}' and tags.`lpt.role` = 'trial'",
-                              max_results=200)
+    return client.search_runs(
+        [record["experiment_id"]],
+        f"tags.`mlflow.parentRunId` = '{record['parent_run_id']}' and tags.`lpt.role` = 'trial'",
+        max_results=200,
+    )
 
 
 def test_the_cluster_refuses_a_client_without_the_token(stack):
     """A Ray client with a wrong token, or one that does not use token auth at all, is refused;
     so is the compose file's health check of the head (`ray health-check`) without the token."""
-    code = ("import sys\nfrom ray._raylet import GcsClient\n"
-            "GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10)\nprint('LISTED')")
+    code = (
+        "import sys\nfrom ray._raylet import GcsClient\n"
+        "GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10)\nprint('LISTED')"
+    )
     right = stack.service_env("driver")
     wrong_token = stack.workdir / "wrong_token"
     wrong_token.write_text("not-the-token")
@@ -114,29 +140,41 @@ def test_the_cluster_refuses_a_client_without_the_token(stack):
     none["HOME"] = str(stack.workdir)
     list_nodes = [sys.executable, "-c", code, stack.ray_address]
     health = [str(VENV_BIN / "ray"), "health-check", "--address", stack.ray_address]
-    checks = {"client, wrong token": (list_nodes, wrong, False), "client, no auth": (list_nodes, none, False),
-              "health-check": (health, stack.service_env("ray-head"), True),
-              "health-check, wrong token": (health, {**stack.service_env("ray-head"), "RAY_AUTH_TOKEN_PATH": str(wrong_token)},
-                                            False)}
-    procs = {name: subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    stdin=subprocess.DEVNULL) for name, (argv, env, _) in checks.items()}
+    checks = {
+        "client, wrong token": (list_nodes, wrong, False),
+        "client, no auth": (list_nodes, none, False),
+        "health-check": (health, stack.service_env("ray-head"), True),
+        "health-check, wrong token": (
+            health,
+            {**stack.service_env("ray-head"), "RAY_AUTH_TOKEN_PATH": str(wrong_token)},
+            False,
+        ),
+    }
+    procs = {
+        name: subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+        )
+        for name, (argv, env, _) in checks.items()
+    }
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=180)
         ok = checks[name][2]
         assert (proc.returncode == 0) == ok, f"{name}: exit {proc.returncode}\n{err[-2000:]}"
         if not ok:
             assert "LISTED" not in out and ("token" in err.lower() or "health-check" in name), f"{name}: {err[-2000:]}"
-    nodes = stack.nodes()            # with the token
+    nodes = stack.nodes()  # with the token
     assert sum(n["alive"] for n in nodes) == 3
-    assert [n["cpu"] for n in nodes if n["head"]] == [0.0]   # --num-cpus=0: no trials on the head
+    assert [n["cpu"] for n in nodes if n["head"]] == [0.0]  # --num-cpus=0: no trials on the head
 
 
 def test_the_dashboard_wants_the_token(stack):
     """The dashboard's HTTP API (its job API runs code) answers only with the token; the page
     itself asks for it. Served only with ray[default] (the image installs it)."""
     if importlib.util.find_spec("aiohttp_cors") is None:
-        pytest.skip("ray[default] is not installed in the venv, so the Ray dashboard serves no HTTP: "
-                    "use \"ray[default,tune]>=2.60,<3\" in pyproject.toml's dependencies")
+        pytest.skip(
+            "ray[default] is not installed in the venv, so the Ray dashboard serves no HTTP: "
+            'use "ray[default,tune]>=2.60,<3" in pyproject.toml\'s dependencies'
+        )
     dashboard = f"http://{LOOPBACK}:{stack.dashboard_port}"
     wait_http(f"{dashboard}/api/gcs_healthz", 120)
     with urllib.request.urlopen(f"{dashboard}/api/authentication_mode", timeout=60) as resp:
@@ -157,6 +195,7 @@ def role_password(stack, role: str) -> str:
 def as_role(stack, role: str, query: str) -> str:
     """``ok`` when ``role`` may run ``query``, else PostgreSQL's reason."""
     import psycopg2
+
     conn = stack.postgres.connect(user=role, password=role_password(stack, role))
     try:
         with conn.cursor() as cur:
@@ -177,16 +216,22 @@ def test_each_service_connects_as_a_role_that_can_do_its_job_only(stack):
         cur.execute("SELECT rolname, rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname !~ '^pg_'")
         roles = {name: flags for name, *flags in cur.fetchall()}
     conn.close()
-    assert roles == {"postgres": [True, True, True], "mlflow": [False] * 3, "optuna": [False] * 3,
-                     "optuna_reader": [False] * 3}
-    expected = {("mlflow", "SELECT count(*) FROM runs"): "ok",
-                ("mlflow", "SELECT count(*) FROM optuna.studies"): "permission denied for schema optuna",
-                ("optuna", "SELECT count(*) FROM optuna.trials"): "ok",
-                ("optuna", "SELECT count(*) FROM public.users"): "permission denied for table users",
-                ("optuna", "CREATE TABLE public.stray (i int)"): "permission denied for schema public",
-                ("optuna_reader", "SELECT count(*) FROM optuna.trials"): "ok",
-                ("optuna_reader", "DELETE FROM optuna.studies"): "permission denied for table studies",
-                ("optuna_reader", "SELECT count(*) FROM public.runs"): "permission denied for table runs"}
+    assert roles == {
+        "postgres": [True, True, True],
+        "mlflow": [False] * 3,
+        "optuna": [False] * 3,
+        "optuna_reader": [False] * 3,
+    }
+    expected = {
+        ("mlflow", "SELECT count(*) FROM runs"): "ok",
+        ("mlflow", "SELECT count(*) FROM optuna.studies"): "permission denied for schema optuna",
+        ("optuna", "SELECT count(*) FROM optuna.trials"): "ok",
+        ("optuna", "SELECT count(*) FROM public.users"): "permission denied for table users",
+        ("optuna", "CREATE TABLE public.stray (i int)"): "permission denied for schema public",
+        ("optuna_reader", "SELECT count(*) FROM optuna.trials"): "ok",
+        ("optuna_reader", "DELETE FROM optuna.studies"): "permission denied for table studies",
+        ("optuna_reader", "SELECT count(*) FROM public.runs"): "permission denied for table runs",
+    }
     assert {check: as_role(stack, *check) for check in expected} == expected
 
 
@@ -197,6 +242,7 @@ def test_the_searches_mlflow_user_writes_runs_and_administers_nothing(stack, mon
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from mlflow.server.auth.client import AuthServiceClient
+
     searcher = mlflow_login(stack.secrets)
     admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": stack.secrets["mlflow_admin_password"]}
     client = MlflowClient(stack.tracking_uri)
@@ -206,7 +252,7 @@ def test_the_searches_mlflow_user_writes_runs_and_administers_nothing(stack, mon
         assert AuthServiceClient(stack.tracking_uri).get_user("searcher").is_admin is False
         experiment = client.create_experiment(f"made_by_admin_{uuid.uuid4().hex[:8]}")
     with pytest.raises(MlflowException, match="403"):
-        client.create_run(experiment)                 # READ, MLflow's default for any user
+        client.create_run(experiment)  # READ, MLflow's default for any user
     assert "EDIT granted on 1 of" in stack.run_setup("mlflow-setup")
     run = client.create_run(experiment)
     client.log_metric(run.info.run_id, "m", 1.0)
@@ -215,10 +261,12 @@ def test_the_searches_mlflow_user_writes_runs_and_administers_nothing(stack, mon
     api = f"{stack.tracking_uri}/api/2.0/mlflow"
     assert http_status(f"{api}/users/get?username=admin", as_searcher) == 403
     auth = AuthServiceClient(stack.tracking_uri)
-    for name, call in {"create a user": lambda: auth.create_user("intruder", "x" * 16),
-                       "become an admin": lambda: auth.update_user_admin("searcher", True),
-                       "change the admin's password": lambda: auth.update_user_password("admin", "x" * 16),
-                       "delete the admin's experiment": lambda: client.delete_experiment(experiment)}.items():
+    for name, call in {
+        "create a user": lambda: auth.create_user("intruder", "x" * 16),
+        "become an admin": lambda: auth.update_user_admin("searcher", True),
+        "change the admin's password": lambda: auth.update_user_password("admin", "x" * 16),
+        "delete the admin's experiment": lambda: client.delete_experiment(experiment),
+    }.items():
         with pytest.raises(MlflowException, match="403"):
             call()
 
@@ -227,10 +275,12 @@ def test_optuna_dashboard_reads_the_studies_and_deletes_nothing(stack, tmp_path)
     """The optuna-dashboard service's command, as optuna_reader: it lists a study the role optuna
     made; its delete button fails and the study stays."""
     import optuna
+
     services = stack.services
     driver_url = stack.service_env("driver")["LPT_OPTUNA_STORAGE"]
-    storage = optuna.storages.RDBStorage(driver_url, engine_kwargs={
-        "connect_args": {"password": role_password(stack, "optuna")}})
+    storage = optuna.storages.RDBStorage(
+        driver_url, engine_kwargs={"connect_args": {"password": role_password(stack, "optuna")}}
+    )
     name = f"dashboard-{uuid.uuid4().hex[:8]}"
     study = optuna.create_study(storage=storage, study_name=name)
     study.enqueue_trial({"x": 1})
@@ -245,9 +295,10 @@ def test_optuna_dashboard_reads_the_studies_and_deletes_nothing(stack, tmp_path)
             listed = {s["study_name"]: s["study_id"] for s in json.loads(resp.read())["study_summaries"]}
         assert name in listed
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(urllib.request.Request(f"{url}/api/studies/{listed[name]}", method="DELETE"),
-                                   timeout=60)
-        assert refused.value.code == 500 and "StorageInternalError" in dashboard.tail(20000)   # permission denied
+            urllib.request.urlopen(
+                urllib.request.Request(f"{url}/api/studies/{listed[name]}", method="DELETE"), timeout=60
+            )
+        assert refused.value.code == 500 and "StorageInternalError" in dashboard.tail(20000)  # permission denied
         assert optuna.load_study(study_name=name, storage=storage).study_name == name
     finally:
         dashboard.stop()
@@ -301,13 +352,14 @@ def test_search_survives_losing_a_worker_node(stack, tmp_path):
     MLflow run, and the search ends with its whole budget."""
     study = yaml.safe_load((ROOT / "studies" / "prompt_pool.yaml").read_text())
     study["budget"]["max_failures"] = 5
-    study["early_stopping"]["enabled"] = False   # ASHA must not end the victim before the kill
+    study["early_stopping"]["enabled"] = False  # ASHA must not end the victim before the kill
     study_file = tmp_path / "node_loss.yaml"
     study_file.write_text(yaml.safe_dump(study))
     epochs, budget = 3, 3
     before = searches(stack, "node_loss-smoke")
-    proc = start_search(stack, tmp_path, "--trials", str(budget), "--set", f"phase2.epochs={epochs}",
-                        flags={"--study": str(study_file)})
+    proc = start_search(
+        stack, tmp_path, "--trials", str(budget), "--set", f"phase2.epochs={epochs}", flags={"--study": str(study_file)}
+    )
     client = client_for(stack)
     worker2 = stack.worker_ids[1]
     victim, deadline = None, time.time() + 300
@@ -344,12 +396,12 @@ def test_search_survives_losing_a_worker_node(stack, tmp_path):
     assert all(r["status"] == "completed" for r in rows), rows
     record = json.loads((folder / "search.json").read_text())
     runs = trial_runs(client, record)
-    assert len(runs) == budget                      # the retry reused the trial's run
+    assert len(runs) == budget  # the retry reused the trial's run
     run = client.get_run(victim[1])
     assert run.info.status == "FINISHED"
     assert run.data.tags.get("lpt.resumed") == "true"
     assert int(run.data.tags["lpt.resumed_at_epoch"]) >= 1
-    assert run.data.tags["lpt.node"] == stack.worker_ids[0]    # the retry ran on the surviving worker
+    assert run.data.tags["lpt.node"] == stack.worker_ids[0]  # the retry ran on the surviving worker
     steps = sorted({m.step for m in client.get_metric_history(victim[1], "val_acc")})
     assert steps == list(range(1, epochs + 1))
 
@@ -362,19 +414,21 @@ def test_rotations_change_passwords_in_place(stack):
     module: the stack's passwords change."""
     import psycopg2
     from mlflow import MlflowClient
+
     runs_before = MlflowClient(stack.tracking_uri).search_experiments()
     new = {name: uuid.uuid4().hex + uuid.uuid4().hex[:16] for name in ("postgres", "optuna", "admin", "searcher")}
     secrets = stack.secrets_dir
 
     old = stack.postgres.password
     assert "password of postgres changed" in stack.run_setup(
-        "db-setup", "python", "scripts/cluster_roles.py", "rotate-superuser", stdin=f"{old}\n{new['postgres']}\n")
+        "db-setup", "python", "scripts/cluster_roles.py", "rotate-superuser", stdin=f"{old}\n{new['postgres']}\n"
+    )
     (secrets / "postgres_password").write_text(new["postgres"])
     stack.postgres.password = new["postgres"]
     old_optuna = role_password(stack, "optuna")
     (secrets / "optuna_pgpass").write_text(f"*:*:mlflow:optuna:{new['optuna']}")
     stack.secrets["optuna_pgpass"] = (secrets / "optuna_pgpass").read_text()
-    stack.run_setup("db-setup")                       # as the superuser, with its new password
+    stack.run_setup("db-setup")  # as the superuser, with its new password
     for user, password in (("postgres", old), ("optuna", old_optuna)):
         with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
             stack.postgres.connect(user=user, password=password)
@@ -382,17 +436,25 @@ def test_rotations_change_passwords_in_place(stack):
 
     old_admin = stack.secrets["mlflow_admin_password"]
     assert "password of admin changed" in stack.run_setup(
-        "mlflow-setup", "python", "scripts/cluster_roles.py", "rotate-admin", stdin=f"{old_admin}\n{new['admin']}\n")
+        "mlflow-setup", "python", "scripts/cluster_roles.py", "rotate-admin", stdin=f"{old_admin}\n{new['admin']}\n"
+    )
     (secrets / "mlflow_admin_password").write_text(new["admin"])
     old_searcher = mlflow_login(stack.secrets)["MLFLOW_TRACKING_PASSWORD"]
     (secrets / "mlflow_credentials").write_text(
-        f"[mlflow]\nmlflow_tracking_username = searcher\nmlflow_tracking_password = {new['searcher']}\n")
-    stack.run_setup("mlflow-setup")                   # as the admin, with its new password
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = new["searcher"]   # this process logs in as the searcher (undone at the end)
+        f"[mlflow]\nmlflow_tracking_username = searcher\nmlflow_tracking_password = {new['searcher']}\n"
+    )
+    stack.run_setup("mlflow-setup")  # as the admin, with its new password
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = new["searcher"]  # this process logs in as the searcher (undone at the end)
     api = f"{stack.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
-    assert {who: http_status(api, basic_auth(user, password)) for who, user, password in (
-        ("old admin", "admin", old_admin), ("new admin", "admin", new["admin"]),
-        ("old searcher", "searcher", old_searcher), ("new searcher", "searcher", new["searcher"]))} == {
-        "old admin": 401, "new admin": 200, "old searcher": 401, "new searcher": 200}
-    assert [e.experiment_id for e in MlflowClient(stack.tracking_uri).search_experiments()] == \
-        [e.experiment_id for e in runs_before]
+    assert {
+        who: http_status(api, basic_auth(user, password))
+        for who, user, password in (
+            ("old admin", "admin", old_admin),
+            ("new admin", "admin", new["admin"]),
+            ("old searcher", "searcher", old_searcher),
+            ("new searcher", "searcher", new["searcher"]),
+        )
+    } == {"old admin": 401, "new admin": 200, "old searcher": 401, "new searcher": 200}
+    assert [e.experiment_id for e in MlflowClient(stack.tracking_uri).search_experiments()] == [
+        e.experiment_id for e in runs_before
+    ]

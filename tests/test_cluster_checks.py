@@ -55,20 +55,42 @@ def split_cluster(tmp_path):
     temps = [tempfile.mkdtemp(prefix="lptray-") for _ in range(2)]  # Ray's socket paths must stay short
 
     def node_flags(temp: str) -> str:
-        ports = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
-                 "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
-        return " ".join([f"--{p}={free_port()}" for p in ports] + [
-            "--node-ip-address=127.0.0.1", "--num-cpus=1", "--block", "--disable-usage-stats", f"--temp-dir={temp}"])
+        ports = (
+            "node-manager-port",
+            "object-manager-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+        )
+        return " ".join(
+            [f"--{p}={free_port()}" for p in ports]
+            + ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--block", "--disable-usage-stats", f"--temp-dir={temp}"]
+        )
 
-    head = Proc("ray head", ["sh", "-c", f"exec {RAY} start --head --port={port} --include-dashboard=false "
-                                         f"{node_flags(temps[0])}"], env, tmp_path / "head.log")
+    head = Proc(
+        "ray head",
+        ["sh", "-c", f"exec {RAY} start --head --port={port} --include-dashboard=false {node_flags(temps[0])}"],
+        env,
+        tmp_path / "head.log",
+    )
     procs = [head]
     try:
         head.wait_for_line("Ray runtime started", 180)
-        worker = Proc("ray worker", ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                                     f"mount -t tmpfs tmpfs {storage} && exec {RAY} start "
-                                     f"--address=127.0.0.1:{port} {node_flags(temps[1])}"],
-                      env, tmp_path / "worker.log")
+        worker = Proc(
+            "ray worker",
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f"mount -t tmpfs tmpfs {storage} && exec {RAY} start --address=127.0.0.1:{port} {node_flags(temps[1])}",
+            ],
+            env,
+            tmp_path / "worker.log",
+        )
         procs.append(worker)
         worker.wait_for_line("Ray runtime started", 180)
         yield f"127.0.0.1:{port}", storage, env
@@ -81,16 +103,28 @@ def split_cluster(tmp_path):
 
 def test_a_node_without_the_shared_folder_is_refused(split_cluster, tmp_path):
     address, storage, env = split_cluster
-    proc = subprocess.run([sys.executable, "-c", CHECK, address, str(storage)], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK, address, str(storage)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "refused: --storage" in proc.stdout and "does not have the folder" in proc.stdout, proc.stdout
     assert "mount one shared folder" in proc.stdout
     assert not (storage / ".lpt-shared-check").exists()  # the marker is cleaned up
 
     # the driver refuses a local MLflow store on a cluster before it starts anything
-    search = subprocess.run(search_argv("--study", "prompt_pool"), cwd=tmp_path, env={**env, "RAY_ADDRESS": address},
-                            capture_output=True, text=True, timeout=300)
+    search = subprocess.run(
+        search_argv("--study", "prompt_pool"),
+        cwd=tmp_path,
+        env={**env, "RAY_ADDRESS": address},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert search.returncode == 2, search.stderr[-3000:]
     assert "a store on this machine's disk" in search.stderr and len(search.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()

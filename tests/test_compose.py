@@ -25,13 +25,25 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from cluster_fixtures import (COMPOSE_FILE, ROOT, SECRETS, SECRETS_DIR, VENV_BIN, cluster_setup, command_of,
-                              environment_of, load_compose, mlflow_login, read_env_file, read_secrets)
+from cluster_fixtures import (
+    COMPOSE_FILE,
+    ROOT,
+    SECRETS,
+    SECRETS_DIR,
+    VENV_BIN,
+    cluster_setup,
+    command_of,
+    environment_of,
+    load_compose,
+    mlflow_login,
+    read_env_file,
+    read_secrets,
+)
 
 RAY_NODES = ("ray-head", "ray-worker", "ray-worker-gpu")
 RAY_PROCESSES = (*RAY_NODES, "driver")
-SETUP = ("db-setup", "mlflow-setup")          # one-shot steps
-LPT_SERVICES = (*RAY_PROCESSES, "mlflow", *SETUP, "optuna-dashboard")     # the services that run the project's image
+SETUP = ("db-setup", "mlflow-setup")  # one-shot steps
+LPT_SERVICES = (*RAY_PROCESSES, "mlflow", *SETUP, "optuna-dashboard")  # the services that run the project's image
 LONG_RUNNING = (*RAY_NODES, "mlflow", "postgres", "optuna-dashboard")
 SHARED = "/shared"
 SERVICE_UID = "10001"
@@ -64,8 +76,10 @@ def raw():
 def docker_compose() -> str:
     exe = shutil.which("docker-compose")
     if exe is None:
-        pytest.skip("docker-compose (v1, Debian's package) is not installed: `apt-get install docker-compose` "
-                    "(scripts/system-deps.sh does it when run as root); it parses the file without an engine")
+        pytest.skip(
+            "docker-compose (v1, Debian's package) is not installed: `apt-get install docker-compose` "
+            "(scripts/system-deps.sh does it when run as root); it parses the file without an engine"
+        )
     return exe
 
 
@@ -79,8 +93,14 @@ def load_lock_module():
 def run_config(tmp_path, env_text: str, *args: str) -> subprocess.CompletedProcess:
     shutil.copy(COMPOSE_FILE, tmp_path / "docker-compose.yml")
     (tmp_path / ".env").write_text(env_text)
-    return subprocess.run([docker_compose(), "-f", "docker-compose.yml", *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [docker_compose(), "-f", "docker-compose.yml", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def port_text(port) -> str:
@@ -103,19 +123,30 @@ def test_docker_compose_parses_the_file(tmp_path, env_values):
         env = resolved[name]["environment"]
         assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == f"{SECRETS_DIR}/ray_auth_token", name
     assert {name: {s["source"] for s in svc["secrets"]} for name, svc in resolved.items()} == SECRETS
-    published = {name: [port_text(p) for p in svc.get("ports", [])] for name, svc in resolved.items() if svc.get("ports")}
-    assert published == {"ray-head": ["127.0.0.1:8265:8265/tcp"], "mlflow": ["127.0.0.1:5000:5000/tcp"],
-                         "optuna-dashboard": ["127.0.0.1:8080:8080/tcp"]}
-    assert resolved["mlflow"]["depends_on"] == {"postgres": {"condition": "service_healthy"},
-                                                "db-setup": {"condition": "service_completed_successfully"}}
+    published = {
+        name: [port_text(p) for p in svc.get("ports", [])] for name, svc in resolved.items() if svc.get("ports")
+    }
+    assert published == {
+        "ray-head": ["127.0.0.1:8265:8265/tcp"],
+        "mlflow": ["127.0.0.1:5000:5000/tcp"],
+        "optuna-dashboard": ["127.0.0.1:8080:8080/tcp"],
+    }
+    assert resolved["mlflow"]["depends_on"] == {
+        "postgres": {"condition": "service_healthy"},
+        "db-setup": {"condition": "service_completed_successfully"},
+    }
     assert resolved["driver"]["depends_on"]["mlflow-setup"] == {"condition": "service_completed_successfully"}
     # the base images: the pinned digests, unless .env names others
-    assert re.fullmatch(DIGEST_PIN, resolved["postgres"]["image"]) and resolved["postgres"]["image"].startswith("postgres:16")
+    assert re.fullmatch(DIGEST_PIN, resolved["postgres"]["image"]) and resolved["postgres"]["image"].startswith(
+        "postgres:16"
+    )
     assert re.fullmatch(DIGEST_PIN, resolved["mlflow"]["build"]["args"]["PYTHON_IMAGE"])
     proc = run_config(tmp_path, env_text + "PYTHON_IMAGE=local/python:x\nPOSTGRES_IMAGE=local/postgres:y\n", "config")
     resolved = yaml.safe_load(proc.stdout)["services"]
     assert resolved["postgres"]["image"] == "local/postgres:y"
-    assert {resolved[s]["build"]["args"]["PYTHON_IMAGE"] for s in ("mlflow", "ray-head", "db-setup")} == {"local/python:x"}
+    assert {resolved[s]["build"]["args"]["PYTHON_IMAGE"] for s in ("mlflow", "ray-head", "db-setup")} == {
+        "local/python:x"
+    }
     devices = resolved["ray-worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
 
@@ -135,12 +166,14 @@ def test_cluster_setup_makes_every_secret_once(tmp_path):
     for name in RANDOM_SECRETS:
         assert re.fullmatch(r"[0-9a-f]{48,64}", first[name]), name
     passwords = [first[n] for n in RANDOM_SECRETS]
-    for role in ("mlflow", "optuna", "optuna_reader"):   # libpq's pgpass: one role each, its own password
+    for role in ("mlflow", "optuna", "optuna_reader"):  # libpq's pgpass: one role each, its own password
         found = re.fullmatch(rf"\*:\*:mlflow:{role}:([0-9a-f]{{48}})", first[f"{role}_pgpass"])
         assert found, first[f"{role}_pgpass"]
         passwords.append(found.group(1))
     login = mlflow_login(first)
-    assert login["MLFLOW_TRACKING_USERNAME"] == "searcher" and re.fullmatch(r"[0-9a-f]{48}", login["MLFLOW_TRACKING_PASSWORD"])
+    assert login["MLFLOW_TRACKING_USERNAME"] == "searcher" and re.fullmatch(
+        r"[0-9a-f]{48}", login["MLFLOW_TRACKING_PASSWORD"]
+    )
     passwords.append(login["MLFLOW_TRACKING_PASSWORD"])
     assert len(set(passwords)) == len(passwords) == 8
     assert f"admin_password = {first['mlflow_admin_password']}" in first["mlflow_auth_config"]
@@ -150,40 +183,53 @@ def test_cluster_setup_makes_every_secret_once(tmp_path):
     (folder / "ray_auth_token").unlink()
     _, second = cluster_setup(tmp_path)
     assert read_env_file(tmp_path / ".env") == {"RAY_WORKER_CPUS": "3"}
-    assert {k: v for k, v in second.items() if k != "ray_auth_token"} == {k: v for k, v in first.items() if k != "ray_auth_token"}
+    assert {k: v for k, v in second.items() if k != "ray_auth_token"} == {
+        k: v for k, v in first.items() if k != "ray_auth_token"
+    }
     assert second["ray_auth_token"] != first["ray_auth_token"]
 
 
 def test_cluster_setup_prints_the_versions_the_stack_runs(tmp_path):
     """The Python and PostgreSQL of the pinned base images (docker-compose.yml) and the Ray of
     constraints.txt; or, once the image is built, what the image holds."""
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "cluster-setup.sh"), str(tmp_path)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "cluster-setup.sh"), str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip().splitlines()[-1]
     ray_pin = load_lock_module().read_pins()["ray"]
     python_image = load_compose({})["services"]["mlflow"]["build"]["args"]["PYTHON_IMAGE"]
-    if line.startswith("versions (image "):   # an image lpt-studies:latest is built here
+    if line.startswith("versions (image "):  # an image lpt-studies:latest is built here
         assert re.fullmatch(rf"versions \(image \S+\): Python 3\.11\.\d+, Ray {re.escape(ray_pin)}", line), line
     else:
-        assert line == (f"versions (pinned; build the image to check them): Python 3.11.16 ({python_image}), "
-                        f"Ray {ray_pin} (constraints.txt), PostgreSQL 16.15"), line
+        assert line == (
+            f"versions (pinned; build the image to check them): Python 3.11.16 ({python_image}), "
+            f"Ray {ray_pin} (constraints.txt), PostgreSQL 16.15"
+        ), line
 
 
 def test_rotate_refuses_an_unknown_secret_and_a_stopped_stack(tmp_path):
     cluster_setup(tmp_path)
     before = read_secrets(tmp_path / "secrets")
     script = str(ROOT / "scripts" / "cluster-setup.sh")
-    proc = subprocess.run(["bash", script, "--rotate", "ray_auth_token,nope", str(tmp_path)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", script, "--rotate", "ray_auth_token,nope", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --rotate nope: not a secret that can be rotated (ray_auth_token mlflow_flask_secret_key postgres_password "
-        "mlflow_pgpass optuna_pgpass optuna_reader_pgpass mlflow_credentials mlflow_admin_password, or all)"]
-    if shutil.which("docker") or shutil.which("docker-compose"):   # no stack runs in this folder
-        proc = subprocess.run(["bash", script, "--rotate", "postgres_password", str(tmp_path)], capture_output=True,
-                              text=True, timeout=180, env={**os.environ, "COMPOSE_PROJECT_NAME": f"lptnone{os.getpid()}"})
+        "mlflow_pgpass optuna_pgpass optuna_reader_pgpass mlflow_credentials mlflow_admin_password, or all)"
+    ]
+    if shutil.which("docker") or shutil.which("docker-compose"):  # no stack runs in this folder
+        proc = subprocess.run(
+            ["bash", script, "--rotate", "postgres_password", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env={**os.environ, "COMPOSE_PROJECT_NAME": f"lptnone{os.getpid()}"},
+        )
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
-            f"error: the stack in {tmp_path} is not running (postgres)"), proc.stderr
+            f"error: the stack in {tmp_path} is not running (postgres)"
+        ), proc.stderr
     assert read_secrets(tmp_path / "secrets") == before
 
 
@@ -210,12 +256,16 @@ def test_secrets_are_files_never_values(raw, services):
     holds the path of a file compose mounts as a secret of that very service."""
     text = COMPOSE_FILE.read_text()
     for name, svc in services.items():
-        mounted = {f"{SECRETS_DIR}/{s}" for s in svc.get("secrets", [])} | {f"/run/secrets/{s}" for s in svc.get("secrets", [])}
+        mounted = {f"{SECRETS_DIR}/{s}" for s in svc.get("secrets", [])} | {
+            f"/run/secrets/{s}" for s in svc.get("secrets", [])
+        }
         for key, value in environment_of(svc).items():
             assert not re.search(r"://[^/\s@]*:[^@/\s]*@", value), f"{name}: {key} holds a password in a URI"
-            if value == SECRETS_DIR:   # the folder (LPT_SECRETS: scripts/cluster_roles.py reads its mounted files)
+            if value == SECRETS_DIR:  # the folder (LPT_SECRETS: scripts/cluster_roles.py reads its mounted files)
                 continue
-            if re.search(r"TOKEN|PASSWORD|SECRET|CREDENTIAL|PASS", key) or value.startswith((SECRETS_DIR, "/run/secrets")):
+            if re.search(r"TOKEN|PASSWORD|SECRET|CREDENTIAL|PASS", key) or value.startswith(
+                (SECRETS_DIR, "/run/secrets")
+            ):
                 assert value in mounted, f"{name}: {key}={value} is not the path of a secret it mounts ({mounted})"
         for arg in command_of(svc) + command_of(svc, "entrypoint"):
             assert not re.search(r"://[^/\s@]*:[^@/\s]*@", arg), f"{name}: a password in its command"
@@ -239,10 +289,14 @@ def test_each_service_mounts_only_the_secrets_it_uses(services):
     assert holders == {"postgres", "db-setup"}
     # the roles the services connect as: their own, no superuser
     assert "postgresql+psycopg2://mlflow@postgres:5432/mlflow" in command_of(services["mlflow"])
-    assert environment_of(services["driver"])["LPT_OPTUNA_STORAGE"].startswith("postgresql+psycopg2://optuna@postgres:5432/mlflow?")
+    assert environment_of(services["driver"])["LPT_OPTUNA_STORAGE"].startswith(
+        "postgresql+psycopg2://optuna@postgres:5432/mlflow?"
+    )
     assert environment_of(services["driver"])["PGPASSFILE"] == f"{SECRETS_DIR}/optuna_pgpass"
     dashboard = command_of(services["optuna-dashboard"])
-    assert dashboard[0] == "optuna-dashboard" and dashboard[-1].startswith("postgresql+psycopg2://optuna_reader@postgres:5432/")
+    assert dashboard[0] == "optuna-dashboard" and dashboard[-1].startswith(
+        "postgresql+psycopg2://optuna_reader@postgres:5432/"
+    )
     assert environment_of(services["optuna-dashboard"])["PGPASSFILE"] == f"{SECRETS_DIR}/optuna_reader_pgpass"
     assert environment_of(services["postgres"])["POSTGRES_USER"] == "postgres"
 
@@ -255,15 +309,24 @@ def test_services_restart_rotate_their_logs_and_are_capped(raw, services):
         assert services[name]["restart"] == "unless-stopped", name
     for name in SETUP:
         assert services[name]["restart"] == "no", name
-    assert "restart" not in services["driver"]     # a run of the CLI, ended by its command
+    assert "restart" not in services["driver"]  # a run of the CLI, ended by its command
     for name, svc in services.items():
         assert svc["logging"] == {"driver": "json-file", "options": {"max-size": "20m", "max-file": "5"}}, name
         assert re.fullmatch(r"\d+[gm]", str(svc["mem_limit"])) and int(svc["pids_limit"]) >= 256, name
     assert services["ray-worker"]["mem_limit"] == "8g" and services["postgres"]["mem_limit"] == "2g"
-    env = read_env_file(ROOT / ".env.example") | {k: v for k, v in re.findall(r"^# ([A-Z_]+)=(\S+)", (ROOT / ".env.example").read_text(), re.M)}
-    for key in ("RAY_WORKER_MEMORY", "RAY_HEAD_MEMORY", "DRIVER_MEMORY", "MLFLOW_MEMORY", "POSTGRES_MEMORY",
-                "LOG_MAX_SIZE", "LOG_MAX_FILE"):
-        assert key in env and f"${{{key}:-{env[key]}}}" in COMPOSE_FILE.read_text(), key   # documented with its default
+    env = read_env_file(ROOT / ".env.example") | {
+        k: v for k, v in re.findall(r"^# ([A-Z_]+)=(\S+)", (ROOT / ".env.example").read_text(), re.M)
+    }
+    for key in (
+        "RAY_WORKER_MEMORY",
+        "RAY_HEAD_MEMORY",
+        "DRIVER_MEMORY",
+        "MLFLOW_MEMORY",
+        "POSTGRES_MEMORY",
+        "LOG_MAX_SIZE",
+        "LOG_MAX_FILE",
+    ):
+        assert key in env and f"${{{key}:-{env[key]}}}" in COMPOSE_FILE.read_text(), key  # documented with its default
 
 
 def test_mlflow_behind_its_login(services):
@@ -274,10 +337,13 @@ def test_mlflow_behind_its_login(services):
     assert argv[argv.index("--app-name") + 1] == "basic-auth"
     assert argv[argv.index("--backend-store-uri") + 1] == "postgresql+psycopg2://mlflow@postgres:5432/mlflow"
     env = environment_of(mlflow)
-    assert env == {"PGPASSFILE": f"{SECRETS_DIR}/mlflow_pgpass", "MLFLOW_AUTH_CONFIG_PATH": f"{SECRETS_DIR}/mlflow_auth_config",
-                   "MLFLOW_FLASK_SERVER_SECRET_KEY_FILE": f"{SECRETS_DIR}/mlflow_flask_secret_key"}
+    assert env == {
+        "PGPASSFILE": f"{SECRETS_DIR}/mlflow_pgpass",
+        "MLFLOW_AUTH_CONFIG_PATH": f"{SECRETS_DIR}/mlflow_auth_config",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY_FILE": f"{SECRETS_DIR}/mlflow_flask_secret_key",
+    }
     assert "/health" in " ".join(mlflow["healthcheck"]["test"])
-    for name in ("ray-worker", "ray-worker-gpu", "driver"):   # trials and the driver log in
+    for name in ("ray-worker", "ray-worker-gpu", "driver"):  # trials and the driver log in
         assert "mlflow_credentials" in services[name]["secrets"], name
     assert environment_of(services["postgres"])["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
 
@@ -292,7 +358,7 @@ def test_services_run_as_the_image_user(raw, services):
     assert "setpriv --reuid=lpt --regid=lpt --init-groups" in entrypoint and 'exec tini -s -- "$@"' in entrypoint
     for name in LPT_SERVICES:
         svc = services[name]
-        assert "user" not in svc and "init" not in svc, name   # docker's init would stay root
+        assert "user" not in svc and "init" not in svc, name  # docker's init would stay root
         assert svc.get("security_opt") == ["no-new-privileges:true"], name
         entry = command_of(svc, "entrypoint")
         assert not entry or entry[0] == "lpt-entrypoint", name
@@ -347,7 +413,7 @@ def test_services_run_what_the_issue_asks(services):
     join = " ".join(command_of(driver, "entrypoint"))
     assert command_of(driver, "entrypoint")[:3] == ["lpt-entrypoint", "sh", "-c"]
     assert 'ray start --address="$RAY_ADDRESS" --num-cpus=0' in join and 'exec "$@"' in join
-    assert {"ray-head", "mlflow-setup"} == set(driver["depends_on"])   # mlflow-setup: after the MLflow server
+    assert {"ray-head", "mlflow-setup"} == set(driver["depends_on"])  # mlflow-setup: after the MLflow server
 
 
 def options_of(argv: list[str]) -> list[str]:
@@ -361,25 +427,42 @@ def test_every_command_exists_with_its_options(services):
     for tool in ("ray", "mlflow"):
         assert (VENV_BIN / tool).exists(), f"{tool} is not installed in {VENV_BIN}"
     assert shutil.which("sh")
-    helps = {"ray": [str(VENV_BIN / "ray"), "start", "--help"], "mlflow": [str(VENV_BIN / "mlflow"), "server", "--help"],
-             "health": [str(VENV_BIN / "ray"), "health-check", "--help"],
-             "optuna-dashboard": [str(VENV_BIN / "optuna-dashboard"), "--help"]}
-    procs = {k: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # at once: each imports a lot
-             for k, argv in helps.items()}
+    helps = {
+        "ray": [str(VENV_BIN / "ray"), "start", "--help"],
+        "mlflow": [str(VENV_BIN / "mlflow"), "server", "--help"],
+        "health": [str(VENV_BIN / "ray"), "health-check", "--help"],
+        "optuna-dashboard": [str(VENV_BIN / "optuna-dashboard"), "--help"],
+    }
+    procs = {
+        k: subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )  # at once: each imports a lot
+        for k, argv in helps.items()
+    }
     out = {}
     for k, proc in procs.items():
         out[k], err = proc.communicate(timeout=180)
         assert proc.returncode == 0, f"{' '.join(helps[k][-3:])}: {err[-2000:]}"
     # the search CLI's options, from its argparse calls (importing it takes torch and timm)
-    known = {**out, "search": "\n".join(re.findall(r'add_argument\(\s*"(--[\w-]+)"', (ROOT / "tune" / "search.py").read_text()))}
+    known = {
+        **out,
+        "search": "\n".join(re.findall(r'add_argument\(\s*"(--[\w-]+)"', (ROOT / "tune" / "search.py").read_text())),
+    }
     join = [a for a in command_of(services["driver"], "entrypoint")[3].split() if a.startswith("--")]
-    commands = [("ray", command_of(services[n])) for n in RAY_NODES] + [("ray", join)] + [
-        ("mlflow", command_of(services["mlflow"])), ("search", command_of(services["driver"])),
-        ("optuna-dashboard", command_of(services["optuna-dashboard"]))]
+    commands = (
+        [("ray", command_of(services[n])) for n in RAY_NODES]
+        + [("ray", join)]
+        + [
+            ("mlflow", command_of(services["mlflow"])),
+            ("search", command_of(services["driver"])),
+            ("optuna-dashboard", command_of(services["optuna-dashboard"])),
+        ]
+    )
     for tool, argv in commands:
         for option in options_of(argv):
-            assert re.search(rf"(^|[\s,]){re.escape(option)}([\s=,/]|$)", known[tool], re.M), \
+            assert re.search(rf"(^|[\s,]){re.escape(option)}([\s=,/]|$)", known[tool], re.M), (
                 f"{tool} does not know {option}"
+            )
     assert (ROOT / command_of(services["driver"])[1]).is_file()
     # the set-up steps: scripts/cluster_roles.py and the commands it knows
     spec = importlib.util.spec_from_file_location("cluster_roles", ROOT / "scripts" / "cluster_roles.py")
@@ -392,7 +475,7 @@ def test_every_command_exists_with_its_options(services):
     assert {f"{role}_pgpass" for role in roles.ROLES} == set(roles.ROLES.values()) <= SECRETS["db-setup"]
     # the health checks
     head_check = services["ray-head"]["healthcheck"]["test"]
-    assert head_check[1:4] == ["lpt-entrypoint", "ray", "health-check"]   # as the image's user, not root
+    assert head_check[1:4] == ["lpt-entrypoint", "ray", "health-check"]  # as the image's user, not root
     assert "--address" in out["health"]
     code = services["mlflow"]["healthcheck"]["test"]
     assert code[1:4] == ["lpt-entrypoint", "python", "-c"]
@@ -404,7 +487,8 @@ def test_gpu_workers_get_their_own_gpus(services):
     the same devices (a fixed container name refuses --scale), no hard-coded GPU count."""
     gpu = services["ray-worker-gpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"] == [
-        {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+        {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+    ]
     assert gpu.get("container_name"), "a fixed name: compose refuses to scale the GPU worker"
     assert not [a for a in command_of(gpu) if a.startswith("--num-gpus")], "Ray detects the GPUs it is given"
     for name, svc in services.items():
@@ -437,30 +521,35 @@ def test_dockerfile_installs_the_lock():
     digest), torch comes with its pins from constraints.txt (cut into their own file, so that the
     torch layer is built again only when they change), everything else with constraints.txt."""
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^ARG PYTHON_IMAGE$", text, re.M)            # no default: compose passes the digest
+    assert re.search(r"^ARG PYTHON_IMAGE$", text, re.M)  # no default: compose passes the digest
     assert re.findall(r"^FROM (\S+)", text, re.M) == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
     pins_filter = re.search(r"grep -E '(\^\(.*\)==)' \\\n\s*/tmp/constraints.txt > /tmp/torch-constraints.txt", text)
     assert pins_filter, "the torch-pins stage"
     pattern = re.compile(pins_filter.group(1))
     constraints = (ROOT / "constraints.txt").read_text().splitlines()
-    missing = [n for n in torch_closure() if not any(pattern.match(line) and line.startswith(f"{n}==") for line in constraints)]
+    missing = [
+        n for n in torch_closure() if not any(pattern.match(line) and line.startswith(f"{n}==") for line in constraints)
+    ]
     assert not missing, f"the torch-pins stage misses these pins of what torch installs: {missing}"
     installs = re.findall(r"pip install [^\n]*", text)
     assert len(installs) == 3, installs
     assert "-c /tmp/torch-constraints.txt torch torchvision" in installs[0]
     assert text.index("COPY --from=torch-pins /tmp/torch-constraints.txt") < text.index(installs[0])
-    assert text.index(installs[0]) < text.index("COPY constraints.txt pyproject.toml ./")   # the torch layer first
+    assert text.index(installs[0]) < text.index("COPY constraints.txt pyproject.toml ./")  # the torch layer first
     assert "-c constraints.txt" in installs[1] and "--no-deps" in installs[2]
-    assert "['optional-dependencies']['cluster']" in text   # the MLflow login app, the PostgreSQL driver
+    assert "['optional-dependencies']['cluster']" in text  # the MLflow login app, the PostgreSQL driver
     assert "TORCH_INDEX_URL" in text  # the CPU wheel index, documented
-    assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false" in text   # no service unpickles a model
+    assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false" in text  # no service unpickles a model
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert {".env", ".venv", ".git", "secrets"} <= set(ignore)
     assert '-c "$ROOT/constraints.txt"' in (ROOT / "scripts" / "venv.sh").read_text()
     # one place for the digests: docker-compose.yml's x-base-images, each with its version
     raw = COMPOSE_FILE.read_text()
-    pins = re.findall(r'^  (python|postgres): &\1-image "\$\{(PYTHON|POSTGRES)_IMAGE:-(' + DIGEST_PIN + r')\}"\s+# \w+ ([\d.]+)$',
-                      raw, re.M)
+    pins = re.findall(
+        r'^  (python|postgres): &\1-image "\$\{(PYTHON|POSTGRES)_IMAGE:-(' + DIGEST_PIN + r')\}"\s+# \w+ ([\d.]+)$',
+        raw,
+        re.M,
+    )
     assert [(p[0], p[3]) for p in pins] == [("python", "3.11.16"), ("postgres", "16.15")], pins
     assert len(re.findall(r"@sha256:", raw)) == 2 and "@sha256:" not in text
 
@@ -469,8 +558,9 @@ def test_the_lock_is_current_and_installed():
     """constraints.txt was resolved from today's pyproject.toml, pins a version inside every range
     pyproject.toml asks for, and is what this venv holds (scripts/venv.sh installs with it)."""
     lock = load_lock_module()
-    assert lock.recorded_digest() == lock.dependency_digest(), \
+    assert lock.recorded_digest() == lock.dependency_digest(), (
         "constraints.txt is out of date with pyproject.toml: run `python scripts/lock.py`"
+    )
     pins = lock.read_pins()
     meta = lock.project()
     own = lock.normalize(meta["name"])
@@ -481,11 +571,13 @@ def test_the_lock_is_current_and_installed():
         if name == own:
             continue
         assert name in pins, f"constraints.txt has no pin for {req.name}"
-        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} is outside {req.specifier}"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"{req.name}=={pins[name]} is outside {req.specifier}"
+        )
     installed = {lock.normalize(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
     differ = {n: (v, installed[n]) for n, v in pins.items() if n in installed and installed[n] != v}
     assert not differ, f"the venv differs from constraints.txt (pin, installed): {differ}"
-    if sys.platform.startswith("linux") and platform.machine() == "x86_64":   # the platform it is resolved for
+    if sys.platform.startswith("linux") and platform.machine() == "x86_64":  # the platform it is resolved for
         missing = [n for n in pins if n not in installed]
         assert not missing, f"pinned but not installed here: {missing}"
 
@@ -495,9 +587,22 @@ def test_the_docs_walk_through_the_cluster():
     assert "\n## Run on a cluster\n" in readme
     doc = readme.split("\n## Run on a cluster\n", 1)[1].split("\n## ", 1)[0]
     assert doc.split("```bash\n", 1)[1].startswith("scripts/cluster-setup.sh"), "the section starts with the set-up"
-    for needle in ("scripts/cluster-setup.sh", "--scale ray-worker=", "docker compose run --rm driver",
-                   "ssh -L 5000:127.0.0.1:5000 -L 8265:127.0.0.1:8265", "docker compose down -v",
-                   "secrets/mlflow_admin_password", "--profile gpu", "10001", "scripts/cluster-backup.sh",
-                   "scripts/cluster-restore.sh", "scripts/cluster-setup.sh --rotate", "--profile dashboard",
-                   "optuna_reader", "searcher", "unless-stopped", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false"):
+    for needle in (
+        "scripts/cluster-setup.sh",
+        "--scale ray-worker=",
+        "docker compose run --rm driver",
+        "ssh -L 5000:127.0.0.1:5000 -L 8265:127.0.0.1:8265",
+        "docker compose down -v",
+        "secrets/mlflow_admin_password",
+        "--profile gpu",
+        "10001",
+        "scripts/cluster-backup.sh",
+        "scripts/cluster-restore.sh",
+        "scripts/cluster-setup.sh --rotate",
+        "--profile dashboard",
+        "optuna_reader",
+        "searcher",
+        "unless-stopped",
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false",
+    ):
         assert needle in doc, needle

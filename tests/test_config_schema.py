@@ -52,23 +52,32 @@ def broken(path: Path, dotted: str, value) -> dict:
     return data
 
 
-@pytest.mark.parametrize("kind, path, dotted, value, where", [
-    ("study", STUDIES_DIR / "prompt_pool.yaml", "budget.trails", 3, "trails"),                 # unknown key
-    ("study", STUDIES_DIR / "prompt_pool.yaml", "budget.trials", 0, "trials"),                 # out of range
-    ("study", STUDIES_DIR / "prompt_pool.yaml", "space.pool_size.low", 0, "low"),              # below the model's range
-    ("study", STUDIES_DIR / "prompt_pool.yaml", "space.epochs", {"type": "int", "low": 1, "high": 3}, "epochs"),
-    ("study", STUDIES_DIR / "full.yaml", "space.margin.type", "int", "type"),                # a float parameter
-    ("study", STUDIES_DIR / "full.yaml", "objective.metric", "test_acc", "metric"),
-    ("profile", PROFILES_DIR / "smoke.yaml", "phase2.gama", 1, "gama"),
-    ("profile", PROFILES_DIR / "smoke.yaml", "phase2.epochs", 0, "epochs"),
-    ("profile", PROFILES_DIR / "smoke.yaml", "data.max_per_clas", 3, "max_per_clas"),
-    ("profile", PROFILES_DIR / "places_lt.yaml", "data.imbalance_ratio", 10, "imbalance_ratio"),  # not a places_lt key
-    ("profile", PROFILES_DIR / "smoke.yaml", "data.name", "nope", "name"),
-    ("profile", PROFILES_DIR / "smoke.yaml", "resources.gpu", -1, "gpu"),
-    ("profile", PROFILES_DIR / "smoke.yaml", "shot_split", "paper", "shot_split"),
-    ("profile", PROFILES_DIR / "smoke.yaml", "model.head_dropout", 1.0, "head_dropout"),
-    ("profile", PROFILES_DIR / "smoke.yaml", "input", {"interpolation": "nearest"}, "interpolation"),
-])
+@pytest.mark.parametrize(
+    "kind, path, dotted, value, where",
+    [
+        ("study", STUDIES_DIR / "prompt_pool.yaml", "budget.trails", 3, "trails"),  # unknown key
+        ("study", STUDIES_DIR / "prompt_pool.yaml", "budget.trials", 0, "trials"),  # out of range
+        ("study", STUDIES_DIR / "prompt_pool.yaml", "space.pool_size.low", 0, "low"),  # below the model's range
+        ("study", STUDIES_DIR / "prompt_pool.yaml", "space.epochs", {"type": "int", "low": 1, "high": 3}, "epochs"),
+        ("study", STUDIES_DIR / "full.yaml", "space.margin.type", "int", "type"),  # a float parameter
+        ("study", STUDIES_DIR / "full.yaml", "objective.metric", "test_acc", "metric"),
+        ("profile", PROFILES_DIR / "smoke.yaml", "phase2.gama", 1, "gama"),
+        ("profile", PROFILES_DIR / "smoke.yaml", "phase2.epochs", 0, "epochs"),
+        ("profile", PROFILES_DIR / "smoke.yaml", "data.max_per_clas", 3, "max_per_clas"),
+        (
+            "profile",
+            PROFILES_DIR / "places_lt.yaml",
+            "data.imbalance_ratio",
+            10,
+            "imbalance_ratio",
+        ),  # not a places_lt key
+        ("profile", PROFILES_DIR / "smoke.yaml", "data.name", "nope", "name"),
+        ("profile", PROFILES_DIR / "smoke.yaml", "resources.gpu", -1, "gpu"),
+        ("profile", PROFILES_DIR / "smoke.yaml", "shot_split", "paper", "shot_split"),
+        ("profile", PROFILES_DIR / "smoke.yaml", "model.head_dropout", 1.0, "head_dropout"),
+        ("profile", PROFILES_DIR / "smoke.yaml", "input", {"interpolation": "nearest"}, "interpolation"),
+    ],
+)
 def test_the_schema_and_the_loader_reject_broken_files(tmp_path, kind, path, dotted, value, where):
     data = broken(path, dotted, value)
     errors = list(validator(kind).iter_errors(data))
@@ -76,6 +85,7 @@ def test_the_schema_and_the_loader_reject_broken_files(tmp_path, kind, path, dot
     # and the loader, with one line that names the key
     from tune.errors import ConfigError
     from tune.config.loading import load_profile, load_study
+
     target = tmp_path / path.name
     target.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError) as info:

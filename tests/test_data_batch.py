@@ -10,8 +10,15 @@ import torch
 from torchvision.transforms import v2
 
 from conftest import PLACES_LT_SPLITS, needs_places_lt_splits
-from lpt_core.data import (BatchTransform, EncodedBatch, build_dataset, build_manifest, manifest_hash,
-                           val_test_overlap, write_manifest)
+from lpt_core.data import (
+    BatchTransform,
+    EncodedBatch,
+    build_dataset,
+    build_manifest,
+    manifest_hash,
+    val_test_overlap,
+    write_manifest,
+)
 from lpt_core.data.base import LTData
 from lpt_core.data.batch import random_resized_boxes
 from lpt_core.data.files import FileImages, read_list
@@ -20,8 +27,16 @@ from lpt_core.data.transforms import train_transform
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision.io
 
-SYNTH = {"name": "synthetic", "num_classes": 4, "imbalance_ratio": 4, "max_per_class": 12,
-         "val_per_class": 3, "test_per_class": 2, "image_size": 32, "seed": 0}
+SYNTH = {
+    "name": "synthetic",
+    "num_classes": 4,
+    "imbalance_ratio": 4,
+    "max_per_class": 12,
+    "val_per_class": 3,
+    "test_per_class": 2,
+    "image_size": 32,
+    "seed": 0,
+}
 
 
 def test_random_resized_boxes_follow_torchvisions_rule():
@@ -46,8 +61,9 @@ def test_random_resized_boxes_follow_torchvisions_rule():
 def test_train_transform_with_whole_image_crops_is_resize_and_flip():
     images = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
     out = BatchTransform(40, train=True, scale=(1.0, 1.0), ratio=(1.0, 1.0))(images)
-    resize = v2.Compose([v2.Resize(40, antialias=True), v2.ToDtype(torch.float32, scale=True),
-                         v2.Normalize((0.5,) * 3, (0.5,) * 3)])
+    resize = v2.Compose(
+        [v2.Resize(40, antialias=True), v2.ToDtype(torch.float32, scale=True), v2.Normalize((0.5,) * 3, (0.5,) * 3)]
+    )
     for img, got in zip(images, out):
         ref = resize(img)
         err = min((got - ref).abs().max(), (got - ref.flip(-1)).abs().max())
@@ -103,11 +119,11 @@ def test_synthetic_keeps_its_contract_and_checks_keys():
 
 def test_trainer_consumes_gpu_augment_batches(backbone):
     from lpt_core import LPT, PhaseConfig, Trainer
+
     data = build_dataset({**SYNTH, "gpu_augment": True})
     model = LPT(backbone, 4, prompt_length=2, pool_size=4, top_k=2, group_start=2)
     seen = []
-    metrics = Trainer(model, data, 1, PhaseConfig(epochs=1, batch_size=8), log=None).fit(
-        lambda m, t: seen.append(m))
+    metrics = Trainer(model, data, 1, PhaseConfig(epochs=1, batch_size=8), log=None).fit(lambda m, t: seen.append(m))
     assert len(seen) == 1 and math.isfinite(metrics["train_loss"]) and 0 <= metrics["val_acc"] <= 100
 
 
@@ -136,8 +152,13 @@ def test_manifest_of_files_is_root_independent(tmp_path):
             (root / f"{split}.txt").write_text("".join(f"img/{split}{i}.jpg {i % 2}\n" for i in range(n + 1)))
             for i in range(n + 1):
                 (root / "img" / f"{split}{i}.jpg").write_bytes(b"\xff\xd8")
-    spec = lambda root: {"name": "places_lt", "root": str(root), "train_list": "train.txt",
-                         "val_list": "val.txt", "test_list": "test.txt"}
+    spec = lambda root: {
+        "name": "places_lt",
+        "root": str(root),
+        "train_list": "train.txt",
+        "val_list": "val.txt",
+        "test_list": "test.txt",
+    }
     a, b = build_dataset(spec(tmp_path / "a")), build_dataset(spec(tmp_path / "b"))
     assert build_manifest(a).column("path").to_pylist()[:2] == ["img/train0.jpg", "img/train1.jpg"]
     assert manifest_hash(a) == manifest_hash(b)
@@ -147,10 +168,13 @@ def test_manifest_of_files_is_root_independent(tmp_path):
 
 @needs_places_lt_splits
 def test_manifest_hash_is_cheap_at_places_lt_size():
-    splits = [FileImages("/nonexistent", read_list(os.path.join(PLACES_LT_SPLITS, f"Places_LT_{s}.txt")))
-              for s in ("train", "val", "test")]
-    data = LTData(*splits, train_labels=splits[0].labels, num_classes=365,
-                  class_names=[f"class_{i}" for i in range(365)])
+    splits = [
+        FileImages("/nonexistent", read_list(os.path.join(PLACES_LT_SPLITS, f"Places_LT_{s}.txt")))
+        for s in ("train", "val", "test")
+    ]
+    data = LTData(
+        *splits, train_labels=splits[0].labels, num_classes=365, class_names=[f"class_{i}" for i in range(365)]
+    )
     start = time.perf_counter()
     h = manifest_hash(data)
     assert time.perf_counter() - start < 2.0 and h == manifest_hash(data)

@@ -41,11 +41,20 @@ def write_cifar100(root, train_labels, test_labels, rows=image_rows):
     base.mkdir(parents=True)
     n_classes = max(max(train_labels), max(test_labels)) + 1
     for name, labels, offset in (("train", train_labels, 0), ("test", test_labels, TEST_OFFSET)):
-        dump(base / name, {b"filenames": [b"x.png"] * len(labels), b"batch_label": name.encode(),
-                           b"fine_labels": list(labels), b"coarse_labels": [0] * len(labels),
-                           b"data": rows(np.arange(len(labels)) + offset)})
-    dump(base / "meta", {b"fine_label_names": [f"c{i}".encode() for i in range(n_classes)],
-                         b"coarse_label_names": [b"all"]})
+        dump(
+            base / name,
+            {
+                b"filenames": [b"x.png"] * len(labels),
+                b"batch_label": name.encode(),
+                b"fine_labels": list(labels),
+                b"coarse_labels": [0] * len(labels),
+                b"data": rows(np.arange(len(labels)) + offset),
+            },
+        )
+    dump(
+        base / "meta",
+        {b"fine_label_names": [f"c{i}".encode() for i in range(n_classes)], b"coarse_label_names": [b"all"]},
+    )
     return root
 
 
@@ -56,10 +65,14 @@ def write_cifar10(root, train_labels, test_labels):
     chunks = np.array_split(np.arange(len(train_labels)), 5)
     for i, chunk in enumerate(chunks, 1):
         dump(base / f"data_batch_{i}", {b"labels": [train_labels[j] for j in chunk], b"data": image_rows(chunk)})
-    dump(base / "test_batch", {b"labels": list(test_labels),
-                               b"data": image_rows(np.arange(len(test_labels)) + TEST_OFFSET)})
-    dump(base / "batches.meta", {b"label_names": [f"k{i}".encode() for i in range(n_classes)],
-                                 b"num_cases_per_batch": len(chunks[0])})
+    dump(
+        base / "test_batch",
+        {b"labels": list(test_labels), b"data": image_rows(np.arange(len(test_labels)) + TEST_OFFSET)},
+    )
+    dump(
+        base / "batches.meta",
+        {b"label_names": [f"k{i}".encode() for i in range(n_classes)], b"num_cases_per_batch": len(chunks[0])},
+    )
     return root
 
 
@@ -76,8 +89,9 @@ def small100(tmp_path):
 def full100(tmp_path_factory):
     """CIFAR-100's real sizes (500 train / 100 test images per class), zero pixels."""
     zeros = lambda ids: np.zeros((len(ids), 3072), np.uint8)
-    return write_cifar100(tmp_path_factory.mktemp("cifar100"), shuffled_labels(100, 500),
-                          shuffled_labels(100, 100, 1), rows=zeros)
+    return write_cifar100(
+        tmp_path_factory.mktemp("cifar100"), shuffled_labels(100, 500), shuffled_labels(100, 100, 1), rows=zeros
+    )
 
 
 def spec(root, **kw):
@@ -162,15 +176,18 @@ def test_gpu_augment_batches_match_the_cpu_eval_transform(small100):
     assert -1 <= train.min() and train.max() <= 1 and not torch.allclose(train, out)
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(imbalance_ratio=0.5), r"^data.imbalance_ratio: must be >= 1"),
-    (dict(imbalance_ratio="x"), r"^data.imbalance_ratio: must be a number, got .x."),
-    (dict(val_per_class=-1), r"^data.val_per_class: must be >= 0"),
-    (dict(imbalance_ratio=1000), r"^data.imbalance_ratio: too large"),
-    (dict(ratio=10), r"^data.ratio: unknown key for dataset 'cifar100_lt'"),
-    (dict(gpu_decode=True), r"^data.gpu_decode: unknown key"),
-    (dict(download="maybe"), r"^data.download: must be true or false, got .maybe."),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(imbalance_ratio=0.5), r"^data.imbalance_ratio: must be >= 1"),
+        (dict(imbalance_ratio="x"), r"^data.imbalance_ratio: must be a number, got .x."),
+        (dict(val_per_class=-1), r"^data.val_per_class: must be >= 0"),
+        (dict(imbalance_ratio=1000), r"^data.imbalance_ratio: too large"),
+        (dict(ratio=10), r"^data.ratio: unknown key for dataset 'cifar100_lt'"),
+        (dict(gpu_decode=True), r"^data.gpu_decode: unknown key"),
+        (dict(download="maybe"), r"^data.download: must be true or false, got .maybe."),
+    ],
+)
 def test_bad_spec_values_name_the_key(small100, change, message):
     with pytest.raises(ValueError, match=message):
         build_dataset(spec(small100, **change))
@@ -196,7 +213,7 @@ def test_missing_and_broken_files_are_named(tmp_path, small100):
 
 def test_download_only_when_files_are_missing(tmp_path, small100, monkeypatch):
     calls = []
-    source = socket.create_server(("127.0.0.1", 0))   # a reachable download host (it is asked before a download)
+    source = socket.create_server(("127.0.0.1", 0))  # a reachable download host (it is asked before a download)
 
     class FakeCIFAR100:
         url = f"http://127.0.0.1:{source.getsockname()[1]}/cifar-100-python.tar.gz"
@@ -205,8 +222,7 @@ def test_download_only_when_files_are_missing(tmp_path, small100, monkeypatch):
             calls.append((root, download))
             write_cifar100(tmp_path / "fresh", shuffled_labels(5, 30), shuffled_labels(5, 10))
 
-    monkeypatch.setitem(cifar_module.LAYOUT, "cifar100_lt",
-                        cifar_module.LAYOUT["cifar100_lt"][:-1] + (FakeCIFAR100,))
+    monkeypatch.setitem(cifar_module.LAYOUT, "cifar100_lt", cifar_module.LAYOUT["cifar100_lt"][:-1] + (FakeCIFAR100,))
     build_dataset(spec(small100, download=True, imbalance_ratio=10))
     assert calls == []
     data = build_dataset(spec(tmp_path / "fresh", download=True, imbalance_ratio=10))
@@ -223,15 +239,17 @@ def test_dry_run_sizes_without_the_files_are_the_builders(full100, tmp_path, rho
     assert (away.class_counts, away.val_counts) == (here.class_counts, here.val_counts)
     assert here.images_here and here.manifest_hash and not here.missing
     assert away.data is None and away.manifest_hash is None and len(away.missing) == 1
-    assert away.missing[0].startswith(f"manifest hash: needs the images' pixels (data.root: {tmp_path / 'absent'}: "
-                                      f"no such directory); sizes from the official files' 500 train / 100 test")
+    assert away.missing[0].startswith(
+        f"manifest hash: needs the images' pixels (data.root: {tmp_path / 'absent'}: "
+        f"no such directory); sizes from the official files' 500 train / 100 test"
+    )
 
 
 def test_cifar_lt_sizes_from_the_spec_are_the_papers():
     """CIFAR-10-LT / CIFAR-100-LT at imbalance 100: 12,406 / 10,847 training images (LDAM-DRW, LPT)."""
     assert [sum(cifar_counts(n, 100, 20)[0]) for n in ("cifar10_lt", "cifar100_lt")] == [12_406, 10_847]
     counts, val, test = cifar_counts("cifar10_lt", 100, 20)
-    assert val == [0] + [20] * 9 and test == 10_000   # class 0 keeps all its 5,000 images: none to validate on
+    assert val == [0] + [20] * 9 and test == 10_000  # class 0 keeps all its 5,000 images: none to validate on
 
 
 def test_download_is_never_tried_by_a_dry_run_and_fails_fast_offline(tmp_path, monkeypatch):
@@ -246,7 +264,9 @@ def test_download_is_never_tried_by_a_dry_run_and_fails_fast_offline(tmp_path, m
     started = time.monotonic()
     with pytest.raises(DownloadError) as err:
         build_dataset(spec(tmp_path, download=True))
-    assert time.monotonic() - started < 30   # loose: this shared machine is noisy
-    assert str(err.value) == (f"data.download: cannot fetch {cifar_module.LAYOUT['cifar100_lt'][-1].url} "
-                              f"(127.0.0.1:{port}: connection refused); download it elsewhere and unpack "
-                              f"cifar-100-python/ into {tmp_path}")
+    assert time.monotonic() - started < 30  # loose: this shared machine is noisy
+    assert str(err.value) == (
+        f"data.download: cannot fetch {cifar_module.LAYOUT['cifar100_lt'][-1].url} "
+        f"(127.0.0.1:{port}: connection refused); download it elsewhere and unpack "
+        f"cifar-100-python/ into {tmp_path}"
+    )

@@ -53,8 +53,15 @@ def places(tmp_path):
 
 
 def list_spec(root, **kw):
-    return {"name": "places_lt", "root": str(root), "train_list": "train.txt", "val_list": "val.txt",
-            "test_list": "test.txt", "image_size": 32, **kw}
+    return {
+        "name": "places_lt",
+        "root": str(root),
+        "train_list": "train.txt",
+        "val_list": "val.txt",
+        "test_list": "test.txt",
+        "image_size": 32,
+        **kw,
+    }
 
 
 def test_list_dataset_reads_the_lists(places, tmp_path, monkeypatch):
@@ -90,27 +97,72 @@ def test_parser_on_the_real_places_lt_lists():
 # bad list inputs: {files to write}, data-spec overrides, the error and its message. "{places}" (the
 # Places-LT-shaped tree) and "{tmp_path}" stand for the fixtures' folders in all four.
 LIST_ERRORS = [
-    pytest.param({"{places}/bad.txt": "train/c0/000.jpg 0\n\ntrain/c0/001.jpg zero\n"}, {"val_list": "bad.txt"},
-                 ValueError, r"^{places}/bad.txt:3: expected 'relative/path label'", id="unparsable-line"),
-    pytest.param({"{places}/bad.txt": "train/c0/000.jpg 0\ntrain/c0/001.jpg 3\n"}, {"test_list": "bad.txt"},
-                 ValueError, r"^{places}/bad.txt:2: label 3 outside 0..2", id="label-too-big"),
-    pytest.param({"{places}/bad.txt": "train/c0/000.jpg -1\n"}, {"val_list": "bad.txt"},
-                 ValueError, r"^{places}/bad.txt:1: label -1 outside 0..2", id="negative-label"),
-    pytest.param({"{places}/bad.txt": "train/c0/000.jpg 0\ntrain/c9/gone.jpg 1\ntrain/c9/gone2.jpg 1\n"},
-                 {"val_list": "bad.txt"}, FileNotFoundError,
-                 r"^{places}/bad.txt:2: .*c9/gone.jpg: no such image file \(and 1 more", id="missing-images"),
-    pytest.param({"{places}/bad.txt": "train/c0/000.jpg 0\ntrain/c2/000.jpg 2\n"}, {"train_list": "bad.txt"},
-                 ValueError, r"^{places}/bad.txt: class 1 has no training images", id="empty-class"),
-    pytest.param({}, {"val_list": "nope.txt"},
-                 FileNotFoundError, r"^data.val_list: {places}/nope.txt: no such file", id="missing-list"),
-    pytest.param({}, {"test_list": None},
-                 ValueError, r"^data.test_list: must be a non-empty string, got None", id="no-test-list"),
-    pytest.param({}, {"imbalance_ratio": 10},
-                 ValueError, r"^data.imbalance_ratio: unknown key for dataset 'places_lt'", id="unknown-key"),
-    pytest.param({"{tmp_path}/names.txt": "a\nb\n"}, {"class_names": "{tmp_path}/names.txt"},
-                 ValueError, r"^{places}/train.txt:\d+: label 2 outside 0..1", id="too-few-class-names"),
-    pytest.param({}, {"root": "{tmp_path}/missing"},
-                 FileNotFoundError, r"^data.root: .*missing: no such directory", id="missing-root"),
+    pytest.param(
+        {"{places}/bad.txt": "train/c0/000.jpg 0\n\ntrain/c0/001.jpg zero\n"},
+        {"val_list": "bad.txt"},
+        ValueError,
+        r"^{places}/bad.txt:3: expected 'relative/path label'",
+        id="unparsable-line",
+    ),
+    pytest.param(
+        {"{places}/bad.txt": "train/c0/000.jpg 0\ntrain/c0/001.jpg 3\n"},
+        {"test_list": "bad.txt"},
+        ValueError,
+        r"^{places}/bad.txt:2: label 3 outside 0..2",
+        id="label-too-big",
+    ),
+    pytest.param(
+        {"{places}/bad.txt": "train/c0/000.jpg -1\n"},
+        {"val_list": "bad.txt"},
+        ValueError,
+        r"^{places}/bad.txt:1: label -1 outside 0..2",
+        id="negative-label",
+    ),
+    pytest.param(
+        {"{places}/bad.txt": "train/c0/000.jpg 0\ntrain/c9/gone.jpg 1\ntrain/c9/gone2.jpg 1\n"},
+        {"val_list": "bad.txt"},
+        FileNotFoundError,
+        r"^{places}/bad.txt:2: .*c9/gone.jpg: no such image file \(and 1 more",
+        id="missing-images",
+    ),
+    pytest.param(
+        {"{places}/bad.txt": "train/c0/000.jpg 0\ntrain/c2/000.jpg 2\n"},
+        {"train_list": "bad.txt"},
+        ValueError,
+        r"^{places}/bad.txt: class 1 has no training images",
+        id="empty-class",
+    ),
+    pytest.param(
+        {},
+        {"val_list": "nope.txt"},
+        FileNotFoundError,
+        r"^data.val_list: {places}/nope.txt: no such file",
+        id="missing-list",
+    ),
+    pytest.param(
+        {}, {"test_list": None}, ValueError, r"^data.test_list: must be a non-empty string, got None", id="no-test-list"
+    ),
+    pytest.param(
+        {},
+        {"imbalance_ratio": 10},
+        ValueError,
+        r"^data.imbalance_ratio: unknown key for dataset 'places_lt'",
+        id="unknown-key",
+    ),
+    pytest.param(
+        {"{tmp_path}/names.txt": "a\nb\n"},
+        {"class_names": "{tmp_path}/names.txt"},
+        ValueError,
+        r"^{places}/train.txt:\d+: label 2 outside 0..1",
+        id="too-few-class-names",
+    ),
+    pytest.param(
+        {},
+        {"root": "{tmp_path}/missing"},
+        FileNotFoundError,
+        r"^data.root: .*missing: no such directory",
+        id="missing-root",
+    ),
 ]
 
 
@@ -120,6 +172,7 @@ def test_list_errors_name_the_file_and_line(places, tmp_path, files, overrides, 
         if not isinstance(text, str):
             return text
         return text.replace("{places}", str(places)).replace("{tmp_path}", str(tmp_path))
+
     for path, content in files.items():
         Path(fill(path)).write_text(content)
     with pytest.raises(error, match=fill(message)):
@@ -159,9 +212,11 @@ def test_gpu_decode_batches(places):
 
 
 def write_coco(path, images, categories):
-    doc = {"images": [{"id": i, "file_name": f} for i, f, _ in images],
-           "annotations": [{"id": k, "image_id": i, "category_id": c} for k, (i, _, c) in enumerate(images)],
-           "categories": [{"id": c, "name": n} for c, n in categories]}
+    doc = {
+        "images": [{"id": i, "file_name": f} for i, f, _ in images],
+        "annotations": [{"id": k, "image_id": i, "category_id": c} for k, (i, _, c) in enumerate(images)],
+        "categories": [{"id": c, "name": n} for c, n in categories],
+    }
     path.write_text(json.dumps(doc, indent=1))
 
 
@@ -169,28 +224,41 @@ def inat_tree(tmp_path, train_counts, val_counts):
     """iNat-style COCO JSON pair and its JPEGs: categories 10 (Ant), 20 (Bee), 30 (Zebra), listed
     out of order; image ids 100+ in train2018.json, 900+ in val2018.json."""
     cats = [(30, "Zebra"), (10, "Ant"), (20, "Bee")]  # labels follow sorted ids: Ant, Bee, Zebra
-    train = [(100 + k, f"train_val2018/{c}/{k}.jpg", c)
-             for k, c in enumerate(c for c, n in zip((10, 20, 30), train_counts) for _ in range(n))]
-    val = [(900 + k, f"train_val2018/{c}/v{k}.jpg", c)
-           for k, c in enumerate(c for c, n in zip((10, 20, 30), val_counts) for _ in range(n))]
+    train = [
+        (100 + k, f"train_val2018/{c}/{k}.jpg", c)
+        for k, c in enumerate(c for c, n in zip((10, 20, 30), train_counts) for _ in range(n))
+    ]
+    val = [
+        (900 + k, f"train_val2018/{c}/v{k}.jpg", c)
+        for k, c in enumerate(c for c, n in zip((10, 20, 30), val_counts) for _ in range(n))
+    ]
     for i, f, c in train + val:
         write_image(tmp_path / f, c // 10 - 1)
     write_coco(tmp_path / "train2018.json", train, cats)
     write_coco(tmp_path / "val2018.json", val, cats)
-    return {"name": "inat2018", "root": str(tmp_path), "train_json": "train2018.json",
-            "val_json": "val2018.json", "image_size": 16}, train, val
+    return (
+        {
+            "name": "inat2018",
+            "root": str(tmp_path),
+            "train_json": "train2018.json",
+            "val_json": "val2018.json",
+            "image_size": 16,
+        },
+        train,
+        val,
+    )
 
 
 def test_inat_validates_on_a_train_hold_out_and_tests_on_the_official_val(tmp_path):
     spec, train, val = inat_tree(tmp_path, train_counts=(8, 3, 1), val_counts=(2, 2, 1))
-    data = build_dataset(spec)   # val_per_class: 3
+    data = build_dataset(spec)  # val_per_class: 3
     assert data.class_names == ["Ant", "Bee", "Zebra"]
     # up to 3 per class, never a class's last image: Ant gives 3 of 8, Bee 2 of 3, Zebra 0 of 1
     assert Counter(data.val.labels) == {0: 3, 1: 2} and data.class_counts == [5, 1, 1]
     assert data.info["val_missing_classes"] == [2] and data.info["val_per_class"] == 3
     listed = {i: (f, c // 10 - 1) for i, f, c in train}
     assert set(data.val.ids) <= set(listed) and not set(data.val.ids) & set(data.train.ids)
-    assert sorted(data.val.ids + data.train.ids) == sorted(listed)    # a partition of the train list
+    assert sorted(data.val.ids + data.train.ids) == sorted(listed)  # a partition of the train list
     assert all(listed[i] == (p, y) for i, p, y in zip(data.val.ids, data.val.paths, data.val.labels))
     assert data.test.ids == [i for i, _, _ in val] and data.test.labels == [0, 0, 1, 1, 2]
     assert data.test is not data.val and val_test_overlap(data) == 0
@@ -225,7 +293,7 @@ def test_inat_json_errors_name_the_file(tmp_path):
 def test_val_test_overlap_counts_shared_images(places):
     data = build_dataset(list_spec(places))
     assert val_test_overlap(data) == 0 and data.info["val_missing_classes"] == []
-    same = build_dataset(list_spec(places, val_list="test.txt"))   # val_list equals test_list
+    same = build_dataset(list_spec(places, val_list="test.txt"))  # val_list equals test_list
     assert same.val is not same.test and val_test_overlap(same) == len(same.test) == 6
     # one Dataset object serving both splits: all of it
     assert val_test_overlap(dataclasses.replace(data, test=data.val)) == len(data.val)
@@ -242,8 +310,7 @@ def test_image_folder_holds_out_and_applies_the_profile(tmp_path):
         for i in range(n):
             write_image(tmp_path / name / f"{i:02d}.jpg", c)
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
-    spec = {"name": "image_folder", "root": str(tmp_path), "val_per_class": 2, "test_per_class": 1,
-            "image_size": 16}
+    spec = {"name": "image_folder", "root": str(tmp_path), "val_per_class": 2, "test_per_class": 1, "image_size": 16}
     plain = build_dataset(spec)
     assert plain.class_names == ["cat", "dog", "emu"] and plain.class_counts == [6, 11, 4]
     data = build_dataset({**spec, "imbalance_ratio": 4})
@@ -268,22 +335,36 @@ def test_dry_run_sizes_from_the_lists_without_the_images(places, tmp_path):
         (lists_only / name).write_text((places / name).read_text())
     here, away = data_summary(list_spec(places)), data_summary(list_spec(lists_only))
     assert (here.num_classes, here.train, here.val, here.test) == (3, 11, 6, 6) and here.images_here
-    assert (away.num_classes, away.train, away.val, away.test, away.manifest_hash) == \
-        (here.num_classes, here.train, here.val, here.test, here.manifest_hash)
+    assert (away.num_classes, away.train, away.val, away.test, away.manifest_hash) == (
+        here.num_classes,
+        here.train,
+        here.val,
+        here.test,
+        here.manifest_hash,
+    )
     assert not away.images_here and away.missing == [
         f"image files: not checked ({lists_only}/train.txt:1: {lists_only}/train/c0/000.jpg: no such image file "
-        f"(and 10 more missing))"]
+        f"(and 10 more missing))"
+    ]
     gone = data_summary(list_spec(tmp_path / "nowhere"))
     assert gone.train is None and gone.missing == [
         f"classes and split sizes: the split lists are not here (data.train_list: {tmp_path}/nowhere/train.txt: "
-        f"no such file)"]
+        f"no such file)"
+    ]
 
 
 @needs_places_lt_splits
 def test_dry_run_sizes_of_the_real_places_lt_lists(tmp_path):
     lists = {k: os.path.join(PLACES_LT_SPLITS, f"Places_LT_{k}.txt") for k in ("train", "val", "test")}
-    s = data_summary({"name": "places_lt", "root": str(tmp_path / "places365"), "train_list": lists["train"],
-                      "val_list": lists["val"], "test_list": lists["test"]})
+    s = data_summary(
+        {
+            "name": "places_lt",
+            "root": str(tmp_path / "places365"),
+            "train_list": lists["train"],
+            "val_list": lists["val"],
+            "test_list": lists["test"],
+        }
+    )
     assert (s.num_classes, s.train, s.val, s.test) == (365, 62_500, 7_300, 36_500)
     assert s.missing[0].startswith("image files: not checked (data.root: ")
 
@@ -292,12 +373,19 @@ def test_dry_run_sizes_of_inat_and_of_an_absent_image_folder(tmp_path):
     cats = [(10, "Ant"), (20, "Bee")]
     write_coco(tmp_path / "train.json", [(1, "a.jpg", 10), (2, "b.jpg", 10), (3, "c.jpg", 20)], cats)
     write_coco(tmp_path / "val.json", [(9, "v.jpg", 20)], cats)
-    s = data_summary({"name": "inat2018", "root": str(tmp_path / "images"), "train_json": str(tmp_path / "train.json"),
-                      "val_json": str(tmp_path / "val.json")})
+    s = data_summary(
+        {
+            "name": "inat2018",
+            "root": str(tmp_path / "images"),
+            "train_json": str(tmp_path / "train.json"),
+            "val_json": str(tmp_path / "val.json"),
+        }
+    )
     # validation holds out 1 of Ant's 2 training images (Bee's only one stays), test is val.json
     assert (s.num_classes, s.train, s.val, s.test) == (2, 2, 1, 1) and s.manifest_hash
     assert (s.class_counts, s.val_counts) == ([1, 1], [1, 0])
     folder = data_summary({"name": "image_folder", "root": str(tmp_path / "photos")})
     assert folder.num_classes is None and folder.missing == [
         f"classes and split sizes: counted from the images, which are not here (data.root: {tmp_path}/photos: "
-        f"no such directory)"]
+        f"no such directory)"
+    ]

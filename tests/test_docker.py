@@ -47,34 +47,73 @@ from pathlib import Path
 
 import pytest
 
-from cluster_fixtures import (COMPOSE_FILE, DASHBOARD_TOKEN_EXPECTED, LIST_NODES, MLFLOW_LOGIN_EXPECTED, ROOT,
-                              SECRETS, basic_auth, cluster_setup, dashboard_token_statuses, free_port, http_status,
-                              load_compose, login_to_mlflow, mlflow_login, mlflow_login_statuses, read_secrets, wait_http)
+from cluster_fixtures import (
+    COMPOSE_FILE,
+    DASHBOARD_TOKEN_EXPECTED,
+    LIST_NODES,
+    MLFLOW_LOGIN_EXPECTED,
+    ROOT,
+    SECRETS,
+    basic_auth,
+    cluster_setup,
+    dashboard_token_statuses,
+    free_port,
+    http_status,
+    load_compose,
+    login_to_mlflow,
+    mlflow_login,
+    mlflow_login_statuses,
+    read_secrets,
+    wait_http,
+)
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]   # every wait inside has its own limit
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]  # every wait inside has its own limit
 
 IMAGE = "lpt-studies:test"
-BASE_IMAGES = {"PYTHON_IMAGE": "python", "POSTGRES_IMAGE": "postgres"}   # variable: its stand-in's tests/docker/<folder>
+BASE_IMAGES = {"PYTHON_IMAGE": "python", "POSTGRES_IMAGE": "postgres"}  # variable: its stand-in's tests/docker/<folder>
 DEBIAN = "local/debian:bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 SERVICE_UID = 10001
 WORKERS = 2
 TRIALS = 6
 EPOCHS = 3
-SEARCH = ("python", "tune/search.py", "--study", "prompt_pool", "--profile", "smoke", "--trials", str(TRIALS),
-          "--set", "phase1.epochs=1", "--set", f"phase2.epochs={EPOCHS}", "--storage", "/shared/runs")
-SETUP = ("db-setup", "mlflow-setup")   # one-shot services
+SEARCH = (
+    "python",
+    "tune/search.py",
+    "--study",
+    "prompt_pool",
+    "--profile",
+    "smoke",
+    "--trials",
+    str(TRIALS),
+    "--set",
+    "phase1.epochs=1",
+    "--set",
+    f"phase2.epochs={EPOCHS}",
+    "--storage",
+    "/shared/runs",
+)
+SETUP = ("db-setup", "mlflow-setup")  # one-shot services
 SEARCH_TIMEOUT_S = 1200
 TIMINGS: dict[str, float] = {}
 
 
 def sh(argv: list[str], timeout: float, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "DOCKER_BUILDKIT": "0", "COMPOSE_DOCKER_CLI_BUILD": "0"}
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, env=env, **kwargs)
+    proc = subprocess.run(
+        [str(a) for a in argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        **kwargs,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"`{' '.join(map(str, argv[:6]))} ...` failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"`{' '.join(map(str, argv[:6]))} ...` failed ({proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -84,6 +123,7 @@ def timed(name: str, started: float) -> None:
 
 
 # ---------------------------------------------------------------- the engine
+
 
 def daemon_answers() -> bool:
     try:
@@ -99,8 +139,10 @@ def engine(tmp_path_factory):
         pytest.skip("the Docker test runs on Linux only")
     missing = [tool for tool in ("docker", "docker-compose") if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"{' and '.join(missing)} not installed: `apt-get install docker.io docker-compose iptables "
-                    "debootstrap` (scripts/system-deps.sh does it when run as root)")
+        pytest.skip(
+            f"{' and '.join(missing)} not installed: `apt-get install docker.io docker-compose iptables "
+            "debootstrap` (scripts/system-deps.sh does it when run as root)"
+        )
     if daemon_answers():
         yield
         return
@@ -108,8 +150,9 @@ def engine(tmp_path_factory):
         pytest.skip("no Docker daemon answers, and starting one needs root and dockerd (Debian's docker.io)")
     log = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
     with open(log, "wb") as out:
-        daemon = subprocess.Popen(["dockerd"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  start_new_session=True)
+        daemon = subprocess.Popen(
+            ["dockerd"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     try:
         deadline = time.time() + 90
         while not daemon_answers():
@@ -118,7 +161,7 @@ def engine(tmp_path_factory):
             time.sleep(1)
         yield
     finally:
-        os.killpg(daemon.pid, signal.SIGTERM)   # dockerd stops its containerd and containers
+        os.killpg(daemon.pid, signal.SIGTERM)  # dockerd stops its containerd and containers
         try:
             daemon.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -135,14 +178,17 @@ def debian_image(workdir: Path) -> None:
     if image_exists(DEBIAN):
         return
     if shutil.which("debootstrap") is None:
-        pytest.skip(f"the base images {list(BASE_IMAGES)} are missing and cannot be pulled, and debootstrap (to build "
-                    "stand-ins) is not installed: `apt-get install debootstrap`")
+        pytest.skip(
+            f"the base images {list(BASE_IMAGES)} are missing and cannot be pulled, and debootstrap (to build "
+            "stand-ins) is not installed: `apt-get install debootstrap`"
+        )
     rootfs = workdir / "rootfs"
     try:
         sh(["debootstrap", "--variant=minbase", "bookworm", rootfs, DEBIAN_MIRROR], timeout=900)
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        imported = subprocess.run(["docker", "import", "-", DEBIAN], stdin=tar.stdout, capture_output=True,
-                                  text=True, timeout=600)
+        imported = subprocess.run(
+            ["docker", "import", "-", DEBIAN], stdin=tar.stdout, capture_output=True, text=True, timeout=600
+        )
         tar.stdout.close()
         assert tar.wait(timeout=60) == 0 and imported.returncode == 0, imported.stderr
     finally:
@@ -152,8 +198,10 @@ def debian_image(workdir: Path) -> None:
 def pinned_images() -> dict[str, str]:
     """The base images docker-compose.yml pins by digest, by the variable that overrides each."""
     services = load_compose({})["services"]
-    return {"PYTHON_IMAGE": services["mlflow"]["build"]["args"]["PYTHON_IMAGE"],
-            "POSTGRES_IMAGE": services["postgres"]["image"]}
+    return {
+        "PYTHON_IMAGE": services["mlflow"]["build"]["args"]["PYTHON_IMAGE"],
+        "POSTGRES_IMAGE": services["postgres"]["image"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +222,7 @@ def base_images(engine, tmp_path_factory) -> dict[str, str]:
         debian_image(workdir)
         context = workdir / folder
         shutil.copytree(ROOT / "tests" / "docker" / folder, context)
-        ca = Path("/etc/ssl/certs/ca-certificates.crt")   # pip in the image trusts what the host trusts
+        ca = Path("/etc/ssl/certs/ca-certificates.crt")  # pip in the image trusts what the host trusts
         (context / "ca-certificates.crt").write_bytes(ca.read_bytes() if ca.exists() else b"")
         chosen[variable] = f"lpt-standin/{folder}:test"
         sh(["docker", "build", "-q", "-t", chosen[variable], context], timeout=900)
@@ -187,7 +235,10 @@ def base_images(engine, tmp_path_factory) -> dict[str, str]:
 def image(base_images):
     """The project's image, built like `docker compose build` does (the layer cache kept)."""
     started = time.time()
-    sh(["docker", "build", "--build-arg", f"PYTHON_IMAGE={base_images['PYTHON_IMAGE']}", "-t", IMAGE, ROOT], timeout=1800)
+    sh(
+        ["docker", "build", "--build-arg", f"PYTHON_IMAGE={base_images['PYTHON_IMAGE']}", "-t", IMAGE, ROOT],
+        timeout=1800,
+    )
     timed("image build", started)
     size = sh(["docker", "image", "inspect", "-f", "{{.Size}}", IMAGE], timeout=60).stdout.strip()
     print(f"[docker test] image {IMAGE}: {int(size) / 1e9:.1f} GB", flush=True)
@@ -196,21 +247,36 @@ def image(base_images):
 
 # ---------------------------------------------------------------- the stack
 
+
 class Stack:
     def __init__(self, workdir: Path, image_name: str, base_images: dict[str, str]):
         self.workdir = workdir
         shutil.copy(COMPOSE_FILE, workdir / "docker-compose.yml")
         _, self.secrets = cluster_setup(workdir)
         self.mlflow_port, self.dashboard_port, self.optuna_port = free_port(), free_port(), free_port()
-        settings = {"LPT_IMAGE": image_name, "RAY_WORKER_CPUS": "1", "MLFLOW_WORKERS": "1", "RAY_SHM_SIZE": "1gb",
-                    "MLFLOW_PORT": self.mlflow_port, "RAY_DASHBOARD_PORT": self.dashboard_port,
-                    "OPTUNA_DASHBOARD_PORT": self.optuna_port, **base_images}
+        settings = {
+            "LPT_IMAGE": image_name,
+            "RAY_WORKER_CPUS": "1",
+            "MLFLOW_WORKERS": "1",
+            "RAY_SHM_SIZE": "1gb",
+            "MLFLOW_PORT": self.mlflow_port,
+            "RAY_DASHBOARD_PORT": self.dashboard_port,
+            "OPTUNA_DASHBOARD_PORT": self.optuna_port,
+            **base_images,
+        }
         with open(workdir / ".env", "a") as env:
             env.writelines(f"{k}={v}\n" for k, v in settings.items())
         (workdir / "data").mkdir(mode=0o755)
         self.project = f"lpttest{os.getpid()}"
-        self.compose = ["docker-compose", "-p", self.project, "--project-directory", workdir,
-                        "-f", workdir / "docker-compose.yml"]
+        self.compose = [
+            "docker-compose",
+            "-p",
+            self.project,
+            "--project-directory",
+            workdir,
+            "-f",
+            workdir / "docker-compose.yml",
+        ]
 
     def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         return sh([*self.compose, *args], timeout=timeout, check=check, cwd=self.workdir)
@@ -218,9 +284,18 @@ class Stack:
     def script(self, name: str, *args: str, timeout: float = 600) -> str:
         """scripts/NAME ARGS... for this stack's folder, as a user runs it there; its output."""
         env = {**os.environ, "COMPOSE": "docker-compose", "COMPOSE_PROJECT_NAME": self.project}
-        proc = subprocess.run(["bash", str(ROOT / "scripts" / name), *args, str(self.workdir)], cwd=self.workdir,
-                              env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        assert proc.returncode == 0, f"scripts/{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        proc = subprocess.run(
+            ["bash", str(ROOT / "scripts" / name), *args, str(self.workdir)],
+            cwd=self.workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        assert proc.returncode == 0, (
+            f"scripts/{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
         return proc.stdout
 
     def service_of(self, container: str) -> str:
@@ -236,7 +311,9 @@ class Stack:
         """Until the one-shot set-up containers `up` started have ended, each with 0."""
         deadline = time.time() + timeout_s
         while True:
-            states = {self.service_of(c): self.inspect(c)["State"] for s in SETUP for c in self.containers(s, every=True)}
+            states = {
+                self.service_of(c): self.inspect(c)["State"] for s in SETUP for c in self.containers(s, every=True)
+            }
             if all(state["Status"] == "exited" for state in states.values()):
                 assert {s: state["ExitCode"] for s, state in states.items()} == dict.fromkeys(states, 0), self.logs()
                 return
@@ -245,8 +322,24 @@ class Stack:
 
     def psql(self, query: str) -> list[list[str]]:
         """Rows of a query as PostgreSQL's superuser, inside its container (local socket)."""
-        out = sh(["docker", "exec", self.containers("postgres")[0], "psql", "-U", "postgres", "-d", "mlflow",
-                  "-At", "-F", "|", "-c", query], timeout=60).stdout
+        out = sh(
+            [
+                "docker",
+                "exec",
+                self.containers("postgres")[0],
+                "psql",
+                "-U",
+                "postgres",
+                "-d",
+                "mlflow",
+                "-At",
+                "-F",
+                "|",
+                "-c",
+                query,
+            ],
+            timeout=60,
+        ).stdout
         return [line.split("|") for line in out.splitlines() if line]
 
     def containers(self, service: str | None = None, every: bool = False) -> list[str]:
@@ -270,8 +363,9 @@ class Stack:
 
     def nodes(self, alive: int = -1, timeout_s: float = 120) -> list[dict]:
         head = self.containers("ray-head")[0]
-        out = self.exec_as_user(head, "python", "-c", LIST_NODES, "127.0.0.1:6379", str(alive), str(timeout_s),
-                                timeout=timeout_s + 90).stdout
+        out = self.exec_as_user(
+            head, "python", "-c", LIST_NODES, "127.0.0.1:6379", str(alive), str(timeout_s), timeout=timeout_s + 90
+        ).stdout
         return json.loads(out.strip().splitlines()[-1])
 
     def worker_nodes(self) -> dict[str, str]:
@@ -289,8 +383,8 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(image, base_images, tmp_path_factory):
     stack = Stack(tmp_path_factory.mktemp("docker-stack"), image, base_images)
-    login = login_to_mlflow(stack.secrets)   # this process reads the MLflow server as the driver does
-    login.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{stack.mlflow_port}")   # MLflow's own inner clients too
+    login = login_to_mlflow(stack.secrets)  # this process reads the MLflow server as the driver does
+    login.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{stack.mlflow_port}")  # MLflow's own inner clients too
     started = time.time()
     try:
         stack.run("up", "-d", "--no-build", "--scale", f"ray-worker={WORKERS}", timeout=600)
@@ -309,10 +403,12 @@ def stack(image, base_images, tmp_path_factory):
 
 # ---------------------------------------------------------------- checks shared by the tests
 
+
 def secret_values(secrets: dict) -> list[str]:
     """Every password, key and token the secret files hold."""
-    values = [secrets[n] for n in ("ray_auth_token", "postgres_password", "mlflow_admin_password",
-                                   "mlflow_flask_secret_key")]
+    values = [
+        secrets[n] for n in ("ray_auth_token", "postgres_password", "mlflow_admin_password", "mlflow_flask_secret_key")
+    ]
     values += [secrets[n].rsplit(":", 1)[1] for n in ("mlflow_pgpass", "optuna_pgpass", "optuna_reader_pgpass")]
     return values + [mlflow_login(secrets)["MLFLOW_TRACKING_PASSWORD"]]
 
@@ -351,11 +447,15 @@ def lpt_containers(stack: Stack) -> list[str]:
 
 
 def mounted_secrets(stack: Stack, container: str) -> set[str]:
-    return {Path(m["Destination"]).name for m in stack.inspect(container)["Mounts"]
-            if m["Destination"].startswith("/run/secrets/")}
+    return {
+        Path(m["Destination"]).name
+        for m in stack.inspect(container)["Mounts"]
+        if m["Destination"].startswith("/run/secrets/")
+    }
 
 
 # ---------------------------------------------------------------- the tests
+
 
 def test_the_stack_is_locked_down(stack):
     """Two workers joined a head without CPUs; MLflow and the dashboard refuse requests without
@@ -369,27 +469,39 @@ def test_the_stack_is_locked_down(stack):
     assert mlflow_login_statuses(mlflow, mlflow_login(stack.secrets)) == MLFLOW_LOGIN_EXPECTED
     dashboard = f"http://127.0.0.1:{stack.dashboard_port}"
     assert dashboard_token_statuses(dashboard, stack.secrets["ray_auth_token"]) == DASHBOARD_TOKEN_EXPECTED
-    every = stack.containers(every=True)   # the ended set-up steps too
+    every = stack.containers(every=True)  # the ended set-up steps too
     assert_no_secret_in_inspect(stack, every)
     assert_service_user(stack, lpt_containers(stack))
 
     # PostgreSQL: the superuser is the set-up's; each service connects as its own role
-    roles = {name: flag == "t" for name, flag in stack.psql("SELECT rolname, rolsuper FROM pg_roles "
-                                                             "WHERE rolname !~ '^pg_' ORDER BY 1")}
+    roles = {
+        name: flag == "t"
+        for name, flag in stack.psql("SELECT rolname, rolsuper FROM pg_roles WHERE rolname !~ '^pg_' ORDER BY 1")
+    }
     assert roles == {"mlflow": False, "optuna": False, "optuna_reader": False, "postgres": True}, roles
-    du = sh(["docker", "exec", stack.containers("postgres")[0], "psql", "-U", "postgres", "-d", "mlflow", "-c", r"\du"],
-            timeout=60).stdout
+    du = sh(
+        ["docker", "exec", stack.containers("postgres")[0], "psql", "-U", "postgres", "-d", "mlflow", "-c", r"\du"],
+        timeout=60,
+    ).stdout
     print(f"[docker test] psql \\du:\n{du}", flush=True)
-    owners = dict(stack.psql("SELECT nspname, pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'optuna' "
-                             "UNION ALL SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'mlflow'"))
+    owners = dict(
+        stack.psql(
+            "SELECT nspname, pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'optuna' "
+            "UNION ALL SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'mlflow'"
+        )
+    )
     assert owners == {"optuna": "optuna", "mlflow": "mlflow"}
 
     # MLflow: the workers' and the driver's user is no admin; the admin API refuses it
     searcher = mlflow_login(stack.secrets)
     assert searcher["MLFLOW_TRACKING_USERNAME"] == "searcher"
-    with urllib.request.urlopen(urllib.request.Request(
+    with urllib.request.urlopen(
+        urllib.request.Request(
             f"{mlflow}/api/2.0/mlflow/users/get?username=searcher",
-            headers=basic_auth("admin", stack.secrets["mlflow_admin_password"])), timeout=60) as resp:
+            headers=basic_auth("admin", stack.secrets["mlflow_admin_password"]),
+        ),
+        timeout=60,
+    ) as resp:
         assert json.loads(resp.read())["user"]["is_admin"] is False
     as_searcher = basic_auth(searcher["MLFLOW_TRACKING_USERNAME"], searcher["MLFLOW_TRACKING_PASSWORD"])
     assert http_status(f"{mlflow}/api/2.0/mlflow/users/get?username=admin", as_searcher) == 403
@@ -408,25 +520,37 @@ def test_the_stack_is_locked_down(stack):
         assert host["RestartPolicy"]["Name"] == ("no" if service in SETUP else "unless-stopped"), service
         assert host["LogConfig"] == {"Type": "json-file", "Config": {"max-file": "5", "max-size": "20m"}}, service
         assert host["Memory"] > 0 and host["PidsLimit"] > 0, service
-        print(f"[docker test] {info['Name']}: secrets {sorted(SECRETS[service])}, restart "
-              f"{host['RestartPolicy']['Name']}, memory {host['Memory'] / 2**30:g} GiB, pids {host['PidsLimit']}", flush=True)
+        print(
+            f"[docker test] {info['Name']}: secrets {sorted(SECRETS[service])}, restart "
+            f"{host['RestartPolicy']['Name']}, memory {host['Memory'] / 2**30:g} GiB, pids {host['PidsLimit']}",
+            flush=True,
+        )
     assert seen == {"postgres", "db-setup", "mlflow", "mlflow-setup", "ray-head", "ray-worker"}
     # the versions cluster-setup.sh prints are those the stack runs
-    head = stack.exec_as_user(stack.containers("ray-head")[0], "python", "-c",
-                              "import platform, ray; print(platform.python_version(), ray.__version__)").stdout.split()
+    head = stack.exec_as_user(
+        stack.containers("ray-head")[0],
+        "python",
+        "-c",
+        "import platform, ray; print(platform.python_version(), ray.__version__)",
+    ).stdout.split()
     versions = stack.script("cluster-setup.sh").strip().splitlines()[-1]
     assert versions == f"versions (image {IMAGE}): Python {head[-2]}, Ray {head[-1]}", versions
     print(f"[docker test] cluster-setup.sh: {versions}", flush=True)
     worker = stack.inspect(stack.containers("ray-worker")[0])
-    print(f"[docker test] docker inspect {worker['Name']}: Env {json.dumps(worker['Config']['Env'])}; "
-          f"secrets {[m['Destination'] for m in worker['Mounts'] if m['Type'] == 'bind']}", flush=True)
+    print(
+        f"[docker test] docker inspect {worker['Name']}: Env {json.dumps(worker['Config']['Env'])}; "
+        f"secrets {[m['Destination'] for m in worker['Mounts'] if m['Type'] == 'bind']}",
+        flush=True,
+    )
 
 
 def trial_runs(client, parent_run_id: str | None = None):
     experiment = client.get_experiment_by_name("prompt_pool")
     if experiment is None:
         return []
-    query = "tags.`lpt.role` = 'trial'" + (f" and tags.`mlflow.parentRunId` = '{parent_run_id}'" if parent_run_id else "")
+    query = "tags.`lpt.role` = 'trial'" + (
+        f" and tags.`mlflow.parentRunId` = '{parent_run_id}'" if parent_run_id else ""
+    )
     return client.search_runs([experiment.experiment_id], query, max_results=200)
 
 
@@ -437,21 +561,43 @@ def study_runs(client):
 
 def load_optuna_study(stack: Stack, tags: dict) -> dict:
     """{Ray trial id: Optuna state} of the search's study, read in a driver container."""
-    loaded = sh([*stack.compose, "run", "--rm", "-T", "--no-deps", "--entrypoint", "lpt-entrypoint", "driver",
-                 "python", "-c", "import json, optuna, sys; s = optuna.load_study(study_name=sys.argv[1], "
-                 "storage=sys.argv[2]); print(json.dumps({t.user_attrs['trial_id']: t.state.name for t in s.trials}))",
-                 tags["lpt.optuna_study"], tags["lpt.optuna_storage"]], timeout=300, cwd=stack.workdir)
+    loaded = sh(
+        [
+            *stack.compose,
+            "run",
+            "--rm",
+            "-T",
+            "--no-deps",
+            "--entrypoint",
+            "lpt-entrypoint",
+            "driver",
+            "python",
+            "-c",
+            "import json, optuna, sys; s = optuna.load_study(study_name=sys.argv[1], "
+            "storage=sys.argv[2]); print(json.dumps({t.user_attrs['trial_id']: t.state.name for t in s.trials}))",
+            tags["lpt.optuna_study"],
+            tags["lpt.optuna_storage"],
+        ],
+        timeout=300,
+        cwd=stack.workdir,
+    )
     return json.loads(loaded.stdout.strip().splitlines()[-1])
 
 
 def search_table(stack: Stack) -> tuple[str, list[dict], dict]:
     """The search folder on the shared volume, its trials.parquet rows and its search.json."""
     head = stack.containers("ray-head")[0]
-    out = stack.exec_as_user(head, "python", "-c", (
-        "import glob, json, pyarrow.parquet as pq; "
-        "[folder] = glob.glob('/shared/runs/prompt_pool-smoke-*'); "
-        "print(json.dumps([folder, pq.read_table(folder + '/trials.parquet').to_pylist(), "
-        "json.load(open(folder + '/search.json'))], default=str))")).stdout
+    out = stack.exec_as_user(
+        head,
+        "python",
+        "-c",
+        (
+            "import glob, json, pyarrow.parquet as pq; "
+            "[folder] = glob.glob('/shared/runs/prompt_pool-smoke-*'); "
+            "print(json.dumps([folder, pq.read_table(folder + '/trials.parquet').to_pylist(), "
+            "json.load(open(folder + '/search.json'))], default=str))"
+        ),
+    ).stdout
     return tuple(json.loads(out.strip().splitlines()[-1]))
 
 
@@ -462,15 +608,21 @@ def search(stack, tmp_path_factory):
     trial with no epoch done (it cannot end before the kill), then PostgreSQL restarted and the
     MLflow server restarted while a trial runs. Returns what happened, for the tests to check."""
     from mlflow import MlflowClient
+
     client = MlflowClient(tracking_uri=f"http://127.0.0.1:{stack.mlflow_port}")
     workers = stack.worker_nodes()
     log = tmp_path_factory.mktemp("search") / "driver.log"
     happened = {"workers": workers, "restarted": {}}
     started = time.time()
     with open(log, "w") as out:
-        driver = subprocess.Popen([*map(str, stack.compose), "run", "--rm", "-T", "driver", *SEARCH, "--register"],
-                                  cwd=stack.workdir, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  env={**os.environ, "DOCKER_BUILDKIT": "0"})
+        driver = subprocess.Popen(
+            [*map(str, stack.compose), "run", "--rm", "-T", "driver", *SEARCH, "--register"],
+            cwd=stack.workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "DOCKER_BUILDKIT": "0"},
+        )
 
     def running(what: str) -> None:
         assert driver.poll() is None, f"the search ended before {what}:\n{log.read_text()[-6000:]}"
@@ -482,8 +634,9 @@ def search(stack, tmp_path_factory):
             assert time.time() < deadline, f"the search made no parent run in time:\n{log.read_text()[-4000:]}"
             running("its parent run appeared")
             time.sleep(1)
-        happened["resume"] = stack.run("run", "--rm", "-T", "--no-deps", "driver", *SEARCH, "--resume",
-                                       timeout=300, check=False)
+        happened["resume"] = stack.run(
+            "run", "--rm", "-T", "--no-deps", "driver", *SEARCH, "--resume", timeout=300, check=False
+        )
         running("the second driver was refused")
         timed("search: a second driver refused", started)
 
@@ -493,18 +646,21 @@ def search(stack, tmp_path_factory):
             assert time.time() < deadline, f"trials did not reach both workers in time:\n{log.read_text()[-4000:]}"
             running("a worker could be killed")
             time.sleep(1)
-            if not checked and set(workers) <= seen:   # before a victim is picked: these take seconds
+            if not checked and set(workers) <= seen:  # before a victim is picked: these take seconds
                 assert stack.containers("driver"), "the driver container is not running"
                 assert_no_secret_in_inspect(stack, stack.containers("driver"))
-                assert_service_user(stack, lpt_containers(stack))   # the driver and the workers' trial processes too
+                assert_service_user(stack, lpt_containers(stack))  # the driver and the workers' trial processes too
                 driver_container = stack.containers("driver")[0]
                 assert mounted_secrets(stack, driver_container) == SECRETS["driver"]
                 checked = True
             runs = trial_runs(client)
             seen |= {r.data.tags.get("lpt.node") for r in runs}
             # a trial with no epoch done yet still has the whole of phase 2 ahead: it cannot end before the kill
-            fresh = [(r.data.tags.get("lpt.node"), r.info.run_id) for r in runs
-                     if r.info.status == "RUNNING" and "val_acc" not in r.data.metrics]
+            fresh = [
+                (r.data.tags.get("lpt.node"), r.info.run_id)
+                for r in runs
+                if r.info.status == "RUNNING" and "val_acc" not in r.data.metrics
+            ]
             if checked and set(workers) <= seen and len([r for r in runs if r.info.status == "FINISHED"]) < TRIALS - 2:
                 victim = next(((n, run_id) for n, run_id in fresh if n in workers), None)
         timed("search: until trials ran on both workers", started)
@@ -512,23 +668,34 @@ def search(stack, tmp_path_factory):
         happened["victim"], happened["victim_run"] = victim
         happened["killed"] = time.time()
         sh(["docker", "kill", workers[victim[0]]], timeout=60)
-        print(f"[docker test] killed worker container {workers[victim[0]][:12]} (Ray node {victim[0][:12]}) "
-              f"{happened['killed'] - started:.0f} s into the search, while it ran the trial of run {victim[1][:12]}",
-              flush=True)
+        print(
+            f"[docker test] killed worker container {workers[victim[0]][:12]} (Ray node {victim[0][:12]}) "
+            f"{happened['killed'] - started:.0f} s into the search, while it ran the trial of run {victim[1][:12]}",
+            flush=True,
+        )
 
         # 3. PostgreSQL restarted, then the MLflow server, each while a trial runs (the remaining
         # worker runs the rest of the budget one trial at a time)
         for service in ("postgres", "mlflow"):
-            while not (during := {r.info.run_id for r in trial_runs(client) if r.info.status == "RUNNING" and
-                                  len(client.get_metric_history(r.info.run_id, "val_acc")) < EPOCHS - 1}):
+            while not (
+                during := {
+                    r.info.run_id
+                    for r in trial_runs(client)
+                    if r.info.status == "RUNNING"
+                    and len(client.get_metric_history(r.info.run_id, "val_acc")) < EPOCHS - 1
+                }
+            ):
                 assert time.time() < deadline, f"no trial ran to restart {service} under:\n{log.read_text()[-4000:]}"
                 running(f"{service} could be restarted")
                 time.sleep(1)
             running(f"{service} was restarted")
             happened["restarted"][service] = (time.time(), during)
             sh(["docker", "restart", "--time", "20", stack.containers(service)[0]], timeout=120)
-            print(f"[docker test] restarted {service} {time.time() - started:.0f} s into the search, "
-                  f"while {len(during)} trial(s) ran", flush=True)
+            print(
+                f"[docker test] restarted {service} {time.time() - started:.0f} s into the search, "
+                f"while {len(during)} trial(s) ran",
+                flush=True,
+            )
             stack.wait_healthy((service,))
         driver.wait(timeout=max(60, deadline - time.time()))
     except subprocess.TimeoutExpired:
@@ -547,8 +714,11 @@ def test_a_second_driver_of_a_running_search_is_refused(search):
     proc = search["resume"]
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1, f"{proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert re.fullmatch(r"error: --resume: prompt_pool-smoke-\d{8}-\d{6} is running \(pid \d+ on \S+ since [\d-]+ [\d:]+\): "
-                        r"a search runs in one driver at a time; .*", errors[0]), errors
+    assert re.fullmatch(
+        r"error: --resume: prompt_pool-smoke-\d{8}-\d{6} is running \(pid \d+ on \S+ since [\d-]+ [\d:]+\): "
+        r"a search runs in one driver at a time; .*",
+        errors[0],
+    ), errors
     print(f"[docker test] the second driver: {errors[0]}", flush=True)
 
 
@@ -556,31 +726,35 @@ def test_the_search_survives_a_lost_worker_and_restarts_of_postgres_and_mlflow(s
     """Every trial done once, in the table, in MLflow (no run twice, no epoch logged twice) and in
     the Optuna study; the trials that ran through the restarts finished; the model registered."""
     from mlflow import MlflowClient
+
     client = MlflowClient(tracking_uri=f"http://127.0.0.1:{stack.mlflow_port}")
     output = search["output"]
     assert search["returncode"] == 0, f"the search failed ({search['returncode']}):\n{output[-6000:]}"
     folder, rows, record = search_table(stack)
     assert len(rows) == TRIALS and len({r["trial_id"] for r in rows}) == TRIALS
-    statuses = [r["status"] for r in rows]   # ASHA may stop some early; none failed
+    statuses = [r["status"] for r in rows]  # ASHA may stop some early; none failed
     assert set(statuses) <= {"completed", "early_stopped"} and "completed" in statuses, rows
     runs = trial_runs(client, record["parent_run_id"])
     assert len(runs) == TRIALS and {r.info.run_id for r in runs} == {r["mlflow_run_id"] for r in rows}
     assert all(r.info.status == "FINISHED" for r in runs)
-    for run in runs:   # a request MLflow's client sent again after a restart did not log an epoch twice
+    for run in runs:  # a request MLflow's client sent again after a restart did not log an epoch twice
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
         assert sorted(steps) == list(range(1, len(steps) + 1)), (run.info.run_id, steps)
     workers, victim = search["workers"], search["victim"]
     assert set(workers) <= search["seen"], f"trial nodes {search['seen']}, workers {set(workers)}"
     finished_after = {r.data.tags.get("lpt.node") for r in runs if r.info.end_time / 1000 > search["killed"]}
     assert finished_after and victim not in finished_after, f"trials finished after the kill on {finished_after}"
-    retried = client.get_run(search["victim_run"])   # the killed worker's trial, retried elsewhere in the same run
+    retried = client.get_run(search["victim_run"])  # the killed worker's trial, retried elsewhere in the same run
     assert retried.info.status == "FINISHED" and retried.data.tags["lpt.node"] != victim
     for service, (when, during) in search["restarted"].items():
         ended = {r.info.run_id for r in runs if r.info.end_time / 1000 > when}
         assert during and during <= ended, f"{service}: the trials running at its restart {during}, ended after {ended}"
     waited = "Optuna storage: the database is unreachable" in output
-    print(f"[docker test] the driver's Optuna storage {'waited for' if waited else 'did not need to wait for'} "
-          f"PostgreSQL", flush=True)
+    print(
+        f"[docker test] the driver's Optuna storage {'waited for' if waited else 'did not need to wait for'} "
+        f"PostgreSQL",
+        flush=True,
+    )
 
     # the search's Optuna study is in the stack's PostgreSQL (the role optuna), where optuna.load_study finds it
     tags = client.get_run(record["parent_run_id"]).data.tags
@@ -603,6 +777,7 @@ def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
     cluster-restore.sh gives back the parent run, its trials, the registered model, the Optuna
     study and the search folder; the read-only optuna-dashboard shows the study, cannot delete it."""
     from mlflow import MlflowClient
+
     assert search["returncode"] == 0, "the search failed: nothing to back up"
     client = MlflowClient(tracking_uri=f"http://127.0.0.1:{stack.mlflow_port}")
     folder, rows, record = search_table(stack)
@@ -617,12 +792,13 @@ def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
 
     started = time.time()
     stack.run("down", "-v", "--timeout", "20", timeout=300)
-    volumes = sh(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={stack.project}"],
-                 timeout=60).stdout.split()
+    volumes = sh(
+        ["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={stack.project}"], timeout=60
+    ).stdout.split()
     assert not volumes, volumes
     stack.run("up", "-d", "--no-build", "postgres", "mlflow", "ray-head", timeout=600)
     stack.wait_healthy(("postgres", "mlflow", "ray-head"))
-    assert stack.psql("SELECT count(*) FROM runs") == [["0"]]   # a fresh database
+    assert stack.psql("SELECT count(*) FROM runs") == [["0"]]  # a fresh database
     timed("down -v, up", started)
     started = time.time()
     out = stack.script("cluster-restore.sh", str(backup))
@@ -637,7 +813,9 @@ def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
     assert all(r.info.status == "FINISHED" and "val_acc" in r.data.metrics for r in runs)
     version = client.get_model_version("prompt_pool-smoke", model_uri.rsplit("/", 1)[1])
     assert version.tags["lpt.parent_run_id"] == record["parent_run_id"]
-    assert "model/lpt_model_code.py" in {a.path for a in client.list_artifacts(version.run_id, "model")}  # artifacts back
+    assert "model/lpt_model_code.py" in {
+        a.path for a in client.list_artifacts(version.run_id, "model")
+    }  # artifacts back
     # the search folder and the Optuna study
     assert search_table(stack) == (folder, rows, record)
     states = load_optuna_study(stack, parent.data.tags)
@@ -645,8 +823,11 @@ def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
 
     # the read-only optuna-dashboard: it lists the restored study; deleting it fails, and it stays
     started = time.time()
-    sh([*stack.compose, "--profile", "dashboard", "up", "-d", "--no-build", "optuna-dashboard"], timeout=300,
-       cwd=stack.workdir)
+    sh(
+        [*stack.compose, "--profile", "dashboard", "up", "-d", "--no-build", "optuna-dashboard"],
+        timeout=300,
+        cwd=stack.workdir,
+    )
     dashboard = f"http://127.0.0.1:{stack.optuna_port}"
     wait_http(f"{dashboard}/api/studies", 180)
     studies = json.loads(urllib.request.urlopen(f"{dashboard}/api/studies", timeout=60).read())["study_summaries"]
@@ -654,7 +835,7 @@ def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
     request = urllib.request.Request(f"{dashboard}/api/studies/{study['study_id']}", method="DELETE")
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=60)
-    assert refused.value.code == 500   # optuna_reader: permission denied
+    assert refused.value.code == 500  # optuna_reader: permission denied
     assert load_optuna_study(stack, parent.data.tags) == states
     timed("optuna-dashboard", started)
     print(f"[docker test] timings: {json.dumps(TIMINGS)}", flush=True)
@@ -665,6 +846,7 @@ def test_rotating_secrets_keeps_the_data(stack, search):
     and the searcher's passwords change in place; the new ones log in, the old ones do not, and
     the search's runs and Optuna study are still there."""
     from mlflow import MlflowClient
+
     assert search["returncode"] == 0, "the search failed: nothing to keep"
     _, rows, record = search_table(stack)
     old = dict(stack.secrets)
@@ -672,24 +854,52 @@ def test_rotating_secrets_keeps_the_data(stack, search):
     out = stack.script("cluster-setup.sh", "--rotate", "postgres_password,optuna_pgpass,mlflow_credentials")
     timed("rotate", started)
     assert [line for line in out.splitlines() if line.startswith("rotated ")] == [
-        "rotated postgres_password", "rotated optuna_pgpass", "rotated mlflow_credentials"]
+        "rotated postgres_password",
+        "rotated optuna_pgpass",
+        "rotated mlflow_credentials",
+    ]
     stack.secrets = read_secrets(stack.workdir / "secrets")
     changed = {n for n in old if old[n] != stack.secrets[n]}
     assert changed == {"postgres_password", "optuna_pgpass", "mlflow_credentials"}, changed
 
     pg = stack.containers("postgres")[0]
-    logins = {which: sh(["docker", "exec", "-e", f"PGPASSWORD={secrets['postgres_password']}", pg, "psql", "-h",
-                         "127.0.0.1", "-U", "postgres", "-d", "mlflow", "-c", "SELECT 1"], timeout=60,
-                        check=False).returncode for which, secrets in (("old", old), ("new", stack.secrets))}
+    logins = {
+        which: sh(
+            [
+                "docker",
+                "exec",
+                "-e",
+                f"PGPASSWORD={secrets['postgres_password']}",
+                pg,
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "mlflow",
+                "-c",
+                "SELECT 1",
+            ],
+            timeout=60,
+            check=False,
+        ).returncode
+        for which, secrets in (("old", old), ("new", stack.secrets))
+    }
     assert logins == {"old": 2, "new": 0}, logins
     api = f"http://127.0.0.1:{stack.mlflow_port}/api/2.0/mlflow/experiments/search?max_results=1"
-    searcher = {which: http_status(api, basic_auth("searcher", mlflow_login(secrets)["MLFLOW_TRACKING_PASSWORD"]))
-                for which, secrets in (("old", old), ("new", stack.secrets))}
+    searcher = {
+        which: http_status(api, basic_auth("searcher", mlflow_login(secrets)["MLFLOW_TRACKING_PASSWORD"]))
+        for which, secrets in (("old", old), ("new", stack.secrets))
+    }
     assert searcher == {"old": 401, "new": 200}
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = mlflow_login(stack.secrets)["MLFLOW_TRACKING_PASSWORD"]   # undone at the end
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = mlflow_login(stack.secrets)[
+        "MLFLOW_TRACKING_PASSWORD"
+    ]  # undone at the end
     client = MlflowClient(tracking_uri=f"http://127.0.0.1:{stack.mlflow_port}")
     assert len(trial_runs(client, record["parent_run_id"])) == TRIALS
     tags = client.get_run(record["parent_run_id"]).data.tags
-    assert load_optuna_study(stack, tags) == {    # a new driver container, as the role optuna with its new password
-        r["trial_id"]: {"completed": "COMPLETE", "early_stopped": "PRUNED"}[r["status"]] for r in rows}
+    assert load_optuna_study(stack, tags) == {  # a new driver container, as the role optuna with its new password
+        r["trial_id"]: {"completed": "COMPLETE", "early_stopped": "PRUNED"}[r["status"]] for r in rows
+    }
     print(f"[docker test] timings: {json.dumps(TIMINGS)}", flush=True)

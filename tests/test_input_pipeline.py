@@ -17,8 +17,16 @@ from lpt_core.data.transforms import test_transform as eval_transform
 AUGREG = {"name": "vit_base_patch16_224.augreg_in21k", "weights": "pretrained"}
 DINO = {"name": "vit_small_patch16_224.dino", "weights": "pretrained"}
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-SYNTH = {"name": "synthetic", "num_classes": 4, "imbalance_ratio": 4, "max_per_class": 12,
-         "val_per_class": 3, "test_per_class": 2, "image_size": 32, "seed": 0}
+SYNTH = {
+    "name": "synthetic",
+    "num_classes": 4,
+    "imbalance_ratio": 4,
+    "max_per_class": 12,
+    "val_per_class": 3,
+    "test_per_class": 2,
+    "image_size": 32,
+    "seed": 0,
+}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -27,8 +35,9 @@ def released_eval(size: int) -> T.Compose:
     torchvision's v1 transforms, as it wrote them: ``Resize((size * 8 // 7, size * 8 // 7))``,
     ``CenterCrop((size, size))``, ``ToTensor()``, ``Normalize`` 0.5 / 0.5."""
     side = size * 8 // 7
-    return T.Compose([T.Resize((side, side)), T.CenterCrop((size, size)), T.ToTensor(),
-                      T.Normalize([0.5] * 3, [0.5] * 3)])
+    return T.Compose(
+        [T.Resize((side, side)), T.CenterCrop((size, size)), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]
+    )
 
 
 def short_side_eval(size: int) -> T.Compose:
@@ -41,8 +50,9 @@ def non_square_image(height: int, width: int, noise: int = 0) -> Image.Image:
     noise of +-``noise`` grey levels (0: smooth, where resamplers that differ only in filter
     support agree within about a grey level)."""
     yy, xx = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
-    pixels = torch.stack([128 + 100 * torch.sin(xx / 9), 128 + 100 * torch.cos(yy / 13),
-                          (xx + yy) * 255 / (height + width)])
+    pixels = torch.stack(
+        [128 + 100 * torch.sin(xx / 9), 128 + 100 * torch.cos(yy / 13), (xx + yy) * 255 / (height + width)]
+    )
     pixels = pixels + torch.randint(-noise, noise + 1, pixels.shape, generator=torch.Generator().manual_seed(0))
     return Image.fromarray(pixels.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
 
@@ -61,12 +71,16 @@ def assert_same_chain(ours: v2.Compose, theirs: T.Compose, other: T.Compose, ima
 
 def test_augreg_vit_b_keeps_the_released_numbers():
     cfg = input_config(AUGREG)
-    assert cfg == RELEASED == InputConfig(mean=[0.5] * 3, std=[0.5] * 3, interpolation="bilinear", crop_pct=0.875,
-                                          eval_resize="square")
+    assert (
+        cfg
+        == RELEASED
+        == InputConfig(mean=[0.5] * 3, std=[0.5] * 3, interpolation="bilinear", crop_pct=0.875, eval_resize="square")
+    )
     assert [cfg.resize_size(s) for s in (224, 384, 32)] == [s * 8 // 7 for s in (224, 384, 32)] == [256, 438, 36]
     # a non-square PIL image, as the released datasets load them
-    assert_same_chain(eval_transform(224, cfg), released_eval(224), short_side_eval(224),
-                      non_square_image(375, 500, noise=15))
+    assert_same_chain(
+        eval_transform(224, cfg), released_eval(224), short_side_eval(224), non_square_image(375, 500, noise=15)
+    )
     # the on-device path (run here on CPU tensors) agrees up to bilinear rounding
     image = non_square_image(300, 410)
     raw = v2.functional.pil_to_tensor(image)
@@ -86,8 +100,9 @@ def test_augreg_vit_b_keeps_the_released_numbers():
 
 def test_eval_resize_short_side_keeps_the_aspect_ratio():
     cfg = RELEASED.model_copy(update={"eval_resize": "short_side"})
-    assert_same_chain(eval_transform(224, cfg), short_side_eval(224), released_eval(224),
-                      non_square_image(375, 500, noise=15))
+    assert_same_chain(
+        eval_transform(224, cfg), short_side_eval(224), released_eval(224), non_square_image(375, 500, noise=15)
+    )
     image = non_square_image(300, 410)
     want = short_side_eval(224)(image)
     out = BatchTransform(224, train=False, cfg=cfg)(v2.functional.pil_to_tensor(image)[None])[0]
@@ -104,10 +119,16 @@ def test_dino_vit_gets_imagenet_statistics_and_bicubic():
     assert cfg.interpolation == "bicubic" and cfg.crop_pct == pytest.approx(0.9) and cfg.resize_size(32) == 35
     data = build_dataset(SYNTH, cfg)
     assert data.input_cfg == cfg
-    raw = build_dataset({**SYNTH, "gpu_augment": True}, cfg).val[1][0]   # uint8, untransformed
-    want = v2.Compose([v2.ToImage(), v2.Resize(35, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                       v2.CenterCrop(32), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(raw)
+    raw = build_dataset({**SYNTH, "gpu_augment": True}, cfg).val[1][0]  # uint8, untransformed
+    want = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(35, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(32),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )(raw)
     assert torch.allclose(data.val[1][0], want, atol=1e-6)
     assert not torch.allclose(build_dataset(SYNTH).val[1][0], want, atol=1e-2)  # the released pipeline differs
 

@@ -15,8 +15,9 @@ def test_noise_off_equals_hand_computation():
     torch.manual_seed(0)
     cos = torch.rand(6, 5) * 2 - 1
     y = torch.tensor([0, 1, 2, 3, 4, 0])
-    loss = AsymmetricGCL(COUNTS, margin=0.1, scale=20.0, noise_mul=0.0, gamma_pos=0.5,
-                         gamma_neg=4.0, label_smoothing=0.1)(cos, y)
+    loss = AsymmetricGCL(
+        COUNTS, margin=0.1, scale=20.0, noise_mul=0.0, gamma_pos=0.5, gamma_neg=4.0, label_smoothing=0.1
+    )(cos, y)
     expected = 0.0
     for i in range(6):
         z = [20.0 * (float(cos[i, j]) - (0.1 if j == y[i] else 0.0)) for j in range(5)]
@@ -24,7 +25,7 @@ def test_noise_off_equals_hand_computation():
         for j in range(5):
             log_p = z[j] - log_z
             p = math.exp(log_p)
-            weight = (1 - p) ** 0.5 if j == y[i] else p ** 4.0
+            weight = (1 - p) ** 0.5 if j == y[i] else p**4.0
             target = 0.9 + 0.1 / 5 if j == y[i] else 0.1 / 5
             expected -= target * weight * log_p
     assert float(loss) == pytest.approx(expected / 6, rel=1e-5)
@@ -33,8 +34,9 @@ def test_noise_off_equals_hand_computation():
 def test_zero_gammas_no_smoothing_is_cross_entropy_with_margin():
     cos = torch.rand(8, 5) * 2 - 1
     y = torch.randint(0, 5, (8,))
-    loss = AsymmetricGCL(COUNTS, margin=0.2, scale=16.0, noise_mul=0.0, gamma_pos=0.0,
-                         gamma_neg=0.0, label_smoothing=0.0)(cos, y)
+    loss = AsymmetricGCL(
+        COUNTS, margin=0.2, scale=16.0, noise_mul=0.0, gamma_pos=0.0, gamma_neg=0.0, label_smoothing=0.0
+    )(cos, y)
     expected = F.cross_entropy(16.0 * (cos - 0.2 * F.one_hot(y, 5)), y)
     torch.testing.assert_close(loss, expected)
 
@@ -45,7 +47,7 @@ def test_noise_cloud_grows_towards_the_tail_and_is_seedable():
     cos = torch.zeros(20000, 5)
     y = torch.zeros(20000, dtype=torch.long)
     cloud = -loss_fn.gcl_logits(cos, y)  # noise_mul * |N(0,1/3)|.clamp * amplitude >= 0
-    assert float(cloud[:, 0].abs().max()) == 0.0          # the most frequent class: no noise
+    assert float(cloud[:, 0].abs().max()) == 0.0  # the most frequent class: no noise
     assert float(cloud.min()) >= 0 and float(cloud.max()) <= 0.5
     means = cloud.mean(0)
     assert all(means[j] < means[j + 1] for j in range(4))

@@ -34,8 +34,10 @@ pytestmark = pytest.mark.slow
 def need_browser():
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
     if missing:
-        pytest.skip(f"{' and '.join(missing)} missing: install Debian's chromium and chromium-driver "
-                    f"(scripts/system-deps.sh does it when run as root)")
+        pytest.skip(
+            f"{' and '.join(missing)} missing: install Debian's chromium and chromium-driver "
+            f"(scripts/system-deps.sh does it when run as root)"
+        )
     pytest.importorskip("selenium", reason="selenium is not installed (it is in the project's test extra)")
 
 
@@ -51,15 +53,32 @@ def smoke(request):
 @pytest.fixture
 def mlflow_server(smoke, tmp_path):
     port = free_port()
-    server = Proc("mlflow server", [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", smoke.tracking_uri,
-                                    "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                  search_env(), tmp_path / "mlflow-server.log", cwd=tmp_path)
+    server = Proc(
+        "mlflow server",
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            smoke.tracking_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        search_env(),
+        tmp_path / "mlflow-server.log",
+        cwd=tmp_path,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/health", 180, server)
         yield base
     finally:
-        server.stop(grace_s=30)   # the server's own session: uvicorn and its worker
+        server.stop(grace_s=30)  # the server's own session: uvicorn and its worker
 
 
 @pytest.fixture
@@ -72,12 +91,22 @@ def browser(tmp_path):
     def start(attempt: int):
         options = webdriver.ChromeOptions()
         options.binary_location = str(CHROMIUM)
-        for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--disable-dev-shm-usage", "--window-size=1700,1000",
-                    f"--user-data-dir={tmp_path / f'chromium-profile-{attempt}'}"):  # a fresh profile
+        for arg in (
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--window-size=1700,1000",
+            f"--user-data-dir={tmp_path / f'chromium-profile-{attempt}'}",
+        ):  # a fresh profile
             options.add_argument(arg)
         return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+
     try:
         driver = start(0)
     except WebDriverException:  # a slow start on a loaded machine: once more
@@ -93,6 +122,7 @@ def browser(tmp_path):
 
 def page_text(driver) -> str:
     from selenium.webdriver.common.by import By
+
     return driver.find_element(By.TAG_NAME, "body").text
 
 
@@ -109,14 +139,23 @@ def wait_for(driver, ready, what: str, timeout: float = 120):
         if time.time() > deadline:
             if getattr(driver, "shot_dir", None):
                 driver.save_screenshot(str(driver.shot_dir / "timeout.png"))
-            raise AssertionError(f"the MLflow UI did not show {what} in {timeout:.0f} s; page text:\n{page_text(driver)[:2000]}")
+            raise AssertionError(
+                f"the MLflow UI did not show {what} in {timeout:.0f} s; page text:\n{page_text(driver)[:2000]}"
+            )
         time.sleep(0.5)
 
 
 def click_text(driver, text: str, tag: str = "*"):
     from selenium.webdriver.common.by import By
-    el = wait_for(driver, lambda d: next((e for e in d.find_elements(By.XPATH, f"//{tag}[normalize-space(.)='{text}']")
-                                          if e.is_displayed()), None), f"'{text}'", 30)
+
+    el = wait_for(
+        driver,
+        lambda d: next(
+            (e for e in d.find_elements(By.XPATH, f"//{tag}[normalize-space(.)='{text}']") if e.is_displayed()), None
+        ),
+        f"'{text}'",
+        30,
+    )
     el.click()
     return el
 
@@ -124,6 +163,7 @@ def click_text(driver, text: str, tag: str = "*"):
 def close_assistant(driver):
     """The UI's assistant side panel takes a third of the window; close it when it is there."""
     from selenium.webdriver.common.by import By
+
     for button in driver.find_elements(By.CSS_SELECTOR, "button[aria-label=Close]"):
         if button.is_displayed():
             button.click()
@@ -132,6 +172,7 @@ def close_assistant(driver):
 def table_rows(driver) -> dict[str, dict[str, str]]:
     """Experiment page: {run name: {column id: cell text}} over the grid's pinned and scrolled parts."""
     from selenium.webdriver.common.by import By
+
     rows: dict[str, dict[str, str]] = {}
     for row in driver.find_elements(By.CSS_SELECTOR, "div.ag-row"):
         cells = rows.setdefault(row.get_attribute("row-index"), {})
@@ -155,7 +196,9 @@ const section = cell.closest('.du-bois-light-collapse-content') || document;
 return [...section.querySelectorAll('.ReactVirtualized__Grid__innerScrollContainer > *')]
   .filter(c => c.style.top === cell.style.top && c !== cell).map(c => c.textContent.trim());
 """
-COMPARE_TABLE_JS = "return [...document.querySelectorAll('tr')].map(tr => [...tr.children].map(td => td.textContent.trim()))"
+COMPARE_TABLE_JS = (
+    "return [...document.querySelectorAll('tr')].map(tr => [...tr.children].map(td => td.textContent.trim()))"
+)
 
 
 def close(text: str, value: float) -> bool:
@@ -172,6 +215,7 @@ def shrink_png(src: Path, dst: Path, limit: int = 300_000) -> None:
     shutil.copyfile(src, dst)
     if dst.stat().st_size > limit:
         from PIL import Image
+
         Image.open(src).convert("RGB").quantize(colors=128).save(dst, optimize=True)
     assert dst.stat().st_size < limit
 
@@ -180,6 +224,7 @@ def test_mlflow_ui_shows_the_trial_runs_with_params_and_metrics(smoke, mlflow_se
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+
     client = smoke.client()
     exp = client.get_experiment_by_name("prompt_pool").experiment_id
     parents = runs_of(client, "study")
@@ -194,19 +239,44 @@ def test_mlflow_ui_shows_the_trial_runs_with_params_and_metrics(smoke, mlflow_se
     browser.get(f"{mlflow_server}/#/experiments/{exp}/runs?searchFilter={search}")
     wait_for(browser, lambda d: parent.info.run_name[:18] in page_text(d), "the search's parent run")
     close_assistant(browser)
-    expand = wait_for(browser, lambda d: d.find_element(
-        By.CSS_SELECTOR, "div.ag-row button[data-component-id*=runnamecellrenderer]"), "the parent's expander")
+    expand = wait_for(
+        browser,
+        lambda d: d.find_element(By.CSS_SELECTOR, "div.ag-row button[data-component-id*=runnamecellrenderer]"),
+        "the parent's expander",
+    )
     expand.click()
     wait_for(browser, lambda d: all(f"trial-{t}" in page_text(d) for t in trials), "the search's trial runs")
     click_text(browser, "Columns", "button")  # the column picker: hide three empty attributes, add params and metrics
-    for column in ("Dataset", "Source", "Models", "pool_size", "top_k", "group_start", "val_acc", "val_many_acc",
-                   "val_medium_acc", "val_few_acc", "prompt_usage_entropy"):
+    for column in (
+        "Dataset",
+        "Source",
+        "Models",
+        "pool_size",
+        "top_k",
+        "group_start",
+        "val_acc",
+        "val_many_acc",
+        "val_medium_acc",
+        "val_few_acc",
+        "prompt_usage_entropy",
+    ):
         click_text(browser, column, "span[contains(@class, 'tree-title')]")
     ActionChains(browser).send_keys(Keys.ESCAPE).perform()
     ActionChains(browser).move_to_element(browser.find_element(By.TAG_NAME, "body")).perform()  # no tooltip
-    rows = wait_for(browser, lambda d: (lambda r: r if len(r) == len(trials) and all(
-        any("val_acc" in k for k in cells) and any("pool_size" in k for k in cells) for cells in r.values()) else None)(
-        table_rows(d)), "the pool_size and val_acc columns")
+    rows = wait_for(
+        browser,
+        lambda d: (
+            lambda r: (
+                r
+                if len(r) == len(trials)
+                and all(
+                    any("val_acc" in k for k in cells) and any("pool_size" in k for k in cells) for cells in r.values()
+                )
+                else None
+            )
+        )(table_rows(d)),
+        "the pool_size and val_acc columns",
+    )
     for tid, run in trials.items():
         cells = rows[f"trial-{tid}"]
         pool = next(v for k, v in cells.items() if "pool_size" in k)
@@ -216,36 +286,50 @@ def test_mlflow_ui_shows_the_trial_runs_with_params_and_metrics(smoke, mlflow_se
     time.sleep(1)  # let the last column settle before the picture
     browser.save_screenshot(str(tmp_path / "experiment-page.png"))
     # the README's screenshot: refreshed only on request, so a test run leaves the tree clean
-    shrink_png(tmp_path / "experiment-page.png",
-               DOCS_SHOT if os.environ.get("LPT_UPDATE_DOCS_SCREENSHOT") == "1" else tmp_path / "docs-copy.png")
+    shrink_png(
+        tmp_path / "experiment-page.png",
+        DOCS_SHOT if os.environ.get("LPT_UPDATE_DOCS_SCREENSHOT") == "1" else tmp_path / "docs-copy.png",
+    )
 
     # 2. the compare view of the trial runs
     ids = [r.info.run_id for r in trials.values()]
-    browser.get(f"{mlflow_server}/#/compare-runs?runs={urllib.parse.quote(json.dumps(ids))}"
-                f"&experiments={urllib.parse.quote(json.dumps([exp]))}")
-    wait_for(browser, lambda d: "pool_size" in page_text(d) and d.execute_script(COMPARE_METRIC_JS, "val_acc"),
-             "the compare view's params and metrics")
+    browser.get(
+        f"{mlflow_server}/#/compare-runs?runs={urllib.parse.quote(json.dumps(ids))}"
+        f"&experiments={urllib.parse.quote(json.dumps([exp]))}"
+    )
+    wait_for(
+        browser,
+        lambda d: "pool_size" in page_text(d) and d.execute_script(COMPARE_METRIC_JS, "val_acc"),
+        "the compare view's params and metrics",
+    )
     tables = browser.execute_script(COMPARE_TABLE_JS)
     order = next(r[1:] for r in tables if r and r[0].startswith("Run ID"))
     assert sorted(order) == sorted(ids)
     accs = browser.execute_script(COMPARE_METRIC_JS, "val_acc")
     by_id = {r.info.run_id: r for r in trials.values()}
-    for param in ("pool_size", "top_k", "group_start"):   # every searched parameter
+    for param in ("pool_size", "top_k", "group_start"):  # every searched parameter
         shown = next(r[1:] for r in tables if r and r[0] == param)
         assert shown == [by_id[run_id].data.params[param] for run_id in order], (param, shown)
     for run_id, acc in zip(order, accs):
         assert close(acc, by_id[run_id].data.metrics["val_acc"]), (run_id, acc)
-    for constant in ("phase", "epoch"):   # not metrics: the compare plots would open on them
+    for constant in ("phase", "epoch"):  # not metrics: the compare plots would open on them
         assert browser.execute_script(COMPARE_METRIC_JS, constant) is None, constant
     assert all(f"trial-{t}" in page_text(browser) for t in trials)
-    wait_for(browser, lambda d: d.execute_script("return document.querySelectorAll('.js-plotly-plot svg').length"),
-             "the parallel coordinates plot", 60)
+    wait_for(
+        browser,
+        lambda d: d.execute_script("return document.querySelectorAll('.js-plotly-plot svg').length"),
+        "the parallel coordinates plot",
+        60,
+    )
     browser.save_screenshot(str(tmp_path / "compare-runs.png"))
 
     # 3. the search report among the parent run's artifacts
     browser.get(f"{mlflow_server}/#/experiments/{exp}/runs/{parent.info.run_id}/artifactPath/report/summary.html")
-    wait_for(browser, lambda d: "summary.html" in page_text(d) and "trials.csv" in page_text(d),
-             "the parent's report artifacts")
+    wait_for(
+        browser,
+        lambda d: "summary.html" in page_text(d) and "trials.csv" in page_text(d),
+        "the parent's report artifacts",
+    )
     frame = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "iframe"), "the summary's frame")
     browser.switch_to.frame(frame)
     best = parent.data.tags["lpt.best_trial_id"]

@@ -31,8 +31,7 @@ def test_forward_equals_plain_two_pass(backbone, phase):
 def test_gradients_reach_only_the_phase_parameters(backbone):
     model = LPT(backbone, 5, prompt_length=2, pool_size=4, top_k=2, group_start=2)
     images = torch.randn(4, 3, 32, 32)
-    for phase, trained in ((1, {"shared_prompts", "head.weight"}),
-                           (2, {"group_prompts", "group_keys", "head.weight"})):
+    for phase, trained in ((1, {"shared_prompts", "head.weight"}), (2, {"group_prompts", "group_keys", "head.weight"})):
         model.set_phase(phase).train()
         model.zero_grad(set_to_none=True)
         logits, aux = model(images)
@@ -52,6 +51,7 @@ def test_phase2_trunk_keeps_no_graph(backbone):
             out = fn(block, x, prompts)
             seen.append((i, out.requires_grad))
             return out
+
         return run
 
     model._block_fns = [recording(i, fn) for i, fn in enumerate(model._block_fns)]
@@ -62,8 +62,9 @@ def test_phase2_trunk_keeps_no_graph(backbone):
 
 def saved_activation_bytes(model, images):
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                  lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
+    ):
         model(images)
     return sum(saved)
 
@@ -85,14 +86,18 @@ def make_block(kind):
             return super().forward(x) * 0.5
 
     torch.manual_seed(0)
-    args = {"qkv_bias": dict(qkv_bias=True), "qk_norm": dict(qk_norm=True, init_values=0.1),
-            "no_bias": dict(qkv_bias=False, proj_bias=False)}.get(kind, {})
+    args = {
+        "qkv_bias": dict(qkv_bias=True),
+        "qk_norm": dict(qk_norm=True, init_values=0.1),
+        "no_bias": dict(qkv_bias=False, proj_bias=False),
+    }.get(kind, {})
     return (Scaled if kind == "subclass" else Block)(48, 3, **args).eval()
 
 
 @pytest.mark.parametrize("kind", ["qkv_bias", "qk_norm", "no_bias", "subclass"])
 def test_prompted_block_equals_plain_block_with_gradients(kind):
     from lpt_core.model import plain_block, prompted_block, supports_prompted_block
+
     block = make_block(kind)
     assert supports_prompted_block(block) == (kind != "subclass")
     fast = prompted_block if supports_prompted_block(block) else plain_block
@@ -121,8 +126,7 @@ def test_phase2_step_flops_vit_b16_at_most_077_of_plain():
     lean = count_flops(lambda: step(model))
     plain = count_flops(lambda: step(lambda x: plain_forward(model, x)))
     ratio = lean / plain
-    print(f"ViT-B/16 phase-2 step GFLOP/img: shared trunk {lean / 2e9:.1f}, plain {plain / 2e9:.1f}, "
-          f"ratio {ratio:.3f}")
+    print(f"ViT-B/16 phase-2 step GFLOP/img: shared trunk {lean / 2e9:.1f}, plain {plain / 2e9:.1f}, ratio {ratio:.3f}")
     assert 0.75 < ratio <= 0.77  # shared trunk 0.807; prompts as keys and values only 0.759
     assert 71.5e9 < lean / 2 < 73e9  # about 72.3 GFLOP per image
 
@@ -135,13 +139,16 @@ def test_parameter_count_vit_b16_paper_sizes():
     assert 1.0 < counts["extra_percent"] < 1.4
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(top_k=5, pool_size=4), "top_k"),
-    (dict(group_start=0), "group_start"),
-    (dict(group_start=4), "group_start"),
-    (dict(prompt_length=0), "prompt_length"),
-    (dict(pool_size=0), "pool_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(top_k=5, pool_size=4), "top_k"),
+        (dict(group_start=0), "group_start"),
+        (dict(group_start=4), "group_start"),
+        (dict(prompt_length=0), "prompt_length"),
+        (dict(pool_size=0), "pool_size"),
+    ],
+)
 def test_bad_arguments_name_the_field(backbone, kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}:"):
         LPT(backbone, 5, **kwargs)
@@ -177,8 +184,15 @@ def test_phase1_tensors_do_not_depend_on_the_phase2_shape_before_or_after_phase1
         model = LPT(backbone, 10, prompt_length=4, init_seed=5, **shape)
         init.append({n: v.clone() for n, v in model.prompt_state_dict().items()})
         torch.manual_seed(0)  # what the training itself draws (dropout, crops) is the caller's seed
-        Trainer(model, synthetic_data, 1, PhaseConfig(epochs=1, warmup_epochs=0, batch_size=32, lr=0.5), seed=0,
-                device="cpu", log=None).fit()  # CPU kernels are deterministic; the claim is about inputs
+        Trainer(
+            model,
+            synthetic_data,
+            1,
+            PhaseConfig(epochs=1, warmup_epochs=0, batch_size=32, lr=0.5),
+            seed=0,
+            device="cpu",
+            log=None,
+        ).fit()  # CPU kernels are deterministic; the claim is about inputs
         trained.append(model.prompt_state_dict())
     for name in PHASE1:
         assert torch.equal(init[0][name], init[1][name]), name

@@ -42,14 +42,33 @@ from tune.config.study import ProfileConfig
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT = ROOT / "tune" / "predict.py"
 # as load_profile returns it: every default filled in by the profile model
-PROFILE = ProfileConfig.from_dict({
-    "data": {"name": "synthetic", "num_classes": 10, "imbalance_ratio": 10, "max_per_class": 120,
-             "image_size": 32, "val_per_class": 4, "test_per_class": 4, "seed": 0},
-    "backbone": {"name": "vit_tiny_patch16_224", "weights": "random", "img_size": 32, "patch_size": 8,
-                 "depth": 4, "embed_dim": 96, "num_heads": 3},
-    "model": {"prompt_length": 4, "pool_size": 8, "top_k": 2, "group_start": 2},
-    "phase2": {"epochs": 1, "scale": 20.0}, "seed": 3}).to_dict()
-CONFIG = {"pool_size": 6, "top_k": 3}     # the "trial's" sampled params
+PROFILE = ProfileConfig.from_dict(
+    {
+        "data": {
+            "name": "synthetic",
+            "num_classes": 10,
+            "imbalance_ratio": 10,
+            "max_per_class": 120,
+            "image_size": 32,
+            "val_per_class": 4,
+            "test_per_class": 4,
+            "seed": 0,
+        },
+        "backbone": {
+            "name": "vit_tiny_patch16_224",
+            "weights": "random",
+            "img_size": 32,
+            "patch_size": 8,
+            "depth": 4,
+            "embed_dim": 96,
+            "num_heads": 3,
+        },
+        "model": {"prompt_length": 4, "pool_size": 8, "top_k": 2, "group_start": 2},
+        "phase2": {"epochs": 1, "scale": 20.0},
+        "seed": 3,
+    }
+).to_dict()
+CONFIG = {"pool_size": 6, "top_k": 3}  # the "trial's" sampled params
 ENV = search_env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
 
 
@@ -80,7 +99,7 @@ def registered(tmp_path_factory):
     torch.manual_seed(1)
     model = LPT(backbone, data.num_classes, **{**PROFILE["model"], **CONFIG})
     with torch.no_grad():
-        model.group_keys.normal_()         # distinct keys: the images pick different prompts
+        model.group_keys.normal_()  # distinct keys: the images pick different prompts
     prompt_file = folder / "prompts" / "trial0.safetensors"
     save_prompts(model, prompt_file)
     client = MlflowClient(uri)
@@ -91,11 +110,32 @@ def registered(tmp_path_factory):
     model.set_phase(2)
     test = {f"test_{k}": v for k, v in evaluate(model, data.test, data.class_counts).items() if k.endswith("acc")}
     best = {"trial_id": "trial0", "mlflow_run_id": trial, "val_acc": 55.0, "val_few_acc": 40.0, **CONFIG}
-    model_uri = register_best(uri, "prompt_pool-tiny", study="prompt_pool", profile_name="tiny", profile=PROFILE,
-                              data=data, best=best, config=CONFIG, prompt_file=prompt_file, test=test,
-                              parent_run_id=parent)
-    return dict(folder=folder, uri=uri, client=client, data=data, model=model, backbone=backbone,
-                parent=parent, trial=trial, test=test, model_uri=model_uri, prompt_file=prompt_file)
+    model_uri = register_best(
+        uri,
+        "prompt_pool-tiny",
+        study="prompt_pool",
+        profile_name="tiny",
+        profile=PROFILE,
+        data=data,
+        best=best,
+        config=CONFIG,
+        prompt_file=prompt_file,
+        test=test,
+        parent_run_id=parent,
+    )
+    return dict(
+        folder=folder,
+        uri=uri,
+        client=client,
+        data=data,
+        model=model,
+        backbone=backbone,
+        parent=parent,
+        trial=trial,
+        test=test,
+        model_uri=model_uri,
+        prompt_file=prompt_file,
+    )
 
 
 def test_logged_model_holds_prompts_config_and_example_not_the_backbone(registered, tmp_path):
@@ -113,8 +153,15 @@ def test_logged_model_holds_prompts_config_and_example_not_the_backbone(register
     mlflow.set_tracking_uri(uri)
     local = Path(mlflow.artifacts.download_artifacts(registered["model_uri"], dst_path=str(tmp_path)))
     files = {str(p.relative_to(local)): p.stat().st_size for p in local.rglob("*") if p.is_file()}
-    assert {"MLmodel", "artifacts/prompts.safetensors", "artifacts/lpt_model.json", "input_example.json",
-            "serving_input_example.json", "lpt_model_code.py", "requirements.txt"} <= set(files)
+    assert {
+        "MLmodel",
+        "artifacts/prompts.safetensors",
+        "artifacts/lpt_model.json",
+        "input_example.json",
+        "serving_input_example.json",
+        "lpt_model_code.py",
+        "requirements.txt",
+    } <= set(files)
     # models-from-code: the model is tune/serving/lpt_model_code.py, nothing is pickled
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
     pyfunc = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
@@ -131,8 +178,17 @@ def test_logged_model_holds_prompts_config_and_example_not_the_backbone(register
     assert config["backbone"] == PROFILE["backbone"] and config["backbone_seed"] == PROFILE["seed"]
     assert config["model"] == {**PROFILE["model"], **CONFIG}
     assert config["class_names"] == registered["data"].class_names and config["image_size"] == 32
-    assert config["normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
-                                       "crop_pct": 0.875, "eval_resize": "square"} and config["logit_scale"] == 20.0
+    assert (
+        config["normalisation"]
+        == {
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "interpolation": "bilinear",
+            "crop_pct": 0.875,
+            "eval_resize": "square",
+        }
+        and config["logit_scale"] == 20.0
+    )
     meta = mlflow.models.get_model_info(registered["model_uri"])
     assert meta.signature.inputs.input_names() == ["image"]
     assert meta.signature.outputs.input_names() == ["class_index", "class_name", "probability"]
@@ -155,7 +211,7 @@ def test_every_input_form_gives_the_trained_models_answer(registered, tmp_path):
         Path(paths[-1]).write_bytes(png_bytes(img))
     with torch.no_grad():
         expected = model.eval()(torch.stack([data.test[i][0] for i in range(len(data.test))]))[0].argmax(1).tolist()
-    assert len(set(expected)) > 1   # not a constant answer
+    assert len(set(expected)) > 1  # not a constant answer
 
     by_bytes = loaded.predict(pd.DataFrame({"image": [png_bytes(img) for img in images]}), params={"top_classes": 3})
     by_path = loaded.predict(pd.DataFrame({"image": paths}), params={"top_classes": 3})
@@ -165,20 +221,24 @@ def test_every_input_form_gives_the_trained_models_answer(registered, tmp_path):
     by_float = classifier.predict(torch.stack([data.test[i][0] for i in range(len(data.test))]), k=3)
     for answer in (by_path, by_tensor, pd.DataFrame(by_batch), pd.DataFrame(by_float)):
         assert answer["class_index"].tolist() == by_bytes["class_index"].tolist()
-        assert answer["probability"].apply(lambda p: [round(x, 5) for x in p]).tolist() == \
-            by_bytes["probability"].apply(lambda p: [round(x, 5) for x in p]).tolist()
+        assert (
+            answer["probability"].apply(lambda p: [round(x, 5) for x in p]).tolist()
+            == by_bytes["probability"].apply(lambda p: [round(x, 5) for x in p]).tolist()
+        )
     assert [row[0] for row in by_bytes["class_index"]] == expected
     for idx, names, probs in by_bytes.itertuples(index=False):
         assert len(idx) == 3 and names == [data.class_names[c] for c in idx]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
-    assert len(loaded.predict(pd.DataFrame({"image": paths[:1]}))["class_index"][0]) == 5   # the default
+    assert len(loaded.predict(pd.DataFrame({"image": paths[:1]}))["class_index"][0]) == 5  # the default
 
 
 def test_bad_input_is_one_line(registered, tmp_path):
     mlflow.set_tracking_uri(registered["uri"])
     loaded = mlflow.pyfunc.load_model(registered["model_uri"])
-    cases = {"not an image": (pd.DataFrame({"image": [b"\x89PNG but not really"]}), r"images\[0\]: unreadable image"),
-             "missing file": (pd.DataFrame({"image": [str(tmp_path / "nope.jpg")]}), r"nope\.jpg: no such image file")}
+    cases = {
+        "not an image": (pd.DataFrame({"image": [b"\x89PNG but not really"]}), r"images\[0\]: unreadable image"),
+        "missing file": (pd.DataFrame({"image": [str(tmp_path / "nope.jpg")]}), r"nope\.jpg: no such image file"),
+    }
     for what, (frame, pattern) in cases.items():
         with pytest.raises(MlflowException) as err:
             loaded.predict(frame)
@@ -206,6 +266,7 @@ def test_missing_backbone_weights_fail_like_the_search(registered, tmp_path, mon
     assert one_line(err.value.message) == str(search_error.value)
     assert "backbone.weights: pretrained weights for vit_tiny_patch16_224" in str(search_error.value)
     from tune import predict as predict_cli
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
     assert predict_cli.main(["--model", str(local), "--split", "test", "--out", str(tmp_path / "p.csv")]) == 2
     assert f"error: --model {local}: {search_error.value}" in capsys.readouterr().err.splitlines()
@@ -230,61 +291,81 @@ def test_a_pickled_model_is_refused_where_the_project_loads_models(registered, t
     assert (local / "python_model.pkl").is_file()
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
     from tune import predict as predict_cli
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
-    capsys.readouterr()   # what logging the model printed
+    capsys.readouterr()  # what logging the model printed
     assert predict_cli.main(["--model", info.model_uri, "--split", "test", "--out", str(tmp_path / "p.csv")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(
-        f"error: --model {info.model_uri}: Deserializing model using pickle is disallowed"), errors
-    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "true"   # load_model put it back
+        f"error: --model {info.model_uri}: Deserializing model using pickle is disallowed"
+    ), errors
+    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "true"  # load_model put it back
     assert lpt_model.load_model(registered["model_uri"]).unwrap_python_model().classifier is not None
 
 
 def run_predict(registered, *args, timeout=300):
-    return subprocess.run([sys.executable, str(PREDICT), *args], cwd=registered["folder"], env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(PREDICT), *args],
+        cwd=registered["folder"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
 def test_predict_cli_images_and_bad_input(registered, tmp_path):
     data = registered["data"]
     photos = tmp_path / "photos"
-    (photos / "sub").mkdir(parents=True)   # searched recursively
+    (photos / "sub").mkdir(parents=True)  # searched recursively
     raw = raw_split(data.test)
     for i in range(3):
         (photos / ("sub" if i else "") / f"img{i}.png").write_bytes(png_bytes(raw[i][0]))
     out = tmp_path / "preds.csv"
-    proc = run_predict(registered, "--model", registered["model_uri"], "--images", str(photos), "--out", str(out),
-                       "--top-classes", "2")
+    proc = run_predict(
+        registered, "--model", registered["model_uri"], "--images", str(photos), "--out", str(out), "--top-classes", "2"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     with open(out) as f:
         rows = list(csv.DictReader(f))
     assert [Path(r["path"]).name for r in rows] == ["img0.png", "img1.png", "img2.png"]
-    assert list(rows[0]) == ["path", "class_index_1", "class_name_1", "probability_1",
-                             "class_index_2", "class_name_2", "probability_2"]
+    assert list(rows[0]) == [
+        "path",
+        "class_index_1",
+        "class_name_1",
+        "probability_1",
+        "class_index_2",
+        "class_name_2",
+        "probability_2",
+    ]
     assert all(r["class_name_1"] == data.class_names[int(r["class_index_1"])] for r in rows)
 
     # bad input, as a user runs it: one line on stderr, exit 2
     (photos / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     proc = run_predict(registered, "--model", registered["model_uri"], "--images", str(photos), "--out", str(out))
-    assert proc.returncode == 2 and re.fullmatch(r"error: --images: \S+broken\.jpg: unreadable image \(.*\)",
-                                                 one_line(proc.stderr)), proc.stderr
+    assert proc.returncode == 2 and re.fullmatch(
+        r"error: --images: \S+broken\.jpg: unreadable image \(.*\)", one_line(proc.stderr)
+    ), proc.stderr
     assert not (photos.parent / "preds.csv.partial").exists() and len(out.read_text().splitlines()) == 4
 
 
 def test_predict_cli_bad_input_names_it(registered, tmp_path, monkeypatch, capsys):
     from tune import predict as predict_cli
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
     empty = tmp_path / "empty"
     empty.mkdir()
     model = registered["model_uri"]
-    bad = {("--model", "models:/prompt_pool-tiny/7", "--images", str(empty)): "--model models:/prompt_pool-tiny/7: ",
-           ("--model", "models:/no-such-model/1", "--images", str(empty)): "--model models:/no-such-model/1: ",
-           ("--model", model, "--images", str(tmp_path / "nope")): f"--images {tmp_path / 'nope'}: no such folder",
-           ("--model", model, "--images", str(empty)): f"--images {empty}: no image files",
-           ("--model", model, "--split", "test", "--profile", "nope"): "nope",
-           ("--model", model, "--split", "test", "--set", "seed=1"): "--set: only with --profile",
-           ("--model", model, "--images", str(empty), "--top-classes", "0"): "--top-classes"}
+    bad = {
+        ("--model", "models:/prompt_pool-tiny/7", "--images", str(empty)): "--model models:/prompt_pool-tiny/7: ",
+        ("--model", "models:/no-such-model/1", "--images", str(empty)): "--model models:/no-such-model/1: ",
+        ("--model", model, "--images", str(tmp_path / "nope")): f"--images {tmp_path / 'nope'}: no such folder",
+        ("--model", model, "--images", str(empty)): f"--images {empty}: no image files",
+        ("--model", model, "--split", "test", "--profile", "nope"): "nope",
+        ("--model", model, "--split", "test", "--set", "seed=1"): "--set: only with --profile",
+        ("--model", model, "--images", str(empty), "--top-classes", "0"): "--top-classes",
+    }
     for args, needle in bad.items():
         assert predict_cli.main([*args, "--out", str(tmp_path / "bad.csv")]) == 2, args
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
@@ -305,8 +386,12 @@ def test_search_registers_its_best_trial(smoke_search):
     model_uri = smoke_model(smoke_search)
     assert model_uri == "models:/prompt_pool-smoke/1"
     client = smoke_search.client()
-    parent = [r for r in client.search_runs([client.get_experiment_by_name("prompt_pool").experiment_id],
-                                            "tags.`lpt.role` = 'study'")][0]
+    parent = [
+        r
+        for r in client.search_runs(
+            [client.get_experiment_by_name("prompt_pool").experiment_id], "tags.`lpt.role` = 'study'"
+        )
+    ][0]
     version = client.get_model_version("prompt_pool-smoke", "1")
     best_id = parent.data.tags["lpt.best_trial_id"]
     assert version.tags["lpt.trial_id"] == best_id and version.tags["lpt.parent_run_id"] == parent.info.run_id
@@ -327,12 +412,20 @@ def test_fresh_process_predicts_the_searchs_test_accuracy(smoke_search, tmp_path
     client = smoke_search.client()
     trial = client.get_run(client.get_model_version("prompt_pool-smoke", "1").run_id)
     out = tmp_path / "test-preds.csv"
-    proc = subprocess.run([sys.executable, str(PREDICT), "--model", model_uri, "--split", "test", "--out", str(out)],
-                          cwd=smoke_search.cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(PREDICT), "--model", model_uri, "--split", "test", "--out", str(out)],
+        cwd=smoke_search.cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = trial.data.metrics
-    line = (f"test: {m['test_acc']:.2f}% (many {m['test_many_acc']:.2f} / medium {m['test_medium_acc']:.2f} / "
-            f"few {m['test_few_acc']:.2f})")
+    line = (
+        f"test: {m['test_acc']:.2f}% (many {m['test_many_acc']:.2f} / medium {m['test_medium_acc']:.2f} / "
+        f"few {m['test_few_acc']:.2f})"
+    )
     assert line in proc.stdout.splitlines(), proc.stdout
     assert f"recorded by the search: {line.removeprefix('test: ')}" in proc.stdout
     with open(out) as f:
@@ -343,14 +436,21 @@ def test_fresh_process_predicts_the_searchs_test_accuracy(smoke_search, tmp_path
 
     # the README's three lines, in a fresh process, by the models:/ URI
     readme = (ROOT / "README.md").read_text()
-    snippet = re.search(r"```python\n(import mlflow, pandas as pd\nmodel = mlflow\.pyfunc\.load_model.*?)```",
-                        readme, re.S).group(1)
+    snippet = re.search(
+        r"```python\n(import mlflow, pandas as pd\nmodel = mlflow\.pyfunc\.load_model.*?)```", readme, re.S
+    ).group(1)
     photo = tmp_path / "photos" / "cat.jpg"
     photo.parent.mkdir()
     Image.new("RGB", (48, 40), (200, 40, 40)).save(photo, format="JPEG")
     Image.new("RGB", (32, 32), (20, 40, 200)).save(tmp_path / "photos" / "dog.png")
-    proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**ENV, "MLFLOW_TRACKING_URI": smoke_search.tracking_uri})
+    proc = subprocess.run(
+        [sys.executable, "-c", snippet],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**ENV, "MLFLOW_TRACKING_URI": smoke_search.tracking_uri},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "class_index" in proc.stdout and re.search(r"\n0\s+\[\d+, \d+, \d+\]", proc.stdout), proc.stdout
 
@@ -359,16 +459,28 @@ def test_fresh_process_predicts_the_searchs_test_accuracy(smoke_search, tmp_path
 def test_report_registers_a_finished_search(smoke_search, tmp_path):
     smoke_model(smoke_search)
     copy = smoke_search.copy_to(tmp_path / "search")
-    proc = subprocess.run([sys.executable, str(ROOT / "tune" / "report.py"), "--study", "prompt_pool", "--register"],
-                          cwd=copy.cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tune" / "report.py"), "--study", "prompt_pool", "--register"],
+        cwd=copy.cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model: models:/prompt_pool-smoke/2" in proc.stdout.splitlines()
     client = copy.client()
     first, second = (client.get_model_version("prompt_pool-smoke", v) for v in ("1", "2"))
     assert second.tags["lpt.trial_id"] == first.tags["lpt.trial_id"]
     assert second.tags["test_acc"] == first.tags["test_acc"] and second.run_id == first.run_id
-    proc = subprocess.run([sys.executable, str(ROOT / "tune" / "report.py"), "--study", "prompt_pool",
-                           "--register", "bad/name"], cwd=copy.cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tune" / "report.py"), "--study", "prompt_pool", "--register", "bad/name"],
+        cwd=copy.cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "--register 'bad/name'" in one_line(proc.stderr)
 
 
@@ -380,8 +492,9 @@ def free_port() -> int:
 
 def readme_serve_and_curl() -> tuple[str, str]:
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```bash\n(MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false mlflow models serve .*?)\n(curl .*?)\n```",
-                      readme, re.S)
+    block = re.search(
+        r"```bash\n(MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false mlflow models serve .*?)\n(curl .*?)\n```", readme, re.S
+    )
     return block.group(1), block.group(2)
 
 
@@ -399,13 +512,24 @@ def test_served_model_answers_the_readme_curl(smoke_search, tmp_path):
     (tmp_path / "photos").mkdir()
     Image.open(io.BytesIO(png_bytes(image))).save(tmp_path / "photos" / "cat.jpg", quality=95)
     mlflow.set_tracking_uri(smoke_search.tracking_uri)
-    expected = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"image": [str(tmp_path / "photos" / "cat.jpg")]}))
+    expected = mlflow.pyfunc.load_model(model_uri).predict(
+        pd.DataFrame({"image": [str(tmp_path / "photos" / "cat.jpg")]})
+    )
 
-    env = {**ENV, "MLFLOW_TRACKING_URI": smoke_search.tracking_uri,   # `mlflow` of this interpreter's venv
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **ENV,
+        "MLFLOW_TRACKING_URI": smoke_search.tracking_uri,  # `mlflow` of this interpreter's venv
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen(["bash", "-c", f"exec env {serve}"], cwd=tmp_path, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        ["bash", "-c", f"exec env {serve}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 180
         while True:
@@ -427,10 +551,12 @@ def test_served_model_answers_the_readme_curl(smoke_search, tmp_path):
         assert prediction["class_name"] == expected["class_name"][0]
         assert prediction["probability"] == pytest.approx(expected["probability"][0], abs=1e-6)
         # an unreadable image: a 400 with one line, not a traceback
-        body = json.dumps({"dataframe_split": {"columns": ["image"],
-                                               "data": [[base64.b64encode(b"not an image").decode()]]}}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                         headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"not an image").decode()]]}}
+        ).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(request, timeout=60)
         assert err.value.code == 400
@@ -438,8 +564,9 @@ def test_served_model_answers_the_readme_curl(smoke_search, tmp_path):
         error = json.loads(body)
         # MLflow's server puts the input's repr before the model's one line; no traceback
         assert error["error_code"] == "INVALID_PARAMETER_VALUE" and "Traceback" not in body
-        assert re.fullmatch(r"Error: images\[0\]: unreadable image \(UnidentifiedImageError: .*\)",
-                            error["message"].splitlines()[-1]), error
+        assert re.fullmatch(
+            r"Error: images\[0\]: unreadable image \(UnidentifiedImageError: .*\)", error["message"].splitlines()[-1]
+        ), error
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -452,26 +579,41 @@ def test_served_model_answers_the_readme_curl(smoke_search, tmp_path):
 
 def test_register_name_is_checked_before_anything_runs(capsys):
     from tune import search
+
     assert search.main(["--study", "prompt_pool", "--register", "bad/name", "--dry-run"]) == 2
     assert "--register 'bad/name': a registered model name is letters" in one_line(capsys.readouterr().err)
-    assert search.parse_args(["--study", "s", "--register"]).register == ""   # the default name
+    assert search.parse_args(["--study", "s", "--register"]).register == ""  # the default name
     assert search.parse_args(["--study", "s"]).register is None
 
 
 def test_a_search_without_a_best_trial_has_nothing_to_register(registered, tmp_path):
     from tune.trial.table import write_table
+
     client = registered["client"]
     folder = tmp_path / "prompt_pool-tiny-1"
     folder.mkdir()
-    (folder / "search.json").write_text(json.dumps({"study": "prompt_pool", "profile_name": "tiny", "profile": PROFILE,
-                                                    "study_config": {"space": {"pool_size": {}}}}))
-    write_table([{"trial_id": "t1", "status": "completed", "pool_size": 6, "mlflow_run_id": registered["trial"]}],
-                folder / "trials.parquet")
-    parent = client.get_run(client.create_run(client.get_experiment_by_name("prompt_pool").experiment_id,
-                                              tags={mt.ROLE: "study"}).info.run_id)
+    (folder / "search.json").write_text(
+        json.dumps(
+            {
+                "study": "prompt_pool",
+                "profile_name": "tiny",
+                "profile": PROFILE,
+                "study_config": {"space": {"pool_size": {}}},
+            }
+        )
+    )
+    write_table(
+        [{"trial_id": "t1", "status": "completed", "pool_size": 6, "mlflow_run_id": registered["trial"]}],
+        folder / "trials.parquet",
+    )
+    parent = client.get_run(
+        client.create_run(
+            client.get_experiment_by_name("prompt_pool").experiment_id, tags={mt.ROLE: "study"}
+        ).info.run_id
+    )
     with pytest.raises(NothingToRegister, match=r"no best trial recorded \(tag lpt.best_trial_id\)"):
         register_finished_search(client, registered["uri"], parent, folder, None)
     client.set_tag(parent.info.run_id, "lpt.best_trial_id", "t9")
     with pytest.raises(NothingToRegister, match=r"trials.parquet: no row for the best trial t9"):
         register_finished_search(client, registered["uri"], client.get_run(parent.info.run_id), folder, None)
-    assert not client.search_model_versions("name = 'prompt_pool-tiny'")[1:]   # still only version 1
+    assert not client.search_model_versions("name = 'prompt_pool-tiny'")[1:]  # still only version 1

@@ -28,7 +28,7 @@ def postgres(tmp_path, monkeypatch):
     if reason:
         pytest.skip(reason)
     server = Postgres("storage-test-password").start()
-    pgpass = tmp_path / "pgpass"   # libpq reads the password: the URL (recorded in MLflow) holds none
+    pgpass = tmp_path / "pgpass"  # libpq reads the password: the URL (recorded in MLflow) holds none
     pgpass.write_text(f"*:*:*:postgres:{server.password}")
     pgpass.chmod(0o600)
     monkeypatch.setenv("PGPASSFILE", str(pgpass))
@@ -47,17 +47,17 @@ def test_the_storage_waits_out_a_postgresql_restart(postgres, caplog):
     first = study.ask({"x": optuna.distributions.IntDistribution(0, 9)})
     study.tell(first, 1.0)
 
-    postgres.stop_server("fast")   # as `docker restart` stops it
+    postgres.stop_server("fast")  # as `docker restart` stops it
     restart = threading.Timer(3.0, postgres.start_server)
     restart.start()
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger=optuna_storage.__name__):
-        trial = study.ask({"x": optuna.distributions.IntDistribution(0, 9)})   # made while the server is down
+        trial = study.ask({"x": optuna.distributions.IntDistribution(0, 9)})  # made while the server is down
         trial.report(0.5, 1)
         trial.set_user_attr("trial_id", "t2")
         study.tell(trial, 2.0)
     restart.join()
-    assert time.monotonic() - started >= 2.5   # the first call waited for the server
+    assert time.monotonic() - started >= 2.5  # the first call waited for the server
     assert any("the database is unreachable" in r.getMessage() for r in caplog.records)
 
     again = optuna.load_study(study_name="restart", storage=open_storage(url_of(postgres)))
@@ -70,7 +70,7 @@ def test_an_error_the_server_answers_is_not_waited_out(postgres, monkeypatch):
     engine = sqlalchemy.create_engine(url_of(postgres).replace("postgres@", "postgres:wrong@"))
     with pytest.raises(sqlalchemy.exc.OperationalError) as refused:
         engine.connect()
-    assert not unreachable(refused.value)           # "FATAL: password authentication failed"
+    assert not unreachable(refused.value)  # "FATAL: password authentication failed"
     storage = open_storage(url_of(postgres))
     with pytest.raises(Exception) as missing:
         storage.get_study_id_from_name("no-such-study")
@@ -78,4 +78,4 @@ def test_an_error_the_server_answers_is_not_waited_out(postgres, monkeypatch):
     postgres.stop_server("fast")
     with pytest.raises(sqlalchemy.exc.OperationalError) as down:
         engine.connect()
-    assert unreachable(down.value)                  # "Connection refused"
+    assert unreachable(down.value)  # "Connection refused"

@@ -20,24 +20,37 @@ from tune.phase1.cache import LOCK, PROMPTS, STATE, TAKEOVER, Phase1Cache
 STALE_S, BEAT_S = 3.0, 0.1
 
 
-def _worker(root: str, key: str, log_dir: str, results: str, train_s: float = 1.5, stale_after_s: float = 60.0,
-            heartbeat_s: float = 5.0, until_trainings: int = 0, until_file: str | None = None,
-            log_file: str | None = None) -> None:
+def _worker(
+    root: str,
+    key: str,
+    log_dir: str,
+    results: str,
+    train_s: float = 1.5,
+    stale_after_s: float = 60.0,
+    heartbeat_s: float = 5.0,
+    until_trainings: int = 0,
+    until_file: str | None = None,
+    log_file: str | None = None,
+) -> None:
     """``get_or_train`` whose training takes ``train_s``, then lasts until ``until_trainings`` have
     started and ``until_file`` exists; the cache's messages go to ``log_file``."""
+
     def train(folder: Path) -> dict:
         (Path(log_dir) / f"trained-{os.getpid()}").touch()
         time.sleep(train_s)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and (len(list(Path(log_dir).iterdir())) < until_trainings
-                                               or (until_file and not Path(until_file).exists())):
+        while time.monotonic() < deadline and (
+            len(list(Path(log_dir).iterdir())) < until_trainings or (until_file and not Path(until_file).exists())
+        ):
             time.sleep(0.05)
         (folder / PROMPTS).write_bytes(b"prompts")
         return {"by": os.getpid()}
+
     def log(message: str) -> None:
         if log_file:
             with open(log_file, "a") as f:
                 f.write(message + "\n")
+
     cache = Phase1Cache(root, poll_s=0.05, stale_after_s=stale_after_s, heartbeat_s=heartbeat_s)
     path, trained = cache.get_or_train(key, train, log=log)
     Path(results, f"{os.getpid()}").write_text(f"{path}|{trained}")
@@ -71,7 +84,7 @@ def test_concurrent_trials_train_phase1_once(tmp_path):
     assert {p for p, _ in outcomes} == {str(tmp_path / "cache" / "k1" / PROMPTS)}
     assert Phase1Cache(tmp_path / "cache").info("k1")["by"] > 0
     entry = tmp_path / "cache" / "k1"
-    assert sorted(p.name for p in entry.iterdir()) == ["info.json", PROMPTS]   # no lock, no temporary file
+    assert sorted(p.name for p in entry.iterdir()) == ["info.json", PROMPTS]  # no lock, no temporary file
 
 
 def _stale_lock(folder: Path) -> bytes:
@@ -89,12 +102,13 @@ def _stale_lock(folder: Path) -> bytes:
 def test_a_stale_lock_is_taken_over_by_exactly_one_of_its_waiters(tmp_path):
     logs, results = _dirs(tmp_path)
     _stale_lock(tmp_path / "cache" / "k2")
-    procs = [_start(_worker, str(tmp_path / "cache"), "k2", str(logs), str(results), 1.5, STALE_S, BEAT_S)
-             for _ in range(3)]
+    procs = [
+        _start(_worker, str(tmp_path / "cache"), "k2", str(logs), str(results), 1.5, STALE_S, BEAT_S) for _ in range(3)
+    ]
     _join(procs)
-    assert len(list(logs.iterdir())) == 1                         # one training, not one per waiter
+    assert len(list(logs.iterdir())) == 1  # one training, not one per waiter
     assert sorted(f.read_text().split("|")[1] for f in results.iterdir()) == ["False", "False", "True"]
-    assert not list((tmp_path / "cache" / "k2").glob(LOCK + "*"))   # the lock and the takeover marker
+    assert not list((tmp_path / "cache" / "k2").glob(LOCK + "*"))  # the lock and the takeover marker
 
 
 def test_a_stale_lock_is_judged_on_the_waiters_clock(tmp_path):
@@ -105,6 +119,7 @@ def test_a_stale_lock_is_judged_on_the_waiters_clock(tmp_path):
     def train(folder):
         (folder / PROMPTS).write_bytes(b"x")
         return {}
+
     path, trained = cache.get_or_train("k3", train, log=lambda m: None)
     assert trained and path.read_bytes() == b"x"
     assert 0.5 <= time.monotonic() - started < 10
@@ -141,7 +156,7 @@ def test_a_live_owner_is_not_taken_over_and_an_owner_removes_only_its_own_lock(t
     taker = _start(_worker, root, "stall", str(logs), str(results), 0.0, 0.5, BEAT_S, until_file=str(checked))
     slow.join(60)
     assert slow.exitcode == 0
-    held = json.loads(lock.read_text())                  # the stalled owner ended: the lock is the taker's
+    held = json.loads(lock.read_text())  # the stalled owner ended: the lock is the taker's
     assert held["pid"] == taker.pid and held["token"] != first["token"]
     checked.touch()
     _join([taker])
@@ -151,7 +166,8 @@ def test_a_live_owner_is_not_taken_over_and_an_owner_removes_only_its_own_lock(t
 def _crash_mid_phase1(root: str, key: str) -> None:
     def train(folder):
         (folder / STATE).write_bytes(b"epoch 1")
-        os._exit(1)   # killed mid-phase 1: lock and resume state stay behind
+        os._exit(1)  # killed mid-phase 1: lock and resume state stay behind
+
     Phase1Cache(root).get_or_train(key, train, log=lambda m: None)
 
 
@@ -167,10 +183,11 @@ def test_a_crash_mid_phase1_does_not_block_the_next_owner(tmp_path):
         resumed_from.append((folder / STATE).read_bytes())
         (folder / PROMPTS).write_bytes(b"x")
         return {}
+
     started = time.monotonic()
     path, trained = Phase1Cache(tmp_path, poll_s=0.05).get_or_train("k4", train, log=lambda m: None)
     assert trained and resumed_from == [b"epoch 1"]
-    assert time.monotonic() - started < 5       # the owner's process is gone: no 60 s stale wait
+    assert time.monotonic() - started < 5  # the owner's process is gone: no 60 s stale wait
     assert not lock.exists() and not list(lock.parent.glob(TAKEOVER + "*"))
 
 
@@ -197,16 +214,34 @@ def test_the_key_holds_every_input_of_phase_1_and_no_phase_2_value():
     base = key()
     assert base == key() == key(device="cpu")
     phase1 = load_profile("smoke")[1]["phase1"]
-    changed = [f"phase1.{name}={other(name, value)}" for name, value in PhaseConfig().to_dict().items()
-               for value in [phase1.get(name, value)]]
-    changed += ["model.head_dropout=0.2", "compile=true", "data.gpu_augment=true", "loader.num_workers=2",
-                "backbone.depth=3", "data.seed=1", "input.crop_pct=1.0", "input.interpolation=bicubic"]
+    changed = [
+        f"phase1.{name}={other(name, value)}"
+        for name, value in PhaseConfig().to_dict().items()
+        for value in [phase1.get(name, value)]
+    ]
+    changed += [
+        "model.head_dropout=0.2",
+        "compile=true",
+        "data.gpu_augment=true",
+        "loader.num_workers=2",
+        "backbone.depth=3",
+        "data.seed=1",
+        "input.crop_pct=1.0",
+        "input.interpolation=bicubic",
+    ]
     for text in changed:
         assert key(text) != base, text
     assert key(seed=1) != base and key(length=4) != base and key(device="cuda") != base
     same = [f"phase2.{name}={other(name, value)}" for name, value in PhaseConfig().to_dict().items()]
-    same += ["model.pool_size=20", "model.top_k=3", "model.group_start=3", "resources.cpu=2",
-             "loader.eval_batch_size=50", "shot_split=released", "images_per_s=100"]
+    same += [
+        "model.pool_size=20",
+        "model.top_k=3",
+        "model.group_start=3",
+        "resources.cpu=2",
+        "loader.eval_batch_size=50",
+        "shot_split=released",
+        "images_per_s=100",
+    ]
     for text in same:
         assert key(text) == base, text
     # on the device path the loader workers draw no crops: their count does not matter there
@@ -227,8 +262,9 @@ def test_a_trial_whose_phase1_is_missing_trains_it_and_its_wait_says_so(tmp_path
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = mt.experiment_id(client, "cache-test", uri)
-    setup = SearchSetup("smoke", plan.profile, plan.manifest_hash, str(tmp_path), str(tmp_path / "cache"), uri, exp,
-                        "", ("val_acc",))
+    setup = SearchSetup(
+        "smoke", plan.profile, plan.manifest_hash, str(tmp_path), str(tmp_path / "cache"), uri, exp, "", ("val_acc",)
+    )
     waits = []
     for _ in range(2):
         model, _ = build_model(setup, {}, plan.data, 0)

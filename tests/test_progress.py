@@ -13,8 +13,8 @@ def test_the_best_so_far_never_gets_worse():
     a.update_last_result({"val_acc": 80.0})
     b.update_last_result({"val_acc": 86.5})
     assert progress.best([a, b]) == (86.5, {"pool_size": 24})
-    b.update_last_result({"val_acc": 70.0})   # its next epoch reports less
+    b.update_last_result({"val_acc": 70.0})  # its next epoch reports less
     assert progress.best([a, b]) == (86.5, {"pool_size": 24})
-    restored = pickle.loads(pickle.dumps(progress))   # Tuner.restore keeps it
+    restored = pickle.loads(pickle.dumps(progress))  # Tuner.restore keeps it
     assert restored.best([a, b]) == (86.5, {"pool_size": 24}) and restored.started is None
     assert SearchProgress(4, 3, "val_acc", "min", ["pool_size"]).best([a, b]) == (70.0, {"pool_size": 24})

@@ -26,17 +26,36 @@ from tune.trial.table import trial_row, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
-SPACE = {"pool_size": {"type": "int", "low": 4, "high": 40, "step": 2},
-         "top_k": {"type": "int", "low": 1, "high": 4},
-         "group_start": {"type": "int", "low": 2, "high": 10},
-         "lr": {"type": "float", "low": 0.002, "high": 0.2, "log": True},
-         "prompt_length": {"type": "choice", "values": [5, 10, 20]}}
-PROFILE = {"data": {"name": "synthetic", "num_classes": 10, "imbalance_ratio": 10, "max_per_class": 120,
-                    "image_size": 32, "seed": 0},
-           "backbone": {"name": "vit_tiny_patch16_224", "weights": "random", "img_size": 32, "patch_size": 8,
-                        "depth": 4, "embed_dim": 96, "num_heads": 3},
-           "model": {"prompt_length": 4, "pool_size": 8, "top_k": 2, "group_start": 2},
-           "phase1": {"epochs": 2}, "phase2": {"epochs": 4, "lr": 0.5}, "seed": 0}
+SPACE = {
+    "pool_size": {"type": "int", "low": 4, "high": 40, "step": 2},
+    "top_k": {"type": "int", "low": 1, "high": 4},
+    "group_start": {"type": "int", "low": 2, "high": 10},
+    "lr": {"type": "float", "low": 0.002, "high": 0.2, "log": True},
+    "prompt_length": {"type": "choice", "values": [5, 10, 20]},
+}
+PROFILE = {
+    "data": {
+        "name": "synthetic",
+        "num_classes": 10,
+        "imbalance_ratio": 10,
+        "max_per_class": 120,
+        "image_size": 32,
+        "seed": 0,
+    },
+    "backbone": {
+        "name": "vit_tiny_patch16_224",
+        "weights": "random",
+        "img_size": 32,
+        "patch_size": 8,
+        "depth": 4,
+        "embed_dim": 96,
+        "num_heads": 3,
+    },
+    "model": {"prompt_length": 4, "pool_size": 8, "top_k": 2, "group_start": 2},
+    "phase1": {"epochs": 2},
+    "phase2": {"epochs": 4, "lr": 0.5},
+    "seed": 0,
+}
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -51,19 +70,21 @@ def zipf_counts(num_classes: int, n_max: int = 500, ratio: float = 100.0) -> lis
 
 # ============================================================================ per trial
 def test_shot_confusion_and_usage_entropy_by_hand():
-    counts = [300, 150, 60, 30, 10, 5]          # many, many, medium, medium, few, few
+    counts = [300, 150, 60, 30, 10, 5]  # many, many, medium, medium, few, few
     labels = [0, 0, 1, 2, 3, 4, 5, 5]
     preds = [0, 4, 1, 0, 3, 5, 2, 5]
     m = trial_report.shot_confusion(preds, labels, counts)
-    assert m.tolist() == [[2, 0, 1],            # many: 0->0, 0->4 (few), 1->1
-                          [1, 1, 0],            # medium: 2->0 (many), 3->3
-                          [0, 1, 2]]            # few: 4->5, 5->2 (medium), 5->5
+    assert m.tolist() == [
+        [2, 0, 1],  # many: 0->0, 0->4 (few), 1->1
+        [1, 1, 0],  # medium: 2->0 (many), 3->3
+        [0, 1, 2],
+    ]  # few: 4->5, 5->2 (medium), 5->5
     usage = trial_report.prompt_usage([0, 1, 1], [[0, 1], [1, 2], [1, 3]], 2, 4)
     assert usage.tolist() == [[1, 1, 0, 0], [0, 2, 1, 1]]
     assert trial_report.usage_entropy(np.ones((3, 8))) == pytest.approx(1.0)
     assert trial_report.usage_entropy([[0, 5, 0, 0], [0, 7, 0, 0]]) == 0.0
     assert trial_report.usage_entropy([[4]]) == 0.0
-    half = trial_report.usage_entropy([[1, 1, 0, 0]])    # two of four prompts used equally
+    half = trial_report.usage_entropy([[1, 1, 0, 0]])  # two of four prompts used equally
     assert half == pytest.approx(0.5)
 
 
@@ -74,7 +95,7 @@ def fabricated_diagnostics(num_classes=30, pool=10, seed=0) -> dict:
     counts = zipf_counts(num_classes)
     labels = np.repeat(np.arange(num_classes), 20)
     p_ok = np.interp(np.log(counts), [np.log(min(counts)), np.log(max(counts))], [0.3, 0.95])[labels]
-    wrong = rng.integers(0, max(1, num_classes // 3), size=labels.size)   # mistakes go to head classes
+    wrong = rng.integers(0, max(1, num_classes // 3), size=labels.size)  # mistakes go to head classes
     preds = np.where(rng.random(labels.size) < p_ok, labels, wrong)
     centre = (labels * pool // num_classes)[:, None]
     idx = (centre + rng.integers(0, 2, size=(labels.size, 2)) * np.array([0, 1])) % pool
@@ -87,8 +108,13 @@ def test_trial_figures_are_valid_pngs_with_their_numbers(tmp_path):
     phase1 = {"acc": 61.0, "many_acc": 90.5, "medium_acc": 58.0, "few_acc": 20.0}
     files = trial_report.write_trial_figures(diag, tmp_path, phase1, [f"class {i}" for i in range(30)], "epoch 4")
     names = sorted(p.name for p in files)
-    assert names == ["per_class_accuracy.png", "prompt_usage.png", "shot_accuracy.png", "shot_confusion.png",
-                     "val_diagnostics.json"]
+    assert names == [
+        "per_class_accuracy.png",
+        "prompt_usage.png",
+        "shot_accuracy.png",
+        "shot_confusion.png",
+        "val_diagnostics.json",
+    ]
     for path in files[:-1]:
         w, h = png_size(path)
         assert 300 < w < 2500 and 200 < h < 2500 and path.stat().st_size < 300_000
@@ -98,8 +124,11 @@ def test_trial_figures_are_valid_pngs_with_their_numbers(tmp_path):
     assert sum(numbers["prompt_usage_per_prompt"]) == 600 * 2
     assert 0 < numbers["prompt_usage_entropy"] < 1
     # no phase-1 metrics (a phase-1 run that is gone) and an empty group: still drawn
-    png_size(trial_report.plot_shot_bars({"acc": 50.0, "many_acc": 60.0, "medium_acc": math.nan, "few_acc": 20.0}, None,
-                                  tmp_path / "no_phase1.png"))
+    png_size(
+        trial_report.plot_shot_bars(
+            {"acc": 50.0, "many_acc": 60.0, "medium_acc": math.nan, "few_acc": 20.0}, None, tmp_path / "no_phase1.png"
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -113,15 +142,29 @@ def store(tmp_path_factory):
 def test_log_trial_report_logs_figures_and_entropy(store, backbone):
     from lpt_core import LPT, PhaseConfig, Trainer, evaluate
     from lpt_core.data import build_dataset
+
     _, uri, client = store
-    synthetic_data = build_dataset({"name": "synthetic", "num_classes": 10, "imbalance_ratio": 50,
-                                    "max_per_class": 150, "val_per_class": 6, "test_per_class": 1, "seed": 0})
+    synthetic_data = build_dataset(
+        {
+            "name": "synthetic",
+            "num_classes": 10,
+            "imbalance_ratio": 50,
+            "max_per_class": 150,
+            "val_per_class": 6,
+            "test_per_class": 1,
+            "seed": 0,
+        }
+    )
     assert {n > 100 for n in synthetic_data.class_counts} == {True, False} and min(synthetic_data.class_counts) < 20
     exp = mt.experiment_id(client, "trial_report", uri)
     p1 = client.create_run(exp, tags={mt.ROLE: "phase1", mt.PHASE1_KEY: "k1"}).info.run_id
     for epoch, acc in ((1, 40.0), (2, 55.0)):
-        mt.log(client, p1, metrics={"val_acc": acc, "val_many_acc": acc + 20, "val_medium_acc": acc,
-                                    "val_few_acc": acc - 30}, step=epoch)
+        mt.log(
+            client,
+            p1,
+            metrics={"val_acc": acc, "val_many_acc": acc + 20, "val_medium_acc": acc, "val_few_acc": acc - 30},
+            step=epoch,
+        )
     run = client.create_run(exp, tags={mt.ROLE: "trial"}).info.run_id
     model = LPT(backbone, synthetic_data.num_classes, prompt_length=2, pool_size=4, top_k=2, group_start=2)
     trainer = Trainer(model, synthetic_data, 2, PhaseConfig(epochs=1, batch_size=8), device="cpu", log=None)
@@ -133,16 +176,33 @@ def test_log_trial_report_logs_figures_and_entropy(store, backbone):
     assert logged["prompt_usage_entropy"] == pytest.approx(metrics["prompt_usage_entropy"])
     assert [m.step for m in client.get_metric_history(run, "prompt_usage_entropy")] == [1]
     arts = {a.path for a in client.list_artifacts(run, "report")}
-    assert arts == {f"report/{n}" for n in ("per_class_accuracy.png", "shot_accuracy.png", "shot_confusion.png",
-                                            "prompt_usage.png", "val_diagnostics.json")}
+    assert arts == {
+        f"report/{n}"
+        for n in (
+            "per_class_accuracy.png",
+            "shot_accuracy.png",
+            "shot_confusion.png",
+            "prompt_usage.png",
+            "val_diagnostics.json",
+        )
+    }
     local = Path(client.download_artifacts(run, "report/val_diagnostics.json", str(store[0])))
-    assert json.loads(local.read_text())["phase1"] == {"acc": 55.0, "many_acc": 75.0, "medium_acc": 55.0,
-                                                       "few_acc": 25.0}   # the phase-1 run's last epoch
+    assert json.loads(local.read_text())["phase1"] == {
+        "acc": 55.0,
+        "many_acc": 75.0,
+        "medium_acc": 55.0,
+        "few_acc": 25.0,
+    }  # the phase-1 run's last epoch
     assert lines and lines[0].startswith("report: validation figures logged")
 
     # the report's own validation pass counts exactly what lpt_core.evaluate counts
-    ref = evaluate(model, synthetic_data.val, synthetic_data.class_counts, loader=trainer.val_loader,
-                   batch_transform=synthetic_data.eval_batch_transform)
+    ref = evaluate(
+        model,
+        synthetic_data.val,
+        synthetic_data.class_counts,
+        loader=trainer.val_loader,
+        batch_transform=synthetic_data.eval_batch_transform,
+    )
     diag = json.loads(local.read_text())
     for k in ("acc", "many_acc", "medium_acc", "few_acc"):
         assert diag[k] == pytest.approx(ref[k], nan_ok=True)
@@ -165,18 +225,34 @@ def fabricated_rows(n=9, seed=0, stopped=(2, 6), failed=(4,)) -> list[dict]:
     rows = []
     for i in range(n):
         pool = int(rng.integers(2, 21)) * 2
-        config = {"pool_size": pool, "top_k": int(rng.integers(1, min(4, pool) + 1)),
-                  "group_start": int(rng.integers(2, 4)), "lr": float(np.exp(rng.uniform(np.log(0.002), np.log(0.2)))),
-                  "prompt_length": int(rng.choice([5, 10, 20]))}
+        config = {
+            "pool_size": pool,
+            "top_k": int(rng.integers(1, min(4, pool) + 1)),
+            "group_start": int(rng.integers(2, 4)),
+            "lr": float(np.exp(rng.uniform(np.log(0.002), np.log(0.2)))),
+            "prompt_length": int(rng.choice([5, 10, 20])),
+        }
         acc = 60 + 10 * np.tanh(pool / 20) - 2 * config["top_k"] + rng.normal(0, 1)
         status = "failed" if i in failed else ("early_stopped" if i in stopped else "completed")
         epochs = 4 if status == "completed" else 1
-        result = {"epoch": epochs, "val_acc": acc, "val_many_acc": acc + 15, "val_medium_acc": acc,
-                  "val_few_acc": acc - 25 + pool / 4, "train_loss": 1.2, "mlflow_run_id": None, "node": "n0",
-                  "time_total_s": 20.0 + i}
+        result = {
+            "epoch": epochs,
+            "val_acc": acc,
+            "val_many_acc": acc + 15,
+            "val_medium_acc": acc,
+            "val_few_acc": acc - 25 + pool / 4,
+            "train_loss": 1.2,
+            "mlflow_run_id": None,
+            "node": "n0",
+            "time_total_s": 20.0 + i,
+        }
         if status == "failed":
-            result = {"epoch": 1, "val_acc": math.nan, "error": "train_loss is nan in phase 2 epoch 0",
-                      "time_total_s": 3.0}
+            result = {
+                "epoch": 1,
+                "val_acc": math.nan,
+                "error": "train_loss is nan in phase 2 epoch 0",
+                "time_total_s": 3.0,
+            }
         rows.append(trial_row(f"t{i:03d}", config, list(SPACE), result, 4))
     return rows
 
@@ -186,44 +262,81 @@ def fabricate_search(client, uri, root: Path, study: str, rows: list[dict], obje
     exp = mt.experiment_id(client, study, uri)
     folder = root / f"{study}-smoke-20260101-000000"
     (folder / "prompts").mkdir(parents=True)
-    parent = client.create_run(exp, run_name=folder.name, tags={mt.ROLE: "study", "lpt.search": folder.name,
-                                                                 "lpt.storage": str(folder)}).info.run_id
-    mt.log(client, parent, params={"study": study, "profile": "smoke", "objective": json.dumps(objective),
-                                   "space": json.dumps(SPACE)})
+    parent = client.create_run(
+        exp, run_name=folder.name, tags={mt.ROLE: "study", "lpt.search": folder.name, "lpt.storage": str(folder)}
+    ).info.run_id
+    mt.log(
+        client,
+        parent,
+        params={"study": study, "profile": "smoke", "objective": json.dumps(objective), "space": json.dumps(SPACE)},
+    )
     for i, row in enumerate(rows):
-        run = client.create_run(exp, run_name=f"trial-{row['trial_id']}", start_time=1_000_000 + i,
-                                tags={mt.ROLE: "trial", mt.PARENT: parent, mt.TRIAL_ID: row["trial_id"]}).info.run_id
+        run = client.create_run(
+            exp,
+            run_name=f"trial-{row['trial_id']}",
+            start_time=1_000_000 + i,
+            tags={mt.ROLE: "trial", mt.PARENT: parent, mt.TRIAL_ID: row["trial_id"]},
+        ).info.run_id
         row["mlflow_run_id"] = run
         curve = [Metric("val_acc", row["val_acc"] - 3 * (row["epochs"] - e), 0, e) for e in range(1, row["epochs"] + 1)]
         client.log_batch(run, metrics=curve, params=[Param(k, str(row[k])) for k in SPACE])
     write_table(rows, folder / "trials.parquet")
     done = [r for r in rows if r["status"] == "completed"]
     best = max(done, key=lambda r: r["val_acc"])
-    tensors = {"shared_prompts": torch.zeros(4, 4, 96), "group_prompts": torch.zeros(best["pool_size"], 2, 4, 96),
-               "group_keys": torch.zeros(best["pool_size"], 96), "head_weight": torch.zeros(10, 96)}
+    tensors = {
+        "shared_prompts": torch.zeros(4, 4, 96),
+        "group_prompts": torch.zeros(best["pool_size"], 2, 4, 96),
+        "group_keys": torch.zeros(best["pool_size"], 96),
+        "head_weight": torch.zeros(10, 96),
+    }
     from safetensors.torch import save_file
+
     save_file(tensors, str(folder / "prompts" / f"{best['trial_id']}.safetensors"))
     client.set_tag(parent, "lpt.best_trial_id", best["trial_id"])
     if "metrics" in objective:
         keys = objective["metrics"]
-        front = [a["trial_id"] for a in done if not any(
-            all(b[k] >= a[k] for k in keys) and any(b[k] > a[k] for k in keys) for b in done)]
+        front = [
+            a["trial_id"]
+            for a in done
+            if not any(all(b[k] >= a[k] for k in keys) and any(b[k] > a[k] for k in keys) for b in done)
+        ]
         client.set_tag(parent, "lpt.pareto_trials", ",".join(front))
-    mt.log(client, parent, metrics={"search_wall_s": 321.0, "best_test_acc": 71.25, "best_test_many_acc": 88.5,
-                                    "best_test_medium_acc": 70.0, "best_test_few_acc": 43.75})
-    (folder / "search.json").write_text(json.dumps({"name": folder.name, "study": study, "profile_name": "smoke",
-                                                    "profile": PROFILE, "study_config": {"space": SPACE,
-                                                                                         "objective": objective},
-                                                    "experiment_id": exp, "parent_run_id": parent}))
+    mt.log(
+        client,
+        parent,
+        metrics={
+            "search_wall_s": 321.0,
+            "best_test_acc": 71.25,
+            "best_test_many_acc": 88.5,
+            "best_test_medium_acc": 70.0,
+            "best_test_few_acc": 43.75,
+        },
+    )
+    (folder / "search.json").write_text(
+        json.dumps(
+            {
+                "name": folder.name,
+                "study": study,
+                "profile_name": "smoke",
+                "profile": PROFILE,
+                "study_config": {"space": SPACE, "objective": objective},
+                "experiment_id": exp,
+                "parent_run_id": parent,
+            }
+        )
+    )
     client.set_terminated(parent, "FINISHED")
     return parent, folder
 
 
 def test_build_study_rebuilds_states_params_and_curves():
     import optuna
+
     rows = fabricated_rows()
     histories = {r["trial_id"]: {1: 50.0, 2: 55.0} for r in rows}
-    study = search_report.build_study(rows, SPACE, ["val_acc"], ["max"], histories, order=[r["trial_id"] for r in rows[::-1]])
+    study = search_report.build_study(
+        rows, SPACE, ["val_acc"], ["max"], histories, order=[r["trial_id"] for r in rows[::-1]]
+    )
     states = [t.state.name for t in study.trials]
     assert states.count("COMPLETE") == 6 and states.count("PRUNED") == 2 and states.count("FAIL") == 1
     assert [t.user_attrs["trial_id"] for t in study.trials] == [r["trial_id"] for r in rows[::-1]]
@@ -245,14 +358,24 @@ def test_report_cli_rebuilds_a_search_from_mlflow_and_the_table(store, tmp_path,
     folder_db, uri, client = store
     mt.experiment_id(client, "trial_report", uri)
     rows = fabricated_rows()
-    rows[0]["baseline"] = True   # the search's first trial: the profile's values
-    parent, folder = fabricate_search(client, uri, tmp_path / "runs", "pool_study", rows,
-                                      {"metric": "val_acc", "mode": "max"})
-    mt.log(client, parent, metrics={"gain_val_acc": 1.5, "gain_val_many_acc": 0.25, "gain_val_medium_acc": 2.0,
-                                    "gain_val_few_acc": 3.75})
+    rows[0]["baseline"] = True  # the search's first trial: the profile's values
+    parent, folder = fabricate_search(
+        client, uri, tmp_path / "runs", "pool_study", rows, {"metric": "val_acc", "mode": "max"}
+    )
+    mt.log(
+        client,
+        parent,
+        metrics={"gain_val_acc": 1.5, "gain_val_many_acc": 0.25, "gain_val_medium_acc": 2.0, "gain_val_few_acc": 3.75},
+    )
     rows2 = fabricated_rows(n=3, seed=1, stopped=(1, 2), failed=())  # one completed trial, two objectives
-    parent2, folder2 = fabricate_search(client, uri, tmp_path / "runs2", "pool_study", rows2,
-                                        {"metrics": ["val_acc", "val_few_acc"], "modes": ["max", "max"]})
+    parent2, folder2 = fabricate_search(
+        client,
+        uri,
+        tmp_path / "runs2",
+        "pool_study",
+        rows2,
+        {"metrics": ["val_acc", "val_few_acc"], "modes": ["max", "max"]},
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
 
     # the latest search of the study, written beside its table: several objectives (the Pareto front, no
@@ -272,8 +395,13 @@ def test_report_cli_rebuilds_a_search_from_mlflow_and_the_table(store, tmp_path,
     out = tmp_path / "again"
     assert report_cli.main(["--study", "pool_study", "--run-id", parent, "--out", str(out)]) == 0
     pngs = {p.name for p in out.glob("*.png")}
-    assert pngs == {"optimization_history.png", "intermediate_values.png", "param_importances.png",
-                    "parallel_coordinate.png", "slice.png"}
+    assert pngs == {
+        "optimization_history.png",
+        "intermediate_values.png",
+        "param_importances.png",
+        "parallel_coordinate.png",
+        "slice.png",
+    }
     for p in out.glob("*.png"):
         png_size(p)
     with open(out / "trials.csv") as f:
@@ -289,19 +417,30 @@ def test_report_cli_rebuilds_a_search_from_mlflow_and_the_table(store, tmp_path,
     extra = 4 * 4 * 96 + best["pool_size"] * (2 * 4 * 96 + 96) + 10 * 96
     assert f"{extra:,}</b>" in page and "% of the" in page
     assert page.count("data:image/png;base64,") == 5
-    baseline_row = (f"<tr><td>validation, baseline trial t000 (the profile's values)</td><td>{rows[0]['val_acc']:.2f}</td>"
-                    f"<td>{rows[0]['val_many_acc']:.2f}</td>")
+    baseline_row = (
+        f"<tr><td>validation, baseline trial t000 (the profile's values)</td><td>{rows[0]['val_acc']:.2f}</td>"
+        f"<td>{rows[0]['val_many_acc']:.2f}</td>"
+    )
     assert baseline_row in page, page
-    assert ("<tr><td>gain of the best over the baseline (points)</td><td>1.50</td><td>0.25</td><td>2.00</td>"
-            "<td>3.75</td></tr>") in page
+    assert (
+        "<tr><td>gain of the best over the baseline (points)</td><td>1.50</td><td>0.25</td><td>2.00</td>"
+        "<td>3.75</td></tr>"
+    ) in page
     arts = {a.path for a in client.list_artifacts(parent, "report")}
     assert arts == {f"report/{n}" for n in pngs | {"summary.html", "trials.csv"}}
 
     # --confirm's rows belong to the trial it retrained: after an extension found another best, they go
     confirm_row = "<tr><td>test, confirmation seeds (mean ± std)</td><td>80.00 ± 1.50</td><td>80.00 ± 1.50</td>"
-    mt.log(client, parent, metrics={f"confirm_test_{k}_{s}": v for k in ("acc", "many_acc", "medium_acc", "few_acc")
-                                    for s, v in (("mean", 80.0), ("std", 1.5))},
-           tags={"lpt.confirmed_trial": best["trial_id"]})
+    mt.log(
+        client,
+        parent,
+        metrics={
+            f"confirm_test_{k}_{s}": v
+            for k in ("acc", "many_acc", "medium_acc", "few_acc")
+            for s, v in (("mean", 80.0), ("std", 1.5))
+        },
+        tags={"lpt.confirmed_trial": best["trial_id"]},
+    )
     assert report_cli.main(["--study", "pool_study", "--run-id", parent, "--out", str(out)]) == 0
     page = (out / "summary.html").read_text()
     assert confirm_row in page and "has not been confirmed" not in page
@@ -310,20 +449,26 @@ def test_report_cli_rebuilds_a_search_from_mlflow_and_the_table(store, tmp_path,
     assert report_cli.main(["--study", "pool_study", "--run-id", parent, "--out", str(out)]) == 0
     page = (out / "summary.html").read_text()
     assert confirm_row not in page
-    assert (f"The confirmation seeds retrained trial {earlier}, the best before an extension; this best trial "
-            "has not been confirmed.") in page
+    assert (
+        f"The confirmation seeds retrained trial {earlier}, the best before an extension; this best trial "
+        "has not been confirmed."
+    ) in page
     capsys.readouterr()
 
     # bad input: one line, exit 2
     trial_run = rows[0]["mlflow_run_id"]
     (folder2 / "trials.parquet").unlink()
-    for args, words in ((["--study", "nope"], "--study nope: no MLflow experiment"),
-                        (["--study", "pool_study", "--run-id", "0" * 32], "no such MLflow run"),
-                        (["--study", "pool_study", "--run-id", trial_run], "not a search's parent run"),
-                        (["--study", "trial_report", "--run-id", parent], "not in experiment 'trial_report'"),
-                        (["--study", "pool_study"], "trials.parquet: missing"),
-                        (["--study", "pool_study", "--run-id", parent, "--storage", str(tmp_path / "nowhere")],
-                         "trials.parquet: missing")):
+    for args, words in (
+        (["--study", "nope"], "--study nope: no MLflow experiment"),
+        (["--study", "pool_study", "--run-id", "0" * 32], "no such MLflow run"),
+        (["--study", "pool_study", "--run-id", trial_run], "not a search's parent run"),
+        (["--study", "trial_report", "--run-id", parent], "not in experiment 'trial_report'"),
+        (["--study", "pool_study"], "trials.parquet: missing"),
+        (
+            ["--study", "pool_study", "--run-id", parent, "--storage", str(tmp_path / "nowhere")],
+            "trials.parquet: missing",
+        ),
+    ):
         assert report_cli.main(args) == 2, args
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and words in err, err
@@ -361,10 +506,16 @@ def test_report_of_a_finished_smoke_search(smoke_search, tmp_path):
         assert "lpt.report_error" not in run.data.tags
         assert 0.0 <= run.data.metrics["prompt_usage_entropy"] <= 1.0
         arts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
-        assert {"report/per_class_accuracy.png", "report/shot_accuracy.png", "report/prompt_usage.png",
-                "report/shot_confusion.png", "report/val_diagnostics.json"} <= arts
-        diag = json.loads(Path(client.download_artifacts(run.info.run_id, "report/val_diagnostics.json",
-                                                         str(tmp_path))).read_text())
+        assert {
+            "report/per_class_accuracy.png",
+            "report/shot_accuracy.png",
+            "report/prompt_usage.png",
+            "report/shot_confusion.png",
+            "report/val_diagnostics.json",
+        } <= arts
+        diag = json.loads(
+            Path(client.download_artifacts(run.info.run_id, "report/val_diagnostics.json", str(tmp_path))).read_text()
+        )
         assert diag["phase1"] is not None and diag["acc"] == pytest.approx(run.data.metrics["val_acc"])
 
     # rebuild from MLflow and the table alone, after the first report is gone (on a copy: the search is shared)
@@ -373,8 +524,14 @@ def test_report_of_a_finished_smoke_search(smoke_search, tmp_path):
     folder = Path(copied.data.tags["lpt.storage"])
     assert folder == copy.folder and folder.is_relative_to(tmp_path.resolve())
     shutil.rmtree(folder / "report")
-    proc = subprocess.run([sys.executable, str(ROOT / "tune" / "report.py"), "--study", "prompt_pool"], cwd=copy.cwd,
-                          env=search_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tune" / "report.py"), "--study", "prompt_pool"],
+        cwd=copy.cwd,
+        env=search_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(folder / "report") in proc.stdout
     rebuilt = {p.name for p in (folder / "report").iterdir()}

@@ -20,7 +20,7 @@ def test_class_aware_draws_classes_uniformly():
     # draws come in runs of 4, so the chi-square of single draws is ~4x its df; 5 df, p=0.001 -> 20.5
     assert chi2 / 4 < 20.5, counts
     runs = [LABELS[i] for i in draws[:400]]
-    assert all(len(set(runs[k:k + 4])) == 1 for k in range(0, 400, 4))
+    assert all(len(set(runs[k : k + 4])) == 1 for k in range(0, 400, 4))
 
 
 @pytest.mark.parametrize("per_class", [1, 4, 3])
@@ -33,9 +33,9 @@ def test_each_class_comes_once_per_cycle_of_shuffled_classes(per_class):
     draws = [LABELS[i] for i in sampler.draw(cycle * 200 + 5, torch.Generator().manual_seed(2))]
     orders = set()
     for k in range(0, 200 * cycle, cycle):
-        block = draws[k:k + cycle]
+        block = draws[k : k + cycle]
         assert Counter(block) == {c: per_class for c in range(6)}, (k, block)
-        assert all(len(set(block[j:j + per_class])) == 1 for j in range(0, cycle, per_class))
+        assert all(len(set(block[j : j + per_class])) == 1 for j in range(0, cycle, per_class))
         orders.add(tuple(block[::per_class]))
     assert len(orders) > 100  # 720 possible orders: reshuffled, not one order repeated
 
@@ -43,7 +43,7 @@ def test_each_class_comes_once_per_cycle_of_shuffled_classes(per_class):
 def test_class_aware_cycles_through_each_class_before_repeating():
     sampler = ClassAwareSampler(LABELS, 6, per_class=4)
     draws = list(sampler.draw(20000, torch.Generator().manual_seed(1)))
-    tail = [i for i in draws if LABELS[i] == 1][:80]   # class 1 has 80 images
+    tail = [i for i in draws if LABELS[i] == 1][:80]  # class 1 has 80 images
     assert sorted(tail) == [i for i, y in enumerate(LABELS) if y == 1]
 
 

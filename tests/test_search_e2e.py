@@ -17,7 +17,7 @@ from tune.config.validation import binomial_se
 from smoke_search import TRIALS as SMOKE_TRIALS, run_search, runs_of, search_argv, search_env
 
 pytestmark = pytest.mark.slow
-SMOKE_LENGTH = load_profile("smoke")[1]["model"]["prompt_length"]   # its one phase 1
+SMOKE_LENGTH = load_profile("smoke")[1]["model"]["prompt_length"]  # its one phase 1
 
 
 def kill_session(sid: int) -> None:
@@ -33,21 +33,25 @@ def kill_session(sid: int) -> None:
 
 def test_smoke_search_records_every_trial(smoke_search, tmp_path):
     # the session's shared smoke search (conftest.py): `search.py --study prompt_pool --trials 6 --register`
-    assert smoke_search.args == ("--study", "prompt_pool", "--trials", str(SMOKE_TRIALS), "--register") and SMOKE_TRIALS == 6
+    assert (
+        smoke_search.args == ("--study", "prompt_pool", "--trials", str(SMOKE_TRIALS), "--register")
+        and SMOKE_TRIALS == 6
+    )
     assert smoke_search.returncode == 0, smoke_search.stderr[-3000:]
     assert "best trial" in smoke_search.stdout and "test:" in smoke_search.stdout
-    folder = smoke_search.folder   # the one search folder
+    folder = smoke_search.folder  # the one search folder
     table = pq.read_table(folder / "trials.parquet").to_pylist()
     assert len(table) == 6 and len({r["trial_id"] for r in table}) == 6
-    assert {"trial_id", "status", "pool_size", "top_k", "group_start", "val_acc", "mlflow_run_id",
-            "wall_s"} <= set(table[0])
+    assert {"trial_id", "status", "pool_size", "top_k", "group_start", "val_acc", "mlflow_run_id", "wall_s"} <= set(
+        table[0]
+    )
     statuses = [r["status"] for r in table]
     assert statuses.count("early_stopped") >= 1 and statuses.count("completed") >= 1
     assert all(r["top_k"] <= r["pool_size"] and 2 <= r["group_start"] <= 3 for r in table)
 
     client = smoke_search.client()
     parents, trials, phase1 = runs_of(client, "study"), runs_of(client, "trial"), runs_of(client, "phase1")
-    assert len(parents) == 1 and len(phase1) == 1   # one prompt length: one phase-1 training
+    assert len(parents) == 1 and len(phase1) == 1  # one prompt length: one phase-1 training
     assert len(trials) == 6
     parent = parents[0]
     assert parent.info.status == "FINISHED"
@@ -71,25 +75,31 @@ def test_smoke_search_records_every_trial(smoke_search, tmp_path):
 
     # the baseline: the profile's values, every epoch, a run tagged as such, its gain on the parent
     [baseline] = [r for r in table if r["baseline"]]
-    assert (baseline["pool_size"], baseline["top_k"], baseline["group_start"]) == (8, 2, 2)   # smoke.yaml's model
+    assert (baseline["pool_size"], baseline["top_k"], baseline["group_start"]) == (8, 2, 2)  # smoke.yaml's model
     assert baseline["status"] == "completed" and baseline["epochs"] == 4
-    assert [r.data.tags["lpt.trial_id"] for r in trials if r.data.tags.get("lpt.baseline") == "true"] == [baseline["trial_id"]]
+    assert [r.data.tags["lpt.trial_id"] for r in trials if r.data.tags.get("lpt.baseline") == "true"] == [
+        baseline["trial_id"]
+    ]
     best_row = next(r for r in table if r["trial_id"] == best[0].data.tags["lpt.trial_id"])
     for k in ("acc", "many_acc", "medium_acc", "few_acc"):
         assert parent.data.metrics[f"baseline_val_{k}"] == baseline[f"val_{k}"]
         assert parent.data.metrics[f"gain_val_{k}"] == pytest.approx(best_row[f"val_{k}"] - baseline[f"val_{k}"])
     assert f"baseline trial {baseline['trial_id']}" in smoke_search.stdout
     # the noise floor: the validation size and one binomial standard error, next to the best and the baseline
-    n_val = 200   # smoke.yaml: 10 classes x val_per_class 20
+    n_val = 200  # smoke.yaml: 10 classes x val_per_class 20
     assert parent.data.metrics["val_images"] == n_val
     assert parent.data.metrics["val_acc_se"] == pytest.approx(binomial_se(best_row["val_acc"], n_val))
     assert parent.data.metrics["baseline_val_acc_se"] == pytest.approx(binomial_se(baseline["val_acc"], n_val))
-    assert "validation: 200 images, 20 per class; one standard error of val_acc: ±2.1 points at 90%" in smoke_search.stdout
-    assert (f"  validation: {best_row['val_acc']:.2f}% ± {binomial_se(best_row['val_acc'], n_val):.2f} "
-            f"(1 SE, 200 images)") in smoke_search.stdout
-    if best_row["trial_id"] != baseline["trial_id"]:   # a gain: measured on the selection set, not confirmed
-        assert ("not confirmed: measured on the 200 validation images the best of 6 trials (one seed each) was "
-                "selected on") in smoke_search.stdout
+    assert (
+        "validation: 200 images, 20 per class; one standard error of val_acc: ±2.1 points at 90%" in smoke_search.stdout
+    )
+    assert (
+        f"  validation: {best_row['val_acc']:.2f}% ± {binomial_se(best_row['val_acc'], n_val):.2f} (1 SE, 200 images)"
+    ) in smoke_search.stdout
+    if best_row["trial_id"] != baseline["trial_id"]:  # a gain: measured on the selection set, not confirmed
+        assert (
+            "not confirmed: measured on the 200 validation images the best of 6 trials (one seed each) was selected on"
+        ) in smoke_search.stdout
         assert "--resume --confirm 3" in smoke_search.stdout
     assert "sampler: TPE (multivariate, constant liar), 2 random start-up trials of 6" in smoke_search.stdout
     assert parent.data.params["sampler"].startswith("TPE (multivariate, constant liar)")
@@ -104,14 +114,20 @@ def test_smoke_search_records_every_trial(smoke_search, tmp_path):
     assert len(runs_of(copy_client, "phase1")) == 1 and len(runs_of(copy_client, "study")) == 2
     assert len(runs_of(copy_client, "trial")) == 7
     assert all(run.info.artifact_uri.startswith(tmp_path.resolve().as_uri()) for run in runs_of(copy_client, "trial"))
-    assert len(runs_of(client, "study")) == 1 and len(runs_of(client, "trial")) == 6   # the shared one is untouched
+    assert len(runs_of(client, "study")) == 1 and len(runs_of(client, "trial")) == 6  # the shared one is untouched
 
 
 def test_sigkill_then_resume_finishes_the_budget_once(tmp_path):
     budget = 5
     args = ("--study", "prompt_pool", "--trials", str(budget), "--set", "phase2.epochs=3")
-    driver = subprocess.Popen(search_argv(*args), cwd=tmp_path, env=search_env(), start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        search_argv(*args),
+        cwd=tmp_path,
+        env=search_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 400
     table = None
     while time.time() < deadline:
@@ -122,7 +138,7 @@ def test_sigkill_then_resume_finishes_the_budget_once(tmp_path):
         assert driver.poll() is None, "the search ended before it could be killed"
         time.sleep(0.5)
     assert table is not None, "no trial finished in time"
-    kill_session(driver.pid)   # the driver and the local Ray it started, like a crash or an OOM kill
+    kill_session(driver.pid)  # the driver and the local Ray it started, like a crash or an OOM kill
     driver.wait()
     finished_before = pq.read_table(table).num_rows
 
@@ -134,16 +150,21 @@ def test_sigkill_then_resume_finishes_the_budget_once(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     trials = runs_of(client, "trial")
     ids = [r.data.tags["lpt.trial_id"] for r in trials]
-    assert sorted(ids) == sorted(r["trial_id"] for r in rows)      # one MLflow run per trial
+    assert sorted(ids) == sorted(r["trial_id"] for r in rows)  # one MLflow run per trial
     assert all(r.info.status == "FINISHED" for r in trials)
     assert len(runs_of(client, "study")) == 1 and len(runs_of(client, "phase1")) == 1
 
 
 def test_diverging_trials_fail_and_the_search_goes_on(tmp_path):
     # scale 1e38 overflows the logits: NaN loss. The random sampler's draws with seed 7 give both values.
-    study = {"budget": {"trials": 4, "concurrency": 1}, "early_stopping": {"enabled": False}, "seed": 7,
-             "sampler": {"type": "random"}, "baseline": {"enabled": False},
-             "space": {"scale": {"type": "choice", "values": [20.0, 1.0e+38]}}}
+    study = {
+        "budget": {"trials": 4, "concurrency": 1},
+        "early_stopping": {"enabled": False},
+        "seed": 7,
+        "sampler": {"type": "random"},
+        "baseline": {"enabled": False},
+        "space": {"scale": {"type": "choice", "values": [20.0, 1.0e38]}},
+    }
     path = tmp_path / "diverge.yaml"
     path.write_text(yaml.safe_dump(study))
     proc = run_search(tmp_path, "--study", str(path), "--set", "phase2.epochs=1", timeout=600)
@@ -162,15 +183,19 @@ def test_diverging_trials_fail_and_the_search_goes_on(tmp_path):
 def test_prompt_length_search_trains_each_phase1_once_up_front(tmp_path):
     """Every phase 1 is trained before the first trial starts, once per length; the trials only
     read the cache and wait 0 s; a second search on the same storage trains none."""
-    study = {"budget": {"trials": 4, "concurrency": 2}, "early_stopping": {"enabled": False}, "seed": 0,
-             "space": {"prompt_length": {"type": "choice", "values": [2, 5]}}}
+    study = {
+        "budget": {"trials": 4, "concurrency": 2},
+        "early_stopping": {"enabled": False},
+        "seed": 0,
+        "space": {"prompt_length": {"type": "choice", "values": [2, 5]}},
+    }
     path = tmp_path / "lengths.yaml"
     path.write_text(yaml.safe_dump(study))
     proc = run_search(tmp_path, "--study", str(path), "--set", "phase2.epochs=1", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "phase 1 up front: 2 configs (prompt_length 2, 5), 0 cached, 2 to train as Ray tasks" in proc.stdout
     assert "phase 1 prompt_length 2 ready" in proc.stdout and "phase 1 prompt_length 5 ready" in proc.stdout
-    assert proc.stdout.count("reusing cached prompts") == 4, proc.stdout[-3000:]   # each trial read it
+    assert proc.stdout.count("reusing cached prompts") == 4, proc.stdout[-3000:]  # each trial read it
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     phase1, trials = runs_of(client, "phase1", "lengths"), runs_of(client, "trial", "lengths")
@@ -192,11 +217,23 @@ def test_prompt_length_search_trains_each_phase1_once_up_front(tmp_path):
 
 def test_a_failed_phase1_fails_the_search_in_one_line(tmp_path):
     # scale 1e38 overflows phase 1's logits: its task raises before any trial starts
-    proc = run_search(tmp_path, "--study", "prompt_pool", "--trials", "2", "--set", "phase1.scale=1.0e+38",
-                      "--set", "phase1.epochs=1", timeout=600)
+    proc = run_search(
+        tmp_path,
+        "--study",
+        "prompt_pool",
+        "--trials",
+        "2",
+        "--set",
+        "phase1.scale=1.0e+38",
+        "--set",
+        "phase1.epochs=1",
+        timeout=600,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: the search failed: Phase1Error: phase 1 of prompt_length {SMOKE_LENGTH} (key "), last
+    assert last.startswith(f"error: the search failed: Phase1Error: phase 1 of prompt_length {SMOKE_LENGTH} (key "), (
+        last
+    )
     assert last.endswith("failed: FloatingPointError: train_loss is nan in phase 1 epoch 0"), last
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert runs_of(client, "study")[0].info.status == "FAILED" and not runs_of(client, "trial")
@@ -204,4 +241,4 @@ def test_a_failed_phase1_fails_the_search_in_one_line(tmp_path):
     assert len(phase1) == 1 and phase1[0].info.status == "FAILED" and "nan" in phase1[0].data.tags["lpt.error"]
     record = next((tmp_path / "runs").glob("prompt_pool-smoke-*/search.json")).read_text()
     assert '"state": "interrupted"' in record
-    assert not list((tmp_path / "runs" / "phase1-cache").glob("*/lock"))   # nothing left to block a retry
+    assert not list((tmp_path / "runs" / "phase1-cache").glob("*/lock"))  # nothing left to block a retry

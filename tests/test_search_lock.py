@@ -15,8 +15,10 @@ from tune.search import main, parse_args
 from tune.engine.search_lock import SearchLock, SearchRunning
 
 ROOT = Path(__file__).resolve().parents[1]
-HOLD = ("import sys, time; from pathlib import Path; from tune.engine.search_lock import SearchLock; "
-        "SearchLock().take(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)")
+HOLD = (
+    "import sys, time; from pathlib import Path; from tune.engine.search_lock import SearchLock; "
+    "SearchLock().take(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)"
+)
 
 
 def hold(folder: Path) -> subprocess.Popen:
@@ -29,25 +31,36 @@ def hold(folder: Path) -> subprocess.Popen:
 def test_a_second_driver_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
     holder = hold(tmp_path)
     try:
-        with pytest.raises(SearchRunning, match=rf"^--resume: {tmp_path.name} is running \(pid {holder.pid} on "
-                                                rf"\S+ since [\d-]+ [\d:]+\): a search runs in one driver at a time"):
+        with pytest.raises(
+            SearchRunning,
+            match=rf"^--resume: {tmp_path.name} is running \(pid {holder.pid} on "
+            rf"\S+ since [\d-]+ [\d:]+\): a search runs in one driver at a time",
+        ):
             SearchLock().take(tmp_path)
     finally:
-        holder.kill()   # SIGKILL: no clean-up of its own
+        holder.kill()  # SIGKILL: no clean-up of its own
         holder.wait()
     with SearchLock() as lock:
         lock.take(tmp_path)
         assert (tmp_path / "search.lock").read_text().startswith(f"pid {os.getpid()} on ")
-    SearchLock().take(tmp_path)   # released on exit
+    SearchLock().take(tmp_path)  # released on exit
 
 
 def test_a_resume_of_a_running_search_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
     argv = ["--study", "prompt_pool", "--trials", "3", "--storage", str(tmp_path / "runs"), "--resume"]
     plan = Plan(parse_args(argv))
-    folder = plan.storage / "prompt_pool-smoke-20260101-000000"   # as the running driver wrote it
+    folder = plan.storage / "prompt_pool-smoke-20260101-000000"  # as the running driver wrote it
     folder.mkdir(parents=True)
-    save_record(folder, {"name": folder.name, "manifest_hash": plan.manifest_hash, "profile": plan.profile,
-                         "study_config": plan.study, "state": "running"})
+    save_record(
+        folder,
+        {
+            "name": folder.name,
+            "manifest_hash": plan.manifest_hash,
+            "profile": plan.profile,
+            "study_config": plan.study,
+            "state": "running",
+        },
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     holder = hold(folder)

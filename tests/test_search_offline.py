@@ -24,8 +24,9 @@ def offline_env(tmp_path) -> dict:
 
 def run_cli(tmp_path, *args, env=None) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
-    proc = subprocess.run(search_argv(*args), cwd=tmp_path, env=env or offline_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        search_argv(*args), cwd=tmp_path, env=env or offline_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
     return proc, time.monotonic() - started
 
 
@@ -36,11 +37,15 @@ def test_a_dry_run_plans_without_the_weights_and_the_data(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.splitlines()
     assert "data: cifar100_lt, 100 classes, 10,847 train / 1,980 val / 10,000 test images; manifest not computed" in out
-    assert (f"not computed here: manifest hash: needs the images' pixels (data.root: {tmp_path}/data/cifar: no such "
-            f"directory); sizes from the official files' 500 train / 100 test images per class") in out
-    assert (f"backbone: vit_base_patch16_224.augreg_in21k (12 blocks), weights pretrained: not checked by a dry run; "
-            f"a search takes them from timm/vit_base_patch16_224.augreg_in21k in the Hugging Face cache "
-            f"{tmp_path}/hf-home/hub (else downloaded from {env['HF_ENDPOINT']})") in out
+    assert (
+        f"not computed here: manifest hash: needs the images' pixels (data.root: {tmp_path}/data/cifar: no such "
+        f"directory); sizes from the official files' 500 train / 100 test images per class"
+    ) in out
+    assert (
+        f"backbone: vit_base_patch16_224.augreg_in21k (12 blocks), weights pretrained: not checked by a dry run; "
+        f"a search takes them from timm/vit_base_patch16_224.augreg_in21k in the Hugging Face cache "
+        f"{tmp_path}/hf-home/hub (else downloaded from {env['HF_ENDPOINT']})"
+    ) in out
     assert "cost per trial: phase 2 trains 90 epochs x 42 steps x 2x256 = 1,935,360 images" in proc.stdout
     assert "Retrying" not in proc.stdout + proc.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
@@ -56,19 +61,26 @@ def test_a_search_without_the_weights_fails_at_once_in_one_line(tmp_path):
     print(f"a search without the weights, offline: {seconds:.1f} s")
     assert proc.returncode == 2, proc.stderr
     [line] = proc.stderr.strip().splitlines()
-    assert line.startswith(f"error: {path}: backbone.weights: pretrained weights for vit_base_patch16_224.augreg_in21k "
-                           f"(timm/vit_base_patch16_224.augreg_in21k) are not on this machine and the Hugging Face hub "
-                           f"cannot be reached (127.0.0.1:")
-    assert line.endswith("connection refused); download them where you are online (hf download "
-                         "timm/vit_base_patch16_224.augreg_in21k) into the Hugging Face cache, or set backbone.weights "
-                         "to a local weights file")
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()   # before Ray, before MLflow
+    assert line.startswith(
+        f"error: {path}: backbone.weights: pretrained weights for vit_base_patch16_224.augreg_in21k "
+        f"(timm/vit_base_patch16_224.augreg_in21k) are not on this machine and the Hugging Face hub "
+        f"cannot be reached (127.0.0.1:"
+    )
+    assert line.endswith(
+        "connection refused); download them where you are online (hf download "
+        "timm/vit_base_patch16_224.augreg_in21k) into the Hugging Face cache, or set backbone.weights "
+        "to a local weights file"
+    )
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()  # before Ray, before MLflow
     assert seconds < 30
 
 
 def test_a_search_without_the_data_still_refuses_before_ray(tmp_path):
-    proc, _ = run_cli(tmp_path, "--study", "prompt_pool", "--profile", "cifar100_lt", "--set", "backbone.weights=random")
+    proc, _ = run_cli(
+        tmp_path, "--study", "prompt_pool", "--profile", "cifar100_lt", "--set", "backbone.weights=random"
+    )
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == (f"error: {PROFILES_DIR}/cifar100_lt.yaml: data.root: {tmp_path}/data/cifar: no such "
-                                   f"directory")
+    assert proc.stderr.strip() == (
+        f"error: {PROFILES_DIR}/cifar100_lt.yaml: data.root: {tmp_path}/data/cifar: no such directory"
+    )
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()

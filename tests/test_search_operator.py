@@ -19,7 +19,7 @@ from tune.config.loading import load_profile
 from smoke_search import run_search, runs_of, search_argv, search_env
 
 pytestmark = pytest.mark.slow
-SMOKE_LENGTH = load_profile("smoke")[1]["model"]["prompt_length"]   # its one phase 1
+SMOKE_LENGTH = load_profile("smoke")[1]["model"]["prompt_length"]  # its one phase 1
 
 ARGS = ("--study", "prompt_pool", "--set", "phase2.epochs=2")
 
@@ -38,8 +38,14 @@ def test_ctrl_c_resume_finished_and_extend(tmp_path):
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
     with open(out, "w") as stdout, open(err, "w") as stderr:
         # a terminal's Ctrl+C: SIGINT to the driver's whole process group
-        driver = subprocess.Popen(search_argv(*ARGS, "--trials", "4"), cwd=tmp_path, env=env,
-                                  start_new_session=True, stdout=stdout, stderr=stderr)
+        driver = subprocess.Popen(
+            search_argv(*ARGS, "--trials", "4"),
+            cwd=tmp_path,
+            env=env,
+            start_new_session=True,
+            stdout=stdout,
+            stderr=stderr,
+        )
         deadline = time.time() + 600
         while time.time() < deadline and not table_rows(tmp_path):
             assert driver.poll() is None, err.read_text()[-3000:]
@@ -49,9 +55,10 @@ def test_ctrl_c_resume_finished_and_extend(tmp_path):
         code = driver.wait(timeout=300)
     stdout_text, stderr_text = out.read_text(), err.read_text()
     assert code == 130, stderr_text[-3000:]
-    assert ("continue with: python tune/search.py --study prompt_pool --profile smoke --set phase2.epochs=2 "
-            "--resume") in stderr_text
-    assert "[search " in stdout_text and "best trial" not in stdout_text   # no wrap-up, no test evaluation
+    assert (
+        "continue with: python tune/search.py --study prompt_pool --profile smoke --set phase2.epochs=2 --resume"
+    ) in stderr_text
+    assert "[search " in stdout_text and "best trial" not in stdout_text  # no wrap-up, no test evaluation
     assert_quiet(stdout_text + stderr_text)
     rows = table_rows(tmp_path)
     assert 1 <= len(rows) <= 4 and {r["status"] for r in rows} <= {"completed", "early_stopped", "interrupted"}
@@ -59,8 +66,8 @@ def test_ctrl_c_resume_finished_and_extend(tmp_path):
     parent = runs_of(client, "study")[0]
     assert parent.info.status == "KILLED" and parent.data.tags["lpt.interrupted"] == "SIGINT"
     assert "best_test_acc" not in parent.data.metrics
-    for row in rows:   # a row names its run, also a trial stopped before its first epoch
-        if row["mlflow_run_id"] is None:   # stopped before it even opened its run
+    for row in rows:  # a row names its run, also a trial stopped before its first epoch
+        if row["mlflow_run_id"] is None:  # stopped before it even opened its run
             assert row["status"] == "interrupted" and row["epochs"] == 0
             continue
         run = client.get_run(row["mlflow_run_id"])
@@ -71,12 +78,14 @@ def test_ctrl_c_resume_finished_and_extend(tmp_path):
     assert_quiet(proc.stdout + proc.stderr)
     tags = runs_of(client, "study")[0].data.tags
     confirmed = tags["lpt.confirmed_trial"]
-    assert confirmed == tags["lpt.best_trial_id"] and "confirm_test_acc_mean" in runs_of(client, "study")[0].data.metrics
+    assert (
+        confirmed == tags["lpt.best_trial_id"] and "confirm_test_acc_mean" in runs_of(client, "study")[0].data.metrics
+    )
     rows = table_rows(tmp_path)
     assert len(rows) == 4 and {r["status"] for r in rows} <= {"completed", "early_stopped"}
     trials = runs_of(client, "trial")
     assert sorted(r.data.tags["lpt.trial_id"] for r in trials) == sorted(r["trial_id"] for r in rows)
-    for run in trials:   # nothing ran twice: one point per epoch
+    for run in trials:  # nothing ran twice: one point per epoch
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
         assert steps == sorted(set(steps)), steps
         assert "phase" not in run.data.metrics and "epoch" not in run.data.metrics
@@ -94,14 +103,16 @@ def test_ctrl_c_resume_finished_and_extend(tmp_path):
     proc = run_search(tmp_path, *ARGS, "--resume", "--trials", "6", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "extending" in proc.stdout and "6/6 done" in proc.stdout
-    tags = runs_of(client, "study")[0].data.tags   # no --confirm: the confirmation stays that of the earlier best
+    tags = runs_of(client, "study")[0].data.tags  # no --confirm: the confirmation stays that of the earlier best
     assert tags["lpt.confirmed_trial"] == confirmed
     stale = f"confirmation: the parent run's confirm_* metrics are of trial {confirmed}, the best before"
     assert (stale in proc.stdout) == (tags["lpt.best_trial_id"] != confirmed), proc.stdout[-2000:]
 
     # a finished search confirms its (new) best on its own: --resume --confirm N, no extension needed
     proc = run_search(tmp_path, *ARGS, "--resume", "--confirm", "1", timeout=900)
-    assert proc.returncode == 0 and "confirmed over 1 seed (test; one seed has no spread)" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "confirmed over 1 seed (test; one seed has no spread)" in proc.stdout, proc.stderr[
+        -3000:
+    ]
     parent = runs_of(client, "study")[0]
     assert parent.data.tags["lpt.confirmed_trial"] == parent.data.tags["lpt.best_trial_id"]
     assert parent.info.status == "FINISHED" and len(table_rows(tmp_path)) == 6
@@ -130,8 +141,9 @@ def test_ctrl_c_during_phase1_up_front_then_resume(tmp_path):
     args = ("--study", "prompt_pool", "--trials", "2", "--set", "phase1.epochs=40", "--set", "phase2.epochs=1")
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
     with open(out, "w") as stdout, open(err, "w") as stderr:
-        driver = subprocess.Popen(search_argv(*args), cwd=tmp_path, env=search_env(), start_new_session=True,
-                                  stdout=stdout, stderr=stderr)
+        driver = subprocess.Popen(
+            search_argv(*args), cwd=tmp_path, env=search_env(), start_new_session=True, stdout=stdout, stderr=stderr
+        )
         deadline = time.time() + 300
         while time.time() < deadline and not list((tmp_path / "runs").glob("phase1-cache/*/state.safetensors")):
             assert driver.poll() is None, err.read_text()[-3000:]
@@ -156,7 +168,7 @@ def test_ctrl_c_during_phase1_up_front_then_resume(tmp_path):
     phase1 = runs_of(client, "phase1")
     assert len(phase1) == 1 and phase1[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(phase1[0].info.run_id, "val_acc")]
-    assert steps == list(range(1, 41))          # each epoch once, across the interruption
+    assert steps == list(range(1, 41))  # each epoch once, across the interruption
     for run in runs_of(client, "trial"):
         assert [m.value for m in client.get_metric_history(run.info.run_id, "phase1_wait_s")] == [0.0]
 
@@ -170,14 +182,12 @@ def test_a_trial_error_carries_its_own_message(tmp_path):
 
     plan = Plan(parse_args(["--study", "prompt_pool", "--trials", "1", "--storage", str(tmp_path / "runs")]))
     profile = plan.profile
-    key = profile_phase1_key(profile, plan.manifest_hash, profile["model"]["prompt_length"], plan.data,
-                             profile["seed"])
+    key = profile_phase1_key(profile, plan.manifest_hash, profile["model"]["prompt_length"], plan.data, profile["seed"])
     entry = tmp_path / "runs" / "phase1-cache" / key
     entry.mkdir(parents=True)
     (entry / PROMPTS).write_bytes(b"not a safetensors file")
 
-    proc = run_search(tmp_path, "--study", "prompt_pool", "--trials", "1", "--set", "phase2.epochs=1",
-                      timeout=600)
+    proc = run_search(tmp_path, "--study", "prompt_pool", "--trials", "1", "--set", "phase2.epochs=1", timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     row = table_rows(tmp_path)[0]
     assert row["status"] == "failed" and "SafetensorError" in row["error"], row["error"]

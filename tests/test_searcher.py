@@ -24,19 +24,26 @@ from tune.errors import ConfigError
 from tune.config.loading import load_profile, load_study
 
 EPOCHS = 4
-SMOKE_PHASE2 = PhaseConfig(epochs=EPOCHS, warmup="step")   # the smoke profile's: ASHA may judge at epoch 1
+SMOKE_PHASE2 = PhaseConfig(epochs=EPOCHS, warmup="step")  # the smoke profile's: ASHA may judge at epoch 1
 
 
 def test_the_start_up_count_is_a_third_of_the_budget_between_2_and_10():
     assert [startup_trials(b) for b in (1, 6, 8, 12, 16, 30, 48, 200)] == [2, 2, 2, 4, 5, 10, 10, 10]
-    _, study = load_study("prompt_pool")   # top_k 1..4 never exceeds the smallest pool_size, 4
-    assert sampler_settings(study, 12) == {"type": "tpe", "seed": 0, "n_startup_trials": 4, "multivariate": True,
-                                           "group": False, "constant_liar": True}
-    study["space"]["top_k"]["high"] = 8   # now top_k's range depends on each trial's pool_size
+    _, study = load_study("prompt_pool")  # top_k 1..4 never exceeds the smallest pool_size, 4
+    assert sampler_settings(study, 12) == {
+        "type": "tpe",
+        "seed": 0,
+        "n_startup_trials": 4,
+        "multivariate": True,
+        "group": False,
+        "constant_liar": True,
+    }
+    study["space"]["top_k"]["high"] = 8  # now top_k's range depends on each trial's pool_size
     settings = sampler_settings(study, 12)
     assert settings["group"] is True
-    assert describe_sampler(settings, 12) == ("TPE (multivariate, group, constant liar), "
-                                              "4 random start-up trials of 12, seed 0")
+    assert describe_sampler(settings, 12) == (
+        "TPE (multivariate, group, constant liar), 4 random start-up trials of 12, seed 0"
+    )
     _, lengths = load_study("prompt_length")
     assert sampler_settings(lengths, 8)["group"] is False and sampler_settings(lengths, 8)["n_startup_trials"] == 2
     sampler = make_sampler(settings, seed_offset=3)
@@ -48,23 +55,35 @@ def test_a_study_names_its_sampler():
     given = sampler_settings({**base, "sampler": {"type": "tpe", "n_startup_trials": 7, "group": False}}, 12)
     assert given["n_startup_trials"] == 7 and given["group"] is False
     assert sampler_settings({**base, "sampler": {"type": "random"}}, 12) == {"type": "random", "seed": 1}
-    for kind, cls in (("gp", optuna.samplers.GPSampler), ("cmaes", optuna.samplers.CmaEsSampler),
-                      ("random", optuna.samplers.RandomSampler)):
+    for kind, cls in (
+        ("gp", optuna.samplers.GPSampler),
+        ("cmaes", optuna.samplers.CmaEsSampler),
+        ("random", optuna.samplers.RandomSampler),
+    ):
         assert isinstance(make_sampler(sampler_settings({**base, "sampler": {"type": kind}}, 12)), cls)
 
 
-@pytest.mark.parametrize("sampler, objective, message", [
-    ({"type": "random", "n_startup_trials": 3}, None, "sampler.n_startup_trials: not for type random"),
-    ({"type": "gp", "multivariate": True}, None, "sampler.multivariate: only for type tpe, not gp"),
-    ({"type": "tpe", "multivariate": False, "group": True}, None, "sampler.group: needs multivariate: true"),
-    ({"type": "cmaes"}, {"metrics": ["val_acc", "val_few_acc"], "modes": ["max", "max"]},
-     "sampler.type: cmaes optimises one objective"),
-    ({"type": "bayes"}, None, "sampler.type"),
-    ({"type": "tpe", "n_startup_trials": -1}, None, "sampler.n_startup_trials"),
-])
+@pytest.mark.parametrize(
+    "sampler, objective, message",
+    [
+        ({"type": "random", "n_startup_trials": 3}, None, "sampler.n_startup_trials: not for type random"),
+        ({"type": "gp", "multivariate": True}, None, "sampler.multivariate: only for type tpe, not gp"),
+        ({"type": "tpe", "multivariate": False, "group": True}, None, "sampler.group: needs multivariate: true"),
+        (
+            {"type": "cmaes"},
+            {"metrics": ["val_acc", "val_few_acc"], "modes": ["max", "max"]},
+            "sampler.type: cmaes optimises one objective",
+        ),
+        ({"type": "bayes"}, None, "sampler.type"),
+        ({"type": "tpe", "n_startup_trials": -1}, None, "sampler.n_startup_trials"),
+    ],
+)
 def test_a_bad_sampler_is_one_line_naming_the_key(tmp_path, capsys, sampler, objective, message):
-    study = {"space": {"margin": {"type": "float", "low": 0.0, "high": 0.5}}, "sampler": sampler,
-             **({"objective": objective} if objective else {})}
+    study = {
+        "space": {"margin": {"type": "float", "low": 0.0, "high": 0.5}},
+        "sampler": sampler,
+        **({"objective": objective} if objective else {}),
+    }
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(study))
     assert main(["--study", str(path), "--dry-run"]) == 2
@@ -77,8 +96,11 @@ def test_the_baseline_is_the_profiles_values_and_must_be_a_possible_trial(tmp_pa
     space = {"prompt_length": {"type": "choice", "values": [2, 10]}, "lr": {"type": "float", "low": 0.01, "high": 0.1}}
     config = baseline_config(space, profile["model"], profile["phase2"])
     assert config == {"prompt_length": profile["model"]["prompt_length"], "lr": profile["phase2"]["lr"]}
-    with pytest.raises(ConfigError, match=r"space.prompt_length.values: the baseline needs the profile's "
-                                          r"prompt_length 5 among \[2, 10\]; add it, or set baseline.enabled: false"):
+    with pytest.raises(
+        ConfigError,
+        match=r"space.prompt_length.values: the baseline needs the profile's "
+        r"prompt_length 5 among \[2, 10\]; add it, or set baseline.enabled: false",
+    ):
         check_baseline(space, config, "s.yaml")
     space["prompt_length"]["values"].append(5)
     assert check_baseline(space, config, "s.yaml") == ["lr=0.5 lies outside 0.01..0.1"]
@@ -87,8 +109,10 @@ def test_the_baseline_is_the_profiles_values_and_must_be_a_possible_trial(tmp_pa
     path.write_text(yaml.safe_dump({"space": space}, sort_keys=False))
     assert main(["--study", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert ("baseline: the first trial runs the profile's values (prompt_length=5, lr=0.5), every epoch "
-            "(exempt from early stopping); note: lr=0.5 lies outside 0.01..0.1") in out
+    assert (
+        "baseline: the first trial runs the profile's values (prompt_length=5, lr=0.5), every epoch "
+        "(exempt from early stopping); note: lr=0.5 lies outside 0.01..0.1"
+    ) in out
     assert "sampler: TPE (multivariate, constant liar), 4 random start-up trials of 12, seed 0" in out
     path.write_text(yaml.safe_dump({"space": space, "baseline": {"enabled": False}}))
     assert main(["--study", str(path), "--dry-run"]) == 0
@@ -103,17 +127,21 @@ def test_a_confirmation_of_an_earlier_best_is_named_as_such():
     """``--confirm``'s metrics stay on the parent run; after an extension found another best without
     ``--confirm``, one summary line says whose they are and how to confirm the new best."""
     args = parse_args(["--study", "prompt_pool", "--profile", "smoke", "--resume", "--trials", "8"])
-    assert stale_confirmation({}, "t2", args) == []   # never confirmed
+    assert stale_confirmation({}, "t2", args) == []  # never confirmed
     assert stale_confirmation({"lpt.confirmed_trial": "t2"}, "t2", args) == []
     [line] = stale_confirmation({"lpt.confirmed_trial": "t1"}, "t2", args)
-    assert line == ("  confirmation: the parent run's confirm_* metrics are of trial t1, the best before this "
-                    "extension; confirm t2 with python tune/search.py --study prompt_pool --profile smoke --resume "
-                    "--confirm N")
+    assert line == (
+        "  confirmation: the parent run's confirm_* metrics are of trial t1, the best before this "
+        "extension; confirm t2 with python tune/search.py --study prompt_pool --profile smoke --resume "
+        "--confirm N"
+    )
 
 
 def test_asha_compares_with_the_baseline_but_never_stops_it():
-    study = {"early_stopping": {"enabled": True, "grace_period": 1, "reduction_factor": 2},
-             "baseline": {"enabled": True, "exempt_from_early_stopping": True}}
+    study = {
+        "early_stopping": {"enabled": True, "grace_period": 1, "reduction_factor": 2},
+        "baseline": {"enabled": True, "exempt_from_early_stopping": True},
+    }
     decisions = {}
     for exempt in (True, False):
         study["baseline"]["exempt_from_early_stopping"] = exempt
@@ -135,14 +163,14 @@ def stand_in(config: dict) -> None:
     """Instant: the profile's values are the worst config; values rise with the epochs."""
     for epoch in range(1, EPOCHS + 1):
         score = 60.0 - abs(config["pool_size"] - 24) - 4 * abs(config["top_k"] - 3) + 2 * epoch
-        tune.report({"val_acc": score, "val_few_acc": 40.0 + config["pool_size"] - 3 * config["top_k"],
-                     "epoch": epoch})
+        tune.report({"val_acc": score, "val_few_acc": 40.0 + config["pool_size"] - 3 * config["top_k"], "epoch": epoch})
 
 
 @pytest.fixture(scope="module")
 def local_ray():
     import sys
     from ray import cloudpickle
+
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
@@ -151,21 +179,40 @@ def local_ray():
 
 def run_study(tmp_path, metrics, modes, trials=8, concurrency=1):
     _, profile = load_profile("smoke")
-    study = {"space": {"pool_size": {"type": "int", "low": 4, "high": 40, "step": 2},
-                       "top_k": {"type": "int", "low": 1, "high": 4}},
-             "budget": {"trials": trials, "concurrency": concurrency, "max_failures": 0},
-             # several objectives: no early stopping (StudyConfig refuses it), as in gcl_asymmetry.yaml
-             "early_stopping": {"enabled": len(metrics) == 1, "grace_period": 1, "reduction_factor": 2}, "seed": 3,
-             "baseline": {"enabled": True, "exempt_from_early_stopping": True}}
+    study = {
+        "space": {
+            "pool_size": {"type": "int", "low": 4, "high": 40, "step": 2},
+            "top_k": {"type": "int", "low": 1, "high": 4},
+        },
+        "budget": {"trials": trials, "concurrency": concurrency, "max_failures": 0},
+        # several objectives: no early stopping (StudyConfig refuses it), as in gcl_asymmetry.yaml
+        "early_stopping": {"enabled": len(metrics) == 1, "grace_period": 1, "reduction_factor": 2},
+        "seed": 3,
+        "baseline": {"enabled": True, "exempt_from_early_stopping": True},
+    }
     record = {"optuna_storage": storage_url(tmp_path), "optuna_study": "stand-in"}
     storage = open_storage(record["optuna_storage"])
-    assert enqueue_baseline(search_study(storage, "stand-in", modes), baseline_config(
-        study["space"], profile["model"], profile["phase2"]))
-    searcher = make_searcher(study, profile["model"], 4, EPOCHS, metrics, modes, sampler_settings(study, trials),
-                             storage=storage, study_name="stand-in")
-    grid = tune.Tuner(stand_in, tune_config=tune.TuneConfig(
-        search_alg=searcher, scheduler=make_scheduler(study, SMOKE_PHASE2, metrics[0], modes[0]), num_samples=trials),
-        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="stand-in", verbose=0)).fit()
+    assert enqueue_baseline(
+        search_study(storage, "stand-in", modes), baseline_config(study["space"], profile["model"], profile["phase2"])
+    )
+    searcher = make_searcher(
+        study,
+        profile["model"],
+        4,
+        EPOCHS,
+        metrics,
+        modes,
+        sampler_settings(study, trials),
+        storage=storage,
+        study_name="stand-in",
+    )
+    grid = tune.Tuner(
+        stand_in,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=make_scheduler(study, SMOKE_PHASE2, metrics[0], modes[0]), num_samples=trials
+        ),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="stand-in", verbose=0),
+    ).fit()
     return record, {r.metrics["trial_id"]: r for r in grid}
 
 
@@ -182,7 +229,7 @@ def test_the_study_outlives_the_search_with_the_baseline_first_and_asha_stops_pr
     assert results[first.user_attrs[TUNE_TRIAL_ID]].config[BASELINE] is True
     assert first.state == TrialState.COMPLETE and results[first.user_attrs[TUNE_TRIAL_ID]].metrics["epoch"] == EPOCHS
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
-    assert pruned, [t.state for t in trials]   # ASHA stopped some: in the study as PRUNED, not COMPLETE
+    assert pruned, [t.state for t in trials]  # ASHA stopped some: in the study as PRUNED, not COMPLETE
     for t in trials:
         last = results[t.user_attrs[TUNE_TRIAL_ID]].metrics
         if t.state == TrialState.PRUNED:
@@ -191,7 +238,7 @@ def test_the_study_outlives_the_search_with_the_baseline_first_and_asha_stops_pr
         else:
             assert t.state == TrialState.COMPLETE and last["epoch"] == EPOCHS and t.value == last["val_acc"]
             assert sorted(t.intermediate_values) == list(range(1, EPOCHS + 1))
-    assert not enqueue_baseline(study, {"pool_size": 8, "top_k": 2})   # the study has its baseline
+    assert not enqueue_baseline(study, {"pool_size": 8, "top_k": 2})  # the study has its baseline
     assert "stand-in" in dashboard_studies(record["optuna_storage"])
 
 
@@ -204,12 +251,17 @@ def dashboard_studies(url: str) -> str:
     import time
     import urllib.request
     from pathlib import Path
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     exe = Path(sys.executable).with_name("optuna-dashboard")
-    proc = subprocess.Popen([str(exe), url, "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(exe), url, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
         while True:
@@ -217,7 +269,9 @@ def dashboard_studies(url: str) -> str:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as answer:
                     return json.dumps(json.load(answer))
             except OSError:
-                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+                assert proc.poll() is None and time.time() < deadline, (
+                    proc.stderr.read() if proc.poll() is not None else "timeout"
+                )
                 time.sleep(0.5)
     finally:
         proc.terminate()
@@ -233,17 +287,23 @@ def test_the_pareto_front_is_optunas_best_trials_over_every_trial(tmp_path, loca
     done = [r.metrics for r in results.values()]
     assert len(done) == 8 and all(m["epoch"] == EPOCHS for m in done)
     keys = ("val_acc", "val_few_acc")
-    expected = sorted(a["trial_id"] for a in done if not any(
-        all(b[k] >= a[k] for k in keys) and any(b[k] > a[k] for k in keys) for b in done))
+    expected = sorted(
+        a["trial_id"]
+        for a in done
+        if not any(all(b[k] >= a[k] for k in keys) and any(b[k] > a[k] for k in keys) for b in done)
+    )
     assert expected and pareto(record) == expected
     study = optuna.load_study(study_name="stand-in", storage=record["optuna_storage"])
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 8
 
 
-@pytest.mark.parametrize("url, message", [
-    ("postgresql+psycopg2://lpt:secret@db:5432/optuna", "the URL holds a password"),
-    ("not a url", "not a database URL"),
-])
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("postgresql+psycopg2://lpt:secret@db:5432/optuna", "the URL holds a password"),
+        ("not a url", "not a database URL"),
+    ],
+)
 def test_a_bad_optuna_storage_is_refused_before_anything_starts(monkeypatch, capsys, url, message):
     monkeypatch.setenv("LPT_OPTUNA_STORAGE", url)
     assert main(["--study", "prompt_pool", "--dry-run"]) == 2

@@ -20,64 +20,94 @@ from tune.config.validation import binomial_se
 from test_data_cifar import shuffled_labels, write_cifar10, write_cifar100
 from test_data_files import write_list
 
-RELEASED = PhaseConfig()                            # 90 epochs, 1 warm-up epoch stepped per epoch
-SMOKE = PhaseConfig(epochs=4, warmup="step")        # the smoke profile's phase 2
+RELEASED = PhaseConfig()  # 90 epochs, 1 warm-up epoch stepped per epoch
+SMOKE = PhaseConfig(epochs=4, warmup="step")  # the smoke profile's phase 2
 ES = {"enabled": True, "grace_period": "auto", "reduction_factor": 2}
 
 
-@pytest.mark.parametrize("phase2, given, grace", [
-    (RELEASED, "auto", 9), (RELEASED, 0.1, 9), (RELEASED, 0.25, 23), (RELEASED, 2, 2), (RELEASED, 30, 30),
-    (SMOKE, "auto", 1), (SMOKE, 0.1, 1), (PhaseConfig(epochs=20), "auto", 2),
-    (PhaseConfig(epochs=90, warmup_epochs=5), "auto", 9), (PhaseConfig(epochs=40, warmup_epochs=5), "auto", 6),
-])
+@pytest.mark.parametrize(
+    "phase2, given, grace",
+    [
+        (RELEASED, "auto", 9),
+        (RELEASED, 0.1, 9),
+        (RELEASED, 0.25, 23),
+        (RELEASED, 2, 2),
+        (RELEASED, 30, 30),
+        (SMOKE, "auto", 1),
+        (SMOKE, 0.1, 1),
+        (PhaseConfig(epochs=20), "auto", 2),
+        (PhaseConfig(epochs=90, warmup_epochs=5), "auto", 9),
+        (PhaseConfig(epochs=40, warmup_epochs=5), "auto", 6),
+    ],
+)
 def test_the_grace_period_resolves_against_the_profiles_phase_2(phase2, given, grace):
     assert grace_epochs({**ES, "grace_period": given}, phase2) == grace
 
 
-@pytest.mark.parametrize("phase2, given, message", [
-    (RELEASED, 1, r"early_stopping.grace_period: 1 is inside phase 2's warm-up .*per epoch.*use auto or at least 2"),
-    (PhaseConfig(epochs=90, warmup_epochs=5, warmup="step"), 0.04,
-     r"early_stopping.grace_period: 0.04 of 90 epochs = 4 is inside phase 2's warm-up \(5 warm-up epochs, "
-     r"per step over epochs 1..5 from lr 1e-06\).*at least 5"),
-    (SMOKE, 5, r"early_stopping.grace_period: 5 is beyond phase 2's 4 epochs"),
-])
+@pytest.mark.parametrize(
+    "phase2, given, message",
+    [
+        (
+            RELEASED,
+            1,
+            r"early_stopping.grace_period: 1 is inside phase 2's warm-up .*per epoch.*use auto or at least 2",
+        ),
+        (
+            PhaseConfig(epochs=90, warmup_epochs=5, warmup="step"),
+            0.04,
+            r"early_stopping.grace_period: 0.04 of 90 epochs = 4 is inside phase 2's warm-up \(5 warm-up epochs, "
+            r"per step over epochs 1..5 from lr 1e-06\).*at least 5",
+        ),
+        (SMOKE, 5, r"early_stopping.grace_period: 5 is beyond phase 2's 4 epochs"),
+    ],
+)
 def test_a_grace_period_inside_the_warm_up_is_refused(phase2, given, message):
     with pytest.raises(ConfigError, match=r"^s.yaml: " + message):
         grace_epochs({**ES, "grace_period": given}, phase2, "s.yaml")
 
 
 def test_auto_turns_asha_off_when_no_epoch_follows_the_warm_up():
-    one = PhaseConfig(epochs=2, warmup_epochs=1)        # epoch 1 at 1e-6, epoch 2 the last
+    one = PhaseConfig(epochs=2, warmup_epochs=1)  # epoch 1 at 1e-6, epoch 2 the last
     assert grace_epochs(ES, one) == 2 and make_scheduler_rungs(one) == []
     assert grace_epochs(ES, PhaseConfig(epochs=1, warmup_epochs=0)) == 1
-    assert isinstance(make_scheduler({"early_stopping": {**ES, "enabled": False},
-                                      "baseline": {"exempt_from_early_stopping": True}}, RELEASED, "val_acc", "max"),
-                      FIFOScheduler)
+    assert isinstance(
+        make_scheduler(
+            {"early_stopping": {**ES, "enabled": False}, "baseline": {"exempt_from_early_stopping": True}},
+            RELEASED,
+            "val_acc",
+            "max",
+        ),
+        FIFOScheduler,
+    )
 
 
 def make_scheduler_rungs(phase2: PhaseConfig) -> list:
-    scheduler = make_scheduler({"early_stopping": ES, "baseline": {"exempt_from_early_stopping": True}},
-                               phase2, "val_acc", "max")
+    scheduler = make_scheduler(
+        {"early_stopping": ES, "baseline": {"exempt_from_early_stopping": True}}, phase2, "val_acc", "max"
+    )
     return sorted(m for m, _ in scheduler._brackets[0]._rungs if m < phase2.epochs)
 
 
 def test_the_shipped_studies_judge_after_a_tenth_of_the_released_schedule():
     assert make_scheduler_rungs(RELEASED) == [9, 18, 36, 72]
-    for name, line in (("prompt_pool", "early stopping: ASHA on val_acc at epochs 9, 18, 36, 72 of 90 "
-                                        "(reduction 2, grace auto)"),
-                       ("full", "early stopping: ASHA on val_acc at epochs 9, 27, 81 of 90 (reduction 3, grace auto)")):
+    for name, line in (
+        ("prompt_pool", "early stopping: ASHA on val_acc at epochs 9, 18, 36, 72 of 90 (reduction 2, grace auto)"),
+        ("full", "early stopping: ASHA on val_acc at epochs 9, 27, 81 of 90 (reduction 3, grace auto)"),
+    ):
         study = load_study(name)[1]
         assert describe(study["early_stopping"], RELEASED, "val_acc", 1) == line
     assert describe(load_study("prompt_pool")[1]["early_stopping"], SMOKE, "val_acc", 1) == (
-        "early stopping: ASHA on val_acc at epochs 1, 2 of 4 (reduction 2, grace auto)")
+        "early stopping: ASHA on val_acc at epochs 1, 2 of 4 (reduction 2, grace auto)"
+    )
     study = load_study("gcl_asymmetry")[1]
     assert describe(study["early_stopping"], RELEASED, "val_acc", 2).startswith(
-        "early stopping: off: a study with 2 objectives runs every trial its 90 epochs")
+        "early stopping: off: a study with 2 objectives runs every trial its 90 epochs"
+    )
 
 
 def test_a_study_with_several_objectives_and_early_stopping_is_refused(tmp_path, capsys):
     raw = yaml.safe_load(load_study("gcl_asymmetry")[0].read_text())
-    del raw["early_stopping"]                           # the default: enabled
+    del raw["early_stopping"]  # the default: enabled
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["--study", str(path), "--dry-run"]) == 2
@@ -94,29 +124,52 @@ def test_an_objective_over_an_empty_shot_group_is_refused(tmp_path, capsys):
     assert main(["--study", "gcl_asymmetry", "--profile", "cifar10_lt", *sets, "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert ("objective: val_few_acc is the accuracy of the few-shot classes (at most 19 training images, "
-            "shot_split standard), but in cifar10_lt no class has that many (training images per class: 50..500)"
-            ) in err
+    assert (
+        "objective: val_few_acc is the accuracy of the few-shot classes (at most 19 training images, "
+        "shot_split standard), but in cifar10_lt no class has that many (training images per class: 50..500)"
+    ) in err
     assert main(["--study", "prompt_pool", "--profile", "cifar10_lt", *sets, "--dry-run"]) == 0
 
 
 def test_the_dry_run_states_both_phases_early_stopping_and_validation(tmp_path, capsys):
     root = write_cifar100(tmp_path / "cifar", shuffled_labels(5, 100), shuffled_labels(5, 10, 1))
-    assert main(["--study", "prompt_pool", "--profile", "cifar100_lt", "--set", f"data.root={root}",
-                 "--set", "data.imbalance_ratio=10", "--set", "backbone.weights=random", "--dry-run"]) == 0
+    assert (
+        main(
+            [
+                "--study",
+                "prompt_pool",
+                "--profile",
+                "cifar100_lt",
+                "--set",
+                f"data.root={root}",
+                "--set",
+                "data.imbalance_ratio=10",
+                "--set",
+                "backbone.weights=random",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
-    assert ("phase 1: 90 epochs, dual sampling, A-GCL (gamma_pos 0, gamma_neg 4; IB branch gamma_pos 0.5, "
-            "gamma_neg 8, weight 0.5 -> 0), lr 0.02, wd 0.01, batch 256 per branch, warm-up 1 epoch "
-            "(per epoch, from 1e-06)") in lines
-    assert ("phase 2: 90 epochs, dual sampling, A-GCL (gamma_pos 0, gamma_neg 4; IB branch gamma_pos 0.5, "
-            "gamma_neg 8, weight 0.5 -> 0), match weight 0.5, lr 0.02, wd 0.01, batch 256 per branch, warm-up "
-            "1 epoch (per epoch, from 1e-06)") in lines
+    assert (
+        "phase 1: 90 epochs, dual sampling, A-GCL (gamma_pos 0, gamma_neg 4; IB branch gamma_pos 0.5, "
+        "gamma_neg 8, weight 0.5 -> 0), lr 0.02, wd 0.01, batch 256 per branch, warm-up 1 epoch "
+        "(per epoch, from 1e-06)"
+    ) in lines
+    assert (
+        "phase 2: 90 epochs, dual sampling, A-GCL (gamma_pos 0, gamma_neg 4; IB branch gamma_pos 0.5, "
+        "gamma_neg 8, weight 0.5 -> 0), match weight 0.5, lr 0.02, wd 0.01, batch 256 per branch, warm-up "
+        "1 epoch (per epoch, from 1e-06)"
+    ) in lines
     assert "early stopping: ASHA on val_acc at epochs 9, 18, 36, 72 of 90 (reduction 2, grace auto)" in lines
     # 5 classes of 100 at imbalance 10: 100, 56, 31, 17, 10 train; class 0 keeps all 100, the others give 20
     [val] = [line for line in lines if line.startswith("validation: ")]
-    assert val == ("validation: 80 images, 20 per class; no image of 1 class: 0 (c0) (its accuracy is not measured; "
-                   f"the test split has it); one standard error of val_acc: ±{binomial_se(90, 80):.1f} points at 90%, "
-                   f"±{binomial_se(50, 80):.1f} at 50%"), val
+    assert val == (
+        "validation: 80 images, 20 per class; no image of 1 class: 0 (c0) (its accuracy is not measured; "
+        f"the test split has it); one standard error of val_acc: ±{binomial_se(90, 80):.1f} points at 90%, "
+        f"±{binomial_se(50, 80):.1f} at 50%"
+    ), val
 
 
 def test_validation_that_overlaps_test_is_refused(tmp_path, capsys):
@@ -125,27 +178,44 @@ def test_validation_that_overlaps_test_is_refused(tmp_path, capsys):
     write_list(root, "train.txt", [(f"train/c{y}/{i}.jpg", y) for y, n in enumerate([8, 4]) for i in range(n)])
     write_list(root, "test.txt", [(f"val/c{y}/{i}.jpg", y) for y in range(2) for i in range(3)])
     profile = yaml.safe_load((load_study("prompt_pool")[0].parent / "profiles" / "smoke.yaml").read_text())
-    profile["data"] = {"name": "places_lt", "root": str(root), "train_list": "train.txt", "val_list": "test.txt",
-                       "test_list": "test.txt", "image_size": 32}
+    profile["data"] = {
+        "name": "places_lt",
+        "root": str(root),
+        "train_list": "train.txt",
+        "val_list": "test.txt",
+        "test_list": "test.txt",
+        "image_size": 32,
+    }
     path = tmp_path / "same.yaml"
     path.write_text(yaml.safe_dump(profile))
     assert main(["--study", "prompt_pool", "--profile", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: {path}: data: places_lt's validation and test splits share 6 images, so the search "
-                   "would select on the test split; give it a validation split disjoint from test (a val_list that "
-                   "is not the test_list, or a hold-out from train)")
+    assert err == (
+        f"error: {path}: data: places_lt's validation and test splits share 6 images, so the search "
+        "would select on the test split; give it a validation split disjoint from test (a val_list that "
+        "is not the test_list, or a hold-out from train)"
+    )
 
 
 def test_the_gain_states_its_noise_floor_and_that_it_is_not_confirmed():
-    best = {"trial_id": "b", "status": "completed", "pool_size": 24, "val_acc": 88.0, "val_many_acc": 95.0,
-            "val_medium_acc": 86.0, "val_few_acc": 70.0}
+    best = {
+        "trial_id": "b",
+        "status": "completed",
+        "pool_size": 24,
+        "val_acc": 88.0,
+        "val_many_acc": 95.0,
+        "val_medium_acc": 86.0,
+        "val_few_acc": 70.0,
+    }
     base = {**best, "trial_id": "a", "pool_size": 20, "val_acc": 86.0, "val_few_acc": 66.0}
     metrics, lines = validation_gain(best, base, ["pool_size"], 180, 12, "python tune/search.py --resume --confirm 3")
     assert metrics["baseline_val_acc_se"] == pytest.approx(100 * math.sqrt(0.86 * 0.14 / 180))
     assert metrics["gain_val_acc"] == pytest.approx(2.0) and metrics["gain_val_few_acc"] == pytest.approx(4.0)
     assert lines[1] == "  validation: 86.00% ± 2.59 (1 SE, 180 images) (many 95.00 / medium 86.00 / few 66.00)"
-    assert lines[3] == ("  not confirmed: measured on the 180 validation images the best of 12 trials (one seed each) "
-                        "was selected on, so it is biased upward; confirm it on test with fresh seeds: "
-                        "python tune/search.py --resume --confirm 3")
-    assert len(validation_gain(best, base, ["pool_size"], 180, 12, None)[1]) == 3   # --confirm: the test figures follow
+    assert lines[3] == (
+        "  not confirmed: measured on the 180 validation images the best of 12 trials (one seed each) "
+        "was selected on, so it is biased upward; confirm it on test with fresh seeds: "
+        "python tune/search.py --resume --confirm 3"
+    )
+    assert len(validation_gain(best, base, ["pool_size"], 180, 12, None)[1]) == 3  # --confirm: the test figures follow
     assert binomial_se(90.0, 180) == pytest.approx(2.236, abs=1e-3) and math.isnan(binomial_se(50.0, 0))

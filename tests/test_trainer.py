@@ -27,10 +27,9 @@ def test_two_phases_learn_well_above_chance(synthetic_data):
     p2 = Trainer(model, synthetic_data, 2, RECIPE, log=None).fit(lambda m, t: seen.append(m))
     assert [(m["phase"], m["epoch"]) for m in seen] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
     for m in seen:
-        assert {"train_loss", "images_per_s", "val_acc", "val_many_acc", "val_medium_acc",
-                "val_few_acc"} <= set(m)
+        assert {"train_loss", "images_per_s", "val_acc", "val_many_acc", "val_medium_acc", "val_few_acc"} <= set(m)
     test = evaluate(model, synthetic_data.test, synthetic_data.class_counts)
-    assert test["acc"] > 45.0, test   # chance is 10%
+    assert test["acc"] > 45.0, test  # chance is 10%
     assert p2["val_acc"] > 45.0 and p1["val_acc"] > 30.0
     assert test["prompt_usage"].shape == (10, 6)
     assert int(test["prompt_usage"].sum()) == len(synthetic_data.test) * 2
@@ -39,8 +38,10 @@ def test_two_phases_learn_well_above_chance(synthetic_data):
 @pytest.mark.parametrize("sampling", ["dual", "instance"])
 def test_resume_after_epoch_k_equals_uninterrupted(tmp_path, sampling):
     from lpt_core.data import build_dataset
-    synthetic_data = build_dataset({"name": "synthetic", "num_classes": 10, "imbalance_ratio": 4,
-                                    "max_per_class": 24, "image_size": 32, "seed": 1})
+
+    synthetic_data = build_dataset(
+        {"name": "synthetic", "num_classes": 10, "imbalance_ratio": 4, "max_per_class": 24, "image_size": 32, "seed": 1}
+    )
 
     def run(stop_after=None):
         torch.manual_seed(0)
@@ -59,6 +60,7 @@ def test_resume_after_epoch_k_equals_uninterrupted(tmp_path, sampling):
             t.save_state(tmp_path / "state.safetensors")
             if metrics["epoch"] == stop_after:
                 raise Stop
+
         with pytest.raises(Stop):
             trainer.fit(on_epoch)
         torch.manual_seed(123)  # the resumed process starts from other RNG states
@@ -81,6 +83,7 @@ def test_compiled_blocks_train_like_eager_without_graph_breaks(synthetic_data, p
     fullgraph=True turns any graph break into an error."""
     import torch._dynamo
     from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
     counters.clear()
     recipe = PhaseConfig(epochs=2, batch_size=8)
@@ -119,9 +122,9 @@ def test_shot_accuracy_groups():
     total = torch.tensor([10, 10, 10, 10, 10, 10])
     acc = shot_accuracy(correct, total, counts)
     assert acc["acc"] == pytest.approx(100 * 21 / 60)
-    assert acc["many_acc"] == pytest.approx(75.0)     # classes 0, 1
-    assert acc["medium_acc"] == pytest.approx(25.0)   # classes 2, 3
-    assert acc["few_acc"] == pytest.approx(5.0)       # classes 4, 5
+    assert acc["many_acc"] == pytest.approx(75.0)  # classes 0, 1
+    assert acc["medium_acc"] == pytest.approx(25.0)  # classes 2, 3
+    assert acc["few_acc"] == pytest.approx(5.0)  # classes 4, 5
 
 
 def test_recipe_rejects_unknown_key():
@@ -144,9 +147,11 @@ def released_schedule(epochs: int, warmup_epochs: int, peak_lr: float, warmup_lr
     warmup_t=args.warmup_epochs)`` on SGD at ``args.lr = base_lr * batch_size / 256``, and
     ``scheduler.step(epoch + 1)`` after each epoch."""
     from timm.scheduler import CosineLRScheduler
+
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak_lr)
-    scheduler = CosineLRScheduler(optimizer, warmup_lr_init=warmup_lr, t_initial=epochs, cycle_decay=0.1,
-                                  warmup_t=warmup_epochs)
+    scheduler = CosineLRScheduler(
+        optimizer, warmup_lr_init=warmup_lr, t_initial=epochs, cycle_decay=0.1, warmup_t=warmup_epochs
+    )
     lrs = []
     for epoch in range(epochs):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -154,8 +159,10 @@ def released_schedule(epochs: int, warmup_epochs: int, peak_lr: float, warmup_lr
     return lrs
 
 
-@pytest.mark.parametrize("epochs,warmup_epochs,lr,batch_size", [
-    (90, 1, 0.02, 256), (4, 1, 0.5, 32), (7, 3, 0.1, 64), (3, 0, 0.5, 32), (2, 2, 0.5, 32)])
+@pytest.mark.parametrize(
+    "epochs,warmup_epochs,lr,batch_size",
+    [(90, 1, 0.02, 256), (4, 1, 0.5, 32), (7, 3, 0.1, 64), (3, 0, 0.5, 32), (2, 2, 0.5, 32)],
+)
 def test_epoch_warmup_is_the_released_schedule_to_the_bit(synthetic_data, epochs, warmup_epochs, lr, batch_size):
     cfg = PhaseConfig(epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, batch_size=batch_size)
     assert cfg.warmup == "epoch"
@@ -164,8 +171,7 @@ def test_epoch_warmup_is_the_released_schedule_to_the_bit(synthetic_data, epochs
     steps = trainer.steps_per_epoch
     for e in range(epochs):  # every step of an epoch trains at its epoch's lr
         assert trainer.lr_at(e * steps) == trainer.lr_at(e * steps + steps - 1) == released[e], e
-    assert [released_epoch_lr(e, epochs, lr * batch_size / 256, warmup_epochs, 1e-6)
-            for e in range(epochs)] == released
+    assert [released_epoch_lr(e, epochs, lr * batch_size / 256, warmup_epochs, 1e-6) for e in range(epochs)] == released
     if warmup_epochs:
         assert released[0] == 1e-6  # all of epoch 0 at warmup_lr
 
@@ -177,25 +183,38 @@ def test_step_warmup_is_linear_per_step_then_cosine(synthetic_data):
     lrs = [trainer.lr_at(s) for s in range(4 * steps)]
     assert lrs[0] == 1e-6 and lrs[steps] == pytest.approx(peak)
     assert lrs[1] == pytest.approx(1e-6 + (peak - 1e-6) / steps)
-    assert all(a < b for a, b in zip(lrs[:steps], lrs[1:steps + 1]))
-    assert all(a > b for a, b in zip(lrs[steps:], lrs[steps + 1:]))
-    assert lrs[steps + (3 * steps) // 2] == pytest.approx(0.5 * peak * (1 + math.cos(math.pi * ((3 * steps) // 2) / (3 * steps))))
+    assert all(a < b for a, b in zip(lrs[:steps], lrs[1 : steps + 1]))
+    assert all(a > b for a, b in zip(lrs[steps:], lrs[steps + 1 :]))
+    assert lrs[steps + (3 * steps) // 2] == pytest.approx(
+        0.5 * peak * (1 + math.cos(math.pi * ((3 * steps) // 2) / (3 * steps)))
+    )
 
 
 def test_reported_lr_is_the_lr_the_last_step_used(synthetic_data):
     for warmup in ("epoch", "step"):
-        trainer = Trainer(make_model(), synthetic_data, 1,
-                          PhaseConfig(epochs=2, batch_size=32, lr=0.5, warmup=warmup), log=None)
+        trainer = Trainer(
+            make_model(), synthetic_data, 1, PhaseConfig(epochs=2, batch_size=32, lr=0.5, warmup=warmup), log=None
+        )
         for metrics in trainer.epochs():
             assert metrics["lr"] == trainer.optimizer.param_groups[0]["lr"]
-        assert trainer.history[0]["lr"] == (1e-6 if warmup == "epoch" else pytest.approx(
-            trainer.lr_at(trainer.steps_per_epoch - 1)))
+        assert trainer.history[0]["lr"] == (
+            1e-6 if warmup == "epoch" else pytest.approx(trainer.lr_at(trainer.steps_per_epoch - 1))
+        )
 
 
 def test_instance_sampling_is_one_shuffled_branch(synthetic_data):
     logs = []
-    recipe = PhaseConfig(epochs=1, batch_size=32, lr=0.5, sampling="instance", noise_mul=0.0,
-                         gamma_pos=1.5, gamma_neg=2.0, ib_gamma_pos=9.0, ib_gamma_neg=9.0)
+    recipe = PhaseConfig(
+        epochs=1,
+        batch_size=32,
+        lr=0.5,
+        sampling="instance",
+        noise_mul=0.0,
+        gamma_pos=1.5,
+        gamma_neg=2.0,
+        ib_gamma_pos=9.0,
+        ib_gamma_neg=9.0,
+    )
     model = make_model()
     trainer = Trainer(model, synthetic_data, 2, recipe, device="cpu", log=logs.append)  # fp32: exact
     assert isinstance(trainer.sampler, InstanceBatchSampler) and len(trainer.losses) == 1
@@ -212,8 +231,7 @@ def test_instance_sampling_is_one_shuffled_branch(synthetic_data):
     torch.testing.assert_close(trainer.train_step(images, labels, 0.3), want.detach(), rtol=0, atol=0)
     trainer.fit()
     assert "steps of 32 images (instance sampling, lr set per epoch) on cpu" in logs[0]
-    dual = Trainer(make_model(), synthetic_data, 1, PhaseConfig(epochs=1, batch_size=32), device="cpu",
-                   log=logs.append)
+    dual = Trainer(make_model(), synthetic_data, 1, PhaseConfig(epochs=1, batch_size=32), device="cpu", log=logs.append)
     assert isinstance(dual.sampler, DualBatchSampler) and len(dual.losses) == 2
     list(dual.epochs())
     assert "steps of 2x32 images (dual sampling, lr set per epoch) on cpu" in logs[-2]

@@ -66,7 +66,7 @@ def test_agcl_weights_equal_the_powered_bases_where_finite():
     loss_fn = AsymmetricGCL([50, 10], gamma_pos=0.5, gamma_neg=8.0)
     p = torch.tensor([[0.7, 0.3], [0.2, 0.8]])
     target = torch.tensor([[True, False], [True, False]])
-    expected = torch.where(target, (1 - p) ** 0.5, p ** 8.0)
+    expected = torch.where(target, (1 - p) ** 0.5, p**8.0)
     torch.testing.assert_close(loss_fn.asymmetric_weight(p, target), expected)
 
 
@@ -94,7 +94,9 @@ def family_selection_stats(model: LPT, data) -> dict:
     top-k sets differ from every other family's."""
     device = torch.device("cpu")
     loader = make_loader(data.val, device, 0, batch_size=256)
-    batches = [(y, aux["prompt_idx"]) for _, y, aux in predict_batches(model, loader, device, data.eval_batch_transform)]
+    batches = [
+        (y, aux["prompt_idx"]) for _, y, aux in predict_batches(model, loader, device, data.eval_batch_transform)
+    ]
     labels, idx = (torch.cat(t) for t in zip(*batches))
     family = labels % FAMILIES
     hits, tops = 0, []
@@ -108,16 +110,25 @@ def family_selection_stats(model: LPT, data) -> dict:
 
 
 def test_keys_turn_and_the_pool_specialises_by_family():
-    data = build_dataset({"name": "synthetic", "num_classes": 12, "families": FAMILIES,
-                          "imbalance_ratio": 4, "max_per_class": 60, "image_size": 32,
-                          "val_per_class": 10, "test_per_class": 0, "seed": 0})
+    data = build_dataset(
+        {
+            "name": "synthetic",
+            "num_classes": 12,
+            "families": FAMILIES,
+            "imbalance_ratio": 4,
+            "max_per_class": 60,
+            "image_size": 32,
+            "val_per_class": 10,
+            "test_per_class": 0,
+            "seed": 0,
+        }
+    )
     # Whether the pool can specialise depends on the keys' initial draw: with some draws (init_seed
     # 0, 2, 4 here) every family's nearest keys are the same two from the start, and the released
     # loss, which has no term that spreads keys apart, keeps them so. init_seed 3 is a draw where
     # the families start apart.
     torch.manual_seed(0)
-    model = LPT(tiny_backbone(), data.num_classes, prompt_length=2, pool_size=6, top_k=2, group_start=2,
-                init_seed=3)
+    model = LPT(tiny_backbone(), data.num_classes, prompt_length=2, pool_size=6, top_k=2, group_start=2, init_seed=3)
     recipe = dict(batch_size=32, lr=0.5, warmup_epochs=0)
     Trainer(model, data, 1, PhaseConfig(epochs=2, **recipe), device="cpu", log=None).fit()
     keys0 = model.group_keys.detach().clone()
@@ -125,8 +136,10 @@ def test_keys_turn_and_the_pool_specialises_by_family():
     Trainer(model, data, 2, PhaseConfig(epochs=3, **recipe), device="cpu", log=None).fit()
     turned = F.cosine_similarity(keys0, model.group_keys.detach(), dim=1).mean().item()
     stats = family_selection_stats(model, data)
-    print(f"key cosine to init {turned:.3f}; family consistency {start['consistency']:.3f} -> "
-          f"{stats['consistency']:.3f}, distinct family prompt sets {stats['distinct']}/{FAMILIES}")
+    print(
+        f"key cosine to init {turned:.3f}; family consistency {start['consistency']:.3f} -> "
+        f"{stats['consistency']:.3f}, distinct family prompt sets {stats['distinct']}/{FAMILIES}"
+    )
     assert turned < 0.7  # uniform(-1, 1) keys stay at 0.99 here
     assert stats["consistency"] >= 0.85 and stats["consistency"] >= start["consistency"] + 0.05
     assert stats["distinct"] == FAMILIES

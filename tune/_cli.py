@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-EXIT_BAD_INPUT = 2     # a bad study, profile, flag, file or name: nothing ran
-EXIT_FAILED = 1        # a service, download or run that failed
+EXIT_BAD_INPUT = 2  # a bad study, profile, flag, file or name: nothing ran
+EXIT_FAILED = 1  # a service, download or run that failed
 EXIT_INTERRUPTED = 130  # Ctrl+C or SIGTERM: the search can be resumed
 
 

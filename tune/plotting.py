@@ -14,9 +14,11 @@ from tune.names import REPORT_ERROR
 def pyplot():
     """pyplot on the Agg backend (headless), imported on first use: trials import the reports."""
     import matplotlib
+
     if "matplotlib.pyplot" not in sys.modules:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 

@@ -23,6 +23,7 @@ if not __package__:  # run as a script from anywhere: the repository root instea
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from tune._cli import EXIT_BAD_INPUT, EXIT_FAILED, fail  # noqa: E402
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
@@ -32,11 +33,15 @@ class BadInput(ValueError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tune/predict.py", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="models:/NAME/VERSION, runs:/RUN_ID/model or another MLflow model URI")
+    p.add_argument(
+        "--model", required=True, help="models:/NAME/VERSION, runs:/RUN_ID/model or another MLflow model URI"
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="DIR", help="a folder of image files (searched recursively)")
     source.add_argument("--split", choices=("train", "val", "test"), help="a split of the dataset (see --profile)")
-    p.add_argument("--profile", help="with --split: a profile (name or .yaml) whose data to use (default: the model's own)")
+    p.add_argument(
+        "--profile", help="with --split: a profile (name or .yaml) whose data to use (default: the model's own)"
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a --profile value")
     p.add_argument("--out", required=True, help="the CSV file to write")
     p.add_argument("--top-classes", type=int, default=5, metavar="K", help="classes per image in the CSV (default 5)")
@@ -53,13 +58,16 @@ def load_classifier(uri: str, weights: str | None, device: str):
 
     from tune.serving.model import load_model
     from tune.errors import error_line
+
     try:
         model = load_model(uri, model_config={"weights": weights or "", "device": device})
     except MlflowException as exc:
         raise BadInput(f"--model {uri}: {str(exc).strip().splitlines()[0]}") from None
     except OSError as exc:
         raise BadInput(f"--model {uri}: {error_line(exc)}") from None
-    classifier = getattr(model.unwrap_python_model(), "classifier", None) if hasattr(model, "unwrap_python_model") else None
+    classifier = (
+        getattr(model.unwrap_python_model(), "classifier", None) if hasattr(model, "unwrap_python_model") else None
+    )
     if classifier is None:
         raise BadInput(f"--model {uri}: not an LPT model (its pyfunc flavour is not tune/serving/model.py's)")
     return classifier
@@ -81,6 +89,7 @@ def split_data(args, classifier):
     from lpt_core.data import build_dataset
     from tune.errors import ConfigError
     from tune.config.loading import load_profile
+
     if args.profile:
         try:
             profile = load_profile(args.profile, args.set)[1]
@@ -121,6 +130,7 @@ def recorded_test(uri: str) -> dict:
     """The test accuracies the search recorded for this model: a registered version's tags, or the run's metrics."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
     registered = re.fullmatch(r"models:/([^/]+)/(\d+)", uri)
     run = re.match(r"runs:/([^/]+)/", uri)
     try:
@@ -151,8 +161,13 @@ def predict(args) -> int:
     else:
         data, split, shot_split = split_data(args, classifier)
         raw = raw_split(split)
-        images = Images(classifier, lambda i: raw[i][0], list(split.labels),
-                        [image_id(split, i, args.split) for i in range(len(split))], f"--split {args.split}")
+        images = Images(
+            classifier,
+            lambda i: raw[i][0],
+            list(split.labels),
+            [image_id(split, i, args.split) for i in range(len(split))],
+            f"--split {args.split}",
+        )
     out = Path(args.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     k = max(1, min(args.top_classes, len(classifier.class_names)))
@@ -162,8 +177,11 @@ def predict(args) -> int:
     c = len(classifier.class_names)
     correct = torch.zeros(c, dtype=torch.long)
     total = torch.zeros(c, dtype=torch.long)
-    header = ["path"] + (["label"] if data is not None else []) + [
-        f"{field}_{rank}" for rank in range(1, k + 1) for field in ("class_index", "class_name", "probability")]
+    header = (
+        ["path"]
+        + (["label"] if data is not None else [])
+        + [f"{field}_{rank}" for rank in range(1, k + 1) for field in ("class_index", "class_name", "probability")]
+    )
     seen = 0
     partial = out.with_name(out.name + ".partial")  # the CSV appears only when every image is classified
     try:
@@ -189,7 +207,11 @@ def predict(args) -> int:
     print(f"{seen} images classified by {args.model}: {out}")
     if data is not None:
         from tune.reports.lines import shot_line
-        acc = {f"{args.split}_{key}": value for key, value in shot_accuracy(correct, total, data.class_counts, shot_split).items()}
+
+        acc = {
+            f"{args.split}_{key}": value
+            for key, value in shot_accuracy(correct, total, data.class_counts, shot_split).items()
+        }
         print(f"{args.split}: {shot_line(acc, args.split + '_')}")
         recorded = recorded_test(args.model) if args.split == "test" else {}
         if "test_acc" in recorded:
@@ -204,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tune import tracking as mt
     from tune.errors import error_line
+
     try:
         mlflow.set_tracking_uri(mt.existing_store_uri())
     except mt.MissingStore as exc:

@@ -29,11 +29,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tune/report.py", description=__doc__.splitlines()[0])
     p.add_argument("--study", required=True, help="the study's name (its MLflow experiment), or its .yaml path")
     p.add_argument("--run-id", help="the search's parent run (default: the latest search of the study)")
-    p.add_argument("--storage", help="the search folder, or the storage root holding it (default: the "
-                                     "parent run's lpt.storage tag)")
+    p.add_argument(
+        "--storage",
+        help="the search folder, or the storage root holding it (default: the parent run's lpt.storage tag)",
+    )
     p.add_argument("--out", help="output folder (default: <search folder>/report)")
-    p.add_argument("--register", nargs="?", const="", metavar="NAME",
-                   help="also log the best trial as an MLflow model and register it as NAME (default: <study>-<profile>)")
+    p.add_argument(
+        "--register",
+        nargs="?",
+        const="",
+        metavar="NAME",
+        help="also log the best trial as an MLflow model and register it as NAME (default: <study>-<profile>)",
+    )
     return p.parse_args(argv)
 
 
@@ -43,11 +50,13 @@ def find_parent(client, study: str, run_id: str | None):
 
     from tune import tracking as mt
     from tune import names
+
     exp = client.get_experiment_by_name(study)
     if exp is None:
         known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
-        raise BadInput(f"--study {study}: no MLflow experiment of that name "
-                       f"(known: {', '.join(known) if known else 'none'})")
+        raise BadInput(
+            f"--study {study}: no MLflow experiment of that name (known: {', '.join(known) if known else 'none'})"
+        )
     if run_id:
         try:
             run = client.get_run(run_id)
@@ -56,8 +65,10 @@ def find_parent(client, study: str, run_id: str | None):
         if run.info.experiment_id != exp.experiment_id:
             raise BadInput(f"--run-id {run_id}: the run is not in experiment '{study}'")
         if run.data.tags.get(names.ROLE) != names.ROLE_STUDY:
-            raise BadInput(f"--run-id {run_id}: not a search's parent run "
-                           f"(lpt.role={run.data.tags.get(names.ROLE, 'unset')}; the parent has lpt.role=study)")
+            raise BadInput(
+                f"--run-id {run_id}: not a search's parent run "
+                f"(lpt.role={run.data.tags.get(names.ROLE, 'unset')}; the parent has lpt.role=study)"
+            )
         return run
     run = mt.latest_run(client, exp.experiment_id, **{names.ROLE: names.ROLE_STUDY})
     if run is None:
@@ -67,6 +78,7 @@ def find_parent(client, study: str, run_id: str | None):
 
 def search_folder(run, storage: str | None) -> Path:
     from tune import names
+
     tags = run.data.tags
     if storage:
         root = Path(storage).expanduser().resolve()
@@ -78,8 +90,10 @@ def search_folder(run, storage: str | None) -> Path:
         folder = Path(tags[names.STORAGE])
         where = f"run {run.info.run_id} (tag lpt.storage)"
     if not (folder / names.TABLE_FILE).is_file():
-        raise BadInput(f"{folder / names.TABLE_FILE}: missing; {where} does not hold the search's table"
-                       + ("" if storage else " (give the search folder with --storage)"))
+        raise BadInput(
+            f"{folder / names.TABLE_FILE}: missing; {where} does not hold the search's table"
+            + ("" if storage else " (give the search folder with --storage)")
+        )
     return folder
 
 
@@ -91,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from tune import names
     from tune.reports.search import search_report
     from tune.errors import error_line
+
     study = Path(args.study).stem if args.study.endswith((".yaml", ".yml")) else args.study
     try:
         uri = mt.existing_store_uri()
@@ -101,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.register:
             from tune.config.checks import check_model_name
             from tune.errors import ConfigError
+
             try:
                 check_model_name(args.register)
             except ConfigError as exc:
@@ -114,14 +130,17 @@ def main(argv: list[str] | None = None) -> int:
         built = search_report(client, run.info.run_id, out, folder)
     except Exception as exc:
         return fail(f"the report failed: {error_line(exc)}", EXIT_FAILED)
-    print(f"search {run.data.tags.get(names.SEARCH, run.info.run_name)} (parent run {run.info.run_id}): "
-          f"{len(built['files'])} files in {out}, logged to the parent run under report/")
+    print(
+        f"search {run.data.tags.get(names.SEARCH, run.info.run_name)} (parent run {run.info.run_id}): "
+        f"{len(built['files'])} files in {out}, logged to the parent run under report/"
+    )
     for path in built["files"]:
         print(f"  {path.name}")
     for name, why in built["skipped"].items():
         print(f"  ({name}: not drawn, {why})")
     if args.register is not None:
         from tune.serving.registry import NothingToRegister, RegisterError, register_finished_search
+
         try:
             print(f"model: {register_finished_search(client, uri, run, folder, args.register)}")
         except RegisterError as exc:

@@ -28,24 +28,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tune/search.py", description=__doc__.splitlines()[0])
     p.add_argument("--study", help="a file in studies/ (name or .yaml path); required unless --schema")
     p.add_argument("--profile", default="smoke", help="a file in studies/profiles/ or a .yaml path (default: smoke)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a profile value, e.g. --set phase2.epochs=3, or a study's budget.* value "
-                        "(repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a profile value, e.g. --set phase2.epochs=3, or a study's budget.* value (repeatable)",
+    )
     p.add_argument("--trials", type=int, help="trial budget (default: the study's)")
     hours = p.add_mutually_exclusive_group()
-    hours.add_argument("--gpu-hours", type=float, metavar="H",
-                       help="GPU-hours the search may spend (study key budget.gpu_hours): no trial starts past them")
-    hours.add_argument("--cpu-hours", type=float, metavar="H",
-                       help="the same in CPU-core-hours (budget.cpu_hours), for CPU-only trials")
+    hours.add_argument(
+        "--gpu-hours",
+        type=float,
+        metavar="H",
+        help="GPU-hours the search may spend (study key budget.gpu_hours): no trial starts past them",
+    )
+    hours.add_argument(
+        "--cpu-hours",
+        type=float,
+        metavar="H",
+        help="the same in CPU-core-hours (budget.cpu_hours), for CPU-only trials",
+    )
     p.add_argument("--storage", help="search folder root, shared by all nodes (default: ./runs or $LPT_STORAGE)")
-    p.add_argument("--resume", action="store_true", help="continue the latest interrupted search of this study and profile")
-    p.add_argument("--confirm", type=int, default=0, metavar="N",
-                   help="retrain the best config with N fresh seeds and report test accuracy mean and std")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the latest interrupted search of this study and profile"
+    )
+    p.add_argument(
+        "--confirm",
+        type=int,
+        default=0,
+        metavar="N",
+        help="retrain the best config with N fresh seeds and report test accuracy mean and std",
+    )
     p.add_argument("--dry-run", action="store_true", help="check and describe the search, train nothing")
-    p.add_argument("--register", nargs="?", const="", metavar="NAME",
-                   help="log the best trial as an MLflow model and register it as NAME (default: <study>-<profile>)")
-    p.add_argument("--schema", choices=("study", "profile"),
-                   help="print the JSON Schema of a study or a profile file and exit")
+    p.add_argument(
+        "--register",
+        nargs="?",
+        const="",
+        metavar="NAME",
+        help="log the best trial as an MLflow model and register it as NAME (default: <study>-<profile>)",
+    )
+    p.add_argument(
+        "--schema", choices=("study", "profile"), help="print the JSON Schema of a study or a profile file and exit"
+    )
     args = p.parse_args(argv)
     if not args.schema and not args.study:
         p.error("the following arguments are required: --study")
@@ -55,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_ray_address() -> str | None:
     """RAY_ADDRESS, checked to answer before anything starts; None means a local Ray."""
     from tune.errors import ServiceError
+
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if not address or address in ("local", "auto"):
         return address or None
@@ -71,6 +97,7 @@ def check_ray_address() -> str | None:
 def run(args: argparse.Namespace) -> int:
     if args.schema:
         from tune.config.study import schema
+
         print(json.dumps(schema(args.schema), indent=2))
         return 0
     plan = Plan(args)
@@ -78,13 +105,16 @@ def run(args: argparse.Namespace) -> int:
         print(plan.describe())
         return 0
     from tune.tracking import check_tracking_uri, resolve_tracking_uri  # imports MLflow: not before here
+
     uri = resolve_tracking_uri()
     check_tracking_uri(uri)
     address = check_ray_address()
     if address:
         from tune.engine.cluster_checks import check_cluster_tracking  # imports Ray: not for a dry run
+
         check_cluster_tracking(uri)
     from tune.engine.run import run_search
+
     return run_search(plan, args, uri, address)
 
 
@@ -93,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lpt_core.data import DownloadError
     from tune.errors import ServiceError
+
     try:
         return run(args)
     except ConfigError as exc:

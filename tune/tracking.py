@@ -31,7 +31,7 @@ def resolve_tracking_uri(cwd: str | os.PathLike | None = None) -> str:
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a local ``sqlite:///`` store; None for any other store."""
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
 def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
@@ -89,24 +89,31 @@ def _str(value: Any) -> str:
     return str(value)[:6000]
 
 
-def log(client: MlflowClient, run_id: str, metrics: dict | None = None, params: dict | None = None,
-        tags: dict | None = None, step: int = 0) -> None:
+def log(
+    client: MlflowClient,
+    run_id: str,
+    metrics: dict | None = None,
+    params: dict | None = None,
+    tags: dict | None = None,
+    step: int = 0,
+) -> None:
     """Numbers (finite or not) as metrics, in batches; params and tags as strings."""
     now = int(time.time() * 1000)
-    ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()
-          if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    ms = [
+        Metric(k, float(v), now, step)
+        for k, v in (metrics or {}).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
     ps = [Param(k, _str(v)) for k, v in (params or {}).items()]
     ts = [RunTag(k, _str(v)) for k, v in (tags or {}).items()]
     for i in range(0, max(len(ms), 1), MAX_BATCH):
-        client.log_batch(run_id, metrics=ms[i:i + MAX_BATCH], params=ps if i == 0 else [],
-                         tags=ts if i == 0 else [])
+        client.log_batch(run_id, metrics=ms[i : i + MAX_BATCH], params=ps if i == 0 else [], tags=ts if i == 0 else [])
 
 
 def latest_run(client: MlflowClient, exp_id: str, **tags: str) -> Run | None:
     """The newest run with all these tags (pass dotted names as ``**{ROLE: "study"}``), with its data."""
     clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
-    runs = client.search_runs([exp_id], " and ".join(clauses), max_results=1,
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs([exp_id], " and ".join(clauses), max_results=1, order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
 
 
@@ -129,13 +136,15 @@ def trial_run_id(client: MlflowClient, exp_id: str, parent_id: str, trial_id: st
     return find_run(client, exp_id, **{PARENT: parent_id, TRIAL_ID: trial_id})
 
 
-def trial_run(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str, name: str,
-              params: dict, tags: dict) -> str:
+def trial_run(
+    client: MlflowClient, exp_id: str, parent_id: str, trial_id: str, name: str, params: dict, tags: dict
+) -> str:
     """The trial's child run: the same one again when the trial is retried or resumed."""
     run_id = trial_run_id(client, exp_id, parent_id, trial_id)
     if run_id is None:
-        run = client.create_run(exp_id, run_name=name,
-                                tags={ROLE: ROLE_TRIAL, PARENT: parent_id, TRIAL_ID: trial_id, **tags})
+        run = client.create_run(
+            exp_id, run_name=name, tags={ROLE: ROLE_TRIAL, PARENT: parent_id, TRIAL_ID: trial_id, **tags}
+        )
         run_id = run.info.run_id
         log(client, run_id, params=params)
     else:

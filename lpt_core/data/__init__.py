@@ -36,6 +36,20 @@ def build_dataset(spec: dict | CommonSpec, input_cfg: InputConfig | None = None)
     return BUILDERS[spec.name](spec, input_cfg or RELEASED)
 
 
-__all__ = ["LTData", "DownloadError", "build_dataset", "long_tail_counts", "BUILDERS", "BatchTransform",
-           "EncodedBatch", "collate_encoded", "build_manifest", "manifest_hash", "val_test_overlap", "write_manifest",
-           "DataSpec", "parse_spec", "InputConfig"]
+__all__ = [
+    "LTData",
+    "DownloadError",
+    "build_dataset",
+    "long_tail_counts",
+    "BUILDERS",
+    "BatchTransform",
+    "EncodedBatch",
+    "collate_encoded",
+    "build_manifest",
+    "manifest_hash",
+    "val_test_overlap",
+    "write_manifest",
+    "DataSpec",
+    "parse_spec",
+    "InputConfig",
+]

@@ -27,8 +27,7 @@ class EncodedBatch:
     one storage crosses the worker queue) and their paths. ``.to(device)`` only records the
     device: decoders read the bytes from CPU memory and write the pixels on ``device``."""
 
-    def __init__(self, buffer: torch.Tensor, offsets: list[int], paths: list[str],
-                 device=torch.device("cpu")):
+    def __init__(self, buffer: torch.Tensor, offsets: list[int], paths: list[str], device=torch.device("cpu")):
         self.buffer, self.offsets, self.paths, self.device = buffer, offsets, paths, torch.device(device)
 
     @classmethod
@@ -74,19 +73,21 @@ class EncodedBatch:
 
 def collate_encoded(batch: list) -> tuple[EncodedBatch, torch.Tensor]:
     """DataLoader collate for datasets that yield ``((bytes, path), label)``."""
-    return (EncodedBatch.pack([item[0][0] for item in batch], [item[0][1] for item in batch]),
-            torch.tensor([item[1] for item in batch], dtype=torch.long))
+    return (
+        EncodedBatch.pack([item[0][0] for item in batch], [item[0][1] for item in batch]),
+        torch.tensor([item[1] for item in batch], dtype=torch.long),
+    )
 
 
-def random_resized_boxes(hw: torch.Tensor, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries: int = 10,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+def random_resized_boxes(
+    hw: torch.Tensor, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries: int = 10, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """torchvision's RandomResizedCrop.get_params for every image at once: ``hw`` [B, 2] float
     heights and widths -> boxes [B, 4] (x1, y1, x2, y2) in pixels."""
     b = hw.shape[0]
     height, width = hw[:, :1], hw[:, 1:]
     area = height * width * torch.empty(b, tries).uniform_(*scale, generator=generator)
-    aspect = torch.exp(torch.empty(b, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]),
-                                                      generator=generator))
+    aspect = torch.exp(torch.empty(b, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator))
     w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
     ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
     first = ok.int().argmax(dim=1, keepdim=True)
@@ -122,8 +123,7 @@ class BatchTransform(torch.nn.Module):
     """LPT's train (``train=True``) or eval transform on a uint8 batch or an ``EncodedBatch``;
     returns float32 [B, 3, size, size] normalised with ``cfg``'s mean and std on the batch's device."""
 
-    def __init__(self, size: int, train: bool, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                 cfg: InputConfig = RELEASED):
+    def __init__(self, size: int, train: bool, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), cfg: InputConfig = RELEASED):
         super().__init__()
         self.size, self.train_mode, self.scale, self.ratio, self.cfg = size, train, scale, ratio, cfg
         # (x / 255 - mean) / std as one multiply and one subtract (mean/std 0.5: x * 2/255 - 1)
@@ -145,11 +145,14 @@ class BatchTransform(torch.nn.Module):
         for i, img in enumerate(images):
             if boxes is not None:
                 left, top, right, bottom = boxes[i]
-                img = TF.resized_crop(img, top, left, bottom - top, right - left, [self.size] * 2,
-                                      interpolation=mode, antialias=True)
+                img = TF.resized_crop(
+                    img, top, left, bottom - top, right - left, [self.size] * 2, interpolation=mode, antialias=True
+                )
             else:
-                img = TF.center_crop(TF.resize(img, self.cfg.eval_resize_to(self.size), interpolation=mode,
-                                               antialias=True), [self.size] * 2)
+                img = TF.center_crop(
+                    TF.resize(img, self.cfg.eval_resize_to(self.size), interpolation=mode, antialias=True),
+                    [self.size] * 2,
+                )
             out.append(img.float())
         return torch.stack(out)
 
@@ -170,13 +173,16 @@ class BatchTransform(torch.nn.Module):
             device = images[0].device
             hw = torch.tensor([img.shape[-2:] for img in images], dtype=torch.float32)
             rois = torch.cat([torch.zeros(len(images), 1), self.boxes(hw)], dim=1).to(device)
-            out = torch.cat([roi_align(img[None].float(), rois[i:i + 1], out_size, 1.0, -1, True)
-                             for i, img in enumerate(images)])
+            out = torch.cat(
+                [roi_align(img[None].float(), rois[i : i + 1], out_size, 1.0, -1, True) for i, img in enumerate(images)]
+            )
         if self.train_mode:
             flip = (torch.rand(out.shape[0]) < 0.5).to(device, non_blocking=True)
             out = torch.where(flip[:, None, None, None], out.flip(-1), out)
         return out.mul_(self.mul.to(device)).sub_(self.sub.to(device))
 
     def extra_repr(self) -> str:
-        return (f"size={self.size}, train={self.train_mode}, {self.cfg.interpolation}, crop_pct={self.cfg.crop_pct:g}, "
-                f"eval_resize={self.cfg.eval_resize}")
+        return (
+            f"size={self.size}, train={self.train_mode}, {self.cfg.interpolation}, crop_pct={self.cfg.crop_pct:g}, "
+            f"eval_resize={self.cfg.eval_resize}"
+        )

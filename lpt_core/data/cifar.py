@@ -29,10 +29,24 @@ from .transforms import RELEASED
 
 # name: (folder, train files, test files, meta file, label key, class-names key, torchvision class)
 LAYOUT = {
-    "cifar10_lt": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                   "batches.meta", "labels", "label_names", torchvision.datasets.CIFAR10),
-    "cifar100_lt": ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names",
-                    torchvision.datasets.CIFAR100),
+    "cifar10_lt": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "batches.meta",
+        "labels",
+        "label_names",
+        torchvision.datasets.CIFAR10,
+    ),
+    "cifar100_lt": (
+        "cifar-100-python",
+        ["train"],
+        ["test"],
+        "meta",
+        "fine_labels",
+        "fine_label_names",
+        torchvision.datasets.CIFAR100,
+    ),
 }
 
 
@@ -79,8 +93,10 @@ def _load_split(base: str, files: list[str], label_key: str, num_classes: int):
             raise ValueError(f"{path}: missing key b'data' or b'{label_key}'")
         x, y = np.asarray(entry["data"]), np.asarray(entry[label_key], dtype=np.int64)
         if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
-            raise ValueError(f"{path}: expected b'data' uint8 [N, 3072] and N labels, "
-                             f"got {x.dtype} {list(x.shape)} and {len(y)} labels")
+            raise ValueError(
+                f"{path}: expected b'data' uint8 [N, 3072] and N labels, "
+                f"got {x.dtype} {list(x.shape)} and {len(y)} labels"
+            )
         bad = np.flatnonzero((y < 0) | (y >= num_classes))
         if len(bad):
             raise ValueError(f"{path}: row {bad[0]}: label {y[bad[0]]} outside 0..{num_classes - 1}")
@@ -99,8 +115,10 @@ def build_cifar_lt(s, input_cfg=RELEASED):
     base = os.path.join(root, folder)
     missing = [f for f in [meta, *train_files, *test_files] if not os.path.isfile(os.path.join(base, f))]
     if missing and not download:
-        raise FileNotFoundError(f"data.root: {os.path.join(base, missing[0])}: no such file "
-                                f"(torchvision's CIFAR pickle layout; data.download: true fetches it)")
+        raise FileNotFoundError(
+            f"data.root: {os.path.join(base, missing[0])}: no such file "
+            f"(torchvision's CIFAR pickle layout; data.download: true fetches it)"
+        )
     if missing:
         try:
             offline = unreachable(tv_class.url)  # at once, instead of torchvision's wait on each mirror
@@ -109,8 +127,10 @@ def build_cifar_lt(s, input_cfg=RELEASED):
             tv_class(root, train=True, download=True)
         except (OSError, RuntimeError) as exc:  # URLError is an OSError; a bad checksum a RuntimeError
             reason = getattr(exc, "reason", None) or exc
-            raise DownloadError(f"data.download: cannot fetch {tv_class.url} ({reason}); download it "
-                                f"elsewhere and unpack {folder}/ into {root}") from None
+            raise DownloadError(
+                f"data.download: cannot fetch {tv_class.url} ({reason}); download it "
+                f"elsewhere and unpack {folder}/ into {root}"
+            ) from None
 
     meta_path = os.path.join(base, meta)
     names = _unpickle(meta_path).get(names_key)
@@ -128,20 +148,27 @@ def build_cifar_lt(s, input_cfg=RELEASED):
     train_idx, val_idx, val_short = [], [], []
     for c, idx in enumerate(by_class):
         order = idx[class_perm(s.seed, c, len(idx))]
-        train_idx.append(order[:counts[c]])
-        val_idx.append(order[counts[c]:counts[c] + per_val])
+        train_idx.append(order[: counts[c]])
+        val_idx.append(order[counts[c] : counts[c] + per_val])
         if len(val_idx[-1]) < per_val:
             val_short.append(c)
     train_idx, val_idx = np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
     if per_val and not len(val_idx):
-        raise ValueError("data.val_per_class: the profile drops no training images to validate on "
-                         "(imbalance_ratio 1); set val_per_class: 0 to build without a validation split")
+        raise ValueError(
+            "data.val_per_class: the profile drops no training images to validate on "
+            "(imbalance_ratio 1); set val_per_class: 0 to build without a validation split"
+        )
 
     def split(images, labels, ids):
-        return ArrayImages(torch.from_numpy(images[ids].reshape(-1, 3, 32, 32)),
-                           labels[ids].tolist(), ids.tolist())
+        return ArrayImages(torch.from_numpy(images[ids].reshape(-1, 3, 32, 32)), labels[ids].tolist(), ids.tolist())
 
-    return assemble(split(x, y, train_idx), split(x, y, val_idx),
-                    split(test_x, test_y, np.arange(len(test_y))), names, s.image_size, mode,
-                    {"imbalance_ratio": ratio, "val_per_class": per_val, "val_short": val_short},
-                    input_cfg=input_cfg)
+    return assemble(
+        split(x, y, train_idx),
+        split(x, y, val_idx),
+        split(test_x, test_y, np.arange(len(test_y))),
+        names,
+        s.image_size,
+        mode,
+        {"imbalance_ratio": ratio, "val_per_class": per_val, "val_short": val_short},
+        input_cfg=input_cfg,
+    )

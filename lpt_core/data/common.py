@@ -53,8 +53,16 @@ def lt_targets(available: list[int], ratio: float | None, where: str = "imbalanc
     return out
 
 
-def assemble(train, val, test, class_names: list[str], image_size: int, mode: str = "cpu",
-             info: dict | None = None, input_cfg: InputConfig = RELEASED) -> LTData:
+def assemble(
+    train,
+    val,
+    test,
+    class_names: list[str],
+    image_size: int,
+    mode: str = "cpu",
+    info: dict | None = None,
+    input_cfg: InputConfig = RELEASED,
+) -> LTData:
     """Set each split's transform for ``mode`` and ``input_cfg`` and return the ``LTData``; its
     ``info["val_missing_classes"]`` lists the classes without a validation image ([] if none).
 
@@ -70,12 +78,20 @@ def assemble(train, val, test, class_names: list[str], image_size: int, mode: st
             ds.encoded = mode == "gpu_decode"
     validated = set(val.labels)
     missing = [c for c in range(len(class_names)) if c not in validated]
-    return LTData(train=train, val=val, test=test, train_labels=list(train.labels),
-                  num_classes=len(class_names), class_names=class_names, image_size=image_size,
-                  info={"input_path": mode, **(info or {}), "val_missing_classes": missing}, input_cfg=input_cfg,
-                  train_batch_transform=BatchTransform(image_size, train=True, cfg=input_cfg) if gpu else None,
-                  eval_batch_transform=BatchTransform(image_size, train=False, cfg=input_cfg) if gpu else None,
-                  collate_fn=collate_encoded if mode == "gpu_decode" else None)
+    return LTData(
+        train=train,
+        val=val,
+        test=test,
+        train_labels=list(train.labels),
+        num_classes=len(class_names),
+        class_names=class_names,
+        image_size=image_size,
+        info={"input_path": mode, **(info or {}), "val_missing_classes": missing},
+        input_cfg=input_cfg,
+        train_batch_transform=BatchTransform(image_size, train=True, cfg=input_cfg) if gpu else None,
+        eval_batch_transform=BatchTransform(image_size, train=False, cfg=input_cfg) if gpu else None,
+        collate_fn=collate_encoded if mode == "gpu_decode" else None,
+    )
 
 
 def input_mode(spec, gpu_key: str) -> str:

@@ -53,8 +53,9 @@ class Entries:
 
     def subset(self, idx) -> "Entries":
         pick = lambda xs: [xs[i] for i in idx]
-        return Entries(pick(self.paths), pick(self.labels), pick(self.ids), self.source,
-                       pick(self.lines) if self.lines else None)
+        return Entries(
+            pick(self.paths), pick(self.labels), pick(self.ids), self.source, pick(self.lines) if self.lines else None
+        )
 
 
 class FileImages(Dataset):
@@ -97,8 +98,7 @@ def read_list(path: str) -> Entries:
                 try:
                     labels.append(int(parts[1]))
                 except (IndexError, ValueError):
-                    raise ValueError(f"{path}:{n}: expected 'relative/path label', "
-                                     f"got {line.strip()[:80]!r}") from None
+                    raise ValueError(f"{path}:{n}: expected 'relative/path label', got {line.strip()[:80]!r}") from None
                 paths.append(parts[0])
                 lines.append(n)
     except UnicodeDecodeError as exc:
@@ -164,9 +164,12 @@ def scan_folder(root: str) -> tuple[Entries, list[str]]:
         raise ValueError(f"data.root: {root}: no class sub-folders")
     paths, labels = [], []
     for c, name in enumerate(classes):
-        found = sorted(os.path.relpath(os.path.join(d, f), root)
-                       for d, _, files in os.walk(os.path.join(root, name), followlinks=True)
-                       for f in files if f.lower().endswith(IMG_EXTENSIONS))
+        found = sorted(
+            os.path.relpath(os.path.join(d, f), root)
+            for d, _, files in os.walk(os.path.join(root, name), followlinks=True)
+            for f in files
+            if f.lower().endswith(IMG_EXTENSIONS)
+        )
         if not found:
             raise ValueError(f"data.root: {os.path.join(root, name)}: class folder holds no images")
         paths += found
@@ -189,8 +192,7 @@ def check_files(root: str, entries: Entries) -> None:
     if missing:
         more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
         i = missing[0]
-        raise FileNotFoundError(f"{entries.where(i)}: {os.path.join(root, entries.paths[i])}: "
-                                f"no such image file{more}")
+        raise FileNotFoundError(f"{entries.where(i)}: {os.path.join(root, entries.paths[i])}: no such image file{more}")
 
 
 def check_counts(entries: Entries, num_classes: int) -> list[int]:

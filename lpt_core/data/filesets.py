@@ -5,8 +5,7 @@ JSON) and a folder of class sub-folders, each from its typed spec (``specs``). `
 from __future__ import annotations
 
 from .common import assemble, class_perm, data_file, data_root, input_mode, lt_targets
-from .files import (FileImages, check_counts, check_labels, file_splits, read_coco, read_list,
-                    read_names, scan_folder)
+from .files import FileImages, check_counts, check_labels, file_splits, read_coco, read_list, read_names, scan_folder
 from .transforms import RELEASED
 
 
@@ -48,8 +47,14 @@ def build_inat(s, input_cfg=RELEASED):
     held_out = set(val_idx)
     train = listed.subset([i for i in range(len(listed.paths)) if i not in held_out])
     val = listed.subset(sorted(val_idx))
-    return assemble(*file_splits(root, train, val, test), names, s.image_size, mode,
-                    {"val_per_class": s.val_per_class}, input_cfg=input_cfg)
+    return assemble(
+        *file_splits(root, train, val, test),
+        names,
+        s.image_size,
+        mode,
+        {"val_per_class": s.val_per_class},
+        input_cfg=input_cfg,
+    )
 
 
 def build_image_folder(s, input_cfg=RELEASED):
@@ -66,16 +71,25 @@ def build_image_folder(s, input_cfg=RELEASED):
     held = per_val + per_test
     for c, idx in enumerate(by_class):
         if len(idx) <= held:
-            raise ValueError(f"data.val_per_class: class folder '{classes[c]}' has {len(idx)} images; "
-                             f"it needs more than val_per_class + test_per_class = {held}")
+            raise ValueError(
+                f"data.val_per_class: class folder '{classes[c]}' has {len(idx)} images; "
+                f"it needs more than val_per_class + test_per_class = {held}"
+            )
     orders = [[idx[j] for j in class_perm(s.seed, c, len(idx))] for c, idx in enumerate(by_class)]
     counts = lt_targets([len(order) - held for order in orders], ratio)
     parts = {"train": [], "val": [], "test": []}
     for c, order in enumerate(orders):
         parts["test"] += order[:per_test]
         parts["val"] += order[per_test:held]
-        parts["train"] += order[held:held + counts[c]]
+        parts["train"] += order[held : held + counts[c]]
     train, val, test = (FileImages(root, entries.subset(sorted(parts[k]))) for k in parts)
-    return assemble(train, val, test, classes, s.image_size, mode,
-                    {"imbalance_ratio": ratio, "val_per_class": per_val, "test_per_class": per_test},
-                    input_cfg=input_cfg)
+    return assemble(
+        train,
+        val,
+        test,
+        classes,
+        s.image_size,
+        mode,
+        {"imbalance_ratio": ratio, "val_per_class": per_val, "test_per_class": per_test},
+        input_cfg=input_cfg,
+    )

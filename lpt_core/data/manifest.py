@@ -45,16 +45,21 @@ def build_manifest(data: LTData) -> "pyarrow.Table":
         cols["index"] += list(ids)
         cols["path"] += list(paths) if paths is not None else [None] * len(labels)
         cols["label"] += list(labels)
-    return pa.table({"split": pa.array(cols["split"], pa.string()),
-                     "index": pa.array(cols["index"], pa.int64()),
-                     "path": pa.array(cols["path"], pa.string()),
-                     "label": pa.array(cols["label"], pa.int64())})
+    return pa.table(
+        {
+            "split": pa.array(cols["split"], pa.string()),
+            "index": pa.array(cols["index"], pa.int64()),
+            "path": pa.array(cols["path"], pa.string()),
+            "label": pa.array(cols["label"], pa.int64()),
+        }
+    )
 
 
 def manifest_hash(data: LTData) -> str:
     """sha256 hex of a canonical serialisation: stable across runs, processes and machines."""
-    h = hashlib.sha256(json.dumps({"num_classes": data.num_classes, "class_names": data.class_names},
-                                  ensure_ascii=False).encode())
+    h = hashlib.sha256(
+        json.dumps({"num_classes": data.num_classes, "class_names": data.class_names}, ensure_ascii=False).encode()
+    )
     for split in SPLITS:
         ids, paths, labels, ds = _split(data, split)
         h.update(f"\n{split}:{len(labels)}\n".encode())

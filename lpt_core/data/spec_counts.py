@@ -40,11 +40,11 @@ class DataSummary:
     val: int | None
     test: int | None
     manifest_hash: str | None
-    data: LTData | None = None          # the dataset, when its lists or files are here
-    images_here: bool = False           # its images were found (a search could start on it)
-    missing: list[str] = field(default_factory=list)   # "what: why" of each figure not computed
-    class_counts: list[int] | None = None   # training images per class
-    val_counts: list[int] | None = None     # validation images per class
+    data: LTData | None = None  # the dataset, when its lists or files are here
+    images_here: bool = False  # its images were found (a search could start on it)
+    missing: list[str] = field(default_factory=list)  # "what: why" of each figure not computed
+    class_counts: list[int] | None = None  # training images per class
+    val_counts: list[int] | None = None  # validation images per class
     class_names: list[str] | None = None
 
     @classmethod
@@ -52,12 +52,24 @@ class DataSummary:
         val = [0] * data.num_classes
         for label in data.val.labels:
             val[int(label)] += 1
-        return cls(data.num_classes, len(data.train_labels), len(data.val), len(data.test), manifest_hash(data),
-                   data, images_here, list(missing or []), data.class_counts, val, list(data.class_names))
+        return cls(
+            data.num_classes,
+            len(data.train_labels),
+            len(data.val),
+            len(data.test),
+            manifest_hash(data),
+            data,
+            images_here,
+            list(missing or []),
+            data.class_counts,
+            val,
+            list(data.class_names),
+        )
 
 
-def cifar_counts(name: str, imbalance_ratio: float | None, val_per_class: int,
-                 per_class: tuple[int, int] | None = None) -> tuple[list[int], list[int], int]:
+def cifar_counts(
+    name: str, imbalance_ratio: float | None, val_per_class: int, per_class: tuple[int, int] | None = None
+) -> tuple[list[int], list[int], int]:
     """Training and validation images per class, and test images, of CIFAR-LT built from files
     that hold ``per_class`` (train, test) images of every class (default: the official files')."""
     classes, n_train, n_test = CIFAR_PER_CLASS[name]
@@ -74,6 +86,7 @@ def data_summary(spec, input_cfg=None) -> DataSummary:
     """The split sizes of ``spec`` (a dict or a typed spec) as a dry run states them. A malformed
     file raises as ``build_dataset`` does; absent files only make figures unknown."""
     from . import build_dataset
+
     spec = parse_spec(spec)
     fetched = " (data.download: true fetches it when the search starts)" if getattr(spec, "download", False) else ""
     try:
@@ -86,12 +99,34 @@ def data_summary(spec, input_cfg=None) -> DataSummary:
                 data = build_dataset(spec, input_cfg)
             return DataSummary.of(data, images_here=False, missing=[f"image files: not checked ({absent})"])
         except FileNotFoundError as exc:
-            return DataSummary(None, None, None, None, None, missing=[
-                f"classes and split sizes: the {FILE_LISTS[spec.name]} are not here ({exc})"])
+            return DataSummary(
+                None,
+                None,
+                None,
+                None,
+                None,
+                missing=[f"classes and split sizes: the {FILE_LISTS[spec.name]} are not here ({exc})"],
+            )
     if spec.name in CIFAR_PER_CLASS:
         counts, val, test = cifar_counts(spec.name, spec.imbalance_ratio, spec.val_per_class)
-        return DataSummary(len(counts), sum(counts), sum(val), test, None, class_counts=counts, val_counts=val, missing=[
-            f"manifest hash: needs the images' pixels ({absent}); sizes from the official files' "
-            f"{CIFAR_PER_CLASS[spec.name][1]} train / {CIFAR_PER_CLASS[spec.name][2]} test images per class"])
-    return DataSummary(None, None, None, None, None, missing=[
-        f"classes and split sizes: counted from the images, which are not here ({absent})"])
+        return DataSummary(
+            len(counts),
+            sum(counts),
+            sum(val),
+            test,
+            None,
+            class_counts=counts,
+            val_counts=val,
+            missing=[
+                f"manifest hash: needs the images' pixels ({absent}); sizes from the official files' "
+                f"{CIFAR_PER_CLASS[spec.name][1]} train / {CIFAR_PER_CLASS[spec.name][2]} test images per class"
+            ],
+        )
+    return DataSummary(
+        None,
+        None,
+        None,
+        None,
+        None,
+        missing=[f"classes and split sizes: counted from the images, which are not here ({absent})"],
+    )

@@ -11,8 +11,9 @@ from pydantic import BeforeValidator, Field, StringConstraints, TypeAdapter
 
 from ..config import Section, validate
 
-PathStr = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v),
-                    StringConstraints(min_length=1)]
+PathStr = Annotated[
+    str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v), StringConstraints(min_length=1)
+]
 Count = Annotated[int, Field(ge=0)]
 
 
@@ -71,8 +72,9 @@ class InatSpec(CommonSpec):
     root: PathStr
     train_json: PathStr
     val_json: PathStr
-    val_per_class: Count = Field(3, description="train images per class held out for validation "
-                                                "(a class keeps at least one training image)")
+    val_per_class: Count = Field(
+        3, description="train images per class held out for validation (a class keeps at least one training image)"
+    )
     gpu_decode: bool = False
 
 

@@ -27,8 +27,16 @@ _SPLIT_SALT = {"train": 0, "val": 1, "test": 2}
 class SyntheticImages(Dataset):
     """uint8 images [3, S, S] made on the fly; ``labels[i]`` is the class of image i."""
 
-    def __init__(self, labels: list[int], num_classes: int, image_size: int, seed: int, split: str,
-                 transform=None, families: int = 0):
+    def __init__(
+        self,
+        labels: list[int],
+        num_classes: int,
+        image_size: int,
+        seed: int,
+        split: str,
+        transform=None,
+        families: int = 0,
+    ):
         self.labels, self.num_classes, self.image_size = labels, num_classes, image_size
         self.seed, self.salt, self.transform = seed, _SPLIT_SALT[split], transform
         g = torch.Generator().manual_seed(seed)
@@ -75,8 +83,13 @@ def build_synthetic(s, input_cfg=RELEASED) -> LTData:
     train_labels = [c for c, n in enumerate(counts) for _ in range(n)]
     val_labels = [c for c in range(num_classes) for _ in range(per_val)]
     test_labels = [c for c in range(num_classes) for _ in range(per_test)]
-    make = lambda labels, split: SyntheticImages(labels, num_classes, s.image_size, s.seed, split,
-                                                 families=families)
-    return assemble(make(train_labels, "train"), make(val_labels, "val"), make(test_labels, "test"),
-                    [f"class_{c:03d}" for c in range(num_classes)], s.image_size,
-                    input_mode(s, "gpu_augment"), input_cfg=input_cfg)
+    make = lambda labels, split: SyntheticImages(labels, num_classes, s.image_size, s.seed, split, families=families)
+    return assemble(
+        make(train_labels, "train"),
+        make(val_labels, "val"),
+        make(test_labels, "test"),
+        [f"class_{c:03d}" for c in range(num_classes)],
+        s.image_size,
+        input_mode(s, "gpu_augment"),
+        input_cfg=input_cfg,
+    )

@@ -36,8 +36,11 @@ class InputConfig(Section):
     std: PositiveTriple = Field(list(STD), description="per-channel std (RGB)")
     interpolation: Interpolation = Field("bilinear", description="resampling of the resize and the random crop")
     crop_pct: float = Field(224 / 256, gt=0, le=1, description="eval: resize to size / crop_pct, center-crop size")
-    eval_resize: EvalResize = Field("square", description="eval: square resizes the whole image to a square "
-                                    "(the released LPT code), short_side keeps the aspect ratio (timm)")
+    eval_resize: EvalResize = Field(
+        "square",
+        description="eval: square resizes the whole image to a square "
+        "(the released LPT code), short_side keeps the aspect ratio (timm)",
+    )
 
     def resize_size(self, image_size: int) -> int:
         """The side of the eval resize, ``floor(size / crop_pct)`` as timm computes it; at 0.875
@@ -67,20 +70,24 @@ RELEASED = InputConfig()  # the released LPT code's input pipeline
 
 
 def train_transform(image_size: int = 224, cfg: InputConfig = RELEASED) -> v2.Compose:
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(image_size, interpolation=cfg.mode(), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(cfg.mean, cfg.std),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(image_size, interpolation=cfg.mode(), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(cfg.mean, cfg.std),
+        ]
+    )
 
 
 def test_transform(image_size: int = 224, cfg: InputConfig = RELEASED) -> v2.Compose:
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(cfg.eval_resize_to(image_size), interpolation=cfg.mode(), antialias=True),
-        v2.CenterCrop(image_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(cfg.mean, cfg.std),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(cfg.eval_resize_to(image_size), interpolation=cfg.mode(), antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(cfg.mean, cfg.std),
+        ]
+    )

@@ -29,9 +29,9 @@ from tune.errors import ConfigError
 
 # measure: (the resources key it multiplies the wall time by, its name in words)
 MEASURES = {"gpu_hours": ("gpu", "GPU-hours"), "cpu_hours": ("cpu", "CPU-core-hours")}
-PHASE1_TASK_S = "phase1_task_s"       # search.json: seconds of the phase-1 tasks trained up front, summed
+PHASE1_TASK_S = "phase1_task_s"  # search.json: seconds of the phase-1 tasks trained up front, summed
 TRIAL_ESTIMATE_S = "trial_estimate_s"  # search.json: a whole trial's seconds at images_per_s (or null)
-BUDGET_KEYS = ("gpu_hours", "cpu_hours", "on_exhausted")   # may change on --resume
+BUDGET_KEYS = ("gpu_hours", "cpu_hours", "on_exhausted")  # may change on --resume
 
 
 def fmt(hours: float) -> str:
@@ -47,9 +47,9 @@ def hours_of(seconds: float, resources: dict) -> dict[str, float]:
 # ----------------------------------------------------------------------------- the limit
 @dataclass(frozen=True)
 class BudgetLimit:
-    measure: str          # gpu_hours | cpu_hours
+    measure: str  # gpu_hours | cpu_hours
     hours: float
-    on_exhausted: str     # finish | stop
+    on_exhausted: str  # finish | stop
 
     @classmethod
     def of(cls, budget: dict) -> Optional["BudgetLimit"]:
@@ -64,10 +64,11 @@ class BudgetLimit:
         return MEASURES[self.measure][1]
 
     def describe(self) -> str:
-        then = ("running trials finish" if self.on_exhausted == "finish"
-                else "running trials stop at their next epoch")
-        return (f"{fmt(self.hours)} {self.label} (budget.{self.measure}); no trial starts once they are committed, "
-                f"then {then}")
+        then = "running trials finish" if self.on_exhausted == "finish" else "running trials stop at their next epoch"
+        return (
+            f"{fmt(self.hours)} {self.label} (budget.{self.measure}); no trial starts once they are committed, "
+            f"then {then}"
+        )
 
 
 def budget_tag(study: dict) -> str:
@@ -79,8 +80,10 @@ def budget_tag(study: dict) -> str:
 def check_budget(study: dict, profile: dict, where: str) -> None:
     """A GPU-hour budget on trials that ask for no GPU would never be spent."""
     if study["budget"].get("gpu_hours") is not None and profile["resources"]["gpu"] == 0:
-        raise ConfigError(f"{where}: budget.gpu_hours: the profile's trials ask for no GPU (resources.gpu: 0), "
-                          f"so nothing would count against it; use budget.cpu_hours (CPU-core-hours)")
+        raise ConfigError(
+            f"{where}: budget.gpu_hours: the profile's trials ask for no GPU (resources.gpu: 0), "
+            f"so nothing would count against it; use budget.cpu_hours (CPU-core-hours)"
+        )
 
 
 def measure_of(budget: dict, resources: dict) -> str:
@@ -110,15 +113,18 @@ def plan_lines(study: dict, profile: dict, trial_images: int, phase1_images: int
     lines = [f"cost budget: {limit.describe()}"]
     rate = profile.get("images_per_s")
     if not rate:
-        return lines + ["cost budget in trials: add --set images_per_s=N (one trial's training img/s) to see "
-                        "how many trials it pays for"]
+        return lines + [
+            "cost budget in trials: add --set images_per_s=N (one trial's training img/s) to see "
+            "how many trials it pays for"
+        ]
     per = profile["resources"][MEASURES[limit.measure][0]] / 3600
     trial, phase1 = trial_images / rate * per, n_phase1 * phase1_images / rate * per
     left, trials, unit = limit.hours - phase1, study["budget"]["trials"], limit.label
     head = f"cost budget at {rate:g} img/s: phase 1 up front {fmt(phase1)} {unit} (unless cached)"
     if left < trial:
-        return lines + [f"{head}; it leaves {fmt(max(left, 0))}, less than one whole trial ({fmt(trial)}): "
-                        f"no trial would start"]
+        return lines + [
+            f"{head}; it leaves {fmt(max(left, 0))}, less than one whole trial ({fmt(trial)}): no trial would start"
+        ]
     count = int(left // trial)
     text = f"{head}, then {count} whole trial{'s' * (count != 1)} of {fmt(trial)}"
     es, phase2 = study["early_stopping"], PhaseConfig.from_dict(profile["phase2"], where="phase2")
@@ -129,11 +135,17 @@ def plan_lines(study: dict, profile: dict, trial_images: int, phase1_images: int
         short = trial * expected_epochs(rungs, rf, epochs) / epochs
         full = study["baseline"]["enabled"] and study["baseline"]["exempt_from_early_stopping"]
         count = (1 if full else 0) + int((left - (trial if full else 0)) // short)
-        text += (f", about {count} with ASHA's stops at epochs {', '.join(map(str, rungs))} "
-                 f"(if each keeps 1/{rf:g} of its trials: {fmt(short)} a trial"
-                 + ("; the baseline runs every epoch" if full else "") + ")")
-    ends = (f"budget.trials ({trials}) ends the search first" if count >= trials
-            else f"the budget ends the search before budget.trials ({trials})")
+        text += (
+            f", about {count} with ASHA's stops at epochs {', '.join(map(str, rungs))} "
+            f"(if each keeps 1/{rf:g} of its trials: {fmt(short)} a trial"
+            + ("; the baseline runs every epoch" if full else "")
+            + ")"
+        )
+    ends = (
+        f"budget.trials ({trials}) ends the search first"
+        if count >= trials
+        else f"the budget ends the search before budget.trials ({trials})"
+    )
     return lines + [f"{text}: {ends}"]
 
 
@@ -141,6 +153,7 @@ def given_budget(overrides: list[str]) -> dict:
     """The budget keys a command line gives (``--set budget.*``, ``--gpu-hours``, ``--cpu-hours``)
     as {key: value}; a value of None removes the key."""
     from tune.config.loading import parse_override
+
     given = {}
     for text in overrides:
         keys, value = parse_override(text)

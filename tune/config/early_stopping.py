@@ -48,14 +48,18 @@ def grace_epochs(early_stopping: dict, phase2: PhaseConfig, where: str = "") -> 
     grace = given if isinstance(given, int) else max(1, math.ceil(given * epochs - 1e-9))
     shown = f"{given}" if isinstance(given, int) else f"{given} of {epochs} epochs = {grace}"
     if grace > epochs:
-        raise ConfigError(f"{at}: {shown} is beyond phase 2's {epochs} epochs: ASHA would judge no trial "
-                          f"(use auto, a fraction such as 0.1, or enabled: false)")
+        raise ConfigError(
+            f"{at}: {shown} is beyond phase 2's {epochs} epochs: ASHA would judge no trial "
+            f"(use auto, a fraction such as 0.1, or enabled: false)"
+        )
     if grace < earliest:
-        schedule = ("per epoch, as released: epochs 1.." if phase2.warmup == "epoch" else "per step over epochs 1..")
+        schedule = "per epoch, as released: epochs 1.." if phase2.warmup == "epoch" else "per step over epochs 1.."
         w = phase2.warmup_epochs
-        raise ConfigError(f"{at}: {shown} is inside phase 2's warm-up ({w} warm-up epoch{'s' * (w != 1)}, "
-                          f"{schedule}{w} from lr {phase2.warmup_lr:g}): ASHA would compare "
-                          f"trials before their learning rate peaks; use auto or at least {earliest}")
+        raise ConfigError(
+            f"{at}: {shown} is inside phase 2's warm-up ({w} warm-up epoch{'s' * (w != 1)}, "
+            f"{schedule}{w} from lr {phase2.warmup_lr:g}): ASHA would compare "
+            f"trials before their learning rate peaks; use auto or at least {earliest}"
+        )
     return grace
 
 
@@ -63,7 +67,7 @@ def asha_rungs(grace: int, reduction_factor: float, max_t: int) -> list[int]:
     """The epochs at which ASHA compares trials, below the last epoch (where every trial ends
     anyway): Ray's ``_Bracket`` milestones ``grace * rf**k`` for its ``MAX_RUNGS``."""
     count = int(math.log(max_t / grace) / math.log(reduction_factor) + 1)
-    milestones = sorted(grace * reduction_factor ** k for k in range(count))
+    milestones = sorted(grace * reduction_factor**k for k in range(count))
     return [int(m) if float(m).is_integer() else m for m in milestones if m < max_t]
 
 
@@ -71,19 +75,25 @@ def describe(early_stopping: dict, phase2: PhaseConfig, metric: str, objectives:
     """The dry run's line, e.g. ``early stopping: ASHA on val_acc at epochs 9, 18, 36, 72
     (reduction 2) of 90``."""
     if objectives > 1:
-        return (f"early stopping: off: a study with {objectives} objectives runs every trial its "
-                f"{phase2.epochs} epochs (ASHA ranks trials on one objective; a trial it stopped would miss the "
-                f"Pareto front)")
+        return (
+            f"early stopping: off: a study with {objectives} objectives runs every trial its "
+            f"{phase2.epochs} epochs (ASHA ranks trials on one objective; a trial it stopped would miss the "
+            f"Pareto front)"
+        )
     if not early_stopping["enabled"]:
         return f"early stopping: off (enabled: false): every trial runs its {phase2.epochs} epochs"
     grace = grace_epochs(early_stopping, phase2)
     if grace is None:
-        return (f"early stopping: off: phase 2's {phase2.epochs} epochs leave no epoch after the warm-up "
-                f"to compare trials at")
+        return (
+            f"early stopping: off: phase 2's {phase2.epochs} epochs leave no epoch after the warm-up "
+            f"to compare trials at"
+        )
     rungs = asha_rungs(grace, early_stopping["reduction_factor"], phase2.epochs)
     if not rungs:
         return f"early stopping: none: the grace period {grace} is phase 2's last epoch"
     given = early_stopping["grace_period"]
     how = "" if isinstance(given, int) else f", grace {given}"
-    return (f"early stopping: ASHA on {metric} at epochs {', '.join(map(str, rungs))} of {phase2.epochs} "
-            f"(reduction {early_stopping['reduction_factor']:g}{how})")
+    return (
+        f"early stopping: ASHA on {metric} at epochs {', '.join(map(str, rungs))} of {phase2.epochs} "
+        f"(reduction {early_stopping['reduction_factor']:g}{how})"
+    )

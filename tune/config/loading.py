@@ -76,7 +76,7 @@ def apply_overrides(profile: dict, overrides: list[str]) -> dict:
     return out
 
 
-STUDY_OVERRIDES = ("budget",)   # --set sections that are the study's (a profile has none of them)
+STUDY_OVERRIDES = ("budget",)  # --set sections that are the study's (a profile has none of them)
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -119,6 +119,7 @@ def profile_data(profile: dict):
     """The profile's dataset, its images prepared for the profile's backbone (``input_config``)."""
     from lpt_core.backbones import input_config
     from lpt_core.data import build_dataset
+
     return build_dataset(profile["data"], input_config(profile["backbone"], profile.get("input")))
 
 

@@ -10,7 +10,6 @@ from tune.errors import ConfigError
 from tune.names import PHASE1_CACHE
 
 
-
 class Plan:
     """Everything checked before Ray starts."""
 
@@ -39,6 +38,7 @@ class Plan:
             raise ConfigError(f"--confirm: must be >= 0, got {args.confirm}")
         if args.register:
             from tune.config.checks import check_model_name
+
             check_model_name(args.register)
         absolute_paths(self.profile)
         check_budget(self.study, self.profile, str(self.study_path))
@@ -58,15 +58,24 @@ class Plan:
         self.phase2 = PhaseConfig.from_dict(self.profile["phase2"], where=f"{self.profile_path}: phase2")
         dataset = self.profile["data"]["name"]
         check_disjoint(self.data, dataset, str(self.profile_path))
-        check_objectives(objective_of(self.study["objective"])[0], self.summary, self.profile["shot_split"], dataset,
-                         str(self.study_path))
+        check_objectives(
+            objective_of(self.study["objective"])[0],
+            self.summary,
+            self.profile["shot_split"],
+            dataset,
+            str(self.study_path),
+        )
         grace_epochs(self.study["early_stopping"], self.phase2, str(self.study_path))
         check_space(self.study["space"], self.profile["model"], self.depth, str(self.study_path))
         check_prompt_lengths(self.study["space"], self.study["budget"]["trials"], str(self.study_path))
-        self.baseline = (baseline_config(self.study["space"], self.profile["model"], self.profile["phase2"])
-                         if self.study["baseline"]["enabled"] else None)
-        self.baseline_notes = (check_baseline(self.study["space"], self.baseline, str(self.study_path))
-                               if self.baseline else [])
+        self.baseline = (
+            baseline_config(self.study["space"], self.profile["model"], self.profile["phase2"])
+            if self.study["baseline"]["enabled"]
+            else None
+        )
+        self.baseline_notes = (
+            check_baseline(self.study["space"], self.baseline, str(self.study_path)) if self.baseline else []
+        )
         self.manifest_hash = self.summary.manifest_hash
         self.storage = Path(os.path.expanduser(args.storage or os.environ.get("LPT_STORAGE", "runs"))).resolve()
         check_storage_env()
@@ -79,45 +88,55 @@ class Plan:
         from tune.config.samplers import describe_sampler, sampler_settings
         from tune.config.search_space import describe, prompt_lengths
         from tune.config.loading import objective_of
+
         b, r = self.study["budget"], self.profile["resources"]
         lengths = prompt_lengths(self.study["space"], self.profile["model"]["prompt_length"])
         n_phase1 = len(lengths)  # all trained up front (check_prompt_lengths keeps it within the budget)
         metrics = objective_of(self.study["objective"])[0]
-        lines = [f"study {self.study_name} ({self.study_path}), profile {self.profile_name} ({self.profile_path})",
-                 self.data_line(),
-                 *([f"not computed here: {'; '.join(self.summary.missing)}"] if self.summary.missing else []),
-                 validation.describe(self.summary),
-                 self.backbone_line(),
-                 f"input: {describe_input(self.input_cfg)}",
-                 "search space:", *[f"  {line}" for line in describe(self.study["space"], self.depth)],
-                 f"objective: {self.study['objective']}",
-                 f"budget: {b['trials']} trials, {b['concurrency']} at a time, up to {b['max_failures']} retries each",
-                 f"sampler: {describe_sampler(sampler_settings(self.study, b['trials']), b['trials'])}",
-                 f"phase 1: {self.phase1.describe(1)}",
-                 f"phase 2: {self.phase2.describe(2)}",
-                 early_stopping.describe(self.study["early_stopping"], self.phase2, metrics[0], len(metrics)),
-                 self.baseline_line(),
-                 f"phase-1 trainings: {n_phase1}, up front before the trials (one per prompt_length in "
-                 f"{lengths if len(lengths) <= 12 else f'{lengths[0]}..{lengths[-1]}'}; a cached one is not "
-                 f"trained again: {self.storage / PHASE1_CACHE})",
-                 f"resources per trial: {r['cpu']:g} CPU, {r['gpu']:g} GPU"
-                 + (f" ({int(1 / r['gpu'])} trials per GPU)" if 0 < r["gpu"] < 1 else "")
-                 + (", compiled blocks" if self.profile["compile"] else ""),
-                 *self.cost_lines(n_phase1)]
+        lines = [
+            f"study {self.study_name} ({self.study_path}), profile {self.profile_name} ({self.profile_path})",
+            self.data_line(),
+            *([f"not computed here: {'; '.join(self.summary.missing)}"] if self.summary.missing else []),
+            validation.describe(self.summary),
+            self.backbone_line(),
+            f"input: {describe_input(self.input_cfg)}",
+            "search space:",
+            *[f"  {line}" for line in describe(self.study["space"], self.depth)],
+            f"objective: {self.study['objective']}",
+            f"budget: {b['trials']} trials, {b['concurrency']} at a time, up to {b['max_failures']} retries each",
+            f"sampler: {describe_sampler(sampler_settings(self.study, b['trials']), b['trials'])}",
+            f"phase 1: {self.phase1.describe(1)}",
+            f"phase 2: {self.phase2.describe(2)}",
+            early_stopping.describe(self.study["early_stopping"], self.phase2, metrics[0], len(metrics)),
+            self.baseline_line(),
+            f"phase-1 trainings: {n_phase1}, up front before the trials (one per prompt_length in "
+            f"{lengths if len(lengths) <= 12 else f'{lengths[0]}..{lengths[-1]}'}; a cached one is not "
+            f"trained again: {self.storage / PHASE1_CACHE})",
+            f"resources per trial: {r['cpu']:g} CPU, {r['gpu']:g} GPU"
+            + (f" ({int(1 / r['gpu'])} trials per GPU)" if 0 < r["gpu"] < 1 else "")
+            + (", compiled blocks" if self.profile["compile"] else ""),
+            *self.cost_lines(n_phase1),
+        ]
         return "\n".join(lines)
 
     def data_line(self) -> str:
         s, count = self.summary, lambda n: "?" if n is None else f"{n:,}"
-        return (f"data: {self.profile['data']['name']}, {count(s.num_classes)} classes, {count(s.train)} train / "
-                f"{count(s.val)} val / {count(s.test)} test images; manifest "
-                + (s.manifest_hash[:12] if s.manifest_hash else "not computed"))
+        return (
+            f"data: {self.profile['data']['name']}, {count(s.num_classes)} classes, {count(s.train)} train / "
+            f"{count(s.val)} val / {count(s.test)} test images; manifest "
+            + (s.manifest_hash[:12] if s.manifest_hash else "not computed")
+        )
 
     def backbone_line(self) -> str:
         from lpt_core.backbones import weights_source
+
         spec = self.profile["backbone"]
         weights = spec.get("weights", "pretrained")
-        checked = (f": not checked by a dry run; a search takes them from {weights_source(spec)}"
-                   if self.dry_run and weights != "random" else "")
+        checked = (
+            f": not checked by a dry run; a search takes them from {weights_source(spec)}"
+            if self.dry_run and weights != "random"
+            else ""
+        )
         return f"backbone: {spec['name']} ({self.depth} blocks), weights {weights}{checked}"
 
     def baseline_line(self) -> str:
@@ -125,9 +144,11 @@ class Plan:
             return "baseline: off (baseline.enabled: false)"
         values = ", ".join(f"{k}={v}" for k, v in self.baseline.items())
         exempt = self.study["baseline"]["exempt_from_early_stopping"] and self.study["early_stopping"]["enabled"]
-        return (f"baseline: the first trial runs the profile's values ({values})"
-                + (", every epoch (exempt from early stopping)" if exempt else "")
-                + "".join(f"; note: {n}" for n in self.baseline_notes))
+        return (
+            f"baseline: the first trial runs the profile's values ({values})"
+            + (", every epoch (exempt from early stopping)" if exempt else "")
+            + "".join(f"; note: {n}" for n in self.baseline_notes)
+        )
 
     def phase_images(self, name: str) -> tuple[int, str]:
         """Training images of one run of phase ``name`` (``phase1`` / ``phase2``), and in words."""
@@ -136,8 +157,10 @@ class Plan:
         steps = max(1, n_train // cfg.batch_size)  # an epoch of the trainer's sampler
         branches = 2 if cfg.sampling == "dual" else 1
         images = cfg.epochs * steps * branches * cfg.batch_size
-        return images, (f"{cfg.epochs} epochs x {steps} steps x {'2x' if branches == 2 else ''}{cfg.batch_size}"
-                        f" = {images:,} images (+ {cfg.epochs * n_val:,} evaluated)")
+        return images, (
+            f"{cfg.epochs} epochs x {steps} steps x {'2x' if branches == 2 else ''}{cfg.batch_size}"
+            f" = {images:,} images (+ {cfg.epochs * n_val:,} evaluated)"
+        )
 
     def trial_estimate_s(self) -> float | None:
         """A whole trial's seconds at the profile's ``images_per_s``; None without it."""
@@ -148,31 +171,40 @@ class Plan:
         """Images each trial trains on, GPU-hours (CPU-core-hours for CPU trials or a CPU-hour
         budget) at the profile's ``images_per_s`` estimate, and what the budget pays for."""
         from tune.config.budget import MEASURES, measure_of, plan_lines
+
         if self.summary.train is None:
             return ["cost: not computed (the training set's size is not known here)"]
         trials = self.study["budget"]["trials"]
         (phase1, phase1_text), (phase2, phase2_text) = self.phase_images("phase1"), self.phase_images("phase2")
         total = trials * phase2 + n_phase1 * phase1
-        lines = [f"cost per trial: phase 2 trains {phase2_text}",
-                 f"cost per phase 1 ({n_phase1}, unless cached): {phase1_text}",
-                 f"cost of the search: at most {total:,} training images ({trials} whole trials; ASHA stops some early)"]
+        lines = [
+            f"cost per trial: phase 2 trains {phase2_text}",
+            f"cost per phase 1 ({n_phase1}, unless cached): {phase1_text}",
+            f"cost of the search: at most {total:,} training images ({trials} whole trials; ASHA stops some early)",
+        ]
         rate = self.profile.get("images_per_s")
         key, label = MEASURES[measure_of(self.study["budget"], self.profile["resources"])]
         unit = label.replace("hours", "h")
         if rate:
             hours = lambda n: n / rate / 3600 * self.profile["resources"][key]
-            lines.append(f"{label.split('-')[0]} time at {rate:g} img/s: {hours(phase2):.2f} {unit} per trial, "
-                         f"{hours(phase1):.2f} per phase 1, at most {hours(total):.1f} {unit} for the search")
+            lines.append(
+                f"{label.split('-')[0]} time at {rate:g} img/s: {hours(phase2):.2f} {unit} per trial, "
+                f"{hours(phase1):.2f} per phase 1, at most {hours(total):.1f} {unit} for the search"
+            )
         else:
-            lines.append(f"{label.split('-')[0]} time: add --set images_per_s=N (the training img/s of one trial, e.g. "
-                         f"from benchmarks/step_throughput.py on your GPU) for {label}")
+            lines.append(
+                f"{label.split('-')[0]} time: add --set images_per_s=N (the training img/s of one trial, e.g. "
+                f"from benchmarks/step_throughput.py on your GPU) for {label}"
+            )
         return lines + plan_lines(self.study, self.profile, phase2, phase1, n_phase1)
 
 
 def describe_input(cfg) -> str:
     fmt = lambda xs: "/".join(f"{x:.3g}" for x in xs)
     resize = cfg.eval_resize.replace("_", "-")
-    return f"mean {fmt(cfg.mean)}, std {fmt(cfg.std)}, {cfg.interpolation}, eval {resize} resize, crop {cfg.crop_pct:.3g}"
+    return (
+        f"mean {fmt(cfg.mean)}, std {fmt(cfg.std)}, {cfg.interpolation}, eval {resize} resize, crop {cfg.crop_pct:.3g}"
+    )
 
 
 def absolute_paths(profile: dict) -> None:

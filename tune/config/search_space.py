@@ -30,17 +30,23 @@ def int_bounds(name: str, spec: dict, chosen: dict, depth: int) -> tuple[int, in
 def check_space(space: dict, model_defaults: dict, depth: int, where: str) -> None:
     """Fail before Ray starts when a range cannot be satisfied for this backbone."""
     pool = space.get("pool_size")
-    min_pool = (min(pool["values"]) if pool["type"] == "choice" else pool["low"]) if pool else model_defaults["pool_size"]
+    min_pool = (
+        (min(pool["values"]) if pool["type"] == "choice" else pool["low"]) if pool else model_defaults["pool_size"]
+    )
     for name, spec in space.items():
         values = spec["values"] if spec["type"] == "choice" else [spec["low"], spec["high"]]
         if name == "group_start" and (max(values) < 1 or min(values) > depth - 1):
-            raise ConfigError(f"{where}: space.group_start: no value in 1..{depth - 1} (the backbone has {depth} blocks)")
+            raise ConfigError(
+                f"{where}: space.group_start: no value in 1..{depth - 1} (the backbone has {depth} blocks)"
+            )
         if name == "group_start" and spec["type"] == "choice" and max(values) > depth - 1:
             raise ConfigError(f"{where}: space.group_start.values: {max(values)} is not below the depth {depth}")
         if name == "top_k" and min(values) > min_pool:
             raise ConfigError(f"{where}: space.top_k: low {min(values)} exceeds the smallest pool_size {min_pool}")
         if name == "top_k" and spec["type"] == "choice" and max(values) > min_pool:
-            raise ConfigError(f"{where}: space.top_k.values: {max(values)} exceeds the smallest pool_size {min_pool}; use an int range")
+            raise ConfigError(
+                f"{where}: space.top_k.values: {max(values)} exceeds the smallest pool_size {min_pool}; use an int range"
+            )
     if "top_k" not in space and model_defaults["top_k"] > min_pool:
         raise ConfigError(f"{where}: model.top_k: {model_defaults['top_k']} exceeds the smallest pool_size {min_pool}")
     if "group_start" not in space and not 1 <= model_defaults["group_start"] <= depth - 1:
@@ -61,11 +67,13 @@ class DefineByRun:
                 chosen[name] = trial.suggest_categorical(name, spec["values"])
             elif spec["type"] == "int":
                 low, high = int_bounds(name, spec, chosen, self.depth)
-                chosen[name] = trial.suggest_int(name, low, high, step=int(spec.get("step", 1)),
-                                                 log=bool(spec.get("log", False)))
+                chosen[name] = trial.suggest_int(
+                    name, low, high, step=int(spec.get("step", 1)), log=bool(spec.get("log", False))
+                )
             else:
-                chosen[name] = trial.suggest_float(name, spec["low"], spec["high"], step=spec.get("step"),
-                                                   log=bool(spec.get("log", False)))
+                chosen[name] = trial.suggest_float(
+                    name, spec["low"], spec["high"], step=spec.get("step"), log=bool(spec.get("log", False))
+                )
 
 
 def describe(space: dict, depth: int) -> list[str]:
@@ -107,8 +115,10 @@ def check_baseline(space: dict, config: dict, where: str) -> list[str]:
     for name, value in config.items():
         spec = space[name]
         if spec["type"] == "choice" and value not in spec["values"]:
-            raise ConfigError(f"{where}: space.{name}.values: the baseline needs the profile's {name} {value!r} "
-                              f"among {spec['values']}; add it, or set baseline.enabled: false")
+            raise ConfigError(
+                f"{where}: space.{name}.values: the baseline needs the profile's {name} {value!r} "
+                f"among {spec['values']}; add it, or set baseline.enabled: false"
+            )
         if spec["type"] != "choice" and not spec["low"] <= value <= spec["high"]:
             notes.append(f"{name}={value:g} lies outside {spec['low']:g}..{spec['high']:g}")
     return notes
@@ -124,6 +134,8 @@ def check_prompt_lengths(space: dict, trials: int, where: str) -> None:
     if len(lengths) > trials:
         k = min(trials, 4)
         some = sorted({lengths[round(i * (len(lengths) - 1) / max(k - 1, 1))] for i in range(k)})
-        raise ConfigError(f"{where}: space.prompt_length: an int range of {len(lengths)} lengths "
-                          f"({spec['low']}..{spec['high']}) means {len(lengths)} phase-1 trainings up front for "
-                          f"{trials} trials; use a choice of lengths, e.g. {{type: choice, values: {some}}}")
+        raise ConfigError(
+            f"{where}: space.prompt_length: an int range of {len(lengths)} lengths "
+            f"({spec['low']}..{spec['high']}) means {len(lengths)} phase-1 trainings up front for "
+            f"{trials} trials; use a choice of lengths, e.g. {{type: choice, values: {some}}}"
+        )

@@ -25,8 +25,7 @@ MODEL_KEYS = tuple(LPTConfig.model_fields)
 RECIPE_KEYS = tuple(PhaseConfig.model_fields)
 SHOT_KEYS = ("acc", "many_acc", "medium_acc", "few_acc")  # lpt_core.evaluate's accuracies, overall and by shot
 OBJECTIVE_METRICS = tuple(f"val_{k}" for k in SHOT_KEYS)
-SEARCHABLE = {k: model for model in (LPTConfig, PhaseConfig)
-              for k, ok in searchable_fields(model).items() if ok}
+SEARCHABLE = {k: model for model in (LPTConfig, PhaseConfig) for k, ok in searchable_fields(model).items() if ok}
 
 
 def _error(at: str, text: str, **ctx: Any) -> PydanticCustomError:
@@ -51,8 +50,11 @@ class Resources(Section):
     @model_validator(mode="after")
     def _gpu_share(self) -> "Resources":
         if self.gpu > 1 and self.gpu != int(self.gpu):
-            raise _error("gpu", "must be a fraction below 1 (trials share a GPU) or a whole number of "
-                                "GPUs, got {value}", value=self.gpu)
+            raise _error(
+                "gpu",
+                "must be a fraction below 1 (trials share a GPU) or a whole number of GPUs, got {value}",
+                value=self.gpu,
+            )
         return self
 
 
@@ -70,21 +72,29 @@ class ProfileConfig(Section):
     model: LPTConfig = LPTConfig()
     phase1: PhaseConfig = PhaseConfig()
     phase2: PhaseConfig = PhaseConfig()
-    input: Optional[InputOverrides] = Field(None, description="override the input pipeline the backbone's "
-                                            "pretrained config gives (mean, std, interpolation, crop_pct)")
+    input: Optional[InputOverrides] = Field(
+        None,
+        description="override the input pipeline the backbone's "
+        "pretrained config gives (mean, std, interpolation, crop_pct)",
+    )
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     shot_split: Literal[SHOT_SPLITS] = "standard"
-    images_per_s: Optional[float] = Field(None, gt=0, description="training img/s of one trial, for --dry-run's GPU-hours")
+    images_per_s: Optional[float] = Field(
+        None, gt=0, description="training img/s of one trial, for --dry-run's GPU-hours"
+    )
     resources: Resources = Resources()
     loader: Loader = Loader()
 
     @model_validator(mode="after")
     def _cuda_needs_a_gpu(self) -> "ProfileConfig":
         if self.device == "cuda" and self.resources.gpu == 0:
-            raise PydanticCustomError("config", "device cuda needs a GPU share per trial, got 0 "
-                                      "(Ray would not give the trial a GPU)", {"at": "resources.gpu"})
+            raise PydanticCustomError(
+                "config",
+                "device cuda needs a GPU share per trial, got 0 (Ray would not give the trial a GPU)",
+                {"at": "resources.gpu"},
+            )
         return self
 
     def to_dict(self) -> dict:
@@ -97,7 +107,9 @@ class ProfileConfig(Section):
 class Objective(Section):
     metric: Literal[OBJECTIVE_METRICS] = "val_acc"
     mode: Literal["max", "min"] = "max"
-    metrics: Optional[list[Literal[OBJECTIVE_METRICS]]] = Field(None, min_length=2, description="several objectives (Pareto front)")
+    metrics: Optional[list[Literal[OBJECTIVE_METRICS]]] = Field(
+        None, min_length=2, description="several objectives (Pareto front)"
+    )
     modes: Optional[list[Literal["max", "min"]]] = None
 
     @model_validator(mode="after")
@@ -112,12 +124,17 @@ class Budget(Section):
     concurrency: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
     gpu_hours: Optional[float] = Field(
-        None, gt=0, description="GPU-hours the search may spend (trials' wall time x resources.gpu, phase 1 up "
-                                "front included); no new trial starts past it (tune.config.budget)")
+        None,
+        gt=0,
+        description="GPU-hours the search may spend (trials' wall time x resources.gpu, phase 1 up "
+        "front included); no new trial starts past it (tune.config.budget)",
+    )
     cpu_hours: Optional[float] = Field(
-        None, gt=0, description="the same in CPU-core-hours (wall time x resources.cpu), e.g. for CPU-only trials")
+        None, gt=0, description="the same in CPU-core-hours (wall time x resources.cpu), e.g. for CPU-only trials"
+    )
     on_exhausted: Literal["finish", "stop"] = Field(
-        "finish", description="once the hours are spent: let running trials finish, or stop them at their next epoch")
+        "finish", description="once the hours are spent: let running trials finish, or stop them at their next epoch"
+    )
 
     @model_validator(mode="after")
     def _one_measure(self) -> "Budget":
@@ -135,8 +152,10 @@ class EarlyStopping(Section):
 
     enabled: bool = Field(True, description="stop bad trials early (ASHA); not with several objectives")
     grace_period: GracePeriod = Field(
-        "auto", description="first rung: phase-2 epochs (an integer), a fraction of them (e.g. 0.1), or auto "
-                            "(at least a tenth of the schedule, never inside the warm-up)")
+        "auto",
+        description="first rung: phase-2 epochs (an integer), a fraction of them (e.g. 0.1), or auto "
+        "(at least a tenth of the schedule, never inside the warm-up)",
+    )
     reduction_factor: float = Field(2, gt=1)
 
     @field_validator("grace_period", mode="wrap")
@@ -145,8 +164,11 @@ class EarlyStopping(Section):
         try:
             return handler(value)
         except ValidationError:
-            raise PydanticCustomError("config", "must be a whole number of epochs >= 1, a fraction of the phase-2 "
-                                      "epochs in (0, 1), or auto, got {got}", {"got": repr(value)}) from None
+            raise PydanticCustomError(
+                "config",
+                "must be a whole number of epochs >= 1, a fraction of the phase-2 epochs in (0, 1), or auto, got {got}",
+                {"got": repr(value)},
+            ) from None
 
 
 class _Range(Section):
@@ -181,8 +203,9 @@ def _param_spec(name: str) -> Any:
     field = SEARCHABLE[name].model_fields[name]
     value = Annotated[(field.annotation, *field.metadata)]
     is_int = field.annotation is int
-    ranged = create_model(f"{name}_range", __base__=_IntRange if is_int else _FloatRange,
-                          low=(value, ...), high=(value, ...))
+    ranged = create_model(
+        f"{name}_range", __base__=_IntRange if is_int else _FloatRange, low=(value, ...), high=(value, ...)
+    )
     choice = create_model(f"{name}_choice", __base__=_Choice, values=(list[value], Field(min_length=1)))
     return Annotated[Union[ranged, choice], Field(discriminator="type", description=field.description)]
 
@@ -200,8 +223,12 @@ class _SpaceBase(Section):
                     raise _error(key, "not searchable: {why}", why=why_fixed(owner, key))
             else:
                 known = lambda model: ", ".join(k for k in SEARCHABLE if SEARCHABLE[k] is model)
-                raise _error(key, "not a searchable parameter (model: {model}; recipe: {recipe})",
-                             model=known(LPTConfig), recipe=known(PhaseConfig))
+                raise _error(
+                    key,
+                    "not a searchable parameter (model: {model}; recipe: {recipe})",
+                    model=known(LPTConfig),
+                    recipe=known(PhaseConfig),
+                )
         if not data:
             raise PydanticCustomError("config", "empty; name at least one parameter to search")
         return data
@@ -219,13 +246,20 @@ class Sampler(Section):
 
     type: Literal[SAMPLERS] = Field("tpe", description="tpe, random, gp (Gaussian process) or cmaes")
     n_startup_trials: Optional[int] = Field(
-        None, ge=0, description="random trials before the model takes over (default: a third of the budget, "
-                                "at least 2, at most 10); not for random")
+        None,
+        ge=0,
+        description="random trials before the model takes over (default: a third of the budget, "
+        "at least 2, at most 10); not for random",
+    )
     multivariate: Optional[bool] = Field(None, description="tpe: sample parameters jointly (default: true)")
-    group: Optional[bool] = Field(None, description="tpe: multivariate per group of parameters that occur together "
-                                                    "(default: true where one parameter's range depends on another)")
-    constant_liar: Optional[bool] = Field(None, description="tpe: treat running trials as bad so that concurrent "
-                                                            "trials spread out (default: true)")
+    group: Optional[bool] = Field(
+        None,
+        description="tpe: multivariate per group of parameters that occur together "
+        "(default: true where one parameter's range depends on another)",
+    )
+    constant_liar: Optional[bool] = Field(
+        None, description="tpe: treat running trials as bad so that concurrent trials spread out (default: true)"
+    )
 
     @model_validator(mode="after")
     def _keys_of_its_type(self) -> "Sampler":
@@ -262,19 +296,28 @@ class StudyConfig(Section):
     @model_validator(mode="after")
     def _sampler_fits_the_objective(self) -> "StudyConfig":
         if self.sampler.type == "cmaes" and self.objective.metrics is not None:
-            raise _error("sampler.type", "cmaes optimises one objective; this study has {n} (use tpe, gp or random)",
-                         n=len(self.objective.metrics))
+            raise _error(
+                "sampler.type",
+                "cmaes optimises one objective; this study has {n} (use tpe, gp or random)",
+                n=len(self.objective.metrics),
+            )
         if self.objective.metrics is not None and self.early_stopping.enabled:
-            raise _error("early_stopping.enabled", "ASHA ranks trials on one objective, and a trial it stopped "
-                         "would be off the Pareto front of this study's {n} only because its first one started "
-                         "slower: set enabled: false (every trial runs its epochs)", n=len(self.objective.metrics))
+            raise _error(
+                "early_stopping.enabled",
+                "ASHA ranks trials on one objective, and a trial it stopped "
+                "would be off the Pareto front of this study's {n} only because its first one started "
+                "slower: set enabled: false (every trial runs its epochs)",
+                n=len(self.objective.metrics),
+            )
         return self
 
     def to_dict(self, order: list[str] | None = None) -> dict:
         out = self.model_dump(exclude_none=True, exclude={"space"})
         given = self.space.model_dump(exclude_none=True)
-        out["space"] = {k: getattr(self.space, k).model_dump(exclude_unset=True)  # as written, in the file's order
-                        for k in order or given}
+        out["space"] = {
+            k: getattr(self.space, k).model_dump(exclude_unset=True)  # as written, in the file's order
+            for k in order or given
+        }
         return out
 
 

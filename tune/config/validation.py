@@ -18,7 +18,7 @@ from lpt_core.metrics import FEW_AT_MOST, MANY_ABOVE, shot_groups
 
 from tune.errors import ConfigError
 
-SE_METRIC, SIZE_METRIC = "val_acc_se", "val_images"   # parent-run metrics next to best_val_acc
+SE_METRIC, SIZE_METRIC = "val_acc_se", "val_images"  # parent-run metrics next to best_val_acc
 
 
 def binomial_se(acc_percent: float, n: int) -> float:
@@ -43,19 +43,29 @@ def describe(summary) -> str:
         return "validation: not computed here (the data's lists or files are not here)"
     n = sum(counts)
     present = [k for k in counts if k]
-    per_class = (f"{present[0]} per class" if present and min(present) == max(present)
-                 else f"{min(present, default=0)}..{max(present, default=0)} per class")
+    per_class = (
+        f"{present[0]} per class"
+        if present and min(present) == max(present)
+        else f"{min(present, default=0)}..{max(present, default=0)} per class"
+    )
     missing = [c for c, k in enumerate(counts) if k == 0]
-    lacks = (f"; no image of {len(missing)} class{'es' if len(missing) > 1 else ''}: {_classes(summary, missing)} "
-             f"(its accuracy is not measured; the test split has it)" if missing else "")
+    lacks = (
+        f"; no image of {len(missing)} class{'es' if len(missing) > 1 else ''}: {_classes(summary, missing)} "
+        f"(its accuracy is not measured; the test split has it)"
+        if missing
+        else ""
+    )
     se = f"±{binomial_se(90.0, n):.1f} points at 90%, ±{binomial_se(50.0, n):.1f} at 50%" if n else "none"
     return f"validation: {n:,} images, {per_class}{lacks}; one standard error of val_acc: {se}"
 
 
 def group_rule(group: str, split: str) -> str:
     few = FEW_AT_MOST[split]
-    return {"many": f"more than {MANY_ABOVE} training images", "medium": f"{few + 1}..{MANY_ABOVE} training images",
-            "few": f"at most {few} training images"}[group]
+    return {
+        "many": f"more than {MANY_ABOVE} training images",
+        "medium": f"{few + 1}..{MANY_ABOVE} training images",
+        "few": f"at most {few} training images",
+    }[group]
 
 
 def check_objectives(metrics: list[str], summary, split: str, dataset: str, where: str) -> None:
@@ -73,11 +83,16 @@ def check_objectives(metrics: list[str], summary, split: str, dataset: str, wher
         classes = [c for c, inside in enumerate(groups[group].tolist()) if inside]
         if sum(counts[c] for c in classes) > 0:
             continue
-        found = (f"its {len(classes)} such class(es) have no validation image" if classes
-                 else f"no class has that many (training images per class: {min(train)}..{max(train)})")
-        raise ConfigError(f"{where}: objective: {metric} is the accuracy of the {group}-shot classes "
-                          f"({group_rule(group, split)}, shot_split {split}), but in {dataset} {found}; "
-                          f"choose another objective or profile")
+        found = (
+            f"its {len(classes)} such class(es) have no validation image"
+            if classes
+            else f"no class has that many (training images per class: {min(train)}..{max(train)})"
+        )
+        raise ConfigError(
+            f"{where}: objective: {metric} is the accuracy of the {group}-shot classes "
+            f"({group_rule(group, split)}, shot_split {split}), but in {dataset} {found}; "
+            f"choose another objective or profile"
+        )
 
 
 def check_disjoint(data, dataset: str, where: str) -> None:
@@ -85,6 +100,8 @@ def check_disjoint(data, dataset: str, where: str) -> None:
     ``data`` None (a dry run without the data's lists) is not checked."""
     shared = val_test_overlap(data) if data is not None else 0
     if shared:
-        raise ConfigError(f"{where}: data: {dataset}'s validation and test splits share {shared:,} images, so the "
-                          f"search would select on the test split; give it a validation split disjoint from test "
-                          f"(a val_list that is not the test_list, or a hold-out from train)")
+        raise ConfigError(
+            f"{where}: data: {dataset}'s validation and test splits share {shared:,} images, so the "
+            f"search would select on the test split; give it a validation split disjoint from test "
+            f"(a val_list that is not the test_list, or a hold-out from train)"
+        )

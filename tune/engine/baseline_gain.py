@@ -27,8 +27,9 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def validation_gain(best: dict, baseline: dict | None, params: list[str], val_images: int, trials: int,
-                    confirm_command: str | None) -> tuple[dict, list[str]]:
+def validation_gain(
+    best: dict, baseline: dict | None, params: list[str], val_images: int, trials: int, confirm_command: str | None
+) -> tuple[dict, list[str]]:
     """Parent-run metrics and summary lines of the baseline's validation accuracy (with one
     binomial standard error on ``val_images``) and the best trial's gain over it (points), when
     the baseline ran every epoch. ``confirm_command``: the command that confirms the gain on test
@@ -36,24 +37,37 @@ def validation_gain(best: dict, baseline: dict | None, params: list[str], val_im
     the best of ``trials`` was selected on."""
     if baseline is None:
         return {}, []
-    head = (f"baseline trial {baseline['trial_id']} (the profile's values): "
-            + ", ".join(f"{p}={baseline[p]}" for p in params))
+    head = f"baseline trial {baseline['trial_id']} (the profile's values): " + ", ".join(
+        f"{p}={baseline[p]}" for p in params
+    )
     if baseline["status"] != COMPLETED:
         why = baseline.get("error") or f"{baseline['status'].replace('_', ' ')} at epoch {baseline['epochs']}"
         return {}, [head, f"  {why}: no gain to report"]
     metrics = {f"baseline_val_{k}": baseline[f"val_{k}"] for k in SHOT_KEYS if _finite(baseline.get(f"val_{k}"))}
     metrics[f"baseline_{SE_METRIC}"] = binomial_se(baseline["val_acc"], val_images)
-    metrics.update({f"gain_val_{k}": best[f"val_{k}"] - baseline[f"val_{k}"]
-                    for k in SHOT_KEYS if _finite(best.get(f"val_{k}")) and f"baseline_val_{k}" in metrics})
+    metrics.update(
+        {
+            f"gain_val_{k}": best[f"val_{k}"] - baseline[f"val_{k}"]
+            for k in SHOT_KEYS
+            if _finite(best.get(f"val_{k}")) and f"baseline_val_{k}" in metrics
+        }
+    )
     if baseline["trial_id"] == best["trial_id"]:  # every gain is 0
-        return metrics, [f"baseline trial {baseline['trial_id']}: the best trial is the baseline (the profile's "
-                         "values); no config of the search beat it"]
-    lines = [head, "  validation: " + with_se(baseline, val_images),
-             "  gain of the best: " + shots(metrics, "gain_val_", "{:+.2f}", " points")]
+        return metrics, [
+            f"baseline trial {baseline['trial_id']}: the best trial is the baseline (the profile's "
+            "values); no config of the search beat it"
+        ]
+    lines = [
+        head,
+        "  validation: " + with_se(baseline, val_images),
+        "  gain of the best: " + shots(metrics, "gain_val_", "{:+.2f}", " points"),
+    ]
     if confirm_command is not None:
-        lines.append(f"  not confirmed: measured on the {val_images:,} validation images the best of {trials} trials "
-                     f"(one seed each) was selected on, so it is biased upward; confirm it on test with fresh seeds: "
-                     f"{confirm_command}")
+        lines.append(
+            f"  not confirmed: measured on the {val_images:,} validation images the best of {trials} trials "
+            f"(one seed each) was selected on, so it is biased upward; confirm it on test with fresh seeds: "
+            f"{confirm_command}"
+        )
     return metrics, lines
 
 
@@ -75,7 +89,12 @@ def confirm_summary(results: dict[str, list[dict]]) -> tuple[dict, list[str]]:
     lines = [f"  confirmed over {n} seed{'s' if n > 1 else ''} (test{'' if n > 1 else '; one seed has no spread'}):"]
     for prefix in groups:
         fmt = "{:+.2f}" if prefix == "confirm_gain_" else "{:.2f}"
-        lines.append(f"    {labels[prefix] + ':':9} " + ", ".join(
-            f"{k.removesuffix('_acc') if k != 'acc' else 'acc'} {fmt.format(metrics[f'{prefix}test_{k}_mean'])}"
-            f" ± {metrics[f'{prefix}test_{k}_std']:.2f}" for k in SHOT_KEYS))
+        lines.append(
+            f"    {labels[prefix] + ':':9} "
+            + ", ".join(
+                f"{k.removesuffix('_acc') if k != 'acc' else 'acc'} {fmt.format(metrics[f'{prefix}test_{k}_mean'])}"
+                f" ± {metrics[f'{prefix}test_{k}_std']:.2f}"
+                for k in SHOT_KEYS
+            )
+        )
     return metrics, lines

@@ -34,8 +34,9 @@ class BudgetSearcher(Searcher):
         super().__init__(metric=searcher.metric, mode=searcher.mode)
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return _set_search_properties_backwards_compatible(self.searcher.set_search_properties, metric, mode,
-                                                           config, **spec)
+        return _set_search_properties_backwards_compatible(
+            self.searcher.set_search_properties, metric, mode, config, **spec
+        )
 
     def suggest(self, trial_id: str):
         if not self.ledger.allows_new_trial():

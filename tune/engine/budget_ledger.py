@@ -28,6 +28,7 @@ def _read_record(folder: Path) -> dict:
 
 def _table_rows(folder: Path) -> list[dict]:
     from tune.trial.table import read_rows
+
     return list(read_rows(Path(folder) / TABLE_FILE).values())
 
 
@@ -42,7 +43,7 @@ class SpendLedger:
     def __init__(self, folder: str | Path, budget: dict | None = None):
         """``budget``: a study's ``budget`` section instead of the search's own."""
         self.folder = str(folder)
-        self.trials: dict[str, dict] = {}   # trial id: wall_s, epochs, ended, seen (driver time of wall_s)
+        self.trials: dict[str, dict] = {}  # trial id: wall_s, epochs, ended, seen (driver time of wall_s)
         self.reload(budget)
 
     def reload(self, budget: dict | None = None) -> None:
@@ -51,20 +52,27 @@ class SpendLedger:
         profile, budget = record["profile"], budget or record["study_config"]["budget"]
         self.limit = BudgetLimit.of(budget)
         self.measure = measure_of(budget, profile["resources"])
-        self.per_s = profile["resources"][MEASURES[self.measure][0]] / 3600   # hours per wall second
+        self.per_s = profile["resources"][MEASURES[self.measure][0]] / 3600  # hours per wall second
         self.epochs = PhaseConfig.from_dict(profile["phase2"], where="phase2").epochs
         self.phase1_s = float(record.get(PHASE1_TASK_S, 0.0))
         self.estimate_s = record.get(TRIAL_ESTIMATE_S)
         for row in _table_rows(Path(self.folder)):
-            self.trials[row["trial_id"]] = {"wall_s": _finite(row.get("wall_s")), "epochs": int(row["epochs"] or 0),
-                                            "ended": True, "seen": None}
+            self.trials[row["trial_id"]] = {
+                "wall_s": _finite(row.get("wall_s")),
+                "epochs": int(row["epochs"] or 0),
+                "ended": True,
+                "seen": None,
+            }
 
     def observe(self, trial_id: str, result: dict | None, ended: bool = False, now: float | None = None) -> None:
         entry = self.trials.setdefault(trial_id, {"wall_s": 0.0, "epochs": 0, "ended": False, "seen": None})
         wall = _finite((result or {}).get("time_total_s"))
         if wall > entry["wall_s"]:
-            entry.update(wall_s=wall, epochs=int((result or {}).get("epoch", entry["epochs"]) or 0),
-                         seen=time.time() if now is None else now)
+            entry.update(
+                wall_s=wall,
+                epochs=int((result or {}).get("epoch", entry["epochs"]) or 0),
+                seen=time.time() if now is None else now,
+            )
         entry["ended"] = entry["ended"] or ended
 
     def _running(self):
@@ -139,6 +147,7 @@ def resumed_budget(study: dict, stored: dict, given: dict) -> None:
     from lpt_core.config import validate
 
     from tune.config.study import Budget
+
     budget = {k: v for k, v in study["budget"].items() if k not in BUDGET_KEYS}
     budget.update({k: stored[k] for k in BUDGET_KEYS if stored.get(k) is not None})
     budget.update(given)
@@ -164,25 +173,37 @@ def outcome(record: dict, rows: list[dict]) -> dict:
     it allowed, the hours spent; JSON, for the table's metadata and the summary."""
     budget = record["study_config"]["budget"]
     limit = BudgetLimit.of(budget)
-    return {"measure": limit.measure if limit else None, "limit": limit.hours if limit else None,
-            "on_exhausted": limit.on_exhausted if limit else None, "trials": budget["trials"],
-            "allowed": len(rows), "ended": bool(limit) and len(rows) < budget["trials"],
-            **search_spent(record, rows),
-            "phase1": hours_of(float(record.get(PHASE1_TASK_S, 0.0)), record["profile"]["resources"])}
+    return {
+        "measure": limit.measure if limit else None,
+        "limit": limit.hours if limit else None,
+        "on_exhausted": limit.on_exhausted if limit else None,
+        "trials": budget["trials"],
+        "allowed": len(rows),
+        "ended": bool(limit) and len(rows) < budget["trials"],
+        **search_spent(record, rows),
+        "phase1": hours_of(float(record.get(PHASE1_TASK_S, 0.0)), record["profile"]["resources"]),
+    }
 
 
 def summary_lines(done: dict) -> list[str]:
     """The summary's cost line, and what the budget allowed."""
     measure = done["measure"] or ("gpu_hours" if done["gpu_hours"] > 0 else "cpu_hours")
     label = MEASURES[measure][1]
-    spent = (f"{fmt(done[measure])} {label} (phase 1 up front {fmt(done['phase1'][measure])}, trials "
-             f"{fmt(done[measure] - done['phase1'][measure])})")
+    spent = (
+        f"{fmt(done[measure])} {label} (phase 1 up front {fmt(done['phase1'][measure])}, trials "
+        f"{fmt(done[measure] - done['phase1'][measure])})"
+    )
     if done["limit"] is None:
         return [f"cost: {spent}"]
-    allowed = (f"it allowed {done['allowed']} of {done['trials']} trials and then ended the search"
-               if done["ended"] else f"it allowed all {done['trials']} trials")
-    return [f"cost: {spent} of a budget of {fmt(done['limit'])} (budget.{measure}, on_exhausted: "
-            f"{done['on_exhausted']}); {allowed}"]
+    allowed = (
+        f"it allowed {done['allowed']} of {done['trials']} trials and then ended the search"
+        if done["ended"]
+        else f"it allowed all {done['trials']} trials"
+    )
+    return [
+        f"cost: {spent} of a budget of {fmt(done['limit'])} (budget.{measure}, on_exhausted: "
+        f"{done['on_exhausted']}); {allowed}"
+    ]
 
 
 def resume_mode(mode: str, record: dict, study: dict, folder: Path) -> str:
@@ -203,8 +224,13 @@ def finished_line(record: dict, study: dict, folder: Path) -> str | None:
     ledger = SpendLedger(folder, study["budget"])
     if ledger.limit is None or not (record.get("budget_ended") or not ledger.allows_new_trial()):
         return None
-    what = (f"its budget ended it after {len(_table_rows(folder))} of {record['study_config']['budget']['trials']} "
-            f"trials" if record.get("budget_ended") else "its budget has no room for another trial")
-    return (f"{what} ({fmt(ledger.spent())} of {fmt(ledger.limit.hours)} {ledger.limit.label} spent, a trial "
-            f"takes about {fmt(ledger.hours(ledger.trial_s() or 0))}); raise it with --resume "
-            f"--{ledger.measure.replace('_', '-')} H")
+    what = (
+        f"its budget ended it after {len(_table_rows(folder))} of {record['study_config']['budget']['trials']} trials"
+        if record.get("budget_ended")
+        else "its budget has no room for another trial"
+    )
+    return (
+        f"{what} ({fmt(ledger.spent())} of {fmt(ledger.limit.hours)} {ledger.limit.label} spent, a trial "
+        f"takes about {fmt(ledger.hours(ledger.trial_s() or 0))}); raise it with --resume "
+        f"--{ledger.measure.replace('_', '-')} H"
+    )

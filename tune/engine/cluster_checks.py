@@ -29,9 +29,11 @@ def local_tracking_store(uri: str) -> bool:
 
 def check_cluster_tracking(uri: str) -> None:
     if local_tracking_store(uri):
-        raise ConfigError(f"MLFLOW_TRACKING_URI={uri}: a store on this machine's disk, which the other nodes "
-                          "cannot write; with RAY_ADDRESS set, point it at an MLflow server "
-                          "(e.g. http://mlflow:5000 in the compose stack)")
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI={uri}: a store on this machine's disk, which the other nodes "
+            "cannot write; with RAY_ADDRESS set, point it at an MLflow server "
+            "(e.g. http://mlflow:5000 in the compose stack)"
+        )
 
 
 @ray.remote(num_cpus=0)
@@ -44,8 +46,13 @@ def _read_marker(path: str) -> str | None:
 
 def trial_nodes(resources: dict) -> list[dict]:
     """The alive nodes that can hold one trial (the others never write to the storage)."""
-    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= resources["cpu"]
-            and n["Resources"].get("GPU", 0) >= resources["gpu"]]
+    return [
+        n
+        for n in ray.nodes()
+        if n["Alive"]
+        and n["Resources"].get("CPU", 0) >= resources["cpu"]
+        and n["Resources"].get("GPU", 0) >= resources["gpu"]
+    ]
 
 
 def check_shared_storage(storage: Path, resources: dict) -> None:
@@ -55,8 +62,12 @@ def check_shared_storage(storage: Path, resources: dict) -> None:
     marker.write_text(token)
     try:
         nodes = trial_nodes(resources)
-        reads = [_read_marker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                 .remote(str(marker)) for n in nodes]
+        reads = [
+            _read_marker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                str(marker)
+            )
+            for n in nodes
+        ]
         seen = ray.get(reads, timeout=TIMEOUT_S)
     finally:
         marker.unlink(missing_ok=True)
@@ -64,5 +75,7 @@ def check_shared_storage(storage: Path, resources: dict) -> None:
         if value != token:
             where = f"node {node.get('NodeManagerAddress', '?')} ({node['NodeID'][:12]})"
             what = "does not have the folder" if value is None else "has another folder there"
-            raise ConfigError(f"--storage {storage}: {where} {what}; mount one shared folder (NFS, a "
-                              "shared volume) at this same path on every node")
+            raise ConfigError(
+                f"--storage {storage}: {where} {what}; mount one shared folder (NFS, a "
+                "shared volume) at this same path on every node"
+            )

@@ -27,7 +27,7 @@ from tune.names import OPTUNA_FILE
 from tune.errors import ConfigError
 from tune.config.checks import OPTUNA_STORAGE_ENV
 
-WAIT_FOR_DATABASE_S = 300   # how long a storage call waits for an unreachable database to come back
+WAIT_FOR_DATABASE_S = 300  # how long a storage call waits for an unreachable database to come back
 logger = logging.getLogger(__name__)
 
 
@@ -50,12 +50,15 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         return RetryingRDBStorage(url, engine_kwargs={"pool_pre_ping": True})
     except Exception as exc:
         where = OPTUNA_STORAGE_ENV if os.environ.get(OPTUNA_STORAGE_ENV, "").strip() == url else "Optuna storage"
-        raise ConfigError(f"{where} {url}: cannot open ({type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+        raise ConfigError(
+            f"{where} {url}: cannot open ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
+        ) from None
 
 
 def _create_schema(url: str) -> None:
     import sqlalchemy
+
     options = sqlalchemy.engine.make_url(url).query.get("options", "")
     options = options if isinstance(options, str) else " ".join(options)  # a key given twice: a tuple
     found = re.search(r"search_path=([A-Za-z_][A-Za-z0-9_]*)", options)
@@ -63,7 +66,7 @@ def _create_schema(url: str) -> None:
         return
     engine = sqlalchemy.create_engine(url)
     try:
-        with engine.begin() as conn:   # a role without CREATE on the database uses the schema made for it
+        with engine.begin() as conn:  # a role without CREATE on the database uses the schema made for it
             query = sqlalchemy.text("SELECT 1 FROM pg_namespace WHERE nspname = :name")
             if conn.execute(query, {"name": found.group(1)}).first() is None:
                 conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{found.group(1)}"'))
@@ -78,6 +81,7 @@ def unreachable(exc: BaseException) -> bool:
     starting up) say that the server goes away; a refused connection carries none, and its
     message holds the server's FATAL line unless the server was not there to answer."""
     import sqlalchemy.exc
+
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -93,7 +97,7 @@ def unreachable(exc: BaseException) -> bool:
     return False
 
 
-_ANSWERED = re.compile(r"FATAL:\s+(?!the database system is)")   # e.g. "password authentication failed"
+_ANSWERED = re.compile(r"FATAL:\s+(?!the database system is)")  # e.g. "password authentication failed"
 _calling = threading.local()  # a retried call's inner storage calls are not retried again
 
 
@@ -111,12 +115,17 @@ def _waits_for_database(method):
                 except Exception as exc:
                     if not unreachable(exc) or time.monotonic() + pause > deadline:
                         raise
-                    logger.warning("Optuna storage: the database is unreachable (%s); %s again in %.1f s",
-                                   type(exc).__name__, method.__name__, pause)
+                    logger.warning(
+                        "Optuna storage: the database is unreachable (%s); %s again in %.1f s",
+                        type(exc).__name__,
+                        method.__name__,
+                        pause,
+                    )
                     time.sleep(pause)
                     pause = min(pause * 2, 10.0)
         finally:
             _calling.depth = 0
+
     return call
 
 
@@ -127,9 +136,10 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
     goes through one of the methods wrapped below."""
 
 
-for _name in sorted({n for n in dir(optuna.storages.BaseStorage) if not n.startswith("_")}
-                    | {"_create_new_trial", "_get_trials", "_set_trial_param", "_get_best_trial_id",
-                       "_get_stale_trial_ids"}):
+for _name in sorted(
+    {n for n in dir(optuna.storages.BaseStorage) if not n.startswith("_")}
+    | {"_create_new_trial", "_get_trials", "_set_trial_param", "_get_best_trial_id", "_get_stale_trial_ids"}
+):
     if callable(getattr(optuna.storages.RDBStorage, _name, None)):
         setattr(RetryingRDBStorage, _name, _waits_for_database(getattr(optuna.storages.RDBStorage, _name)))
 

@@ -20,7 +20,7 @@ from tune.config.search_space import prompt_lengths
 from tune.config.loading import profile_data
 from tune.trial.trainable import SearchSetup, build_model, ensure_phase1, profile_phase1_key
 
-UPFRONT_METRIC = "phase1_upfront_s"   # parent-run metric: seconds the up-front step took
+UPFRONT_METRIC = "phase1_upfront_s"  # parent-run metric: seconds the up-front step took
 
 
 class Phase1Error(RuntimeError):
@@ -63,9 +63,12 @@ def train_up_front(plan, setup: SearchSetup, client: MlflowClient, remote) -> tu
     cache = Phase1Cache(setup.cache_dir)
     todo = [n for n, key in keys.items() if not cache.ready(key)]
     r = plan.profile["resources"]
-    print(f"phase 1 up front: {len(keys)} config{'s' * (len(keys) != 1)} (prompt_length "
-          f"{', '.join(map(str, keys))}), {len(keys) - len(todo)} cached, {len(todo)} to train as Ray tasks "
-          f"({r['cpu']:g} CPU, {r['gpu']:g} GPU each)", flush=True)
+    print(
+        f"phase 1 up front: {len(keys)} config{'s' * (len(keys) != 1)} (prompt_length "
+        f"{', '.join(map(str, keys))}), {len(keys) - len(todo)} cached, {len(todo)} to train as Ray tasks "
+        f"({r['cpu']:g} CPU, {r['gpu']:g} GPU each)",
+        flush=True,
+    )
     started = time.monotonic()
     task = remote(phase1_task, plan.profile)
     pending = {task.remote(setup, n): n for n in todo}
@@ -78,13 +81,17 @@ def train_up_front(plan, setup: SearchSetup, client: MlflowClient, remote) -> tu
                 try:
                     result = ray.get(ref)
                 except Exception as exc:
-                    raise Phase1Error(f"phase 1 of prompt_length {n} (key {keys[n]}) failed: "
-                                      f"{task_error(exc)}") from None
+                    raise Phase1Error(
+                        f"phase 1 of prompt_length {n} (key {keys[n]}) failed: {task_error(exc)}"
+                    ) from None
                 task_seconds += result["seconds"]
                 val = result.get("val_acc")
-                print(f"phase 1 prompt_length {n} ready: key {result['key']}, {result['seconds']:.0f} s"
-                      + (f", val_acc {val:.2f}%" if val is not None else "")
-                      + f" [{len(todo) - len(pending)}/{len(todo)}]", flush=True)
+                print(
+                    f"phase 1 prompt_length {n} ready: key {result['key']}, {result['seconds']:.0f} s"
+                    + (f", val_acc {val:.2f}%" if val is not None else "")
+                    + f" [{len(todo) - len(pending)}/{len(todo)}]",
+                    flush=True,
+                )
     finally:
         for ref in pending:
             ray.cancel(ref)

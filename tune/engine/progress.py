@@ -28,13 +28,23 @@ def duration(seconds: float) -> str:
 
 
 class SearchProgress(tune.Callback):
-    def __init__(self, budget: int, epochs: int, metric: str, mode: str, params: list[str],
-                 prior: list[dict] = (), interval_s: float = INTERVAL_S, meter=None):
+    def __init__(
+        self,
+        budget: int,
+        epochs: int,
+        metric: str,
+        mode: str,
+        params: list[str],
+        prior: list[dict] = (),
+        interval_s: float = INTERVAL_S,
+        meter=None,
+    ):
         """``budget``: trials of the whole search; ``prior``: table rows of its earlier Tune runs;
         ``meter``: a ``budget.BudgetMeter`` (the hours spent), or None."""
         self.budget, self.epochs, self.metric, self.mode, self.params = budget, epochs, metric, mode, params
-        self.prior = [{"status": r["status"], "value": r.get(metric), "config": {p: r.get(p) for p in params}}
-                      for r in prior]
+        self.prior = [
+            {"status": r["status"], "value": r.get(metric), "config": {p: r.get(p) for p in params}} for r in prior
+        ]
         self.interval_s, self.meter = interval_s, meter
         self.started = self.last = None
         self.epochs_at_start: int | None = None  # a resumed search: epochs that ran before this driver
@@ -52,16 +62,22 @@ class SearchProgress(tune.Callback):
         self.started = self.started or now
         epochs_of = {t.trial_id: int((t.last_result or {}).get("epoch", 0) or 0) for t in trials}
         running = [t for t in trials if t.status == Trial.RUNNING and t.trial_id not in ending]
-        ended = [self.outcome(t, epochs_of[t.trial_id], ending.get(t.trial_id)) for t in trials
-                 if t.status in (Trial.TERMINATED, Trial.ERROR) or t.trial_id in ending]
+        ended = [
+            self.outcome(t, epochs_of[t.trial_id], ending.get(t.trial_id))
+            for t in trials
+            if t.status in (Trial.TERMINATED, Trial.ERROR) or t.trial_id in ending
+        ]
         ended += [{"completed": "completed", "failed": "failed"}.get(r["status"], "stopped") for r in self.prior]
         completed, stopped, failed = (ended.count(k) for k in ("completed", "stopped", "failed"))
         pending = max(0, self.budget - len(ended) - len(running))
         no_epoch = sum(epochs_of[t.trial_id] == 0 for t in running)
-        parts = [f"[search {duration(now - self.started)}] {len(ended)}/{self.budget} done "
-                 f"({completed} completed, {stopped} stopped early, {failed} failed), "
-                 f"{len(running)} running" + (f" ({no_epoch} before their first epoch)" if no_epoch else "")
-                 + f", {pending} pending"]
+        parts = [
+            f"[search {duration(now - self.started)}] {len(ended)}/{self.budget} done "
+            f"({completed} completed, {stopped} stopped early, {failed} failed), "
+            f"{len(running)} running"
+            + (f" ({no_epoch} before their first epoch)" if no_epoch else "")
+            + f", {pending} pending"
+        ]
         best = self.best(trials)
         if best is not None:
             value, config = best
@@ -98,8 +114,9 @@ class SearchProgress(tune.Callback):
         ran = done - self.epochs_at_start
         if ran <= 0:
             return None
-        remaining = pending * self.epochs + sum(max(0, self.epochs - epochs_of[t.trial_id])
-                                                for t in trials if t.status == Trial.RUNNING)
+        remaining = pending * self.epochs + sum(
+            max(0, self.epochs - epochs_of[t.trial_id]) for t in trials if t.status == Trial.RUNNING
+        )
         return remaining * (now - self.started) / ran
 
     # ----------------------------------------------------------------------------- Tune's hooks

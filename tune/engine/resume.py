@@ -18,9 +18,9 @@ from tune.errors import ConfigError
 from tune.config.study import StudyConfig
 from tune.config.loading import objective_of
 from tune.names import SEARCH_FILE, TABLE_FILE
-from tune.trial.table import (COMPLETED, best_row, read_rows, status_counts)
+from tune.trial.table import COMPLETED, best_row, read_rows, status_counts
 from tune.engine.wrap_up import confirm
-from tune.record import FINISHED,  latest_search
+from tune.record import FINISHED, latest_search
 from tune.record import save_record
 from tune.engine.tuner import search_setup
 
@@ -50,8 +50,10 @@ def resume_mode(plan, args, record: dict, folder: Path) -> str:
     """``resume`` (finish the budget), ``extend`` (more trials) or ``finished``; a search that
     differs from the one in ``folder`` is refused, since its trials would mix two searches."""
     if record["manifest_hash"] != plan.manifest_hash:
-        raise ConfigError(f"--resume: {folder.name} was run on other data (manifest "
-                          f"{record['manifest_hash'][:12]}, now {plan.manifest_hash[:12]}); start a new search")
+        raise ConfigError(
+            f"--resume: {folder.name} was run on other data (manifest "
+            f"{record['manifest_hash'][:12]}, now {plan.manifest_hash[:12]}); start a new search"
+        )
     diff = first_difference(_plain(record["profile"]), _plain(plan.profile))
     if diff:
         raise ConfigError(f"--resume: profile {diff} in {folder.name}; start a new search without --resume")
@@ -60,13 +62,16 @@ def resume_mode(plan, args, record: dict, folder: Path) -> str:
     budget = stored["budget"]["trials"]
     asked = budget if args.trials is None else args.trials  # the search's own budget unless --trials
     free = dict.fromkeys(("trials", *cost.BUDGET_KEYS))  # what a resumed search may change (cost.resumed_budget)
-    diff = first_difference({**stored, "budget": {**stored["budget"], **free}},
-                            {**wanted, "budget": {**wanted["budget"], **free}})
+    diff = first_difference(
+        {**stored, "budget": {**stored["budget"], **free}}, {**wanted, "budget": {**wanted["budget"], **free}}
+    )
     if diff:
         raise ConfigError(f"--resume: study {diff} in {folder.name}; start a new search without --resume")
     if asked < budget:
-        raise ConfigError(f"--trials {asked}: the search in {folder.name} has a budget of {budget}; resume it "
-                          f"as it is (no --trials), or extend it with --trials N (N > {budget})")
+        raise ConfigError(
+            f"--trials {asked}: the search in {folder.name} has a budget of {budget}; resume it "
+            f"as it is (no --trials), or extend it with --trials N (N > {budget})"
+        )
     plan.study["budget"]["trials"] = asked
     mode = "extend" if asked > budget else "finished" if record.get("state") == FINISHED else "resume"
     return cost.resume_mode(mode, record, plan.study, folder)
@@ -104,10 +109,14 @@ def say_finished(plan, folder: Path, record: dict) -> int:
     budget = record["study_config"]["budget"]["trials"]
     counts = status_counts(list(read_rows(folder / TABLE_FILE).values()))
     ended = cost.finished_line(record, plan.study, folder)
-    print(f"{folder.name} is finished: {budget} trials ({counts[COMPLETED]} completed"
-          + (f"; {ended}" if ended else "") + f"). See its summary with python tune/report.py --study "
-          f"{plan.study_name}; extend it with --resume --trials N (N > {budget}), or confirm its best on test "
-          f"with --resume --confirm N", flush=True)
+    print(
+        f"{folder.name} is finished: {budget} trials ({counts[COMPLETED]} completed"
+        + (f"; {ended}" if ended else "")
+        + f"). See its summary with python tune/report.py --study "
+        f"{plan.study_name}; extend it with --resume --trials N (N > {budget}), or confirm its best on test "
+        f"with --resume --confirm N",
+        flush=True,
+    )
     return 0
 
 
@@ -119,12 +128,20 @@ def confirm_finished(plan, args, uri: str, folder: Path, record: dict) -> int:
     rows = list(read_rows(folder / TABLE_FILE).values())
     metrics, modes = objective_of(plan.study["objective"])
     by_id = {r["trial_id"]: r for r in rows}
-    best = by_id.get(client.get_run(parent_id).data.tags.get(names.BEST_TRIAL_ID)) or best_row(rows, metrics[0], modes[0])
+    best = by_id.get(client.get_run(parent_id).data.tags.get(names.BEST_TRIAL_ID)) or best_row(
+        rows, metrics[0], modes[0]
+    )
     if best is None:
         raise ConfigError(f"--confirm: {folder.name} has no completed trial to confirm")
     summary: dict = {}
-    lines = confirm(plan, search_setup(plan, folder, record, uri), {p: best[p] for p in plan.study["space"]},
-                    baseline_row(rows), args.confirm, summary)
+    lines = confirm(
+        plan,
+        search_setup(plan, folder, record, uri),
+        {p: best[p] for p in plan.study["space"]},
+        baseline_row(rows),
+        args.confirm,
+        summary,
+    )
     mt.log(client, parent_id, metrics=summary, tags={names.CONFIRMED_TRIAL: best["trial_id"]})
     log_search_report(client, parent_id, folder)
     print(f"{folder.name}: best trial {best['trial_id']}\n" + "\n".join(lines), flush=True)

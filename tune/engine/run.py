@@ -22,7 +22,7 @@ from tune.engine.stop_signals import StopSignals
 from tune.errors import error_line
 from tune.config.loading import objective_of
 from tune.names import TABLE_FILE
-from tune.trial.table import (COMPLETED, read_rows)
+from tune.trial.table import COMPLETED, read_rows
 from tune.engine.tuner import QUIET_ENV
 from tune.engine.tuner import check_resources
 from tune.engine.wrap_up import collect_rows
@@ -33,13 +33,14 @@ from tune.engine.tuner import make_tuner
 from tune.engine.tuner import new_search
 from tune.engine.tuner import on_resources
 from tune.engine.wrap_up import optuna_address
-from tune.record import FINISHED, INTERRUPTED_STATE, RUNNING,  save_record
+from tune.record import FINISHED, INTERRUPTED_STATE, RUNNING, save_record
 from tune.engine.resume import say_finished
 from tune.engine.tuner import search_setup
 from tune.engine.tuner import start_ray
 from tune.engine.wrap_up import stop_interrupted
 from tune.engine.wrap_up import ui_address
 from tune.engine.wrap_up import wrap_up
+
 
 def run_search(plan, args, uri: str, address: str | None) -> int:
     resumed = find_resumed(plan, args) if args.resume else None
@@ -71,8 +72,11 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None, loc
     metrics, modes = objective_of(plan.study["objective"])
     setup = search_setup(plan, folder, record, uri)
     print(plan.describe(), flush=True)
-    print(f"search folder: {folder}\nMLflow: {ui_address(uri)} (experiment '{plan.study_name}', parent run "
-          f"{parent_id})\nOptuna: {optuna_address(record)}", flush=True)
+    print(
+        f"search folder: {folder}\nMLflow: {ui_address(uri)} (experiment '{plan.study_name}', parent run "
+        f"{parent_id})\nOptuna: {optuna_address(record)}",
+        flush=True,
+    )
     if mode != "new":
         client.update_run(parent_id, status="RUNNING")
     cost.keep_in_record(record, plan.study, plan.trial_estimate_s())  # --resume may raise the budget
@@ -86,9 +90,20 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None, loc
             cost.add_phase1(record, phase1_s)
             save_record(folder, {**record, "state": RUNNING})
             if mode == "new" or record.get("state") != FINISHED:  # the last Tune run, new or unfinished
-                grids.append(stop.fit(make_tuner(plan, folder, record["runs"][-1], setup, client,
-                                                 restore=mode != "new", record=record,
-                                                 budget=record["study_config"]["budget"]["trials"])))
+                grids.append(
+                    stop.fit(
+                        make_tuner(
+                            plan,
+                            folder,
+                            record["runs"][-1],
+                            setup,
+                            client,
+                            restore=mode != "new",
+                            record=record,
+                            budget=record["study_config"]["budget"]["trials"],
+                        )
+                    )
+                )
             if mode == "extend" and not stop.received:
                 done = list(read_rows(folder / TABLE_FILE))
                 extra = budget - len(done)  # a search its cost budget ended has trials left of its own
@@ -97,18 +112,28 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None, loc
                 client.log_param(parent_id, f"trials_after_extension_{len(record['runs']) - 1}", budget)
                 save_record(folder, record)
                 print(f"extending {folder.name} by {extra} trials to {budget}", flush=True)
-                grids.append(stop.fit(make_tuner(plan, folder, record["runs"][-1], setup, client,
-                                                 restore=False, budget=budget, record=record)))
+                grids.append(
+                    stop.fit(
+                        make_tuner(
+                            plan, folder, record["runs"][-1], setup, client, restore=False, budget=budget, record=record
+                        )
+                    )
+                )
             rows = collect_rows(plan, client, folder, grids, interrupted=bool(stop.received))
             if stop.received:
                 return stop_interrupted(plan, args, client, folder, record, rows, stop.received)
-            registered = wrap_up(plan, args, setup, client, folder, record, rows, metrics, modes,
-                                 time.time() - started)
+            registered = wrap_up(plan, args, setup, client, folder, record, rows, metrics, modes, time.time() - started)
             save_record(folder, {**record, "state": FINISHED})
         except KeyboardInterrupt:
-            return stop_interrupted(plan, args, client, folder, record,
-                                    rows or collect_rows(plan, client, folder, grids, interrupted=True),
-                                    stop.received or "SIGINT")
+            return stop_interrupted(
+                plan,
+                args,
+                client,
+                folder,
+                record,
+                rows or collect_rows(plan, client, folder, grids, interrupted=True),
+                stop.received or "SIGINT",
+            )
         except Exception as exc:
             mt.fail_run(client, parent_id, exc)
             save_record(folder, {**record, "state": INTERRUPTED_STATE})

@@ -38,8 +38,10 @@ class SearchLock:
         except BlockingIOError:
             os.close(fd)
             holder = path.read_text().strip() or "another driver"
-            raise SearchRunning(f"--resume: {Path(folder).name} is running ({holder}): a search runs in one driver "
-                                f"at a time; wait for it to end, or stop it and resume it then") from None
+            raise SearchRunning(
+                f"--resume: {Path(folder).name} is running ({holder}): a search runs in one driver "
+                f"at a time; wait for it to end, or stop it and resume it then"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
         self.release()
@@ -47,7 +49,7 @@ class SearchLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)   # closing the file drops its flock
+            os.close(self._fd)  # closing the file drops its flock
             self._fd = None
 
     def __enter__(self) -> "SearchLock":

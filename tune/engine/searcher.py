@@ -92,15 +92,29 @@ def enqueue_baseline(study: optuna.Study, config: dict) -> bool:
     return True
 
 
-def make_searcher(study_cfg: dict, model_defaults: dict, depth: int, epochs: int, metrics: list[str],
-                  modes: list[str], settings: dict, storage: optuna.storages.BaseStorage | None = None,
-                  study_name: str | None = None, seed_offset: int = 0) -> ConcurrencyLimiter:
+def make_searcher(
+    study_cfg: dict,
+    model_defaults: dict,
+    depth: int,
+    epochs: int,
+    metrics: list[str],
+    modes: list[str],
+    settings: dict,
+    storage: optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    seed_offset: int = 0,
+) -> ConcurrencyLimiter:
     """Optuna behind a ConcurrencyLimiter. ``settings``: ``tune.config.samplers.sampler_settings``."""
     single = len(metrics) == 1
     searcher = LPTOptunaSearch(
-        space=BaselineSpace(study_cfg["space"], model_defaults, depth), epochs=epochs,
-        metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
-        sampler=make_sampler(settings, seed_offset), storage=storage, study_name=study_name)
+        space=BaselineSpace(study_cfg["space"], model_defaults, depth),
+        epochs=epochs,
+        metric=metrics[0] if single else metrics,
+        mode=modes[0] if single else modes,
+        sampler=make_sampler(settings, seed_offset),
+        storage=storage,
+        study_name=study_name,
+    )
     return ConcurrencyLimiter(searcher, max_concurrent=study_cfg["budget"]["concurrency"])
 
 
@@ -123,5 +137,10 @@ def make_scheduler(study_cfg: dict, phase2: PhaseConfig, metric: str, mode: str)
         return FIFOScheduler()
     exempt = study_cfg["baseline"]["exempt_from_early_stopping"]
     return (BaselineExemptASHA if exempt else ASHAScheduler)(
-        time_attr="epoch", metric=metric, mode=mode, max_t=phase2.epochs, grace_period=grace,
-        reduction_factor=es["reduction_factor"])
+        time_attr="epoch",
+        metric=metric,
+        mode=mode,
+        max_t=phase2.epochs,
+        grace_period=grace,
+        reduction_factor=es["reduction_factor"],
+    )

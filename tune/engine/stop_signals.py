@@ -51,6 +51,9 @@ class StopSignals:
             raise KeyboardInterrupt(name)
         self.received = name
         logging.getLogger("ray.tune").setLevel(logging.ERROR)  # its "Tuner.restore(...)" advice is not ours
-        print(f"{name}: stopping the search; running trials keep their last epoch "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"{name}: stopping the search; running trials keep their last epoch (send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
         signal.raise_signal(signal.SIGUSR1)

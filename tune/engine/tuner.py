@@ -26,16 +26,20 @@ from tune.errors import ConfigError
 from tune.config.loading import objective_of
 from tune.trial.trainable import SearchSetup, run_trial
 from tune.names import TABLE_FILE
-from tune.trial.table import (TrialTable, read_rows, write_table)
-from tune.record import RUNNING,  save_record
+from tune.trial.table import TrialTable, read_rows, write_table
+from tune.record import RUNNING, save_record
 
 
 QUIET_ENV = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # no "View run ..." line per run
 
 
 def start_ray(address: str | None) -> None:
-    env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "PYTHONUNBUFFERED": "1",
-           "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0", **QUIET_ENV}
+    env = {
+        "RAY_CHDIR_TO_TRIAL_DIR": "0",
+        "PYTHONUNBUFFERED": "1",
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+        **QUIET_ENV,
+    }
     os.environ.update(env)
     for passthrough in ("HF_HUB_OFFLINE", "HF_HOME", "MLFLOW_TRACKING_URI"):
         if passthrough in os.environ:
@@ -44,8 +48,13 @@ def start_ray(address: str | None) -> None:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         # "local": a Ray of this search's own, never a cluster someone else started on this machine
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            runtime_env={"env_vars": env},
+            log_to_driver=True,
+        )
 
 
 def new_search(plan, client: MlflowClient, uri: str, lock: SearchLock) -> tuple[Path, dict, str]:
@@ -57,37 +66,60 @@ def new_search(plan, client: MlflowClient, uri: str, lock: SearchLock) -> tuple[
     folder.mkdir(parents=True)
     lock.take(folder)
     exp_id = mt.experiment_id(client, plan.study_name, uri)
-    parent = client.create_run(exp_id, run_name=name, tags={names.ROLE: names.ROLE_STUDY, names.SEARCH: name,
-                                                            names.STORAGE: str(folder)})
+    parent = client.create_run(
+        exp_id, run_name=name, tags={names.ROLE: names.ROLE_STUDY, names.SEARCH: name, names.STORAGE: str(folder)}
+    )
     b = plan.study["budget"]
-    mt.log(client, parent.info.run_id, params={
-        "study": plan.study_name, "profile": plan.profile_name, "trials": b["trials"],
-        "concurrency": b["concurrency"], "objective": json.dumps(plan.study["objective"]),
-        "sampler_seed": plan.study["seed"], "space": json.dumps(plan.study["space"]),
-        "sampler": describe_sampler(sampler_settings(plan.study, b["trials"]), b["trials"]),
-        "baseline": json.dumps(plan.baseline) if plan.baseline else "off",
-        "data": plan.profile["data"]["name"], "backbone": plan.profile["backbone"]["name"],
-        "manifest_hash": plan.manifest_hash})
-    record = {"name": name, "study": plan.study_name, "profile_name": plan.profile_name,
-              "profile": plan.profile, "study_config": plan.study, "manifest_hash": plan.manifest_hash,
-              "experiment_id": exp_id, "parent_run_id": parent.info.run_id, "tracking_uri": uri,
-              "state": RUNNING, "runs": [{"dir": ".", "trials": b["trials"], "rows_before": []}]}
+    mt.log(
+        client,
+        parent.info.run_id,
+        params={
+            "study": plan.study_name,
+            "profile": plan.profile_name,
+            "trials": b["trials"],
+            "concurrency": b["concurrency"],
+            "objective": json.dumps(plan.study["objective"]),
+            "sampler_seed": plan.study["seed"],
+            "space": json.dumps(plan.study["space"]),
+            "sampler": describe_sampler(sampler_settings(plan.study, b["trials"]), b["trials"]),
+            "baseline": json.dumps(plan.baseline) if plan.baseline else "off",
+            "data": plan.profile["data"]["name"],
+            "backbone": plan.profile["backbone"]["name"],
+            "manifest_hash": plan.manifest_hash,
+        },
+    )
+    record = {
+        "name": name,
+        "study": plan.study_name,
+        "profile_name": plan.profile_name,
+        "profile": plan.profile,
+        "study_config": plan.study,
+        "manifest_hash": plan.manifest_hash,
+        "experiment_id": exp_id,
+        "parent_run_id": parent.info.run_id,
+        "tracking_uri": uri,
+        "state": RUNNING,
+        "runs": [{"dir": ".", "trials": b["trials"], "rows_before": []}],
+    }
     save_record(folder, record)
     (folder / names.PROFILE_FILE).write_text(yaml.safe_dump(plan.profile, sort_keys=False))
     client.log_artifact(parent.info.run_id, str(folder / names.PROFILE_FILE))
     return folder, record, "new"
 
 
-def make_tuner(plan, folder: Path, run: dict, setup: SearchSetup, client: MlflowClient, restore: bool,
-               budget: int, record: dict) -> tune.Tuner:
+def make_tuner(
+    plan, folder: Path, run: dict, setup: SearchSetup, client: MlflowClient, restore: bool, budget: int, record: dict
+) -> tune.Tuner:
     """The Tuner of one Tune run of the search: the first (``run["dir"] == "."``, the search folder
     itself) or an extension (``extend-N`` inside it). Every run's sampler works on the search's
     one Optuna study (``record["optuna_study"]``), so an extension starts from every earlier trial.
     ``restore`` continues the run's unfinished trials from their checkpoints."""
     study, profile = plan.study, plan.profile
     metrics, modes = objective_of(study["objective"])
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
-                                    {"cpu": profile["resources"]["cpu"], "gpu": profile["resources"]["gpu"]})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, setup=setup),
+        {"cpu": profile["resources"]["cpu"], "gpu": profile["resources"]["gpu"]},
+    )
     epochs = plan.phase2.epochs
     path = folder / run["dir"]
     table_path = folder / TABLE_FILE
@@ -100,27 +132,54 @@ def make_tuner(plan, folder: Path, run: dict, setup: SearchSetup, client: Mlflow
     prior = [r for tid, r in read_rows(table_path).items() if tid in run["rows_before"]]
     params = list(study["space"])
     stopper = gate.BudgetStopper(folder)  # the budget's pieces read the search folder (and again when restored)
-    table = TrialTable(table_path, params, epochs, client, budget, metrics[0], prior,
-                       (setup.experiment_id, setup.parent_run_id), profile["resources"], stopper)
-    progress = SearchProgress(budget, epochs, metrics[0], modes[0], params, prior,
-                              meter=gate.BudgetMeter(folder))
+    table = TrialTable(
+        table_path,
+        params,
+        epochs,
+        client,
+        budget,
+        metrics[0],
+        prior,
+        (setup.experiment_id, setup.parent_run_id),
+        profile["resources"],
+        stopper,
+    )
+    progress = SearchProgress(budget, epochs, metrics[0], modes[0], params, prior, meter=gate.BudgetMeter(folder))
     storage = open_storage(record["optuna_storage"])
     ot_study = search_study(storage, record["optuna_study"], modes)
     fail_unfinished(ot_study)  # trials of a run that starts again
     if study["baseline"]["enabled"]:
         enqueue_baseline(ot_study, baseline_config(study["space"], profile["model"], profile["phase2"]))
-    searcher = make_searcher(study, profile["model"], plan.depth, epochs, metrics, modes,
-                             sampler_settings(study, budget), storage=storage,
-                             study_name=record["optuna_study"], seed_offset=len(prior))
+    searcher = make_searcher(
+        study,
+        profile["model"],
+        plan.depth,
+        epochs,
+        metrics,
+        modes,
+        sampler_settings(study, budget),
+        storage=storage,
+        study_name=record["optuna_study"],
+        seed_offset=len(prior),
+    )
     run_config = tune.RunConfig(
-        name=path.name, storage_path=str(path.parent),
+        name=path.name,
+        storage_path=str(path.parent),
         failure_config=tune.FailureConfig(max_failures=study["budget"]["max_failures"]),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[table, progress], stop=stopper,
-        verbose=0)
-    return tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
-        search_alg=gate.BudgetSearcher(searcher, folder),
-        scheduler=make_scheduler(study, plan.phase2, metrics[0], modes[0]),
-        num_samples=run["trials"]))
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        callbacks=[table, progress],
+        stop=stopper,
+        verbose=0,
+    )
+    return tune.Tuner(
+        trainable,
+        run_config=run_config,
+        tune_config=tune.TuneConfig(
+            search_alg=gate.BudgetSearcher(searcher, folder),
+            scheduler=make_scheduler(study, plan.phase2, metrics[0], modes[0]),
+            num_samples=run["trials"],
+        ),
+    )
 
 
 def on_resources(fn, profile: dict):
@@ -132,8 +191,9 @@ def pareto(record: dict) -> list[str]:
     """The Tune trial ids of the Pareto front: Optuna's ``best_trials`` of the search's study (its
     trials that ran every epoch; those ASHA stopped are PRUNED)."""
     study = optuna.load_study(study_name=record["optuna_study"], storage=open_storage(record["optuna_storage"]))
-    return sorted(t.user_attrs[names.OPTUNA_TRIAL_ID] for t in study.best_trials
-                  if names.OPTUNA_TRIAL_ID in t.user_attrs)
+    return sorted(
+        t.user_attrs[names.OPTUNA_TRIAL_ID] for t in study.best_trials if names.OPTUNA_TRIAL_ID in t.user_attrs
+    )
 
 
 def check_resources(resources: dict, local: bool) -> None:
@@ -143,15 +203,24 @@ def check_resources(resources: dict, local: bool) -> None:
     if any(n.get("CPU", 0) >= resources["cpu"] and n.get("GPU", 0) >= resources["gpu"] for n in nodes):
         return
     have = "; ".join(f"{n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for n in nodes)
-    message = (f"resources: a trial asks for {resources['cpu']:g} CPU and {resources['gpu']:g} GPU "
-               f"on one node; the Ray nodes have {have or 'nothing'}")
+    message = (
+        f"resources: a trial asks for {resources['cpu']:g} CPU and {resources['gpu']:g} GPU "
+        f"on one node; the Ray nodes have {have or 'nothing'}"
+    )
     if local:
         raise ConfigError(f"{message} (lower them with --set resources.cpu=... resources.gpu=...)")
     print(f"warning: {message}; trials wait until such a node joins", flush=True)
 
 
 def search_setup(plan, folder: Path, record: dict, uri: str) -> SearchSetup:
-    return SearchSetup(profile_name=plan.profile_name, profile=plan.profile, manifest_hash=plan.manifest_hash,
-                       search_dir=str(folder), cache_dir=str(plan.storage / names.PHASE1_CACHE), tracking_uri=uri,
-                       experiment_id=record["experiment_id"], parent_run_id=record["parent_run_id"],
-                       metrics=tuple(objective_of(plan.study["objective"])[0]))
+    return SearchSetup(
+        profile_name=plan.profile_name,
+        profile=plan.profile,
+        manifest_hash=plan.manifest_hash,
+        search_dir=str(folder),
+        cache_dir=str(plan.storage / names.PHASE1_CACHE),
+        tracking_uri=uri,
+        experiment_id=record["experiment_id"],
+        parent_run_id=record["parent_run_id"],
+        metrics=tuple(objective_of(plan.study["objective"])[0]),
+    )

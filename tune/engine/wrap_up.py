@@ -22,12 +22,24 @@ from tune.config.validation import SE_METRIC, SIZE_METRIC, binomial_se
 from tune.reports.search import log_search_report
 from tune.trial.trainable import SearchSetup, confirm_seed, evaluate_prompts
 from tune.names import TABLE_FILE
-from tune.trial.table import (BUDGET_STOPPED, COMPLETED, FAILED, INTERRUPTED, best_row, close_trial_run,
-                          last_line, prompt_path, read_rows, status_counts, trial_row, write_table)
+from tune.trial.table import (
+    BUDGET_STOPPED,
+    COMPLETED,
+    FAILED,
+    INTERRUPTED,
+    best_row,
+    close_trial_run,
+    last_line,
+    prompt_path,
+    read_rows,
+    status_counts,
+    trial_row,
+    write_table,
+)
 from tune._cli import EXIT_INTERRUPTED
 from tune.engine.tuner import on_resources
 from tune.engine.tuner import pareto
-from tune.record import INTERRUPTED_STATE,  save_record
+from tune.record import INTERRUPTED_STATE, save_record
 from tune.reports.lines import shot_line
 
 
@@ -41,8 +53,16 @@ def collect_rows(plan, client: MlflowClient, folder: Path, grids: list, interrup
             tid = (result.metrics or {}).get("trial_id")
             if tid and tid not in rows:
                 error = last_line(result.error) if result.error and not interrupted else None
-                rows[tid] = trial_row(tid, result.config or {}, list(plan.study["space"]), result.metrics,
-                                      epochs, error, interrupted=interrupted, resources=plan.profile["resources"])
+                rows[tid] = trial_row(
+                    tid,
+                    result.config or {},
+                    list(plan.study["space"]),
+                    result.metrics,
+                    epochs,
+                    error,
+                    interrupted=interrupted,
+                    resources=plan.profile["resources"],
+                )
                 if rows[tid]["status"] != INTERRUPTED:  # it ended, but its end reached no callback
                     close_trial_run(client, rows[tid])
     rows = list(rows.values())
@@ -50,27 +70,34 @@ def collect_rows(plan, client: MlflowClient, folder: Path, grids: list, interrup
     return rows
 
 
-def stop_interrupted(plan, args, client: MlflowClient, folder: Path, record: dict, rows: list[dict],
-                     signal_name: str) -> int:
+def stop_interrupted(
+    plan, args, client: MlflowClient, folder: Path, record: dict, rows: list[dict], signal_name: str
+) -> int:
     """A stopped search: its unfinished trials' runs and the parent run end KILLED, the record
     says ``interrupted``, and one line says how to continue."""
     for row in (r for r in rows if r["status"] == INTERRUPTED):
         # a trial stopped before its first epoch has reported no run id: find its run by its tags
         row["mlflow_run_id"] = row.get("mlflow_run_id") or mt.trial_run_id(
-            client, record["experiment_id"], record["parent_run_id"], row["trial_id"])
+            client, record["experiment_id"], record["parent_run_id"], row["trial_id"]
+        )
         if row["mlflow_run_id"]:
             client.set_tag(row["mlflow_run_id"], names.STATUS, INTERRUPTED)
             client.set_terminated(row["mlflow_run_id"], "KILLED")
     write_table(rows, folder / TABLE_FILE)
-    mt.log(client, record["parent_run_id"], metrics=cost.search_spent(record, rows),
-           tags={names.INTERRUPTED: signal_name})
+    mt.log(
+        client, record["parent_run_id"], metrics=cost.search_spent(record, rows), tags={names.INTERRUPTED: signal_name}
+    )
     client.set_terminated(record["parent_run_id"], "KILLED")
     save_record(folder, {**record, "state": INTERRUPTED_STATE})
     counts = status_counts(rows)
     ended = sum(counts.values()) - counts[INTERRUPTED]
-    print(f"interrupted ({signal_name}): {ended} of {record['study_config']['budget']['trials']} trials ended, "
-          f"{counts[INTERRUPTED]} stopped mid-way keep their last epoch; continue with: "
-          f"{resume_command(args)}", file=sys.stderr, flush=True)
+    print(
+        f"interrupted ({signal_name}): {ended} of {record['study_config']['budget']['trials']} trials ended, "
+        f"{counts[INTERRUPTED]} stopped mid-way keep their last epoch; continue with: "
+        f"{resume_command(args)}",
+        file=sys.stderr,
+        flush=True,
+    )
     return EXIT_INTERRUPTED
 
 
@@ -93,8 +120,18 @@ def optuna_address(record: dict) -> str:
     return f"{shown}  (study '{record['optuna_study']}'; or optuna.load_study(study_name=..., storage=...))"
 
 
-def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, record: dict,
-            rows: list[dict], metrics: list[str], modes: list[str], seconds: float) -> bool:
+def wrap_up(
+    plan,
+    args,
+    setup: SearchSetup,
+    client: MlflowClient,
+    folder: Path,
+    record: dict,
+    rows: list[dict],
+    metrics: list[str],
+    modes: list[str],
+    seconds: float,
+) -> bool:
     """Test accuracy of the best trial, confirmation, report, registration (``--register``) and
     the summary; False when the model was asked for and not registered."""
     parent_id = setup.parent_run_id
@@ -107,15 +144,21 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
     registered = True
     spend = cost.outcome(record, rows)
     record["budget_ended"] = spend["ended"]
-    summary.update(gpu_hours=spend["gpu_hours"], cpu_hours=spend["cpu_hours"],
-                   trials_not_started=spend["trials"] - spend["allowed"])
+    summary.update(
+        gpu_hours=spend["gpu_hours"],
+        cpu_hours=spend["cpu_hours"],
+        trials_not_started=spend["trials"] - spend["allowed"],
+    )
     if spend["limit"] is not None:
         client.set_tag(parent_id, names.BUDGET_ENDED, str(spend["ended"]).lower())
     write_table(rows, folder / TABLE_FILE, metadata={names.BUDGET: json.dumps(spend)})
-    lines = [f"\n{len(rows)} trials: {counts['completed']} completed, {counts['early_stopped']} stopped early "
-             f"by ASHA, {counts['failed']} failed"
-             + (f", {counts[BUDGET_STOPPED]} stopped by the budget" if counts[BUDGET_STOPPED] else "")
-             + f" ({seconds:.0f} s)", *cost.summary_lines(spend)]
+    lines = [
+        f"\n{len(rows)} trials: {counts['completed']} completed, {counts['early_stopped']} stopped early "
+        f"by ASHA, {counts['failed']} failed"
+        + (f", {counts[BUDGET_STOPPED]} stopped by the budget" if counts[BUDGET_STOPPED] else "")
+        + f" ({seconds:.0f} s)",
+        *cost.summary_lines(spend),
+    ]
     lines += [f"  failed {r['trial_id']}: {r['error']}" for r in rows if r["status"] == FAILED][:5]
     lines.append(validation.describe(plan.summary))
     if best is not None:
@@ -126,17 +169,31 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
         summary.update({f"best_{k}": v for k, v in {**{m: best[m] for m in metrics}, **test}.items()})
         summary[SE_METRIC] = binomial_se(best["val_acc"], val_images)
         client.set_tag(parent_id, names.BEST_TRIAL_ID, best["trial_id"])
-        lines += [f"best trial {best['trial_id']}: " + ", ".join(f"{k}={v}" for k, v in config.items()),
-                  "  validation: " + with_se(best, val_images),
-                  "  test:       " + shot_line(test, "test_"),
-                  f"  prompts:    {prompt_file}"]
+        lines += [
+            f"best trial {best['trial_id']}: " + ", ".join(f"{k}={v}" for k, v in config.items()),
+            "  validation: " + with_se(best, val_images),
+            "  test:       " + shot_line(test, "test_"),
+            f"  prompts:    {prompt_file}",
+        ]
         if args.register is not None:  # the pyfunc model of the best trial, in the Model Registry
             name = args.register or model_name(plan.study_name, plan.profile_name)
             try:
-                lines.append("  model:      " + register_best(
-                    setup.tracking_uri, name, study=plan.study_name, profile_name=plan.profile_name,
-                    profile=plan.profile, data=plan.data, best=best, config=config, prompt_file=prompt_file,
-                    test=test, parent_run_id=parent_id))
+                lines.append(
+                    "  model:      "
+                    + register_best(
+                        setup.tracking_uri,
+                        name,
+                        study=plan.study_name,
+                        profile_name=plan.profile_name,
+                        profile=plan.profile,
+                        data=plan.data,
+                        best=best,
+                        config=config,
+                        prompt_file=prompt_file,
+                        test=test,
+                        parent_run_id=parent_id,
+                    )
+                )
             except RegisterError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 lines.append(f"  model:      not registered ({exc})")
@@ -145,8 +202,14 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
             front = pareto(record)
             client.set_tag(parent_id, names.PARETO_TRIALS, ",".join(front))
             lines.append(f"  Pareto front on {', '.join(metrics)}: {', '.join(front)}")
-        gain, gain_lines = validation_gain(best, baseline, list(plan.study["space"]), val_images, len(rows),
-                                           None if args.confirm else f"{resume_command(args)} --confirm 3")
+        gain, gain_lines = validation_gain(
+            best,
+            baseline,
+            list(plan.study["space"]),
+            val_images,
+            len(rows),
+            None if args.confirm else f"{resume_command(args)} --confirm 3",
+        )
         summary.update(gain)
         lines += gain_lines
         if args.confirm:
@@ -162,9 +225,11 @@ def wrap_up(plan, args, setup: SearchSetup, client: MlflowClient, folder: Path, 
     client.log_artifact(parent_id, str(folder / TABLE_FILE))
     log_search_report(client, parent_id, folder)  # figures and summary.html
     client.set_terminated(parent_id, "FINISHED")
-    lines += [f"table:  {folder / TABLE_FILE}",
-              f"MLflow: {ui_address(setup.tracking_uri)}  (experiment '{plan.study_name}')",
-              f"Optuna: {optuna_address(record)}"]
+    lines += [
+        f"table:  {folder / TABLE_FILE}",
+        f"MLflow: {ui_address(setup.tracking_uri)}  (experiment '{plan.study_name}')",
+        f"Optuna: {optuna_address(record)}",
+    ]
     print("\n".join(lines), flush=True)
     return registered
 
@@ -175,8 +240,10 @@ def stale_confirmation(tags: dict, best_trial_id: str, args) -> list[str]:
     confirmed = tags.get(names.CONFIRMED_TRIAL)
     if confirmed is None or confirmed == best_trial_id:
         return []
-    return [f"  confirmation: the parent run's confirm_* metrics are of trial {confirmed}, the best before this "
-            f"extension; confirm {best_trial_id} with {resume_command(args)} --confirm N"]
+    return [
+        f"  confirmation: the parent run's confirm_* metrics are of trial {confirmed}, the best before this "
+        f"extension; confirm {best_trial_id} with {resume_command(args)} --confirm N"
+    ]
 
 
 def confirm(plan, setup: SearchSetup, config: dict, baseline: dict | None, n: int, summary: dict) -> list[str]:
@@ -185,12 +252,17 @@ def confirm(plan, setup: SearchSetup, config: dict, baseline: dict | None, n: in
     ``summary`` and returns the summary lines."""
     seeds = [plan.profile["seed"] + 1000 + i for i in range(n)]
     configs = {"best": config}
-    base = ({p: baseline[p] for p in plan.study["space"]}
-            if baseline is not None and baseline["status"] == COMPLETED else None)
+    base = (
+        {p: baseline[p] for p in plan.study["space"]}
+        if baseline is not None and baseline["status"] == COMPLETED
+        else None
+    )
     if base is not None and base != config:
         configs["baseline"] = base
-    print(f"confirming the best config{' and the baseline' if len(configs) > 1 else ''} with seeds {seeds} ...",
-          flush=True)
+    print(
+        f"confirming the best config{' and the baseline' if len(configs) > 1 else ''} with seeds {seeds} ...",
+        flush=True,
+    )
     task = on_resources(confirm_seed, plan.profile)
     pending = {name: [task.remote(setup, c, s) for s in seeds] for name, c in configs.items()}
     results = {name: ray.get(refs) for name, refs in pending.items()}
@@ -204,7 +276,12 @@ def confirm(plan, setup: SearchSetup, config: dict, baseline: dict | None, n: in
 def resume_command(args) -> str:
     """The command line that continues this search: its own study, profile, overrides and storage."""
     q = shlex.quote
-    parts = ["python tune/search.py", f"--study {q(args.study)}", f"--profile {q(args.profile)}",
-             *(f"--set {q(s)}" for s in args.set), *([f"--storage {q(args.storage)}"] if args.storage else []),
-             "--resume"]
+    parts = [
+        "python tune/search.py",
+        f"--study {q(args.study)}",
+        f"--profile {q(args.profile)}",
+        *(f"--set {q(s)}" for s in args.set),
+        *([f"--storage {q(args.storage)}"] if args.storage else []),
+        "--resume",
+    ]
     return " ".join(parts)

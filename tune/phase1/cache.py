@@ -43,7 +43,7 @@ from tune.names import PHASE1_STATE as STATE  # noqa: F401 (the trainable resume
 
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 60.0
-TAKEOVER = LOCK + ".takeover-"   # + the hash of the stale lock's content
+TAKEOVER = LOCK + ".takeover-"  # + the hash of the stale lock's content
 # Bumped when what phase 1 computes changes for the same inputs (2: the released initial scales;
 # 3: every input in the key, initial values from per-component generators, the released
 # class-cycling sampler and per-epoch warm-up), so prompts cached by older code are not reused.
@@ -99,8 +99,9 @@ class Lock:
         self._thread: threading.Thread | None = None
 
     def _content(self) -> bytes:
-        return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                           "beat": self.beat}).encode()
+        return json.dumps(
+            {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "beat": self.beat}
+        ).encode()
 
     def _install(self, replace: bool) -> bool:
         """Make a file of ours the lock: linked (only if there is none) or renamed over it."""
@@ -148,6 +149,7 @@ class Lock:
                 os.pwrite(self.fd, data, 0)
                 os.ftruncate(self.fd, len(data))
                 os.fsync(self.fd)
+
         self._thread = threading.Thread(target=beat, daemon=True)
         self._thread.start()
 
@@ -173,8 +175,13 @@ class Lock:
 
 
 class Phase1Cache:
-    def __init__(self, root: str | os.PathLike, poll_s: float = 1.0, stale_after_s: float | None = None,
-                 heartbeat_s: float | None = None):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        poll_s: float = 1.0,
+        stale_after_s: float | None = None,
+        heartbeat_s: float | None = None,
+    ):
         self.root = Path(root)
         self.poll_s = poll_s
         self.stale_after_s = STALE_AFTER_S if stale_after_s is None else stale_after_s
@@ -190,8 +197,9 @@ class Phase1Cache:
         path = self.folder(key) / INFO
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def get_or_train(self, key: str, train: Callable[[Path], dict],
-                     log: Callable[[str], None] = print) -> tuple[Path, bool]:
+    def get_or_train(
+        self, key: str, train: Callable[[Path], dict], log: Callable[[str], None] = print
+    ) -> tuple[Path, bool]:
         """Path of the key's prompt file, training it with ``train(folder)`` if nobody has.
 
         ``train`` must write ``folder/prompts.safetensors`` (atomically) and return info to keep.

@@ -17,8 +17,10 @@ def with_se(values: dict, val_images: int) -> str:
 def shots(values: dict, prefix: str, fmt: str, unit: str) -> str:
     """``80.00% (many 90.00 / medium 75.00 / few 50.00)`` from ``values[prefix + key]``."""
     get = lambda k: values.get(f"{prefix}{k}", math.nan)
-    return (f"{fmt.format(get('acc'))}{unit} (many {fmt.format(get('many_acc'))} / "
-            f"medium {fmt.format(get('medium_acc'))} / few {fmt.format(get('few_acc'))})")
+    return (
+        f"{fmt.format(get('acc'))}{unit} (many {fmt.format(get('many_acc'))} / "
+        f"medium {fmt.format(get('medium_acc'))} / few {fmt.format(get('few_acc'))})"
+    )
 
 
 def shot_line(values: dict, prefix: str) -> str:

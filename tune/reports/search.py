@@ -47,6 +47,7 @@ def profile_defaults(profile: dict, params: list[str]) -> dict:
     """What a param is when the study does not search it: the profile's model value or phase-2
     recipe value, else ``PhaseConfig``'s default."""
     from lpt_core.trainer import PhaseConfig
+
     recipe = PhaseConfig().to_dict()
     out = {}
     for p in params:
@@ -64,6 +65,7 @@ def prompt_file_params(path: Path) -> int | None:
     if not path.is_file():
         return None
     from safetensors import safe_open
+
     with safe_open(str(path), "pt") as f:
         return int(sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()))
 
@@ -71,6 +73,7 @@ def prompt_file_params(path: Path) -> int | None:
 def backbone_params(spec: dict) -> int | None:
     """Parameters of the profile's backbone, counted on the meta device (no weights, no download)."""
     from lpt_core import build_backbone_from_spec
+
     try:
         with torch.device("meta"):
             model = build_backbone_from_spec({**spec, "weights": "random"})
@@ -87,6 +90,7 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
     Raises FileNotFoundError when the table is missing, KeyError for a run that is not a search."""
     from tune.names import TABLE_FILE
     from tune.trial.table import best_row, prompt_path, read_rows, status_counts
+
     parent = client.get_run(parent_run_id)
     tags, params, pm = parent.data.tags, parent.data.params, parent.data.metrics
     if tags.get(names.ROLE) != names.ROLE_STUDY:
@@ -99,24 +103,33 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
     record = json.loads((folder / SEARCH_FILE).read_text()) if (folder / SEARCH_FILE).is_file() else {}
     study_cfg = record.get("study_config") or {}
     space = json.loads(params["space"]) if "space" in params else study_cfg.get("space", {})
-    metrics, modes = objective_of(json.loads(params["objective"]) if "objective" in params
-                                  else study_cfg.get("objective", {}))
+    metrics, modes = objective_of(
+        json.loads(params["objective"]) if "objective" in params else study_cfg.get("objective", {})
+    )
     profile = record.get("profile")
     if profile is None and (folder / names.PROFILE_FILE).is_file():
         import yaml
+
         profile = yaml.safe_load((folder / names.PROFILE_FILE).read_text())
     profile = profile or {}
 
-    runs = {r.data.tags.get(names.TRIAL_ID): r for r in client.search_runs(
-        [parent.info.experiment_id], f"tags.`{names.PARENT}` = '{parent_run_id}'", max_results=5000)}
-    order = [tid for tid, _ in sorted(((tid, r.info.start_time or 0) for tid, r in runs.items() if tid),
-                                      key=lambda x: x[1])]
+    runs = {
+        r.data.tags.get(names.TRIAL_ID): r
+        for r in client.search_runs(
+            [parent.info.experiment_id], f"tags.`{names.PARENT}` = '{parent_run_id}'", max_results=5000
+        )
+    }
+    order = [
+        tid for tid, _ in sorted(((tid, r.info.start_time or 0) for tid, r in runs.items() if tid), key=lambda x: x[1])
+    ]
     histories = {}
     if len(metrics) == 1:
         for row in rows:
             run = runs.get(row["trial_id"])
             if run is not None:
-                histories[row["trial_id"]] = {m.step: m.value for m in client.get_metric_history(run.info.run_id, metrics[0])}
+                histories[row["trial_id"]] = {
+                    m.step: m.value for m in client.get_metric_history(run.info.run_id, metrics[0])
+                }
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,31 +143,49 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
     if best is not None:
         run = runs.get(best["trial_id"])
         best_metrics = run.data.metrics if run is not None else {}
-        test = ({f"test_{k}": pm[f"best_test_{k}"] for k in SHOT_KEYS if f"best_test_{k}" in pm}
-                or {k: v for k, v in best_metrics.items() if k.startswith("test_")})
-        extra = (int(best_metrics["extra_params"]) if "extra_params" in best_metrics
-                 else prompt_file_params(prompt_path(folder, best["trial_id"])))
+        test = {f"test_{k}": pm[f"best_test_{k}"] for k in SHOT_KEYS if f"best_test_{k}" in pm} or {
+            k: v for k, v in best_metrics.items() if k.startswith("test_")
+        }
+        extra = (
+            int(best_metrics["extra_params"])
+            if "extra_params" in best_metrics
+            else prompt_file_params(prompt_path(folder, best["trial_id"]))
+        )
     sign = 1 if modes[0] == "max" else -1
 
     def rank(r: dict) -> tuple:
         v = r.get(metrics[0])
         ok = isinstance(v, (int, float)) and math.isfinite(v)
         return (r["status"] != "completed", not ok, -sign * v if ok else 0.0)
+
     ranked = sorted(rows, key=rank)
     counts = status_counts(rows)
-    info = {"name": tags.get(names.SEARCH, parent.info.run_name), "study": params.get("study", record.get("study")),
-            "profile": params.get("profile", record.get("profile_name")), "metrics": metrics, "modes": modes,
-            "counts": {**counts, "total": len(rows)}, "search_wall_s": pm.get("search_wall_s"),
-            "cost": {m: pm[m] for m in ("gpu_hours", "cpu_hours") if m in pm},
-            "experiment_id": parent.info.experiment_id, "parent_run_id": parent_run_id, "table": str(table),
-            "space": space, "defaults": profile_defaults(profile, list(space)), "best": best, "test": test,
-            "confirm": {k: v for k, v in pm.items() if k.startswith("confirm_")},
-            "confirmed_trial": tags.get(names.CONFIRMED_TRIAL),
-            "extra_params": extra, "backbone_params": backbone_params(profile["backbone"]) if extra and profile.get("backbone") else None,
-            "pareto": [t for t in tags.get(names.PARETO_TRIALS, "").split(",") if t], "top": ranked[:10],
-            "baseline": next((r for r in rows if r.get("baseline")), None),
-            "gain": {k: v for k, v in pm.items() if k.startswith("gain_val_")},
-            **{k: pm.get(k) for k in ("val_images", "val_acc_se", "baseline_val_acc_se")}}
+    info = {
+        "name": tags.get(names.SEARCH, parent.info.run_name),
+        "study": params.get("study", record.get("study")),
+        "profile": params.get("profile", record.get("profile_name")),
+        "metrics": metrics,
+        "modes": modes,
+        "counts": {**counts, "total": len(rows)},
+        "search_wall_s": pm.get("search_wall_s"),
+        "cost": {m: pm[m] for m in ("gpu_hours", "cpu_hours") if m in pm},
+        "experiment_id": parent.info.experiment_id,
+        "parent_run_id": parent_run_id,
+        "table": str(table),
+        "space": space,
+        "defaults": profile_defaults(profile, list(space)),
+        "best": best,
+        "test": test,
+        "confirm": {k: v for k, v in pm.items() if k.startswith("confirm_")},
+        "confirmed_trial": tags.get(names.CONFIRMED_TRIAL),
+        "extra_params": extra,
+        "backbone_params": backbone_params(profile["backbone"]) if extra and profile.get("backbone") else None,
+        "pareto": [t for t in tags.get(names.PARETO_TRIALS, "").split(",") if t],
+        "top": ranked[:10],
+        "baseline": next((r for r in rows if r.get("baseline")), None),
+        "gain": {k: v for k, v in pm.items() if k.startswith("gain_val_")},
+        **{k: pm.get(k) for k in ("val_images", "val_acc_se", "baseline_val_acc_se")},
+    }
     (out / names.REPORT_PAGE).write_text(summary_html(info, figures, skipped))
     files = sorted(p for p in out.iterdir() if p.is_file())
     client.log_artifacts(parent_run_id, str(out), REPORT_DIR)
@@ -167,7 +198,9 @@ def log_search_report(client, parent_run_id: str, folder: Path, log: Callable[[s
     try:
         started = time.perf_counter()
         built = search_report(client, parent_run_id, Path(folder) / REPORT_DIR, folder)
-        log(f"report: {built['out']} ({len(built['files'])} files, {time.perf_counter() - started:.0f} s; "
-            f"rebuild with python tune/report.py)")
+        log(
+            f"report: {built['out']} ({len(built['files'])} files, {time.perf_counter() - started:.0f} s; "
+            f"rebuild with python tune/report.py)"
+        )
     except Exception as exc:  # a report is a convenience; the search's results stand without it
         log_report_error(client, parent_run_id, exc, "warning: no search report", log)

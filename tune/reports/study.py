@@ -19,6 +19,7 @@ def distributions(space: dict, rows: list[dict]) -> dict:
     """One Optuna distribution per searched param, wide enough for every value in the table
     (the trainable narrows ``top_k`` and ``group_start`` per trial; the table holds what ran)."""
     import optuna.distributions as od
+
     out = {}
     for name, spec in space.items():
         seen = [r[name] for r in rows if r.get(name) is not None]
@@ -49,12 +50,19 @@ def _on_grid(value: float, low: float, step: float) -> bool:
     return abs(k - round(k)) < 1e-8  # as strict as Optuna's own check
 
 
-def build_study(rows: list[dict], space: dict, metrics: list[str], modes: list[str],
-                histories: dict[str, dict[int, float]] | None = None, order: list[str] | None = None):
+def build_study(
+    rows: list[dict],
+    space: dict,
+    metrics: list[str],
+    modes: list[str],
+    histories: dict[str, dict[int, float]] | None = None,
+    order: list[str] | None = None,
+):
     """An in-memory Optuna study of the search: completed trials are COMPLETE with their final
     objective values, trials that ASHA stopped are PRUNED (with their per-epoch values as
     intermediate values when ``histories`` has them), failed ones FAIL."""
     import optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = ["maximize" if m == "max" else "minimize" for m in modes]
     study = optuna.create_study(directions=directions, study_name="search")
@@ -71,8 +79,9 @@ def build_study(rows: list[dict], space: dict, metrics: list[str], modes: list[s
             params[name], used[name] = value, dist
         values = [row.get(m) for m in metrics]
         finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-        state = {"completed": "COMPLETE", "early_stopped": "PRUNED", "budget_stopped": "PRUNED"}.get(row["status"],
-                                                                                                  "FAIL")
+        state = {"completed": "COMPLETE", "early_stopped": "PRUNED", "budget_stopped": "PRUNED"}.get(
+            row["status"], "FAIL"
+        )
         if state == "COMPLETE" and not finite:
             state = "FAIL"
         inter = {}
@@ -83,20 +92,28 @@ def build_study(rows: list[dict], space: dict, metrics: list[str], modes: list[s
         trial = optuna.trial.create_trial(
             state=getattr(optuna.trial.TrialState, state),
             values=[float(v) for v in values] if state == "COMPLETE" else None,
-            params=params, distributions=used, intermediate_values=inter or None,
-            user_attrs={names.OPTUNA_TRIAL_ID: row["trial_id"], "status": row["status"],
-                        "mlflow_run_id": row.get("mlflow_run_id") or ""})
+            params=params,
+            distributions=used,
+            intermediate_values=inter or None,
+            user_attrs={
+                names.OPTUNA_TRIAL_ID: row["trial_id"],
+                "status": row["status"],
+                "mlflow_run_id": row.get("mlflow_run_id") or "",
+            },
+        )
         study.add_trial(trial)
     return study
 
 
-def search_figures(study, metrics: list[str], out: Path,
-                   names: Sequence[str] | None = None) -> tuple[list[Path], dict[str, str]]:
+def search_figures(
+    study, metrics: list[str], out: Path, names: Sequence[str] | None = None
+) -> tuple[list[Path], dict[str, str]]:
     """Optuna's matplotlib figures of ``study`` (all, or ``names``) as PNGs in ``out``;
     returns (files, {name: why it was not drawn})."""
     plt = pyplot()  # Agg before Optuna's module imports pyplot
     import optuna
     import optuna.visualization.matplotlib as ovm
+
     out.mkdir(parents=True, exist_ok=True)
     multi = len(metrics) > 1
     first = (lambda t: t.values[0]) if multi else None
@@ -107,12 +124,18 @@ def search_figures(study, metrics: list[str], out: Path,
     plots = {
         "optimization_history": (1, lambda: ovm.plot_optimization_history(study, **target)),
         "intermediate_values": (0, None if multi else lambda: ovm.plot_intermediate_values(study)),
-        "param_importances": (2, lambda: ovm.plot_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=varied or None, **target)),
+        "param_importances": (
+            2,
+            lambda: ovm.plot_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=varied or None, **target
+            ),
+        ),
         "parallel_coordinate": (2, lambda: ovm.plot_parallel_coordinate(study, **target)),
         "slice": (1, lambda: ovm.plot_slice(study, **target)),
-        "pareto_front": (1, lambda: ovm.plot_pareto_front(study, target_names=metrics)
-                         if len(metrics) in (2, 3) else None),
+        "pareto_front": (
+            1,
+            lambda: ovm.plot_pareto_front(study, target_names=metrics) if len(metrics) in (2, 3) else None,
+        ),
     }
     if not multi:
         del plots["pareto_front"]

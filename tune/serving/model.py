@@ -37,17 +37,23 @@ from mlflow.types.schema import Array
 from lpt_core.inference import build_classifier, png_bytes, raw_split
 
 
-ARTIFACT_PATH = "model"                    # runs:/<trial run id>/model
+ARTIFACT_PATH = "model"  # runs:/<trial run id>/model
 CONFIG_FILE, PROMPTS_FILE = "lpt_model.json", "prompts.safetensors"
-MODEL_CODE = Path(__file__).with_name("lpt_model_code.py")   # what MLflow runs to get the model
+MODEL_CODE = Path(__file__).with_name("lpt_model_code.py")  # what MLflow runs to get the model
 NO_PICKLES = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 DEFAULT_TOP_CLASSES = 5
 IMAGE_COLUMN = "image"
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(DataType.binary, IMAGE_COLUMN)]),
-    outputs=Schema([ColSpec(Array(DataType.long), "class_index"), ColSpec(Array(DataType.string), "class_name"),
-                    ColSpec(Array(DataType.double), "probability")]),
-    params=ParamSchema([ParamSpec("top_classes", DataType.long, DEFAULT_TOP_CLASSES)]))
+    outputs=Schema(
+        [
+            ColSpec(Array(DataType.long), "class_index"),
+            ColSpec(Array(DataType.string), "class_name"),
+            ColSpec(Array(DataType.double), "probability"),
+        ]
+    ),
+    params=ParamSchema([ParamSpec("top_classes", DataType.long, DEFAULT_TOP_CLASSES)]),
+)
 LOAD_OPTIONS = {"device": "auto", "weights": ""}  # model_config at load: "" = the logged backbone spec's weights
 
 
@@ -62,8 +68,9 @@ class LPTModel(mlflow.pyfunc.PythonModel):
         options = context.model_config or {}
         config = json.loads(Path(context.artifacts["config"]).read_text())
         try:
-            self.classifier = build_classifier(config, context.artifacts["prompts"], options.get("weights") or None,
-                                               options.get("device") or "auto")
+            self.classifier = build_classifier(
+                config, context.artifacts["prompts"], options.get("weights") or None, options.get("device") or "auto"
+            )
         except (ValueError, FileNotFoundError) as exc:
             raise MlflowException(str(exc)) from None
 
@@ -89,9 +96,15 @@ def input_example(data) -> pd.DataFrame:
 def requirements() -> list[str]:
     """Pinned to what logged the model (given, so MLflow does not load the model to infer them).
     The LPT code itself comes from this project, installed where the model is loaded."""
-    return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-            f"torchvision=={torchvision.__version__.split('+')[0]}", f"timm=={timm.__version__}",
-            "safetensors", "pandas", "pillow"]
+    return [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+        f"timm=={timm.__version__}",
+        "safetensors",
+        "pandas",
+        "pillow",
+    ]
 
 
 def log_model(config: dict, prompt_file: str | Path, example: pd.DataFrame) -> mlflow.models.model.ModelInfo:
@@ -102,14 +115,21 @@ def log_model(config: dict, prompt_file: str | Path, example: pd.DataFrame) -> m
         config_file.write_text(json.dumps(config, indent=2))
         shutil.copyfile(prompt_file, prompts)
         info = mlflow.pyfunc.log_model(
-            name=ARTIFACT_PATH, python_model=str(MODEL_CODE),
-            artifacts={"config": str(config_file), "prompts": str(prompts)}, model_config=LOAD_OPTIONS,
-            signature=SIGNATURE, input_example=example, pip_requirements=requirements())
+            name=ARTIFACT_PATH,
+            python_model=str(MODEL_CODE),
+            artifacts={"config": str(config_file), "prompts": str(prompts)},
+            model_config=LOAD_OPTIONS,
+            signature=SIGNATURE,
+            input_example=example,
+            pip_requirements=requirements(),
+        )
     expected = build_classifier(config, prompt_file, device="cpu").predict(example[IMAGE_COLUMN].tolist())
     got = load_model(info.model_uri, model_config={"device": "cpu"}).predict(example)
     if got["class_index"].tolist() != [r["class_index"] for r in expected]:
-        raise LoggedModelMismatch(f"{info.model_uri}: the logged model, loaded back, does not reproduce "
-                                  f"the trial's prediction on the input example")
+        raise LoggedModelMismatch(
+            f"{info.model_uri}: the logged model, loaded back, does not reproduce "
+            f"the trial's prediction on the input example"
+        )
     return info
 
 

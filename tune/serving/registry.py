@@ -27,7 +27,13 @@ from tune.errors import error_line
 
 MODEL_URI_TAG, REGISTER_ERROR_TAG = names.MODEL_URI, names.REGISTER_ERROR
 VERSION_TRIAL, VERSION_PARENT, VERSION_STUDY, VERSION_PROFILE = (
-    names.TRIAL_ID, names.VERSION_PARENT_RUN, names.VERSION_STUDY, names.VERSION_PROFILE)
+    names.TRIAL_ID,
+    names.VERSION_PARENT_RUN,
+    names.VERSION_STUDY,
+    names.VERSION_PROFILE,
+)
+
+
 class RegisterError(RuntimeError):
     """Logging or registering the model failed: one line."""
 
@@ -45,15 +51,24 @@ def trial_classifier_config(profile: dict, config: dict, data) -> dict:
     """A trial's classifier config: the profile's backbone and seed (as ``trainable.build_model``
     builds them), the trial's LPT shape and loss scale, the data's class names and image size."""
     from tune.trial.trainable import trial_settings
+
     model, recipe = trial_settings(profile, config)
-    return classifier_config(profile["backbone"], profile["seed"], model, data.class_names, data.image_size,
-                             recipe.scale, data.input_cfg, profile["data"], profile.get("shot_split", "standard"))
+    return classifier_config(
+        profile["backbone"],
+        profile["seed"],
+        model,
+        data.class_names,
+        data.image_size,
+        recipe.scale,
+        data.input_cfg,
+        profile["data"],
+        profile.get("shot_split", "standard"),
+    )
 
 
 def version_tags(trial_id: str, parent_run_id: str, study: str, profile_name: str, val: dict, test: dict) -> dict:
     """The registered version's tags: trial, search, and the accuracies (``val_*``, ``test_*``, percent)."""
-    tags = {VERSION_TRIAL: trial_id, VERSION_PARENT: parent_run_id, VERSION_STUDY: study,
-            VERSION_PROFILE: profile_name}
+    tags = {VERSION_TRIAL: trial_id, VERSION_PARENT: parent_run_id, VERSION_STUDY: study, VERSION_PROFILE: profile_name}
     for prefix, values in (("val_", val), ("test_", test)):
         tags.update({prefix + k: f"{values[prefix + k]:.4f}" for k in SHOT_KEYS if prefix + k in values})
     return tags
@@ -61,13 +76,27 @@ def version_tags(trial_id: str, parent_run_id: str, study: str, profile_name: st
 
 def version_description(trial_id: str, val: dict, test: dict) -> str:
     get = lambda values, key: values.get(key, float("nan"))
-    return (f"LPT prompts of trial {trial_id}: validation accuracy {get(val, 'val_acc'):.2f}%, test "
-            f"{get(test, 'test_acc'):.2f}% (many {get(test, 'test_many_acc'):.2f} / medium "
-            f"{get(test, 'test_medium_acc'):.2f} / few {get(test, 'test_few_acc'):.2f})")
+    return (
+        f"LPT prompts of trial {trial_id}: validation accuracy {get(val, 'val_acc'):.2f}%, test "
+        f"{get(test, 'test_acc'):.2f}% (many {get(test, 'test_many_acc'):.2f} / medium "
+        f"{get(test, 'test_medium_acc'):.2f} / few {get(test, 'test_few_acc'):.2f})"
+    )
 
 
-def register_best(uri: str, name: str, *, study: str, profile_name: str, profile: dict, data, best: dict,
-                  config: dict, prompt_file: str | Path, test: dict, parent_run_id: str) -> str:
+def register_best(
+    uri: str,
+    name: str,
+    *,
+    study: str,
+    profile_name: str,
+    profile: dict,
+    data,
+    best: dict,
+    config: dict,
+    prompt_file: str | Path,
+    test: dict,
+    parent_run_id: str,
+) -> str:
     """Log trial ``best`` (a trial-table row) as the LPT model on its run and register it as a new
     version of ``name``; tags the parent run; returns ``models:/NAME/VERSION``."""
     trial_id, run_id = best["trial_id"], best["mlflow_run_id"]
@@ -79,8 +108,9 @@ def register_best(uri: str, name: str, *, study: str, profile_name: str, profile
         mlflow.set_tracking_uri(uri)
         with mlflow.start_run(run_id=run_id):
             info = lpt_model.log_model(model_config, prompt_file, lpt_model.input_example(data))
-        version = mlflow.register_model(info.model_uri, name,
-                                        tags=version_tags(trial_id, parent_run_id, study, profile_name, best, test))
+        version = mlflow.register_model(
+            info.model_uri, name, tags=version_tags(trial_id, parent_run_id, study, profile_name, best, test)
+        )
         client.update_model_version(name, version.version, version_description(trial_id, best, test))
     except Exception as exc:  # the search's records stay; the parent run says why there is no model
         message = str(exc) if isinstance(exc, RegisterError) else f"registering {name}: {error_line(exc)}"
@@ -98,11 +128,14 @@ def register_finished_search(client: MlflowClient, uri: str, parent, folder: Pat
     from tune.config.loading import profile_data
     from tune.names import TABLE_FILE
     from tune.trial.table import prompt_path, read_rows
+
     record = json.loads((folder / SEARCH_FILE).read_text())
     trial_id = parent.data.tags.get(names.BEST_TRIAL_ID)
     if not trial_id:
-        raise NothingToRegister(f"run {parent.info.run_id}: no best trial recorded (tag lpt.best_trial_id): "
-                                f"the search did not finish or no trial completed")
+        raise NothingToRegister(
+            f"run {parent.info.run_id}: no best trial recorded (tag lpt.best_trial_id): "
+            f"the search did not finish or no trial completed"
+        )
     best = read_rows(folder / TABLE_FILE).get(trial_id)
     if best is None:
         raise NothingToRegister(f"{folder / TABLE_FILE}: no row for the best trial {trial_id}")
@@ -115,8 +148,16 @@ def register_finished_search(client: MlflowClient, uri: str, parent, folder: Pat
     except (ValueError, FileNotFoundError) as exc:
         raise NothingToRegister(f"{folder / SEARCH_FILE}: {exc}") from None
     name = name or model_name(record["study"], record["profile_name"])
-    return register_best(uri, name, study=record["study"], profile_name=record["profile_name"],
-                         profile=record["profile"], data=data, best=best,
-                         config={p: best[p] for p in record["study_config"]["space"]},
-                         prompt_file=prompt_path(folder, trial_id), test=test,
-                         parent_run_id=parent.info.run_id)
+    return register_best(
+        uri,
+        name,
+        study=record["study"],
+        profile_name=record["profile_name"],
+        profile=record["profile"],
+        data=data,
+        best=best,
+        config={p: best[p] for p in record["study_config"]["space"]},
+        prompt_file=prompt_path(folder, trial_id),
+        test=test,
+        parent_run_id=parent.info.run_id,
+    )

@@ -28,12 +28,17 @@ SHOT_LABELS = ("overall", "many", "medium", "few")
 # ============================================================================ per trial: figures
 def _band_edges(split: str = "standard") -> dict[str, tuple[float, float]]:
     few = few_at_most(split) + 0.5
-    return {"few": (0.0, few), "medium": (few, MANY_ABOVE + 0.5),
-            "many": (MANY_ABOVE + 0.5, math.inf)}
+    return {"few": (0.0, few), "medium": (few, MANY_ABOVE + 0.5), "many": (MANY_ABOVE + 0.5, math.inf)}
 
 
-def plot_per_class(per_class: Sequence[float], class_counts: Sequence[int], path: Path,
-                   shot: dict | None = None, title: str = "", split: str = "standard") -> Path:
+def plot_per_class(
+    per_class: Sequence[float],
+    class_counts: Sequence[int],
+    path: Path,
+    shot: dict | None = None,
+    title: str = "",
+    split: str = "standard",
+) -> Path:
     """Per-class accuracy (%) against train images per class, log x, shot bands shaded."""
     plt = pyplot()
     counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 0.8)
@@ -50,8 +55,15 @@ def plot_per_class(per_class: Sequence[float], class_counts: Sequence[int], path
             ax.hlines(shot[f"{name}_acc"], a, b, colors=GROUP_COLORS[name], linestyles="--", lw=1.2)
     ok = ~np.isnan(acc)
     group = class_groups(class_counts, split)
-    ax.scatter(counts[ok], acc[ok], s=14, c=[GROUP_COLORS[GROUPS[g]] for g in group[ok]],
-               edgecolors="black", linewidths=0.3, zorder=3)
+    ax.scatter(
+        counts[ok],
+        acc[ok],
+        s=14,
+        c=[GROUP_COLORS[GROUPS[g]] for g in group[ok]],
+        edgecolors="black",
+        linewidths=0.3,
+        zorder=3,
+    )
     ax.set_xscale("log")
     ax.set_xlim(lo, hi)
     ax.set_ylim(-3, 112)
@@ -83,15 +95,28 @@ def plot_shot_bars(final: dict, phase1: dict | None, path: Path, title: str = ""
     ax.set_xticks(x, SHOT_LABELS)
     ax.set_ylim(0, 112)
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(title or ("Shot accuracy: final model against phase 1" if phase1 else
-                           "Shot accuracy of the final model (no phase-1 metrics found)"), fontsize=10)
+    ax.set_title(
+        title
+        or (
+            "Shot accuracy: final model against phase 1"
+            if phase1
+            else "Shot accuracy of the final model (no phase-1 metrics found)"
+        ),
+        fontsize=10,
+    )
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8, ncol=len(series), frameon=False)
     ax.grid(True, axis="y", alpha=0.3)
     return save_figure(fig, path)
 
 
-def plot_prompt_usage(usage, class_counts: Sequence[int], path: Path, class_names: Sequence[str] | None = None,
-                      title: str = "", split: str = "standard") -> Path:
+def plot_prompt_usage(
+    usage,
+    class_counts: Sequence[int],
+    path: Path,
+    class_names: Sequence[str] | None = None,
+    title: str = "",
+    split: str = "standard",
+) -> Path:
     """Heatmap of prompt selections: classes by train frequency (most frequent on top) x group prompts."""
     plt = pyplot()
     usage = np.asarray(usage, dtype=np.float64)
@@ -102,16 +127,19 @@ def plot_prompt_usage(usage, class_counts: Sequence[int], path: Path, class_name
     share = 100 * usage.sum(axis=0) / max(usage.sum(), 1)
     height = min(max(3.0, 0.22 * c), 11.0) + 1.4
     width = min(max(5.5, 0.35 * p + 2.5), 14)
-    fig, (top, ax) = plt.subplots(2, 1, figsize=(width, height), sharex=True,
-                                  gridspec_kw={"height_ratios": [1.2, max(3.0, height - 1.4)], "hspace": 0.05})
+    fig, (top, ax) = plt.subplots(
+        2,
+        1,
+        figsize=(width, height),
+        sharex=True,
+        gridspec_kw={"height_ratios": [1.2, max(3.0, height - 1.4)], "hspace": 0.05},
+    )
     top.bar(np.arange(p), share, color="#4c72b0", width=0.85)
     top.set_ylabel("pool\nshare %", fontsize=8)
     top.tick_params(labelsize=7)
     top.grid(True, axis="y", alpha=0.3)
-    top.set_title(title or f"Prompt usage on the validation split (entropy {usage_entropy(usage):.2f})",
-                  fontsize=10)
-    im = ax.imshow(frac, aspect="auto", cmap="viridis", vmin=0, vmax=max(frac.max(), 1e-9),
-                   interpolation="nearest")
+    top.set_title(title or f"Prompt usage on the validation split (entropy {usage_entropy(usage):.2f})", fontsize=10)
+    im = ax.imshow(frac, aspect="auto", cmap="viridis", vmin=0, vmax=max(frac.max(), 1e-9), interpolation="nearest")
     ax.set_xlabel("group prompt")
     ax.set_xticks(np.arange(p) if p <= 40 else np.linspace(0, p - 1, 10).astype(int))
     ax.set_ylabel("class (most train images first)")
@@ -126,8 +154,16 @@ def plot_prompt_usage(usage, class_counts: Sequence[int], path: Path, class_name
         if where.size:
             if where[0] > 0:
                 ax.axhline(where[0] - 0.5, color="white", lw=1.5)
-            ax.text(p - 0.4, (where[0] + where[-1]) / 2, f" {GROUPS[g]}", va="center", ha="left",
-                    fontsize=9, color=GROUP_COLORS[GROUPS[g]], clip_on=False)
+            ax.text(
+                p - 0.4,
+                (where[0] + where[-1]) / 2,
+                f" {GROUPS[g]}",
+                va="center",
+                ha="left",
+                fontsize=9,
+                color=GROUP_COLORS[GROUPS[g]],
+                clip_on=False,
+            )
     cbar = fig.colorbar(im, ax=[top, ax], fraction=0.04, pad=0.8 / width)  # room for the group names
     cbar.set_label("share of the class's selections", fontsize=8)
     return save_figure(fig, path)
@@ -154,23 +190,42 @@ def plot_shot_confusion(matrix, path: Path, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
-def write_trial_figures(diag: dict, out: Path, phase1: dict | None = None,
-                        class_names: Sequence[str] | None = None, label: str = "") -> list[Path]:
+def write_trial_figures(
+    diag: dict, out: Path, phase1: dict | None = None, class_names: Sequence[str] | None = None, label: str = ""
+) -> list[Path]:
     """The trial's PNGs and ``val_diagnostics.json`` in ``out`` from ``diagnostics``' output."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     counts, split = diag["class_counts"], diag.get("shot_split", "standard")
     shot = {k: diag[k] for k in SHOT_KEYS}
     suffix = f" ({label})" if label else ""
-    files = [plot_per_class(diag["per_class"], counts, out / "per_class_accuracy.png", shot,
-                            f"Per-class validation accuracy against class frequency{suffix}", split),
-             plot_shot_bars(shot, phase1, out / "shot_accuracy.png"),
-             plot_shot_confusion(diag["shot_confusion"], out / "shot_confusion.png",
-                                 f"Head-vs-tail confusion on the validation split{suffix}")]
+    files = [
+        plot_per_class(
+            diag["per_class"],
+            counts,
+            out / "per_class_accuracy.png",
+            shot,
+            f"Per-class validation accuracy against class frequency{suffix}",
+            split,
+        ),
+        plot_shot_bars(shot, phase1, out / "shot_accuracy.png"),
+        plot_shot_confusion(
+            diag["shot_confusion"],
+            out / "shot_confusion.png",
+            f"Head-vs-tail confusion on the validation split{suffix}",
+        ),
+    ]
     if "prompt_usage" in diag:
-        files.append(plot_prompt_usage(diag["prompt_usage"], counts, out / "prompt_usage.png", class_names,
-                                       f"Prompt usage on the validation split{suffix}, entropy "
-                                       f"{diag['prompt_usage_entropy']:.2f}", split))
+        files.append(
+            plot_prompt_usage(
+                diag["prompt_usage"],
+                counts,
+                out / "prompt_usage.png",
+                class_names,
+                f"Prompt usage on the validation split{suffix}, entropy {diag['prompt_usage_entropy']:.2f}",
+                split,
+            )
+        )
     numbers = dict(diag)
     if "prompt_usage" in diag:
         numbers["prompt_usage_per_prompt"] = np.asarray(diag["prompt_usage"]).sum(axis=0).tolist()
@@ -222,8 +277,7 @@ def usage_entropy(usage) -> float:
     return float(max(0.0, -(p * np.log(p)).sum() / math.log(totals.size)))
 
 
-def diagnostics(pred: dict, class_counts: Sequence[int], pool_size: int | None = None,
-                split: str = "standard") -> dict:
+def diagnostics(pred: dict, class_counts: Sequence[int], pool_size: int | None = None, split: str = "standard") -> dict:
     """Shot accuracy, per-class accuracy, group confusion and prompt usage from ``predict``'s output."""
     preds, labels = pred["preds"], pred["labels"]
     c = len(class_counts)

@@ -35,6 +35,7 @@ from tune.config.study import SHOT_KEYS
 from tune.trial.diagnostics import write_trial_figures
 from tune.trial.diagnostics import diagnostics
 
+
 # ============================================================================ per trial: numbers
 def predict(model, loader, device: torch.device, batch_transform: Callable | None = None) -> dict:
     """Predicted class, label and (phase 2) selected prompt indices of every image of ``loader``,
@@ -45,8 +46,11 @@ def predict(model, loader, device: torch.device, batch_transform: Callable | Non
         labels.append(y)
         if "prompt_idx" in aux:
             idx.append(aux["prompt_idx"])
-    return {"preds": torch.cat(preds).cpu(), "labels": torch.cat(labels).cpu(),
-            "prompt_idx": torch.cat(idx).cpu() if idx else None}
+    return {
+        "preds": torch.cat(preds).cpu(),
+        "labels": torch.cat(labels).cpu(),
+        "prompt_idx": torch.cat(idx).cpu() if idx else None,
+    }
 
 
 def phase1_val_metrics(client, experiment_id: str, phase1_key: str) -> dict | None:
@@ -59,8 +63,9 @@ def phase1_val_metrics(client, experiment_id: str, phase1_key: str) -> dict | No
     return found or None
 
 
-def log_trial_report(client, run_id: str, trainer, experiment_id: str, phase1_key: str,
-                     log: Callable[[str], None] = print) -> dict:
+def log_trial_report(
+    client, run_id: str, trainer, experiment_id: str, phase1_key: str, log: Callable[[str], None] = print
+) -> dict:
     """Build the trial's figures from one validation pass of ``trainer``'s model and log them to
     ``run_id`` under ``report/`` with ``prompt_usage_entropy`` and the extra parameter count.
     Best effort: a failure is logged as the tag ``lpt.report_error`` and never fails the trial."""
@@ -75,8 +80,9 @@ def log_trial_report(client, run_id: str, trainer, experiment_id: str, phase1_ke
         if "prompt_usage_entropy" in diag:
             metrics["prompt_usage_entropy"] = diag["prompt_usage_entropy"]
         with tempfile.TemporaryDirectory() as folder:
-            write_trial_figures(diag, Path(folder), phase1, getattr(data, "class_names", None),
-                                f"epoch {trainer.epoch}")
+            write_trial_figures(
+                diag, Path(folder), phase1, getattr(data, "class_names", None), f"epoch {trainer.epoch}"
+            )
             client.log_artifacts(run_id, folder, REPORT_DIR)
         mt.log(client, run_id, metrics=metrics, step=trainer.epoch)
         log(f"report: validation figures logged ({time.perf_counter() - started:.1f} s)")

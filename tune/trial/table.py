@@ -25,9 +25,9 @@ from tune.config.study import OBJECTIVE_METRICS
 
 FINAL_METRICS = (*OBJECTIVE_METRICS, "train_loss")
 COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED = "completed", "early_stopped", "failed", "interrupted"
-BUDGET_STOPPED = "budget_stopped"   # budget.on_exhausted: stop ended it before its last epoch
+BUDGET_STOPPED = "budget_stopped"  # budget.on_exhausted: stop ended it before its last epoch
 STATUSES = (COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED, BUDGET_STOPPED)
-COST_METRICS = tuple(MEASURES)   # gpu_hours, cpu_hours: a trial's wall time x its resources, in hours
+COST_METRICS = tuple(MEASURES)  # gpu_hours, cpu_hours: a trial's wall time x its resources, in hours
 
 
 def prompt_path(folder: str | os.PathLike, trial_id: str) -> Path:
@@ -50,25 +50,48 @@ def trial_error(trial) -> str:
     return last_line(error) if error is not None else "trial raised (no error recorded by Ray)"
 
 
-def trial_row(trial_id: str, config: dict, params: list[str], result: dict | None, epochs: int,
-              error: str | None = None, interrupted: bool = False, resources: dict | None = None,
-              budget_stopped: bool = False) -> dict:
+def trial_row(
+    trial_id: str,
+    config: dict,
+    params: list[str],
+    result: dict | None,
+    epochs: int,
+    error: str | None = None,
+    interrupted: bool = False,
+    resources: dict | None = None,
+    budget_stopped: bool = False,
+) -> dict:
     """A table row; ``interrupted``: the search stopped (Ctrl+C, SIGTERM) before this trial ended;
     ``budget_stopped``: the budget stopped it; ``resources``: a trial's, for its cost columns."""
     result = result or {}
     reason = error or result.get("error")
     done = int(result.get("epoch", 0) or 0)
-    status = (FAILED if reason else COMPLETED if done >= epochs else INTERRUPTED if interrupted
-              else BUDGET_STOPPED if budget_stopped else EARLY_STOPPED)
+    status = (
+        FAILED
+        if reason
+        else COMPLETED
+        if done >= epochs
+        else INTERRUPTED
+        if interrupted
+        else BUDGET_STOPPED
+        if budget_stopped
+        else EARLY_STOPPED
+    )
     row = {"trial_id": trial_id, "status": status, "epochs": done, "baseline": bool(config.get("baseline", False))}
     row.update({p: config.get(p) for p in params})
     for m in FINAL_METRICS:
         value = result.get(m)
         row[m] = float(value) if isinstance(value, (int, float)) else math.nan
     wall = float(result.get("time_total_s", math.nan))
-    row.update({"mlflow_run_id": result.get("mlflow_run_id"), "node": result.get("node"), "wall_s": wall,
-                **(hours_of(wall, resources) if resources else dict.fromkeys(COST_METRICS, math.nan)),
-                "error": reason})
+    row.update(
+        {
+            "mlflow_run_id": result.get("mlflow_run_id"),
+            "node": result.get("node"),
+            "wall_s": wall,
+            **(hours_of(wall, resources) if resources else dict.fromkeys(COST_METRICS, math.nan)),
+            "error": reason,
+        }
+    )
     return row
 
 
@@ -92,8 +115,11 @@ def status_counts(rows: list[dict]) -> dict[str, int]:
 
 def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
     """The completed trial with the best finite ``metric``; None if no trial completed."""
-    done = [r for r in rows if r["status"] == COMPLETED and isinstance(r.get(metric), (int, float))
-            and math.isfinite(r[metric])]
+    done = [
+        r
+        for r in rows
+        if r["status"] == COMPLETED and isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])
+    ]
     if not done:
         return None
     sign = 1 if mode == "max" else -1
@@ -105,14 +131,25 @@ def close_trial_run(client: MlflowClient, row: dict) -> None:
     by Ray before its own code can close the run)."""
     if row.get("mlflow_run_id"):
         client.set_tag(row["mlflow_run_id"], STATUS, row["status"])
-        client.set_terminated(row["mlflow_run_id"], "FAILED" if row["status"] == FAILED else "FINISHED",
-                              end_time=int(time.time() * 1000))
+        client.set_terminated(
+            row["mlflow_run_id"], "FAILED" if row["status"] == FAILED else "FINISHED", end_time=int(time.time() * 1000)
+        )
 
 
 class TrialTable(tune.Callback):
-    def __init__(self, path: str | os.PathLike, params: list[str], epochs: int, client: MlflowClient,
-                 budget: int, metric: str, prior: list[dict] = (), search_run: tuple[str, str] | None = None,
-                 resources: dict | None = None, budget_stopper=None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        params: list[str],
+        epochs: int,
+        client: MlflowClient,
+        budget: int,
+        metric: str,
+        prior: list[dict] = (),
+        search_run: tuple[str, str] | None = None,
+        resources: dict | None = None,
+        budget_stopper=None,
+    ):
         """``search_run``: (experiment id, parent run id), to find the run of a trial that ended
         before it reported one (it raised, or was stopped, before its first epoch);
         ``budget_stopper``: the run's ``budget.BudgetStopper`` (its ``stopped`` trials)."""
@@ -130,16 +167,27 @@ class TrialTable(tune.Callback):
 
     def _end(self, trial, error: str | None) -> None:
         stopped = self.budget_stopper is not None and trial.trial_id in self.budget_stopper.stopped
-        row = trial_row(trial.trial_id, trial.config, self.params, trial.last_result, self.epochs, error,
-                        resources=self.resources, budget_stopped=stopped)
+        row = trial_row(
+            trial.trial_id,
+            trial.config,
+            self.params,
+            trial.last_result,
+            self.epochs,
+            error,
+            resources=self.resources,
+            budget_stopped=stopped,
+        )
         if not row["mlflow_run_id"] and self.search_run:
             row["mlflow_run_id"] = mt.trial_run_id(self.client, *self.search_run, trial.trial_id)
         self.rows[trial.trial_id] = row
         write_table(list(self.rows.values()), self.path)
         shown = ", ".join(f"{p}={row[p]}" for p in self.params)
-        print(f"trial {len(self.rows)}/{self.budget} {trial.trial_id} {row['status']} after {row['epochs']} "
-              f"epochs: {self.metric} {row.get(self.metric, math.nan):.2f} ({shown})"
-              + (f" - {row['error']}" if row["error"] else ""), flush=True)
+        print(
+            f"trial {len(self.rows)}/{self.budget} {trial.trial_id} {row['status']} after {row['epochs']} "
+            f"epochs: {self.metric} {row.get(self.metric, math.nan):.2f} ({shown})"
+            + (f" - {row['error']}" if row["error"] else ""),
+            flush=True,
+        )
         cost = {m: row[m] for m in COST_METRICS if math.isfinite(row[m])}
         if row["mlflow_run_id"] and cost:
             mt.log(self.client, row["mlflow_run_id"], metrics=cost)

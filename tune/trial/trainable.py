@@ -33,7 +33,7 @@ from tune.config.loading import profile_data
 from tune.trial.report import log_trial_report
 from tune.trial.table import prompt_path
 
-PHASE1_WAIT = "phase1_wait_s"   # trial-run metric: seconds the trial waited for its phase-1 prompts
+PHASE1_WAIT = "phase1_wait_s"  # trial-run metric: seconds the trial waited for its phase-1 prompts
 
 
 @dataclass
@@ -54,16 +54,21 @@ class SearchSetup:
 def trial_settings(profile: dict, config: dict) -> tuple[dict, PhaseConfig]:
     """The model kwargs and phase-2 recipe of a trial: the profile's values, then the sampled ones."""
     model = {k: config.get(k, profile["model"][k]) for k in MODEL_KEYS}
-    recipe = PhaseConfig.from_dict({**profile["phase2"], **{k: config[k] for k in RECIPE_KEYS if k in config}},
-                                   where="phase2")
+    recipe = PhaseConfig.from_dict(
+        {**profile["phase2"], **{k: config[k] for k in RECIPE_KEYS if k in config}}, where="phase2"
+    )
     return model, recipe
 
 
 def run_params(setup: SearchSetup, seed: int) -> dict:
     """What a trial or phase-1 run was trained on, besides its recipe, as MLflow params."""
     profile = setup.profile
-    return {"seed": seed, "profile": setup.profile_name, "data": profile["data"]["name"],
-            "backbone": profile["backbone"]["name"]}
+    return {
+        "seed": seed,
+        "profile": setup.profile_name,
+        "data": profile["data"]["name"],
+        "backbone": profile["backbone"]["name"],
+    }
 
 
 def trial_params(setup: SearchSetup, config: dict) -> dict:
@@ -94,9 +99,14 @@ def run_metrics(metrics: dict) -> dict:
 
 
 def _trainer_kwargs(profile: dict, log) -> dict:
-    return dict(device=trial_device(profile["device"]), num_workers=profile["loader"]["num_workers"],
-                eval_batch_size=profile["loader"]["eval_batch_size"], compile=profile["compile"],
-                shot_split=profile["shot_split"], log=log)
+    return dict(
+        device=trial_device(profile["device"]),
+        num_workers=profile["loader"]["num_workers"],
+        eval_batch_size=profile["loader"]["eval_batch_size"],
+        compile=profile["compile"],
+        shot_split=profile["shot_split"],
+        log=log,
+    )
 
 
 def seeded_trainer(setup: SearchSetup, model: LPT, data, phase: int, recipe: PhaseConfig, seed: int, log) -> Trainer:
@@ -122,12 +132,18 @@ def phase1_inputs(profile: dict, manifest_hash: str, prompt_length: int, data, s
     generators of their own. ``device``: where it trains (``cuda`` trains under bf16 autocast);
     CPU-side augmentation draws its random crops in the loader workers, so their count counts."""
     on_device = data.train_batch_transform is not None
-    return {"backbone": profile["backbone"], "data": manifest_hash, "input": data.input_cfg.to_dict(),
-            "augment": "device" if on_device else f"cpu, {profile['loader']['num_workers']} loader workers",
-            "prompt_length": prompt_length, "head_dropout": profile["model"]["head_dropout"],
-            "recipe": PhaseConfig.from_dict(profile["phase1"], where="phase1").to_dict(),
-            "precision": "bf16 autocast" if torch.device(device).type == "cuda" else "fp32",
-            "compile": profile["compile"], "seed": seed}
+    return {
+        "backbone": profile["backbone"],
+        "data": manifest_hash,
+        "input": data.input_cfg.to_dict(),
+        "augment": "device" if on_device else f"cpu, {profile['loader']['num_workers']} loader workers",
+        "prompt_length": prompt_length,
+        "head_dropout": profile["model"]["head_dropout"],
+        "recipe": PhaseConfig.from_dict(profile["phase1"], where="phase1").to_dict(),
+        "precision": "bf16 autocast" if torch.device(device).type == "cuda" else "fp32",
+        "compile": profile["compile"],
+        "seed": seed,
+    }
 
 
 def planned_device(profile: dict) -> str:
@@ -137,16 +153,17 @@ def planned_device(profile: dict) -> str:
     return "cuda" if profile["resources"]["gpu"] > 0 else "cpu"
 
 
-def profile_phase1_key(profile: dict, manifest_hash: str, prompt_length: int, data, seed: int,
-                       device: str | None = None) -> str:
+def profile_phase1_key(
+    profile: dict, manifest_hash: str, prompt_length: int, data, seed: int, device: str | None = None
+) -> str:
     """The phase-1 cache key of a profile's phase 1 at ``prompt_length`` and ``seed``, trained on
     ``device`` (default: ``planned_device``)."""
-    return phase1_key(phase1_inputs(profile, manifest_hash, prompt_length, data, seed,
-                                    device or planned_device(profile)))
+    return phase1_key(
+        phase1_inputs(profile, manifest_hash, prompt_length, data, seed, device or planned_device(profile))
+    )
 
 
-def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: MlflowClient,
-                  log) -> tuple[str, float]:
+def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: MlflowClient, log) -> tuple[str, float]:
     """Load the shared prompts and head of phase 1 into ``model``; returns the key and the seconds
     spent waiting for its prompt file. The driver trains every phase 1 of a search up front
     (``tune.engine.phase1_upfront``), so a trial finds its key ready and waits 0 s; a key that is missing
@@ -158,8 +175,9 @@ def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: Mlflo
         path, trained, waited = cache.folder(key) / PROMPTS, False, 0.0
     else:
         started = time.monotonic()
-        path, trained = cache.get_or_train(key, lambda folder: train_phase1(setup, model, data, seed, key, folder,
-                                                                            client, log), log)
+        path, trained = cache.get_or_train(
+            key, lambda folder: train_phase1(setup, model, data, seed, key, folder, client, log), log
+        )
         waited = time.monotonic() - started
     if not trained:
         model.load_prompt_state_dict(load_prompts_partial(path), strict=False)
@@ -167,17 +185,20 @@ def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: Mlflo
     return key, waited
 
 
-def train_phase1(setup: SearchSetup, model: LPT, data, seed: int, key: str, folder: Path, client: MlflowClient,
-                 log) -> dict:
+def train_phase1(
+    setup: SearchSetup, model: LPT, data, seed: int, key: str, folder: Path, client: MlflowClient, log
+) -> dict:
     """Phase 1 of ``model`` into the cache entry ``folder``, resuming from its state file, in an
     MLflow run of its own (the same run again after a crash)."""
     recipe = PhaseConfig.from_dict(setup.profile["phase1"], where="phase1")
     run_id = mt.find_run(client, setup.experiment_id, **{names.ROLE: names.ROLE_PHASE1, names.PHASE1_KEY: key})
     if run_id is None:
-        run_id = client.create_run(setup.experiment_id, run_name=f"phase1-{key}",
-                                   tags={names.ROLE: names.ROLE_PHASE1, names.PHASE1_KEY: key}).info.run_id
-        mt.log(client, run_id, params={"prompt_length": model.prompt_length, **recipe.to_dict(),
-                                       **run_params(setup, seed)})
+        run_id = client.create_run(
+            setup.experiment_id, run_name=f"phase1-{key}", tags={names.ROLE: names.ROLE_PHASE1, names.PHASE1_KEY: key}
+        ).info.run_id
+        mt.log(
+            client, run_id, params={"prompt_length": model.prompt_length, **recipe.to_dict(), **run_params(setup, seed)}
+        )
     else:
         client.update_run(run_id, status="RUNNING")
     logged = last_logged_epoch(client, run_id)
@@ -203,6 +224,7 @@ def train_phase1(setup: SearchSetup, model: LPT, data, seed: int, key: str, fold
 def load_prompts_partial(path: Path) -> dict:
     """The phase-1 tensors of a prompt file (shared prompts and head)."""
     from safetensors.torch import load_file
+
     tensors = load_file(str(path))
     return {k: tensors[k] for k in ("shared_prompts", "head_weight")}
 
@@ -226,17 +248,30 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
     seed = setup.profile["seed"]
     data = profile_data(setup.profile)
     model, recipe = build_model(setup, config, data, seed)
-    run_id = mt.trial_run(client, setup.experiment_id, setup.parent_run_id, trial_id, f"trial-{trial_id}",
-                          trial_params(setup, config),
-                          {names.NODE: node, **({names.BASELINE: "true"} if config.get("baseline") else {})})
+    run_id = mt.trial_run(
+        client,
+        setup.experiment_id,
+        setup.parent_run_id,
+        trial_id,
+        f"trial-{trial_id}",
+        trial_params(setup, config),
+        {names.NODE: node, **({names.BASELINE: "true"} if config.get("baseline") else {})},
+    )
     logged = last_logged_epoch(client, run_id)
     trainer = None
     try:
         key, waited = ensure_phase1(setup, model, data, seed, client, log)
         trainer = seeded_trainer(setup, model, data, 2, recipe, seed, log)
-        mt.log(client, run_id, metrics={PHASE1_WAIT: waited},
-               tags={names.PHASE1_KEY: key, names.DEVICE: str(trainer.device),  # lpt.node: set by trial_run
-                     names.GPU_IDS: ",".join(map(str, ray.get_gpu_ids()))})
+        mt.log(
+            client,
+            run_id,
+            metrics={PHASE1_WAIT: waited},
+            tags={
+                names.PHASE1_KEY: key,
+                names.DEVICE: str(trainer.device),  # lpt.node: set by trial_run
+                names.GPU_IDS: ",".join(map(str, ray.get_gpu_ids())),
+            },
+        )
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
@@ -257,14 +292,23 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
                     log_trial_report(client, run_id, trainer, setup.experiment_id, key, log)
             with tempfile.TemporaryDirectory() as folder:
                 trainer.save_state(Path(folder) / STATE)
-                tune.report({**metrics, "mlflow_run_id": run_id, "node": node},
-                            checkpoint=tune.Checkpoint.from_directory(folder))
+                tune.report(
+                    {**metrics, "mlflow_run_id": run_id, "node": node},
+                    checkpoint=tune.Checkpoint.from_directory(folder),
+                )
     except FloatingPointError as exc:  # diverged: a result for this config, not a crash to retry
         reason = str(exc)
         log(f"failed: {reason}")
         mt.fail_run(client, run_id, reason)
-        tune.report({**{m: math.nan for m in setup.metrics}, "error": reason, "mlflow_run_id": run_id,
-                     "node": node, "epoch": trainer.epoch if trainer else 0})
+        tune.report(
+            {
+                **{m: math.nan for m in setup.metrics},
+                "error": reason,
+                "mlflow_run_id": run_id,
+                "node": node,
+                "epoch": trainer.epoch if trainer else 0,
+            }
+        )
         return
     except Exception as exc:
         mt.fail_run(client, run_id, exc)
@@ -275,9 +319,16 @@ def _test_metrics(setup: SearchSetup, model: LPT, data) -> dict:
     kw = _trainer_kwargs(setup.profile, None)
     device = resolve_device(kw["device"])
     model.set_phase(2)
-    result = evaluate(model.to(device), data.test, data.class_counts, device=device,
-                      batch_size=kw["eval_batch_size"], num_workers=kw["num_workers"],
-                      batch_transform=data.eval_batch_transform, shot_split=kw["shot_split"])
+    result = evaluate(
+        model.to(device),
+        data.test,
+        data.class_counts,
+        device=device,
+        batch_size=kw["eval_batch_size"],
+        num_workers=kw["num_workers"],
+        batch_transform=data.eval_batch_transform,
+        shot_split=kw["shot_split"],
+    )
     return {f"test_{k}": result[k] for k in SHOT_KEYS}
 
 

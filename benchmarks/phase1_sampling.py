@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lpt_core import LPT, PhaseConfig, Trainer, build_backbone_from_spec  # noqa: E402
-from tune.errors import ConfigError  # noqa: E402
 from tune.config.loading import load_profile, profile_data  # noqa: E402
 from tune.config.validation import binomial_se  # noqa: E402
+from tune.errors import ConfigError  # noqa: E402
 
 SAMPLINGS = ("dual", "instance")
 

@@ -67,11 +67,11 @@ import ray  # noqa: E402
 from ray import tune as raytune  # noqa: E402
 
 from lpt_core.config import PhaseConfig  # noqa: E402
+from tune.config.loading import load_profile, load_study, objective_of  # noqa: E402
 from tune.config.samplers import sampler_settings, startup_trials  # noqa: E402
 from tune.config.search_space import baseline_config, check_space  # noqa: E402
 from tune.engine.searcher import enqueue_baseline, make_scheduler, make_searcher  # noqa: E402
 from tune.errors import ConfigError, error_line  # noqa: E402
-from tune.config.loading import load_profile, load_study, objective_of  # noqa: E402
 
 DEPTH = 12  # blocks of the shipped profiles' ViT-B/16: group_start can take 1..11
 PEAK = {"val_acc": 80.0, "val_few_acc": 65.0}
@@ -425,7 +425,7 @@ def main(argv=None) -> dict:
         "config": vars(args),
         "machine": where,
         "seconds": None,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "versions": {"ray": ray.__version__, "optuna": optuna.__version__},
         "runs": rows,
     }

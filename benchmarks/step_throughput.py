@@ -46,9 +46,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -186,7 +186,9 @@ def count_variant_flops(
                 continue
             model.set_phase(phase).train()
             ref = ReferenceStep(model, phase, cfg, losses, amp=False)
-            out["reference"][f"phase{phase}"] = count_flops(lambda: ref.forward_backward(images, labels, w)) / n / 1e9
+            out["reference"][f"phase{phase}"] = (
+                count_flops(lambda ref=ref: ref.forward_backward(images, labels, w)) / n / 1e9
+            )
             out["lean"][f"phase{phase}"] = (
                 count_flops(lambda: lean_forward_backward(model, cfg, losses, images, labels, w)) / n / 1e9
             )
@@ -340,8 +342,9 @@ def input_throughput(device: torch.device, image_size: int, batch: int, batches:
     """Images/s of the input path that feeds a training step of this size: CIFAR-format uint8
     images through ``gpu_augment`` on CUDA (crop, flip, resize on the device), through the CPU
     transforms on CPU; one loader process, as in the step's own measurement."""
-    from benchmarks.input_pipeline import measure, write_cifar100
     import tempfile
+
+    from benchmarks.input_pipeline import measure, write_cifar100
 
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar100(tmp)

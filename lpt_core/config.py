@@ -52,7 +52,7 @@ class Section(BaseModel):
         return self.model_dump()
 
     @classmethod
-    def from_dict(cls, values: dict, where: str = "") -> "Section":
+    def from_dict(cls, values: dict, where: str = "") -> Section:
         """Validate ``values``; a problem is a ValueError whose one line starts with ``where``."""
         return validate(cls, values, where)
 
@@ -82,7 +82,7 @@ class LPTConfig(Section):
     head_dropout: float = param(0.1, ge=0, lt=1, description="dropout before the cosine classifier while training")
 
     @model_validator(mode="after")
-    def _top_k_in_pool(self) -> "LPTConfig":
+    def _top_k_in_pool(self) -> LPTConfig:
         if self.top_k > self.pool_size:
             raise PydanticCustomError(
                 "top_k_pool",

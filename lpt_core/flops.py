@@ -6,7 +6,7 @@ so the CPU forward and backward are mapped onto torch's own SDPA formulas.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils import flop_counter as fc

@@ -1,7 +1,8 @@
 """Classify images with a trained LPT: its config, the backbone and prompts it needs, the eval
 preprocessing, and the top-k classes with their probabilities. torch + timm only.
 
-A classifier config (``classifier_config``, a JSON-able dict) says everything besides the prompt file: the backbone spec (name,
+A classifier config (``classifier_config``, a JSON-able dict) says everything besides the prompt
+file: the backbone spec (name,
 weights, timm overrides) and the seed of a random backbone, the LPT shape, the class names, the
 image size and normalisation of the eval transform, and the cosine-logit scale of the loss (the
 probabilities are ``softmax(scale * cosine)``). Images may be encoded bytes, file paths, PIL images,
@@ -14,8 +15,9 @@ from __future__ import annotations
 import copy
 import io
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError

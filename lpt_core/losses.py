@@ -10,7 +10,7 @@ asymmetric single-label loss: the log-softmax weighted by ``(1 - p)^gamma_pos`` 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

@@ -7,7 +7,7 @@ the released checkpoints' numbers.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

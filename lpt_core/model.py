@@ -162,12 +162,12 @@ class LPT(nn.Module):
         self.set_phase(1)
 
     @classmethod
-    def from_config(cls, backbone: nn.Module, num_classes: int, config: LPTConfig | dict, init_seed: int = 0) -> "LPT":
+    def from_config(cls, backbone: nn.Module, num_classes: int, config: LPTConfig | dict, init_seed: int = 0) -> LPT:
         values = config.to_dict() if isinstance(config, LPTConfig) else dict(config)
         return cls(backbone, num_classes, **values, init_seed=init_seed)
 
     # ----------------------------------------------------------------------------- phases
-    def set_phase(self, phase: int) -> "LPT":
+    def set_phase(self, phase: int) -> LPT:
         """Phase 1 trains shared prompts + head; phase 2 trains group prompts, keys + head."""
         if phase not in (1, 2):
             raise ValueError(f"phase: must be 1 or 2, got {phase}")
@@ -178,7 +178,7 @@ class LPT(nn.Module):
         self.head.weight.requires_grad_(True)
         return self
 
-    def train(self, mode: bool = True) -> "LPT":
+    def train(self, mode: bool = True) -> LPT:
         super().train(mode)
         self.backbone.eval()  # frozen: its own dropout / drop-path stay off
         return self
@@ -203,7 +203,7 @@ class LPT(nn.Module):
     def _shared(self, i: int, batch: int) -> torch.Tensor:
         return self.shared_prompts[i].unsqueeze(0).expand(batch, -1, -1)
 
-    def compile_blocks(self, **options) -> "LPT":
+    def compile_blocks(self, **options) -> LPT:
         """``torch.compile`` the per-block function, once. Blocks of one structure share a compiled
         graph; grad mode and batch size add variants, hence the raised recompile limit."""
         if not self.blocks_compiled:

@@ -15,7 +15,7 @@ a resumed run sees the same batches; unlike the released iterators, cycles resta
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -316,7 +316,7 @@ class Trainer:
             )
             yield metrics
 
-    def fit(self, on_epoch: Callable[[dict, "Trainer"], None] | None = None) -> dict:
+    def fit(self, on_epoch: Callable[[dict, Trainer], None] | None = None) -> dict:
         """Run the remaining epochs (``epochs()``), calling ``on_epoch(metrics, trainer)`` after
         each; returns the last epoch's metrics."""
         metrics: dict = {}

@@ -416,7 +416,7 @@ class Postgres:
                 f"{' '.join(argv[:2])} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
             )
 
-    def start(self) -> "Postgres":
+    def start(self) -> Postgres:
         pwfile = self.base / "pwfile"
         pwfile.write_text(self.password + "\n")
         if self.owner:

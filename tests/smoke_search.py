@@ -61,7 +61,7 @@ class SmokeSearch:
         assert len(folders) == 1, folders
         return folders[0]
 
-    def copy_to(self, dst: Path) -> "SmokeSearch":
+    def copy_to(self, dst: Path) -> SmokeSearch:
         """A copy of the search under ``dst`` (made if missing) to change freely.
 
         MLflow and the search record hold absolute paths (the experiment's and runs' artifact

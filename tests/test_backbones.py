@@ -6,9 +6,9 @@ import time
 
 import pytest
 import torch
+from cluster_fixtures import free_port
 from safetensors.torch import save_file
 
-from cluster_fixtures import free_port
 from lpt_core import build_backbone, reachability
 from lpt_core.backbones import build_architecture, build_backbone_from_spec, weights_source
 from lpt_core.reachability import connect_target, unreachable

@@ -19,8 +19,9 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from tune.config import budget as cost
-from tune.engine import budget_gate as gate
 from tune.config.early_stopping import asha_rungs
+from tune.engine import budget_gate as gate
+from tune.engine import budget_ledger as ledger
 from tune.engine.progress import SearchProgress
 from tune.errors import ConfigError
 from tune.trial.table import trial_row, write_table
@@ -96,18 +97,18 @@ def test_trial_rows_carry_their_cost():
 
 def test_the_ledger_counts_phase1_ended_and_running_trials(tmp_path):
     folder = search_folder(tmp_path, {"cpu_hours": 1.3}, {"cpu": 2, "gpu": 0}, phase1_s=360, walls=[720])
-    ledger = cost.SpendLedger(folder)
+    spend = ledger.SpendLedger(folder)
     now = time.time()
-    ledger.observe("r", {"time_total_s": 100.0, "epoch": 1}, now=now)  # 1 of 4 epochs in 100 s
-    assert ledger.spent_s(now) == 360 + 720 + 100
-    assert ledger.spent(now) == pytest.approx(1180 * 2 / 3600)
-    assert ledger.committed_s(now) == pytest.approx(300)  # its 3 epochs left at its pace
-    assert ledger.trial_s() == 720  # the mean of the ended trials
-    assert ledger.allows_new_trial(now)  # (1180 + 300 + 720) x 2 CPU = 1.22 h <= 1.3
-    assert ledger.spent_s(now + 10) == 1190  # it runs on between results
-    ledger.limit = cost.BudgetLimit("cpu_hours", 1.2, "finish")
-    assert not ledger.allows_new_trial(now) and not ledger.exhausted(now)
-    assert cost.SpendLedger(search_folder(tmp_path, {"cpu_hours": 0.2}, phase1_s=720)).exhausted()
+    spend.observe("r", {"time_total_s": 100.0, "epoch": 1}, now=now)  # 1 of 4 epochs in 100 s
+    assert spend.spent_s(now) == 360 + 720 + 100
+    assert spend.spent(now) == pytest.approx(1180 * 2 / 3600)
+    assert spend.committed_s(now) == pytest.approx(300)  # its 3 epochs left at its pace
+    assert spend.trial_s() == 720  # the mean of the ended trials
+    assert spend.allows_new_trial(now)  # (1180 + 300 + 720) x 2 CPU = 1.22 h <= 1.3
+    assert spend.spent_s(now + 10) == 1190  # it runs on between results
+    spend.limit = cost.BudgetLimit("cpu_hours", 1.2, "finish")
+    assert not spend.allows_new_trial(now) and not spend.exhausted(now)
+    assert ledger.SpendLedger(search_folder(tmp_path, {"cpu_hours": 0.2}, phase1_s=720)).exhausted()
 
 
 def test_the_searcher_holds_trials_back_while_the_budget_has_no_room(tmp_path):
@@ -169,35 +170,35 @@ def test_the_progress_line_shows_the_hours(tmp_path):
 def test_resume_keeps_the_budget_unless_the_command_gives_one(tmp_path):
     study = {"budget": {"trials": 6, "concurrency": 2, "max_failures": 2}}
     stored = {"trials": 6, "concurrency": 2, "max_failures": 2, "gpu_hours": 10.0, "on_exhausted": "stop"}
-    cost.resumed_budget(study, stored, {})
+    ledger.resumed_budget(study, stored, {})
     assert study["budget"] == {**stored}
-    cost.resumed_budget(study, stored, cost.given_budget(["budget.cpu_hours=2", "budget.gpu_hours=null"]))
+    ledger.resumed_budget(study, stored, cost.given_budget(["budget.cpu_hours=2", "budget.gpu_hours=null"]))
     assert (study["budget"].get("gpu_hours"), study["budget"]["cpu_hours"]) == (None, 2.0)
     with pytest.raises(ConfigError, match="^--resume: budget.cpu_hours: give gpu_hours or cpu_hours, not both"):
-        cost.resumed_budget(study, stored, cost.given_budget(["budget.cpu_hours=2"]))
+        ledger.resumed_budget(study, stored, cost.given_budget(["budget.cpu_hours=2"]))
 
 
 def test_a_search_its_budget_ended_continues_when_the_budget_has_room(tmp_path):
     folder = search_folder(tmp_path, {"cpu_hours": 0.05}, walls=[100.0, 100.0], ended=True)
     record = json.loads((folder / "search.json").read_text())
     spent = {"budget": {"trials": 6, "cpu_hours": 0.05}}
-    assert cost.resume_mode("finished", record, spent, folder) == "finished"  # 200 s = 0.056 h spent
-    assert cost.resume_mode("extend", record, spent, folder) == "finished"  # no trial would start
-    assert cost.resume_mode("finished", record, {"budget": {"trials": 6, "cpu_hours": 1}}, folder) == "extend"
-    assert cost.resume_mode("resume", record, spent, folder) == "resume"
-    line = cost.finished_line(record, spent, folder)
+    assert ledger.resume_mode("finished", record, spent, folder) == "finished"  # 200 s = 0.056 h spent
+    assert ledger.resume_mode("extend", record, spent, folder) == "finished"  # no trial would start
+    assert ledger.resume_mode("finished", record, {"budget": {"trials": 6, "cpu_hours": 1}}, folder) == "extend"
+    assert ledger.resume_mode("resume", record, spent, folder) == "resume"
+    line = ledger.finished_line(record, spent, folder)
     assert line == (
         "its budget ended it after 2 of 6 trials (0.0556 of 0.05 CPU-core-hours spent, a trial takes "
         "about 0.0278); raise it with --resume --cpu-hours H"
     )
     roomy = {"budget": {"trials": 6, "cpu_hours": 0.08}}  # room, but not for a 100 s trial
-    assert cost.resume_mode("finished", record, roomy, folder) == "finished"
+    assert ledger.resume_mode("finished", record, roomy, folder) == "finished"
     done = {**record, "budget_ended": False}  # all trials ran; --trials 8 on no room
-    assert cost.resume_mode("extend", done, roomy, folder) == "finished"
-    assert cost.finished_line(done, roomy, folder).startswith(
+    assert ledger.resume_mode("extend", done, roomy, folder) == "finished"
+    assert ledger.finished_line(done, roomy, folder).startswith(
         "its budget has no room for another trial (0.0556 of 0.08 CPU-core-hours spent"
     )
-    assert cost.finished_line(done, {"budget": {"trials": 6}}, folder) is None
+    assert ledger.finished_line(done, {"budget": {"trials": 6}}, folder) is None
 
 
 def test_the_outcome_and_summary_say_what_the_budget_allowed(tmp_path):
@@ -207,9 +208,9 @@ def test_the_outcome_and_summary_say_what_the_budget_allowed(tmp_path):
         trial_row(f"t{i}", {}, [], {"epoch": 4, "time_total_s": w}, 4, resources={"cpu": 1, "gpu": 0})
         for i, w in enumerate([90.0, 54.0])
     ]
-    done = cost.outcome(record, rows)
+    done = ledger.outcome(record, rows)
     assert done["ended"] and done["allowed"] == 2 and done["cpu_hours"] == pytest.approx(0.05)
-    assert cost.summary_lines(done) == [
+    assert ledger.summary_lines(done) == [
         "cost: 0.05 CPU-core-hours (phase 1 up front 0.01, trials 0.04) of a "
         "budget of 0.05 (budget.cpu_hours, on_exhausted: finish); it allowed 2 of "
         "6 trials and then ended the search"

@@ -26,7 +26,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from cluster_fixtures import (
     DASHBOARD_TOKEN_EXPECTED,
     LOOPBACK,
@@ -261,7 +260,7 @@ def test_the_searches_mlflow_user_writes_runs_and_administers_nothing(stack, mon
     api = f"{stack.tracking_uri}/api/2.0/mlflow"
     assert http_status(f"{api}/users/get?username=admin", as_searcher) == 403
     auth = AuthServiceClient(stack.tracking_uri)
-    for name, call in {
+    for _name, call in {
         "create a user": lambda: auth.create_user("intruder", "x" * 16),
         "become an admin": lambda: auth.update_user_admin("searcher", True),
         "change the admin's password": lambda: auth.update_user_password("admin", "x" * 16),

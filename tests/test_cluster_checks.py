@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from cluster_fixtures import Proc, free_port
 from smoke_search import search_argv, search_env
 

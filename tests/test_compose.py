@@ -23,8 +23,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from packaging.requirements import Requirement
-
 from cluster_fixtures import (
     COMPOSE_FILE,
     ROOT,
@@ -39,6 +37,7 @@ from cluster_fixtures import (
     read_env_file,
     read_secrets,
 )
+from packaging.requirements import Requirement
 
 RAY_NODES = ("ray-head", "ray-worker", "ray-worker-gpu")
 RAY_PROCESSES = (*RAY_NODES, "driver")
@@ -216,7 +215,7 @@ def test_rotate_refuses_an_unknown_secret_and_a_stopped_stack(tmp_path):
         ["bash", script, "--rotate", "ray_auth_token,nope", str(tmp_path)], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "error: --rotate nope: not a secret that can be rotated (ray_auth_token mlflow_flask_secret_key postgres_password "
+        "error: --rotate nope: not a secret that can be rotated (ray_auth_token mlflow_flask_secret_key postgres_password "  # noqa: E501
         "mlflow_pgpass optuna_pgpass optuna_reader_pgpass mlflow_credentials mlflow_admin_password, or all)"
     ]
     if shutil.which("docker") or shutil.which("docker-compose"):  # no stack runs in this folder
@@ -272,7 +271,7 @@ def test_secrets_are_files_never_values(raw, services):
     for line in text.splitlines():
         assert not re.search(r"(?i)(token|password)\s*[:=]\s*['\"]?[A-Za-z0-9+/]{12,}", line), line
     assert {Path(spec["file"]).parent.as_posix() for spec in raw["secrets"].values()} == {"secrets"}
-    for name, value in read_env_file(ROOT / ".env.example").items():
+    for name in read_env_file(ROOT / ".env.example"):
         assert not re.search(r"TOKEN|PASSWORD|SECRET", name), f".env.example holds {name}: secrets are files"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".env" in ignored and "secrets" in ignored and "backups" in ignored

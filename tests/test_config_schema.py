@@ -9,8 +9,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from smoke_search import search_argv
+
 from tune.config.loading import PROFILES_DIR, STUDIES_DIR
 from tune.config.study import schema
 
@@ -83,8 +83,8 @@ def test_the_schema_and_the_loader_reject_broken_files(tmp_path, kind, path, dot
     errors = list(validator(kind).iter_errors(data))
     assert errors, f"the schema accepts {dotted}={value!r}"
     # and the loader, with one line that names the key
-    from tune.errors import ConfigError
     from tune.config.loading import load_profile, load_study
+    from tune.errors import ConfigError
 
     target = tmp_path / path.name
     target.write_text(yaml.safe_dump(data))

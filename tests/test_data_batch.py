@@ -7,9 +7,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import PLACES_LT_SPLITS, needs_places_lt_splits
 from torchvision.transforms import v2
 
-from conftest import PLACES_LT_SPLITS, needs_places_lt_splits
 from lpt_core.data import (
     BatchTransform,
     EncodedBatch,

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from cluster_fixtures import free_port
+
 from lpt_core.data import DownloadError, build_dataset, long_tail_counts, val_test_overlap
 from lpt_core.data import cifar as cifar_module
 from lpt_core.data.spec_counts import cifar_counts, data_summary

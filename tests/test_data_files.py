@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PLACES_LT_SPLITS, needs_places_lt_splits
 from PIL import Image
 
-from conftest import PLACES_LT_SPLITS, needs_places_lt_splits
 from lpt_core.data import EncodedBatch, build_dataset, long_tail_counts, manifest_hash, val_test_overlap
 from lpt_core.data.files import read_list
 from lpt_core.data.spec_counts import data_summary
@@ -232,7 +232,7 @@ def inat_tree(tmp_path, train_counts, val_counts):
         (900 + k, f"train_val2018/{c}/v{k}.jpg", c)
         for k, c in enumerate(c for c, n in zip((10, 20, 30), val_counts) for _ in range(n))
     ]
-    for i, f, c in train + val:
+    for _i, f, c in train + val:
         write_image(tmp_path / f, c // 10 - 1)
     write_coco(tmp_path / "train2018.json", train, cats)
     write_coco(tmp_path / "val2018.json", val, cats)

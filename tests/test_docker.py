@@ -46,7 +46,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from cluster_fixtures import (
     COMPOSE_FILE,
     DASHBOARD_TOKEN_EXPECTED,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from cluster_fixtures import Proc, free_port, wait_http
-from smoke_search import TRIALS as SMOKE_TRIALS, runs_of, search_env
+from smoke_search import TRIALS as SMOKE_TRIALS
+from smoke_search import runs_of, search_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

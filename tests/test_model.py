@@ -4,8 +4,8 @@ initial values come from ``init_seed`` alone, per component."""
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import tiny_backbone
+
 from lpt_core import LPT, LPTConfig, PhaseConfig, Trainer, build_backbone
 from lpt_core.flops import count_flops
 from lpt_core.reference import plain_forward

@@ -27,17 +27,16 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
-
 from smoke_search import search_env
 
 from lpt_core import LPT, build_backbone_from_spec, save_prompts
 from lpt_core.data import build_dataset
 from lpt_core.inference import build_classifier, png_bytes, raw_split
 from lpt_core.trainer import evaluate
-from tune.serving import model as lpt_model
 from tune import tracking as mt
-from tune.serving.registry import MODEL_URI_TAG, NothingToRegister, register_best, register_finished_search
 from tune.config.study import ProfileConfig
+from tune.serving import model as lpt_model
+from tune.serving.registry import MODEL_URI_TAG, NothingToRegister, register_best, register_finished_search
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT = ROOT / "tune" / "predict.py"

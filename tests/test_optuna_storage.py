@@ -13,9 +13,9 @@ import time
 import optuna
 import pytest
 import sqlalchemy
+from cluster_fixtures import Postgres, postgres_unavailable
 from optuna.trial import TrialState
 
-from cluster_fixtures import Postgres, postgres_unavailable
 from tune.engine import optuna_storage
 from tune.engine.optuna_storage import RetryingRDBStorage, open_storage, search_study, unreachable
 

@@ -14,7 +14,6 @@ import pytest
 from lpt_core.config import PhaseConfig
 from tune.phase1.cache import LOCK, PROMPTS, STATE, TAKEOVER, Phase1Cache
 
-
 # A waiter's stale limit far above the owner's heartbeat, so that a loaded machine (a thread not
 # scheduled for a while) cannot make a live owner look dead
 STALE_S, BEAT_S = 3.0, 0.1

@@ -1,5 +1,6 @@
-"""Figures and reports (tune/trial/report.py, tune/reports/search.py, tune/report.py): fast tests on small fabricated searches with
-real arrays, tables and a real MLflow store; one slow test on the session's finished smoke search (conftest.py)."""
+"""Figures and reports (tune/trial/report.py, tune/reports/search.py, tune/report.py): fast
+tests on small fabricated searches with real arrays, tables and a real MLflow store; one slow
+test on the session's finished smoke search (conftest.py)."""
 
 import csv
 import json
@@ -15,13 +16,14 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from smoke_search import TRIALS as SMOKE_TRIALS
+from smoke_search import runs_of, search_env
 
-from smoke_search import TRIALS as SMOKE_TRIALS, runs_of, search_env
-
+from tune import report as report_cli
 from tune import tracking as mt
 from tune.reports import search as search_report
+from tune.trial import diagnostics
 from tune.trial import report as trial_report
-from tune import report as report_cli
 from tune.trial.table import trial_row, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,18 +75,18 @@ def test_shot_confusion_and_usage_entropy_by_hand():
     counts = [300, 150, 60, 30, 10, 5]  # many, many, medium, medium, few, few
     labels = [0, 0, 1, 2, 3, 4, 5, 5]
     preds = [0, 4, 1, 0, 3, 5, 2, 5]
-    m = trial_report.shot_confusion(preds, labels, counts)
+    m = diagnostics.shot_confusion(preds, labels, counts)
     assert m.tolist() == [
         [2, 0, 1],  # many: 0->0, 0->4 (few), 1->1
         [1, 1, 0],  # medium: 2->0 (many), 3->3
         [0, 1, 2],
     ]  # few: 4->5, 5->2 (medium), 5->5
-    usage = trial_report.prompt_usage([0, 1, 1], [[0, 1], [1, 2], [1, 3]], 2, 4)
+    usage = diagnostics.prompt_usage([0, 1, 1], [[0, 1], [1, 2], [1, 3]], 2, 4)
     assert usage.tolist() == [[1, 1, 0, 0], [0, 2, 1, 1]]
-    assert trial_report.usage_entropy(np.ones((3, 8))) == pytest.approx(1.0)
-    assert trial_report.usage_entropy([[0, 5, 0, 0], [0, 7, 0, 0]]) == 0.0
-    assert trial_report.usage_entropy([[4]]) == 0.0
-    half = trial_report.usage_entropy([[1, 1, 0, 0]])  # two of four prompts used equally
+    assert diagnostics.usage_entropy(np.ones((3, 8))) == pytest.approx(1.0)
+    assert diagnostics.usage_entropy([[0, 5, 0, 0], [0, 7, 0, 0]]) == 0.0
+    assert diagnostics.usage_entropy([[4]]) == 0.0
+    half = diagnostics.usage_entropy([[1, 1, 0, 0]])  # two of four prompts used equally
     assert half == pytest.approx(0.5)
 
 
@@ -125,7 +127,7 @@ def test_trial_figures_are_valid_pngs_with_their_numbers(tmp_path):
     assert 0 < numbers["prompt_usage_entropy"] < 1
     # no phase-1 metrics (a phase-1 run that is gone) and an empty group: still drawn
     png_size(
-        trial_report.plot_shot_bars(
+        diagnostics.plot_shot_bars(
             {"acc": 50.0, "many_acc": 60.0, "medium_acc": math.nan, "few_acc": 20.0}, None, tmp_path / "no_phase1.png"
         )
     )
@@ -210,7 +212,7 @@ def test_log_trial_report_logs_figures_and_entropy(store, backbone):
     assert diag["prompt_usage"] == ref["prompt_usage"].tolist()
     assert diag["prompt_usage_per_prompt"] == ref["prompt_usage"].sum(0).tolist()
     assert np.sum(diag["shot_confusion"]) == len(synthetic_data.val) == 60
-    assert diag["prompt_usage_entropy"] == pytest.approx(trial_report.usage_entropy(ref["prompt_usage"].numpy()))
+    assert diag["prompt_usage_entropy"] == pytest.approx(diagnostics.usage_entropy(ref["prompt_usage"].numpy()))
 
     # a broken trainer costs the figures, not the trial
     bad = client.create_run(exp).info.run_id

@@ -10,7 +10,6 @@ import re
 
 import pyarrow.parquet as pq
 import pytest
-
 from smoke_search import run_search, runs_of
 
 pytestmark = pytest.mark.slow

@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 import yaml
-
 from cluster_fixtures import free_port
 from smoke_search import search_argv
+
 from tune.search import main
 
 GOOD_STUDY = {

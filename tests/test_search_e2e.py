@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from mlflow import MlflowClient
+from smoke_search import TRIALS as SMOKE_TRIALS
+from smoke_search import run_search, runs_of, search_argv, search_env
 
 from tune.config.loading import load_profile
 from tune.config.validation import binomial_se
-
-from smoke_search import TRIALS as SMOKE_TRIALS, run_search, runs_of, search_argv, search_env
 
 pytestmark = pytest.mark.slow
 SMOKE_LENGTH = load_profile("smoke")[1]["model"]["prompt_length"]  # its one phase 1

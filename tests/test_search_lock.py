@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import ray
 
-from tune.record import save_record
 from tune.config.plan import Plan
-from tune.search import main, parse_args
 from tune.engine.search_lock import SearchLock, SearchRunning
+from tune.record import save_record
+from tune.search import main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = (

@@ -10,9 +10,9 @@ import subprocess
 import time
 
 import yaml
-
 from cluster_fixtures import free_port
 from smoke_search import search_argv, search_env
+
 from tune.config.loading import PROFILES_DIR
 
 

@@ -13,10 +13,9 @@ import optuna
 import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
+from smoke_search import run_search, runs_of, search_argv, search_env
 
 from tune.config.loading import load_profile
-
-from smoke_search import run_search, runs_of, search_argv, search_env
 
 pytestmark = pytest.mark.slow
 SMOKE_LENGTH = load_profile("smoke")[1]["model"]["prompt_length"]  # its one phase 1
@@ -175,8 +174,8 @@ def test_ctrl_c_during_phase1_up_front_then_resume(tmp_path):
 
 def test_a_trial_error_carries_its_own_message(tmp_path):
     """A corrupt phase-1 cache entry makes every trial raise: the real message, not a placeholder."""
-    from tune.phase1.cache import PROMPTS
     from tune.config.plan import Plan
+    from tune.phase1.cache import PROMPTS
     from tune.search import parse_args
     from tune.trial.trainable import profile_phase1_key
 

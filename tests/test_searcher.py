@@ -12,16 +12,16 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from lpt_core.config import PhaseConfig
+from tune.config.loading import load_profile, load_study
+from tune.config.samplers import describe_sampler, make_sampler, sampler_settings, startup_trials
+from tune.config.search_space import baseline_config, check_baseline
+from tune.engine.optuna_storage import open_storage, search_study, storage_url
+from tune.engine.searcher import BASELINE, enqueue_baseline, make_scheduler, make_searcher
 from tune.engine.tuner import pareto
 from tune.engine.wrap_up import stale_confirmation
-from tune.engine.optuna_storage import open_storage, search_study, storage_url
-from tune.config.samplers import describe_sampler, make_sampler, sampler_settings, startup_trials
-from tune.search import main, parse_args
-from tune.config.search_space import baseline_config, check_baseline
-from tune.names import OPTUNA_TRIAL_ID as TUNE_TRIAL_ID
-from tune.engine.searcher import BASELINE, enqueue_baseline, make_scheduler, make_searcher
 from tune.errors import ConfigError
-from tune.config.loading import load_profile, load_study
+from tune.names import OPTUNA_TRIAL_ID as TUNE_TRIAL_ID
+from tune.search import main, parse_args
 
 EPOCHS = 4
 SMOKE_PHASE2 = PhaseConfig(epochs=EPOCHS, warmup="step")  # the smoke profile's: ASHA may judge at epoch 1
@@ -169,6 +169,7 @@ def stand_in(config: dict) -> None:
 @pytest.fixture(scope="module")
 def local_ray():
     import sys
+
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module

@@ -7,18 +7,17 @@ import math
 import pytest
 import yaml
 from ray.tune.schedulers import FIFOScheduler
-
-from lpt_core.config import PhaseConfig
-from tune.engine.baseline_gain import validation_gain
-from tune.config.early_stopping import describe, grace_epochs
-from tune.search import main
-from tune.engine.searcher import make_scheduler
-from tune.errors import ConfigError
-from tune.config.loading import load_study
-from tune.config.validation import binomial_se
-
 from test_data_cifar import shuffled_labels, write_cifar10, write_cifar100
 from test_data_files import write_list
+
+from lpt_core.config import PhaseConfig
+from tune.config.early_stopping import describe, grace_epochs
+from tune.config.loading import load_study
+from tune.config.validation import binomial_se
+from tune.engine.baseline_gain import validation_gain
+from tune.engine.searcher import make_scheduler
+from tune.errors import ConfigError
+from tune.search import main
 
 RELEASED = PhaseConfig()  # 90 epochs, 1 warm-up epoch stepped per epoch
 SMOKE = PhaseConfig(epochs=4, warmup="step")  # the smoke profile's phase 2

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_backbone
+
 from lpt_core import LPT, PhaseConfig, Trainer, evaluate
 from lpt_core.losses import AsymmetricGCL
 from lpt_core.metrics import shot_accuracy

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_backbone
+
 from lpt_core import LPT, PhaseConfig, Trainer
 from lpt_core.data import build_dataset
 from lpt_core.losses import AsymmetricGCL

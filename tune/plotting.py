@@ -4,8 +4,8 @@ report could not be made (as a log line and the run's tag ``lpt.report_error``).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from tune import tracking as mt
 from tune.names import REPORT_ERROR

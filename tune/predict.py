@@ -56,8 +56,8 @@ def load_classifier(uri: str, weights: str | None, device: str):
     """The LPT classifier of an MLflow model URI, loaded through its pyfunc flavour (never unpickled)."""
     from mlflow.exceptions import MlflowException
 
-    from tune.serving.model import load_model
     from tune.errors import error_line
+    from tune.serving.model import load_model
 
     try:
         model = load_model(uri, model_config={"weights": weights or "", "device": device})
@@ -87,8 +87,8 @@ def split_data(args, classifier):
     """The dataset of ``--split`` (the model's own data spec, or ``--profile``'s), the split and
     how its shot groups are counted."""
     from lpt_core.data import build_dataset
-    from tune.errors import ConfigError
     from tune.config.loading import load_profile
+    from tune.errors import ConfigError
 
     if args.profile:
         try:

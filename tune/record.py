@@ -1,4 +1,5 @@
-"""The search record (``search.json`` in a search folder): its one writer and reader, read by the engine, the reports and serving."""
+"""The search record (``search.json`` in a search folder): its one writer and reader, read by the
+engine, the reports and serving."""
 
 from __future__ import annotations
 
@@ -6,9 +7,7 @@ import json
 import os
 from pathlib import Path
 
-
 from tune.names import SEARCH_FILE
-
 
 RUNNING, INTERRUPTED_STATE, FINISHED = "running", "interrupted", "finished"  # search.json's "state"
 

@@ -48,8 +48,8 @@ def find_parent(client, study: str, run_id: str | None):
     """The parent run of the search to report on."""
     from mlflow.exceptions import MlflowException
 
-    from tune import tracking as mt
     from tune import names
+    from tune import tracking as mt
 
     exp = client.get_experiment_by_name(study)
     if exp is None:
@@ -101,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from mlflow import MlflowClient
 
-    from tune import tracking as mt
     from tune import names
-    from tune.reports.search import search_report
+    from tune import tracking as mt
     from tune.errors import error_line
+    from tune.reports.search import search_report
 
     study = Path(args.study).stem if args.study.endswith((".yaml", ".yml")) else args.study
     try:

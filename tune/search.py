@@ -18,10 +18,9 @@ from pathlib import Path
 if not __package__:  # run as a script from anywhere: the repository root instead of tune/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from tune.errors import ConfigError  # noqa: E402
-
 from tune._cli import EXIT_BAD_INPUT, EXIT_FAILED, fail  # noqa: E402
 from tune.config.plan import Plan
+from tune.errors import ConfigError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,8 +14,8 @@ from .filesets import build_image_folder, build_inat, build_list_dataset
 from .manifest import build_manifest, manifest_hash, val_test_overlap, write_manifest
 from .profile import long_tail_counts
 from .specs import CommonSpec, DataSpec, parse_spec
-from .transforms import RELEASED, InputConfig
 from .synthetic import build_synthetic
+from .transforms import RELEASED, InputConfig
 
 BUILDERS = {
     "synthetic": build_synthetic,

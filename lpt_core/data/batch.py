@@ -31,7 +31,7 @@ class EncodedBatch:
         self.buffer, self.offsets, self.paths, self.device = buffer, offsets, paths, torch.device(device)
 
     @classmethod
-    def pack(cls, data: list[torch.Tensor], paths: list[str]) -> "EncodedBatch":
+    def pack(cls, data: list[torch.Tensor], paths: list[str]) -> EncodedBatch:
         offsets = [0]
         for d in data:
             offsets.append(offsets[-1] + d.numel())
@@ -48,10 +48,10 @@ class EncodedBatch:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def to(self, device, non_blocking: bool = False) -> "EncodedBatch":
+    def to(self, device, non_blocking: bool = False) -> EncodedBatch:
         return EncodedBatch(self.buffer, self.offsets, self.paths, device)
 
-    def pin_memory(self, device=None) -> "EncodedBatch":
+    def pin_memory(self, device=None) -> EncodedBatch:
         return self
 
     def decode(self) -> list[torch.Tensor]:

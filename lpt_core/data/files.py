@@ -51,7 +51,7 @@ class Entries:
     def where(self, i: int) -> str:
         return f"{self.source}:{self.lines[i]}" if self.lines else self.source
 
-    def subset(self, idx) -> "Entries":
+    def subset(self, idx) -> Entries:
         pick = lambda xs: [xs[i] for i in idx]
         return Entries(
             pick(self.paths), pick(self.labels), pick(self.ids), self.source, pick(self.lines) if self.lines else None

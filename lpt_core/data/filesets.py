@@ -1,6 +1,6 @@
 """Datasets of image files: Places-LT / ImageNet-LT (split lists), iNaturalist 2018 (COCO-style
-JSON) and a folder of class sub-folders, each from its typed spec (``specs``). ``gpu_decode: true`` yields encoded bytes that
-``BatchTransform`` decodes on the device (see ``common.assemble``)."""
+JSON) and a folder of class sub-folders, each from its typed spec (``specs``). ``gpu_decode: true``
+yields encoded bytes that ``BatchTransform`` decodes on the device (see ``common.assemble``)."""
 
 from __future__ import annotations
 

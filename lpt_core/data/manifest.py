@@ -35,7 +35,7 @@ def _split(data: LTData, split: str):
     return (list(range(len(labels))) if ids is None else ids), getattr(ds, "paths", None), labels, ds
 
 
-def build_manifest(data: LTData) -> "pyarrow.Table":
+def build_manifest(data: LTData) -> pyarrow.Table:
     import pyarrow as pa  # lazily: lpt_core itself needs only torch
 
     cols = {"split": [], "index": [], "path": [], "label": []}

@@ -48,7 +48,7 @@ class DataSummary:
     class_names: list[str] | None = None
 
     @classmethod
-    def of(cls, data: LTData, images_here: bool = True, missing: list[str] | None = None) -> "DataSummary":
+    def of(cls, data: LTData, images_here: bool = True, missing: list[str] | None = None) -> DataSummary:
         val = [0] * data.num_classes
         for label in data.val.labels:
             val[int(label)] += 1

@@ -90,7 +90,7 @@ class ImageFolderSpec(CommonSpec):
 
 
 SPECS = (SyntheticSpec, CifarSpec, ListSpec, InatSpec, ImageFolderSpec)
-DataSpec = Annotated[Union[SPECS], Field(discriminator="name")]
+DataSpec = Annotated[Union[SPECS], Field(discriminator="name")]  # noqa: UP007 (a Union of the tuple SPECS)
 _ADAPTER = TypeAdapter(DataSpec)
 
 

@@ -13,7 +13,7 @@ those numbers; its defaults are the released LPT code's (mean 0.5 / std 0.5, bil
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -59,11 +59,11 @@ class InputConfig(Section):
 class InputOverrides(Section):
     """A profile's ``input`` section: any of ``InputConfig``'s keys, over the backbone's."""
 
-    mean: Optional[Triple] = None
-    std: Optional[PositiveTriple] = None
-    interpolation: Optional[Interpolation] = None
-    crop_pct: Optional[float] = Field(None, gt=0, le=1)
-    eval_resize: Optional[EvalResize] = None
+    mean: Triple | None = None
+    std: PositiveTriple | None = None
+    interpolation: Interpolation | None = None
+    crop_pct: float | None = Field(None, gt=0, le=1)
+    eval_resize: EvalResize | None = None
 
 
 RELEASED = InputConfig()  # the released LPT code's input pipeline

@@ -12,7 +12,8 @@ spent (``stop``). A trial the budget kept from starting is no trial at all: no r
 
 ``SpendLedger`` does the accounting from the search folder (``search.json``, ``trials.parquet``)
 and the results Tune reports; ``tune.engine.budget_gate`` holds the Ray Tune pieces built on it. The dry
-run's lines (``plan_lines``) use ASHA's rungs (``early_stopping.asha_rungs``) for the count ASHA's early stops let it pay for.
+run's lines (``plan_lines``) use ASHA's rungs (``early_stopping.asha_rungs``) for the count ASHA's
+early stops let it pay for.
 This module imports no Ray: a dry run checks and describes a budget without it.
 """
 
@@ -20,10 +21,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from lpt_core.config import PhaseConfig
-
 from tune.config.early_stopping import asha_rungs, grace_epochs
 from tune.errors import ConfigError
 
@@ -52,7 +51,7 @@ class BudgetLimit:
     on_exhausted: str  # finish | stop
 
     @classmethod
-    def of(cls, budget: dict) -> Optional["BudgetLimit"]:
+    def of(cls, budget: dict) -> BudgetLimit | None:
         """The limit of a study's ``budget`` section; None without one."""
         for measure in MEASURES:
             if budget.get(measure) is not None:

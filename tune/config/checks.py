@@ -1,13 +1,12 @@
-"""Checks of the environment a search runs in, made before anything starts: the Optuna storage URL and a registered model's name."""
+"""Checks of the environment a search runs in, made before anything starts: the Optuna storage URL and
+a registered model's name."""
 
 from __future__ import annotations
 
 import os
 import re
 
-
 from tune.errors import ConfigError
-
 
 OPTUNA_STORAGE_ENV = "LPT_OPTUNA_STORAGE"  # the searches' Optuna storage (a database URL)
 

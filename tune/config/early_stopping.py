@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 from lpt_core.config import PhaseConfig
-
 from tune.errors import ConfigError
 
 AUTO_FRACTION = 0.1  # auto: the first rung at least a tenth of the schedule (9 of 90 epochs)

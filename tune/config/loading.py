@@ -1,4 +1,5 @@
-"""Loading a study or a profile: YAML files by name, ``--set`` overrides, and the checks of the typed models (one line naming the field on bad input)."""
+"""Loading a study or a profile: YAML files by name, ``--set`` overrides, and the checks of the typed
+models (one line naming the field on bad input)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,8 @@ from typing import Any
 import yaml
 
 from lpt_core.config import Section, validate
+from tune.config.study import Objective, ProfileConfig, StudyConfig
 from tune.errors import ConfigError
-from tune.config.study import Objective
-from tune.config.study import ProfileConfig
-from tune.config.study import StudyConfig
-
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,10 +1,12 @@
-"""The plan of a search: the study and profile loaded and checked, the data and backbone described, everything settled before Ray starts (no Ray, no MLflow)."""
+"""The plan of a search: the study and profile loaded and checked, the data and backbone described,
+everything settled before Ray starts (no Ray, no MLflow)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 from pathlib import Path
+
 from lpt_core.trainer import PhaseConfig
 from tune.errors import ConfigError
 from tune.names import PHASE1_CACHE
@@ -18,9 +20,9 @@ class Plan:
         from lpt_core.data.spec_counts import DataSummary, data_summary
         from tune.config.budget import check_budget, given_budget
         from tune.config.checks import check_storage_env
-        from tune.config.search_space import baseline_config, check_baseline, check_prompt_lengths, check_space
         from tune.config.early_stopping import grace_epochs
         from tune.config.loading import load_profile, load_study, objective_of, profile_data, split_overrides
+        from tune.config.search_space import baseline_config, check_baseline, check_prompt_lengths, check_space
         from tune.config.validation import check_disjoint, check_objectives
 
         self.dry_run = args.dry_run
@@ -83,11 +85,10 @@ class Plan:
             raise ConfigError(f"--storage {args.storage}: give a folder on a filesystem every node mounts")
 
     def describe(self) -> str:
-        from tune.config import early_stopping
-        from tune.config import validation
+        from tune.config import early_stopping, validation
+        from tune.config.loading import objective_of
         from tune.config.samplers import describe_sampler, sampler_settings
         from tune.config.search_space import describe, prompt_lengths
-        from tune.config.loading import objective_of
 
         b, r = self.study["budget"], self.profile["resources"]
         lengths = prompt_lengths(self.study["space"], self.profile["model"]["prompt_length"])

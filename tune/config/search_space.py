@@ -45,7 +45,7 @@ def check_space(space: dict, model_defaults: dict, depth: int, where: str) -> No
             raise ConfigError(f"{where}: space.top_k: low {min(values)} exceeds the smallest pool_size {min_pool}")
         if name == "top_k" and spec["type"] == "choice" and max(values) > min_pool:
             raise ConfigError(
-                f"{where}: space.top_k.values: {max(values)} exceeds the smallest pool_size {min_pool}; use an int range"
+                f"{where}: space.top_k.values: {max(values)} exceeds the smallest pool_size {min_pool}; use an int range"  # noqa: E501
             )
     if "top_k" not in space and model_defaults["top_k"] > min_pool:
         raise ConfigError(f"{where}: model.top_k: {model_defaults['top_k']} exceeds the smallest pool_size {min_pool}")

@@ -11,7 +11,7 @@ is a ``ConfigError`` whose one-line message names the file and key.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -48,7 +48,7 @@ class Resources(Section):
     gpu: float = Field(0, ge=0, description="GPUs per trial: a fraction below 1 (trials share a GPU) or a whole number")
 
     @model_validator(mode="after")
-    def _gpu_share(self) -> "Resources":
+    def _gpu_share(self) -> Resources:
         if self.gpu > 1 and self.gpu != int(self.gpu):
             raise _error(
                 "gpu",
@@ -66,13 +66,13 @@ class Loader(Section):
 class ProfileConfig(Section):
     """What a study trains on and how: data, backbone, model shape, both phases' recipes, devices."""
 
-    description: Optional[str] = None
+    description: str | None = None
     data: DataSpec
     backbone: BackboneSpec
     model: LPTConfig = LPTConfig()
     phase1: PhaseConfig = PhaseConfig()
     phase2: PhaseConfig = PhaseConfig()
-    input: Optional[InputOverrides] = Field(
+    input: InputOverrides | None = Field(
         None,
         description="override the input pipeline the backbone's "
         "pretrained config gives (mean, std, interpolation, crop_pct)",
@@ -81,14 +81,12 @@ class ProfileConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     shot_split: Literal[SHOT_SPLITS] = "standard"
-    images_per_s: Optional[float] = Field(
-        None, gt=0, description="training img/s of one trial, for --dry-run's GPU-hours"
-    )
+    images_per_s: float | None = Field(None, gt=0, description="training img/s of one trial, for --dry-run's GPU-hours")
     resources: Resources = Resources()
     loader: Loader = Loader()
 
     @model_validator(mode="after")
-    def _cuda_needs_a_gpu(self) -> "ProfileConfig":
+    def _cuda_needs_a_gpu(self) -> ProfileConfig:
         if self.device == "cuda" and self.resources.gpu == 0:
             raise PydanticCustomError(
                 "config",
@@ -107,13 +105,13 @@ class ProfileConfig(Section):
 class Objective(Section):
     metric: Literal[OBJECTIVE_METRICS] = "val_acc"
     mode: Literal["max", "min"] = "max"
-    metrics: Optional[list[Literal[OBJECTIVE_METRICS]]] = Field(
+    metrics: list[Literal[OBJECTIVE_METRICS]] | None = Field(
         None, min_length=2, description="several objectives (Pareto front)"
     )
-    modes: Optional[list[Literal["max", "min"]]] = None
+    modes: list[Literal["max", "min"]] | None = None
 
     @model_validator(mode="after")
-    def _one_mode_per_metric(self) -> "Objective":
+    def _one_mode_per_metric(self) -> Objective:
         if self.metrics is not None and len(self.modes or []) != len(self.metrics):
             raise _error("modes", "must give one mode per metric")
         return self
@@ -123,13 +121,13 @@ class Budget(Section):
     trials: int = Field(12, ge=1)
     concurrency: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
-    gpu_hours: Optional[float] = Field(
+    gpu_hours: float | None = Field(
         None,
         gt=0,
         description="GPU-hours the search may spend (trials' wall time x resources.gpu, phase 1 up "
         "front included); no new trial starts past it (tune.config.budget)",
     )
-    cpu_hours: Optional[float] = Field(
+    cpu_hours: float | None = Field(
         None, gt=0, description="the same in CPU-core-hours (wall time x resources.cpu), e.g. for CPU-only trials"
     )
     on_exhausted: Literal["finish", "stop"] = Field(
@@ -137,13 +135,13 @@ class Budget(Section):
     )
 
     @model_validator(mode="after")
-    def _one_measure(self) -> "Budget":
+    def _one_measure(self) -> Budget:
         if self.gpu_hours is not None and self.cpu_hours is not None:
             raise _error("cpu_hours", "give gpu_hours or cpu_hours, not both")
         return self
 
 
-GracePeriod = Union[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0, lt=1)], Literal["auto"]]
+GracePeriod = Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, lt=1)] | Literal["auto"]
 
 
 class EarlyStopping(Section):
@@ -175,7 +173,7 @@ class _Range(Section):
     log: bool = False
 
     @model_validator(mode="after")
-    def _ordered(self) -> "_Range":
+    def _ordered(self) -> _Range:
         if self.low > self.high:
             raise _error("low", "must be <= high ({low} > {high})", low=self.low, high=self.high)
         if self.log and self.low <= 0:
@@ -185,12 +183,12 @@ class _Range(Section):
 
 class _IntRange(_Range):
     type: Literal["int"]
-    step: Optional[int] = Field(None, ge=1)
+    step: int | None = Field(None, ge=1)
 
 
 class _FloatRange(_Range):
     type: Literal["float"]
-    step: Optional[float] = Field(None, gt=0)
+    step: float | None = Field(None, gt=0)
 
 
 class _Choice(Section):
@@ -207,7 +205,7 @@ def _param_spec(name: str) -> Any:
         f"{name}_range", __base__=_IntRange if is_int else _FloatRange, low=(value, ...), high=(value, ...)
     )
     choice = create_model(f"{name}_choice", __base__=_Choice, values=(list[value], Field(min_length=1)))
-    return Annotated[Union[ranged, choice], Field(discriminator="type", description=field.description)]
+    return Annotated[ranged | choice, Field(discriminator="type", description=field.description)]
 
 
 class _SpaceBase(Section):
@@ -234,7 +232,7 @@ class _SpaceBase(Section):
         return data
 
 
-Space = create_model("Space", __base__=_SpaceBase, **{name: (Optional[_param_spec(name)], None) for name in SEARCHABLE})
+Space = create_model("Space", __base__=_SpaceBase, **{name: (_param_spec(name) | None, None) for name in SEARCHABLE})
 
 
 SAMPLERS = ("tpe", "random", "gp", "cmaes")
@@ -245,24 +243,24 @@ class Sampler(Section):
     """The Optuna sampler; unset keys are sized to the search (``tune.config.samplers``)."""
 
     type: Literal[SAMPLERS] = Field("tpe", description="tpe, random, gp (Gaussian process) or cmaes")
-    n_startup_trials: Optional[int] = Field(
+    n_startup_trials: int | None = Field(
         None,
         ge=0,
         description="random trials before the model takes over (default: a third of the budget, "
         "at least 2, at most 10); not for random",
     )
-    multivariate: Optional[bool] = Field(None, description="tpe: sample parameters jointly (default: true)")
-    group: Optional[bool] = Field(
+    multivariate: bool | None = Field(None, description="tpe: sample parameters jointly (default: true)")
+    group: bool | None = Field(
         None,
         description="tpe: multivariate per group of parameters that occur together "
         "(default: true where one parameter's range depends on another)",
     )
-    constant_liar: Optional[bool] = Field(
+    constant_liar: bool | None = Field(
         None, description="tpe: treat running trials as bad so that concurrent trials spread out (default: true)"
     )
 
     @model_validator(mode="after")
-    def _keys_of_its_type(self) -> "Sampler":
+    def _keys_of_its_type(self) -> Sampler:
         for key in TPE_ONLY:
             if getattr(self, key) is not None and self.type != "tpe":
                 raise _error(key, "only for type tpe, not {type}", type=self.type)
@@ -284,7 +282,7 @@ class Baseline(Section):
 class StudyConfig(Section):
     """What to search, what to optimise, how many trials, how to stop bad ones early."""
 
-    description: Optional[str] = None
+    description: str | None = None
     objective: Objective = Objective()
     budget: Budget = Budget()
     early_stopping: EarlyStopping = EarlyStopping()
@@ -294,7 +292,7 @@ class StudyConfig(Section):
     space: Space = Field(description="parameter: {type: int|float, low, high[, step, log]} or {type: choice, values}")
 
     @model_validator(mode="after")
-    def _sampler_fits_the_objective(self) -> "StudyConfig":
+    def _sampler_fits_the_objective(self) -> StudyConfig:
         if self.sampler.type == "cmaes" and self.objective.metrics is not None:
             raise _error(
                 "sampler.type",

@@ -15,7 +15,6 @@ import math
 
 from lpt_core.data import val_test_overlap
 from lpt_core.metrics import FEW_AT_MOST, MANY_ABOVE, shot_groups
-
 from tune.errors import ConfigError
 
 SE_METRIC, SIZE_METRIC = "val_acc_se", "val_images"  # parent-run metrics next to best_val_acc

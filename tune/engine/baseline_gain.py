@@ -13,10 +13,9 @@ import math
 import statistics
 
 from tune.config.study import SHOT_KEYS
-from tune.trial.table import COMPLETED
 from tune.config.validation import SE_METRIC, binomial_se
-from tune.reports.lines import shots
-from tune.reports.lines import with_se
+from tune.reports.lines import shots, with_se
+from tune.trial.table import COMPLETED
 
 
 def baseline_row(rows: list[dict]) -> dict | None:

@@ -1,4 +1,5 @@
-"""The cost budget's accounting during a search: what the trials and phase 1 spent (search.json, the trial table), what a resumed search may still spend, and the summary lines."""
+"""The cost budget's accounting during a search: what the trials and phase 1 spent (search.json, the
+trial table), what a resumed search may still spend, and the summary lines."""
 
 from __future__ import annotations
 
@@ -8,17 +9,18 @@ import time
 from pathlib import Path
 
 from lpt_core.config import PhaseConfig
-
-from tune.names import SEARCH_FILE, TABLE_FILE
+from tune.config.budget import (
+    BUDGET_KEYS,
+    MEASURES,
+    PHASE1_TASK_S,
+    TRIAL_ESTIMATE_S,
+    BudgetLimit,
+    fmt,
+    hours_of,
+    measure_of,
+)
 from tune.errors import ConfigError
-from tune.config.budget import BUDGET_KEYS
-from tune.config.budget import BudgetLimit
-from tune.config.budget import MEASURES
-from tune.config.budget import PHASE1_TASK_S
-from tune.config.budget import TRIAL_ESTIMATE_S
-from tune.config.budget import fmt
-from tune.config.budget import hours_of
-from tune.config.budget import measure_of
+from tune.names import SEARCH_FILE, TABLE_FILE
 
 
 # ----------------------------------------------------------------------------- the accounting
@@ -145,7 +147,6 @@ def resumed_budget(study: dict, stored: dict, given: dict) -> None:
     """``--resume`` keeps the search's budget (``stored``: its study's ``budget``) but for the keys
     this command line gives; sets them in ``study``, checked like a study file's."""
     from lpt_core.config import validate
-
     from tune.config.study import Budget
 
     budget = {k: v for k, v in study["budget"].items() if k not in BUDGET_KEYS}

@@ -16,8 +16,8 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from tune.names import SHARED_CHECK
 from tune.errors import ConfigError
+from tune.names import SHARED_CHECK
 
 TIMEOUT_S = 120
 

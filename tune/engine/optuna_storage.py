@@ -23,9 +23,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from tune.names import OPTUNA_FILE
-from tune.errors import ConfigError
 from tune.config.checks import OPTUNA_STORAGE_ENV
+from tune.errors import ConfigError
+from tune.names import OPTUNA_FILE
 
 WAIT_FOR_DATABASE_S = 300  # how long a storage call waits for an unreachable database to come back
 logger = logging.getLogger(__name__)

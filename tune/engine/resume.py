@@ -1,4 +1,5 @@
-"""Resuming a search (``--resume``): find the latest search of a study and profile, refuse one that differs, and say what is left to do (resume, extend, finished)."""
+"""Resuming a search (``--resume``): find the latest search of a study and profile, refuse one that
+differs, and say what is left to do (resume, extend, finished)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,22 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from tune.config import budget as cost
-from tune import tracking as mt
 from tune import names
+from tune import tracking as mt
+from tune.config import budget as cost
+from tune.config.loading import objective_of
+from tune.config.study import StudyConfig
+from tune.engine import budget_ledger as ledger
 from tune.engine.baseline_gain import baseline_row
 from tune.engine.optuna_storage import open_storage, search_study, storage_url
-from tune.reports.study import build_study
-from tune.reports.search import log_search_report
-from tune.errors import ConfigError
-from tune.config.study import StudyConfig
-from tune.config.loading import objective_of
-from tune.names import SEARCH_FILE, TABLE_FILE
-from tune.trial.table import COMPLETED, best_row, read_rows, status_counts
-from tune.engine.wrap_up import confirm
-from tune.record import FINISHED, latest_search
-from tune.record import save_record
 from tune.engine.tuner import search_setup
+from tune.engine.wrap_up import confirm
+from tune.errors import ConfigError
+from tune.names import SEARCH_FILE, TABLE_FILE
+from tune.record import FINISHED, latest_search, save_record
+from tune.reports.search import log_search_report
+from tune.reports.study import build_study
+from tune.trial.table import COMPLETED, best_row, read_rows, status_counts
 
 
 def _plain(value):
@@ -57,11 +58,11 @@ def resume_mode(plan, args, record: dict, folder: Path) -> str:
     diff = first_difference(_plain(record["profile"]), _plain(plan.profile))
     if diff:
         raise ConfigError(f"--resume: profile {diff} in {folder.name}; start a new search without --resume")
-    cost.resumed_budget(plan.study, record["study_config"]["budget"], plan.budget_given)
+    ledger.resumed_budget(plan.study, record["study_config"]["budget"], plan.budget_given)
     stored, wanted = _plain(with_defaults(record["study_config"])), _plain(plan.study)
     budget = stored["budget"]["trials"]
     asked = budget if args.trials is None else args.trials  # the search's own budget unless --trials
-    free = dict.fromkeys(("trials", *cost.BUDGET_KEYS))  # what a resumed search may change (cost.resumed_budget)
+    free = dict.fromkeys(("trials", *cost.BUDGET_KEYS))  # what a resumed search may change (ledger.resumed_budget)
     diff = first_difference(
         {**stored, "budget": {**stored["budget"], **free}}, {**wanted, "budget": {**wanted["budget"], **free}}
     )
@@ -74,7 +75,7 @@ def resume_mode(plan, args, record: dict, folder: Path) -> str:
         )
     plan.study["budget"]["trials"] = asked
     mode = "extend" if asked > budget else "finished" if record.get("state") == FINISHED else "resume"
-    return cost.resume_mode(mode, record, plan.study, folder)
+    return ledger.resume_mode(mode, record, plan.study, folder)
 
 
 def find_resumed(plan, args) -> tuple[Path, dict, str]:
@@ -108,7 +109,7 @@ def keep_optuna_study(plan, client: MlflowClient, folder: Path, record: dict) ->
 def say_finished(plan, folder: Path, record: dict) -> int:
     budget = record["study_config"]["budget"]["trials"]
     counts = status_counts(list(read_rows(folder / TABLE_FILE).values()))
-    ended = cost.finished_line(record, plan.study, folder)
+    ended = ledger.finished_line(record, plan.study, folder)
     print(
         f"{folder.name} is finished: {budget} trials ({counts[COMPLETED]} completed"
         + (f"; {ended}" if ended else "")

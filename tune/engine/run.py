@@ -8,38 +8,26 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import ray
 from mlflow import MlflowClient
-import optuna
 
-from tune.config import budget as cost
-from tune import tracking as mt
 from tune import names
+from tune import tracking as mt
+from tune.config import budget as cost
+from tune.config.loading import objective_of
+from tune.engine import budget_ledger as ledger
 from tune.engine.cluster_checks import check_shared_storage
 from tune.engine.phase1_upfront import train_up_front
+from tune.engine.resume import confirm_finished, find_resumed, keep_optuna_study, say_finished
 from tune.engine.search_lock import SearchLock
 from tune.engine.stop_signals import StopSignals
+from tune.engine.tuner import QUIET_ENV, check_resources, make_tuner, new_search, on_resources, search_setup, start_ray
+from tune.engine.wrap_up import collect_rows, optuna_address, stop_interrupted, ui_address, wrap_up
 from tune.errors import error_line
-from tune.config.loading import objective_of
 from tune.names import TABLE_FILE
-from tune.trial.table import COMPLETED, read_rows
-from tune.engine.tuner import QUIET_ENV
-from tune.engine.tuner import check_resources
-from tune.engine.wrap_up import collect_rows
-from tune.engine.resume import confirm_finished
-from tune.engine.resume import find_resumed
-from tune.engine.resume import keep_optuna_study
-from tune.engine.tuner import make_tuner
-from tune.engine.tuner import new_search
-from tune.engine.tuner import on_resources
-from tune.engine.wrap_up import optuna_address
 from tune.record import FINISHED, INTERRUPTED_STATE, RUNNING, save_record
-from tune.engine.resume import say_finished
-from tune.engine.tuner import search_setup
-from tune.engine.tuner import start_ray
-from tune.engine.wrap_up import stop_interrupted
-from tune.engine.wrap_up import ui_address
-from tune.engine.wrap_up import wrap_up
+from tune.trial.table import COMPLETED, read_rows
 
 
 def run_search(plan, args, uri: str, address: str | None) -> int:
@@ -79,7 +67,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None, loc
     )
     if mode != "new":
         client.update_run(parent_id, status="RUNNING")
-    cost.keep_in_record(record, plan.study, plan.trial_estimate_s())  # --resume may raise the budget
+    ledger.keep_in_record(record, plan.study, plan.trial_estimate_s())  # --resume may raise the budget
     client.set_tag(parent_id, names.BUDGET, cost.budget_tag(plan.study))
     save_record(folder, {**record, "state": RUNNING})
     started = time.time()
@@ -87,7 +75,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None, loc
     with StopSignals() as stop:
         try:
             _, phase1_s = train_up_front(plan, setup, client, on_resources)  # the trials then only read the cache
-            cost.add_phase1(record, phase1_s)
+            ledger.add_phase1(record, phase1_s)
             save_record(folder, {**record, "state": RUNNING})
             if mode == "new" or record.get("state") != FINISHED:  # the last Tune run, new or unfinished
                 grids.append(

@@ -16,8 +16,8 @@ import socket
 import time
 from pathlib import Path
 
-from tune.names import SEARCH_LOCK
 from tune.errors import ConfigError
+from tune.names import SEARCH_LOCK
 
 
 class SearchRunning(ConfigError):
@@ -52,7 +52,7 @@ class SearchLock:
             os.close(self._fd)  # closing the file drops its flock
             self._fd = None
 
-    def __enter__(self) -> "SearchLock":
+    def __enter__(self) -> SearchLock:
         return self
 
     def __exit__(self, *exc) -> None:

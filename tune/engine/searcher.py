@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
 
 import optuna
 from optuna.trial import TrialState
@@ -19,11 +18,10 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from lpt_core.config import PhaseConfig
-
 from tune.config.early_stopping import grace_epochs
-from tune.names import OPTUNA_TRIAL_ID
 from tune.config.samplers import make_sampler
 from tune.config.search_space import DefineByRun
+from tune.names import OPTUNA_TRIAL_ID
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ class LPTOptunaSearch(OptunaSearch):
         self._epochs, self._time_attr = epochs, time_attr
         self._last_step: dict[str, int] = {}  # the last epoch reported to Optuna, by trial
 
-    def suggest(self, trial_id: str) -> Optional[dict]:
+    def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
         if config is not None:
             self._ot_trials[trial_id].set_user_attr(OPTUNA_TRIAL_ID, trial_id)
@@ -54,7 +52,7 @@ class LPTOptunaSearch(OptunaSearch):
             self._ot_trials[trial_id].report(value, step)
             self._last_step[trial_id] = step
 
-    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ended = result and not error and trial_id not in self._completed_trials and not _nan(result, self.metric)
         if not ended:
             return super().on_trial_complete(trial_id, result, error)

@@ -26,7 +26,7 @@ class StopSignals:
         self.in_fit = False
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune still installs its SIGUSR1 stop
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self

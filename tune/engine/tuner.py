@@ -1,4 +1,5 @@
-"""Starting Ray and the Tuner of a search: the new search folder and its parent run, the Tuner (trainable, searcher, scheduler, stoppers), resources."""
+"""Starting Ray and the Tuner of a search: the new search folder and its parent run, the Tuner
+(trainable, searcher, scheduler, stoppers), resources."""
 
 from __future__ import annotations
 
@@ -7,28 +8,27 @@ import os
 import time
 from pathlib import Path
 
+import optuna
 import ray
 import yaml
 from mlflow import MlflowClient
-import optuna
 from ray import tune
 
-from tune.engine import budget_gate as gate
-from tune import tracking as mt
 from tune import names
-from tune.engine.progress import SearchProgress
-from tune.engine.optuna_storage import fail_unfinished, open_storage, search_study
+from tune import tracking as mt
+from tune.config.loading import objective_of
 from tune.config.samplers import describe_sampler, sampler_settings
-from tune.engine.search_lock import SearchLock
 from tune.config.search_space import baseline_config
+from tune.engine import budget_gate as gate
+from tune.engine.optuna_storage import fail_unfinished, open_storage, search_study
+from tune.engine.progress import SearchProgress
+from tune.engine.search_lock import SearchLock
 from tune.engine.searcher import enqueue_baseline, make_scheduler, make_searcher
 from tune.errors import ConfigError
-from tune.config.loading import objective_of
-from tune.trial.trainable import SearchSetup, run_trial
 from tune.names import TABLE_FILE
-from tune.trial.table import TrialTable, read_rows, write_table
 from tune.record import RUNNING, save_record
-
+from tune.trial.table import TrialTable, read_rows, write_table
+from tune.trial.trainable import SearchSetup, run_trial
 
 QUIET_ENV = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # no "View run ..." line per run
 

@@ -1,4 +1,5 @@
-"""After the Tuner: the trial table, test accuracy of the best trial, optional confirmation seeds, the summary, the registered model."""
+"""After the Tuner: the trial table, test accuracy of the best trial, optional confirmation seeds, the
+summary, the registered model."""
 
 from __future__ import annotations
 
@@ -11,17 +12,19 @@ from pathlib import Path
 import ray
 from mlflow import MlflowClient
 
-from tune.config import budget as cost
-from tune import tracking as mt
 from tune import names
-from tune.serving.registry import RegisterError, model_name, register_best
+from tune import tracking as mt
+from tune._cli import EXIT_INTERRUPTED
 from tune.config import validation
-from tune.engine.baseline_gain import baseline_row, confirm_summary, validation_gain
-from tune.reports.lines import with_se
 from tune.config.validation import SE_METRIC, SIZE_METRIC, binomial_se
-from tune.reports.search import log_search_report
-from tune.trial.trainable import SearchSetup, confirm_seed, evaluate_prompts
+from tune.engine import budget_ledger as ledger
+from tune.engine.baseline_gain import baseline_row, confirm_summary, validation_gain
+from tune.engine.tuner import on_resources, pareto
 from tune.names import TABLE_FILE
+from tune.record import INTERRUPTED_STATE, save_record
+from tune.reports.lines import shot_line, with_se
+from tune.reports.search import log_search_report
+from tune.serving.registry import RegisterError, model_name, register_best
 from tune.trial.table import (
     BUDGET_STOPPED,
     COMPLETED,
@@ -36,11 +39,7 @@ from tune.trial.table import (
     trial_row,
     write_table,
 )
-from tune._cli import EXIT_INTERRUPTED
-from tune.engine.tuner import on_resources
-from tune.engine.tuner import pareto
-from tune.record import INTERRUPTED_STATE, save_record
-from tune.reports.lines import shot_line
+from tune.trial.trainable import SearchSetup, confirm_seed, evaluate_prompts
 
 
 def collect_rows(plan, client: MlflowClient, folder: Path, grids: list, interrupted: bool) -> list[dict]:
@@ -85,7 +84,10 @@ def stop_interrupted(
             client.set_terminated(row["mlflow_run_id"], "KILLED")
     write_table(rows, folder / TABLE_FILE)
     mt.log(
-        client, record["parent_run_id"], metrics=cost.search_spent(record, rows), tags={names.INTERRUPTED: signal_name}
+        client,
+        record["parent_run_id"],
+        metrics=ledger.search_spent(record, rows),
+        tags={names.INTERRUPTED: signal_name},
     )
     client.set_terminated(record["parent_run_id"], "KILLED")
     save_record(folder, {**record, "state": INTERRUPTED_STATE})
@@ -142,7 +144,7 @@ def wrap_up(
     val_images = len(plan.data.val)
     summary[SIZE_METRIC] = val_images
     registered = True
-    spend = cost.outcome(record, rows)
+    spend = ledger.outcome(record, rows)
     record["budget_ended"] = spend["ended"]
     summary.update(
         gpu_hours=spend["gpu_hours"],
@@ -157,7 +159,7 @@ def wrap_up(
         f"by ASHA, {counts['failed']} failed"
         + (f", {counts[BUDGET_STOPPED]} stopped by the budget" if counts[BUDGET_STOPPED] else "")
         + f" ({seconds:.0f} s)",
-        *cost.summary_lines(spend),
+        *ledger.summary_lines(spend),
     ]
     lines += [f"  failed {r['trial_id']}: {r['error']}" for r in rows if r["status"] == FAILED][:5]
     lines.append(validation.describe(plan.summary))

@@ -33,12 +33,13 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from lpt_core.checkpoint import unique_tmp
-
-from tune.names import PHASE1_INFO as INFO, PHASE1_LOCK as LOCK, PHASE1_PROMPTS as PROMPTS  # noqa: F401
+from tune.names import PHASE1_INFO as INFO  # noqa: F401
+from tune.names import PHASE1_LOCK as LOCK
+from tune.names import PHASE1_PROMPTS as PROMPTS
 from tune.names import PHASE1_STATE as STATE  # noqa: F401 (the trainable resumes phase 1 from it)
 
 HEARTBEAT_S = 5.0

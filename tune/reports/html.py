@@ -1,4 +1,5 @@
-"""The search report's page (``summary.html``): the search's settings, its best trials and figures, in one self-contained HTML file."""
+"""The search report's page (``summary.html``): the search's settings, its best trials and figures, in
+one self-contained HTML file."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import base64
 import html
 import math
 from pathlib import Path
-
 
 from tune.config.study import SHOT_KEYS
 
@@ -102,7 +102,8 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
                 parts.append(
                     f"<tr><td>{label}</td>"
                     + "".join(
-                        f"<td>{_fmt(confirm.get(f'{prefix}test_{k}_mean'))} ± {_fmt(confirm.get(f'{prefix}test_{k}_std'))}</td>"
+                        f"<td>{_fmt(confirm.get(f'{prefix}test_{k}_mean'))} ± "
+                        f"{_fmt(confirm.get(f'{prefix}test_{k}_std'))}</td>"
                         for k in SHOT_KEYS
                     )
                     + "</tr>"

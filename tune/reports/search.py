@@ -14,19 +14,18 @@ import csv
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from tune import names
-from tune.names import REPORT_DIR, SEARCH_FILE
-from tune.config.study import SHOT_KEYS
 from tune.config.loading import objective_of
+from tune.config.study import SHOT_KEYS
+from tune.names import REPORT_DIR, SEARCH_FILE
 from tune.plotting import log_report_error
-from tune.reports.study import build_study
-from tune.reports.study import search_figures
 from tune.reports.html import summary_html
+from tune.reports.study import build_study, search_figures
 
 
 # ============================================================================ per search: tables and summary

@@ -1,11 +1,12 @@
-"""The search's trials as an Optuna study (for Optuna's plots, whatever sampler ran), and the search figures drawn from it."""
+"""The search's trials as an Optuna study (for Optuna's plots, whatever sampler ran), and the search
+figures drawn from it."""
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -36,7 +36,6 @@ from mlflow.types.schema import Array
 
 from lpt_core.inference import build_classifier, png_bytes, raw_split
 
-
 ARTIFACT_PATH = "model"  # runs:/<trial run id>/model
 CONFIG_FILE, PROMPTS_FILE = "lpt_model.json", "prompts.safetensors"
 MODEL_CODE = Path(__file__).with_name("lpt_model_code.py")  # what MLflow runs to get the model

@@ -18,12 +18,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from lpt_core.inference import classifier_config
-
-from tune.serving import model as lpt_model
-from tune import tracking as mt
 from tune import names
+from tune import tracking as mt
 from tune.config.study import SHOT_KEYS
 from tune.errors import error_line
+from tune.serving import model as lpt_model
 
 MODEL_URI_TAG, REGISTER_ERROR_TAG = names.MODEL_URI, names.REGISTER_ERROR
 VERSION_TRIAL, VERSION_PARENT, VERSION_STUDY, VERSION_PROFILE = (
@@ -124,9 +123,8 @@ def register_best(
 def register_finished_search(client: MlflowClient, uri: str, parent, folder: Path, name: str | None) -> str:
     """``register_best`` for a search that has ended: its record, table and the best trial's
     logged test accuracy (the driver's wrap-up tags the parent run with ``lpt.best_trial_id``)."""
-    from tune.names import SEARCH_FILE
     from tune.config.loading import profile_data
-    from tune.names import TABLE_FILE
+    from tune.names import SEARCH_FILE, TABLE_FILE
     from tune.trial.table import prompt_path, read_rows
 
     record = json.loads((folder / SEARCH_FILE).read_text())

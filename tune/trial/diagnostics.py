@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from lpt_core.metrics import confusion_counts, per_class_accuracy, shot_accuracy, shot_groups
-
-from lpt_core.metrics import MANY_ABOVE, few_at_most
-
-from tune.plotting import pyplot, save_figure
+from lpt_core.metrics import MANY_ABOVE, confusion_counts, few_at_most, per_class_accuracy, shot_accuracy, shot_groups
 from tune.config.study import SHOT_KEYS
-
+from tune.plotting import pyplot, save_figure
 
 GROUP_COLORS = {"many": "#4c72b0", "medium": "#dd8452", "few": "#c44e52"}
 

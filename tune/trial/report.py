@@ -20,20 +20,18 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from lpt_core.trainer import predict_batches
-
-from tune import tracking as mt
 from tune import names
-from tune.plotting import log_report_error
-from tune.names import REPORT_DIR
+from tune import tracking as mt
 from tune.config.study import SHOT_KEYS
-from tune.trial.diagnostics import write_trial_figures
-from tune.trial.diagnostics import diagnostics
+from tune.names import REPORT_DIR
+from tune.plotting import log_report_error
+from tune.trial.diagnostics import diagnostics, write_trial_figures
 
 
 # ============================================================================ per trial: numbers

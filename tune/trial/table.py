@@ -20,8 +20,8 @@ from ray import tune
 
 from tune import tracking as mt
 from tune.config.budget import MEASURES, hours_of
-from tune.names import PROMPTS_DIR, STATUS, TABLE_FILE  # noqa: F401 (TABLE_FILE: still importable from here)
 from tune.config.study import OBJECTIVE_METRICS
+from tune.names import PROMPTS_DIR, STATUS, TABLE_FILE  # noqa: F401 (TABLE_FILE: still importable from here)
 
 FINAL_METRICS = (*OBJECTIVE_METRICS, "train_loss")
 COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED = "completed", "early_stopped", "failed", "interrupted"

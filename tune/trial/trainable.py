@@ -24,12 +24,11 @@ from ray import tune
 
 from lpt_core import LPT, PhaseConfig, Trainer, build_backbone_from_spec, evaluate, load_prompts, save_prompts
 from lpt_core.trainer import resolve_device
-
-from tune import tracking as mt
 from tune import names
-from tune.phase1.cache import PROMPTS, STATE, Phase1Cache, phase1_key
-from tune.config.study import MODEL_KEYS, RECIPE_KEYS, SHOT_KEYS
+from tune import tracking as mt
 from tune.config.loading import profile_data
+from tune.config.study import MODEL_KEYS, RECIPE_KEYS, SHOT_KEYS
+from tune.phase1.cache import PROMPTS, STATE, Phase1Cache, phase1_key
 from tune.trial.report import log_trial_report
 from tune.trial.table import prompt_path
 

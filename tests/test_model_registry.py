@@ -2,7 +2,7 @@
 prediction (tune/predict.py). Fast tests log a tiny LPT to a real sqlite MLflow store; the slow
 ones use the session's smoke search (run with ``--register``, conftest.py): a fresh process loads
 the model by its ``models:/`` URI, the predict CLI reproduces the search's test accuracy, the
-report CLI registers a finished search, and ``mlflow models serve`` answers the README's curl."""
+report CLI registers a finished search, and ``mlflow models serve`` answers docs/serving.md's curl."""
 
 import base64
 import csv
@@ -433,8 +433,8 @@ def test_fresh_process_predicts_the_searchs_test_accuracy(smoke_search, tmp_path
     correct = sum(r["label"] == r["class_index_1"] for r in rows)
     assert 100.0 * correct / len(rows) == pytest.approx(m["test_acc"], abs=1e-9)
 
-    # the README's three lines, in a fresh process, by the models:/ URI
-    readme = (ROOT / "README.md").read_text()
+    # docs/serving.md's three lines, in a fresh process, by the models:/ URI
+    readme = (ROOT / "docs" / "serving.md").read_text()
     snippet = re.search(
         r"```python\n(import mlflow, pandas as pd\nmodel = mlflow\.pyfunc\.load_model.*?)```", readme, re.S
     ).group(1)
@@ -489,8 +489,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def readme_serve_and_curl() -> tuple[str, str]:
-    readme = (ROOT / "README.md").read_text()
+def documented_serve_and_curl() -> tuple[str, str]:
+    readme = (ROOT / "docs" / "serving.md").read_text()
     block = re.search(
         r"```bash\n(MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false mlflow models serve .*?)\n(curl .*?)\n```", readme, re.S
     )
@@ -498,14 +498,14 @@ def readme_serve_and_curl() -> tuple[str, str]:
 
 
 @pytest.mark.slow
-def test_served_model_answers_the_readme_curl(smoke_search, tmp_path):
+def test_served_model_answers_the_documented_curl(smoke_search, tmp_path):
     model_uri = smoke_model(smoke_search)
-    serve, curl = readme_serve_and_curl()
+    serve, curl = documented_serve_and_curl()
     port = free_port()
     assert "--env-manager local" in serve and "--port 5001" in serve and "5001/invocations" in curl
     serve = serve.replace("models:/prompt_pool-smoke/1", model_uri).replace("5001", str(port))
     curl = curl.replace("5001", str(port))
-    # the image the README classifies: a test image of the smoke data, as a JPEG file
+    # the image docs/serving.md classifies: a test image of the smoke data, as a JPEG file
     data = build_dataset(json.loads((smoke_search.folder / "search.json").read_text())["profile"]["data"])
     image, _ = raw_split(data.test)[37]
     (tmp_path / "photos").mkdir()

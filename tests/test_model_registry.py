@@ -165,7 +165,7 @@ def test_logged_model_holds_prompts_config_and_example_not_the_backbone(register
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
     pyfunc = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
     assert pyfunc["model_code_path"].endswith("lpt_model_code.py") and "python_model" not in pyfunc, pyfunc
-    assert (local / "lpt_model_code.py").read_text() == (ROOT / "tune" / "lpt_model_code.py").read_text()
+    assert (local / "lpt_model_code.py").read_text() == (ROOT / "tune" / "serving" / "lpt_model_code.py").read_text()
     model_bytes = sum(files.values())
     backbone_bytes = sum(p.numel() * p.element_size() for p in registered["backbone"].state_dict().values())
     prompt_bytes = sum(t.numel() * t.element_size() for t in registered["model"].prompt_state_dict().values())

@@ -4,32 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path
 from .model import LPT, PROMPT_KEYS
 
 
-def unique_tmp(path: Path) -> Path:
-    """A temporary name beside ``path`` that no other writer (process or host) uses."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-
-
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Written to a temporary name of its own and renamed into place: a reader sees the old file
-    or the new one, and two writers of the same path never share a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = unique_tmp(path)
-    try:
+    """Atomic (``lpt_core.atomic``): a reader sees the old file or the new one."""
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -28,6 +28,18 @@ def shot_groups(class_counts: Sequence[int], split: str = "standard") -> dict[st
     return {"many": counts > MANY_ABOVE, "medium": (counts > few) & (counts <= MANY_ABOVE), "few": counts <= few}
 
 
+GROUPS = ("many", "medium", "few")
+
+
+def group_index(class_counts: Sequence[int], split: str = "standard") -> torch.Tensor:
+    """Index into ``GROUPS`` (0 many, 1 medium, 2 few) of every class."""
+    masks = shot_groups(class_counts, split)
+    out = torch.zeros(len(class_counts), dtype=torch.long)
+    for g, name in enumerate(GROUPS):
+        out[masks[name]] = g
+    return out
+
+
 def per_class_accuracy(correct: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """Percent correct per class; NaN for a class with no evaluation images."""
     return torch.where(total > 0, 100.0 * correct / total.clamp(min=1), torch.nan)

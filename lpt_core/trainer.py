@@ -27,7 +27,7 @@ from .checkpoint import load_state, save_state
 from .config import PhaseConfig
 from .data.base import LTData
 from .losses import AsymmetricGCL, branch_weight
-from .metrics import confusion_counts, few_at_most, per_class_accuracy, shot_accuracy
+from .metrics import GROUPS, confusion_counts, few_at_most, group_index, per_class_accuracy, shot_accuracy
 from .model import LPT
 from .sampling import DualBatchSampler, InstanceBatchSampler
 
@@ -146,16 +146,21 @@ def evaluate(
     shot_split: str = "standard",
 ) -> dict:
     """Accuracy (percent) overall and many/medium/few (``shot_split``: ``standard`` or the released
-    script's ``released``; see ``metrics``), the per-class vector and, in phase 2,
-    ``prompt_usage`` [C, P]: how often images of each class selected each group prompt."""
+    script's ``released``; see ``metrics``), the per-class vector, ``shot_confusion`` [3, 3]
+    (images of a many/medium/few class, rows, predicted as a class of each group, columns) and,
+    in phase 2, ``prompt_usage`` [C, P]: how often images of each class selected each group prompt."""
     device = device or next(model.parameters()).device
     loader = loader or make_loader(dataset, device, num_workers, batch_size=batch_size)
     c = model.num_classes
     correct = torch.zeros(c, dtype=torch.long, device=device)
     total = torch.zeros(c, dtype=torch.long, device=device)
     usage = torch.zeros(c, model.pool_size, dtype=torch.long, device=device)
+    group = group_index(class_counts, shot_split).to(device)
+    groups = torch.zeros(len(GROUPS) ** 2, dtype=torch.long, device=device)
     for logits, labels, aux in predict_batches(model, loader, device, batch_transform):
-        ok, n = confusion_counts(logits.argmax(dim=1), labels, c)
+        preds = logits.argmax(dim=1)
+        ok, n = confusion_counts(preds, labels, c)
+        groups.index_add_(0, group[labels] * len(GROUPS) + group[preds], torch.ones_like(labels))
         correct += ok
         total += n
         if "prompt_idx" in aux:
@@ -164,6 +169,7 @@ def evaluate(
             usage.index_put_((rows, idx.flatten()), torch.ones_like(rows), accumulate=True)
     out = shot_accuracy(correct, total, class_counts, shot_split)
     out["per_class"] = per_class_accuracy(correct.double().cpu(), total.double().cpu()).tolist()
+    out["shot_confusion"] = groups.view(len(GROUPS), len(GROUPS)).cpu().tolist()
     if model.phase == 2:
         out["prompt_usage"] = usage.cpu()
     return out
@@ -225,6 +231,7 @@ class Trainer:
         self.peak_lr = cfg.lr * cfg.batch_size / 256
         self.step, self.epoch = 0, 0  # epoch = the next epoch to run
         self.history: list[dict] = []
+        self.last_eval: dict | None = None  # evaluate()'s output of the last epoch run here
 
     # ------------------------------------------------------------------------- schedule
     def lr_at(self, step: int) -> float:
@@ -306,6 +313,7 @@ class Trainer:
                 shot_split=self.shot_split,
             )
             metrics.update({f"val_{k}": v for k, v in val.items() if k.endswith("acc")})
+            self.last_eval = val  # the model's last validation pass, for reports that need more than metrics
             self.epoch += 1
             self.history.append(metrics)
             self.log(

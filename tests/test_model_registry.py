@@ -33,6 +33,7 @@ from lpt_core import LPT, build_backbone_from_spec, save_prompts
 from lpt_core.data import build_dataset
 from lpt_core.inference import build_classifier, png_bytes, raw_split
 from lpt_core.trainer import evaluate
+from tune import names
 from tune import tracking as mt
 from tune.config.study import ProfileConfig
 from tune.serving import model as lpt_model
@@ -103,8 +104,10 @@ def registered(tmp_path_factory):
     save_prompts(model, prompt_file)
     client = MlflowClient(uri)
     exp = mt.experiment_id(client, "prompt_pool", uri)
-    parent = client.create_run(exp, tags={mt.ROLE: "study"}).info.run_id
-    trial = client.create_run(exp, tags={mt.ROLE: "trial", mt.PARENT: parent, mt.TRIAL_ID: "trial0"}).info.run_id
+    parent = client.create_run(exp, tags={names.ROLE: "study"}).info.run_id
+    trial = client.create_run(
+        exp, tags={names.ROLE: "trial", names.PARENT: parent, names.TRIAL_ID: "trial0"}
+    ).info.run_id
     client.set_terminated(trial)
     model.set_phase(2)
     test = {f"test_{k}": v for k, v in evaluate(model, data.test, data.class_counts).items() if k.endswith("acc")}
@@ -225,8 +228,8 @@ def test_every_input_form_gives_the_trained_models_answer(registered, tmp_path):
             == by_bytes["probability"].apply(lambda p: [round(x, 5) for x in p]).tolist()
         )
     assert [row[0] for row in by_bytes["class_index"]] == expected
-    for idx, names, probs in by_bytes.itertuples(index=False):
-        assert len(idx) == 3 and names == [data.class_names[c] for c in idx]
+    for idx, labels, probs in by_bytes.itertuples(index=False):
+        assert len(idx) == 3 and labels == [data.class_names[c] for c in idx]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
     assert len(loaded.predict(pd.DataFrame({"image": paths[:1]}))["class_index"][0]) == 5  # the default
 
@@ -607,7 +610,7 @@ def test_a_search_without_a_best_trial_has_nothing_to_register(registered, tmp_p
     )
     parent = client.get_run(
         client.create_run(
-            client.get_experiment_by_name("prompt_pool").experiment_id, tags={mt.ROLE: "study"}
+            client.get_experiment_by_name("prompt_pool").experiment_id, tags={names.ROLE: "study"}
         ).info.run_id
     )
     with pytest.raises(NothingToRegister, match=r"no best trial recorded \(tag lpt.best_trial_id\)"):

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from lpt_core.config import PhaseConfig
-from tune.phase1.cache import LOCK, PROMPTS, STATE, TAKEOVER, Phase1Cache
+from tune.names import PHASE1_LOCK, PHASE1_PROMPTS, PHASE1_STATE
+from tune.phase1.cache import TAKEOVER, Phase1Cache
 
 # A waiter's stale limit far above the owner's heartbeat, so that a loaded machine (a thread not
 # scheduled for a while) cannot make a live owner look dead
@@ -42,7 +43,7 @@ def _worker(
             len(list(Path(log_dir).iterdir())) < until_trainings or (until_file and not Path(until_file).exists())
         ):
             time.sleep(0.05)
-        (folder / PROMPTS).write_bytes(b"prompts")
+        (folder / PHASE1_PROMPTS).write_bytes(b"prompts")
         return {"by": os.getpid()}
 
     def log(message: str) -> None:
@@ -80,10 +81,10 @@ def test_concurrent_trials_train_phase1_once(tmp_path):
     assert len(list(logs.iterdir())) == 1
     outcomes = [f.read_text().split("|") for f in results.iterdir()]
     assert sorted(t for _, t in outcomes) == ["False", "False", "True"]
-    assert {p for p, _ in outcomes} == {str(tmp_path / "cache" / "k1" / PROMPTS)}
+    assert {p for p, _ in outcomes} == {str(tmp_path / "cache" / "k1" / PHASE1_PROMPTS)}
     assert Phase1Cache(tmp_path / "cache").info("k1")["by"] > 0
     entry = tmp_path / "cache" / "k1"
-    assert sorted(p.name for p in entry.iterdir()) == ["info.json", PROMPTS]  # no lock, no temporary file
+    assert sorted(p.name for p in entry.iterdir()) == ["info.json", PHASE1_PROMPTS]  # no lock, no temporary file
 
 
 def _stale_lock(folder: Path) -> bytes:
@@ -91,9 +92,9 @@ def _stale_lock(folder: Path) -> bytes:
     (a clock ahead of ours, or NFS's cached attributes): only its unchanged content tells."""
     folder.mkdir(parents=True)
     content = json.dumps({"token": "t0", "host": "elsewhere", "pid": 1, "beat": 7}).encode()
-    (folder / LOCK).write_bytes(content)
+    (folder / PHASE1_LOCK).write_bytes(content)
     ahead = time.time() + 3600
-    os.utime(folder / LOCK, (ahead, ahead))
+    os.utime(folder / PHASE1_LOCK, (ahead, ahead))
     return content
 
 
@@ -107,7 +108,7 @@ def test_a_stale_lock_is_taken_over_by_exactly_one_of_its_waiters(tmp_path):
     _join(procs)
     assert len(list(logs.iterdir())) == 1  # one training, not one per waiter
     assert sorted(f.read_text().split("|")[1] for f in results.iterdir()) == ["False", "False", "True"]
-    assert not list((tmp_path / "cache" / "k2").glob(LOCK + "*"))  # the lock and the takeover marker
+    assert not list((tmp_path / "cache" / "k2").glob(PHASE1_LOCK + "*"))  # the lock and the takeover marker
 
 
 def test_a_stale_lock_is_judged_on_the_waiters_clock(tmp_path):
@@ -116,7 +117,7 @@ def test_a_stale_lock_is_judged_on_the_waiters_clock(tmp_path):
     started = time.monotonic()
 
     def train(folder):
-        (folder / PROMPTS).write_bytes(b"x")
+        (folder / PHASE1_PROMPTS).write_bytes(b"x")
         return {}
 
     path, trained = cache.get_or_train("k3", train, log=lambda m: None)
@@ -131,7 +132,7 @@ def test_a_live_owner_is_not_taken_over_and_an_owner_removes_only_its_own_lock(t
     # a beating owner, training for several of the waiter's stale limits after it started waiting
     done, said = tmp_path / "done", tmp_path / "waiter-said.txt"
     owner = _start(_worker, root, "live", str(logs), str(results), 0.0, STALE_S, BEAT_S, until_file=str(done))
-    while not (tmp_path / "cache" / "live" / LOCK).exists():
+    while not (tmp_path / "cache" / "live" / PHASE1_LOCK).exists():
         time.sleep(0.02)
     waiter = _start(_worker, root, "live", str(logs), str(results), 0.0, STALE_S, BEAT_S, log_file=str(said))
     while not (said.exists() and "waiting" in said.read_text()):
@@ -147,7 +148,7 @@ def test_a_live_owner_is_not_taken_over_and_an_owner_removes_only_its_own_lock(t
     for f in [*logs.iterdir(), *results.iterdir()]:
         f.unlink()
     slow = _start(_worker, root, "stall", str(logs), str(results), 0.0, 60.0, 3600.0, until_trainings=2)
-    lock = tmp_path / "cache" / "stall" / LOCK
+    lock = tmp_path / "cache" / "stall" / PHASE1_LOCK
     while not lock.exists():
         time.sleep(0.02)
     first = json.loads(lock.read_text())
@@ -164,7 +165,7 @@ def test_a_live_owner_is_not_taken_over_and_an_owner_removes_only_its_own_lock(t
 
 def _crash_mid_phase1(root: str, key: str) -> None:
     def train(folder):
-        (folder / STATE).write_bytes(b"epoch 1")
+        (folder / PHASE1_STATE).write_bytes(b"epoch 1")
         os._exit(1)  # killed mid-phase 1: lock and resume state stay behind
 
     Phase1Cache(root).get_or_train(key, train, log=lambda m: None)
@@ -174,13 +175,13 @@ def test_a_crash_mid_phase1_does_not_block_the_next_owner(tmp_path):
     proc = _start(_crash_mid_phase1, str(tmp_path), "k4")
     proc.join(60)
     assert proc.exitcode == 1
-    lock = tmp_path / "k4" / LOCK
+    lock = tmp_path / "k4" / PHASE1_LOCK
     assert json.loads(lock.read_text())["host"] == socket.gethostname()
     resumed_from = []
 
     def train(folder):
-        resumed_from.append((folder / STATE).read_bytes())
-        (folder / PROMPTS).write_bytes(b"x")
+        resumed_from.append((folder / PHASE1_STATE).read_bytes())
+        (folder / PHASE1_PROMPTS).write_bytes(b"x")
         return {}
 
     started = time.monotonic()
@@ -203,7 +204,7 @@ def test_the_key_holds_every_input_of_phase_1_and_no_phase_2_value():
     from generators of their own) leaves it equal, so trials share their phase 1."""
     from lpt_core.data.manifest import manifest_hash
     from tune.config.loading import load_profile, profile_data
-    from tune.trial.trainable import profile_phase1_key
+    from tune.trial.phase1 import profile_phase1_key
 
     def key(*sets, seed=0, length=5, device=None):
         profile = load_profile("smoke", list(sets))[1]
@@ -255,7 +256,8 @@ def test_a_trial_whose_phase1_is_missing_trains_it_and_its_wait_says_so(tmp_path
     from tune import tracking as mt
     from tune.config.plan import Plan
     from tune.search import parse_args
-    from tune.trial.trainable import SearchSetup, build_model, ensure_phase1
+    from tune.trial.phase1 import ensure_phase1
+    from tune.trial.setup import SearchSetup, build_model
 
     plan = Plan(parse_args(["--study", "prompt_pool", "--set", "phase1.epochs=1", "--storage", str(tmp_path)]))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -19,10 +19,11 @@ from mlflow.entities import Metric, Param
 from smoke_search import TRIALS as SMOKE_TRIALS
 from smoke_search import runs_of, search_env
 
+from tune import names
 from tune import report as report_cli
 from tune import tracking as mt
 from tune.reports import search as search_report
-from tune.trial import diagnostics
+from tune.trial import diagnostics, figures
 from tune.trial import report as trial_report
 from tune.trial.table import trial_row, write_table
 
@@ -127,7 +128,7 @@ def test_trial_figures_are_valid_pngs_with_their_numbers(tmp_path):
     assert 0 < numbers["prompt_usage_entropy"] < 1
     # no phase-1 metrics (a phase-1 run that is gone) and an empty group: still drawn
     png_size(
-        diagnostics.plot_shot_bars(
+        figures.plot_shot_bars(
             {"acc": 50.0, "many_acc": 60.0, "medium_acc": math.nan, "few_acc": 20.0}, None, tmp_path / "no_phase1.png"
         )
     )
@@ -159,7 +160,7 @@ def test_log_trial_report_logs_figures_and_entropy(store, backbone):
     )
     assert {n > 100 for n in synthetic_data.class_counts} == {True, False} and min(synthetic_data.class_counts) < 20
     exp = mt.experiment_id(client, "trial_report", uri)
-    p1 = client.create_run(exp, tags={mt.ROLE: "phase1", mt.PHASE1_KEY: "k1"}).info.run_id
+    p1 = client.create_run(exp, tags={names.ROLE: "phase1", names.PHASE1_KEY: "k1"}).info.run_id
     for epoch, acc in ((1, 40.0), (2, 55.0)):
         mt.log(
             client,
@@ -167,7 +168,7 @@ def test_log_trial_report_logs_figures_and_entropy(store, backbone):
             metrics={"val_acc": acc, "val_many_acc": acc + 20, "val_medium_acc": acc, "val_few_acc": acc - 30},
             step=epoch,
         )
-    run = client.create_run(exp, tags={mt.ROLE: "trial"}).info.run_id
+    run = client.create_run(exp, tags={names.ROLE: "trial"}).info.run_id
     model = LPT(backbone, synthetic_data.num_classes, prompt_length=2, pool_size=4, top_k=2, group_start=2)
     trainer = Trainer(model, synthetic_data, 2, PhaseConfig(epochs=1, batch_size=8), device="cpu", log=None)
     trainer.epoch = 1
@@ -213,6 +214,15 @@ def test_log_trial_report_logs_figures_and_entropy(store, backbone):
     assert diag["prompt_usage_per_prompt"] == ref["prompt_usage"].sum(0).tolist()
     assert np.sum(diag["shot_confusion"]) == len(synthetic_data.val) == 60
     assert diag["prompt_usage_entropy"] == pytest.approx(diagnostics.usage_entropy(ref["prompt_usage"].numpy()))
+    assert ref["shot_confusion"] == diag["shot_confusion"]  # evaluate counts the group confusion too
+
+    # after an epoch, the report takes the trainer's last validation pass: the same numbers, no second pass
+    trainer.last_eval = ref
+    trainer.val_loader = None  # a second pass would fail
+    again = client.create_run(exp, tags={names.ROLE: "trial"}).info.run_id
+    assert trial_report.log_trial_report(client, again, trainer, exp, "k1", lines.append) == metrics
+    reused = Path(client.download_artifacts(again, "report/val_diagnostics.json", str(store[0] / "again")))
+    assert json.loads(reused.read_text()) == diag
 
     # a broken trainer costs the figures, not the trial
     bad = client.create_run(exp).info.run_id
@@ -265,7 +275,7 @@ def fabricate_search(client, uri, root: Path, study: str, rows: list[dict], obje
     folder = root / f"{study}-smoke-20260101-000000"
     (folder / "prompts").mkdir(parents=True)
     parent = client.create_run(
-        exp, run_name=folder.name, tags={mt.ROLE: "study", "lpt.search": folder.name, "lpt.storage": str(folder)}
+        exp, run_name=folder.name, tags={names.ROLE: "study", "lpt.search": folder.name, "lpt.storage": str(folder)}
     ).info.run_id
     mt.log(
         client,
@@ -277,7 +287,7 @@ def fabricate_search(client, uri, root: Path, study: str, rows: list[dict], obje
             exp,
             run_name=f"trial-{row['trial_id']}",
             start_time=1_000_000 + i,
-            tags={mt.ROLE: "trial", mt.PARENT: parent, mt.TRIAL_ID: row["trial_id"]},
+            tags={names.ROLE: "trial", names.PARENT: parent, names.TRIAL_ID: row["trial_id"]},
         ).info.run_id
         row["mlflow_run_id"] = run
         curve = [Metric("val_acc", row["val_acc"] - 3 * (row["epochs"] - e), 0, e) for e in range(1, row["epochs"] + 1)]

@@ -175,16 +175,16 @@ def test_ctrl_c_during_phase1_up_front_then_resume(tmp_path):
 def test_a_trial_error_carries_its_own_message(tmp_path):
     """A corrupt phase-1 cache entry makes every trial raise: the real message, not a placeholder."""
     from tune.config.plan import Plan
-    from tune.phase1.cache import PROMPTS
+    from tune.names import PHASE1_PROMPTS
     from tune.search import parse_args
-    from tune.trial.trainable import profile_phase1_key
+    from tune.trial.phase1 import profile_phase1_key
 
     plan = Plan(parse_args(["--study", "prompt_pool", "--trials", "1", "--storage", str(tmp_path / "runs")]))
     profile = plan.profile
     key = profile_phase1_key(profile, plan.manifest_hash, profile["model"]["prompt_length"], plan.data, profile["seed"])
     entry = tmp_path / "runs" / "phase1-cache" / key
     entry.mkdir(parents=True)
-    (entry / PROMPTS).write_bytes(b"not a safetensors file")
+    (entry / PHASE1_PROMPTS).write_bytes(b"not a safetensors file")
 
     proc = run_search(tmp_path, "--study", "prompt_pool", "--trials", "1", "--set", "phase2.epochs=1", timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]

@@ -16,7 +16,7 @@ BEST_TRIAL_ID = "lpt.best_trial_id"  # parent run
 CONFIRMED_TRIAL = "lpt.confirmed_trial"  # parent run: the trial whose config --confirm retrained
 PARETO_TRIALS = "lpt.pareto_trials"  # parent run, multi-objective studies: comma-separated trial ids
 STATUS = "lpt.status"  # trial run: completed | early_stopped | failed | interrupted
-INTERRUPTED = "lpt.interrupted"  # parent run of a search stopped by a signal: SIGINT | SIGTERM
+INTERRUPTED_BY = "lpt.interrupted"  # parent run of a search stopped by a signal: SIGINT | SIGTERM
 MODEL_URI = "lpt.model_uri"  # parent run: models:/NAME/VERSION of the registered best trial
 REGISTER_ERROR = "lpt.register_error"  # parent run: why --register failed
 # a registered model version's tags (besides TRIAL_ID and its accuracies)
@@ -28,7 +28,6 @@ RESUMED, RESUMED_AT_EPOCH = "lpt.resumed", "lpt.resumed_at_epoch"
 BASELINE = "lpt.baseline"  # the baseline trial's run (the profile's own values): "true"
 OPTUNA_STORAGE = "lpt.optuna_storage"  # parent run: the URL optuna.load_study takes
 OPTUNA_STUDY = "lpt.optuna_study"  # parent run: the study's name in that storage
-SAMPLER = "lpt.sampler"  # parent run: the sampler as it ran (tune.config.samplers.describe_sampler)
 BUDGET = "lpt.budget"  # parent run: its cost budget (budget.gpu_hours|cpu_hours, on_exhausted), or off;
 # trials.parquet's metadata key: what the budget did (budget.outcome), JSON
 BUDGET_ENDED = "lpt.budget_ended"  # parent run with a budget: "true" when it kept trials from starting

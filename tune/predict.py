@@ -101,7 +101,7 @@ def split_data(args, classifier):
         if args.set:
             raise BadInput("--set: only with --profile")
         spec, where = classifier.config.get("data") or {}, f"--model {args.model} (its data spec)"
-        shot_split = classifier.config.get("shot_split", "standard")
+        shot_split = classifier.config["shot_split"]
         if not spec:
             raise BadInput(f"{where}: the model records no dataset; give --profile")
     try:
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
+    from tune import errors
     from tune import tracking as mt
     from tune.errors import error_line
 
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     except mt.MissingStore as exc:
         if not Path(args.model).expanduser().is_dir():  # a model folder needs no store
             return fail(f"--model {args.model}: {exc}", EXIT_BAD_INPUT)
-    except mt.ServiceError as exc:
+    except errors.ServiceError as exc:
         return fail(exc, EXIT_FAILED)
     try:
         if args.top_classes < 1 or args.batch_size < 1 or args.workers < 0:

@@ -4,9 +4,9 @@ engine, the reports and serving."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from lpt_core.atomic import atomic_write
 from tune.names import SEARCH_FILE
 
 RUNNING, INTERRUPTED_STATE, FINISHED = "running", "interrupted", "finished"  # search.json's "state"
@@ -18,6 +18,8 @@ def latest_search(storage: Path, prefix: str) -> Path | None:
 
 
 def save_record(folder: Path, record: dict) -> None:
-    tmp = folder / f".{SEARCH_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, folder / SEARCH_FILE)
+    atomic_write(Path(folder) / SEARCH_FILE, json.dumps(record, indent=2, default=str))
+
+
+def load_record(folder: Path) -> dict:
+    return json.loads((Path(folder) / SEARCH_FILE).read_text())

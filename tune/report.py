@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from mlflow import MlflowClient
 
-    from tune import names
+    from tune import errors, names
     from tune import tracking as mt
     from tune.errors import error_line
     from tune.reports.search import search_report
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     study = Path(args.study).stem if args.study.endswith((".yaml", ".yml")) else args.study
     try:
         uri = mt.existing_store_uri()
-    except mt.ServiceError as exc:
+    except errors.ServiceError as exc:
         return fail(exc, EXIT_BAD_INPUT if isinstance(exc, mt.MissingStore) else EXIT_FAILED)
     client = MlflowClient(uri)
     try:

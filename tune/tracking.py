@@ -15,8 +15,8 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 
-from tune.errors import ServiceError  # noqa: F401 (mt.ServiceError)
-from tune.names import ERROR, NODE, PARENT, PHASE1_KEY, RESUMED, ROLE, ROLE_TRIAL, TRIAL_ID  # noqa: F401 (mt.ROLE ...)
+from tune.errors import ServiceError  # noqa: F401 (errors.ServiceError)
+from tune.names import ERROR, NODE, PARENT, PHASE1_KEY, RESUMED, ROLE, ROLE_TRIAL, TRIAL_ID  # noqa: F401 (names.ROLE ...)
 
 MAX_BATCH = 900  # MLflow accepts 1000 metrics per log_batch
 

@@ -132,7 +132,7 @@ class Plan:
         from lpt_core.backbones import weights_source
 
         spec = self.profile["backbone"]
-        weights = spec.get("weights", "pretrained")
+        weights = spec["weights"]
         checked = (
             f": not checked by a dry run; a search takes them from {weights_source(spec)}"
             if self.dry_run and weights != "random"

@@ -13,24 +13,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from lpt_core.config import LPTConfig, PhaseConfig, Section, searchable_fields, why_fixed
+from lpt_core.config import LPTConfig, PhaseConfig, Section
 from lpt_core.data.specs import DataSpec
 from lpt_core.data.transforms import InputOverrides
 from lpt_core.metrics import SHOT_SPLITS
+from tune.config.space import Space, _error
 
-MODEL_KEYS = tuple(LPTConfig.model_fields)
-RECIPE_KEYS = tuple(PhaseConfig.model_fields)
 SHOT_KEYS = ("acc", "many_acc", "medium_acc", "few_acc")  # lpt_core.evaluate's accuracies, overall and by shot
 OBJECTIVE_METRICS = tuple(f"val_{k}" for k in SHOT_KEYS)
-SEARCHABLE = {k: model for model in (LPTConfig, PhaseConfig) for k, ok in searchable_fields(model).items() if ok}
-
-
-def _error(at: str, text: str, **ctx: Any) -> PydanticCustomError:
-    """An error at sub-key ``at`` of the model that raises it (``lpt_core.config.error_text``)."""
-    return PydanticCustomError("config", text, {"at": at, **ctx})
 
 
 # ----------------------------------------------------------------------------- profiles
@@ -167,72 +160,6 @@ class EarlyStopping(Section):
                 "must be a whole number of epochs >= 1, a fraction of the phase-2 epochs in (0, 1), or auto, got {got}",
                 {"got": repr(value)},
             ) from None
-
-
-class _Range(Section):
-    log: bool = False
-
-    @model_validator(mode="after")
-    def _ordered(self) -> _Range:
-        if self.low > self.high:
-            raise _error("low", "must be <= high ({low} > {high})", low=self.low, high=self.high)
-        if self.log and self.low <= 0:
-            raise _error("low", "must be > 0 with log: true")
-        return self
-
-
-class _IntRange(_Range):
-    type: Literal["int"]
-    step: int | None = Field(None, ge=1)
-
-
-class _FloatRange(_Range):
-    type: Literal["float"]
-    step: float | None = Field(None, gt=0)
-
-
-class _Choice(Section):
-    type: Literal["choice"]
-
-
-def _param_spec(name: str) -> Any:
-    """The spec a study may give for searchable parameter ``name``: a range of its own type with
-    its own bounds, or a choice of valid values."""
-    field = SEARCHABLE[name].model_fields[name]
-    value = Annotated[(field.annotation, *field.metadata)]
-    is_int = field.annotation is int
-    ranged = create_model(
-        f"{name}_range", __base__=_IntRange if is_int else _FloatRange, low=(value, ...), high=(value, ...)
-    )
-    choice = create_model(f"{name}_choice", __base__=_Choice, values=(list[value], Field(min_length=1)))
-    return Annotated[ranged | choice, Field(discriminator="type", description=field.description)]
-
-
-class _SpaceBase(Section):
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        for key in data:
-            if key in RECIPE_KEYS or key in MODEL_KEYS:
-                if key not in SEARCHABLE:
-                    owner = LPTConfig if key in MODEL_KEYS else PhaseConfig
-                    raise _error(key, "not searchable: {why}", why=why_fixed(owner, key))
-            else:
-                known = lambda model: ", ".join(k for k in SEARCHABLE if SEARCHABLE[k] is model)
-                raise _error(
-                    key,
-                    "not a searchable parameter (model: {model}; recipe: {recipe})",
-                    model=known(LPTConfig),
-                    recipe=known(PhaseConfig),
-                )
-        if not data:
-            raise PydanticCustomError("config", "empty; name at least one parameter to search")
-        return data
-
-
-Space = create_model("Space", __base__=_SpaceBase, **{name: (_param_spec(name) | None, None) for name in SEARCHABLE})
 
 
 SAMPLERS = ("tpe", "random", "gp", "cmaes")

@@ -3,7 +3,6 @@ trial table), what a resumed search may still spend, and the summary lines."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -20,12 +19,13 @@ from tune.config.budget import (
     measure_of,
 )
 from tune.errors import ConfigError
-from tune.names import SEARCH_FILE, TABLE_FILE
+from tune.names import TABLE_FILE
+from tune.record import load_record
 
 
 # ----------------------------------------------------------------------------- the accounting
 def _read_record(folder: Path) -> dict:
-    return json.loads((Path(folder) / SEARCH_FILE).read_text())
+    return load_record(folder)
 
 
 def _table_rows(folder: Path) -> list[dict]:

@@ -18,7 +18,8 @@ from tune import tracking as mt
 from tune.config.loading import profile_data
 from tune.config.search_space import prompt_lengths
 from tune.phase1.cache import Phase1Cache
-from tune.trial.trainable import SearchSetup, build_model, ensure_phase1, profile_phase1_key
+from tune.trial.phase1 import ensure_phase1, profile_phase1_key
+from tune.trial.setup import SearchSetup, build_model
 
 UPFRONT_METRIC = "phase1_upfront_s"  # parent-run metric: seconds the up-front step took
 

@@ -15,14 +15,13 @@ from tune.config.loading import objective_of
 from tune.config.study import StudyConfig
 from tune.engine import budget_ledger as ledger
 from tune.engine.baseline_gain import baseline_row
-from tune.engine.optuna_storage import open_storage, search_study, storage_url
+from tune.engine.optuna_storage import storage_url
 from tune.engine.tuner import search_setup
 from tune.engine.wrap_up import confirm
 from tune.errors import ConfigError
-from tune.names import SEARCH_FILE, TABLE_FILE
-from tune.record import FINISHED, latest_search, save_record
+from tune.names import TABLE_FILE
+from tune.record import FINISHED, latest_search, load_record, save_record
 from tune.reports.search import log_search_report
-from tune.reports.study import build_study
 from tune.trial.table import COMPLETED, best_row, read_rows, status_counts
 
 
@@ -85,22 +84,15 @@ def find_resumed(plan, args) -> tuple[Path, dict, str]:
     folder = latest_search(plan.storage, prefix) if plan.storage.is_dir() else None
     if folder is None:
         raise ConfigError(f"--resume: no search of {prefix} under {plan.storage} to resume")
-    record = json.loads((folder / SEARCH_FILE).read_text())
-    record.setdefault("runs", [{"dir": ".", "trials": record["study_config"]["budget"]["trials"], "rows_before": []}])
+    record = load_record(folder)
     return folder, record, resume_mode(plan, args, record, folder)
 
 
 def keep_optuna_study(plan, client: MlflowClient, folder: Path, record: dict) -> None:
-    """Name the search's Optuna storage and study in its record and parent run (once). A search
-    started before the study was kept gets one now, holding the trials of its table."""
+    """Name a new search's Optuna storage and study in its record and parent run (once)."""
     if "optuna_study" in record:
         return
     record.update(optuna_storage=storage_url(folder), optuna_study=record["name"])
-    rows = list(read_rows(folder / TABLE_FILE).values())
-    if rows:
-        metrics, modes = objective_of(plan.study["objective"])
-        study = search_study(open_storage(record["optuna_storage"]), record["optuna_study"], modes)
-        study.add_trials(build_study(rows, plan.study["space"], metrics, modes).trials)
     client.set_tag(record["parent_run_id"], names.OPTUNA_STORAGE, record["optuna_storage"])
     client.set_tag(record["parent_run_id"], names.OPTUNA_STUDY, record["optuna_study"])
     save_record(folder, record)

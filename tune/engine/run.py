@@ -54,7 +54,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None, loc
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
     client = MlflowClient(uri)
     folder, record, mode = resumed or new_search(plan, client, uri, lock)
-    keep_optuna_study(plan, client, folder, record)  # a new search, or one from before the study was kept
+    keep_optuna_study(plan, client, folder, record)
     parent_id = record["parent_run_id"]
     budget = plan.study["budget"]["trials"]
     metrics, modes = objective_of(plan.study["objective"])

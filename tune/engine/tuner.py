@@ -27,8 +27,9 @@ from tune.engine.searcher import enqueue_baseline, make_scheduler, make_searcher
 from tune.errors import ConfigError
 from tune.names import TABLE_FILE
 from tune.record import RUNNING, save_record
+from tune.trial.setup import SearchSetup
 from tune.trial.table import TrialTable, read_rows, write_table
-from tune.trial.trainable import SearchSetup, run_trial
+from tune.trial.trainable import run_trial
 
 QUIET_ENV = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # no "View run ..." line per run
 

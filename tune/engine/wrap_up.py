@@ -25,6 +25,7 @@ from tune.record import INTERRUPTED_STATE, save_record
 from tune.reports.lines import shot_line, with_se
 from tune.reports.search import log_search_report
 from tune.serving.registry import RegisterError, model_name, register_best
+from tune.trial.setup import SearchSetup
 from tune.trial.table import (
     BUDGET_STOPPED,
     COMPLETED,
@@ -39,7 +40,7 @@ from tune.trial.table import (
     trial_row,
     write_table,
 )
-from tune.trial.trainable import SearchSetup, confirm_seed, evaluate_prompts
+from tune.trial.trainable import confirm_seed, evaluate_prompts
 
 
 def collect_rows(plan, client: MlflowClient, folder: Path, grids: list, interrupted: bool) -> list[dict]:
@@ -87,7 +88,7 @@ def stop_interrupted(
         client,
         record["parent_run_id"],
         metrics=ledger.search_spent(record, rows),
-        tags={names.INTERRUPTED: signal_name},
+        tags={names.INTERRUPTED_BY: signal_name},
     )
     client.set_terminated(record["parent_run_id"], "KILLED")
     save_record(folder, {**record, "state": INTERRUPTED_STATE})

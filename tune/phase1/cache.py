@@ -36,15 +36,12 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from lpt_core.checkpoint import unique_tmp
-from tune.names import PHASE1_INFO as INFO  # noqa: F401
-from tune.names import PHASE1_LOCK as LOCK
-from tune.names import PHASE1_PROMPTS as PROMPTS
-from tune.names import PHASE1_STATE as STATE  # noqa: F401 (the trainable resumes phase 1 from it)
+from lpt_core.atomic import atomic_write, unique_tmp
+from tune.names import PHASE1_INFO, PHASE1_LOCK, PHASE1_PROMPTS
 
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 60.0
-TAKEOVER = LOCK + ".takeover-"  # + the hash of the stale lock's content
+TAKEOVER = PHASE1_LOCK + ".takeover-"  # + the hash of the stale lock's content
 # Bumped when what phase 1 computes changes for the same inputs (2: the released initial scales;
 # 3: every input in the key, initial values from per-component generators, the released
 # class-cycling sampler and per-epoch warm-up), so prompts cached by older code are not reused.
@@ -56,15 +53,6 @@ def phase1_key(inputs: dict) -> str:
     (``tune.trial.trainable.phase1_inputs``) and ``PHASE1_VERSION``."""
     blob = json.dumps({**inputs, "version": PHASE1_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = unique_tmp(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read(path: Path) -> bytes | None:
@@ -192,10 +180,10 @@ class Phase1Cache:
         return self.root / key
 
     def ready(self, key: str) -> bool:
-        return (self.folder(key) / PROMPTS).is_file()
+        return (self.folder(key) / PHASE1_PROMPTS).is_file()
 
     def info(self, key: str) -> dict:
-        path = self.folder(key) / INFO
+        path = self.folder(key) / PHASE1_INFO
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def get_or_train(
@@ -208,7 +196,7 @@ class Phase1Cache:
         """
         folder = self.folder(key)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / LOCK
+        path = folder / PHASE1_LOCK
         seen, since, waited = None, 0.0, False
         while not self.ready(key):
             lock = Lock(path, self.heartbeat_s)
@@ -227,8 +215,8 @@ class Phase1Cache:
                 try:
                     if not self.ready(key):  # published between our check and the lock
                         info = train(folder)
-                        atomic_write(folder / INFO, json.dumps(info, default=str).encode())
-                        return folder / PROMPTS, True
+                        atomic_write(folder / PHASE1_INFO, json.dumps(info, default=str).encode())
+                        return folder / PHASE1_PROMPTS, True
                 finally:
                     lock.release()
                 continue
@@ -236,4 +224,4 @@ class Phase1Cache:
                 log(f"phase 1 {key}: another process is training it; waiting")
                 waited = True
             time.sleep(self.poll_s)
-        return folder / PROMPTS, False
+        return folder / PHASE1_PROMPTS, False

@@ -24,6 +24,7 @@ from tune.config.loading import objective_of
 from tune.config.study import SHOT_KEYS
 from tune.names import REPORT_DIR, SEARCH_FILE
 from tune.plotting import log_report_error
+from tune.record import load_record
 from tune.reports.html import summary_html
 from tune.reports.study import build_study, search_figures
 
@@ -99,7 +100,7 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
     if not table.is_file():
         raise FileNotFoundError(f"{table}: no trial table")
     rows = list(read_rows(table).values())
-    record = json.loads((folder / SEARCH_FILE).read_text()) if (folder / SEARCH_FILE).is_file() else {}
+    record = load_record(folder) if (folder / SEARCH_FILE).is_file() else {}
     study_cfg = record.get("study_config") or {}
     space = json.loads(params["space"]) if "space" in params else study_cfg.get("space", {})
     metrics, modes = objective_of(

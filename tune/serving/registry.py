@@ -10,7 +10,6 @@ gets the tag ``lpt.model_uri`` = ``models:/NAME/VERSION``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
@@ -22,6 +21,7 @@ from tune import names
 from tune import tracking as mt
 from tune.config.study import SHOT_KEYS
 from tune.errors import error_line
+from tune.record import load_record
 from tune.serving import model as lpt_model
 
 MODEL_URI_TAG, REGISTER_ERROR_TAG = names.MODEL_URI, names.REGISTER_ERROR
@@ -49,7 +49,7 @@ def model_name(study: str, profile: str) -> str:
 def trial_classifier_config(profile: dict, config: dict, data) -> dict:
     """A trial's classifier config: the profile's backbone and seed (as ``trainable.build_model``
     builds them), the trial's LPT shape and loss scale, the data's class names and image size."""
-    from tune.trial.trainable import trial_settings
+    from tune.trial.setup import trial_settings
 
     model, recipe = trial_settings(profile, config)
     return classifier_config(
@@ -61,7 +61,7 @@ def trial_classifier_config(profile: dict, config: dict, data) -> dict:
         recipe.scale,
         data.input_cfg,
         profile["data"],
-        profile.get("shot_split", "standard"),
+        profile["shot_split"],
     )
 
 
@@ -127,7 +127,7 @@ def register_finished_search(client: MlflowClient, uri: str, parent, folder: Pat
     from tune.names import SEARCH_FILE, TABLE_FILE
     from tune.trial.table import prompt_path, read_rows
 
-    record = json.loads((folder / SEARCH_FILE).read_text())
+    record = load_record(folder)
     trial_id = parent.data.tags.get(names.BEST_TRIAL_ID)
     if not trial_id:
         raise NothingToRegister(

@@ -31,7 +31,8 @@ from tune import tracking as mt
 from tune.config.study import SHOT_KEYS
 from tune.names import REPORT_DIR
 from tune.plotting import log_report_error
-from tune.trial.diagnostics import diagnostics, write_trial_figures
+from tune.trial.diagnostics import diagnostics, from_evaluation
+from tune.trial.figures import write_trial_figures
 
 
 # ============================================================================ per trial: numbers
@@ -64,14 +65,18 @@ def phase1_val_metrics(client, experiment_id: str, phase1_key: str) -> dict | No
 def log_trial_report(
     client, run_id: str, trainer, experiment_id: str, phase1_key: str, log: Callable[[str], None] = print
 ) -> dict:
-    """Build the trial's figures from one validation pass of ``trainer``'s model and log them to
+    """Build the trial's figures from ``trainer``'s last validation pass (``last_eval``; one pass of its
+    model where it ran no epoch) and log them to
     ``run_id`` under ``report/`` with ``prompt_usage_entropy`` and the extra parameter count.
     Best effort: a failure is logged as the tag ``lpt.report_error`` and never fails the trial."""
     try:
         started = time.perf_counter()
         model, data = trainer.model, trainer.data
-        pred = predict(model, trainer.val_loader, trainer.device, data.eval_batch_transform)
-        diag = diagnostics(pred, trainer.class_counts, getattr(model, "pool_size", None), trainer.shot_split)
+        if trainer.last_eval is not None:  # the last epoch's validation pass, not a second one
+            diag = from_evaluation(trainer.last_eval, trainer.class_counts, trainer.shot_split)
+        else:
+            pred = predict(model, trainer.val_loader, trainer.device, data.eval_batch_transform)
+            diag = diagnostics(pred, trainer.class_counts, getattr(model, "pool_size", None), trainer.shot_split)
         phase1 = phase1_val_metrics(client, experiment_id, phase1_key)
         counts = model.parameter_counts()
         metrics = {"extra_params": counts["extra_params"], "extra_percent": counts["extra_percent"]}

@@ -18,10 +18,11 @@ import pyarrow.parquet as pq
 from mlflow import MlflowClient
 from ray import tune
 
+from lpt_core.atomic import atomic_path
 from tune import tracking as mt
 from tune.config.budget import MEASURES, hours_of
 from tune.config.study import OBJECTIVE_METRICS
-from tune.names import PROMPTS_DIR, STATUS, TABLE_FILE  # noqa: F401 (TABLE_FILE: still importable from here)
+from tune.names import PROMPTS_DIR, STATUS
 
 FINAL_METRICS = (*OBJECTIVE_METRICS, "train_loss")
 COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED = "completed", "early_stopped", "failed", "interrupted"
@@ -98,10 +99,9 @@ def trial_row(
 def write_table(rows: list[dict], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """``metadata``: the table's key-value metadata (the wrap-up's ``lpt.budget``)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["trial_id"]))
-    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **(metadata or {})}), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **(metadata or {})}), tmp)
 
 
 def read_rows(path: str | os.PathLike) -> dict[str, dict]:

@@ -21,7 +21,7 @@ CHECK = """
 import sys, time, ray
 from pathlib import Path
 from tune.engine.cluster_checks import check_shared_storage
-from tune.config.study import ConfigError
+from tune.errors import ConfigError
 ray.init(address=sys.argv[1], log_to_driver=False)
 deadline = time.time() + 120
 while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:

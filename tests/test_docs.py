@@ -83,7 +83,8 @@ def test_readme_is_a_front_door():
     assert lines[3].startswith("bash scripts/smoke.sh    # main job")
     assert lines[4].startswith("bash scripts/test.sh     # tests")
     first_block = text.split("```bash\n", 1)[1].split("```", 1)[0]
-    assert "bash scripts/test.sh --fast" in first_block, "the fast selection next to them"
+    assert first_block.count("\n") == 2, "the first block holds exactly the two set-up commands"
+    assert "`bash scripts/test.sh --fast`" in text, "the fast selection, named after them"
 
 
 def test_every_page_is_linked_from_the_readme():

@@ -6,7 +6,7 @@ inside the warm-up compares trials before their learning rate has reached its pe
 released per-epoch warm-up, epoch 1 trains at ``warmup_lr`` 1e-6 throughout) and while the
 instance-balanced branch still weighs about 0.5, which favours high learning rates and configs
 that disturb nothing; such a grace period is refused. ASHA ranks trials on one objective, so a
-study with several objectives runs every trial to the end (``study_config`` refuses early
+study with several objectives runs every trial to the end (``tune.config.study`` refuses early
 stopping there): a trial it stopped would be off the Pareto front only because its first
 objective started slower.
 """

@@ -1,4 +1,4 @@
-"""The cost budget's pieces in a Ray Tune run (the accounting: ``tune.config.budget.SpendLedger``).
+"""The cost budget's pieces in a Ray Tune run (the accounting: ``tune.engine.budget_ledger.SpendLedger``).
 
 ``BudgetSearcher`` wraps the search's searcher and keeps trials from starting, ``BudgetStopper``
 stops running ones (``on_exhausted: stop``), ``BudgetMeter`` gives the progress line its figure.

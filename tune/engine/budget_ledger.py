@@ -24,10 +24,6 @@ from tune.record import load_record
 
 
 # ----------------------------------------------------------------------------- the accounting
-def _read_record(folder: Path) -> dict:
-    return load_record(folder)
-
-
 def _table_rows(folder: Path) -> list[dict]:
     from tune.trial.table import read_rows
 
@@ -50,7 +46,7 @@ class SpendLedger:
 
     def reload(self, budget: dict | None = None) -> None:
         """The budget, phase 1 and the ended trials as the search folder has them now."""
-        record = _read_record(Path(self.folder))
+        record = load_record(self.folder)
         profile, budget = record["profile"], budget or record["study_config"]["budget"]
         self.limit = BudgetLimit.of(budget)
         self.measure = measure_of(budget, profile["resources"])

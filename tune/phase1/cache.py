@@ -1,6 +1,6 @@
 """Phase-1 prompts, trained once per distinct phase-1 config and shared through the search storage.
 
-The key hashes everything phase 1's result depends on (``tune.trial.trainable.phase1_inputs``): backbone
+The key hashes everything phase 1's result depends on (``tune.trial.phase1.phase1_inputs``): backbone
 spec, data manifest, input pipeline and augmentation path, prompt length, head dropout, phase-1
 recipe, precision, compilation and seed. Whoever trains a key (the driver's up-front tasks, or a trial that finds
 its key missing) holds the entry's lock file, trains with per-epoch resume state in the entry's
@@ -50,7 +50,7 @@ PHASE1_VERSION = 3
 
 def phase1_key(inputs: dict) -> str:
     """The cache key of a phase 1: a hash of every input its result depends on
-    (``tune.trial.trainable.phase1_inputs``) and ``PHASE1_VERSION``."""
+    (``tune.trial.phase1.phase1_inputs``) and ``PHASE1_VERSION``."""
     blob = json.dumps({**inputs, "version": PHASE1_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

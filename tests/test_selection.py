@@ -144,6 +144,8 @@ def test_the_dry_run_states_both_phases_early_stopping_and_validation(tmp_path, 
                 "--set",
                 "data.imbalance_ratio=10",
                 "--set",
+                "data.val_from_train=0",
+                "--set",
                 "backbone.weights=random",
                 "--dry-run",
             ]
@@ -169,6 +171,7 @@ def test_the_dry_run_states_both_phases_early_stopping_and_validation(tmp_path, 
         f"the test split has it); one standard error of val_acc: ±{binomial_se(90, 80):.1f} points at 90%, "
         f"±{binomial_se(50, 80):.1f} at 50%"
     ), val
+    assert lines[lines.index(val) + 1].startswith("warning: one standard error of val_acc reaches ±5.6 points")
 
 
 def test_validation_that_overlaps_test_is_refused(tmp_path, capsys):

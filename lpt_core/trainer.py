@@ -204,7 +204,8 @@ class Trainer:
         self.shot_split = shot_split
         few_at_most(shot_split)  # a bad split fails here, not after the first epoch
         self.log = log or (lambda msg: None)
-        self.class_counts = data.class_counts
+        self.class_counts = data.class_counts  # A-GCL's cloud
+        self.shot_counts = data.shot_counts  # the many/medium/few groups (iNat: the full train list)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 7919 * phase)
         self.losses = tuple(loss.to(self.device) for loss in branch_losses(self.class_counts, cfg, self.noise_gen))
         sampler_seed = seed + 1009 * phase
@@ -306,7 +307,7 @@ class Trainer:
             val = evaluate(
                 self.model,
                 self.data.val,
-                self.class_counts,
+                self.shot_counts,
                 device=self.device,
                 loader=self.val_loader,
                 batch_transform=self.data.eval_batch_transform,

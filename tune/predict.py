@@ -213,7 +213,7 @@ def predict(args) -> int:
 
         acc = {
             f"{args.split}_{key}": value
-            for key, value in shot_accuracy(correct, total, data.class_counts, shot_split).items()
+            for key, value in shot_accuracy(correct, total, data.shot_counts, shot_split).items()
         }
         print(f"{args.split}: {shot_line(acc, args.split + '_')}")
         recorded = recorded_test(args.model) if args.split == "test" else {}

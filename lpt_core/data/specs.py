@@ -78,7 +78,7 @@ class InatSpec(CommonSpec):
     train_json: PathStr
     val_json: PathStr
     val_per_class: Count = Field(
-        3, description="train images per class held out for validation (a class keeps at least one training image)"
+        3, description="train images per class held out for validation (a class keeps at least two training images)"
     )
     gpu_decode: bool = False
 

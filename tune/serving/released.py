@@ -37,7 +37,7 @@ def released_accuracy(checkpoint: str, profile_name: str, sets: list[str], split
     result = evaluate(
         model.to(device),
         split,
-        data.class_counts,
+        data.shot_counts,
         device=device,
         loader=make_loader(split, device, opts.workers, batch_size=opts.batch_size),
         batch_transform=data.eval_batch_transform,

@@ -46,7 +46,7 @@ def test_a_dry_run_plans_without_the_weights_and_the_data(tmp_path):
         f"a search takes them from timm/vit_base_patch16_224.augreg_in21k in the Hugging Face cache "
         f"{tmp_path}/hf-home/hub (else downloaded from {env['HF_ENDPOINT']})"
     ) in out
-    assert "cost per trial: phase 2 trains 90 epochs x 42 steps x 2x256 = 1,935,360 images" in proc.stdout
+    assert "cost per trial: phase 2 trains 90 epochs x 43 steps x 2x256 = 1,981,440 images" in proc.stdout
     assert "Retrying" not in proc.stdout + proc.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
     assert seconds < 60

@@ -218,7 +218,7 @@ def test_instance_sampling_is_one_shuffled_branch(synthetic_data):
     model = make_model()
     trainer = Trainer(model, synthetic_data, 2, recipe, device="cpu", log=logs.append)  # fp32: exact
     assert isinstance(trainer.sampler, InstanceBatchSampler) and len(trainer.losses) == 1
-    assert trainer.steps_per_epoch == len(synthetic_data.train) // 32
+    assert trainer.steps_per_epoch == len(synthetic_data.train) // 32  # one pass (dual: the released + 1)
     images, labels = next(iter(trainer.loader))
     assert images.shape[0] == 32
     # the step's loss: AGCL(gamma_pos, gamma_neg) - m * match over the whole batch, no branch weight

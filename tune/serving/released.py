@@ -33,7 +33,7 @@ def released_accuracy(checkpoint: str, profile_name: str, sets: list[str], split
         )
     device = resolve_device(opts.device)
     split = getattr(data, split_name)
-    yield f"released checkpoint {checkpoint}: {shapes.describe()}; {len(split):,} {split_name} images on {device}"
+    yield f"released checkpoint {checkpoint}: {shapes.describe()}; {len(split):,} {split_name} images on {device}, fp32"
     result = evaluate(
         model.to(device),
         split,
@@ -42,6 +42,7 @@ def released_accuracy(checkpoint: str, profile_name: str, sets: list[str], split
         loader=make_loader(split, device, opts.workers, batch_size=opts.batch_size),
         batch_transform=data.eval_batch_transform,
         shot_split="released",
+        bf16=False,  # the release evaluates in fp32
     )
     se = binomial_se(result["acc"], len(split))
     yield (

@@ -395,3 +395,10 @@ def test_dry_run_sizes_of_inat_and_of_an_absent_image_folder(tmp_path):
         f"classes and split sizes: counted from the images, which are not here (data.root: {tmp_path}/photos: "
         f"no such directory)"
     ]
+
+
+def test_the_dry_runs_shot_groups_are_the_full_train_lists(tmp_path):
+    """iNat's objective check counts the groups as the evaluation does: by the full train list."""
+    spec, _, _ = inat_tree(tmp_path, train_counts=(8, 3, 1), val_counts=(1, 1, 1))
+    s = data_summary(spec)
+    assert s.shot_counts == [8, 3, 1] and s.class_counts == [5, 2, 1]

@@ -47,6 +47,7 @@ class DataSummary:
     val_counts: list[int] | None = None  # validation images per class
     class_names: list[str] | None = None
     val_from_train: dict[int, int] = field(default_factory=dict)  # class -> validation images its training set lent
+    shot_counts: list[int] | None = None  # what the shot groups count (iNat: the full train list); None: class_counts
 
     @classmethod
     def of(cls, data: LTData, images_here: bool = True, missing: list[str] | None = None) -> DataSummary:
@@ -66,6 +67,7 @@ class DataSummary:
             val,
             list(data.class_names),
             dict(data.info.get("val_from_train") or {}),
+            data.shot_counts,
         )
 
 

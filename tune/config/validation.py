@@ -91,7 +91,7 @@ def check_objectives(metrics: list[str], summary, split: str, dataset: str, wher
     """Each objective (the first also drives early stopping) over a shot group must have
     validation images: ``val_few_acc`` on CIFAR-10-LT at imbalance 100 has no class to average.
     Unchecked where the class counts are not known (a dry run without the data's lists)."""
-    train, counts = summary.class_counts, summary.val_counts
+    train, counts = summary.shot_counts or summary.class_counts, summary.val_counts
     if train is None or counts is None:
         return
     groups = shot_groups(train, split)

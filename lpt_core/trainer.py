@@ -116,16 +116,16 @@ def released_epoch_lr(epoch: int, epochs: int, peak_lr: float, warmup_epochs: in
 
 @torch.no_grad()
 def predict_batches(
-    model: LPT, loader: DataLoader, device: torch.device, batch_transform: Callable | None = None
+    model: LPT, loader: DataLoader, device: torch.device, batch_transform: Callable | None = None, bf16: bool = True
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
     """``(logits, labels, aux)`` of each batch of ``loader`` on ``device``: eval mode, no grad, bf16
-    autocast on CUDA; the model's training mode is restored when the loop ends."""
+    autocast on CUDA unless ``bf16`` is False; the model's training mode is restored when the loop ends."""
     was_training = model.training
     model.eval()
     try:
         for images, labels in loader:
             images, labels = to_device(images, labels, device, batch_transform)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
                 logits, aux = model(images)
             yield logits, labels, aux
     finally:
@@ -144,11 +144,13 @@ def evaluate(
     loader: DataLoader | None = None,
     batch_transform: Callable | None = None,
     shot_split: str = "standard",
+    bf16: bool = True,
 ) -> dict:
     """Accuracy (percent) overall and many/medium/few (``shot_split``: ``standard`` or the released
     script's ``released``; see ``metrics``), the per-class vector, ``shot_confusion`` [3, 3]
     (images of a many/medium/few class, rows, predicted as a class of each group, columns) and,
-    in phase 2, ``prompt_usage`` [C, P]: how often images of each class selected each group prompt."""
+    in phase 2, ``prompt_usage`` [C, P]: how often images of each class selected each group prompt.
+    bf16 autocast on CUDA unless ``bf16`` is False (fp32 throughout)."""
     device = device or next(model.parameters()).device
     loader = loader or make_loader(dataset, device, num_workers, batch_size=batch_size)
     c = model.num_classes
@@ -157,7 +159,7 @@ def evaluate(
     usage = torch.zeros(c, model.pool_size, dtype=torch.long, device=device)
     group = group_index(class_counts, shot_split).to(device)
     groups = torch.zeros(len(GROUPS) ** 2, dtype=torch.long, device=device)
-    for logits, labels, aux in predict_batches(model, loader, device, batch_transform):
+    for logits, labels, aux in predict_batches(model, loader, device, batch_transform, bf16):
         preds = logits.argmax(dim=1)
         ok, n = confusion_counts(preds, labels, c)
         groups.index_add_(0, group[labels] * len(GROUPS) + group[preds], torch.ones_like(labels))
@@ -204,7 +206,8 @@ class Trainer:
         self.shot_split = shot_split
         few_at_most(shot_split)  # a bad split fails here, not after the first epoch
         self.log = log or (lambda msg: None)
-        self.class_counts = data.class_counts
+        self.class_counts = data.class_counts  # A-GCL's cloud
+        self.shot_counts = data.shot_counts  # the many/medium/few groups (iNat: the full train list)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 7919 * phase)
         self.losses = tuple(loss.to(self.device) for loss in branch_losses(self.class_counts, cfg, self.noise_gen))
         sampler_seed = seed + 1009 * phase
@@ -306,7 +309,7 @@ class Trainer:
             val = evaluate(
                 self.model,
                 self.data.val,
-                self.class_counts,
+                self.shot_counts,
                 device=self.device,
                 loader=self.val_loader,
                 batch_transform=self.data.eval_batch_transform,

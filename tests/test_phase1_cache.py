@@ -197,3 +197,27 @@ def test_a_trial_whose_phase1_is_missing_trains_it_and_its_wait_says_so(tmp_path
     assert waits[0] > 0 and waits[1] == 0.0
     runs = client.search_runs([exp], "tags.`lpt.role` = 'phase1'")
     assert len(runs) == 1 and runs[0].data.tags["lpt.phase1_key"] == key and runs[0].info.status == "FINISHED"
+
+
+def test_the_key_holds_the_datas_image_size_and_the_head_dropout_the_model_trains_with(tmp_path):
+    """On CIFAR the manifest names the same rows at 224 and 192 px, so the key needs image_size of
+    its own; a trial (or a confirmation) whose model has another head_dropout than the profile's
+    trains another phase 1, so its key is its model's."""
+    from test_data_cifar import shuffled_labels, write_cifar100
+
+    from lpt_core.data.manifest import manifest_hash
+    from tune.config.loading import load_profile, profile_data
+    from tune.trial.phase1 import profile_phase1_key
+
+    root = write_cifar100(tmp_path / "cifar", shuffled_labels(5, 30), shuffled_labels(5, 4, 1))
+
+    def key(size, **kw):
+        profile = load_profile("smoke", [])[1]
+        profile["data"] = {"name": "cifar100_lt", "root": str(root), "imbalance_ratio": 10, "image_size": size}
+        data = profile_data(profile)
+        return manifest_hash(data), profile_phase1_key(profile, manifest_hash(data), 5, data, 0, "cpu", **kw)
+
+    (hash_32, base), (hash_48, other_size) = key(32), key(48)
+    assert hash_32 == hash_48 and base != other_size  # same images, another size: another phase 1
+    assert key(32, head_dropout=0.1)[1] == base  # the profile's value (the smoke profile's default 0.1)
+    assert key(32, head_dropout=0.3)[1] != base

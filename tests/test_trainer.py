@@ -218,7 +218,7 @@ def test_instance_sampling_is_one_shuffled_branch(synthetic_data):
     model = make_model()
     trainer = Trainer(model, synthetic_data, 2, recipe, device="cpu", log=logs.append)  # fp32: exact
     assert isinstance(trainer.sampler, InstanceBatchSampler) and len(trainer.losses) == 1
-    assert trainer.steps_per_epoch == len(synthetic_data.train) // 32
+    assert trainer.steps_per_epoch == len(synthetic_data.train) // 32  # one pass (dual: the released + 1)
     images, labels = next(iter(trainer.loader))
     assert images.shape[0] == 32
     # the step's loss: AGCL(gamma_pos, gamma_neg) - m * match over the whole batch, no branch weight
@@ -235,3 +235,13 @@ def test_instance_sampling_is_one_shuffled_branch(synthetic_data):
     assert isinstance(dual.sampler, DualBatchSampler) and len(dual.losses) == 2
     list(dual.epochs())
     assert "steps of 2x32 images (dual sampling, lr set per epoch) on cpu" in logs[-2]
+
+
+def test_validation_shot_groups_follow_the_datas_shot_counts(synthetic_data):
+    """iNat's groups come from the full train list (``info["shot_counts"]``), not from what its
+    hold-out leaves: the trainer evaluates by ``data.shot_counts``; A-GCL keeps ``class_counts``."""
+    synthetic_data.info["shot_counts"] = [500] * 10  # every class many-shot by the full list
+    trainer = Trainer(make_model(), synthetic_data, 1, PhaseConfig(epochs=1, batch_size=32), device="cpu", log=None)
+    assert trainer.shot_counts == [500] * 10 and trainer.class_counts == synthetic_data.class_counts
+    metrics = next(trainer.epochs())
+    assert metrics["val_many_acc"] == metrics["val_acc"] and math.isnan(metrics["val_few_acc"])

@@ -7,6 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
+from lpt_core.sampling import steps_per_epoch
 from lpt_core.trainer import PhaseConfig
 from tune.errors import ConfigError
 from tune.names import PHASE1_CACHE
@@ -154,7 +155,7 @@ class Plan:
         """Training images of one run of phase ``name`` (``phase1`` / ``phase2``), and in words."""
         n_train, n_val = self.summary.train, self.summary.val or 0
         cfg = getattr(self, name)
-        steps = max(1, n_train // cfg.batch_size)  # an epoch of the trainer's sampler
+        steps = steps_per_epoch(n_train, cfg.batch_size, cfg.sampling)  # an epoch of the trainer's sampler
         branches = 2 if cfg.sampling == "dual" else 1
         images = cfg.epochs * steps * branches * cfg.batch_size
         return images, (

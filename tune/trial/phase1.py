@@ -19,19 +19,31 @@ from tune.storage import Location
 from tune.trial.setup import SearchSetup, last_logged_epoch, run_metrics, run_params, seeded_trainer, trial_device
 
 
-def phase1_inputs(profile: dict, manifest_hash: str, prompt_length: int, data, seed: int, device: str) -> dict:
+def phase1_inputs(
+    profile: dict,
+    manifest_hash: str,
+    prompt_length: int,
+    data,
+    seed: int,
+    device: str,
+    head_dropout: float | None = None,
+) -> dict:
     """Everything phase 1's prompts and head depend on, for its cache key. Not the phase-2 shape
     (``pool_size``, ``top_k``, ``group_start``): ``LPT`` draws the phase-1 tensors from
     generators of their own. ``device``: where it trains (``cuda`` trains under bf16 autocast);
-    CPU-side augmentation draws its random crops in the loader workers, so their count counts."""
+    CPU-side augmentation draws its random crops in the loader workers, so their count counts.
+    ``image_size``: the side the model sees (the manifest names the images, not their resizing).
+    ``head_dropout``: the one the training model has (a trial's own, or a confirmation's), default
+    the profile's."""
     on_device = data.train_batch_transform is not None
     return {
         "backbone": profile["backbone"],
         "data": manifest_hash,
+        "image_size": data.image_size,
         "input": data.input_cfg.to_dict(),
         "augment": "device" if on_device else f"cpu, {profile['loader']['num_workers']} loader workers",
         "prompt_length": prompt_length,
-        "head_dropout": profile["model"]["head_dropout"],
+        "head_dropout": profile["model"]["head_dropout"] if head_dropout is None else head_dropout,
         "recipe": PhaseConfig.from_dict(profile["phase1"], where="phase1").to_dict(),
         "precision": "bf16 autocast" if torch.device(device).type == "cuda" else "fp32",
         "compile": profile["compile"],
@@ -47,13 +59,18 @@ def planned_device(profile: dict) -> str:
 
 
 def profile_phase1_key(
-    profile: dict, manifest_hash: str, prompt_length: int, data, seed: int, device: str | None = None
+    profile: dict,
+    manifest_hash: str,
+    prompt_length: int,
+    data,
+    seed: int,
+    device: str | None = None,
+    head_dropout: float | None = None,
 ) -> str:
     """The phase-1 cache key of a profile's phase 1 at ``prompt_length`` and ``seed``, trained on
-    ``device`` (default: ``planned_device``)."""
-    return phase1_key(
-        phase1_inputs(profile, manifest_hash, prompt_length, data, seed, device or planned_device(profile))
-    )
+    ``device`` (default: ``planned_device``) by a model with ``head_dropout`` (default: the profile's)."""
+    device = device or planned_device(profile)
+    return phase1_key(phase1_inputs(profile, manifest_hash, prompt_length, data, seed, device, head_dropout))
 
 
 def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: MlflowClient, log) -> tuple[str, float]:
@@ -62,7 +79,9 @@ def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: Mlflo
     (``tune.engine.phase1_upfront``), so a trial finds its key ready and waits 0 s; a key that is missing
     (a fresh seed, an entry deleted mid-search) is trained here, once per key, and the wait says so."""
     device = trial_device(setup.profile["device"])
-    key = profile_phase1_key(setup.profile, setup.manifest_hash, model.prompt_length, data, seed, device)
+    key = profile_phase1_key(
+        setup.profile, setup.manifest_hash, model.prompt_length, data, seed, device, model.config.head_dropout
+    )
     cache = Phase1Cache(setup.cache_dir)
     if cache.ready(key):
         path, trained, waited = cache.folder(key) / PHASE1_PROMPTS, False, 0.0

@@ -138,7 +138,7 @@ def _test_metrics(setup: SearchSetup, model: LPT, data) -> dict:
     result = evaluate(
         model.to(device),
         data.test,
-        data.class_counts,
+        data.shot_counts,
         device=device,
         batch_size=kw["eval_batch_size"],
         num_workers=kw["num_workers"],

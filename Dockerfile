@@ -70,7 +70,7 @@ COPY . .
 RUN pip install --no-deps --no-build-isolation . \
     && install -m 755 scripts/container-entrypoint.sh /usr/local/bin/lpt-entrypoint \
     && pip check \
-    && python -c "import lpt_core, tune.trial.trainable, psycopg2, aiohttp_cors, flask_wtf, optuna_dashboard" \
+    && python -c "import lpt_core, tune.trial.trainable, psycopg2, aiohttp_cors, flask_wtf, optuna_dashboard, psutil, pynvml, torchcodec.decoders" \
     && ray --version && mlflow --version
 
 ENTRYPOINT ["lpt-entrypoint"]

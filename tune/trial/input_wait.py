@@ -7,23 +7,12 @@ from __future__ import annotations
 import math
 import statistics
 
+from tune.config.input_capacity import knobs
+
 METRIC = "input_wait_fraction"
 # Above this share of the step time spent waiting for data, the accelerator idles for a fifth of
 # the trial or more: more decoding capacity would shorten the trial by about that share.
 DATA_BOUND = 0.2
-
-
-def knobs(profile: dict | None = None) -> str:
-    """What feeds a trial faster: more loader workers, more cores per trial, decoding (or
-    augmenting) on the device; with a profile, its current values and only the device switch its
-    dataset has (off)."""
-    if profile is None:
-        return "raise loader.num_workers and resources.cpu per trial, or set data.gpu_decode: true (image files)"
-    data, workers, cpu = profile["data"], profile["loader"]["num_workers"], profile["resources"]["cpu"]
-    device = next((k for k in ("gpu_decode", "gpu_augment") if k in data and not data[k]), None)
-    return f"raise loader.num_workers (now {workers}) and resources.cpu per trial (now {cpu:g})" + (
-        f", or set data.{device}: true" if device else ""
-    )
 
 
 def is_data_bound(fraction: float | None) -> bool:

@@ -54,7 +54,8 @@ WORKDIR /app
 # Dependencies first (layers that survive source edits). torch and torchvision are the big layer
 # (several GB), installed with their pins (torch-pins above). Then the project's dependencies, its
 # "cluster" extra (the MLflow login app, the PostgreSQL driver) and its "dashboard" extra
-# (optuna-dashboard) read from pyproject.toml, all pinned by constraints.txt.
+# (optuna-dashboard) read from pyproject.toml, all pinned by constraints.txt. TorchCodec (image
+# decoding) needs no system library: its wheel bundles libjpeg-turbo, libpng, libwebp and nvJPEG.
 COPY --from=torch-pins /tmp/torch-constraints.txt /tmp/torch-constraints.txt
 RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} -c /tmp/torch-constraints.txt torch torchvision \
     && rm /tmp/torch-constraints.txt

@@ -6,11 +6,14 @@ feed a trial faster. The per-core rates are defaults measured by ``benchmarks/in
 
 from __future__ import annotations
 
-# img/s one CPU core gives the training loop, by where the images come from (benchmarks/README.md,
-# input_pipeline.py, "decode + train transform" at about 500x375, ImageNet's size; Places365's
-# 256x256 JPEGs decode faster, iNat's 800x600 slower)
-DECODE_PER_CORE = 300.0  # JPEG files: decode + RandomResizedCrop/flip/normalise to 224 px
-AUGMENT_PER_CORE = 1500.0  # in-memory uint8 images (CIFAR, synthetic): the transform only
+# img/s one CPU core gives the training loop, by where the images come from. JPEG files: below what
+# benchmarks/input_pipeline.py measured for TorchCodec decode + the train transform of 500x375
+# JPEGs (705 per core, ImageNet's size; 1,128 at Places365's 256x256, 300 at iNat's 800x600) and
+# about the published per-core rate for Places365 (about 390), since a loader worker also reads the
+# file, collates the batch and ships it to the trainer. In-memory uint8 images (CIFAR, synthetic):
+# the transform alone measured 2,865 per core; half of it for the same overheads.
+DECODE_PER_CORE = 400.0
+AUGMENT_PER_CORE = 1500.0
 # img/s the GPU consumes when the profile gives no images_per_s: the lean bf16 phase-2 step of
 # ViT-B/16 at 224 px on an H200 (benchmarks/README.md, the issue's reference figures), per GPU
 GPU_IMAGES_PER_S = 3336.0

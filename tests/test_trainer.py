@@ -267,18 +267,22 @@ def test_input_wait_fraction_is_the_share_of_the_epoch_spent_waiting_for_batches
     slow_data.train = SlowSplit(synthetic_data.train, delay=0.02)  # 8 x 20 ms per batch in the main process
     starved = Trainer(make_model(), slow_data, 1, recipe, log=None).fit()
     assert 0.0 <= fed["input_wait_fraction"] <= 1.0
-    assert starved["input_wait_fraction"] > 0.5, starved
-    assert starved["input_wait_fraction"] > fed["input_wait_fraction"]
-    # at 8 x 20 ms per batch the loop cannot run faster than 50 img/s
-    assert starved["images_per_s"] < 50.0
+    # the epoch's seconds from its rate; the loop waited at least the loader's sleeping, whatever
+    # else the machine runs (sleeping does not slow down under load, computing does)
+    steps = len(synthetic_data.train_labels) // 8
+    seconds = steps * 8 / starved["images_per_s"]
+    waited = starved["input_wait_fraction"] * seconds
+    assert steps * 8 * 0.02 <= waited <= seconds, (waited, seconds)
+    assert starved["images_per_s"] < 50.0  # 8 x 20 ms per batch
 
 
 def test_data_bound_note_names_the_threshold_and_the_knobs():
     from tune.trial import input_wait
 
     assert input_wait.trial_note(0.05) == ", input wait 5%"
-    note = input_wait.trial_note(0.35)
-    assert "data-bound, above 20%" in note and "loader.num_workers" in note and "gpu_decode" in note
+    assert input_wait.trial_note(0.35) == (
+        ", input wait 35% (data-bound, above 20%: more loader workers, cpu per trial, or gpu_decode/gpu_augment)"
+    )
     assert input_wait.trial_note(float("nan")) == ""
     profile = {
         "data": {"name": "places_lt", "gpu_decode": False},

@@ -13,6 +13,7 @@ METRIC = "input_wait_fraction"
 # Above this share of the step time spent waiting for data, the accelerator idles for a fifth of
 # the trial or more: more decoding capacity would shorten the trial by about that share.
 DATA_BOUND = 0.2
+BRIEF_KNOBS = "more loader workers, cpu per trial, or gpu_decode/gpu_augment"  # the summary names them in full
 
 
 def is_data_bound(fraction: float | None) -> bool:
@@ -24,7 +25,7 @@ def trial_note(fraction: float | None) -> str:
     if fraction is None or not math.isfinite(fraction):
         return ""
     note = f", input wait {fraction:.0%}"
-    return note + (f" (data-bound, above {DATA_BOUND:.0%}: {knobs()})" if is_data_bound(fraction) else "")
+    return note + (f" (data-bound, above {DATA_BOUND:.0%}: {BRIEF_KNOBS})" if is_data_bound(fraction) else "")
 
 
 def summary_lines(rows: list[dict], profile: dict) -> list[str]:

@@ -101,19 +101,37 @@ def own_gpu_monitor(gpu_ids: list) -> BaseMetricsMonitor | None:
         return None
 
 
+class _IntervalMonitor(SystemMetricsMonitor):
+    """MLflow's monitor sampling at the end of each interval (MLflow's own loop takes its first
+    sample at once, a utilisation over no time at all), every point logged when it is taken."""
+
+    def monitor(self):
+        while not self._shutdown_event.wait(self.sampling_interval):
+            self.sample()
+
+    def sample(self) -> None:
+        try:
+            self.collect_metrics()
+            self.publish_metrics(self.aggregate_metrics())
+            self.mlflow_logger.flush()
+        except Exception as exc:  # a trial's result never depends on its utilisation figures
+            _log.warning("system metrics of run %s: a sample was not logged (%s)", self._run_id, exc)
+
+
 class TrialSystemMetrics:
     """Samples a trial run's system metrics from ``start()`` to ``finish()``."""
 
     def __init__(self, run_id: str, tracking_uri: str, gpu_ids: list, interval: float | None = None):
         self.run_id, self.tracking_uri, self.gpu_ids = run_id, tracking_uri, list(gpu_ids)
         self.interval = system_metrics_interval() if interval is None else interval
-        self.monitor: SystemMetricsMonitor | None = None
+        self.monitor: _IntervalMonitor | None = None
 
     def start(self) -> TrialSystemMetrics:
         if self.interval <= 0:
             return self
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per trial
         psutil.cpu_percent()  # the node's first sample measures from here
-        monitor = SystemMetricsMonitor(
+        monitor = _IntervalMonitor(
             self.run_id, sampling_interval=self.interval, resume_logging=True, tracking_uri=self.tracking_uri
         )
         gpu = own_gpu_monitor(self.gpu_ids)
@@ -123,14 +141,8 @@ class TrialSystemMetrics:
         return self
 
     def finish(self) -> None:
-        """Stop sampling; log one last sample (the mean since the previous one)."""
+        """Stop sampling; log one last sample (the time since the previous one)."""
         monitor, self.monitor = self.monitor, None
-        if monitor is None:
-            return
-        try:
+        if monitor is not None:
             monitor.finish()
-            monitor.collect_metrics()
-            monitor.publish_metrics(monitor.aggregate_metrics())
-            monitor.mlflow_logger.flush()
-        except Exception as exc:  # a trial's result never depends on its utilisation figures
-            _log.warning("system metrics of run %s: the last sample was not logged (%s)", self.run_id, exc)
+            monitor.sample()

@@ -41,7 +41,9 @@ def test_trial_run_gets_cpu_and_memory_metrics_from_a_real_store(tmp_path):
     assert len(history) >= 2 and [m.step for m in history] == list(range(len(history)))
     # the trial's processes spun all along (on a machine shared with other work: well above idle)
     assert max(m.value for m in history) > 20.0
-    assert all(0.0 <= m.value <= 100.0 for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage"))
+    node = [m.value for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage")]
+    # every point measures an interval: the node was busy with this spinning process in each
+    assert all(0.0 < v <= 100.0 for v in node), node
 
 
 def test_a_trial_shorter_than_the_interval_still_gets_one_sample(tmp_path):
@@ -50,8 +52,8 @@ def test_a_trial_shorter_than_the_interval_still_gets_one_sample(tmp_path):
     system = TrialSystemMetrics(run_id, client._tracking_client.tracking_uri, gpu_ids=[], interval=60).start()
     spin(0.3)
     system.finish()
-    history = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
-    assert len(history) == 1
+    [point] = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert point.value > 0.0  # it measured the 0.3 s this process spun
 
 
 def test_interval_zero_logs_nothing_and_a_bad_interval_is_named(tmp_path, monkeypatch):

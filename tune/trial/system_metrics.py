@@ -102,12 +102,16 @@ def own_gpu_monitor(gpu_ids: list) -> BaseMetricsMonitor | None:
 
 
 class _IntervalMonitor(SystemMetricsMonitor):
-    """MLflow's monitor sampling at the end of each interval (MLflow's own loop takes its first
-    sample at once, a utilisation over no time at all), every point logged when it is taken."""
+    """MLflow's monitor sampling at the end of each interval and once more when it stops (MLflow's
+    own loop takes its first sample at once, a utilisation over no time at all, and drops the
+    last), every point logged when it is taken, all on the monitor's thread (psutil measures the
+    node's CPU per calling thread)."""
 
     def monitor(self):
+        psutil.cpu_percent()  # the node's first sample measures from here (psutil keeps one clock per thread)
         while not self._shutdown_event.wait(self.sampling_interval):
             self.sample()
+        self.sample()  # the last, partial interval (finish() sets the event)
 
     def sample(self) -> None:
         try:
@@ -130,7 +134,6 @@ class TrialSystemMetrics:
         if self.interval <= 0:
             return self
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per trial
-        psutil.cpu_percent()  # the node's first sample measures from here
         monitor = _IntervalMonitor(
             self.run_id, sampling_interval=self.interval, resume_logging=True, tracking_uri=self.tracking_uri
         )
@@ -144,5 +147,4 @@ class TrialSystemMetrics:
         """Stop sampling; log one last sample (the time since the previous one)."""
         monitor, self.monitor = self.monitor, None
         if monitor is not None:
-            monitor.finish()
-            monitor.sample()
+            monitor.finish()  # its thread takes the last sample before it ends

@@ -9,6 +9,11 @@ SGD with momentum, lr = lr * batch / 256; ``warmup: epoch`` changes the lr once 
 released code steps timm's CosineLRScheduler (``released_epoch_lr``), ``warmup: step`` warms up
 linearly per step from ``warmup_lr`` and then follows a per-step cosine.
 bf16 autocast on CUDA, fp32 on CPU. The loss is summed on the device and read once per epoch.
+``input_wait_fraction``: the share of the epoch's training time the loop spent waiting for the
+loader's next batch (workers reading, decoding and augmenting on the CPU). The step's device work
+is queued asynchronously on CUDA, so a GPU-bound loop blocks in the step and waits ~0 for data;
+a data-bound one waits here while the GPU idles. An on-device decode (``gpu_decode``) counts as
+step time, as it is GPU work.
 After each epoch the validation split is evaluated and ``epochs()`` yields the metrics, where the
 caller can report and ``trainer.save_state(path)`` (``fit`` runs them all, with an optional
 ``on_epoch(metrics, trainer)``); ``load_state`` resumes there.
@@ -276,9 +281,16 @@ class Trainer:
         self.sampler.set_epoch(self.epoch)
         w = branch_weight(self.epoch, cfg.epochs)
         loss_sum = torch.zeros((), device=device)
-        images_seen = 0
+        images_seen, waited = 0, 0.0
+        batches = iter(self.loader)
         start = time.perf_counter()
-        for images, labels in self.loader:
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - asked  # the step waits for its batch (loader workers, decoding)
+            if batch is None:
+                break
+            images, labels = batch
             loss_sum += self.train_step(images, labels, w)
             images_seen += images.shape[0]
         train_loss = float(loss_sum) / self.steps_per_epoch  # the one host sync of the epoch
@@ -288,6 +300,7 @@ class Trainer:
         return {
             "train_loss": train_loss,
             "images_per_s": images_seen / max(seconds, 1e-9),
+            "input_wait_fraction": min(1.0, waited / max(seconds, 1e-9)),
             "lr": self.lr_at(max(0, self.step - 1)),
         }
 
@@ -323,7 +336,7 @@ class Trainer:
                 f"phase {self.phase} epoch {self.epoch}/{self.cfg.epochs}: loss {metrics['train_loss']:.4f} "
                 f"val {metrics['val_acc']:.2f}% (many {metrics['val_many_acc']:.1f} / medium "
                 f"{metrics['val_medium_acc']:.1f} / few {metrics['val_few_acc']:.1f}) "
-                f"{metrics['images_per_s']:.0f} img/s"
+                f"{metrics['images_per_s']:.0f} img/s, input wait {metrics['input_wait_fraction']:.0%}"
             )
             yield metrics
 

@@ -86,6 +86,7 @@ class Plan:
 
     def describe(self) -> str:
         from tune.config import early_stopping, validation
+        from tune.config.input_capacity import capacity_lines
         from tune.config.loading import objective_of
         from tune.config.samplers import describe_sampler, sampler_settings
         from tune.config.search_space import describe, prompt_lengths
@@ -116,6 +117,7 @@ class Plan:
             f"resources per trial: {r['cpu']:g} CPU, {r['gpu']:g} GPU"
             + (f" ({int(1 / r['gpu'])} trials per GPU)" if 0 < r["gpu"] < 1 else "")
             + (", compiled blocks" if self.profile["compile"] else ""),
+            *capacity_lines(self.profile),
             *self.cost_lines(n_phase1),
         ]
         return "\n".join(lines)

@@ -25,6 +25,7 @@ from tune.reports.lines import shot_line, with_se
 from tune.reports.search import log_search_report
 from tune.serving.registry import RegisterError, model_name, register_best
 from tune.storage import Location
+from tune.trial import input_wait
 from tune.trial.setup import SearchSetup
 from tune.trial.table import (
     BUDGET_STOPPED,
@@ -164,6 +165,7 @@ def wrap_up(
     ]
     lines += [f"  failed {r['trial_id']}: {r['error']}" for r in rows if r["status"] == FAILED][:5]
     lines.append(validation.describe(plan.summary))
+    lines += input_wait.summary_lines(rows, plan.profile)
     if best is not None:
         config = {p: best[p] for p in plan.study["space"]}
         prompt_file = prompt_path(folder, best["trial_id"])

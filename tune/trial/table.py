@@ -23,8 +23,9 @@ from tune.config.budget import MEASURES, hours_of
 from tune.config.study import OBJECTIVE_METRICS
 from tune.names import PROMPTS_DIR, STATUS
 from tune.storage import Location, location
+from tune.trial import input_wait
 
-FINAL_METRICS = (*OBJECTIVE_METRICS, "train_loss")
+FINAL_METRICS = (*OBJECTIVE_METRICS, "train_loss", input_wait.METRIC)
 COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED = "completed", "early_stopped", "failed", "interrupted"
 BUDGET_STOPPED = "budget_stopped"  # budget.on_exhausted: stop ended it before its last epoch
 STATUSES = (COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED, BUDGET_STOPPED)
@@ -192,6 +193,7 @@ class TrialTable(tune.Callback):
         print(
             f"trial {len(self.rows)}/{self.budget} {trial.trial_id} {row['status']} after {row['epochs']} "
             f"epochs: {self.metric} {row.get(self.metric, math.nan):.2f} ({shown})"
+            + input_wait.trial_note(row[input_wait.METRIC])
             + (f" - {row['error']}" if row["error"] else ""),
             flush=True,
         )

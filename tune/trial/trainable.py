@@ -2,7 +2,8 @@
 
 ``run_trial(config, setup)`` reads its phase-1 prompts from the cache (the driver trained them up
 front; the run's ``phase1_wait_s`` is how long it waited for them, 0 normally), trains phase 2 with
-the sampled params, and after every epoch logs to its MLflow run and calls ``tune.report`` with a
+the sampled params, and after every epoch logs to its MLflow run (and MLflow's system metrics
+throughout: ``system_metrics``) and calls ``tune.report`` with a
 checkpoint of the resumable trainer state. A retried or resumed trial starts from that checkpoint
 in the same MLflow run. The helpers below also serve the
 driver's test evaluation of the best trial and the confirmation runs with fresh seeds.
@@ -38,6 +39,7 @@ from tune.trial.setup import (
     seeded_trainer,
     trial_params,
 )
+from tune.trial.system_metrics import TrialSystemMetrics
 from tune.trial.table import prompt_path
 
 PHASE1_WAIT = "phase1_wait_s"  # trial-run metric: seconds the trial waited for its phase-1 prompts
@@ -73,6 +75,7 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
     )
     logged = last_logged_epoch(client, run_id)
     trainer = None
+    system = TrialSystemMetrics(run_id, setup.tracking_uri, ray.get_gpu_ids()).start()
     try:
         key, waited = ensure_phase1(setup, model, data, seed, client, log)
         trainer = seeded_trainer(setup, model, data, 2, recipe, seed, log)
@@ -129,6 +132,8 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
     except Exception as exc:
         mt.fail_run(client, run_id, exc)
         raise
+    finally:
+        system.finish()
 
 
 def _test_metrics(setup: SearchSetup, model: LPT, data) -> dict:

@@ -665,8 +665,21 @@ def test_the_docs_walk_through_the_cluster():
         "searcher",
         "unless-stopped",
         "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false",
+        "## 8. Storage in an object store",
+        "## 9. More machines",
+        "--profile s3",
+        "RAY_NODE_IP=",
+        "RAY_HEAD_IP=",
+        "secrets/aws_credentials",
+        "private network",
     ):
         assert needle in doc, needle
+    # every compose file a command names exists; object storage comes first, NFS as the alternative
+    named = set(re.findall(r"-f (docker-compose[\w.-]*\.yml)", doc))
+    assert named == {"docker-compose.yml", WORKER_FILE, *OVERRIDES}, named
+    assert all((ROOT / name).is_file() for name in named)
+    more = doc[doc.index("## 8. Storage in an object store") :]
+    assert more.index("object storage") < more.index("NFS")
 
 
 def test_object_storage_leaves_no_folder_shared(tmp_path, env_values):

@@ -829,6 +829,11 @@ def test_the_s3_stand_in_is_built_here_and_serves_its_buckets(tmp_path, services
     assert 'pip install -c /tmp/constraints.txt "moto[server]"' in dockerfile
     assert "COPY docker/s3/serve.py /usr/local/bin/lpt-s3" in dockerfile
     assert re.search(r"^USER s3$", dockerfile, re.M) and "--uid 10002" in dockerfile
+    test_extra = {
+        Requirement(r).name: Requirement(r) for r in load_lock_module().project()["optional-dependencies"]["test"]
+    }
+    assert "server" in test_extra["moto"].extras, "moto[server] is in the test extra, so constraints.txt pins it"
+    assert "moto" in load_lock_module().read_pins()
 
     port = free_port()
     env = {**os.environ, "S3_PORT": str(port), "S3_BUCKETS": "lpt,other"}

@@ -39,8 +39,11 @@ class S3Server:
 
 
 def start_s3(folder: Path, ip: str = "127.0.0.1") -> S3Server:
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     server = ThreadedMotoServer(ip_address=ip, port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

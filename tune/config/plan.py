@@ -10,6 +10,7 @@ from pathlib import Path
 from lpt_core.trainer import PhaseConfig
 from tune.errors import ConfigError
 from tune.names import PHASE1_CACHE
+from tune.storage import Location
 
 
 class Plan:
@@ -79,10 +80,8 @@ class Plan:
             check_baseline(self.study["space"], self.baseline, str(self.study_path)) if self.baseline else []
         )
         self.manifest_hash = self.summary.manifest_hash
-        self.storage = Path(os.path.expanduser(args.storage or os.environ.get("LPT_STORAGE", "runs"))).resolve()
+        self.storage = Location(args.storage or os.environ.get("LPT_STORAGE", "").strip() or "runs")
         check_storage_env()
-        if "://" in str(args.storage or ""):
-            raise ConfigError(f"--storage {args.storage}: give a folder on a filesystem every node mounts")
 
     def describe(self) -> str:
         from tune.config import early_stopping, validation

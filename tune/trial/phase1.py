@@ -3,6 +3,7 @@ and loading its prompts."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from tune import names
 from tune import tracking as mt
 from tune.names import PHASE1_PROMPTS, PHASE1_STATE
 from tune.phase1.cache import Phase1Cache, phase1_key
+from tune.storage import Location
 from tune.trial.setup import SearchSetup, last_logged_epoch, run_metrics, run_params, seeded_trainer, trial_device
 
 
@@ -71,16 +73,33 @@ def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: Mlflo
         )
         waited = time.monotonic() - started
     if not trained:
-        model.load_prompt_state_dict(load_prompts_partial(path), strict=False)
+        with path.local_copy() as local:
+            model.load_prompt_state_dict(load_prompts_partial(local), strict=False)
         log(f"phase 1 {key}: reusing cached prompts")
     return key, waited
 
 
 def train_phase1(
-    setup: SearchSetup, model: LPT, data, seed: int, key: str, folder: Path, client: MlflowClient, log
+    setup: SearchSetup, model: LPT, data, seed: int, key: str, folder: Location, client: MlflowClient, log
 ) -> dict:
     """Phase 1 of ``model`` into the cache entry ``folder``, resuming from its state file, in an
-    MLflow run of its own (the same run again after a crash)."""
+    MLflow run of its own (the same run again after a crash). It trains in a scratch folder of this
+    machine and publishes each epoch's state, then the prompt file, into the entry."""
+    with tempfile.TemporaryDirectory(prefix="lpt-phase1-") as scratch:
+        return _train_phase1(setup, model, data, seed, key, folder, Path(scratch), client, log)
+
+
+def _train_phase1(
+    setup: SearchSetup,
+    model: LPT,
+    data,
+    seed: int,
+    key: str,
+    folder: Location,
+    scratch: Path,
+    client: MlflowClient,
+    log,
+) -> dict:
     recipe = PhaseConfig.from_dict(setup.profile["phase1"], where="phase1")
     run_id = mt.find_run(client, setup.experiment_id, **{names.ROLE: names.ROLE_PHASE1, names.PHASE1_KEY: key})
     if run_id is None:
@@ -94,20 +113,23 @@ def train_phase1(
         client.update_run(run_id, status="RUNNING")
     logged = last_logged_epoch(client, run_id)
     trainer = seeded_trainer(setup, model, data, 1, recipe, seed, log)
+    state, prompts = scratch / PHASE1_STATE, scratch / PHASE1_PROMPTS
     if (folder / PHASE1_STATE).is_file():
-        trainer.load_state(folder / PHASE1_STATE)
+        trainer.load_state((folder / PHASE1_STATE).download(state))
         log(f"phase 1 {key}: resuming at epoch {trainer.epoch}")
     final: dict = {}
     try:
         for final in trainer.epochs():
             if final["epoch"] > logged:
                 mt.log(client, run_id, metrics=run_metrics(final), step=final["epoch"])
-            trainer.save_state(folder / PHASE1_STATE)
+            trainer.save_state(state)
+            (folder / PHASE1_STATE).upload(state)
     except Exception as exc:
         mt.fail_run(client, run_id, exc)
         raise
-    save_prompts(model, folder / PHASE1_PROMPTS, phase1_key=key)
-    client.log_artifact(run_id, str(folder / PHASE1_PROMPTS))
+    save_prompts(model, prompts, phase1_key=key)
+    (folder / PHASE1_PROMPTS).upload(prompts)  # last: the entry is ready from here on
+    client.log_artifact(run_id, str(prompts))
     client.set_terminated(run_id, "FINISHED")
     return {"mlflow_run_id": run_id, "val_acc": final.get("val_acc")}
 

@@ -26,6 +26,7 @@ from tune import tracking as mt
 from tune.config.loading import profile_data
 from tune.config.study import SHOT_KEYS
 from tune.names import PHASE1_STATE
+from tune.storage import Location
 from tune.trial.phase1 import ensure_phase1
 from tune.trial.report import log_trial_report
 from tune.trial.setup import (
@@ -97,10 +98,12 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
             if new:
                 mt.log(client, run_id, metrics=run_metrics(metrics), step=metrics["epoch"])
             if trainer.epoch == trainer.cfg.epochs:  # before the last report: Tune may end the actor right after it
-                prompt_file = prompt_path(setup.search_dir, trial_id)
-                save_prompts(model, prompt_file, trial_id=trial_id, phase1_key=key)
-                if new:
-                    client.log_artifact(run_id, str(prompt_file))
+                with tempfile.TemporaryDirectory() as tmp:  # published whole into the search's storage
+                    local = Path(tmp) / f"{trial_id}.safetensors"
+                    save_prompts(model, local, trial_id=trial_id, phase1_key=key)
+                    prompt_path(setup.search_dir, trial_id).upload(local)
+                    if new:
+                        client.log_artifact(run_id, str(local))
                     # validation figures as artifacts of the trial run (best effort)
                     log_trial_report(client, run_id, trainer, setup.experiment_id, key, log)
             with tempfile.TemporaryDirectory() as folder:
@@ -145,11 +148,12 @@ def _test_metrics(setup: SearchSetup, model: LPT, data) -> dict:
     return {f"test_{k}": result[k] for k in SHOT_KEYS}
 
 
-def evaluate_prompts(setup: SearchSetup, config: dict, prompt_file: str) -> dict:
+def evaluate_prompts(setup: SearchSetup, config: dict, prompt_file: Location) -> dict:
     """Test accuracy of a trial's saved prompts (the driver runs this on the best trial)."""
     data = profile_data(setup.profile)
     model, _ = build_model(setup, config, data, setup.profile["seed"])
-    load_prompts(model, prompt_file)
+    with prompt_file.local_copy() as path:
+        load_prompts(model, path)
     return _test_metrics(setup, model, data)
 
 

@@ -110,9 +110,12 @@ class S3Server:
     """moto's S3 server on 127.0.0.1 with one bucket, and a shared-credentials file's text."""
 
     def __init__(self):
+        import logging
         import secrets
 
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
 
         self.port = free_port()
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)

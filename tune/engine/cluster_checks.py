@@ -88,7 +88,7 @@ def _node_check(marker_uri: str, token: str, profile: dict) -> dict:
         seen = marker.read_text()
     except (OSError, ValueError) as exc:
         seen = None if isinstance(exc, FileNotFoundError) else f"error: {exc}"
-    answer = Location(f"{marker_uri}-{ray.get_runtime_context().get_node_id()}")
+    answer = marker.parent / f"{marker.name}-{ray.get_runtime_context().get_node_id()}"  # not after the query
     try:
         answer.write_text(token)
         wrote = None

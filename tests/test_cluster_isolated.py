@@ -99,13 +99,6 @@ def node_ports(ip: str) -> list[str]:
     ]
 
 
-def ray_argv(argv: list[str]) -> list[str]:
-    """``ray ...`` as this interpreter's module: the venv's console scripts may name another venv's
-    Python in their first line, whose Ray workers would import another checkout."""
-    assert Path(argv[0]).name == "ray", argv
-    return [sys.executable, "-m", "ray.scripts.scripts", *argv[1:]]
-
-
 class S3Server:
     """moto's S3 server on 127.0.0.1 with one bucket, and a shared-credentials file's text."""
 
@@ -255,7 +248,7 @@ class IsolatedCluster:
             {"--port": self.ray_port, "--dashboard-host": HEAD_IP, "--dashboard-port": free_port()},
         )
         self.head = self.spawn(
-            "ray-head", "ray-head", ray_argv(head) + node_ports(HEAD_IP) + ["--temp-dir=/tmp/ray"], self.env("ray-head")
+            "ray-head", "ray-head", head + node_ports(HEAD_IP) + ["--temp-dir=/tmp/ray"], self.env("ray-head")
         )
         self.head.wait_for_line("Ray runtime started", 180)
         for n in range(1, len(WORKER_IPS) + 1):
@@ -295,7 +288,7 @@ class IsolatedCluster:
         worker = localize(
             command_of(self.stack.services["ray-worker"]), {**self.stack.subst, "ray-head:6379": self.ray_address}
         )
-        argv = ray_argv(worker) + node_ports(WORKER_IPS[n - 1]) + ["--temp-dir=/tmp/ray"]
+        argv = worker + node_ports(WORKER_IPS[n - 1]) + ["--temp-dir=/tmp/ray"]
         proc = self.spawn(f"ray-worker-{n}", "ray-worker", argv, self.env("ray-worker"))
         if n <= len(self.workers):
             self.workers[n - 1] = proc

@@ -376,7 +376,7 @@ def test_a_local_storage_path_is_refused_by_the_preflight(cluster):
 
 # The search the tests below follow: a study whose trials may fail (a node is lost) and are never
 # stopped early (the victim must live until the kill), a few short trials.
-STUDY, EPOCHS, TRIALS, MORE_TRIALS = "node_loss", 3, 3, 5
+STUDY, EPOCHS, TRIALS, MORE_TRIALS = "node_loss", 3, 2, 4
 SETS = ("--set", f"phase2.epochs={EPOCHS}")
 
 

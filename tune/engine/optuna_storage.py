@@ -41,7 +41,11 @@ def storage_url(folder: Location) -> str:
 
 
 def sqlite_file(folder: Location) -> Path:
-    return folder.local_path / OPTUNA_FILE if folder.is_local else work_dir(folder.name) / OPTUNA_FILE
+    if folder.is_local:
+        return folder.local_path / OPTUNA_FILE
+    work = work_dir(folder.name)
+    work.mkdir(parents=True, exist_ok=True)
+    return work / OPTUNA_FILE
 
 
 def publish_copy(folder: Location, url: str) -> None:

@@ -183,7 +183,11 @@ def localize(argv: list[str], subst: dict, flags: dict | None = None) -> list[st
             continue
         out.append(substitute(token, subst))
         i += 1
-    if out and out[0] in ("ray", "mlflow", "python", "python3"):
+    if out and out[0] == "ray":
+        # this interpreter's module, not the console script: a venv copied from another checkout
+        # keeps that venv's Python in its scripts' first line, and Ray's workers would import there
+        out[:1] = [sys.executable, "-m", "ray.scripts.scripts"]
+    elif out and out[0] in ("mlflow", "python", "python3"):
         out[0] = sys.executable if out[0].startswith("python") else str(VENV_BIN / out[0])
     return [
         str(ROOT / a) if not a.startswith(("-", "/")) and a.endswith(".py") and (ROOT / a).is_file() else a for a in out

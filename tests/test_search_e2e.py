@@ -100,7 +100,7 @@ def test_smoke_search_records_every_trial(smoke_search, tmp_path):
         assert (
             "not confirmed: measured on the 200 validation images the best of 6 trials (one seed each) was selected on"
         ) in smoke_search.stdout
-        assert "--resume --confirm 3" in smoke_search.stdout
+        assert "--resume --confirm 5" in smoke_search.stdout
     assert "sampler: TPE (multivariate, constant liar), 2 random start-up trials of 6" in smoke_search.stdout
     assert parent.data.params["sampler"].startswith("TPE (multivariate, constant liar)")
     artifacts = [a.path for a in client.list_artifacts(best[0].info.run_id)]

@@ -15,9 +15,9 @@ from tune.config.loading import objective_of
 from tune.config.study import StudyConfig
 from tune.engine import budget_ledger as ledger
 from tune.engine.baseline_gain import baseline_row
+from tune.engine.confirmation import confirm
 from tune.engine.optuna_storage import storage_url
 from tune.engine.tuner import search_setup
-from tune.engine.wrap_up import confirm
 from tune.errors import ConfigError
 from tune.names import TABLE_FILE
 from tune.record import FINISHED, latest_search, load_record, save_record
@@ -126,16 +126,14 @@ def confirm_finished(plan, args, uri: str, folder: Path, record: dict) -> int:
     )
     if best is None:
         raise ConfigError(f"--confirm: {folder.name} has no completed trial to confirm")
-    summary: dict = {}
-    lines = confirm(
+    summary, tags, lines = confirm(
         plan,
         search_setup(plan, folder, record, uri),
         {p: best[p] for p in plan.study["space"]},
         baseline_row(rows),
         args.confirm,
-        summary,
     )
-    mt.log(client, parent_id, metrics=summary, tags={names.CONFIRMED_TRIAL: best["trial_id"]})
+    mt.log(client, parent_id, metrics=summary, tags={**tags, names.CONFIRMED_TRIAL: best["trial_id"]})
     log_search_report(client, parent_id, folder)
     print(f"{folder.name}: best trial {best['trial_id']}\n" + "\n".join(lines), flush=True)
     return 0

@@ -101,3 +101,50 @@ def test_the_report_page_keeps_not_confirmed_when_confirm_metrics_exist():
     assert text.startswith("<p><b>Not confirmed.</b>") and "no interval was recorded" in text
     [text] = _verdict(info, {}, True)
     assert "biased upward" in text and "--resume --confirm 5" in text
+
+
+def test_the_test_exposure_ledger_keeps_every_tested_trial(tmp_path):
+    """The parent run's ``lpt.test_exposed`` grows with each wrap-up and confirmation (read back
+    from the run, so a --resume in a new process keeps it); the lines name the count."""
+    from mlflow import MlflowClient
+
+    from tune.engine import test_exposure as exposure
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.create_run(client.create_experiment("ledger")).info.run_id
+    assert exposure.exposed(client.get_run(parent).data.tags) == []
+    assert exposure.new_best_line([], "t1") is None  # the first best: nothing seen before
+    assert exposure.expose(client, parent, ["t1"]) == ["t1"]
+    again = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # a resumed search: another client
+    assert exposure.expose(again, parent, ["t1", "t0"]) == ["t1", "t0"]  # --confirm: best and baseline
+    ledger = exposure.exposed(again.get_run(parent).data.tags)
+    assert exposure.new_best_line(ledger, "t1") is None  # the same best: no new exposure
+    assert exposure.new_best_line(ledger, "t5") == (
+        "  test exposure: t5 is a new best; testing it makes 3 configs seen on test (before: t1, t0): "
+        "compare them on validation, never by their test numbers"
+    )
+    assert exposure.expose(again, parent, ["t5"]) == ["t1", "t0", "t5"]
+    run = again.get_run(parent)
+    assert run.data.tags["lpt.test_exposed"] == "t1,t0,t5" and run.data.metrics["test_configs_seen"] == 3
+    assert exposure.seen(["t1", "t0", "t5"]) == "the test split has seen 3 configs of this search (t1, t0, t5)"
+    assert exposure.seen(["t1"]) == "the test split has seen 1 config of this search (t1)"
+
+
+def test_the_test_pass_gives_evaluates_accuracies_and_each_images_outcome(backbone, synthetic_data):
+    """``score_test``: the same accuracies as ``lpt_core.evaluate`` in one pass, plus the per-image
+    outcome in the test split's order (what the paired SE pairs)."""
+    import torch
+
+    from lpt_core import LPT, evaluate
+    from tune.config.loading import load_profile
+    from tune.trial.test_scores import score_test
+
+    profile = load_profile("smoke")[1]
+    model = LPT(backbone, synthetic_data.num_classes, prompt_length=2, pool_size=4, top_k=2, group_start=2)
+    out = score_test(profile, model, synthetic_data)
+    ref = evaluate(model, synthetic_data.test, synthetic_data.class_counts, device=torch.device("cpu"))
+    for k in ("acc", "many_acc", "medium_acc", "few_acc"):
+        assert out[f"test_{k}"] == pytest.approx(ref[k], nan_ok=True)
+    labels = [int(y) for _, y in synthetic_data.test]
+    assert out["labels"].tolist() == labels and out["correct"].dtype == bool
+    assert 100.0 * out["correct"].mean() == pytest.approx(out["test_acc"])

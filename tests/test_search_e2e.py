@@ -72,6 +72,10 @@ def test_smoke_search_records_every_trial(smoke_search, tmp_path):
             assert m in metrics
     best = [r for r in trials if r.data.tags.get("lpt.best") == "true"]
     assert len(best) == 1 and "test_few_acc" in best[0].data.metrics
+    # the test-exposure ledger: one config seen on test, named with the test line
+    assert parent.data.tags["lpt.test_exposed"] == best[0].data.tags["lpt.trial_id"]
+    assert parent.data.metrics["test_configs_seen"] == 1
+    assert "; the test split has seen 1 config of this search (" in smoke_search.stdout
 
     # the baseline: the profile's values, every epoch, a run tagged as such, its gain on the parent
     [baseline] = [r for r in table if r["baseline"]]

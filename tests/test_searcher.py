@@ -129,11 +129,12 @@ def test_a_confirmation_of_an_earlier_best_is_named_as_such():
     args = parse_args(["--study", "prompt_pool", "--profile", "smoke", "--resume", "--trials", "8"])
     assert stale_confirmation({}, "t2", args) == []  # never confirmed
     assert stale_confirmation({"lpt.confirmed_trial": "t2"}, "t2", args) == []
-    [line] = stale_confirmation({"lpt.confirmed_trial": "t1"}, "t2", args)
+    [line] = stale_confirmation({"lpt.confirmed_trial": "t1", "lpt.test_exposed": "t1,t0,t2"}, "t2", args)
     assert line == (
         "  confirmation: the parent run's confirm_* metrics are of trial t1, the best before this "
-        "extension; confirm t2 with python tune/search.py --study prompt_pool --profile smoke --resume "
-        "--confirm N"
+        "extension; the test split has seen 3 configs of this search (t1, t0, t2), and confirming t2 "
+        "(python tune/search.py --study prompt_pool --profile smoke --resume --confirm 5) tests it and the "
+        "baseline again: judge it by its interval, not against the other configs' test numbers"
     )
 
 

@@ -14,6 +14,7 @@ STORAGE = "lpt.storage"  # parent run: the search folder's absolute path
 BEST = "lpt.best"  # the best trial's run: "true"
 BEST_TRIAL_ID = "lpt.best_trial_id"  # parent run
 CONFIRMED_TRIAL = "lpt.confirmed_trial"  # parent run: the trial whose config --confirm retrained
+TEST_EXPOSED = "lpt.test_exposed"  # parent run: every trial id evaluated on test, first tested first
 CONFIRMATION = "lpt.confirmation"  # parent run: --confirm's verdict, confirmed | not confirmed
 PARETO_TRIALS = "lpt.pareto_trials"  # parent run, multi-objective studies: comma-separated trial ids
 STATUS = "lpt.status"  # trial run: completed | early_stopped | failed | interrupted

@@ -19,12 +19,14 @@ import statistics
 
 import numpy as np
 import ray
+from mlflow import MlflowClient
 from scipy import stats
 
 from lpt_core.metrics import shot_groups
 from tune import names
 from tune.config.loading import objective_of
 from tune.config.study import SHOT_KEYS
+from tune.engine import test_exposure as exposure
 from tune.engine.tuner import on_resources
 from tune.trial.setup import SearchSetup
 from tune.trial.table import COMPLETED
@@ -166,10 +168,12 @@ def _row(metrics: dict, prefix: str, fmt: str) -> str:
     return ", ".join(shown)
 
 
-def confirm(plan, setup: SearchSetup, config: dict, baseline: dict | None, n: int) -> tuple[dict, dict, list[str]]:
-    """Retrain the best config, and the baseline's when it ran every epoch and is another config,
-    with the same ``n`` fresh seeds (all at once, as Ray tasks). Returns ``confirm_summary``'s
-    metrics, tags and lines."""
+def confirm(
+    plan, setup: SearchSetup, best_id: str, config: dict, baseline: dict | None, n: int
+) -> tuple[dict, dict, list[str]]:
+    """Retrain the best config (trial ``best_id``), and the baseline's when it ran every epoch and
+    is another config, with the same ``n`` fresh seeds (all at once, as Ray tasks); both go into
+    the test-exposure ledger. Returns ``confirm_summary``'s metrics, tags and lines."""
     seeds = [plan.profile["seed"] + 1000 + i for i in range(n)]
     configs = {"best": config}
     base = (
@@ -188,4 +192,8 @@ def confirm(plan, setup: SearchSetup, config: dict, baseline: dict | None, n: in
     results: dict = {name: ray.get(refs) for name, refs in pending.items()}
     results["no_baseline"] = base is None
     key = objective_of(plan.study["objective"])[0][0].removeprefix("val_")
-    return confirm_summary(results, plan.data.class_counts, plan.profile["shot_split"], key)
+    metrics, tags, lines = confirm_summary(results, plan.data.class_counts, plan.profile["shot_split"], key)
+    tested = [best_id, *([baseline["trial_id"]] if "baseline" in configs and baseline is not None else [])]
+    ledger = exposure.expose(MlflowClient(setup.tracking_uri), setup.parent_run_id, tested)
+    lines[0] = f"{lines[0].removesuffix(':')}; {exposure.seen(ledger)}:"
+    return metrics, tags, lines

@@ -129,6 +129,7 @@ def confirm_finished(plan, args, uri: str, folder: Path, record: dict) -> int:
     summary, tags, lines = confirm(
         plan,
         search_setup(plan, folder, record, uri),
+        best["trial_id"],
         {p: best[p] for p in plan.study["space"]},
         baseline_row(rows),
         args.confirm,

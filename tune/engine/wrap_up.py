@@ -18,6 +18,7 @@ from tune._cli import EXIT_INTERRUPTED
 from tune.config import validation
 from tune.config.validation import SE_METRIC, SIZE_METRIC, binomial_se
 from tune.engine import budget_ledger as ledger
+from tune.engine import test_exposure as exposure
 from tune.engine.baseline_gain import baseline_row, validation_gain
 from tune.engine.confirmation import DEFAULT_SEEDS, confirm
 from tune.engine.tuner import on_resources, pareto
@@ -167,7 +168,9 @@ def wrap_up(
     if best is not None:
         config = {p: best[p] for p in plan.study["space"]}
         prompt_file = prompt_path(folder, best["trial_id"])
+        before = exposure.exposed(client.get_run(parent_id).data.tags)
         test = ray.get(on_resources(evaluate_prompts, plan.profile).remote(setup, config, str(prompt_file)))
+        tested = exposure.expose(client, parent_id, [best["trial_id"]])
         mt.log(client, best["mlflow_run_id"], metrics=test, tags={names.BEST: "true"})
         summary.update({f"best_{k}": v for k, v in {**{m: best[m] for m in metrics}, **test}.items()})
         summary[SE_METRIC] = binomial_se(best["val_acc"], val_images)
@@ -175,7 +178,8 @@ def wrap_up(
         lines += [
             f"best trial {best['trial_id']}: " + ", ".join(f"{k}={v}" for k, v in config.items()),
             "  validation: " + with_se(best, val_images),
-            "  test:       " + shot_line(test, "test_"),
+            *filter(None, [exposure.new_best_line(before, best["trial_id"])]),
+            "  test:       " + shot_line(test, "test_") + f"; {exposure.seen(tested)}",
             f"  prompts:    {prompt_file}",
         ]
         if args.register is not None:  # the pyfunc model of the best trial, in the Model Registry
@@ -216,7 +220,7 @@ def wrap_up(
         summary.update(gain)
         lines += gain_lines
         if args.confirm:
-            confirmed, tags, confirm_lines = confirm(plan, setup, config, baseline, args.confirm)
+            confirmed, tags, confirm_lines = confirm(plan, setup, best["trial_id"], config, baseline, args.confirm)
             summary.update(confirmed)
             mt.log(client, parent_id, tags={**tags, names.CONFIRMED_TRIAL: best["trial_id"]})
             lines += confirm_lines
@@ -247,7 +251,9 @@ def stale_confirmation(tags: dict, best_trial_id: str, args) -> list[str]:
         return []
     return [
         f"  confirmation: the parent run's confirm_* metrics are of trial {confirmed}, the best before this "
-        f"extension; confirm {best_trial_id} with {resume_command(args)} --confirm N"
+        f"extension; {exposure.seen(exposure.exposed(tags))}, and confirming {best_trial_id} "
+        f"({resume_command(args)} --confirm {DEFAULT_SEEDS}) tests it and the baseline again: judge it by "
+        f"its interval, not against the other configs' test numbers"
     ]
 
 

@@ -81,7 +81,7 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
                 else []
             ),
             *([("gain of the best over the baseline (points)", "gain_val_", gain)] if gain else []),
-            ("test (best trial)", "test_", info.get("test") or {}),
+            (f"test (best trial; {_seen(info.get('test_exposed') or [])})", "test_", info.get("test") or {}),
         ]
         for label, prefix, values in rows:
             parts.append(
@@ -211,3 +211,11 @@ def _verdict(info: dict, confirm: dict, gain: bool) -> list[str]:
     if info.get("confirmation") == "confirmed":
         return [f"<p><b>Confirmed.</b> On test, over fresh seeds, {span}: it excludes 0.</p>"]
     return [f"<p><b>Not confirmed.</b> On test, over fresh seeds, {span}. More seeds: {command}.</p>"]
+
+
+def _seen(ledger: list[str]) -> str:
+    """How many configs of the search the test split has seen (the parent's ``lpt.test_exposed``)."""
+    if not ledger:
+        return "the test-exposure ledger is empty"
+    n = len(ledger)
+    return f"the test split has seen {n} config{'s' * (n != 1)} of this search"

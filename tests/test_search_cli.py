@@ -169,7 +169,7 @@ def test_dry_run_says_what_the_budget_pays_for(capsys):
     ) in out
     assert (
         "cost budget at 50 img/s: phase 1 up front 0.0107 CPU-core-hours (unless cached), then 22 whole trials "
-        "of 0.0213, about 44 with ASHA's stops at epochs 1, 2 (if each keeps 1/2 of its trials: 0.0107 a trial; "
+        "of 0.0213, about 26 with ASHA's stops at epoch 3 (if each keeps 1/2 of its trials: 0.0187 a trial; "
         "the baseline runs every epoch): budget.trials (12) ends the search first"
     ) in out
     assert (
@@ -191,8 +191,8 @@ def test_dry_run_says_what_the_budget_pays_for(capsys):
     out = capsys.readouterr().out
     assert "then running trials stop at their next epoch" in out
     assert (
-        "then 1 whole trial of 0.0213, about 2 with ASHA's stops at epochs 1, 2 (if each keeps 1/2 of its "
-        "trials: 0.0107 a trial; the baseline runs every epoch): the budget ends the search before budget.trials "
+        "then 1 whole trial of 0.0213, about 1 with ASHA's stops at epoch 3 (if each keeps 1/2 of its "
+        "trials: 0.0187 a trial; the baseline runs every epoch): the budget ends the search before budget.trials "
         "(12)"
     ) in out
     assert main(["--study", "prompt_pool", "--dry-run", "--cpu-hours", "0.01", "--set", "images_per_s=50"]) == 0

@@ -107,7 +107,7 @@ def say_finished(plan, folder: Path, record: dict) -> int:
         + (f"; {ended}" if ended else "")
         + f"). See its summary with python tune/report.py --study "
         f"{plan.study_name}; extend it with --resume --trials N (N > {budget}), or confirm its best on test "
-        f"with --resume --confirm N",
+        f"with --resume --confirm 5 (it tests the best and the baseline again with fresh seeds)",
         flush=True,
     )
     return 0

@@ -46,7 +46,10 @@ def test_smoke_search_records_every_trial(smoke_search, tmp_path):
         table[0]
     )
     statuses = [r["status"] for r in table]
-    assert statuses.count("early_stopped") >= 1 and statuses.count("completed") >= 1
+    # SteadyASHA judges at epoch 3 of 4 and stops only a trial that trails 3 others' cutoff by one SE of
+    # val_acc (±2.5 points on 200 images): on the smoke data it may stop none (issue 29)
+    assert statuses.count("completed") >= 1
+    assert all(r["epochs"] == 3 for r in table if r["status"] == "early_stopped")
     assert all(r["top_k"] <= r["pool_size"] and 2 <= r["group_start"] <= 3 for r in table)
 
     client = smoke_search.client()

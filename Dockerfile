@@ -54,7 +54,8 @@ WORKDIR /app
 # Dependencies first (layers that survive source edits). torch and torchvision are the big layer
 # (several GB), installed with their pins (torch-pins above). Then the project's dependencies, its
 # "cluster" extra (the MLflow login app, the PostgreSQL driver) and its "dashboard" extra
-# (optuna-dashboard) read from pyproject.toml, all pinned by constraints.txt.
+# (optuna-dashboard) read from pyproject.toml, all pinned by constraints.txt. TorchCodec (image
+# decoding) needs no system library: its wheel bundles libjpeg-turbo, libpng, libwebp and nvJPEG.
 COPY --from=torch-pins /tmp/torch-constraints.txt /tmp/torch-constraints.txt
 RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} -c /tmp/torch-constraints.txt torch torchvision \
     && rm /tmp/torch-constraints.txt
@@ -70,7 +71,7 @@ COPY . .
 RUN pip install --no-deps --no-build-isolation . \
     && install -m 755 scripts/container-entrypoint.sh /usr/local/bin/lpt-entrypoint \
     && pip check \
-    && python -c "import lpt_core, tune.trial.trainable, psycopg2, aiohttp_cors, flask_wtf, optuna_dashboard" \
+    && python -c "import lpt_core, tune.trial.trainable, psycopg2, aiohttp_cors, flask_wtf, optuna_dashboard, psutil, pynvml, torchcodec.decoders" \
     && ray --version && mlflow --version
 
 ENTRYPOINT ["lpt-entrypoint"]

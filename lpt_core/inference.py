@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .backbones import build_backbone_from_spec
 from .checkpoint import load_prompts
 from .data import transforms
+from .data.decode import decode_rgb
 from .model import LPT
 from .trainer import predict_batches, resolve_device
 
@@ -100,7 +101,8 @@ class LPTClassifier:
 
     # ----------------------------------------------------------------------------- input
     def load_image(self, item, where: str):
-        """One image as PIL or uint8 tensor: bytes and paths are decoded with PIL (as the datasets do)."""
+        """One image as PIL or uint8 tensor: bytes and paths are decoded as the datasets decode them
+        (``data.decode.decode_rgb``: TorchCodec, PIL for the formats it does not read)."""
         if isinstance(item, (str, os.PathLike)):
             path = Path(item).expanduser()
             if not path.is_file():
@@ -109,12 +111,9 @@ class LPTClassifier:
             where = f"{where}: {path}"
         if isinstance(item, (bytes, bytearray, memoryview)):
             try:
-                with Image.open(io.BytesIO(bytes(item))) as im:
-                    return im.convert("RGB")
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise ValueError(
-                    f"{where}: unreadable image ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-                ) from None
+                return decode_rgb(torch.frombuffer(bytearray(item), dtype=torch.uint8), where)
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
         if isinstance(item, Image.Image):
             return item.convert("RGB")
         if isinstance(item, torch.Tensor):

@@ -1,7 +1,8 @@
 """Losses of LPT: Gaussian-clouded logit loss (GCL), its asymmetric variant (A-GCL), the branch weight.
 
-GCL perturbs each non-target class's cosine logit by Gaussian noise whose amplitude grows towards
-the tail, ``noise_mul * |N(0, 1/3)|.clamp(-1, 1) * (log n_max - log n_j) / (log n_max - log n_min)``,
+GCL perturbs every class's cosine logit, the target's included (as the released ``AGCL`` does:
+its noise covers the whole logit matrix), by Gaussian noise whose amplitude grows towards the tail
+of class j, ``noise_mul * |N(0, 1/3)|.clamp(-1, 1) * (log n_max - log n_j) / (log n_max - log n_min)``,
 subtracts a margin on the target logit and scales by ``s``. A-GCL replaces cross-entropy with the
 asymmetric single-label loss: the log-softmax weighted by ``(1 - p)^gamma_pos`` on the target and
 ``p^gamma_neg`` on the others, with label smoothing.

@@ -8,9 +8,15 @@ exactly ``per_class`` times. The instance-balanced draws are a plain shuffle.
 
 ``DualBatchSampler`` yields, for each step, the class-balanced indices followed by the
 instance-balanced ones in one list, so a single DataLoader loads one batch of ``2 * batch_size``
-images and the model runs both branches as one batch. ``InstanceBatchSampler`` yields the shuffled
-indices alone (``sampling: instance``). Both draw from a generator seeded by (seed, epoch) only, so
-a resumed run sees the same batches; unlike the released iterators, cycles restart every epoch.
+images and the model runs both branches as one batch. It runs the released loop's epoch:
+``len(train) // batch_size + 1`` steps (the release breaks once its counter exceeds
+``len // batch``), and each instance-balanced batch is the first ``batch_size`` of a fresh shuffle
+(the release calls ``next(iter(train_loader_ibs))`` at every step: a new shuffled iterator), so
+the IB images of one step are distinct but steps draw independently, with replacement across
+steps. ``InstanceBatchSampler`` (``sampling: instance``, not in the release) yields
+``len // batch_size`` batches of one shuffle, one pass per epoch. Both draw from a generator seeded
+by (seed, epoch) only, so a resumed run sees the same batches; unlike the released iterators, the
+class-aware cycles restart every epoch.
 """
 
 from __future__ import annotations
@@ -73,16 +79,24 @@ def shuffled_indices(num_images: int, count: int, generator: torch.Generator) ->
     return torch.cat([torch.randperm(num_images, generator=generator) for _ in range(repeats)])[:count].tolist()
 
 
+def steps_per_epoch(num_images: int, batch_size: int, sampling: str) -> int:
+    """Optimiser steps in one epoch: the released loop's ``num_images // batch_size + 1`` for
+    ``dual``, one pass of a shuffle (``num_images // batch_size``, at least 1) for ``instance``."""
+    return num_images // batch_size + 1 if sampling == "dual" else max(1, num_images // batch_size)
+
+
 class _EpochBatchSampler(Sampler[list[int]]):
-    """``len(labels) // batch_size`` steps per epoch (at least one); ``set_epoch`` before each
-    epoch: the draws depend only on (seed, epoch)."""
+    """``steps_per_epoch`` steps per epoch; ``set_epoch`` before each epoch: the draws depend only
+    on (seed, epoch)."""
+
+    sampling = "instance"
 
     def __init__(self, labels: Sequence[int], batch_size: int, seed: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         self.num_images = len(labels)
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
-        self.steps = max(1, self.num_images // batch_size)
+        self.steps = steps_per_epoch(self.num_images, batch_size, self.sampling)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -95,7 +109,10 @@ class _EpochBatchSampler(Sampler[list[int]]):
 
 
 class DualBatchSampler(_EpochBatchSampler):
-    """Per step: ``batch_size`` class-balanced indices then ``batch_size`` shuffled ones."""
+    """Per step: ``batch_size`` class-balanced indices, then the first ``batch_size`` of a fresh
+    shuffle of the training set (the released loop's ``next(iter(train_loader_ibs))``)."""
+
+    sampling = "dual"
 
     def __init__(self, labels: Sequence[int], num_classes: int, batch_size: int, per_class: int = 4, seed: int = 0):
         super().__init__(labels, batch_size, seed)
@@ -105,9 +122,8 @@ class DualBatchSampler(_EpochBatchSampler):
         gen = self.generator()
         total, b = self.steps * self.batch_size, self.batch_size
         balanced = list(self.class_aware.draw(total, gen))
-        shuffled = shuffled_indices(self.num_images, total, gen)
         for s in range(self.steps):
-            yield balanced[s * b : (s + 1) * b] + shuffled[s * b : (s + 1) * b]
+            yield balanced[s * b : (s + 1) * b] + shuffled_indices(self.num_images, b, gen)
 
 
 class InstanceBatchSampler(_EpochBatchSampler):

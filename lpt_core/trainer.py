@@ -9,6 +9,11 @@ SGD with momentum, lr = lr * batch / 256; ``warmup: epoch`` changes the lr once 
 released code steps timm's CosineLRScheduler (``released_epoch_lr``), ``warmup: step`` warms up
 linearly per step from ``warmup_lr`` and then follows a per-step cosine.
 bf16 autocast on CUDA, fp32 on CPU. The loss is summed on the device and read once per epoch.
+``input_wait_fraction``: the share of the epoch's training time the loop spent waiting for the
+loader's next batch (workers reading, decoding and augmenting on the CPU). The step's device work
+is queued asynchronously on CUDA, so a GPU-bound loop blocks in the step and waits ~0 for data;
+a data-bound one waits here while the GPU idles. An on-device decode (``gpu_decode``) counts as
+step time, as it is GPU work.
 After each epoch the validation split is evaluated and ``epochs()`` yields the metrics, where the
 caller can report and ``trainer.save_state(path)`` (``fit`` runs them all, with an optional
 ``on_epoch(metrics, trainer)``); ``load_state`` resumes there.
@@ -116,16 +121,16 @@ def released_epoch_lr(epoch: int, epochs: int, peak_lr: float, warmup_epochs: in
 
 @torch.no_grad()
 def predict_batches(
-    model: LPT, loader: DataLoader, device: torch.device, batch_transform: Callable | None = None
+    model: LPT, loader: DataLoader, device: torch.device, batch_transform: Callable | None = None, bf16: bool = True
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
     """``(logits, labels, aux)`` of each batch of ``loader`` on ``device``: eval mode, no grad, bf16
-    autocast on CUDA; the model's training mode is restored when the loop ends."""
+    autocast on CUDA unless ``bf16`` is False; the model's training mode is restored when the loop ends."""
     was_training = model.training
     model.eval()
     try:
         for images, labels in loader:
             images, labels = to_device(images, labels, device, batch_transform)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
                 logits, aux = model(images)
             yield logits, labels, aux
     finally:
@@ -144,11 +149,13 @@ def evaluate(
     loader: DataLoader | None = None,
     batch_transform: Callable | None = None,
     shot_split: str = "standard",
+    bf16: bool = True,
 ) -> dict:
     """Accuracy (percent) overall and many/medium/few (``shot_split``: ``standard`` or the released
     script's ``released``; see ``metrics``), the per-class vector, ``shot_confusion`` [3, 3]
     (images of a many/medium/few class, rows, predicted as a class of each group, columns) and,
-    in phase 2, ``prompt_usage`` [C, P]: how often images of each class selected each group prompt."""
+    in phase 2, ``prompt_usage`` [C, P]: how often images of each class selected each group prompt.
+    bf16 autocast on CUDA unless ``bf16`` is False (fp32 throughout)."""
     device = device or next(model.parameters()).device
     loader = loader or make_loader(dataset, device, num_workers, batch_size=batch_size)
     c = model.num_classes
@@ -157,7 +164,7 @@ def evaluate(
     usage = torch.zeros(c, model.pool_size, dtype=torch.long, device=device)
     group = group_index(class_counts, shot_split).to(device)
     groups = torch.zeros(len(GROUPS) ** 2, dtype=torch.long, device=device)
-    for logits, labels, aux in predict_batches(model, loader, device, batch_transform):
+    for logits, labels, aux in predict_batches(model, loader, device, batch_transform, bf16):
         preds = logits.argmax(dim=1)
         ok, n = confusion_counts(preds, labels, c)
         groups.index_add_(0, group[labels] * len(GROUPS) + group[preds], torch.ones_like(labels))
@@ -204,7 +211,8 @@ class Trainer:
         self.shot_split = shot_split
         few_at_most(shot_split)  # a bad split fails here, not after the first epoch
         self.log = log or (lambda msg: None)
-        self.class_counts = data.class_counts
+        self.class_counts = data.class_counts  # A-GCL's cloud
+        self.shot_counts = data.shot_counts  # the many/medium/few groups (iNat: the full train list)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 7919 * phase)
         self.losses = tuple(loss.to(self.device) for loss in branch_losses(self.class_counts, cfg, self.noise_gen))
         sampler_seed = seed + 1009 * phase
@@ -273,9 +281,16 @@ class Trainer:
         self.sampler.set_epoch(self.epoch)
         w = branch_weight(self.epoch, cfg.epochs)
         loss_sum = torch.zeros((), device=device)
-        images_seen = 0
+        images_seen, waited = 0, 0.0
+        batches = iter(self.loader)
         start = time.perf_counter()
-        for images, labels in self.loader:
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - asked  # the step waits for its batch (loader workers, decoding)
+            if batch is None:
+                break
+            images, labels = batch
             loss_sum += self.train_step(images, labels, w)
             images_seen += images.shape[0]
         train_loss = float(loss_sum) / self.steps_per_epoch  # the one host sync of the epoch
@@ -285,6 +300,7 @@ class Trainer:
         return {
             "train_loss": train_loss,
             "images_per_s": images_seen / max(seconds, 1e-9),
+            "input_wait_fraction": min(1.0, waited / max(seconds, 1e-9)),
             "lr": self.lr_at(max(0, self.step - 1)),
         }
 
@@ -306,7 +322,7 @@ class Trainer:
             val = evaluate(
                 self.model,
                 self.data.val,
-                self.class_counts,
+                self.shot_counts,
                 device=self.device,
                 loader=self.val_loader,
                 batch_transform=self.data.eval_batch_transform,
@@ -320,7 +336,7 @@ class Trainer:
                 f"phase {self.phase} epoch {self.epoch}/{self.cfg.epochs}: loss {metrics['train_loss']:.4f} "
                 f"val {metrics['val_acc']:.2f}% (many {metrics['val_many_acc']:.1f} / medium "
                 f"{metrics['val_medium_acc']:.1f} / few {metrics['val_few_acc']:.1f}) "
-                f"{metrics['images_per_s']:.0f} img/s"
+                f"{metrics['images_per_s']:.0f} img/s, input wait {metrics['input_wait_fraction']:.0%}"
             )
             yield metrics
 

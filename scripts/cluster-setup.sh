@@ -18,6 +18,11 @@
 #   mlflow_flask_secret_key the MLflow server's key for its CSRF tokens (MLFLOW_FLASK_SERVER_SECRET_KEY_FILE)
 #   mlflow_credentials      the MLflow login of the driver and the workers: the non-admin user
 #                           searcher (~/.mlflow/credentials; mlflow-setup makes the user)
+#   aws_credentials         the object store's key pair, an AWS shared-credentials file ([default]
+#                           aws_access_key_id, aws_secret_access_key) that every Ray node and the
+#                           driver read (AWS_SHARED_CREDENTIALS_FILE) when LPT_STORAGE is an s3://
+#                           URI. A random pair suits the S3 stand-in (profile s3), which takes any;
+#                           for your own store (S3, MinIO, Ceph RGW) write its key pair into the file.
 # An existing file is never overwritten: run it again after an upgrade to add what is new. It then
 # prints the Python, Ray and PostgreSQL versions the stack runs (the built image's, when there is one).
 #
@@ -25,7 +30,8 @@
 # roles (scripts/cluster_roles.py in the one-shot services), MLflow's update-password API for its
 # users, then the services that read the secret are recreated. The names are those above (the
 # pgpass files stand for their roles' passwords, mlflow_credentials for the searcher's, and
-# mlflow_admin_password rewrites mlflow_auth_config too); `all` rotates every one. Recreating the
+# mlflow_admin_password rewrites mlflow_auth_config too); `all` rotates every one. aws_credentials
+# is not rotated here: the object store's keys are changed at the store, then written into the file. Recreating the
 # Ray nodes (ray_auth_token, mlflow_credentials) stops the trials on them, and a running driver
 # keeps its old database password (optuna_pgpass): rotate those between searches. COMPOSE (default: `docker compose`, else `docker-compose`) is the
 # command, run in DIR; COMPOSE_PROJECT_NAME and the other compose variables apply.
@@ -81,6 +87,7 @@ auth_config() {
     "authorization_function = mlflow.server.auth:authenticate_request_basic_auth"
 }
 credentials() { printf '%s\n' "[mlflow]" "mlflow_tracking_username = searcher" "mlflow_tracking_password = $1"; }
+aws_credentials() { printf '%s\n' "[default]" "aws_access_key_id = $1" "aws_secret_access_key = $2"; }
 
 write ray_auth_token "$(random_hex 32)"
 write postgres_password "$(random_hex 24)"
@@ -91,6 +98,7 @@ write mlflow_admin_password "$(random_hex 24)"
 write mlflow_auth_config "$(auth_config "$(secret mlflow_admin_password)")"
 write mlflow_credentials "$(credentials "$(random_hex 24)")"
 write mlflow_flask_secret_key "$(random_hex 32)"
+write aws_credentials "$(aws_credentials "LPT$(random_hex 8)" "$(random_hex 24)")"
 
 if [ ${#made[@]} -gt 0 ]; then
   echo "created in $DIR: ${made[*]}"

@@ -36,7 +36,8 @@ for path in $(env | sed -n "s|^[A-Z_]*=\($SECRETS/[A-Za-z0-9_.-]*\)$|\1|p"); do
 done
 # NAME_FILE=/run/lpt-secrets/x for a program that takes a secret only from its environment
 # (MLflow's MLFLOW_FLASK_SERVER_SECRET_KEY): NAME is set from the file, in this process only.
-for name in $(env | sed -n "s|^\([A-Z_]*\)_FILE=$SECRETS/.*|\1|p"); do
+# AWS_*_FILE (AWS_SHARED_CREDENTIALS_FILE) stay paths: the AWS SDK reads those files itself.
+for name in $(env | sed -n "s|^\([A-Z_]*\)_FILE=$SECRETS/.*|\1|p" | grep -v '^AWS_'); do
   value="$(eval "cat \"\$${name}_FILE\"")"
   export "$name=$value"
   unset "${name}_FILE"

@@ -2,6 +2,8 @@
 # store, as in docker-compose.yml), docker-compose v1 (its config parser), the Docker engine with
 # iptables and debootstrap (tests/test_docker.py starts dockerd and builds stand-in base images),
 # Chromium and its driver (the MLflow UI browser test). Installed with apt when missing and root.
+# The project itself needs no system package: TorchCodec's image decoders bundle libjpeg-turbo,
+# libpng, libwebp and nvJPEG in its wheel (FFmpeg is only for its video decoders, unused here).
 need=()
 command -v pg_ctlcluster >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)

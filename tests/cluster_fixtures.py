@@ -55,11 +55,12 @@ SECRETS = {
     "db-setup": {"postgres_password", "mlflow_pgpass", "optuna_pgpass", "optuna_reader_pgpass"},
     "mlflow": {"mlflow_pgpass", "mlflow_auth_config", "mlflow_flask_secret_key"},
     "mlflow-setup": {"mlflow_admin_password", "mlflow_credentials"},
-    "ray-head": {"ray_auth_token"},
-    "ray-worker": {"ray_auth_token", "mlflow_credentials"},
-    "ray-worker-gpu": {"ray_auth_token", "mlflow_credentials"},
-    "driver": {"ray_auth_token", "mlflow_credentials", "optuna_pgpass"},
+    "ray-head": {"ray_auth_token", "aws_credentials"},
+    "ray-worker": {"ray_auth_token", "mlflow_credentials", "aws_credentials"},
+    "ray-worker-gpu": {"ray_auth_token", "mlflow_credentials", "aws_credentials"},
+    "driver": {"ray_auth_token", "mlflow_credentials", "optuna_pgpass", "aws_credentials"},
     "optuna-dashboard": {"optuna_reader_pgpass"},
+    "s3": set(),  # the S3 stand-in (profile "s3") takes any key pair
 }
 
 
@@ -587,8 +588,12 @@ class LocalStack:
     def service_env(self, name: str) -> dict:
         env = self.base_env()
         env.update({k: substitute(v, self.subst) for k, v in environment_of(self.services[name]).items()})
-        # what the image's entrypoint does with NAME_FILE=/run/lpt-secrets/x
-        for key in [k for k, v in env.items() if k.endswith("_FILE") and v.startswith(f"{self.secrets_dir}/")]:
+        # what the image's entrypoint does with NAME_FILE=/run/lpt-secrets/x (AWS_*_FILE stay paths)
+        for key in [
+            k
+            for k, v in env.items()
+            if k.endswith("_FILE") and not k.startswith("AWS_") and v.startswith(f"{self.secrets_dir}/")
+        ]:
             env[key[: -len("_FILE")]] = Path(env.pop(key)).read_text()
         return env
 

@@ -1,6 +1,7 @@
-"""A cluster search checks its storage and tracking store before any trial (slow: a real two-node
-Ray cluster on loopback). The second node runs in its own mount namespace with an empty tmpfs over
-the storage path: the same path, another folder, as a node without the shared mount would have."""
+"""A cluster search checks its storage, each node's data and the tracking store before any trial
+(slow: a real two-node Ray cluster on loopback; the data comparison also on its own, with real
+files). The second node runs in its own mount namespace with an empty tmpfs over the storage path:
+the same path, another folder, as a node without the shared mount would have."""
 
 import os
 import shutil
@@ -14,20 +15,21 @@ import pytest
 from cluster_fixtures import Proc, free_port
 from smoke_search import search_argv, search_env
 
-pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).parent / "ray")
 
 CHECK = """
 import sys, time, ray
-from pathlib import Path
-from tune.engine.cluster_checks import check_shared_storage
+from tune.config.plan import Plan
+from tune.engine.cluster_checks import check_cluster_nodes
 from tune.errors import ConfigError
+from tune.search import parse_args
+plan = Plan(parse_args(["--study", "prompt_pool", "--storage", sys.argv[2]]))
 ray.init(address=sys.argv[1], log_to_driver=False)
 deadline = time.time() + 120
 while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
     time.sleep(0.5)
 try:
-    check_shared_storage(Path(sys.argv[2]), {"cpu": 1, "gpu": 0})
+    check_cluster_nodes(plan.storage, plan.profile, plan.data, plan.manifest_hash)
     print("shared")
 except ConfigError as exc:
     print(f"refused: {exc}")
@@ -100,6 +102,7 @@ def split_cluster(tmp_path):
             shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_node_without_the_shared_folder_is_refused(split_cluster, tmp_path):
     address, storage, env = split_cluster
     proc = subprocess.run(
@@ -111,9 +114,10 @@ def test_a_node_without_the_shared_folder_is_refused(split_cluster, tmp_path):
         cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "refused: --storage" in proc.stdout and "does not have the folder" in proc.stdout, proc.stdout
-    assert "mount one shared folder" in proc.stdout
-    assert not (storage / ".lpt-shared-check").exists()  # the marker is cleaned up
+    assert "refused: --storage" in proc.stdout and "does not see the driver's files there" in proc.stdout, proc.stdout
+    assert "mount one shared folder" in proc.stdout and "or use object storage" in proc.stdout
+    assert len(proc.stdout.strip().splitlines()) == 1
+    assert not list(storage.glob(".lpt-shared-check*"))  # the markers are cleaned up
 
     # the driver refuses a local MLflow store on a cluster before it starts anything
     search = subprocess.run(
@@ -127,3 +131,43 @@ def test_a_node_without_the_shared_folder_is_refused(split_cluster, tmp_path):
     assert search.returncode == 2, search.stderr[-3000:]
     assert "a store on this machine's disk" in search.stderr and len(search.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+class Files:
+    """A dataset's image list, as ``lpt_core.data.files`` keeps it: a root and paths under it."""
+
+    def __init__(self, root: Path, paths: list[str]):
+        self.root, self.paths = str(root), paths
+
+
+class Data:
+    def __init__(self, root: Path, paths: list[str]):
+        self.train = self.val = self.test = Files(root, paths)
+
+
+def test_a_node_whose_data_differs_is_named_with_how(tmp_path):
+    from tune.engine.cluster_checks import data_problem, file_sizes
+
+    paths = ["a/1.jpg", "a/2.jpg", "b/3.jpg"]
+    driver_root, node_root = tmp_path / "driver", tmp_path / "node"
+    for root in (driver_root, node_root):
+        for p in paths:
+            (root / p).parent.mkdir(parents=True, exist_ok=True)
+            (root / p).write_bytes(b"jpeg" * 10)
+    node = {"NodeManagerAddress": "10.0.0.7", "NodeID": "abcdef0123456789"}
+    driver = {"manifest": "m" * 64, "sizes": file_sizes(Data(driver_root, paths))}
+    same = {"manifest": "m" * 64, "sizes": file_sizes(Data(node_root, paths))}
+    assert data_problem(driver, node, same) is None
+    (node_root / "a/2.jpg").unlink()
+    (node_root / "b/3.jpg").write_bytes(b"other")
+    differs = {"manifest": "m" * 64, "sizes": file_sizes(Data(node_root, paths))}
+    assert data_problem(driver, node, differs) == (
+        "data: node 10.0.0.7 (abcdef012345) holds other data than the driver: "
+        "3 files missing (e.g. test/a/2.jpg), 3 files changed (e.g. test/b/3.jpg)"
+    )
+    other_lists = {"manifest": "n" * 64, "sizes": driver["sizes"]}
+    assert "(manifest nnnnnnnnnnnn, the driver's mmmmmmmmmmmm)" in data_problem(driver, node, other_lists)
+    assert data_problem(driver, node, {"error": "FileNotFoundError: /data/places: no such folder"}) == (
+        "data: node 10.0.0.7 (abcdef012345) cannot load the profile's data (FileNotFoundError: /data/places: "
+        "no such folder)"
+    )

@@ -10,6 +10,7 @@ current with pyproject.toml and installed in the venv."""
 from __future__ import annotations
 
 import ast
+import configparser
 import importlib.metadata
 import importlib.util
 import os
@@ -32,6 +33,7 @@ from cluster_fixtures import (
     cluster_setup,
     command_of,
     environment_of,
+    free_port,
     load_compose,
     mlflow_login,
     read_env_file,
@@ -43,9 +45,12 @@ RAY_NODES = ("ray-head", "ray-worker", "ray-worker-gpu")
 RAY_PROCESSES = (*RAY_NODES, "driver")
 SETUP = ("db-setup", "mlflow-setup")  # one-shot steps
 LPT_SERVICES = (*RAY_PROCESSES, "mlflow", *SETUP, "optuna-dashboard")  # the services that run the project's image
-LONG_RUNNING = (*RAY_NODES, "mlflow", "postgres", "optuna-dashboard")
+LONG_RUNNING = (*RAY_NODES, "mlflow", "postgres", "optuna-dashboard", "s3")
 SHARED = "/shared"
 SERVICE_UID = "10001"
+OVERRIDES = ("docker-compose.objectstore.yml", "docker-compose.head.yml")  # laid over docker-compose.yml, in this order
+WORKER_FILE = "docker-compose.worker.yml"  # an extra machine's, on its own
+S3_URI = "s3://lpt/runs?endpoint_override=10.0.0.1:9000&scheme=http"
 RANDOM_SECRETS = ("ray_auth_token", "postgres_password", "mlflow_admin_password", "mlflow_flask_secret_key")
 DIGEST_PIN = r"[a-z0-9./-]+:[\w.-]+@sha256:[0-9a-f]{64}"
 
@@ -102,6 +107,40 @@ def run_config(tmp_path, env_text: str, *args: str) -> subprocess.CompletedProce
     )
 
 
+def resolve(tmp_path, env_text: str, files: list[str], *profiles: str) -> subprocess.CompletedProcess:
+    """``docker-compose -f FILE ... [--profile P ...] config`` on copies of the checkout's files."""
+    for name in {"docker-compose.yml", *files}:
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / ".env").write_text(env_text)
+    args = [a for f in files for a in ("-f", f)] + [a for p in profiles for a in ("--profile", p)]
+    return subprocess.run(
+        [docker_compose(), *args, "config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def resolved_services(tmp_path, env_text: str, files: list[str], *profiles: str) -> dict:
+    proc = resolve(tmp_path, env_text, files, *profiles)
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)["services"]
+
+
+def volume_sources(svc: dict) -> dict[str, str | None]:
+    """{path in the container: its source (None: a volume of the container's own)}; "rw"/"ro" last."""
+    out = {}
+    for v in svc.get("volumes", []):
+        parts = str(v).split(":")
+        if len(parts) == 1:
+            out[parts[0]] = None
+        else:
+            out[parts[1]] = f"{parts[0]}:{parts[2] if len(parts) > 2 else 'rw'}"
+    return out
+
+
 def port_text(port) -> str:
     """v1 prints "127.0.0.1:5000:5000/tcp"; compose v2 the long form."""
     if isinstance(port, dict):
@@ -114,14 +153,26 @@ def test_docker_compose_parses_the_file(tmp_path, env_values):
     proc = run_config(tmp_path, env_text, "config", "-q")
     assert proc.returncode == 0, proc.stderr
     # with every profile, resolved as compose would run it
-    proc = run_config(tmp_path, env_text, "--profile", "gpu", "--profile", "driver", "--profile", "dashboard", "config")
+    proc = run_config(
+        tmp_path,
+        env_text,
+        "--profile",
+        "gpu",
+        "--profile",
+        "driver",
+        "--profile",
+        "dashboard",
+        "--profile",
+        "s3",
+        "config",
+    )
     assert proc.returncode == 0, proc.stderr
     resolved = yaml.safe_load(proc.stdout)["services"]
     assert set(resolved) == set(SECRETS)
     for name in RAY_PROCESSES:
         env = resolved[name]["environment"]
         assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == f"{SECRETS_DIR}/ray_auth_token", name
-    assert {name: {s["source"] for s in svc["secrets"]} for name, svc in resolved.items()} == SECRETS
+    assert {name: {s["source"] for s in svc.get("secrets", [])} for name, svc in resolved.items()} == SECRETS
     published = {
         name: [port_text(p) for p in svc.get("ports", [])] for name, svc in resolved.items() if svc.get("ports")
     }
@@ -129,6 +180,7 @@ def test_docker_compose_parses_the_file(tmp_path, env_values):
         "ray-head": ["127.0.0.1:8265:8265/tcp"],
         "mlflow": ["127.0.0.1:5000:5000/tcp"],
         "optuna-dashboard": ["127.0.0.1:8080:8080/tcp"],
+        "s3": ["127.0.0.1:9000:9000/tcp"],
     }
     assert resolved["mlflow"]["depends_on"] == {
         "postgres": {"condition": "service_healthy"},
@@ -174,8 +226,15 @@ def test_cluster_setup_makes_every_secret_once(tmp_path):
         r"[0-9a-f]{48}", login["MLFLOW_TRACKING_PASSWORD"]
     )
     passwords.append(login["MLFLOW_TRACKING_PASSWORD"])
-    assert len(set(passwords)) == len(passwords) == 8
     assert f"admin_password = {first['mlflow_admin_password']}" in first["mlflow_auth_config"]
+    # the object store's key pair: an AWS shared-credentials file, its [default] profile
+    aws = configparser.ConfigParser()
+    aws.read_string(first["aws_credentials"])
+    assert set(aws.sections()) == {"default"} and set(aws["default"]) == {"aws_access_key_id", "aws_secret_access_key"}
+    assert re.fullmatch(r"LPT[0-9a-f]{16}", aws["default"]["aws_access_key_id"])
+    assert re.fullmatch(r"[0-9a-f]{48}", aws["default"]["aws_secret_access_key"])
+    passwords.append(aws["default"]["aws_secret_access_key"])
+    assert len(set(passwords)) == len(passwords) == 9
     assert "database_uri = postgresql+psycopg2://mlflow@postgres:5432/mlflow" in first["mlflow_auth_config"]
     # a second run keeps everything, and makes what was deleted
     (tmp_path / ".env").write_text("RAY_WORKER_CPUS=3\n")
@@ -239,6 +298,7 @@ def test_published_ports_are_loopback_only(raw, services):
     assert services["mlflow"]["ports"] == ["127.0.0.1:5000:5000"]
     assert services["ray-head"]["ports"] == ["127.0.0.1:8265:8265"]
     assert services["optuna-dashboard"]["ports"] == ["127.0.0.1:8080:8080"]
+    assert services["s3"]["ports"] == ["127.0.0.1:9000:9000"]
     assert "ports" not in services["postgres"] and "ports" not in services["ray-worker"]
 
 
@@ -314,7 +374,7 @@ def test_services_restart_rotate_their_logs_and_are_capped(raw, services):
         assert re.fullmatch(r"\d+[gm]", str(svc["mem_limit"])) and int(svc["pids_limit"]) >= 256, name
     assert services["ray-worker"]["mem_limit"] == "8g" and services["postgres"]["mem_limit"] == "2g"
     env = read_env_file(ROOT / ".env.example") | {
-        k: v for k, v in re.findall(r"^# ([A-Z_]+)=(\S+)", (ROOT / ".env.example").read_text(), re.M)
+        k: v for k, v in re.findall(r"^# ([A-Z0-9_]+)=(\S+)", (ROOT / ".env.example").read_text(), re.M)
     }
     for key in (
         "RAY_WORKER_MEMORY",
@@ -322,6 +382,7 @@ def test_services_restart_rotate_their_logs_and_are_capped(raw, services):
         "DRIVER_MEMORY",
         "MLFLOW_MEMORY",
         "POSTGRES_MEMORY",
+        "S3_MEMORY",
         "LOG_MAX_SIZE",
         "LOG_MAX_FILE",
     ):
@@ -604,5 +665,209 @@ def test_the_docs_walk_through_the_cluster():
         "searcher",
         "unless-stopped",
         "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false",
+        "## 8. Storage in an object store",
+        "## 9. More machines",
+        "--profile s3",
+        "RAY_NODE_IP=",
+        "RAY_HEAD_IP=",
+        "secrets/aws_credentials",
+        "private network",
     ):
         assert needle in doc, needle
+    # every compose file a command names exists; object storage comes first, NFS as the alternative
+    named = set(re.findall(r"-f (docker-compose[\w.-]*\.yml)", doc))
+    assert named == {"docker-compose.yml", WORKER_FILE, *OVERRIDES}, named
+    assert all((ROOT / name).is_file() for name in named)
+    more = doc[doc.index("## 8. Storage in an object store") :]
+    assert more.index("object storage") < more.index("NFS")
+
+
+def test_object_storage_leaves_no_folder_shared(tmp_path, env_values):
+    """docker-compose.objectstore.yml over docker-compose.yml: no Ray node mounts the volume
+    `shared` (each its own /shared, the weights cache), datasets stay read-only at /data, storage
+    is the object store URI of .env on every node and in the driver's command, each reads the key
+    pair from the secret it mounts; without LPT_STORAGE compose refuses in one line naming it."""
+    env_text = "".join(f"{k}={v}\n" for k, v in env_values.items())
+    files = ["docker-compose.yml", OVERRIDES[0]]
+    resolved = resolved_services(tmp_path, env_text + f"LPT_STORAGE={S3_URI}\n", files, "gpu", "driver", "s3")
+    for name in RAY_PROCESSES:
+        svc = resolved[name]
+        volumes = volume_sources(svc)
+        assert volumes[SHARED] is None, f"{name}: /shared must be a volume of its own, not {volumes[SHARED]}"
+        assert volumes["/data"].endswith("/data:ro") and set(volumes) == {SHARED, "/data"}, f"{name}: {volumes}"
+        env = svc["environment"]
+        assert env["LPT_STORAGE"] == S3_URI, name
+        assert env["AWS_SHARED_CREDENTIALS_FILE"] == f"{SECRETS_DIR}/aws_credentials", name
+        assert "aws_credentials" in {s["source"] for s in svc["secrets"]}, name
+        assert env["RAY_AUTH_MODE"] == "token", name  # the base file's environment is kept
+    driver = resolved["driver"]["command"]
+    assert driver[driver.index("--storage") + 1] == S3_URI
+    proc = resolve(tmp_path, env_text, files)
+    assert proc.returncode != 0 and "set LPT_STORAGE in .env to an object store URI" in proc.stderr, proc.stderr
+    # without the override, one host keeps its shared volume: the default storage is on it
+    single = resolved_services(tmp_path, env_text, ["docker-compose.yml"], "driver")
+    assert {volume_sources(single[n])[SHARED] for n in RAY_PROCESSES} == {"shared:rw"}
+    assert {single[n]["environment"]["LPT_STORAGE"] for n in RAY_PROCESSES} == {f"{SHARED}/runs"}
+
+
+def test_the_head_machine_opens_only_what_other_machines_need(tmp_path, env_values):
+    """docker-compose.head.yml: the Ray head and the driver on the host's network, advertising
+    RAY_NODE_IP; the trials' MLflow and the S3 stand-in published on RAY_NODE_IP, PostgreSQL and
+    the dashboards on loopback only; MLflow's command is the base file's, allowing RAY_NODE_IP."""
+    env_text = "".join(f"{k}={v}\n" for k, v in env_values.items()) + f"LPT_STORAGE={S3_URI}\n"
+    files = ["docker-compose.yml", *OVERRIDES]
+    proc = resolve(tmp_path, env_text, files, "driver")
+    assert proc.returncode != 0 and "set RAY_NODE_IP in .env" in proc.stderr, proc.stderr
+    resolved = resolved_services(tmp_path, env_text + "RAY_NODE_IP=10.0.0.1\n", files, "driver", "s3", "dashboard")
+    base = resolved_services(tmp_path, env_text, ["docker-compose.yml"], "driver", "s3", "dashboard")
+    for name in ("ray-head", "driver"):
+        assert resolved[name]["network_mode"] == "host", name
+    head = resolved["ray-head"]["command"]
+    assert "--node-ip-address=10.0.0.1" in head and "--port=6379" in head and "--dashboard-host=127.0.0.1" in head
+    assert [a for a in head if a != "--node-ip-address=10.0.0.1" and not a.startswith("--dashboard-host")] == [
+        a for a in base["ray-head"]["command"] if not a.startswith("--dashboard-host")
+    ]
+    assert resolved["ray-head"]["healthcheck"]["test"][-1] == "10.0.0.1:6379"
+    join = resolved["driver"]["entrypoint"][3]
+    assert '--address="$$RAY_ADDRESS" --node-ip-address="$$RAY_NODE_IP" --num-cpus=0' in join
+    env = resolved["driver"]["environment"]
+    assert env["RAY_ADDRESS"] == "10.0.0.1:6379" and env["RAY_NODE_IP"] == "10.0.0.1"
+    assert env["MLFLOW_TRACKING_URI"] == "http://10.0.0.1:5000"
+    assert env["LPT_OPTUNA_STORAGE"] == base["driver"]["environment"]["LPT_OPTUNA_STORAGE"].replace(
+        "@postgres:5432/", "@127.0.0.1:5432/"
+    )
+    mlflow, mlflow_base = resolved["mlflow"]["command"], base["mlflow"]["command"]
+    hosts = mlflow.index("--allowed-hosts") + 1
+    assert mlflow[:hosts] == mlflow_base[:hosts] and mlflow[hosts] == mlflow_base[hosts] + ",10.0.0.1:*"
+    published = {
+        name: sorted(port_text(p) for p in svc.get("ports", []))
+        for name, svc in resolved.items()
+        if svc.get("ports") and svc.get("network_mode") != "host"  # the host's network publishes nothing
+    }
+    assert published == {
+        "mlflow": ["10.0.0.1:5000:5000/tcp", "127.0.0.1:5000:5000/tcp"],
+        "s3": ["10.0.0.1:9000:9000/tcp", "127.0.0.1:9000:9000/tcp"],
+        "postgres": ["127.0.0.1:5432:5432/tcp"],
+        "optuna-dashboard": ["127.0.0.1:8080:8080/tcp"],
+    }
+    for name in RAY_PROCESSES:  # the object store, no shared folder (docker-compose.objectstore.yml)
+        assert volume_sources(resolved[name])[SHARED] is None, name
+
+
+def test_an_extra_machine_runs_the_head_machines_worker(tmp_path, env_values, services):
+    """docker-compose.worker.yml, on its own: ray-worker and ray-worker-gpu (profile gpu) join the
+    head at RAY_HEAD_IP:6379 on the host's network advertising RAY_NODE_IP, with the base file's
+    image, secrets, environment (but the storage and MLflow addresses), caps, logs and restart
+    policy; their own data folder and weights cache, no shared volume; the GPU worker holds every
+    GPU of its machine. Without RAY_HEAD_IP, RAY_NODE_IP or LPT_STORAGE compose refuses in one line."""
+    env_text = "".join(f"{k}={v}\n" for k, v in env_values.items())
+    needed = {"RAY_HEAD_IP": "10.0.0.1", "RAY_NODE_IP": "10.0.0.2", "LPT_STORAGE": S3_URI}
+    for missing in needed:
+        text = env_text + "".join(f"{k}={v}\n" for k, v in needed.items() if k != missing)
+        proc = resolve(tmp_path, text, [WORKER_FILE])
+        assert proc.returncode != 0 and f"set {missing} in .env" in proc.stderr, (missing, proc.stderr)
+    text = env_text + "".join(f"{k}={v}\n" for k, v in needed.items())
+    resolved = resolved_services(tmp_path, text, [WORKER_FILE], "gpu")
+    assert set(resolved) == {"ray-worker", "ray-worker-gpu"}
+    base = resolved_services(tmp_path, env_text, ["docker-compose.yml"], "gpu")
+    raw_worker = load_compose(path=ROOT / WORKER_FILE)
+    assert set(raw_worker["secrets"]) == SECRETS["ray-worker"] and set(raw_worker["volumes"]) == {"cache"}
+    for name in ("ray-worker", "ray-worker-gpu"):
+        svc, home = resolved[name], base[name]
+        assert svc["network_mode"] == "host", name
+        argv = svc["command"]
+        assert argv[:3] == ["ray", "start", "--address=10.0.0.1:6379"] and "--node-ip-address=10.0.0.2" in argv
+        assert [a for a in argv if not a.startswith(("--address", "--node-ip-address"))] == [
+            a for a in home["command"] if not a.startswith("--address")
+        ], name
+        assert {s["source"] for s in svc["secrets"]} == SECRETS[name], name
+        env, env_home = svc["environment"], home["environment"]
+        assert env["LPT_STORAGE"] == S3_URI and env["MLFLOW_TRACKING_URI"] == "http://10.0.0.1:5000", name
+        drop = ("LPT_STORAGE", "MLFLOW_TRACKING_URI")
+        assert {k: v for k, v in env.items() if k not in drop} == {k: v for k, v in env_home.items() if k not in drop}
+        for key in ("image", "security_opt", "logging", "shm_size", "mem_limit", "pids_limit", "restart"):
+            assert svc[key] == home[key], (name, key)
+        volumes = volume_sources(svc)
+        assert volumes == {SHARED: "cache:rw", "/data": volume_sources(home)["/data"]}, volumes
+        assert "depends_on" not in svc and "build" not in svc, name  # the head is on another machine
+    gpu = resolved["ray-worker-gpu"]
+    assert gpu["deploy"] == base["ray-worker-gpu"]["deploy"] and gpu["container_name"], "one per machine, every GPU"
+    assert "deploy" not in resolved["ray-worker"]
+
+
+def test_the_multi_machine_commands_exist(tmp_path, env_values):
+    """Every option the head override and the worker file pass to `ray start` is one it knows."""
+    env_text = "".join(f"{k}={v}\n" for k, v in env_values.items())
+    env_text += f"LPT_STORAGE={S3_URI}\nRAY_NODE_IP=10.0.0.1\nRAY_HEAD_IP=10.0.0.1\n"
+    head = resolved_services(tmp_path, env_text, ["docker-compose.yml", *OVERRIDES], "driver")
+    worker = resolved_services(tmp_path, env_text, [WORKER_FILE], "gpu")
+    known = subprocess.run(
+        [str(VENV_BIN / "ray"), "start", "--help"], capture_output=True, text=True, timeout=180
+    ).stdout
+    argvs = [head["ray-head"]["command"], head["driver"]["entrypoint"][3].split()]
+    argvs += [worker[n]["command"] for n in worker]
+    for argv in argvs:
+        for option in options_of([a.strip('"') for a in argv]):
+            assert re.search(rf"(^|[\s,]){re.escape(option)}([\s=,/]|$)", known, re.M), f"ray start: {option}"
+    assert head["ray-head"]["healthcheck"]["test"][1:4] == ["lpt-entrypoint", "ray", "health-check"]
+
+
+def test_the_s3_stand_in_is_built_here_and_serves_its_buckets(tmp_path, services):
+    """The s3 service: built from the pinned Python image (docker/s3/Dockerfile: moto[server]
+    pinned by constraints.txt, not root), no secret, loopback port, a health check that asks the
+    server for the buckets. Its program, run here: it makes the buckets S3_BUCKETS names, a
+    pyarrow filesystem from an s3:// URI with the endpoint in it writes and reads there, and
+    ``--check`` fails for a bucket that does not exist."""
+    s3 = services["s3"]
+    assert s3["profiles"] == ["s3"] and s3["build"]["dockerfile"] == "docker/s3/Dockerfile"
+    assert s3["build"]["args"]["PYTHON_IMAGE"] == services["mlflow"]["build"]["args"]["PYTHON_IMAGE"]
+    assert "secrets" not in s3 and s3["security_opt"] == ["no-new-privileges:true"]
+    assert environment_of(s3) == {"S3_BUCKETS": "lpt"}
+    assert s3["healthcheck"]["test"] == ["CMD", "python", "/usr/local/bin/lpt-s3", "--check"]
+    dockerfile = (ROOT / "docker" / "s3" / "Dockerfile").read_text()
+    assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == ["${PYTHON_IMAGE}"]
+    assert 'pip install -c /tmp/constraints.txt "moto[server]"' in dockerfile
+    assert "COPY docker/s3/serve.py /usr/local/bin/lpt-s3" in dockerfile
+    assert re.search(r"^USER s3$", dockerfile, re.M) and "--uid 10002" in dockerfile
+    test_extra = {
+        Requirement(r).name: Requirement(r) for r in load_lock_module().project()["optional-dependencies"]["test"]
+    }
+    assert "server" in test_extra["moto"].extras, "moto[server] is in the test extra, so constraints.txt pins it"
+    assert "moto" in load_lock_module().read_pins()
+
+    port = free_port()
+    env = {**os.environ, "S3_PORT": str(port), "S3_BUCKETS": "lpt,other"}
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "docker" / "s3" / "serve.py")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert server.stdout.readline().strip() == f"S3 stand-in on :{port}, buckets: lpt, other"  # after the buckets
+        check = [sys.executable, str(ROOT / "docker" / "s3" / "serve.py"), "--check"]
+        assert subprocess.run(check, env=env, capture_output=True, timeout=60).returncode == 0
+        missing = subprocess.run(check, env={**env, "S3_BUCKETS": "nope"}, capture_output=True, text=True, timeout=60)
+        assert missing.returncode != 0 and "404" in missing.stderr
+        aws = tmp_path / "credentials"
+        aws.write_text("[default]\naws_access_key_id = LPTx\naws_secret_access_key = y\n")
+        probe = (
+            "import pyarrow.fs as f, sys; fs, p = f.FileSystem.from_uri(sys.argv[1]); "
+            "o = fs.open_output_stream(p + '/a.txt'); o.write(b'whole'); o.close(); "
+            "print(fs.open_input_stream(p + '/a.txt').read().decode())"
+        )
+        uri = f"s3://other/runs?endpoint_override=127.0.0.1:{port}&scheme=http"
+        read = subprocess.run(
+            [sys.executable, "-c", probe, uri],
+            env={**os.environ, "AWS_SHARED_CREDENTIALS_FILE": str(aws), "AWS_DEFAULT_REGION": "us-east-1"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert read.returncode == 0 and read.stdout.strip() == "whole", read.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert server.returncode == 0  # SIGTERM: a clean stop (docker stop)

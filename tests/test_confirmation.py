@@ -142,7 +142,7 @@ def test_the_test_pass_gives_evaluates_accuracies_and_each_images_outcome(backbo
     profile = load_profile("smoke")[1]
     model = LPT(backbone, synthetic_data.num_classes, prompt_length=2, pool_size=4, top_k=2, group_start=2)
     out = score_test(profile, model, synthetic_data)
-    ref = evaluate(model, synthetic_data.test, synthetic_data.class_counts, device=torch.device("cpu"))
+    ref = evaluate(model, synthetic_data.test, synthetic_data.shot_counts, device=torch.device("cpu"))
     for k in ("acc", "many_acc", "medium_acc", "few_acc"):
         assert out[f"test_{k}"] == pytest.approx(ref[k], nan_ok=True)
     labels = [int(y) for _, y in synthetic_data.test]

@@ -136,11 +136,64 @@ def test_split_images_are_the_rows_of_the_files_and_disjoint(small100):
     assert label == labels[data.train.ids[3]]
 
 
-def test_subset_is_deterministic_by_seed(small100):
+def test_training_set_is_the_releases_and_the_seed_picks_the_validation_images(small100):
     a, b = (build_dataset(spec(small100, imbalance_ratio=10)) for _ in range(2))
     c = build_dataset(spec(small100, imbalance_ratio=10, seed=1))
     assert a.train.ids == b.train.ids and a.val.ids == b.val.ids
-    assert a.train.ids != c.train.ids and a.class_counts == c.class_counts
+    assert a.train.ids == c.train.ids and a.val.ids != c.val.ids and a.class_counts == c.class_counts
+
+
+def released_imbalance_rows(labels, imb_factor):
+    """The training rows of the released ``IMBALANCECIFAR10/100`` (vtab/imbalanced_cifar.py of
+    DongSky/LPT), written here from its code: ``setup_seed(42)`` seeds numpy's global RandomState,
+    ``get_img_num_per_cls`` ('exp'), then ``gen_imbalanced_data``'s per-class shuffle and first n."""
+    state = np.random.get_state()
+    try:
+        np.random.seed(42)
+        targets_np = np.array(labels, dtype=np.int64)
+        classes = np.unique(targets_np)
+        cls_num = len(classes)
+        img_max = len(labels) / cls_num
+        img_num_per_cls = [int(img_max * (imb_factor ** (i / (cls_num - 1.0)))) for i in range(cls_num)]
+        rows = []
+        for the_class, the_img_num in zip(classes, img_num_per_cls):
+            idx = np.where(targets_np == the_class)[0]
+            np.random.shuffle(idx)
+            rows.extend(idx[:the_img_num].tolist())
+    finally:
+        np.random.set_state(state)
+    return rows
+
+
+@pytest.mark.parametrize("rho", [100, 50, 10])
+def test_cifar100_lt_training_rows_are_the_released_codes(full100, rho):
+    """The same rows of the real-format training file as the released rule, at CIFAR-100's sizes."""
+    labels = pickle.load(open(full100 / "cifar-100-python" / "train", "rb"))[b"fine_labels"]
+    released = released_imbalance_rows(labels, 1 / rho)
+    data = build_dataset(spec(full100, imbalance_ratio=rho))
+    assert len(data.train.ids) == len(released) and set(data.train.ids) == set(released)
+    assert not set(data.val.ids) & set(released)  # validation only from the images the rule drops
+
+
+def test_cifar10_lt_training_rows_are_the_released_codes_and_class_0_lends_validation(tmp_path):
+    """CIFAR-10's five batch files; with val_from_train the released rows are exactly the training
+    set plus the images class 0 lends to validation, and nothing else of the training set moves."""
+    labels = shuffled_labels(10, 300)
+    root = write_cifar10(tmp_path, labels, shuffled_labels(10, 4))
+    released = set(released_imbalance_rows(labels, 0.01))
+    exact = build_dataset({"name": "cifar10_lt", "root": str(root), "imbalance_ratio": 100, "val_per_class": 20})
+    assert set(exact.train.ids) == released and exact.info["val_missing_classes"] == [0]
+    lent = build_dataset(
+        {"name": "cifar10_lt", "root": str(root), "imbalance_ratio": 100, "val_per_class": 20, "val_from_train": 20}
+    )
+    from_train = set(lent.val.ids) & released
+    assert set(lent.train.ids) | from_train == released and not set(lent.train.ids) & from_train
+    assert {labels[i] for i in from_train} == {0} and len(from_train) == 20
+    assert lent.info["val_from_train"] == {0: 20} and lent.info["val_missing_classes"] == []
+    assert np.bincount(lent.val.labels).tolist() == [20] * 10
+    assert lent.class_counts[0] == 280 and lent.class_counts[1:] == exact.class_counts[1:]
+    counts, val, _ = cifar_counts("cifar10_lt", 100, 20, (300, 4), val_from_train=20)
+    assert (counts, val) == (lent.class_counts, [20] * 10)  # the dry run's rule is the builder's
 
 
 def test_cifar10_layout_with_five_batches(tmp_path):

@@ -253,8 +253,9 @@ def test_inat_validates_on_a_train_hold_out_and_tests_on_the_official_val(tmp_pa
     spec, train, val = inat_tree(tmp_path, train_counts=(8, 3, 1), val_counts=(2, 2, 1))
     data = build_dataset(spec)  # val_per_class: 3
     assert data.class_names == ["Ant", "Bee", "Zebra"]
-    # up to 3 per class, never a class's last image: Ant gives 3 of 8, Bee 2 of 3, Zebra 0 of 1
-    assert Counter(data.val.labels) == {0: 3, 1: 2} and data.class_counts == [5, 1, 1]
+    # up to 3 per class, never leaving fewer than 2: Ant gives 3 of 8, Bee 1 of 3, Zebra 0 of 1
+    assert Counter(data.val.labels) == {0: 3, 1: 1} and data.class_counts == [5, 2, 1]
+    assert data.shot_counts == [8, 3, 1]  # the shot groups count the full train list
     assert data.info["val_missing_classes"] == [2] and data.info["val_per_class"] == 3
     listed = {i: (f, c // 10 - 1) for i, f, c in train}
     assert set(data.val.ids) <= set(listed) and not set(data.val.ids) & set(data.train.ids)
@@ -269,6 +270,10 @@ def test_inat_validates_on_a_train_hold_out_and_tests_on_the_official_val(tmp_pa
     assert manifest_hash(build_dataset({**spec, "seed": 1})) != manifest_hash(data)
     one = build_dataset({**spec, "val_per_class": 1})
     assert Counter(one.val.labels) == {0: 1, 1: 1} and one.class_counts == [7, 2, 1]
+    small, _, _ = inat_tree(tmp_path / "small", train_counts=(8, 2, 4), val_counts=(1, 1, 1))
+    small = build_dataset(small)  # a class of 2 gives none (unvalidated, named), one of 4 gives 2 and keeps 2
+    assert Counter(small.val.labels) == {0: 3, 2: 2} and small.class_counts == [5, 2, 2]
+    assert small.info["val_missing_classes"] == [1] and small.shot_counts == [8, 2, 4]
     assert manifest_hash(one) != manifest_hash(data)
     none = build_dataset({**spec, "val_per_class": 0})
     assert len(none.val) == 0 and none.class_counts == [8, 3, 1] and none.info["val_missing_classes"] == [0, 1, 2]
@@ -371,7 +376,8 @@ def test_dry_run_sizes_of_the_real_places_lt_lists(tmp_path):
 
 def test_dry_run_sizes_of_inat_and_of_an_absent_image_folder(tmp_path):
     cats = [(10, "Ant"), (20, "Bee")]
-    write_coco(tmp_path / "train.json", [(1, "a.jpg", 10), (2, "b.jpg", 10), (3, "c.jpg", 20)], cats)
+    train = [(1, "a.jpg", 10), (2, "b.jpg", 10), (3, "c.jpg", 10), (4, "d.jpg", 20)]
+    write_coco(tmp_path / "train.json", train, cats)
     write_coco(tmp_path / "val.json", [(9, "v.jpg", 20)], cats)
     s = data_summary(
         {
@@ -381,11 +387,18 @@ def test_dry_run_sizes_of_inat_and_of_an_absent_image_folder(tmp_path):
             "val_json": str(tmp_path / "val.json"),
         }
     )
-    # validation holds out 1 of Ant's 2 training images (Bee's only one stays), test is val.json
-    assert (s.num_classes, s.train, s.val, s.test) == (2, 2, 1, 1) and s.manifest_hash
-    assert (s.class_counts, s.val_counts) == ([1, 1], [1, 0])
+    # validation holds out 1 of Ant's 3 training images (2 stay; Bee's only one stays), test is val.json
+    assert (s.num_classes, s.train, s.val, s.test) == (2, 3, 1, 1) and s.manifest_hash
+    assert (s.class_counts, s.val_counts) == ([2, 1], [1, 0])
     folder = data_summary({"name": "image_folder", "root": str(tmp_path / "photos")})
     assert folder.num_classes is None and folder.missing == [
         f"classes and split sizes: counted from the images, which are not here (data.root: {tmp_path}/photos: "
         f"no such directory)"
     ]
+
+
+def test_the_dry_runs_shot_groups_are_the_full_train_lists(tmp_path):
+    """iNat's objective check counts the groups as the evaluation does: by the full train list."""
+    spec, _, _ = inat_tree(tmp_path, train_counts=(8, 3, 1), val_counts=(1, 1, 1))
+    s = data_summary(spec)
+    assert s.shot_counts == [8, 3, 1] and s.class_counts == [5, 2, 1]

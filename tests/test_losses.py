@@ -57,6 +57,15 @@ def test_noise_cloud_grows_towards_the_tail_and_is_seedable():
     torch.testing.assert_close(-loss_fn.gcl_logits(cos, y), cloud)
 
 
+def test_noise_hits_the_target_logit_too_as_the_released_agcl():
+    """The released AGCL subtracts the cloud from the whole cosine matrix, target column included."""
+    gen = torch.Generator().manual_seed(5)
+    loss_fn = AsymmetricGCL(COUNTS, margin=0.0, scale=1.0, noise_mul=0.5, generator=gen)
+    y = torch.full((1000,), 4, dtype=torch.long)  # every image of the rarest class
+    cloud = -loss_fn.gcl_logits(torch.zeros(1000, 5), y)
+    assert float(cloud[:, 4].min()) >= 0 and float(cloud[:, 4].mean()) > 0.1  # its own target is clouded
+
+
 def test_bad_class_counts():
     with pytest.raises(ValueError, match="^class_counts"):
         AsymmetricGCL([10, 0, 3])

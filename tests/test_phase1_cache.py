@@ -1,183 +1,106 @@
-"""Phase-1 cache: one training per key across processes; a stale lock is taken over by exactly one
-waiter, judged on the waiter's own clock; an owner removes only its own lock; a crash leaves
-nothing that blocks the next owner."""
+"""Phase-1 cache: one training per key across Ray tasks, through the cluster's lease table (one
+clock, heartbeats); a stale lease is taken over by exactly one asker; only the owner releases; a
+crash leaves a resume state and costs at most one more training, never a wrong entry."""
 
-import json
-import multiprocessing as mp
 import os
-import socket
 import time
-from pathlib import Path
 
 import pytest
+import ray
 
 from lpt_core.config import PhaseConfig
-from tune.names import PHASE1_LOCK, PHASE1_PROMPTS, PHASE1_STATE
-from tune.phase1.cache import TAKEOVER, Phase1Cache
-
-# A waiter's stale limit far above the owner's heartbeat, so that a loaded machine (a thread not
-# scheduled for a while) cannot make a live owner look dead
-STALE_S, BEAT_S = 3.0, 0.1
+from tune.names import PHASE1_INFO, PHASE1_PROMPTS, PHASE1_STATE
+from tune.phase1.cache import Phase1Cache
+from tune.phase1.leases import ACTOR_NAME, ACTOR_NAMESPACE, Leases, LeaseTable, lease_table
 
 
-def _worker(
-    root: str,
-    key: str,
-    log_dir: str,
-    results: str,
-    train_s: float = 1.5,
-    stale_after_s: float = 60.0,
-    heartbeat_s: float = 5.0,
-    until_trainings: int = 0,
-    until_file: str | None = None,
-    log_file: str | None = None,
-) -> None:
-    """``get_or_train`` whose training takes ``train_s``, then lasts until ``until_trainings`` have
-    started and ``until_file`` exists; the cache's messages go to ``log_file``."""
+class Clock:
+    def __init__(self):
+        self.now = 0.0
 
-    def train(folder: Path) -> dict:
-        (Path(log_dir) / f"trained-{os.getpid()}").touch()
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_lease_is_one_owners_until_it_goes_stale_on_the_tables_clock():
+    clock = Clock()
+    table = LeaseTable(stale_after_s=60, clock=clock)
+    assert table.acquire("k", "a") and not table.acquire("k", "b")
+    clock.now = 59
+    assert table.renew("k", "a") and not table.renew("k", "b")
+    clock.now = 118  # 59 s after the last beat: still alive
+    assert not table.acquire("k", "b")
+    clock.now = 120  # 61 s: stale, and exactly one asker gets it
+    assert table.acquire("k", "b") and not table.acquire("k", "c")
+    assert table.stats() == {"held": 1, "takeovers": 1}
+    assert not table.renew("k", "a")  # the old owner learns it lost the lease
+    table.release("k", "a")  # not its own: nothing happens
+    assert table.holder("k") == "b"
+    table.release("k", "b")
+    assert table.holder("k") is None and table.acquire("k", "c")
+
+
+def test_without_ray_the_cache_uses_a_table_of_its_own(tmp_path):
+    if ray.is_initialized():
+        pytest.skip("a Ray of another test is running in this process")
+    calls = []
+
+    def train(folder):
+        calls.append(folder)
+        (folder / PHASE1_PROMPTS).write_bytes(b"x")
+        return {"n": 1}
+
+    cache = Phase1Cache(tmp_path)
+    assert cache.get_or_train("k", train)[1] and not cache.get_or_train("k", train)[1]
+    assert len(calls) == 1 and cache.ready("k") and cache.info("k") == {"n": 1}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, address="local")
+    lease_table(stale_after_s=3.0)  # the cluster's table, made with a short stale limit for these tests
+    yield
+    ray.shutdown()
+
+
+@ray.remote(num_cpus=0)
+def _contend(root: str, key: str, train_s: float) -> tuple[str, bool, int]:
+    def train(folder) -> dict:
         time.sleep(train_s)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and (
-            len(list(Path(log_dir).iterdir())) < until_trainings or (until_file and not Path(until_file).exists())
-        ):
-            time.sleep(0.05)
         (folder / PHASE1_PROMPTS).write_bytes(b"prompts")
         return {"by": os.getpid()}
 
-    def log(message: str) -> None:
-        if log_file:
-            with open(log_file, "a") as f:
-                f.write(message + "\n")
-
-    cache = Phase1Cache(root, poll_s=0.05, stale_after_s=stale_after_s, heartbeat_s=heartbeat_s)
-    path, trained = cache.get_or_train(key, train, log=log)
-    Path(results, f"{os.getpid()}").write_text(f"{path}|{trained}")
+    path, trained = Phase1Cache(root, poll_s=0.05, heartbeat_s=0.2).get_or_train(key, train, log=lambda m: None)
+    return str(path), trained, os.getpid()
 
 
-def _start(target, *args, **kwargs):
-    proc = mp.get_context("spawn").Process(target=target, args=args, kwargs=kwargs)
-    proc.start()
-    return proc
-
-
-def _join(procs):
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-
-
-def _dirs(tmp_path):
-    logs, results = tmp_path / "logs", tmp_path / "results"
-    logs.mkdir(), results.mkdir()
-    return logs, results
-
-
-def test_concurrent_trials_train_phase1_once(tmp_path):
-    logs, results = _dirs(tmp_path)
-    procs = [_start(_worker, str(tmp_path / "cache"), "k1", str(logs), str(results)) for _ in range(3)]
-    _join(procs)
-    assert len(list(logs.iterdir())) == 1
-    outcomes = [f.read_text().split("|") for f in results.iterdir()]
-    assert sorted(t for _, t in outcomes) == ["False", "False", "True"]
-    assert {p for p, _ in outcomes} == {str(tmp_path / "cache" / "k1" / PHASE1_PROMPTS)}
-    assert Phase1Cache(tmp_path / "cache").info("k1")["by"] > 0
-    entry = tmp_path / "cache" / "k1"
-    assert sorted(p.name for p in entry.iterdir()) == ["info.json", PHASE1_PROMPTS]  # no lock, no temporary file
-
-
-def _stale_lock(folder: Path) -> bytes:
-    """The lock of an owner on another host that stopped beating; its mtime an hour in the future
-    (a clock ahead of ours, or NFS's cached attributes): only its unchanged content tells."""
-    folder.mkdir(parents=True)
-    content = json.dumps({"token": "t0", "host": "elsewhere", "pid": 1, "beat": 7}).encode()
-    (folder / PHASE1_LOCK).write_bytes(content)
-    ahead = time.time() + 3600
-    os.utime(folder / PHASE1_LOCK, (ahead, ahead))
-    return content
-
-
-@pytest.mark.slow
-def test_a_stale_lock_is_taken_over_by_exactly_one_of_its_waiters(tmp_path):
-    logs, results = _dirs(tmp_path)
-    _stale_lock(tmp_path / "cache" / "k2")
-    procs = [
-        _start(_worker, str(tmp_path / "cache"), "k2", str(logs), str(results), 1.5, STALE_S, BEAT_S) for _ in range(3)
-    ]
-    _join(procs)
-    assert len(list(logs.iterdir())) == 1  # one training, not one per waiter
-    assert sorted(f.read_text().split("|")[1] for f in results.iterdir()) == ["False", "False", "True"]
-    assert not list((tmp_path / "cache" / "k2").glob(PHASE1_LOCK + "*"))  # the lock and the takeover marker
-
-
-def test_a_stale_lock_is_judged_on_the_waiters_clock(tmp_path):
-    _stale_lock(tmp_path / "k3")
-    cache = Phase1Cache(tmp_path, poll_s=0.05, stale_after_s=0.5)
-    started = time.monotonic()
-
-    def train(folder):
-        (folder / PHASE1_PROMPTS).write_bytes(b"x")
-        return {}
-
-    path, trained = cache.get_or_train("k3", train, log=lambda m: None)
-    assert trained and path.read_bytes() == b"x"
-    assert 0.5 <= time.monotonic() - started < 10
-
-
-@pytest.mark.slow
-def test_a_live_owner_is_not_taken_over_and_an_owner_removes_only_its_own_lock(tmp_path):
-    logs, results = _dirs(tmp_path)
+def test_concurrent_tasks_train_a_key_once(local_ray, tmp_path):
     root = str(tmp_path / "cache")
-    # a beating owner, training for several of the waiter's stale limits after it started waiting
-    done, said = tmp_path / "done", tmp_path / "waiter-said.txt"
-    owner = _start(_worker, root, "live", str(logs), str(results), 0.0, STALE_S, BEAT_S, until_file=str(done))
-    while not (tmp_path / "cache" / "live" / PHASE1_LOCK).exists():
-        time.sleep(0.02)
-    waiter = _start(_worker, root, "live", str(logs), str(results), 0.0, STALE_S, BEAT_S, log_file=str(said))
-    while not (said.exists() and "waiting" in said.read_text()):
-        assert waiter.is_alive()
-        time.sleep(0.05)
-    time.sleep(3 * STALE_S)
-    done.touch()
-    _join([owner, waiter])
-    assert len(list(logs.iterdir())) == 1
-
-    # an owner that stalls (no heartbeat for longer than the stale limit) is taken over; when it
-    # resumes and ends, it leaves the new owner's lock in place
-    for f in [*logs.iterdir(), *results.iterdir()]:
-        f.unlink()
-    slow = _start(_worker, root, "stall", str(logs), str(results), 0.0, 60.0, 3600.0, until_trainings=2)
-    lock = tmp_path / "cache" / "stall" / PHASE1_LOCK
-    while not lock.exists():
-        time.sleep(0.02)
-    first = json.loads(lock.read_text())
-    checked = tmp_path / "checked"
-    taker = _start(_worker, root, "stall", str(logs), str(results), 0.0, 0.5, BEAT_S, until_file=str(checked))
-    slow.join(60)
-    assert slow.exitcode == 0
-    held = json.loads(lock.read_text())  # the stalled owner ended: the lock is the taker's
-    assert held["pid"] == taker.pid and held["token"] != first["token"]
-    checked.touch()
-    _join([taker])
-    assert not lock.exists() and len(list(logs.iterdir())) == 2
+    outcomes = ray.get([_contend.remote(root, "k1", 4.0) for _ in range(3)])  # longer than the stale limit
+    assert sorted(t for _, t, _ in outcomes) == [False, False, True]
+    assert {p for p, _, _ in outcomes} == {str(tmp_path / "cache" / "k1" / PHASE1_PROMPTS)}
+    trainer = next(pid for _, t, pid in outcomes if t)
+    assert Phase1Cache(root).info("k1") == {"by": trainer}  # the heartbeats kept the lease past 3 s
+    entry = tmp_path / "cache" / "k1"
+    assert sorted(p.name for p in entry.iterdir()) == [PHASE1_INFO, PHASE1_PROMPTS]  # no lock file, no temporary
+    actor = ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE)
+    assert ray.get(actor.stats.remote())["held"] == 0
 
 
+@ray.remote(num_cpus=0, max_retries=0)
 def _crash_mid_phase1(root: str, key: str) -> None:
     def train(folder):
         (folder / PHASE1_STATE).write_bytes(b"epoch 1")
-        os._exit(1)  # killed mid-phase 1: lock and resume state stay behind
+        os._exit(1)  # killed mid-phase 1: its lease is never released, its resume state stays
 
-    Phase1Cache(root).get_or_train(key, train, log=lambda m: None)
+    Phase1Cache(root, heartbeat_s=0.2).get_or_train(key, train, log=lambda m: None)
 
 
-def test_a_crash_mid_phase1_does_not_block_the_next_owner(tmp_path):
-    proc = _start(_crash_mid_phase1, str(tmp_path), "k4")
-    proc.join(60)
-    assert proc.exitcode == 1
-    lock = tmp_path / "k4" / PHASE1_LOCK
-    assert json.loads(lock.read_text())["host"] == socket.gethostname()
-    resumed_from = []
+def test_a_crash_mid_phase1_costs_one_stale_wait_and_resumes_from_its_state(local_ray, tmp_path):
+    with pytest.raises(ray.exceptions.RayError):
+        ray.get(_crash_mid_phase1.remote(str(tmp_path), "k4"))
+    assert Leases().holder("k4") is not None  # the dead owner's lease, until it goes stale
+    resumed_from, waits = [], []
 
     def train(folder):
         resumed_from.append((folder / PHASE1_STATE).read_bytes())
@@ -185,10 +108,10 @@ def test_a_crash_mid_phase1_does_not_block_the_next_owner(tmp_path):
         return {}
 
     started = time.monotonic()
-    path, trained = Phase1Cache(tmp_path, poll_s=0.05).get_or_train("k4", train, log=lambda m: None)
+    path, trained = Phase1Cache(tmp_path, poll_s=0.05).get_or_train("k4", train, log=waits.append)
     assert trained and resumed_from == [b"epoch 1"]
-    assert time.monotonic() - started < 5  # the owner's process is gone: no 60 s stale wait
-    assert not lock.exists() and not list(lock.parent.glob(TAKEOVER + "*"))
+    assert time.monotonic() - started < 30 and waits == ["phase 1 k4: another process is training it; waiting"]
+    assert Leases().holder("k4") is None
 
 
 def other(name: str, value):
@@ -274,3 +197,27 @@ def test_a_trial_whose_phase1_is_missing_trains_it_and_its_wait_says_so(tmp_path
     assert waits[0] > 0 and waits[1] == 0.0
     runs = client.search_runs([exp], "tags.`lpt.role` = 'phase1'")
     assert len(runs) == 1 and runs[0].data.tags["lpt.phase1_key"] == key and runs[0].info.status == "FINISHED"
+
+
+def test_the_key_holds_the_datas_image_size_and_the_head_dropout_the_model_trains_with(tmp_path):
+    """On CIFAR the manifest names the same rows at 224 and 192 px, so the key needs image_size of
+    its own; a trial (or a confirmation) whose model has another head_dropout than the profile's
+    trains another phase 1, so its key is its model's."""
+    from test_data_cifar import shuffled_labels, write_cifar100
+
+    from lpt_core.data.manifest import manifest_hash
+    from tune.config.loading import load_profile, profile_data
+    from tune.trial.phase1 import profile_phase1_key
+
+    root = write_cifar100(tmp_path / "cifar", shuffled_labels(5, 30), shuffled_labels(5, 4, 1))
+
+    def key(size, **kw):
+        profile = load_profile("smoke", [])[1]
+        profile["data"] = {"name": "cifar100_lt", "root": str(root), "imbalance_ratio": 10, "image_size": size}
+        data = profile_data(profile)
+        return manifest_hash(data), profile_phase1_key(profile, manifest_hash(data), 5, data, 0, "cpu", **kw)
+
+    (hash_32, base), (hash_48, other_size) = key(32), key(48)
+    assert hash_32 == hash_48 and base != other_size  # same images, another size: another phase 1
+    assert key(32, head_dropout=0.1)[1] == base  # the profile's value (the smoke profile's default 0.1)
+    assert key(32, head_dropout=0.3)[1] != base

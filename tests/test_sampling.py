@@ -47,14 +47,36 @@ def test_class_aware_cycles_through_each_class_before_repeating():
     assert sorted(tail) == [i for i, y in enumerate(LABELS) if y == 1]
 
 
+def released_steps(num_images: int, batch_size: int, loader_batches: int) -> int:
+    """The steps of one epoch of the released train_dual_dualloss.py loop, from its code: the
+    class-aware loader (max count x classes draws, drop_last) runs until ``cnt > len // batch``."""
+    steps = cnt = 0
+    for _ in range(loader_batches):
+        if cnt > num_images // batch_size:
+            break
+        cnt += 1
+        steps += 1
+    return steps
+
+
+@pytest.mark.parametrize("batch_size", [16, 7, 326, 400])
+def test_dual_epochs_run_the_released_loops_step_count(batch_size):
+    sampler = DualBatchSampler(LABELS, 6, batch_size=batch_size, per_class=4, seed=5)
+    assert len(sampler) == len(list(sampler)) == released_steps(len(LABELS), batch_size, 200 * 6 * 10)
+
+
 def test_dual_batches_and_epoch_reproducibility():
     sampler = DualBatchSampler(LABELS, 6, batch_size=16, per_class=4, seed=5)
-    assert len(sampler) == len(LABELS) // 16
+    assert len(sampler) == len(LABELS) // 16 + 1
     sampler.set_epoch(2)
     first = list(sampler)
     assert all(len(b) == 32 for b in first)
-    ib = [i for b in first for i in b[16:]]
-    assert len(set(ib)) == len(ib)  # one pass of a shuffle: no repeats within an epoch
+    ib = [b[16:] for b in first]
+    # each IB batch is the head of a fresh shuffle (the release's next(iter(loader)) per step):
+    # distinct within a step, drawn again from all images at the next step
+    assert all(len(set(b)) == 16 for b in ib)
+    flat = [i for b in ib for i in b]
+    assert len(set(flat)) < len(flat) and len(set(flat)) > len(LABELS) / 2
     sampler.set_epoch(3)
     assert list(sampler) != first
     sampler.set_epoch(2)

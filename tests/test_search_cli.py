@@ -138,28 +138,29 @@ def test_dry_run_describes_and_trains_nothing(tmp_path, capsys, monkeypatch):
 
 
 def test_dry_run_states_the_cost_of_a_trial_and_of_the_search(capsys):
-    """smoke: 10 classes, 15 steps of 2x32 per epoch; phase 1 2 epochs, phase 2 4; 200 val images."""
+    """smoke: 10 classes, 16 steps of 2x32 per epoch (the released loop's 486 // 32 + 1); phase 1 2
+    epochs, phase 2 4; 200 val images."""
     assert main(["--study", "prompt_pool", "--dry-run", "--trials", "5"]) == 0
     out = capsys.readouterr().out
-    assert "cost per trial: phase 2 trains 4 epochs x 15 steps x 2x32 = 3,840 images (+ 800 evaluated)" in out
-    assert "cost per phase 1 (1, unless cached): 2 epochs x 15 steps x 2x32 = 1,920 images (+ 400 evaluated)" in out
-    assert "at most 21,120 training images (5 whole trials" in out
+    assert "cost per trial: phase 2 trains 4 epochs x 16 steps x 2x32 = 4,096 images (+ 800 evaluated)" in out
+    assert "cost per phase 1 (1, unless cached): 2 epochs x 16 steps x 2x32 = 2,048 images (+ 400 evaluated)" in out
+    assert "at most 22,528 training images (5 whole trials" in out
     assert "CPU time: add --set images_per_s=N" in out  # smoke trials use no GPU: CPU-core-hours
     assert main(["--study", "prompt_pool", "--dry-run", "--trials", "5", "--set", "images_per_s=0.5"]) == 0
     assert (
-        "CPU time at 0.5 img/s: 2.13 CPU-core-h per trial, 1.07 per phase 1, at most 11.7 CPU-core-h for the "
+        "CPU time at 0.5 img/s: 2.28 CPU-core-h per trial, 1.14 per phase 1, at most 12.5 CPU-core-h for the "
         "search" in capsys.readouterr().out
     )
     args = ["--study", "prompt_pool", "--dry-run", "--trials", "5", "--set", "images_per_s=0.5"]
     assert main([*args, "--set", "resources.cpu=2", "--set", "resources.gpu=0.5", "--gpu-hours", "9"]) == 0
     assert (
-        "GPU time at 0.5 img/s: 1.07 GPU-h per trial, 0.53 per phase 1, at most 5.9 GPU-h for the search"
+        "GPU time at 0.5 img/s: 1.14 GPU-h per trial, 0.57 per phase 1, at most 6.3 GPU-h for the search"
         in capsys.readouterr().out
     )  # a trial holding half a GPU spends half its wall time in GPU-hours
 
 
 def test_dry_run_says_what_the_budget_pays_for(capsys):
-    """smoke at 50 img/s: a trial (3,840 images) is 76.8 s = 0.0213 CPU-core-hours, phase 1 half of it;
+    """smoke at 50 img/s: a trial (4,096 images) is 81.9 s = 0.0228 CPU-core-hours, phase 1 half of it;
     ASHA's rungs at epochs 1, 2 of 4 (reduction 2) leave 1 + 1/2 + 2/4 = 2 epochs: half a trial."""
     assert main(["--study", "prompt_pool", "--dry-run", "--cpu-hours", "0.5", "--set", "images_per_s=50"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -168,8 +169,8 @@ def test_dry_run_says_what_the_budget_pays_for(capsys):
         "running trials finish"
     ) in out
     assert (
-        "cost budget at 50 img/s: phase 1 up front 0.0107 CPU-core-hours (unless cached), then 22 whole trials "
-        "of 0.0213, about 26 with ASHA's stops at epoch 3 (if each keeps 1/2 of its trials: 0.0187 a trial; "
+        "cost budget at 50 img/s: phase 1 up front 0.0114 CPU-core-hours (unless cached), then 21 whole trials "
+        "of 0.0228, about 24 with ASHA's stops at epoch 3 (if each keeps 1/2 of its trials: 0.0199 a trial; "
         "the baseline runs every epoch): budget.trials (12) ends the search first"
     ) in out
     assert (
@@ -191,12 +192,12 @@ def test_dry_run_says_what_the_budget_pays_for(capsys):
     out = capsys.readouterr().out
     assert "then running trials stop at their next epoch" in out
     assert (
-        "then 1 whole trial of 0.0213, about 1 with ASHA's stops at epoch 3 (if each keeps 1/2 of its "
-        "trials: 0.0187 a trial; the baseline runs every epoch): the budget ends the search before budget.trials "
+        "then 1 whole trial of 0.0228, about 1 with ASHA's stops at epoch 3 (if each keeps 1/2 of its "
+        "trials: 0.0199 a trial; the baseline runs every epoch): the budget ends the search before budget.trials "
         "(12)"
     ) in out
     assert main(["--study", "prompt_pool", "--dry-run", "--cpu-hours", "0.01", "--set", "images_per_s=50"]) == 0
-    assert "it leaves 0, less than one whole trial (0.0213): no trial would start" in capsys.readouterr().out
+    assert "it leaves 0, less than one whole trial (0.0228): no trial would start" in capsys.readouterr().out
     assert main(["--study", "prompt_pool", "--dry-run", "--cpu-hours", "1"]) == 0
     assert "cost budget in trials: add --set images_per_s=N" in capsys.readouterr().out
 

@@ -39,6 +39,8 @@ def test_smoke_search_records_every_trial(smoke_search, tmp_path):
     )
     assert smoke_search.returncode == 0, smoke_search.stderr[-3000:]
     assert "best trial" in smoke_search.stdout and "test:" in smoke_search.stdout
+    assert "input wait: median " in smoke_search.stdout and ", input wait " in smoke_search.stdout
+    assert "torchvision.io" not in smoke_search.stdout + smoke_search.stderr  # no deprecated decoder warns
     folder = smoke_search.folder  # the one search folder
     table = pq.read_table(folder / "trials.parquet").to_pylist()
     assert len(table) == 6 and len({r["trial_id"] for r in table}) == 6
@@ -71,8 +73,13 @@ def test_smoke_search_records_every_trial(smoke_search, tmp_path):
         row = next(r for r in table if r["trial_id"] == tags["lpt.trial_id"])
         history = client.get_metric_history(run.info.run_id, "val_acc")
         assert [m.step for m in history] == list(range(1, row["epochs"] + 1))
-        for m in ("val_many_acc", "val_medium_acc", "val_few_acc", "train_loss", "images_per_s"):
+        for m in ("val_many_acc", "val_medium_acc", "val_few_acc", "train_loss", "images_per_s", "input_wait_fraction"):
             assert m in metrics
+        assert 0 <= metrics["input_wait_fraction"] <= 1
+        # MLflow's system metrics, sampled in the trial's process: the node's and the trial's own CPU
+        for m in ("system/cpu_utilization_percentage", "system/trial_cpu_percentage", "system/trial_memory_megabytes"):
+            assert m in metrics, sorted(metrics)
+        assert not any(k.startswith("system/gpu_") for k in metrics)  # CPU trials: no GPU figures
     best = [r for r in trials if r.data.tags.get("lpt.best") == "true"]
     assert len(best) == 1 and "test_few_acc" in best[0].data.metrics
     # the test-exposure ledger: one config seen on test, named with the test line

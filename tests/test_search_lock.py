@@ -49,7 +49,7 @@ def test_a_second_driver_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
 def test_a_resume_of_a_running_search_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
     argv = ["--study", "prompt_pool", "--trials", "3", "--storage", str(tmp_path / "runs"), "--resume"]
     plan = Plan(parse_args(argv))
-    folder = plan.storage / "prompt_pool-smoke-20260101-000000"  # as the running driver wrote it
+    folder = (plan.storage / "prompt_pool-smoke-20260101-000000").local_path  # as the running driver wrote it
     folder.mkdir(parents=True)
     save_record(
         folder,

@@ -36,7 +36,7 @@ def test_a_dry_run_plans_without_the_weights_and_the_data(tmp_path):
     print(f"dry run without weights or data: {seconds:.1f} s")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.splitlines()
-    assert "data: cifar100_lt, 100 classes, 10,847 train / 1,980 val / 10,000 test images; manifest not computed" in out
+    assert "data: cifar100_lt, 100 classes, 10,827 train / 2,000 val / 10,000 test images; manifest not computed" in out
     assert (
         f"not computed here: manifest hash: needs the images' pixels (data.root: {tmp_path}/data/cifar: no such "
         f"directory); sizes from the official files' 500 train / 100 test images per class"
@@ -46,10 +46,23 @@ def test_a_dry_run_plans_without_the_weights_and_the_data(tmp_path):
         f"a search takes them from timm/vit_base_patch16_224.augreg_in21k in the Hugging Face cache "
         f"{tmp_path}/hf-home/hub (else downloaded from {env['HF_ENDPOINT']})"
     ) in out
-    assert "cost per trial: phase 2 trains 90 epochs x 42 steps x 2x256 = 1,935,360 images" in proc.stdout
+    assert "cost per trial: phase 2 trains 90 epochs x 43 steps x 2x256 = 1,981,440 images" in proc.stdout
     assert "Retrying" not in proc.stdout + proc.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
     assert seconds < 60
+
+
+def test_the_cifar10_lt_dry_run_validates_on_enough_images_to_decide(tmp_path):
+    """Validation sized to decide: >= 1,500 images and one standard error <= 1 point at 90%, class 0
+    validated on images held out of its training set (stated), without the data on the machine."""
+    proc, _ = run_cli(tmp_path, "--study", "prompt_pool", "--profile", "cifar10_lt", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    [val] = [line for line in proc.stdout.splitlines() if line.startswith("validation: ")]
+    assert val == (
+        "validation: 2,000 images, 200 per class; 200 of class 0 held out of its training images (it trains "
+        "on 4,800 of 5,000); one standard error of val_acc: ±0.7 points at 90%, ±1.1 at 50%"
+    )
+    assert "warning: one standard error" not in proc.stdout
 
 
 def test_a_search_without_the_weights_fails_at_once_in_one_line(tmp_path):

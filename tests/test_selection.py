@@ -159,8 +159,8 @@ def test_an_objective_over_an_empty_shot_group_is_refused(tmp_path, capsys):
     assert len(err.splitlines()) == 1, err
     assert (
         "objective: val_few_acc is the accuracy of the few-shot classes (at most 19 training images, "
-        "shot_split standard), but in cifar10_lt no class has that many (training images per class: 50..500)"
-    ) in err
+        "shot_split standard), but in cifar10_lt no class has that many (training images per class: 50..300)"
+    ) in err  # class 0 lends the profile's val_from_train (200) of its 500 to validation
     assert main(["--study", "prompt_pool", "--profile", "cifar10_lt", *sets, "--dry-run"]) == 0
 
 
@@ -177,6 +177,8 @@ def test_the_dry_run_states_both_phases_early_stopping_and_validation(tmp_path, 
                 f"data.root={root}",
                 "--set",
                 "data.imbalance_ratio=10",
+                "--set",
+                "data.val_from_train=0",
                 "--set",
                 "backbone.weights=random",
                 "--dry-run",
@@ -205,6 +207,7 @@ def test_the_dry_run_states_both_phases_early_stopping_and_validation(tmp_path, 
         f"the test split has it); one standard error of val_acc: ±{binomial_se(90, 80):.1f} points at 90%, "
         f"±{binomial_se(50, 80):.1f} at 50%"
     ), val
+    assert lines[lines.index(val) + 1].startswith("warning: one standard error of val_acc reaches ±5.6 points")
 
 
 def test_validation_that_overlaps_test_is_refused(tmp_path, capsys):

@@ -218,7 +218,7 @@ def test_instance_sampling_is_one_shuffled_branch(synthetic_data):
     model = make_model()
     trainer = Trainer(model, synthetic_data, 2, recipe, device="cpu", log=logs.append)  # fp32: exact
     assert isinstance(trainer.sampler, InstanceBatchSampler) and len(trainer.losses) == 1
-    assert trainer.steps_per_epoch == len(synthetic_data.train) // 32
+    assert trainer.steps_per_epoch == len(synthetic_data.train) // 32  # one pass (dual: the released + 1)
     images, labels = next(iter(trainer.loader))
     assert images.shape[0] == 32
     # the step's loss: AGCL(gamma_pos, gamma_neg) - m * match over the whole batch, no branch weight
@@ -235,3 +235,80 @@ def test_instance_sampling_is_one_shuffled_branch(synthetic_data):
     assert isinstance(dual.sampler, DualBatchSampler) and len(dual.losses) == 2
     list(dual.epochs())
     assert "steps of 2x32 images (dual sampling, lr set per epoch) on cpu" in logs[-2]
+
+
+def test_validation_shot_groups_follow_the_datas_shot_counts(synthetic_data):
+    """iNat's groups come from the full train list (``info["shot_counts"]``), not from what its
+    hold-out leaves: the trainer evaluates by ``data.shot_counts``; A-GCL keeps ``class_counts``."""
+    synthetic_data.info["shot_counts"] = [500] * 10  # every class many-shot by the full list
+    trainer = Trainer(make_model(), synthetic_data, 1, PhaseConfig(epochs=1, batch_size=32), device="cpu", log=None)
+    assert trainer.shot_counts == [500] * 10 and trainer.class_counts == synthetic_data.class_counts
+    metrics = next(trainer.epochs())
+    assert metrics["val_many_acc"] == metrics["val_acc"] and math.isnan(metrics["val_few_acc"])
+
+
+class SlowSplit(torch.utils.data.Dataset):
+    """A split whose every image takes ``delay`` seconds to load, as a slow decoder would."""
+
+    def __init__(self, split, delay: float):
+        self.split, self.delay = split, delay
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        import time
+
+        time.sleep(self.delay)
+        return self.split[i]
+
+
+def test_input_wait_fraction_is_the_share_of_the_epoch_spent_waiting_for_batches():
+    import copy
+
+    from lpt_core.data import build_dataset
+
+    synthetic_data = build_dataset(
+        {"name": "synthetic", "num_classes": 10, "imbalance_ratio": 4, "max_per_class": 24, "image_size": 32, "seed": 1}
+    )
+    recipe = PhaseConfig(epochs=1, batch_size=8, lr=0.5, sampling="instance")
+    fed = Trainer(make_model(), synthetic_data, 1, recipe, log=None).fit()
+    slow_data = copy.copy(synthetic_data)
+    slow_data.train = SlowSplit(synthetic_data.train, delay=0.02)  # 8 x 20 ms per batch in the main process
+    starved = Trainer(make_model(), slow_data, 1, recipe, log=None).fit()
+    assert 0.0 <= fed["input_wait_fraction"] <= 1.0
+    # the epoch's seconds from its rate; the loop waited at least the loader's sleeping, whatever
+    # else the machine runs (sleeping does not slow down under load, computing does)
+    steps = len(synthetic_data.train_labels) // 8
+    seconds = steps * 8 / starved["images_per_s"]
+    waited = starved["input_wait_fraction"] * seconds
+    assert steps * 8 * 0.02 <= waited <= seconds, (waited, seconds)
+    assert starved["images_per_s"] < 50.0  # 8 x 20 ms per batch
+
+
+def test_data_bound_note_names_the_threshold_and_the_knobs():
+    from tune.trial import input_wait
+
+    assert input_wait.trial_note(0.05) == ", input wait 5%"
+    assert input_wait.trial_note(0.35) == (
+        ", input wait 35% (data-bound, above 20%: more loader workers, cpu per trial, or gpu_decode/gpu_augment)"
+    )
+    assert input_wait.trial_note(float("nan")) == ""
+    profile = {
+        "data": {"name": "places_lt", "gpu_decode": False},
+        "loader": {"num_workers": 2},
+        "resources": {"cpu": 4, "gpu": 1},
+    }
+    rows = [{"trial_id": f"t{i}", "input_wait_fraction": w} for i, w in enumerate([0.3, 0.4, 0.1])]
+    line, advice = input_wait.summary_lines(rows, profile)
+    assert line.startswith("input wait: median 30% of the step time over 3 trials (worst 40%, trial t1")
+    assert advice == (
+        "  the search was data-bound: raise loader.num_workers (now 2) and resources.cpu per trial (now 4), "
+        "or set data.gpu_decode: true"
+    )
+    on_device = {**profile, "data": {"name": "places_lt", "gpu_decode": True}}
+    rows = [{"trial_id": "a", "input_wait_fraction": 0.05}, {"trial_id": "b", "input_wait_fraction": 0.25}]
+    assert input_wait.summary_lines(rows, on_device)[1].endswith("resources.cpu per trial (now 4)")
+    assert input_wait.summary_lines([{"trial_id": "a", "input_wait_fraction": 0.01}], profile) == [
+        "input wait: median 1% of the step time over 1 trials (worst 1%, trial a; data-bound above 20%)"
+    ]

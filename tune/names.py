@@ -10,7 +10,7 @@ TRIAL_ID = "lpt.trial_id"  # Ray's trial id
 NODE = "lpt.node"  # the Ray node that ran the trial
 PHASE1_KEY = "lpt.phase1_key"  # the phase-1 cache key a trial (or a phase-1 run) used
 SEARCH = "lpt.search"  # parent run: the search's folder name
-STORAGE = "lpt.storage"  # parent run: the search folder's absolute path
+STORAGE = "lpt.storage"  # parent run: the search folder's absolute path or URI (no credentials)
 BEST = "lpt.best"  # the best trial's run: "true"
 BEST_TRIAL_ID = "lpt.best_trial_id"  # parent run
 CONFIRMED_TRIAL = "lpt.confirmed_trial"  # parent run: the trial whose config --confirm retrained
@@ -37,8 +37,8 @@ BUDGET_ENDED = "lpt.budget_ended"  # parent run with a budget: "true" when it ke
 # ----------------------------------------------------------------------------- search storage
 PHASE1_CACHE = "phase1-cache"  # under the storage root, shared by every search
 SEARCH_FILE = "search.json"  # in a search folder: the record --resume reads
-SEARCH_LOCK = "search.lock"  # in a search folder: held (flock) by the driver running it
-SHARED_CHECK = ".lpt-shared-check"  # the cluster's storage check: a marker every node reads back
+SEARCH_LOCK = "search.lock"  # in a local search folder: held (flock) by the driver running it
+SHARED_CHECK = ".lpt-shared-check"  # the cluster's storage check: markers published and read back (then removed)
 PROFILE_FILE = "profile.yaml"  # the profile as the search ran it (also a parent-run artifact)
 TABLE_FILE = "trials.parquet"  # one row per trial
 OPTUNA_FILE = "optuna.db"  # the search's Optuna study (SQLite), unless LPT_OPTUNA_STORAGE
@@ -47,9 +47,4 @@ PROMPTS_DIR = "prompts"  # <trial id>.safetensors of the trials that ran every e
 REPORT_DIR = "report"  # the report's folder, and its artifact folder in MLflow
 REPORT_TABLE, REPORT_PAGE = "trials.csv", "summary.html"
 # in a phase-1 cache entry (PHASE1_CACHE/<key>/)
-PHASE1_PROMPTS, PHASE1_INFO, PHASE1_STATE, PHASE1_LOCK = (
-    "prompts.safetensors",
-    "info.json",
-    "state.safetensors",
-    "lock",
-)
+PHASE1_PROMPTS, PHASE1_INFO, PHASE1_STATE = "prompts.safetensors", "info.json", "state.safetensors"

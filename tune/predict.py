@@ -6,8 +6,11 @@
 classifies a split of the model's own dataset (or ``--profile``'s, with ``--set`` overrides) and
 prints its accuracy overall and many / medium / few, as the search computed it. The CSV has one row
 per image: its path (``split/index`` for in-memory images), its label with ``--split``, and the
-index, name and probability of each of its ``--top-classes`` best classes. Exit 0 done; 2 bad input
-(one line on stderr naming the model, folder, file or key); 1 a failure while running.
+index, name and probability of each of its ``--top-classes`` best classes. ``--released FILE``
+(with ``--profile`` and ``--split``) evaluates the released LPT checkpoint (``lpt_core.released``)
+on a split of the profile's data with the release's input pipeline and shot groups (few <= 20) and
+prints overall / many / medium / few. Exit 0 done; 2 bad input (one line on stderr naming the
+model, folder, file or key); 1 a failure while running.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ class BadInput(ValueError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tune/predict.py", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--model", required=True, help="models:/NAME/VERSION, runs:/RUN_ID/model or another MLflow model URI"
-    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="models:/NAME/VERSION, runs:/RUN_ID/model or another MLflow model URI")
+    which.add_argument("--released", metavar="FILE", help="the released LPT checkpoint (e.g. LPT_places.pth)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="DIR", help="a folder of image files (searched recursively)")
     source.add_argument("--split", choices=("train", "val", "test"), help="a split of the dataset (see --profile)")
@@ -43,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile", help="with --split: a profile (name or .yaml) whose data to use (default: the model's own)"
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a --profile value")
-    p.add_argument("--out", required=True, help="the CSV file to write")
+    p.add_argument("--out", help="the CSV file to write (required with --model)")
     p.add_argument("--top-classes", type=int, default=5, metavar="K", help="classes per image in the CSV (default 5)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers that read and preprocess images")
@@ -210,7 +213,7 @@ def predict(args) -> int:
 
         acc = {
             f"{args.split}_{key}": value
-            for key, value in shot_accuracy(correct, total, data.class_counts, shot_split).items()
+            for key, value in shot_accuracy(correct, total, data.shot_counts, shot_split).items()
         }
         print(f"{args.split}: {shot_line(acc, args.split + '_')}")
         recorded = recorded_test(args.model) if args.split == "test" else {}
@@ -219,8 +222,32 @@ def predict(args) -> int:
     return 0
 
 
+def evaluate_released(args) -> int:
+    """``--released``: the checkpoint's accuracy on ``--split`` of ``--profile``'s data."""
+    from tune.errors import ConfigError
+    from tune.serving.released import released_accuracy
+
+    if not args.profile or not args.split:
+        raise BadInput("--released: give --profile (its data) and --split (the checkpoint holds no dataset)")
+    try:
+        for line in released_accuracy(args.released, args.profile, args.set, args.split, args):
+            print(line, flush=True)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        raise BadInput(str(exc)) from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.released:
+        try:
+            return evaluate_released(args)
+        except BadInput as exc:
+            return fail(exc, EXIT_BAD_INPUT)
+        except Exception as exc:  # an unreadable image names its file
+            return fail(f"evaluation failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}")
+    if not args.out:
+        return fail("--out: required with --model", EXIT_BAD_INPUT)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 

@@ -76,20 +76,27 @@ def find_parent(client, study: str, run_id: str | None):
     return run
 
 
-def search_folder(run, storage: str | None) -> Path:
+def search_folder(run, storage: str | None):
+    """The search's folder (a ``tune.storage.Location``): ``--storage`` (the folder, or the storage
+    root holding it), else the parent run's ``lpt.storage`` tag, local or object storage."""
     from tune import names
+    from tune.storage import StorageError, location
 
     tags = run.data.tags
-    if storage:
-        root = Path(storage).expanduser().resolve()
-        folder = root if (root / names.TABLE_FILE).is_file() else root / tags.get(names.SEARCH, "")
-        where = f"--storage {storage}"
-    else:
-        if not tags.get(names.STORAGE):
-            raise BadInput(f"run {run.info.run_id}: no lpt.storage tag; give the search folder with --storage")
-        folder = Path(tags[names.STORAGE])
-        where = f"run {run.info.run_id} (tag lpt.storage)"
-    if not (folder / names.TABLE_FILE).is_file():
+    try:
+        if storage:
+            root = location(storage)
+            folder = root if (root / names.TABLE_FILE).is_file() else root / tags.get(names.SEARCH, "")
+            where = f"--storage {storage}"
+        else:
+            if not tags.get(names.STORAGE):
+                raise BadInput(f"run {run.info.run_id}: no lpt.storage tag; give the search folder with --storage")
+            folder = location(tags[names.STORAGE])
+            where = f"run {run.info.run_id} (tag lpt.storage)"
+        found = (folder / names.TABLE_FILE).is_file()
+    except (StorageError, OSError) as exc:
+        raise BadInput(f"{storage or tags.get(names.STORAGE)}: cannot read the search's storage ({exc})") from None
+    if not found:
         raise BadInput(
             f"{folder / names.TABLE_FILE}: missing; {where} does not hold the search's table"
             + ("" if storage else " (give the search folder with --storage)")
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = search_folder(run, args.storage)
     except BadInput as exc:
         return fail(exc, EXIT_BAD_INPUT)
-    out = Path(args.out).expanduser().resolve() if args.out else folder / names.REPORT_DIR
+    out = Path(args.out).expanduser().resolve() if args.out else folder / names.REPORT_DIR  # local, or the storage
     try:
         built = search_report(client, run.info.run_id, out, folder)
     except Exception as exc:

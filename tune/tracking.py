@@ -151,3 +151,9 @@ def trial_run(
         client.update_run(run_id, status="RUNNING")
         log(client, run_id, tags={RESUMED: "true", **tags})
     return run_id
+
+
+def log_stored_file(client: MlflowClient, run_id: str, stored, artifact_path: str | None = None) -> None:
+    """Log a file of the search's storage (a ``tune.storage.Location``, local or remote) as an artifact."""
+    with stored.local_copy() as path:
+        client.log_artifact(run_id, str(path), artifact_path)

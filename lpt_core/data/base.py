@@ -32,6 +32,13 @@ class LTData:
     collate_fn: Callable | None = None
 
     @property
+    def shot_counts(self) -> list[int]:
+        """Images per class that the many/medium/few groups are judged by: the builder's
+        ``info["shot_counts"]`` (iNat: the full train list, before its validation hold-out), else
+        ``class_counts``."""
+        return list(self.info.get("shot_counts") or self.class_counts)
+
+    @property
     def class_counts(self) -> list[int]:
         counts = [0] * self.num_classes
         for label in self.train_labels:

@@ -1,6 +1,7 @@
 """The on-device input path: augment (and decode) a whole batch where it lives.
 
-``BatchTransform`` takes a uint8 batch [B, 3, H, W] or an ``EncodedBatch`` of JPEG/PNG bytes, and
+``BatchTransform`` takes a uint8 batch [B, 3, H, W] or an ``EncodedBatch`` of JPEG/PNG bytes
+(decoded by TorchCodec, nvJPEG on CUDA: ``decode``), and
 does LPT's transforms as crop boxes: train = RandomResizedCrop (torchvision's parameter rule,
 scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip, eval = resize to size / crop_pct (a square,
 or the short side: ``eval_resize``) and center-crop (``transforms.InputConfig``). Bilinear: one ``roi_align``
@@ -15,10 +16,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
+from .decode import decode_batch
 from .transforms import RELEASED, InputConfig
 
 
@@ -55,20 +56,9 @@ class EncodedBatch:
         return self
 
     def decode(self) -> list[torch.Tensor]:
-        """uint8 RGB images [3, h, w] on ``self.device``; nvJPEG in one call on CUDA."""
-        data = self.data
-        if all(d[:2].tolist() == [0xFF, 0xD8] for d in data):
-            try:
-                return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
-            except RuntimeError:
-                pass  # a bad or unusual file: decode one by one below to name it
-        out = []
-        for d, path in zip(data, self.paths):
-            try:
-                out.append(decode_image(d, mode=ImageReadMode.RGB).to(self.device, non_blocking=True))
-            except RuntimeError as exc:
-                raise ValueError(f"{path}: unreadable image ({exc})") from exc
-        return out
+        """uint8 RGB images [3, h, w] on ``self.device``: TorchCodec, in one nvJPEG call on CUDA
+        (``decode.decode_batch``)."""
+        return decode_batch(self.data, self.paths, self.device)
 
 
 def collate_encoded(batch: list) -> tuple[EncodedBatch, torch.Tensor]:

@@ -1,12 +1,18 @@
 """CIFAR-10-LT / CIFAR-100-LT, read straight from torchvision's pickle layout under ``root``.
 
-Train: per class a seeded shuffle of the official training images, the first n_i of class i kept,
-n_i = int(n_max * (1/rho) ** (i/(C-1))) (n_max = images per class of the file, 5000 / 500).
-Val: the next ``val_per_class`` (default 20) of each class's shuffle, i.e. class-balanced and taken
-from the images the profile drops. A class with fewer dropped images gives what it has (listed in
-``info["val_short"]``): class 0 keeps all its images (the literature's training set, kept as is),
-so it has no validation images and ``info["val_missing_classes"]`` names it; for rho near 1 other
-head classes are short too, and rho = 1 leaves nothing (an error unless val_per_class: 0).
+Train: the released LPT code's images (``IMBALANCECIFAR100`` after ``setup_seed(42)``): numpy's
+global RandomState seeded 42, then for each class in class order ``np.random.shuffle`` of that
+class's rows and the first n_i kept, n_i = int(n_max * (1/rho) ** (i/(C-1))) (n_max = images per
+class of the file, 5000 / 500). ``released_order`` replays it with a RandomState of its own, so
+the global numpy state is never touched.
+Val: class-balanced, ``val_per_class`` of each class's dropped images (which ones: seeded by the
+spec's ``seed``). A class that drops fewer (class 0 keeps all its images; for rho near 1 other head
+classes drop few) takes the shortfall from its own training images, at most ``val_from_train``
+and never its last one: those leave its training set (``info["val_from_train"]``: class ->
+images lent). With ``val_from_train: 0`` (the default) the training set is the release's exactly,
+class 0 has no validation image and ``info["val_missing_classes"]`` names it; classes short of
+``val_per_class`` are in ``info["val_short"]``. rho = 1 drops nothing (an error unless
+val_per_class: 0 or val_from_train > 0).
 Test: the official test set. No md5 check: any file in the layout loads; ``download: true``
 fetches the real files through torchvision only when they are missing (offline: one line at once).
 """
@@ -24,8 +30,10 @@ from torch.utils.data import Dataset
 
 from ..reachability import unreachable
 from .base import DownloadError
-from .common import assemble, class_perm, data_root, input_mode, lt_targets
+from .common import assemble, class_perm, data_root, holdout_counts, input_mode, lt_targets
 from .transforms import RELEASED
+
+RELEASED_SEED = 42  # the released train script's setup_seed(42), before IMBALANCECIFAR draws its subset
 
 # name: (folder, train files, test files, meta file, label key, class-names key, torchvision class)
 LAYOUT = {
@@ -105,6 +113,19 @@ def _load_split(base: str, files: list[str], label_key: str, num_classes: int):
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def released_order(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """Each class's rows of the training file in the order the released ``IMBALANCECIFAR10/100``
+    leaves them (its first n_i are the training set): ``np.random.seed(42)``, then in class order
+    ``np.random.shuffle`` of the class's ``np.where`` indices; replayed on a RandomState of its own."""
+    rng = np.random.RandomState(RELEASED_SEED)
+    out = []
+    for c in range(num_classes):
+        idx = np.where(labels == c)[0]
+        rng.shuffle(idx)
+        out.append(idx)
+    return out
+
+
 def build_cifar_lt(s, input_cfg=RELEASED):
     """``cifar10_lt`` / ``cifar100_lt`` from a ``specs.CifarSpec``."""
     folder, train_files, test_files, meta, label_key, names_key, tv_class = LAYOUT[s.name]
@@ -145,18 +166,24 @@ def build_cifar_lt(s, input_cfg=RELEASED):
     if empty:
         raise ValueError(f"{os.path.join(base, train_files[0])}: class {empty[0]} has no training images")
     counts = lt_targets([len(idx) for idx in by_class], ratio)
-    train_idx, val_idx, val_short = [], [], []
-    for c, idx in enumerate(by_class):
-        order = idx[class_perm(s.seed, c, len(idx))]
-        train_idx.append(order[: counts[c]])
-        val_idx.append(order[counts[c] : counts[c] + per_val])
-        if len(val_idx[-1]) < per_val:
+    train_idx, val_idx, val_short, lent = [], [], [], {}
+    for c, order in enumerate(released_order(y, len(names))):
+        kept, dropped = order[: counts[c]], order[counts[c] :]
+        n_dropped, n_lent = holdout_counts(len(order), counts[c], per_val, s.val_from_train)
+        val_idx.append(dropped[class_perm(s.seed, c, len(dropped))[:n_dropped]])
+        if n_lent:
+            held = class_perm(s.seed, c, len(kept))[:n_lent]
+            val_idx.append(kept[held])
+            kept, lent[c] = np.delete(kept, held), n_lent
+        train_idx.append(kept)
+        if n_dropped + n_lent < per_val:
             val_short.append(c)
     train_idx, val_idx = np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
     if per_val and not len(val_idx):
         raise ValueError(
             "data.val_per_class: the profile drops no training images to validate on "
-            "(imbalance_ratio 1); set val_per_class: 0 to build without a validation split"
+            "(imbalance_ratio 1); set val_per_class: 0 to build without a validation split, "
+            "or val_from_train to hold some out"
         )
 
     def split(images, labels, ids):
@@ -169,6 +196,6 @@ def build_cifar_lt(s, input_cfg=RELEASED):
         names,
         s.image_size,
         mode,
-        {"imbalance_ratio": ratio, "val_per_class": per_val, "val_short": val_short},
+        {"imbalance_ratio": ratio, "val_per_class": per_val, "val_short": val_short, "val_from_train": lent},
         input_cfg=input_cfg,
     )

@@ -38,6 +38,15 @@ def class_perm(seed: int, label: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, label]).permutation(n)
 
 
+def holdout_counts(available: int, kept: int, val_per_class: int, val_from_train: int) -> tuple[int, int]:
+    """(validation images from the dropped ones, validation images lent by the training set) of a
+    class with ``available`` images of which the long-tail profile keeps ``kept``: up to
+    ``val_per_class`` from the dropped images; the shortfall from the kept ones, at most
+    ``val_from_train`` and never the class's last training image."""
+    dropped = min(val_per_class, available - kept)
+    return dropped, max(0, min(val_per_class - dropped, val_from_train, kept - 1))
+
+
 def lt_targets(available: list[int], ratio: float | None, where: str = "imbalance_ratio") -> list[int]:
     """Training images per class: the LT profile over classes ranked by ``available`` (most first,
     ties by class index), n_max = the largest count, capped by what each class has."""

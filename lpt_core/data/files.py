@@ -12,11 +12,10 @@ import json
 import os
 from dataclasses import dataclass
 
-from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.io import read_file
 
 from .batch import collate_encoded
+from .decode import decode_rgb, read_bytes
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _CHECK_IMAGES = contextvars.ContextVar("lpt_check_images", default=True)
@@ -59,7 +58,8 @@ class Entries:
 
 
 class FileImages(Dataset):
-    """Images ``root/paths[i]`` with ``labels[i]``: PIL-decoded RGB through ``transform``, or with
+    """Images ``root/paths[i]`` with ``labels[i]``: decoded to uint8 RGB tensors (``decode.decode_rgb``:
+    TorchCodec, PIL for what it does not read) through ``transform``, or with
     ``encoded=True`` the raw file bytes as ``((uint8 1-D tensor, path), label)`` for
     ``collate_encoded`` (exposed as ``collate_fn``) and an on-device decoder."""
 
@@ -76,13 +76,12 @@ class FileImages(Dataset):
 
     def __getitem__(self, index: int):
         path = os.path.join(self.root, self.paths[index])
-        try:
-            if self.encoded:
-                return (read_file(path), path), self.labels[index]
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except Exception as exc:
-            raise ValueError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
+        if self.encoded:
+            try:
+                return (read_bytes(path), path), self.labels[index]
+            except OSError as exc:
+                raise ValueError(f"{path}: unreadable image ({type(exc).__name__}: {exc.strerror or exc})") from exc
+        img = decode_rgb(path)  # a ValueError naming the file when nothing reads it
         return (self.transform(img) if self.transform else img), self.labels[index]
 
 

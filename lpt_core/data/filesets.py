@@ -8,6 +8,8 @@ from .common import assemble, class_perm, data_file, data_root, input_mode, lt_t
 from .files import FileImages, check_counts, check_labels, file_splits, read_coco, read_list, read_names, scan_folder
 from .transforms import RELEASED
 
+MIN_TRAIN_LEFT = 2  # iNat's hold-out never leaves a class fewer training images than this
+
 
 def build_list_dataset(s, input_cfg=RELEASED):
     """``places_lt`` / ``imagenet_lt``: ``root`` + ``train_list``/``val_list``/``test_list`` of
@@ -30,9 +32,11 @@ def build_inat(s, input_cfg=RELEASED):
     """``inat2018``: ``root`` + ``train_json``/``val_json`` (COCO-style). The official val list is
     the test split (what the long-tail literature reports); validation is a class-stratified
     hold-out of the train list: per class a seeded shuffle gives up to ``val_per_class`` images,
-    never the class's last one (a class of n images gives at most n - 1), and the rest trains, so
-    ``class_counts`` count what stays in train. Labels index the train categories sorted by id;
-    names are the category names."""
+    never leaving the class fewer than ``MIN_TRAIN_LEFT`` (2) training images (a class of n images
+    gives at most n - 2; classes of 2 or 1 give none and go unvalidated, named in
+    ``info["val_missing_classes"]``), and the rest trains: ``class_counts`` (A-GCL, the sampler)
+    count what stays in train, the shot groups the full train list (``info["shot_counts"]``, the
+    literature's groups). Labels index the train categories sorted by id; names are the category names."""
     root, mode = data_root(s), input_mode(s, "gpu_decode")
     listed, categories, names = read_coco(data_file(s, "train_json", root))
     test, _, _ = read_coco(data_file(s, "val_json", root), categories)
@@ -42,7 +46,7 @@ def build_inat(s, input_cfg=RELEASED):
         by_class[y].append(i)
     val_idx = []
     for c, idx in enumerate(by_class):
-        held = min(s.val_per_class, len(idx) - 1)
+        held = min(s.val_per_class, max(0, len(idx) - MIN_TRAIN_LEFT))
         val_idx += [idx[j] for j in class_perm(s.seed, c, len(idx))[:held]]
     held_out = set(val_idx)
     train = listed.subset([i for i in range(len(listed.paths)) if i not in held_out])
@@ -52,7 +56,7 @@ def build_inat(s, input_cfg=RELEASED):
         names,
         s.image_size,
         mode,
-        {"val_per_class": s.val_per_class},
+        {"val_per_class": s.val_per_class, "shot_counts": [len(idx) for idx in by_class]},
         input_cfg=input_cfg,
     )
 

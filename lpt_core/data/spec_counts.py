@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .base import LTData
-from .common import lt_targets
+from .common import holdout_counts, lt_targets
 from .files import images_unchecked
 from .manifest import manifest_hash
 from .specs import parse_spec
@@ -46,6 +46,8 @@ class DataSummary:
     class_counts: list[int] | None = None  # training images per class
     val_counts: list[int] | None = None  # validation images per class
     class_names: list[str] | None = None
+    val_from_train: dict[int, int] = field(default_factory=dict)  # class -> validation images its training set lent
+    shot_counts: list[int] | None = None  # what the shot groups count (iNat: the full train list); None: class_counts
 
     @classmethod
     def of(cls, data: LTData, images_here: bool = True, missing: list[str] | None = None) -> DataSummary:
@@ -64,18 +66,26 @@ class DataSummary:
             data.class_counts,
             val,
             list(data.class_names),
+            dict(data.info.get("val_from_train") or {}),
+            data.shot_counts,
         )
 
 
 def cifar_counts(
-    name: str, imbalance_ratio: float | None, val_per_class: int, per_class: tuple[int, int] | None = None
+    name: str,
+    imbalance_ratio: float | None,
+    val_per_class: int,
+    per_class: tuple[int, int] | None = None,
+    val_from_train: int = 0,
 ) -> tuple[list[int], list[int], int]:
     """Training and validation images per class, and test images, of CIFAR-LT built from files
-    that hold ``per_class`` (train, test) images of every class (default: the official files')."""
+    that hold ``per_class`` (train, test) images of every class (default: the official files'),
+    by the builder's rule (``common.holdout_counts``)."""
     classes, n_train, n_test = CIFAR_PER_CLASS[name]
     n_train, n_test = per_class or (n_train, n_test)
-    counts = lt_targets([n_train] * classes, imbalance_ratio)
-    return counts, [min(val_per_class, n_train - c) for c in counts], classes * n_test
+    kept = lt_targets([n_train] * classes, imbalance_ratio)
+    split = [holdout_counts(n_train, n, val_per_class, val_from_train) for n in kept]
+    return [n - lent for n, (_, lent) in zip(kept, split)], [a + b for a, b in split], classes * n_test
 
 
 def _without_download(spec):
@@ -108,7 +118,10 @@ def data_summary(spec, input_cfg=None) -> DataSummary:
                 missing=[f"classes and split sizes: the {FILE_LISTS[spec.name]} are not here ({exc})"],
             )
     if spec.name in CIFAR_PER_CLASS:
-        counts, val, test = cifar_counts(spec.name, spec.imbalance_ratio, spec.val_per_class)
+        counts, val, test = cifar_counts(
+            spec.name, spec.imbalance_ratio, spec.val_per_class, val_from_train=spec.val_from_train
+        )
+        paper = cifar_counts(spec.name, spec.imbalance_ratio, 0)[0]
         return DataSummary(
             len(counts),
             sum(counts),
@@ -117,6 +130,7 @@ def data_summary(spec, input_cfg=None) -> DataSummary:
             None,
             class_counts=counts,
             val_counts=val,
+            val_from_train={c: p - n for c, (n, p) in enumerate(zip(counts, paper)) if p > n},
             missing=[
                 f"manifest hash: needs the images' pixels ({absent}); sizes from the official files' "
                 f"{CIFAR_PER_CLASS[spec.name][1]} train / {CIFAR_PER_CLASS[spec.name][2]} test images per class"

@@ -47,7 +47,12 @@ class CifarSpec(CommonSpec):
     name: Literal["cifar10_lt", "cifar100_lt"]
     root: PathStr
     imbalance_ratio: float | None = Field(100.0, ge=1)
-    val_per_class: Count = 20
+    val_per_class: Count = Field(20, description="validation images per class, from the images the profile drops")
+    val_from_train: Count = Field(
+        0,
+        description="a class that drops fewer than val_per_class (class 0 drops none) takes the rest from its "
+        "training images, at most this many (they leave its training set; 0: the released training set exactly)",
+    )
     download: bool = False
     gpu_augment: bool = False
 
@@ -73,7 +78,7 @@ class InatSpec(CommonSpec):
     train_json: PathStr
     val_json: PathStr
     val_per_class: Count = Field(
-        3, description="train images per class held out for validation (a class keeps at least one training image)"
+        3, description="train images per class held out for validation (a class keeps at least two training images)"
     )
     gpu_decode: bool = False
 

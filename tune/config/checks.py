@@ -1,5 +1,5 @@
-"""Checks of the environment a search runs in, made before anything starts: the Optuna storage URL and
-a registered model's name."""
+"""Checks of the environment a search runs in, made before anything starts: the Optuna storage URL,
+the system-metrics interval and a registered model's name."""
 
 from __future__ import annotations
 
@@ -9,11 +9,27 @@ import re
 from tune.errors import ConfigError
 
 OPTUNA_STORAGE_ENV = "LPT_OPTUNA_STORAGE"  # the searches' Optuna storage (a database URL)
+SYSTEM_METRICS_ENV = "LPT_SYSTEM_METRICS_S"  # seconds between a trial's system-metric samples (0: off)
+DEFAULT_SYSTEM_METRICS_S = 10.0
+
+
+def system_metrics_interval() -> float:
+    """Seconds between a trial run's system-metric samples: ``LPT_SYSTEM_METRICS_S``, else 10;
+    0 turns them off."""
+    raw = os.environ.get(SYSTEM_METRICS_ENV, "").strip()
+    try:
+        value = float(raw) if raw else DEFAULT_SYSTEM_METRICS_S
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{SYSTEM_METRICS_ENV}={raw}: expected seconds between samples (e.g. 10; 0: off)")
+    return value
 
 
 def check_storage_env() -> None:
     """``LPT_OPTUNA_STORAGE``, checked before anything starts: a database URL without a password
-    (the URL is recorded in MLflow, tag ``lpt.optuna_storage``)."""
+    (the URL is recorded in MLflow, tag ``lpt.optuna_storage``); ``LPT_SYSTEM_METRICS_S`` too."""
+    system_metrics_interval()
     url = os.environ.get(OPTUNA_STORAGE_ENV, "").strip()
     if not url:
         return

@@ -7,9 +7,11 @@ import argparse
 import os
 from pathlib import Path
 
+from lpt_core.sampling import steps_per_epoch
 from lpt_core.trainer import PhaseConfig
 from tune.errors import ConfigError
 from tune.names import PHASE1_CACHE
+from tune.storage import Location
 
 
 class Plan:
@@ -79,13 +81,12 @@ class Plan:
             check_baseline(self.study["space"], self.baseline, str(self.study_path)) if self.baseline else []
         )
         self.manifest_hash = self.summary.manifest_hash
-        self.storage = Path(os.path.expanduser(args.storage or os.environ.get("LPT_STORAGE", "runs"))).resolve()
+        self.storage = Location(args.storage or os.environ.get("LPT_STORAGE", "").strip() or "runs")
         check_storage_env()
-        if "://" in str(args.storage or ""):
-            raise ConfigError(f"--storage {args.storage}: give a folder on a filesystem every node mounts")
 
     def describe(self) -> str:
         from tune.config import early_stopping, validation
+        from tune.config.input_capacity import capacity_lines
         from tune.config.loading import objective_of
         from tune.config.samplers import describe_sampler, sampler_settings
         from tune.config.search_space import describe, prompt_lengths
@@ -123,6 +124,7 @@ class Plan:
             f"resources per trial: {r['cpu']:g} CPU, {r['gpu']:g} GPU"
             + (f" ({int(1 / r['gpu'])} trials per GPU)" if 0 < r["gpu"] < 1 else "")
             + (", compiled blocks" if self.profile["compile"] else ""),
+            *capacity_lines(self.profile),
             *self.cost_lines(n_phase1),
         ]
         return "\n".join(lines)
@@ -162,7 +164,7 @@ class Plan:
         """Training images of one run of phase ``name`` (``phase1`` / ``phase2``), and in words."""
         n_train, n_val = self.summary.train, self.summary.val or 0
         cfg = getattr(self, name)
-        steps = max(1, n_train // cfg.batch_size)  # an epoch of the trainer's sampler
+        steps = steps_per_epoch(n_train, cfg.batch_size, cfg.sampling)  # an epoch of the trainer's sampler
         branches = 2 if cfg.sampling == "dual" else 1
         images = cfg.epochs * steps * branches * cfg.batch_size
         return images, (

@@ -54,6 +54,12 @@ class Resources(Section):
 class Loader(Section):
     num_workers: int = Field(4, ge=0)
     eval_batch_size: int = Field(256, ge=1)
+    decode_per_core: float | None = Field(
+        None,
+        gt=0,
+        description="img/s one CPU core decodes and augments for training, for --dry-run's input capacity "
+        "(default: benchmarks/input_pipeline.py's figure, tune/config/input_capacity.py)",
+    )
 
 
 class ProfileConfig(Section):

@@ -18,6 +18,7 @@ from lpt_core.metrics import FEW_AT_MOST, MANY_ABOVE, shot_groups
 from tune.errors import ConfigError
 
 SE_METRIC, SIZE_METRIC = "val_acc_se", "val_images"  # parent-run metrics next to best_val_acc
+SE_WARN = 1.5  # points: the dry run warns when one standard error (at 50%, its largest) exceeds it
 
 
 def binomial_se(acc_percent: float, n: int) -> float:
@@ -54,8 +55,27 @@ def describe(summary) -> str:
         if missing
         else ""
     )
+    lent = summary.val_from_train or {}
+    held = (
+        "; "
+        + ", ".join(
+            f"{k:,} of class {_classes(summary, [c])} held out of its training images (it trains on "
+            f"{summary.class_counts[c]:,} of {summary.class_counts[c] + k:,})"
+            for c, k in list(lent.items())[:3]
+        )
+        + (f" and {len(lent) - 3} more classes" if len(lent) > 3 else "")
+        if lent and summary.class_counts
+        else ""
+    )
     se = f"±{binomial_se(90.0, n):.1f} points at 90%, ±{binomial_se(50.0, n):.1f} at 50%" if n else "none"
-    return f"validation: {n:,} images, {per_class}{lacks}; one standard error of val_acc: {se}"
+    worst = binomial_se(50.0, n) if n else math.inf
+    warn = (
+        f"\nwarning: one standard error of val_acc reaches ±{worst:.1f} points (above {SE_WARN:g}): differences "
+        f"between trials smaller than about {2 * worst:.0f} points are noise; raise data.val_per_class"
+        if worst > SE_WARN
+        else ""
+    )
+    return f"validation: {n:,} images, {per_class}{held}{lacks}; one standard error of val_acc: {se}{warn}"
 
 
 def group_rule(group: str, split: str) -> str:
@@ -71,7 +91,7 @@ def check_objectives(metrics: list[str], summary, split: str, dataset: str, wher
     """Each objective (the first also drives early stopping) over a shot group must have
     validation images: ``val_few_acc`` on CIFAR-10-LT at imbalance 100 has no class to average.
     Unchecked where the class counts are not known (a dry run without the data's lists)."""
-    train, counts = summary.class_counts, summary.val_counts
+    train, counts = summary.shot_counts or summary.class_counts, summary.val_counts
     if train is None or counts is None:
         return
     groups = shot_groups(train, split)

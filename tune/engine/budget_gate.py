@@ -9,7 +9,6 @@ resumed search counts everything spent before and runs with the budget its comma
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from ray.tune import Stopper
 from ray.tune.experiment import Trial
@@ -18,6 +17,7 @@ from ray.tune.search.util import _set_search_properties_backwards_compatible
 
 from tune.config.budget import MEASURES, fmt
 from tune.engine.budget_ledger import SpendLedger
+from tune.storage import Location
 
 
 class BudgetSearcher(Searcher):
@@ -25,7 +25,7 @@ class BudgetSearcher(Searcher):
     it answers "not now" while trials run (their end may make room) and "finished" when none do.
     ``held_back``: the budget has kept a trial from starting."""
 
-    def __init__(self, searcher: Searcher, folder: str | Path):
+    def __init__(self, searcher: Searcher, folder: str | Location):
         self.searcher = searcher
         self.folder = str(folder)
         self.ledger = SpendLedger(folder)
@@ -75,7 +75,7 @@ class BudgetStopper(Stopper):
     """``on_exhausted: stop``: once the hours are spent, every running trial stops at its next
     result (its epoch is kept). ``stopped``: the trials it stopped (the table's ``budget_stopped``)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Location):
         self.folder = str(folder)
         self.ledger = SpendLedger(folder)
         self.stopped: set[str] = set()
@@ -100,7 +100,7 @@ class BudgetMeter:
     """The progress line's figure: ``GPU-hours 3.2 of 10`` (with a budget), ``GPU-hours 3.2``
     (GPU trials without one), nothing for CPU trials without one."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Location):
         self.folder = str(folder)
         self.ledger = SpendLedger(folder)
 

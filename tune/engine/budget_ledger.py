@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 from lpt_core.config import PhaseConfig
 from tune.config.budget import (
@@ -21,13 +20,14 @@ from tune.config.budget import (
 from tune.errors import ConfigError
 from tune.names import TABLE_FILE
 from tune.record import load_record
+from tune.storage import Location, location
 
 
 # ----------------------------------------------------------------------------- the accounting
-def _table_rows(folder: Path) -> list[dict]:
+def _table_rows(folder: str | Location) -> list[dict]:
     from tune.trial.table import read_rows
 
-    return list(read_rows(Path(folder) / TABLE_FILE).values())
+    return list(read_rows(location(folder) / TABLE_FILE).values())
 
 
 def _finite(value) -> float:
@@ -38,7 +38,7 @@ class SpendLedger:
     """Wall seconds of each trial of a search (ended ones from its table, running ones from their
     results) and of its phase 1 up front, in seconds of one trial's resources."""
 
-    def __init__(self, folder: str | Path, budget: dict | None = None):
+    def __init__(self, folder: str | Location, budget: dict | None = None):
         """``budget``: a study's ``budget`` section instead of the search's own."""
         self.folder = str(folder)
         self.trials: dict[str, dict] = {}  # trial id: wall_s, epochs, ended, seen (driver time of wall_s)
@@ -54,7 +54,7 @@ class SpendLedger:
         self.epochs = PhaseConfig.from_dict(profile["phase2"], where="phase2").epochs
         self.phase1_s = float(record.get(PHASE1_TASK_S, 0.0))
         self.estimate_s = record.get(TRIAL_ESTIMATE_S)
-        for row in _table_rows(Path(self.folder)):
+        for row in _table_rows(self.folder):
             self.trials[row["trial_id"]] = {
                 "wall_s": _finite(row.get("wall_s")),
                 "epochs": int(row["epochs"] or 0),
@@ -203,7 +203,7 @@ def summary_lines(done: dict) -> list[str]:
     ]
 
 
-def resume_mode(mode: str, record: dict, study: dict, folder: Path) -> str:
+def resume_mode(mode: str, record: dict, study: dict, folder: Location) -> str:
     """``driver.resume_mode``'s answer with the budget in view: a search the budget ended
     continues (its remaining trials, as an extension) when the budget now has room again; an
     extension on a spent budget is ``finished`` (it would start no trial)."""
@@ -215,7 +215,7 @@ def resume_mode(mode: str, record: dict, study: dict, folder: Path) -> str:
     return mode
 
 
-def finished_line(record: dict, study: dict, folder: Path) -> str | None:
+def finished_line(record: dict, study: dict, folder: Location) -> str | None:
     """For a finished search whose budget ended it or has no room to extend it: what it allowed,
     what it spent, and how to continue."""
     ledger = SpendLedger(folder, study["budget"])

@@ -192,7 +192,7 @@ def confirm(
     results: dict = {name: ray.get(refs) for name, refs in pending.items()}
     results["no_baseline"] = base is None
     key = objective_of(plan.study["objective"])[0][0].removeprefix("val_")
-    metrics, tags, lines = confirm_summary(results, plan.data.class_counts, plan.profile["shot_split"], key)
+    metrics, tags, lines = confirm_summary(results, plan.data.shot_counts, plan.profile["shot_split"], key)
     tested = [best_id, *([baseline["trial_id"]] if "baseline" in configs and baseline is not None else [])]
     ledger = exposure.expose(MlflowClient(setup.tracking_uri), setup.parent_run_id, tested)
     lines[0] = f"{lines[0].removesuffix(':')}; {exposure.seen(ledger)}:"

@@ -22,18 +22,75 @@ from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
+from ray.tune import Callback
 
 from tune.config.checks import OPTUNA_STORAGE_ENV
 from tune.errors import ConfigError
 from tune.names import OPTUNA_FILE
+from tune.storage import Location, work_dir
 
 WAIT_FOR_DATABASE_S = 300  # how long a storage call waits for an unreachable database to come back
 logger = logging.getLogger(__name__)
 
 
-def storage_url(folder: Path) -> str:
-    """``LPT_OPTUNA_STORAGE`` when set, else ``sqlite:///<folder>/optuna.db``."""
-    return os.environ.get(OPTUNA_STORAGE_ENV, "").strip() or f"sqlite:///{(Path(folder) / OPTUNA_FILE).resolve()}"
+def storage_url(folder: Location) -> str:
+    """``LPT_OPTUNA_STORAGE`` when set, else an SQLite file: ``<folder>/optuna.db`` in a local
+    search folder; for a folder on object storage (no file locking there), a working copy on the
+    driver (``tune.storage.work_dir``) that ``publish_copy`` publishes into the folder."""
+    return os.environ.get(OPTUNA_STORAGE_ENV, "").strip() or f"sqlite:///{sqlite_file(folder)}"
+
+
+def sqlite_file(folder: Location) -> Path:
+    if folder.is_local:
+        return folder.local_path / OPTUNA_FILE
+    work = work_dir(folder.name)
+    work.mkdir(parents=True, exist_ok=True)
+    return work / OPTUNA_FILE
+
+
+def publish_copy(folder: Location, url: str) -> None:
+    """A search on object storage with an SQLite study: publish a consistent copy of the study
+    (SQLite's backup) as ``<folder>/optuna.db``, so ``--resume`` works from another machine."""
+    if folder.is_local or not url.startswith("sqlite"):
+        return
+    import sqlite3
+    import tempfile
+
+    source = sqlite_file(folder)
+    if not source.is_file():
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / OPTUNA_FILE
+        src, dst = sqlite3.connect(source), sqlite3.connect(copy)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+        (folder / OPTUNA_FILE).upload(copy)
+
+
+def fetch_copy(folder: Location, record: dict) -> None:
+    """Before a search on object storage resumes with an SQLite study: this machine's working copy
+    (the published one when this machine has none), and the record's URL pointing at it."""
+    if folder.is_local or not record.get("optuna_storage", "").startswith("sqlite"):
+        return
+    local = sqlite_file(folder)
+    if not local.is_file() and (folder / OPTUNA_FILE).is_file():
+        (folder / OPTUNA_FILE).download(local)
+    record["optuna_storage"] = storage_url(folder)
+
+
+class PublishCopy(Callback):
+    """A Tune callback that publishes the SQLite copy as trials end."""
+
+    def __init__(self, folder: Location, url: str):
+        self.folder, self.url = folder, url
+
+    def on_trial_complete(self, *args, **kwargs) -> None:
+        publish_copy(self.folder, self.url)
+
+    on_trial_error = on_trial_complete
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:

@@ -4,7 +4,6 @@ differs, and say what is left to do (resume, extend, finished)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from mlflow import MlflowClient
 
@@ -22,6 +21,7 @@ from tune.errors import ConfigError
 from tune.names import TABLE_FILE
 from tune.record import FINISHED, latest_search, load_record, save_record
 from tune.reports.search import log_search_report
+from tune.storage import Location
 from tune.trial.table import COMPLETED, best_row, read_rows, status_counts
 
 
@@ -46,7 +46,7 @@ def with_defaults(study: dict) -> dict:
     return StudyConfig.model_validate(study).to_dict(order=list(study["space"]))
 
 
-def resume_mode(plan, args, record: dict, folder: Path) -> str:
+def resume_mode(plan, args, record: dict, folder: Location) -> str:
     """``resume`` (finish the budget), ``extend`` (more trials) or ``finished``; a search that
     differs from the one in ``folder`` is refused, since its trials would mix two searches."""
     if record["manifest_hash"] != plan.manifest_hash:
@@ -77,18 +77,18 @@ def resume_mode(plan, args, record: dict, folder: Path) -> str:
     return ledger.resume_mode(mode, record, plan.study, folder)
 
 
-def find_resumed(plan, args) -> tuple[Path, dict, str]:
+def find_resumed(plan, args) -> tuple[Location, dict, str]:
     """For ``--resume``: the latest search of this study and profile, its record and what to do
     (``resume_mode``). Read before Ray starts, so that a refusal is one line and costs nothing."""
     prefix = f"{plan.study_name}-{plan.profile_name}"
-    folder = latest_search(plan.storage, prefix) if plan.storage.is_dir() else None
+    folder = latest_search(plan.storage, prefix)
     if folder is None:
         raise ConfigError(f"--resume: no search of {prefix} under {plan.storage} to resume")
     record = load_record(folder)
     return folder, record, resume_mode(plan, args, record, folder)
 
 
-def keep_optuna_study(plan, client: MlflowClient, folder: Path, record: dict) -> None:
+def keep_optuna_study(plan, client: MlflowClient, folder: Location, record: dict) -> None:
     """Name a new search's Optuna storage and study in its record and parent run (once)."""
     if "optuna_study" in record:
         return
@@ -98,7 +98,7 @@ def keep_optuna_study(plan, client: MlflowClient, folder: Path, record: dict) ->
     save_record(folder, record)
 
 
-def say_finished(plan, folder: Path, record: dict) -> int:
+def say_finished(plan, folder: Location, record: dict) -> int:
     budget = record["study_config"]["budget"]["trials"]
     counts = status_counts(list(read_rows(folder / TABLE_FILE).values()))
     ended = ledger.finished_line(record, plan.study, folder)
@@ -113,7 +113,7 @@ def say_finished(plan, folder: Path, record: dict) -> int:
     return 0
 
 
-def confirm_finished(plan, args, uri: str, folder: Path, record: dict) -> int:
+def confirm_finished(plan, args, uri: str, folder: Location, record: dict) -> int:
     """``--resume --confirm N`` on a finished search: retrain its best config and its baseline with
     N fresh seeds and add the confirmation to its parent run and report."""
     client = MlflowClient(uri)

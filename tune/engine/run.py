@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 
 import optuna
 import ray
@@ -17,7 +16,8 @@ from tune import tracking as mt
 from tune.config import budget as cost
 from tune.config.loading import objective_of
 from tune.engine import budget_ledger as ledger
-from tune.engine.cluster_checks import check_shared_storage
+from tune.engine.cluster_checks import check_cluster_nodes
+from tune.engine.optuna_storage import fetch_copy, publish_copy
 from tune.engine.phase1_upfront import train_up_front
 from tune.engine.resume import confirm_finished, find_resumed, keep_optuna_study, say_finished
 from tune.engine.search_lock import SearchLock
@@ -27,10 +27,12 @@ from tune.engine.wrap_up import collect_rows, optuna_address, stop_interrupted, 
 from tune.errors import error_line
 from tune.names import TABLE_FILE
 from tune.record import FINISHED, INTERRUPTED_STATE, RUNNING, save_record
+from tune.storage import Location
 from tune.trial.table import COMPLETED, read_rows
 
 
 def run_search(plan, args, uri: str, address: str | None) -> int:
+    plan.storage.check_reachable()  # an object store that cannot be reached: one line, before anything
     resumed = find_resumed(plan, args) if args.resume else None
     if resumed and resumed[2] == "finished" and not args.confirm:
         return say_finished(plan, *resumed[:2])
@@ -41,7 +43,7 @@ def run_search(plan, args, uri: str, address: str | None) -> int:
         try:
             check_resources(plan.profile["resources"], local=address is None)
             if address:
-                check_shared_storage(plan.storage, plan.profile["resources"])
+                check_cluster_nodes(plan.storage, plan.profile, plan.data, plan.manifest_hash)
             if resumed and resumed[2] == "finished":
                 return confirm_finished(plan, args, uri, *resumed[:2])
             return run_on_ray(plan, args, uri, resumed, lock)
@@ -49,11 +51,12 @@ def run_search(plan, args, uri: str, address: str | None) -> int:
             ray.shutdown()
 
 
-def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None, lock: SearchLock) -> int:
+def run_on_ray(plan, args, uri: str, resumed: tuple[Location, dict, str] | None, lock: SearchLock) -> int:
     os.environ.update(QUIET_ENV)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
     client = MlflowClient(uri)
     folder, record, mode = resumed or new_search(plan, client, uri, lock)
+    fetch_copy(folder, record)  # a search on object storage resumed on another machine: its SQLite study
     keep_optuna_study(plan, client, folder, record)
     parent_id = record["parent_run_id"]
     budget = plan.study["budget"]["trials"]
@@ -127,4 +130,6 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Path, dict, str] | None, loc
             save_record(folder, {**record, "state": INTERRUPTED_STATE})
             print(f"error: the search failed: {error_line(exc)}", file=sys.stderr)
             return 1
+        finally:
+            publish_copy(folder, record["optuna_storage"])
     return 0 if registered and any(r["status"] == COMPLETED for r in rows) else 1

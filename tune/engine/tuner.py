@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,13 +21,14 @@ from tune.config.loading import objective_of
 from tune.config.samplers import describe_sampler, sampler_settings
 from tune.config.search_space import baseline_config
 from tune.engine import budget_gate as gate
-from tune.engine.optuna_storage import fail_unfinished, open_storage, search_study
+from tune.engine.optuna_storage import PublishCopy, fail_unfinished, open_storage, search_study
 from tune.engine.progress import SearchProgress
 from tune.engine.search_lock import SearchLock
 from tune.engine.searcher import enqueue_baseline, make_scheduler, make_searcher
 from tune.errors import ConfigError
 from tune.names import TABLE_FILE
 from tune.record import RUNNING, save_record
+from tune.storage import Location
 from tune.trial.setup import SearchSetup
 from tune.trial.table import TrialTable, read_rows, write_table
 from tune.trial.trainable import run_trial
@@ -58,17 +60,16 @@ def start_ray(address: str | None) -> None:
         )
 
 
-def new_search(plan, client: MlflowClient, uri: str, lock: SearchLock) -> tuple[Path, dict, str]:
+def new_search(plan, client: MlflowClient, uri: str, lock: SearchLock) -> tuple[Location, dict, str]:
     """A new search folder (``lock`` taken on it before its record exists), its parent run and its record."""
     prefix = f"{plan.study_name}-{plan.profile_name}"
-    plan.storage.mkdir(parents=True, exist_ok=True)
     name = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = plan.storage / name
-    folder.mkdir(parents=True)
+    folder.mkdir()
     lock.take(folder)
     exp_id = mt.experiment_id(client, plan.study_name, uri)
     parent = client.create_run(
-        exp_id, run_name=name, tags={names.ROLE: names.ROLE_STUDY, names.SEARCH: name, names.STORAGE: str(folder)}
+        exp_id, run_name=name, tags={names.ROLE: names.ROLE_STUDY, names.SEARCH: name, names.STORAGE: folder.uri}
     )
     b = plan.study["budget"]
     mt.log(
@@ -103,13 +104,23 @@ def new_search(plan, client: MlflowClient, uri: str, lock: SearchLock) -> tuple[
         "runs": [{"dir": ".", "trials": b["trials"], "rows_before": []}],
     }
     save_record(folder, record)
-    (folder / names.PROFILE_FILE).write_text(yaml.safe_dump(plan.profile, sort_keys=False))
-    client.log_artifact(parent.info.run_id, str(folder / names.PROFILE_FILE))
+    with tempfile.TemporaryDirectory() as tmp:
+        profile_file = Path(tmp) / names.PROFILE_FILE
+        profile_file.write_text(yaml.safe_dump(plan.profile, sort_keys=False))
+        (folder / names.PROFILE_FILE).upload(profile_file)
+        client.log_artifact(parent.info.run_id, str(profile_file))
     return folder, record, "new"
 
 
 def make_tuner(
-    plan, folder: Path, run: dict, setup: SearchSetup, client: MlflowClient, restore: bool, budget: int, record: dict
+    plan,
+    folder: Location,
+    run: dict,
+    setup: SearchSetup,
+    client: MlflowClient,
+    restore: bool,
+    budget: int,
+    record: dict,
 ) -> tune.Tuner:
     """The Tuner of one Tune run of the search: the first (``run["dir"] == "."``, the search folder
     itself) or an extension (``extend-N`` inside it). Every run's sampler works on the search's
@@ -122,11 +133,14 @@ def make_tuner(
         {"cpu": profile["resources"]["cpu"], "gpu": profile["resources"]["gpu"]},
     )
     epochs = plan.phase2.epochs
-    path = folder / run["dir"]
+    path = folder if run["dir"] == "." else folder / run["dir"]
     table_path = folder / TABLE_FILE
+    tune_path, tune_fs = path.tune_storage()  # Tune's own folder, on the search's filesystem
     if restore:
-        if tune.Tuner.can_restore(str(path)):  # with the callbacks and the searcher it was started with
-            return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        if tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):  # its callbacks and searcher as started
+            return tune.Tuner.restore(
+                tune_path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=tune_fs
+            )
         print(f"{path}: the search stopped before Tune saved its state; starting its trials again", flush=True)
         earlier = read_rows(table_path)  # keep the rows of earlier runs; this run's trials run again
         write_table([r for tid, r in earlier.items() if tid in run["rows_before"]], table_path)
@@ -165,10 +179,11 @@ def make_tuner(
     )
     run_config = tune.RunConfig(
         name=path.name,
-        storage_path=str(path.parent),
+        storage_path=path.parent.tune_storage()[0],
+        storage_filesystem=tune_fs,
         failure_config=tune.FailureConfig(max_failures=study["budget"]["max_failures"]),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[table, progress],
+        callbacks=[table, progress, PublishCopy(folder, record["optuna_storage"])],
         stop=stopper,
         verbose=0,
     )
@@ -213,13 +228,13 @@ def check_resources(resources: dict, local: bool) -> None:
     print(f"warning: {message}; trials wait until such a node joins", flush=True)
 
 
-def search_setup(plan, folder: Path, record: dict, uri: str) -> SearchSetup:
+def search_setup(plan, folder: Location, record: dict, uri: str) -> SearchSetup:
     return SearchSetup(
         profile_name=plan.profile_name,
         profile=plan.profile,
         manifest_hash=plan.manifest_hash,
-        search_dir=str(folder),
-        cache_dir=str(plan.storage / names.PHASE1_CACHE),
+        search_dir=folder.uri,
+        cache_dir=(plan.storage / names.PHASE1_CACHE).uri,
         tracking_uri=uri,
         experiment_id=record["experiment_id"],
         parent_run_id=record["parent_run_id"],

@@ -7,7 +7,6 @@ import json
 import os
 import shlex
 import sys
-from pathlib import Path
 
 import ray
 from mlflow import MlflowClient
@@ -27,6 +26,8 @@ from tune.record import INTERRUPTED_STATE, save_record
 from tune.reports.lines import shot_line, with_se
 from tune.reports.search import log_search_report
 from tune.serving.registry import RegisterError, model_name, register_best
+from tune.storage import Location
+from tune.trial import input_wait
 from tune.trial.setup import SearchSetup
 from tune.trial.table import (
     BUDGET_STOPPED,
@@ -44,7 +45,7 @@ from tune.trial.table import (
 from tune.trial.trainable import evaluate_prompts
 
 
-def collect_rows(plan, client: MlflowClient, folder: Path, grids: list, interrupted: bool) -> list[dict]:
+def collect_rows(plan, client: MlflowClient, folder: Location, grids: list, interrupted: bool) -> list[dict]:
     """The table's rows, plus a row for each trial that ended without one: the search was killed
     right after it, or (``interrupted``) it was still running when the search stopped."""
     rows = read_rows(folder / TABLE_FILE)
@@ -72,7 +73,7 @@ def collect_rows(plan, client: MlflowClient, folder: Path, grids: list, interrup
 
 
 def stop_interrupted(
-    plan, args, client: MlflowClient, folder: Path, record: dict, rows: list[dict], signal_name: str
+    plan, args, client: MlflowClient, folder: Location, record: dict, rows: list[dict], signal_name: str
 ) -> int:
     """A stopped search: its unfinished trials' runs and the parent run end KILLED, the record
     says ``interrupted``, and one line says how to continue."""
@@ -129,7 +130,7 @@ def wrap_up(
     args,
     setup: SearchSetup,
     client: MlflowClient,
-    folder: Path,
+    folder: Location,
     record: dict,
     rows: list[dict],
     metrics: list[str],
@@ -165,11 +166,12 @@ def wrap_up(
     ]
     lines += [f"  failed {r['trial_id']}: {r['error']}" for r in rows if r["status"] == FAILED][:5]
     lines.append(validation.describe(plan.summary))
+    lines += input_wait.summary_lines(rows, plan.profile)
     if best is not None:
         config = {p: best[p] for p in plan.study["space"]}
         prompt_file = prompt_path(folder, best["trial_id"])
         before = exposure.exposed(client.get_run(parent_id).data.tags)
-        test = ray.get(on_resources(evaluate_prompts, plan.profile).remote(setup, config, str(prompt_file)))
+        test = ray.get(on_resources(evaluate_prompts, plan.profile).remote(setup, config, prompt_file))
         tested = exposure.expose(client, parent_id, [best["trial_id"]])
         mt.log(client, best["mlflow_run_id"], metrics=test, tags={names.BEST: "true"})
         summary.update({f"best_{k}": v for k, v in {**{m: best[m] for m in metrics}, **test}.items()})
@@ -231,7 +233,7 @@ def wrap_up(
     else:
         lines.append("no trial completed: see the table's error column and the trials' MLflow runs")
     mt.log(client, parent_id, metrics=summary)
-    client.log_artifact(parent_id, str(folder / TABLE_FILE))
+    mt.log_stored_file(client, parent_id, folder / TABLE_FILE)
     log_search_report(client, parent_id, folder)  # figures and summary.html
     client.set_terminated(parent_id, "FINISHED")
     lines += [

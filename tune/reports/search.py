@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from tune.plotting import log_report_error
 from tune.record import load_record
 from tune.reports.html import summary_html
 from tune.reports.study import build_study, search_figures
+from tune.storage import Location, location
 
 
 # ============================================================================ per search: tables and summary
@@ -60,13 +62,13 @@ def profile_defaults(profile: dict, params: list[str]) -> dict:
     return out
 
 
-def prompt_file_params(path: Path) -> int | None:
+def prompt_file_params(path: Location) -> int | None:
     """Extra parameters of a prompt file: the number of values in its tensors (read from the header)."""
     if not path.is_file():
         return None
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
+    with path.local_copy() as local, safe_open(str(local), "pt") as f:
         return int(sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()))
 
 
@@ -82,12 +84,26 @@ def backbone_params(spec: dict) -> int | None:
         return None
 
 
-def search_report(client, parent_run_id: str, out: str | Path, folder: str | Path | None = None) -> dict:
-    """Build the search report of ``parent_run_id`` in ``out`` from MLflow and the search folder's
+def search_report(
+    client, parent_run_id: str, out: str | Path | Location, folder: str | Path | Location | None = None
+) -> dict:
+    """Build the search report of ``parent_run_id`` in ``out`` (a local folder, or a folder of the
+    search's storage, where each file is published whole) from MLflow and the search folder's
     ``trials.parquet`` (and its ``search.json`` / ``profile.yaml`` for the profile's defaults);
     log the files to the parent run under ``report/``. Returns what it built.
 
     Raises FileNotFoundError when the table is missing, KeyError for a run that is not a search."""
+    out = location(out)
+    if out.is_local:
+        return _build_report(client, parent_run_id, out.local_path, folder)
+    with tempfile.TemporaryDirectory(prefix="lpt-report-") as tmp:
+        built = _build_report(client, parent_run_id, Path(tmp), folder)
+        for path in built["files"]:
+            (out / path.name).upload(path)
+    return {**built, "out": out, "files": [out / p.name for p in built["files"]]}
+
+
+def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Location | None) -> dict:
     from tune.names import TABLE_FILE
     from tune.trial.table import best_row, prompt_path, read_rows, status_counts
 
@@ -95,7 +111,7 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
     tags, params, pm = parent.data.tags, parent.data.params, parent.data.metrics
     if tags.get(names.ROLE) != names.ROLE_STUDY:
         raise KeyError(f"run {parent_run_id} is not a search's parent run (lpt.role={tags.get(names.ROLE)})")
-    folder = Path(folder or tags.get(names.STORAGE, ""))
+    folder = location(folder or tags.get(names.STORAGE, ""))
     table = folder / TABLE_FILE
     if not table.is_file():
         raise FileNotFoundError(f"{table}: no trial table")
@@ -131,7 +147,6 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
                     m.step: m.value for m in client.get_metric_history(run.info.run_id, metrics[0])
                 }
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     study = build_study(rows, space, metrics, modes, histories, order)
     figures, skipped = search_figures(study, metrics, out)
@@ -194,12 +209,12 @@ def search_report(client, parent_run_id: str, out: str | Path, folder: str | Pat
     return {"out": out, "files": files, "skipped": skipped, "best": best, "study": study}
 
 
-def log_search_report(client, parent_run_id: str, folder: Path, log: Callable[[str], None] = print) -> None:
+def log_search_report(client, parent_run_id: str, folder: Location, log: Callable[[str], None] = print) -> None:
     """``search_report`` into ``folder/report`` for the driver's wrap-up; a failure is a warning
     and the tag ``lpt.report_error``, never a failed search."""
     try:
         started = time.perf_counter()
-        built = search_report(client, parent_run_id, Path(folder) / REPORT_DIR, folder)
+        built = search_report(client, parent_run_id, location(folder) / REPORT_DIR, folder)
         log(
             f"report: {built['out']} ({len(built['files'])} files, {time.perf_counter() - started:.0f} s; "
             f"rebuild with python tune/report.py)"

@@ -23,6 +23,7 @@ from tune.config.study import SHOT_KEYS
 from tune.errors import error_line
 from tune.record import load_record
 from tune.serving import model as lpt_model
+from tune.storage import Location, location
 
 MODEL_URI_TAG, REGISTER_ERROR_TAG = names.MODEL_URI, names.REGISTER_ERROR
 VERSION_TRIAL, VERSION_PARENT, VERSION_STUDY, VERSION_PROFILE = (
@@ -92,7 +93,7 @@ def register_best(
     data,
     best: dict,
     config: dict,
-    prompt_file: str | Path,
+    prompt_file: str | Path | Location,
     test: dict,
     parent_run_id: str,
 ) -> str:
@@ -101,12 +102,13 @@ def register_best(
     trial_id, run_id = best["trial_id"], best["mlflow_run_id"]
     client = MlflowClient(uri)
     try:
-        if not Path(prompt_file).is_file():
-            raise RegisterError(f"{prompt_file}: the trial's prompt file is missing")
+        stored = location(prompt_file)
+        if not stored.is_file():
+            raise RegisterError(f"{stored}: the trial's prompt file is missing")
         model_config = trial_classifier_config(profile, config, data)
         mlflow.set_tracking_uri(uri)
-        with mlflow.start_run(run_id=run_id):
-            info = lpt_model.log_model(model_config, prompt_file, lpt_model.input_example(data))
+        with mlflow.start_run(run_id=run_id), stored.local_copy() as local:
+            info = lpt_model.log_model(model_config, local, lpt_model.input_example(data))
         version = mlflow.register_model(
             info.model_uri, name, tags=version_tags(trial_id, parent_run_id, study, profile_name, best, test)
         )
@@ -120,7 +122,7 @@ def register_best(
     return model_uri
 
 
-def register_finished_search(client: MlflowClient, uri: str, parent, folder: Path, name: str | None) -> str:
+def register_finished_search(client: MlflowClient, uri: str, parent, folder: Location, name: str | None) -> str:
     """``register_best`` for a search that has ended: its record, table and the best trial's
     logged test accuracy (the driver's wrap-up tags the parent run with ``lpt.best_trial_id``)."""
     from tune.config.loading import profile_data

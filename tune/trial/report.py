@@ -73,10 +73,10 @@ def log_trial_report(
         started = time.perf_counter()
         model, data = trainer.model, trainer.data
         if trainer.last_eval is not None:  # the last epoch's validation pass, not a second one
-            diag = from_evaluation(trainer.last_eval, trainer.class_counts, trainer.shot_split)
+            diag = from_evaluation(trainer.last_eval, trainer.shot_counts, trainer.shot_split)
         else:
             pred = predict(model, trainer.val_loader, trainer.device, data.eval_batch_transform)
-            diag = diagnostics(pred, trainer.class_counts, getattr(model, "pool_size", None), trainer.shot_split)
+            diag = diagnostics(pred, trainer.shot_counts, getattr(model, "pool_size", None), trainer.shot_split)
         phase1 = phase1_val_metrics(client, experiment_id, phase1_key)
         counts = model.parameter_counts()
         metrics = {"extra_params": counts["extra_params"], "extra_percent": counts["extra_percent"]}

@@ -8,32 +8,33 @@ stops is ended by Ray before its own code can do that) and logs what the trial c
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow import MlflowClient
 from ray import tune
 
-from lpt_core.atomic import atomic_path
 from tune import tracking as mt
 from tune.config.budget import MEASURES, hours_of
 from tune.config.study import OBJECTIVE_METRICS
 from tune.names import PROMPTS_DIR, STATUS
+from tune.storage import Location, location
+from tune.trial import input_wait
 
-FINAL_METRICS = (*OBJECTIVE_METRICS, "train_loss")
+FINAL_METRICS = (*OBJECTIVE_METRICS, "train_loss", input_wait.METRIC)
 COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED = "completed", "early_stopped", "failed", "interrupted"
 BUDGET_STOPPED = "budget_stopped"  # budget.on_exhausted: stop ended it before its last epoch
 STATUSES = (COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED, BUDGET_STOPPED)
 COST_METRICS = tuple(MEASURES)  # gpu_hours, cpu_hours: a trial's wall time x its resources, in hours
 
 
-def prompt_path(folder: str | os.PathLike, trial_id: str) -> Path:
+def prompt_path(folder: str | os.PathLike | Location, trial_id: str) -> Location:
     """Where a trial that ran every epoch saves its prompts, in the search folder."""
-    return Path(folder) / PROMPTS_DIR / f"{trial_id}.safetensors"
+    return location(folder) / PROMPTS_DIR / f"{trial_id}.safetensors"
 
 
 def last_line(error) -> str:
@@ -96,17 +97,24 @@ def trial_row(
     return row
 
 
-def write_table(rows: list[dict], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """``metadata``: the table's key-value metadata (the wrap-up's ``lpt.budget``)."""
-    path = Path(path)
+def write_table(rows: list[dict], path: str | os.PathLike | Location, metadata: dict[str, str] | None = None) -> None:
+    """Publish the table whole (``tune.storage``); ``metadata``: its key-value metadata (the
+    wrap-up's ``lpt.budget``)."""
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["trial_id"]))
-    with atomic_path(path) as tmp:
-        pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **(metadata or {})}), tmp)
+    buffer = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **(metadata or {})}), buffer)
+    location(path).write_bytes(buffer.getvalue())
 
 
-def read_rows(path: str | os.PathLike) -> dict[str, dict]:
-    path = Path(path)
-    return {r["trial_id"]: r for r in pq.read_table(path).to_pylist()} if path.is_file() else {}
+def read_table(path: str | os.PathLike | Location) -> pa.Table | None:
+    """The table with its metadata, or None when there is none yet."""
+    path = location(path)
+    return pq.read_table(io.BytesIO(path.read_bytes())) if path.is_file() else None
+
+
+def read_rows(path: str | os.PathLike | Location) -> dict[str, dict]:
+    table = read_table(path)
+    return {r["trial_id"]: r for r in table.to_pylist()} if table is not None else {}
 
 
 def status_counts(rows: list[dict]) -> dict[str, int]:
@@ -139,7 +147,7 @@ def close_trial_run(client: MlflowClient, row: dict) -> None:
 class TrialTable(tune.Callback):
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike | Location,
         params: list[str],
         epochs: int,
         client: MlflowClient,
@@ -153,7 +161,7 @@ class TrialTable(tune.Callback):
         """``search_run``: (experiment id, parent run id), to find the run of a trial that ended
         before it reported one (it raised, or was stopped, before its first epoch);
         ``budget_stopper``: the run's ``budget.BudgetStopper`` (its ``stopped`` trials)."""
-        self.path, self.params, self.epochs, self.client = Path(path), params, epochs, client
+        self.path, self.params, self.epochs, self.client = location(path), params, epochs, client
         self.budget, self.metric, self.search_run = budget, metric, search_run
         self.resources, self.budget_stopper = resources, budget_stopper
         # a new search starts empty; an extension with the rows of the runs before it
@@ -185,6 +193,7 @@ class TrialTable(tune.Callback):
         print(
             f"trial {len(self.rows)}/{self.budget} {trial.trial_id} {row['status']} after {row['epochs']} "
             f"epochs: {self.metric} {row.get(self.metric, math.nan):.2f} ({shown})"
+            + input_wait.trial_note(row[input_wait.METRIC])
             + (f" - {row['error']}" if row["error"] else ""),
             flush=True,
         )

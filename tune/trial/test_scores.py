@@ -36,7 +36,7 @@ def score_test(profile: dict, model: LPT, data) -> dict:
         total += n
         hits.append((preds == y).cpu())
         labels.append(y.cpu())
-    acc = shot_accuracy(correct, total, data.class_counts, kw["shot_split"])
+    acc = shot_accuracy(correct, total, data.shot_counts, kw["shot_split"])  # as evaluate counts the test split
     return {
         **{f"test_{k}": acc[k] for k in SHOT_KEYS},
         "correct": torch.cat(hits).numpy().astype(bool),

@@ -2,7 +2,8 @@
 
 ``run_trial(config, setup)`` reads its phase-1 prompts from the cache (the driver trained them up
 front; the run's ``phase1_wait_s`` is how long it waited for them, 0 normally), trains phase 2 with
-the sampled params, and after every epoch logs to its MLflow run and calls ``tune.report`` with a
+the sampled params, and after every epoch logs to its MLflow run (and MLflow's system metrics
+throughout: ``system_metrics``) and calls ``tune.report`` with a
 checkpoint of the resumable trainer state. A retried or resumed trial starts from that checkpoint
 in the same MLflow run. The helpers below also serve the
 driver's test evaluation of the best trial and the confirmation runs with fresh seeds.
@@ -24,6 +25,7 @@ from tune import names
 from tune import tracking as mt
 from tune.config.loading import profile_data
 from tune.names import PHASE1_STATE
+from tune.storage import Location
 from tune.trial.phase1 import ensure_phase1
 from tune.trial.report import log_trial_report
 from tune.trial.setup import (
@@ -34,6 +36,7 @@ from tune.trial.setup import (
     seeded_trainer,
     trial_params,
 )
+from tune.trial.system_metrics import TrialSystemMetrics
 from tune.trial.table import prompt_path
 from tune.trial.test_scores import TEST_KEYS, score_test
 
@@ -70,6 +73,7 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
     )
     logged = last_logged_epoch(client, run_id)
     trainer = None
+    system = TrialSystemMetrics(run_id, setup.tracking_uri, ray.get_gpu_ids()).start()
     try:
         key, waited = ensure_phase1(setup, model, data, seed, client, log)
         trainer = seeded_trainer(setup, model, data, 2, recipe, seed, log)
@@ -95,10 +99,12 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
             if new:
                 mt.log(client, run_id, metrics=run_metrics(metrics), step=metrics["epoch"])
             if trainer.epoch == trainer.cfg.epochs:  # before the last report: Tune may end the actor right after it
-                prompt_file = prompt_path(setup.search_dir, trial_id)
-                save_prompts(model, prompt_file, trial_id=trial_id, phase1_key=key)
-                if new:
-                    client.log_artifact(run_id, str(prompt_file))
+                with tempfile.TemporaryDirectory() as tmp:  # published whole into the search's storage
+                    local = Path(tmp) / f"{trial_id}.safetensors"
+                    save_prompts(model, local, trial_id=trial_id, phase1_key=key)
+                    prompt_path(setup.search_dir, trial_id).upload(local)
+                    if new:
+                        client.log_artifact(run_id, str(local))
                     # validation figures as artifacts of the trial run (best effort)
                     log_trial_report(client, run_id, trainer, setup.experiment_id, key, log)
             with tempfile.TemporaryDirectory() as folder:
@@ -124,13 +130,16 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
     except Exception as exc:
         mt.fail_run(client, run_id, exc)
         raise
+    finally:
+        system.finish()
 
 
-def evaluate_prompts(setup: SearchSetup, config: dict, prompt_file: str) -> dict:
+def evaluate_prompts(setup: SearchSetup, config: dict, prompt_file: Location) -> dict:
     """Test accuracy of a trial's saved prompts (the driver runs this on the best trial)."""
     data = profile_data(setup.profile)
     model, _ = build_model(setup, config, data, setup.profile["seed"])
-    load_prompts(model, prompt_file)
+    with prompt_file.local_copy() as path:
+        load_prompts(model, path)
     out = score_test(setup.profile, model, data)
     return {k: out[k] for k in TEST_KEYS}
 

@@ -442,20 +442,24 @@ def test_report_cli_rebuilds_a_search_from_mlflow_and_the_table(store, tmp_path,
     assert arts == {f"report/{n}" for n in pngs | {"summary.html", "trials.csv"}}
 
     # --confirm's rows belong to the trial it retrained: after an extension found another best, they go
-    confirm_row = "<tr><td>test, confirmation seeds (mean ± std)</td><td>80.00 ± 1.50</td><td>80.00 ± 1.50</td>"
+    confirm_row = "<tr><td>test, confirmation over 5 seeds (mean ± SE)</td><td>80.00 ± 1.50</td><td>80.00 ± 1.50</td>"
     mt.log(
         client,
         parent,
         metrics={
             f"confirm_test_{k}_{s}": v
             for k in ("acc", "many_acc", "medium_acc", "few_acc")
-            for s, v in (("mean", 80.0), ("std", 1.5))
-        },
-        tags={"lpt.confirmed_trial": best["trial_id"]},
+            for s, v in (("mean", 80.0), ("se", 1.5))
+        }
+        | {"confirm_seeds": 5, "confirm_gain_test_acc_mean": 0.5, "confirm_gain_test_acc_low": -0.25}
+        | {"confirm_gain_test_acc_high": 1.25},
+        tags={"lpt.confirmed_trial": best["trial_id"], "lpt.confirmation": "not confirmed"},
     )
     assert report_cli.main(["--study", "pool_study", "--run-id", parent, "--out", str(out)]) == 0
     page = (out / "summary.html").read_text()
     assert confirm_row in page and "has not been confirmed" not in page
+    # confirm metrics exist, the verdict is "not confirmed": the page says so (issue 29)
+    assert "<p><b>Not confirmed.</b> On test, over fresh seeds," in page and "[-0.25, 1.25]" in page
     earlier = next(r["trial_id"] for r in rows if r["trial_id"] != best["trial_id"])
     client.set_tag(parent, "lpt.confirmed_trial", earlier)
     assert report_cli.main(["--study", "pool_study", "--run-id", parent, "--out", str(out)]) == 0

@@ -170,7 +170,7 @@ def test_dry_run_says_what_the_budget_pays_for(capsys):
     ) in out
     assert (
         "cost budget at 50 img/s: phase 1 up front 0.0114 CPU-core-hours (unless cached), then 21 whole trials "
-        "of 0.0228, about 41 with ASHA's stops at epochs 1, 2 (if each keeps 1/2 of its trials: 0.0114 a trial; "
+        "of 0.0228, about 24 with ASHA's stops at epoch 3 (if each keeps 1/2 of its trials: 0.0199 a trial; "
         "the baseline runs every epoch): budget.trials (12) ends the search first"
     ) in out
     assert (
@@ -192,8 +192,8 @@ def test_dry_run_says_what_the_budget_pays_for(capsys):
     out = capsys.readouterr().out
     assert "then running trials stop at their next epoch" in out
     assert (
-        "then 1 whole trial of 0.0228, about 2 with ASHA's stops at epochs 1, 2 (if each keeps 1/2 of its "
-        "trials: 0.0114 a trial; the baseline runs every epoch): the budget ends the search before budget.trials "
+        "then 1 whole trial of 0.0228, about 1 with ASHA's stops at epoch 3 (if each keeps 1/2 of its "
+        "trials: 0.0199 a trial; the baseline runs every epoch): the budget ends the search before budget.trials "
         "(12)"
     ) in out
     assert main(["--study", "prompt_pool", "--dry-run", "--cpu-hours", "0.01", "--set", "images_per_s=50"]) == 0

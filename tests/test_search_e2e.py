@@ -48,7 +48,10 @@ def test_smoke_search_records_every_trial(smoke_search, tmp_path):
         table[0]
     )
     statuses = [r["status"] for r in table]
-    assert statuses.count("early_stopped") >= 1 and statuses.count("completed") >= 1
+    # SteadyASHA judges at epoch 3 of 4 and stops only a trial that trails 3 others' cutoff by one SE of
+    # val_acc (±2.5 points on 200 images): on the smoke data it may stop none (issue 29)
+    assert statuses.count("completed") >= 1
+    assert all(r["epochs"] == 3 for r in table if r["status"] == "early_stopped")
     assert all(r["top_k"] <= r["pool_size"] and 2 <= r["group_start"] <= 3 for r in table)
 
     client = smoke_search.client()
@@ -79,6 +82,10 @@ def test_smoke_search_records_every_trial(smoke_search, tmp_path):
         assert not any(k.startswith("system/gpu_") for k in metrics)  # CPU trials: no GPU figures
     best = [r for r in trials if r.data.tags.get("lpt.best") == "true"]
     assert len(best) == 1 and "test_few_acc" in best[0].data.metrics
+    # the test-exposure ledger: one config seen on test, named with the test line
+    assert parent.data.tags["lpt.test_exposed"] == best[0].data.tags["lpt.trial_id"]
+    assert parent.data.metrics["test_configs_seen"] == 1
+    assert "; the test split has seen 1 config of this search (" in smoke_search.stdout
 
     # the baseline: the profile's values, every epoch, a run tagged as such, its gain on the parent
     [baseline] = [r for r in table if r["baseline"]]
@@ -107,7 +114,7 @@ def test_smoke_search_records_every_trial(smoke_search, tmp_path):
         assert (
             "not confirmed: measured on the 200 validation images the best of 6 trials (one seed each) was selected on"
         ) in smoke_search.stdout
-        assert "--resume --confirm 3" in smoke_search.stdout
+        assert "--resume --confirm 5" in smoke_search.stdout
     assert "sampler: TPE (multivariate, constant liar), 2 random start-up trials of 6" in smoke_search.stdout
     assert parent.data.params["sampler"].startswith("TPE (multivariate, constant liar)")
     artifacts = [a.path for a in client.list_artifacts(best[0].info.run_id)]

@@ -109,10 +109,15 @@ def test_ctrl_c_resume_finished_and_extend(tmp_path):
 
     # a finished search confirms its (new) best on its own: --resume --confirm N, no extension needed
     proc = run_search(tmp_path, *ARGS, "--resume", "--confirm", "1", timeout=900)
-    assert proc.returncode == 0 and "confirmed over 1 seed (test; one seed has no spread)" in proc.stdout, proc.stderr[
+    assert proc.returncode == 0 and "confirmation over 1 fresh seed on the test split" in proc.stdout, proc.stderr[
         -3000:
     ]
+    assert "  verdict: not confirmed: " in proc.stdout  # one seed gives no interval (or the best is the baseline)
     parent = runs_of(client, "study")[0]
+    assert parent.data.tags["lpt.confirmation"] == "not confirmed"
+    ledger = parent.data.tags["lpt.test_exposed"].split(",")  # kept across the extension and each --confirm
+    assert {confirmed, parent.data.tags["lpt.best_trial_id"]} <= set(ledger) and len(ledger) == len(set(ledger))
+    assert f"the test split has seen {len(ledger)} config" in proc.stdout
     assert parent.data.tags["lpt.confirmed_trial"] == parent.data.tags["lpt.best_trial_id"]
     assert parent.info.status == "FINISHED" and len(table_rows(tmp_path)) == 6
     rows = table_rows(tmp_path)

@@ -24,7 +24,7 @@ from tune.names import OPTUNA_TRIAL_ID as TUNE_TRIAL_ID
 from tune.search import main, parse_args
 
 EPOCHS = 4
-SMOKE_PHASE2 = PhaseConfig(epochs=EPOCHS, warmup="step")  # the smoke profile's: ASHA may judge at epoch 1
+SMOKE_PHASE2 = PhaseConfig(epochs=EPOCHS, warmup="step")  # the smoke profile's: ASHA may judge at epoch 3
 
 
 def test_the_start_up_count_is_a_third_of_the_budget_between_2_and_10():
@@ -129,17 +129,18 @@ def test_a_confirmation_of_an_earlier_best_is_named_as_such():
     args = parse_args(["--study", "prompt_pool", "--profile", "smoke", "--resume", "--trials", "8"])
     assert stale_confirmation({}, "t2", args) == []  # never confirmed
     assert stale_confirmation({"lpt.confirmed_trial": "t2"}, "t2", args) == []
-    [line] = stale_confirmation({"lpt.confirmed_trial": "t1"}, "t2", args)
+    [line] = stale_confirmation({"lpt.confirmed_trial": "t1", "lpt.test_exposed": "t1,t0,t2"}, "t2", args)
     assert line == (
         "  confirmation: the parent run's confirm_* metrics are of trial t1, the best before this "
-        "extension; confirm t2 with python tune/search.py --study prompt_pool --profile smoke --resume "
-        "--confirm N"
+        "extension; the test split has seen 3 configs of this search (t1, t0, t2), and confirming t2 "
+        "(python tune/search.py --study prompt_pool --profile smoke --resume --confirm 5) tests it and the "
+        "baseline again: judge it by its interval, not against the other configs' test numbers"
     )
 
 
 def test_asha_compares_with_the_baseline_but_never_stops_it():
     study = {
-        "early_stopping": {"enabled": True, "grace_period": 1, "reduction_factor": 2},
+        "early_stopping": {"enabled": True, "grace_period": 3, "reduction_factor": 2},
         "baseline": {"enabled": True, "exempt_from_early_stopping": True},
     }
     decisions = {}
@@ -151,12 +152,36 @@ def test_asha_compares_with_the_baseline_but_never_stops_it():
         for trial in trials:
             scheduler.on_trial_add(None, trial)
         for trial, value in zip(trials[:4], (90.0, 85.0, 80.0, 75.0)):
-            scheduler.on_trial_result(None, trial, {"epoch": 1, "val_acc": value})
-        decisions[exempt] = scheduler.on_trial_result(None, trials[4], {"epoch": 1, "val_acc": 10.0})
+            scheduler.on_trial_result(None, trial, {"epoch": 3, "val_acc": value})
+        decisions[exempt] = scheduler.on_trial_result(None, trials[4], {"epoch": 3, "val_acc": 10.0})
         other = _trial({BASELINE: False})
         scheduler.on_trial_add(None, other)
-        assert scheduler.on_trial_result(None, other, {"epoch": 1, "val_acc": 10.0}) == TrialScheduler.STOP
+        assert scheduler.on_trial_result(None, other, {"epoch": 3, "val_acc": 10.0}) == TrialScheduler.STOP
     assert decisions == {True: TrialScheduler.CONTINUE, False: TrialScheduler.STOP}
+
+
+def test_asha_stops_a_trial_only_on_enough_trials_and_by_one_se():
+    """Ray's ASHA stops a trial below the rung's cutoff on one reading, even against one other
+    trial; the search's stops it only when the rung holds 3 other trials' results and it trails
+    their cutoff by at least one binomial SE of val_acc (±2.83 points at 80% on 200 images)."""
+    study = {
+        "early_stopping": {"enabled": True, "grace_period": 3, "reduction_factor": 2},
+        "baseline": {"enabled": True, "exempt_from_early_stopping": True},
+    }
+    steady = make_scheduler(study, SMOKE_PHASE2, "val_acc", "max", val_images=200)
+    plain = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=EPOCHS, grace_period=3)
+    decisions = {}
+    for name, scheduler in (("steady", steady), ("ray", plain)):
+        got = []
+        for value in (80.0, 40.0, 80.0, 78.0, 76.0):  # the rung's cutoff (median) is 80 from the third on
+            trial = _trial({BASELINE: False})
+            scheduler.on_trial_add(None, trial)
+            got.append(scheduler.on_trial_result(None, trial, {"epoch": 3, "val_acc": value}))
+        decisions[name] = got
+    C, S = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    assert decisions["ray"] == [C, S, C, S, S]  # 40 stopped against one trial; 78 on 2 points
+    assert decisions["steady"] == [C, C, C, C, S]  # 40: one other trial only; 78: within 1 SE; 76: beyond
+    assert steady.margin(80.0) == pytest.approx(100 * (0.8 * 0.2 / 200) ** 0.5)
 
 
 def stand_in(config: dict) -> None:
@@ -187,7 +212,7 @@ def run_study(tmp_path, metrics, modes, trials=8, concurrency=1):
         },
         "budget": {"trials": trials, "concurrency": concurrency, "max_failures": 0},
         # several objectives: no early stopping (StudyConfig refuses it), as in gcl_asymmetry.yaml
-        "early_stopping": {"enabled": len(metrics) == 1, "grace_period": 1, "reduction_factor": 2},
+        "early_stopping": {"enabled": len(metrics) == 1, "grace_period": 3, "reduction_factor": 2},
         "seed": 3,
         "baseline": {"enabled": True, "exempt_from_early_stopping": True},
     }

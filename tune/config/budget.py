@@ -127,7 +127,7 @@ def plan_lines(study: dict, profile: dict, trial_images: int, phase1_images: int
     count = int(left // trial)
     text = f"{head}, then {count} whole trial{'s' * (count != 1)} of {fmt(trial)}"
     es, phase2 = study["early_stopping"], PhaseConfig.from_dict(profile["phase2"], where="phase2")
-    epochs, grace = phase2.epochs, grace_epochs(es, phase2)
+    epochs, grace = phase2.epochs, grace_epochs(es, phase2, space=study["space"])
     rungs = asha_rungs(grace, es["reduction_factor"], epochs) if grace is not None else []
     if rungs:
         rf = es["reduction_factor"]
@@ -135,7 +135,7 @@ def plan_lines(study: dict, profile: dict, trial_images: int, phase1_images: int
         full = study["baseline"]["enabled"] and study["baseline"]["exempt_from_early_stopping"]
         count = (1 if full else 0) + int((left - (trial if full else 0)) // short)
         text += (
-            f", about {count} with ASHA's stops at epochs {', '.join(map(str, rungs))} "
+            f", about {count} with ASHA's stops at epoch{'s' * (len(rungs) > 1)} {', '.join(map(str, rungs))} "
             f"(if each keeps 1/{rf:g} of its trials: {fmt(short)} a trial"
             + ("; the baseline runs every epoch" if full else "")
             + ")"

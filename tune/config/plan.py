@@ -69,7 +69,7 @@ class Plan:
             dataset,
             str(self.study_path),
         )
-        grace_epochs(self.study["early_stopping"], self.phase2, str(self.study_path))
+        grace_epochs(self.study["early_stopping"], self.phase2, str(self.study_path), self.study["space"])
         check_space(self.study["space"], self.profile["model"], self.depth, str(self.study_path))
         check_prompt_lengths(self.study["space"], self.study["budget"]["trials"], str(self.study_path))
         self.baseline = (
@@ -109,7 +109,14 @@ class Plan:
             f"sampler: {describe_sampler(sampler_settings(self.study, b['trials']), b['trials'])}",
             f"phase 1: {self.phase1.describe(1)}",
             f"phase 2: {self.phase2.describe(2)}",
-            early_stopping.describe(self.study["early_stopping"], self.phase2, metrics[0], len(metrics)),
+            early_stopping.describe(
+                self.study["early_stopping"],
+                self.phase2,
+                metrics[0],
+                len(metrics),
+                self.study["space"],
+                self.summary.val,
+            ),
             self.baseline_line(),
             f"phase-1 trainings: {n_phase1}, up front before the trials (one per prompt_length in "
             f"{lengths if len(lengths) <= 12 else f'{lengths[0]}..{lengths[-1]}'}; a cached one is not "

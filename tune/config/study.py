@@ -151,9 +151,20 @@ class EarlyStopping(Section):
     grace_period: GracePeriod = Field(
         "auto",
         description="first rung: phase-2 epochs (an integer), a fraction of them (e.g. 0.1), or auto "
-        "(at least a tenth of the schedule, never inside the warm-up)",
+        "(at least a tenth of the schedule, peak_epochs after the longest warm-up the space samples, and "
+        "with lr searched half the schedule)",
     )
     reduction_factor: float = Field(2, gt=1)
+    peak_epochs: int = Field(2, ge=1, description="epochs at the peak learning rate before the first rung")
+    min_trials: int = Field(
+        3, ge=1, description="a rung stops a trial only when it holds at least this many other trials' results"
+    )
+    margin_se: float = Field(
+        1.0,
+        ge=0,
+        description="a rung stops a trial only when it trails the cutoff by at least this many binomial "
+        "standard errors of the validation accuracy",
+    )
 
     @field_validator("grace_period", mode="wrap")
     @classmethod

@@ -1,16 +1,13 @@
 """What a search bought: its best trial against the baseline trial (the profile's own values), by
-shot group, on validation and, with ``--confirm N``, over N fresh seeds (paired by seed).
+shot group, on validation (``--confirm N``'s test figures: ``tune.engine.confirmation``).
 
 The figures go to the parent run as metrics: ``baseline_val_*`` (with ``baseline_val_acc_se``, one
-binomial standard error) and ``gain_val_*``;
-``confirm_test_*``, ``confirm_baseline_test_*`` and ``confirm_gain_test_*`` (each ``_mean`` and
-``_std``).
+binomial standard error) and ``gain_val_*``.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 
 from tune.config.study import SHOT_KEYS
 from tune.config.validation import SE_METRIC, binomial_se
@@ -66,34 +63,5 @@ def validation_gain(
             f"  not confirmed: measured on the {val_images:,} validation images the best of {trials} trials "
             f"(one seed each) was selected on, so it is biased upward; confirm it on test with fresh seeds: "
             f"{confirm_command}"
-        )
-    return metrics, lines
-
-
-def confirm_summary(results: dict[str, list[dict]]) -> tuple[dict, list[str]]:
-    """``results``: the test accuracies of each seed for ``best`` and (when there is one)
-    ``baseline``, in the same seed order. Mean and std of each, and of the paired gain."""
-    n = len(results["best"])
-    groups = {"confirm_": results["best"]}
-    if "baseline" in results:
-        groups["confirm_baseline_"] = results["baseline"]
-        groups["confirm_gain_"] = [{k: b[k] - a[k] for k in b} for b, a in zip(results["best"], results["baseline"])]
-    metrics = {}
-    for prefix, per_seed in groups.items():
-        for k in SHOT_KEYS:
-            values = [r[f"test_{k}"] for r in per_seed]
-            metrics[f"{prefix}test_{k}_mean"] = statistics.fmean(values)
-            metrics[f"{prefix}test_{k}_std"] = statistics.stdev(values) if n > 1 else 0.0
-    labels = {"confirm_": "best", "confirm_baseline_": "baseline", "confirm_gain_": "gain"}
-    lines = [f"  confirmed over {n} seed{'s' if n > 1 else ''} (test{'' if n > 1 else '; one seed has no spread'}):"]
-    for prefix in groups:
-        fmt = "{:+.2f}" if prefix == "confirm_gain_" else "{:.2f}"
-        lines.append(
-            f"    {labels[prefix] + ':':9} "
-            + ", ".join(
-                f"{k.removesuffix('_acc') if k != 'acc' else 'acc'} {fmt.format(metrics[f'{prefix}test_{k}_mean'])}"
-                f" ± {metrics[f'{prefix}test_{k}_std']:.2f}"
-                for k in SHOT_KEYS
-            )
         )
     return metrics, lines

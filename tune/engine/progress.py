@@ -2,7 +2,9 @@
 
 ``done/budget`` (completed, stopped early, failed), running (and how many have reported no phase-2
 epoch yet: starting, or training or waiting for phase 1), pending, the best objective so far with
-its parameters, the hours spent (``GPU-hours 3.2 of 10`` with a budget: ``budget.BudgetMeter``),
+its parameters by the summary's rule (the last epoch of a trial that ran all its epochs; before one
+has, the peak at any epoch, labelled as such), the hours spent (``GPU-hours 3.2 of 10`` with a
+budget: ``budget.BudgetMeter``),
 the elapsed time and an estimate of the time left from the phase-2 epochs finished so far (an
 upper bound: ASHA stops some trials before their last epoch). Plain lines, so that logs and
 ``docker logs`` read well.
@@ -78,11 +80,12 @@ class SearchProgress(tune.Callback):
             + (f" ({no_epoch} before their first epoch)" if no_epoch else "")
             + f", {pending} pending"
         ]
-        best = self.best(trials)
-        if best is not None:
-            value, config = best
-            shown = ", ".join(f"{p}={config.get(p)}" for p in self.params)
-            parts.append(f"best {self.metric} {value:.2f} ({shown})")
+        best, peak = self.best(trials, epochs_of, ending), self.peak(trials)
+        shown = lambda config: ", ".join(f"{p}={config.get(p)}" for p in self.params)
+        if best is not None:  # the summary's rule (table.best_row)
+            parts.append(f"best {self.metric} {best[0]:.2f} of a completed trial ({shown(best[1])})")
+        elif peak is not None:
+            parts.append(f"no trial completed; peak {self.metric} {peak[0]:.2f} at any epoch ({shown(peak[1])})")
         cost = self.meter.text(trials, now) if self.meter is not None else None
         if cost:
             parts.append(cost)
@@ -96,9 +99,24 @@ class SearchProgress(tune.Callback):
             return "failed"
         return "completed" if epochs >= self.epochs else "stopped"
 
-    def best(self, trials: list[Trial]) -> tuple[float, dict] | None:
-        """The best objective value reported so far (any epoch) and its trial's config. It never
-        gets worse: a trial's later epoch may report less than an earlier one did."""
+    def best(self, trials: list[Trial], epochs_of: dict, ending: dict | None = None) -> tuple[float, dict] | None:
+        """The summary's best (``tune.trial.table.best_row``): the best last value of a trial that
+        ran all its epochs (this run's and ``prior``'s), with its config; None before one has."""
+        sign, ending = (1 if self.mode == "max" else -1), ending or {}
+        done = [
+            ((t.last_result or {}).get(self.metric), t.config)
+            for t in trials
+            if (t.status == Trial.TERMINATED or t.trial_id in ending)
+            and self.outcome(t, epochs_of.get(t.trial_id, 0), ending.get(t.trial_id)) == "completed"
+        ]
+        done += [(r["value"], r["config"]) for r in self.prior if r["status"] == "completed"]
+        scored = [(float(v), c) for v, c in done if isinstance(v, (int, float)) and math.isfinite(v)]
+        return max(scored, key=lambda s: sign * s[0]) if scored else None
+
+    def peak(self, trials: list[Trial]) -> tuple[float, dict] | None:
+        """The highest objective value reported so far at any epoch of any trial (stopped ones
+        included) and its trial's config: shown, labelled as a peak, only before a trial has
+        completed. It never gets worse: a trial's later epoch may report less than an earlier one did."""
         sign = 1 if self.mode == "max" else -1
         seen = [((t.last_result or {}).get(self.metric), t.config) for t in trials]
         seen += [(r["value"], r["config"]) for r in self.prior]

@@ -14,9 +14,9 @@ from tune.config.loading import objective_of
 from tune.config.study import StudyConfig
 from tune.engine import budget_ledger as ledger
 from tune.engine.baseline_gain import baseline_row
+from tune.engine.confirmation import confirm
 from tune.engine.optuna_storage import storage_url
 from tune.engine.tuner import search_setup
-from tune.engine.wrap_up import confirm
 from tune.errors import ConfigError
 from tune.names import TABLE_FILE
 from tune.record import FINISHED, latest_search, load_record, save_record
@@ -107,7 +107,7 @@ def say_finished(plan, folder: Location, record: dict) -> int:
         + (f"; {ended}" if ended else "")
         + f"). See its summary with python tune/report.py --study "
         f"{plan.study_name}; extend it with --resume --trials N (N > {budget}), or confirm its best on test "
-        f"with --resume --confirm N",
+        f"with --resume --confirm 5 (it tests the best and the baseline again with fresh seeds)",
         flush=True,
     )
     return 0
@@ -126,16 +126,15 @@ def confirm_finished(plan, args, uri: str, folder: Location, record: dict) -> in
     )
     if best is None:
         raise ConfigError(f"--confirm: {folder.name} has no completed trial to confirm")
-    summary: dict = {}
-    lines = confirm(
+    summary, tags, lines = confirm(
         plan,
         search_setup(plan, folder, record, uri),
+        best["trial_id"],
         {p: best[p] for p in plan.study["space"]},
         baseline_row(rows),
         args.confirm,
-        summary,
     )
-    mt.log(client, parent_id, metrics=summary, tags={names.CONFIRMED_TRIAL: best["trial_id"]})
+    mt.log(client, parent_id, metrics=summary, tags={**tags, names.CONFIRMED_TRIAL: best["trial_id"]})
     log_search_report(client, parent_id, folder)
     print(f"{folder.name}: best trial {best['trial_id']}\n" + "\n".join(lines), flush=True)
     return 0

@@ -2,8 +2,8 @@
 
 ``make_searcher``: Optuna (the study's sampler, ``tune.config.samplers``) proposes configs through the
 LPT space (``tune.config.search_space.DefineByRun``), at most ``concurrency`` at a time; its study lives
-in the given Optuna storage. ``make_scheduler``: ASHA stops bad trials early, except the baseline
-trial. The benchmark ``benchmarks/search_quality.py`` uses the same two functions.
+in the given Optuna storage. ``make_scheduler``: ASHA stops bad trials early, on enough evidence
+(``SteadyASHA``), never the baseline trial. The benchmark ``benchmarks/search_quality.py`` uses the same two functions.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from lpt_core.config import PhaseConfig
-from tune.config.early_stopping import grace_epochs
+from tune.config.early_stopping import MARGIN_SE, MIN_TRIALS, grace_epochs
 from tune.config.samplers import make_sampler
 from tune.config.search_space import DefineByRun
+from tune.config.validation import binomial_se
 from tune.names import OPTUNA_TRIAL_ID
 
 logger = logging.getLogger(__name__)
@@ -116,29 +117,65 @@ def make_searcher(
     return ConcurrencyLimiter(searcher, max_concurrent=study_cfg["budget"]["concurrency"])
 
 
-class BaselineExemptASHA(ASHAScheduler):
-    """ASHA that compares every trial with the baseline's results but never stops the baseline."""
+class SteadyASHA(ASHAScheduler):
+    """Ray's ASHA (one bracket), except that a rung stops a trial only when it holds the results of
+    at least ``min_trials`` other trials and the trial trails their cutoff by at least ``margin``
+    points (``margin_se`` binomial standard errors of the validation accuracy at the cutoff, on
+    ``val_images``; ``tune.config.early_stopping``). Ray 2.60's ``AsyncHyperBandScheduler`` has no
+    such option: it stops a trial below the rung's percentile of whatever it has recorded, one
+    other trial included. ``exempt_baseline``: ASHA compares every trial with the baseline's
+    results but never stops the baseline."""
+
+    def __init__(self, *, min_trials: int, margin_se: float, val_images: int | None, exempt_baseline: bool, **kwargs):
+        super().__init__(**kwargs)
+        self._min_trials, self._margin_se, self._val_images = min_trials, margin_se, val_images
+        self._exempt_baseline = exempt_baseline
+
+    def margin(self, cutoff: float) -> float:
+        """Points a trial must trail ``cutoff`` by (0 when the validation size is not known)."""
+        if not self._val_images:
+            return 0.0
+        return self._margin_se * binomial_se(abs(float(cutoff)), self._val_images)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        bracket = self._trial_info.get(trial.trial_id)
+        before = [dict(recorded) for _, recorded in bracket._rungs] if bracket is not None else []
         action = super().on_trial_result(tune_controller, trial, result)
-        if trial.config.get(BASELINE) and result.get(self._time_attr, 0) < self._max_t:
+        if action != TrialScheduler.STOP or result.get(self._time_attr, 0) >= self._max_t:
+            return action  # at its last epoch a trial ends anyway
+        if self._exempt_baseline and trial.config.get(BASELINE):
             return TrialScheduler.CONTINUE
-        return action
+        for (_, recorded), others in zip(bracket._rungs, before):  # the rung that judged it just now
+            if trial.trial_id in recorded and trial.trial_id not in others:
+                cutoff = bracket.cutoff(others)
+                value = self._metric_op * result[self._metric]
+                if len(others) >= self._min_trials and cutoff is not None and value < cutoff - self.margin(cutoff):
+                    return TrialScheduler.STOP
+                break
+        self._num_stopped -= 1  # Ray counted a stop that this rule overrides
+        return TrialScheduler.CONTINUE
 
 
-def make_scheduler(study_cfg: dict, phase2: PhaseConfig, metric: str, mode: str) -> TrialScheduler:
-    """ASHA with the study's grace period resolved against ``phase2`` (``tune.config.early_stopping``);
-    FIFO (every trial runs its epochs) when early stopping is off or has no epoch to judge at."""
+def make_scheduler(
+    study_cfg: dict, phase2: PhaseConfig, metric: str, mode: str, val_images: int | None = None
+) -> TrialScheduler:
+    """ASHA with the study's grace period resolved against ``phase2`` and the search space
+    (``tune.config.early_stopping``) and its stopping rule (``SteadyASHA``; ``val_images`` sizes
+    the margin); FIFO (every trial runs its epochs) when early stopping is off or has no epoch to
+    judge at."""
     es = study_cfg["early_stopping"]
-    grace = grace_epochs(es, phase2)
+    grace = grace_epochs(es, phase2, space=study_cfg.get("space"))
     if grace is None:
         return FIFOScheduler()
-    exempt = study_cfg["baseline"]["exempt_from_early_stopping"]
-    return (BaselineExemptASHA if exempt else ASHAScheduler)(
+    return SteadyASHA(
         time_attr="epoch",
         metric=metric,
         mode=mode,
         max_t=phase2.epochs,
         grace_period=grace,
         reduction_factor=es["reduction_factor"],
+        min_trials=es.get("min_trials", MIN_TRIALS),
+        margin_se=es.get("margin_se", MARGIN_SE),
+        val_images=val_images,
+        exempt_baseline=study_cfg["baseline"]["exempt_from_early_stopping"],
     )

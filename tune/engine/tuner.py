@@ -192,7 +192,7 @@ def make_tuner(
         run_config=run_config,
         tune_config=tune.TuneConfig(
             search_alg=gate.BudgetSearcher(searcher, folder),
-            scheduler=make_scheduler(study, plan.phase2, metrics[0], modes[0]),
+            scheduler=make_scheduler(study, plan.phase2, metrics[0], modes[0], len(plan.data.val)),
             num_samples=run["trials"],
         ),
     )

@@ -17,7 +17,9 @@ from tune._cli import EXIT_INTERRUPTED
 from tune.config import validation
 from tune.config.validation import SE_METRIC, SIZE_METRIC, binomial_se
 from tune.engine import budget_ledger as ledger
-from tune.engine.baseline_gain import baseline_row, confirm_summary, validation_gain
+from tune.engine import test_exposure as exposure
+from tune.engine.baseline_gain import baseline_row, validation_gain
+from tune.engine.confirmation import DEFAULT_SEEDS, confirm
 from tune.engine.tuner import on_resources, pareto
 from tune.names import TABLE_FILE
 from tune.record import INTERRUPTED_STATE, save_record
@@ -29,7 +31,6 @@ from tune.trial import input_wait
 from tune.trial.setup import SearchSetup
 from tune.trial.table import (
     BUDGET_STOPPED,
-    COMPLETED,
     FAILED,
     INTERRUPTED,
     best_row,
@@ -41,7 +42,7 @@ from tune.trial.table import (
     trial_row,
     write_table,
 )
-from tune.trial.trainable import confirm_seed, evaluate_prompts
+from tune.trial.trainable import evaluate_prompts
 
 
 def collect_rows(plan, client: MlflowClient, folder: Location, grids: list, interrupted: bool) -> list[dict]:
@@ -169,7 +170,9 @@ def wrap_up(
     if best is not None:
         config = {p: best[p] for p in plan.study["space"]}
         prompt_file = prompt_path(folder, best["trial_id"])
+        before = exposure.exposed(client.get_run(parent_id).data.tags)
         test = ray.get(on_resources(evaluate_prompts, plan.profile).remote(setup, config, prompt_file))
+        tested = exposure.expose(client, parent_id, [best["trial_id"]])
         mt.log(client, best["mlflow_run_id"], metrics=test, tags={names.BEST: "true"})
         summary.update({f"best_{k}": v for k, v in {**{m: best[m] for m in metrics}, **test}.items()})
         summary[SE_METRIC] = binomial_se(best["val_acc"], val_images)
@@ -177,7 +180,8 @@ def wrap_up(
         lines += [
             f"best trial {best['trial_id']}: " + ", ".join(f"{k}={v}" for k, v in config.items()),
             "  validation: " + with_se(best, val_images),
-            "  test:       " + shot_line(test, "test_"),
+            *filter(None, [exposure.new_best_line(before, best["trial_id"])]),
+            "  test:       " + shot_line(test, "test_") + f"; {exposure.seen(tested)}",
             f"  prompts:    {prompt_file}",
         ]
         if args.register is not None:  # the pyfunc model of the best trial, in the Model Registry
@@ -213,13 +217,15 @@ def wrap_up(
             list(plan.study["space"]),
             val_images,
             len(rows),
-            None if args.confirm else f"{resume_command(args)} --confirm 3",
+            None if args.confirm else f"{resume_command(args)} --confirm {DEFAULT_SEEDS}",
         )
         summary.update(gain)
         lines += gain_lines
         if args.confirm:
-            lines += confirm(plan, setup, config, baseline, args.confirm, summary)
-            client.set_tag(parent_id, names.CONFIRMED_TRIAL, best["trial_id"])
+            confirmed, tags, confirm_lines = confirm(plan, setup, best["trial_id"], config, baseline, args.confirm)
+            summary.update(confirmed)
+            mt.log(client, parent_id, tags={**tags, names.CONFIRMED_TRIAL: best["trial_id"]})
+            lines += confirm_lines
         else:
             lines += stale_confirmation(client.get_run(parent_id).data.tags, best["trial_id"], args)
     elif counts[BUDGET_STOPPED]:
@@ -247,35 +253,10 @@ def stale_confirmation(tags: dict, best_trial_id: str, args) -> list[str]:
         return []
     return [
         f"  confirmation: the parent run's confirm_* metrics are of trial {confirmed}, the best before this "
-        f"extension; confirm {best_trial_id} with {resume_command(args)} --confirm N"
+        f"extension; {exposure.seen(exposure.exposed(tags))}, and confirming {best_trial_id} "
+        f"({resume_command(args)} --confirm {DEFAULT_SEEDS}) tests it and the baseline again: judge it by "
+        f"its interval, not against the other configs' test numbers"
     ]
-
-
-def confirm(plan, setup: SearchSetup, config: dict, baseline: dict | None, n: int, summary: dict) -> list[str]:
-    """Retrain the best config, and the baseline's when it ran every epoch and is another config,
-    with the same ``n`` fresh seeds (all at once, as Ray tasks); adds the means and stds to
-    ``summary`` and returns the summary lines."""
-    seeds = [plan.profile["seed"] + 1000 + i for i in range(n)]
-    configs = {"best": config}
-    base = (
-        {p: baseline[p] for p in plan.study["space"]}
-        if baseline is not None and baseline["status"] == COMPLETED
-        else None
-    )
-    if base is not None and base != config:
-        configs["baseline"] = base
-    print(
-        f"confirming the best config{' and the baseline' if len(configs) > 1 else ''} with seeds {seeds} ...",
-        flush=True,
-    )
-    task = on_resources(confirm_seed, plan.profile)
-    pending = {name: [task.remote(setup, c, s) for s in seeds] for name, c in configs.items()}
-    results = {name: ray.get(refs) for name, refs in pending.items()}
-    if base is not None and "baseline" not in results:  # the best trial is the baseline
-        results["baseline"] = results["best"]
-    metrics, lines = confirm_summary(results)
-    summary.update(metrics)
-    return lines
 
 
 def resume_command(args) -> str:

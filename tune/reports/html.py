@@ -81,7 +81,7 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
                 else []
             ),
             *([("gain of the best over the baseline (points)", "gain_val_", gain)] if gain else []),
-            ("test (best trial)", "test_", info.get("test") or {}),
+            (f"test (best trial; {_seen(info.get('test_exposed') or [])})", "test_", info.get("test") or {}),
         ]
         for label, prefix, values in rows:
             parts.append(
@@ -93,21 +93,7 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
         stale = info.get("confirmed_trial") not in (None, best["trial_id"])
         if stale:  # the search was extended without --confirm and found another best
             confirm = {}
-        for label, prefix in (
-            ("test, confirmation seeds (mean ± std)", "confirm_"),
-            ("test, the baseline over the same seeds", "confirm_baseline_"),
-            ("gain over the baseline, paired by seed", "confirm_gain_"),
-        ):
-            if f"{prefix}test_acc_mean" in confirm:
-                parts.append(
-                    f"<tr><td>{label}</td>"
-                    + "".join(
-                        f"<td>{_fmt(confirm.get(f'{prefix}test_{k}_mean'))} ± "
-                        f"{_fmt(confirm.get(f'{prefix}test_{k}_std'))}</td>"
-                        for k in SHOT_KEYS
-                    )
-                    + "</tr>"
-                )
+        parts += _confirm_rows(confirm)
         parts.append("</table>")
         if info.get("val_images"):
             se = [
@@ -124,14 +110,7 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
                 f"<p>The confirmation seeds retrained trial {e(info['confirmed_trial'])}, the best before "
                 f"an extension; this best trial has not been confirmed.</p>"
             )
-        if gain and "confirm_test_acc_mean" not in confirm:
-            parts.append(
-                f"<p><b>Not confirmed.</b> The gain is measured on the validation images the best of "
-                f"{info['counts']['total']} trials (one seed each) was selected on, so it is biased upward; "
-                f"confirm it on test with fresh seeds: <code>python tune/search.py --study {e(str(info['study']))} "
-                f"--profile {e(str(info['profile']))} --resume --confirm 3</code> (with the search's own "
-                f"--set and --storage).</p>"
-            )
+        parts += _verdict(info, confirm, bool(gain))
         if baseline and baseline.get("status") != "completed":
             parts.append(
                 f"<p>The baseline trial {e(baseline['trial_id'])} did not run every epoch "
@@ -174,3 +153,69 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
         parts.append(f"<p><small>{e(name.replace('_', ' '))}: not drawn ({e(why)})</small></p>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _confirm_rows(confirm: dict) -> list[str]:
+    """``--confirm``'s rows: the best and the baseline (mean ± SE over the seeds) and the gain paired
+    by seed (mean, its 95% interval with the test set's own SE)."""
+    rows = []
+    n = confirm.get("confirm_seeds")
+    seeds = f"{int(n)} seeds" if n else "the seeds"
+    for label, prefix in (
+        (f"test, confirmation over {seeds} (mean ± SE)", "confirm_"),
+        ("test, the baseline over the same seeds", "confirm_baseline_"),
+    ):
+        if f"{prefix}test_acc_mean" in confirm:
+            rows.append(
+                f"<tr><td>{label}</td>"
+                + "".join(
+                    f"<td>{_fmt(confirm.get(f'{prefix}test_{k}_mean'))} ± "
+                    f"{_fmt(confirm.get(f'{prefix}test_{k}_se', confirm.get(f'{prefix}test_{k}_std')))}</td>"
+                    for k in SHOT_KEYS
+                )
+                + "</tr>"
+            )
+    if "confirm_gain_test_acc_mean" in confirm:
+        cells = []
+        for k in SHOT_KEYS:
+            low, high = confirm.get(f"confirm_gain_test_{k}_low"), confirm.get(f"confirm_gain_test_{k}_high")
+            span = f" [{_fmt(low)}, {_fmt(high)}]" if low is not None and high is not None else ""
+            cells.append(f"<td>{_fmt(confirm.get(f'confirm_gain_test_{k}_mean'))}{span}</td>")
+        rows.append("<tr><td>gain over the baseline, paired by seed (95% interval)</td>" + "".join(cells) + "</tr>")
+    return rows
+
+
+def _verdict(info: dict, confirm: dict, gain: bool) -> list[str]:
+    """One paragraph: ``Confirmed.`` only when ``--confirm``'s verdict (tag ``lpt.confirmation``) is
+    so for this best trial; ``Not confirmed.`` with the reason otherwise."""
+    e = html.escape
+    command = (
+        f"<code>python tune/search.py --study {e(str(info['study']))} --profile {e(str(info['profile']))} "
+        f"--resume --confirm 5</code> (with the search's own --set and --storage)"
+    )
+    if "confirm_test_acc_mean" not in confirm:
+        if not gain:
+            return []
+        return [
+            f"<p><b>Not confirmed.</b> The gain is measured on the validation images the best of "
+            f"{info['counts']['total']} trials (one seed each) was selected on, so it is biased upward; "
+            f"confirm it on test with fresh seeds: {command}.</p>"
+        ]
+    low, high = confirm.get("confirm_gain_test_acc_low"), confirm.get("confirm_gain_test_acc_high")
+    span = (
+        f"the 95% interval of the test_acc gain (the paired t-interval over the seeds, widened by the test "
+        f"set's own paired SE {_fmt(confirm.get('confirm_gain_test_acc_test_se'))}) is [{_fmt(low)}, {_fmt(high)}]"
+        if low is not None and high is not None and math.isfinite(low)
+        else "no interval was recorded (one seed, no gain, or a confirmation from before intervals)"
+    )
+    if info.get("confirmation") == "confirmed":
+        return [f"<p><b>Confirmed.</b> On test, over fresh seeds, {span}: it excludes 0.</p>"]
+    return [f"<p><b>Not confirmed.</b> On test, over fresh seeds, {span}. More seeds: {command}.</p>"]
+
+
+def _seen(ledger: list[str]) -> str:
+    """How many configs of the search the test split has seen (the parent's ``lpt.test_exposed``)."""
+    if not ledger:
+        return "the test-exposure ledger is empty"
+    n = len(ledger)
+    return f"the test split has seen {n} config{'s' * (n != 1)} of this search"

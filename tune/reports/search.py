@@ -193,6 +193,8 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
         "test": test,
         "confirm": {k: v for k, v in pm.items() if k.startswith("confirm_")},
         "confirmed_trial": tags.get(names.CONFIRMED_TRIAL),
+        "confirmation": tags.get(names.CONFIRMATION),
+        "test_exposed": [t for t in tags.get(names.TEST_EXPOSED, "").split(",") if t],
         "extra_params": extra,
         "backbone_params": backbone_params(profile["backbone"]) if extra and profile.get("backbone") else None,
         "pareto": [t for t in tags.get(names.PARETO_TRIALS, "").split(",") if t],

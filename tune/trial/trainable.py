@@ -20,19 +20,16 @@ import ray
 from mlflow import MlflowClient
 from ray import tune
 
-from lpt_core import LPT, evaluate, load_prompts, save_prompts
-from lpt_core.trainer import resolve_device
+from lpt_core import load_prompts, save_prompts
 from tune import names
 from tune import tracking as mt
 from tune.config.loading import profile_data
-from tune.config.study import SHOT_KEYS
 from tune.names import PHASE1_STATE
 from tune.storage import Location
 from tune.trial.phase1 import ensure_phase1
 from tune.trial.report import log_trial_report
 from tune.trial.setup import (
     SearchSetup,
-    _trainer_kwargs,
     build_model,
     last_logged_epoch,
     run_metrics,
@@ -41,6 +38,7 @@ from tune.trial.setup import (
 )
 from tune.trial.system_metrics import TrialSystemMetrics
 from tune.trial.table import prompt_path
+from tune.trial.test_scores import TEST_KEYS, score_test
 
 PHASE1_WAIT = "phase1_wait_s"  # trial-run metric: seconds the trial waited for its phase-1 prompts
 
@@ -136,38 +134,23 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
         system.finish()
 
 
-def _test_metrics(setup: SearchSetup, model: LPT, data) -> dict:
-    kw = _trainer_kwargs(setup.profile, None)
-    device = resolve_device(kw["device"])
-    model.set_phase(2)
-    result = evaluate(
-        model.to(device),
-        data.test,
-        data.shot_counts,
-        device=device,
-        batch_size=kw["eval_batch_size"],
-        num_workers=kw["num_workers"],
-        batch_transform=data.eval_batch_transform,
-        shot_split=kw["shot_split"],
-    )
-    return {f"test_{k}": result[k] for k in SHOT_KEYS}
-
-
 def evaluate_prompts(setup: SearchSetup, config: dict, prompt_file: Location) -> dict:
     """Test accuracy of a trial's saved prompts (the driver runs this on the best trial)."""
     data = profile_data(setup.profile)
     model, _ = build_model(setup, config, data, setup.profile["seed"])
     with prompt_file.local_copy() as path:
         load_prompts(model, path)
-    return _test_metrics(setup, model, data)
+    out = score_test(setup.profile, model, data)
+    return {k: out[k] for k in TEST_KEYS}
 
 
 def confirm_seed(setup: SearchSetup, config: dict, seed: int) -> dict:
-    """Retrain a config from scratch with ``seed`` (its own phase 1) and return test accuracy."""
+    """Retrain a config from scratch with ``seed`` (its own phase 1) and return its test accuracy
+    and per-image outcome (``test_scores.score_test``: ``correct``, ``labels``)."""
     client = MlflowClient(setup.tracking_uri)
     log = lambda msg: print(f"[confirm seed {seed}] {msg}", flush=True)
     data = profile_data(setup.profile)
     model, recipe = build_model(setup, config, data, seed)
     ensure_phase1(setup, model, data, seed, client, log)
     seeded_trainer(setup, model, data, 2, recipe, seed, log).fit()
-    return _test_metrics(setup, model, data)
+    return score_test(setup.profile, model, data)

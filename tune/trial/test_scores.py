@@ -1,0 +1,44 @@
+"""One pass over the test split: the accuracies by shot group and, per image, whether the model got
+it right (in the split's own order), so that two models' test predictions can be paired image by
+image (``tune.engine.confirmation``: the test set's own paired standard error)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lpt_core import LPT
+from lpt_core.metrics import confusion_counts, shot_accuracy
+from lpt_core.trainer import make_loader, predict_batches, resolve_device
+from tune.config.study import SHOT_KEYS
+from tune.trial.setup import _trainer_kwargs
+
+TEST_KEYS = tuple(f"test_{k}" for k in SHOT_KEYS)
+
+
+def score_test(profile: dict, model: LPT, data) -> dict:
+    """``test_acc``, ``test_many_acc``, ... (percent, as ``lpt_core.evaluate`` counts them),
+    ``correct`` (bool per test image) and ``labels`` (int per test image), in the test split's
+    order (the loader does not shuffle)."""
+    kw = _trainer_kwargs(profile, None)
+    device = resolve_device(kw["device"])
+    model.set_phase(2)
+    model.to(device)
+    loader = make_loader(data.test, device, kw["num_workers"], batch_size=kw["eval_batch_size"])
+    c = model.num_classes
+    correct = torch.zeros(c, dtype=torch.long, device=device)
+    total = torch.zeros(c, dtype=torch.long, device=device)
+    hits, labels = [], []
+    for logits, y, _ in predict_batches(model, loader, device, data.eval_batch_transform):
+        preds = logits.argmax(dim=1)
+        ok, n = confusion_counts(preds, y, c)
+        correct += ok
+        total += n
+        hits.append((preds == y).cpu())
+        labels.append(y.cpu())
+    acc = shot_accuracy(correct, total, data.shot_counts, kw["shot_split"])  # as evaluate counts the test split
+    return {
+        **{f"test_{k}": acc[k] for k in SHOT_KEYS},
+        "correct": torch.cat(hits).numpy().astype(bool),
+        "labels": torch.cat(labels).numpy().astype(np.int64),
+    }

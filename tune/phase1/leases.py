@@ -75,7 +75,9 @@ class Leases:
         self._table = table
 
     def _call(self, method: str, *args):
-        table = self._table if self._table is not None else lease_table()
+        if self._table is None:
+            self._table = lease_table()  # the actor's handle, found once per caller
+        table = self._table
         if isinstance(table, LeaseTable):
             return getattr(table, method)(*args)
         import ray

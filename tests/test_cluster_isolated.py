@@ -45,6 +45,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 HEAD_IP, WORKER_IPS, DRIVER_IPS = RAY_IP, ("127.0.0.3", "127.0.0.4"), ("127.0.0.5", "127.0.0.6")
 NODE = "/tmp/node"  # each namespace's own folder (its private /tmp)
+# what a private /tmp must not hide: the checkout and the interpreter's prefix (a CI clone may live in /tmp)
+_UNDER_TMP = [p for p in (ROOT.resolve(), Path(sys.prefix).resolve()) if p.is_relative_to("/tmp")]
+KEEP = " ".join(sorted({str(p) for p in _UNDER_TMP if not any(p != q and p.is_relative_to(q) for q in _UNDER_TMP)}))
 BUCKET, PREFIX = "lpt", "runs"
 SEARCH_TIMEOUT_S = 420
 
@@ -56,6 +59,11 @@ set -eu
 stage=$1 mnt=$2; shift 2
 mount -t tmpfs -o mode=1777 tmpfs "$mnt"
 cp -a "$stage/." "$mnt/"
+for keep in ${LPT_NS_KEEP:-}; do  # this checkout and its venv when they live under /tmp: kept, read-only
+  mkdir -p "$mnt${keep#/tmp}"
+  mount --bind "$keep" "$mnt${keep#/tmp}"
+  mount -o remount,bind,ro "$mnt${keep#/tmp}"
+done
 mount --move "$mnt" /tmp
 mount -t tmpfs -o mode=1777 tmpfs /var/tmp
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
@@ -232,7 +240,7 @@ class IsolatedCluster:
             str(mnt),
             *argv,
         ]
-        proc = Proc(name, wrapped, env, self.workdir / f"{name}.log", cwd=ROOT)
+        proc = Proc(name, wrapped, {**env, "LPT_NS_KEEP": KEEP}, self.workdir / f"{name}.log", cwd=ROOT)
         self.stack.procs.append(proc)
         return proc
 
@@ -355,7 +363,14 @@ def test_two_namespaces_share_no_writable_folder(tmp_path):
         (tmp_path / name / "mnt").mkdir()
         argv = ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private"]
         argv += ["bash", "-c", NAMESPACE, "ns", str(tmp_path / name / "stage"), str(tmp_path / name / "mnt")]
-        proc = subprocess.run([*argv, "bash", "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        proc = subprocess.run(
+            [*argv, "bash", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env={**os.environ, "LPT_NS_KEEP": KEEP},
+        )
         seen[name] = proc.stdout.split()
     assert seen == {"first": ["DONE"], "second": ["DONE"]}, seen
     assert not probe.exists() and not (Path("/tmp") / "a").exists()

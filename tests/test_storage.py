@@ -17,7 +17,7 @@ from tune.trial.table import read_rows, write_table
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     server = start_s3(tmp_path_factory.mktemp("s3"))
-    server.make_bucket("lpt")
+    server.make_bucket("lpt-unit")  # moto keeps one store per process: a bucket of its own
     with pytest.MonkeyPatch.context() as mp:
         for k, v in server.env().items():
             mp.setenv(k, v)
@@ -51,15 +51,15 @@ def test_a_uri_with_credentials_or_no_bucket_is_refused_in_one_line():
 
 
 def test_files_are_published_read_and_listed_through_the_store(s3):
-    root = Location(s3.uri("lpt", "runs"))
+    root = Location(s3.uri("lpt-unit", "runs"))
     root.check_reachable()
     (root / "s1" / "search.json").write_text('{"a": 1}')
     (root / "s1" / "prompts" / "t1.safetensors").write_bytes(b"\0" * 10)
     (root / "s2" / "search.json").write_text("{}")
     assert [c.name for c in root.children()] == ["s1", "s2"]
     assert sorted(f.path for f in (root / "s1").files()) == [
-        "lpt/runs/s1/prompts/t1.safetensors",
-        "lpt/runs/s1/search.json",
+        "lpt-unit/runs/s1/prompts/t1.safetensors",
+        "lpt-unit/runs/s1/search.json",
     ]
     assert (root / "s1" / "search.json").read_text() == '{"a": 1}' and (root / "s1" / "search.json").is_file()
     assert not (root / "s3" / "search.json").exists() and (root / "nothing").children() == []
@@ -67,12 +67,12 @@ def test_files_are_published_read_and_listed_through_the_store(s3):
         assert path.read_bytes() == b"\0" * 10
     (root / "s1" / "search.json").delete()
     assert not (root / "s1" / "search.json").exists()
-    with pytest.raises(FileNotFoundError, match=r"s3://lpt/runs/s1/search.json\?endpoint_override=.*: no such file"):
+    with pytest.raises(FileNotFoundError, match=r"s3://lpt-unit/runs/s1/search.json\?.*: no such file"):
         (root / "s1" / "search.json").read_bytes()
 
 
 def test_the_trial_table_round_trips_with_its_metadata_on_the_store(s3):
-    path = Location(s3.uri("lpt", "tables")) / "trials.parquet"
+    path = Location(s3.uri("lpt-unit", "tables")) / "trials.parquet"
     assert read_rows(path) == {}
     rows = [{"trial_id": "b", "val_acc": 1.0}, {"trial_id": "a", "val_acc": 2.0}]
     write_table(rows, path, metadata={"lpt.budget": "{}"})
@@ -87,13 +87,13 @@ def test_a_missing_bucket_and_an_unreachable_store_are_one_line(s3):
     ):
         Location(s3.uri("nobucket", "x")).check_reachable()
     with pytest.raises(
-        StorageError, match=r"^--storage s3://lpt/x\?endpoint_override=127.0.0.1:1&scheme=http: cannot reach"
+        StorageError, match=r"^--storage s3://lpt-unit/x\?endpoint_override=127.0.0.1:1&scheme=http: cannot reach"
     ):
-        Location("s3://lpt/x?endpoint_override=127.0.0.1:1&scheme=http").check_reachable()
+        Location("s3://lpt-unit/x?endpoint_override=127.0.0.1:1&scheme=http").check_reachable()
 
 
 def test_a_pickled_location_carries_no_credentials(s3):
-    loc = Location(s3.uri("lpt", "runs"))
+    loc = Location(s3.uri("lpt-unit", "runs"))
     loc.exists()  # resolves (and caches) its filesystem, with the credentials from the file
     blob = pickle.dumps(loc) + pickle.dumps(loc.fs)
     assert s3.secret.encode() not in blob and b"lpt-test-key" not in blob

@@ -27,17 +27,17 @@ from ray.tune import Callback
 from tune.config.checks import OPTUNA_STORAGE_ENV
 from tune.errors import ConfigError
 from tune.names import OPTUNA_FILE
-from tune.storage import Location, work_dir
+from tune.storage import Location, location, work_dir
 
 WAIT_FOR_DATABASE_S = 300  # how long a storage call waits for an unreachable database to come back
 logger = logging.getLogger(__name__)
 
 
-def storage_url(folder: Location) -> str:
+def storage_url(folder: Location | Path) -> str:
     """``LPT_OPTUNA_STORAGE`` when set, else an SQLite file: ``<folder>/optuna.db`` in a local
     search folder; for a folder on object storage (no file locking there), a working copy on the
     driver (``tune.storage.work_dir``) that ``publish_copy`` publishes into the folder."""
-    return os.environ.get(OPTUNA_STORAGE_ENV, "").strip() or f"sqlite:///{sqlite_file(folder)}"
+    return os.environ.get(OPTUNA_STORAGE_ENV, "").strip() or f"sqlite:///{sqlite_file(location(folder))}"
 
 
 def sqlite_file(folder: Location) -> Path:
@@ -51,6 +51,7 @@ def sqlite_file(folder: Location) -> Path:
 def publish_copy(folder: Location, url: str) -> None:
     """A search on object storage with an SQLite study: publish a consistent copy of the study
     (SQLite's backup) as ``<folder>/optuna.db``, so ``--resume`` works from another machine."""
+    folder = location(folder)
     if folder.is_local or not url.startswith("sqlite"):
         return
     import sqlite3
@@ -73,6 +74,7 @@ def publish_copy(folder: Location, url: str) -> None:
 def fetch_copy(folder: Location, record: dict) -> None:
     """Before a search on object storage resumes with an SQLite study: this machine's working copy
     (the published one when this machine has none), and the record's URL pointing at it."""
+    folder = location(folder)
     if folder.is_local or not record.get("optuna_storage", "").startswith("sqlite"):
         return
     local = sqlite_file(folder)
@@ -85,7 +87,7 @@ class PublishCopy(Callback):
     """A Tune callback that publishes the SQLite copy as trials end."""
 
     def __init__(self, folder: Location, url: str):
-        self.folder, self.url = folder, url
+        self.folder, self.url = location(folder), url
 
     def on_trial_complete(self, *args, **kwargs) -> None:
         publish_copy(self.folder, self.url)

@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pyarrow.fs as pafs
 
 from lpt_core.atomic import atomic_write
-from tune.errors import ConfigError
+from tune.errors import ConfigError, error_line
 
 SECRET_KEYS = ("access_key", "secret_key", "session_token", "aws_access_key_id", "aws_secret_access_key")
 _filesystems: dict[str, pafs.FileSystem] = {}  # one filesystem per store (scheme, bucket, query), per process
@@ -217,7 +217,7 @@ class Location:
         try:
             found = self.fs.get_file_info(bucket).type != pafs.FileType.NotFound
         except OSError as exc:
-            raise StorageError(f"--storage {self.uri}: cannot reach the store ({error_head(exc)})") from None
+            raise StorageError(f"--storage {self.uri}: cannot reach the store ({error_line(exc)})") from None
         if not found:
             raise StorageError(f"--storage {self.uri}: bucket '{bucket}' does not exist; create it first")
 
@@ -230,11 +230,6 @@ def work_dir(name: str) -> Path:
     """This machine's working folder for a search kept on object storage (``LPT_WORK_DIR``,
     default ``/tmp/lpt-work``): its Optuna SQLite, its driver lock."""
     return Path(os.environ.get("LPT_WORK_DIR", "").strip() or "/tmp/lpt-work") / name
-
-
-def error_head(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def location(where: str | os.PathLike | Location) -> Location:

@@ -58,6 +58,15 @@ def shot_accuracy(
     return out
 
 
+def shot_confusion_counts(preds: torch.Tensor, targets: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """[3, 3] counts on the predictions' device: images of a many/medium/few class (rows, ``group``:
+    ``group_index`` of every class) predicted as a class of each group (columns)."""
+    k = len(GROUPS)
+    flat = torch.zeros(k * k, dtype=torch.long, device=targets.device)
+    flat.index_add_(0, group[targets] * k + group[preds], torch.ones_like(targets))
+    return flat.view(k, k)
+
+
 def confusion_counts(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class (correct, total) counts on the predictions' device, with no host sync."""
     # index_add_ instead of bincount / boolean masks, which read sizes back from the device

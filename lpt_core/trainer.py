@@ -32,7 +32,15 @@ from .checkpoint import load_state, save_state
 from .config import PhaseConfig
 from .data.base import LTData
 from .losses import AsymmetricGCL, branch_weight
-from .metrics import GROUPS, confusion_counts, few_at_most, group_index, per_class_accuracy, shot_accuracy
+from .metrics import (
+    GROUPS,
+    confusion_counts,
+    few_at_most,
+    group_index,
+    per_class_accuracy,
+    shot_accuracy,
+    shot_confusion_counts,
+)
 from .model import LPT
 from .sampling import DualBatchSampler, InstanceBatchSampler
 
@@ -163,11 +171,11 @@ def evaluate(
     total = torch.zeros(c, dtype=torch.long, device=device)
     usage = torch.zeros(c, model.pool_size, dtype=torch.long, device=device)
     group = group_index(class_counts, shot_split).to(device)
-    groups = torch.zeros(len(GROUPS) ** 2, dtype=torch.long, device=device)
+    groups = torch.zeros(len(GROUPS), len(GROUPS), dtype=torch.long, device=device)
     for logits, labels, aux in predict_batches(model, loader, device, batch_transform, bf16):
         preds = logits.argmax(dim=1)
         ok, n = confusion_counts(preds, labels, c)
-        groups.index_add_(0, group[labels] * len(GROUPS) + group[preds], torch.ones_like(labels))
+        groups += shot_confusion_counts(preds, labels, group)
         correct += ok
         total += n
         if "prompt_idx" in aux:
@@ -176,7 +184,7 @@ def evaluate(
             usage.index_put_((rows, idx.flatten()), torch.ones_like(rows), accumulate=True)
     out = shot_accuracy(correct, total, class_counts, shot_split)
     out["per_class"] = per_class_accuracy(correct.double().cpu(), total.double().cpu()).tolist()
-    out["shot_confusion"] = groups.view(len(GROUPS), len(GROUPS)).cpu().tolist()
+    out["shot_confusion"] = groups.cpu().tolist()
     if model.phase == 2:
         out["prompt_usage"] = usage.cpu()
     return out

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_profile import SYNTHETIC
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -38,16 +39,7 @@ def backbone():
 def synthetic_data():
     from lpt_core.data import build_dataset
 
-    return build_dataset(
-        {
-            "name": "synthetic",
-            "num_classes": 10,
-            "imbalance_ratio": 10,
-            "max_per_class": 120,
-            "image_size": 32,
-            "seed": 0,
-        }
-    )
+    return build_dataset(SYNTHETIC)
 
 
 @pytest.fixture(scope="session")

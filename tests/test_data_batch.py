@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import PLACES_LT_SPLITS, needs_places_lt_splits
+from tiny_profile import SMALL_SYNTHETIC
 from torchvision.transforms import v2
 
 from lpt_core.data import (
@@ -27,16 +28,7 @@ from lpt_core.data.transforms import train_transform
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision.io
 
-SYNTH = {
-    "name": "synthetic",
-    "num_classes": 4,
-    "imbalance_ratio": 4,
-    "max_per_class": 12,
-    "val_per_class": 3,
-    "test_per_class": 2,
-    "image_size": 32,
-    "seed": 0,
-}
+SYNTH = SMALL_SYNTHETIC
 
 
 def test_random_resized_boxes_follow_torchvisions_rule():

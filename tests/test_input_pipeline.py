@@ -6,6 +6,7 @@ and bicubic resampling. Backbones are built on the meta device: no weights are n
 import pytest
 import torch
 from PIL import Image
+from tiny_profile import SMALL_SYNTHETIC
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
@@ -17,16 +18,7 @@ from lpt_core.data.transforms import test_transform as eval_transform
 AUGREG = {"name": "vit_base_patch16_224.augreg_in21k", "weights": "pretrained"}
 DINO = {"name": "vit_small_patch16_224.dino", "weights": "pretrained"}
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-SYNTH = {
-    "name": "synthetic",
-    "num_classes": 4,
-    "imbalance_ratio": 4,
-    "max_per_class": 12,
-    "val_per_class": 3,
-    "test_per_class": 2,
-    "image_size": 32,
-    "seed": 0,
-}
+SYNTH = SMALL_SYNTHETIC
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

@@ -28,6 +28,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
 from smoke_search import search_env
+from tiny_profile import SYNTHETIC, tiny_profile
 
 from lpt_core import LPT, build_backbone_from_spec, save_prompts
 from lpt_core.data import build_dataset
@@ -43,30 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PREDICT = ROOT / "tune" / "predict.py"
 # as load_profile returns it: every default filled in by the profile model
 PROFILE = ProfileConfig.from_dict(
-    {
-        "data": {
-            "name": "synthetic",
-            "num_classes": 10,
-            "imbalance_ratio": 10,
-            "max_per_class": 120,
-            "image_size": 32,
-            "val_per_class": 4,
-            "test_per_class": 4,
-            "seed": 0,
-        },
-        "backbone": {
-            "name": "vit_tiny_patch16_224",
-            "weights": "random",
-            "img_size": 32,
-            "patch_size": 8,
-            "depth": 4,
-            "embed_dim": 96,
-            "num_heads": 3,
-        },
-        "model": {"prompt_length": 4, "pool_size": 8, "top_k": 2, "group_start": 2},
-        "phase2": {"epochs": 1, "scale": 20.0},
-        "seed": 3,
-    }
+    tiny_profile({**SYNTHETIC, "val_per_class": 4, "test_per_class": 4}, phase2={"epochs": 1, "scale": 20.0}, seed=3)
 ).to_dict()
 CONFIG = {"pool_size": 6, "top_k": 3}  # the "trial's" sampled params
 ENV = search_env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")

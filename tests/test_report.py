@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from smoke_search import TRIALS as SMOKE_TRIALS
 from smoke_search import runs_of, search_env
+from tiny_profile import tiny_profile
 
 from tune import names
 from tune import report as report_cli
@@ -36,29 +37,7 @@ SPACE = {
     "lr": {"type": "float", "low": 0.002, "high": 0.2, "log": True},
     "prompt_length": {"type": "choice", "values": [5, 10, 20]},
 }
-PROFILE = {
-    "data": {
-        "name": "synthetic",
-        "num_classes": 10,
-        "imbalance_ratio": 10,
-        "max_per_class": 120,
-        "image_size": 32,
-        "seed": 0,
-    },
-    "backbone": {
-        "name": "vit_tiny_patch16_224",
-        "weights": "random",
-        "img_size": 32,
-        "patch_size": 8,
-        "depth": 4,
-        "embed_dim": 96,
-        "num_heads": 3,
-    },
-    "model": {"prompt_length": 4, "pool_size": 8, "top_k": 2, "group_start": 2},
-    "phase1": {"epochs": 2},
-    "phase2": {"epochs": 4, "lr": 0.5},
-    "seed": 0,
-}
+PROFILE = tiny_profile(phase1={"epochs": 2}, phase2={"epochs": 4, "lr": 0.5})
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from lpt_core.metrics import confusion_counts, group_index, per_class_accuracy, shot_accuracy
+from lpt_core.metrics import confusion_counts, group_index, per_class_accuracy, shot_accuracy, shot_confusion_counts
 
 
 def class_groups(class_counts: Sequence[int], split: str = "standard") -> np.ndarray:
@@ -19,11 +19,8 @@ def class_groups(class_counts: Sequence[int], split: str = "standard") -> np.nda
 
 def shot_confusion(preds, labels, class_counts: Sequence[int], split: str = "standard") -> np.ndarray:
     """[3, 3] counts: images of a many/medium/few class (rows) predicted as a class of each group (columns)."""
-    group = class_groups(class_counts, split)
-    preds, labels = np.asarray(preds, dtype=np.int64), np.asarray(labels, dtype=np.int64)
-    out = np.zeros((3, 3), dtype=np.int64)
-    np.add.at(out, (group[labels], group[preds]), 1)
-    return out
+    preds, labels = (torch.as_tensor(np.asarray(x, dtype=np.int64)) for x in (preds, labels))
+    return shot_confusion_counts(preds, labels, group_index(class_counts, split)).numpy()
 
 
 def prompt_usage(labels, prompt_idx, num_classes: int, pool_size: int) -> np.ndarray:

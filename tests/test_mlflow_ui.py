@@ -5,7 +5,7 @@ Opens the experiment page (the search's parent run expanded to its trial runs, w
 metric column added through the UI's column picker), the compare view of the trial runs and the
 parent run's report artifact, and checks that the trial runs show their params and metrics.
 Screenshots go to the test's tmp dir; with LPT_UPDATE_DOCS_SCREENSHOT=1 the experiment page is
-copied to docs/img/ for the README.
+copied to docs/img/ for docs/reports.md.
 Needs Debian's chromium and chromium-driver (scripts/system-deps.sh installs them) and selenium;
 nothing is downloaded (Selenium is pointed at /usr/bin/chromedriver, so Selenium Manager never runs).
 """
@@ -303,7 +303,7 @@ def test_mlflow_ui_shows_the_trial_runs_with_params_and_metrics(smoke, mlflow_se
         assert close(acc, run.data.metrics["val_acc"]), (tid, cells, run.data.metrics["val_acc"])
     time.sleep(1)  # let the last column settle before the picture
     browser.save_screenshot(str(tmp_path / "experiment-page.png"))
-    # the README's screenshot: refreshed only on request, so a test run leaves the tree clean
+    # docs/reports.md's screenshot: refreshed only on request, so a test run leaves the tree clean
     shrink_png(
         tmp_path / "experiment-page.png",
         DOCS_SHOT if os.environ.get("LPT_UPDATE_DOCS_SCREENSHOT") == "1" else tmp_path / "docs-copy.png",

@@ -269,7 +269,7 @@ def test_the_study_outlives_the_search_with_the_baseline_first_and_asha_stops_pr
 
 
 def dashboard_studies(url: str) -> str:
-    """What ``optuna-dashboard URL`` (the README's command) lists at /api/studies."""
+    """What ``optuna-dashboard URL`` (docs/reports.md's command) lists at /api/studies."""
     import json
     import socket
     import subprocess

@@ -1,4 +1,4 @@
-"""MLflow bookkeeping with the README's names: an experiment per study, a parent run per search
+"""MLflow bookkeeping with the names of docs/design.md: an experiment per study, a parent run per search
 (``lpt.role=study``), a child run per trial (``lpt.role=trial``), a run per phase-1 training
 (``lpt.role=phase1``). Everything goes through ``MlflowClient`` and ``log_batch``.
 """

@@ -28,7 +28,8 @@ TIMEOUT_S = 900
 
 def search_env(**extra) -> dict:
     """The environment of a search started from a shell with no cluster, tracking server or storage set."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LPT_STORAGE")}
+    unset = ("RAY_ADDRESS", "RAY_AUTH_MODE", "MLFLOW_TRACKING_URI", "LPT_STORAGE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env.update(HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", **extra)
     return env
 

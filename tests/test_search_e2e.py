@@ -41,6 +41,7 @@ def test_smoke_search_records_every_trial(smoke_search, tmp_path):
     assert "best trial" in smoke_search.stdout and "test:" in smoke_search.stdout
     assert "input wait: median " in smoke_search.stdout and ", input wait " in smoke_search.stdout
     assert "torchvision.io" not in smoke_search.stdout + smoke_search.stderr  # no deprecated decoder warns
+    assert "Token authentication is" not in smoke_search.stdout + smoke_search.stderr  # Ray's per-search warning
     folder = smoke_search.folder  # the one search folder
     table = pq.read_table(folder / "trials.parquet").to_pylist()
     assert len(table) == 6 and len({r["trial_id"] for r in table}) == 6

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -50,7 +51,11 @@ def start_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        # "local": a Ray of this search's own, never a cluster someone else started on this machine
+        # "local": a Ray of this search's own, never a cluster someone else started on this machine.
+        # Ray 2.60 turns token authentication on for a cluster that ray.init starts (unless
+        # RAY_AUTH_MODE says otherwise) and warns on every search that it did: docs/searching.md
+        # says so once instead (the token is ~/.ray/auth_token, made on first use)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(
             address="local",
             num_cpus=os.cpu_count(),

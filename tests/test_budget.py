@@ -159,7 +159,9 @@ def test_the_progress_line_shows_the_hours(tmp_path):
     trial.update_last_result({"val_acc": 80.0, "epoch": 1, "time_total_s": 8280.0})
     progress = SearchProgress(6, EPOCHS, "val_acc", "max", ["pool_size"], meter=gate.BudgetMeter(folder))
     # 1 + 2.3 h spent; the trial's 3 epochs left take 6.9 h and one more trial 9.2 h: no room in 10
-    assert progress.line([trial]).endswith("; GPU-hours 3.3 of 10 (no room for another trial)")
+    line = progress.line([trial])
+    assert line.endswith("; GPU-hours 3.3 of 10 (no room for another trial)")
+    assert ", 0 pending, 6 the cost budget will not start;" in line, line  # the trial is a stub: not running
     roomy = gate.BudgetMeter(search_folder(tmp_path, {"gpu_hours": 20}, {"cpu": 4, "gpu": 1}, phase1_s=3600))
     assert roomy.text([trial]) == "GPU-hours 3.3 of 20"
     no_budget = gate.BudgetMeter(search_folder(tmp_path, None, {"cpu": 4, "gpu": 1}, phase1_s=3600))

@@ -1,7 +1,8 @@
 """One plain progress line for the whole search, at each trial event and at least every 30 s.
 
 ``done/budget`` (completed, stopped early, failed), running (and how many have reported no phase-2
-epoch yet: starting, or training or waiting for phase 1), pending, the best objective so far with
+epoch yet: starting, or training or waiting for phase 1), pending (and, once a cost budget has no
+room for another trial, how many it will not start), the best objective so far with
 its parameters by the summary's rule (the last epoch of a trial that ran all its epochs; before one
 has, the peak at any epoch, labelled as such), the hours spent (``GPU-hours 3.2 of 10`` with a
 budget: ``budget.BudgetMeter``),
@@ -71,7 +72,11 @@ class SearchProgress(tune.Callback):
         ]
         ended += [{"completed": "completed", "failed": "failed"}.get(r["status"], "stopped") for r in self.prior]
         completed, stopped, failed = (ended.count(k) for k in ("completed", "stopped", "failed"))
+        cost = self.meter.text(trials, now) if self.meter is not None else None  # brings its ledger up to date
         pending = max(0, self.budget - len(ended) - len(running))
+        # a cost budget with no room for one more trial starts none of them (BudgetSearcher)
+        held = pending if self.meter is not None and not self.meter.ledger.allows_new_trial(now) else 0
+        pending -= held
         no_epoch = sum(epochs_of[t.trial_id] == 0 for t in running)
         parts = [
             f"[search {duration(now - self.started)}] {len(ended)}/{self.budget} done "
@@ -79,6 +84,7 @@ class SearchProgress(tune.Callback):
             f"{len(running)} running"
             + (f" ({no_epoch} before their first epoch)" if no_epoch else "")
             + f", {pending} pending"
+            + (f", {held} the cost budget will not start" if held else "")
         ]
         best, peak = self.best(trials, epochs_of, ending), self.peak(trials)
         shown = lambda config: ", ".join(f"{p}={config.get(p)}" for p in self.params)
@@ -86,7 +92,6 @@ class SearchProgress(tune.Callback):
             parts.append(f"best {self.metric} {best[0]:.2f} of a completed trial ({shown(best[1])})")
         elif peak is not None:
             parts.append(f"no trial completed; peak {self.metric} {peak[0]:.2f} at any epoch ({shown(peak[1])})")
-        cost = self.meter.text(trials, now) if self.meter is not None else None
         if cost:
             parts.append(cost)
         left = self.time_left(trials, epochs_of, pending, now)

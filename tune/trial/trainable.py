@@ -1,7 +1,7 @@
 """The Ray Tune function trainable: one trial is phase 2 of LPT on top of cached phase-1 prompts.
 
 ``run_trial(config, setup)`` reads its phase-1 prompts from the cache (the driver trained them up
-front; the run's ``phase1_wait_s`` is how long it waited for them, 0 normally), trains phase 2 with
+front; the run's ``phase1_wait_s`` is how long it waited for them, logged only when it did), trains phase 2 with
 the sampled params, and after every epoch logs to its MLflow run (and MLflow's system metrics
 throughout: ``system_metrics``) and calls ``tune.report`` with a
 checkpoint of the resumable trainer state. A retried or resumed trial starts from that checkpoint
@@ -80,7 +80,7 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
         mt.log(
             client,
             run_id,
-            metrics={PHASE1_WAIT: waited},
+            metrics={PHASE1_WAIT: waited} if waited > 0 else {},  # a constant 0 is not a metric
             tags={
                 names.PHASE1_KEY: key,
                 names.DEVICE: str(trainer.device),  # lpt.node: set by trial_run

@@ -11,7 +11,7 @@ import optuna
 import ray
 from mlflow import MlflowClient
 
-from tune import names
+from tune import names, tracking_guard
 from tune import tracking as mt
 from tune.config import budget as cost
 from tune.config.loading import objective_of
@@ -100,7 +100,13 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Location, dict, str] | None,
                 extra = budget - len(done)  # a search its cost budget ended has trials left of its own
                 record["runs"].append({"dir": f"extend-{len(record['runs'])}", "trials": extra, "rows_before": done})
                 record["study_config"] = plan.study
-                client.log_param(parent_id, f"trials_after_extension_{len(record['runs']) - 1}", budget)
+                tracking_guard.for_search(folder, uri).attempt(
+                    "log the extension",
+                    client.log_param,
+                    parent_id,
+                    f"trials_after_extension_{len(record['runs']) - 1}",
+                    budget,
+                )
                 save_record(folder, record)
                 print(f"extending {folder.name} by {extra} trials to {budget}", flush=True)
                 grids.append(
@@ -126,7 +132,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Location, dict, str] | None,
                 stop.received or "SIGINT",
             )
         except Exception as exc:
-            mt.fail_run(client, parent_id, exc)
+            tracking_guard.for_search(folder, uri).attempt("end the parent run", mt.fail_run, client, parent_id, exc)
             save_record(folder, {**record, "state": INTERRUPTED_STATE})
             print(f"error: the search failed: {error_line(exc)}", file=sys.stderr)
             return 1

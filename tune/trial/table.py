@@ -2,7 +2,9 @@
 
 The same Tune callback closes each trial's MLflow run with its final status (a trial that ASHA
 stops is ended by Ray before its own code can do that) and logs what the trial cost
-(``gpu_hours``, ``cpu_hours``: its wall time x its resources). The helpers below read the rows
+(``gpu_hours``, ``cpu_hours``: its wall time x its resources), through the search's
+``tune.tracking_guard``: MLflow out of reach past its retry window loses that run's closing (the
+summary names it), never the row or the search. The helpers below read the rows
 (best trial, counts by status) for the driver's wrap-up and the search report.
 """
 
@@ -19,6 +21,7 @@ from mlflow import MlflowClient
 from ray import tune
 
 from tune import tracking as mt
+from tune import tracking_guard
 from tune.config.budget import MEASURES, hours_of
 from tune.config.study import OBJECTIVE_METRICS
 from tune.names import PROMPTS_DIR, STATUS
@@ -173,6 +176,17 @@ class TrialTable(tune.Callback):
         # (a search started before the budget: no resources, no stopper)
         self.__dict__.update({"resources": None, "budget_stopper": None, **state}, rows=read_rows(state["path"]))
 
+    @property
+    def guard(self) -> tracking_guard.TrackingGuard:
+        """The search's tracking guard: an MLflow call that fails is recorded, the search goes on."""
+        return tracking_guard.for_search(self.path.parent, self.client.tracking_uri)
+
+    def _close_run(self, row: dict) -> None:
+        cost = {m: row[m] for m in COST_METRICS if math.isfinite(row[m])}
+        if row["mlflow_run_id"] and cost:
+            mt.log(self.client, row["mlflow_run_id"], metrics=cost)
+        close_trial_run(self.client, row)
+
     def _end(self, trial, error: str | None) -> None:
         stopped = self.budget_stopper is not None and trial.trial_id in self.budget_stopper.stopped
         row = trial_row(
@@ -186,7 +200,9 @@ class TrialTable(tune.Callback):
             budget_stopped=stopped,
         )
         if not row["mlflow_run_id"] and self.search_run:
-            row["mlflow_run_id"] = mt.trial_run_id(self.client, *self.search_run, trial.trial_id)
+            row["mlflow_run_id"] = self.guard.attempt(
+                "find its run", mt.trial_run_id, self.client, *self.search_run, trial.trial_id, trial=trial.trial_id
+            )
         self.rows[trial.trial_id] = row
         write_table(list(self.rows.values()), self.path)
         shown = ", ".join(f"{p}={row[p]}" for p in self.params)
@@ -197,10 +213,8 @@ class TrialTable(tune.Callback):
             + (f" - {row['error']}" if row["error"] else ""),
             flush=True,
         )
-        cost = {m: row[m] for m in COST_METRICS if math.isfinite(row[m])}
-        if row["mlflow_run_id"] and cost:
-            mt.log(self.client, row["mlflow_run_id"], metrics=cost)
-        close_trial_run(self.client, row)
+        # the row is in the table first: MLflow being away loses no trial
+        self.guard.attempt("close its run", self._close_run, row, trial=trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, None)

@@ -50,9 +50,14 @@ def trial_error(trial) -> str:
     """The message of the exception a trial raised, from Ray's stored error (``get_error``)."""
     try:
         error = trial.get_error()
+        if error is None and trial.error_file and os.path.isfile(trial.error_file):
+            # Ray writes the error beside the driver first and syncs it to the storage later,
+            # after the callbacks (get_error reads the storage's copy)
+            with open(trial.error_file, encoding="utf-8", errors="replace") as f:
+                error = f.read()
     except Exception as exc:  # the error file itself cannot be read
         return f"trial raised; its error could not be read ({type(exc).__name__}: {exc})"[:500]
-    return last_line(error) if error is not None else "trial raised (no error recorded by Ray)"
+    return last_line(error) if error else "trial raised (no error recorded by Ray)"
 
 
 def trial_row(

@@ -106,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan.describe())
         print(describe(retry_settings()))
+        from tune.config.disk_space import free_space_lines
+
+        print("\n".join(free_space_lines(plan.storage)))
         return 0
     from tune.tracking import check_tracking_uri, resolve_tracking_uri  # imports MLflow: not before here
 

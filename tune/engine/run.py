@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from tune import names, tracking_guard
 from tune import tracking as mt
 from tune.config import budget as cost
+from tune.config.disk_space import check_free_space
 from tune.config.loading import objective_of
 from tune.engine import budget_ledger as ledger
 from tune.engine.cluster_checks import check_cluster_nodes
@@ -33,6 +34,7 @@ from tune.trial.table import COMPLETED, read_rows
 
 def run_search(plan, args, uri: str, address: str | None) -> int:
     plan.storage.check_reachable()  # an object store that cannot be reached: one line, before anything
+    check_free_space(plan.storage)  # the storage, Ray's temp folder, the work dir: their minimums
     resumed = find_resumed(plan, args) if args.resume else None
     if resumed and resumed[2] == "finished" and not args.confirm:
         return say_finished(plan, *resumed[:2])

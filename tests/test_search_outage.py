@@ -120,7 +120,18 @@ def test_mlflow_down_past_the_retry_window_loses_tracking_not_the_search(tmp_pat
         summary = next(line for line in out.splitlines() if line.startswith("tracking: "))
         print(summary, {t: r["status"] for t, r in rows.items()})
         assert all(f"trial {t}" in summary for t in failed), summary
-        parent = MlflowClient(uri).get_run(record["parent_run_id"])
+        assert "  closed at the wrap-up, MLflow back: the runs of trial " in out
+        client = MlflowClient(uri)
+        for t, row in rows.items():  # every run the trials made is closed with the table's status
+            if row["mlflow_run_id"] is None:
+                assert t in failed  # it failed before it could make its run
+                continue
+            run = client.get_run(row["mlflow_run_id"])
+            assert (run.info.status, run.data.tags["lpt.status"]) == (
+                "FAILED" if t in failed else "FINISHED",
+                row["status"],
+            ), t
+        parent = client.get_run(record["parent_run_id"])
         assert parent.info.status == "FINISHED"
         lost = json.loads(parent.data.tags[TRACKING_FAILURES])
         assert failed <= {f["trial"] for f in lost} and all(f["call"] and f["error"] for f in lost), lost

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import requests
@@ -61,8 +61,9 @@ class TrackingGuard:
             flush=True,
         )
 
-    def summary_lines(self) -> list[str]:
-        """The summary's lines about what lost its tracking (none when nothing did)."""
+    def summary_lines(self, closed_later: Sequence[str] = ()) -> list[str]:
+        """The summary's lines about what lost its tracking (none when nothing did); ``closed_later``:
+        the trials whose runs the wrap-up closed once MLflow was back."""
         if not self.failures:
             return []
         owners = sorted({f["trial"] for f in self.failures}, key=lambda t: (t != "search", t))
@@ -71,6 +72,8 @@ class TrackingGuard:
         lines += [f"  {f['trial']}: {f['call']}: {f['error']}" for f in self.failures[:SHOWN]]
         if len(self.failures) > SHOWN:
             lines.append(f"  ... and {len(self.failures) - SHOWN} more")
+        if closed_later:
+            lines.append(f"  closed at the wrap-up, MLflow back: the runs of trial {', '.join(closed_later)}")
         return lines
 
     def tag_value(self) -> str:

@@ -36,6 +36,7 @@ from tune.trial.table import (
     FAILED,
     INTERRUPTED,
     best_row,
+    close_lost_runs,
     close_trial_run,
     last_line,
     prompt_path,
@@ -166,6 +167,7 @@ def wrap_up(
     )
     if spend["limit"] is not None:
         guard.attempt("tag the budget", client.set_tag, parent_id, names.BUDGET_ENDED, str(spend["ended"]).lower())
+    closed = close_lost_runs(client, rows, guard, (setup.experiment_id, parent_id))  # MLflow is back
     write_table(rows, folder / TABLE_FILE, metadata={names.BUDGET: json.dumps(spend)})
     lines = [
         f"\n{len(rows)} trials: {counts['completed']} completed, {counts['early_stopped']} stopped early "
@@ -259,7 +261,7 @@ def wrap_up(
     guard.attempt("end the parent run", client.set_terminated, parent_id, "FINISHED")
     if guard.failures:  # what lost its tracking, on the parent run once MLflow is back
         guard.attempt("tag the tracking failures", client.set_tag, parent_id, *_failures_tag(guard).popitem())
-    lines += guard.summary_lines()
+    lines += guard.summary_lines(closed)
     lines += [
         f"table:  {folder / TABLE_FILE}",
         f"MLflow: {ui_address(setup.tracking_uri)}  (experiment '{plan.study_name}')",

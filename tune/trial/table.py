@@ -152,6 +152,33 @@ def close_trial_run(client: MlflowClient, row: dict) -> None:
         )
 
 
+def finish_trial_run(client: MlflowClient, row: dict) -> bool:
+    """Log an ended trial's cost on its run and close it (``close_trial_run``); True when done."""
+    cost = {m: row[m] for m in COST_METRICS if math.isfinite(row[m])}
+    if row["mlflow_run_id"] and cost:
+        mt.log(client, row["mlflow_run_id"], metrics=cost)
+    close_trial_run(client, row)
+    return True
+
+
+def close_lost_runs(
+    client: MlflowClient, rows: list[dict], guard: tracking_guard.TrackingGuard, search_run: tuple[str, str]
+) -> list[str]:
+    """At the wrap-up: the runs whose closing failed while MLflow was away (``guard``'s failures)
+    found and closed now; the ids of the trials whose runs are closed."""
+    lost = {f["trial"] for f in guard.failures if f["call"] in ("find its run", "close its run")}
+    closed = []
+    for row in (r for r in rows if r["trial_id"] in lost):
+
+        def close(row: dict = row) -> bool:
+            row["mlflow_run_id"] = row.get("mlflow_run_id") or mt.trial_run_id(client, *search_run, row["trial_id"])
+            return bool(row["mlflow_run_id"]) and finish_trial_run(client, row)  # no run: it failed before making one
+
+        if guard.attempt("close its run at the wrap-up", close, trial=row["trial_id"]):
+            closed.append(row["trial_id"])
+    return closed
+
+
 class TrialTable(tune.Callback):
     def __init__(
         self,
@@ -186,12 +213,6 @@ class TrialTable(tune.Callback):
         """The search's tracking guard: an MLflow call that fails is recorded, the search goes on."""
         return tracking_guard.for_search(self.path.parent, self.client.tracking_uri)
 
-    def _close_run(self, row: dict) -> None:
-        cost = {m: row[m] for m in COST_METRICS if math.isfinite(row[m])}
-        if row["mlflow_run_id"] and cost:
-            mt.log(self.client, row["mlflow_run_id"], metrics=cost)
-        close_trial_run(self.client, row)
-
     def _end(self, trial, error: str | None) -> None:
         stopped = self.budget_stopper is not None and trial.trial_id in self.budget_stopper.stopped
         row = trial_row(
@@ -219,7 +240,7 @@ class TrialTable(tune.Callback):
             flush=True,
         )
         # the row is in the table first: MLflow being away loses no trial
-        self.guard.attempt("close its run", self._close_run, row, trial=trial.trial_id)
+        self.guard.attempt("close its run", finish_trial_run, self.client, row, trial=trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, None)

@@ -21,6 +21,7 @@ STATUS = "lpt.status"  # trial run: completed | early_stopped | failed | interru
 INTERRUPTED_BY = "lpt.interrupted"  # parent run of a search stopped by a signal: SIGINT | SIGTERM
 MODEL_URI = "lpt.model_uri"  # parent run: models:/NAME/VERSION of the registered best trial
 REGISTER_ERROR = "lpt.register_error"  # parent run: why --register failed
+TRACKING_FAILURES = "lpt.tracking_failures"  # parent run: the MLflow calls that failed, JSON
 # a registered model version's tags (besides TRIAL_ID and its accuracies)
 VERSION_PARENT_RUN, VERSION_STUDY, VERSION_PROFILE = "lpt.parent_run_id", "lpt.study", "lpt.profile"
 ERROR = "lpt.error"  # a failed run's reason

@@ -99,9 +99,16 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(schema(args.schema), indent=2))
         return 0
+    from tune.tracking_retry import apply_retry_settings, describe, retry_settings
+
+    apply_retry_settings()  # before any MLflow call: the project's retry window unless the environment sets one
     plan = Plan(args)
     if args.dry_run:
         print(plan.describe())
+        print(describe(retry_settings()))
+        from tune.config.disk_space import free_space_lines
+
+        print("\n".join(free_space_lines(plan.storage)))
         return 0
     from tune.tracking import check_tracking_uri, resolve_tracking_uri  # imports MLflow: not before here
 

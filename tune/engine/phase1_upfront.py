@@ -15,6 +15,7 @@ import ray
 from mlflow import MlflowClient
 
 from tune import tracking as mt
+from tune import tracking_guard
 from tune.config.loading import profile_data
 from tune.config.search_space import prompt_lengths
 from tune.phase1.cache import Phase1Cache
@@ -97,5 +98,6 @@ def train_up_front(plan, setup: SearchSetup, client: MlflowClient, remote) -> tu
         for ref in pending:
             ray.cancel(ref)
     seconds = time.monotonic() - started
-    mt.log(client, setup.parent_run_id, metrics={UPFRONT_METRIC: seconds})
+    guard = tracking_guard.for_search(setup.search_dir, setup.tracking_uri)  # MLflow away: the search goes on
+    guard.attempt("log phase 1's time", mt.log, client, setup.parent_run_id, metrics={UPFRONT_METRIC: seconds})
     return seconds, task_seconds

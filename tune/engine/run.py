@@ -11,9 +11,10 @@ import optuna
 import ray
 from mlflow import MlflowClient
 
-from tune import names
+from tune import names, tracking_guard
 from tune import tracking as mt
 from tune.config import budget as cost
+from tune.config.disk_space import check_free_space
 from tune.config.loading import objective_of
 from tune.engine import budget_ledger as ledger
 from tune.engine.cluster_checks import check_cluster_nodes
@@ -33,6 +34,7 @@ from tune.trial.table import COMPLETED, read_rows
 
 def run_search(plan, args, uri: str, address: str | None) -> int:
     plan.storage.check_reachable()  # an object store that cannot be reached: one line, before anything
+    check_free_space(plan.storage)  # the storage, Ray's temp folder, the work dir: their minimums
     resumed = find_resumed(plan, args) if args.resume else None
     if resumed and resumed[2] == "finished" and not args.confirm:
         return say_finished(plan, *resumed[:2])
@@ -100,7 +102,13 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Location, dict, str] | None,
                 extra = budget - len(done)  # a search its cost budget ended has trials left of its own
                 record["runs"].append({"dir": f"extend-{len(record['runs'])}", "trials": extra, "rows_before": done})
                 record["study_config"] = plan.study
-                client.log_param(parent_id, f"trials_after_extension_{len(record['runs']) - 1}", budget)
+                tracking_guard.for_search(folder, uri).attempt(
+                    "log the extension",
+                    client.log_param,
+                    parent_id,
+                    f"trials_after_extension_{len(record['runs']) - 1}",
+                    budget,
+                )
                 save_record(folder, record)
                 print(f"extending {folder.name} by {extra} trials to {budget}", flush=True)
                 grids.append(
@@ -126,7 +134,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Location, dict, str] | None,
                 stop.received or "SIGINT",
             )
         except Exception as exc:
-            mt.fail_run(client, parent_id, exc)
+            tracking_guard.for_search(folder, uri).attempt("end the parent run", mt.fail_run, client, parent_id, exc)
             save_record(folder, {**record, "state": INTERRUPTED_STATE})
             print(f"error: the search failed: {error_line(exc)}", file=sys.stderr)
             return 1

@@ -30,6 +30,7 @@ from tune.errors import ConfigError
 from tune.names import TABLE_FILE
 from tune.record import RUNNING, save_record
 from tune.storage import Location
+from tune.tracking_retry import apply_retry_settings
 from tune.trial.setup import SearchSetup
 from tune.trial.table import TrialTable, read_rows, write_table
 from tune.trial.trainable import run_trial
@@ -43,6 +44,7 @@ def start_ray(address: str | None) -> None:
         "PYTHONUNBUFFERED": "1",
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
         **QUIET_ENV,
+        **apply_retry_settings(),  # every trial retries MLflow as the driver does
     }
     os.environ.update(env)
     for passthrough in ("HF_HUB_OFFLINE", "HF_HOME", "MLFLOW_TRACKING_URI"):

@@ -1,5 +1,7 @@
 """After the Tuner: the trial table, test accuracy of the best trial, optional confirmation seeds, the
-summary, the registered model."""
+summary, the registered model. Every MLflow call here goes through the search's
+``tune.tracking_guard``: MLflow out of reach records what lost its tracking and the search still
+ends (the summary and the parent run's ``lpt.tracking_failures`` say what)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import sys
 import ray
 from mlflow import MlflowClient
 
-from tune import names
+from tune import names, tracking_guard
 from tune import tracking as mt
 from tune._cli import EXIT_INTERRUPTED
 from tune.config import validation
@@ -34,6 +36,7 @@ from tune.trial.table import (
     FAILED,
     INTERRUPTED,
     best_row,
+    close_lost_runs,
     close_trial_run,
     last_line,
     prompt_path,
@@ -66,7 +69,8 @@ def collect_rows(plan, client: MlflowClient, folder: Location, grids: list, inte
                     resources=plan.profile["resources"],
                 )
                 if rows[tid]["status"] != INTERRUPTED:  # it ended, but its end reached no callback
-                    close_trial_run(client, rows[tid])
+                    guard = tracking_guard.for_search(folder, client.tracking_uri)
+                    guard.attempt("close its run", close_trial_run, client, rows[tid], trial=tid)
     rows = list(rows.values())
     write_table(rows, folder / TABLE_FILE)
     return rows
@@ -77,22 +81,14 @@ def stop_interrupted(
 ) -> int:
     """A stopped search: its unfinished trials' runs and the parent run end KILLED, the record
     says ``interrupted``, and one line says how to continue."""
+    guard = tracking_guard.for_search(folder, client.tracking_uri)
     for row in (r for r in rows if r["status"] == INTERRUPTED):
-        # a trial stopped before its first epoch has reported no run id: find its run by its tags
-        row["mlflow_run_id"] = row.get("mlflow_run_id") or mt.trial_run_id(
-            client, record["experiment_id"], record["parent_run_id"], row["trial_id"]
-        )
-        if row["mlflow_run_id"]:
-            client.set_tag(row["mlflow_run_id"], names.STATUS, INTERRUPTED)
-            client.set_terminated(row["mlflow_run_id"], "KILLED")
+        guard.attempt("end its run as interrupted", _kill_trial_run, client, record, row, trial=row["trial_id"])
     write_table(rows, folder / TABLE_FILE)
-    mt.log(
-        client,
-        record["parent_run_id"],
-        metrics=ledger.search_spent(record, rows),
-        tags={names.INTERRUPTED_BY: signal_name},
-    )
-    client.set_terminated(record["parent_run_id"], "KILLED")
+    tags = {names.INTERRUPTED_BY: signal_name, **_failures_tag(guard)}
+    parent = record["parent_run_id"]
+    guard.attempt("end the parent run", mt.log, client, parent, metrics=ledger.search_spent(record, rows), tags=tags)
+    guard.attempt("end the parent run", client.set_terminated, parent, "KILLED")
     save_record(folder, {**record, "state": INTERRUPTED_STATE})
     counts = status_counts(rows)
     ended = sum(counts.values()) - counts[INTERRUPTED]
@@ -104,6 +100,20 @@ def stop_interrupted(
         flush=True,
     )
     return EXIT_INTERRUPTED
+
+
+def _kill_trial_run(client: MlflowClient, record: dict, row: dict) -> None:
+    # a trial stopped before its first epoch has reported no run id: find its run by its tags
+    row["mlflow_run_id"] = row.get("mlflow_run_id") or mt.trial_run_id(
+        client, record["experiment_id"], record["parent_run_id"], row["trial_id"]
+    )
+    if row["mlflow_run_id"]:
+        client.set_tag(row["mlflow_run_id"], names.STATUS, INTERRUPTED)
+        client.set_terminated(row["mlflow_run_id"], "KILLED")
+
+
+def _failures_tag(guard: tracking_guard.TrackingGuard) -> dict[str, str]:
+    return {names.TRACKING_FAILURES: guard.tag_value()} if guard.failures else {}
 
 
 def ui_address(uri: str) -> str:
@@ -140,6 +150,7 @@ def wrap_up(
     """Test accuracy of the best trial, confirmation, report, registration (``--register``) and
     the summary; False when the model was asked for and not registered."""
     parent_id = setup.parent_run_id
+    guard = tracking_guard.for_search(folder, setup.tracking_uri)
     counts = status_counts(rows)
     summary = {"trials_" + k: v for k, v in counts.items()}
     summary["search_wall_s"] = seconds
@@ -155,7 +166,8 @@ def wrap_up(
         trials_not_started=spend["trials"] - spend["allowed"],
     )
     if spend["limit"] is not None:
-        client.set_tag(parent_id, names.BUDGET_ENDED, str(spend["ended"]).lower())
+        guard.attempt("tag the budget", client.set_tag, parent_id, names.BUDGET_ENDED, str(spend["ended"]).lower())
+    closed = close_lost_runs(client, rows, guard, (setup.experiment_id, parent_id))  # MLflow is back
     write_table(rows, folder / TABLE_FILE, metadata={names.BUDGET: json.dumps(spend)})
     lines = [
         f"\n{len(rows)} trials: {counts['completed']} completed, {counts['early_stopped']} stopped early "
@@ -170,13 +182,23 @@ def wrap_up(
     if best is not None:
         config = {p: best[p] for p in plan.study["space"]}
         prompt_file = prompt_path(folder, best["trial_id"])
-        before = exposure.exposed(client.get_run(parent_id).data.tags)
+        parent = guard.attempt("read the test ledger", client.get_run, parent_id)
+        before = exposure.exposed(parent.data.tags if parent else {})
         test = ray.get(on_resources(evaluate_prompts, plan.profile).remote(setup, config, prompt_file))
-        tested = exposure.expose(client, parent_id, [best["trial_id"]])
-        mt.log(client, best["mlflow_run_id"], metrics=test, tags={names.BEST: "true"})
+        tid = best["trial_id"]
+        tested = guard.attempt("record the test exposure", exposure.expose, client, parent_id, [tid]) or [tid]
+        guard.attempt(
+            "log its test scores",
+            mt.log,
+            client,
+            best["mlflow_run_id"],
+            metrics=test,
+            tags={names.BEST: "true"},
+            trial=tid,
+        )
         summary.update({f"best_{k}": v for k, v in {**{m: best[m] for m in metrics}, **test}.items()})
         summary[SE_METRIC] = binomial_se(best["val_acc"], val_images)
-        client.set_tag(parent_id, names.BEST_TRIAL_ID, best["trial_id"])
+        guard.attempt("tag the best trial", client.set_tag, parent_id, names.BEST_TRIAL_ID, best["trial_id"])
         lines += [
             f"best trial {best['trial_id']}: " + ", ".join(f"{k}={v}" for k, v in config.items()),
             "  validation: " + with_se(best, val_images),
@@ -209,7 +231,7 @@ def wrap_up(
                 registered = False
         if len(metrics) > 1:
             front = pareto(record)
-            client.set_tag(parent_id, names.PARETO_TRIALS, ",".join(front))
+            guard.attempt("tag the Pareto front", client.set_tag, parent_id, names.PARETO_TRIALS, ",".join(front))
             lines.append(f"  Pareto front on {', '.join(metrics)}: {', '.join(front)}")
         gain, gain_lines = validation_gain(
             best,
@@ -224,18 +246,22 @@ def wrap_up(
         if args.confirm:
             confirmed, tags, confirm_lines = confirm(plan, setup, best["trial_id"], config, baseline, args.confirm)
             summary.update(confirmed)
-            mt.log(client, parent_id, tags={**tags, names.CONFIRMED_TRIAL: best["trial_id"]})
+            guard.attempt("tag the confirmation", mt.log, client, parent_id, tags={**tags, names.CONFIRMED_TRIAL: tid})
             lines += confirm_lines
         else:
-            lines += stale_confirmation(client.get_run(parent_id).data.tags, best["trial_id"], args)
+            parent = guard.attempt("read the confirmation tags", client.get_run, parent_id)
+            lines += stale_confirmation(parent.data.tags, tid, args) if parent else []
     elif counts[BUDGET_STOPPED]:
         lines.append(f"no trial completed: the budget stopped {counts[BUDGET_STOPPED]} before their last epoch")
     else:
         lines.append("no trial completed: see the table's error column and the trials' MLflow runs")
-    mt.log(client, parent_id, metrics=summary)
-    mt.log_stored_file(client, parent_id, folder / TABLE_FILE)
-    log_search_report(client, parent_id, folder)  # figures and summary.html
-    client.set_terminated(parent_id, "FINISHED")
+    guard.attempt("log the summary metrics", mt.log, client, parent_id, metrics=summary)
+    guard.attempt("log the trial table", mt.log_stored_file, client, parent_id, folder / TABLE_FILE)
+    guard.attempt("log the search report", log_search_report, client, parent_id, folder)  # figures, summary.html
+    guard.attempt("end the parent run", client.set_terminated, parent_id, "FINISHED")
+    if guard.failures:  # what lost its tracking, on the parent run once MLflow is back
+        guard.attempt("tag the tracking failures", client.set_tag, parent_id, *_failures_tag(guard).popitem())
+    lines += guard.summary_lines(closed)
     lines += [
         f"table:  {folder / TABLE_FILE}",
         f"MLflow: {ui_address(setup.tracking_uri)}  (experiment '{plan.study_name}')",

@@ -2,7 +2,9 @@
 
 The same Tune callback closes each trial's MLflow run with its final status (a trial that ASHA
 stops is ended by Ray before its own code can do that) and logs what the trial cost
-(``gpu_hours``, ``cpu_hours``: its wall time x its resources). The helpers below read the rows
+(``gpu_hours``, ``cpu_hours``: its wall time x its resources), through the search's
+``tune.tracking_guard``: MLflow out of reach past its retry window loses that run's closing (the
+summary names it), never the row or the search. The helpers below read the rows
 (best trial, counts by status) for the driver's wrap-up and the search report.
 """
 
@@ -19,6 +21,7 @@ from mlflow import MlflowClient
 from ray import tune
 
 from tune import tracking as mt
+from tune import tracking_guard
 from tune.config.budget import MEASURES, hours_of
 from tune.config.study import OBJECTIVE_METRICS
 from tune.names import PROMPTS_DIR, STATUS
@@ -47,9 +50,14 @@ def trial_error(trial) -> str:
     """The message of the exception a trial raised, from Ray's stored error (``get_error``)."""
     try:
         error = trial.get_error()
+        if error is None and trial.error_file and os.path.isfile(trial.error_file):
+            # Ray writes the error beside the driver first and syncs it to the storage later,
+            # after the callbacks (get_error reads the storage's copy)
+            with open(trial.error_file, encoding="utf-8", errors="replace") as f:
+                error = f.read()
     except Exception as exc:  # the error file itself cannot be read
         return f"trial raised; its error could not be read ({type(exc).__name__}: {exc})"[:500]
-    return last_line(error) if error is not None else "trial raised (no error recorded by Ray)"
+    return last_line(error) if error else "trial raised (no error recorded by Ray)"
 
 
 def trial_row(
@@ -144,6 +152,33 @@ def close_trial_run(client: MlflowClient, row: dict) -> None:
         )
 
 
+def finish_trial_run(client: MlflowClient, row: dict) -> bool:
+    """Log an ended trial's cost on its run and close it (``close_trial_run``); True when done."""
+    cost = {m: row[m] for m in COST_METRICS if math.isfinite(row[m])}
+    if row["mlflow_run_id"] and cost:
+        mt.log(client, row["mlflow_run_id"], metrics=cost)
+    close_trial_run(client, row)
+    return True
+
+
+def close_lost_runs(
+    client: MlflowClient, rows: list[dict], guard: tracking_guard.TrackingGuard, search_run: tuple[str, str]
+) -> list[str]:
+    """At the wrap-up: the runs whose closing failed while MLflow was away (``guard``'s failures)
+    found and closed now; the ids of the trials whose runs are closed."""
+    lost = {f["trial"] for f in guard.failures if f["call"] in ("find its run", "close its run")}
+    closed = []
+    for row in (r for r in rows if r["trial_id"] in lost):
+
+        def close(row: dict = row) -> bool:
+            row["mlflow_run_id"] = row.get("mlflow_run_id") or mt.trial_run_id(client, *search_run, row["trial_id"])
+            return bool(row["mlflow_run_id"]) and finish_trial_run(client, row)  # no run: it failed before making one
+
+        if guard.attempt("close its run at the wrap-up", close, trial=row["trial_id"]):
+            closed.append(row["trial_id"])
+    return closed
+
+
 class TrialTable(tune.Callback):
     def __init__(
         self,
@@ -173,6 +208,11 @@ class TrialTable(tune.Callback):
         # (a search started before the budget: no resources, no stopper)
         self.__dict__.update({"resources": None, "budget_stopper": None, **state}, rows=read_rows(state["path"]))
 
+    @property
+    def guard(self) -> tracking_guard.TrackingGuard:
+        """The search's tracking guard: an MLflow call that fails is recorded, the search goes on."""
+        return tracking_guard.for_search(self.path.parent, self.client.tracking_uri)
+
     def _end(self, trial, error: str | None) -> None:
         stopped = self.budget_stopper is not None and trial.trial_id in self.budget_stopper.stopped
         row = trial_row(
@@ -186,7 +226,9 @@ class TrialTable(tune.Callback):
             budget_stopped=stopped,
         )
         if not row["mlflow_run_id"] and self.search_run:
-            row["mlflow_run_id"] = mt.trial_run_id(self.client, *self.search_run, trial.trial_id)
+            row["mlflow_run_id"] = self.guard.attempt(
+                "find its run", mt.trial_run_id, self.client, *self.search_run, trial.trial_id, trial=trial.trial_id
+            )
         self.rows[trial.trial_id] = row
         write_table(list(self.rows.values()), self.path)
         shown = ", ".join(f"{p}={row[p]}" for p in self.params)
@@ -197,10 +239,8 @@ class TrialTable(tune.Callback):
             + (f" - {row['error']}" if row["error"] else ""),
             flush=True,
         )
-        cost = {m: row[m] for m in COST_METRICS if math.isfinite(row[m])}
-        if row["mlflow_run_id"] and cost:
-            mt.log(self.client, row["mlflow_run_id"], metrics=cost)
-        close_trial_run(self.client, row)
+        # the row is in the table first: MLflow being away loses no trial
+        self.guard.attempt("close its run", finish_trial_run, self.client, row, trial=trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, None)

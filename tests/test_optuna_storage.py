@@ -21,6 +21,8 @@ from optuna.trial import TrialState
 
 from tune.engine import database, optuna_storage
 from tune.engine.optuna_storage import DatabaseUnavailable, RetryingRDBStorage, open_storage, search_study, unreachable
+from tune.engine.search_lock import SearchLock
+from tune.errors import ServiceError
 
 pytestmark = pytest.mark.slow
 
@@ -90,10 +92,11 @@ def test_an_error_the_server_answers_is_not_waited_out(postgres, monkeypatch):
     assert unreachable(down.value)  # "Connection refused"
 
 
-def test_a_full_database_is_waited_for_then_one_line(postgres, monkeypatch, caplog):
+def test_a_full_database_is_waited_for_then_one_line(postgres, monkeypatch, caplog, tmp_path):
     """A role whose CONNECTION LIMIT (2: Optuna opens its storage on two connections) is taken:
     opening the storage, and a call on a storage whose pool was dropped, wait until the slots free
-    and succeed; with the slots kept past the window, opening fails with one line naming the limit."""
+    and succeed; with the slots kept past the window, opening, a call and the search lock each fail
+    with one line naming the limit."""
     import psycopg2
 
     with postgres.connect() as conn, conn.cursor() as cur:
@@ -146,6 +149,9 @@ def test_a_full_database_is_waited_for_then_one_line(postgres, monkeypatch, capl
             open_storage(url)
         with pytest.raises(DatabaseUnavailable) as call_full:
             study.trials  # noqa: B018 -- a storage call
+        monkeypatch.setenv("LPT_OPTUNA_STORAGE", url)  # the search lock's connection waits the same way
+        with pytest.raises(ServiceError, match=r"^LPT_OPTUNA_STORAGE: cannot take the search's lock \(Database"):
+            SearchLock().take(tmp_path / "crowded-search")
     finally:
         held.close()
     line = str(full.value)

@@ -9,11 +9,16 @@ to the files' again, so it can run any number of times.
     python scripts/cluster_roles.py rotate-admin       # mlflow-setup; stdin: the old password, the new one
 
 ``postgres``, as the superuser (``$LPT_SECRETS/postgres_password``) at ``$LPT_POSTGRES_ADDRESS``:
-the roles mlflow, optuna and optuna_reader, each with its pgpass file's password and none a
-superuser (nor CREATEDB, CREATEROLE, REPLICATION, BYPASSRLS); the database mlflow owned by mlflow
-(MLflow's tables and its users'), closed to every other role but optuna and optuna_reader; the
-schema optuna owned by optuna, its Optuna tables made by optuna (so that the read-only role sees
-them before the first search), SELECT on them, now and later, for optuna_reader only.
+the roles mlflow, optuna and optuna_reader, each with its pgpass file's password, its CONNECTION
+LIMIT (scripts/connection_budget.py, from the MLflow server's pool settings in the environment; an
+``MLFLOW_WORKERS`` past the budget is refused before anything changes) and none a superuser (nor
+CREATEDB, CREATEROLE, REPLICATION, BYPASSRLS); the database mlflow owned by the NOLOGIN role
+mlflow_owner (no login role can drop it), CONNECT on it for the three roles only; the schema public
+(MLflow's tables and its users') owned by mlflow, the schema optuna by optuna, its Optuna tables
+made by optuna (so that the read-only role sees them before the first search), SELECT on them, now
+and later, for optuna_reader only, whose sessions are read-only by default and whose statements
+time out; CONNECT and TEMP on the databases postgres and template1 revoked from PUBLIC (only the
+superuser connects there). A database made by the previous version (owned by mlflow) is migrated.
 
 ``mlflow``, as the MLflow admin (``$LPT_SECRETS/mlflow_admin_password``) at ``$MLFLOW_TRACKING_URI``,
 through MLflow's auth API: the user of ``mlflow_credentials`` (searcher), not an admin, with that
@@ -29,6 +34,9 @@ import sys
 from pathlib import Path
 
 SUPERUSER, DATABASE, OPTUNA_SCHEMA = "postgres", "mlflow", "optuna"
+OWNER = "mlflow_owner"  # NOLOGIN: owns the database, so that no login role can drop it
+SYSTEM_DATABASES = ("postgres", "template1")
+READER_STATEMENT_TIMEOUT = "60s"
 ROLES = {"mlflow": "mlflow_pgpass", "optuna": "optuna_pgpass", "optuna_reader": "optuna_reader_pgpass"}
 READER = "optuna_reader"
 MLFLOW_ADMIN = "admin"
@@ -73,22 +81,33 @@ def optuna_url(role: str) -> str:
 def setup_postgres() -> str:
     from psycopg2 import sql
 
+    limits = connection_budget().limits(os.environ)  # refuses a worker count past the budget first
     passwords = {role: pgpass_password(secret, role) for role, secret in ROLES.items()}
     conn = connect(SUPERUSER, read_secret("postgres_password"))
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (OWNER,))
+            if not cur.fetchone():
+                cur.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(OWNER)))
+            no_login = NOT_SUPER.replace("LOGIN", "NOLOGIN", 1)
+            cur.execute(sql.SQL(f"ALTER ROLE {{}} WITH {no_login}").format(sql.Identifier(OWNER)))
             for role, password in passwords.items():
                 cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
                 verb = "ALTER" if cur.fetchone() else "CREATE"
                 cur.execute(
-                    sql.SQL(f"{verb} ROLE {{}} WITH {NOT_SUPER} PASSWORD %s").format(sql.Identifier(role)), (password,)
+                    sql.SQL(f"{verb} ROLE {{}} WITH {NOT_SUPER} CONNECTION LIMIT {{}} PASSWORD %s").format(
+                        sql.Identifier(role), sql.Literal(limits[role])
+                    ),
+                    (password,),
                 )
             for statement in (
-                "ALTER DATABASE {db} OWNER TO mlflow",
-                "REVOKE ALL ON DATABASE {db} FROM PUBLIC",
-                "GRANT CONNECT ON DATABASE {db} TO optuna, optuna_reader",
-                "REVOKE CREATE ON SCHEMA public FROM PUBLIC",  # PostgreSQL < 15 grants it
+                "ALTER DATABASE {db} OWNER TO {owner}",  # the previous version's owner was mlflow
+                "REVOKE ALL ON DATABASE {db} FROM PUBLIC, mlflow, optuna, optuna_reader",
+                "GRANT CONNECT ON DATABASE {db} TO mlflow, optuna, optuna_reader",
+                "ALTER SCHEMA public OWNER TO mlflow",  # MLflow's tables, made by mlflow
+                "REVOKE ALL ON SCHEMA public FROM PUBLIC",  # PostgreSQL < 15 grants CREATE
+                "GRANT USAGE ON SCHEMA public TO PUBLIC",
                 "CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION optuna",
                 "ALTER SCHEMA {schema} OWNER TO optuna",
                 "REVOKE ALL ON SCHEMA {schema} FROM PUBLIC",
@@ -96,8 +115,16 @@ def setup_postgres() -> str:
                 "ALTER DEFAULT PRIVILEGES FOR ROLE optuna IN SCHEMA {schema} GRANT SELECT ON TABLES TO optuna_reader",
             ):
                 cur.execute(
-                    sql.SQL(statement).format(db=sql.Identifier(DATABASE), schema=sql.Identifier(OPTUNA_SCHEMA))
+                    sql.SQL(statement).format(
+                        db=sql.Identifier(DATABASE), schema=sql.Identifier(OPTUNA_SCHEMA), owner=sql.Identifier(OWNER)
+                    )
                 )
+            for database in SYSTEM_DATABASES:  # only the superuser connects there (and makes TEMP tables)
+                revoke = sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC")
+                cur.execute(revoke.format(sql.Identifier(database)))
+            reader_settings = (("default_transaction_read_only", "on"), ("statement_timeout", READER_STATEMENT_TIMEOUT))
+            for setting, value in reader_settings:
+                cur.execute(sql.SQL(f"ALTER ROLE {{}} SET {setting} = %s").format(sql.Identifier(READER)), (value,))
             make_optuna_tables(passwords["optuna"])
             cur.execute(
                 sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO optuna_reader").format(
@@ -107,9 +134,20 @@ def setup_postgres() -> str:
     finally:
         conn.close()
     return (
-        f"PostgreSQL: roles {', '.join(ROLES)} (none a superuser), database {DATABASE} owned by mlflow, "
-        f"schema {OPTUNA_SCHEMA} owned by optuna, SELECT on it for {READER}"
+        f"PostgreSQL: roles {', '.join(ROLES)} (none a superuser; connection limits "
+        f"{', '.join(f'{r} {n}' for r, n in limits.items())}), database {DATABASE} owned by {OWNER} (no login), "
+        f"schema public owned by mlflow, schema {OPTUNA_SCHEMA} by optuna, SELECT on it for {READER} (read-only)"
     )
+
+
+def connection_budget():
+    """scripts/connection_budget.py, next to this file (run as a script or loaded from its path)."""
+    import importlib
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module("connection_budget")
 
 
 def make_optuna_tables(password: str) -> None:

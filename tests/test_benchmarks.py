@@ -222,3 +222,59 @@ def test_input_pipeline_decoder_table_has_every_decoder_and_size(tmp_path):
     # the JPEGs it writes are of about a photo's size at quality 90, larger for larger images
     kb = {r["images"]: r["file_kb"] for r in rows if r["decoder"] == "PIL"}
     assert 10 < kb["places365 256x256"] < kb["imagenet 500x375"] < kb["inat 800x600"] < 400
+
+
+def test_cluster_load_percentiles_and_summary():
+    load = _load("cluster_load")
+    assert load.percentile([], 99) == 0.0
+    assert load.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert load.percentile([float(i) for i in range(1, 101)], 99) == 99.0
+    assert load.percentile([float(i) for i in range(1, 101)], 50) == 50.0
+    result = {
+        "clients": 2,
+        "duration_s": 5.0,
+        "requests": {"log_batch": 8, "artifact": 2},
+        "p50_ms": {"log_batch": 12.0, "artifact": 40.0},
+        "p99_ms": {"log_batch": 30.0, "artifact": 80.0},
+        "status_5xx": 0,
+        "retries": 1,
+        "failed": 0,
+        "peak_connections": {"mlflow": 6},
+    }
+    assert load.summary(result) == (
+        "N=2 5s: log_batch n=8 p50=12ms p99=30ms artifact n=2 p50=40ms p99=80ms; 5xx 0, retries 1, "
+        "failed 0; peak connections: mlflow 6"
+    )
+
+
+@pytest.mark.slow
+def test_cluster_load_runs_against_the_local_stack(tmp_path):
+    """benchmarks/cluster_load.py --local-stack for a few seconds with two clients: PostgreSQL and
+    the MLflow server from docker-compose.yml's commands, the searcher's login; every request
+    succeeds and the MLflow server's connections, seen in pg_stat_activity, stay within its role's
+    limit. Slow: it starts PostgreSQL and the MLflow server (about half a minute)."""
+    from cluster_fixtures import postgres_unavailable
+
+    reason = postgres_unavailable()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "load.json"
+    argv = ["--local-stack", "--workdir", str(tmp_path / "stack"), "--clients", "2", "--duration", "6"]
+    argv += ["--artifact-period", "3", "--artifact-mb", "0.5", "--out", str(out)]
+    (tmp_path / "stack").mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cluster_load.py"), *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["failed"] == 0 and result["status_5xx"] == 0, result["errors"]
+    assert result["requests"]["log_batch"] >= 2 and result["requests"]["artifact"] >= 2, result
+    assert 0 < result["p50_ms"]["log_batch"] <= result["p99_ms"]["log_batch"]
+    assert 0 < result["peak_connections"]["mlflow"] <= 65  # docs/cluster.md's budget for the role
+    assert set(result["peak_connections"]) <= {"mlflow", "(total)"}  # nothing else connects
+    assert proc.stdout.strip().splitlines()[-1].startswith("N=2 ")

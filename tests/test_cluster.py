@@ -191,11 +191,15 @@ def role_password(stack, role: str) -> str:
     return stack.secrets[f"{role}_pgpass"].rsplit(":", 1)[1]
 
 
-def as_role(stack, role: str, query: str) -> str:
-    """``ok`` when ``role`` may run ``query``, else PostgreSQL's reason."""
+def as_role(stack, role: str, query: str, autocommit: bool = False, dbname: str | None = None) -> str:
+    """``ok`` when ``role`` may run ``query`` (in database ``dbname``), else PostgreSQL's reason."""
     import psycopg2
 
-    conn = stack.postgres.connect(user=role, password=role_password(stack, role))
+    try:
+        conn = stack.postgres.connect(dbname=dbname, user=role, password=role_password(stack, role))
+    except psycopg2.Error as exc:
+        return str(exc).strip().splitlines()[0].split("FATAL:", 1)[-1].strip()
+    conn.autocommit = autocommit
     try:
         with conn.cursor() as cur:
             cur.execute(query)
@@ -217,6 +221,7 @@ def test_each_service_connects_as_a_role_that_can_do_its_job_only(stack):
     conn.close()
     assert roles == {
         "postgres": [True, True, True],
+        "mlflow_owner": [False] * 3,
         "mlflow": [False] * 3,
         "optuna": [False] * 3,
         "optuna_reader": [False] * 3,
@@ -228,10 +233,119 @@ def test_each_service_connects_as_a_role_that_can_do_its_job_only(stack):
         ("optuna", "SELECT count(*) FROM public.users"): "permission denied for table users",
         ("optuna", "CREATE TABLE public.stray (i int)"): "permission denied for schema public",
         ("optuna_reader", "SELECT count(*) FROM optuna.trials"): "ok",
-        ("optuna_reader", "DELETE FROM optuna.studies"): "permission denied for table studies",
+        ("optuna_reader", "DELETE FROM optuna.studies"): "cannot execute DELETE in a read-only transaction",
+        ("optuna_reader", "SET TRANSACTION READ WRITE; DELETE FROM optuna.studies"): (
+            "permission denied for table studies"  # and SELECT only, were its session writable
+        ),
         ("optuna_reader", "SELECT count(*) FROM public.runs"): "permission denied for table runs",
     }
     assert {check: as_role(stack, *check) for check in expected} == expected
+
+
+def database_state(stack) -> dict:
+    """Who owns what, the roles' connection limits and settings, and who may connect where."""
+    conn = stack.postgres.connect()
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'mlflow'")
+        owner = cur.fetchone()[0]
+        cur.execute("SELECT nspname, pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname IN ('public', 'optuna')")
+        schemas = dict(cur.fetchall())
+        cur.execute(
+            "SELECT rolname, rolcanlogin, rolconnlimit, coalesce(rolconfig, '{}') FROM pg_roles "
+            "WHERE rolname IN ('mlflow_owner', 'mlflow', 'optuna', 'optuna_reader')"
+        )
+        roles = {name: (login, limit, sorted(config)) for name, login, limit, config in cur.fetchall()}
+        cur.execute(
+            "SELECT d.datname, r.rolname FROM pg_database d CROSS JOIN pg_roles r "
+            "WHERE r.rolcanlogin AND NOT r.rolsuper AND has_database_privilege(r.oid, d.oid, 'CONNECT') "
+            "AND d.datallowconn ORDER BY 1, 2"
+        )
+        connect = sorted(cur.fetchall())
+    conn.close()
+    return {"owner": owner, "schemas": schemas, "roles": roles, "connect": connect}
+
+
+EXPECTED_DATABASE = {
+    "owner": "mlflow_owner",
+    "schemas": {"public": "mlflow", "optuna": "optuna"},
+    "roles": {  # connection limits: docs/cluster.md's budget (MLFLOW_WORKERS up to 4)
+        "mlflow_owner": (False, -1, []),
+        "mlflow": (True, 65, []),
+        "optuna": (True, 13, []),
+        "optuna_reader": (True, 5, ["default_transaction_read_only=on", "statement_timeout=60s"]),
+    },
+    "connect": [("mlflow", "mlflow"), ("mlflow", "optuna"), ("mlflow", "optuna_reader")],
+}
+
+
+def test_database_roles_hold_their_boundaries(stack):
+    """Issue 28: the database belongs to a role no one logs in as, so mlflow cannot drop it nor touch
+    the schema optuna; optuna_reader's sessions are read-only (no INSERT, no TEMP table) and its
+    statements time out (its settings: a 60 s statement is not waited for here); no role but the
+    superuser connects to postgres or template1; each role has its connection limit."""
+    assert database_state(stack) == EXPECTED_DATABASE
+    expected = {
+        ("mlflow", "DROP DATABASE mlflow"): "must be owner of database mlflow",
+        ("mlflow", "DROP SCHEMA optuna CASCADE"): "must be owner of schema optuna",
+        ("mlflow", "CREATE TABLE optuna.stray (i int)"): "permission denied for schema optuna",
+        ("mlflow", "CREATE SCHEMA stray"): "permission denied for database mlflow",
+        ("optuna", "DROP DATABASE mlflow"): "must be owner of database mlflow",
+        ("optuna_reader", "INSERT INTO optuna.studies (study_name) VALUES ('x')"): (
+            "cannot execute INSERT in a read-only transaction"
+        ),
+        ("optuna_reader", "CREATE TEMP TABLE t (i int)"): "cannot execute CREATE TABLE in a read-only transaction",
+        ("optuna_reader", "SET TRANSACTION READ WRITE; CREATE TEMP TABLE t (i int)"): (
+            'permission denied to create temporary tables in database "mlflow"'
+        ),
+    }
+    found = {check: as_role(stack, *check, autocommit=check[1].startswith("DROP DATABASE")) for check in expected}
+    assert found == expected
+    for role in ("mlflow", "optuna", "optuna_reader"):
+        for database in ("postgres", "template1"):
+            assert as_role(stack, role, "SELECT 1", dbname=database) == (
+                f'permission denied for database "{database}"'
+            ), (role, database)
+
+
+def test_db_setup_migrates_a_database_of_the_previous_version(stack):
+    """A database db-setup's previous version made (owned by mlflow, public owned by the database
+    owner, CONNECT and TEMP open on postgres and template1, no limits, a writable reader): db-setup,
+    run again, hands it to mlflow_owner and sets every boundary; the MLflow server and Optuna go on
+    as before. db-setup runs at every `up`: twice in a row changes nothing."""
+    import optuna
+
+    conn = stack.postgres.connect()
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        for statement in (
+            "ALTER DATABASE mlflow OWNER TO mlflow",
+            "ALTER SCHEMA public OWNER TO pg_database_owner",
+            "GRANT CONNECT, TEMPORARY ON DATABASE postgres, template1 TO PUBLIC",
+            "ALTER ROLE optuna_reader RESET ALL",
+            "ALTER ROLE mlflow CONNECTION LIMIT -1",
+            "ALTER ROLE optuna CONNECTION LIMIT -1",
+            "ALTER ROLE optuna_reader CONNECTION LIMIT -1",
+            "DROP ROLE mlflow_owner",
+        ):
+            cur.execute(statement)
+    conn.close()
+    assert database_state(stack)["owner"] == "mlflow"
+    stack.run_setup("db-setup")
+    assert database_state(stack) == EXPECTED_DATABASE
+    stack.run_setup("db-setup")
+    assert database_state(stack) == EXPECTED_DATABASE
+    client = client_for(stack)  # the MLflow server, as mlflow, writes MLflow's tables
+    run = client.create_run(client.create_experiment(f"migrated_{uuid.uuid4().hex[:8]}"))
+    client.log_metric(run.info.run_id, "m", 1.0)
+    assert client.get_run(run.info.run_id).data.metrics == {"m": 1.0}
+    storage = optuna.storages.RDBStorage(
+        stack.service_env("driver")["LPT_OPTUNA_STORAGE"],
+        engine_kwargs={"connect_args": {"password": role_password(stack, "optuna")}},
+    )
+    study = optuna.create_study(storage=storage, study_name=f"migrated-{uuid.uuid4().hex[:8]}")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert len(study.trials) == 2
+    storage.engine.dispose()
 
 
 def test_the_searches_mlflow_user_writes_runs_and_administers_nothing(stack, monkeypatch):

@@ -396,7 +396,8 @@ def test_mlflow_behind_its_login(services):
     argv = command_of(mlflow)
     assert argv[argv.index("--app-name") + 1] == "basic-auth"
     assert argv[argv.index("--backend-store-uri") + 1] == "postgresql+psycopg2://mlflow@postgres:5432/mlflow"
-    env = environment_of(mlflow)
+    pool = load_compose()["x-mlflow-pool"]  # the connection budget's (test_the_connection_budget_fits_...)
+    env = {k: v for k, v in environment_of(mlflow).items() if k not in pool}
     assert env == {
         "PGPASSFILE": f"{SECRETS_DIR}/mlflow_pgpass",
         "MLFLOW_AUTH_CONFIG_PATH": f"{SECRETS_DIR}/mlflow_auth_config",
@@ -871,3 +872,72 @@ def test_the_s3_stand_in_is_built_here_and_serves_its_buckets(tmp_path, services
         server.terminate()
         server.wait(timeout=30)
     assert server.returncode == 0  # SIGTERM: a clean stop (docker stop)
+
+
+def load_budget_module():
+    spec = importlib.util.spec_from_file_location("connection_budget", ROOT / "scripts" / "connection_budget.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_connection_budget_fits_postgresqls_limit(services):
+    """Issue 28: the worst case of every pool that can connect, from this file's own settings (the
+    MLflow server's pool, its worker count at the most db-setup lets through), the driver's Optuna
+    storage and search lock, optuna-dashboard's cap and the set-up, stays under PostgreSQL's
+    max_connections with room for the superuser; db-setup's CONNECTION LIMITs are that table, and
+    docs/cluster.md shows it. Raising a pool or the worker count fails here."""
+    from tune.engine import optuna_storage
+
+    budget = load_budget_module()
+    mlflow_env, setup_env = environment_of(services["mlflow"]), environment_of(services["db-setup"])
+    pool_keys = ("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", "MLFLOW_WORKERS")
+    assert {k: setup_env.get(k) for k in pool_keys} == {
+        k: mlflow_env[k] for k in pool_keys
+    }  # one setting, both read it
+    argv = command_of(services["mlflow"])
+    assert argv[argv.index("--workers") + 1] == mlflow_env["MLFLOW_WORKERS"] == "2"  # .env's default
+    per_engine = int(mlflow_env["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"]) + int(
+        mlflow_env["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"]
+    )
+    # tracking, model registry, auth and jobs engines in each worker, plus the parent's auth check
+    workers_max = budget.MLFLOW_WORKERS_MAX
+    assert budget.mlflow_workers({"MLFLOW_WORKERS": str(workers_max)}) == workers_max
+    with pytest.raises(budget.BudgetError, match=rf"^MLFLOW_WORKERS={workers_max + 1}: must be 1 to {workers_max}"):
+        budget.limits({**setup_env, "MLFLOW_WORKERS": str(workers_max + 1)})
+    mlflow_worst = workers_max * 4 * per_engine + 1
+    driver = optuna_storage.POOL_SIZE + optuna_storage.MAX_OVERFLOW + 1  # the storage's pool, the search lock
+    assert optuna_storage.engine_kwargs("postgresql://x")["pool_size"] == optuna_storage.POOL_SIZE
+    optuna_worst = budget.DRIVERS_MAX * driver + 1  # db-setup makes the tables as optuna
+    worst = {"mlflow": mlflow_worst, "optuna": optuna_worst, "optuna_reader": budget.READER_LIMIT}
+    assert budget.limits(setup_env) == worst
+    max_connections, reserved = 100, 3  # PostgreSQL's defaults; the postgres service sets neither
+    assert "max_connections" not in str(services["postgres"].get("command", ""))
+    assert sum(worst.values()) + budget.SUPERUSER_ROOM <= max_connections - reserved, worst
+    assert budget.SUPERUSER_ROOM >= 5  # db-setup, a backup's pg_dump, a psql, and some
+    assert mlflow_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"  # no job runners with pools of their own
+    # docs/cluster.md's table: one row per role, its pools and its limit
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    for role, pools, limit in budget.rows(setup_env):
+        assert re.search(rf"^\| `{role}` \| {re.escape(pools)} \| {limit} \|", docs, re.M), (role, pools, limit)
+    assert f"| total | | {sum(worst.values())} |" in docs
+
+
+def test_db_setup_refuses_a_worker_count_past_the_budget(tmp_path):
+    """MLFLOW_WORKERS above the budget: db-setup fails with one line naming it before it connects,
+    so the MLflow server (which waits for db-setup) does not start."""
+    env = {**os.environ, "MLFLOW_WORKERS": "9", "LPT_SECRETS": str(tmp_path), "LPT_POSTGRES_ADDRESS": "127.0.0.1:9"}
+    proc = subprocess.run(
+        [sys.executable, "scripts/cluster_roles.py", "postgres"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "error: cluster_roles.py postgres: BudgetError: MLFLOW_WORKERS=9: must be 1 to 4, the PostgreSQL "
+        "connection budget (docs/cluster.md, 'Connection budget')"
+    )

@@ -477,7 +477,13 @@ def test_the_stack_is_locked_down(stack):
         name: flag == "t"
         for name, flag in stack.psql("SELECT rolname, rolsuper FROM pg_roles WHERE rolname !~ '^pg_' ORDER BY 1")
     }
-    assert roles == {"mlflow": False, "optuna": False, "optuna_reader": False, "postgres": True}, roles
+    assert roles == {
+        "mlflow": False,
+        "mlflow_owner": False,  # NOLOGIN: owns the database (issue 28)
+        "optuna": False,
+        "optuna_reader": False,
+        "postgres": True,
+    }, roles
     du = sh(
         ["docker", "exec", stack.containers("postgres")[0], "psql", "-U", "postgres", "-d", "mlflow", "-c", r"\du"],
         timeout=60,
@@ -489,7 +495,7 @@ def test_the_stack_is_locked_down(stack):
             "UNION ALL SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'mlflow'"
         )
     )
-    assert owners == {"optuna": "optuna", "mlflow": "mlflow"}
+    assert owners == {"optuna": "optuna", "mlflow": "mlflow_owner"}
 
     # MLflow: the workers' and the driver's user is no admin; the admin API refuses it
     searcher = mlflow_login(stack.secrets)

@@ -5,19 +5,20 @@ The study outlives the driver: optuna-dashboard can watch it while the search ru
 ``optuna.load_study(study_name=..., storage=...)`` (the parent run's ``lpt.optuna_study`` and
 ``lpt.optuna_storage``) reloads it afterwards.
 
-A database server may restart under a running search (the compose stack's PostgreSQL): the
-storage pings a pooled connection before using it, and a call that fails because the server cannot
-be reached is tried again for up to ``WAIT_FOR_DATABASE_S`` (``RetryingRDBStorage``).
+A database server may restart or be full under a running search (the compose stack's PostgreSQL):
+the storage pings a pooled connection before using it, its connections time out and keep alive
+(``tune.engine.database.CONNECT_ARGS``), and opening it or a call that fails because the server
+cannot be reached or has no connection slot free is tried again for up to
+``tune.engine.database.WAIT_FOR_DATABASE_S`` (``RetryingRDBStorage``). Its pool is small
+(``POOL_SIZE`` + ``MAX_OVERFLOW``): the stack's connection budget (docs/cluster.md) counts it.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import re
 import threading
-import time
 from pathlib import Path
 
 import optuna
@@ -25,12 +26,21 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 
 from tune.config.checks import OPTUNA_STORAGE_ENV
+from tune.engine.database import CONNECT_ARGS, DatabaseUnavailable, waiting
+from tune.engine.database import unreachable as unreachable  # known from here too
 from tune.errors import ConfigError
 from tune.names import OPTUNA_FILE
 from tune.storage import Location, location, work_dir
 
-WAIT_FOR_DATABASE_S = 300  # how long a storage call waits for an unreachable database to come back
-logger = logging.getLogger(__name__)
+POOL_SIZE, MAX_OVERFLOW = 2, 3  # at most 5 connections per driver (scripts/connection_budget.py)
+
+
+def engine_kwargs(url: str) -> dict:
+    """The storage's pool, and on PostgreSQL libpq's connect timeout and keepalives."""
+    kwargs: dict = {"pool_pre_ping": True, "pool_size": POOL_SIZE, "max_overflow": MAX_OVERFLOW}
+    if url.startswith("postgresql"):
+        kwargs["connect_args"] = dict(CONNECT_ARGS)
+    return kwargs
 
 
 def storage_url(folder: Location | Path) -> str:
@@ -104,11 +114,21 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     try:
         if url.startswith("sqlite"):
             return optuna.storages.RDBStorage(url)
-        if url.startswith("postgresql"):
-            _create_schema(url)
-        return RetryingRDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+
+        def opened() -> RetryingRDBStorage:
+            if url.startswith("postgresql"):
+                _create_schema(url)
+            return RetryingRDBStorage(url, engine_kwargs=engine_kwargs(url))
+
+        _calling.depth = 1  # the storage's own calls while it opens are not waited out twice
+        try:
+            return waiting(opened, "open the Optuna storage")
+        finally:
+            _calling.depth = 0
     except Exception as exc:
         where = OPTUNA_STORAGE_ENV if os.environ.get(OPTUNA_STORAGE_ENV, "").strip() == url else "Optuna storage"
+        if isinstance(exc, DatabaseUnavailable):
+            raise DatabaseUnavailable(f"{where} {url}: cannot open ({exc})") from None
         raise ConfigError(
             f"{where} {url}: cannot open ({type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
@@ -123,7 +143,7 @@ def _create_schema(url: str) -> None:
     found = re.search(r"search_path=([A-Za-z_][A-Za-z0-9_]*)", options)
     if not found:
         return
-    engine = sqlalchemy.create_engine(url)
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=CONNECT_ARGS)
     try:
         with engine.begin() as conn:  # a role without CREATE on the database uses the schema made for it
             query = sqlalchemy.text("SELECT 1 FROM pg_namespace WHERE nspname = :name")
@@ -133,30 +153,6 @@ def _create_schema(url: str) -> None:
         engine.dispose()
 
 
-def unreachable(exc: BaseException) -> bool:
-    """The database could not be reached or dropped the connection (a restart), as opposed to an
-    error it answered with (a wrong password, a missing table): an error of a live connection
-    carries a SQLSTATE, where only class 08 (connection exception) and 57P (shutting down,
-    starting up) say that the server goes away; a refused connection carries none, and its
-    message holds the server's FATAL line unless the server was not there to answer."""
-    import sqlalchemy.exc
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, sqlalchemy.exc.DBAPIError):
-            if exc.connection_invalidated:
-                return True
-            if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-                code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
-                if code:
-                    return code.startswith(("08", "57P"))
-                return not _ANSWERED.search(str(exc.orig))
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-_ANSWERED = re.compile(r"FATAL:\s+(?!the database system is)")  # e.g. "password authentication failed"
 _calling = threading.local()  # a retried call's inner storage calls are not retried again
 
 
@@ -167,21 +163,7 @@ def _waits_for_database(method):
             return method(self, *args, **kwargs)
         _calling.depth = 1
         try:
-            deadline, pause = time.monotonic() + WAIT_FOR_DATABASE_S, 0.5
-            while True:
-                try:
-                    return method(self, *args, **kwargs)
-                except Exception as exc:
-                    if not unreachable(exc) or time.monotonic() + pause > deadline:
-                        raise
-                    logger.warning(
-                        "Optuna storage: the database is unreachable (%s); %s again in %.1f s",
-                        type(exc).__name__,
-                        method.__name__,
-                        pause,
-                    )
-                    time.sleep(pause)
-                    pause = min(pause * 2, 10.0)
+            return waiting(lambda: method(self, *args, **kwargs), method.__name__)
         finally:
             _calling.depth = 0
 
@@ -189,10 +171,20 @@ def _waits_for_database(method):
 
 
 class RetryingRDBStorage(optuna.storages.RDBStorage):
-    """``RDBStorage`` whose calls wait out a database server that restarts: a call that fails
-    because the server cannot be reached is tried again, on a new connection, for up to
-    ``WAIT_FOR_DATABASE_S`` seconds. Every call the searcher, the study and Optuna's cache make
-    goes through one of the methods wrapped below."""
+    """``RDBStorage`` whose calls wait out a database server that restarts or is full: a call that
+    fails because the server cannot be reached or has no slot free is tried again, on a new
+    connection, for up to ``tune.engine.database.WAIT_FOR_DATABASE_S`` seconds. Every call the
+    searcher, the study and Optuna's cache make goes through one of the methods wrapped below."""
+
+    def __init__(self, *args, **kwargs):
+        try:
+            super().__init__(*args, **kwargs)
+        except Exception:  # a failed open gives its pooled connections back, so that a retry finds a slot
+            if getattr(self, "scoped_session", None) is not None:
+                self.scoped_session.remove()
+            if getattr(self, "engine", None) is not None:
+                self.engine.dispose()
+            raise
 
 
 for _name in sorted(

@@ -87,14 +87,17 @@ class SearchLock:
         import sqlalchemy
         from sqlalchemy.pool import NullPool
 
-        from tune.errors import ServiceError
+        from tune.engine.database import CONNECT_ARGS, waiting
+        from tune.errors import ServiceError, error_line
 
         holder = holder_line()
-        try:
-            engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args={"application_name": holder[:63]})
-            conn = engine.connect()
+        try:  # a full or restarting server is waited for, as the Optuna storage waits for it
+            engine = sqlalchemy.create_engine(
+                url, poolclass=NullPool, connect_args={**CONNECT_ARGS, "application_name": holder[:63]}
+            )
+            conn = waiting(engine.connect, "take the search's lock")
         except Exception as exc:
-            raise ServiceError(f"{OPTUNA_STORAGE_ENV}: cannot take the search's lock ({type(exc).__name__})") from None
+            raise ServiceError(f"{OPTUNA_STORAGE_ENV}: cannot take the search's lock ({error_line(exc)})") from None
         key = advisory_key(name)
         got = conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
         conn.commit()  # the lock is the session's: it outlives the transaction

@@ -472,7 +472,9 @@ def test_services_run_what_the_issue_asks(services):
     assert command_of(driver)[:2] == ["python", "tune/search.py"]
     join = " ".join(command_of(driver, "entrypoint"))
     assert command_of(driver, "entrypoint")[:3] == ["lpt-entrypoint", "sh", "-c"]
-    assert 'ray start --address="$RAY_ADDRESS" --num-cpus=0' in join and 'exec "$@"' in join
+    assert 'ray start --address="$RAY_ADDRESS" --num-cpus=0' in join
+    assert 'exec python scripts/hold_db_password.py "$@"' in join
+    assert (ROOT / "scripts" / "hold_db_password.py").is_file()  # the driver holds its database password in memory
     assert {"ray-head", "mlflow-setup"} == set(driver["depends_on"])  # mlflow-setup: after the MLflow server
 
 

@@ -79,7 +79,7 @@ for path in sorted(glob.glob("/shared/*/search.lock") + glob.glob("/shared/*/*/s
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails while a driver holds it (LOCK_EX)
     except BlockingIOError:
-        print(f"{path} held by {open(path).read().strip() or \"a driver\"}")
+        print(path, "held by", open(path).read().strip() or "a driver")
     finally:
         os.close(fd)
 '

@@ -650,8 +650,9 @@ def look():
     for path in glob.glob("/proc/*/cmdline"):
         try:
             with open(path, "rb") as f:
-                if b"tune/search.py" not in f.read():
-                    continue
+                argv = f.read().split(b"\0")
+            if argv[1:2] != [b"scripts/hold_db_password.py"]:  # the search process (its parents show it too)
+                continue
             pid = path.split("/")[2]
             open(f"/proc/{pid}/mem", "rb").close()
             search[pid] = "readable"
@@ -1022,8 +1023,8 @@ def test_each_backup_taken_mid_search_holds_the_same_trials_in_optuna_and_the_ta
 
 
 def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
-    """cluster-backup.sh after the search; `down -v` deletes the volumes; a fresh stack is empty;
-    cluster-restore.sh gives back the parent run, its trials, the registered model, the Optuna
+    """cluster-backup.sh after the search; `down -v` deletes the volumes; a fresh stack, with new
+    secrets, is empty; cluster-restore.sh gives back the parent run, its trials, the registered model, the Optuna
     study and the search folder; the read-only optuna-dashboard shows the study, cannot delete it."""
     from mlflow import MlflowClient
 
@@ -1045,6 +1046,16 @@ def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
         ["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={stack.project}"], timeout=60
     ).stdout.split()
     assert not volumes, volumes
+    # the fresh stack has other secrets: every one made anew (the restore must not need the old ones)
+    old_secrets = stack.secrets
+    shutil.rmtree(stack.workdir / "secrets")
+    _, stack.secrets = cluster_setup(stack.workdir)
+    assert all(
+        stack.secrets[n] != old_secrets[n] for n in ("postgres_password", "optuna_pgpass", "mlflow_admin_password")
+    )
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = mlflow_login(stack.secrets)[
+        "MLFLOW_TRACKING_PASSWORD"
+    ]  # undone at the end
     stack.run("up", "-d", "--no-build", "postgres", "mlflow", "ray-head", timeout=600)
     stack.wait_healthy(("postgres", "mlflow", "ray-head"))
     assert stack.psql("SELECT count(*) FROM runs") == [["0"]]  # a fresh database
@@ -1054,7 +1065,9 @@ def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
     timed("restore", started)
     assert out.strip().splitlines()[-1].startswith(f"restored {backup} into the stack in {stack.workdir}")
 
-    # MLflow, as the searcher (mlflow-setup made it again): the parent run, its trials, the model
+    # MLflow, as the searcher with this stack's password (mlflow-setup set it); the admin's is this stack's too
+    admin = basic_auth("admin", stack.secrets["mlflow_admin_password"])
+    assert http_status(f"http://127.0.0.1:{stack.mlflow_port}/api/2.0/mlflow/users/get?username=searcher", admin) == 200
     restored = client.get_run(record["parent_run_id"])
     assert restored.info.status == "FINISHED" and restored.data.tags == parent.data.tags
     runs = trial_runs(client, record["parent_run_id"])

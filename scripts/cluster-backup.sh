@@ -82,7 +82,7 @@ docker exec "$(container mlflow)" lpt-entrypoint tar -C /mlartifacts -cf - . >"$
 {
   echo "lpt-studies cluster backup, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "stack: $DIR (compose project $(project))"
-  echo "searches running: ${#driver_ids[@]} driver container(s), paused ${quiesced} s for the dump and the shared volume"
+  echo "searches running: ${#driver_ids[@]} driver container(s)${driver_ids:+, paused $quiesced s for the dump and the shared volume}"
   echo "postgres: $(docker exec "$(container postgres)" postgres --version)"
   echo "image: $(docker inspect -f '{{.Config.Image}}' "$(container mlflow)"), $(docker exec "$(container mlflow)" lpt-entrypoint mlflow --version)"
 } >"$work/backup.txt"
@@ -96,4 +96,4 @@ if [ "$keep" -gt 0 ]; then   # the newest K by name (the names are dated), this 
     removed=$((removed + 1))
   done < <(find "$(dirname "$out")" -maxdepth 1 -name 'lpt-backup-*.tar' | sort -r | tail -n +$((keep + 1)))
 fi
-echo "backup: $out ($(du -h "$out" | cut -f1): database $(du -h "$work/postgres.dump" | cut -f1), artifacts $(du -h "$work/mlartifacts.tar" | cut -f1), searches $(du -h "$work/shared.tar" | cut -f1); ${#driver_ids[@]} driver(s) paused ${quiesced} s; $removed older backup(s) removed, $keep kept)"
+echo "backup: $out ($(du -h "$out" | cut -f1): database $(du -h "$work/postgres.dump" | cut -f1), artifacts $(du -h "$work/mlartifacts.tar" | cut -f1), searches $(du -h "$work/shared.tar" | cut -f1); ${driver_ids:+${#driver_ids[@]} driver(s) paused $quiesced s; }$removed older backup(s) removed, $keep kept)"

@@ -22,7 +22,8 @@
 # paused (`docker pause`, the cgroup freezer) while the database is dumped and the shared volume
 # copied, and unpaused after, on error too. The driver alone records a trial's end (Optuna's
 # study in PostgreSQL, trials.parquet and Tune's state in the search folder), so the dump and the
-# folder hold the same trials ended: a trial cannot be COMPLETE in one and RUNNING in the other.
+# folder hold the same trials ended (but for one moment, milliseconds: Tune tells Optuna a trial
+# ended just before the table callback writes its row; a pause inside it splits that trial).
 # The workers go on (their epochs, checkpoints and MLflow metrics are ahead at most, which a
 # --resume after a restore trains again). The pause lasts seconds (the database and the search
 # folders, not the weights cache; the artifacts are copied after it, a superset of what the dump

@@ -32,8 +32,10 @@
 # pgpass files stand for their roles' passwords, mlflow_credentials for the searcher's, and
 # mlflow_admin_password rewrites mlflow_auth_config too); `all` rotates every one. aws_credentials
 # is not rotated here: the object store's keys are changed at the store, then written into the file. Recreating the
-# Ray nodes (ray_auth_token, mlflow_credentials) stops the trials on them, and a running driver
-# keeps its old database password (optuna_pgpass): rotate those between searches. COMPOSE (default: `docker compose`, else `docker-compose`) is the
+# Ray nodes (ray_auth_token, mlflow_credentials) stops the trials on them: --rotate refuses while a
+# search runs (a driver container, `docker compose run` ones included, or a held search lock),
+# with one line naming it. Each new value is on disk before the server takes it (stage, below):
+# a rotation killed at any point loses nothing, and `--rotate NAME` again finishes it. COMPOSE (default: `docker compose`, else `docker-compose`) is the
 # command, run in DIR; COMPOSE_PROJECT_NAME and the other compose variables apply.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -105,6 +107,12 @@ if [ ${#made[@]} -gt 0 ]; then
 elif [ -z "$rotate" ]; then
   echo "nothing to do: $DIR/.env and every secret in $SECRETS exist"
 fi
+for staged in "$SECRETS"/*.new; do   # see --rotate below
+  case "$(basename "$staged")" in '*.new'|mlflow_auth_config.new) continue ;; esac
+  if [ -z "$rotate" ]; then
+    echo "warning: $staged: an interrupted --rotate: run scripts/cluster-setup.sh --rotate $(basename "$staged" .new) to finish it" >&2
+  fi
+done
 
 # ---------------------------------------------------------------- the versions the stack runs
 env_value() { sed -n "s/^$1=//p" "$DIR/.env" | tail -n 1; }
@@ -141,6 +149,7 @@ cd "$DIR"
 # shellcheck source=scripts/compose-lib.sh
 source "$ROOT/scripts/compose-lib.sh"
 need_running postgres mlflow
+refuse_while_searching --rotate
 # a set-up step, again, in a fresh container (the new secret files); extra lines go to its stdin
 setup_step() { "${compose[@]}" run --rm -T --no-deps "$1" python scripts/cluster_roles.py "${@:2}"; }
 # recreate the running containers of these services, so that they read the new secret files
@@ -163,33 +172,79 @@ recreate() {
 # stays the old one in a container made before, and it would set the old password back)
 forget_setup() { "${compose[@]}" rm -f -s db-setup mlflow-setup >/dev/null 2>&1 || true; }
 
+# A rotation never loses a secret: the new value goes to secrets/NAME.new first (fsync), then the
+# server takes it, then secrets/NAME.new replaces secrets/NAME (rename, fsync of the folder). A
+# rotation killed in between leaves NAME.new: `--rotate NAME` again takes that value (the server
+# may have it already) and finishes; until then the file still holds the old value, which a stack
+# `up` sets back on the roles (db-setup) wherever the server change was undone or never made.
+stage() {   # stage NAME CONTENT: secrets/NAME.new, on disk
+  printf '%s' "$2" >"$SECRETS/$1.new"
+  chmod 600 "$SECRETS/$1.new"
+  sync "$SECRETS/$1.new"
+}
+replace() {   # replace NAME...: each secrets/NAME.new becomes secrets/NAME
+  local name
+  for name in "$@"; do mv -f "$SECRETS/$name.new" "$SECRETS/$name"; done
+  sync "$SECRETS"
+}
+# new_password NAME: the value an interrupted rotation of NAME staged, else a new random one
+new_password() {
+  local staged="$SECRETS/$1.new"
+  if [ ! -e "$staged" ]; then random_hex 24; return; fi
+  echo "--rotate $1: finishing the rotation an earlier run left in secrets/$1.new" >&2
+  case "$1" in
+    *_pgpass) sed 's/.*://' "$staged" ;;
+    mlflow_credentials) sed -n 's/^mlflow_tracking_password = //p' "$staged" ;;
+    *) cat "$staged" ;;
+  esac
+}
+# alter_role ROLE: its password on the server to the staged pgpass file's, as the superuser over
+# PostgreSQL's local socket (no password on a command line: psql reads it from stdin)
+alter_role() {
+  printf '%s\n' "\\set pw '$(sed 's/.*://' "$SECRETS/${1}_pgpass.new")'" "ALTER ROLE \"$1\" PASSWORD :'pw';" |
+    docker exec -i "$(container postgres)" psql -v ON_ERROR_STOP=1 -q -U postgres -d postgres >/dev/null
+}
+# the searcher's MLflow password to the staged file's, as the admin (mlflow-setup's secrets)
+SET_SEARCHER='import os, sys
+from mlflow.server.auth.client import AuthServiceClient
+os.environ["MLFLOW_TRACKING_USERNAME"] = "admin"
+os.environ["MLFLOW_TRACKING_PASSWORD"] = open("/run/lpt-secrets/mlflow_admin_password").read().strip()
+AuthServiceClient(os.environ["MLFLOW_TRACKING_URI"]).update_user_password("searcher", sys.stdin.read().strip())
+print("MLflow: the password of searcher changed")'
+
 rotate_one() {
   local name="$1" new
   case "$name" in
-    ray_auth_token)
-      put ray_auth_token "$(random_hex 32)"
-      recreate ray-head ray-worker ray-worker-gpu ;;
-    mlflow_flask_secret_key)
-      put mlflow_flask_secret_key "$(random_hex 32)"
-      recreate mlflow ;;
+    ray_auth_token|mlflow_flask_secret_key)   # no server holds them: the services that read them start again
+      [ -e "$SECRETS/$name.new" ] || stage "$name" "$(random_hex 32)"
+      replace "$name"
+      if [ "$name" = ray_auth_token ]; then recreate ray-head ray-worker ray-worker-gpu; else recreate mlflow; fi ;;
     postgres_password)   # the superuser's: ALTER ROLE as itself, the old password on stdin
-      new="$(random_hex 24)"
-      printf '%s\n%s\n' "$(secret postgres_password)" "$new" | setup_step db-setup rotate-superuser
-      put postgres_password "$new" ;;
-    mlflow_pgpass|optuna_pgpass|optuna_reader_pgpass)   # db-setup sets every role's password to its file
+      new="$(new_password "$name")"
+      stage "$name" "$new"
+      printf '%s\n%s\n' "$(secret postgres_password)" "$new" | setup_step db-setup rotate-superuser ||
+        printf '%s\n%s\n' "$new" "$new" | setup_step db-setup rotate-superuser   # the server had it already
+      replace "$name" ;;
+    mlflow_pgpass|optuna_pgpass|optuna_reader_pgpass)
       local role="${name%_pgpass}"
-      put "$name" "$(pgpass "$role" "$(random_hex 24)")"
-      setup_step db-setup postgres
+      new="$(new_password "$name")"
+      stage "$name" "$(pgpass "$role" "$new")"
+      alter_role "$role"
+      replace "$name"
       case "$role" in mlflow) recreate mlflow ;; optuna_reader) recreate optuna-dashboard ;; esac ;;
-    mlflow_credentials)   # mlflow-setup sets the searcher's password to the file's
-      put mlflow_credentials "$(credentials "$(random_hex 24)")"
-      setup_step mlflow-setup mlflow
+    mlflow_credentials)
+      new="$(new_password "$name")"
+      stage "$name" "$(credentials "$new")"
+      printf '%s\n' "$new" | "${compose[@]}" run --rm -T --no-deps mlflow-setup python -c "$SET_SEARCHER"
+      replace "$name"
       recreate ray-worker ray-worker-gpu ;;
     mlflow_admin_password)   # MLflow's update-password as the admin, the old password on stdin
-      new="$(random_hex 24)"
-      printf '%s\n%s\n' "$(secret mlflow_admin_password)" "$new" | setup_step mlflow-setup rotate-admin
-      put mlflow_admin_password "$new"
-      put mlflow_auth_config "$(auth_config "$new")" ;;   # read at the server's first start only
+      new="$(new_password "$name")"
+      stage "$name" "$new"
+      stage mlflow_auth_config "$(auth_config "$new")"   # read at the server's first start only
+      printf '%s\n%s\n' "$(secret mlflow_admin_password)" "$new" | setup_step mlflow-setup rotate-admin ||
+        printf '%s\n%s\n' "$new" "$new" | setup_step mlflow-setup rotate-admin
+      replace "$name" mlflow_auth_config ;;
   esac
   echo "rotated $name"
 }

@@ -49,3 +49,68 @@ wait_healthy() {
     id="$(container "$1")"
   done
 }
+
+# ---------------------------------------------------------------- searches that run
+# A search runs when a driver container of the stack runs (`docker compose run` makes them: `compose
+# ps` omits those, their labels do not) or a driver elsewhere holds a search's lock
+# (tune/engine/search_lock.py): the PostgreSQL advisory lock (pg_locks), or a search folder's
+# search.lock on the shared volume (flock).
+
+# project: the stack's compose project, from its PostgreSQL container's label
+project() { docker inspect -f '{{index .Config.Labels "com.docker.compose.project"}}' "$(container postgres)"; }
+
+# drivers: the ids of the stack's driver containers that run (paused ones too), one a line
+drivers() {
+  docker ps -q --filter "label=com.docker.compose.project=$(project)" --filter label=com.docker.compose.service=driver
+}
+
+# search_locks: one line per held search lock: "WHAT held by HOLDER" (HOLDER: "pid N on HOST since T")
+search_locks() {
+  docker exec "$(container postgres)" psql -U postgres -d postgres -At -c \
+    "SELECT 'the advisory lock ' || l.objid || ' held by ' || coalesce(nullif(a.application_name, ''), 'pid ' || a.pid)
+     FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted"
+  local head
+  head="$(container ray-head)"
+  [ -n "$head" ] || return 0
+  docker exec "$head" lpt-entrypoint python -c '
+import fcntl, glob, os
+for path in sorted(glob.glob("/shared/*/search.lock") + glob.glob("/shared/*/*/search.lock")):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails while a driver holds it (LOCK_EX)
+    except BlockingIOError:
+        print(path, "held by", open(path).read().strip() or "a driver")
+    finally:
+        os.close(fd)
+'
+}
+
+# searches_running: one line per sign of a running search (empty: none)
+searches_running() {
+  local id
+  for id in $(drivers); do
+    echo "driver container $(docker inspect -f '{{.Name}}' "$id" | sed 's|^/||') (${id:0:12})"
+  done
+  search_locks
+}
+
+# refuse_while_searching ACTION: exit 2 with one line naming what runs, if a search runs
+refuse_while_searching() {
+  local found
+  found="$(searches_running)"
+  if [ -n "$found" ]; then
+    echo "error: $1 refused: a search is running ($(paste -sd '#' <<<"$found" | sed 's/#/; /g')): $1 once it has ended" >&2
+    exit 2
+  fi
+}
+
+# need_free_space FOLDER MIB: exit 2 with one line unless FOLDER's disk has MIB MiB free
+need_free_space() {
+  local free
+  mkdir -p "$1"
+  free=$(($(df -Pk "$1" | awk 'NR == 2 {print $4}') / 1024))
+  if [ "$free" -lt "$2" ]; then
+    echo "error: $1: ${free} MiB free, less than the ${2} MiB margin: free space (or remove old backups) first" >&2
+    exit 2
+  fi
+}

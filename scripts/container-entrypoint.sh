@@ -4,7 +4,8 @@
 #
 # Started as root (compose does), it first installs every secret compose mounts under
 # /run/secrets -- bind mounts of the host's files, owned by the host user with mode 600, which lpt
-# could not read -- as /run/lpt-secrets/NAME, owned by lpt with mode 400, then drops to lpt for
+# could not read -- as /run/lpt-secrets/NAME, owned by lpt with mode 400 (a tmpfs: compose's
+# `tmpfs:` mounts one there, so no copy reaches the container's disk layer), then drops to lpt for
 # good. It does so at each start of the container (PID 1), so that a restarted container reads
 # secrets rotated since (scripts/cluster-setup.sh --rotate). The services find them through
 # environment variables that hold paths, never values (RAY_AUTH_TOKEN_PATH, PGPASSFILE,

@@ -473,7 +473,9 @@ def test_services_run_what_the_issue_asks(services):
     assert command_of(driver)[:2] == ["python", "tune/search.py"]
     join = " ".join(command_of(driver, "entrypoint"))
     assert command_of(driver, "entrypoint")[:3] == ["lpt-entrypoint", "sh", "-c"]
-    assert 'ray start --address="$RAY_ADDRESS" --num-cpus=0' in join and 'exec "$@"' in join
+    assert 'ray start --address="$RAY_ADDRESS" --num-cpus=0' in join
+    assert 'exec python scripts/hold_db_password.py "$@"' in join
+    assert (ROOT / "scripts" / "hold_db_password.py").is_file()  # the driver holds its database password in memory
     assert {"ray-head", "mlflow-setup"} == set(driver["depends_on"])  # mlflow-setup: after the MLflow server
 
 
@@ -721,17 +723,28 @@ def test_the_head_machine_opens_only_what_other_machines_need(tmp_path, env_valu
     assert proc.returncode != 0 and "set RAY_NODE_IP in .env" in proc.stderr, proc.stderr
     resolved = resolved_services(tmp_path, env_text + "RAY_NODE_IP=10.0.0.1\n", files, "driver", "s3", "dashboard")
     base = resolved_services(tmp_path, env_text, ["docker-compose.yml"], "driver", "s3", "dashboard")
-    for name in ("ray-head", "driver"):
+    for name in ("ray-head", "driver-host"):
         assert resolved[name]["network_mode"] == "host", name
+    # driver-host is the base file's driver (but its addresses and networks): compose cannot merge
+    # the host's network into a service on compose networks
+    host, single = resolved["driver-host"], base["driver"]
+    for key in ("image", "security_opt", "logging", "tmpfs", "profiles", "command", "shm_size", "mem_limit"):
+        assert host[key] == single[key], key
+    assert sorted(s["source"] for s in host["secrets"]) == sorted(s["source"] for s in single["secrets"])
+    moved = ("RAY_NODE_IP", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "LPT_OPTUNA_STORAGE", "LPT_STORAGE")
+    assert {k: v for k, v in host["environment"].items() if k not in moved} == {
+        k: v for k, v in single["environment"].items() if k not in moved
+    }
+    assert host["depends_on"] == single["depends_on"] and "networks" not in host
     head = resolved["ray-head"]["command"]
     assert "--node-ip-address=10.0.0.1" in head and "--port=6379" in head and "--dashboard-host=127.0.0.1" in head
     assert [a for a in head if a != "--node-ip-address=10.0.0.1" and not a.startswith("--dashboard-host")] == [
         a for a in base["ray-head"]["command"] if not a.startswith("--dashboard-host")
     ]
     assert resolved["ray-head"]["healthcheck"]["test"][-1] == "10.0.0.1:6379"
-    join = resolved["driver"]["entrypoint"][3]
+    join = resolved["driver-host"]["entrypoint"][3]
     assert '--address="$$RAY_ADDRESS" --node-ip-address="$$RAY_NODE_IP" --num-cpus=0' in join
-    env = resolved["driver"]["environment"]
+    env = resolved["driver-host"]["environment"]
     assert env["RAY_ADDRESS"] == "10.0.0.1:6379" and env["RAY_NODE_IP"] == "10.0.0.1"
     assert env["MLFLOW_TRACKING_URI"] == "http://10.0.0.1:5000"
     assert env["LPT_OPTUNA_STORAGE"] == base["driver"]["environment"]["LPT_OPTUNA_STORAGE"].replace(
@@ -805,7 +818,7 @@ def test_the_multi_machine_commands_exist(tmp_path, env_values):
     known = subprocess.run(
         [str(VENV_BIN / "ray"), "start", "--help"], capture_output=True, text=True, timeout=180
     ).stdout
-    argvs = [head["ray-head"]["command"], head["driver"]["entrypoint"][3].split()]
+    argvs = [head["ray-head"]["command"], head["driver-host"]["entrypoint"][3].split()]
     argvs += [worker[n]["command"] for n in worker]
     for argv in argvs:
         for option in options_of([a.strip('"') for a in argv]):
@@ -941,3 +954,30 @@ def test_db_setup_refuses_a_worker_count_past_the_budget(tmp_path):
         "error: cluster_roles.py postgres: BudgetError: MLFLOW_WORKERS=9: must be 1 to 4, the PostgreSQL "
         "connection budget (docs/cluster.md, 'Connection budget')"
     )
+
+
+def test_ray_nodes_are_off_the_database_network_and_secrets_stay_in_memory(tmp_path, env_values):
+    """PostgreSQL is on the network `database` only, with its clients (MLflow, db-setup, the
+    dashboard, the driver); no Ray node but the driver is on it (tests/test_docker.py: a worker's
+    connection to postgres:5432 fails). Every service of the project's image keeps the
+    entrypoint's copies of the secrets on a tmpfs; Ray's temp folder is bounded by a disk threshold."""
+    env_text = "".join(f"{k}={v}\n" for k, v in env_values.items())
+    resolved = resolved_services(tmp_path, env_text, ["docker-compose.yml"], "driver", "dashboard", "gpu", "s3")
+    networks = {name: set(svc.get("networks", {})) or {"default"} for name, svc in resolved.items()}
+    assert networks["postgres"] == {"database"}
+    assert {n for n, nets in networks.items() if "database" in nets} == {
+        "postgres",
+        "mlflow",
+        "db-setup",
+        "driver",
+        "optuna-dashboard",
+    }
+    assert networks["driver"] == {"default", "database"} and networks["mlflow"] == {"default", "database"}
+    for name in RAY_NODES:
+        assert networks[name] == {"default"}, name
+    for name in LPT_SERVICES:
+        assert resolved[name]["tmpfs"] == ["/run/lpt-secrets:size=1m,mode=0700,uid=10001,gid=10001"], name
+    for name in RAY_PROCESSES:
+        env = resolved[name]["environment"]
+        assert float(env["RAY_local_fs_capacity_threshold"]) < 0.95, name  # Ray's default: 0.95
+        assert int(env["RAY_ROTATION_MAX_BYTES"]) * (1 + int(env["RAY_ROTATION_BACKUP_COUNT"])) <= 512 * 2**20, name

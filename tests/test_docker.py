@@ -15,11 +15,19 @@ Checks:
   one-shot set-up steps too, mounts exactly the secrets cluster_fixtures.SECRETS gives it; every
   container restarts unless stopped (the one-shots never), rotates its logs and is capped;
   scripts/cluster-setup.sh prints the Python and Ray the head runs.
-- a 6-trial smoke search (with --register) from the driver container: a second driver's
-  `--resume` of it is refused in one line; trials run on both worker containers; a worker
-  container is killed while it runs a trial, then PostgreSQL and the MLflow server are restarted;
-  the search still ends 0 with every trial done once (trials.parquet, one MLflow run each with no
-  epoch logged twice, the Optuna study) and the model registered with no pickle file in it.
+- no Ray node can open a TCP connection to PostgreSQL (its own compose network); the MLflow
+  server's container can.
+- a 10-trial smoke search (with --register) from the driver container: a second driver's
+  `--resume` of it is refused in one line; a backup is taken (the driver paused for it), then
+  scripts/cluster-restore.sh and `cluster-setup.sh --rotate` are refused in one line naming the
+  `run` driver container and the search's locks; a Ray task a worker places on the driver's node
+  finds no readable database password and cannot open the search process's memory; trials run on
+  both worker containers; a worker container is killed while it runs a trial, then the MLflow
+  server is stopped (60 s), PostgreSQL stopped (40 s) and frozen (SIGSTOP, 30 s), each while a
+  trial runs, with backups between; the search still ends 0 with every trial done once
+  (trials.parquet, one MLflow run each with no epoch logged twice, the Optuna study) and the model
+  registered with no pickle file in it; each mid-search backup's dump, restored into a scratch
+  database, has ended in Optuna exactly the trials its trials.parquet holds.
 - scripts/cluster-backup.sh, `docker-compose down -v` (the volumes gone), `up`, then
   scripts/cluster-restore.sh: the parent run, its trials, the registered model, the Optuna study
   and the search folder are back; the read-only optuna-dashboard shows the study and cannot delete it.
@@ -74,8 +82,9 @@ DEBIAN = "local/debian:bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 SERVICE_UID = 10001
 WORKERS = 2
-TRIALS = 6
+TRIALS = 10  # enough for the kill, the outages and the backups to land while trials run
 EPOCHS = 3
+PG_STOP_S, PG_FREEZE_S, MLFLOW_STOP_S = 40, 30, 60  # each outage as long as proves its point
 SEARCH = (
     "python",
     "tune/search.py",
@@ -280,10 +289,10 @@ class Stack:
     def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         return sh([*self.compose, *args], timeout=timeout, check=check, cwd=self.workdir)
 
-    def script(self, name: str, *args: str, timeout: float = 600) -> str:
-        """scripts/NAME ARGS... for this stack's folder, as a user runs it there; its output."""
+    def script_proc(self, name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """scripts/NAME ARGS... for this stack's folder, as a user runs it there."""
         env = {**os.environ, "COMPOSE": "docker-compose", "COMPOSE_PROJECT_NAME": self.project}
-        proc = subprocess.run(
+        return subprocess.run(
             ["bash", str(ROOT / "scripts" / name), *args, str(self.workdir)],
             cwd=self.workdir,
             env=env,
@@ -292,6 +301,10 @@ class Stack:
             timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
+
+    def script(self, name: str, *args: str, timeout: float = 600) -> str:
+        """scripts/NAME ARGS... for this stack's folder; its output (it must end 0)."""
+        proc = self.script_proc(name, *args, timeout=timeout)
         assert proc.returncode == 0, (
             f"scripts/{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
@@ -549,6 +562,22 @@ def test_the_stack_is_locked_down(stack):
     )
 
 
+def test_a_worker_cannot_open_a_connection_to_postgresql(stack):
+    """The Ray nodes are not on PostgreSQL's network: from a worker container, postgres:5432 does
+    not resolve and PostgreSQL's address on its network does not answer; from the MLflow server's
+    container (on both networks) the same probe connects."""
+    postgres = stack.containers("postgres")[0]
+    hosts = ("postgres", address_on(stack, postgres, "database"))
+    seen = {}
+    for service in ("ray-worker", "ray-head", "mlflow"):
+        out = stack.exec_as_user(stack.containers(service)[0], "python", "-c", TCP_PROBE, *hosts, timeout=60).stdout
+        seen[service] = dict(line.split() for line in out.splitlines() if line.strip())
+    print(f"[docker test] TCP to PostgreSQL's port 5432: {seen}", flush=True)
+    assert seen["mlflow"] == dict.fromkeys(hosts, "open")  # the probe can succeed
+    for service in ("ray-worker", "ray-head"):
+        assert "open" not in seen[service].values() and set(seen[service]) == set(hosts), (service, seen)
+
+
 def trial_runs(client, parent_run_id: str | None = None):
     experiment = client.get_experiment_by_name("prompt_pool")
     if experiment is None:
@@ -606,18 +635,79 @@ def search_table(stack: Stack) -> tuple[str, list[dict], dict]:
     return tuple(json.loads(out.strip().splitlines()[-1]))
 
 
+# Run in a worker container as a Ray token holder: a task placed on the driver's node (argv[1]),
+# looking for what a task there can read: the secret copies, every process's environment, a
+# pgpass file, and whether the search process's memory opens.
+RAY_PROBE = r"""
+import glob, json, os, socket, sys
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+@ray.remote(num_cpus=0)
+def look():
+    found, search = {}, {}
+    paths = glob.glob("/run/lpt-secrets/*") + glob.glob("/run/secrets/*") + glob.glob("/proc/*/environ")
+    for path in paths + [os.path.expanduser("~/.pgpass")]:
+        try:
+            with open(path, "rb") as f:
+                found[path] = f.read().decode(errors="replace")
+        except OSError:
+            pass
+    for path in glob.glob("/proc/*/cmdline"):
+        try:
+            with open(path, "rb") as f:
+                argv = f.read().split(b"\0")
+            if argv[1:2] != [b"scripts/hold_db_password.py"]:  # the search process (its parents show it too)
+                continue
+            pid = path.split("/")[2]
+            open(f"/proc/{pid}/mem", "rb").close()
+            search[pid] = "readable"
+        except OSError as exc:
+            search[path.split("/")[2]] = type(exc).__name__
+    node = ray.get_runtime_context().get_node_id()
+    return {"node": node, "host": socket.gethostname(), "files": found, "search": search}
+
+ray.init(address="ray-head:6379", logging_level="ERROR", log_to_driver=False)
+ref = look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(sys.argv[1], soft=False)).remote()
+print(json.dumps(ray.get(ref, timeout=120)))
+"""
+
+# A TCP connection to port 5432 of each host in argv: "open" or the error's name.
+TCP_PROBE = """
+import socket, sys
+for host in sys.argv[1:]:
+    try:
+        socket.create_connection((host, 5432), timeout=5).close()
+        print(host, "open")
+    except OSError as exc:
+        print(host, type(exc).__name__)
+"""
+
+
+def database_passwords(secrets: dict) -> list[str]:
+    return [secrets["postgres_password"]] + [
+        secrets[n].rsplit(":", 1)[1] for n in ("mlflow_pgpass", "optuna_pgpass", "optuna_reader_pgpass")
+    ]
+
+
+def address_on(stack: Stack, container: str, network: str) -> str:
+    return stack.inspect(container)["NetworkSettings"]["Networks"][f"{stack.project}_{network}"]["IPAddress"]
+
+
 @pytest.fixture(scope="module")
 def search(stack, tmp_path_factory):
-    """The driver container's 6-trial smoke search with --register, and the faults it lives
-    through: a second driver's --resume of it (refused), a worker container killed while it runs a
-    trial with no epoch done (it cannot end before the kill), then PostgreSQL restarted and the
-    MLflow server restarted while a trial runs. Returns what happened, for the tests to check."""
+    """The driver container's 10-trial smoke search with --register, and what it lives through: a
+    second driver's --resume of it (refused); a backup (the driver paused for it), then restore and
+    --rotate (refused); a Ray task placed on the driver's node looking for secrets; a worker
+    container killed while it runs a trial with no epoch done (it cannot end before the kill);
+    the MLflow server stopped, then PostgreSQL stopped and frozen (SIGSTOP), each while a trial
+    runs; backups between. Returns what happened, for the tests to check."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"http://127.0.0.1:{stack.mlflow_port}")
     workers = stack.worker_nodes()
     log = tmp_path_factory.mktemp("search") / "driver.log"
-    happened = {"workers": workers, "restarted": {}}
+    happened = {"workers": workers, "restarted": {}, "backups": []}
     started = time.time()
     with open(log, "w") as out:
         driver = subprocess.Popen(
@@ -632,6 +722,18 @@ def search(stack, tmp_path_factory):
     def running(what: str) -> None:
         assert driver.poll() is None, f"the search ended before {what}:\n{log.read_text()[-6000:]}"
 
+    def backup(label: str) -> None:
+        """cluster-backup.sh while the search runs (its driver paused for the dump and the copy)."""
+        if driver.poll() is not None:
+            return
+        at = time.time()
+        proc = stack.script_proc("cluster-backup.sh", timeout=300)
+        assert proc.returncode == 0, f"backup {label} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        path = re.search(r"^backup: (\S+) \(", proc.stdout, re.M).group(1)
+        happened["backups"].append((label, path))
+        timed(f"backup {label}", at)
+        print(f"[docker test] backup {label}: {proc.stdout.strip()}", flush=True)
+
     deadline = time.time() + SEARCH_TIMEOUT_S
     try:
         # 1. once the search holds its folder (its parent run exists), a second driver of it is refused
@@ -644,6 +746,30 @@ def search(stack, tmp_path_factory):
         )
         running("the second driver was refused")
         timed("search: a second driver refused", started)
+
+        # 1b. a backup mid-search; restore (of it) and --rotate refused while the driver runs
+        backup("at the start")
+        happened["refused"] = {
+            "restore": stack.script_proc("cluster-restore.sh", happened["backups"][0][1], timeout=300),
+            "--rotate": stack.script_proc("cluster-setup.sh", "--rotate", "postgres_password", timeout=300),
+        }
+        running("restore and --rotate were refused")
+        for action, proc in happened["refused"].items():
+            print(f"[docker test] {action} while the search runs: {proc.returncode} {proc.stderr.strip()}", flush=True)
+
+        # 1c. a Ray token holder's task on the driver's node: what it can read there
+        driver_container = stack.containers("driver")[0]
+        driver_ip = address_on(stack, driver_container, "default")
+        [driver_node] = [n["node_id"] for n in stack.nodes() if n["alive"] and n["ip"] == driver_ip]
+        probe = stack.exec_as_user(stack.containers("ray-worker")[0], "python", "-c", RAY_PROBE, driver_node)
+        happened["probe"] = {**json.loads(probe.stdout.strip().splitlines()[-1]), "driver_node": driver_node}
+        print(
+            f"[docker test] a Ray task on the driver's node {driver_node[:12]}: host {happened['probe']['host']}, "
+            f"read {sorted(happened['probe']['files'])}, the search process {happened['probe']['search']}",
+            flush=True,
+        )
+        happened["driver_container"] = driver_container
+        running("the Ray task looked for secrets")
 
         # 2. trials on both workers; the checks; a worker killed while it runs a fresh trial
         seen, victim, checked = set(), None, False
@@ -679,29 +805,47 @@ def search(stack, tmp_path_factory):
             flush=True,
         )
 
-        # 3. PostgreSQL restarted, then the MLflow server, each while a trial runs (the remaining
-        # worker runs the rest of the budget one trial at a time)
-        for service in ("postgres", "mlflow"):
+        backup("after the kill")
+
+        # 3. the outages, each while a trial runs (the remaining worker runs the rest of the budget
+        # one trial at a time): the MLflow server stopped (a trial with most of its epochs ahead),
+        # then PostgreSQL stopped and frozen (its postmaster, PID 1: no new connection is accepted)
+        # while any trial runs; a backup after the MLflow outage and after the last one
+        for outage, service, seconds, fresh in (
+            ("mlflow stopped", "mlflow", MLFLOW_STOP_S, True),
+            ("postgres stopped", "postgres", PG_STOP_S, False),
+            ("postgres frozen", "postgres", PG_FREEZE_S, False),
+        ):
             while not (
                 during := {
                     r.info.run_id
                     for r in trial_runs(client)
                     if r.info.status == "RUNNING"
-                    and len(client.get_metric_history(r.info.run_id, "val_acc")) < EPOCHS - 1
+                    and (not fresh or len(client.get_metric_history(r.info.run_id, "val_acc")) < EPOCHS - 1)
                 }
             ):
-                assert time.time() < deadline, f"no trial ran to restart {service} under:\n{log.read_text()[-4000:]}"
-                running(f"{service} could be restarted")
+                assert time.time() < deadline, f"no trial ran for {outage}:\n{log.read_text()[-4000:]}"
+                running(f"{outage} could begin")
                 time.sleep(1)
-            running(f"{service} was restarted")
-            happened["restarted"][service] = (time.time(), during)
-            sh(["docker", "restart", "--time", "20", stack.containers(service)[0]], timeout=120)
+            running(f"{outage} began")
+            container = stack.containers(service)[0]
+            happened["restarted"][outage] = (time.time(), during)
+            if outage == "postgres frozen":
+                sh(["docker", "kill", "--signal", "SIGSTOP", container], timeout=60)
+                time.sleep(seconds)
+                sh(["docker", "kill", "--signal", "SIGCONT", container], timeout=60)
+            else:
+                sh(["docker", "stop", "--time", "20", container], timeout=120)
+                time.sleep(seconds)
+                sh(["docker", "start", container], timeout=120)
             print(
-                f"[docker test] restarted {service} {time.time() - started:.0f} s into the search, "
-                f"while {len(during)} trial(s) ran",
+                f"[docker test] {outage} for {seconds} s, {happened['restarted'][outage][0] - started:.0f} s into "
+                f"the search, while {len(during)} trial(s) ran",
                 flush=True,
             )
             stack.wait_healthy((service,))
+            if outage != "postgres stopped":
+                backup(f"after {outage}")
         driver.wait(timeout=max(60, deadline - time.time()))
     except subprocess.TimeoutExpired:
         pytest.fail(f"the search did not finish within {SEARCH_TIMEOUT_S} s:\n{log.read_text()[-6000:]}")
@@ -725,6 +869,41 @@ def test_a_second_driver_of_a_running_search_is_refused(search):
         errors[0],
     ), errors
     print(f"[docker test] the second driver: {errors[0]}", flush=True)
+
+
+def test_restore_and_rotate_are_refused_while_a_run_driver_is_live(search):
+    """`docker compose run`'s driver container is found (by its labels), and the search's locks:
+    restore and --rotate end 2 with one line naming them, and change nothing (the search ends 0)."""
+    for action, proc in search["refused"].items():
+        errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+        assert proc.returncode == 2 and len(errors) == 1, f"{action}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        line = errors[0]
+        assert line.startswith(f"error: {action} refused: a search is running (driver container "), line
+        assert f"({search['driver_container'][:12]})" in line, line
+        assert re.search(r"the advisory lock \d+ held by pid \d+ on [0-9a-f]{12} since ", line), line
+        assert re.search(r"/shared/runs/prompt_pool-smoke-\d{8}-\d{6}/search.lock held by pid \d+ on ", line), line
+        assert line.endswith(f": {action} once it has ended"), line
+        print(f"[docker test] {action} refused: {line}", flush=True)
+    assert search["returncode"] == 0
+
+
+def test_a_ray_task_on_the_drivers_node_finds_no_database_secret(stack, search):
+    """A Ray token holder (a worker container) places a task on the driver's node: no file it can
+    read there (the secret copies, the processes' environments, a pgpass) holds a password that
+    opens PostgreSQL, and the search process's memory does not open (not dumpable)."""
+    probe = search["probe"]
+    assert probe["node"] == probe["driver_node"] and probe["host"] == search["driver_container"][:12], probe["host"]
+    readable = probe["files"]
+    assert "/run/lpt-secrets/ray_auth_token" in readable  # the task did read there: the Ray trust domain
+    for password in database_passwords(stack.secrets):
+        holding = [path for path, text in readable.items() if password in text]
+        assert not holding, f"a database password is readable on the driver's node in {holding}"
+    assert probe["search"] and "readable" not in probe["search"].values(), probe["search"]
+    print(
+        f"[docker test] a Ray task on the driver's node read {sorted(p for p in readable if '/proc/' not in p)} "
+        f"and {sum('/proc/' in p for p in readable)} process environments; the search process: {probe['search']}",
+        flush=True,
+    )
 
 
 def test_the_search_survives_a_lost_worker_and_restarts_of_postgres_and_mlflow(stack, search):
@@ -783,9 +962,75 @@ def test_the_search_survives_a_lost_worker_and_restarts_of_postgres_and_mlflow(s
     print(f"[docker test] timings: {json.dumps(TIMINGS)}", flush=True)
 
 
+def optuna_states_of_dump(stack: Stack, dump: Path, database: str) -> dict:
+    """{Ray trial id: Optuna state} of a backup's dump, restored into a scratch database."""
+    pg = stack.containers("postgres")[0]
+    sh(["docker", "exec", pg, "psql", "-U", "postgres", "-d", "postgres", "-c", f"CREATE DATABASE {database}"], 60)
+    try:
+        with open(dump, "rb") as data:
+            restored = subprocess.run(
+                ["docker", "exec", "-i", pg, "pg_restore", "-U", "postgres", "-d", database, "--exit-on-error"],
+                stdin=data,
+                capture_output=True,
+                timeout=300,
+            )
+        assert restored.returncode == 0, restored.stderr.decode(errors="replace")[-3000:]
+        rows = sh(
+            [
+                "docker",
+                "exec",
+                pg,
+                "psql",
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-At",
+                "-F",
+                "|",
+                "-c",
+                "SELECT a.value_json, t.state FROM optuna.trials t JOIN optuna.trial_user_attributes a "
+                "ON a.trial_id = t.trial_id AND a.key = 'trial_id'",
+            ],
+            timeout=60,
+        ).stdout.splitlines()
+        return {json.loads(v): state for v, state in (row.split("|") for row in rows if row)}
+    finally:
+        sh(["docker", "exec", pg, "psql", "-U", "postgres", "-d", "postgres", "-c", f"DROP DATABASE {database}"], 60)
+
+
+def test_each_backup_taken_mid_search_holds_the_same_trials_in_optuna_and_the_table(stack, search, tmp_path):
+    """Each backup taken while the search ran (the driver paused for it): the Optuna study in its
+    dump has ended exactly the trials its trials.parquet has, each with the table's status."""
+    import pyarrow.parquet as pq
+
+    backups = search["backups"]
+    assert len(backups) >= 3, f"only {[label for label, _ in backups]} were taken while the search ran"
+    for i, (label, path) in enumerate(backups):
+        parts = tmp_path / f"backup{i}"
+        parts.mkdir()
+        sh(["tar", "-C", parts, "-xf", path, "postgres.dump", "shared.tar"], timeout=120)
+        listed = sh(["tar", "-tf", parts / "shared.tar"], timeout=60).stdout.split()
+        tables = [n for n in listed if re.fullmatch(r"\./runs/prompt_pool-smoke-[\d-]+/trials\.parquet", n)]
+        rows = []
+        if tables:
+            sh(["tar", "-C", parts, "-xf", parts / "shared.tar", *tables], timeout=120)
+            rows = pq.read_table(parts / tables[0]).to_pylist()
+        states = optuna_states_of_dump(stack, parts / "postgres.dump", f"scratch_backup_{i}")
+        table = {
+            r["trial_id"]: {"completed": "COMPLETE", "early_stopped": "PRUNED"}.get(r["status"], "FAIL") for r in rows
+        }
+        ended = {t: state for t, state in states.items() if state != "RUNNING"}
+        print(
+            f"[docker test] backup {label}: {len(rows)} trial(s) in trials.parquet, Optuna {sorted(states.values())}",
+            flush=True,
+        )
+        assert ended == table, (label, ended, table)
+
+
 def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
-    """cluster-backup.sh after the search; `down -v` deletes the volumes; a fresh stack is empty;
-    cluster-restore.sh gives back the parent run, its trials, the registered model, the Optuna
+    """cluster-backup.sh after the search; `down -v` deletes the volumes; a fresh stack, with new
+    secrets, is empty; cluster-restore.sh gives back the parent run, its trials, the registered model, the Optuna
     study and the search folder; the read-only optuna-dashboard shows the study, cannot delete it."""
     from mlflow import MlflowClient
 
@@ -807,6 +1052,16 @@ def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
         ["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={stack.project}"], timeout=60
     ).stdout.split()
     assert not volumes, volumes
+    # the fresh stack has other secrets: every one made anew (the restore must not need the old ones)
+    old_secrets = stack.secrets
+    shutil.rmtree(stack.workdir / "secrets")
+    _, stack.secrets = cluster_setup(stack.workdir)
+    assert all(
+        stack.secrets[n] != old_secrets[n] for n in ("postgres_password", "optuna_pgpass", "mlflow_admin_password")
+    )
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = mlflow_login(stack.secrets)[
+        "MLFLOW_TRACKING_PASSWORD"
+    ]  # undone at the end
     stack.run("up", "-d", "--no-build", "postgres", "mlflow", "ray-head", timeout=600)
     stack.wait_healthy(("postgres", "mlflow", "ray-head"))
     assert stack.psql("SELECT count(*) FROM runs") == [["0"]]  # a fresh database
@@ -816,7 +1071,9 @@ def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
     timed("restore", started)
     assert out.strip().splitlines()[-1].startswith(f"restored {backup} into the stack in {stack.workdir}")
 
-    # MLflow, as the searcher (mlflow-setup made it again): the parent run, its trials, the model
+    # MLflow, as the searcher with this stack's password (mlflow-setup set it); the admin's is this stack's too
+    admin = basic_auth("admin", stack.secrets["mlflow_admin_password"])
+    assert http_status(f"http://127.0.0.1:{stack.mlflow_port}/api/2.0/mlflow/users/get?username=searcher", admin) == 200
     restored = client.get_run(record["parent_run_id"])
     assert restored.info.status == "FINISHED" and restored.data.tags == parent.data.tags
     runs = trial_runs(client, record["parent_run_id"])

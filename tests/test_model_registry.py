@@ -151,7 +151,12 @@ def test_logged_model_holds_prompts_config_and_example_not_the_backbone(register
     assert tags["lpt.trial_id"] == "trial0" and tags["lpt.parent_run_id"] == registered["parent"]
     assert tags["lpt.study"] == "prompt_pool" and tags["lpt.profile"] == "tiny"
     assert float(tags["val_acc"]) == 55.0 and float(tags["test_acc"]) == pytest.approx(registered["test"]["test_acc"])
-    assert "trial0" in version.description and version.run_id == registered["trial"]
+    assert "trial0" in version.description
+    # logged on a run of its own in the experiment lpt-models (the cluster's registrar alone writes it)
+    model_run = client.get_run(version.run_id)
+    assert client.get_experiment(model_run.info.experiment_id).name == "lpt-models"
+    assert model_run.data.tags["lpt.trial_run_id"] == registered["trial"] and model_run.data.tags["lpt.role"] == "model"
+    assert model_run.data.tags["lpt.trial_id"] == "trial0" and model_run.info.status == "FINISHED"
     assert client.get_run(registered["parent"]).data.tags[MODEL_URI_TAG] == registered["model_uri"]
     assert client.get_run(registered["trial"]).info.status == "FINISHED"
 
@@ -207,7 +212,8 @@ def test_every_input_form_gives_the_trained_models_answer(registered, tmp_path):
     agree, and their top class is what the model in memory predicts on the test split's own transform."""
     data, model = registered["data"], registered["model"]
     mlflow.set_tracking_uri(registered["uri"])
-    loaded = mlflow.pyfunc.load_model(f"runs:/{registered['trial']}/model")
+    run_id = registered["client"].get_model_version("prompt_pool-tiny", "1").run_id
+    loaded = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     raw = raw_split(data.test)
     images = [raw[i][0] for i in range(len(data.test))]
     paths = []
@@ -509,7 +515,7 @@ def test_search_registers_its_best_trial(smoke_search):
     best_id = parent.data.tags["lpt.best_trial_id"]
     assert version.tags["lpt.trial_id"] == best_id and version.tags["lpt.parent_run_id"] == parent.info.run_id
     assert parent.data.tags[MODEL_URI_TAG] == model_uri
-    trial = client.get_run(version.run_id)
+    trial = client.get_run(client.get_run(version.run_id).data.tags["lpt.trial_run_id"])
     assert trial.data.tags["lpt.trial_id"] == best_id and trial.data.tags["lpt.best"] == "true"
     for key in ("val_acc", "val_few_acc", "test_acc", "test_many_acc", "test_medium_acc", "test_few_acc"):
         assert float(version.tags[key]) == pytest.approx(trial.data.metrics[key], abs=1e-4), key
@@ -586,7 +592,9 @@ def test_report_registers_a_finished_search(smoke_search, tmp_path):
     client = copy.client()
     first, second = (client.get_model_version("prompt_pool-smoke", v) for v in ("1", "2"))
     assert second.tags["lpt.trial_id"] == first.tags["lpt.trial_id"]
-    assert second.tags["test_acc"] == first.tags["test_acc"] and second.run_id == first.run_id
+    assert second.tags["test_acc"] == first.tags["test_acc"]
+    trial_run = lambda version: client.get_run(version.run_id).data.tags["lpt.trial_run_id"]  # noqa: E731
+    assert trial_run(second) == trial_run(first)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tune" / "report.py"), "--study", "prompt_pool", "--register", "bad/name"],
         cwd=copy.cwd,
@@ -596,6 +604,17 @@ def test_report_registers_a_finished_search(smoke_search, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 2 and "--register 'bad/name'" in one_line(proc.stderr)
+    # tune/register.py (the compose service register): the same registration, no report rebuilt
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tune" / "register.py"), "--study", "prompt_pool", "--name", "again"],
+        cwd=copy.cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and "model: models:/again/1" in proc.stdout.splitlines(), proc.stderr[-3000:]
+    assert client.get_model_version("again", "1").tags["lpt.trial_id"] == first.tags["lpt.trial_id"]
 
 
 def free_port() -> int:
@@ -708,6 +727,37 @@ def test_register_name_is_checked_before_anything_runs(capsys):
     assert "--register 'bad/name': a registered model name is letters" in one_line(capsys.readouterr().err)
     assert search.parse_args(["--study", "s", "--register"]).register == ""  # the default name
     assert search.parse_args(["--study", "s"]).register is None
+
+
+def test_search_register_on_the_compose_stack_names_the_register_service(monkeypatch, capsys):
+    """The compose driver holds only searcher's login: --register is refused up front, in one line,
+    with the command that registers (docker-compose.yml sets LPT_REGISTER_WITH); without it a
+    search registers as before (the smoke search of conftest.py does)."""
+    from tune import search
+
+    monkeypatch.setenv("LPT_REGISTER_WITH", "docker compose run --rm register")
+    assert search.main(["--study", "prompt_pool", "--register", "--dry-run"]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        "error: --register: this driver's MLflow login may not register models on this stack; "
+        "after the search run: docker compose run --rm register --study prompt_pool"
+    )
+    assert search.main(["--study", "prompt_pool", "--dry-run"]) == 0  # a search without --register runs
+
+
+def test_register_cli_bad_input_is_one_line(registered, tmp_path, monkeypatch, capsys):
+    from tune import register
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
+    assert register.main(["--study", "prompt_pool", "--name", "bad/name"]) == 2
+    assert "--name 'bad/name': a registered model name is letters" in one_line(capsys.readouterr().err)
+    monkeypatch.setenv("LPT_MLFLOW_LOGIN", str(tmp_path / "missing"))
+    assert register.main(["--study", "prompt_pool"]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"error: LPT_MLFLOW_LOGIN={tmp_path / 'missing'}: not a readable MLflow credentials file (FileNotFoundError)"
+    )
+    monkeypatch.delenv("LPT_MLFLOW_LOGIN")
+    assert register.main(["--study", "nope"]) == 2
+    assert one_line(capsys.readouterr().err).startswith("error: --study nope: no MLflow experiment of that name")
 
 
 def test_a_search_without_a_best_trial_has_nothing_to_register(registered, tmp_path):

@@ -134,7 +134,8 @@ class Images:
 
 
 def recorded_test(uri: str) -> dict:
-    """The test accuracies the search recorded for this model: a registered version's tags, or the run's metrics."""
+    """The test accuracies the search recorded for this model: a registered version's tags, or the
+    metrics of the trial's run."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -143,8 +144,11 @@ def recorded_test(uri: str) -> dict:
     try:
         if registered:
             values = MlflowClient().get_model_version(*registered.groups()).tags
-        elif run:
-            values = MlflowClient().get_run(run.group(1)).data.metrics
+        elif run:  # a registered model's own run names its trial's run (lpt.trial_run_id)
+            client = MlflowClient()
+            logged = client.get_run(run.group(1)).data
+            trial = logged.tags.get("lpt.trial_run_id")
+            values = client.get_run(trial).data.metrics if trial else logged.metrics
         else:
             return {}
     except MlflowException:

@@ -15,11 +15,11 @@ Checks:
   one-shot set-up steps too, mounts exactly the secrets cluster_fixtures.SECRETS gives it; every
   container restarts unless stopped (the one-shots never), rotates its logs and is capped;
   scripts/cluster-setup.sh prints the Python and Ray the head runs.
-- a 6-trial smoke search (with --register) from the driver container: a second driver's
+- a 6-trial smoke search from the driver container, then `run register`: a second driver's
   `--resume` of it is refused in one line; trials run on both worker containers; a worker
   container is killed while it runs a trial, then PostgreSQL and the MLflow server are restarted;
   the search still ends 0 with every trial done once (trials.parquet, one MLflow run each with no
-  epoch logged twice, the Optuna study) and the model registered with no pickle file in it.
+  epoch logged twice, the Optuna study) and the model registered with no code or pickle file in it.
 - scripts/cluster-backup.sh, `docker-compose down -v` (the volumes gone), `up`, then
   scripts/cluster-restore.sh: the parent run, its trials, the registered model, the Optuna study
   and the search folder are back; the read-only optuna-dashboard shows the study and cannot delete it.
@@ -602,7 +602,7 @@ def search_table(stack: Stack) -> tuple[str, list[dict], dict]:
 
 @pytest.fixture(scope="module")
 def search(stack, tmp_path_factory):
-    """The driver container's 6-trial smoke search with --register, and the faults it lives
+    """The driver container's 6-trial smoke search (then the register service), and the faults it lives
     through: a second driver's --resume of it (refused), a worker container killed while it runs a
     trial with no epoch done (it cannot end before the kill), then PostgreSQL restarted and the
     MLflow server restarted while a trial runs. Returns what happened, for the tests to check."""
@@ -615,7 +615,7 @@ def search(stack, tmp_path_factory):
     started = time.time()
     with open(log, "w") as out:
         driver = subprocess.Popen(
-            [*map(str, stack.compose), "run", "--rm", "-T", "driver", *SEARCH, "--register"],
+            [*map(str, stack.compose), "run", "--rm", "-T", "driver", *SEARCH],
             cwd=stack.workdir,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -706,6 +706,9 @@ def search(stack, tmp_path_factory):
     timed("search: after the kill", happened["killed"])
     timed("search: whole", started)
     happened["returncode"], happened["output"] = driver.returncode, log.read_text()
+    # registration: the driver holds only searcher, so the one-shot register service (registrar)
+    register = ("run", "--rm", "-T", "register", "--study", "prompt_pool")
+    happened["register"] = stack.run(*register, timeout=600, check=False)
     return happened
 
 
@@ -767,13 +770,15 @@ def test_the_search_survives_a_lost_worker_and_restarts_of_postgres_and_mlflow(s
     states = load_optuna_study(stack, tags)
     assert states == {r["trial_id"]: {"completed": "COMPLETE", "early_stopped": "PRUNED"}[r["status"]] for r in rows}
 
-    # --register: the best trial's model, code and artifacts, no pickle
+    # the register service: the best trial's model, data only, no code file, no pickle
+    registered = search["register"]
+    assert registered.returncode == 0, f"{registered.stdout[-3000:]}\n{registered.stderr[-3000:]}"
     model_uri = tags["lpt.model_uri"]
-    assert re.fullmatch(r"models:/prompt_pool-smoke/\d+", model_uri) and f"model:      {model_uri}" in output
+    assert re.fullmatch(r"models:/prompt_pool-smoke/\d+", model_uri) and f"model: {model_uri}" in registered.stdout
     version = client.get_model_version("prompt_pool-smoke", model_uri.rsplit("/", 1)[1])
     names = {a.path for a in client.list_artifacts(version.run_id, "model")}
     assert "model/data" in names and "model/MLmodel" in names, names
-    assert not [n for n in names if n.endswith((".pkl", ".pickle"))], names
+    assert not [n for n in names if n.endswith((".py", ".pkl", ".pickle"))], names
     print(f"[docker test] timings: {json.dumps(TIMINGS)}", flush=True)
 
 

@@ -530,7 +530,8 @@ def test_search_registers_its_best_trial(smoke_search):
 def test_fresh_process_predicts_the_searchs_test_accuracy(smoke_search, tmp_path):
     model_uri = smoke_model(smoke_search)
     client = smoke_search.client()
-    trial = client.get_run(client.get_model_version("prompt_pool-smoke", "1").run_id)
+    model_run = client.get_run(client.get_model_version("prompt_pool-smoke", "1").run_id)
+    trial = client.get_run(model_run.data.tags["lpt.trial_run_id"])  # the model's run names its trial's
     out = tmp_path / "test-preds.csv"
     proc = subprocess.run(
         [sys.executable, str(PREDICT), "--model", model_uri, "--split", "test", "--out", str(out)],
@@ -557,7 +558,7 @@ def test_fresh_process_predicts_the_searchs_test_accuracy(smoke_search, tmp_path
     # docs/serving.md's three lines, in a fresh process, by the models:/ URI
     readme = (ROOT / "docs" / "serving.md").read_text()
     snippet = re.search(
-        r"```python\n(import mlflow, pandas as pd\nmodel = mlflow\.pyfunc\.load_model.*?)```", readme, re.S
+        r"```python\n(import pandas as pd\nfrom tune\.serving\.model import load_model.*?)```", readme, re.S
     ).group(1)
     photo = tmp_path / "photos" / "cat.jpg"
     photo.parent.mkdir()

@@ -405,60 +405,6 @@ def test_search_survives_losing_a_worker_node(stack, tmp_path):
     assert steps == list(range(1, epochs + 1))
 
 
-def test_rotations_change_passwords_in_place(stack):
-    """The set-up's rotations (scripts/cluster-setup.sh --rotate runs them in the one-shot
-    services): the superuser's password (ALTER ROLE, the old one on stdin), a role's (db-setup sets
-    it to its new pgpass file), the MLflow admin's and the searcher's (MLflow's update-password);
-    each new password logs in, the old one does not, and what the stack holds stays. Last in this
-    module: the stack's passwords change."""
-    import psycopg2
-    from mlflow import MlflowClient
-
-    runs_before = MlflowClient(stack.tracking_uri).search_experiments()
-    new = {name: uuid.uuid4().hex + uuid.uuid4().hex[:16] for name in ("postgres", "optuna", "admin", "searcher")}
-    secrets = stack.secrets_dir
-
-    old = stack.postgres.password
-    assert "password of postgres changed" in stack.run_setup(
-        "db-setup", "python", "scripts/cluster_roles.py", "rotate-superuser", stdin=f"{old}\n{new['postgres']}\n"
-    )
-    (secrets / "postgres_password").write_text(new["postgres"])
-    stack.postgres.password = new["postgres"]
-    old_optuna = role_password(stack, "optuna")
-    (secrets / "optuna_pgpass").write_text(f"*:*:mlflow:optuna:{new['optuna']}")
-    stack.secrets["optuna_pgpass"] = (secrets / "optuna_pgpass").read_text()
-    stack.run_setup("db-setup")  # as the superuser, with its new password
-    for user, password in (("postgres", old), ("optuna", old_optuna)):
-        with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
-            stack.postgres.connect(user=user, password=password)
-    assert as_role(stack, "optuna", "SELECT count(*) FROM optuna.trials") == "ok"
-
-    old_admin = stack.secrets["mlflow_admin_password"]
-    assert "password of admin changed" in stack.run_setup(
-        "mlflow-setup", "python", "scripts/cluster_roles.py", "rotate-admin", stdin=f"{old_admin}\n{new['admin']}\n"
-    )
-    (secrets / "mlflow_admin_password").write_text(new["admin"])
-    old_searcher = mlflow_login(stack.secrets)["MLFLOW_TRACKING_PASSWORD"]
-    (secrets / "mlflow_credentials").write_text(
-        f"[mlflow]\nmlflow_tracking_username = searcher\nmlflow_tracking_password = {new['searcher']}\n"
-    )
-    stack.run_setup("mlflow-setup")  # as the admin, with its new password
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = new["searcher"]  # this process logs in as the searcher (undone at the end)
-    api = f"{stack.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
-    assert {
-        who: http_status(api, basic_auth(user, password))
-        for who, user, password in (
-            ("old admin", "admin", old_admin),
-            ("new admin", "admin", new["admin"]),
-            ("old searcher", "searcher", old_searcher),
-            ("new searcher", "searcher", new["searcher"]),
-        )
-    } == {"old admin": 401, "new admin": 200, "old searcher": 401, "new searcher": 200}
-    assert [e.experiment_id for e in MlflowClient(stack.tracking_uri).search_experiments()] == [
-        e.experiment_id for e in runs_before
-    ]
-
-
 def test_only_the_registrar_changes_a_registered_model(stack, tmp_path, monkeypatch):
     """mlflow-setup's registrar registers a model (tune/serving/registry.py, into the experiment
     lpt-models); searcher, the login of every Ray node and the driver, can neither upload over the
@@ -573,3 +519,57 @@ def test_only_the_registrar_changes_a_registered_model(stack, tmp_path, monkeypa
     (on_disk / "data" / "lpt" / "hook.py").write_text("import os\n")
     with pytest.raises(ModelRefused, match=r"^models:/cluster-tiny/1/data/lpt/hook\.py: a code file the LPT model"):
         lpt_model.load_model("models:/cluster-tiny/1")
+
+
+def test_rotations_change_passwords_in_place(stack):
+    """The set-up's rotations (scripts/cluster-setup.sh --rotate runs them in the one-shot
+    services): the superuser's password (ALTER ROLE, the old one on stdin), a role's (db-setup sets
+    it to its new pgpass file), the MLflow admin's and the searcher's (MLflow's update-password);
+    each new password logs in, the old one does not, and what the stack holds stays. Last in this
+    module: the stack's passwords change."""
+    import psycopg2
+    from mlflow import MlflowClient
+
+    runs_before = MlflowClient(stack.tracking_uri).search_experiments()
+    new = {name: uuid.uuid4().hex + uuid.uuid4().hex[:16] for name in ("postgres", "optuna", "admin", "searcher")}
+    secrets = stack.secrets_dir
+
+    old = stack.postgres.password
+    assert "password of postgres changed" in stack.run_setup(
+        "db-setup", "python", "scripts/cluster_roles.py", "rotate-superuser", stdin=f"{old}\n{new['postgres']}\n"
+    )
+    (secrets / "postgres_password").write_text(new["postgres"])
+    stack.postgres.password = new["postgres"]
+    old_optuna = role_password(stack, "optuna")
+    (secrets / "optuna_pgpass").write_text(f"*:*:mlflow:optuna:{new['optuna']}")
+    stack.secrets["optuna_pgpass"] = (secrets / "optuna_pgpass").read_text()
+    stack.run_setup("db-setup")  # as the superuser, with its new password
+    for user, password in (("postgres", old), ("optuna", old_optuna)):
+        with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+            stack.postgres.connect(user=user, password=password)
+    assert as_role(stack, "optuna", "SELECT count(*) FROM optuna.trials") == "ok"
+
+    old_admin = stack.secrets["mlflow_admin_password"]
+    assert "password of admin changed" in stack.run_setup(
+        "mlflow-setup", "python", "scripts/cluster_roles.py", "rotate-admin", stdin=f"{old_admin}\n{new['admin']}\n"
+    )
+    (secrets / "mlflow_admin_password").write_text(new["admin"])
+    old_searcher = mlflow_login(stack.secrets)["MLFLOW_TRACKING_PASSWORD"]
+    (secrets / "mlflow_credentials").write_text(
+        f"[mlflow]\nmlflow_tracking_username = searcher\nmlflow_tracking_password = {new['searcher']}\n"
+    )
+    stack.run_setup("mlflow-setup")  # as the admin, with its new password
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = new["searcher"]  # this process logs in as the searcher (undone at the end)
+    api = f"{stack.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert {
+        who: http_status(api, basic_auth(user, password))
+        for who, user, password in (
+            ("old admin", "admin", old_admin),
+            ("new admin", "admin", new["admin"]),
+            ("old searcher", "searcher", old_searcher),
+            ("new searcher", "searcher", new["searcher"]),
+        )
+    } == {"old admin": 401, "new admin": 200, "old searcher": 401, "new searcher": 200}
+    assert [e.experiment_id for e in MlflowClient(stack.tracking_uri).search_experiments()] == [
+        e.experiment_id for e in runs_before
+    ]

@@ -18,6 +18,10 @@
 #   mlflow_flask_secret_key the MLflow server's key for its CSRF tokens (MLFLOW_FLASK_SERVER_SECRET_KEY_FILE)
 #   mlflow_credentials      the MLflow login of the driver and the workers: the non-admin user
 #                           searcher (~/.mlflow/credentials; mlflow-setup makes the user)
+#   mlflow_registrar_credentials  the MLflow login of the one-shot service register only: the
+#                           non-admin user registrar, the one that may change registered models (to
+#                           change it: delete the file, run this again; mlflow-setup, which runs
+#                           before every `run register`, sets the new password)
 #   aws_credentials         the object store's key pair, an AWS shared-credentials file ([default]
 #                           aws_access_key_id, aws_secret_access_key) that every Ray node and the
 #                           driver read (AWS_SHARED_CREDENTIALS_FILE) when LPT_STORAGE is an s3://
@@ -89,6 +93,7 @@ auth_config() {
     "authorization_function = mlflow.server.auth:authenticate_request_basic_auth"
 }
 credentials() { printf '%s\n' "[mlflow]" "mlflow_tracking_username = searcher" "mlflow_tracking_password = $1"; }
+registrar_credentials() { printf '%s\n' "[mlflow]" "mlflow_tracking_username = registrar" "mlflow_tracking_password = $1"; }
 aws_credentials() { printf '%s\n' "[default]" "aws_access_key_id = $1" "aws_secret_access_key = $2"; }
 
 write ray_auth_token "$(random_hex 32)"
@@ -99,6 +104,7 @@ write optuna_reader_pgpass "$(pgpass optuna_reader "$(random_hex 24)")"
 write mlflow_admin_password "$(random_hex 24)"
 write mlflow_auth_config "$(auth_config "$(secret mlflow_admin_password)")"
 write mlflow_credentials "$(credentials "$(random_hex 24)")"
+write mlflow_registrar_credentials "$(registrar_credentials "$(random_hex 24)")"
 write mlflow_flask_secret_key "$(random_hex 32)"
 write aws_credentials "$(aws_credentials "LPT$(random_hex 8)" "$(random_hex 24)")"
 

@@ -21,9 +21,14 @@ time out; CONNECT and TEMP on the databases postgres and template1 revoked from 
 superuser connects there). A database made by the previous version (owned by mlflow) is migrated.
 
 ``mlflow``, as the MLflow admin (``$LPT_SECRETS/mlflow_admin_password``) at ``$MLFLOW_TRACKING_URI``,
-through MLflow's auth API: the user of ``mlflow_credentials`` (searcher), not an admin, with that
-file's password, and EDIT on every experiment and registered model it cannot write yet (those made
-before it, or restored from a backup); MLflow itself gives it MANAGE on those it creates.
+through MLflow's auth API: the users of ``mlflow_credentials`` (searcher: the driver and every Ray
+node) and ``mlflow_registrar_credentials`` (registrar: the one-shot service ``register`` only),
+neither an admin, each with its file's password. The experiment ``lpt-models`` (the registered
+models' runs and files) is made by the admin. searcher: EDIT on every other experiment it cannot
+write yet (those made before it, or restored from a backup; MLflow itself gives it MANAGE on those
+it creates), and READ only (the server's default) on ``lpt-models`` and on every registered model:
+a grant it holds there, MANAGE as a model's creator included, is revoked. registrar: EDIT on every
+experiment (it tags the searches' parent runs) and every registered model.
 """
 
 from __future__ import annotations
@@ -186,43 +191,85 @@ def as_mlflow_admin(password: str) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", "http://mlflow:5000")
 
 
-def search_login() -> tuple[str, str]:
+def search_login(secret: str = "mlflow_credentials") -> tuple[str, str]:
     config = configparser.ConfigParser()
-    config.read_string(read_secret("mlflow_credentials"))
+    config.read_string(read_secret(secret))
     return config["mlflow"]["mlflow_tracking_username"], config["mlflow"]["mlflow_tracking_password"]
 
 
-def setup_mlflow() -> str:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import RestException
-    from mlflow.server.auth.client import AuthServiceClient
+MODELS_EXPERIMENT = "lpt-models"  # tune/serving/registry.py's: the registrar's alone
+REGISTRAR_SECRET = "mlflow_registrar_credentials"
+WRITE = ("EDIT", "MANAGE")
 
-    user, password = search_login()
-    uri = as_mlflow_admin(read_secret("mlflow_admin_password"))
-    auth = AuthServiceClient(uri)
+
+def mlflow_user(auth, user: str, password: str) -> str:
+    """``user`` made, or given ``password``; never an admin."""
+    from mlflow.exceptions import RestException
+
     try:
         existing = auth.get_user(user)
     except RestException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         auth.create_user(user, password)
-        done = f"MLflow: user {user} created"
-    else:
-        auth.update_user_password(user, password)  # the file is the truth (--rotate)
-        if existing.is_admin:
-            auth.update_user_admin(user, False)
-        done = f"MLflow: user {user} (its password set)"
+        return f"user {user} created"
+    auth.update_user_password(user, password)  # the file is the truth (--rotate)
+    if existing.is_admin:
+        auth.update_user_admin(user, False)
+    return f"user {user} (its password set)"
+
+
+def read_only(auth, user: str, kind: str, resource: str) -> int:
+    """``user`` down to READ on ``resource`` (the server's default): its own grant revoked; 1 if it had one."""
+    from mlflow.exceptions import RestException
+
+    if auth.get_user_permission(user, kind, resource).permission == "READ":
+        return 0
+    try:
+        auth.revoke_user_permission(user, kind, resource)
+    except RestException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    if auth.get_user_permission(user, kind, resource).permission != "READ":
+        auth.grant_user_permission(user, kind, resource, "READ")
+    return 1
+
+
+def setup_mlflow() -> str:
+    from mlflow import MlflowClient
+    from mlflow.server.auth.client import AuthServiceClient
+
+    user, password = search_login()
+    registrar, registrar_password = search_login(REGISTRAR_SECRET)
+    if registrar == user:
+        raise ValueError(f"{secrets() / REGISTRAR_SECRET}: the registrar must not be the searcher ({user})")
+    uri = as_mlflow_admin(read_secret("mlflow_admin_password"))
+    auth = AuthServiceClient(uri)
+    done = [mlflow_user(auth, user, password), mlflow_user(auth, registrar, registrar_password)]
     tracking = MlflowClient(uri)
-    resources = [
-        ("experiment", e.experiment_id) for e in paged(tracking.search_experiments) if e.experiment_id != "0"
-    ]  # not the Default experiment: searches write their study's
-    resources += [("registered_model", m.name) for m in paged(tracking.search_registered_models)]
-    granted = 0
+    models_experiment = tracking.get_experiment_by_name(MODELS_EXPERIMENT)
+    models_id = models_experiment.experiment_id if models_experiment else tracking.create_experiment(MODELS_EXPERIMENT)
+    experiments = [e.experiment_id for e in paged(tracking.search_experiments) if e.experiment_id != "0"]
+    models = [m.name for m in paged(tracking.search_registered_models)]
+    # not the Default experiment: searches write their study's
+    resources = [("experiment", e) for e in experiments if e != models_id]
+    searcher_granted = registrar_granted = 0
     for kind, resource in resources:
-        if auth.get_user_permission(user, kind, resource).permission not in ("EDIT", "MANAGE"):
+        if auth.get_user_permission(user, kind, resource).permission not in WRITE:
             auth.grant_user_permission(user, kind, resource, "EDIT")
-            granted += 1
-    return f"{done}, not an admin; EDIT granted on {granted} of {len(resources)} experiments and models"
+            searcher_granted += 1
+    registered = [("registered_model", m) for m in models]
+    revoked = sum(read_only(auth, user, kind, r) for kind, r in [("experiment", models_id), *registered])
+    for kind, resource in [("experiment", e) for e in experiments] + registered:
+        if auth.get_user_permission(registrar, kind, resource).permission not in WRITE:
+            auth.grant_user_permission(registrar, kind, resource, "EDIT")
+            registrar_granted += 1
+    return (
+        f"MLflow: {', '.join(done)}, not admins; {user}: EDIT granted on {searcher_granted} of {len(resources)} "
+        f"experiments, READ only on {MODELS_EXPERIMENT} and {len(models)} registered models ({revoked} grants "
+        f"revoked); {registrar}: EDIT granted on {registrar_granted} of {len(experiments) + len(models)} "
+        f"experiments and models"
+    )
 
 
 def paged(search):

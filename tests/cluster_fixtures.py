@@ -54,12 +54,13 @@ SECRETS = {
     "postgres": {"postgres_password"},
     "db-setup": {"postgres_password", "mlflow_pgpass", "optuna_pgpass", "optuna_reader_pgpass"},
     "mlflow": {"mlflow_pgpass", "mlflow_auth_config", "mlflow_flask_secret_key"},
-    "mlflow-setup": {"mlflow_admin_password", "mlflow_credentials"},
+    "mlflow-setup": {"mlflow_admin_password", "mlflow_credentials", "mlflow_registrar_credentials"},
     "ray-head": {"ray_auth_token", "aws_credentials"},
     "ray-worker": {"ray_auth_token", "mlflow_credentials", "aws_credentials"},
     "ray-worker-gpu": {"ray_auth_token", "mlflow_credentials", "aws_credentials"},
     "driver": {"ray_auth_token", "mlflow_credentials", "optuna_pgpass", "aws_credentials"},
     "optuna-dashboard": {"optuna_reader_pgpass"},
+    "register": {"mlflow_registrar_credentials", "aws_credentials"},  # the registrar's login: no other service's
     "s3": set(),  # the S3 stand-in (profile "s3") takes any key pair
 }
 
@@ -131,10 +132,11 @@ def read_secrets(folder: Path) -> dict:
     return {p.name: p.read_text() for p in sorted(Path(folder).iterdir()) if p.is_file()}
 
 
-def mlflow_login(secrets: dict) -> dict:
-    """The driver's and workers' MLflow login, as MLflow's environment variables."""
+def mlflow_login(secrets: dict, name: str = "mlflow_credentials") -> dict:
+    """The driver's and workers' MLflow login (or the secret ``name``'s: mlflow_registrar_credentials,
+    the register service's), as MLflow's environment variables."""
     config = configparser.ConfigParser()
-    config.read_string(secrets["mlflow_credentials"])
+    config.read_string(secrets[name])
     return {key.upper(): value for key, value in config["mlflow"].items()}
 
 

@@ -519,6 +519,122 @@ def test_search_survives_losing_a_worker_node(stack, tmp_path):
     assert steps == list(range(1, epochs + 1))
 
 
+def test_only_the_registrar_changes_a_registered_model(stack, tmp_path, monkeypatch):
+    """mlflow-setup's registrar registers a model (tune/serving/registry.py, into the experiment
+    lpt-models); searcher, the login of every Ray node and the driver, can neither upload over the
+    version's files (HTTP 403 from the artifact proxy; its own run's artifacts still upload) nor
+    update, tag, alias or delete the registered model or its version, nor add a version, even on a
+    model it made itself once mlflow-setup ran again; a code file written into the stored model
+    makes it refused where it loads."""
+    import mlflow
+    import requests
+    import torch
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from test_model_registry import CONFIG, PROFILE
+
+    from lpt_core import LPT, build_backbone_from_spec, save_prompts
+    from lpt_core.data import build_dataset
+    from tune import names
+    from tune.serving import model as lpt_model
+    from tune.serving.check import ModelRefused
+    from tune.serving.registry import MODELS_EXPERIMENT, register_best
+
+    searcher = mlflow_login(stack.secrets)
+    registrar = mlflow_login(stack.secrets, "mlflow_registrar_credentials")
+    assert registrar["MLFLOW_TRACKING_USERNAME"] == "registrar" != searcher["MLFLOW_TRACKING_USERNAME"]
+    client = MlflowClient(stack.tracking_uri)
+    mlflow.set_tracking_uri(stack.tracking_uri)
+    # what a search leaves, written by searcher (this process's login)
+    study = f"registry_{uuid.uuid4().hex[:8]}"
+    experiment = client.create_experiment(study)
+    parent = client.create_run(experiment, tags={names.ROLE: "study"}).info.run_id
+    trial = client.create_run(experiment, tags={names.ROLE: "trial", names.TRIAL_ID: "trial0"}).info.run_id
+    client.set_terminated(trial)
+    data = build_dataset(PROFILE["data"])
+    torch.manual_seed(PROFILE["seed"])
+    model = LPT(build_backbone_from_spec(PROFILE["backbone"]), data.num_classes, **{**PROFILE["model"], **CONFIG})
+    prompt_file = tmp_path / "trial0.safetensors"
+    save_prompts(model, prompt_file)
+    stack.run_setup("mlflow-setup")  # what runs before `docker compose run register`: registrar may tag the study
+
+    def register():
+        return register_best(
+            stack.tracking_uri,
+            "cluster-tiny",
+            study=study,
+            profile_name="tiny",
+            profile=PROFILE,
+            data=data,
+            best={"trial_id": "trial0", "mlflow_run_id": trial, "val_acc": 50.0, **CONFIG},
+            config=CONFIG,
+            prompt_file=prompt_file,
+            test={"test_acc": 40.0},
+            parent_run_id=parent,
+        )
+
+    with monkeypatch.context() as patch:
+        for key, value in registrar.items():
+            patch.setenv(key, value)
+        assert register() == "models:/cluster-tiny/1"
+    version = client.get_model_version("cluster-tiny", "1")
+    model_run = client.get_run(version.run_id)
+    assert client.get_experiment(model_run.info.experiment_id).name == MODELS_EXPERIMENT
+    assert client.get_run(parent).data.tags["lpt.model_uri"] == "models:/cluster-tiny/1"
+    stored = client.get_logged_model(model_run.outputs.model_outputs[0].model_id).artifact_location
+    assert stored.startswith("mlflow-artifacts:/"), stored
+    files = stored.removeprefix("mlflow-artifacts:/").strip("/")
+
+    # searcher: the version's files through the artifact proxy, a code file added or the MLmodel replaced
+    as_searcher = basic_auth(searcher["MLFLOW_TRACKING_USERNAME"], searcher["MLFLOW_TRACKING_PASSWORD"])
+    proxy = f"{stack.tracking_uri}/api/2.0/mlflow-artifacts/artifacts"
+
+    def upload(path: str) -> int:
+        request = urllib.request.Request(f"{proxy}/{path}", data=b"import os\n", method="PUT", headers=as_searcher)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert upload(f"{files}/data/lpt/lpt_model_code.py") == 403
+    assert upload(f"{files}/MLmodel") == 403
+    assert upload(f"{experiment}/{trial}/artifacts/note.py") == 200  # its own run's artifacts: the URL is right
+    assert not list(stack.artifacts.rglob("lpt_model_code.py"))
+    mlmodel = tmp_path / "MLmodel"
+    mlmodel.write_text("flavors: {}\n")
+    refused = {
+        "log an artifact on the model's run": lambda: client.log_artifact(version.run_id, str(mlmodel), "model"),
+        "update the model": lambda: client.update_registered_model("cluster-tiny", "changed"),
+        "rename the model": lambda: client.rename_registered_model("cluster-tiny", "renamed"),
+        "tag the version": lambda: client.set_model_version_tag("cluster-tiny", "1", "k", "v"),
+        "alias the version": lambda: client.set_registered_model_alias("cluster-tiny", "prod", "1"),
+        "update the version": lambda: client.update_model_version("cluster-tiny", "1", "changed"),
+        "add a version": lambda: client.create_model_version("cluster-tiny", f"runs:/{trial}/model", trial),
+        "delete the version": lambda: client.delete_model_version("cluster-tiny", "1"),
+        "delete the model": lambda: client.delete_registered_model("cluster-tiny"),
+    }
+    for what, call in refused.items():  # MLflow's error, or the artifact upload's HTTPError
+        with pytest.raises((MlflowException, requests.HTTPError), match="403|PERMISSION_DENIED"):
+            call()
+            pytest.fail(f"searcher could {what}")
+    assert client.get_model_version("cluster-tiny", "1").description == version.description
+
+    # a model searcher made itself (MANAGE, as its creator) is READ once mlflow-setup has run
+    client.create_registered_model("squatted")
+    client.update_registered_model("squatted", "mine")
+    assert "grants revoked" in stack.run_setup("mlflow-setup")
+    with pytest.raises(MlflowException, match="403|PERMISSION_DENIED"):
+        client.update_registered_model("squatted", "still mine?")
+
+    # the version loads as searcher reads it; with a code file written into its files, it is refused
+    assert lpt_model.load_model("models:/cluster-tiny/1").unwrap_python_model().classifier is not None
+    on_disk = stack.artifacts / files
+    (on_disk / "data" / "lpt" / "hook.py").write_text("import os\n")
+    with pytest.raises(ModelRefused, match=r"^models:/cluster-tiny/1/data/lpt/hook\.py: a code file the LPT model"):
+        lpt_model.load_model("models:/cluster-tiny/1")
+
+
 def test_rotations_change_passwords_in_place(stack):
     """The set-up's rotations (scripts/cluster-setup.sh --rotate runs them in the one-shot
     services): the superuser's password (ALTER ROLE, the old one on stdin), a role's (db-setup sets

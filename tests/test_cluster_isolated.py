@@ -536,8 +536,9 @@ def test_the_search_lives_in_the_bucket(cluster, searched):
 
 @pytest.fixture(scope="module")
 def extended(cluster, searched):
-    """Worker 2 back as a fresh machine; then ``--resume --trials MORE_TRIALS --confirm 1
-    --register`` from another driver machine (the first one's /tmp is gone with it)."""
+    """Worker 2 back as a fresh machine; then ``--resume --trials MORE_TRIALS --confirm 1`` from
+    another driver machine (the first one's /tmp is gone with it); then the register service's
+    command (as registrar, from a machine of its own: the driver may not register)."""
     proc = cluster.add_worker(2)
     proc.wait_for_line("Ray runtime started", 180)
     ids = cluster.node_ids()
@@ -551,7 +552,6 @@ def extended(cluster, searched):
         str(MORE_TRIALS),
         "--confirm",
         "1",
-        "--register",
         *SETS,
         flags={"--study": f"{NODE}/{STUDY}.yaml"},
         files={f"{STUDY}.yaml": study_text()},
@@ -563,7 +563,16 @@ def extended(cluster, searched):
     finally:
         proc.stop()
     assert proc.popen.returncode == 0, f"the extension failed ({proc.popen.returncode}):\n{proc.tail(6000)}"
-    print(f"extension with --confirm 1 --register: {time.time() - started:.0f} s")
+    argv = [sys.executable, str(ROOT / "tune" / "register.py"), "--study", STUDY]
+    proc = cluster.spawn("register", "register", argv, cluster.env("register"))
+    try:
+        proc.popen.wait(timeout=SEARCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the registration did not finish within {SEARCH_TIMEOUT_S} s:\n{proc.tail(6000)}")
+    finally:
+        proc.stop()
+    assert proc.popen.returncode == 0, f"the registration failed ({proc.popen.returncode}):\n{proc.tail(6000)}"
+    print(f"extension with --confirm 1, then the register service: {time.time() - started:.0f} s")
     return {"workers": [ids[ip] for ip in WORKER_IPS], "log": proc.tail(10**6)}
 
 

@@ -981,3 +981,27 @@ def test_ray_nodes_are_off_the_database_network_and_secrets_stay_in_memory(tmp_p
         env = resolved[name]["environment"]
         assert float(env["RAY_local_fs_capacity_threshold"]) < 0.95, name  # Ray's default: 0.95
         assert int(env["RAY_ROTATION_MAX_BYTES"]) * (1 + int(env["RAY_ROTATION_BACKUP_COUNT"])) <= 512 * 2**20, name
+
+
+def test_only_the_register_service_holds_the_registrar(services, setup_dir):
+    """The MLflow user that may change registered models (registrar) is held by the one-shot
+    register service (and mlflow-setup, which sets its password), never by a Ray node or the
+    driver; register is no Ray node, runs tune/register.py with that login, and the driver's
+    --register is refused with the command that runs it."""
+    holders = {name for name, svc in services.items() if "mlflow_registrar_credentials" in svc.get("secrets", [])}
+    assert holders == {"register", "mlflow-setup"}
+    register = services["register"]
+    assert set(register["secrets"]) == {"mlflow_registrar_credentials", "aws_credentials"}  # no searcher, no token
+    assert register["profiles"] == ["register"] and register["restart"] == "no"
+    assert register["entrypoint"] == ["lpt-entrypoint", "python", "tune/register.py"]
+    env = environment_of(register)
+    assert env["LPT_MLFLOW_LOGIN"] == f"{SECRETS_DIR}/mlflow_registrar_credentials"
+    assert not [k for k in env if k.startswith("RAY_")] and "ray_auth_token" not in register["secrets"]
+    assert register["depends_on"] == {"mlflow-setup": {"condition": "service_completed_successfully"}}
+    for name in RAY_PROCESSES:
+        assert "mlflow_registrar_credentials" not in services[name].get("secrets", []), name
+    assert environment_of(services["driver"])["LPT_REGISTER_WITH"] == "docker compose run --rm register"
+    # cluster-setup.sh made a login of its own for it, not the searcher's
+    login = (setup_dir / "secrets" / "mlflow_registrar_credentials").read_text()
+    assert "mlflow_tracking_username = registrar" in login
+    assert login != (setup_dir / "secrets" / "mlflow_credentials").read_text()

@@ -17,7 +17,7 @@ Checks:
   scripts/cluster-setup.sh prints the Python and Ray the head runs.
 - no Ray node can open a TCP connection to PostgreSQL (its own compose network); the MLflow
   server's container can.
-- a 10-trial smoke search (with --register) from the driver container: a second driver's
+- a 10-trial smoke search from the driver container, then `run register`: a second driver's
   `--resume` of it is refused in one line; a backup is taken (the driver paused for it), then
   scripts/cluster-restore.sh and `cluster-setup.sh --rotate` are refused in one line naming the
   `run` driver container and the search's locks; a Ray task a worker places on the driver's node
@@ -26,8 +26,9 @@ Checks:
   server is stopped (60 s), PostgreSQL stopped (40 s) and frozen (SIGSTOP, 30 s), each while a
   trial runs, with backups between; the search still ends 0 with every trial done once
   (trials.parquet, one MLflow run each with no epoch logged twice, the Optuna study) and the model
-  registered with no pickle file in it; each mid-search backup's dump, restored into a scratch
-  database, has ended in Optuna exactly the trials its trials.parquet holds.
+  registered (by the register service) with no code or pickle file in it; each mid-search
+  backup's dump, restored into a scratch database, has ended in Optuna exactly the trials its
+  trials.parquet holds.
 - scripts/cluster-backup.sh, `docker-compose down -v` (the volumes gone), `up`, then
   scripts/cluster-restore.sh: the parent run, its trials, the registered model, the Optuna study
   and the search folder are back; the read-only optuna-dashboard shows the study and cannot delete it.
@@ -696,7 +697,8 @@ def address_on(stack: Stack, container: str, network: str) -> str:
 
 @pytest.fixture(scope="module")
 def search(stack, tmp_path_factory):
-    """The driver container's 10-trial smoke search with --register, and what it lives through: a
+    """The driver container's 10-trial smoke search (then the register
+    service), and what it lives through: a
     second driver's --resume of it (refused); a backup (the driver paused for it), then restore and
     --rotate (refused); a Ray task placed on the driver's node looking for secrets; a worker
     container killed while it runs a trial with no epoch done (it cannot end before the kill);
@@ -711,7 +713,7 @@ def search(stack, tmp_path_factory):
     started = time.time()
     with open(log, "w") as out:
         driver = subprocess.Popen(
-            [*map(str, stack.compose), "run", "--rm", "-T", "driver", *SEARCH, "--register"],
+            [*map(str, stack.compose), "run", "--rm", "-T", "driver", *SEARCH],
             cwd=stack.workdir,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -856,6 +858,9 @@ def search(stack, tmp_path_factory):
     timed("search: after the kill", happened["killed"])
     timed("search: whole", started)
     happened["returncode"], happened["output"] = driver.returncode, log.read_text()
+    # registration: the driver holds only searcher, so the one-shot register service (registrar)
+    register = ("run", "--rm", "-T", "register", "--study", "prompt_pool")
+    happened["register"] = stack.run(*register, timeout=600, check=False)
     return happened
 
 
@@ -952,13 +957,15 @@ def test_the_search_survives_a_lost_worker_and_restarts_of_postgres_and_mlflow(s
     states = load_optuna_study(stack, tags)
     assert states == {r["trial_id"]: {"completed": "COMPLETE", "early_stopped": "PRUNED"}[r["status"]] for r in rows}
 
-    # --register: the best trial's model, code and artifacts, no pickle
+    # the register service: the best trial's model, data only, no code file, no pickle
+    registered = search["register"]
+    assert registered.returncode == 0, f"{registered.stdout[-3000:]}\n{registered.stderr[-3000:]}"
     model_uri = tags["lpt.model_uri"]
-    assert re.fullmatch(r"models:/prompt_pool-smoke/\d+", model_uri) and f"model:      {model_uri}" in output
+    assert re.fullmatch(r"models:/prompt_pool-smoke/\d+", model_uri) and f"model: {model_uri}" in registered.stdout
     version = client.get_model_version("prompt_pool-smoke", model_uri.rsplit("/", 1)[1])
     names = {a.path for a in client.list_artifacts(version.run_id, "model")}
-    assert "model/lpt_model_code.py" in names and "model/MLmodel" in names, names
-    assert not [n for n in names if n.endswith((".pkl", ".pickle"))], names
+    assert "model/data" in names and "model/MLmodel" in names, names
+    assert not [n for n in names if n.endswith((".py", ".pkl", ".pickle"))], names
     print(f"[docker test] timings: {json.dumps(TIMINGS)}", flush=True)
 
 
@@ -1081,9 +1088,7 @@ def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
     assert all(r.info.status == "FINISHED" and "val_acc" in r.data.metrics for r in runs)
     version = client.get_model_version("prompt_pool-smoke", model_uri.rsplit("/", 1)[1])
     assert version.tags["lpt.parent_run_id"] == record["parent_run_id"]
-    assert "model/lpt_model_code.py" in {
-        a.path for a in client.list_artifacts(version.run_id, "model")
-    }  # artifacts back
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(version.run_id, "model")}  # artifacts back
     # the search folder and the Optuna study
     assert search_table(stack) == (folder, rows, record)
     states = load_optuna_study(stack, parent.data.tags)

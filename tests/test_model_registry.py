@@ -14,8 +14,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from tune import names
 from tune import tracking as mt
 from tune.config.study import ProfileConfig
 from tune.serving import model as lpt_model
+from tune.serving.check import ModelRefused, check_model_dir
 from tune.serving.registry import MODEL_URI_TAG, NothingToRegister, register_best, register_finished_search
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +129,12 @@ def test_logged_model_holds_prompts_config_and_example_not_the_backbone(register
     assert tags["lpt.trial_id"] == "trial0" and tags["lpt.parent_run_id"] == registered["parent"]
     assert tags["lpt.study"] == "prompt_pool" and tags["lpt.profile"] == "tiny"
     assert float(tags["val_acc"]) == 55.0 and float(tags["test_acc"]) == pytest.approx(registered["test"]["test_acc"])
-    assert "trial0" in version.description and version.run_id == registered["trial"]
+    assert "trial0" in version.description
+    # logged on a run of its own in the experiment lpt-models (the cluster's registrar alone writes it)
+    model_run = client.get_run(version.run_id)
+    assert client.get_experiment(model_run.info.experiment_id).name == "lpt-models"
+    assert model_run.data.tags["lpt.trial_run_id"] == registered["trial"] and model_run.data.tags["lpt.role"] == "model"
+    assert model_run.data.tags["lpt.trial_id"] == "trial0" and model_run.info.status == "FINISHED"
     assert client.get_run(registered["parent"]).data.tags[MODEL_URI_TAG] == registered["model_uri"]
     assert client.get_run(registered["trial"]).info.status == "FINISHED"
 
@@ -135,26 +143,26 @@ def test_logged_model_holds_prompts_config_and_example_not_the_backbone(register
     files = {str(p.relative_to(local)): p.stat().st_size for p in local.rglob("*") if p.is_file()}
     assert {
         "MLmodel",
-        "artifacts/prompts.safetensors",
-        "artifacts/lpt_model.json",
+        "data/lpt/prompts.safetensors",
+        "data/lpt/lpt_model.json",
         "input_example.json",
         "serving_input_example.json",
-        "lpt_model_code.py",
         "requirements.txt",
     } <= set(files)
-    # models-from-code: the model is tune/serving/lpt_model_code.py, nothing is pickled
-    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    # data only: no code file, nothing pickled; the MLmodel names the installed loader module
+    assert not [f for f in files if f.endswith((".py", ".pkl", ".pickle", ".cloudpickle"))], files
     pyfunc = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
-    assert pyfunc["model_code_path"].endswith("lpt_model_code.py") and "python_model" not in pyfunc, pyfunc
-    assert (local / "lpt_model_code.py").read_text() == (ROOT / "tune" / "serving" / "lpt_model_code.py").read_text()
+    assert pyfunc["loader_module"] == "tune.serving.loader" and pyfunc["data"] == "data/lpt", pyfunc
+    assert pyfunc.get("code") is None and "python_model" not in pyfunc and "model_code_path" not in pyfunc, pyfunc
+    check_model_dir(local)  # the layout the loader accepts
     model_bytes = sum(files.values())
     backbone_bytes = sum(p.numel() * p.element_size() for p in registered["backbone"].state_dict().values())
     prompt_bytes = sum(t.numel() * t.element_size() for t in registered["model"].prompt_state_dict().values())
     # the prompts and a few KB of metadata; the backbone (1.8 MB even for this tiny ViT) is not in it
-    assert files["artifacts/prompts.safetensors"] < prompt_bytes + 4096
+    assert files["data/lpt/prompts.safetensors"] < prompt_bytes + 4096
     assert model_bytes < prompt_bytes + 64 * 1024 and model_bytes < backbone_bytes / 10, (model_bytes, backbone_bytes)
 
-    config = json.loads((local / "artifacts" / "lpt_model.json").read_text())
+    config = json.loads((local / "data" / "lpt" / "lpt_model.json").read_text())
     assert config["backbone"] == PROFILE["backbone"] and config["backbone_seed"] == PROFILE["seed"]
     assert config["model"] == {**PROFILE["model"], **CONFIG}
     assert config["class_names"] == registered["data"].class_names and config["image_size"] == 32
@@ -182,7 +190,8 @@ def test_every_input_form_gives_the_trained_models_answer(registered, tmp_path):
     agree, and their top class is what the model in memory predicts on the test split's own transform."""
     data, model = registered["data"], registered["model"]
     mlflow.set_tracking_uri(registered["uri"])
-    loaded = mlflow.pyfunc.load_model(f"runs:/{registered['trial']}/model")
+    run_id = registered["client"].get_model_version("prompt_pool-tiny", "1").run_id
+    loaded = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     raw = raw_split(data.test)
     images = [raw[i][0] for i in range(len(data.test))]
     paths = []
@@ -235,7 +244,7 @@ def test_missing_backbone_weights_fail_like_the_search(registered, tmp_path, mon
     """A model whose backbone is pretrained but not on this machine: the search's one-line error."""
     mlflow.set_tracking_uri(registered["uri"])
     local = Path(mlflow.artifacts.download_artifacts(registered["model_uri"], dst_path=str(tmp_path)))
-    config_file = local / "artifacts" / "lpt_model.json"
+    config_file = local / "data" / "lpt" / "lpt_model.json"
     config = json.loads(config_file.read_text())
     config["backbone"]["weights"] = "pretrained"
     config_file.write_text(json.dumps(config))
@@ -263,7 +272,7 @@ class Pickled(mlflow.pyfunc.PythonModel):
 
 def test_a_pickled_model_is_refused_where_the_project_loads_models(registered, tmp_path, monkeypatch, capsys):
     """predict.py (and the driver's load-back check, lpt_model.load_model) never unpickle a model,
-    even when the environment allows it; the LPT model, being code, loads."""
+    even when the environment allows it: the layout check refuses it first, naming the MLmodel."""
     mlflow.set_tracking_uri(registered["uri"])
     with mlflow.start_run(experiment_id=registered["client"].get_experiment_by_name("prompt_pool").experiment_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=Pickled())
@@ -276,10 +285,118 @@ def test_a_pickled_model_is_refused_where_the_project_loads_models(registered, t
     capsys.readouterr()  # what logging the model printed
     assert predict_cli.main(["--model", info.model_uri, "--split", "test", "--out", str(tmp_path / "p.csv")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith(
-        f"error: --model {info.model_uri}: Deserializing model using pickle is disallowed"
-    ), errors
-    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "true"  # load_model put it back
+    assert errors == [
+        f"error: --model {info.model_uri}/MLmodel: a pickled python_model (python_model.pkl), never loaded here"
+    ], errors
+    assert lpt_model.load_model(registered["model_uri"]).unwrap_python_model().classifier is not None
+
+
+MARKER = "lpt-tamper-ran"  # what the injected code would write if anything ran it
+PAYLOAD = f"import pathlib, tempfile\npathlib.Path(tempfile.gettempdir(), {MARKER!r}).write_text('ran')\n"
+
+
+def tamper(local: Path, how: str) -> str:
+    """Change a downloaded LPT model as someone who may write its artifacts could; returns the
+    model file the refusal must name."""
+    mlmodel = local / "MLmodel"
+    meta = yaml.safe_load(mlmodel.read_text())
+    pyfunc = meta["flavors"]["python_function"]
+    if how == "loader":  # the MLmodel's loader points at a module logged with the model
+        pyfunc["loader_module"], pyfunc["code"] = "evil", "code"
+        (local / "code").mkdir()
+        (local / "code" / "evil.py").write_text(PAYLOAD + "def _load_pyfunc(*a):\n    return None\n")
+        named = "MLmodel"
+    elif how == "loader only":  # another installed module
+        pyfunc["loader_module"] = "mlflow.sklearn"
+        named = "MLmodel"
+    elif how == "code path":  # the loader kept, a logged folder first on sys.path that shadows it
+        pyfunc["code"] = "code"
+        (local / "code" / "tune" / "serving").mkdir(parents=True)
+        for folder in ("tune", "tune/serving"):
+            (local / "code" / folder / "__init__.py").write_text("")
+        (local / "code" / "tune" / "serving" / "loader.py").write_text(PAYLOAD)
+        named = "MLmodel"
+    elif how == "code file":  # the MLmodel untouched, a code file added next to the prompts
+        (local / "data" / "lpt" / "lpt_model_code.py").write_text(PAYLOAD)
+        return "data/lpt/lpt_model_code.py"
+    elif how == "old layout":  # as the models-from-code version logged it
+        del pyfunc["loader_module"], pyfunc["data"]
+        pyfunc.update(model_code_path="lpt_model_code.py", artifacts={}, code=None)
+        (local / "lpt_model_code.py").write_text(PAYLOAD)
+        named = "MLmodel"
+    mlmodel.write_text(yaml.safe_dump(meta))
+    return named
+
+
+TAMPERED = {
+    "loader": r"loader_module 'evil' is not tune\.serving\.loader",
+    "loader only": r"loader_module 'mlflow\.sklearn' is not tune\.serving\.loader",
+    "code path": r"python_function code 'code': the LPT model has no code",
+    "code file": r"a code file the LPT model does not have",
+    "old layout": r"logged by an earlier version as a code file \(lpt_model_code\.py\), which is not run any more; "
+    r"re-register it: python tune/report\.py --study STUDY --register NAME",
+}
+
+
+@pytest.mark.parametrize("how", list(TAMPERED))
+def test_a_changed_loader_or_code_file_is_refused_naming_it(registered, tmp_path, monkeypatch, capsys, how):
+    """Every load path refuses a tampered model in one line naming the file, before MLflow runs
+    anything of it: lpt_model.load_model (predict.py, the --register load-back), predict.py's exit 2,
+    the check CLI that docs/serving.md serves from; with the loader intact, MLflow's own load too."""
+    marker = Path(tempfile.gettempdir(), MARKER)
+    marker.unlink(missing_ok=True)
+    mlflow.set_tracking_uri(registered["uri"])
+    local = Path(mlflow.artifacts.download_artifacts(registered["model_uri"], dst_path=str(tmp_path / "model")))
+    named = tamper(local, how)
+    with pytest.raises(ModelRefused) as err:
+        lpt_model.load_model(str(local))
+    line = one_line(str(err.value))
+    assert line.startswith(f"{local}/{named}: ") and re.search(TAMPERED[how], line), line
+    from tune import predict as predict_cli
+    from tune.serving import check
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
+    capsys.readouterr()
+    assert predict_cli.main(["--model", str(local), "--split", "test", "--out", str(tmp_path / "p.csv")]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: --model {line}"]
+    assert check.main([str(local), str(tmp_path / "served")]) == 2
+    assert one_line(capsys.readouterr().err) == f"error: {local}/{named}: {line.split(': ', 1)[1]}"
+    if how == "code file":  # MLflow's own load_model (mlflow models serve): the installed loader refuses it
+        with pytest.raises(MlflowException, match="a code file the LPT model does not have"):
+            mlflow.pyfunc.load_model(str(local))
+    assert not marker.exists() and "evil" not in sys.modules
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_model_changed_in_the_store_is_refused_by_its_registered_uri(registered, tmp_path, monkeypatch, capsys):
+    """A code file written into a registered version's artifact location: predict.py refuses
+    ``models:/NAME/VERSION`` with the line naming the file; the untouched version still loads."""
+    mlflow.set_tracking_uri(registered["uri"])
+    client = registered["client"]
+    with mlflow.start_run(experiment_id=client.get_experiment_by_name("prompt_pool").experiment_id):
+        info = lpt_model.log_model(
+            json.loads(
+                Path(
+                    mlflow.artifacts.download_artifacts(
+                        f"{registered['model_uri']}/data/lpt/lpt_model.json", dst_path=str(tmp_path)
+                    )
+                ).read_text()
+            ),
+            registered["prompt_file"],
+            lpt_model.input_example(registered["data"]),
+        )
+    version = mlflow.register_model(info.model_uri, "tampered-tiny").version
+    store = Path(urllib.parse.urlparse(client.get_logged_model(info.model_id).artifact_location).path)
+    (store / "data" / "lpt" / "lpt_model_code.py").write_text(PAYLOAD)
+    from tune import predict as predict_cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
+    capsys.readouterr()
+    uri = f"models:/tampered-tiny/{version}"
+    assert predict_cli.main(["--model", uri, "--split", "test", "--out", str(tmp_path / "p.csv")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --model {uri}/data/lpt/lpt_model_code.py: a code file the LPT model does not have"
+    ]
     assert lpt_model.load_model(registered["model_uri"]).unwrap_python_model().classifier is not None
 
 
@@ -376,21 +493,23 @@ def test_search_registers_its_best_trial(smoke_search):
     best_id = parent.data.tags["lpt.best_trial_id"]
     assert version.tags["lpt.trial_id"] == best_id and version.tags["lpt.parent_run_id"] == parent.info.run_id
     assert parent.data.tags[MODEL_URI_TAG] == model_uri
-    trial = client.get_run(version.run_id)
+    trial = client.get_run(client.get_run(version.run_id).data.tags["lpt.trial_run_id"])
     assert trial.data.tags["lpt.trial_id"] == best_id and trial.data.tags["lpt.best"] == "true"
     for key in ("val_acc", "val_few_acc", "test_acc", "test_many_acc", "test_medium_acc", "test_few_acc"):
         assert float(version.tags[key]) == pytest.approx(trial.data.metrics[key], abs=1e-4), key
-    # --register logged code, not a pickle (the CLI and the server below load it with pickles refused)
+    # --register logged data, no code and no pickle: the MLmodel, the data folder, MLflow's metadata
     mlflow.set_tracking_uri(smoke_search.tracking_uri)
     files = [f.path for f in mlflow.artifacts.list_artifacts(model_uri)]
-    assert "lpt_model_code.py" in files and not [f for f in files if f.endswith((".pkl", ".pickle"))], files
+    assert "MLmodel" in files and "data" in files, files
+    assert not [f for f in files if f.endswith((".py", ".pkl", ".pickle"))], files
 
 
 @pytest.mark.slow
 def test_fresh_process_predicts_the_searchs_test_accuracy(smoke_search, tmp_path):
     model_uri = smoke_model(smoke_search)
     client = smoke_search.client()
-    trial = client.get_run(client.get_model_version("prompt_pool-smoke", "1").run_id)
+    model_run = client.get_run(client.get_model_version("prompt_pool-smoke", "1").run_id)
+    trial = client.get_run(model_run.data.tags["lpt.trial_run_id"])  # the model's run names its trial's
     out = tmp_path / "test-preds.csv"
     proc = subprocess.run(
         [sys.executable, str(PREDICT), "--model", model_uri, "--split", "test", "--out", str(out)],
@@ -417,7 +536,7 @@ def test_fresh_process_predicts_the_searchs_test_accuracy(smoke_search, tmp_path
     # docs/serving.md's three lines, in a fresh process, by the models:/ URI
     readme = (ROOT / "docs" / "serving.md").read_text()
     snippet = re.search(
-        r"```python\n(import mlflow, pandas as pd\nmodel = mlflow\.pyfunc\.load_model.*?)```", readme, re.S
+        r"```python\n(import pandas as pd\nfrom tune\.serving\.model import load_model.*?)```", readme, re.S
     ).group(1)
     photo = tmp_path / "photos" / "cat.jpg"
     photo.parent.mkdir()
@@ -452,7 +571,9 @@ def test_report_registers_a_finished_search(smoke_search, tmp_path):
     client = copy.client()
     first, second = (client.get_model_version("prompt_pool-smoke", v) for v in ("1", "2"))
     assert second.tags["lpt.trial_id"] == first.tags["lpt.trial_id"]
-    assert second.tags["test_acc"] == first.tags["test_acc"] and second.run_id == first.run_id
+    assert second.tags["test_acc"] == first.tags["test_acc"]
+    trial_run = lambda version: client.get_run(version.run_id).data.tags["lpt.trial_run_id"]  # noqa: E731
+    assert trial_run(second) == trial_run(first)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tune" / "report.py"), "--study", "prompt_pool", "--register", "bad/name"],
         cwd=copy.cwd,
@@ -462,6 +583,17 @@ def test_report_registers_a_finished_search(smoke_search, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 2 and "--register 'bad/name'" in one_line(proc.stderr)
+    # tune/register.py (the compose service register): the same registration, no report rebuilt
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tune" / "register.py"), "--study", "prompt_pool", "--name", "again"],
+        cwd=copy.cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and "model: models:/again/1" in proc.stdout.splitlines(), proc.stderr[-3000:]
+    assert client.get_model_version("again", "1").tags["lpt.trial_id"] == first.tags["lpt.trial_id"]
 
 
 def free_port() -> int:
@@ -470,21 +602,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def documented_serve_and_curl() -> tuple[str, str]:
+def documented_serve_and_curl() -> tuple[str, str, str]:
     readme = (ROOT / "docs" / "serving.md").read_text()
     block = re.search(
-        r"```bash\n(MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false mlflow models serve .*?)\n(curl .*?)\n```", readme, re.S
+        r"```bash\n(python -m tune\.serving\.check .*?)\n"
+        r"(MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false mlflow models serve .*?)\n(curl .*?)\n```",
+        readme,
+        re.S,
     )
-    return block.group(1), block.group(2)
+    return block.group(1), block.group(2), block.group(3)
 
 
 @pytest.mark.slow
 def test_served_model_answers_the_documented_curl(smoke_search, tmp_path):
     model_uri = smoke_model(smoke_search)
-    serve, curl = documented_serve_and_curl()
+    check, serve, curl = documented_serve_and_curl()
     port = free_port()
     assert "--env-manager local" in serve and "--port 5001" in serve and "5001/invocations" in curl
-    serve = serve.replace("models:/prompt_pool-smoke/1", model_uri).replace("5001", str(port))
+    assert "-m served-model " in serve and check.endswith("models:/prompt_pool-smoke/1 served-model")
+    check = check.replace("models:/prompt_pool-smoke/1", model_uri).replace("python ", f"{sys.executable} ", 1)
+    serve = serve.replace("5001", str(port))
     curl = curl.replace("5001", str(port))
     # the image docs/serving.md classifies: a test image of the smoke data, as a JPEG file
     data = build_dataset(json.loads((smoke_search.folder / "search.json").read_text())["profile"]["data"])
@@ -501,6 +638,11 @@ def test_served_model_answers_the_documented_curl(smoke_search, tmp_path):
         "MLFLOW_TRACKING_URI": smoke_search.tracking_uri,  # `mlflow` of this interpreter's venv
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+    # the documented check downloads the registered model into served-model/ (tune from the checkout)
+    checked = subprocess.run(
+        ["bash", "-c", check], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True
+    )
+    assert checked.returncode == 0 and (tmp_path / "served-model" / "MLmodel").is_file(), checked.stderr
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
         ["bash", "-c", f"exec env {serve}"],
@@ -564,6 +706,37 @@ def test_register_name_is_checked_before_anything_runs(capsys):
     assert "--register 'bad/name': a registered model name is letters" in one_line(capsys.readouterr().err)
     assert search.parse_args(["--study", "s", "--register"]).register == ""  # the default name
     assert search.parse_args(["--study", "s"]).register is None
+
+
+def test_search_register_on_the_compose_stack_names_the_register_service(monkeypatch, capsys):
+    """The compose driver holds only searcher's login: --register is refused up front, in one line,
+    with the command that registers (docker-compose.yml sets LPT_REGISTER_WITH); without it a
+    search registers as before (the smoke search of conftest.py does)."""
+    from tune import search
+
+    monkeypatch.setenv("LPT_REGISTER_WITH", "docker compose run --rm register")
+    assert search.main(["--study", "prompt_pool", "--register", "--dry-run"]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        "error: --register: this driver's MLflow login may not register models on this stack; "
+        "after the search run: docker compose run --rm register --study prompt_pool"
+    )
+    assert search.main(["--study", "prompt_pool", "--dry-run"]) == 0  # a search without --register runs
+
+
+def test_register_cli_bad_input_is_one_line(registered, tmp_path, monkeypatch, capsys):
+    from tune import register
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
+    assert register.main(["--study", "prompt_pool", "--name", "bad/name"]) == 2
+    assert "--name 'bad/name': a registered model name is letters" in one_line(capsys.readouterr().err)
+    monkeypatch.setenv("LPT_MLFLOW_LOGIN", str(tmp_path / "missing"))
+    assert register.main(["--study", "prompt_pool"]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"error: LPT_MLFLOW_LOGIN={tmp_path / 'missing'}: not a readable MLflow credentials file (FileNotFoundError)"
+    )
+    monkeypatch.delenv("LPT_MLFLOW_LOGIN")
+    assert register.main(["--study", "nope"]) == 2
+    assert one_line(capsys.readouterr().err).startswith("error: --study nope: no MLflow experiment of that name")
 
 
 def test_a_search_without_a_best_trial_has_nothing_to_register(registered, tmp_path):

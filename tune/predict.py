@@ -56,14 +56,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_classifier(uri: str, weights: str | None, device: str):
-    """The LPT classifier of an MLflow model URI, loaded through its pyfunc flavour (never unpickled)."""
+    """The LPT classifier of an MLflow model URI: downloaded, its layout checked (no code, no
+    pickle, the installed loader), then built by this project's code."""
     from mlflow.exceptions import MlflowException
 
     from tune.errors import error_line
+    from tune.serving.check import ModelRefused
     from tune.serving.model import load_model
 
     try:
         model = load_model(uri, model_config={"weights": weights or "", "device": device})
+    except ModelRefused as exc:  # names the file: --model models:/NAME/1/MLmodel: ...
+        raise BadInput(f"--model {exc}") from None
     except MlflowException as exc:
         raise BadInput(f"--model {uri}: {str(exc).strip().splitlines()[0]}") from None
     except OSError as exc:
@@ -72,7 +76,7 @@ def load_classifier(uri: str, weights: str | None, device: str):
         getattr(model.unwrap_python_model(), "classifier", None) if hasattr(model, "unwrap_python_model") else None
     )
     if classifier is None:
-        raise BadInput(f"--model {uri}: not an LPT model (its pyfunc flavour is not tune/serving/model.py's)")
+        raise BadInput(f"--model {uri}: not an LPT model (its pyfunc flavour is not tune.serving.loader's)")
     return classifier
 
 
@@ -130,7 +134,8 @@ class Images:
 
 
 def recorded_test(uri: str) -> dict:
-    """The test accuracies the search recorded for this model: a registered version's tags, or the run's metrics."""
+    """The test accuracies the search recorded for this model: a registered version's tags, or the
+    metrics of the trial's run."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -139,8 +144,11 @@ def recorded_test(uri: str) -> dict:
     try:
         if registered:
             values = MlflowClient().get_model_version(*registered.groups()).tags
-        elif run:
-            values = MlflowClient().get_run(run.group(1)).data.metrics
+        elif run:  # a registered model's own run names its trial's run (lpt.trial_run_id)
+            client = MlflowClient()
+            logged = client.get_run(run.group(1)).data
+            trial = logged.tags.get("lpt.trial_run_id")
+            values = client.get_run(trial).data.metrics if trial else logged.metrics
         else:
             return {}
     except MlflowException:

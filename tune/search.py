@@ -93,12 +93,21 @@ def check_ray_address() -> str | None:
     return address
 
 
+# set where registration runs under another identity (the compose driver: "docker compose run --rm register")
+REGISTER_WITH = "LPT_REGISTER_WITH"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.schema:
         from tune.config.study import schema
 
         print(json.dumps(schema(args.schema), indent=2))
         return 0
+    if args.register is not None and os.environ.get(REGISTER_WITH):  # the compose driver: searcher's login only
+        raise ConfigError(
+            f"--register: this driver's MLflow login may not register models on this stack; "
+            f"after the search run: {os.environ[REGISTER_WITH]} --study {Path(args.study or 'STUDY').stem}"
+        )
     from tune.tracking_retry import apply_retry_settings, describe, retry_settings
 
     apply_retry_settings()  # before any MLflow call: the project's retry window unless the environment sets one

@@ -1,2 +1,2 @@
-"""The registered model: the MLflow pyfunc model, its code file for models-from-code, and registration.
-Never imports engine."""
+"""The registered model: the MLflow pyfunc model, its installed loader module, the check of a
+downloaded model's layout, and registration. Never imports engine."""

@@ -3,9 +3,11 @@ registered in the Model Registry.
 
 The logged model holds the prompt file (a few MB), ``lpt_model.json`` (backbone spec, LPT shape,
 class names, image size, normalisation, logit scale: ``lpt_core.inference.classifier_config``), a
-signature and a PNG input example; never the backbone weights. The model itself is code, not a
-pickle (``tune/serving/lpt_model_code.py``, MLflow's models-from-code): loading it unpickles nothing, and
-works with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``. Loading builds the backbone from
+signature and a PNG input example; never the backbone weights, never code and never a pickle:
+the MLmodel names the installed loader module ``tune.serving.loader`` (MLflow's ``loader_module``),
+which builds ``LPTModel`` from this project's code and the logged files. ``load_model`` (every load
+path of the project) downloads the model and checks its layout first (``tune.serving.check``): a
+code file or another loader in the artifacts is refused in one line. Loading builds the backbone from
 timm (pretrained cache, a local file, or the seeded random one of a smoke profile) and the prompts.
 ``predict`` takes a DataFrame with an ``image`` column (encoded image bytes, as ``mlflow models
 serve`` decodes them from base64, or file paths; uint8 [3, H, W] tensors too), a list of those, or a
@@ -18,7 +20,6 @@ weights file instead of the logged spec's) and ``device``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,11 +36,9 @@ from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
 
 from lpt_core.inference import build_classifier, png_bytes, raw_split
+from tune.serving.check import CONFIG_FILE, DATA, LOADER, PROMPTS_FILE, fetch
 
 ARTIFACT_PATH = "model"  # runs:/<trial run id>/model
-CONFIG_FILE, PROMPTS_FILE = "lpt_model.json", "prompts.safetensors"
-MODEL_CODE = Path(__file__).with_name("lpt_model_code.py")  # what MLflow runs to get the model
-NO_PICKLES = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 DEFAULT_TOP_CLASSES = 5
 IMAGE_COLUMN = "image"
 SIGNATURE = ModelSignature(
@@ -60,16 +59,19 @@ class LoggedModelMismatch(RuntimeError):
     """The logged model, loaded back, does not answer as the trial's model does."""
 
 
-class LPTModel(mlflow.pyfunc.PythonModel):
-    """pyfunc model: the classifier is built in ``load_context`` from the logged artifacts."""
+class LPTModel:
+    """The LPT pyfunc model (``unwrap_python_model()``): its ``classifier`` is built by ``build``
+    from the logged files; ``tune.serving.loader`` hands it to MLflow."""
 
-    def load_context(self, context) -> None:
-        options = context.model_config or {}
-        config = json.loads(Path(context.artifacts["config"]).read_text())
+    def __init__(self, classifier):
+        self.classifier = classifier
+
+    @classmethod
+    def build(cls, config_file: Path, prompt_file: Path, options: dict) -> LPTModel:
+        config = json.loads(Path(config_file).read_text())
+        weights, device = options.get("weights") or None, options.get("device") or "auto"
         try:
-            self.classifier = build_classifier(
-                config, context.artifacts["prompts"], options.get("weights") or None, options.get("device") or "auto"
-            )
+            return cls(build_classifier(config, prompt_file, weights, device))
         except (ValueError, FileNotFoundError) as exc:
             raise MlflowException(str(exc)) from None
 
@@ -110,13 +112,14 @@ def log_model(config: dict, prompt_file: str | Path, example: pd.DataFrame) -> m
     """Log the pyfunc model on the active run under ``model``; checks that the logged model,
     loaded back, answers the example as the in-memory one does."""
     with tempfile.TemporaryDirectory() as folder:
-        config_file, prompts = Path(folder) / CONFIG_FILE, Path(folder) / PROMPTS_FILE
-        config_file.write_text(json.dumps(config, indent=2))
-        shutil.copyfile(prompt_file, prompts)
+        data = Path(folder) / Path(DATA).name  # MLflow copies it to <model>/data/lpt
+        data.mkdir()
+        (data / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        shutil.copyfile(prompt_file, data / PROMPTS_FILE)
         info = mlflow.pyfunc.log_model(
             name=ARTIFACT_PATH,
-            python_model=str(MODEL_CODE),
-            artifacts={"config": str(config_file), "prompts": str(prompts)},
+            loader_module=LOADER,
+            data_path=str(data),
             model_config=LOAD_OPTIONS,
             signature=SIGNATURE,
             input_example=example,
@@ -133,16 +136,7 @@ def log_model(config: dict, prompt_file: str | Path, example: pd.DataFrame) -> m
 
 
 def load_model(uri: str, model_config: dict | None = None) -> mlflow.pyfunc.PyFuncModel:
-    """``mlflow.pyfunc.load_model`` with unpickling refused whatever the environment says
-    (``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``): an LPT model is code, and a pickled model --
-    one logged before models were code, or one replaced by someone who may write runs -- could run
-    anything on this machine. MLflow refuses it with a one-line error."""
-    previous = os.environ.get(NO_PICKLES)
-    os.environ[NO_PICKLES] = "false"
-    try:
-        return mlflow.pyfunc.load_model(uri, model_config=model_config)
-    finally:
-        if previous is None:
-            os.environ.pop(NO_PICKLES, None)
-        else:
-            os.environ[NO_PICKLES] = previous
+    """Download the model, check its layout (``tune.serving.check``: refused with ``ModelRefused``,
+    one line naming the file) and load the checked copy, so what MLflow reads is what was checked."""
+    with tempfile.TemporaryDirectory(prefix="lpt-model-") as folder:
+        return mlflow.pyfunc.load_model(str(fetch(uri, folder)), model_config=model_config)

@@ -1,11 +1,14 @@
 """Register a search's best trial in the MLflow Model Registry (``tune/search.py --register``,
 ``tune/report.py --register``).
 
-The trial's prompts are logged as the LPT pyfunc model (``tune/serving/model.py``) on the trial's own
-run (``runs:/<trial run id>/model``) and registered as a new version of ``NAME`` (default
-``<study>-<profile>``), tagged with the trial id, the search's parent run, the study and profile,
-and the validation and test accuracies (``val_acc``, ``test_acc``, ... in percent). The parent run
-gets the tag ``lpt.model_uri`` = ``models:/NAME/VERSION``.
+The trial's prompts are logged as the LPT pyfunc model (``tune/serving/model.py``) on a run of its
+own in the experiment ``lpt-models`` (``runs:/<model run id>/model``; the run is tagged with the
+trial, its run and the search's parent run), not on the trial's run: on the cluster only the
+registering identity (``registrar``) may write that experiment, while the searcher, which every
+Ray node holds, may write the studies' experiments. The model is registered as a new version of
+``NAME`` (default ``<study>-<profile>``), tagged with the trial id, the search's parent run, the
+study and profile, and the validation and test accuracies (``val_acc``, ``test_acc``, ... in
+percent). The parent run gets the tag ``lpt.model_uri`` = ``models:/NAME/VERSION``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ VERSION_TRIAL, VERSION_PARENT, VERSION_STUDY, VERSION_PROFILE = (
     names.VERSION_STUDY,
     names.VERSION_PROFILE,
 )
+
+
+MODELS_EXPERIMENT = "lpt-models"  # where registered models' runs are; the cluster's registrar alone writes it
+MODEL_RUN = "model"  # lpt.role of such a run
+TRIAL_RUN_TAG = "lpt.trial_run_id"
 
 
 class RegisterError(RuntimeError):
@@ -107,7 +115,19 @@ def register_best(
             raise RegisterError(f"{stored}: the trial's prompt file is missing")
         model_config = trial_classifier_config(profile, config, data)
         mlflow.set_tracking_uri(uri)
-        with mlflow.start_run(run_id=run_id), stored.local_copy() as local:
+        tags = {
+            names.ROLE: MODEL_RUN,
+            names.TRIAL_ID: trial_id,
+            TRIAL_RUN_TAG: run_id,
+            VERSION_PARENT: parent_run_id,
+            VERSION_STUDY: study,
+            VERSION_PROFILE: profile_name,
+        }
+        experiment = mt.experiment_id(client, MODELS_EXPERIMENT, uri)
+        with (
+            mlflow.start_run(experiment_id=experiment, run_name=f"{study}-{trial_id}", tags=tags),
+            stored.local_copy() as local,
+        ):
             info = lpt_model.log_model(model_config, local, lpt_model.input_example(data))
         version = mlflow.register_model(
             info.model_uri, name, tags=version_tags(trial_id, parent_run_id, study, profile_name, best, test)

@@ -563,6 +563,9 @@ def extended(cluster, searched):
     finally:
         proc.stop()
     assert proc.popen.returncode == 0, f"the extension failed ({proc.popen.returncode}):\n{proc.tail(6000)}"
+    # the register service waits for mlflow-setup (compose's depends_on), which grants registrar
+    # EDIT on the experiments made since, this search's among them
+    cluster.stack.run_setup("mlflow-setup")
     argv = [sys.executable, str(ROOT / "tune" / "register.py"), "--study", STUDY]
     proc = cluster.spawn("register", "register", argv, cluster.env("register"))
     try:

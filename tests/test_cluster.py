@@ -519,7 +519,7 @@ def test_search_survives_losing_a_worker_node(stack, tmp_path):
     assert steps == list(range(1, epochs + 1))
 
 
-def test_only_the_registrar_changes_a_registered_model(stack, tmp_path, monkeypatch):
+def test_only_the_registrar_changes_a_registered_model(stack, tmp_path, monkeypatch, request):
     """mlflow-setup's registrar registers a model (tune/serving/registry.py, into the experiment
     lpt-models); searcher, the login of every Ray node and the driver, can neither upload over the
     version's files (HTTP 403 from the artifact proxy; its own run's artifacts still upload) nor
@@ -545,6 +545,7 @@ def test_only_the_registrar_changes_a_registered_model(stack, tmp_path, monkeypa
     assert registrar["MLFLOW_TRACKING_USERNAME"] == "registrar" != searcher["MLFLOW_TRACKING_USERNAME"]
     client = MlflowClient(stack.tracking_uri)
     mlflow.set_tracking_uri(stack.tracking_uri)
+    request.addfinalizer(lambda: mlflow.set_tracking_uri(None))  # process-global: not for the tests after this one
     # what a search leaves, written by searcher (this process's login)
     study = f"registry_{uuid.uuid4().hex[:8]}"
     experiment = client.create_experiment(study)

@@ -398,6 +398,9 @@ def stack(image, base_images, tmp_path_factory):
     stack = Stack(tmp_path_factory.mktemp("docker-stack"), image, base_images)
     login = login_to_mlflow(stack.secrets)  # this process reads the MLflow server as the driver does
     login.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{stack.mlflow_port}")  # MLflow's own inner clients too
+    import mlflow
+
+    mlflow.set_tracking_uri(None)  # a process-global URI an earlier test module set would win over the environment
     started = time.time()
     try:
         stack.run("up", "-d", "--no-build", "--scale", f"ray-worker={WORKERS}", timeout=600)

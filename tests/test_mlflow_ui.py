@@ -140,7 +140,7 @@ def wait_for(driver, ready, what: str, timeout: float = 120):
             if getattr(driver, "shot_dir", None):
                 driver.save_screenshot(str(driver.shot_dir / "timeout.png"))
             raise AssertionError(
-                f"the MLflow UI did not show {what} in {timeout:.0f} s; page text:\n{page_text(driver)[:2000]}"
+                f"the MLflow UI did not show {what} in {timeout:.0f} s; page text:\n{page_text(driver)[:12000]}"
             )
         time.sleep(0.5)
 
@@ -198,9 +198,17 @@ return [...section.querySelectorAll('.ReactVirtualized__Grid__innerScrollContain
 """
 # The compare view's metric table is virtualized: only the rows in view exist. A trial run holds
 # MLflow's system/* metrics too, which sort before val_*, so a row may be out of view: scroll on.
+# The names and the values are separate grids of one section: they scroll together, to one offset
+# (scrolled each by its own height, they drift apart and a name's row never meets its values).
 SCROLL_GRIDS_JS = """
-document.querySelectorAll('.ReactVirtualized__Grid').forEach(g => {
-  g.scrollTop = g.scrollTop + g.clientHeight / 2 >= g.scrollHeight - g.clientHeight ? 0 : g.scrollTop + g.clientHeight / 2;
+const sections = [...document.querySelectorAll('.du-bois-light-collapse-content')];
+(sections.length ? sections : [document.body]).forEach(section => {
+  const grids = [...section.querySelectorAll('.ReactVirtualized__Grid')];
+  if (!grids.length) return;
+  const end = Math.max(...grids.map(g => g.scrollHeight - g.clientHeight));
+  const step = Math.max(1, Math.min(...grids.map(g => g.clientHeight)) / 2);
+  const top = grids[0].scrollTop + step > end ? 0 : grids[0].scrollTop + step;
+  grids.forEach(g => { g.scrollTop = top; });
 });
 """
 

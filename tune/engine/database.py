@@ -73,10 +73,8 @@ def unreachable(exc: BaseException | None) -> bool:
 
 def waiting(call: Callable[[], T], what: str) -> T:
     """``call()``, tried again while the database is unreachable or full (see the module's doc)."""
-    import tune.engine.database as here  # the window is read at each call: tests shorten it
-
     started = time.monotonic()
-    deadline, pause = started + here.WAIT_FOR_DATABASE_S, 0.5
+    deadline, pause = started + WAIT_FOR_DATABASE_S, 0.5
     while True:
         try:
             return call()

@@ -38,6 +38,7 @@ from tune.trial.table import (
     best_row,
     close_lost_runs,
     close_trial_run,
+    find_trial_run,
     last_line,
     prompt_path,
     read_rows,
@@ -103,11 +104,7 @@ def stop_interrupted(
 
 
 def _kill_trial_run(client: MlflowClient, record: dict, row: dict) -> None:
-    # a trial stopped before its first epoch has reported no run id: find its run by its tags
-    row["mlflow_run_id"] = row.get("mlflow_run_id") or mt.trial_run_id(
-        client, record["experiment_id"], record["parent_run_id"], row["trial_id"]
-    )
-    if row["mlflow_run_id"]:
+    if find_trial_run(client, row, (record["experiment_id"], record["parent_run_id"])):
         client.set_tag(row["mlflow_run_id"], names.STATUS, INTERRUPTED)
         client.set_terminated(row["mlflow_run_id"], "KILLED")
 

@@ -161,6 +161,13 @@ def finish_trial_run(client: MlflowClient, row: dict) -> bool:
     return True
 
 
+def find_trial_run(client: MlflowClient, row: dict, search_run: tuple[str, str]) -> str | None:
+    """The row's MLflow run id; a trial that ended before its first epoch has reported none: its
+    run found by its tags (``search_run``: the experiment and parent run ids), None when it made none."""
+    row["mlflow_run_id"] = row.get("mlflow_run_id") or mt.trial_run_id(client, *search_run, row["trial_id"])
+    return row["mlflow_run_id"]
+
+
 def close_lost_runs(
     client: MlflowClient, rows: list[dict], guard: tracking_guard.TrackingGuard, search_run: tuple[str, str]
 ) -> list[str]:
@@ -171,8 +178,7 @@ def close_lost_runs(
     for row in (r for r in rows if r["trial_id"] in lost):
 
         def close(row: dict = row) -> bool:
-            row["mlflow_run_id"] = row.get("mlflow_run_id") or mt.trial_run_id(client, *search_run, row["trial_id"])
-            return bool(row["mlflow_run_id"]) and finish_trial_run(client, row)  # no run: it failed before making one
+            return bool(find_trial_run(client, row, search_run)) and finish_trial_run(client, row)
 
         if guard.attempt("close its run at the wrap-up", close, trial=row["trial_id"]):
             closed.append(row["trial_id"])

@@ -17,7 +17,7 @@ from tune.config.loading import load_profile
 from tune.config.validation import binomial_se
 
 pytestmark = pytest.mark.slow
-SMOKE_LENGTH = load_profile("smoke")[1]["model"]["prompt_length"]  # its one phase 1
+SMOKE_LENGTH = load_profile("smoke")[1].model.prompt_length  # its one phase 1
 
 
 def kill_session(sid: int) -> None:

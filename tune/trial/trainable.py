@@ -59,7 +59,7 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
     node = _node_id()
     log = lambda msg: print(f"[{trial_id}] {msg}", flush=True)
     client = MlflowClient(setup.tracking_uri)
-    seed = setup.profile["seed"]
+    seed = setup.profile.seed
     data = profile_data(setup.profile)
     model, recipe = build_model(setup, config, data, seed)
     run_id = mt.trial_run(
@@ -137,7 +137,7 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
 def evaluate_prompts(setup: SearchSetup, config: dict, prompt_file: Location) -> dict:
     """Test accuracy of a trial's saved prompts (the driver runs this on the best trial)."""
     data = profile_data(setup.profile)
-    model, _ = build_model(setup, config, data, setup.profile["seed"])
+    model, _ = build_model(setup, config, data, setup.profile.seed)
     with prompt_file.local_copy() as path:
         load_prompts(model, path)
     out = score_test(setup.profile, model, data)

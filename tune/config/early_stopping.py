@@ -115,9 +115,9 @@ def grace_epochs(
     return grace
 
 
-def asha_rungs(grace: int, reduction_factor: float, max_t: int) -> list[int]:
+def asha_rungs(grace: int, reduction_factor: float, max_t: int) -> list[float]:
     """The epochs at which ASHA compares trials, below the last epoch (where every trial ends
-    anyway): Ray's ``_Bracket`` milestones ``grace * rf**k`` for its ``MAX_RUNGS``."""
+    anyway): Ray's ``_Bracket`` milestones ``grace * rf**k`` for its ``MAX_RUNGS`` (ints where whole)."""
     count = int(math.log(max_t / grace) / math.log(reduction_factor) + 1)
     milestones = sorted(grace * reduction_factor**k for k in range(count))
     return [int(m) if float(m).is_integer() else m for m in milestones if m < max_t]

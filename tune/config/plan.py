@@ -148,7 +148,7 @@ class Plan:
 
     def phase_images(self, name: str) -> tuple[int, str]:
         """Training images of one run of phase ``name`` (``phase1`` / ``phase2``), and in words."""
-        n_train, n_val = self.summary.train, self.summary.val or 0
+        n_train, n_val = self.summary.train or 0, self.summary.val or 0  # the callers know train
         cfg = getattr(self, name)
         steps = steps_per_epoch(n_train, cfg.batch_size, cfg.sampling)  # an epoch of the trainer's sampler
         branches = 2 if cfg.sampling == "dual" else 1

@@ -52,6 +52,13 @@ def stored_configs(record: dict, folder: Location) -> tuple[StudyConfig, Profile
     return study, profile
 
 
+def _comparable(study: StudyConfig) -> dict:
+    """The study as search.json holds it, but for what a resumed search may change: its budget's
+    trials and cost keys (``ledger.resumed_budget``)."""
+    free = dict.fromkeys(("trials", *cost.BUDGET_KEYS))
+    return _plain({**study.to_dict(), "budget": {**study.budget.model_dump(exclude_none=True), **free}})
+
+
 def resume_mode(plan, args, record: dict, folder: Location) -> str:
     """``resume`` (finish the budget), ``extend`` (more trials) or ``finished``; a search that
     differs from the one in ``folder`` is refused, since its trials would mix two searches."""
@@ -65,13 +72,9 @@ def resume_mode(plan, args, record: dict, folder: Location) -> str:
     if diff:
         raise ConfigError(f"--resume: profile {diff} in {folder.name}; start a new search without --resume")
     ledger.resumed_budget(plan.study, stored_study.budget, plan.budget_given)
-    stored, wanted = _plain(stored_study.to_dict()), _plain(plan.study.to_dict())
     budget = stored_study.budget.trials
     asked = budget if args.trials is None else args.trials  # the search's own budget unless --trials
-    free = dict.fromkeys(("trials", *cost.BUDGET_KEYS))  # what a resumed search may change (ledger.resumed_budget)
-    diff = first_difference(
-        {**stored, "budget": {**stored["budget"], **free}}, {**wanted, "budget": {**wanted["budget"], **free}}
-    )
+    diff = first_difference(_comparable(stored_study), _comparable(plan.study))
     if diff:
         raise ConfigError(f"--resume: study {diff} in {folder.name}; start a new search without --resume")
     if asked < budget:

@@ -74,6 +74,15 @@ def profile_phase1_key(
     return phase1_key(phase1_inputs(profile, manifest_hash, prompt_length, data, seed, device, head_dropout))
 
 
+PHASE1_WAIT = "phase1_wait_s"  # trial-run metric: seconds the trial waited for its phase-1 prompts
+
+
+def wait_metrics(waited: float) -> dict[str, float]:
+    """What a trial logs of its wait for phase 1: ``phase1_wait_s`` when it waited, nothing when its
+    key was ready (a constant 0 is not a metric)."""
+    return {PHASE1_WAIT: waited} if waited > 0 else {}
+
+
 def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: MlflowClient, log) -> tuple[str, float]:
     """Load the shared prompts and head of phase 1 into ``model``; returns the key and the seconds
     spent waiting for its prompt file. The driver trains every phase 1 of a search up front

@@ -211,21 +211,23 @@ def run_search(
     """One real Ray Tune search of ``budget`` trials (``study``: the study file's dict and its
     ``name``); its regret and what it ran."""
     study = {**study, "seed": seed}
-    config = StudyConfig.model_validate({k: v for k, v in study.items() if k != "name"})
-    metrics, modes = objective_of(config.objective)
+    study_cfg = StudyConfig.model_validate({k: v for k, v in study.items() if k != "name"})
+    metrics, modes = objective_of(study_cfg.objective)
     standin = StandIn(study["space"], metrics, epochs, noise, seed)
     storage = optuna.storages.InMemoryStorage()
     name = f"{study['name']}-{setting}-{budget}-{seed}"
     ot_study = optuna.create_study(
         storage=storage, study_name=name, directions=["maximize" if m == "max" else "minimize" for m in modes]
     )
-    if config.baseline.enabled:
-        enqueue_baseline(ot_study, baseline_config(config.space, profile.model, profile.phase2))
-    settings = settings_for(setting, config, budget, seed)
+    if study_cfg.baseline.enabled:
+        enqueue_baseline(ot_study, baseline_config(study_cfg.space, profile.model, profile.phase2))
+    settings = settings_for(setting, study_cfg, budget, seed)
     searcher = make_searcher(
-        config, profile.model, DEPTH, epochs, metrics, modes, settings, storage=storage, study_name=name
+        study_cfg, profile.model, DEPTH, epochs, metrics, modes, settings, storage=storage, study_name=name
     )
-    scheduler = make_scheduler(config, PhaseConfig(epochs=epochs, warmup_epochs=0), metrics[0], modes[0])  # no warm-up
+    scheduler = make_scheduler(
+        study_cfg, PhaseConfig(epochs=epochs, warmup_epochs=0), metrics[0], modes[0]
+    )  # no warm-up
 
     def trainable(config: dict) -> None:
         standin.train(config)

@@ -22,28 +22,31 @@ import torch  # noqa: E402
 
 from lpt_core import LPT, PhaseConfig, Trainer, build_backbone_from_spec  # noqa: E402
 from tune.config.loading import load_profile, profile_data  # noqa: E402
+from tune.config.study import ProfileConfig  # noqa: E402
 from tune.config.validation import binomial_se  # noqa: E402
 from tune.errors import ConfigError  # noqa: E402
 
 SAMPLINGS = ("dual", "instance")
 
 
-def phase1_curve(profile: dict, data, sampling: str, epochs: int) -> list[dict]:
+def phase1_curve(profile: ProfileConfig, data, sampling: str, epochs: int) -> list[dict]:
     """Phase 1 of the profile's model with ``sampling``; the metrics of every epoch."""
-    recipe = PhaseConfig.from_dict({**profile["phase1"], "epochs": epochs, "sampling": sampling}, where="phase1")
-    seed = profile["seed"]
+    recipe = PhaseConfig.from_dict(
+        {**profile.phase1.model_dump(), "epochs": epochs, "sampling": sampling}, where="phase1"
+    )
+    seed = profile.seed
     torch.manual_seed(seed)
-    backbone = build_backbone_from_spec(profile["backbone"])
-    model = LPT(backbone, data.num_classes, init_seed=seed, **profile["model"])
+    backbone = build_backbone_from_spec(profile.backbone.spec())
+    model = LPT(backbone, data.num_classes, init_seed=seed, **profile.model.model_dump())
     trainer = Trainer(
         model,
         data,
         1,
         recipe,
         seed=seed,
-        device="cpu" if profile["device"] == "cpu" else None,
-        num_workers=profile["loader"]["num_workers"],
-        shot_split=profile["shot_split"],
+        device="cpu" if profile.device == "cpu" else None,
+        num_workers=profile.loader.num_workers,
+        shot_split=profile.shot_split,
         log=None,
     )
     branches = 2 if sampling == "dual" else 1
@@ -67,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     n_val = len(data.val)
     curves = {s: phase1_curve(profile, data, s, args.epochs) for s in SAMPLINGS}
     print(
-        f"phase 1 on {args.profile} ({profile['data']['name']}, {data.num_classes} classes, "
-        f"{len(data.train_labels)} train / {n_val} val images), {args.epochs} epochs, seed {profile['seed']}"
+        f"phase 1 on {args.profile} ({profile.data.name}, {data.num_classes} classes, "
+        f"{len(data.train_labels)} train / {n_val} val images), {args.epochs} epochs, seed {profile.seed}"
     )
     print(f"{'epoch':>5} {'sampling':>8} {'images':>8} {'loss':>8} {'val_acc':>8} {'many':>6} {'medium':>6} {'few':>6}")
     for epoch in range(args.epochs):

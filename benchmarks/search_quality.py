@@ -70,6 +70,7 @@ from lpt_core.config import PhaseConfig  # noqa: E402
 from tune.config.loading import load_profile, load_study, objective_of  # noqa: E402
 from tune.config.samplers import sampler_settings, startup_trials  # noqa: E402
 from tune.config.search_space import baseline_config, check_space  # noqa: E402
+from tune.config.study import ProfileConfig, StudyConfig  # noqa: E402
 from tune.engine.searcher import enqueue_baseline, make_scheduler, make_searcher  # noqa: E402
 from tune.errors import ConfigError, error_line  # noqa: E402
 
@@ -187,7 +188,7 @@ class StandIn:
 
 
 # ----------------------------------------------------------------------------- one search
-def settings_for(name: str, study: dict, budget: int, seed: int) -> dict:
+def settings_for(name: str, study: StudyConfig, budget: int, seed: int) -> dict:
     if name == "configured":
         return sampler_settings(study, budget)
     if name == "defaults":
@@ -198,24 +199,35 @@ def settings_for(name: str, study: dict, budget: int, seed: int) -> dict:
 
 
 def run_search(
-    study: dict, profile: dict, setting: str, budget: int, seed: int, epochs: int, noise: float, storage_path: str
+    study: dict,
+    profile: ProfileConfig,
+    setting: str,
+    budget: int,
+    seed: int,
+    epochs: int,
+    noise: float,
+    storage_path: str,
 ) -> dict:
-    """One real Ray Tune search of ``budget`` trials; its regret and what it ran."""
+    """One real Ray Tune search of ``budget`` trials (``study``: the study file's dict and its
+    ``name``); its regret and what it ran."""
     study = {**study, "seed": seed}
-    metrics, modes = objective_of(study["objective"])
+    study_cfg = StudyConfig.model_validate({k: v for k, v in study.items() if k != "name"})
+    metrics, modes = objective_of(study_cfg.objective)
     standin = StandIn(study["space"], metrics, epochs, noise, seed)
     storage = optuna.storages.InMemoryStorage()
     name = f"{study['name']}-{setting}-{budget}-{seed}"
     ot_study = optuna.create_study(
         storage=storage, study_name=name, directions=["maximize" if m == "max" else "minimize" for m in modes]
     )
-    if study.get("baseline", {}).get("enabled", True):
-        enqueue_baseline(ot_study, baseline_config(study["space"], profile["model"], profile["phase2"]))
-    settings = settings_for(setting, study, budget, seed)
+    if study_cfg.baseline.enabled:
+        enqueue_baseline(ot_study, baseline_config(study_cfg.space, profile.model, profile.phase2))
+    settings = settings_for(setting, study_cfg, budget, seed)
     searcher = make_searcher(
-        study, profile["model"], DEPTH, epochs, metrics, modes, settings, storage=storage, study_name=name
+        study_cfg, profile.model, DEPTH, epochs, metrics, modes, settings, storage=storage, study_name=name
     )
-    scheduler = make_scheduler(study, PhaseConfig(epochs=epochs, warmup_epochs=0), metrics[0], modes[0])  # no warm-up
+    scheduler = make_scheduler(
+        study_cfg, PhaseConfig(epochs=epochs, warmup_epochs=0), metrics[0], modes[0]
+    )  # no warm-up
 
     def trainable(config: dict) -> None:
         standin.train(config)
@@ -380,17 +392,18 @@ def reprint(paths: list[str], within: float) -> dict:
     return {"summary": summarise(rows, within), "runs": rows}
 
 
-def load_studies(args: argparse.Namespace, profile: dict) -> list[dict]:
-    """The studies to run, checked before Ray starts (a space the stand-in cannot score fails here)."""
+def load_studies(args: argparse.Namespace, profile: ProfileConfig) -> list[dict]:
+    """The studies to run, checked before Ray starts (a space the stand-in cannot score fails here),
+    as their files' dicts with their ``name``."""
     studies = []
     for name in args.studies:
-        path, study = load_study(name)
-        study["name"] = path.stem
+        path, config = load_study(name)
         if args.concurrency:
-            study["budget"] = {**study["budget"], "concurrency": args.concurrency}
-        check_space(study["space"], profile["model"], DEPTH, str(path))
+            config.budget.concurrency = args.concurrency
+        check_space(config.space, profile.model, DEPTH, str(path))
+        study = {**config.to_dict(), "name": path.stem}
         try:
-            StandIn(study["space"], objective_of(study["objective"])[0], args.epochs, args.noise, 0)
+            StandIn(study["space"], objective_of(config.objective)[0], args.epochs, args.noise, 0)
         except ValueError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         studies.append(study)

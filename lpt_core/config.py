@@ -12,7 +12,7 @@ Schema (``model_json_schema()``) carries ``"searchable": true|false`` on every f
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
@@ -52,7 +52,7 @@ class Section(BaseModel):
         return self.model_dump()
 
     @classmethod
-    def from_dict(cls, values: dict, where: str = "") -> Section:
+    def from_dict(cls, values: dict, where: str = "") -> Self:
         """Validate ``values``; a problem is a ValueError whose one line starts with ``where``."""
         return validate(cls, values, where)
 

@@ -174,7 +174,8 @@ def test_search_quality_stand_in_has_its_optimum_inside_the_space():
 
     for name in ("prompt_pool", "full", "gcl_asymmetry"):
         study = load_study(name)[1]
-        standin = quality.StandIn(study["space"], objective_of(study["objective"])[0], 4, 0.0, 0)
+        space = study.to_dict()["space"]  # the stand-in reads the study file's dicts
+        standin = quality.StandIn(space, objective_of(study.objective)[0], 4, 0.0, 0)
         optimum = standin.optimum()
         rng = np.random.default_rng(0)
         for _ in range(200):  # no point of the space scores above the optimum
@@ -185,10 +186,10 @@ def test_search_quality_stand_in_has_its_optimum_inside_the_space():
                     if s["type"] == "choice"
                     else rng.uniform(s["low"], s["high"]),
                 )
-                for n, s in study["space"].items()
+                for n, s in space.items()
             }
             assert standin.score(standin.final(config)) <= optimum + 1e-9
-        at = {n: quality.on_grid(s, quality.OPTIMUM[n]) for n, s in study["space"].items()}
+        at = {n: quality.on_grid(s, quality.OPTIMUM[n]) for n, s in space.items()}
         if len(standin.metrics) == 1:  # the optimum is reached at OPTIMUM, and reported values rise to it
             assert standin.score(standin.final(at)) == pytest.approx(optimum) == pytest.approx(80.0)
             values = [standin.observed(at, e)["val_acc"] for e in range(1, 5)]

@@ -20,6 +20,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tune.config import budget as cost
 from tune.config.early_stopping import asha_rungs
+from tune.config.study import Budget, Resources, StudyConfig
 from tune.engine import budget_gate as gate
 from tune.engine import budget_ledger as ledger
 from tune.engine.progress import SearchProgress
@@ -27,6 +28,11 @@ from tune.errors import ConfigError
 from tune.trial.table import trial_row, write_table
 
 EPOCHS = 4
+SPACE = {"margin": {"type": "float", "low": 0.0, "high": 0.5}}
+
+
+def study_of(budget: dict) -> StudyConfig:
+    return StudyConfig.model_validate({"budget": budget, "space": SPACE})
 
 
 def search_folder(tmp_path, budget=None, resources=None, phase1_s=0.0, estimate_s=None, walls=(), ended=False):
@@ -42,7 +48,7 @@ def search_folder(tmp_path, budget=None, resources=None, phase1_s=0.0, estimate_
     }
     (tmp_path / "search.json").write_text(json.dumps(record))
     rows = [
-        trial_row(f"t{i}", {}, [], {"epoch": EPOCHS, "time_total_s": w}, EPOCHS, resources=resources)
+        trial_row(f"t{i}", {}, [], {"epoch": EPOCHS, "time_total_s": w}, EPOCHS, resources=Resources(**resources))
         for i, w in enumerate(walls)
     ]
     if rows:
@@ -88,9 +94,9 @@ def test_expected_epochs_is_what_rays_bracket_lets_trials_run(grace, rf, max_t):
 
 
 def test_trial_rows_carry_their_cost():
-    row = trial_row("a", {}, [], {"epoch": 2, "time_total_s": 7200.0}, 4, resources={"cpu": 4, "gpu": 0.5})
+    row = trial_row("a", {}, [], {"epoch": 2, "time_total_s": 7200.0}, 4, resources=Resources(cpu=4, gpu=0.5))
     assert (row["gpu_hours"], row["cpu_hours"]) == (1.0, 8.0)
-    assert math.isnan(trial_row("b", {}, [], None, 4, resources={"cpu": 1, "gpu": 1})["gpu_hours"])
+    assert math.isnan(trial_row("b", {}, [], None, 4, resources=Resources(cpu=1, gpu=1))["gpu_hours"])
     assert trial_row("c", {}, [], {"epoch": 2}, 4, budget_stopped=True)["status"] == "budget_stopped"
     assert trial_row("d", {}, [], {"epoch": 4}, 4, budget_stopped=True)["status"] == "completed"
 
@@ -170,12 +176,13 @@ def test_the_progress_line_shows_the_hours(tmp_path):
 
 
 def test_resume_keeps_the_budget_unless_the_command_gives_one(tmp_path):
-    study = {"budget": {"trials": 6, "concurrency": 2, "max_failures": 2}}
-    stored = {"trials": 6, "concurrency": 2, "max_failures": 2, "gpu_hours": 10.0, "on_exhausted": "stop"}
+    study = StudyConfig.model_validate({"budget": {"trials": 6, "concurrency": 2, "max_failures": 2}, "space": SPACE})
+    raw = {"trials": 6, "concurrency": 2, "max_failures": 2, "gpu_hours": 10.0, "on_exhausted": "stop"}
+    stored = Budget.model_validate(raw)
     ledger.resumed_budget(study, stored, {})
-    assert study["budget"] == {**stored}
+    assert study.budget.model_dump(exclude_none=True) == {**raw}
     ledger.resumed_budget(study, stored, cost.given_budget(["budget.cpu_hours=2", "budget.gpu_hours=null"]))
-    assert (study["budget"].get("gpu_hours"), study["budget"]["cpu_hours"]) == (None, 2.0)
+    assert (study.budget.gpu_hours, study.budget.cpu_hours) == (None, 2.0)
     with pytest.raises(ConfigError, match="^--resume: budget.cpu_hours: give gpu_hours or cpu_hours, not both"):
         ledger.resumed_budget(study, stored, cost.given_budget(["budget.cpu_hours=2"]))
 
@@ -183,31 +190,31 @@ def test_resume_keeps_the_budget_unless_the_command_gives_one(tmp_path):
 def test_a_search_its_budget_ended_continues_when_the_budget_has_room(tmp_path):
     folder = search_folder(tmp_path, {"cpu_hours": 0.05}, walls=[100.0, 100.0], ended=True)
     record = json.loads((folder / "search.json").read_text())
-    spent = {"budget": {"trials": 6, "cpu_hours": 0.05}}
+    spent = study_of({"trials": 6, "cpu_hours": 0.05})
     assert ledger.resume_mode("finished", record, spent, folder) == "finished"  # 200 s = 0.056 h spent
     assert ledger.resume_mode("extend", record, spent, folder) == "finished"  # no trial would start
-    assert ledger.resume_mode("finished", record, {"budget": {"trials": 6, "cpu_hours": 1}}, folder) == "extend"
+    assert ledger.resume_mode("finished", record, study_of({"trials": 6, "cpu_hours": 1}), folder) == "extend"
     assert ledger.resume_mode("resume", record, spent, folder) == "resume"
     line = ledger.finished_line(record, spent, folder)
     assert line == (
         "its budget ended it after 2 of 6 trials (0.0556 of 0.05 CPU-core-hours spent, a trial takes "
         "about 0.0278); raise it with --resume --cpu-hours H"
     )
-    roomy = {"budget": {"trials": 6, "cpu_hours": 0.08}}  # room, but not for a 100 s trial
+    roomy = study_of({"trials": 6, "cpu_hours": 0.08})  # room, but not for a 100 s trial
     assert ledger.resume_mode("finished", record, roomy, folder) == "finished"
     done = {**record, "budget_ended": False}  # all trials ran; --trials 8 on no room
     assert ledger.resume_mode("extend", done, roomy, folder) == "finished"
     assert ledger.finished_line(done, roomy, folder).startswith(
         "its budget has no room for another trial (0.0556 of 0.08 CPU-core-hours spent"
     )
-    assert ledger.finished_line(done, {"budget": {"trials": 6}}, folder) is None
+    assert ledger.finished_line(done, study_of({"trials": 6}), folder) is None
 
 
 def test_the_outcome_and_summary_say_what_the_budget_allowed(tmp_path):
     folder = search_folder(tmp_path, {"cpu_hours": 0.05}, phase1_s=36.0, walls=[90.0, 54.0])
     record = json.loads((folder / "search.json").read_text())
     rows = [
-        trial_row(f"t{i}", {}, [], {"epoch": 4, "time_total_s": w}, 4, resources={"cpu": 1, "gpu": 0})
+        trial_row(f"t{i}", {}, [], {"epoch": 4, "time_total_s": w}, 4, resources=Resources(cpu=1, gpu=0))
         for i, w in enumerate([90.0, 54.0])
     ]
     done = ledger.outcome(record, rows)

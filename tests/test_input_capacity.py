@@ -4,22 +4,33 @@ consumes, and the data-bound warning with the knobs."""
 import pytest
 
 from tune.config import input_capacity as ic
+from tune.config.study import ProfileConfig
 from tune.search import main
 
 PLACES = {
-    "data": {"name": "places_lt", "gpu_decode": False},
+    "data": {
+        "name": "places_lt",
+        "root": "/d",
+        "train_list": "t",
+        "val_list": "v",
+        "test_list": "s",
+        "gpu_decode": False,
+    },
+    "backbone": {"name": "vit_base_patch16_224"},
     "loader": {"num_workers": 8, "decode_per_core": None},
     "resources": {"cpu": 8, "gpu": 1},
     "images_per_s": None,
 }
 
 
-def with_(profile: dict, **sections) -> dict:
-    return {**profile, **{k: {**profile[k], **v} if isinstance(v, dict) else v for k, v in sections.items()}}
+def with_(profile: dict, **sections) -> ProfileConfig:
+    return ProfileConfig.model_validate(
+        {**profile, **{k: {**profile[k], **v} if isinstance(v, dict) else v for k, v in sections.items()}}
+    )
 
 
 def test_capacity_is_cores_times_the_per_core_rate_against_the_gpu():
-    line, advice = ic.capacity_lines(PLACES)
+    line, advice = ic.capacity_lines(with_(PLACES))
     cap = 8 * ic.DECODE_PER_CORE
     assert line.startswith(f"input capacity per trial: 8 cores x {ic.DECODE_PER_CORE:,.0f} img/s (JPEG decode")
     assert f"= {cap:,.0f} img/s against the {ic.GPU_IMAGES_PER_S:,.0f} img/s a trial consumes" in line
@@ -30,8 +41,8 @@ def test_capacity_is_cores_times_the_per_core_rate_against_the_gpu():
 
 
 def test_an_overridden_rate_and_images_per_s_decide():
-    fast = with_(PLACES, loader={"decode_per_core": 500.0}, images_per_s=3000.0)
-    [line] = ic.capacity_lines(fast)
+    fast = {**PLACES, "loader": {**PLACES["loader"], "decode_per_core": 500.0}, "images_per_s": 3000.0}
+    [line] = ic.capacity_lines(with_(fast))
     assert "8 cores x 500 img/s (JPEG decode + train transform, loader.decode_per_core) = 4,000 img/s" in line
     assert line.endswith("against the 3,000 img/s a trial consumes (images_per_s): the data keeps up")
     # fewer workers than CPUs: the workers do the decoding

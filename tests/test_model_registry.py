@@ -98,7 +98,7 @@ def registered(tmp_path_factory):
         "prompt_pool-tiny",
         study="prompt_pool",
         profile_name="tiny",
-        profile=PROFILE,
+        profile=ProfileConfig.model_validate(PROFILE),
         data=data,
         best=best,
         config=CONFIG,

@@ -136,7 +136,7 @@ def test_the_key_holds_every_input_of_phase_1_and_no_phase_2_value():
 
     base = key()
     assert base == key() == key(device="cpu")
-    phase1 = load_profile("smoke")[1]["phase1"]
+    phase1 = load_profile("smoke")[1].phase1.model_dump()
     changed = [
         f"phase1.{name}={other(name, value)}"
         for name, value in PhaseConfig().to_dict().items()
@@ -207,13 +207,14 @@ def test_the_key_holds_the_datas_image_size_and_the_head_dropout_the_model_train
 
     from lpt_core.data.manifest import manifest_hash
     from tune.config.loading import load_profile, profile_data
+    from tune.config.study import ProfileConfig
     from tune.trial.phase1 import profile_phase1_key
 
     root = write_cifar100(tmp_path / "cifar", shuffled_labels(5, 30), shuffled_labels(5, 4, 1))
 
     def key(size, **kw):
-        profile = load_profile("smoke", [])[1]
-        profile["data"] = {"name": "cifar100_lt", "root": str(root), "imbalance_ratio": 10, "image_size": size}
+        cifar = {"name": "cifar100_lt", "root": str(root), "imbalance_ratio": 10, "image_size": size}
+        profile = ProfileConfig.model_validate({**load_profile("smoke", [])[1].to_dict(), "data": cifar})
         data = profile_data(profile)
         return manifest_hash(data), profile_phase1_key(profile, manifest_hash(data), 5, data, 0, "cpu", **kw)
 

@@ -222,7 +222,7 @@ def test_predict_released_prints_the_released_models_accuracy_by_released_shot_g
         argv += ["--set", s]
     assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()
-    data = build_dataset({**load_profile("smoke", sets)[1]["data"], "image_size": IMG})
+    data = build_dataset({**load_profile("smoke", sets)[1].data.model_dump(), "image_size": IMG})
     images = torch.stack([data.test[i][0] for i in range(len(data.test))])
     labels = torch.tensor(data.test.labels)
     with torch.no_grad():

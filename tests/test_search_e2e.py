@@ -17,7 +17,7 @@ from tune.config.loading import load_profile
 from tune.config.validation import binomial_se
 
 pytestmark = pytest.mark.slow
-SMOKE_LENGTH = load_profile("smoke")[1]["model"]["prompt_length"]  # its one phase 1
+SMOKE_LENGTH = load_profile("smoke")[1].model.prompt_length  # its one phase 1
 
 
 def kill_session(sid: int) -> None:
@@ -193,41 +193,6 @@ def test_diverging_trials_fail_and_the_search_goes_on(tmp_path):
     runs = runs_of(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "trial", "diverge")
     bad = [r for r in runs if r.info.status == "FAILED"]
     assert len(bad) == len(failed) and all("train_loss is nan" in r.data.tags["lpt.error"] for r in bad)
-
-
-def test_prompt_length_search_trains_each_phase1_once_up_front(tmp_path):
-    """Every phase 1 is trained before the first trial starts, once per length; the trials only
-    read the cache and wait 0 s; a second search on the same storage trains none."""
-    study = {
-        "budget": {"trials": 4, "concurrency": 2},
-        "early_stopping": {"enabled": False},
-        "seed": 0,
-        "space": {"prompt_length": {"type": "choice", "values": [2, 5]}},
-    }
-    path = tmp_path / "lengths.yaml"
-    path.write_text(yaml.safe_dump(study))
-    proc = run_search(tmp_path, "--study", str(path), "--set", "phase2.epochs=1", timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "phase 1 up front: 2 configs (prompt_length 2, 5), 0 cached, 2 to train as Ray tasks" in proc.stdout
-    assert "phase 1 prompt_length 2 ready" in proc.stdout and "phase 1 prompt_length 5 ready" in proc.stdout
-    assert proc.stdout.count("reusing cached prompts") == 4, proc.stdout[-3000:]  # each trial read it
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    phase1, trials = runs_of(client, "phase1", "lengths"), runs_of(client, "trial", "lengths")
-    assert sorted(r.data.params["prompt_length"] for r in phase1) == ["2", "5"]
-    assert all(r.info.status == "FINISHED" for r in phase1) and len(trials) == 4
-    first_trial = min(r.info.start_time for r in trials)
-    assert all(r.info.end_time <= first_trial for r in phase1)
-    keys = {r.data.params["prompt_length"]: r.data.tags["lpt.phase1_key"] for r in phase1}
-    for run in trials:
-        assert "phase1_wait_s" not in run.data.metrics  # phase 1 was ready: no wait, and no constant 0 logged
-        assert run.data.tags["lpt.phase1_key"] == keys[run.data.params["prompt_length"]]
-    assert runs_of(client, "study", "lengths")[0].data.metrics["phase1_upfront_s"] > 0
-
-    proc = run_search(tmp_path, "--study", str(path), "--trials", "1", "--set", "phase2.epochs=1", timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "phase 1 up front: 2 configs (prompt_length 2, 5), 2 cached, 0 to train" in proc.stdout
-    assert len(runs_of(client, "phase1", "lengths")) == 2
 
 
 def test_a_failed_phase1_fails_the_search_in_one_line(tmp_path):

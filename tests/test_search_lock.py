@@ -56,8 +56,8 @@ def test_a_resume_of_a_running_search_is_one_line_before_ray_starts(tmp_path, ca
         {
             "name": folder.name,
             "manifest_hash": plan.manifest_hash,
-            "profile": plan.profile,
-            "study_config": plan.study,
+            "profile": plan.profile.to_dict(),
+            "study_config": plan.study.to_dict(),
             "state": "running",
         },
     )

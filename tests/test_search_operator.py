@@ -18,7 +18,7 @@ from smoke_search import run_search, runs_of, search_argv, search_env
 from tune.config.loading import load_profile
 
 pytestmark = pytest.mark.slow
-SMOKE_LENGTH = load_profile("smoke")[1]["model"]["prompt_length"]  # its one phase 1
+SMOKE_LENGTH = load_profile("smoke")[1].model.prompt_length  # its one phase 1
 
 ARGS = ("--study", "prompt_pool", "--set", "phase2.epochs=2")
 
@@ -186,7 +186,7 @@ def test_a_trial_error_carries_its_own_message(tmp_path):
 
     plan = Plan(parse_args(["--study", "prompt_pool", "--trials", "1", "--storage", str(tmp_path / "runs")]))
     profile = plan.profile
-    key = profile_phase1_key(profile, plan.manifest_hash, profile["model"]["prompt_length"], plan.data, profile["seed"])
+    key = profile_phase1_key(profile, plan.manifest_hash, profile.model.prompt_length, plan.data, profile.seed)
     entry = tmp_path / "runs" / "phase1-cache" / key
     entry.mkdir(parents=True)
     (entry / PHASE1_PROMPTS).write_bytes(b"not a safetensors file")

@@ -3,16 +3,20 @@
 import optuna
 import pytest
 
+from lpt_core.config import LPTConfig
 from tune.config.search_space import DefineByRun, check_space, prompt_lengths
+from tune.config.space import Space
 from tune.errors import ConfigError
 
-DEFAULTS = {"prompt_length": 10, "pool_size": 20, "top_k": 2, "group_start": 6}
-SPACE = {
-    "pool_size": {"type": "int", "low": 1, "high": 6},
-    "top_k": {"type": "int", "low": 1, "high": 4},
-    "group_start": {"type": "int", "low": 2, "high": 10},
-    "margin": {"type": "float", "low": 0.0, "high": 0.5},
-}
+DEFAULTS = LPTConfig(prompt_length=10, pool_size=20, top_k=2, group_start=6)
+SPACE = Space.model_validate(
+    {
+        "pool_size": {"type": "int", "low": 1, "high": 6},
+        "top_k": {"type": "int", "low": 1, "high": 4},
+        "group_start": {"type": "int", "low": 2, "high": 10},
+        "margin": {"type": "float", "low": 0.0, "high": 0.5},
+    }
+)
 
 
 def test_sampled_configs_respect_the_constraints():
@@ -28,19 +32,22 @@ def test_sampled_configs_respect_the_constraints():
 
 def test_unsatisfiable_ranges_are_caught_before_the_search():
     with pytest.raises(ConfigError, match="space.group_start: no value in 1..3"):
-        check_space({"group_start": {"type": "int", "low": 4, "high": 8}}, DEFAULTS, 4, "s.yaml")
+        check_space(Space.model_validate({"group_start": {"type": "int", "low": 4, "high": 8}}), DEFAULTS, 4, "s.yaml")
     with pytest.raises(ConfigError, match="space.top_k: low 5 exceeds the smallest pool_size 4"):
         check_space(
-            {"pool_size": {"type": "int", "low": 4, "high": 8}, "top_k": {"type": "int", "low": 5, "high": 6}},
+            Space.model_validate(
+                {"pool_size": {"type": "int", "low": 4, "high": 8}, "top_k": {"type": "int", "low": 5, "high": 6}}
+            ),
             DEFAULTS,
             12,
             "s.yaml",
         )
     with pytest.raises(ConfigError, match="model.group_start: must be in 1..3"):
-        check_space({"margin": {"type": "float", "low": 0.0, "high": 1.0}}, DEFAULTS, 4, "s.yaml")
+        check_space(Space.model_validate({"margin": {"type": "float", "low": 0.0, "high": 1.0}}), DEFAULTS, 4, "s.yaml")
 
 
 def test_prompt_lengths_imply_the_phase1_trainings():
-    assert prompt_lengths({}, 10) == [10]
-    assert prompt_lengths({"prompt_length": {"type": "choice", "values": [20, 5, 5]}}, 10) == [5, 20]
-    assert prompt_lengths({"prompt_length": {"type": "int", "low": 2, "high": 8, "step": 3}}, 10) == [2, 5, 8]
+    space = Space.model_validate
+    assert prompt_lengths(space({"margin": {"type": "float", "low": 0.0, "high": 1.0}}), 10) == [10]
+    assert prompt_lengths(space({"prompt_length": {"type": "choice", "values": [20, 5, 5]}}), 10) == [5, 20]
+    assert prompt_lengths(space({"prompt_length": {"type": "int", "low": 2, "high": 8, "step": 3}}), 10) == [2, 5, 8]

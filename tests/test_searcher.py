@@ -15,6 +15,8 @@ from lpt_core.config import PhaseConfig
 from tune.config.loading import load_profile, load_study
 from tune.config.samplers import describe_sampler, make_sampler, sampler_settings, startup_trials
 from tune.config.search_space import baseline_config, check_baseline
+from tune.config.space import Space
+from tune.config.study import StudyConfig
 from tune.engine.optuna_storage import open_storage, search_study, storage_url
 from tune.engine.searcher import BASELINE, enqueue_baseline, make_scheduler, make_searcher
 from tune.engine.tuner import pareto
@@ -25,6 +27,11 @@ from tune.search import main, parse_args
 
 EPOCHS = 4
 SMOKE_PHASE2 = PhaseConfig(epochs=EPOCHS, warmup="step")  # the smoke profile's: ASHA may judge at epoch 3
+MARGIN = {"margin": {"type": "float", "low": 0.0, "high": 0.5}}  # a space that changes no rung
+
+
+def study_of(values: dict) -> StudyConfig:
+    return StudyConfig.model_validate({"space": MARGIN, **values})
 
 
 def test_the_start_up_count_is_a_third_of_the_budget_between_2_and_10():
@@ -38,7 +45,7 @@ def test_the_start_up_count_is_a_third_of_the_budget_between_2_and_10():
         "group": False,
         "constant_liar": True,
     }
-    study["space"]["top_k"]["high"] = 8  # now top_k's range depends on each trial's pool_size
+    study.space.top_k.high = 8  # now top_k's range depends on each trial's pool_size
     settings = sampler_settings(study, 12)
     assert settings["group"] is True
     assert describe_sampler(settings, 12) == (
@@ -51,16 +58,16 @@ def test_the_start_up_count_is_a_third_of_the_budget_between_2_and_10():
 
 
 def test_a_study_names_its_sampler():
-    base = {"seed": 1, "space": {"margin": {"type": "float", "low": 0.0, "high": 0.5}}}
-    given = sampler_settings({**base, "sampler": {"type": "tpe", "n_startup_trials": 7, "group": False}}, 12)
+    base = {"seed": 1}
+    given = sampler_settings(study_of({**base, "sampler": {"type": "tpe", "n_startup_trials": 7, "group": False}}), 12)
     assert given["n_startup_trials"] == 7 and given["group"] is False
-    assert sampler_settings({**base, "sampler": {"type": "random"}}, 12) == {"type": "random", "seed": 1}
+    assert sampler_settings(study_of({**base, "sampler": {"type": "random"}}), 12) == {"type": "random", "seed": 1}
     for kind, cls in (
         ("gp", optuna.samplers.GPSampler),
         ("cmaes", optuna.samplers.CmaEsSampler),
         ("random", optuna.samplers.RandomSampler),
     ):
-        assert isinstance(make_sampler(sampler_settings({**base, "sampler": {"type": kind}}, 12)), cls)
+        assert isinstance(make_sampler(sampler_settings(study_of({**base, "sampler": {"type": kind}}), 12)), cls)
 
 
 @pytest.mark.parametrize(
@@ -94,16 +101,16 @@ def test_a_bad_sampler_is_one_line_naming_the_key(tmp_path, capsys, sampler, obj
 def test_the_baseline_is_the_profiles_values_and_must_be_a_possible_trial(tmp_path, capsys):
     _, profile = load_profile("smoke")
     space = {"prompt_length": {"type": "choice", "values": [2, 10]}, "lr": {"type": "float", "low": 0.01, "high": 0.1}}
-    config = baseline_config(space, profile["model"], profile["phase2"])
-    assert config == {"prompt_length": profile["model"]["prompt_length"], "lr": profile["phase2"]["lr"]}
+    config = baseline_config(Space.model_validate(space), profile.model, profile.phase2)
+    assert config == {"prompt_length": profile.model.prompt_length, "lr": profile.phase2.lr}
     with pytest.raises(
         ConfigError,
         match=r"space.prompt_length.values: the baseline needs the profile's "
         r"prompt_length 5 among \[2, 10\]; add it, or set baseline.enabled: false",
     ):
-        check_baseline(space, config, "s.yaml")
+        check_baseline(Space.model_validate(space), config, "s.yaml")
     space["prompt_length"]["values"].append(5)
-    assert check_baseline(space, config, "s.yaml") == ["lr=0.5 lies outside 0.01..0.1"]
+    assert check_baseline(Space.model_validate(space), config, "s.yaml") == ["lr=0.5 lies outside 0.01..0.1"]
 
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"space": space}, sort_keys=False))
@@ -146,7 +153,7 @@ def test_asha_compares_with_the_baseline_but_never_stops_it():
     decisions = {}
     for exempt in (True, False):
         study["baseline"]["exempt_from_early_stopping"] = exempt
-        scheduler = make_scheduler(study, SMOKE_PHASE2, "val_acc", "max")
+        scheduler = make_scheduler(study_of(study), SMOKE_PHASE2, "val_acc", "max")
         assert isinstance(scheduler, ASHAScheduler)
         trials = [_trial({BASELINE: False}) for _ in range(4)] + [_trial({BASELINE: True})]
         for trial in trials:
@@ -168,7 +175,7 @@ def test_asha_stops_a_trial_only_on_enough_trials_and_by_one_se():
         "early_stopping": {"enabled": True, "grace_period": 3, "reduction_factor": 2},
         "baseline": {"enabled": True, "exempt_from_early_stopping": True},
     }
-    steady = make_scheduler(study, SMOKE_PHASE2, "val_acc", "max", val_images=200)
+    steady = make_scheduler(study_of(study), SMOKE_PHASE2, "val_acc", "max", val_images=200)
     plain = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=EPOCHS, grace_period=3)
     decisions = {}
     for name, scheduler in (("steady", steady), ("ray", plain)):
@@ -205,25 +212,27 @@ def local_ray():
 
 def run_study(tmp_path, metrics, modes, trials=8, concurrency=1):
     _, profile = load_profile("smoke")
-    study = {
-        "space": {
-            "pool_size": {"type": "int", "low": 4, "high": 40, "step": 2},
-            "top_k": {"type": "int", "low": 1, "high": 4},
-        },
-        "budget": {"trials": trials, "concurrency": concurrency, "max_failures": 0},
-        # several objectives: no early stopping (StudyConfig refuses it), as in gcl_asymmetry.yaml
-        "early_stopping": {"enabled": len(metrics) == 1, "grace_period": 3, "reduction_factor": 2},
-        "seed": 3,
-        "baseline": {"enabled": True, "exempt_from_early_stopping": True},
-    }
+    study = StudyConfig.model_validate(
+        {
+            "space": {
+                "pool_size": {"type": "int", "low": 4, "high": 40, "step": 2},
+                "top_k": {"type": "int", "low": 1, "high": 4},
+            },
+            "budget": {"trials": trials, "concurrency": concurrency, "max_failures": 0},
+            # several objectives: no early stopping (StudyConfig refuses it), as in gcl_asymmetry.yaml
+            "early_stopping": {"enabled": len(metrics) == 1, "grace_period": 3, "reduction_factor": 2},
+            "seed": 3,
+            "baseline": {"enabled": True, "exempt_from_early_stopping": True},
+        }
+    )
     record = {"optuna_storage": storage_url(tmp_path), "optuna_study": "stand-in"}
     storage = open_storage(record["optuna_storage"])
     assert enqueue_baseline(
-        search_study(storage, "stand-in", modes), baseline_config(study["space"], profile["model"], profile["phase2"])
+        search_study(storage, "stand-in", modes), baseline_config(study.space, profile.model, profile.phase2)
     )
     searcher = make_searcher(
         study,
-        profile["model"],
+        profile.model,
         4,
         EPOCHS,
         metrics,

@@ -13,6 +13,8 @@ from test_data_files import write_list
 from lpt_core.config import PhaseConfig
 from tune.config.early_stopping import describe, grace_epochs
 from tune.config.loading import load_study
+from tune.config.space import Space
+from tune.config.study import EarlyStopping, StudyConfig
 from tune.config.validation import binomial_se
 from tune.engine.baseline_gain import validation_gain
 from tune.engine.searcher import make_scheduler
@@ -21,7 +23,22 @@ from tune.search import main
 
 RELEASED = PhaseConfig()  # 90 epochs, 1 warm-up epoch stepped per epoch
 SMOKE = PhaseConfig(epochs=4, warmup="step")  # the smoke profile's phase 2
-ES = {"enabled": True, "grace_period": "auto", "reduction_factor": 2}
+ES = EarlyStopping(enabled=True, grace_period="auto", reduction_factor=2)
+MARGIN = {"margin": {"type": "float", "low": 0.0, "high": 0.5}}  # a space that changes no rung
+
+
+def with_es(**values) -> EarlyStopping:
+    return ES.model_copy(update=values)
+
+
+def study_of(early_stopping: EarlyStopping, space: dict | None = None) -> StudyConfig:
+    return StudyConfig.model_validate(
+        {
+            "early_stopping": early_stopping.model_dump(),
+            "baseline": {"exempt_from_early_stopping": True},
+            "space": space or MARGIN,
+        }
+    )
 
 
 @pytest.mark.parametrize(
@@ -40,7 +57,7 @@ ES = {"enabled": True, "grace_period": "auto", "reduction_factor": 2}
     ],
 )
 def test_the_grace_period_resolves_against_the_profiles_phase_2(phase2, given, grace):
-    assert grace_epochs({**ES, "grace_period": given}, phase2) == grace
+    assert grace_epochs(with_es(grace_period=given), phase2) == grace
 
 
 @pytest.mark.parametrize(
@@ -63,7 +80,7 @@ def test_the_grace_period_resolves_against_the_profiles_phase_2(phase2, given, g
 )
 def test_a_grace_period_inside_the_warm_up_is_refused(phase2, given, message):
     with pytest.raises(ConfigError, match=r"^s.yaml: " + message):
-        grace_epochs({**ES, "grace_period": given}, phase2, "s.yaml")
+        grace_epochs(with_es(grace_period=given), phase2, "s.yaml")
 
 
 def test_auto_turns_asha_off_when_no_epoch_follows_the_warm_up():
@@ -76,7 +93,7 @@ def test_auto_turns_asha_off_when_no_epoch_follows_the_warm_up():
     assert grace_epochs(ES, PhaseConfig(epochs=1, warmup_epochs=0)) is None
     assert isinstance(
         make_scheduler(
-            {"early_stopping": {**ES, "enabled": False}, "baseline": {"exempt_from_early_stopping": True}},
+            study_of(with_es(enabled=False)),
             RELEASED,
             "val_acc",
             "max",
@@ -86,30 +103,28 @@ def test_auto_turns_asha_off_when_no_epoch_follows_the_warm_up():
 
 
 def make_scheduler_rungs(phase2: PhaseConfig) -> list:
-    scheduler = make_scheduler(
-        {"early_stopping": ES, "baseline": {"exempt_from_early_stopping": True}}, phase2, "val_acc", "max"
-    )
+    scheduler = make_scheduler(study_of(ES), phase2, "val_acc", "max")
     return sorted(m for m, _ in scheduler._brackets[0]._rungs if m < phase2.epochs)
 
 
 def test_the_shipped_studies_judge_after_a_tenth_of_the_released_schedule():
     assert make_scheduler_rungs(RELEASED) == [9, 18, 36, 72]
     study = load_study("prompt_pool")[1]
-    assert describe(study["early_stopping"], RELEASED, "val_acc", 1, study["space"], 1980) == (
+    assert describe(study.early_stopping, RELEASED, "val_acc", 1, study.space, 1980) == (
         "early stopping: ASHA on val_acc at epochs 9, 18, 36, 72 of 90 (reduction 2, grace auto: the latest of "
         "a tenth of the schedule 9; 2 epochs at the peak lr after the warm-up (1 epoch) 3); a trial is stopped at "
         "a rung only when the rung holds at least 3 other trials' results and it trails their cutoff by at least "
         "1 SE of val_acc (±1.1 points at 50% on 1,980 images)"
     )
-    assert describe(study["early_stopping"], SMOKE, "val_acc", 1, study["space"]).startswith(
+    assert describe(study.early_stopping, SMOKE, "val_acc", 1, study.space).startswith(
         "early stopping: ASHA on val_acc at epoch 3 of 4 (reduction 2, grace auto: "
     )
     # full searches lr: no rung before the cosine has halved it (epoch 45 of 90)
     full = load_study("full")[1]
-    line = describe(full["early_stopping"], RELEASED, "val_acc", 1, full["space"], 1980)
+    line = describe(full.early_stopping, RELEASED, "val_acc", 1, full.space, 1980)
     assert line.startswith("early stopping: ASHA on val_acc at epoch 45 of 90 (reduction 3, grace auto: ")
     assert "lr is searched, so not before the cosine halves it 45" in line and "warning" not in line
-    given = describe({**full["early_stopping"], "grace_period": 9}, RELEASED, "val_acc", 1, full["space"])
+    given = describe(full.early_stopping.model_copy(update={"grace_period": 9}), RELEASED, "val_acc", 1, full.space)
     assert given.startswith("early stopping: ASHA on val_acc at epochs 9, 27, 81 of 90 (reduction 3, grace 9)")
     assert given.endswith(
         "; warning: lr is searched and the first rung (9) comes before the cosine halves the lr (epoch 45): ASHA "
@@ -120,17 +135,17 @@ def test_the_shipped_studies_judge_after_a_tenth_of_the_released_schedule():
 @pytest.mark.parametrize("warmup", ["epoch", "step"])
 def test_a_searched_warm_up_up_to_20_gets_no_rung_inside_20(warmup):
     """The grace period comes from the longest warm-up the space can sample, not the profile's."""
-    space = {"warmup_epochs": {"type": "int", "low": 0, "high": 20}, "pool_size": {"type": "int", "low": 4, "high": 8}}
+    raw = {"warmup_epochs": {"type": "int", "low": 0, "high": 20}, "pool_size": {"type": "int", "low": 4, "high": 8}}
+    space = Space.model_validate(raw)
     phase2 = PhaseConfig(epochs=90, warmup_epochs=1, warmup=warmup)
-    study = {"early_stopping": ES, "baseline": {"exempt_from_early_stopping": True}, "space": space}
-    scheduler = make_scheduler(study, phase2, "val_acc", "max")
+    scheduler = make_scheduler(study_of(ES, raw), phase2, "val_acc", "max")
     rungs = sorted(m for m, _ in scheduler._brackets[0]._rungs if m < phase2.epochs)
     assert rungs and min(rungs) >= 22, rungs  # 20 warm-up epochs, then 2 at the peak
     assert grace_epochs(ES, phase2, space=space) == 22
     assert grace_epochs(ES, phase2) == 9  # the profile's own warm-up alone would allow 9
     with pytest.raises(ConfigError, match=r"grace_period: 10 is inside phase 2's warm-up \(20 warm-up epochs \(the "):
-        grace_epochs({**ES, "grace_period": 10}, phase2, "s.yaml", space)
-    choice = {"warmup_epochs": {"type": "choice", "values": [1, 5, 20]}}
+        grace_epochs(with_es(grace_period=10), phase2, "s.yaml", space)
+    choice = Space.model_validate({"warmup_epochs": {"type": "choice", "values": [1, 5, 20]}})
     assert grace_epochs(ES, phase2, space=choice) == 22
     # a warm-up as long as the schedule runs none (the trainer's rule): the longest that runs counts
     short = PhaseConfig(epochs=20, warmup_epochs=1, warmup=warmup)

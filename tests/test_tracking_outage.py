@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from ray.tune.experiment import Trial
 
 from tune import tracking_guard
+from tune.config.study import Resources
 from tune.errors import ConfigError
 from tune.tracking_retry import (
     BACKOFF_FACTOR,
@@ -102,7 +103,7 @@ def test_the_table_callback_records_a_tracking_failure_and_goes_on(tmp_path, mon
     folder = tmp_path / "search"
     folder.mkdir()
     table = TrialTable(
-        folder / "trials.parquet", ["pool_size"], 2, MlflowClient(uri), 2, "val_acc", resources={"cpu": 1, "gpu": 0}
+        folder / "trials.parquet", ["pool_size"], 2, MlflowClient(uri), 2, "val_acc", resources=Resources(cpu=1, gpu=0)
     )
     first, second = ended_trial("t_00001", 2, 61.0), ended_trial("t_00002", 1, 40.0)
     started = time.monotonic()

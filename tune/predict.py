@@ -102,7 +102,7 @@ def split_data(args, classifier):
             profile = load_profile(args.profile, args.set)[1]
         except ConfigError as exc:
             raise BadInput(str(exc)) from None
-        spec, shot_split = profile["data"], profile["shot_split"]
+        spec, shot_split = profile.data.model_dump(), profile.shot_split
         where = f"--profile {args.profile}"
     else:
         if args.set:
@@ -143,7 +143,7 @@ def recorded_test(uri: str) -> dict:
     run = re.match(r"runs:/([^/]+)/", uri)
     try:
         if registered:
-            values = MlflowClient().get_model_version(*registered.groups()).tags
+            values: dict = MlflowClient().get_model_version(*registered.groups()).tags
         elif run:  # a registered model's own run names its trial's run (lpt.trial_run_id)
             client = MlflowClient()
             logged = client.get_run(run.group(1)).data
@@ -182,7 +182,7 @@ def predict(args) -> int:
     out = Path(args.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     k = max(1, min(args.top_classes, len(classifier.class_names)))
-    loader = DataLoader(images, batch_size=args.batch_size, num_workers=args.workers)
+    loader: DataLoader = DataLoader(images, batch_size=args.batch_size, num_workers=args.workers)  # type: ignore[arg-type]
     if out.is_dir():
         raise BadInput(f"--out {args.out}: a folder, not a CSV file")
     c = len(classifier.class_names)

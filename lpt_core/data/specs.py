@@ -5,7 +5,7 @@ one, with one-line ``data.<key>: ...`` errors. Whether files exist is the builde
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 from pydantic import BeforeValidator, Field, StringConstraints, TypeAdapter
 
@@ -95,7 +95,10 @@ class ImageFolderSpec(CommonSpec):
 
 
 SPECS = (SyntheticSpec, CifarSpec, ListSpec, InatSpec, ImageFolderSpec)
-DataSpec = Annotated[Union[SPECS], Field(discriminator="name")]  # noqa: UP007 (a Union of the tuple SPECS)
+if TYPE_CHECKING:  # the same union, spelt out for mypy (it cannot read a Union of a tuple)
+    DataSpec = SyntheticSpec | CifarSpec | ListSpec | InatSpec | ImageFolderSpec
+else:
+    DataSpec = Annotated[Union[SPECS], Field(discriminator="name")]  # noqa: UP007 (a Union of the tuple SPECS)
 _ADAPTER = TypeAdapter(DataSpec)
 
 

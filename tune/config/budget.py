@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from lpt_core.config import PhaseConfig
 from tune.config.early_stopping import asha_rungs, grace_epochs
 from tune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tune.config.study import Budget, ProfileConfig, Resources, StudyConfig
 
 # measure: (the resources key it multiplies the wall time by, its name in words)
 MEASURES = {"gpu_hours": ("gpu", "GPU-hours"), "cpu_hours": ("cpu", "CPU-core-hours")}
@@ -38,9 +41,9 @@ def fmt(hours: float) -> str:
     return f"{hours:.0f}" if abs(hours) >= 100 else f"{hours:.3g}"
 
 
-def hours_of(seconds: float, resources: dict) -> dict[str, float]:
+def hours_of(seconds: float, resources: Resources) -> dict[str, float]:
     """``{"gpu_hours": ..., "cpu_hours": ...}`` of ``seconds`` of wall time on ``resources``."""
-    return {measure: seconds * resources[key] / 3600 for measure, (key, _) in MEASURES.items()}
+    return {measure: seconds * getattr(resources, key) / 3600 for measure, (key, _) in MEASURES.items()}
 
 
 # ----------------------------------------------------------------------------- the limit
@@ -51,11 +54,12 @@ class BudgetLimit:
     on_exhausted: str  # finish | stop
 
     @classmethod
-    def of(cls, budget: dict) -> BudgetLimit | None:
+    def of(cls, budget: Budget) -> BudgetLimit | None:
         """The limit of a study's ``budget`` section; None without one."""
         for measure in MEASURES:
-            if budget.get(measure) is not None:
-                return cls(measure, float(budget[measure]), budget.get("on_exhausted", "finish"))
+            hours = getattr(budget, measure)
+            if hours is not None:
+                return cls(measure, float(hours), budget.on_exhausted)
         return None
 
     @property
@@ -70,25 +74,25 @@ class BudgetLimit:
         )
 
 
-def budget_tag(study: dict) -> str:
+def budget_tag(study: StudyConfig) -> str:
     """The parent run's ``lpt.budget``: ``gpu_hours=10 on_exhausted=finish``, or ``off``."""
-    limit = BudgetLimit.of(study["budget"])
+    limit = BudgetLimit.of(study.budget)
     return f"{limit.measure}={limit.hours:g} on_exhausted={limit.on_exhausted}" if limit else "off"
 
 
-def check_budget(study: dict, profile: dict, where: str) -> None:
+def check_budget(study: StudyConfig, profile: ProfileConfig, where: str) -> None:
     """A GPU-hour budget on trials that ask for no GPU would never be spent."""
-    if study["budget"].get("gpu_hours") is not None and profile["resources"]["gpu"] == 0:
+    if study.budget.gpu_hours is not None and profile.resources.gpu == 0:
         raise ConfigError(
             f"{where}: budget.gpu_hours: the profile's trials ask for no GPU (resources.gpu: 0), "
             f"so nothing would count against it; use budget.cpu_hours (CPU-core-hours)"
         )
 
 
-def measure_of(budget: dict, resources: dict) -> str:
+def measure_of(budget: Budget, resources: Resources) -> str:
     """What a search counts: its budget's measure, else GPU-hours when trials use GPUs."""
     limit = BudgetLimit.of(budget)
-    return limit.measure if limit else ("gpu_hours" if resources["gpu"] > 0 else "cpu_hours")
+    return limit.measure if limit else ("gpu_hours" if resources.gpu > 0 else "cpu_hours")
 
 
 # ----------------------------------------------------------------------------- ASHA's rungs
@@ -103,22 +107,24 @@ def expected_epochs(rungs: list, reduction_factor: float, max_t: int) -> float:
     return expected
 
 
-def plan_lines(study: dict, profile: dict, trial_images: int, phase1_images: int, n_phase1: int) -> list[str]:
+def plan_lines(
+    study: StudyConfig, profile: ProfileConfig, trial_images: int, phase1_images: int, n_phase1: int
+) -> list[str]:
     """The dry run's budget lines: the budget, and with ``images_per_s`` how many whole trials it
     pays for after phase 1 up front, and about how many with ASHA's early stops."""
-    limit = BudgetLimit.of(study["budget"])
+    limit = BudgetLimit.of(study.budget)
     if limit is None:
         return []
     lines = [f"cost budget: {limit.describe()}"]
-    rate = profile.get("images_per_s")
+    rate = profile.images_per_s
     if not rate:
         return lines + [
             "cost budget in trials: add --set images_per_s=N (one trial's training img/s) to see "
             "how many trials it pays for"
         ]
-    per = profile["resources"][MEASURES[limit.measure][0]] / 3600
+    per = getattr(profile.resources, MEASURES[limit.measure][0]) / 3600
     trial, phase1 = trial_images / rate * per, n_phase1 * phase1_images / rate * per
-    left, trials, unit = limit.hours - phase1, study["budget"]["trials"], limit.label
+    left, trials, unit = limit.hours - phase1, study.budget.trials, limit.label
     head = f"cost budget at {rate:g} img/s: phase 1 up front {fmt(phase1)} {unit} (unless cached)"
     if left < trial:
         return lines + [
@@ -126,13 +132,13 @@ def plan_lines(study: dict, profile: dict, trial_images: int, phase1_images: int
         ]
     count = int(left // trial)
     text = f"{head}, then {count} whole trial{'s' * (count != 1)} of {fmt(trial)}"
-    es, phase2 = study["early_stopping"], PhaseConfig.from_dict(profile["phase2"], where="phase2")
-    epochs, grace = phase2.epochs, grace_epochs(es, phase2, space=study["space"])
-    rungs = asha_rungs(grace, es["reduction_factor"], epochs) if grace is not None else []
+    es, phase2 = study.early_stopping, profile.phase2
+    epochs, grace = phase2.epochs, grace_epochs(es, phase2, space=study.space)
+    rungs = asha_rungs(grace, es.reduction_factor, epochs) if grace is not None else []
     if rungs:
-        rf = es["reduction_factor"]
+        rf = es.reduction_factor
         short = trial * expected_epochs(rungs, rf, epochs) / epochs
-        full = study["baseline"]["enabled"] and study["baseline"]["exempt_from_early_stopping"]
+        full = study.baseline.enabled and study.baseline.exempt_from_early_stopping
         count = (1 if full else 0) + int((left - (trial if full else 0)) // short)
         text += (
             f", about {count} with ASHA's stops at epoch{'s' * (len(rungs) > 1)} {', '.join(map(str, rungs))} "

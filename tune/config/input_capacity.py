@@ -6,6 +6,11 @@ feed a trial faster. The per-core rates are defaults measured by ``benchmarks/in
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tune.config.study import ProfileConfig
+
 # img/s one CPU core gives the training loop, by where the images come from. JPEG files: below what
 # benchmarks/input_pipeline.py measured for TorchCodec decode + the train transform of 500x375
 # JPEGs (705 per core, ImageNet's size; 1,128 at Places365's 256x256, 300 at iNat's 800x600) and
@@ -20,32 +25,32 @@ GPU_IMAGES_PER_S = 3336.0
 FILE_DATASETS = ("places_lt", "imagenet_lt", "inat2018", "image_folder")
 
 
-def knobs(profile: dict | None = None) -> str:
+def knobs(profile: ProfileConfig | None = None) -> str:
     """What feeds a trial faster: more loader workers, more cores per trial, decoding (or
     augmenting) on the device; with a profile, its current values and only the device switch its
     dataset has (off)."""
     if profile is None:
         return "raise loader.num_workers and resources.cpu per trial, or set data.gpu_decode: true (image files)"
-    data, workers, cpu = profile["data"], profile["loader"]["num_workers"], profile["resources"]["cpu"]
-    device = next((k for k in ("gpu_decode", "gpu_augment") if k in data and not data[k]), None)
+    data, workers, cpu = profile.data, profile.loader.num_workers, profile.resources.cpu
+    device = next((k for k in ("gpu_decode", "gpu_augment") if getattr(data, k, None) is False), None)
     return f"raise loader.num_workers (now {workers}) and resources.cpu per trial (now {cpu:g})" + (
         f", or set data.{device}: true" if device else ""
     )
 
 
-def per_core_rate(profile: dict) -> tuple[float, str]:
+def per_core_rate(profile: ProfileConfig) -> tuple[float, str]:
     """img/s per core for this profile's data, and what it covers."""
-    files = profile["data"]["name"] in FILE_DATASETS
+    files = profile.data.name in FILE_DATASETS
     what = "JPEG decode + train transform" if files else "train transform of in-memory images"
-    given = profile["loader"].get("decode_per_core")
+    given = profile.loader.decode_per_core
     if given:
         return float(given), f"{what}, loader.decode_per_core"
     return (DECODE_PER_CORE if files else AUGMENT_PER_CORE), f"{what}, default"
 
 
-def consumption(profile: dict) -> tuple[float | None, str]:
+def consumption(profile: ProfileConfig) -> tuple[float | None, str]:
     """img/s one trial's training step consumes, and where the figure comes from."""
-    rate, gpu = profile.get("images_per_s"), profile["resources"]["gpu"]
+    rate, gpu = profile.images_per_s, profile.resources.gpu
     if rate:
         return float(rate), "images_per_s"
     if gpu > 0:
@@ -54,11 +59,11 @@ def consumption(profile: dict) -> tuple[float | None, str]:
     return None, ""
 
 
-def capacity_lines(profile: dict) -> list[str]:
+def capacity_lines(profile: ProfileConfig) -> list[str]:
     """The dry run's input-capacity line, and a data-bound warning when the CPU's capacity is
     below the consumption (with ``gpu_decode`` / ``gpu_augment`` on, what the CPU would give)."""
-    data, workers, cpu = profile["data"], profile["loader"]["num_workers"], profile["resources"]["cpu"]
-    switch = next((k for k in ("gpu_decode", "gpu_augment") if data.get(k)), None)
+    data, workers, cpu = profile.data, profile.loader.num_workers, profile.resources.cpu
+    switch = next((k for k in ("gpu_decode", "gpu_augment") if getattr(data, k, False)), None)
     cores = min(cpu, max(workers, 1))  # the loader's workers do the work (the trial's own process when 0)
     rate, what = per_core_rate(profile)
     capacity = cores * rate

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from lpt_core.config import Section, validate
 from tune.config.study import Objective, ProfileConfig, StudyConfig
 from tune.errors import ConfigError
+
+M = TypeVar("M", bound=Section)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,38 +94,37 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     return profile, study
 
 
-def load_profile(name: str, overrides: list[str] | None = None) -> tuple[Path, dict]:
+def load_profile(name: str, overrides: list[str] | None = None) -> tuple[Path, ProfileConfig]:
     path = resolve_file(name, PROFILES_DIR, "profile")
     raw = apply_overrides(_read_yaml(path), overrides or [])
-    return path, _checked(ProfileConfig, raw, path).to_dict()
+    return path, _checked(ProfileConfig, raw, path)
 
 
-def load_study(name: str, overrides: list[str] | None = None) -> tuple[Path, dict]:
-    """``overrides``: ``budget.<key>=value`` (``--set``, ``--gpu-hours``, ``--cpu-hours``)."""
+def load_study(name: str, overrides: list[str] | None = None) -> tuple[Path, StudyConfig]:
+    """``overrides``: ``budget.<key>=value`` (``--set``, ``--gpu-hours``, ``--cpu-hours``). The
+    space keeps the file's order of its parameters (``Space.params()``)."""
     path = resolve_file(name, STUDIES_DIR, "study")
     raw = apply_overrides(_read_yaml(path), overrides or [])
-    study = _checked(StudyConfig, raw, path)
-    return path, study.to_dict(order=list(raw["space"]))
+    return path, _checked(StudyConfig, raw, path)
 
 
-def _checked(model: type[Section], raw: dict, path: Path) -> Section:
+def _checked(model: type[M], raw: dict, path: Path) -> M:
     try:
         return validate(model, raw)
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def profile_data(profile: dict):
+def profile_data(profile: ProfileConfig):
     """The profile's dataset, its images prepared for the profile's backbone (``input_config``)."""
     from lpt_core.backbones import input_config
     from lpt_core.data import build_dataset
 
-    return build_dataset(profile["data"], input_config(profile["backbone"], profile.get("input")))
+    return build_dataset(profile.data, input_config(profile.backbone.spec(), profile.input))
 
 
-def objective_of(objective: dict) -> tuple[list[str], list[str]]:
+def objective_of(objective: Objective) -> tuple[list[str], list[str]]:
     """Metric names and modes of a study's ``objective``; the first pair drives early stopping."""
-    if "metrics" in objective:
-        return list(objective["metrics"]), list(objective["modes"])
-    obj = {**Objective().to_dict(), **objective}
-    return [obj["metric"]], [obj["mode"]]
+    if objective.metrics is not None:
+        return list(objective.metrics), list(objective.modes or [])
+    return [objective.metric], [objective.mode]

@@ -11,8 +11,13 @@ for concurrent trials (Optuna 5's default too).
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import optuna
+
+if TYPE_CHECKING:
+    from tune.config.space import SpaceBase
+    from tune.config.study import StudyConfig
 
 MAX_STARTUP = 10  # Optuna's own default: never more random trials than that
 NAMES = {"tpe": "TPE", "random": "random", "gp": "Gaussian process", "cmaes": "CMA-ES"}
@@ -23,27 +28,28 @@ def startup_trials(budget: int) -> int:
     return max(2, min(MAX_STARTUP, budget // 3))
 
 
-def conditional(space: dict) -> bool:
+def conditional(space: SpaceBase) -> bool:
     """Whether a parameter's range depends on another's value in this space: ``top_k``'s range is
     cut to each trial's ``pool_size`` when it can exceed the smallest pool."""
-    pool, top_k = space.get("pool_size"), space.get("top_k")
-    if not pool or not top_k or top_k["type"] == "choice":
+    pool, top_k = space.spec("pool_size"), space.spec("top_k")
+    if not pool or not top_k or top_k.type == "choice":
         return False
-    return top_k["high"] > (min(pool["values"]) if pool["type"] == "choice" else pool["low"])
+    return top_k.high > (min(pool.values) if pool.type == "choice" else pool.low)
 
 
-def sampler_settings(study: dict, budget: int) -> dict:
-    """The study's ``sampler`` section with every unset key resolved for ``budget`` trials."""
-    spec = {"type": "tpe", **study.get("sampler", {})}
-    out = {"type": spec["type"], "seed": study["seed"]}
-    if spec["type"] != "random":
-        n = spec.get("n_startup_trials")
+def sampler_settings(study: StudyConfig, budget: int) -> dict:
+    """The study's ``sampler`` section with every unset key resolved for ``budget`` trials (a dict:
+    the keyword arguments of the Optuna sampler, ``make_sampler``)."""
+    spec = study.sampler
+    out: dict = {"type": spec.type, "seed": study.seed}
+    if spec.type != "random":
+        n = spec.n_startup_trials
         out["n_startup_trials"] = startup_trials(budget) if n is None else n
-    if spec["type"] == "tpe":
-        out["multivariate"] = spec.get("multivariate", True)
-        group = spec.get("group")
-        out["group"] = (conditional(study["space"]) and out["multivariate"]) if group is None else group
-        out["constant_liar"] = spec.get("constant_liar", True)
+    if spec.type == "tpe":
+        multivariate = True if spec.multivariate is None else spec.multivariate
+        out["multivariate"] = multivariate
+        out["group"] = (conditional(study.space) and multivariate) if spec.group is None else spec.group
+        out["constant_liar"] = True if spec.constant_liar is None else spec.constant_liar
     return out
 
 

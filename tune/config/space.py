@@ -3,9 +3,9 @@ values, for every searchable LPT and recipe parameter."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, create_model, model_validator
+from pydantic import Field, PrivateAttr, create_model, model_validator
 from pydantic_core import PydanticCustomError
 
 from lpt_core.config import LPTConfig, PhaseConfig, Section, searchable_fields, why_fixed
@@ -37,17 +37,30 @@ class _Range(Section):
 
 
 class _IntRange(_Range):
+    if TYPE_CHECKING:  # each parameter's own bounds, added by ``_param_spec``
+        low: int
+        high: int
+
     type: Literal["int"]
     step: int | None = Field(None, ge=1)
 
 
 class _FloatRange(_Range):
+    if TYPE_CHECKING:
+        low: float
+        high: float
+
     type: Literal["float"]
     step: float | None = Field(None, gt=0)
 
 
 class _Choice(Section):
     type: Literal["choice"]
+    if TYPE_CHECKING:
+        values: list[Any]
+
+
+ParamSpec = _IntRange | _FloatRange | _Choice  # one parameter's range or choice
 
 
 def _param_spec(name: str) -> Any:
@@ -60,10 +73,35 @@ def _param_spec(name: str) -> Any:
         f"{name}_range", __base__=_IntRange if is_int else _FloatRange, low=(value, ...), high=(value, ...)
     )
     choice = create_model(f"{name}_choice", __base__=_Choice, values=(list[value], Field(min_length=1)))
+    globals().update({ranged.__name__: ranged, choice.__name__: choice})  # found by name: a study pickles
     return Annotated[ranged | choice, Field(discriminator="type", description=field.description)]
 
 
-class _SpaceBase(Section):
+class SpaceBase(Section):
+    """The searched parameters; ``params()`` gives them in the study file's order."""
+
+    _order: list[str] = PrivateAttr(default_factory=list)  # the file's order of the parameters
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_order(cls, data: Any, handler: Any) -> Any:
+        space = handler(data)
+        if isinstance(data, dict):
+            space._order = list(data)
+        return space
+
+    def params(self) -> dict[str, ParamSpec]:
+        """``{name: spec}`` of every searched parameter, in the file's order."""
+        names = self._order or [k for k in type(self).model_fields if getattr(self, k) is not None]
+        return {k: getattr(self, k) for k in names}
+
+    def spec(self, name: str) -> ParamSpec | None:
+        """The spec of parameter ``name``; None when the study does not search it."""
+        return getattr(self, name, None)
+
+    def __contains__(self, name: str) -> bool:
+        return self.spec(name) is not None
+
     @model_validator(mode="before")
     @classmethod
     def _known_keys(cls, data: Any) -> Any:
@@ -87,4 +125,4 @@ class _SpaceBase(Section):
         return data
 
 
-Space = create_model("Space", __base__=_SpaceBase, **{name: (_param_spec(name) | None, None) for name in SEARCHABLE})
+Space = create_model("Space", __base__=SpaceBase, **{name: (_param_spec(name) | None, None) for name in SEARCHABLE})

@@ -35,6 +35,11 @@ class BackboneSpec(Section):
     name: str = Field(min_length=1, description="timm model name, e.g. vit_base_patch16_224.augreg_in21k")
     weights: str = Field("pretrained", min_length=1, description="pretrained, random, or a local weights file")
 
+    def spec(self) -> dict[str, Any]:
+        """The section as written (unset defaults left out): it keys the phase-1 cache, and
+        ``lpt_core.backbones`` builds from it."""
+        return self.model_dump(exclude_unset=True)
+
 
 class Resources(Section):
     cpu: float = Field(1, gt=0, description="CPUs per trial")
@@ -96,7 +101,7 @@ class ProfileConfig(Section):
 
     def to_dict(self) -> dict:
         out = self.model_dump(exclude={"backbone"})
-        out["backbone"] = self.backbone.model_dump(exclude_unset=True)  # as written: it keys the phase-1 cache
+        out["backbone"] = self.backbone.spec()
         return out
 
 
@@ -255,10 +260,9 @@ class StudyConfig(Section):
 
     def to_dict(self, order: list[str] | None = None) -> dict:
         out = self.model_dump(exclude_none=True, exclude={"space"})
-        given = self.space.model_dump(exclude_none=True)
         out["space"] = {
             k: getattr(self.space, k).model_dump(exclude_unset=True)  # as written, in the file's order
-            for k in order or given
+            for k in order or self.space.params()
         }
         return out
 

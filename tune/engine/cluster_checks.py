@@ -23,6 +23,7 @@ import secrets
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from tune.config.study import ProfileConfig, Resources
 from tune.errors import ConfigError
 from tune.names import SHARED_CHECK
 from tune.storage import Location
@@ -44,14 +45,14 @@ def check_cluster_tracking(uri: str) -> None:
         )
 
 
-def trial_nodes(resources: dict) -> list[dict]:
+def trial_nodes(resources: Resources) -> list[dict]:
     """The alive nodes that can hold one trial (the others never write to the storage)."""
     return [
         n
         for n in ray.nodes()
         if n["Alive"]
-        and n["Resources"].get("CPU", 0) >= resources["cpu"]
-        and n["Resources"].get("GPU", 0) >= resources["gpu"]
+        and n["Resources"].get("CPU", 0) >= resources.cpu
+        and n["Resources"].get("GPU", 0) >= resources.gpu
     ]
 
 
@@ -71,7 +72,7 @@ def file_sizes(data) -> dict[str, int]:
     return sizes
 
 
-def data_facts(profile: dict) -> dict:
+def data_facts(profile: ProfileConfig) -> dict:
     """What this node's copy of the profile's data is: manifest hash and file sizes."""
     from lpt_core.data import manifest_hash
     from tune.config.loading import profile_data
@@ -81,9 +82,10 @@ def data_facts(profile: dict) -> dict:
 
 
 @ray.remote(num_cpus=0)
-def _node_check(marker_uri: str, token: str, profile: dict) -> dict:
+def _node_check(marker_uri: str, token: str, profile: ProfileConfig) -> dict:
     """On one node: read the driver's marker, publish this node's own, describe its data."""
     marker = Location(marker_uri)
+    seen: str | None
     try:
         seen = marker.read_text()
     except (OSError, ValueError) as exc:
@@ -142,14 +144,14 @@ def data_problem(driver: dict, node: dict, result: dict) -> str | None:
     return None
 
 
-def check_cluster_nodes(storage: Location, profile: dict, data, manifest_hash: str) -> None:
+def check_cluster_nodes(storage: Location, profile: ProfileConfig, data, manifest_hash: str) -> None:
     """Refuse, in one line, a cluster where a trial node cannot share the storage or holds other
     data than the driver's ``data`` (its manifest hash ``manifest_hash``)."""
     token = secrets.token_hex(16)
     marker = storage / f"{SHARED_CHECK}-{token[:12]}"
     storage.mkdir()
     marker.write_text(token)
-    nodes = trial_nodes(profile["resources"])
+    nodes = trial_nodes(profile.resources)
     try:
         driver = {"manifest": manifest_hash, "sizes": file_sizes(data)}
         reads = [

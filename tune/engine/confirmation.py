@@ -174,10 +174,10 @@ def confirm(
     """Retrain the best config (trial ``best_id``), and the baseline's when it ran every epoch and
     is another config, with the same ``n`` fresh seeds (all at once, as Ray tasks); both go into
     the test-exposure ledger. Returns ``confirm_summary``'s metrics, tags and lines."""
-    seeds = [plan.profile["seed"] + 1000 + i for i in range(n)]
+    seeds = [plan.profile.seed + 1000 + i for i in range(n)]
     configs = {"best": config}
     base = (
-        {p: baseline[p] for p in plan.study["space"]}
+        {p: baseline[p] for p in plan.study.space.params()}
         if baseline is not None and baseline["status"] == COMPLETED
         else None
     )
@@ -191,8 +191,8 @@ def confirm(
     pending = {name: [task.remote(setup, c, s) for s in seeds] for name, c in configs.items()}
     results: dict = {name: ray.get(refs) for name, refs in pending.items()}
     results["no_baseline"] = base is None
-    key = objective_of(plan.study["objective"])[0][0].removeprefix("val_")
-    metrics, tags, lines = confirm_summary(results, plan.data.shot_counts, plan.profile["shot_split"], key)
+    key = objective_of(plan.study.objective)[0][0].removeprefix("val_")
+    metrics, tags, lines = confirm_summary(results, plan.data.shot_counts, plan.profile.shot_split, key)
     tested = [best_id, *([baseline["trial_id"]] if "baseline" in configs and baseline is not None else [])]
     ledger = exposure.expose(MlflowClient(setup.tracking_uri), setup.parent_run_id, tested)
     lines[0] = f"{lines[0].removesuffix(':')}; {exposure.seen(ledger)}:"

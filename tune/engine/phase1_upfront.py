@@ -32,15 +32,15 @@ class Phase1Error(RuntimeError):
 def phase1_keys(plan) -> dict[int, str]:
     """The search's phase-1 cache keys by prompt length."""
     profile = plan.profile
-    lengths = prompt_lengths(plan.study["space"], profile["model"]["prompt_length"])
-    return {n: profile_phase1_key(profile, plan.manifest_hash, n, plan.data, profile["seed"]) for n in lengths}
+    lengths = prompt_lengths(plan.study.space, profile.model.prompt_length)
+    return {n: profile_phase1_key(profile, plan.manifest_hash, n, plan.data, profile.seed) for n in lengths}
 
 
 def phase1_task(setup: SearchSetup, prompt_length: int) -> dict:
     """One phase 1 of the search (a Ray task): trained into the cache unless someone has already.
     ``seconds``: the task's wall time, data and model included (its cost: x a trial's resources)."""
     started = time.monotonic()
-    seed = setup.profile["seed"]
+    seed = setup.profile.seed
     log = lambda msg: print(f"[phase 1, prompt_length {prompt_length}] {msg}", flush=True)
     data = profile_data(setup.profile)
     model, _ = build_model(setup, {"prompt_length": prompt_length}, data, seed)
@@ -64,11 +64,11 @@ def train_up_front(plan, setup: SearchSetup, client: MlflowClient, remote) -> tu
     keys = phase1_keys(plan)
     cache = Phase1Cache(setup.cache_dir)
     todo = [n for n, key in keys.items() if not cache.ready(key)]
-    r = plan.profile["resources"]
+    r = plan.profile.resources
     print(
         f"phase 1 up front: {len(keys)} config{'s' * (len(keys) != 1)} (prompt_length "
         f"{', '.join(map(str, keys))}), {len(keys) - len(todo)} cached, {len(todo)} to train as Ray tasks "
-        f"({r['cpu']:g} CPU, {r['gpu']:g} GPU each)",
+        f"({r.cpu:g} CPU, {r.gpu:g} GPU each)",
         flush=True,
     )
     started = time.monotonic()

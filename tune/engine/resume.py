@@ -7,11 +7,12 @@ import json
 
 from mlflow import MlflowClient
 
+from lpt_core.config import validate
 from tune import names
 from tune import tracking as mt
 from tune.config import budget as cost
 from tune.config.loading import objective_of
-from tune.config.study import StudyConfig
+from tune.config.study import ProfileConfig, StudyConfig
 from tune.engine import budget_ledger as ledger
 from tune.engine.baseline_gain import baseline_row
 from tune.engine.confirmation import confirm
@@ -41,9 +42,21 @@ def first_difference(old, new, path: str = "") -> str | None:
     return None if old == new else f"{path} (the search has {old!r}, now {new!r})"
 
 
-def with_defaults(study: dict) -> dict:
-    """A stored study config with the keys added since it was stored, at their defaults."""
-    return StudyConfig.model_validate(study).to_dict(order=list(study["space"]))
+def stored_configs(record: dict, folder: Location) -> tuple[StudyConfig, ProfileConfig]:
+    """The study and profile a search stored, as models, with the keys added since at their defaults."""
+    try:
+        study = validate(StudyConfig, record["study_config"], "study")
+        profile = validate(ProfileConfig, record["profile"], "profile")
+    except ValueError as exc:
+        raise ConfigError(f"--resume: {folder.name}: {exc}; start a new search without --resume") from None
+    return study, profile
+
+
+def _comparable(study: StudyConfig) -> dict:
+    """The study as search.json holds it, but for what a resumed search may change: its budget's
+    trials and cost keys (``ledger.resumed_budget``)."""
+    free = dict.fromkeys(("trials", *cost.BUDGET_KEYS))
+    return _plain({**study.to_dict(), "budget": {**study.budget.model_dump(exclude_none=True), **free}})
 
 
 def resume_mode(plan, args, record: dict, folder: Location) -> str:
@@ -54,17 +67,14 @@ def resume_mode(plan, args, record: dict, folder: Location) -> str:
             f"--resume: {folder.name} was run on other data (manifest "
             f"{record['manifest_hash'][:12]}, now {plan.manifest_hash[:12]}); start a new search"
         )
-    diff = first_difference(_plain(record["profile"]), _plain(plan.profile))
+    stored_study, stored_profile = stored_configs(record, folder)
+    diff = first_difference(_plain(stored_profile.to_dict()), _plain(plan.profile.to_dict()))
     if diff:
         raise ConfigError(f"--resume: profile {diff} in {folder.name}; start a new search without --resume")
-    ledger.resumed_budget(plan.study, record["study_config"]["budget"], plan.budget_given)
-    stored, wanted = _plain(with_defaults(record["study_config"])), _plain(plan.study)
-    budget = stored["budget"]["trials"]
+    ledger.resumed_budget(plan.study, stored_study.budget, plan.budget_given)
+    budget = stored_study.budget.trials
     asked = budget if args.trials is None else args.trials  # the search's own budget unless --trials
-    free = dict.fromkeys(("trials", *cost.BUDGET_KEYS))  # what a resumed search may change (ledger.resumed_budget)
-    diff = first_difference(
-        {**stored, "budget": {**stored["budget"], **free}}, {**wanted, "budget": {**wanted["budget"], **free}}
-    )
+    diff = first_difference(_comparable(stored_study), _comparable(plan.study))
     if diff:
         raise ConfigError(f"--resume: study {diff} in {folder.name}; start a new search without --resume")
     if asked < budget:
@@ -72,7 +82,7 @@ def resume_mode(plan, args, record: dict, folder: Location) -> str:
             f"--trials {asked}: the search in {folder.name} has a budget of {budget}; resume it "
             f"as it is (no --trials), or extend it with --trials N (N > {budget})"
         )
-    plan.study["budget"]["trials"] = asked
+    plan.study.budget.trials = asked
     mode = "extend" if asked > budget else "finished" if record.get("state") == FINISHED else "resume"
     return ledger.resume_mode(mode, record, plan.study, folder)
 
@@ -119,7 +129,7 @@ def confirm_finished(plan, args, uri: str, folder: Location, record: dict) -> in
     client = MlflowClient(uri)
     parent_id = record["parent_run_id"]
     rows = list(read_rows(folder / TABLE_FILE).values())
-    metrics, modes = objective_of(plan.study["objective"])
+    metrics, modes = objective_of(plan.study.objective)
     by_id = {r["trial_id"]: r for r in rows}
     best = by_id.get(client.get_run(parent_id).data.tags.get(names.BEST_TRIAL_ID)) or best_row(
         rows, metrics[0], modes[0]
@@ -130,7 +140,7 @@ def confirm_finished(plan, args, uri: str, folder: Location, record: dict) -> in
         plan,
         search_setup(plan, folder, record, uri),
         best["trial_id"],
-        {p: best[p] for p in plan.study["space"]},
+        {p: best[p] for p in plan.study.space.params()},
         baseline_row(rows),
         args.confirm,
     )

@@ -43,7 +43,7 @@ def run_search(plan, args, uri: str, address: str | None) -> int:
             lock.take(resumed[0])  # a search another driver runs is refused here, before Ray starts
         start_ray(address)
         try:
-            check_resources(plan.profile["resources"], local=address is None)
+            check_resources(plan.profile.resources, local=address is None)
             if address:
                 check_cluster_nodes(plan.storage, plan.profile, plan.data, plan.manifest_hash)
             if resumed and resumed[2] == "finished":
@@ -61,8 +61,8 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Location, dict, str] | None,
     fetch_copy(folder, record)  # a search on object storage resumed on another machine: its SQLite study
     keep_optuna_study(plan, client, folder, record)
     parent_id = record["parent_run_id"]
-    budget = plan.study["budget"]["trials"]
-    metrics, modes = objective_of(plan.study["objective"])
+    budget = plan.study.budget.trials
+    metrics, modes = objective_of(plan.study.objective)
     setup = search_setup(plan, folder, record, uri)
     print(plan.describe(), flush=True)
     print(
@@ -101,7 +101,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Location, dict, str] | None,
                 done = list(read_rows(folder / TABLE_FILE))
                 extra = budget - len(done)  # a search its cost budget ended has trials left of its own
                 record["runs"].append({"dir": f"extend-{len(record['runs'])}", "trials": extra, "rows_before": done})
-                record["study_config"] = plan.study
+                record["study_config"] = plan.study.to_dict()
                 tracking_guard.for_search(folder, uri).attempt(
                     "log the extension",
                     client.log_param,

@@ -17,10 +17,11 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from lpt_core.config import PhaseConfig
-from tune.config.early_stopping import MARGIN_SE, MIN_TRIALS, grace_epochs
+from lpt_core.config import LPTConfig, PhaseConfig
+from tune.config.early_stopping import grace_epochs
 from tune.config.samplers import make_sampler
 from tune.config.search_space import DefineByRun
+from tune.config.study import StudyConfig
 from tune.config.validation import binomial_se
 from tune.names import OPTUNA_TRIAL_ID
 
@@ -55,13 +56,14 @@ class LPTOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ended = result and not error and trial_id not in self._completed_trials and not _nan(result, self.metric)
-        if not ended:
+        if not ended or result is None:
             return super().on_trial_complete(trial_id, result, error)
         try:
             self.on_trial_result(trial_id, result)  # the last result reaches only this call: a point of its curve
             if result.get(self._time_attr, self._epochs) >= self._epochs:
                 return super().on_trial_complete(trial_id, result, error)
-            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)  # ASHA stopped it
+            # ASHA stopped it (Ray types the study as optional; it is set once the searcher has a space)
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)  # type: ignore[attr-defined]
         except Exception as exc:  # as Ray's own: e.g. a trial a restored search had already told
             logger.warning(exc)
         self._completed_trials.add(trial_id)
@@ -76,7 +78,7 @@ class BaselineSpace(DefineByRun):
     """The LPT space, plus the ``baseline`` constant: True for the trial enqueued with the profile's
     own values (``enqueue_baseline``), so the scheduler, the table and the runs can tell it apart."""
 
-    def __call__(self, trial: optuna.Trial) -> dict:
+    def __call__(self, trial: optuna.Trial) -> dict:  # type: ignore[override]
         super().__call__(trial)
         return {BASELINE: bool(trial.user_attrs.get(BASELINE, False))}
 
@@ -92,8 +94,8 @@ def enqueue_baseline(study: optuna.Study, config: dict) -> bool:
 
 
 def make_searcher(
-    study_cfg: dict,
-    model_defaults: dict,
+    study_cfg: StudyConfig,
+    model_defaults: LPTConfig,
     depth: int,
     epochs: int,
     metrics: list[str],
@@ -106,7 +108,7 @@ def make_searcher(
     """Optuna behind a ConcurrencyLimiter. ``settings``: ``tune.config.samplers.sampler_settings``."""
     single = len(metrics) == 1
     searcher = LPTOptunaSearch(
-        space=BaselineSpace(study_cfg["space"], model_defaults, depth),
+        space=BaselineSpace(study_cfg.space, model_defaults, depth),
         epochs=epochs,
         metric=metrics[0] if single else metrics,
         mode=modes[0] if single else modes,
@@ -114,7 +116,7 @@ def make_searcher(
         storage=storage,
         study_name=study_name,
     )
-    return ConcurrencyLimiter(searcher, max_concurrent=study_cfg["budget"]["concurrency"])
+    return ConcurrencyLimiter(searcher, max_concurrent=study_cfg.budget.concurrency)
 
 
 class SteadyASHA(ASHAScheduler):
@@ -141,7 +143,7 @@ class SteadyASHA(ASHAScheduler):
         bracket = self._trial_info.get(trial.trial_id)
         before = [dict(recorded) for _, recorded in bracket._rungs] if bracket is not None else []
         action = super().on_trial_result(tune_controller, trial, result)
-        if action != TrialScheduler.STOP or result.get(self._time_attr, 0) >= self._max_t:
+        if bracket is None or action != TrialScheduler.STOP or result.get(self._time_attr, 0) >= self._max_t:
             return action  # at its last epoch a trial ends anyway
         if self._exempt_baseline and trial.config.get(BASELINE):
             return TrialScheduler.CONTINUE
@@ -157,14 +159,14 @@ class SteadyASHA(ASHAScheduler):
 
 
 def make_scheduler(
-    study_cfg: dict, phase2: PhaseConfig, metric: str, mode: str, val_images: int | None = None
+    study_cfg: StudyConfig, phase2: PhaseConfig, metric: str, mode: str, val_images: int | None = None
 ) -> TrialScheduler:
     """ASHA with the study's grace period resolved against ``phase2`` and the search space
     (``tune.config.early_stopping``) and its stopping rule (``SteadyASHA``; ``val_images`` sizes
     the margin); FIFO (every trial runs its epochs) when early stopping is off or has no epoch to
     judge at."""
-    es = study_cfg["early_stopping"]
-    grace = grace_epochs(es, phase2, space=study_cfg.get("space"))
+    es = study_cfg.early_stopping
+    grace = grace_epochs(es, phase2, space=study_cfg.space)
     if grace is None:
         return FIFOScheduler()
     return SteadyASHA(
@@ -173,9 +175,9 @@ def make_scheduler(
         mode=mode,
         max_t=phase2.epochs,
         grace_period=grace,
-        reduction_factor=es["reduction_factor"],
-        min_trials=es.get("min_trials", MIN_TRIALS),
-        margin_se=es.get("margin_se", MARGIN_SE),
+        reduction_factor=es.reduction_factor,
+        min_trials=es.min_trials,
+        margin_se=es.margin_se,
         val_images=val_images,
-        exempt_baseline=study_cfg["baseline"]["exempt_from_early_stopping"],
+        exempt_baseline=study_cfg.baseline.exempt_from_early_stopping,
     )

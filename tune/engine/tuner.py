@@ -21,6 +21,7 @@ from tune import tracking as mt
 from tune.config.loading import objective_of
 from tune.config.samplers import describe_sampler, sampler_settings
 from tune.config.search_space import baseline_config
+from tune.config.study import ProfileConfig, Resources
 from tune.engine import budget_gate as gate
 from tune.engine.optuna_storage import PublishCopy, fail_unfinished, open_storage, search_study
 from tune.engine.progress import SearchProgress
@@ -78,22 +79,22 @@ def new_search(plan, client: MlflowClient, uri: str, lock: SearchLock) -> tuple[
     parent = client.create_run(
         exp_id, run_name=name, tags={names.ROLE: names.ROLE_STUDY, names.SEARCH: name, names.STORAGE: folder.uri}
     )
-    b = plan.study["budget"]
+    study, b = plan.study.to_dict(), plan.study.budget  # the study as search.json and MLflow hold it
     mt.log(
         client,
         parent.info.run_id,
         params={
             "study": plan.study_name,
             "profile": plan.profile_name,
-            "trials": b["trials"],
-            "concurrency": b["concurrency"],
-            "objective": json.dumps(plan.study["objective"]),
-            "sampler_seed": plan.study["seed"],
-            "space": json.dumps(plan.study["space"]),
-            "sampler": describe_sampler(sampler_settings(plan.study, b["trials"]), b["trials"]),
+            "trials": b.trials,
+            "concurrency": b.concurrency,
+            "objective": json.dumps(study["objective"]),
+            "sampler_seed": plan.study.seed,
+            "space": json.dumps(study["space"]),
+            "sampler": describe_sampler(sampler_settings(plan.study, b.trials), b.trials),
             "baseline": json.dumps(plan.baseline) if plan.baseline else "off",
-            "data": plan.profile["data"]["name"],
-            "backbone": plan.profile["backbone"]["name"],
+            "data": plan.profile.data.name,
+            "backbone": plan.profile.backbone.name,
             "manifest_hash": plan.manifest_hash,
         },
     )
@@ -101,19 +102,19 @@ def new_search(plan, client: MlflowClient, uri: str, lock: SearchLock) -> tuple[
         "name": name,
         "study": plan.study_name,
         "profile_name": plan.profile_name,
-        "profile": plan.profile,
-        "study_config": plan.study,
+        "profile": plan.profile.to_dict(),
+        "study_config": study,
         "manifest_hash": plan.manifest_hash,
         "experiment_id": exp_id,
         "parent_run_id": parent.info.run_id,
         "tracking_uri": uri,
         "state": RUNNING,
-        "runs": [{"dir": ".", "trials": b["trials"], "rows_before": []}],
+        "runs": [{"dir": ".", "trials": b.trials, "rows_before": []}],
     }
     save_record(folder, record)
     with tempfile.TemporaryDirectory() as tmp:
         profile_file = Path(tmp) / names.PROFILE_FILE
-        profile_file.write_text(yaml.safe_dump(plan.profile, sort_keys=False))
+        profile_file.write_text(yaml.safe_dump(plan.profile.to_dict(), sort_keys=False))
         (folder / names.PROFILE_FILE).upload(profile_file)
         client.log_artifact(parent.info.run_id, str(profile_file))
     return folder, record, "new"
@@ -134,10 +135,9 @@ def make_tuner(
     one Optuna study (``record["optuna_study"]``), so an extension starts from every earlier trial.
     ``restore`` continues the run's unfinished trials from their checkpoints."""
     study, profile = plan.study, plan.profile
-    metrics, modes = objective_of(study["objective"])
+    metrics, modes = objective_of(study.objective)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, setup=setup),
-        {"cpu": profile["resources"]["cpu"], "gpu": profile["resources"]["gpu"]},
+        tune.with_parameters(run_trial, setup=setup), {"cpu": profile.resources.cpu, "gpu": profile.resources.gpu}
     )
     epochs = plan.phase2.epochs
     path = folder if run["dir"] == "." else folder / run["dir"]
@@ -152,7 +152,7 @@ def make_tuner(
         earlier = read_rows(table_path)  # keep the rows of earlier runs; this run's trials run again
         write_table([r for tid, r in earlier.items() if tid in run["rows_before"]], table_path)
     prior = [r for tid, r in read_rows(table_path).items() if tid in run["rows_before"]]
-    params = list(study["space"])
+    params = list(study.space.params())
     stopper = gate.BudgetStopper(folder)  # the budget's pieces read the search folder (and again when restored)
     table = TrialTable(
         table_path,
@@ -163,18 +163,18 @@ def make_tuner(
         metrics[0],
         prior,
         (setup.experiment_id, setup.parent_run_id),
-        profile["resources"],
+        profile.resources,
         stopper,
     )
     progress = SearchProgress(budget, epochs, metrics[0], modes[0], params, prior, meter=gate.BudgetMeter(folder))
     storage = open_storage(record["optuna_storage"])
     ot_study = search_study(storage, record["optuna_study"], modes)
     fail_unfinished(ot_study)  # trials of a run that starts again
-    if study["baseline"]["enabled"]:
-        enqueue_baseline(ot_study, baseline_config(study["space"], profile["model"], profile["phase2"]))
+    if study.baseline.enabled:
+        enqueue_baseline(ot_study, baseline_config(study.space, profile.model, profile.phase2))
     searcher = make_searcher(
         study,
-        profile["model"],
+        profile.model,
         plan.depth,
         epochs,
         metrics,
@@ -188,7 +188,7 @@ def make_tuner(
         name=path.name,
         storage_path=path.parent.tune_storage()[0],
         storage_filesystem=tune_fs,
-        failure_config=tune.FailureConfig(max_failures=study["budget"]["max_failures"]),
+        failure_config=tune.FailureConfig(max_failures=study.budget.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         callbacks=[table, progress, PublishCopy(folder, record["optuna_storage"])],
         stop=stopper,
@@ -205,9 +205,9 @@ def make_tuner(
     )
 
 
-def on_resources(fn, profile: dict):
-    r = profile["resources"]
-    return ray.remote(num_cpus=r["cpu"], num_gpus=r["gpu"], max_retries=2)(fn)
+def on_resources(fn, profile: ProfileConfig):
+    r = profile.resources
+    return ray.remote(num_cpus=r.cpu, num_gpus=r.gpu, max_retries=2)(fn)
 
 
 def pareto(record: dict) -> list[str]:
@@ -219,15 +219,15 @@ def pareto(record: dict) -> list[str]:
     )
 
 
-def check_resources(resources: dict, local: bool) -> None:
+def check_resources(resources: Resources, local: bool) -> None:
     """One trial must fit on one node, or Tune leaves it pending for ever: a local Ray that cannot
     hold one is an input error; a cluster may still get such a node, so it only warns."""
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    if any(n.get("CPU", 0) >= resources["cpu"] and n.get("GPU", 0) >= resources["gpu"] for n in nodes):
+    if any(n.get("CPU", 0) >= resources.cpu and n.get("GPU", 0) >= resources.gpu for n in nodes):
         return
     have = "; ".join(f"{n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for n in nodes)
     message = (
-        f"resources: a trial asks for {resources['cpu']:g} CPU and {resources['gpu']:g} GPU "
+        f"resources: a trial asks for {resources.cpu:g} CPU and {resources.gpu:g} GPU "
         f"on one node; the Ray nodes have {have or 'nothing'}"
     )
     if local:
@@ -245,5 +245,5 @@ def search_setup(plan, folder: Location, record: dict, uri: str) -> SearchSetup:
         tracking_uri=uri,
         experiment_id=record["experiment_id"],
         parent_run_id=record["parent_run_id"],
-        metrics=tuple(objective_of(plan.study["objective"])[0]),
+        metrics=tuple(objective_of(plan.study.objective)[0]),
     )

@@ -62,19 +62,19 @@ def collect_rows(plan, client: MlflowClient, folder: Location, grids: list, inte
                 rows[tid] = trial_row(
                     tid,
                     result.config or {},
-                    list(plan.study["space"]),
+                    list(plan.study.space.params()),
                     result.metrics,
                     epochs,
                     error,
                     interrupted=interrupted,
-                    resources=plan.profile["resources"],
+                    resources=plan.profile.resources,
                 )
                 if rows[tid]["status"] != INTERRUPTED:  # it ended, but its end reached no callback
                     guard = tracking_guard.for_search(folder, client.tracking_uri)
                     guard.attempt("close its run", close_trial_run, client, rows[tid], trial=tid)
-    rows = list(rows.values())
-    write_table(rows, folder / TABLE_FILE)
-    return rows
+    ended = list(rows.values())
+    write_table(ended, folder / TABLE_FILE)
+    return ended
 
 
 def stop_interrupted(
@@ -149,7 +149,7 @@ def wrap_up(
     parent_id = setup.parent_run_id
     guard = tracking_guard.for_search(folder, setup.tracking_uri)
     counts = status_counts(rows)
-    summary = {"trials_" + k: v for k, v in counts.items()}
+    summary: dict[str, float] = {"trials_" + k: v for k, v in counts.items()}
     summary["search_wall_s"] = seconds
     best, baseline = best_row(rows, metrics[0], modes[0]), baseline_row(rows)
     val_images = len(plan.data.val)
@@ -177,7 +177,7 @@ def wrap_up(
     lines.append(validation.describe(plan.summary))
     lines += input_wait.summary_lines(rows, plan.profile)
     if best is not None:
-        config = {p: best[p] for p in plan.study["space"]}
+        config = {p: best[p] for p in plan.study.space.params()}
         prompt_file = prompt_path(folder, best["trial_id"])
         parent = guard.attempt("read the test ledger", client.get_run, parent_id)
         before = exposure.exposed(parent.data.tags if parent else {})
@@ -233,7 +233,7 @@ def wrap_up(
         gain, gain_lines = validation_gain(
             best,
             baseline,
-            list(plan.study["space"]),
+            list(plan.study.space.params()),
             val_images,
             len(rows),
             None if args.confirm else f"{resume_command(args)} --confirm {DEFAULT_SEEDS}",

@@ -22,7 +22,7 @@ import torch
 
 from tune import names
 from tune.config.loading import objective_of
-from tune.config.study import SHOT_KEYS
+from tune.config.study import SHOT_KEYS, Objective, ProfileConfig
 from tune.names import REPORT_DIR, SEARCH_FILE
 from tune.plotting import log_report_error
 from tune.record import load_record
@@ -45,21 +45,28 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def profile_defaults(profile: dict, params: list[str]) -> dict:
+def profile_defaults(profile: ProfileConfig | None, params: list[str]) -> dict:
     """What a param is when the study does not search it: the profile's model value or phase-2
     recipe value, else ``PhaseConfig``'s default."""
     from lpt_core.trainer import PhaseConfig
 
-    recipe = PhaseConfig().to_dict()
-    out = {}
-    for p in params:
-        if p in profile.get("model", {}):
-            out[p] = profile["model"][p]
-        elif p in profile.get("phase2", {}):
-            out[p] = profile["phase2"][p]
-        else:
-            out[p] = recipe.get(p)
-    return out
+    model = profile.model.model_dump() if profile else {}
+    recipe = (profile.phase2 if profile else PhaseConfig()).model_dump()
+    return {p: model[p] if p in model else recipe.get(p) for p in params}
+
+
+def stored_profile(record: dict, folder: Location) -> ProfileConfig | None:
+    """The search's profile as search.json (or profile.yaml) holds it; None without one, or when
+    it no longer validates (the report goes on without the profile's values)."""
+    profile = record.get("profile")
+    if profile is None and (folder / names.PROFILE_FILE).is_file():
+        import yaml
+
+        profile = yaml.safe_load((folder / names.PROFILE_FILE).read_text())
+    try:
+        return ProfileConfig.model_validate(profile) if profile else None
+    except ValueError:
+        return None
 
 
 def prompt_file_params(path: Location) -> int | None:
@@ -119,15 +126,9 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
     record = load_record(folder) if (folder / SEARCH_FILE).is_file() else {}
     study_cfg = record.get("study_config") or {}
     space = json.loads(params["space"]) if "space" in params else study_cfg.get("space", {})
-    metrics, modes = objective_of(
-        json.loads(params["objective"]) if "objective" in params else study_cfg.get("objective", {})
-    )
-    profile = record.get("profile")
-    if profile is None and (folder / names.PROFILE_FILE).is_file():
-        import yaml
-
-        profile = yaml.safe_load((folder / names.PROFILE_FILE).read_text())
-    profile = profile or {}
+    stored = json.loads(params["objective"]) if "objective" in params else study_cfg.get("objective", {})
+    metrics, modes = objective_of(Objective.model_validate(stored))  # as the parent run or search.json holds it
+    profile = stored_profile(record, folder)
 
     runs = {
         r.data.tags.get(names.TRIAL_ID): r
@@ -170,8 +171,9 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
 
     def rank(r: dict) -> tuple:
         v = r.get(metrics[0])
-        ok = isinstance(v, (int, float)) and math.isfinite(v)
-        return (r["status"] != "completed", not ok, -sign * v if ok else 0.0)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            return (r["status"] != "completed", False, -sign * v)
+        return (r["status"] != "completed", True, 0.0)
 
     ranked = sorted(rows, key=rank)
     counts = status_counts(rows)
@@ -196,7 +198,7 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
         "confirmation": tags.get(names.CONFIRMATION),
         "test_exposed": [t for t in tags.get(names.TEST_EXPOSED, "").split(",") if t],
         "extra_params": extra,
-        "backbone_params": backbone_params(profile["backbone"]) if extra and profile.get("backbone") else None,
+        "backbone_params": backbone_params(profile.backbone.spec()) if extra and profile else None,
         "pareto": [t for t in tags.get(names.PARETO_TRIALS, "").split(",") if t],
         "top": ranked[:10],
         "baseline": next((r for r in rows if r.get("baseline")), None),

@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 from lpt_core.inference import classifier_config
 from tune import names
 from tune import tracking as mt
-from tune.config.study import SHOT_KEYS
+from tune.config.study import SHOT_KEYS, ProfileConfig
 from tune.errors import error_line
 from tune.record import load_record
 from tune.serving import model as lpt_model
@@ -55,22 +55,22 @@ def model_name(study: str, profile: str) -> str:
     return f"{study}-{profile}"
 
 
-def trial_classifier_config(profile: dict, config: dict, data) -> dict:
+def trial_classifier_config(profile: ProfileConfig, config: dict, data) -> dict:
     """A trial's classifier config: the profile's backbone and seed (as ``trainable.build_model``
     builds them), the trial's LPT shape and loss scale, the data's class names and image size."""
     from tune.trial.setup import trial_settings
 
     model, recipe = trial_settings(profile, config)
     return classifier_config(
-        profile["backbone"],
-        profile["seed"],
+        profile.backbone.spec(),
+        profile.seed,
         model,
         data.class_names,
         data.image_size,
         recipe.scale,
         data.input_cfg,
-        profile["data"],
-        profile["shot_split"],
+        profile.data.model_dump(),
+        profile.shot_split,
     )
 
 
@@ -97,7 +97,7 @@ def register_best(
     *,
     study: str,
     profile_name: str,
-    profile: dict,
+    profile: ProfileConfig,
     data,
     best: dict,
     config: dict,
@@ -164,7 +164,8 @@ def register_finished_search(client: MlflowClient, uri: str, parent, folder: Loc
     except MlflowException:
         raise NothingToRegister(f"trial {trial_id}: its MLflow run {best['mlflow_run_id']} is missing") from None
     try:
-        data = profile_data(record["profile"])
+        profile = ProfileConfig.model_validate(record["profile"])  # the profile search.json holds, as a model
+        data = profile_data(profile)
     except (ValueError, FileNotFoundError) as exc:
         raise NothingToRegister(f"{folder / SEARCH_FILE}: {exc}") from None
     name = name or model_name(record["study"], record["profile_name"])
@@ -173,7 +174,7 @@ def register_finished_search(client: MlflowClient, uri: str, parent, folder: Loc
         name,
         study=record["study"],
         profile_name=record["profile_name"],
-        profile=record["profile"],
+        profile=profile,
         data=data,
         best=best,
         config={p: best[p] for p in record["study_config"]["space"]},

@@ -24,7 +24,7 @@ def released_accuracy(checkpoint: str, profile_name: str, sets: list[str], split
     except (ValueError, FileNotFoundError) as exc:
         raise ValueError(f"{where}: {exc}") from None
     try:  # the release's pipeline (build_dataset's default), at the size its position embedding holds
-        data = build_dataset({**profile["data"], "image_size": shapes.image_size})
+        data = build_dataset(profile.data.model_copy(update={"image_size": shapes.image_size}))
     except (ValueError, FileNotFoundError) as exc:
         raise ValueError(f"--profile {profile_name}: {exc}") from None
     if data.num_classes != shapes.num_classes:

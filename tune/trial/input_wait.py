@@ -8,6 +8,7 @@ import math
 import statistics
 
 from tune.config.input_capacity import knobs
+from tune.config.study import ProfileConfig
 
 METRIC = "input_wait_fraction"
 # Above this share of the step time spent waiting for data, the accelerator idles for a fifth of
@@ -28,7 +29,7 @@ def trial_note(fraction: float | None) -> str:
     return note + (f" (data-bound, above {DATA_BOUND:.0%}: {BRIEF_KNOBS})" if is_data_bound(fraction) else "")
 
 
-def summary_lines(rows: list[dict], profile: dict) -> list[str]:
+def summary_lines(rows: list[dict], profile: ProfileConfig) -> list[str]:
     """The search summary's input-wait line: median and worst of the trials' last-epoch figures,
     and the knobs when the median trial is data-bound."""
     waits = [(r[METRIC], r["trial_id"]) for r in rows if isinstance(r.get(METRIC), float) and math.isfinite(r[METRIC])]

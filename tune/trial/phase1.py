@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from mlflow import MlflowClient
 
-from lpt_core import LPT, PhaseConfig, save_prompts
+from lpt_core import LPT, save_prompts
 from tune import names
 from tune import tracking as mt
+from tune.config.study import ProfileConfig
 from tune.names import PHASE1_PROMPTS, PHASE1_STATE
 from tune.phase1.cache import Phase1Cache, phase1_key
 from tune.storage import Location
@@ -20,7 +21,7 @@ from tune.trial.setup import SearchSetup, last_logged_epoch, run_metrics, run_pa
 
 
 def phase1_inputs(
-    profile: dict,
+    profile: ProfileConfig,
     manifest_hash: str,
     prompt_length: int,
     data,
@@ -37,29 +38,29 @@ def phase1_inputs(
     the profile's."""
     on_device = data.train_batch_transform is not None
     return {
-        "backbone": profile["backbone"],
+        "backbone": profile.backbone.spec(),  # as written: a default spelt out keys the same phase 1
         "data": manifest_hash,
         "image_size": data.image_size,
         "input": data.input_cfg.to_dict(),
-        "augment": "device" if on_device else f"cpu, {profile['loader']['num_workers']} loader workers",
+        "augment": "device" if on_device else f"cpu, {profile.loader.num_workers} loader workers",
         "prompt_length": prompt_length,
-        "head_dropout": profile["model"]["head_dropout"] if head_dropout is None else head_dropout,
-        "recipe": PhaseConfig.from_dict(profile["phase1"], where="phase1").to_dict(),
+        "head_dropout": profile.model.head_dropout if head_dropout is None else head_dropout,
+        "recipe": profile.phase1.to_dict(),
         "precision": "bf16 autocast" if torch.device(device).type == "cuda" else "fp32",
-        "compile": profile["compile"],
+        "compile": profile.compile,
         "seed": seed,
     }
 
 
-def planned_device(profile: dict) -> str:
+def planned_device(profile: ProfileConfig) -> str:
     """Where a trial of ``profile`` will train, as the driver sees it before any task runs."""
-    if profile["device"] != "auto":
-        return profile["device"]
-    return "cuda" if profile["resources"]["gpu"] > 0 else "cpu"
+    if profile.device != "auto":
+        return profile.device
+    return "cuda" if profile.resources.gpu > 0 else "cpu"
 
 
 def profile_phase1_key(
-    profile: dict,
+    profile: ProfileConfig,
     manifest_hash: str,
     prompt_length: int,
     data,
@@ -73,12 +74,21 @@ def profile_phase1_key(
     return phase1_key(phase1_inputs(profile, manifest_hash, prompt_length, data, seed, device, head_dropout))
 
 
+PHASE1_WAIT = "phase1_wait_s"  # trial-run metric: seconds the trial waited for its phase-1 prompts
+
+
+def wait_metrics(waited: float) -> dict[str, float]:
+    """What a trial logs of its wait for phase 1: ``phase1_wait_s`` when it waited, nothing when its
+    key was ready (a constant 0 is not a metric)."""
+    return {PHASE1_WAIT: waited} if waited > 0 else {}
+
+
 def ensure_phase1(setup: SearchSetup, model: LPT, data, seed: int, client: MlflowClient, log) -> tuple[str, float]:
     """Load the shared prompts and head of phase 1 into ``model``; returns the key and the seconds
     spent waiting for its prompt file. The driver trains every phase 1 of a search up front
     (``tune.engine.phase1_upfront``), so a trial finds its key ready and waits 0 s; a key that is missing
     (a fresh seed, an entry deleted mid-search) is trained here, once per key, and the wait says so."""
-    device = trial_device(setup.profile["device"])
+    device = trial_device(setup.profile.device)
     key = profile_phase1_key(
         setup.profile, setup.manifest_hash, model.prompt_length, data, seed, device, model.config.head_dropout
     )
@@ -119,7 +129,7 @@ def _train_phase1(
     client: MlflowClient,
     log,
 ) -> dict:
-    recipe = PhaseConfig.from_dict(setup.profile["phase1"], where="phase1")
+    recipe = setup.profile.phase1
     run_id = mt.find_run(client, setup.experiment_id, **{names.ROLE: names.ROLE_PHASE1, names.PHASE1_KEY: key})
     if run_id is None:
         run_id = client.create_run(

@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 
 from lpt_core import LPT, PhaseConfig, Trainer, build_backbone_from_spec
 from tune.config.space import MODEL_KEYS, RECIPE_KEYS
+from tune.config.study import ProfileConfig
 
 
 @dataclass
@@ -18,7 +19,7 @@ class SearchSetup:
     """What every trial of a search shares; made by the driver, passed with ``tune.with_parameters``."""
 
     profile_name: str
-    profile: dict
+    profile: ProfileConfig  # pickled with the setup into every trial and task
     manifest_hash: str
     search_dir: str
     cache_dir: str
@@ -28,29 +29,29 @@ class SearchSetup:
     metrics: tuple[str, ...]
 
 
-def trial_settings(profile: dict, config: dict) -> tuple[dict, PhaseConfig]:
-    """The model kwargs and phase-2 recipe of a trial: the profile's values, then the sampled ones."""
-    model = {k: config.get(k, profile["model"][k]) for k in MODEL_KEYS}
+def trial_settings(profile: ProfileConfig, config: dict) -> tuple[dict, PhaseConfig]:
+    """The model kwargs and phase-2 recipe of a trial: the profile's values, then the sampled ones
+    (``config``: the trial's Ray config, a dict of sampled values)."""
+    model = {**profile.model.model_dump(), **{k: config[k] for k in MODEL_KEYS if k in config}}
     recipe = PhaseConfig.from_dict(
-        {**profile["phase2"], **{k: config[k] for k in RECIPE_KEYS if k in config}}, where="phase2"
+        {**profile.phase2.model_dump(), **{k: config[k] for k in RECIPE_KEYS if k in config}}, where="phase2"
     )
     return model, recipe
 
 
 def run_params(setup: SearchSetup, seed: int) -> dict:
     """What a trial or phase-1 run was trained on, besides its recipe, as MLflow params."""
-    profile = setup.profile
     return {
         "seed": seed,
         "profile": setup.profile_name,
-        "data": profile["data"]["name"],
-        "backbone": profile["backbone"]["name"],
+        "data": setup.profile.data.name,
+        "backbone": setup.profile.backbone.name,
     }
 
 
 def trial_params(setup: SearchSetup, config: dict) -> dict:
     model, recipe = trial_settings(setup.profile, config)
-    return {**model, **recipe.to_dict(), **run_params(setup, setup.profile["seed"])}
+    return {**model, **recipe.to_dict(), **run_params(setup, setup.profile.seed)}
 
 
 def trial_device(setting: str) -> str:
@@ -75,13 +76,13 @@ def run_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in ("epoch", "phase")}
 
 
-def _trainer_kwargs(profile: dict, log) -> dict:
+def _trainer_kwargs(profile: ProfileConfig, log) -> dict:
     return dict(
-        device=trial_device(profile["device"]),
-        num_workers=profile["loader"]["num_workers"],
-        eval_batch_size=profile["loader"]["eval_batch_size"],
-        compile=profile["compile"],
-        shot_split=profile["shot_split"],
+        device=trial_device(profile.device),
+        num_workers=profile.loader.num_workers,
+        eval_batch_size=profile.loader.eval_batch_size,
+        compile=profile.compile,
+        shot_split=profile.shot_split,
         log=log,
     )
 
@@ -98,6 +99,6 @@ def build_model(setup: SearchSetup, config: dict, data, seed: int) -> tuple[LPT,
     every trial, the test evaluation and the confirmation runs see the same one; the prompts and
     head start from ``seed``'s own generators (``LPT(init_seed=...)``), whatever the phase-2 shape."""
     model_kwargs, recipe = trial_settings(setup.profile, config)
-    torch.manual_seed(setup.profile["seed"])
-    backbone = build_backbone_from_spec(setup.profile["backbone"])
+    torch.manual_seed(setup.profile.seed)
+    backbone = build_backbone_from_spec(setup.profile.backbone.spec())
     return LPT(backbone, data.num_classes, init_seed=seed, **model_kwargs), recipe

@@ -23,7 +23,7 @@ from ray import tune
 from tune import tracking as mt
 from tune import tracking_guard
 from tune.config.budget import MEASURES, hours_of
-from tune.config.study import OBJECTIVE_METRICS
+from tune.config.study import OBJECTIVE_METRICS, Resources
 from tune.names import PROMPTS_DIR, STATUS
 from tune.storage import Location, location
 from tune.trial import input_wait
@@ -68,7 +68,7 @@ def trial_row(
     epochs: int,
     error: str | None = None,
     interrupted: bool = False,
-    resources: dict | None = None,
+    resources: Resources | None = None,
     budget_stopped: bool = False,
 ) -> dict:
     """A table row; ``interrupted``: the search stopped (Ctrl+C, SIGTERM) before this trial ended;
@@ -196,7 +196,7 @@ class TrialTable(tune.Callback):
         metric: str,
         prior: list[dict] = (),
         search_run: tuple[str, str] | None = None,
-        resources: dict | None = None,
+        resources: Resources | None = None,
         budget_stopper=None,
     ):
         """``search_run``: (experiment id, parent run id), to find the run of a trial that ended

@@ -10,21 +10,20 @@ import torch
 from lpt_core import LPT
 from lpt_core.metrics import confusion_counts, shot_accuracy
 from lpt_core.trainer import make_loader, predict_batches, resolve_device
-from tune.config.study import SHOT_KEYS
-from tune.trial.setup import _trainer_kwargs
+from tune.config.study import SHOT_KEYS, ProfileConfig
+from tune.trial.setup import trial_device
 
 TEST_KEYS = tuple(f"test_{k}" for k in SHOT_KEYS)
 
 
-def score_test(profile: dict, model: LPT, data) -> dict:
+def score_test(profile: ProfileConfig, model: LPT, data) -> dict:
     """``test_acc``, ``test_many_acc``, ... (percent, as ``lpt_core.evaluate`` counts them),
     ``correct`` (bool per test image) and ``labels`` (int per test image), in the test split's
     order (the loader does not shuffle)."""
-    kw = _trainer_kwargs(profile, None)
-    device = resolve_device(kw["device"])
+    device = resolve_device(trial_device(profile.device))
     model.set_phase(2)
     model.to(device)
-    loader = make_loader(data.test, device, kw["num_workers"], batch_size=kw["eval_batch_size"])
+    loader = make_loader(data.test, device, profile.loader.num_workers, batch_size=profile.loader.eval_batch_size)
     c = model.num_classes
     correct = torch.zeros(c, dtype=torch.long, device=device)
     total = torch.zeros(c, dtype=torch.long, device=device)
@@ -36,7 +35,7 @@ def score_test(profile: dict, model: LPT, data) -> dict:
         total += n
         hits.append((preds == y).cpu())
         labels.append(y.cpu())
-    acc = shot_accuracy(correct, total, data.shot_counts, kw["shot_split"])  # as evaluate counts the test split
+    acc = shot_accuracy(correct, total, data.shot_counts, profile.shot_split)  # as evaluate counts the test split
     return {
         **{f"test_{k}": acc[k] for k in SHOT_KEYS},
         "correct": torch.cat(hits).numpy().astype(bool),

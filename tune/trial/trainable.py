@@ -26,7 +26,7 @@ from tune import tracking as mt
 from tune.config.loading import profile_data
 from tune.names import PHASE1_STATE
 from tune.storage import Location
-from tune.trial.phase1 import ensure_phase1
+from tune.trial.phase1 import ensure_phase1, wait_metrics
 from tune.trial.report import log_trial_report
 from tune.trial.setup import (
     SearchSetup,
@@ -39,8 +39,6 @@ from tune.trial.setup import (
 from tune.trial.system_metrics import TrialSystemMetrics
 from tune.trial.table import prompt_path
 from tune.trial.test_scores import TEST_KEYS, score_test
-
-PHASE1_WAIT = "phase1_wait_s"  # trial-run metric: seconds the trial waited for its phase-1 prompts
 
 
 def _node_id() -> str:
@@ -59,7 +57,7 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
     node = _node_id()
     log = lambda msg: print(f"[{trial_id}] {msg}", flush=True)
     client = MlflowClient(setup.tracking_uri)
-    seed = setup.profile["seed"]
+    seed = setup.profile.seed
     data = profile_data(setup.profile)
     model, recipe = build_model(setup, config, data, seed)
     run_id = mt.trial_run(
@@ -80,7 +78,7 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
         mt.log(
             client,
             run_id,
-            metrics={PHASE1_WAIT: waited} if waited > 0 else {},  # a constant 0 is not a metric
+            metrics=wait_metrics(waited),
             tags={
                 names.PHASE1_KEY: key,
                 names.DEVICE: str(trainer.device),  # lpt.node: set by trial_run
@@ -137,7 +135,7 @@ def run_trial(config: dict, setup: SearchSetup) -> None:
 def evaluate_prompts(setup: SearchSetup, config: dict, prompt_file: Location) -> dict:
     """Test accuracy of a trial's saved prompts (the driver runs this on the best trial)."""
     data = profile_data(setup.profile)
-    model, _ = build_model(setup, config, data, setup.profile["seed"])
+    model, _ = build_model(setup, config, data, setup.profile.seed)
     with prompt_file.local_copy() as path:
         load_prompts(model, path)
     out = score_test(setup.profile, model, data)

@@ -17,13 +17,16 @@ from ray.tune.schedulers import TrialScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
+from tiny_profile import tiny_profile
 
 from tune.config import budget as cost
 from tune.config.early_stopping import asha_rungs
+from tune.config.study import Budget
 from tune.engine import budget_gate as gate
 from tune.engine import budget_ledger as ledger
 from tune.engine.progress import SearchProgress
 from tune.errors import ConfigError
+from tune.record import load_record
 from tune.trial.table import trial_row, write_table
 
 EPOCHS = 4
@@ -33,8 +36,11 @@ def search_folder(tmp_path, budget=None, resources=None, phase1_s=0.0, estimate_
     """A search folder as the driver leaves it: its record, and a table row per ended trial (wall seconds)."""
     resources = resources or {"cpu": 1, "gpu": 0}
     record = {
-        "profile": {"resources": resources, "phase2": {"epochs": EPOCHS}},
-        "study_config": {"budget": {"trials": 6, "concurrency": 2, "max_failures": 2, **(budget or {})}},
+        "profile": tiny_profile(resources=resources, phase2={"epochs": EPOCHS}),
+        "study_config": {
+            "budget": {"trials": 6, "concurrency": 2, "max_failures": 2, **(budget or {})},
+            "space": {"pool_size": {"type": "int", "low": 4, "high": 8}},
+        },
         cost.PHASE1_TASK_S: phase1_s,
         cost.TRIAL_ESTIMATE_S: estimate_s,
         "budget_ended": ended,
@@ -172,17 +178,18 @@ def test_the_progress_line_shows_the_hours(tmp_path):
 def test_resume_keeps_the_budget_unless_the_command_gives_one(tmp_path):
     study = {"budget": {"trials": 6, "concurrency": 2, "max_failures": 2}}
     stored = {"trials": 6, "concurrency": 2, "max_failures": 2, "gpu_hours": 10.0, "on_exhausted": "stop"}
-    ledger.resumed_budget(study, stored, {})
+    ledger.resumed_budget(study, Budget.model_validate(stored), {})  # the record's budget
     assert study["budget"] == {**stored}
-    ledger.resumed_budget(study, stored, cost.given_budget(["budget.cpu_hours=2", "budget.gpu_hours=null"]))
+    given = cost.given_budget(["budget.cpu_hours=2", "budget.gpu_hours=null"])
+    ledger.resumed_budget(study, Budget.model_validate(stored), given)
     assert (study["budget"].get("gpu_hours"), study["budget"]["cpu_hours"]) == (None, 2.0)
     with pytest.raises(ConfigError, match="^--resume: budget.cpu_hours: give gpu_hours or cpu_hours, not both"):
-        ledger.resumed_budget(study, stored, cost.given_budget(["budget.cpu_hours=2"]))
+        ledger.resumed_budget(study, Budget.model_validate(stored), cost.given_budget(["budget.cpu_hours=2"]))
 
 
 def test_a_search_its_budget_ended_continues_when_the_budget_has_room(tmp_path):
     folder = search_folder(tmp_path, {"cpu_hours": 0.05}, walls=[100.0, 100.0], ended=True)
-    record = json.loads((folder / "search.json").read_text())
+    record = load_record(folder)
     spent = {"budget": {"trials": 6, "cpu_hours": 0.05}}
     assert ledger.resume_mode("finished", record, spent, folder) == "finished"  # 200 s = 0.056 h spent
     assert ledger.resume_mode("extend", record, spent, folder) == "finished"  # no trial would start
@@ -195,7 +202,7 @@ def test_a_search_its_budget_ended_continues_when_the_budget_has_room(tmp_path):
     )
     roomy = {"budget": {"trials": 6, "cpu_hours": 0.08}}  # room, but not for a 100 s trial
     assert ledger.resume_mode("finished", record, roomy, folder) == "finished"
-    done = {**record, "budget_ended": False}  # all trials ran; --trials 8 on no room
+    done = record.model_copy(update={"budget_ended": False})  # all trials ran; --trials 8 on no room
     assert ledger.resume_mode("extend", done, roomy, folder) == "finished"
     assert ledger.finished_line(done, roomy, folder).startswith(
         "its budget has no room for another trial (0.0556 of 0.08 CPU-core-hours spent"
@@ -205,7 +212,7 @@ def test_a_search_its_budget_ended_continues_when_the_budget_has_room(tmp_path):
 
 def test_the_outcome_and_summary_say_what_the_budget_allowed(tmp_path):
     folder = search_folder(tmp_path, {"cpu_hours": 0.05}, phase1_s=36.0, walls=[90.0, 54.0])
-    record = json.loads((folder / "search.json").read_text())
+    record = load_record(folder)
     rows = [
         trial_row(f"t{i}", {}, [], {"epoch": 4, "time_total_s": w}, 4, resources={"cpu": 1, "gpu": 0})
         for i, w in enumerate([90.0, 54.0])

@@ -751,7 +751,7 @@ def test_a_search_without_a_best_trial_has_nothing_to_register(registered, tmp_p
                 "study": "prompt_pool",
                 "profile_name": "tiny",
                 "profile": PROFILE,
-                "study_config": {"space": {"pool_size": {}}},
+                "study_config": {"space": {"pool_size": {"type": "int", "low": 4, "high": 8}}},
             }
         )
     )

@@ -310,7 +310,11 @@ def fabricate_search(client, uri, root: Path, study: str, rows: list[dict], obje
                 "study": study,
                 "profile_name": "smoke",
                 "profile": PROFILE,
-                "study_config": {"space": SPACE, "objective": objective},
+                "study_config": {
+                    "space": SPACE,
+                    "objective": objective,
+                    "early_stopping": {"enabled": "metrics" not in objective},  # as a study must say
+                },
                 "experiment_id": exp,
                 "parent_run_id": parent,
             }

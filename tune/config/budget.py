@@ -1,7 +1,7 @@
 """A search's cost in GPU-hours (or CPU-core-hours) and the budget that caps it.
 
 Spent = the wall time of each trial x its ``resources.gpu`` (``resources.cpu`` for CPU-core-hours),
-plus each phase-1 training up front x the same resources (``record["phase1_task_s"]``). A study's
+plus each phase-1 training up front x the same resources (``SearchRecord.phase1_task_s``). A study's
 ``budget.gpu_hours`` or ``budget.cpu_hours`` caps it (``--gpu-hours`` / ``--cpu-hours``, or
 ``--set budget.gpu_hours=...``): a trial starts only while the hours spent, the hours the running
 trials will still take to their last epoch (at the pace each has measured), and the hours of one
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from lpt_core.config import PhaseConfig
 from tune.config.early_stopping import asha_rungs, grace_epochs
+from tune.config.study import Budget, Resources
 from tune.errors import ConfigError
 
 # measure: (the resources key it multiplies the wall time by, its name in words)
@@ -38,9 +39,10 @@ def fmt(hours: float) -> str:
     return f"{hours:.0f}" if abs(hours) >= 100 else f"{hours:.3g}"
 
 
-def hours_of(seconds: float, resources: dict) -> dict[str, float]:
+def hours_of(seconds: float, resources: Resources | dict) -> dict[str, float]:
     """``{"gpu_hours": ..., "cpu_hours": ...}`` of ``seconds`` of wall time on ``resources``."""
-    return {measure: seconds * resources[key] / 3600 for measure, (key, _) in MEASURES.items()}
+    per = Resources.model_validate(resources) if isinstance(resources, dict) else resources
+    return {measure: seconds * getattr(per, key) / 3600 for measure, (key, _) in MEASURES.items()}
 
 
 # ----------------------------------------------------------------------------- the limit
@@ -51,11 +53,13 @@ class BudgetLimit:
     on_exhausted: str  # finish | stop
 
     @classmethod
-    def of(cls, budget: dict) -> BudgetLimit | None:
+    def of(cls, budget: Budget | dict) -> BudgetLimit | None:
         """The limit of a study's ``budget`` section; None without one."""
+        checked = Budget.model_validate(budget) if isinstance(budget, dict) else budget
         for measure in MEASURES:
-            if budget.get(measure) is not None:
-                return cls(measure, float(budget[measure]), budget.get("on_exhausted", "finish"))
+            hours = getattr(checked, measure)
+            if hours is not None:
+                return cls(measure, float(hours), checked.on_exhausted)
         return None
 
     @property
@@ -85,10 +89,11 @@ def check_budget(study: dict, profile: dict, where: str) -> None:
         )
 
 
-def measure_of(budget: dict, resources: dict) -> str:
+def measure_of(budget: Budget | dict, resources: Resources | dict) -> str:
     """What a search counts: its budget's measure, else GPU-hours when trials use GPUs."""
     limit = BudgetLimit.of(budget)
-    return limit.measure if limit else ("gpu_hours" if resources["gpu"] > 0 else "cpu_hours")
+    gpu = Resources.model_validate(resources).gpu if isinstance(resources, dict) else resources.gpu
+    return limit.measure if limit else ("gpu_hours" if gpu > 0 else "cpu_hours")
 
 
 # ----------------------------------------------------------------------------- ASHA's rungs

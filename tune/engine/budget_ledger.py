@@ -6,20 +6,11 @@ from __future__ import annotations
 import math
 import time
 
-from lpt_core.config import PhaseConfig
-from tune.config.budget import (
-    BUDGET_KEYS,
-    MEASURES,
-    PHASE1_TASK_S,
-    TRIAL_ESTIMATE_S,
-    BudgetLimit,
-    fmt,
-    hours_of,
-    measure_of,
-)
+from tune.config.budget import BUDGET_KEYS, MEASURES, BudgetLimit, fmt, hours_of, measure_of
+from tune.config.study import Budget
 from tune.errors import ConfigError
 from tune.names import TABLE_FILE
-from tune.record import load_record
+from tune.record import SearchRecord, load_record
 from tune.storage import Location, location
 
 
@@ -38,22 +29,22 @@ class SpendLedger:
     """Wall seconds of each trial of a search (ended ones from its table, running ones from their
     results) and of its phase 1 up front, in seconds of one trial's resources."""
 
-    def __init__(self, folder: str | Location, budget: dict | None = None):
+    def __init__(self, folder: str | Location, budget: Budget | dict | None = None):
         """``budget``: a study's ``budget`` section instead of the search's own."""
         self.folder = str(folder)
         self.trials: dict[str, dict] = {}  # trial id: wall_s, epochs, ended, seen (driver time of wall_s)
         self.reload(budget)
 
-    def reload(self, budget: dict | None = None) -> None:
+    def reload(self, budget: Budget | dict | None = None) -> None:
         """The budget, phase 1 and the ended trials as the search folder has them now."""
         record = load_record(self.folder)
-        profile, budget = record["profile"], budget or record["study_config"]["budget"]
+        profile, budget = record.profile, budget or record.study_config.budget
         self.limit = BudgetLimit.of(budget)
-        self.measure = measure_of(budget, profile["resources"])
-        self.per_s = profile["resources"][MEASURES[self.measure][0]] / 3600  # hours per wall second
-        self.epochs = PhaseConfig.from_dict(profile["phase2"], where="phase2").epochs
-        self.phase1_s = float(record.get(PHASE1_TASK_S, 0.0))
-        self.estimate_s = record.get(TRIAL_ESTIMATE_S)
+        self.measure = measure_of(budget, profile.resources)
+        self.per_s = getattr(profile.resources, MEASURES[self.measure][0]) / 3600  # hours per wall second
+        self.epochs = profile.phase2.epochs
+        self.phase1_s = record.phase1_task_s
+        self.estimate_s = record.trial_estimate_s
         for row in _table_rows(self.folder):
             self.trials[row["trial_id"]] = {
                 "wall_s": _finite(row.get("wall_s")),
@@ -128,25 +119,24 @@ class SpendLedger:
 
 
 # ----------------------------------------------------------------------------- the record and the summary
-def keep_in_record(record: dict, study: dict, trial_estimate_s: float | None) -> None:
+def keep_in_record(record: SearchRecord, study: dict, trial_estimate_s: float | None) -> None:
     """The search's budget as this command gives it (``--resume`` may change it) and the trial
     estimate, in the record the budget's pieces read."""
-    given = {key: study["budget"][key] for key in BUDGET_KEYS if study["budget"].get(key) is not None}
-    budget = record["study_config"]["budget"]
+    given = Budget.model_validate(study["budget"])
+    budget = record.study_config.budget
     for key in BUDGET_KEYS:
-        budget.pop(key, None)
-    budget.update(given)
-    record[TRIAL_ESTIMATE_S] = trial_estimate_s
+        setattr(budget, key, getattr(given, key))
+    record.trial_estimate_s = trial_estimate_s
 
 
-def resumed_budget(study: dict, stored: dict, given: dict) -> None:
+def resumed_budget(study: dict, stored: Budget, given: dict) -> None:
     """``--resume`` keeps the search's budget (``stored``: its study's ``budget``) but for the keys
     this command line gives; sets them in ``study``, checked like a study file's."""
     from lpt_core.config import validate
     from tune.config.study import Budget
 
     budget = {k: v for k, v in study["budget"].items() if k not in BUDGET_KEYS}
-    budget.update({k: stored[k] for k in BUDGET_KEYS if stored.get(k) is not None})
+    budget.update({k: getattr(stored, k) for k in BUDGET_KEYS if getattr(stored, k) is not None})
     budget.update(given)
     try:
         checked = validate(Budget, {k: v for k, v in budget.items() if v is not None}, "budget")
@@ -155,30 +145,30 @@ def resumed_budget(study: dict, stored: dict, given: dict) -> None:
     study["budget"] = checked.model_dump(exclude_none=True)
 
 
-def add_phase1(record: dict, task_seconds: float) -> None:
-    record[PHASE1_TASK_S] = float(record.get(PHASE1_TASK_S, 0.0)) + task_seconds
+def add_phase1(record: SearchRecord, task_seconds: float) -> None:
+    record.phase1_task_s += task_seconds
 
 
-def search_spent(record: dict, rows: list[dict]) -> dict[str, float]:
+def search_spent(record: SearchRecord, rows: list[dict]) -> dict[str, float]:
     """``gpu_hours`` and ``cpu_hours`` of a search: phase 1 up front and every trial of its table."""
-    phase1 = hours_of(float(record.get(PHASE1_TASK_S, 0.0)), record["profile"]["resources"])
+    phase1 = hours_of(record.phase1_task_s, record.profile.resources)
     return {m: phase1[m] + sum(_finite(r.get(m)) for r in rows) for m in MEASURES}
 
 
-def outcome(record: dict, rows: list[dict]) -> dict:
+def outcome(record: SearchRecord, rows: list[dict]) -> dict:
     """What the budget did: ``ended`` (it kept trials of budget.trials from starting), the trials
     it allowed, the hours spent; JSON, for the table's metadata and the summary."""
-    budget = record["study_config"]["budget"]
+    budget = record.study_config.budget
     limit = BudgetLimit.of(budget)
     return {
         "measure": limit.measure if limit else None,
         "limit": limit.hours if limit else None,
         "on_exhausted": limit.on_exhausted if limit else None,
-        "trials": budget["trials"],
+        "trials": budget.trials,
         "allowed": len(rows),
-        "ended": bool(limit) and len(rows) < budget["trials"],
+        "ended": bool(limit) and len(rows) < budget.trials,
         **search_spent(record, rows),
-        "phase1": hours_of(float(record.get(PHASE1_TASK_S, 0.0)), record["profile"]["resources"]),
+        "phase1": hours_of(record.phase1_task_s, record.profile.resources),
     }
 
 
@@ -203,27 +193,27 @@ def summary_lines(done: dict) -> list[str]:
     ]
 
 
-def resume_mode(mode: str, record: dict, study: dict, folder: Location) -> str:
+def resume_mode(mode: str, record: SearchRecord, study: dict, folder: Location) -> str:
     """``driver.resume_mode``'s answer with the budget in view: a search the budget ended
     continues (its remaining trials, as an extension) when the budget now has room again; an
     extension on a spent budget is ``finished`` (it would start no trial)."""
     room = SpendLedger(folder, study["budget"]).allows_new_trial()
-    if mode == "finished" and record.get("budget_ended") and room:
+    if mode == "finished" and record.budget_ended and room:
         return "extend"
-    if mode == "extend" and record.get("state") == "finished" and not room:
+    if mode == "extend" and record.state == "finished" and not room:
         return "finished"
     return mode
 
 
-def finished_line(record: dict, study: dict, folder: Location) -> str | None:
+def finished_line(record: SearchRecord, study: dict, folder: Location) -> str | None:
     """For a finished search whose budget ended it or has no room to extend it: what it allowed,
     what it spent, and how to continue."""
     ledger = SpendLedger(folder, study["budget"])
-    if ledger.limit is None or not (record.get("budget_ended") or not ledger.allows_new_trial()):
+    if ledger.limit is None or not (record.budget_ended or not ledger.allows_new_trial()):
         return None
     what = (
-        f"its budget ended it after {len(_table_rows(folder))} of {record['study_config']['budget']['trials']} trials"
-        if record.get("budget_ended")
+        f"its budget ended it after {len(_table_rows(folder))} of {record.study_config.budget.trials} trials"
+        if record.budget_ended
         else "its budget has no room for another trial"
     )
     return (

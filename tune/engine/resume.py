@@ -19,7 +19,7 @@ from tune.engine.optuna_storage import storage_url
 from tune.engine.tuner import search_setup
 from tune.errors import ConfigError
 from tune.names import TABLE_FILE
-from tune.record import FINISHED, latest_search, load_record, save_record
+from tune.record import FINISHED, SearchRecord, latest_search, load_record, save_record
 from tune.reports.search import log_search_report
 from tune.storage import Location
 from tune.trial.table import COMPLETED, best_row, read_rows, status_counts
@@ -46,19 +46,19 @@ def with_defaults(study: dict) -> dict:
     return StudyConfig.model_validate(study).to_dict(order=list(study["space"]))
 
 
-def resume_mode(plan, args, record: dict, folder: Location) -> str:
+def resume_mode(plan, args, record: SearchRecord, folder: Location) -> str:
     """``resume`` (finish the budget), ``extend`` (more trials) or ``finished``; a search that
     differs from the one in ``folder`` is refused, since its trials would mix two searches."""
-    if record["manifest_hash"] != plan.manifest_hash:
+    if record.manifest_hash != plan.manifest_hash:
         raise ConfigError(
             f"--resume: {folder.name} was run on other data (manifest "
-            f"{record['manifest_hash'][:12]}, now {plan.manifest_hash[:12]}); start a new search"
+            f"{record.manifest_hash[:12]}, now {plan.manifest_hash[:12]}); start a new search"
         )
-    diff = first_difference(_plain(record["profile"]), _plain(plan.profile))
+    diff = first_difference(_plain(record.profile_dict()), _plain(plan.profile))
     if diff:
         raise ConfigError(f"--resume: profile {diff} in {folder.name}; start a new search without --resume")
-    ledger.resumed_budget(plan.study, record["study_config"]["budget"], plan.budget_given)
-    stored, wanted = _plain(with_defaults(record["study_config"])), _plain(plan.study)
+    ledger.resumed_budget(plan.study, record.study_config.budget, plan.budget_given)
+    stored, wanted = _plain(with_defaults(record.study_dict())), _plain(plan.study)
     budget = stored["budget"]["trials"]
     asked = budget if args.trials is None else args.trials  # the search's own budget unless --trials
     free = dict.fromkeys(("trials", *cost.BUDGET_KEYS))  # what a resumed search may change (ledger.resumed_budget)
@@ -73,11 +73,11 @@ def resume_mode(plan, args, record: dict, folder: Location) -> str:
             f"as it is (no --trials), or extend it with --trials N (N > {budget})"
         )
     plan.study["budget"]["trials"] = asked
-    mode = "extend" if asked > budget else "finished" if record.get("state") == FINISHED else "resume"
+    mode = "extend" if asked > budget else "finished" if record.state == FINISHED else "resume"
     return ledger.resume_mode(mode, record, plan.study, folder)
 
 
-def find_resumed(plan, args) -> tuple[Location, dict, str]:
+def find_resumed(plan, args) -> tuple[Location, SearchRecord, str]:
     """For ``--resume``: the latest search of this study and profile, its record and what to do
     (``resume_mode``). Read before Ray starts, so that a refusal is one line and costs nothing."""
     prefix = f"{plan.study_name}-{plan.profile_name}"
@@ -88,18 +88,18 @@ def find_resumed(plan, args) -> tuple[Location, dict, str]:
     return folder, record, resume_mode(plan, args, record, folder)
 
 
-def keep_optuna_study(plan, client: MlflowClient, folder: Location, record: dict) -> None:
+def keep_optuna_study(plan, client: MlflowClient, folder: Location, record: SearchRecord) -> None:
     """Name a new search's Optuna storage and study in its record and parent run (once)."""
-    if "optuna_study" in record:
+    if "optuna_study" in record.model_fields_set:
         return
-    record.update(optuna_storage=storage_url(folder), optuna_study=record["name"])
-    client.set_tag(record["parent_run_id"], names.OPTUNA_STORAGE, record["optuna_storage"])
-    client.set_tag(record["parent_run_id"], names.OPTUNA_STUDY, record["optuna_study"])
+    record.optuna_storage, record.optuna_study = storage_url(folder), record.name
+    client.set_tag(record.parent_run_id, names.OPTUNA_STORAGE, record.optuna_storage)
+    client.set_tag(record.parent_run_id, names.OPTUNA_STUDY, record.optuna_study)
     save_record(folder, record)
 
 
-def say_finished(plan, folder: Location, record: dict) -> int:
-    budget = record["study_config"]["budget"]["trials"]
+def say_finished(plan, folder: Location, record: SearchRecord) -> int:
+    budget = record.study_config.budget.trials
     counts = status_counts(list(read_rows(folder / TABLE_FILE).values()))
     ended = ledger.finished_line(record, plan.study, folder)
     print(
@@ -113,11 +113,11 @@ def say_finished(plan, folder: Location, record: dict) -> int:
     return 0
 
 
-def confirm_finished(plan, args, uri: str, folder: Location, record: dict) -> int:
+def confirm_finished(plan, args, uri: str, folder: Location, record: SearchRecord) -> int:
     """``--resume --confirm N`` on a finished search: retrain its best config and its baseline with
     N fresh seeds and add the confirmation to its parent run and report."""
     client = MlflowClient(uri)
-    parent_id = record["parent_run_id"]
+    parent_id = record.parent_run_id
     rows = list(read_rows(folder / TABLE_FILE).values())
     metrics, modes = objective_of(plan.study["objective"])
     by_id = {r["trial_id"]: r for r in rows}

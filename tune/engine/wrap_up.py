@@ -24,7 +24,7 @@ from tune.engine.baseline_gain import baseline_row, validation_gain
 from tune.engine.confirmation import DEFAULT_SEEDS, confirm
 from tune.engine.tuner import on_resources, pareto
 from tune.names import TABLE_FILE
-from tune.record import INTERRUPTED_STATE, save_record
+from tune.record import INTERRUPTED_STATE, SearchRecord, save_record
 from tune.reports.lines import shot_line, with_se
 from tune.reports.search import log_search_report
 from tune.serving.registry import RegisterError, model_name, register_best
@@ -78,7 +78,7 @@ def collect_rows(plan, client: MlflowClient, folder: Location, grids: list, inte
 
 
 def stop_interrupted(
-    plan, args, client: MlflowClient, folder: Location, record: dict, rows: list[dict], signal_name: str
+    plan, args, client: MlflowClient, folder: Location, record: SearchRecord, rows: list[dict], signal_name: str
 ) -> int:
     """A stopped search: its unfinished trials' runs and the parent run end KILLED, the record
     says ``interrupted``, and one line says how to continue."""
@@ -87,14 +87,14 @@ def stop_interrupted(
         guard.attempt("end its run as interrupted", _kill_trial_run, client, record, row, trial=row["trial_id"])
     write_table(rows, folder / TABLE_FILE)
     tags = {names.INTERRUPTED_BY: signal_name, **_failures_tag(guard)}
-    parent = record["parent_run_id"]
+    parent = record.parent_run_id
     guard.attempt("end the parent run", mt.log, client, parent, metrics=ledger.search_spent(record, rows), tags=tags)
     guard.attempt("end the parent run", client.set_terminated, parent, "KILLED")
-    save_record(folder, {**record, "state": INTERRUPTED_STATE})
+    save_record(folder, record.model_copy(update={"state": INTERRUPTED_STATE}))
     counts = status_counts(rows)
     ended = sum(counts.values()) - counts[INTERRUPTED]
     print(
-        f"interrupted ({signal_name}): {ended} of {record['study_config']['budget']['trials']} trials ended, "
+        f"interrupted ({signal_name}): {ended} of {record.study_config.budget.trials} trials ended, "
         f"{counts[INTERRUPTED]} stopped mid-way keep their last epoch; continue with: "
         f"{resume_command(args)}",
         file=sys.stderr,
@@ -103,8 +103,8 @@ def stop_interrupted(
     return EXIT_INTERRUPTED
 
 
-def _kill_trial_run(client: MlflowClient, record: dict, row: dict) -> None:
-    if find_trial_run(client, row, (record["experiment_id"], record["parent_run_id"])):
+def _kill_trial_run(client: MlflowClient, record: SearchRecord, row: dict) -> None:
+    if find_trial_run(client, row, (record.experiment_id, record.parent_run_id)):
         client.set_tag(row["mlflow_run_id"], names.STATUS, INTERRUPTED)
         client.set_terminated(row["mlflow_run_id"], "KILLED")
 
@@ -125,11 +125,11 @@ def ui_address(uri: str) -> str:
     return uri
 
 
-def optuna_address(record: dict) -> str:
+def optuna_address(record: SearchRecord) -> str:
     """How to watch or reload the search's Optuna study: ``LPT_OPTUNA_UI`` (the compose stack's
     read-only optuna-dashboard), else the optuna-dashboard command for its storage."""
-    shown = os.environ.get("LPT_OPTUNA_UI", "").strip() or f"optuna-dashboard {shlex.quote(record['optuna_storage'])}"
-    return f"{shown}  (study '{record['optuna_study']}'; or optuna.load_study(study_name=..., storage=...))"
+    shown = os.environ.get("LPT_OPTUNA_UI", "").strip() or f"optuna-dashboard {shlex.quote(record.optuna_storage)}"
+    return f"{shown}  (study '{record.optuna_study}'; or optuna.load_study(study_name=..., storage=...))"
 
 
 def wrap_up(
@@ -138,7 +138,7 @@ def wrap_up(
     setup: SearchSetup,
     client: MlflowClient,
     folder: Location,
-    record: dict,
+    record: SearchRecord,
     rows: list[dict],
     metrics: list[str],
     modes: list[str],
@@ -156,7 +156,7 @@ def wrap_up(
     summary[SIZE_METRIC] = val_images
     registered = True
     spend = ledger.outcome(record, rows)
-    record["budget_ended"] = spend["ended"]
+    record.budget_ended = spend["ended"]
     summary.update(
         gpu_hours=spend["gpu_hours"],
         cpu_hours=spend["cpu_hours"],

@@ -116,13 +116,13 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
     if not table.is_file():
         raise FileNotFoundError(f"{table}: no trial table")
     rows = list(read_rows(table).values())
-    record = load_record(folder) if (folder / SEARCH_FILE).is_file() else {}
-    study_cfg = record.get("study_config") or {}
+    record = load_record(folder) if (folder / SEARCH_FILE).is_file() else None
+    study_cfg = record.study_dict() if record else {}
     space = json.loads(params["space"]) if "space" in params else study_cfg.get("space", {})
     metrics, modes = objective_of(
         json.loads(params["objective"]) if "objective" in params else study_cfg.get("objective", {})
     )
-    profile = record.get("profile")
+    profile = record.profile_dict() if record else None
     if profile is None and (folder / names.PROFILE_FILE).is_file():
         import yaml
 
@@ -177,8 +177,8 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
     counts = status_counts(rows)
     info = {
         "name": tags.get(names.SEARCH, parent.info.run_name),
-        "study": params.get("study", record.get("study")),
-        "profile": params.get("profile", record.get("profile_name")),
+        "study": params.get("study", record.study if record else None),
+        "profile": params.get("profile", record.profile_name if record else None),
         "metrics": metrics,
         "modes": modes,
         "counts": {**counts, "total": len(rows)},

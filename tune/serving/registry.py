@@ -164,19 +164,19 @@ def register_finished_search(client: MlflowClient, uri: str, parent, folder: Loc
     except MlflowException:
         raise NothingToRegister(f"trial {trial_id}: its MLflow run {best['mlflow_run_id']} is missing") from None
     try:
-        data = profile_data(record["profile"])
+        data = profile_data(record.profile_dict())
     except (ValueError, FileNotFoundError) as exc:
         raise NothingToRegister(f"{folder / SEARCH_FILE}: {exc}") from None
-    name = name or model_name(record["study"], record["profile_name"])
+    name = name or model_name(record.study, record.profile_name)
     return register_best(
         uri,
         name,
-        study=record["study"],
-        profile_name=record["profile_name"],
-        profile=record["profile"],
+        study=record.study,
+        profile_name=record.profile_name,
+        profile=record.profile_dict(),
         data=data,
         best=best,
-        config={p: best[p] for p in record["study_config"]["space"]},
+        config={p: best[p] for p in record.space_names()},
         prompt_file=prompt_path(folder, trial_id),
         test=test,
         parent_run_id=parent.info.run_id,

@@ -95,10 +95,10 @@ def test_expected_epochs_is_what_rays_bracket_lets_trials_run(grace, rf, max_t):
 
 def test_trial_rows_carry_their_cost():
     row = trial_row("a", {}, [], {"epoch": 2, "time_total_s": 7200.0}, 4, resources={"cpu": 4, "gpu": 0.5})
-    assert (row["gpu_hours"], row["cpu_hours"]) == (1.0, 8.0)
-    assert math.isnan(trial_row("b", {}, [], None, 4, resources={"cpu": 1, "gpu": 1})["gpu_hours"])
-    assert trial_row("c", {}, [], {"epoch": 2}, 4, budget_stopped=True)["status"] == "budget_stopped"
-    assert trial_row("d", {}, [], {"epoch": 4}, 4, budget_stopped=True)["status"] == "completed"
+    assert (row.gpu_hours, row.cpu_hours) == (1.0, 8.0)
+    assert math.isnan(trial_row("b", {}, [], None, 4, resources={"cpu": 1, "gpu": 1}).gpu_hours)
+    assert trial_row("c", {}, [], {"epoch": 2}, 4, budget_stopped=True).status == "budget_stopped"
+    assert trial_row("d", {}, [], {"epoch": 4}, 4, budget_stopped=True).status == "completed"
 
 
 def test_the_ledger_counts_phase1_ended_and_running_trials(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 from tune.config.budget import BUDGET_KEYS, MEASURES, BudgetLimit, fmt, hours_of, measure_of
 from tune.config.study import Budget
@@ -13,9 +14,12 @@ from tune.names import TABLE_FILE
 from tune.record import SearchRecord, load_record
 from tune.storage import Location, location
 
+if TYPE_CHECKING:  # the table imports Ray: read only where the rows are
+    from tune.trial.table import TrialRow
+
 
 # ----------------------------------------------------------------------------- the accounting
-def _table_rows(folder: str | Location) -> list[dict]:
+def _table_rows(folder: str | Location) -> list[TrialRow]:
     from tune.trial.table import read_rows
 
     return list(read_rows(location(folder) / TABLE_FILE).values())
@@ -46,9 +50,9 @@ class SpendLedger:
         self.phase1_s = record.phase1_task_s
         self.estimate_s = record.trial_estimate_s
         for row in _table_rows(self.folder):
-            self.trials[row["trial_id"]] = {
-                "wall_s": _finite(row.get("wall_s")),
-                "epochs": int(row["epochs"] or 0),
+            self.trials[row.trial_id] = {
+                "wall_s": _finite(row.wall_s),
+                "epochs": row.epochs,
                 "ended": True,
                 "seen": None,
             }
@@ -149,13 +153,13 @@ def add_phase1(record: SearchRecord, task_seconds: float) -> None:
     record.phase1_task_s += task_seconds
 
 
-def search_spent(record: SearchRecord, rows: list[dict]) -> dict[str, float]:
+def search_spent(record: SearchRecord, rows: list[TrialRow]) -> dict[str, float]:
     """``gpu_hours`` and ``cpu_hours`` of a search: phase 1 up front and every trial of its table."""
     phase1 = hours_of(record.phase1_task_s, record.profile.resources)
-    return {m: phase1[m] + sum(_finite(r.get(m)) for r in rows) for m in MEASURES}
+    return {m: phase1[m] + sum(_finite(getattr(r, m)) for r in rows) for m in MEASURES}
 
 
-def outcome(record: SearchRecord, rows: list[dict]) -> dict:
+def outcome(record: SearchRecord, rows: list[TrialRow]) -> dict:
     """What the budget did: ``ended`` (it kept trials of budget.trials from starting), the trials
     it allowed, the hours spent; JSON, for the table's metadata and the summary."""
     budget = record.study_config.budget

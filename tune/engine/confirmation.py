@@ -29,7 +29,7 @@ from tune.config.study import SHOT_KEYS
 from tune.engine import test_exposure as exposure
 from tune.engine.tuner import on_resources
 from tune.trial.setup import SearchSetup
-from tune.trial.table import COMPLETED
+from tune.trial.table import COMPLETED, TrialRow
 from tune.trial.trainable import confirm_seed
 
 DEFAULT_SEEDS = 5  # what the "not confirmed" lines suggest
@@ -169,7 +169,7 @@ def _row(metrics: dict, prefix: str, fmt: str) -> str:
 
 
 def confirm(
-    plan, setup: SearchSetup, best_id: str, config: dict, baseline: dict | None, n: int
+    plan, setup: SearchSetup, best_id: str, config: dict, baseline: TrialRow | None, n: int
 ) -> tuple[dict, dict, list[str]]:
     """Retrain the best config (trial ``best_id``), and the baseline's when it ran every epoch and
     is another config, with the same ``n`` fresh seeds (all at once, as Ray tasks); both go into
@@ -177,8 +177,8 @@ def confirm(
     seeds = [plan.profile["seed"] + 1000 + i for i in range(n)]
     configs = {"best": config}
     base = (
-        {p: baseline[p] for p in plan.study["space"]}
-        if baseline is not None and baseline["status"] == COMPLETED
+        {p: baseline.params[p] for p in plan.study["space"]}
+        if baseline is not None and baseline.status == COMPLETED
         else None
     )
     if base is not None and base != config:
@@ -193,7 +193,7 @@ def confirm(
     results["no_baseline"] = base is None
     key = objective_of(plan.study["objective"])[0][0].removeprefix("val_")
     metrics, tags, lines = confirm_summary(results, plan.data.shot_counts, plan.profile["shot_split"], key)
-    tested = [best_id, *([baseline["trial_id"]] if "baseline" in configs and baseline is not None else [])]
+    tested = [best_id, *([baseline.trial_id] if "baseline" in configs and baseline is not None else [])]
     ledger = exposure.expose(MlflowClient(setup.tracking_uri), setup.parent_run_id, tested)
     lines[0] = f"{lines[0].removesuffix(':')}; {exposure.seen(ledger)}:"
     return metrics, tags, lines

@@ -120,8 +120,8 @@ def confirm_finished(plan, args, uri: str, folder: Location, record: SearchRecor
     parent_id = record.parent_run_id
     rows = list(read_rows(folder / TABLE_FILE).values())
     metrics, modes = objective_of(plan.study["objective"])
-    by_id = {r["trial_id"]: r for r in rows}
-    best = by_id.get(client.get_run(parent_id).data.tags.get(names.BEST_TRIAL_ID)) or best_row(
+    by_id = {r.trial_id: r for r in rows}
+    best = by_id.get(client.get_run(parent_id).data.tags.get(names.BEST_TRIAL_ID, "")) or best_row(
         rows, metrics[0], modes[0]
     )
     if best is None:
@@ -129,12 +129,12 @@ def confirm_finished(plan, args, uri: str, folder: Location, record: SearchRecor
     summary, tags, lines = confirm(
         plan,
         search_setup(plan, folder, record, uri),
-        best["trial_id"],
-        {p: best[p] for p in plan.study["space"]},
+        best.trial_id,
+        {p: best.params[p] for p in plan.study["space"]},
         baseline_row(rows),
         args.confirm,
     )
-    mt.log(client, parent_id, metrics=summary, tags={**tags, names.CONFIRMED_TRIAL: best["trial_id"]})
+    mt.log(client, parent_id, metrics=summary, tags={**tags, names.CONFIRMED_TRIAL: best.trial_id})
     log_search_report(client, parent_id, folder)
-    print(f"{folder.name}: best trial {best['trial_id']}\n" + "\n".join(lines), flush=True)
+    print(f"{folder.name}: best trial {best.trial_id}\n" + "\n".join(lines), flush=True)
     return 0

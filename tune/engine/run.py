@@ -140,4 +140,4 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Location, SearchRecord, str]
             return 1
         finally:
             publish_copy(folder, record.optuna_storage)
-    return 0 if registered and any(r["status"] == COMPLETED for r in rows) else 1
+    return 0 if registered and any(r.status == COMPLETED for r in rows) else 1

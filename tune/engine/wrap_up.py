@@ -35,6 +35,7 @@ from tune.trial.table import (
     BUDGET_STOPPED,
     FAILED,
     INTERRUPTED,
+    TrialRow,
     best_row,
     close_lost_runs,
     close_trial_run,
@@ -49,17 +50,17 @@ from tune.trial.table import (
 from tune.trial.trainable import evaluate_prompts
 
 
-def collect_rows(plan, client: MlflowClient, folder: Location, grids: list, interrupted: bool) -> list[dict]:
+def collect_rows(plan, client: MlflowClient, folder: Location, grids: list, interrupted: bool) -> list[TrialRow]:
     """The table's rows, plus a row for each trial that ended without one: the search was killed
     right after it, or (``interrupted``) it was still running when the search stopped."""
-    rows = read_rows(folder / TABLE_FILE)
+    by_id = read_rows(folder / TABLE_FILE)
     epochs = plan.phase2.epochs
     for grid in grids:
         for result in grid:
             tid = (result.metrics or {}).get("trial_id")
-            if tid and tid not in rows:
+            if tid and tid not in by_id:
                 error = last_line(result.error) if result.error and not interrupted else None
-                rows[tid] = trial_row(
+                by_id[tid] = row = trial_row(
                     tid,
                     result.config or {},
                     list(plan.study["space"]),
@@ -69,22 +70,22 @@ def collect_rows(plan, client: MlflowClient, folder: Location, grids: list, inte
                     interrupted=interrupted,
                     resources=plan.profile["resources"],
                 )
-                if rows[tid]["status"] != INTERRUPTED:  # it ended, but its end reached no callback
+                if row.status != INTERRUPTED:  # it ended, but its end reached no callback
                     guard = tracking_guard.for_search(folder, client.tracking_uri)
-                    guard.attempt("close its run", close_trial_run, client, rows[tid], trial=tid)
-    rows = list(rows.values())
+                    guard.attempt("close its run", close_trial_run, client, row, trial=tid)
+    rows = list(by_id.values())
     write_table(rows, folder / TABLE_FILE)
     return rows
 
 
 def stop_interrupted(
-    plan, args, client: MlflowClient, folder: Location, record: SearchRecord, rows: list[dict], signal_name: str
+    plan, args, client: MlflowClient, folder: Location, record: SearchRecord, rows: list[TrialRow], signal_name: str
 ) -> int:
     """A stopped search: its unfinished trials' runs and the parent run end KILLED, the record
     says ``interrupted``, and one line says how to continue."""
     guard = tracking_guard.for_search(folder, client.tracking_uri)
-    for row in (r for r in rows if r["status"] == INTERRUPTED):
-        guard.attempt("end its run as interrupted", _kill_trial_run, client, record, row, trial=row["trial_id"])
+    for row in (r for r in rows if r.status == INTERRUPTED):
+        guard.attempt("end its run as interrupted", _kill_trial_run, client, record, row, trial=row.trial_id)
     write_table(rows, folder / TABLE_FILE)
     tags = {names.INTERRUPTED_BY: signal_name, **_failures_tag(guard)}
     parent = record.parent_run_id
@@ -103,10 +104,11 @@ def stop_interrupted(
     return EXIT_INTERRUPTED
 
 
-def _kill_trial_run(client: MlflowClient, record: SearchRecord, row: dict) -> None:
-    if find_trial_run(client, row, (record.experiment_id, record.parent_run_id)):
-        client.set_tag(row["mlflow_run_id"], names.STATUS, INTERRUPTED)
-        client.set_terminated(row["mlflow_run_id"], "KILLED")
+def _kill_trial_run(client: MlflowClient, record: SearchRecord, row: TrialRow) -> None:
+    run_id = find_trial_run(client, row, (record.experiment_id, record.parent_run_id))
+    if run_id:
+        client.set_tag(run_id, names.STATUS, INTERRUPTED)
+        client.set_terminated(run_id, "KILLED")
 
 
 def _failures_tag(guard: tracking_guard.TrackingGuard) -> dict[str, str]:
@@ -139,7 +141,7 @@ def wrap_up(
     client: MlflowClient,
     folder: Location,
     record: SearchRecord,
-    rows: list[dict],
+    rows: list[TrialRow],
     metrics: list[str],
     modes: list[str],
     seconds: float,
@@ -149,7 +151,7 @@ def wrap_up(
     parent_id = setup.parent_run_id
     guard = tracking_guard.for_search(folder, setup.tracking_uri)
     counts = status_counts(rows)
-    summary = {"trials_" + k: v for k, v in counts.items()}
+    summary: dict[str, float] = {"trials_" + k: v for k, v in counts.items()}
     summary["search_wall_s"] = seconds
     best, baseline = best_row(rows, metrics[0], modes[0]), baseline_row(rows)
     val_images = len(plan.data.val)
@@ -173,33 +175,33 @@ def wrap_up(
         + f" ({seconds:.0f} s)",
         *ledger.summary_lines(spend),
     ]
-    lines += [f"  failed {r['trial_id']}: {r['error']}" for r in rows if r["status"] == FAILED][:5]
+    lines += [f"  failed {r.trial_id}: {r.error}" for r in rows if r.status == FAILED][:5]
     lines.append(validation.describe(plan.summary))
     lines += input_wait.summary_lines(rows, plan.profile)
     if best is not None:
-        config = {p: best[p] for p in plan.study["space"]}
-        prompt_file = prompt_path(folder, best["trial_id"])
+        config = {p: best.params[p] for p in plan.study["space"]}
+        tid = best.trial_id
+        prompt_file = prompt_path(folder, tid)
         parent = guard.attempt("read the test ledger", client.get_run, parent_id)
         before = exposure.exposed(parent.data.tags if parent else {})
         test = ray.get(on_resources(evaluate_prompts, plan.profile).remote(setup, config, prompt_file))
-        tid = best["trial_id"]
         tested = guard.attempt("record the test exposure", exposure.expose, client, parent_id, [tid]) or [tid]
         guard.attempt(
             "log its test scores",
             mt.log,
             client,
-            best["mlflow_run_id"],
+            best.mlflow_run_id,
             metrics=test,
             tags={names.BEST: "true"},
             trial=tid,
         )
-        summary.update({f"best_{k}": v for k, v in {**{m: best[m] for m in metrics}, **test}.items()})
-        summary[SE_METRIC] = binomial_se(best["val_acc"], val_images)
-        guard.attempt("tag the best trial", client.set_tag, parent_id, names.BEST_TRIAL_ID, best["trial_id"])
+        summary.update({f"best_{k}": v for k, v in {**{m: best.metric(m) for m in metrics}, **test}.items()})
+        summary[SE_METRIC] = binomial_se(best.val_acc, val_images)
+        guard.attempt("tag the best trial", client.set_tag, parent_id, names.BEST_TRIAL_ID, tid)
         lines += [
-            f"best trial {best['trial_id']}: " + ", ".join(f"{k}={v}" for k, v in config.items()),
-            "  validation: " + with_se(best, val_images),
-            *filter(None, [exposure.new_best_line(before, best["trial_id"])]),
+            f"best trial {tid}: " + ", ".join(f"{k}={v}" for k, v in config.items()),
+            "  validation: " + with_se(best.metrics(), val_images),
+            *filter(None, [exposure.new_best_line(before, tid)]),
             "  test:       " + shot_line(test, "test_") + f"; {exposure.seen(tested)}",
             f"  prompts:    {prompt_file}",
         ]
@@ -241,7 +243,7 @@ def wrap_up(
         summary.update(gain)
         lines += gain_lines
         if args.confirm:
-            confirmed, tags, confirm_lines = confirm(plan, setup, best["trial_id"], config, baseline, args.confirm)
+            confirmed, tags, confirm_lines = confirm(plan, setup, tid, config, baseline, args.confirm)
             summary.update(confirmed)
             guard.attempt("tag the confirmation", mt.log, client, parent_id, tags={**tags, names.CONFIRMED_TRIAL: tid})
             lines += confirm_lines

@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,17 +31,21 @@ from tune.reports.html import summary_html
 from tune.reports.study import build_study, search_figures
 from tune.storage import Location, location
 
+if TYPE_CHECKING:  # the table module imports Ray: imported where the table is read
+    from tune.trial.table import TrialRow
+
 
 # ============================================================================ per search: tables and summary
-def write_csv(rows: list[dict], path: Path) -> Path:
+def write_csv(rows: list[TrialRow], path: Path) -> Path:
     """The trial table as CSV: one row per trial, the Parquet table's columns in its order."""
+    flat = [row.columns() for row in rows]  # the CSV's edge: a row as its columns
     columns: list[str] = []
-    for row in rows:
+    for row in flat:
         columns += [k for k in row if k not in columns]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        for row in rows:
+        for row in flat:
             writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
     return path
 
@@ -141,9 +146,9 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
     histories = {}
     if len(metrics) == 1:
         for row in rows:
-            run = runs.get(row["trial_id"])
+            run = runs.get(row.trial_id)
             if run is not None:
-                histories[row["trial_id"]] = {
+                histories[row.trial_id] = {
                     m.step: m.value for m in client.get_metric_history(run.info.run_id, metrics[0])
                 }
 
@@ -152,11 +157,11 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
     figures, skipped = search_figures(study, metrics, out)
     write_csv(rows, out / names.REPORT_TABLE)
 
-    by_id = {r["trial_id"]: r for r in rows}
+    by_id = {r.trial_id: r for r in rows}
     best = by_id.get(tags.get(names.BEST_TRIAL_ID)) or best_row(rows, metrics[0], modes[0])
     test, extra = {}, None
     if best is not None:
-        run = runs.get(best["trial_id"])
+        run = runs.get(best.trial_id)
         best_metrics = run.data.metrics if run is not None else {}
         test = {f"test_{k}": pm[f"best_test_{k}"] for k in SHOT_KEYS if f"best_test_{k}" in pm} or {
             k: v for k, v in best_metrics.items() if k.startswith("test_")
@@ -164,14 +169,14 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
         extra = (
             int(best_metrics["extra_params"])
             if "extra_params" in best_metrics
-            else prompt_file_params(prompt_path(folder, best["trial_id"]))
+            else prompt_file_params(prompt_path(folder, best.trial_id))
         )
     sign = 1 if modes[0] == "max" else -1
 
-    def rank(r: dict) -> tuple:
-        v = r.get(metrics[0])
-        ok = isinstance(v, (int, float)) and math.isfinite(v)
-        return (r["status"] != "completed", not ok, -sign * v if ok else 0.0)
+    def rank(r: TrialRow) -> tuple:
+        v = r.metric(metrics[0])
+        ok = math.isfinite(v)
+        return (r.status != "completed", not ok, -sign * v if ok else 0.0)
 
     ranked = sorted(rows, key=rank)
     counts = status_counts(rows)
@@ -199,7 +204,7 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
         "backbone_params": backbone_params(profile["backbone"]) if extra and profile.get("backbone") else None,
         "pareto": [t for t in tags.get(names.PARETO_TRIALS, "").split(",") if t],
         "top": ranked[:10],
-        "baseline": next((r for r in rows if r.get("baseline")), None),
+        "baseline": next((r for r in rows if r.baseline), None),
         "gain": {k: v for k, v in pm.items() if k.startswith("gain_val_")},
         **{k: pm.get(k) for k in ("val_images", "val_acc_se", "baseline_val_acc_se")},
     }

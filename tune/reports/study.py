@@ -7,6 +7,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,16 +15,19 @@ from tune import names
 from tune.errors import error_line
 from tune.plotting import pyplot, save_figure
 
+if TYPE_CHECKING:  # the table module imports Ray; the report reads rows it is handed
+    from tune.trial.table import TrialRow
+
 
 # ============================================================================ per search: Optuna study
-def distributions(space: dict, rows: list[dict]) -> dict:
+def distributions(space: dict, rows: list[TrialRow]) -> dict:
     """One Optuna distribution per searched param, wide enough for every value in the table
     (the trainable narrows ``top_k`` and ``group_start`` per trial; the table holds what ran)."""
     import optuna.distributions as od
 
     out = {}
     for name, spec in space.items():
-        seen = [r[name] for r in rows if r.get(name) is not None]
+        seen = [r.params[name] for r in rows if r.params.get(name) is not None]
         if spec["type"] == "choice":
             values = list(spec["values"]) + [v for v in seen if v not in spec["values"]]
             out[name] = od.CategoricalDistribution(values)
@@ -52,7 +56,7 @@ def _on_grid(value: float, low: float, step: float) -> bool:
 
 
 def build_study(
-    rows: list[dict],
+    rows: list[TrialRow],
     space: dict,
     metrics: list[str],
     modes: list[str],
@@ -70,26 +74,24 @@ def build_study(
     dists = distributions(space, rows)
     histories = histories or {}
     rank = {tid: i for i, tid in enumerate(order or [])}
-    for row in sorted(rows, key=lambda r: (rank.get(r["trial_id"], len(rank)), r["trial_id"])):
+    for row in sorted(rows, key=lambda r: (rank.get(r.trial_id, len(rank)), r.trial_id)):
         params, used = {}, {}
         for name, dist in dists.items():
-            value = row.get(name)
+            value = row.params.get(name)
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 continue
             value = int(value) if isinstance(dist, optuna.distributions.IntDistribution) else value
             params[name], used[name] = value, dist
-        values = [row.get(m) for m in metrics]
+        values = [row.metric(m) for m in metrics]
         finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-        state = {"completed": "COMPLETE", "early_stopped": "PRUNED", "budget_stopped": "PRUNED"}.get(
-            row["status"], "FAIL"
-        )
+        state = {"completed": "COMPLETE", "early_stopped": "PRUNED", "budget_stopped": "PRUNED"}.get(row.status, "FAIL")
         if state == "COMPLETE" and not finite:
             state = "FAIL"
         inter = {}
         if len(metrics) == 1 and state != "FAIL":
-            inter = {int(k): float(v) for k, v in histories.get(row["trial_id"], {}).items() if math.isfinite(v)}
-            if not inter and finite and row.get("epochs"):
-                inter = {int(row["epochs"]): float(values[0])}
+            inter = {int(k): float(v) for k, v in histories.get(row.trial_id, {}).items() if math.isfinite(v)}
+            if not inter and finite and row.epochs:
+                inter = {row.epochs: float(values[0])}
         trial = optuna.trial.create_trial(
             state=getattr(optuna.trial.TrialState, state),
             values=[float(v) for v in values] if state == "COMPLETE" else None,
@@ -97,9 +99,9 @@ def build_study(
             distributions=used,
             intermediate_values=inter or None,
             user_attrs={
-                names.OPTUNA_TRIAL_ID: row["trial_id"],
-                "status": row["status"],
-                "mlflow_run_id": row.get("mlflow_run_id") or "",
+                names.OPTUNA_TRIAL_ID: row.trial_id,
+                "status": row.status,
+                "mlflow_run_id": row.mlflow_run_id or "",
             },
         )
         study.add_trial(trial)

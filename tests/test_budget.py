@@ -26,8 +26,8 @@ from tune.engine import budget_gate as gate
 from tune.engine import budget_ledger as ledger
 from tune.engine.progress import SearchProgress
 from tune.errors import ConfigError
-from tune.record import load_record
-from tune.trial.table import trial_row, write_table
+from tune.record import load_record, save_record
+from tune.trial.table import read_rows, trial_row, write_table
 
 EPOCHS = 4
 
@@ -178,13 +178,13 @@ def test_the_progress_line_shows_the_hours(tmp_path):
 def test_resume_keeps_the_budget_unless_the_command_gives_one(tmp_path):
     study = {"budget": {"trials": 6, "concurrency": 2, "max_failures": 2}}
     stored = {"trials": 6, "concurrency": 2, "max_failures": 2, "gpu_hours": 10.0, "on_exhausted": "stop"}
-    ledger.resumed_budget(study, Budget.model_validate(stored), {})  # the record's budget
+    cost.resumed_budget(study, Budget.model_validate(stored), {})  # the record's budget
     assert study["budget"] == {**stored}
     given = cost.given_budget(["budget.cpu_hours=2", "budget.gpu_hours=null"])
-    ledger.resumed_budget(study, Budget.model_validate(stored), given)
+    cost.resumed_budget(study, Budget.model_validate(stored), given)
     assert (study["budget"].get("gpu_hours"), study["budget"]["cpu_hours"]) == (None, 2.0)
     with pytest.raises(ConfigError, match="^--resume: budget.cpu_hours: give gpu_hours or cpu_hours, not both"):
-        ledger.resumed_budget(study, Budget.model_validate(stored), cost.given_budget(["budget.cpu_hours=2"]))
+        cost.resumed_budget(study, Budget.model_validate(stored), cost.given_budget(["budget.cpu_hours=2"]))
 
 
 def test_a_search_its_budget_ended_continues_when_the_budget_has_room(tmp_path):
@@ -218,10 +218,40 @@ def test_the_outcome_and_summary_say_what_the_budget_allowed(tmp_path):
         for i, w in enumerate([90.0, 54.0])
     ]
     done = ledger.outcome(record, rows)
-    assert done["ended"] and done["allowed"] == 2 and done["cpu_hours"] == pytest.approx(0.05)
+    assert done.ended and done.allowed == 2 and done.cpu_hours == pytest.approx(0.05)
     assert ledger.summary_lines(done) == [
         "cost: 0.05 CPU-core-hours (phase 1 up front 0.01, trials 0.04) of a "
         "budget of 0.05 (budget.cpu_hours, on_exhausted: finish); it allowed 2 of "
         "6 trials and then ended the search"
     ]
-    assert json.loads(json.dumps(done)) == done
+    assert ledger.Outcome.model_validate_json(done.to_json()) == done
+    assert list(json.loads(done.to_json())) == [  # the table's lpt.budget metadata, as before
+        *("measure", "limit", "on_exhausted", "trials", "allowed", "ended", "gpu_hours", "cpu_hours", "phase1")
+    ]
+
+
+def test_confirm_seeds_are_counted_in_what_the_search_spent(tmp_path, monkeypatch):
+    """``--confirm``: the seeds' wall seconds go into the record and every figure of spent (the
+    ledger the gate asks, the summary's cost line, the parent run's hours)."""
+    from tune.engine import confirmation
+
+    monkeypatch.setattr(confirmation, "confirm_seed", lambda setup, config, seed: time.sleep(0.05) or {"seed": seed})
+    out, seconds = confirmation.timed_confirm_seed(None, {}, 3)
+    assert out == {"seed": 3} and seconds >= 0.05  # each seed's task times itself
+    folder = search_folder(tmp_path, {"cpu_hours": 0.1}, phase1_s=36.0, walls=[90.0, 54.0])
+    record, rows = load_record(folder), list(read_rows(folder / "trials.parquet").values())
+    summary = {"cpu_hours": 0.05, "confirm_seeds": 3}
+    line = ledger.add_confirmation(record, 180.0, rows, summary)  # 3 seeds x 2 configs x 30 s
+    assert record.confirm_task_s == 180.0 and summary["cpu_hours"] == pytest.approx(0.1)
+    assert line == [
+        "  cost of the confirmation: 0.05 CPU-core-hours; the search has spent 0.1 CPU-core-hours in all "
+        "(phase 1, trials and confirmation seeds)"
+    ]
+    save_record(folder, record)
+    assert ledger.SpendLedger(folder).spent() == pytest.approx(0.1)  # an extension starts from it
+    assert not ledger.SpendLedger(folder).allows_new_trial()
+    done = ledger.outcome(record, rows)
+    assert done.confirm == {"gpu_hours": 0.0, "cpu_hours": pytest.approx(0.05)}
+    assert ledger.summary_lines(done)[0].startswith(
+        "cost: 0.1 CPU-core-hours (phase 1 up front 0.01, trials 0.04, confirmation seeds 0.05) of a budget of 0.1"
+    )

@@ -35,7 +35,8 @@ class RunPart(BaseModel):
 class SearchRecord(BaseModel):
     """What a search folder says about its search: names, the profile and study it ran, its MLflow
     and Optuna places, its state, its Tune runs, and what the budget needs (``trial_estimate_s``,
-    ``phase1_task_s``: seconds of the phase-1 tasks trained up front, ``budget_ended``)."""
+    ``phase1_task_s``: seconds of the phase-1 tasks trained up front, ``budget_ended``,
+    ``confirm_task_s``)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -55,6 +56,7 @@ class SearchRecord(BaseModel):
     trial_estimate_s: float | None = None
     phase1_task_s: float = 0.0
     budget_ended: bool = False
+    confirm_task_s: float = 0.0  # the --confirm seeds' tasks, summed: counted in the budget's spent
     _space_order: list[str] = PrivateAttr(default_factory=list)  # the study file's order of its space
 
     @field_validator("profile", "study_config", mode="before")

@@ -57,11 +57,11 @@ def resume_mode(plan, args, record: SearchRecord, folder: Location) -> str:
     diff = first_difference(_plain(record.profile_dict()), _plain(plan.profile))
     if diff:
         raise ConfigError(f"--resume: profile {diff} in {folder.name}; start a new search without --resume")
-    ledger.resumed_budget(plan.study, record.study_config.budget, plan.budget_given)
+    cost.resumed_budget(plan.study, record.study_config.budget, plan.budget_given)
     stored, wanted = _plain(with_defaults(record.study_dict())), _plain(plan.study)
     budget = stored["budget"]["trials"]
     asked = budget if args.trials is None else args.trials  # the search's own budget unless --trials
-    free = dict.fromkeys(("trials", *cost.BUDGET_KEYS))  # what a resumed search may change (ledger.resumed_budget)
+    free = dict.fromkeys(("trials", *cost.BUDGET_KEYS))  # what a resumed search may change (cost.resumed_budget)
     diff = first_difference(
         {**stored, "budget": {**stored["budget"], **free}}, {**wanted, "budget": {**wanted["budget"], **free}}
     )
@@ -126,7 +126,7 @@ def confirm_finished(plan, args, uri: str, folder: Location, record: SearchRecor
     )
     if best is None:
         raise ConfigError(f"--confirm: {folder.name} has no completed trial to confirm")
-    summary, tags, lines = confirm(
+    summary, tags, lines, seconds = confirm(
         plan,
         search_setup(plan, folder, record, uri),
         best.trial_id,
@@ -134,6 +134,8 @@ def confirm_finished(plan, args, uri: str, folder: Location, record: SearchRecor
         baseline_row(rows),
         args.confirm,
     )
+    lines += ledger.add_confirmation(record, seconds, rows, summary)  # the parent's gpu_hours/cpu_hours too
+    save_record(folder, record)
     mt.log(client, parent_id, metrics=summary, tags={**tags, names.CONFIRMED_TRIAL: best.trial_id})
     log_search_report(client, parent_id, folder)
     print(f"{folder.name}: best trial {best.trial_id}\n" + "\n".join(lines), flush=True)

@@ -5,7 +5,6 @@ ends (the summary and the parent run's ``lpt.tracking_failures`` say what)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -158,16 +157,14 @@ def wrap_up(
     summary[SIZE_METRIC] = val_images
     registered = True
     spend = ledger.outcome(record, rows)
-    record.budget_ended = spend["ended"]
+    record.budget_ended = spend.ended
     summary.update(
-        gpu_hours=spend["gpu_hours"],
-        cpu_hours=spend["cpu_hours"],
-        trials_not_started=spend["trials"] - spend["allowed"],
+        gpu_hours=spend.gpu_hours, cpu_hours=spend.cpu_hours, trials_not_started=spend.trials - spend.allowed
     )
-    if spend["limit"] is not None:
-        guard.attempt("tag the budget", client.set_tag, parent_id, names.BUDGET_ENDED, str(spend["ended"]).lower())
+    if spend.limit is not None:
+        guard.attempt("tag the budget", client.set_tag, parent_id, names.BUDGET_ENDED, str(spend.ended).lower())
     closed = close_lost_runs(client, rows, guard, (setup.experiment_id, parent_id))  # MLflow is back
-    write_table(rows, folder / TABLE_FILE, metadata={names.BUDGET: json.dumps(spend)})
+    write_table(rows, folder / TABLE_FILE, metadata={names.BUDGET: spend.to_json()})
     lines = [
         f"\n{len(rows)} trials: {counts['completed']} completed, {counts['early_stopped']} stopped early "
         f"by ASHA, {counts['failed']} failed"
@@ -243,8 +240,9 @@ def wrap_up(
         summary.update(gain)
         lines += gain_lines
         if args.confirm:
-            confirmed, tags, confirm_lines = confirm(plan, setup, tid, config, baseline, args.confirm)
+            confirmed, tags, confirm_lines, seconds = confirm(plan, setup, tid, config, baseline, args.confirm)
             summary.update(confirmed)
+            confirm_lines += ledger.add_confirmation(record, seconds, rows, summary)  # counted in the budget
             guard.attempt("tag the confirmation", mt.log, client, parent_id, tags={**tags, names.CONFIRMED_TRIAL: tid})
             lines += confirm_lines
         else:

@@ -81,7 +81,8 @@ class SearchRecord(BaseModel):
 
     def space_names(self) -> list[str]:
         """The searched parameters, in the study file's order."""
-        return list(self.study_dict()["space"])
+        given = list(self.study_config.space.model_dump(exclude_none=True))
+        return [k for k in self._space_order if k in given] + [k for k in given if k not in self._space_order]
 
     def profile_dict(self) -> dict:
         """The profile as the file holds it (``ProfileConfig.to_dict``'s keys that were given)."""
@@ -93,10 +94,8 @@ class SearchRecord(BaseModel):
         """The study as the file holds it (``StudyConfig.to_dict``'s keys that were given; an
         earlier version's record without a key added since stays without it)."""
         study = self.study_config
-        given = list(study.space.model_dump(exclude_none=True))
-        order = [k for k in self._space_order if k in given] + [k for k in given if k not in self._space_order]
         out = study.model_dump(mode="json", exclude_unset=True, exclude_none=True, exclude={"space"})
-        out["space"] = study.to_dict(order=order)["space"]
+        out["space"] = study.to_dict(order=self.space_names())["space"]  # the study's own dump of it
         return out
 
     def to_dict(self) -> dict:

@@ -7,7 +7,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -16,6 +16,8 @@ from tune.errors import error_line
 from tune.plotting import pyplot, save_figure
 
 if TYPE_CHECKING:  # the table module imports Ray; the report reads rows it is handed
+    from matplotlib.figure import Figure
+
     from tune.trial.table import TrialRow
 
 
@@ -25,7 +27,7 @@ def distributions(space: dict, rows: list[TrialRow]) -> dict:
     (the trainable narrows ``top_k`` and ``group_start`` per trial; the table holds what ran)."""
     import optuna.distributions as od
 
-    out = {}
+    out: dict[str, od.BaseDistribution] = {}
     for name, spec in space.items():
         seen = [r.params[name] for r in rows if r.params.get(name) is not None]
         if spec["type"] == "choice":
@@ -44,7 +46,7 @@ def distributions(space: dict, rows: list[TrialRow]) -> dict:
         else:
             step = None
         if integer:
-            out[name] = od.IntDistribution(low, high, log=log, step=int(step or 1))
+            out[name] = od.IntDistribution(int(low), int(high), log=log, step=int(step or 1))
         else:
             out[name] = od.FloatDistribution(low, high, log=log, step=step)
     return out
@@ -69,7 +71,8 @@ def build_study(
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    directions = ["maximize" if m == "max" else "minimize" for m in modes]
+    up, down = optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE
+    directions = [up if m == "max" else down for m in modes]
     study = optuna.create_study(directions=directions, study_name="search")
     dists = distributions(space, rows)
     histories = histories or {}
@@ -166,7 +169,7 @@ def search_figures(
                 skipped[name] = f"the Pareto front is drawn for 2 or 3 objectives, not {len(metrics)}"
                 continue
             ax = drawn.flat[0] if isinstance(drawn, np.ndarray) else drawn
-            fig = ax.figure
+            fig = cast("Figure", ax.figure)  # an Axes' own figure, never a SubFigure here
             width, height = fig.get_size_inches()
             if name == "intermediate_values":
                 ax.set_xlabel("epoch")

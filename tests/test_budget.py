@@ -17,6 +17,7 @@ from ray.tune.schedulers import TrialScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
+from tiny_profile import tiny_profile
 
 from tune.config import budget as cost
 from tune.config.early_stopping import asha_rungs
@@ -25,7 +26,8 @@ from tune.engine import budget_gate as gate
 from tune.engine import budget_ledger as ledger
 from tune.engine.progress import SearchProgress
 from tune.errors import ConfigError
-from tune.trial.table import trial_row, write_table
+from tune.record import load_record, save_record
+from tune.trial.table import read_rows, trial_row, write_table
 
 EPOCHS = 4
 SPACE = {"margin": {"type": "float", "low": 0.0, "high": 0.5}}
@@ -39,8 +41,11 @@ def search_folder(tmp_path, budget=None, resources=None, phase1_s=0.0, estimate_
     """A search folder as the driver leaves it: its record, and a table row per ended trial (wall seconds)."""
     resources = resources or {"cpu": 1, "gpu": 0}
     record = {
-        "profile": {"resources": resources, "phase2": {"epochs": EPOCHS}},
-        "study_config": {"budget": {"trials": 6, "concurrency": 2, "max_failures": 2, **(budget or {})}},
+        "profile": tiny_profile(resources=resources, phase2={"epochs": EPOCHS}),
+        "study_config": {
+            "budget": {"trials": 6, "concurrency": 2, "max_failures": 2, **(budget or {})},
+            "space": {"pool_size": {"type": "int", "low": 4, "high": 8}},
+        },
         cost.PHASE1_TASK_S: phase1_s,
         cost.TRIAL_ESTIMATE_S: estimate_s,
         "budget_ended": ended,
@@ -95,10 +100,10 @@ def test_expected_epochs_is_what_rays_bracket_lets_trials_run(grace, rf, max_t):
 
 def test_trial_rows_carry_their_cost():
     row = trial_row("a", {}, [], {"epoch": 2, "time_total_s": 7200.0}, 4, resources=Resources(cpu=4, gpu=0.5))
-    assert (row["gpu_hours"], row["cpu_hours"]) == (1.0, 8.0)
-    assert math.isnan(trial_row("b", {}, [], None, 4, resources=Resources(cpu=1, gpu=1))["gpu_hours"])
-    assert trial_row("c", {}, [], {"epoch": 2}, 4, budget_stopped=True)["status"] == "budget_stopped"
-    assert trial_row("d", {}, [], {"epoch": 4}, 4, budget_stopped=True)["status"] == "completed"
+    assert (row.gpu_hours, row.cpu_hours) == (1.0, 8.0)
+    assert math.isnan(trial_row("b", {}, [], None, 4, resources=Resources(cpu=1, gpu=1)).gpu_hours)
+    assert trial_row("c", {}, [], {"epoch": 2}, 4, budget_stopped=True).status == "budget_stopped"
+    assert trial_row("d", {}, [], {"epoch": 4}, 4, budget_stopped=True).status == "completed"
 
 
 def test_the_ledger_counts_phase1_ended_and_running_trials(tmp_path):
@@ -179,17 +184,17 @@ def test_resume_keeps_the_budget_unless_the_command_gives_one(tmp_path):
     study = StudyConfig.model_validate({"budget": {"trials": 6, "concurrency": 2, "max_failures": 2}, "space": SPACE})
     raw = {"trials": 6, "concurrency": 2, "max_failures": 2, "gpu_hours": 10.0, "on_exhausted": "stop"}
     stored = Budget.model_validate(raw)
-    ledger.resumed_budget(study, stored, {})
+    cost.resumed_budget(study, stored, {})  # the record's budget
     assert study.budget.model_dump(exclude_none=True) == {**raw}
-    ledger.resumed_budget(study, stored, cost.given_budget(["budget.cpu_hours=2", "budget.gpu_hours=null"]))
+    cost.resumed_budget(study, stored, cost.given_budget(["budget.cpu_hours=2", "budget.gpu_hours=null"]))
     assert (study.budget.gpu_hours, study.budget.cpu_hours) == (None, 2.0)
     with pytest.raises(ConfigError, match="^--resume: budget.cpu_hours: give gpu_hours or cpu_hours, not both"):
-        ledger.resumed_budget(study, stored, cost.given_budget(["budget.cpu_hours=2"]))
+        cost.resumed_budget(study, stored, cost.given_budget(["budget.cpu_hours=2"]))
 
 
 def test_a_search_its_budget_ended_continues_when_the_budget_has_room(tmp_path):
     folder = search_folder(tmp_path, {"cpu_hours": 0.05}, walls=[100.0, 100.0], ended=True)
-    record = json.loads((folder / "search.json").read_text())
+    record = load_record(folder)
     spent = study_of({"trials": 6, "cpu_hours": 0.05})
     assert ledger.resume_mode("finished", record, spent, folder) == "finished"  # 200 s = 0.056 h spent
     assert ledger.resume_mode("extend", record, spent, folder) == "finished"  # no trial would start
@@ -202,7 +207,7 @@ def test_a_search_its_budget_ended_continues_when_the_budget_has_room(tmp_path):
     )
     roomy = study_of({"trials": 6, "cpu_hours": 0.08})  # room, but not for a 100 s trial
     assert ledger.resume_mode("finished", record, roomy, folder) == "finished"
-    done = {**record, "budget_ended": False}  # all trials ran; --trials 8 on no room
+    done = record.model_copy(update={"budget_ended": False})  # all trials ran; --trials 8 on no room
     assert ledger.resume_mode("extend", done, roomy, folder) == "finished"
     assert ledger.finished_line(done, roomy, folder).startswith(
         "its budget has no room for another trial (0.0556 of 0.08 CPU-core-hours spent"
@@ -212,16 +217,46 @@ def test_a_search_its_budget_ended_continues_when_the_budget_has_room(tmp_path):
 
 def test_the_outcome_and_summary_say_what_the_budget_allowed(tmp_path):
     folder = search_folder(tmp_path, {"cpu_hours": 0.05}, phase1_s=36.0, walls=[90.0, 54.0])
-    record = json.loads((folder / "search.json").read_text())
+    record = load_record(folder)
     rows = [
         trial_row(f"t{i}", {}, [], {"epoch": 4, "time_total_s": w}, 4, resources=Resources(cpu=1, gpu=0))
         for i, w in enumerate([90.0, 54.0])
     ]
     done = ledger.outcome(record, rows)
-    assert done["ended"] and done["allowed"] == 2 and done["cpu_hours"] == pytest.approx(0.05)
+    assert done.ended and done.allowed == 2 and done.cpu_hours == pytest.approx(0.05)
     assert ledger.summary_lines(done) == [
         "cost: 0.05 CPU-core-hours (phase 1 up front 0.01, trials 0.04) of a "
         "budget of 0.05 (budget.cpu_hours, on_exhausted: finish); it allowed 2 of "
         "6 trials and then ended the search"
     ]
-    assert json.loads(json.dumps(done)) == done
+    assert ledger.Outcome.model_validate_json(done.to_json()) == done
+    assert list(json.loads(done.to_json())) == [  # the table's lpt.budget metadata, as before
+        *("measure", "limit", "on_exhausted", "trials", "allowed", "ended", "gpu_hours", "cpu_hours", "phase1")
+    ]
+
+
+def test_confirm_seeds_are_counted_in_what_the_search_spent(tmp_path, monkeypatch):
+    """``--confirm``: the seeds' wall seconds go into the record and every figure of spent (the
+    ledger the gate asks, the summary's cost line, the parent run's hours)."""
+    from tune.engine import confirmation
+
+    monkeypatch.setattr(confirmation, "confirm_seed", lambda setup, config, seed: time.sleep(0.05) or {"seed": seed})
+    out, seconds = confirmation.timed_confirm_seed(None, {}, 3)
+    assert out == {"seed": 3} and seconds >= 0.05  # each seed's task times itself
+    folder = search_folder(tmp_path, {"cpu_hours": 0.1}, phase1_s=36.0, walls=[90.0, 54.0])
+    record, rows = load_record(folder), list(read_rows(folder / "trials.parquet").values())
+    summary = {"cpu_hours": 0.05, "confirm_seeds": 3}
+    line = ledger.add_confirmation(record, 180.0, rows, summary)  # 3 seeds x 2 configs x 30 s
+    assert record.confirm_task_s == 180.0 and summary["cpu_hours"] == pytest.approx(0.1)
+    assert line == [
+        "  cost of the confirmation: 0.05 CPU-core-hours; the search has spent 0.1 CPU-core-hours in all "
+        "(phase 1, trials and confirmation seeds)"
+    ]
+    save_record(folder, record)
+    assert ledger.SpendLedger(folder).spent() == pytest.approx(0.1)  # an extension starts from it
+    assert not ledger.SpendLedger(folder).allows_new_trial()
+    done = ledger.outcome(record, rows)
+    assert done.confirm == {"gpu_hours": 0.0, "cpu_hours": pytest.approx(0.05)}
+    assert ledger.summary_lines(done)[0].startswith(
+        "cost: 0.1 CPU-core-hours (phase 1 up front 0.01, trials 0.04, confirmation seeds 0.05) of a budget of 0.1"
+    )

@@ -539,6 +539,7 @@ def test_only_the_registrar_changes_a_registered_model(stack, tmp_path, monkeypa
     from tune.serving import model as lpt_model
     from tune.serving.check import ModelRefused
     from tune.serving.registry import MODELS_EXPERIMENT, register_best
+    from tune.trial.table import TrialRow
 
     searcher = mlflow_login(stack.secrets)
     registrar = mlflow_login(stack.secrets, "mlflow_registrar_credentials")
@@ -567,7 +568,7 @@ def test_only_the_registrar_changes_a_registered_model(stack, tmp_path, monkeypa
             profile_name="tiny",
             profile=PROFILE,
             data=data,
-            best={"trial_id": "trial0", "mlflow_run_id": trial, "val_acc": 50.0, **CONFIG},
+            best=TrialRow(trial_id="trial0", status="completed", mlflow_run_id=trial, val_acc=50.0, params=CONFIG),
             config=CONFIG,
             prompt_file=prompt_file,
             test={"test_acc": 40.0},

@@ -42,6 +42,7 @@ from tune.config.study import ProfileConfig
 from tune.serving import model as lpt_model
 from tune.serving.check import ModelRefused, check_model_dir
 from tune.serving.registry import MODEL_URI_TAG, NothingToRegister, register_best, register_finished_search
+from tune.trial.table import TrialRow
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT = ROOT / "tune" / "predict.py"
@@ -92,7 +93,9 @@ def registered(tmp_path_factory):
     client.set_terminated(trial)
     model.set_phase(2)
     test = {f"test_{k}": v for k, v in evaluate(model, data.test, data.class_counts).items() if k.endswith("acc")}
-    best = {"trial_id": "trial0", "mlflow_run_id": trial, "val_acc": 55.0, "val_few_acc": 40.0, **CONFIG}
+    best = TrialRow(
+        trial_id="trial0", status="completed", mlflow_run_id=trial, val_acc=55.0, val_few_acc=40.0, params=CONFIG
+    )
     model_uri = register_best(
         uri,
         "prompt_pool-tiny",
@@ -751,12 +754,12 @@ def test_a_search_without_a_best_trial_has_nothing_to_register(registered, tmp_p
                 "study": "prompt_pool",
                 "profile_name": "tiny",
                 "profile": PROFILE,
-                "study_config": {"space": {"pool_size": {}}},
+                "study_config": {"space": {"pool_size": {"type": "int", "low": 4, "high": 8}}},
             }
         )
     )
     write_table(
-        [{"trial_id": "t1", "status": "completed", "pool_size": 6, "mlflow_run_id": registered["trial"]}],
+        [TrialRow(trial_id="t1", status="completed", params={"pool_size": 6}, mlflow_run_id=registered["trial"])],
         folder / "trials.parquet",
     )
     parent = client.get_run(

@@ -6,6 +6,7 @@ import pickle
 from ray.tune.experiment import Trial
 
 from tune.engine.progress import SearchProgress
+from tune.trial.table import TrialRow
 
 
 def test_the_peak_so_far_never_gets_worse():
@@ -43,6 +44,9 @@ def test_the_progress_best_is_the_summarys_best():
     # the trial whose end Tune is reporting counts as completed; earlier runs' completed rows too
     ended = fresh.line([a, c], 2.0, {c.trial_id: "completed"})
     assert "best val_acc 88.00 of a completed trial (pool_size=40)" in ended
-    prior = [{"status": "completed", "val_acc": 95.0, "pool_size": 16}, {"status": "early_stopped", "val_acc": 99.0}]
+    prior = [
+        TrialRow(trial_id="p1", status="completed", val_acc=95.0, params={"pool_size": 16}),
+        TrialRow(trial_id="p2", status="early_stopped", val_acc=99.0),
+    ]
     extended = SearchProgress(6, 3, "val_acc", "max", ["pool_size"], prior=prior, interval_s=0)
     assert "best val_acc 95.00 of a completed trial (pool_size=16)" in extended.line([a, c], now=1.0)

@@ -26,7 +26,7 @@ from tune import tracking as mt
 from tune.reports import search as search_report
 from tune.trial import diagnostics, figures
 from tune.trial import report as trial_report
-from tune.trial.table import trial_row, write_table
+from tune.trial.table import TrialRow, trial_row, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -248,7 +248,7 @@ def fabricated_rows(n=9, seed=0, stopped=(2, 6), failed=(4,)) -> list[dict]:
     return rows
 
 
-def fabricate_search(client, uri, root: Path, study: str, rows: list[dict], objective: dict) -> tuple[str, Path]:
+def fabricate_search(client, uri, root: Path, study: str, rows: list[TrialRow], objective: dict) -> tuple[str, Path]:
     """A finished search as the driver leaves it: parent and trial runs in MLflow, the folder."""
     exp = mt.experiment_id(client, study, uri)
     folder = root / f"{study}-smoke-20260101-000000"
@@ -264,32 +264,35 @@ def fabricate_search(client, uri, root: Path, study: str, rows: list[dict], obje
     for i, row in enumerate(rows):
         run = client.create_run(
             exp,
-            run_name=f"trial-{row['trial_id']}",
+            run_name=f"trial-{row.trial_id}",
             start_time=1_000_000 + i,
-            tags={names.ROLE: "trial", names.PARENT: parent, names.TRIAL_ID: row["trial_id"]},
+            tags={names.ROLE: "trial", names.PARENT: parent, names.TRIAL_ID: row.trial_id},
         ).info.run_id
-        row["mlflow_run_id"] = run
-        curve = [Metric("val_acc", row["val_acc"] - 3 * (row["epochs"] - e), 0, e) for e in range(1, row["epochs"] + 1)]
-        client.log_batch(run, metrics=curve, params=[Param(k, str(row[k])) for k in SPACE])
+        row.mlflow_run_id = run
+        curve = [Metric("val_acc", row.val_acc - 3 * (row.epochs - e), 0, e) for e in range(1, row.epochs + 1)]
+        client.log_batch(run, metrics=curve, params=[Param(k, str(row.params[k])) for k in SPACE])
     write_table(rows, folder / "trials.parquet")
-    done = [r for r in rows if r["status"] == "completed"]
-    best = max(done, key=lambda r: r["val_acc"])
+    done = [r for r in rows if r.status == "completed"]
+    best = max(done, key=lambda r: r.val_acc)
     tensors = {
         "shared_prompts": torch.zeros(4, 4, 96),
-        "group_prompts": torch.zeros(best["pool_size"], 2, 4, 96),
-        "group_keys": torch.zeros(best["pool_size"], 96),
+        "group_prompts": torch.zeros(best.params["pool_size"], 2, 4, 96),
+        "group_keys": torch.zeros(best.params["pool_size"], 96),
         "head_weight": torch.zeros(10, 96),
     }
     from safetensors.torch import save_file
 
-    save_file(tensors, str(folder / "prompts" / f"{best['trial_id']}.safetensors"))
-    client.set_tag(parent, "lpt.best_trial_id", best["trial_id"])
+    save_file(tensors, str(folder / "prompts" / f"{best.trial_id}.safetensors"))
+    client.set_tag(parent, "lpt.best_trial_id", best.trial_id)
     if "metrics" in objective:
         keys = objective["metrics"]
         front = [
-            a["trial_id"]
+            a.trial_id
             for a in done
-            if not any(all(b[k] >= a[k] for k in keys) and any(b[k] > a[k] for k in keys) for b in done)
+            if not any(
+                all(b.metric(k) >= a.metric(k) for k in keys) and any(b.metric(k) > a.metric(k) for k in keys)
+                for b in done
+            )
         ]
         client.set_tag(parent, "lpt.pareto_trials", ",".join(front))
     mt.log(
@@ -310,7 +313,11 @@ def fabricate_search(client, uri, root: Path, study: str, rows: list[dict], obje
                 "study": study,
                 "profile_name": "smoke",
                 "profile": PROFILE,
-                "study_config": {"space": SPACE, "objective": objective},
+                "study_config": {
+                    "space": SPACE,
+                    "objective": objective,
+                    "early_stopping": {"enabled": "metrics" not in objective},  # as a study must say
+                },
                 "experiment_id": exp,
                 "parent_run_id": parent,
             }
@@ -324,22 +331,22 @@ def test_build_study_rebuilds_states_params_and_curves():
     import optuna
 
     rows = fabricated_rows()
-    histories = {r["trial_id"]: {1: 50.0, 2: 55.0} for r in rows}
+    histories = {r.trial_id: {1: 50.0, 2: 55.0} for r in rows}
     study = search_report.build_study(
-        rows, SPACE, ["val_acc"], ["max"], histories, order=[r["trial_id"] for r in rows[::-1]]
+        rows, SPACE, ["val_acc"], ["max"], histories, order=[r.trial_id for r in rows[::-1]]
     )
     states = [t.state.name for t in study.trials]
     assert states.count("COMPLETE") == 6 and states.count("PRUNED") == 2 and states.count("FAIL") == 1
-    assert [t.user_attrs["trial_id"] for t in study.trials] == [r["trial_id"] for r in rows[::-1]]
-    best = max((r for r in rows if r["status"] == "completed"), key=lambda r: r["val_acc"])
-    assert study.best_trial.user_attrs["trial_id"] == best["trial_id"]
-    assert study.best_trial.params == {k: best[k] for k in SPACE}
+    assert [t.user_attrs["trial_id"] for t in study.trials] == [r.trial_id for r in rows[::-1]]
+    best = max((r for r in rows if r.status == "completed"), key=lambda r: r.val_acc)
+    assert study.best_trial.user_attrs["trial_id"] == best.trial_id
+    assert study.best_trial.params == {k: best.params[k] for k in SPACE}
     assert study.best_trial.intermediate_values == {1: 50.0, 2: 55.0}
     dists = study.best_trial.distributions
     assert dists["pool_size"] == optuna.distributions.IntDistribution(4, 40, step=2)
     assert dists["lr"].log and dists["prompt_length"].choices == (5, 10, 20)
     # the trainable narrows group_start to the backbone's depth: a value outside the study's range still fits
-    odd = dict(rows[0], trial_id="zz", group_start=1)
+    odd = rows[0].model_copy(update={"trial_id": "zz", "params": {**rows[0].params, "group_start": 1}})
     assert search_report.build_study([odd], SPACE, ["val_acc"], ["max"]).trials[0].params["group_start"] == 1
     multi = search_report.build_study(rows, SPACE, ["val_acc", "val_few_acc"], ["max", "max"])
     assert len(multi.best_trials) >= 1 and all(len(t.values) == 2 for t in multi.best_trials)
@@ -349,7 +356,7 @@ def test_report_cli_rebuilds_a_search_from_mlflow_and_the_table(store, tmp_path,
     folder_db, uri, client = store
     mt.experiment_id(client, "trial_report", uri)
     rows = fabricated_rows()
-    rows[0]["baseline"] = True  # the search's first trial: the profile's values
+    rows[0].baseline = True  # the search's first trial: the profile's values
     parent, folder = fabricate_search(
         client, uri, tmp_path / "runs", "pool_study", rows, {"metric": "val_acc", "mode": "max"}
     )
@@ -401,16 +408,16 @@ def test_report_cli_rebuilds_a_search_from_mlflow_and_the_table(store, tmp_path,
     assert {"trial_id", "status", "pool_size", "val_acc", "mlflow_run_id", "wall_s"} <= set(table[0])
     assert [r["status"] for r in table].count("failed") == 1
     page = (out / "summary.html").read_text()
-    best = next(r for r in rows if r["trial_id"] == client.get_run(parent).data.tags["lpt.best_trial_id"])
+    best = next(r for r in rows if r.trial_id == client.get_run(parent).data.tags["lpt.best_trial_id"])
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
-    assert f"Best trial {best['trial_id']}" in page and "71.25" in page and "88.50" in page and "43.75" in page
-    assert f"<td>{best['pool_size']}</td>" in page and "profile default" in page and "<td>8</td>" in page
-    extra = 4 * 4 * 96 + best["pool_size"] * (2 * 4 * 96 + 96) + 10 * 96
+    assert f"Best trial {best.trial_id}" in page and "71.25" in page and "88.50" in page and "43.75" in page
+    assert f"<td>{best.params['pool_size']}</td>" in page and "profile default" in page and "<td>8</td>" in page
+    extra = 4 * 4 * 96 + best.params["pool_size"] * (2 * 4 * 96 + 96) + 10 * 96
     assert f"{extra:,}</b>" in page and "% of the" in page
     assert page.count("data:image/png;base64,") == 5
     baseline_row = (
-        f"<tr><td>validation, baseline trial t000 (the profile's values)</td><td>{rows[0]['val_acc']:.2f}</td>"
-        f"<td>{rows[0]['val_many_acc']:.2f}</td>"
+        f"<tr><td>validation, baseline trial t000 (the profile's values)</td><td>{rows[0].val_acc:.2f}</td>"
+        f"<td>{rows[0].val_many_acc:.2f}</td>"
     )
     assert baseline_row in page, page
     assert (
@@ -432,14 +439,14 @@ def test_report_cli_rebuilds_a_search_from_mlflow_and_the_table(store, tmp_path,
         }
         | {"confirm_seeds": 5, "confirm_gain_test_acc_mean": 0.5, "confirm_gain_test_acc_low": -0.25}
         | {"confirm_gain_test_acc_high": 1.25},
-        tags={"lpt.confirmed_trial": best["trial_id"], "lpt.confirmation": "not confirmed"},
+        tags={"lpt.confirmed_trial": best.trial_id, "lpt.confirmation": "not confirmed"},
     )
     assert report_cli.main(["--study", "pool_study", "--run-id", parent, "--out", str(out)]) == 0
     page = (out / "summary.html").read_text()
     assert confirm_row in page and "has not been confirmed" not in page
     # confirm metrics exist, the verdict is "not confirmed": the page says so (issue 29)
     assert "<p><b>Not confirmed.</b> On test, over fresh seeds," in page and "[-0.25, 1.25]" in page
-    earlier = next(r["trial_id"] for r in rows if r["trial_id"] != best["trial_id"])
+    earlier = next(r.trial_id for r in rows if r.trial_id != best.trial_id)
     client.set_tag(parent, "lpt.confirmed_trial", earlier)
     assert report_cli.main(["--study", "pool_study", "--run-id", parent, "--out", str(out)]) == 0
     page = (out / "summary.html").read_text()
@@ -451,7 +458,7 @@ def test_report_cli_rebuilds_a_search_from_mlflow_and_the_table(store, tmp_path,
     capsys.readouterr()
 
     # bad input: one line, exit 2
-    trial_run = rows[0]["mlflow_run_id"]
+    trial_run = rows[0].mlflow_run_id
     (folder2 / "trials.parquet").unlink()
     for args, words in (
         (["--study", "nope"], "--study nope: no MLflow experiment"),

@@ -11,7 +11,7 @@ import ray
 
 from tune.config.plan import Plan
 from tune.engine.search_lock import SearchLock, SearchRunning
-from tune.record import save_record
+from tune.record import SearchRecord, save_record
 from tune.search import main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,13 +53,15 @@ def test_a_resume_of_a_running_search_is_one_line_before_ray_starts(tmp_path, ca
     folder.mkdir(parents=True)
     save_record(
         folder,
-        {
-            "name": folder.name,
-            "manifest_hash": plan.manifest_hash,
-            "profile": plan.profile.to_dict(),
-            "study_config": plan.study.to_dict(),
-            "state": "running",
-        },
+        SearchRecord.model_validate(
+            {
+                "name": folder.name,
+                "manifest_hash": plan.manifest_hash,
+                "profile": plan.profile,
+                "study_config": plan.study,
+                "state": "running",
+            }
+        ),
     )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

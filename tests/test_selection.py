@@ -20,6 +20,7 @@ from tune.engine.baseline_gain import validation_gain
 from tune.engine.searcher import make_scheduler
 from tune.errors import ConfigError
 from tune.search import main
+from tune.trial.table import TrialRow
 
 RELEASED = PhaseConfig()  # 90 epochs, 1 warm-up epoch stepped per epoch
 SMOKE = PhaseConfig(epochs=4, warmup="step")  # the smoke profile's phase 2
@@ -251,16 +252,16 @@ def test_validation_that_overlaps_test_is_refused(tmp_path, capsys):
 
 
 def test_the_gain_states_its_noise_floor_and_that_it_is_not_confirmed():
-    best = {
-        "trial_id": "b",
-        "status": "completed",
-        "pool_size": 24,
-        "val_acc": 88.0,
-        "val_many_acc": 95.0,
-        "val_medium_acc": 86.0,
-        "val_few_acc": 70.0,
-    }
-    base = {**best, "trial_id": "a", "pool_size": 20, "val_acc": 86.0, "val_few_acc": 66.0}
+    best = TrialRow(
+        trial_id="b",
+        status="completed",
+        params={"pool_size": 24},
+        val_acc=88.0,
+        val_many_acc=95.0,
+        val_medium_acc=86.0,
+        val_few_acc=70.0,
+    )
+    base = best.model_copy(update={"trial_id": "a", "params": {"pool_size": 20}, "val_acc": 86.0, "val_few_acc": 66.0})
     metrics, lines = validation_gain(best, base, ["pool_size"], 180, 12, "python tune/search.py --resume --confirm 3")
     assert metrics["baseline_val_acc_se"] == pytest.approx(100 * math.sqrt(0.86 * 0.14 / 180))
     assert metrics["gain_val_acc"] == pytest.approx(2.0) and metrics["gain_val_few_acc"] == pytest.approx(4.0)

@@ -11,7 +11,7 @@ from s3_server import start_s3
 
 from tune.errors import ConfigError
 from tune.storage import Location, StorageError
-from tune.trial.table import read_rows, write_table
+from tune.trial.table import TrialRow, read_rows, write_table
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_files_are_published_read_and_listed_through_the_store(s3):
 def test_the_trial_table_round_trips_with_its_metadata_on_the_store(s3):
     path = Location(s3.uri("lpt-unit", "tables")) / "trials.parquet"
     assert read_rows(path) == {}
-    rows = [{"trial_id": "b", "val_acc": 1.0}, {"trial_id": "a", "val_acc": 2.0}]
+    rows = [TrialRow(trial_id="b", status="completed", val_acc=1.0), TrialRow(trial_id="a", status="failed")]
     write_table(rows, path, metadata={"lpt.budget": "{}"})
     assert list(read_rows(path)) == ["a", "b"]
     table = pq.read_table(io.BytesIO(path.read_bytes()))

@@ -288,6 +288,7 @@ def test_input_wait_fraction_is_the_share_of_the_epoch_spent_waiting_for_batches
 
 def test_data_bound_note_names_the_threshold_and_the_knobs():
     from tune.trial import input_wait
+    from tune.trial.table import TrialRow
 
     assert input_wait.trial_note(0.05) == ", input wait 5%"
     assert input_wait.trial_note(0.35) == (
@@ -299,7 +300,8 @@ def test_data_bound_note_names_the_threshold_and_the_knobs():
         "loader": {"num_workers": 2},
         "resources": {"cpu": 4, "gpu": 1},
     }
-    rows = [{"trial_id": f"t{i}", "input_wait_fraction": w} for i, w in enumerate([0.3, 0.4, 0.1])]
+    waited = lambda trial_id, w: TrialRow(trial_id=trial_id, status="completed", input_wait_fraction=w)  # noqa: E731
+    rows = [waited(f"t{i}", w) for i, w in enumerate([0.3, 0.4, 0.1])]
     line, advice = input_wait.summary_lines(rows, profile)
     assert line.startswith("input wait: median 30% of the step time over 3 trials (worst 40%, trial t1")
     assert advice == (
@@ -307,8 +309,8 @@ def test_data_bound_note_names_the_threshold_and_the_knobs():
         "or set data.gpu_decode: true"
     )
     on_device = {**profile, "data": {"name": "places_lt", "gpu_decode": True}}
-    rows = [{"trial_id": "a", "input_wait_fraction": 0.05}, {"trial_id": "b", "input_wait_fraction": 0.25}]
+    rows = [waited("a", 0.05), waited("b", 0.25)]
     assert input_wait.summary_lines(rows, on_device)[1].endswith("resources.cpu per trial (now 4)")
-    assert input_wait.summary_lines([{"trial_id": "a", "input_wait_fraction": 0.01}], profile) == [
+    assert input_wait.summary_lines([waited("a", 0.01)], profile) == [
         "input wait: median 1% of the step time over 1 trials (worst 1%, trial a; data-bound above 20%)"
     ]

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from tune import tracking as mt
     from tune.config.checks import check_model_name
     from tune.report import BadInput, find_parent, search_folder
-    from tune.serving.registry import NothingToRegister, RegisterError, register_finished_search
+    from tune.serving.registry import register_and_print
 
     study = Path(args.study).stem if args.study.endswith((".yaml", ".yml")) else args.study
     try:
@@ -75,11 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = search_folder(run, args.storage)
     except BadInput as exc:
         return fail(exc, EXIT_BAD_INPUT)
-    try:
-        print(f"model: {register_finished_search(client, uri, run, folder, args.name or None)}")
-    except RegisterError as exc:
-        return fail(exc, EXIT_BAD_INPUT if isinstance(exc, NothingToRegister) else EXIT_FAILED)
-    return 0
+    return register_and_print(client, uri, run, folder, args.name or None)
 
 
 if __name__ == "__main__":

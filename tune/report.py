@@ -146,12 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, why in built["skipped"].items():
         print(f"  ({name}: not drawn, {why})")
     if args.register is not None:
-        from tune.serving.registry import NothingToRegister, RegisterError, register_finished_search
+        from tune.serving.registry import register_and_print
 
-        try:
-            print(f"model: {register_finished_search(client, uri, run, folder, args.register)}")
-        except RegisterError as exc:
-            return fail(exc, EXIT_BAD_INPUT if isinstance(exc, NothingToRegister) else EXIT_FAILED)
+        return register_and_print(client, uri, run, folder, args.register)
     return 0
 
 

@@ -43,13 +43,15 @@ class TrackingGuard:
             try:
                 check_tracking_uri(self.uri, timeout_s=5)
             except ServiceError as exc:
-                return self._record(what, trial, exc, skipped=True)
+                self._record(what, trial, exc, skipped=True)
+                return None
             self.down = False
         try:
             return fn(*args, **kwargs)
         except TRACKING_ERRORS as exc:
             self.down = True
-            return self._record(what, trial, exc)
+            self._record(what, trial, exc)
+            return None
 
     def _record(self, what: str, trial: str | None, exc: BaseException, skipped: bool = False) -> None:
         line = error_line(exc)[:300]

@@ -1,7 +1,8 @@
 """A search's cost in GPU-hours (or CPU-core-hours) and the budget that caps it.
 
 Spent = the wall time of each trial x its ``resources.gpu`` (``resources.cpu`` for CPU-core-hours),
-plus each phase-1 training up front x the same resources (``record["phase1_task_s"]``). A study's
+plus each phase-1 training up front and each ``--confirm`` seed x the same resources
+(``SearchRecord.phase1_task_s``, ``confirm_task_s``). A study's
 ``budget.gpu_hours`` or ``budget.cpu_hours`` caps it (``--gpu-hours`` / ``--cpu-hours``, or
 ``--set budget.gpu_hours=...``): a trial starts only while the hours spent, the hours the running
 trials will still take to their last epoch (at the pace each has measured), and the hours of one
@@ -10,8 +11,11 @@ profile's ``images_per_s``) fit in the budget. Once they no longer fit, no new t
 running ones finish (``on_exhausted: finish``) or stop at their next epoch when the hours are
 spent (``stop``). A trial the budget kept from starting is no trial at all: no row, no failure.
 
-``SpendLedger`` does the accounting from the search folder (``search.json``, ``trials.parquet``)
-and the results Tune reports; ``tune.engine.budget_gate`` holds the Ray Tune pieces built on it. The dry
+The budget is one story in three modules: this one plans it (the limit, the measures, the dry run's
+estimates, what ``--resume`` may change); ``tune.engine.budget_ledger.SpendLedger`` is the one
+place that says what a search has spent (from ``search.json``, ``trials.parquet`` and the results
+Tune reports; ``--confirm`` seeds included); ``tune.engine.budget_gate`` holds the Ray Tune pieces
+that ask the ledger whether a trial may start or must stop. The dry
 run's lines (``plan_lines``) use ASHA's rungs (``early_stopping.asha_rungs``) for the count ASHA's
 early stops let it pay for.
 This module imports no Ray: a dry run checks and describes a budget without it.
@@ -165,3 +169,19 @@ def given_budget(overrides: list[str]) -> dict:
         if keys[0] == "budget" and keys[1:] and keys[1] in BUDGET_KEYS:
             given[keys[1]] = value
     return given
+
+
+def resumed_budget(study: StudyConfig, stored: Budget, given: dict) -> None:
+    """``--resume`` keeps the search's budget (``stored``: its study's ``budget``) but for the keys
+    this command line gives; sets them in ``study``, checked like a study file's."""
+    from lpt_core.config import validate
+    from tune.config.study import Budget
+
+    budget = {k: v for k, v in study.budget.model_dump(exclude_none=True).items() if k not in BUDGET_KEYS}
+    budget.update({k: getattr(stored, k) for k in BUDGET_KEYS if getattr(stored, k) is not None})
+    budget.update(given)
+    try:
+        checked = validate(Budget, {k: v for k, v in budget.items() if v is not None}, "budget")
+    except ValueError as exc:
+        raise ConfigError(f"--resume: {exc}") from None
+    study.budget = checked

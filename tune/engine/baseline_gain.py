@@ -12,19 +12,20 @@ import math
 from tune.config.study import SHOT_KEYS
 from tune.config.validation import SE_METRIC, binomial_se
 from tune.reports.lines import shots, with_se
-from tune.trial.table import COMPLETED
+from tune.trial.table import COMPLETED, TrialRow
 
 
-def baseline_row(rows: list[dict]) -> dict | None:
-    return next((r for r in rows if r.get("baseline")), None)
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def baseline_row(rows: list[TrialRow]) -> TrialRow | None:
+    return next((r for r in rows if r.baseline), None)
 
 
 def validation_gain(
-    best: dict, baseline: dict | None, params: list[str], val_images: int, trials: int, confirm_command: str | None
+    best: TrialRow,
+    baseline: TrialRow | None,
+    params: list[str],
+    val_images: int,
+    trials: int,
+    confirm_command: str | None,
 ) -> tuple[dict, list[str]]:
     """Parent-run metrics and summary lines of the baseline's validation accuracy (with one
     binomial standard error on ``val_images``) and the best trial's gain over it (points), when
@@ -33,29 +34,30 @@ def validation_gain(
     the best of ``trials`` was selected on."""
     if baseline is None:
         return {}, []
-    head = f"baseline trial {baseline['trial_id']} (the profile's values): " + ", ".join(
-        f"{p}={baseline[p]}" for p in params
+    head = f"baseline trial {baseline.trial_id} (the profile's values): " + ", ".join(
+        f"{p}={baseline.params.get(p)}" for p in params
     )
-    if baseline["status"] != COMPLETED:
-        why = baseline.get("error") or f"{baseline['status'].replace('_', ' ')} at epoch {baseline['epochs']}"
+    if baseline.status != COMPLETED:
+        why = baseline.error or f"{baseline.status.replace('_', ' ')} at epoch {baseline.epochs}"
         return {}, [head, f"  {why}: no gain to report"]
-    metrics = {f"baseline_val_{k}": baseline[f"val_{k}"] for k in SHOT_KEYS if _finite(baseline.get(f"val_{k}"))}
-    metrics[f"baseline_{SE_METRIC}"] = binomial_se(baseline["val_acc"], val_images)
+    base, top = baseline.metrics(), best.metrics()
+    metrics = {f"baseline_val_{k}": base[f"val_{k}"] for k in SHOT_KEYS if math.isfinite(base[f"val_{k}"])}
+    metrics[f"baseline_{SE_METRIC}"] = binomial_se(baseline.val_acc, val_images)
     metrics.update(
         {
-            f"gain_val_{k}": best[f"val_{k}"] - baseline[f"val_{k}"]
+            f"gain_val_{k}": top[f"val_{k}"] - base[f"val_{k}"]
             for k in SHOT_KEYS
-            if _finite(best.get(f"val_{k}")) and f"baseline_val_{k}" in metrics
+            if math.isfinite(top[f"val_{k}"]) and f"baseline_val_{k}" in metrics
         }
     )
-    if baseline["trial_id"] == best["trial_id"]:  # every gain is 0
+    if baseline.trial_id == best.trial_id:  # every gain is 0
         return metrics, [
-            f"baseline trial {baseline['trial_id']}: the best trial is the baseline (the profile's "
+            f"baseline trial {baseline.trial_id}: the best trial is the baseline (the profile's "
             "values); no config of the search beat it"
         ]
     lines = [
         head,
-        "  validation: " + with_se(baseline, val_images),
+        "  validation: " + with_se(base, val_images),
         "  gain of the best: " + shots(metrics, "gain_val_", "{:+.2f}", " points"),
     ]
     if confirm_command is not None:

@@ -1,4 +1,5 @@
-"""The cost budget's pieces in a Ray Tune run (the accounting: ``tune.engine.budget_ledger.SpendLedger``).
+"""The cost budget's pieces in a Ray Tune run; each asks ``tune.engine.budget_ledger.SpendLedger``,
+the one place that says what the search has spent (the plan and the limit: ``tune.config.budget``).
 
 ``BudgetSearcher`` wraps the search's searcher and keeps trials from starting, ``BudgetStopper``
 stops running ones (``on_exhausted: stop``), ``BudgetMeter`` gives the progress line its figure.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 
 import numpy as np
 import ray
@@ -29,7 +30,7 @@ from tune.config.study import SHOT_KEYS
 from tune.engine import test_exposure as exposure
 from tune.engine.tuner import on_resources
 from tune.trial.setup import SearchSetup
-from tune.trial.table import COMPLETED
+from tune.trial.table import COMPLETED, TrialRow
 from tune.trial.trainable import confirm_seed
 
 DEFAULT_SEEDS = 5  # what the "not confirmed" lines suggest
@@ -168,17 +169,24 @@ def _row(metrics: dict, prefix: str, fmt: str) -> str:
     return ", ".join(shown)
 
 
+def timed_confirm_seed(setup: SearchSetup, config: dict, seed: int) -> tuple[dict, float]:
+    """``confirm_seed`` and the task's wall seconds (what the cost budget counts)."""
+    started = time.perf_counter()
+    return confirm_seed(setup, config, seed), time.perf_counter() - started
+
+
 def confirm(
-    plan, setup: SearchSetup, best_id: str, config: dict, baseline: dict | None, n: int
-) -> tuple[dict, dict, list[str]]:
+    plan, setup: SearchSetup, best_id: str, config: dict, baseline: TrialRow | None, n: int
+) -> tuple[dict, dict, list[str], float]:
     """Retrain the best config (trial ``best_id``), and the baseline's when it ran every epoch and
     is another config, with the same ``n`` fresh seeds (all at once, as Ray tasks); both go into
-    the test-exposure ledger. Returns ``confirm_summary``'s metrics, tags and lines."""
+    the test-exposure ledger. Returns ``confirm_summary``'s metrics, tags and lines, and the
+    seeds' wall seconds summed (``budget_ledger.add_confirmation``)."""
     seeds = [plan.profile.seed + 1000 + i for i in range(n)]
     configs = {"best": config}
     base = (
-        {p: baseline[p] for p in plan.study.space.params()}
-        if baseline is not None and baseline["status"] == COMPLETED
+        {p: baseline.params[p] for p in plan.study.space.params()}
+        if baseline is not None and baseline.status == COMPLETED
         else None
     )
     if base is not None and base != config:
@@ -187,13 +195,15 @@ def confirm(
         f"confirming the best config{' and the baseline' if len(configs) > 1 else ''} with seeds {seeds} ...",
         flush=True,
     )
-    task = on_resources(confirm_seed, plan.profile)
+    task = on_resources(timed_confirm_seed, plan.profile)
     pending = {name: [task.remote(setup, c, s) for s in seeds] for name, c in configs.items()}
-    results: dict = {name: ray.get(refs) for name, refs in pending.items()}
+    timed = {name: ray.get(refs) for name, refs in pending.items()}
+    results: dict = {name: [out for out, _ in runs] for name, runs in timed.items()}
+    seconds = sum(s for runs in timed.values() for _, s in runs)
     results["no_baseline"] = base is None
     key = objective_of(plan.study.objective)[0][0].removeprefix("val_")
     metrics, tags, lines = confirm_summary(results, plan.data.shot_counts, plan.profile.shot_split, key)
-    tested = [best_id, *([baseline["trial_id"]] if "baseline" in configs and baseline is not None else [])]
+    tested = [best_id, *([baseline.trial_id] if "baseline" in configs and baseline is not None else [])]
     ledger = exposure.expose(MlflowClient(setup.tracking_uri), setup.parent_run_id, tested)
     lines[0] = f"{lines[0].removesuffix(':')}; {exposure.seen(ledger)}:"
-    return metrics, tags, lines
+    return metrics, tags, lines, seconds

@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 from ray.tune import Callback
 
@@ -30,6 +31,7 @@ from tune.engine.database import CONNECT_ARGS, DatabaseUnavailable, waiting
 from tune.engine.database import unreachable as unreachable  # known from here too
 from tune.errors import ConfigError
 from tune.names import OPTUNA_FILE
+from tune.record import SearchRecord
 from tune.storage import Location, location, work_dir
 
 POOL_SIZE, MAX_OVERFLOW = 2, 3  # at most 5 connections per driver (scripts/connection_budget.py)
@@ -81,16 +83,16 @@ def publish_copy(folder: Location, url: str) -> None:
         (folder / OPTUNA_FILE).upload(copy)
 
 
-def fetch_copy(folder: Location, record: dict) -> None:
+def fetch_copy(folder: Location, record: SearchRecord) -> None:
     """Before a search on object storage resumes with an SQLite study: this machine's working copy
     (the published one when this machine has none), and the record's URL pointing at it."""
     folder = location(folder)
-    if folder.is_local or not record.get("optuna_storage", "").startswith("sqlite"):
+    if folder.is_local or not record.optuna_storage.startswith("sqlite"):
         return
     local = sqlite_file(folder)
     if not local.is_file() and (folder / OPTUNA_FILE).is_file():
         (folder / OPTUNA_FILE).download(local)
-    record["optuna_storage"] = storage_url(folder)
+    record.optuna_storage = storage_url(folder)
 
 
 class PublishCopy(Callback):
@@ -197,7 +199,7 @@ for _name in sorted(
 
 def search_study(storage: optuna.storages.BaseStorage, name: str, modes: list[str]) -> optuna.Study:
     """The search's study, created on first use."""
-    directions = ["maximize" if m == "max" else "minimize" for m in modes]
+    directions = [StudyDirection.MAXIMIZE if m == "max" else StudyDirection.MINIMIZE for m in modes]
     return optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True)
 
 

@@ -20,6 +20,8 @@ import time
 from ray import tune
 from ray.tune.experiment import Trial
 
+from tune.trial.table import TrialRow
+
 INTERVAL_S = float(os.environ.get("LPT_PROGRESS_S", "30"))
 
 
@@ -38,18 +40,20 @@ class SearchProgress(tune.Callback):
         metric: str,
         mode: str,
         params: list[str],
-        prior: list[dict] = (),
+        prior: list[TrialRow] | tuple[()] = (),
         interval_s: float = INTERVAL_S,
         meter=None,
     ):
         """``budget``: trials of the whole search; ``prior``: table rows of its earlier Tune runs;
         ``meter``: a ``budget.BudgetMeter`` (the hours spent), or None."""
         self.budget, self.epochs, self.metric, self.mode, self.params = budget, epochs, metric, mode, params
-        self.prior = [
-            {"status": r["status"], "value": r.get(metric), "config": {p: r.get(p) for p in params}} for r in prior
+        # (status, objective value, config) of each earlier row: pickled with the callback (Tuner.restore)
+        self.prior: list[tuple[str, float, dict]] = [
+            (r.status, r.metric(metric), {p: r.params.get(p) for p in params}) for r in prior
         ]
         self.interval_s, self.meter = interval_s, meter
-        self.started = self.last = None
+        self.started: float | None = None
+        self.last: float | None = None
         self.epochs_at_start: int | None = None  # a resumed search: epochs that ran before this driver
         self.best_seen: tuple[float, dict] | None = None
 
@@ -70,7 +74,7 @@ class SearchProgress(tune.Callback):
             for t in trials
             if t.status in (Trial.TERMINATED, Trial.ERROR) or t.trial_id in ending
         ]
-        ended += [{"completed": "completed", "failed": "failed"}.get(r["status"], "stopped") for r in self.prior]
+        ended += [status if status in ("completed", "failed") else "stopped" for status, _, _ in self.prior]
         completed, stopped, failed = (ended.count(k) for k in ("completed", "stopped", "failed"))
         cost = self.meter.text(trials, now) if self.meter is not None else None  # brings its ledger up to date
         pending = max(0, self.budget - len(ended) - len(running))
@@ -114,7 +118,7 @@ class SearchProgress(tune.Callback):
             if (t.status == Trial.TERMINATED or t.trial_id in ending)
             and self.outcome(t, epochs_of.get(t.trial_id, 0), ending.get(t.trial_id)) == "completed"
         ]
-        done += [(r["value"], r["config"]) for r in self.prior if r["status"] == "completed"]
+        done += [(value, config) for status, value, config in self.prior if status == "completed"]
         scored = [(float(v), c) for v, c in done if isinstance(v, (int, float)) and math.isfinite(v)]
         return max(scored, key=lambda s: sign * s[0]) if scored else None
 
@@ -124,7 +128,7 @@ class SearchProgress(tune.Callback):
         completed. It never gets worse: a trial's later epoch may report less than an earlier one did."""
         sign = 1 if self.mode == "max" else -1
         seen = [((t.last_result or {}).get(self.metric), t.config) for t in trials]
-        seen += [(r["value"], r["config"]) for r in self.prior]
+        seen += [(value, config) for _, value, config in self.prior]
         scored = [(float(v), c) for v, c in seen if isinstance(v, (int, float)) and math.isfinite(v)]
         scored += [self.best_seen] if self.best_seen else []
         self.best_seen = max(scored, key=lambda s: sign * s[0]) if scored else None
@@ -140,7 +144,7 @@ class SearchProgress(tune.Callback):
         remaining = pending * self.epochs + sum(
             max(0, self.epochs - epochs_of[t.trial_id]) for t in trials if t.status == Trial.RUNNING
         )
-        return remaining * (now - self.started) / ran
+        return remaining * (now - (self.started or now)) / ran  # line() sets started first
 
     # ----------------------------------------------------------------------------- Tune's hooks
     def _show(self, trials: list[Trial], ending: dict | None = None) -> None:

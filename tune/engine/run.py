@@ -27,7 +27,7 @@ from tune.engine.tuner import QUIET_ENV, check_resources, make_tuner, new_search
 from tune.engine.wrap_up import collect_rows, optuna_address, stop_interrupted, ui_address, wrap_up
 from tune.errors import error_line
 from tune.names import TABLE_FILE
-from tune.record import FINISHED, INTERRUPTED_STATE, RUNNING, save_record
+from tune.record import FINISHED, INTERRUPTED_STATE, RUNNING, RunPart, SearchRecord, save_record
 from tune.storage import Location
 from tune.trial.table import COMPLETED, read_rows
 
@@ -53,14 +53,14 @@ def run_search(plan, args, uri: str, address: str | None) -> int:
             ray.shutdown()
 
 
-def run_on_ray(plan, args, uri: str, resumed: tuple[Location, dict, str] | None, lock: SearchLock) -> int:
+def run_on_ray(plan, args, uri: str, resumed: tuple[Location, SearchRecord, str] | None, lock: SearchLock) -> int:
     os.environ.update(QUIET_ENV)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
     client = MlflowClient(uri)
     folder, record, mode = resumed or new_search(plan, client, uri, lock)
     fetch_copy(folder, record)  # a search on object storage resumed on another machine: its SQLite study
     keep_optuna_study(plan, client, folder, record)
-    parent_id = record["parent_run_id"]
+    parent_id = record.parent_run_id
     budget = plan.study.budget.trials
     metrics, modes = objective_of(plan.study.objective)
     setup = search_setup(plan, folder, record, uri)
@@ -74,39 +74,39 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Location, dict, str] | None,
         client.update_run(parent_id, status="RUNNING")
     ledger.keep_in_record(record, plan.study, plan.trial_estimate_s())  # --resume may raise the budget
     client.set_tag(parent_id, names.BUDGET, cost.budget_tag(plan.study))
-    save_record(folder, {**record, "state": RUNNING})
+    save_record(folder, record.model_copy(update={"state": RUNNING}))  # its own state read below
     started = time.time()
     grids, rows, registered = [], [], False
     with StopSignals() as stop:
         try:
             _, phase1_s = train_up_front(plan, setup, client, on_resources)  # the trials then only read the cache
             ledger.add_phase1(record, phase1_s)
-            save_record(folder, {**record, "state": RUNNING})
-            if mode == "new" or record.get("state") != FINISHED:  # the last Tune run, new or unfinished
+            save_record(folder, record.model_copy(update={"state": RUNNING}))
+            if mode == "new" or record.state != FINISHED:  # the last Tune run, new or unfinished
                 grids.append(
                     stop.fit(
                         make_tuner(
                             plan,
                             folder,
-                            record["runs"][-1],
+                            record.runs[-1],
                             setup,
                             client,
                             restore=mode != "new",
                             record=record,
-                            budget=record["study_config"]["budget"]["trials"],
+                            budget=record.study_config.budget.trials,
                         )
                     )
                 )
             if mode == "extend" and not stop.received:
                 done = list(read_rows(folder / TABLE_FILE))
                 extra = budget - len(done)  # a search its cost budget ended has trials left of its own
-                record["runs"].append({"dir": f"extend-{len(record['runs'])}", "trials": extra, "rows_before": done})
-                record["study_config"] = plan.study.to_dict()
+                record.runs.append(RunPart(dir=f"extend-{len(record.runs)}", trials=extra, rows_before=done))
+                record.use_study(plan.study)
                 tracking_guard.for_search(folder, uri).attempt(
                     "log the extension",
                     client.log_param,
                     parent_id,
-                    f"trials_after_extension_{len(record['runs']) - 1}",
+                    f"trials_after_extension_{len(record.runs) - 1}",
                     budget,
                 )
                 save_record(folder, record)
@@ -114,7 +114,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Location, dict, str] | None,
                 grids.append(
                     stop.fit(
                         make_tuner(
-                            plan, folder, record["runs"][-1], setup, client, restore=False, budget=budget, record=record
+                            plan, folder, record.runs[-1], setup, client, restore=False, budget=budget, record=record
                         )
                     )
                 )
@@ -122,7 +122,7 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Location, dict, str] | None,
             if stop.received:
                 return stop_interrupted(plan, args, client, folder, record, rows, stop.received)
             registered = wrap_up(plan, args, setup, client, folder, record, rows, metrics, modes, time.time() - started)
-            save_record(folder, {**record, "state": FINISHED})
+            save_record(folder, record.model_copy(update={"state": FINISHED}))
         except KeyboardInterrupt:
             return stop_interrupted(
                 plan,
@@ -135,9 +135,9 @@ def run_on_ray(plan, args, uri: str, resumed: tuple[Location, dict, str] | None,
             )
         except Exception as exc:
             tracking_guard.for_search(folder, uri).attempt("end the parent run", mt.fail_run, client, parent_id, exc)
-            save_record(folder, {**record, "state": INTERRUPTED_STATE})
+            save_record(folder, record.model_copy(update={"state": INTERRUPTED_STATE}))
             print(f"error: the search failed: {error_line(exc)}", file=sys.stderr)
             return 1
         finally:
-            publish_copy(folder, record["optuna_storage"])
-    return 0 if registered and any(r["status"] == COMPLETED for r in rows) else 1
+            publish_copy(folder, record.optuna_storage)
+    return 0 if registered and any(r.status == COMPLETED for r in rows) else 1

@@ -29,7 +29,7 @@ from tune.engine.search_lock import SearchLock
 from tune.engine.searcher import enqueue_baseline, make_scheduler, make_searcher
 from tune.errors import ConfigError
 from tune.names import TABLE_FILE
-from tune.record import RUNNING, save_record
+from tune.record import RUNNING, RunPart, SearchRecord, save_record
 from tune.storage import Location
 from tune.tracking_retry import apply_retry_settings
 from tune.trial.setup import SearchSetup
@@ -68,7 +68,7 @@ def start_ray(address: str | None) -> None:
         )
 
 
-def new_search(plan, client: MlflowClient, uri: str, lock: SearchLock) -> tuple[Location, dict, str]:
+def new_search(plan, client: MlflowClient, uri: str, lock: SearchLock) -> tuple[Location, SearchRecord, str]:
     """A new search folder (``lock`` taken on it before its record exists), its parent run and its record."""
     prefix = f"{plan.study_name}-{plan.profile_name}"
     name = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -98,19 +98,19 @@ def new_search(plan, client: MlflowClient, uri: str, lock: SearchLock) -> tuple[
             "manifest_hash": plan.manifest_hash,
         },
     )
-    record = {
-        "name": name,
-        "study": plan.study_name,
-        "profile_name": plan.profile_name,
-        "profile": plan.profile.to_dict(),
-        "study_config": study,
-        "manifest_hash": plan.manifest_hash,
-        "experiment_id": exp_id,
-        "parent_run_id": parent.info.run_id,
-        "tracking_uri": uri,
-        "state": RUNNING,
-        "runs": [{"dir": ".", "trials": b.trials, "rows_before": []}],
-    }
+    record = SearchRecord(
+        name=name,
+        study=plan.study_name,
+        profile_name=plan.profile_name,
+        profile=plan.profile,
+        study_config=plan.study,
+        manifest_hash=plan.manifest_hash,
+        experiment_id=exp_id,
+        parent_run_id=parent.info.run_id,
+        tracking_uri=uri,
+        state=RUNNING,
+        runs=[RunPart(dir=".", trials=b.trials, rows_before=[])],
+    )
     save_record(folder, record)
     with tempfile.TemporaryDirectory() as tmp:
         profile_file = Path(tmp) / names.PROFILE_FILE
@@ -123,16 +123,16 @@ def new_search(plan, client: MlflowClient, uri: str, lock: SearchLock) -> tuple[
 def make_tuner(
     plan,
     folder: Location,
-    run: dict,
+    run: RunPart,
     setup: SearchSetup,
     client: MlflowClient,
     restore: bool,
     budget: int,
-    record: dict,
+    record: SearchRecord,
 ) -> tune.Tuner:
-    """The Tuner of one Tune run of the search: the first (``run["dir"] == "."``, the search folder
+    """The Tuner of one Tune run of the search: the first (``run.dir == "."``, the search folder
     itself) or an extension (``extend-N`` inside it). Every run's sampler works on the search's
-    one Optuna study (``record["optuna_study"]``), so an extension starts from every earlier trial.
+    one Optuna study (``record.optuna_study``), so an extension starts from every earlier trial.
     ``restore`` continues the run's unfinished trials from their checkpoints."""
     study, profile = plan.study, plan.profile
     metrics, modes = objective_of(study.objective)
@@ -140,7 +140,7 @@ def make_tuner(
         tune.with_parameters(run_trial, setup=setup), {"cpu": profile.resources.cpu, "gpu": profile.resources.gpu}
     )
     epochs = plan.phase2.epochs
-    path = folder if run["dir"] == "." else folder / run["dir"]
+    path = folder if run.dir == "." else folder / run.dir
     table_path = folder / TABLE_FILE
     tune_path, tune_fs = path.tune_storage()  # Tune's own folder, on the search's filesystem
     if restore:
@@ -150,8 +150,8 @@ def make_tuner(
             )
         print(f"{path}: the search stopped before Tune saved its state; starting its trials again", flush=True)
         earlier = read_rows(table_path)  # keep the rows of earlier runs; this run's trials run again
-        write_table([r for tid, r in earlier.items() if tid in run["rows_before"]], table_path)
-    prior = [r for tid, r in read_rows(table_path).items() if tid in run["rows_before"]]
+        write_table([r for tid, r in earlier.items() if tid in run.rows_before], table_path)
+    prior = [r for tid, r in read_rows(table_path).items() if tid in run.rows_before]
     params = list(study.space.params())
     stopper = gate.BudgetStopper(folder)  # the budget's pieces read the search folder (and again when restored)
     table = TrialTable(
@@ -167,8 +167,8 @@ def make_tuner(
         stopper,
     )
     progress = SearchProgress(budget, epochs, metrics[0], modes[0], params, prior, meter=gate.BudgetMeter(folder))
-    storage = open_storage(record["optuna_storage"])
-    ot_study = search_study(storage, record["optuna_study"], modes)
+    storage = open_storage(record.optuna_storage)
+    ot_study = search_study(storage, record.optuna_study, modes)
     fail_unfinished(ot_study)  # trials of a run that starts again
     if study.baseline.enabled:
         enqueue_baseline(ot_study, baseline_config(study.space, profile.model, profile.phase2))
@@ -181,7 +181,7 @@ def make_tuner(
         modes,
         sampler_settings(study, budget),
         storage=storage,
-        study_name=record["optuna_study"],
+        study_name=record.optuna_study,
         seed_offset=len(prior),
     )
     run_config = tune.RunConfig(
@@ -190,7 +190,7 @@ def make_tuner(
         storage_filesystem=tune_fs,
         failure_config=tune.FailureConfig(max_failures=study.budget.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[table, progress, PublishCopy(folder, record["optuna_storage"])],
+        callbacks=[table, progress, PublishCopy(folder, record.optuna_storage)],
         stop=stopper,
         verbose=0,
     )
@@ -200,7 +200,7 @@ def make_tuner(
         tune_config=tune.TuneConfig(
             search_alg=gate.BudgetSearcher(searcher, folder),
             scheduler=make_scheduler(study, plan.phase2, metrics[0], modes[0], len(plan.data.val)),
-            num_samples=run["trials"],
+            num_samples=run.trials,
         ),
     )
 
@@ -210,10 +210,10 @@ def on_resources(fn, profile: ProfileConfig):
     return ray.remote(num_cpus=r.cpu, num_gpus=r.gpu, max_retries=2)(fn)
 
 
-def pareto(record: dict) -> list[str]:
+def pareto(record: SearchRecord) -> list[str]:
     """The Tune trial ids of the Pareto front: Optuna's ``best_trials`` of the search's study (its
     trials that ran every epoch; those ASHA stopped are PRUNED)."""
-    study = optuna.load_study(study_name=record["optuna_study"], storage=open_storage(record["optuna_storage"]))
+    study = optuna.load_study(study_name=record.optuna_study, storage=open_storage(record.optuna_storage))
     return sorted(
         t.user_attrs[names.OPTUNA_TRIAL_ID] for t in study.best_trials if names.OPTUNA_TRIAL_ID in t.user_attrs
     )
@@ -235,7 +235,7 @@ def check_resources(resources: Resources, local: bool) -> None:
     print(f"warning: {message}; trials wait until such a node joins", flush=True)
 
 
-def search_setup(plan, folder: Location, record: dict, uri: str) -> SearchSetup:
+def search_setup(plan, folder: Location, record: SearchRecord, uri: str) -> SearchSetup:
     return SearchSetup(
         profile_name=plan.profile_name,
         profile=plan.profile,
@@ -243,7 +243,7 @@ def search_setup(plan, folder: Location, record: dict, uri: str) -> SearchSetup:
         search_dir=folder.uri,
         cache_dir=(plan.storage / names.PHASE1_CACHE).uri,
         tracking_uri=uri,
-        experiment_id=record["experiment_id"],
-        parent_run_id=record["parent_run_id"],
+        experiment_id=record.experiment_id,
+        parent_run_id=record.parent_run_id,
         metrics=tuple(objective_of(plan.study.objective)[0]),
     )

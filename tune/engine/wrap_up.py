@@ -5,7 +5,6 @@ ends (the summary and the parent run's ``lpt.tracking_failures`` say what)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -24,7 +23,7 @@ from tune.engine.baseline_gain import baseline_row, validation_gain
 from tune.engine.confirmation import DEFAULT_SEEDS, confirm
 from tune.engine.tuner import on_resources, pareto
 from tune.names import TABLE_FILE
-from tune.record import INTERRUPTED_STATE, save_record
+from tune.record import INTERRUPTED_STATE, SearchRecord, save_record
 from tune.reports.lines import shot_line, with_se
 from tune.reports.search import log_search_report
 from tune.serving.registry import RegisterError, model_name, register_best
@@ -35,6 +34,7 @@ from tune.trial.table import (
     BUDGET_STOPPED,
     FAILED,
     INTERRUPTED,
+    TrialRow,
     best_row,
     close_lost_runs,
     close_trial_run,
@@ -49,17 +49,17 @@ from tune.trial.table import (
 from tune.trial.trainable import evaluate_prompts
 
 
-def collect_rows(plan, client: MlflowClient, folder: Location, grids: list, interrupted: bool) -> list[dict]:
+def collect_rows(plan, client: MlflowClient, folder: Location, grids: list, interrupted: bool) -> list[TrialRow]:
     """The table's rows, plus a row for each trial that ended without one: the search was killed
     right after it, or (``interrupted``) it was still running when the search stopped."""
-    rows = read_rows(folder / TABLE_FILE)
+    by_id = read_rows(folder / TABLE_FILE)
     epochs = plan.phase2.epochs
     for grid in grids:
         for result in grid:
             tid = (result.metrics or {}).get("trial_id")
-            if tid and tid not in rows:
+            if tid and tid not in by_id:
                 error = last_line(result.error) if result.error and not interrupted else None
-                rows[tid] = trial_row(
+                by_id[tid] = row = trial_row(
                     tid,
                     result.config or {},
                     list(plan.study.space.params()),
@@ -69,32 +69,32 @@ def collect_rows(plan, client: MlflowClient, folder: Location, grids: list, inte
                     interrupted=interrupted,
                     resources=plan.profile.resources,
                 )
-                if rows[tid]["status"] != INTERRUPTED:  # it ended, but its end reached no callback
+                if row.status != INTERRUPTED:  # it ended, but its end reached no callback
                     guard = tracking_guard.for_search(folder, client.tracking_uri)
-                    guard.attempt("close its run", close_trial_run, client, rows[tid], trial=tid)
-    ended = list(rows.values())
-    write_table(ended, folder / TABLE_FILE)
-    return ended
+                    guard.attempt("close its run", close_trial_run, client, row, trial=tid)
+    rows = list(by_id.values())
+    write_table(rows, folder / TABLE_FILE)
+    return rows
 
 
 def stop_interrupted(
-    plan, args, client: MlflowClient, folder: Location, record: dict, rows: list[dict], signal_name: str
+    plan, args, client: MlflowClient, folder: Location, record: SearchRecord, rows: list[TrialRow], signal_name: str
 ) -> int:
     """A stopped search: its unfinished trials' runs and the parent run end KILLED, the record
     says ``interrupted``, and one line says how to continue."""
     guard = tracking_guard.for_search(folder, client.tracking_uri)
-    for row in (r for r in rows if r["status"] == INTERRUPTED):
-        guard.attempt("end its run as interrupted", _kill_trial_run, client, record, row, trial=row["trial_id"])
+    for row in (r for r in rows if r.status == INTERRUPTED):
+        guard.attempt("end its run as interrupted", _kill_trial_run, client, record, row, trial=row.trial_id)
     write_table(rows, folder / TABLE_FILE)
     tags = {names.INTERRUPTED_BY: signal_name, **_failures_tag(guard)}
-    parent = record["parent_run_id"]
+    parent = record.parent_run_id
     guard.attempt("end the parent run", mt.log, client, parent, metrics=ledger.search_spent(record, rows), tags=tags)
     guard.attempt("end the parent run", client.set_terminated, parent, "KILLED")
-    save_record(folder, {**record, "state": INTERRUPTED_STATE})
+    save_record(folder, record.model_copy(update={"state": INTERRUPTED_STATE}))
     counts = status_counts(rows)
     ended = sum(counts.values()) - counts[INTERRUPTED]
     print(
-        f"interrupted ({signal_name}): {ended} of {record['study_config']['budget']['trials']} trials ended, "
+        f"interrupted ({signal_name}): {ended} of {record.study_config.budget.trials} trials ended, "
         f"{counts[INTERRUPTED]} stopped mid-way keep their last epoch; continue with: "
         f"{resume_command(args)}",
         file=sys.stderr,
@@ -103,10 +103,11 @@ def stop_interrupted(
     return EXIT_INTERRUPTED
 
 
-def _kill_trial_run(client: MlflowClient, record: dict, row: dict) -> None:
-    if find_trial_run(client, row, (record["experiment_id"], record["parent_run_id"])):
-        client.set_tag(row["mlflow_run_id"], names.STATUS, INTERRUPTED)
-        client.set_terminated(row["mlflow_run_id"], "KILLED")
+def _kill_trial_run(client: MlflowClient, record: SearchRecord, row: TrialRow) -> None:
+    run_id = find_trial_run(client, row, (record.experiment_id, record.parent_run_id))
+    if run_id:
+        client.set_tag(run_id, names.STATUS, INTERRUPTED)
+        client.set_terminated(run_id, "KILLED")
 
 
 def _failures_tag(guard: tracking_guard.TrackingGuard) -> dict[str, str]:
@@ -125,11 +126,11 @@ def ui_address(uri: str) -> str:
     return uri
 
 
-def optuna_address(record: dict) -> str:
+def optuna_address(record: SearchRecord) -> str:
     """How to watch or reload the search's Optuna study: ``LPT_OPTUNA_UI`` (the compose stack's
     read-only optuna-dashboard), else the optuna-dashboard command for its storage."""
-    shown = os.environ.get("LPT_OPTUNA_UI", "").strip() or f"optuna-dashboard {shlex.quote(record['optuna_storage'])}"
-    return f"{shown}  (study '{record['optuna_study']}'; or optuna.load_study(study_name=..., storage=...))"
+    shown = os.environ.get("LPT_OPTUNA_UI", "").strip() or f"optuna-dashboard {shlex.quote(record.optuna_storage)}"
+    return f"{shown}  (study '{record.optuna_study}'; or optuna.load_study(study_name=..., storage=...))"
 
 
 def wrap_up(
@@ -138,8 +139,8 @@ def wrap_up(
     setup: SearchSetup,
     client: MlflowClient,
     folder: Location,
-    record: dict,
-    rows: list[dict],
+    record: SearchRecord,
+    rows: list[TrialRow],
     metrics: list[str],
     modes: list[str],
     seconds: float,
@@ -156,16 +157,14 @@ def wrap_up(
     summary[SIZE_METRIC] = val_images
     registered = True
     spend = ledger.outcome(record, rows)
-    record["budget_ended"] = spend["ended"]
+    record.budget_ended = spend.ended
     summary.update(
-        gpu_hours=spend["gpu_hours"],
-        cpu_hours=spend["cpu_hours"],
-        trials_not_started=spend["trials"] - spend["allowed"],
+        gpu_hours=spend.gpu_hours, cpu_hours=spend.cpu_hours, trials_not_started=spend.trials - spend.allowed
     )
-    if spend["limit"] is not None:
-        guard.attempt("tag the budget", client.set_tag, parent_id, names.BUDGET_ENDED, str(spend["ended"]).lower())
+    if spend.limit is not None:
+        guard.attempt("tag the budget", client.set_tag, parent_id, names.BUDGET_ENDED, str(spend.ended).lower())
     closed = close_lost_runs(client, rows, guard, (setup.experiment_id, parent_id))  # MLflow is back
-    write_table(rows, folder / TABLE_FILE, metadata={names.BUDGET: json.dumps(spend)})
+    write_table(rows, folder / TABLE_FILE, metadata={names.BUDGET: spend.to_json()})
     lines = [
         f"\n{len(rows)} trials: {counts['completed']} completed, {counts['early_stopped']} stopped early "
         f"by ASHA, {counts['failed']} failed"
@@ -173,33 +172,33 @@ def wrap_up(
         + f" ({seconds:.0f} s)",
         *ledger.summary_lines(spend),
     ]
-    lines += [f"  failed {r['trial_id']}: {r['error']}" for r in rows if r["status"] == FAILED][:5]
+    lines += [f"  failed {r.trial_id}: {r.error}" for r in rows if r.status == FAILED][:5]
     lines.append(validation.describe(plan.summary))
     lines += input_wait.summary_lines(rows, plan.profile)
     if best is not None:
-        config = {p: best[p] for p in plan.study.space.params()}
-        prompt_file = prompt_path(folder, best["trial_id"])
+        config = {p: best.params[p] for p in plan.study.space.params()}
+        tid = best.trial_id
+        prompt_file = prompt_path(folder, tid)
         parent = guard.attempt("read the test ledger", client.get_run, parent_id)
         before = exposure.exposed(parent.data.tags if parent else {})
         test = ray.get(on_resources(evaluate_prompts, plan.profile).remote(setup, config, prompt_file))
-        tid = best["trial_id"]
         tested = guard.attempt("record the test exposure", exposure.expose, client, parent_id, [tid]) or [tid]
         guard.attempt(
             "log its test scores",
             mt.log,
             client,
-            best["mlflow_run_id"],
+            best.mlflow_run_id,
             metrics=test,
             tags={names.BEST: "true"},
             trial=tid,
         )
-        summary.update({f"best_{k}": v for k, v in {**{m: best[m] for m in metrics}, **test}.items()})
-        summary[SE_METRIC] = binomial_se(best["val_acc"], val_images)
-        guard.attempt("tag the best trial", client.set_tag, parent_id, names.BEST_TRIAL_ID, best["trial_id"])
+        summary.update({f"best_{k}": v for k, v in {**{m: best.metric(m) for m in metrics}, **test}.items()})
+        summary[SE_METRIC] = binomial_se(best.val_acc, val_images)
+        guard.attempt("tag the best trial", client.set_tag, parent_id, names.BEST_TRIAL_ID, tid)
         lines += [
-            f"best trial {best['trial_id']}: " + ", ".join(f"{k}={v}" for k, v in config.items()),
-            "  validation: " + with_se(best, val_images),
-            *filter(None, [exposure.new_best_line(before, best["trial_id"])]),
+            f"best trial {tid}: " + ", ".join(f"{k}={v}" for k, v in config.items()),
+            "  validation: " + with_se(best.metrics(), val_images),
+            *filter(None, [exposure.new_best_line(before, tid)]),
             "  test:       " + shot_line(test, "test_") + f"; {exposure.seen(tested)}",
             f"  prompts:    {prompt_file}",
         ]
@@ -241,8 +240,9 @@ def wrap_up(
         summary.update(gain)
         lines += gain_lines
         if args.confirm:
-            confirmed, tags, confirm_lines = confirm(plan, setup, best["trial_id"], config, baseline, args.confirm)
+            confirmed, tags, confirm_lines, seconds = confirm(plan, setup, tid, config, baseline, args.confirm)
             summary.update(confirmed)
+            confirm_lines += ledger.add_confirmation(record, seconds, rows, summary)  # counted in the budget
             guard.attempt("tag the confirmation", mt.log, client, parent_id, tags={**tags, names.CONFIRMED_TRIAL: tid})
             lines += confirm_lines
         else:

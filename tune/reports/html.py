@@ -59,13 +59,13 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
         parts.append("<p><b>No trial completed</b>: see the error column of trials.csv.</p>")
     else:
         parts.append(
-            f"<h2>Best trial {e(best['trial_id'])}</h2><p><small>MLflow run "
-            f"{e(str(best.get('mlflow_run_id')))}; trained {best.get('epochs')} epochs in "
-            f"{_fmt(best.get('wall_s'), 1)} s wall time</small></p>"
+            f"<h2>Best trial {e(best.trial_id)}</h2><p><small>MLflow run "
+            f"{e(str(best.mlflow_run_id))}; trained {best.epochs} epochs in "
+            f"{_fmt(best.wall_s, 1)} s wall time</small></p>"
         )
         parts.append("<table><tr><th>parameter</th><th>searched</th><th>profile default</th><th>best</th></tr>")
         for p, spec in space.items():
-            d, b = info["defaults"].get(p), best.get(p)
+            d, b = info["defaults"].get(p), best.params.get(p)
             cls = " class='changed'" if str(d) != str(b) else ""
             parts.append(
                 f"<tr{cls}><td>{e(p)}</td><td>{e(_range(spec))}</td><td>{_fmt(d, 4)}</td><td>{_fmt(b, 4)}</td></tr>"
@@ -74,10 +74,16 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
         parts.append("<table><tr><th>accuracy (%)</th><th>overall</th><th>many</th><th>medium</th><th>few</th></tr>")
         baseline, gain = info.get("baseline"), info.get("gain") or {}
         rows = [
-            ("validation (search)", "val_", best),
+            ("validation (search)", "val_", best.metrics()),
             *(
-                [(f"validation, baseline trial {e(baseline['trial_id'])} (the profile's values)", "val_", baseline)]
-                if baseline and baseline.get("status") == "completed"
+                [
+                    (
+                        f"validation, baseline trial {e(baseline.trial_id)} (the profile's values)",
+                        "val_",
+                        baseline.metrics(),
+                    )
+                ]
+                if baseline and baseline.status == "completed"
                 else []
             ),
             *([("gain of the best over the baseline (points)", "gain_val_", gain)] if gain else []),
@@ -90,7 +96,7 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
                 + "</tr>"
             )
         confirm = info.get("confirm") or {}
-        stale = info.get("confirmed_trial") not in (None, best["trial_id"])
+        stale = info.get("confirmed_trial") not in (None, best.trial_id)
         if stale:  # the search was extended without --confirm and found another best
             confirm = {}
         parts += _confirm_rows(confirm)
@@ -111,10 +117,10 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
                 f"an extension; this best trial has not been confirmed.</p>"
             )
         parts += _verdict(info, confirm, bool(gain))
-        if baseline and baseline.get("status") != "completed":
+        if baseline and baseline.status != "completed":
             parts.append(
-                f"<p>The baseline trial {e(baseline['trial_id'])} did not run every epoch "
-                f"({e(str(baseline.get('status')))}): no gain to report.</p>"
+                f"<p>The baseline trial {e(baseline.trial_id)} did not run every epoch "
+                f"({e(str(baseline.status))}): no gain to report.</p>"
             )
         extra, backbone = info.get("extra_params"), info.get("backbone_params")
         if extra is not None:
@@ -141,7 +147,7 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
             + "</tr>"
         )
         for row in top:
-            parts.append("<tr>" + "".join(f"<td>{_fmt(row.get(c), 2)}</td>" for c in cols) + "</tr>")
+            parts.append("<tr>" + "".join(f"<td>{_fmt(row.value(c), 2)}</td>" for c in cols) + "</tr>")
         parts.append("</table>")
     parts.append("<h2>Figures</h2>")
     for path in figures:

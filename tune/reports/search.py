@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,22 +26,26 @@ from tune.config.loading import objective_of
 from tune.config.study import SHOT_KEYS, Objective, ProfileConfig
 from tune.names import REPORT_DIR, SEARCH_FILE
 from tune.plotting import log_report_error
-from tune.record import load_record
+from tune.record import SearchRecord, load_record
 from tune.reports.html import summary_html
 from tune.reports.study import build_study, search_figures
 from tune.storage import Location, location
 
+if TYPE_CHECKING:  # the table module imports Ray: imported where the table is read
+    from tune.trial.table import TrialRow
+
 
 # ============================================================================ per search: tables and summary
-def write_csv(rows: list[dict], path: Path) -> Path:
+def write_csv(rows: list[TrialRow], path: Path) -> Path:
     """The trial table as CSV: one row per trial, the Parquet table's columns in its order."""
+    flat = [row.columns() for row in rows]  # the CSV's edge: a row as its columns
     columns: list[str] = []
-    for row in rows:
+    for row in flat:
         columns += [k for k in row if k not in columns]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        for row in rows:
+        for row in flat:
             writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
     return path
 
@@ -55,16 +60,26 @@ def profile_defaults(profile: ProfileConfig | None, params: list[str]) -> dict:
     return {p: model[p] if p in model else recipe.get(p) for p in params}
 
 
-def stored_profile(record: dict, folder: Location) -> ProfileConfig | None:
+def stored_record(folder: Location) -> SearchRecord | None:
+    """The search's record; None without one, or when this version cannot read it (the report
+    goes on with what the parent run holds)."""
+    try:
+        return load_record(folder) if (folder / SEARCH_FILE).is_file() else None
+    except ValueError:
+        return None
+
+
+def stored_profile(record: SearchRecord | None, folder: Location) -> ProfileConfig | None:
     """The search's profile as search.json (or profile.yaml) holds it; None without one, or when
     it no longer validates (the report goes on without the profile's values)."""
-    profile = record.get("profile")
-    if profile is None and (folder / names.PROFILE_FILE).is_file():
-        import yaml
+    if record is not None:
+        return record.profile
+    if not (folder / names.PROFILE_FILE).is_file():
+        return None
+    import yaml
 
-        profile = yaml.safe_load((folder / names.PROFILE_FILE).read_text())
     try:
-        return ProfileConfig.model_validate(profile) if profile else None
+        return ProfileConfig.model_validate(yaml.safe_load((folder / names.PROFILE_FILE).read_text()))
     except ValueError:
         return None
 
@@ -123,11 +138,16 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
     if not table.is_file():
         raise FileNotFoundError(f"{table}: no trial table")
     rows = list(read_rows(table).values())
-    record = load_record(folder) if (folder / SEARCH_FILE).is_file() else {}
-    study_cfg = record.get("study_config") or {}
-    space = json.loads(params["space"]) if "space" in params else study_cfg.get("space", {})
-    stored = json.loads(params["objective"]) if "objective" in params else study_cfg.get("objective", {})
-    metrics, modes = objective_of(Objective.model_validate(stored))  # as the parent run or search.json holds it
+    record = stored_record(folder)
+    space = json.loads(params["space"]) if "space" in params else record.study_dict()["space"] if record else {}
+    objective = (  # as the parent run or search.json holds it
+        Objective.model_validate(json.loads(params["objective"]))
+        if "objective" in params
+        else record.study_config.objective
+        if record
+        else Objective()
+    )
+    metrics, modes = objective_of(objective)
     profile = stored_profile(record, folder)
 
     runs = {
@@ -142,9 +162,9 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
     histories = {}
     if len(metrics) == 1:
         for row in rows:
-            run = runs.get(row["trial_id"])
+            run = runs.get(row.trial_id)
             if run is not None:
-                histories[row["trial_id"]] = {
+                histories[row.trial_id] = {
                     m.step: m.value for m in client.get_metric_history(run.info.run_id, metrics[0])
                 }
 
@@ -153,11 +173,11 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
     figures, skipped = search_figures(study, metrics, out)
     write_csv(rows, out / names.REPORT_TABLE)
 
-    by_id = {r["trial_id"]: r for r in rows}
+    by_id = {r.trial_id: r for r in rows}
     best = by_id.get(tags.get(names.BEST_TRIAL_ID)) or best_row(rows, metrics[0], modes[0])
     test, extra = {}, None
     if best is not None:
-        run = runs.get(best["trial_id"])
+        run = runs.get(best.trial_id)
         best_metrics = run.data.metrics if run is not None else {}
         test = {f"test_{k}": pm[f"best_test_{k}"] for k in SHOT_KEYS if f"best_test_{k}" in pm} or {
             k: v for k, v in best_metrics.items() if k.startswith("test_")
@@ -165,22 +185,21 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
         extra = (
             int(best_metrics["extra_params"])
             if "extra_params" in best_metrics
-            else prompt_file_params(prompt_path(folder, best["trial_id"]))
+            else prompt_file_params(prompt_path(folder, best.trial_id))
         )
     sign = 1 if modes[0] == "max" else -1
 
-    def rank(r: dict) -> tuple:
-        v = r.get(metrics[0])
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            return (r["status"] != "completed", False, -sign * v)
-        return (r["status"] != "completed", True, 0.0)
+    def rank(r: TrialRow) -> tuple:
+        v = r.metric(metrics[0])
+        ok = math.isfinite(v)
+        return (r.status != "completed", not ok, -sign * v if ok else 0.0)
 
     ranked = sorted(rows, key=rank)
     counts = status_counts(rows)
     info = {
         "name": tags.get(names.SEARCH, parent.info.run_name),
-        "study": params.get("study", record.get("study")),
-        "profile": params.get("profile", record.get("profile_name")),
+        "study": params.get("study", record.study if record else None),
+        "profile": params.get("profile", record.profile_name if record else None),
         "metrics": metrics,
         "modes": modes,
         "counts": {**counts, "total": len(rows)},
@@ -201,7 +220,7 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
         "backbone_params": backbone_params(profile.backbone.spec()) if extra and profile else None,
         "pareto": [t for t in tags.get(names.PARETO_TRIALS, "").split(",") if t],
         "top": ranked[:10],
-        "baseline": next((r for r in rows if r.get("baseline")), None),
+        "baseline": next((r for r in rows if r.baseline), None),
         "gain": {k: v for k, v in pm.items() if k.startswith("gain_val_")},
         **{k: pm.get(k) for k in ("val_images", "val_acc_se", "baseline_val_acc_se")},
     }

@@ -7,6 +7,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -14,16 +15,21 @@ from tune import names
 from tune.errors import error_line
 from tune.plotting import pyplot, save_figure
 
+if TYPE_CHECKING:  # the table module imports Ray; the report reads rows it is handed
+    from matplotlib.figure import Figure
+
+    from tune.trial.table import TrialRow
+
 
 # ============================================================================ per search: Optuna study
-def distributions(space: dict, rows: list[dict]) -> dict:
+def distributions(space: dict, rows: list[TrialRow]) -> dict:
     """One Optuna distribution per searched param, wide enough for every value in the table
     (the trainable narrows ``top_k`` and ``group_start`` per trial; the table holds what ran)."""
     import optuna.distributions as od
 
-    out = {}
+    out: dict[str, od.BaseDistribution] = {}
     for name, spec in space.items():
-        seen = [r[name] for r in rows if r.get(name) is not None]
+        seen = [r.params[name] for r in rows if r.params.get(name) is not None]
         if spec["type"] == "choice":
             values = list(spec["values"]) + [v for v in seen if v not in spec["values"]]
             out[name] = od.CategoricalDistribution(values)
@@ -40,7 +46,7 @@ def distributions(space: dict, rows: list[dict]) -> dict:
         else:
             step = None
         if integer:
-            out[name] = od.IntDistribution(low, high, log=log, step=int(step or 1))
+            out[name] = od.IntDistribution(int(low), int(high), log=log, step=int(step or 1))
         else:
             out[name] = od.FloatDistribution(low, high, log=log, step=step)
     return out
@@ -52,7 +58,7 @@ def _on_grid(value: float, low: float, step: float) -> bool:
 
 
 def build_study(
-    rows: list[dict],
+    rows: list[TrialRow],
     space: dict,
     metrics: list[str],
     modes: list[str],
@@ -65,31 +71,30 @@ def build_study(
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    directions = ["maximize" if m == "max" else "minimize" for m in modes]
+    up, down = optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE
+    directions = [up if m == "max" else down for m in modes]
     study = optuna.create_study(directions=directions, study_name="search")
     dists = distributions(space, rows)
     histories = histories or {}
     rank = {tid: i for i, tid in enumerate(order or [])}
-    for row in sorted(rows, key=lambda r: (rank.get(r["trial_id"], len(rank)), r["trial_id"])):
+    for row in sorted(rows, key=lambda r: (rank.get(r.trial_id, len(rank)), r.trial_id)):
         params, used = {}, {}
         for name, dist in dists.items():
-            value = row.get(name)
+            value = row.params.get(name)
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 continue
             value = int(value) if isinstance(dist, optuna.distributions.IntDistribution) else value
             params[name], used[name] = value, dist
-        values = [row.get(m) for m in metrics]
+        values = [row.metric(m) for m in metrics]
         finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-        state = {"completed": "COMPLETE", "early_stopped": "PRUNED", "budget_stopped": "PRUNED"}.get(
-            row["status"], "FAIL"
-        )
+        state = {"completed": "COMPLETE", "early_stopped": "PRUNED", "budget_stopped": "PRUNED"}.get(row.status, "FAIL")
         if state == "COMPLETE" and not finite:
             state = "FAIL"
         inter = {}
         if len(metrics) == 1 and state != "FAIL":
-            inter = {int(k): float(v) for k, v in histories.get(row["trial_id"], {}).items() if math.isfinite(v)}
-            if not inter and finite and row.get("epochs"):
-                inter = {int(row["epochs"]): float(values[0])}
+            inter = {int(k): float(v) for k, v in histories.get(row.trial_id, {}).items() if math.isfinite(v)}
+            if not inter and finite and row.epochs:
+                inter = {row.epochs: float(values[0])}
         trial = optuna.trial.create_trial(
             state=getattr(optuna.trial.TrialState, state),
             values=[float(v) for v in values] if state == "COMPLETE" else None,
@@ -97,9 +102,9 @@ def build_study(
             distributions=used,
             intermediate_values=inter or None,
             user_attrs={
-                names.OPTUNA_TRIAL_ID: row["trial_id"],
-                "status": row["status"],
-                "mlflow_run_id": row.get("mlflow_run_id") or "",
+                names.OPTUNA_TRIAL_ID: row.trial_id,
+                "status": row.status,
+                "mlflow_run_id": row.mlflow_run_id or "",
             },
         )
         study.add_trial(trial)
@@ -164,7 +169,7 @@ def search_figures(
                 skipped[name] = f"the Pareto front is drawn for 2 or 3 objectives, not {len(metrics)}"
                 continue
             ax = drawn.flat[0] if isinstance(drawn, np.ndarray) else drawn
-            fig = ax.figure
+            fig = cast("Figure", ax.figure)  # an Axes' own figure, never a SubFigure here
             width, height = fig.get_size_inches()
             if name == "intermediate_values":
                 ax.set_xlabel("epoch")

@@ -57,8 +57,8 @@ def check_model_dir(folder: str | Path, where: str = "") -> None:
         meta = yaml.safe_load((root / "MLmodel").read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ModelRefused(f"{mlmodel}: not a readable MLmodel ({type(exc).__name__})") from None
-    flavors = meta.get("flavors") if isinstance(meta, dict) else None
-    pyfunc = (flavors or {}).get("python_function")
+    flavors = (meta.get("flavors") if isinstance(meta, dict) else None) or {}
+    pyfunc = flavors.get("python_function")
     if not isinstance(pyfunc, dict):
         raise ModelRefused(f"{mlmodel}: no python_function flavour: not an LPT model")
     if "model_code_path" in pyfunc:

@@ -32,6 +32,7 @@ import torch
 import torchvision
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.pyfunc import PyFuncModel
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
 
@@ -126,7 +127,7 @@ def log_model(config: dict, prompt_file: str | Path, example: pd.DataFrame) -> m
             pip_requirements=requirements(),
         )
     expected = build_classifier(config, prompt_file, device="cpu").predict(example[IMAGE_COLUMN].tolist())
-    got = load_model(info.model_uri, model_config={"device": "cpu"}).predict(example)
+    got = pd.DataFrame(load_model(info.model_uri, model_config={"device": "cpu"}).predict(example))
     if got["class_index"].tolist() != [r["class_index"] for r in expected]:
         raise LoggedModelMismatch(
             f"{info.model_uri}: the logged model, loaded back, does not reproduce "
@@ -135,7 +136,7 @@ def log_model(config: dict, prompt_file: str | Path, example: pd.DataFrame) -> m
     return info
 
 
-def load_model(uri: str, model_config: dict | None = None) -> mlflow.pyfunc.PyFuncModel:
+def load_model(uri: str, model_config: dict | None = None) -> PyFuncModel:
     """Download the model, check its layout (``tune.serving.check``: refused with ``ModelRefused``,
     one line naming the file) and load the checked copy, so what MLflow reads is what was checked."""
     with tempfile.TemporaryDirectory(prefix="lpt-model-") as folder:

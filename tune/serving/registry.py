@@ -13,7 +13,9 @@ percent). The parent run gets the tag ``lpt.model_uri`` = ``models:/NAME/VERSION
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow import MlflowClient
@@ -27,6 +29,9 @@ from tune.errors import error_line
 from tune.record import load_record
 from tune.serving import model as lpt_model
 from tune.storage import Location, location
+
+if TYPE_CHECKING:  # the table module imports Ray: imported where the table is read
+    from tune.trial.table import TrialRow
 
 MODEL_URI_TAG, REGISTER_ERROR_TAG = names.MODEL_URI, names.REGISTER_ERROR
 VERSION_TRIAL, VERSION_PARENT, VERSION_STUDY, VERSION_PROFILE = (
@@ -99,7 +104,7 @@ def register_best(
     profile_name: str,
     profile: ProfileConfig,
     data,
-    best: dict,
+    best: TrialRow,
     config: dict,
     prompt_file: str | Path | Location,
     test: dict,
@@ -107,7 +112,8 @@ def register_best(
 ) -> str:
     """Log trial ``best`` (a trial-table row) as the LPT model on its run and register it as a new
     version of ``name``; tags the parent run; returns ``models:/NAME/VERSION``."""
-    trial_id, run_id = best["trial_id"], best["mlflow_run_id"]
+    trial_id, run_id = best.trial_id, best.mlflow_run_id or ""
+    val = {m: v for m, v in best.metrics().items() if math.isfinite(v)}  # the tags' edge: a metric dict
     client = MlflowClient(uri)
     try:
         stored = location(prompt_file)
@@ -130,9 +136,9 @@ def register_best(
         ):
             info = lpt_model.log_model(model_config, local, lpt_model.input_example(data))
         version = mlflow.register_model(
-            info.model_uri, name, tags=version_tags(trial_id, parent_run_id, study, profile_name, best, test)
+            info.model_uri, name, tags=version_tags(trial_id, parent_run_id, study, profile_name, val, test)
         )
-        client.update_model_version(name, version.version, version_description(trial_id, best, test))
+        client.update_model_version(name, version.version, version_description(trial_id, val, test))
     except Exception as exc:  # the search's records stay; the parent run says why there is no model
         message = str(exc) if isinstance(exc, RegisterError) else f"registering {name}: {error_line(exc)}"
         mt.log(client, parent_run_id, tags={REGISTER_ERROR_TAG: message})
@@ -160,25 +166,36 @@ def register_finished_search(client: MlflowClient, uri: str, parent, folder: Loc
     if best is None:
         raise NothingToRegister(f"{folder / TABLE_FILE}: no row for the best trial {trial_id}")
     try:
-        test = {k: v for k, v in client.get_run(best["mlflow_run_id"]).data.metrics.items() if k.startswith("test_")}
+        test = {k: v for k, v in client.get_run(best.mlflow_run_id or "").data.metrics.items() if k.startswith("test_")}
     except MlflowException:
-        raise NothingToRegister(f"trial {trial_id}: its MLflow run {best['mlflow_run_id']} is missing") from None
+        raise NothingToRegister(f"trial {trial_id}: its MLflow run {best.mlflow_run_id} is missing") from None
     try:
-        profile = ProfileConfig.model_validate(record["profile"])  # the profile search.json holds, as a model
-        data = profile_data(profile)
+        data = profile_data(record.profile)
     except (ValueError, FileNotFoundError) as exc:
         raise NothingToRegister(f"{folder / SEARCH_FILE}: {exc}") from None
-    name = name or model_name(record["study"], record["profile_name"])
+    name = name or model_name(record.study, record.profile_name)
     return register_best(
         uri,
         name,
-        study=record["study"],
-        profile_name=record["profile_name"],
-        profile=profile,
+        study=record.study,
+        profile_name=record.profile_name,
+        profile=record.profile,
         data=data,
         best=best,
-        config={p: best[p] for p in record["study_config"]["space"]},
+        config={p: best.params[p] for p in record.study_config.space.params()},
         prompt_file=prompt_path(folder, trial_id),
         test=test,
         parent_run_id=parent.info.run_id,
     )
+
+
+def register_and_print(client: MlflowClient, uri: str, parent, folder: Location, name: str | None) -> int:
+    """``register_finished_search`` for a CLI (``tune/register.py``, ``tune/report.py --register``):
+    prints ``model: models:/NAME/VERSION``; the exit code (bad input when there is nothing to register)."""
+    from tune._cli import EXIT_BAD_INPUT, EXIT_FAILED, fail
+
+    try:
+        print(f"model: {register_finished_search(client, uri, parent, folder, name)}")
+    except RegisterError as exc:
+        return fail(exc, EXIT_BAD_INPUT if isinstance(exc, NothingToRegister) else EXIT_FAILED)
+    return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ def diagnostics(pred: dict, class_counts: Sequence[int], pool_size: int | None =
     preds, labels = pred["preds"], pred["labels"]
     c = len(class_counts)
     correct, total = confusion_counts(preds, labels, c)
-    val = shot_accuracy(correct, total, class_counts, split)
+    val: dict[str, Any] = dict(shot_accuracy(correct, total, class_counts, split))
     val["per_class"] = per_class_accuracy(correct.double(), total.double()).tolist()
     val["shot_confusion"] = shot_confusion(preds, labels, class_counts, split).tolist()
     if pred.get("prompt_idx") is not None:

@@ -77,8 +77,8 @@ def plot_shot_bars(final: dict, phase1: dict | None, path: Path, title: str = ""
     """Overall / many / medium / few validation accuracy: the phase-1 model and the final model."""
     plt = pyplot()
     x = np.arange(len(SHOT_KEYS))
-    series = [("phase 1 (shared prompts)", phase1, "#9e9e9e"), ("final (phase 2)", final, "#4c72b0")]
-    series = [s for s in series if s[1]]
+    given = [("phase 1 (shared prompts)", phase1, "#9e9e9e"), ("final (phase 2)", final, "#4c72b0")]
+    series = [(label, values, color) for label, values, color in given if values]
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for i, (label, values, color) in enumerate(series):

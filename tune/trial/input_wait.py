@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
+from typing import Protocol
 
 from tune.config.input_capacity import knobs
 from tune.config.study import ProfileConfig
@@ -29,10 +31,15 @@ def trial_note(fraction: float | None) -> str:
     return note + (f" (data-bound, above {DATA_BOUND:.0%}: {BRIEF_KNOBS})" if is_data_bound(fraction) else "")
 
 
-def summary_lines(rows: list[dict], profile: ProfileConfig) -> list[str]:
+class _Waited(Protocol):  # a ``table.TrialRow`` (the table imports this module)
+    trial_id: str
+    input_wait_fraction: float
+
+
+def summary_lines(rows: Sequence[_Waited], profile: ProfileConfig) -> list[str]:
     """The search summary's input-wait line: median and worst of the trials' last-epoch figures,
     and the knobs when the median trial is data-bound."""
-    waits = [(r[METRIC], r["trial_id"]) for r in rows if isinstance(r.get(METRIC), float) and math.isfinite(r[METRIC])]
+    waits = [(r.input_wait_fraction, r.trial_id) for r in rows if math.isfinite(r.input_wait_fraction)]
     if not waits:
         return []
     median = statistics.median(w for w, _ in waits)

@@ -19,9 +19,8 @@
 #   mlflow_credentials      the MLflow login of the driver and the workers: the non-admin user
 #                           searcher (~/.mlflow/credentials; mlflow-setup makes the user)
 #   mlflow_registrar_credentials  the MLflow login of the one-shot service register only: the
-#                           non-admin user registrar, the one that may change registered models (to
-#                           change it: delete the file, run this again; mlflow-setup, which runs
-#                           before every `run register`, sets the new password)
+#                           non-admin user registrar, the one that may change registered models
+#                           (--rotate mlflow_registrar_credentials changes it)
 #   aws_credentials         the object store's key pair, an AWS shared-credentials file ([default]
 #                           aws_access_key_id, aws_secret_access_key) that every Ray node and the
 #                           driver read (AWS_SHARED_CREDENTIALS_FILE) when LPT_STORAGE is an s3://
@@ -33,7 +32,8 @@
 # --rotate changes secrets of a running stack without losing anything: ALTER ROLE for the database
 # roles (scripts/cluster_roles.py in the one-shot services), MLflow's update-password API for its
 # users, then the services that read the secret are recreated. The names are those above (the
-# pgpass files stand for their roles' passwords, mlflow_credentials for the searcher's, and
+# pgpass files stand for their roles' passwords, mlflow_credentials for the searcher's,
+# mlflow_registrar_credentials for the registrar's, and
 # mlflow_admin_password rewrites mlflow_auth_config too); `all` rotates every one. aws_credentials
 # is not rotated here: the object store's keys are changed at the store, then written into the file. Recreating the
 # Ray nodes (ray_auth_token, mlflow_credentials) stops the trials on them: --rotate refuses while a
@@ -44,7 +44,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ROTATABLE=(ray_auth_token mlflow_flask_secret_key postgres_password mlflow_pgpass optuna_pgpass
-           optuna_reader_pgpass mlflow_credentials mlflow_admin_password)
+           optuna_reader_pgpass mlflow_credentials mlflow_registrar_credentials mlflow_admin_password)
 rotate=""
 if [ "${1:-}" = --rotate ]; then
   rotate="${2:?--rotate needs a secret name (or all): ${ROTATABLE[*]}}"
@@ -200,7 +200,7 @@ new_password() {
   echo "--rotate $1: finishing the rotation an earlier run left in secrets/$1.new" >&2
   case "$1" in
     *_pgpass) sed 's/.*://' "$staged" ;;
-    mlflow_credentials) sed -n 's/^mlflow_tracking_password = //p' "$staged" ;;
+    mlflow_credentials|mlflow_registrar_credentials) sed -n 's/^mlflow_tracking_password = //p' "$staged" ;;
     *) cat "$staged" ;;
   esac
 }
@@ -210,13 +210,14 @@ alter_role() {
   printf '%s\n' "\\set pw '$(sed 's/.*://' "$SECRETS/${1}_pgpass.new")'" "ALTER ROLE \"$1\" PASSWORD :'pw';" |
     docker exec -i "$(container postgres)" psql -v ON_ERROR_STOP=1 -q -U postgres -d postgres >/dev/null
 }
-# the searcher's MLflow password to the staged file's, as the admin (mlflow-setup's secrets)
-SET_SEARCHER='import os, sys
+# an MLflow user's password (searcher's, registrar's: argv[1]) to the staged file's, as the admin
+# (mlflow-setup's secrets); the new password on stdin, never on a command line
+SET_USER='import os, sys
 from mlflow.server.auth.client import AuthServiceClient
 os.environ["MLFLOW_TRACKING_USERNAME"] = "admin"
 os.environ["MLFLOW_TRACKING_PASSWORD"] = open("/run/lpt-secrets/mlflow_admin_password").read().strip()
-AuthServiceClient(os.environ["MLFLOW_TRACKING_URI"]).update_user_password("searcher", sys.stdin.read().strip())
-print("MLflow: the password of searcher changed")'
+AuthServiceClient(os.environ["MLFLOW_TRACKING_URI"]).update_user_password(sys.argv[1], sys.stdin.read().strip())
+print("MLflow: the password of", sys.argv[1], "changed")'
 
 rotate_one() {
   local name="$1" new
@@ -241,9 +242,14 @@ rotate_one() {
     mlflow_credentials)
       new="$(new_password "$name")"
       stage "$name" "$(credentials "$new")"
-      printf '%s\n' "$new" | "${compose[@]}" run --rm -T --no-deps mlflow-setup python -c "$SET_SEARCHER"
+      printf '%s\n' "$new" | "${compose[@]}" run --rm -T --no-deps mlflow-setup python -c "$SET_USER" searcher
       replace "$name"
       recreate ray-worker ray-worker-gpu ;;
+    mlflow_registrar_credentials)   # only the one-shot register (and mlflow-setup) read it: nothing to recreate
+      new="$(new_password "$name")"
+      stage "$name" "$(registrar_credentials "$new")"
+      printf '%s\n' "$new" | "${compose[@]}" run --rm -T --no-deps mlflow-setup python -c "$SET_USER" registrar
+      replace "$name" ;;
     mlflow_admin_password)   # MLflow's update-password as the admin, the old password on stdin
       new="$(new_password "$name")"
       stage "$name" "$new"

@@ -10,13 +10,17 @@ else
   compose=(docker-compose)
 fi
 
-# running_ids SERVICE: the ids of the service's running containers (`ps` lists exited ones too)
+# The stack's compose project, read once from its containers' labels (one compose call: each costs
+# a second or more, and the scripts ask for containers often); empty when it has none.
+STACK_PROJECT="$("${compose[@]}" ps -q 2>/dev/null | head -n 1 |
+  xargs -r docker inspect -f '{{index .Config.Labels "com.docker.compose.project"}}' 2>/dev/null || true)"
+
+# running_ids SERVICE: the ids of the service's running (or paused) containers that `up` made (not
+# those of `run`: com.docker.compose.oneoff), by their labels, as `compose ps` finds them
 running_ids() {
-  local id
-  "${compose[@]}" ps -q "$1" 2>/dev/null | while read -r id; do
-    [ "$(docker inspect -f '{{.State.Running}}' "$id" 2>/dev/null)" = true ] && echo "$id"
-  done
-  return 0
+  [ -n "$STACK_PROJECT" ] || return 0
+  docker ps -q --no-trunc --filter "label=com.docker.compose.project=$STACK_PROJECT" \
+    --filter "label=com.docker.compose.service=$1" --filter label=com.docker.compose.oneoff=False
 }
 
 # container SERVICE: the id of a running container of the service (empty when none runs)
@@ -36,11 +40,23 @@ need_running() {
   done
 }
 
-# wait_healthy SERVICE [SECONDS]: until its container's health check passes
+# passes_check ID: the container's health check, run now (Docker runs it every `interval`, 10 s:
+# a service that came up between two of its runs is seen at once)
+passes_check() {
+  local test=()
+  mapfile -t test < <(docker inspect -f '{{range .Config.Healthcheck.Test}}{{println .}}{{end}}' "$1" 2>/dev/null)
+  case "${test[0]:-}" in
+    CMD) docker exec "$1" "${test[@]:1}" >/dev/null 2>&1 ;;
+    CMD-SHELL) docker exec "$1" sh -c "${test[1]}" >/dev/null 2>&1 ;;
+    *) return 1 ;;
+  esac
+}
+
+# wait_healthy SERVICE [SECONDS]: until its container's health check passes (Docker's, or ours run now)
 wait_healthy() {
   local id deadline=$((SECONDS + ${2:-300}))
   id="$(container "$1")"
-  until [ -n "$id" ] && [ "$(docker inspect -f '{{.State.Health.Status}}' "$id")" = healthy ]; do
+  until [ -n "$id" ] && { [ "$(docker inspect -f '{{.State.Health.Status}}' "$id")" = healthy ] || passes_check "$id"; }; do
     if [ $SECONDS -ge $deadline ]; then
       echo "error: $1 is not healthy after ${2:-300} s (docker compose logs $1)" >&2
       exit 1
@@ -56,8 +72,8 @@ wait_healthy() {
 # (tune/engine/search_lock.py): the PostgreSQL advisory lock (pg_locks), or a search folder's
 # search.lock on the shared volume (flock).
 
-# project: the stack's compose project, from its PostgreSQL container's label
-project() { docker inspect -f '{{index .Config.Labels "com.docker.compose.project"}}' "$(container postgres)"; }
+# project: the stack's compose project
+project() { echo "$STACK_PROJECT"; }
 
 # drivers: the ids of the stack's driver containers that run (paused ones too), one a line
 drivers() {

@@ -18,6 +18,11 @@ domains"). So, before the script starts, this
 
 A child process the search starts inherits the variable: the search starts none that lives long.
 Any other command (``python -c``, a shell) runs as it is, with the file.
+
+It also watches the Ray head (``RAY_ADDRESS``, a thread): the driver cannot outlive its cluster (Ray
+ends a driver whose head, the GCS, has not answered for 60 s, with a line of its own about the GCS),
+so once the head has refused connections for ``HEAD_LOST_S`` it says so in one line, with what to
+do: start the head again (the workers rejoin by themselves), then ``--resume``.
 """
 
 from __future__ import annotations
@@ -25,10 +30,14 @@ from __future__ import annotations
 import ctypes
 import os
 import runpy
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 PR_SET_DUMPABLE = 4
+HEAD_LOST_S = 20.0  # the head refusing connections this long is gone (Ray's own limit is 60 s)
 
 
 def pgpass_password(path: Path) -> str:
@@ -49,9 +58,47 @@ def hold() -> None:
     os.environ["PGPASSWORD"] = password
 
 
+def head_answers(address: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(address, timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def watch_head(address: tuple[str, int], lost_s: float = HEAD_LOST_S, every_s: float = 5.0) -> None:
+    """Once the Ray head at ``address`` has not answered for ``lost_s`` (it answered before), one
+    line on stderr; again only after it answered in between."""
+    answered_at: float | None = None
+    said = False
+    while True:
+        if head_answers(address):
+            answered_at, said = time.monotonic(), False
+        elif answered_at is not None and not said and time.monotonic() - answered_at >= lost_s:
+            host, port = address
+            print(
+                f"error: the Ray head {host}:{port} has not answered for {lost_s:.0f} s: the search cannot go on "
+                "(Ray ends this driver once its head is gone 60 s); what it recorded stays (trials.parquet, MLflow, "
+                "the Optuna study): start the head again (docker compose up -d ray-head; the workers rejoin), "
+                "then run the same command with --resume",
+                file=sys.stderr,
+                flush=True,
+            )
+            said = True
+        time.sleep(every_s)
+
+
+def start_head_watch() -> None:
+    """``watch_head`` of ``RAY_ADDRESS`` (host:port) in a daemon thread; nothing without one."""
+    host, _, port = os.environ.get("RAY_ADDRESS", "").rpartition(":")
+    if host and port.isdigit():
+        threading.Thread(target=watch_head, args=((host, int(port)),), name="ray-head-watch", daemon=True).start()
+
+
 def main(argv: list[str]) -> None:
     if len(argv) >= 2 and Path(argv[0]).name.startswith("python") and argv[1].endswith(".py"):
         hold()
+        start_head_watch()
         sys.argv = argv[1:]
         sys.path[0] = str(Path(argv[1]).resolve().parent)  # as `python SCRIPT` sets it
         runpy.run_path(argv[1], run_name="__main__")

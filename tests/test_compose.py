@@ -275,7 +275,8 @@ def test_rotate_refuses_an_unknown_secret_and_a_stopped_stack(tmp_path):
     )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --rotate nope: not a secret that can be rotated (ray_auth_token mlflow_flask_secret_key postgres_password "  # noqa: E501
-        "mlflow_pgpass optuna_pgpass optuna_reader_pgpass mlflow_credentials mlflow_admin_password, or all)"
+        "mlflow_pgpass optuna_pgpass optuna_reader_pgpass mlflow_credentials mlflow_registrar_credentials "
+        "mlflow_admin_password, or all)"
     ]
     if shutil.which("docker") or shutil.which("docker-compose"):  # no stack runs in this folder
         proc = subprocess.run(

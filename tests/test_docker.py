@@ -23,17 +23,20 @@ Checks:
   `run` driver container and the search's locks; a Ray task a worker places on the driver's node
   finds no readable database password and cannot open the search process's memory; trials run on
   both worker containers; a worker container is killed while it runs a trial, then the MLflow
-  server is stopped (60 s), PostgreSQL stopped (40 s) and frozen (SIGSTOP, 30 s), each while a
-  trial runs, with backups between; the search still ends 0 with every trial done once
-  (trials.parquet, one MLflow run each with no epoch logged twice, the Optuna study) and the model
-  registered (by the register service) with no code or pickle file in it; each mid-search
-  backup's dump, restored into a scratch database, has ended in Optuna exactly the trials its
-  trials.parquet holds.
-- scripts/cluster-backup.sh, `docker-compose down -v` (the volumes gone), `up`, then
-  scripts/cluster-restore.sh: the parent run, its trials, the registered model, the Optuna study
-  and the search folder are back; the read-only optuna-dashboard shows the study and cannot delete it.
-- scripts/cluster-setup.sh --rotate of three passwords: the new ones log in, the old ones do not,
-  and the search is still there.
+  server is stopped (60 s) while a trial runs; then the ray-head container is killed while a trial
+  runs: the driver ends non-zero with one line naming the lost head and nothing recorded is lost;
+  the head is started again, the workers rejoin, and a `--resume` driver goes on, through
+  PostgreSQL stopped (40 s) and frozen (SIGSTOP, 30 s), each while a trial runs (why not 120 s and
+  60 s: docs/cluster.md section 5); five backups mid-search; the search ends 0 with every trial
+  done once (trials.parquet, one MLflow run each with no epoch logged twice, the Optuna study) and
+  the model registered (by the register service) with no code or pickle file in it.
+- scripts/cluster-backup.sh, `docker-compose down -v` (the volumes gone), `up` with new secrets,
+  then scripts/cluster-restore.sh of each of the five mid-search backups one after another (the
+  Optuna study it brings back has ended exactly the trials its trials.parquet holds), then of the
+  last backup: the parent run, its trials, the registered model, the Optuna study and the search
+  folder are back; the read-only optuna-dashboard shows the study and cannot delete it.
+- scripts/cluster-setup.sh --rotate of four passwords (the registrar's among them): the new ones
+  log in, the old ones do not, and the search is still there.
 Everything is torn down (`down -v`); the images and the build cache stay.
 
 Slow: about 10 minutes for the first build on two cores (torch's CUDA wheels), a few minutes
@@ -83,7 +86,7 @@ DEBIAN = "local/debian:bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 SERVICE_UID = 10001
 WORKERS = 2
-TRIALS = 10  # enough for the kill, the outages and the backups to land while trials run
+TRIALS = 10  # enough for the kills, the outages and the backups to land while trials run, in both drivers
 EPOCHS = 3
 PG_STOP_S, PG_FREEZE_S, MLFLOW_STOP_S = 40, 30, 60  # each outage as long as proves its point
 SEARCH = (
@@ -103,7 +106,8 @@ SEARCH = (
     "/shared/runs",
 )
 SETUP = ("db-setup", "mlflow-setup")  # one-shot services
-SEARCH_TIMEOUT_S = 1200
+SEARCH_TIMEOUT_S = 1500
+HEAD_LOSS_WAIT_S = 240  # the driver's Ray gives the lost head (GCS) 60 s to come back, then ends
 TIMINGS: dict[str, float] = {}
 
 
@@ -314,9 +318,19 @@ class Stack:
     def service_of(self, container: str) -> str:
         return self.inspect(container)["Config"]["Labels"]["com.docker.compose.service"]
 
+    def passes_check(self, service: str) -> bool:
+        """The service's health check, run now in its container (Docker runs it every `interval`,
+        10 s: a service back between two of its runs is seen at once)."""
+        ids = self.containers(service)
+        if not ids:
+            return False
+        test = self.inspect(ids[0])["Config"].get("Healthcheck", {}).get("Test") or []
+        argv = {"CMD": test[1:], "CMD-SHELL": ["sh", "-c", *test[1:2]]}.get(test[0] if test else "")
+        return bool(argv) and sh(["docker", "exec", ids[0], *argv], timeout=60, check=False).returncode == 0
+
     def wait_healthy(self, services: tuple[str, ...], timeout_s: float = 300) -> None:
         deadline = time.time() + timeout_s
-        while any(self.health(s) != "healthy" for s in services):
+        while any(self.health(s) != "healthy" and not self.passes_check(s) for s in services):
             assert time.time() < deadline, f"{services} not healthy after {timeout_s:.0f} s:\n{self.logs()}"
             time.sleep(2)
 
@@ -333,7 +347,7 @@ class Stack:
             assert time.time() < deadline, f"the set-up steps did not end in {timeout_s:.0f} s:\n{self.logs()}"
             time.sleep(1)
 
-    def psql(self, query: str) -> list[list[str]]:
+    def psql(self, query: str, database: str = "mlflow") -> list[list[str]]:
         """Rows of a query as PostgreSQL's superuser, inside its container (local socket)."""
         out = sh(
             [
@@ -344,7 +358,7 @@ class Stack:
                 "-U",
                 "postgres",
                 "-d",
-                "mlflow",
+                database,
                 "-At",
                 "-F",
                 "|",
@@ -700,13 +714,14 @@ def address_on(stack: Stack, container: str, network: str) -> str:
 
 @pytest.fixture(scope="module")
 def search(stack, tmp_path_factory):
-    """The driver container's 10-trial smoke search (then the register
-    service), and what it lives through: a
-    second driver's --resume of it (refused); a backup (the driver paused for it), then restore and
-    --rotate (refused); a Ray task placed on the driver's node looking for secrets; a worker
-    container killed while it runs a trial with no epoch done (it cannot end before the kill);
-    the MLflow server stopped, then PostgreSQL stopped and frozen (SIGSTOP), each while a trial
-    runs; backups between. Returns what happened, for the tests to check."""
+    """The driver container's 10-trial smoke search (then the register service), and what it
+    lives through: a second driver's --resume of it (refused); a backup (the driver paused for it),
+    then restore and --rotate (refused); a Ray task placed on the driver's node looking for
+    secrets; a worker container killed while it runs a trial with no epoch done (it cannot end
+    before the kill); the MLflow server stopped while a trial runs; the ray-head container killed
+    while a trial runs (the driver ends), started again, and a `--resume` driver that lives
+    through PostgreSQL stopped and frozen (SIGSTOP), each while a trial runs; five backups
+    mid-search. Returns what happened, for the tests to check."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"http://127.0.0.1:{stack.mlflow_port}")
@@ -729,7 +744,7 @@ def search(stack, tmp_path_factory):
 
     def backup(label: str) -> None:
         """cluster-backup.sh while the search runs (its driver paused for the dump and the copy)."""
-        if driver.poll() is not None:
+        if driver.poll() is not None:  # the driver of the moment: the first, then the --resume one
             return
         at = time.time()
         proc = stack.script_proc("cluster-backup.sh", timeout=300)
@@ -813,29 +828,33 @@ def search(stack, tmp_path_factory):
         backup("after the kill")
 
         # 3. the outages, each while a trial runs (the remaining worker runs the rest of the budget
-        # one trial at a time): the MLflow server stopped (a trial with most of its epochs ahead),
-        # then PostgreSQL stopped and frozen (its postmaster, PID 1: no new connection is accepted)
-        # while any trial runs; a backup after the MLflow outage and after the last one
-        for outage, service, seconds, fresh in (
-            ("mlflow stopped", "mlflow", MLFLOW_STOP_S, True),
-            ("postgres stopped", "postgres", PG_STOP_S, False),
-            ("postgres frozen", "postgres", PG_FREEZE_S, False),
-        ):
-            while not (
-                during := {
-                    r.info.run_id
-                    for r in trial_runs(client)
-                    if r.info.status == "RUNNING"
-                    and (not fresh or len(client.get_metric_history(r.info.run_id, "val_acc")) < EPOCHS - 1)
-                }
-            ):
-                assert time.time() < deadline, f"no trial ran for {outage}:\n{log.read_text()[-4000:]}"
-                running(f"{outage} could begin")
+        # one trial at a time): the MLflow server stopped (a trial with most of its epochs ahead);
+        # then the Ray head killed (4.); then, in the resumed search, PostgreSQL stopped and frozen
+        # (its postmaster, PID 1: no new connection is accepted); a backup after each but the stop
+        def trials_running(fresh: bool, since: float) -> set[str]:
+            """The runs of trials that run and have epochs ahead: RUNNING in MLflow (a trial whose
+            last epoch is logged is RUNNING until the driver closes it) with fewer than EPOCHS
+            epochs logged (``fresh``: fewer than EPOCHS - 1, most of them ahead), the last after
+            ``since`` (a trial the head's kill left RUNNING counts once its resumed trial logs again)."""
+            found = set()
+            for r in trial_runs(client):
+                if r.info.status != "RUNNING":
+                    continue
+                epochs = client.get_metric_history(r.info.run_id, "val_acc")
+                ahead = len(epochs) < (EPOCHS - 1 if fresh else EPOCHS)
+                if ahead and (not since or max((m.timestamp for m in epochs), default=0) > since * 1000):
+                    found.add(r.info.run_id)
+            return found
+
+        def outage(name: str, service: str, seconds: float, fresh: bool, since: float = 0.0) -> None:
+            while not (during := trials_running(fresh, since)):
+                assert time.time() < deadline, f"no trial ran for {name}:\n{log.read_text()[-4000:]}"
+                running(f"{name} could begin")
                 time.sleep(1)
-            running(f"{outage} began")
+            running(f"{name} began")
             container = stack.containers(service)[0]
-            happened["restarted"][outage] = (time.time(), during)
-            if outage == "postgres frozen":
+            happened["restarted"][name] = (time.time(), during)
+            if name == "postgres frozen":
                 sh(["docker", "kill", "--signal", "SIGSTOP", container], timeout=60)
                 time.sleep(seconds)
                 sh(["docker", "kill", "--signal", "SIGCONT", container], timeout=60)
@@ -844,14 +863,76 @@ def search(stack, tmp_path_factory):
                 time.sleep(seconds)
                 sh(["docker", "start", container], timeout=120)
             print(
-                f"[docker test] {outage} for {seconds} s, {happened['restarted'][outage][0] - started:.0f} s into "
+                f"[docker test] {name} for {seconds} s, {happened['restarted'][name][0] - started:.0f} s into "
                 f"the search, while {len(during)} trial(s) ran",
                 flush=True,
             )
             stack.wait_healthy((service,))
-            if outage != "postgres stopped":
-                backup(f"after {outage}")
+            if name != "postgres stopped":
+                backup(f"after {name}")
+
+        outage("mlflow stopped", "mlflow", MLFLOW_STOP_S, fresh=True)
+
+        # 4. the Ray head killed while a trial runs: the driver ends non-zero with one line, and
+        # what it recorded stays; the head started again, the worker rejoins (the kill ends its
+        # Ray node; its restart policy starts it again), the one killed first is started again, and
+        # `--resume` goes on with the search on both
+        while not (during := {r.info.run_id for r in trial_runs(client) if r.info.status == "RUNNING"}):
+            assert time.time() < deadline, f"no trial ran for the head's kill:\n{log.read_text()[-4000:]}"
+            running("the head could be killed")
+            time.sleep(1)
+        head = stack.containers("ray-head")[0]
+        recorded = recorded_state(stack, client)
+        happened["head_killed"] = (time.time(), during)
+        sh(["docker", "kill", head], timeout=60)
+        print(
+            f"[docker test] killed the ray-head container {head[:12]} {time.time() - started:.0f} s into the "
+            f"search, while {len(during)} trial(s) ran; recorded then: {recorded_counts(recorded)}",
+            flush=True,
+        )
+        at = time.time()
+        try:
+            driver.wait(timeout=HEAD_LOSS_WAIT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                f"the driver did not end {HEAD_LOSS_WAIT_S} s after the head's kill:\n{log.read_text()[-6000:]}"
+            )
+        happened["head_lost"] = (driver.returncode, log.read_text(), time.time() - at)
+        timed("search: the driver ended after the head's kill", at)
+        at = time.time()
+        sh(["docker", "start", head], timeout=120)
+        stack.wait_healthy(("ray-head",))
+        sh(["docker", "start", workers[victim[0]]], timeout=120)  # the worker killed first, back for the rest
+        happened["rejoined"] = stack.nodes(alive=1 + WORKERS, timeout_s=240)
+        happened["after_head_loss"] = recorded_state(stack, client)
+        happened["recorded_at_kill"] = recorded
+        timed("search: the head back, the workers rejoined", at)
+        print(
+            f"[docker test] the head back: {sum(n['alive'] for n in happened['rejoined'])} Ray nodes alive; "
+            f"recorded after the driver ended: {recorded_counts(happened['after_head_loss'])}",
+            flush=True,
+        )
+        resumed_at = time.time()
+        log = log.with_name("driver-resume.log")
+        with open(log, "w") as out:
+            driver = subprocess.Popen(
+                [*map(str, stack.compose), "run", "--rm", "-T", "--no-deps", "driver", *SEARCH, "--resume"],
+                cwd=stack.workdir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "DOCKER_BUILDKIT": "0"},
+            )
+        # the resumed search: a backup once it trains again, then the PostgreSQL outages
+        while not trials_running(False, resumed_at):
+            assert time.time() < deadline, f"the resumed search trained no trial in time:\n{log.read_text()[-4000:]}"
+            running("the resumed search trained")
+            time.sleep(1)
+        backup("in the resumed search")
+        outage("postgres stopped", "postgres", PG_STOP_S, fresh=False, since=resumed_at)
+        outage("postgres frozen", "postgres", PG_FREEZE_S, fresh=False, since=resumed_at)
         driver.wait(timeout=max(60, deadline - time.time()))
+        timed("search: the --resume driver", resumed_at)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the search did not finish within {SEARCH_TIMEOUT_S} s:\n{log.read_text()[-6000:]}")
     finally:
@@ -865,6 +946,36 @@ def search(stack, tmp_path_factory):
     register = ("run", "--rm", "-T", "register", "--study", "prompt_pool")
     happened["register"] = stack.run(*register, timeout=600, check=False)
     return happened
+
+
+def live_optuna_states(stack: Stack, database: str = "mlflow") -> dict:
+    """{Ray trial id: Optuna state} of the Optuna studies in a database of the stack's PostgreSQL."""
+    rows = stack.psql(
+        "SELECT a.value_json, t.state FROM optuna.trials t JOIN optuna.trial_user_attributes a "
+        "ON a.trial_id = t.trial_id AND a.key = 'trial_id'",
+        database=database,
+    )
+    return {json.loads(v): state for v, state in rows}
+
+
+def recorded_state(stack: Stack, client) -> dict:
+    """What the search has recorded: its trials.parquet rows, {run id: status} of its trial runs in
+    MLflow and {Ray trial id: state} of its Optuna study."""
+    folder, rows, record = search_table(stack)
+    return {
+        "rows": {r["trial_id"]: r for r in rows},
+        "runs": {r.info.run_id: r.info.status for r in trial_runs(client, record["parent_run_id"])},
+        "optuna": live_optuna_states(stack),
+    }
+
+
+def recorded_counts(recorded: dict) -> str:
+    ended = [s for s in recorded["optuna"].values() if s != "RUNNING"]
+    finished = [s for s in recorded["runs"].values() if s == "FINISHED"]
+    return (
+        f"{len(recorded['rows'])} row(s) in trials.parquet, {len(recorded['runs'])} MLflow run(s) "
+        f"({len(finished)} finished), {len(recorded['optuna'])} Optuna trial(s) ({len(ended)} ended)"
+    )
 
 
 def test_a_second_driver_of_a_running_search_is_refused(search):
@@ -958,7 +1069,13 @@ def test_the_search_survives_a_lost_worker_and_restarts_of_postgres_and_mlflow(s
     tags = client.get_run(record["parent_run_id"]).data.tags
     assert tags["lpt.optuna_storage"].startswith("postgresql+psycopg2://optuna@postgres:5432/mlflow?")
     states = load_optuna_study(stack, tags)
-    assert states == {r["trial_id"]: {"completed": "COMPLETE", "early_stopped": "PRUNED"}[r["status"]] for r in rows}
+    assert states == optuna_states_of_table(rows)
+    print(
+        f"[docker test] the search (ended by its --resume driver, exit {search['returncode']}): "
+        f"{len(rows)} trial(s) in trials.parquet {sorted(statuses)}, {len(runs)} MLflow run(s), "
+        f"Optuna {sorted(states.values())}",
+        flush=True,
+    )
 
     # the register service: the best trial's model, data only, no code file, no pickle
     registered = search["register"]
@@ -972,70 +1089,62 @@ def test_the_search_survives_a_lost_worker_and_restarts_of_postgres_and_mlflow(s
     print(f"[docker test] timings: {json.dumps(TIMINGS)}", flush=True)
 
 
-def optuna_states_of_dump(stack: Stack, dump: Path, database: str) -> dict:
-    """{Ray trial id: Optuna state} of a backup's dump, restored into a scratch database."""
-    pg = stack.containers("postgres")[0]
-    sh(["docker", "exec", pg, "psql", "-U", "postgres", "-d", "postgres", "-c", f"CREATE DATABASE {database}"], 60)
-    try:
-        with open(dump, "rb") as data:
-            restored = subprocess.run(
-                ["docker", "exec", "-i", pg, "pg_restore", "-U", "postgres", "-d", database, "--exit-on-error"],
-                stdin=data,
-                capture_output=True,
-                timeout=300,
-            )
-        assert restored.returncode == 0, restored.stderr.decode(errors="replace")[-3000:]
-        rows = sh(
-            [
-                "docker",
-                "exec",
-                pg,
-                "psql",
-                "-U",
-                "postgres",
-                "-d",
-                database,
-                "-At",
-                "-F",
-                "|",
-                "-c",
-                "SELECT a.value_json, t.state FROM optuna.trials t JOIN optuna.trial_user_attributes a "
-                "ON a.trial_id = t.trial_id AND a.key = 'trial_id'",
-            ],
-            timeout=60,
-        ).stdout.splitlines()
-        return {json.loads(v): state for v, state in (row.split("|") for row in rows if row)}
-    finally:
-        sh(["docker", "exec", pg, "psql", "-U", "postgres", "-d", "postgres", "-c", f"DROP DATABASE {database}"], 60)
+def test_the_ray_head_killed_ends_the_driver_and_resume_completes_the_search(stack, search):
+    """The ray-head container killed while a trial runs: the driver ends non-zero with one line
+    naming the lost head, and nothing it recorded is lost (the trials.parquet rows, the MLflow
+    trial runs, the Optuna study's ended trials); the head started again, the workers rejoin, and
+    `--resume` completes the search: every trial once, its rows from before the kill unchanged (the
+    MLflow and Optuna counts: test_the_search_survives_...)."""
+    code, output, waited = search["head_lost"]
+    tail = [line for line in output.splitlines() if line.strip()][-5:]
+    print(f"[docker test] the driver after the head's kill: exit {code} after {waited:.0f} s; last lines:", flush=True)
+    for line in tail:
+        print(f"[docker test]   {line[:300]}", flush=True)
+    assert code not in (0, None), f"the driver ended {code} without its head:\n{output[-4000:]}"
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: the Ray head ray-head:6379 has not answered for "), (
+        f"{errors}\n{output[-4000:]}"
+    )
+    assert errors[0].endswith("then run the same command with --resume"), errors[0]
+    before, after = search["recorded_at_kill"], search["after_head_loss"]
+    print(
+        f"[docker test] recorded at the head's kill: {recorded_counts(before)}; after the driver ended: "
+        f"{recorded_counts(after)}",
+        flush=True,
+    )
+    for trial_id, row in before["rows"].items():  # the rows written stay as they were
+        assert after["rows"].get(trial_id) == row, (trial_id, row, after["rows"].get(trial_id))
+    for run_id, status in before["runs"].items():  # every run stays, a finished one finished
+        assert run_id in after["runs"] and (status != "FINISHED" or after["runs"][run_id] == "FINISHED"), run_id
+    for trial_id, state in before["optuna"].items():  # an ended Optuna trial stays ended as it was
+        assert state == "RUNNING" or after["optuna"].get(trial_id) == state, (trial_id, state, after["optuna"])
+    # the worker the first kill left (its Ray node ended with the head's; its restart policy started it
+    # again) and the one killed first (`docker start`) joined the new head
+    assert sum(n["alive"] for n in search["rejoined"]) == 1 + WORKERS, search["rejoined"]
+    assert search["returncode"] == 0, f"--resume failed ({search['returncode']}):\n{search['output'][-6000:]}"
+    _, rows, _ = search_table(stack)
+    assert len(rows) == TRIALS and len({r["trial_id"] for r in rows}) == TRIALS
+    final = {r["trial_id"]: r for r in rows}
+    for trial_id, row in after["rows"].items():  # --resume trained none of them again
+        assert final[trial_id] == row, (trial_id, row, final[trial_id])
 
 
-def test_each_backup_taken_mid_search_holds_the_same_trials_in_optuna_and_the_table(stack, search, tmp_path):
-    """Each backup taken while the search ran (the driver paused for it): the Optuna study in its
-    dump has ended exactly the trials its trials.parquet has, each with the table's status."""
-    import pyarrow.parquet as pq
+def optuna_states_of_table(rows: list[dict]) -> dict:
+    """{Ray trial id: the Optuna state} trials.parquet's rows stand for."""
+    return {r["trial_id"]: {"completed": "COMPLETE", "early_stopped": "PRUNED"}.get(r["status"], "FAIL") for r in rows}
 
-    backups = search["backups"]
-    assert len(backups) >= 3, f"only {[label for label, _ in backups]} were taken while the search ran"
-    for i, (label, path) in enumerate(backups):
-        parts = tmp_path / f"backup{i}"
-        parts.mkdir()
-        sh(["tar", "-C", parts, "-xf", path, "postgres.dump", "shared.tar"], timeout=120)
-        listed = sh(["tar", "-tf", parts / "shared.tar"], timeout=60).stdout.split()
-        tables = [n for n in listed if re.fullmatch(r"\./runs/prompt_pool-smoke-[\d-]+/trials\.parquet", n)]
-        rows = []
-        if tables:
-            sh(["tar", "-C", parts, "-xf", parts / "shared.tar", *tables], timeout=120)
-            rows = pq.read_table(parts / tables[0]).to_pylist()
-        states = optuna_states_of_dump(stack, parts / "postgres.dump", f"scratch_backup_{i}")
-        table = {
-            r["trial_id"]: {"completed": "COMPLETE", "early_stopped": "PRUNED"}.get(r["status"], "FAIL") for r in rows
-        }
-        ended = {t: state for t, state in states.items() if state != "RUNNING"}
-        print(
-            f"[docker test] backup {label}: {len(rows)} trial(s) in trials.parquet, Optuna {sorted(states.values())}",
-            flush=True,
-        )
-        assert ended == table, (label, ended, table)
+
+def restored_table(stack: Stack) -> list[dict]:
+    """The trials.parquet rows of the search folder on the shared volume (none before its first row)."""
+    out = stack.exec_as_user(
+        stack.containers("ray-head")[0],
+        "python",
+        "-c",
+        "import glob, json, pyarrow.parquet as pq; "
+        "tables = glob.glob('/shared/runs/prompt_pool-smoke-*/trials.parquet'); "
+        "print(json.dumps(pq.read_table(tables[0]).to_pylist() if tables else [], default=str))",
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
@@ -1076,6 +1185,24 @@ def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
     stack.wait_healthy(("postgres", "mlflow", "ray-head"))
     assert stack.psql("SELECT count(*) FROM runs") == [["0"]]  # a fresh database
     timed("down -v, up", started)
+
+    # each backup taken mid-search (the driver paused for it), restored here one after another:
+    # the Optuna study it brings back has ended exactly the trials its trials.parquet holds
+    assert len(search["backups"]) == 5, f"only {[label for label, _ in search['backups']]} were taken mid-search"
+    for label, path in search["backups"]:
+        started = time.time()
+        out = stack.script("cluster-restore.sh", path)
+        timed(f"restore of the backup {label}", started)
+        assert out.strip().splitlines()[-1].startswith(f"restored {path} into the stack in {stack.workdir}")
+        then_rows, then_states = restored_table(stack), live_optuna_states(stack)
+        ended = {t: state for t, state in then_states.items() if state != "RUNNING"}
+        print(
+            f"[docker test] the backup {label}, restored: {len(then_rows)} trial(s) in trials.parquet, "
+            f"Optuna {sorted(then_states.values())}",
+            flush=True,
+        )
+        assert ended == optuna_states_of_table(then_rows), (label, ended, then_rows)
+
     started = time.time()
     out = stack.script("cluster-restore.sh", str(backup))
     timed("restore", started)
@@ -1095,7 +1222,7 @@ def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
     # the search folder and the Optuna study
     assert search_table(stack) == (folder, rows, record)
     states = load_optuna_study(stack, parent.data.tags)
-    assert states == {r["trial_id"]: {"completed": "COMPLETE", "early_stopped": "PRUNED"}[r["status"]] for r in rows}
+    assert states == optuna_states_of_table(rows)
 
     # the read-only optuna-dashboard: it lists the restored study; deleting it fails, and it stays
     started = time.time()
@@ -1118,25 +1245,23 @@ def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
 
 
 def test_rotating_secrets_keeps_the_data(stack, search):
-    """scripts/cluster-setup.sh --rotate on the running stack: the superuser's, the role optuna's
-    and the searcher's passwords change in place; the new ones log in, the old ones do not, and
-    the search's runs and Optuna study are still there."""
+    """scripts/cluster-setup.sh --rotate on the running stack: the superuser's, the role optuna's,
+    the searcher's and the registrar's passwords change in place; the new ones log in, the old ones
+    do not, and the search's runs and Optuna study are still there."""
     from mlflow import MlflowClient
 
     assert search["returncode"] == 0, "the search failed: nothing to keep"
     _, rows, record = search_table(stack)
     old = dict(stack.secrets)
     started = time.time()
-    out = stack.script("cluster-setup.sh", "--rotate", "postgres_password,optuna_pgpass,mlflow_credentials")
+    rotated = ("postgres_password", "optuna_pgpass", "mlflow_credentials", "mlflow_registrar_credentials")
+    out = stack.script("cluster-setup.sh", "--rotate", ",".join(rotated))
     timed("rotate", started)
-    assert [line for line in out.splitlines() if line.startswith("rotated ")] == [
-        "rotated postgres_password",
-        "rotated optuna_pgpass",
-        "rotated mlflow_credentials",
-    ]
+    assert [line for line in out.splitlines() if line.startswith("rotated ")] == [f"rotated {n}" for n in rotated]
     stack.secrets = read_secrets(stack.workdir / "secrets")
     changed = {n for n in old if old[n] != stack.secrets[n]}
-    assert changed == {"postgres_password", "optuna_pgpass", "mlflow_credentials"}, changed
+    assert changed == set(rotated), changed
+    assert not list((stack.workdir / "secrets").glob("*.new"))  # each staged file renamed over its secret
 
     pg = stack.containers("postgres")[0]
     logins = {
@@ -1169,13 +1294,20 @@ def test_rotating_secrets_keeps_the_data(stack, search):
         for which, secrets in (("old", old), ("new", stack.secrets))
     }
     assert searcher == {"old": 401, "new": 200}
+    registrar = {
+        which: http_status(
+            api,
+            basic_auth("registrar", mlflow_login(secrets, "mlflow_registrar_credentials")["MLFLOW_TRACKING_PASSWORD"]),
+        )
+        for which, secrets in (("old", old), ("new", stack.secrets))
+    }
+    assert registrar == {"old": 401, "new": 200}
     os.environ["MLFLOW_TRACKING_PASSWORD"] = mlflow_login(stack.secrets)[
         "MLFLOW_TRACKING_PASSWORD"
     ]  # undone at the end
     client = MlflowClient(tracking_uri=f"http://127.0.0.1:{stack.mlflow_port}")
     assert len(trial_runs(client, record["parent_run_id"])) == TRIALS
     tags = client.get_run(record["parent_run_id"]).data.tags
-    assert load_optuna_study(stack, tags) == {  # a new driver container, as the role optuna with its new password
-        r["trial_id"]: {"completed": "COMPLETE", "early_stopped": "PRUNED"}[r["status"]] for r in rows
-    }
+    # a new driver container, as the role optuna with its new password
+    assert load_optuna_study(stack, tags) == optuna_states_of_table(rows)
     print(f"[docker test] timings: {json.dumps(TIMINGS)}", flush=True)

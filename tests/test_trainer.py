@@ -287,6 +287,7 @@ def test_input_wait_fraction_is_the_share_of_the_epoch_spent_waiting_for_batches
 
 
 def test_data_bound_note_names_the_threshold_and_the_knobs():
+    from tune.config.study import ProfileConfig
     from tune.trial import input_wait
     from tune.trial.table import TrialRow
 
@@ -295,11 +296,14 @@ def test_data_bound_note_names_the_threshold_and_the_knobs():
         ", input wait 35% (data-bound, above 20%: more loader workers, cpu per trial, or gpu_decode/gpu_augment)"
     )
     assert input_wait.trial_note(float("nan")) == ""
-    profile = {
-        "data": {"name": "places_lt", "gpu_decode": False},
+    places = {"name": "places_lt", "root": "/d", "train_list": "t", "val_list": "v", "test_list": "s"}
+    raw = {
+        "data": {**places, "gpu_decode": False},
+        "backbone": {"name": "vit_base_patch16_224"},
         "loader": {"num_workers": 2},
         "resources": {"cpu": 4, "gpu": 1},
     }
+    profile = ProfileConfig.model_validate(raw)
     waited = lambda trial_id, w: TrialRow(trial_id=trial_id, status="completed", input_wait_fraction=w)  # noqa: E731
     rows = [waited(f"t{i}", w) for i, w in enumerate([0.3, 0.4, 0.1])]
     line, advice = input_wait.summary_lines(rows, profile)
@@ -308,7 +312,7 @@ def test_data_bound_note_names_the_threshold_and_the_knobs():
         "  the search was data-bound: raise loader.num_workers (now 2) and resources.cpu per trial (now 4), "
         "or set data.gpu_decode: true"
     )
-    on_device = {**profile, "data": {"name": "places_lt", "gpu_decode": True}}
+    on_device = ProfileConfig.model_validate({**raw, "data": {**places, "gpu_decode": True}})
     rows = [waited("a", 0.05), waited("b", 0.25)]
     assert input_wait.summary_lines(rows, on_device)[1].endswith("resources.cpu per trial (now 4)")
     assert input_wait.summary_lines([waited("a", 0.01)], profile) == [

@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 AUTO_FRACTION = 0.1  # auto: the first rung at least a tenth of the schedule (9 of 90 epochs)
 LR_FRACTION = 0.5  # auto with lr searched: not before the cosine has halved the lr (45 of 90 epochs)
-PEAK_EPOCHS, MIN_TRIALS, MARGIN_SE = 2, 3, 1.0  # the study keys' defaults (tune.config.study.EarlyStopping)
 
 
 def largest_warmup(space: SpaceBase | None, phase2: PhaseConfig) -> PhaseConfig:

@@ -258,12 +258,10 @@ class StudyConfig(Section):
             )
         return self
 
-    def to_dict(self, order: list[str] | None = None) -> dict:
+    def to_dict(self) -> dict:
+        """The study as search.json and the parent run hold it: the space as written, in the file's order."""
         out = self.model_dump(exclude_none=True, exclude={"space"})
-        out["space"] = {
-            k: getattr(self.space, k).model_dump(exclude_unset=True)  # as written, in the file's order
-            for k in order or self.space.params()
-        }
+        out["space"] = {k: spec.model_dump(exclude_unset=True) for k, spec in self.space.params().items()}
         return out
 
 

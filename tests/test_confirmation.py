@@ -3,6 +3,7 @@ scipy's paired t-test interval), the test set's own paired SE (equal to McNemar'
 a verdict that says "confirmed" only when the interval excludes 0."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from tune.engine.confirmation import (
     interval,
     paired_test_se,
 )
-from tune.reports.html import _verdict
+from tune.reports.html import SearchReport, TrialCounts, _verdict
 from tune.trial.test_scores import SeedScores
 
 COUNTS = [100, 100, 50, 50, 10, 10]  # two classes per shot group (standard split)
@@ -92,11 +93,11 @@ def test_one_seed_or_no_baseline_is_not_confirmed():
 
 
 def test_the_report_page_keeps_not_confirmed_when_confirm_metrics_exist():
-    info = {"study": "prompt_pool", "profile": "smoke", "counts": {"total": 6}}
+    info = SearchReport(study="prompt_pool", profile="smoke", counts=TrialCounts(total=6))
     confirm = {"confirm_test_acc_mean": 80.0, "confirm_gain_test_acc_low": -0.4, "confirm_gain_test_acc_high": 1.2}
-    [text] = _verdict({**info, "confirmation": NOT_CONFIRMED}, confirm, gain=True)
+    [text] = _verdict(replace(info, confirmation=NOT_CONFIRMED), confirm, gain=True)
     assert text.startswith("<p><b>Not confirmed.</b>") and "[-0.40, 1.20]" in text and "--confirm 5" in text
-    [text] = _verdict({**info, "confirmation": CONFIRMED}, {**confirm, "confirm_gain_test_acc_low": 0.3}, True)
+    [text] = _verdict(replace(info, confirmation=CONFIRMED), {**confirm, "confirm_gain_test_acc_low": 0.3}, True)
     assert text.startswith("<p><b>Confirmed.</b>") and "excludes 0" in text
     # metrics from before intervals (no verdict tag): not confirmed
     [text] = _verdict(info, {"confirm_test_acc_mean": 80.0}, True)

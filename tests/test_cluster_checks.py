@@ -146,7 +146,7 @@ class Data:
 
 
 def test_a_node_whose_data_differs_is_named_with_how(tmp_path):
-    from tune.engine.cluster_checks import data_problem, file_sizes
+    from tune.engine.cluster_checks import DataFacts, data_problem, file_sizes
 
     paths = ["a/1.jpg", "a/2.jpg", "b/3.jpg"]
     driver_root, node_root = tmp_path / "driver", tmp_path / "node"
@@ -155,19 +155,19 @@ def test_a_node_whose_data_differs_is_named_with_how(tmp_path):
             (root / p).parent.mkdir(parents=True, exist_ok=True)
             (root / p).write_bytes(b"jpeg" * 10)
     node = {"NodeManagerAddress": "10.0.0.7", "NodeID": "abcdef0123456789"}
-    driver = {"manifest": "m" * 64, "sizes": file_sizes(Data(driver_root, paths))}
-    same = {"manifest": "m" * 64, "sizes": file_sizes(Data(node_root, paths))}
+    driver = DataFacts("m" * 64, file_sizes(Data(driver_root, paths)))
+    same = DataFacts("m" * 64, file_sizes(Data(node_root, paths)))
     assert data_problem(driver, node, same) is None
     (node_root / "a/2.jpg").unlink()
     (node_root / "b/3.jpg").write_bytes(b"other")
-    differs = {"manifest": "m" * 64, "sizes": file_sizes(Data(node_root, paths))}
+    differs = DataFacts("m" * 64, file_sizes(Data(node_root, paths)))
     assert data_problem(driver, node, differs) == (
         "data: node 10.0.0.7 (abcdef012345) holds other data than the driver: "
         "3 files missing (e.g. test/a/2.jpg), 3 files changed (e.g. test/b/3.jpg)"
     )
-    other_lists = {"manifest": "n" * 64, "sizes": driver["sizes"]}
+    other_lists = DataFacts("n" * 64, driver.sizes)
     assert "(manifest nnnnnnnnnnnn, the driver's mmmmmmmmmmmm)" in data_problem(driver, node, other_lists)
-    assert data_problem(driver, node, {"error": "FileNotFoundError: /data/places: no such folder"}) == (
+    assert data_problem(driver, node, DataFacts(error="FileNotFoundError: /data/places: no such folder")) == (
         "data: node 10.0.0.7 (abcdef012345) cannot load the profile's data (FileNotFoundError: /data/places: "
         "no such folder)"
     )

@@ -3,36 +3,40 @@ scipy's paired t-test interval), the test set's own paired SE (equal to McNemar'
 a verdict that says "confirmed" only when the interval excludes 0."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from tune.engine.confirmation import CONFIRMED, NOT_CONFIRMED, confirm_summary, interval, paired_test_se
-from tune.reports.html import _verdict
+from tune.engine.confirmation import (
+    CONFIRMED,
+    NOT_CONFIRMED,
+    ConfirmResults,
+    confirm_summary,
+    interval,
+    paired_test_se,
+)
+from tune.reports.html import SearchReport, TrialCounts, _verdict
+from tune.trial.test_scores import SeedScores
 
 COUNTS = [100, 100, 50, 50, 10, 10]  # two classes per shot group (standard split)
 
 
-def seed_result(correct: np.ndarray, labels: np.ndarray) -> dict:
-    """What ``score_test`` returns for one seed, from per-image outcomes."""
+def seed_result(correct: np.ndarray, labels: np.ndarray) -> SeedScores:
+    """What ``confirm_seed`` returns for one seed, from per-image outcomes."""
     acc = lambda m: 100.0 * correct[m].mean()
     groups = {"many_acc": labels < 2, "medium_acc": (labels >= 2) & (labels < 4), "few_acc": labels >= 4}
-    return {
-        "test_acc": acc(np.ones_like(correct)),
-        **{f"test_{k}": acc(m) for k, m in groups.items()},
-        "correct": correct,
-        "labels": labels,
-    }
+    return SeedScores({"acc": acc(np.ones_like(correct)), **{k: acc(m) for k, m in groups.items()}}, correct, labels)
 
 
-def runs(p_best: list[float], p_base: list[float], n: int = 3000, seed: int = 0) -> dict:
+def runs(p_best: list[float], p_base: list[float], n: int = 3000, seed: int = 0) -> ConfirmResults:
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % len(COUNTS)
-    return {
-        "best": [seed_result(rng.random(n) < p, labels) for p in p_best],
-        "baseline": [seed_result(rng.random(n) < p, labels) for p in p_base],
-    }
+    return ConfirmResults(
+        best=[seed_result(rng.random(n) < p, labels) for p in p_best],
+        baseline=[seed_result(rng.random(n) < p, labels) for p in p_base],
+    )
 
 
 def test_the_seed_interval_is_scipys_paired_t_interval():
@@ -40,12 +44,12 @@ def test_the_seed_interval_is_scipys_paired_t_interval():
     gains = [b - a for b, a in zip(best, base)]
     ci = interval(gains, test_se=0.0)
     ref = stats.ttest_rel(best, base).confidence_interval(0.95)
-    assert (ci["seed_low"], ci["seed_high"]) == pytest.approx((ref.low, ref.high), abs=1e-9)
-    assert ci["se"] == pytest.approx(np.std(gains, ddof=1) / math.sqrt(5))
-    assert (ci["low"], ci["high"]) == pytest.approx((ci["seed_low"], ci["seed_high"]))  # no test-set noise
+    assert (ci.seed_low, ci.seed_high) == pytest.approx((ref.low, ref.high), abs=1e-9)
+    assert ci.se == pytest.approx(np.std(gains, ddof=1) / math.sqrt(5))
+    assert (ci.low, ci.high) == pytest.approx((ci.seed_low, ci.seed_high))  # no test-set noise
     wide = interval(gains, test_se=0.5)  # the verdict's interval: widened by the test set's SE
-    assert wide["high"] - wide["mean"] == pytest.approx(stats.t.ppf(0.975, 4) * math.sqrt(ci["se"] ** 2 + 0.25))
-    assert math.isnan(interval([1.0], 0.1)["low"])  # one seed: no interval
+    assert wide.high - wide.mean == pytest.approx(stats.t.ppf(0.975, 4) * math.sqrt(ci.se**2 + 0.25))
+    assert math.isnan(interval([1.0], 0.1).low)  # one seed: no interval
 
 
 def test_the_test_sets_paired_se_is_mcnemars_for_one_seed():
@@ -82,19 +86,18 @@ def test_one_seed_or_no_baseline_is_not_confirmed():
     _, tags, lines = confirm_summary(runs([0.95], [0.5]), COUNTS, "standard", "acc")
     assert tags["lpt.confirmation"] == NOT_CONFIRMED
     assert lines[-1] == "  verdict: not confirmed: one seed gives no interval; run --confirm 5"
-    only = runs([0.9] * 2, [])
-    del only["baseline"]
+    only = ConfirmResults(runs([0.9] * 2, []).best)  # no baseline
     _, tags, lines = confirm_summary(only, COUNTS, "standard", "acc")
     assert tags["lpt.confirmation"] == NOT_CONFIRMED
     assert lines[-1] == "  verdict: not confirmed: the best is the baseline; there is no gain to confirm"
 
 
 def test_the_report_page_keeps_not_confirmed_when_confirm_metrics_exist():
-    info = {"study": "prompt_pool", "profile": "smoke", "counts": {"total": 6}}
+    info = SearchReport(study="prompt_pool", profile="smoke", counts=TrialCounts(total=6))
     confirm = {"confirm_test_acc_mean": 80.0, "confirm_gain_test_acc_low": -0.4, "confirm_gain_test_acc_high": 1.2}
-    [text] = _verdict({**info, "confirmation": NOT_CONFIRMED}, confirm, gain=True)
+    [text] = _verdict(replace(info, confirmation=NOT_CONFIRMED), confirm, gain=True)
     assert text.startswith("<p><b>Not confirmed.</b>") and "[-0.40, 1.20]" in text and "--confirm 5" in text
-    [text] = _verdict({**info, "confirmation": CONFIRMED}, {**confirm, "confirm_gain_test_acc_low": 0.3}, True)
+    [text] = _verdict(replace(info, confirmation=CONFIRMED), {**confirm, "confirm_gain_test_acc_low": 0.3}, True)
     assert text.startswith("<p><b>Confirmed.</b>") and "excludes 0" in text
     # metrics from before intervals (no verdict tag): not confirmed
     [text] = _verdict(info, {"confirm_test_acc_mean": 80.0}, True)

@@ -23,6 +23,7 @@ from tiny_profile import tiny_profile
 from tune import names
 from tune import report as report_cli
 from tune import tracking as mt
+from tune.config.space import Space
 from tune.reports import search as search_report
 from tune.trial import diagnostics, figures
 from tune.trial import report as trial_report
@@ -37,6 +38,7 @@ SPACE = {
     "lr": {"type": "float", "low": 0.002, "high": 0.2, "log": True},
     "prompt_length": {"type": "choice", "values": [5, 10, 20]},
 }
+SPECS = Space.model_validate(SPACE).params()  # the space as the report reads it
 PROFILE = tiny_profile(phase1={"epochs": 2}, phase2={"epochs": 4, "lr": 0.5})
 
 
@@ -333,7 +335,7 @@ def test_build_study_rebuilds_states_params_and_curves():
     rows = fabricated_rows()
     histories = {r.trial_id: {1: 50.0, 2: 55.0} for r in rows}
     study = search_report.build_study(
-        rows, SPACE, ["val_acc"], ["max"], histories, order=[r.trial_id for r in rows[::-1]]
+        rows, SPECS, ["val_acc"], ["max"], histories, order=[r.trial_id for r in rows[::-1]]
     )
     states = [t.state.name for t in study.trials]
     assert states.count("COMPLETE") == 6 and states.count("PRUNED") == 2 and states.count("FAIL") == 1
@@ -347,8 +349,8 @@ def test_build_study_rebuilds_states_params_and_curves():
     assert dists["lr"].log and dists["prompt_length"].choices == (5, 10, 20)
     # the trainable narrows group_start to the backbone's depth: a value outside the study's range still fits
     odd = rows[0].model_copy(update={"trial_id": "zz", "params": {**rows[0].params, "group_start": 1}})
-    assert search_report.build_study([odd], SPACE, ["val_acc"], ["max"]).trials[0].params["group_start"] == 1
-    multi = search_report.build_study(rows, SPACE, ["val_acc", "val_few_acc"], ["max", "max"])
+    assert search_report.build_study([odd], SPECS, ["val_acc"], ["max"]).trials[0].params["group_start"] == 1
+    multi = search_report.build_study(rows, SPECS, ["val_acc", "val_few_acc"], ["max", "max"])
     assert len(multi.best_trials) >= 1 and all(len(t.values) == 2 for t in multi.best_trials)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from dataclasses import dataclass, field
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -72,17 +73,39 @@ def file_sizes(data) -> dict[str, int]:
     return sizes
 
 
-def data_facts(profile: ProfileConfig) -> dict:
+@dataclass(frozen=True)
+class DataFacts:
+    """What a node's copy of the profile's data is: its manifest hash and its image files' sizes
+    (``file_sizes``); ``error``: why the node could not load it (then nothing else is known)."""
+
+    manifest: str = ""
+    sizes: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeAnswer:
+    """A trial node's answer (``_node_check``, a Ray task's return): what it read at the driver's
+    marker (None: nothing there), why it could not write its own (None: it did), its own marker's
+    URI, and its data's facts."""
+
+    seen: str | None
+    wrote: str | None
+    answer: str
+    facts: DataFacts
+
+
+def data_facts(profile: ProfileConfig) -> DataFacts:
     """What this node's copy of the profile's data is: manifest hash and file sizes."""
     from lpt_core.data import manifest_hash
     from tune.config.loading import profile_data
 
     data = profile_data(profile)
-    return {"manifest": manifest_hash(data), "sizes": file_sizes(data)}
+    return DataFacts(manifest_hash(data), file_sizes(data))
 
 
 @ray.remote(num_cpus=0)
-def _node_check(marker_uri: str, token: str, profile: ProfileConfig) -> dict:
+def _node_check(marker_uri: str, token: str, profile: ProfileConfig) -> NodeAnswer:
     """On one node: read the driver's marker, publish this node's own, describe its data."""
     marker = Location(marker_uri)
     seen: str | None
@@ -99,47 +122,47 @@ def _node_check(marker_uri: str, token: str, profile: ProfileConfig) -> dict:
     try:
         facts = data_facts(profile)
     except Exception as exc:
-        facts = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
-    return {"seen": seen, "wrote": wrote, "answer": answer.uri, **facts}
+        facts = DataFacts(error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+    return NodeAnswer(seen, wrote, answer.uri, facts)
 
 
 def _where(node: dict) -> str:
     return f"node {node.get('NodeManagerAddress', '?')} ({node['NodeID'][:12]})"
 
 
-def storage_problem(storage: Location, node: dict, token: str, result: dict) -> str | None:
+def storage_problem(storage: Location, node: dict, token: str, result: NodeAnswer) -> str | None:
     where = _where(node)
-    if result["seen"] is None:
+    if result.seen is None:
         fix = (
             "mount one shared folder (NFS, a shared volume) at this same path on every node, or use object storage"
             if storage.is_local
             else "check its endpoint and credentials there"
         )
         return f"--storage {storage}: {where} does not see the driver's files there; {fix}"
-    if result["seen"] != token:
-        return f"--storage {storage}: {where} has another folder there ({str(result['seen'])[:80]})"
-    if result["wrote"] is not None:
-        return f"--storage {storage}: {where} cannot write there ({result['wrote']})"
-    answer = Location(result["answer"])
+    if result.seen != token:
+        return f"--storage {storage}: {where} has another folder there ({str(result.seen)[:80]})"
+    if result.wrote is not None:
+        return f"--storage {storage}: {where} cannot write there ({result.wrote})"
+    answer = Location(result.answer)
     if not answer.is_file() or answer.read_text() != token:
         return f"--storage {storage}: what {where} writes there does not reach the driver"
     return None
 
 
-def data_problem(driver: dict, node: dict, result: dict) -> str | None:
+def data_problem(driver: DataFacts, node: dict, result: DataFacts) -> str | None:
     where = _where(node)
-    if "error" in result:
-        return f"data: {where} cannot load the profile's data ({result['error']})"
-    missing = sorted(k for k, v in result["sizes"].items() if v < 0 and driver["sizes"].get(k, -1) >= 0)
-    changed = sorted(k for k, v in result["sizes"].items() if v >= 0 and driver["sizes"].get(k, v) != v)
+    if result.error is not None:
+        return f"data: {where} cannot load the profile's data ({result.error})"
+    missing = sorted(k for k, v in result.sizes.items() if v < 0 and driver.sizes.get(k, -1) >= 0)
+    changed = sorted(k for k, v in result.sizes.items() if v >= 0 and driver.sizes.get(k, v) != v)
     if missing or changed:
         parts = [f"{len(missing)} files missing (e.g. {missing[0]})"] if missing else []
         parts += [f"{len(changed)} files changed (e.g. {changed[0]})"] if changed else []
         return f"data: {where} holds other data than the driver: {', '.join(parts)}"
-    if result["manifest"] != driver["manifest"]:
+    if result.manifest != driver.manifest:
         return (
-            f"data: {where} holds other data than the driver (manifest {result['manifest'][:12]}, "
-            f"the driver's {driver['manifest'][:12]}): other lists, labels or pixels"
+            f"data: {where} holds other data than the driver (manifest {result.manifest[:12]}, "
+            f"the driver's {driver.manifest[:12]}): other lists, labels or pixels"
         )
     return None
 
@@ -153,7 +176,7 @@ def check_cluster_nodes(storage: Location, profile: ProfileConfig, data, manifes
     marker.write_text(token)
     nodes = trial_nodes(profile.resources)
     try:
-        driver = {"manifest": manifest_hash, "sizes": file_sizes(data)}
+        driver = DataFacts(manifest_hash, file_sizes(data))
         reads = [
             _node_check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
                 marker.uri, token, profile
@@ -162,7 +185,7 @@ def check_cluster_nodes(storage: Location, profile: ProfileConfig, data, manifes
         ]
         results = ray.get(reads, timeout=TIMEOUT_S)
         problems = [storage_problem(storage, n, token, r) for n, r in zip(nodes, results)]
-        problems += [data_problem(driver, n, r) for n, r in zip(nodes, results)]
+        problems += [data_problem(driver, n, r.facts) for n, r in zip(nodes, results)]
     finally:
         for loc in [marker, *(storage / f"{marker.name}-{n['NodeID']}" for n in nodes)]:
             try:

@@ -6,9 +6,64 @@ from __future__ import annotations
 import base64
 import html
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from tune.config.space import ParamSpec
 from tune.config.study import SHOT_KEYS
+
+if TYPE_CHECKING:  # the table module imports Ray
+    from tune.trial.table import TrialRow
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialCounts:
+    """The search's trials by status (``table.status_counts``) and in all."""
+
+    total: int = 0
+    completed: int = 0
+    early_stopped: int = 0
+    failed: int = 0
+    interrupted: int = 0
+    budget_stopped: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchReport:
+    """What the report page shows (``search._build_report`` reads it from MLflow and the table):
+    the search's settings and counts, the best and baseline trials, the test and ``--confirm``
+    metrics (``confirm``: the parent run's ``confirm_*``), the test-exposure ledger, the top rows."""
+
+    name: str = ""
+    study: str | None = None
+    profile: str | None = None
+    metrics: list[str] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)
+    counts: TrialCounts = field(default_factory=TrialCounts)
+    search_wall_s: float | None = None
+    gpu_hours: float | None = None
+    cpu_hours: float | None = None
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+    table: str | None = None
+    space: dict[str, ParamSpec] = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)
+    best: TrialRow | None = None
+    test: dict[str, float] = field(default_factory=dict)
+    confirm: dict[str, float] = field(default_factory=dict)
+    confirmed_trial: str | None = None
+    confirmation: str | None = None
+    test_exposed: list[str] = field(default_factory=list)
+    extra_params: int | None = None
+    backbone_params: int | None = None
+    pareto: list[str] = field(default_factory=list)
+    top: list[TrialRow] = field(default_factory=list)
+    baseline: TrialRow | None = None
+    gain: dict[str, float] = field(default_factory=dict)
+    val_images: float | None = None
+    val_acc_se: float | None = None
+    baseline_val_acc_se: float | None = None
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -21,39 +76,39 @@ def _fmt(value, digits: int = 2) -> str:
     return html.escape(str(value))
 
 
-def _range(spec: dict) -> str:
-    if spec["type"] == "choice":
-        return "one of " + ", ".join(str(v) for v in spec["values"])
-    extra = (f", step {spec['step']}" if "step" in spec else "") + (", log" if spec.get("log") else "")
-    return f"{spec['type']} {spec['low']}..{spec['high']}{extra}"
+def _range(spec: ParamSpec) -> str:
+    if spec.type == "choice":
+        return "one of " + ", ".join(str(v) for v in spec.values)
+    extra = (f", step {spec.step}" if spec.step is not None else "") + (", log" if spec.log else "")
+    return f"{spec.type} {spec.low}..{spec.high}{extra}"
 
 
-def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> str:
+def summary_html(info: SearchReport, figures: list[Path], skipped: dict[str, str]) -> str:
     """A short self-contained HTML page: best config against defaults, accuracy, cost, figures."""
     e = html.escape
-    best, space = info.get("best"), info["space"]
+    best, space, counts = info.best, info.space, info.counts
     parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>Search {e(info['name'])}</title>",
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Search {e(info.name)}</title>",
         "<style>body{font-family:sans-serif;max-width:1000px;margin:1em auto;color:#222}"
         "table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:3px 8px;"
         "text-align:right}th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}"
         ".changed{background:#fff3c4}img{max-width:100%;border:1px solid #eee;margin:4px 0}"
         "small{color:#666}</style></head><body>",
-        f"<h1>Search {e(info['name'])}</h1>",
-        f"<p>study <b>{e(info['study'])}</b>, profile <b>{e(info['profile'])}</b>; objective "
-        f"{e(', '.join(f'{m} ({d})' for m, d in zip(info['metrics'], info['modes'])))}; "
-        f"{info['counts']['total']} trials: {info['counts']['completed']} completed, "
-        f"{info['counts']['early_stopped']} stopped early, {info['counts']['failed']} failed"
-        + (f", {n} stopped by the budget" if (n := info["counts"]["budget_stopped"]) else "")
-        + f"; search wall time {_fmt(info.get('search_wall_s'), 0)} s"
+        f"<h1>Search {e(info.name)}</h1>",
+        f"<p>study <b>{e(str(info.study))}</b>, profile <b>{e(str(info.profile))}</b>; objective "
+        f"{e(', '.join(f'{m} ({d})' for m, d in zip(info.metrics, info.modes)))}; "
+        f"{counts.total} trials: {counts.completed} completed, "
+        f"{counts.early_stopped} stopped early, {counts.failed} failed"
+        + (f", {n} stopped by the budget" if (n := counts.budget_stopped) else "")
+        + f"; search wall time {_fmt(info.search_wall_s, 0)} s"
         + "".join(
-            f", {_fmt(info['cost'][m], 4)} {label}"
-            for m, label in (("gpu_hours", "GPU-hours"), ("cpu_hours", "CPU-core-hours"))
-            if info["cost"].get(m)
+            f", {_fmt(v, 4)} {label}"
+            for v, label in ((info.gpu_hours, "GPU-hours"), (info.cpu_hours, "CPU-core-hours"))
+            if v
         )
         + ".<br>"
-        f"<small>MLflow experiment {e(str(info.get('experiment_id')))}, parent run "
-        f"{e(str(info.get('parent_run_id')))}; table {e(str(info.get('table')))}</small></p>",
+        f"<small>MLflow experiment {e(str(info.experiment_id))}, parent run "
+        f"{e(str(info.parent_run_id))}; table {e(str(info.table))}</small></p>",
     ]
     if best is None:
         parts.append("<p><b>No trial completed</b>: see the error column of trials.csv.</p>")
@@ -65,14 +120,14 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
         )
         parts.append("<table><tr><th>parameter</th><th>searched</th><th>profile default</th><th>best</th></tr>")
         for p, spec in space.items():
-            d, b = info["defaults"].get(p), best.params.get(p)
+            d, b = info.defaults.get(p), best.params.get(p)
             cls = " class='changed'" if str(d) != str(b) else ""
             parts.append(
                 f"<tr{cls}><td>{e(p)}</td><td>{e(_range(spec))}</td><td>{_fmt(d, 4)}</td><td>{_fmt(b, 4)}</td></tr>"
             )
         parts.append("</table>")
         parts.append("<table><tr><th>accuracy (%)</th><th>overall</th><th>many</th><th>medium</th><th>few</th></tr>")
-        baseline, gain = info.get("baseline"), info.get("gain") or {}
+        baseline, gain = info.baseline, info.gain
         rows = [
             ("validation (search)", "val_", best.metrics()),
             *(
@@ -87,7 +142,7 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
                 else []
             ),
             *([("gain of the best over the baseline (points)", "gain_val_", gain)] if gain else []),
-            (f"test (best trial; {_seen(info.get('test_exposed') or [])})", "test_", info.get("test") or {}),
+            (f"test (best trial; {_seen(info.test_exposed)})", "test_", info.test),
         ]
         for label, prefix, values in rows:
             parts.append(
@@ -95,25 +150,25 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
                 + "".join(f"<td>{_fmt(values.get(prefix + k))}</td>" for k in SHOT_KEYS)
                 + "</tr>"
             )
-        confirm = info.get("confirm") or {}
-        stale = info.get("confirmed_trial") not in (None, best.trial_id)
+        confirm = info.confirm
+        stale = info.confirmed_trial not in (None, best.trial_id)
         if stale:  # the search was extended without --confirm and found another best
             confirm = {}
         parts += _confirm_rows(confirm)
         parts.append("</table>")
-        if info.get("val_images"):
+        if info.val_images:
             se = [
-                f"{who} {_fmt(info.get(key))}"
-                for who, key in (("best", "val_acc_se"), ("baseline", "baseline_val_acc_se"))
-                if info.get(key) is not None
+                f"{who} {_fmt(v)}"
+                for who, v in (("best", info.val_acc_se), ("baseline", info.baseline_val_acc_se))
+                if v is not None
             ]
             parts.append(
-                f"<p>Validation: {int(info['val_images']):,} images; one binomial standard error of "
+                f"<p>Validation: {int(info.val_images):,} images; one binomial standard error of "
                 f"val_acc (points): {', '.join(se)}.</p>"
             )
         if stale:
             parts.append(
-                f"<p>The confirmation seeds retrained trial {e(info['confirmed_trial'])}, the best before "
+                f"<p>The confirmation seeds retrained trial {e(str(info.confirmed_trial))}, the best before "
                 f"an extension; this best trial has not been confirmed.</p>"
             )
         parts += _verdict(info, confirm, bool(gain))
@@ -122,27 +177,27 @@ def summary_html(info: dict, figures: list[Path], skipped: dict[str, str]) -> st
                 f"<p>The baseline trial {e(baseline.trial_id)} did not run every epoch "
                 f"({e(str(baseline.status))}): no gain to report.</p>"
             )
-        extra, backbone = info.get("extra_params"), info.get("backbone_params")
+        extra, backbone = info.extra_params, info.backbone_params
         if extra is not None:
             pct = f" ({100.0 * extra / backbone:.2f}% of the {backbone:,}-parameter backbone)" if backbone else ""
             parts.append(
                 f"<p>Extra parameters of the best config (prompts, keys, head): <b>{int(extra):,}</b>{pct}.</p>"
             )
-        if info.get("pareto"):
-            parts.append(f"<p>Pareto front on {e(', '.join(info['metrics']))}: {e(', '.join(info['pareto']))}</p>")
-    top = info.get("top") or []
+        if info.pareto:
+            parts.append(f"<p>Pareto front on {e(', '.join(info.metrics))}: {e(', '.join(info.pareto))}</p>")
+    top = info.top
     if top:
         cols = [
             "trial_id",
             "status",
             "epochs",
             *space,
-            *info["metrics"],
-            *(k for k in ("val_many_acc", "val_medium_acc", "val_few_acc") if k not in info["metrics"]),
+            *info.metrics,
+            *(k for k in ("val_many_acc", "val_medium_acc", "val_few_acc") if k not in info.metrics),
             "wall_s",
         ]
         parts.append(
-            f"<h2>Trials ({len(top)} best of {info['counts']['total']}; all in trials.csv)</h2><table><tr>"
+            f"<h2>Trials ({len(top)} best of {counts.total}; all in trials.csv)</h2><table><tr>"
             + "".join(f"<th>{e(c)}</th>" for c in cols)
             + "</tr>"
         )
@@ -191,12 +246,12 @@ def _confirm_rows(confirm: dict) -> list[str]:
     return rows
 
 
-def _verdict(info: dict, confirm: dict, gain: bool) -> list[str]:
+def _verdict(info: SearchReport, confirm: dict, gain: bool) -> list[str]:
     """One paragraph: ``Confirmed.`` only when ``--confirm``'s verdict (tag ``lpt.confirmation``) is
     so for this best trial; ``Not confirmed.`` with the reason otherwise."""
     e = html.escape
     command = (
-        f"<code>python tune/search.py --study {e(str(info['study']))} --profile {e(str(info['profile']))} "
+        f"<code>python tune/search.py --study {e(str(info.study))} --profile {e(str(info.profile))} "
         f"--resume --confirm 5</code> (with the search's own --set and --storage)"
     )
     if "confirm_test_acc_mean" not in confirm:
@@ -204,7 +259,7 @@ def _verdict(info: dict, confirm: dict, gain: bool) -> list[str]:
             return []
         return [
             f"<p><b>Not confirmed.</b> The gain is measured on the validation images the best of "
-            f"{info['counts']['total']} trials (one seed each) was selected on, so it is biased upward; "
+            f"{info.counts.total} trials (one seed each) was selected on, so it is biased upward; "
             f"confirm it on test with fresh seeds: {command}.</p>"
         ]
     low, high = confirm.get("confirm_gain_test_acc_low"), confirm.get("confirm_gain_test_acc_high")
@@ -214,7 +269,7 @@ def _verdict(info: dict, confirm: dict, gain: bool) -> list[str]:
         if low is not None and high is not None and math.isfinite(low)
         else "no interval was recorded (one seed, no gain, or a confirmation from before intervals)"
     )
-    if info.get("confirmation") == "confirmed":
+    if info.confirmation == "confirmed":
         return [f"<p><b>Confirmed.</b> On test, over fresh seeds, {span}: it excludes 0.</p>"]
     return [f"<p><b>Not confirmed.</b> On test, over fresh seeds, {span}. More seeds: {command}.</p>"]
 

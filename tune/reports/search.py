@@ -23,11 +23,12 @@ import torch
 
 from tune import names
 from tune.config.loading import objective_of
+from tune.config.space import ParamSpec, Space
 from tune.config.study import SHOT_KEYS, Objective, ProfileConfig
 from tune.names import REPORT_DIR, SEARCH_FILE
 from tune.plotting import log_report_error
 from tune.record import SearchRecord, load_record
-from tune.reports.html import summary_html
+from tune.reports.html import SearchReport, TrialCounts, summary_html
 from tune.reports.study import build_study, search_figures
 from tune.storage import Location, location
 
@@ -94,6 +95,17 @@ def prompt_file_params(path: Location) -> int | None:
         return int(sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()))
 
 
+PARENT_METRICS = ("search_wall_s", "gpu_hours", "cpu_hours", "val_images", "val_acc_se", "baseline_val_acc_se")
+
+
+def report_space(params: dict[str, str], record: SearchRecord | None) -> dict[str, ParamSpec]:
+    """The searched space, ``{name: spec}`` in the study file's order: the parent run's ``space``
+    param (JSON, validated into the space models here), else search.json's; empty without either."""
+    if "space" in params:
+        return Space.model_validate(json.loads(params["space"])).params()
+    return record.study_config.space.params() if record else {}
+
+
 def backbone_params(spec: dict) -> int | None:
     """Parameters of the profile's backbone, counted on the meta device (no weights, no download)."""
     from lpt_core import build_backbone_from_spec
@@ -139,7 +151,7 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
         raise FileNotFoundError(f"{table}: no trial table")
     rows = list(read_rows(table).values())
     record = stored_record(folder)
-    space = json.loads(params["space"]) if "space" in params else record.study_dict()["space"] if record else {}
+    space = report_space(params, record)
     objective = (  # as the parent run or search.json holds it
         Objective.model_validate(json.loads(params["objective"]))
         if "objective" in params
@@ -196,34 +208,32 @@ def _build_report(client, parent_run_id: str, out: Path, folder: str | Path | Lo
 
     ranked = sorted(rows, key=rank)
     counts = status_counts(rows)
-    info = {
-        "name": tags.get(names.SEARCH, parent.info.run_name),
-        "study": params.get("study", record.study if record else None),
-        "profile": params.get("profile", record.profile_name if record else None),
-        "metrics": metrics,
-        "modes": modes,
-        "counts": {**counts, "total": len(rows)},
-        "search_wall_s": pm.get("search_wall_s"),
-        "cost": {m: pm[m] for m in ("gpu_hours", "cpu_hours") if m in pm},
-        "experiment_id": parent.info.experiment_id,
-        "parent_run_id": parent_run_id,
-        "table": str(table),
-        "space": space,
-        "defaults": profile_defaults(profile, list(space)),
-        "best": best,
-        "test": test,
-        "confirm": {k: v for k, v in pm.items() if k.startswith("confirm_")},
-        "confirmed_trial": tags.get(names.CONFIRMED_TRIAL),
-        "confirmation": tags.get(names.CONFIRMATION),
-        "test_exposed": [t for t in tags.get(names.TEST_EXPOSED, "").split(",") if t],
-        "extra_params": extra,
-        "backbone_params": backbone_params(profile.backbone.spec()) if extra and profile else None,
-        "pareto": [t for t in tags.get(names.PARETO_TRIALS, "").split(",") if t],
-        "top": ranked[:10],
-        "baseline": next((r for r in rows if r.baseline), None),
-        "gain": {k: v for k, v in pm.items() if k.startswith("gain_val_")},
-        **{k: pm.get(k) for k in ("val_images", "val_acc_se", "baseline_val_acc_se")},
-    }
+    info = SearchReport(
+        name=tags.get(names.SEARCH, parent.info.run_name),
+        study=params.get("study", record.study if record else None),
+        profile=params.get("profile", record.profile_name if record else None),
+        metrics=metrics,
+        modes=modes,
+        counts=TrialCounts(**counts, total=len(rows)),
+        experiment_id=parent.info.experiment_id,
+        parent_run_id=parent_run_id,
+        table=str(table),
+        space=space,
+        defaults=profile_defaults(profile, list(space)),
+        best=best,
+        test=test,
+        confirm={k: v for k, v in pm.items() if k.startswith("confirm_")},
+        confirmed_trial=tags.get(names.CONFIRMED_TRIAL),
+        confirmation=tags.get(names.CONFIRMATION),
+        test_exposed=[t for t in tags.get(names.TEST_EXPOSED, "").split(",") if t],
+        extra_params=extra,
+        backbone_params=backbone_params(profile.backbone.spec()) if extra and profile else None,
+        pareto=[t for t in tags.get(names.PARETO_TRIALS, "").split(",") if t],
+        top=ranked[:10],
+        baseline=next((r for r in rows if r.baseline), None),
+        gain={k: v for k, v in pm.items() if k.startswith("gain_val_")},
+        **{k: pm.get(k) for k in PARENT_METRICS},  # the parent run's metrics the page shows as they are
+    )
     (out / names.REPORT_PAGE).write_text(summary_html(info, figures, skipped))
     files = sorted(p for p in out.iterdir() if p.is_file())
     client.log_artifacts(parent_run_id, str(out), REPORT_DIR)

@@ -18,11 +18,12 @@ from tune.plotting import pyplot, save_figure
 if TYPE_CHECKING:  # the table module imports Ray; the report reads rows it is handed
     from matplotlib.figure import Figure
 
+    from tune.config.space import ParamSpec
     from tune.trial.table import TrialRow
 
 
 # ============================================================================ per search: Optuna study
-def distributions(space: dict, rows: list[TrialRow]) -> dict:
+def distributions(space: dict[str, ParamSpec], rows: list[TrialRow]) -> dict:
     """One Optuna distribution per searched param, wide enough for every value in the table
     (the trainable narrows ``top_k`` and ``group_start`` per trial; the table holds what ran)."""
     import optuna.distributions as od
@@ -30,16 +31,16 @@ def distributions(space: dict, rows: list[TrialRow]) -> dict:
     out: dict[str, od.BaseDistribution] = {}
     for name, spec in space.items():
         seen = [r.params[name] for r in rows if r.params.get(name) is not None]
-        if spec["type"] == "choice":
-            values = list(spec["values"]) + [v for v in seen if v not in spec["values"]]
+        if spec.type == "choice":
+            values = list(spec.values) + [v for v in seen if v not in spec.values]
             out[name] = od.CategoricalDistribution(values)
             continue
-        integer = spec["type"] == "int"
+        integer = spec.type == "int"
         cast = int if integer else float
         seen = [cast(v) for v in seen if not (isinstance(v, float) and math.isnan(v))]
-        low, high = cast(min([spec["low"], *seen])), cast(max([spec["high"], *seen]))
-        log = bool(spec.get("log", False))
-        step = spec.get("step")
+        low, high = cast(min([spec.low, *seen])), cast(max([spec.high, *seen]))
+        log = spec.log
+        step: float | None = spec.step
         if step is not None and not log and all(_on_grid(v, low, step) for v in seen):
             high = low + math.floor((high - low) / step + 1e-9) * step
             high = max(high, *seen) if seen else high
@@ -59,7 +60,7 @@ def _on_grid(value: float, low: float, step: float) -> bool:
 
 def build_study(
     rows: list[TrialRow],
-    space: dict,
+    space: dict[str, ParamSpec],
     metrics: list[str],
     modes: list[str],
     histories: dict[str, dict[int, float]] | None = None,

@@ -5,12 +5,48 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from lpt_core.metrics import confusion_counts, group_index, per_class_accuracy, shot_accuracy, shot_confusion_counts
+from tune.config.study import SHOT_KEYS
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """A trial's validation diagnostics: ``evaluation`` the numbers as ``lpt_core.evaluate`` gives
+    them (shot accuracies, ``per_class``, ``shot_confusion``, ...; in its order, without the prompt
+    usage), the train class counts and shot split, and the prompt usage ([C, P] counts) with its
+    entropy when the model has a pool."""
+
+    evaluation: dict[str, Any]
+    class_counts: list[int]
+    shot_split: str
+    prompt_usage: np.ndarray | None = None
+    prompt_usage_entropy: float | None = None
+
+    def shot(self) -> dict[str, float]:
+        """``acc``, ``many_acc``, ``medium_acc``, ``few_acc``."""
+        return {k: self.evaluation[k] for k in SHOT_KEYS}
+
+    @property
+    def per_class(self) -> list[float]:
+        return self.evaluation["per_class"]
+
+    @property
+    def shot_confusion(self) -> list[list[int]]:
+        return self.evaluation["shot_confusion"]
+
+    def numbers(self) -> dict[str, Any]:
+        """Every number, keyed as ``val_diagnostics.json`` holds them, in its order."""
+        out = dict(self.evaluation)
+        out.update(class_counts=self.class_counts, shot_split=self.shot_split)
+        if self.prompt_usage is not None:
+            out.update(prompt_usage=self.prompt_usage, prompt_usage_entropy=self.prompt_usage_entropy)
+        return out
 
 
 def class_groups(class_counts: Sequence[int], split: str = "standard") -> np.ndarray:
@@ -43,31 +79,33 @@ def usage_entropy(usage) -> float:
     return float(max(0.0, -(p * np.log(p)).sum() / math.log(totals.size)))
 
 
-def diagnostics(pred: dict, class_counts: Sequence[int], pool_size: int | None = None, split: str = "standard") -> dict:
+def diagnostics(
+    pred: dict, class_counts: Sequence[int], pool_size: int | None = None, split: str = "standard"
+) -> Diagnostics:
     """The diagnostics of ``predict``'s output (every image's prediction): as ``from_evaluation``."""
-    preds, labels = pred["preds"], pred["labels"]
+    preds, labels, idx = pred["preds"], pred["labels"], pred.get("prompt_idx")
     c = len(class_counts)
     correct, total = confusion_counts(preds, labels, c)
     val: dict[str, Any] = dict(shot_accuracy(correct, total, class_counts, split))
-    val["per_class"] = per_class_accuracy(correct.double(), total.double()).tolist()
-    val["shot_confusion"] = shot_confusion(preds, labels, class_counts, split).tolist()
-    if pred.get("prompt_idx") is not None:
-        size = pool_size or int(pred["prompt_idx"].max()) + 1
-        val["prompt_usage"] = prompt_usage(labels, pred["prompt_idx"], c, size)
+    val.update(
+        per_class=per_class_accuracy(correct.double(), total.double()).tolist(),
+        shot_confusion=shot_confusion(preds, labels, class_counts, split).tolist(),
+    )
+    if idx is not None:
+        val.update(prompt_usage=prompt_usage(labels, idx, c, pool_size or int(idx.max()) + 1))
     return from_evaluation(val, class_counts, split)
 
 
-def from_evaluation(val: dict, class_counts: Sequence[int], split: str = "standard") -> dict:
+def from_evaluation(val: dict, class_counts: Sequence[int], split: str = "standard") -> Diagnostics:
     """Shot accuracy, per-class accuracy, group confusion and prompt usage (with its entropy) from
     what ``lpt_core.evaluate`` returns: the trial report needs no second validation pass."""
-    out = {k: v for k, v in val.items() if k != "prompt_usage"}
-    out["class_counts"] = [int(n) for n in class_counts]
-    out["shot_split"] = split
-    if val.get("prompt_usage") is not None:
-        usage = np.asarray(val["prompt_usage"], dtype=np.int64)
-        out["prompt_usage"] = usage
-        out["prompt_usage_entropy"] = usage_entropy(usage)
-    return out
+    evaluation = {k: v for k, v in val.items() if k != "prompt_usage"}
+    counts = [int(n) for n in class_counts]
+    usage = val.get("prompt_usage")  # lpt_core.evaluate's key
+    if usage is None:
+        return Diagnostics(evaluation, counts, split)
+    usage = np.asarray(usage, dtype=np.int64)
+    return Diagnostics(evaluation, counts, split, usage, usage_entropy(usage))
 
 
 def _plain(value):

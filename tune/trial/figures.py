@@ -13,7 +13,7 @@ import numpy as np
 from lpt_core.metrics import GROUPS, MANY_ABOVE, few_at_most
 from tune.config.study import SHOT_KEYS
 from tune.plotting import pyplot, save_figure
-from tune.trial.diagnostics import _plain, class_groups, usage_entropy
+from tune.trial.diagnostics import Diagnostics, _plain, class_groups, usage_entropy
 
 GROUP_COLORS = {"many": "#4c72b0", "medium": "#dd8452", "few": "#c44e52"}
 
@@ -187,17 +187,21 @@ def plot_shot_confusion(matrix, path: Path, title: str = "") -> Path:
 
 
 def write_trial_figures(
-    diag: dict, out: Path, phase1: dict | None = None, class_names: Sequence[str] | None = None, label: str = ""
+    diag: Diagnostics,
+    out: Path,
+    phase1: dict | None = None,
+    class_names: Sequence[str] | None = None,
+    label: str = "",
 ) -> list[Path]:
     """The trial's PNGs and ``val_diagnostics.json`` in ``out`` from ``diagnostics``' output."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    counts, split = diag["class_counts"], diag["shot_split"]
-    shot = {k: diag[k] for k in SHOT_KEYS}
+    counts, split = diag.class_counts, diag.shot_split
+    shot = diag.shot()
     suffix = f" ({label})" if label else ""
     files = [
         plot_per_class(
-            diag["per_class"],
+            diag.per_class,
             counts,
             out / "per_class_accuracy.png",
             shot,
@@ -206,27 +210,26 @@ def write_trial_figures(
         ),
         plot_shot_bars(shot, phase1, out / "shot_accuracy.png"),
         plot_shot_confusion(
-            diag["shot_confusion"],
+            diag.shot_confusion,
             out / "shot_confusion.png",
             f"Head-vs-tail confusion on the validation split{suffix}",
         ),
     ]
-    if "prompt_usage" in diag:
+    if diag.prompt_usage is not None:
         files.append(
             plot_prompt_usage(
-                diag["prompt_usage"],
+                diag.prompt_usage,
                 counts,
                 out / "prompt_usage.png",
                 class_names,
-                f"Prompt usage on the validation split{suffix}, entropy {diag['prompt_usage_entropy']:.2f}",
+                f"Prompt usage on the validation split{suffix}, entropy {diag.prompt_usage_entropy:.2f}",
                 split,
             )
         )
-    numbers = dict(diag)
-    if "prompt_usage" in diag:
-        numbers["prompt_usage_per_prompt"] = np.asarray(diag["prompt_usage"]).sum(axis=0).tolist()
-    numbers["phase1"] = phase1
-    numbers["groups"] = list(GROUPS)
+    numbers = diag.numbers()
+    if diag.prompt_usage is not None:
+        numbers.update(prompt_usage_per_prompt=np.asarray(diag.prompt_usage).sum(axis=0).tolist())
+    numbers.update(phase1=phase1, groups=list(GROUPS))
     path = out / "val_diagnostics.json"
     plain = _plain(numbers)  # one key a line, each value compact (the usage matrix has C x P numbers)
     path.write_text("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in plain.items()) + "\n}\n")

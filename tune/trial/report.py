@@ -80,8 +80,8 @@ def log_trial_report(
         phase1 = phase1_val_metrics(client, experiment_id, phase1_key)
         counts = model.parameter_counts()
         metrics = {"extra_params": counts["extra_params"], "extra_percent": counts["extra_percent"]}
-        if "prompt_usage_entropy" in diag:
-            metrics["prompt_usage_entropy"] = diag["prompt_usage_entropy"]
+        if diag.prompt_usage_entropy is not None:
+            metrics.update(prompt_usage_entropy=diag.prompt_usage_entropy)
         with tempfile.TemporaryDirectory() as folder:
             write_trial_figures(
                 diag, Path(folder), phase1, getattr(data, "class_names", None), f"epoch {trainer.epoch}"

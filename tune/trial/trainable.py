@@ -38,7 +38,7 @@ from tune.trial.setup import (
 )
 from tune.trial.system_metrics import TrialSystemMetrics
 from tune.trial.table import prompt_path
-from tune.trial.test_scores import TEST_KEYS, score_test
+from tune.trial.test_scores import TEST_KEYS, SeedScores, score_test, scored_test
 
 
 def _node_id() -> str:
@@ -142,13 +142,13 @@ def evaluate_prompts(setup: SearchSetup, config: dict, prompt_file: Location) ->
     return {k: out[k] for k in TEST_KEYS}
 
 
-def confirm_seed(setup: SearchSetup, config: dict, seed: int) -> dict:
+def confirm_seed(setup: SearchSetup, config: dict, seed: int) -> SeedScores:
     """Retrain a config from scratch with ``seed`` (its own phase 1) and return its test accuracy
-    and per-image outcome (``test_scores.score_test``: ``correct``, ``labels``)."""
+    and per-image outcome (``test_scores.scored_test``: ``SeedScores``)."""
     client = MlflowClient(setup.tracking_uri)
     log = lambda msg: print(f"[confirm seed {seed}] {msg}", flush=True)
     data = profile_data(setup.profile)
     model, recipe = build_model(setup, config, data, seed)
     ensure_phase1(setup, model, data, seed, client, log)
     seeded_trainer(setup, model, data, 2, recipe, seed, log).fit()
-    return score_test(setup.profile, model, data)
+    return scored_test(setup.profile, model, data)

@@ -118,14 +118,16 @@ def test_the_table_callback_records_a_tracking_failure_and_goes_on(tmp_path, mon
     assert rows["t_00001"]["mlflow_run_id"] == "run-t_00001" and math.isclose(rows["t_00001"]["val_acc"], 61.0)
 
     guard = tracking_guard.for_search(folder, uri)
-    assert [(f["trial"], f["call"]) for f in guard.failures] == [
+    assert [(f.trial, f.call) for f in guard.failures] == [
         ("t_00001", "close its run"),
         ("t_00002", "close its run"),
     ]
-    assert "Max retries exceeded" in guard.failures[0]["error"] or "Connection refused" in guard.failures[0]["error"]
+    assert "Max retries exceeded" in guard.failures[0].error or "Connection refused" in guard.failures[0].error
     lines = guard.summary_lines()
     assert lines[0] == "tracking: 2 MLflow calls failed; lost their tracking: trial t_00001, trial t_00002"
-    assert json.loads(guard.tag_value()) == guard.failures
+    assert json.loads(guard.tag_value()) == [
+        {"trial": f.trial, "call": f.call, "error": f.error} for f in guard.failures
+    ]
     out = capsys.readouterr().out
     assert "warning: MLflow: close its run of trial t_00001 failed" in out
     assert "close its run of trial t_00002 skipped, the server is still down" in out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import requests
@@ -29,10 +30,20 @@ SHOWN = 10  # failures listed in the summary (all of them in the tag, up to MLfl
 _GUARDS: dict[str, TrackingGuard] = {}
 
 
+@dataclass(frozen=True)
+class TrackingFailure:
+    """One MLflow call that failed: whose (a trial id, or "search" for the parent run), which call,
+    and the error's first line; ``lpt.tracking_failures`` holds them as JSON objects."""
+
+    trial: str
+    call: str
+    error: str
+
+
 class TrackingGuard:
     def __init__(self, uri: str):
         self.uri = uri
-        self.failures: list[dict[str, str]] = []
+        self.failures: list[TrackingFailure] = []
         self.down = False
 
     def attempt(self, what: str, fn: Callable[..., T], *args: Any, trial: str | None = None, **kwargs: Any) -> T | None:
@@ -55,7 +66,7 @@ class TrackingGuard:
 
     def _record(self, what: str, trial: str | None, exc: BaseException, skipped: bool = False) -> None:
         line = error_line(exc)[:300]
-        self.failures.append({"trial": trial or "search", "call": what, "error": line})
+        self.failures.append(TrackingFailure(trial or "search", what, line))
         where = f"trial {trial}" if trial else "the search's parent run"
         print(
             f"warning: MLflow: {what} of {where} {'skipped, the server is still down' if skipped else 'failed'} "
@@ -68,10 +79,10 @@ class TrackingGuard:
         the trials whose runs the wrap-up closed once MLflow was back."""
         if not self.failures:
             return []
-        owners = sorted({f["trial"] for f in self.failures}, key=lambda t: (t != "search", t))
+        owners = sorted({f.trial for f in self.failures}, key=lambda t: (t != "search", t))
         named = ["the search's parent run" if t == "search" else f"trial {t}" for t in owners]
         lines = [f"tracking: {len(self.failures)} MLflow calls failed; lost their tracking: {', '.join(named)}"]
-        lines += [f"  {f['trial']}: {f['call']}: {f['error']}" for f in self.failures[:SHOWN]]
+        lines += [f"  {f.trial}: {f.call}: {f.error}" for f in self.failures[:SHOWN]]
         if len(self.failures) > SHOWN:
             lines.append(f"  ... and {len(self.failures) - SHOWN} more")
         if closed_later:
@@ -80,10 +91,11 @@ class TrackingGuard:
 
     def tag_value(self) -> str:
         """``lpt.tracking_failures``: the failures as JSON, cut to fit MLflow's tag limit."""
-        text = json.dumps(self.failures)
+        records = [asdict(f) for f in self.failures]
+        text = json.dumps(records)
         if len(text) <= 6000:
             return text
-        return json.dumps(self.failures[: max(1, len(self.failures) * 5000 // len(text))])[:6000]
+        return json.dumps(records[: max(1, len(records) * 5000 // len(text))])[:6000]
 
 
 def for_search(folder: str | os.PathLike | Location, uri: str) -> TrackingGuard:

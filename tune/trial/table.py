@@ -218,7 +218,7 @@ def close_lost_runs(
 ) -> list[str]:
     """At the wrap-up: the runs whose closing failed while MLflow was away (``guard``'s failures)
     found and closed now; the ids of the trials whose runs are closed."""
-    lost = {f["trial"] for f in guard.failures if f["call"] in ("find its run", "close its run")}
+    lost = {f.trial for f in guard.failures if f.call in ("find its run", "close its run")}
     closed = []
     for row in (r for r in rows if r.trial_id in lost):
 

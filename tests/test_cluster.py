@@ -536,6 +536,7 @@ def test_only_the_registrar_changes_a_registered_model(stack, tmp_path, monkeypa
     from lpt_core import LPT, build_backbone_from_spec, save_prompts
     from lpt_core.data import build_dataset
     from tune import names
+    from tune.config.study import ProfileConfig
     from tune.serving import model as lpt_model
     from tune.serving.check import ModelRefused
     from tune.serving.registry import MODELS_EXPERIMENT, register_best
@@ -566,7 +567,7 @@ def test_only_the_registrar_changes_a_registered_model(stack, tmp_path, monkeypa
             "cluster-tiny",
             study=study,
             profile_name="tiny",
-            profile=PROFILE,
+            profile=ProfileConfig.model_validate(PROFILE),
             data=data,
             best=TrialRow(trial_id="trial0", status="completed", mlflow_run_id=trial, val_acc=50.0, params=CONFIG),
             config=CONFIG,

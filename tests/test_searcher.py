@@ -327,7 +327,7 @@ def test_the_pareto_front_is_optunas_best_trials_over_every_trial(tmp_path, loca
         for a in done
         if not any(all(b[k] >= a[k] for k in keys) and any(b[k] > a[k] for k in keys) for b in done)
     )
-    assert expected and pareto(record) == expected
+    assert expected and pareto(record["optuna_storage"], record["optuna_study"]) == expected
     study = optuna.load_study(study_name="stand-in", storage=record["optuna_storage"])
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 8
 

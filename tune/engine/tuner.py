@@ -210,10 +210,10 @@ def on_resources(fn, profile: ProfileConfig):
     return ray.remote(num_cpus=r.cpu, num_gpus=r.gpu, max_retries=2)(fn)
 
 
-def pareto(record: SearchRecord) -> list[str]:
-    """The Tune trial ids of the Pareto front: Optuna's ``best_trials`` of the search's study (its
-    trials that ran every epoch; those ASHA stopped are PRUNED)."""
-    study = optuna.load_study(study_name=record.optuna_study, storage=open_storage(record.optuna_storage))
+def pareto(storage: str, study_name: str) -> list[str]:
+    """The Tune trial ids of the Pareto front: Optuna's ``best_trials`` of the search's study
+    ``study_name`` in ``storage`` (its trials that ran every epoch; those ASHA stopped are PRUNED)."""
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
     return sorted(
         t.user_attrs[names.OPTUNA_TRIAL_ID] for t in study.best_trials if names.OPTUNA_TRIAL_ID in t.user_attrs
     )

@@ -226,7 +226,7 @@ def wrap_up(
                 lines.append(f"  model:      not registered ({exc})")
                 registered = False
         if len(metrics) > 1:
-            front = pareto(record)
+            front = pareto(record.optuna_storage, record.optuna_study)
             guard.attempt("tag the Pareto front", client.set_tag, parent_id, names.PARETO_TRIALS, ",".join(front))
             lines.append(f"  Pareto front on {', '.join(metrics)}: {', '.join(front)}")
         gain, gain_lines = validation_gain(

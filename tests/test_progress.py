@@ -50,3 +50,19 @@ def test_the_progress_best_is_the_summarys_best():
     ]
     extended = SearchProgress(6, 3, "val_acc", "max", ["pool_size"], prior=prior, interval_s=0)
     assert "best val_acc 95.00 of a completed trial (pool_size=16)" in extended.line([a, c], now=1.0)
+
+
+def test_callbacks_pickled_before_the_rows_and_profile_were_models_restore(tmp_path):
+    """Tuner.restore of a search saved by the previous version: the progress line's earlier rows
+    and the trial table's resources were dicts then."""
+    from tune.config.study import Resources
+    from tune.trial.table import TrialTable
+
+    progress = SearchProgress(6, 4, "val_acc", "max", ["margin"])
+    old_row = {"trial_id": "a", "status": "completed", "epochs": 4, "val_acc": 50.0, "margin": 0.1}
+    restored = SearchProgress.__new__(SearchProgress)
+    restored.__setstate__({**progress.__dict__, "prior": [old_row]})
+    assert restored.prior == [("completed", 50.0, {"margin": 0.1})]
+    table = TrialTable.__new__(TrialTable)
+    table.__setstate__({"path": str(tmp_path / "trials.parquet"), "resources": {"cpu": 2, "gpu": 0.5}})
+    assert table.resources == Resources(cpu=2, gpu=0.5) and table.rows == {}

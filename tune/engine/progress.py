@@ -48,17 +48,20 @@ class SearchProgress(tune.Callback):
         ``meter``: a ``budget.BudgetMeter`` (the hours spent), or None."""
         self.budget, self.epochs, self.metric, self.mode, self.params = budget, epochs, metric, mode, params
         # (status, objective value, config) of each earlier row: pickled with the callback (Tuner.restore)
-        self.prior: list[tuple[str, float, dict]] = [
-            (r.status, r.metric(metric), {p: r.params.get(p) for p in params}) for r in prior
-        ]
+        self.prior = self._digest(prior)
         self.interval_s, self.meter = interval_s, meter
         self.started: float | None = None
         self.last: float | None = None
         self.epochs_at_start: int | None = None  # a resumed search: epochs that ran before this driver
         self.best_seen: tuple[float, dict] | None = None
 
+    def _digest(self, prior) -> list[tuple[str, float, dict]]:
+        return [(r.status, r.metric(self.metric), {p: r.params.get(p) for p in self.params}) for r in prior]
+
     def __setstate__(self, state: dict) -> None:  # Tuner.restore: this driver's clock starts again
         self.__dict__.update({"best_seen": None, "meter": None, **state}, started=None, last=None, epochs_at_start=None)
+        if self.prior and isinstance(self.prior[0], dict):  # pickled before rows were TrialRows
+            self.prior = self._digest(TrialRow.from_columns(r) for r in self.prior)
 
     # ----------------------------------------------------------------------------- the line
     def line(self, trials: list[Trial], now: float | None = None, ending: dict | None = None) -> str:

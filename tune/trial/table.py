@@ -1,5 +1,4 @@
 """``trials.parquet``: one row per trial, rewritten as trials end, so a crash leaves what finished.
-
 A row is a ``TrialRow``; ``write_table`` and ``read_rows`` convert it to and from the Parquet
 columns in one place (``TrialRow.columns``, ``TrialRow.from_columns``).
 
@@ -254,10 +253,11 @@ class TrialTable(tune.Callback):
         self.rows: dict[str, TrialRow] = {r.trial_id: r for r in prior}
 
     def __setstate__(self, state: dict) -> None:
-        # Tuner.restore (--resume) unpickles this callback as it was when the search began:
-        # the rows of the trials that ended since then are in the table
-        # (a search started before the budget: no resources, no stopper)
+        # Tuner.restore (--resume) unpickles this callback as it was when the search began: the rows
+        # that ended since are in the table; a search started before the budget has no resources or
+        # stopper, one started before the profile was a model has its resources as a dict
         self.__dict__.update({"resources": None, "budget_stopper": None, **state}, rows=read_rows(state["path"]))
+        self.resources = Resources.model_validate(self.resources) if self.resources is not None else None
 
     @property
     def guard(self) -> tracking_guard.TrackingGuard:

@@ -57,6 +57,40 @@ def test_the_start_up_count_is_a_third_of_the_budget_between_2_and_10():
     assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == 4
 
 
+def test_a_restored_searcher_queues_again_the_trials_asked_for_after_its_snapshot(tmp_path, capsys):
+    """--resume restores the searcher Tune saved last: a trial asked of Optuna after that (the
+    driver was killed in between) is in no Tune run, so its RUNNING Optuna trial goes back to the
+    queue, and the next trial asked for takes it with its sampled parameters; the trials the
+    snapshot knows go on and are told as before. The study ends with one trial per Tune trial."""
+    _, profile = load_profile("smoke")
+    study = study_of({"budget": {"trials": 4, "concurrency": 2}})
+    storage = open_storage(storage_url(tmp_path))
+    search_study(storage, "resumed", ["max"])
+
+    def searcher():
+        settings = sampler_settings(study, 4)
+        return make_searcher(
+            study, profile.model, 4, EPOCHS, ["val_acc"], ["max"], settings, storage=storage, study_name="resumed"
+        ).searcher
+
+    first = searcher()
+    assert first.suggest("t_known") is not None
+    first.save(str(tmp_path / "searcher-state.pkl"))  # Tune's snapshot
+    lost = first.suggest("t_lost")  # then the kill
+
+    restored = searcher()
+    restored.restore(str(tmp_path / "searcher-state.pkl"))
+    assert "Optuna: 1 trial(s) asked for after Tune's last snapshot queued again" in capsys.readouterr().out
+    assert restored.suggest("t_new") == lost  # the lost trial's config, in the lost trial
+    restored.on_trial_complete("t_known", {"val_acc": 70.0, "epoch": EPOCHS})
+    restored.on_trial_complete("t_new", {"val_acc": 60.0, "epoch": EPOCHS})
+    trials = optuna.load_study(study_name="resumed", storage=storage_url(tmp_path)).trials
+    assert [(t.user_attrs[TUNE_TRIAL_ID], t.state, t.value) for t in trials] == [
+        ("t_known", TrialState.COMPLETE, 70.0),
+        ("t_new", TrialState.COMPLETE, 60.0),
+    ]
+
+
 def test_a_study_names_its_sampler():
     base = {"seed": 1}
     given = sampler_settings(study_of({**base, "sampler": {"type": "tpe", "n_startup_trials": 7, "group": False}}), 12)

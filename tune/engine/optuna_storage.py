@@ -203,6 +203,18 @@ def search_study(storage: optuna.storages.BaseStorage, name: str, modes: list[st
     return optuna.create_study(storage=storage, study_name=name, directions=directions, load_if_exists=True)
 
 
+def requeue_unknown(study: optuna.Study, known: frozenset[int]) -> int:
+    """After ``Tuner.restore``: the trials RUNNING in the study that the restored searcher does not
+    know (``known``: Optuna's trial ids) were asked for after Tune's last snapshot, and no Tune
+    run will run them. They go back to WAITING: the next trials the restored run asks for take
+    them, with the parameters they were sampled with (Optuna keeps a parameter once suggested),
+    so the study ends holding the trials trials.parquet holds. Returns how many."""
+    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t._trial_id not in known]
+    for trial in orphans:
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+    return len(orphans)
+
+
 def fail_unfinished(study: optuna.Study) -> int:
     """Trials a killed driver left RUNNING (their Tune run is started again) become FAIL."""
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))

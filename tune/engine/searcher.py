@@ -23,6 +23,7 @@ from tune.config.samplers import make_sampler
 from tune.config.search_space import DefineByRun
 from tune.config.study import StudyConfig
 from tune.config.validation import binomial_se
+from tune.engine.optuna_storage import requeue_unknown
 from tune.names import OPTUNA_TRIAL_ID
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,15 @@ class LPTOptunaSearch(OptunaSearch):
         if config is not None:
             self._ot_trials[trial_id].set_user_attr(OPTUNA_TRIAL_ID, trial_id)
         return config
+
+    def restore(self, checkpoint_path: str) -> None:
+        """``--resume``: the searcher as Tune's last snapshot saved it. A trial it asked Optuna for
+        after that snapshot (the driver was killed in between) is in no Tune run: its Optuna
+        trial goes back to the queue (``requeue_unknown``) for the next trial asked for."""
+        super().restore(checkpoint_path)
+        known = frozenset(t._trial_id for t in self._ot_trials.values())
+        if orphans := requeue_unknown(self._ot_study, known):  # type: ignore[arg-type]
+            print(f"Optuna: {orphans} trial(s) asked for after Tune's last snapshot queued again", flush=True)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if isinstance(self.metric, list):  # Optuna keeps no intermediate values for several objectives

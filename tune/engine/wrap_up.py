@@ -36,9 +36,6 @@ from tune.trial.table import (
     INTERRUPTED,
     TrialRow,
     best_row,
-    close_lost_runs,
-    close_trial_run,
-    find_trial_run,
     last_line,
     prompt_path,
     read_rows,
@@ -47,6 +44,7 @@ from tune.trial.table import (
     write_table,
 )
 from tune.trial.trainable import evaluate_prompts
+from tune.trial.trial_runs import close_lost_runs, close_trial_run, find_trial_run
 
 
 def collect_rows(plan, client: MlflowClient, folder: Location, grids: list, interrupted: bool) -> list[TrialRow]:

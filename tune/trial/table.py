@@ -15,72 +15,31 @@ from __future__ import annotations
 import io
 import math
 import os
-import time
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow import MlflowClient
-from pydantic import BaseModel
 from ray import tune
 
 from tune import tracking as mt
 from tune import tracking_guard
-from tune.config.budget import MEASURES, hours_of
-from tune.config.study import OBJECTIVE_METRICS, Resources
-from tune.names import PROMPTS_DIR, STATUS
+from tune.config.budget import hours_of
+from tune.config.study import Resources
+from tune.names import PROMPTS_DIR
 from tune.storage import Location, location
 from tune.trial import input_wait
-
-FINAL_METRICS = (*OBJECTIVE_METRICS, "train_loss", input_wait.METRIC)
-COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED = "completed", "early_stopped", "failed", "interrupted"
-BUDGET_STOPPED = "budget_stopped"  # budget.on_exhausted: stop ended it before its last epoch
-STATUSES = (COMPLETED, EARLY_STOPPED, FAILED, INTERRUPTED, BUDGET_STOPPED)
-COST_METRICS = tuple(MEASURES)  # gpu_hours, cpu_hours: a trial's wall time x its resources, in hours
-
-
-class TrialRow(BaseModel):
-    """One trial: status, epochs run, baseline or not, sampled ``params``, last-epoch metrics
-    (``FINAL_METRICS``; NaN when none), MLflow run, node, wall time, cost, the error it raised."""
-
-    trial_id: str
-    status: str
-    epochs: int = 0
-    baseline: bool = False
-    params: dict[str, Any] = {}
-    val_acc: float = math.nan  # FINAL_METRICS, in their order
-    val_many_acc: float = math.nan
-    val_medium_acc: float = math.nan
-    val_few_acc: float = math.nan
-    train_loss: float = math.nan
-    input_wait_fraction: float = math.nan
-    mlflow_run_id: str | None = None
-    node: str | None = None
-    wall_s: float = math.nan
-    gpu_hours: float = math.nan  # COST_METRICS
-    cpu_hours: float = math.nan
-    error: str | None = None
-
-    def metric(self, name: str) -> float:  # a final metric by its name (the objective's)
-        return getattr(self, name) if name in FINAL_METRICS else math.nan
-
-    def metrics(self) -> dict[str, float]:  # for the summary lines, which take metric dicts
-        return {m: getattr(self, m) for m in FINAL_METRICS}
-
-    def columns(self) -> dict[str, Any]:
-        """The Parquet row: the fixed columns, the parameters after ``baseline``."""
-        out = self.model_dump(exclude={"params"})
-        head = {k: out.pop(k) for k in ("trial_id", "status", "epochs", "baseline")}
-        return {**head, **self.params, **out}
-
-    @classmethod
-    def from_columns(cls, columns: dict[str, Any]) -> TrialRow:
-        """A row of the Parquet table (a column an older table lacks at its default)."""
-        fixed = {k: v for k, v in columns.items() if k in cls.model_fields and v is not None}
-        return cls(**fixed, params={k: v for k, v in columns.items() if k not in cls.model_fields})
-
-    def value(self, column: str) -> Any:  # a column by its name: a parameter's or a fixed one's
-        return self.params[column] if column in self.params else getattr(self, column, None)
+from tune.trial.row import (  # noqa: F401 (re-exported: the table's rows and statuses)
+    BUDGET_STOPPED,
+    COMPLETED,
+    COST_METRICS,
+    EARLY_STOPPED,
+    FAILED,
+    FINAL_METRICS,
+    INTERRUPTED,
+    STATUSES,
+    TrialRow,
+)
+from tune.trial.trial_runs import finish_trial_run
 
 
 def prompt_path(folder: str | os.PathLike | Location, trial_id: str) -> Location:
@@ -186,49 +145,6 @@ def best_row(rows: list[TrialRow], metric: str, mode: str) -> TrialRow | None:
     return max(done, key=lambda r: sign * r.metric(metric))
 
 
-def close_trial_run(client: MlflowClient, row: TrialRow) -> None:
-    """End an ended trial's MLflow run with the table's status (a trial that ASHA stops is ended
-    by Ray before its own code can close the run)."""
-    if row.mlflow_run_id:
-        client.set_tag(row.mlflow_run_id, STATUS, row.status)
-        client.set_terminated(
-            row.mlflow_run_id, "FAILED" if row.status == FAILED else "FINISHED", end_time=int(time.time() * 1000)
-        )
-
-
-def finish_trial_run(client: MlflowClient, row: TrialRow) -> bool:
-    """Log an ended trial's cost on its run and close it (``close_trial_run``); True when done."""
-    cost = {m: getattr(row, m) for m in COST_METRICS if math.isfinite(getattr(row, m))}
-    if row.mlflow_run_id and cost:
-        mt.log(client, row.mlflow_run_id, metrics=cost)
-    close_trial_run(client, row)
-    return True
-
-
-def find_trial_run(client: MlflowClient, row: TrialRow, search_run: tuple[str, str]) -> str | None:
-    """The row's MLflow run id; a trial that ended before its first epoch has reported none: its
-    run found by its tags (``search_run``: the experiment and parent run ids), None when it made none."""
-    row.mlflow_run_id = row.mlflow_run_id or mt.trial_run_id(client, *search_run, row.trial_id)
-    return row.mlflow_run_id
-
-
-def close_lost_runs(
-    client: MlflowClient, rows: list[TrialRow], guard: tracking_guard.TrackingGuard, search_run: tuple[str, str]
-) -> list[str]:
-    """At the wrap-up: the runs whose closing failed while MLflow was away (``guard``'s failures)
-    found and closed now; the ids of the trials whose runs are closed."""
-    lost = {f.trial for f in guard.failures if f.call in ("find its run", "close its run")}
-    closed = []
-    for row in (r for r in rows if r.trial_id in lost):
-
-        def close(row: TrialRow = row) -> bool:
-            return bool(find_trial_run(client, row, search_run)) and finish_trial_run(client, row)
-
-        if guard.attempt("close its run at the wrap-up", close, trial=row.trial_id):
-            closed.append(row.trial_id)
-    return closed
-
-
 class TrialTable(tune.Callback):
     def __init__(
         self,
@@ -265,6 +181,14 @@ class TrialTable(tune.Callback):
         return tracking_guard.for_search(self.path.parent, self.client.tracking_uri)
 
     def _end(self, trial, error: str | None) -> None:
+        kept = self.rows.get(trial.trial_id)
+        if kept is not None and kept.status not in (FAILED, INTERRUPTED):
+            # a search killed after a trial ended and before Ray's next snapshot: the restored run
+            # runs the ended trial again (from a checkpoint Ray has since rotated away, so it fails);
+            # the table's row stands, its run closes with it
+            print(f"trial {trial.trial_id} had ended ({kept.status}) before the search stopped: its row stands")
+            self.guard.attempt("close its run", finish_trial_run, self.client, kept, trial=trial.trial_id)
+            return
         stopped = self.budget_stopper is not None and trial.trial_id in self.budget_stopper.stopped
         row = trial_row(
             trial.trial_id,

@@ -136,6 +136,12 @@ def trial_run_id(client: MlflowClient, exp_id: str, parent_id: str, trial_id: st
     return find_run(client, exp_id, **{PARENT: parent_id, TRIAL_ID: trial_id})
 
 
+def open_trial_runs(client: MlflowClient, exp_id: str, parent_id: str) -> dict[str, str]:
+    """{Ray trial id: run id} of the search's trial runs still RUNNING."""
+    where = f"tags.`{PARENT}` = '{parent_id}' and tags.`{ROLE}` = '{ROLE_TRIAL}' and attributes.status = 'RUNNING'"
+    return {r.data.tags[TRIAL_ID]: r.info.run_id for r in client.search_runs([exp_id], where, max_results=50000)}
+
+
 def trial_run(
     client: MlflowClient, exp_id: str, parent_id: str, trial_id: str, name: str, params: dict, tags: dict
 ) -> str:

@@ -76,9 +76,14 @@ class TrackingGuard:
 
     def summary_lines(self, closed_later: Sequence[str] = ()) -> list[str]:
         """The summary's lines about what lost its tracking (none when nothing did); ``closed_later``:
-        the trials whose runs the wrap-up closed once MLflow was back."""
-        if not self.failures:
-            return []
+        the trials whose runs the wrap-up closed (MLflow back, or left open by an earlier driver)."""
+        if not self.failures:  # runs an earlier driver left open, closed at this one's wrap-up
+            trials = ", ".join(closed_later)
+            return (
+                [f"tracking: closed at the wrap-up the runs an earlier driver left open: trial {trials}"]
+                if trials
+                else []
+            )
         owners = sorted({f.trial for f in self.failures}, key=lambda t: (t != "search", t))
         named = ["the search's parent run" if t == "search" else f"trial {t}" for t in owners]
         lines = [f"tracking: {len(self.failures)} MLflow calls failed; lost their tracking: {', '.join(named)}"]

@@ -1,6 +1,7 @@
-"""A trial's MLflow run closed with its row's status: at the trial's end (the table callback), at
-the wrap-up for the runs whose closing MLflow missed, and for a trial a resumed search restores
-after it had ended (its row in the table, its run maybe still open)."""
+"""A trial's MLflow run closed with its row's status: at the trial's end (the table callback), for a
+trial a resumed search restores after it had ended (its row in the table, its run maybe still
+open), and at the wrap-up for every ended trial whose run is still open (MLflow was away, or an
+earlier driver was killed before it closed the run)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from mlflow import MlflowClient
 from tune import tracking as mt
 from tune import tracking_guard
 from tune.names import STATUS
-from tune.trial.row import COST_METRICS, FAILED, TrialRow
+from tune.trial.row import COST_METRICS, FAILED, INTERRUPTED, TrialRow
 
 
 def close_trial_run(client: MlflowClient, row: TrialRow) -> None:
@@ -44,11 +45,17 @@ def find_trial_run(client: MlflowClient, row: TrialRow, search_run: tuple[str, s
 def close_lost_runs(
     client: MlflowClient, rows: list[TrialRow], guard: tracking_guard.TrackingGuard, search_run: tuple[str, str]
 ) -> list[str]:
-    """At the wrap-up: the runs whose closing failed while MLflow was away (``guard``'s failures)
-    found and closed now; the ids of the trials whose runs are closed."""
+    """At the wrap-up: the runs of ended trials that are still open, closed now. Those whose closing
+    failed while MLflow was away (``guard``'s failures), and those an earlier driver left open (it
+    was killed between a trial's row and its run's closing, and its failures died with it), found
+    by one query. Returns the ids of the trials whose runs are closed."""
     lost = {f.trial for f in guard.failures if f.call in ("find its run", "close its run")}
+    still_open = guard.attempt("find the open trial runs", mt.open_trial_runs, client, *search_run) or {}
     closed = []
-    for row in (r for r in rows if r.trial_id in lost):
+    for row in rows:
+        if row.trial_id not in lost and (row.trial_id not in still_open or row.status == INTERRUPTED):
+            continue
+        row.mlflow_run_id = row.mlflow_run_id or still_open.get(row.trial_id)
 
         def close(row: TrialRow = row) -> bool:
             return bool(find_trial_run(client, row, search_run)) and finish_trial_run(client, row)

@@ -948,6 +948,11 @@ def search(stack, tmp_path_factory):
     return happened
 
 
+# Optuna trials that have not ended: running, or queued (the baseline before its first ask; a trial
+# asked for after Tune's last snapshot, queued again by --resume for the next ask)
+UNENDED = ("RUNNING", "WAITING")
+
+
 def live_optuna_states(stack: Stack, database: str = "mlflow") -> dict:
     """{Ray trial id: Optuna state} of the Optuna studies in a database of the stack's PostgreSQL."""
     rows = stack.psql(
@@ -970,7 +975,7 @@ def recorded_state(stack: Stack, client) -> dict:
 
 
 def recorded_counts(recorded: dict) -> str:
-    ended = [s for s in recorded["optuna"].values() if s != "RUNNING"]
+    ended = [s for s in recorded["optuna"].values() if s not in UNENDED]
     finished = [s for s in recorded["runs"].values() if s == "FINISHED"]
     return (
         f"{len(recorded['rows'])} row(s) in trials.parquet, {len(recorded['runs'])} MLflow run(s) "
@@ -1117,7 +1122,7 @@ def test_the_ray_head_killed_ends_the_driver_and_resume_completes_the_search(sta
     for run_id, status in before["runs"].items():  # every run stays, a finished one finished
         assert run_id in after["runs"] and (status != "FINISHED" or after["runs"][run_id] == "FINISHED"), run_id
     for trial_id, state in before["optuna"].items():  # an ended Optuna trial stays ended as it was
-        assert state == "RUNNING" or after["optuna"].get(trial_id) == state, (trial_id, state, after["optuna"])
+        assert state in UNENDED or after["optuna"].get(trial_id) == state, (trial_id, state, after["optuna"])
     # the worker the first kill left (its Ray node ended with the head's; its restart policy started it
     # again) and the one killed first (`docker start`) joined the new head
     assert sum(n["alive"] for n in search["rejoined"]) == 1 + WORKERS, search["rejoined"]
@@ -1195,7 +1200,7 @@ def test_backup_then_down_v_then_restore_brings_the_search_back(stack, search):
         timed(f"restore of the backup {label}", started)
         assert out.strip().splitlines()[-1].startswith(f"restored {path} into the stack in {stack.workdir}")
         then_rows, then_states = restored_table(stack), live_optuna_states(stack)
-        ended = {t: state for t, state in then_states.items() if state != "RUNNING"}
+        ended = {t: state for t, state in then_states.items() if state not in UNENDED}
         print(
             f"[docker test] the backup {label}, restored: {len(then_rows)} trial(s) in trials.parquet, "
             f"Optuna {sorted(then_states.values())}",

@@ -186,7 +186,10 @@ class TrialTable(tune.Callback):
             # a search killed after a trial ended and before Ray's next snapshot: the restored run
             # runs the ended trial again (from a checkpoint Ray has since rotated away, so it fails);
             # the table's row stands, its run closes with it
-            print(f"trial {trial.trial_id} had ended ({kept.status}) before the search stopped: its row stands")
+            print(
+                f"trial {trial.trial_id} had ended ({kept.status}) before the search stopped: its row stands",
+                flush=True,
+            )
             self.guard.attempt("close its run", finish_trial_run, self.client, kept, trial=trial.trial_id)
             return
         stopped = self.budget_stopper is not None and trial.trial_id in self.budget_stopper.stopped

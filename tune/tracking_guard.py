@@ -78,12 +78,10 @@ class TrackingGuard:
         """The summary's lines about what lost its tracking (none when nothing did); ``closed_later``:
         the trials whose runs the wrap-up closed (MLflow back, or left open by an earlier driver)."""
         if not self.failures:  # runs an earlier driver left open, closed at this one's wrap-up
-            trials = ", ".join(closed_later)
-            return (
-                [f"tracking: closed at the wrap-up the runs an earlier driver left open: trial {trials}"]
-                if trials
-                else []
+            left = (
+                f"tracking: closed at the wrap-up the runs an earlier driver left open: trial {', '.join(closed_later)}"
             )
+            return [left] if closed_later else []
         owners = sorted({f.trial for f in self.failures}, key=lambda t: (t != "search", t))
         named = ["the search's parent run" if t == "search" else f"trial {t}" for t in owners]
         lines = [f"tracking: {len(self.failures)} MLflow calls failed; lost their tracking: {', '.join(named)}"]

@@ -209,15 +209,17 @@ def requeue_unknown(study: optuna.Study, known: frozenset[int]) -> int:
     run will run them. They go back to WAITING: the next trials the restored run asks for take
     them, with the parameters they were sampled with (Optuna keeps a parameter once suggested),
     so the study ends holding the trials trials.parquet holds. Returns how many."""
-    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t._trial_id not in known]
-    for trial in orphans:
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
-    return len(orphans)
+    return _set_running(study, TrialState.WAITING, keep=known)
 
 
 def fail_unfinished(study: optuna.Study) -> int:
     """Trials a killed driver left RUNNING (their Tune run is started again) become FAIL."""
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in stale:
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    return len(stale)
+    return _set_running(study, TrialState.FAIL)
+
+
+def _set_running(study: optuna.Study, state: TrialState, keep: frozenset[int] = frozenset()) -> int:
+    """Every RUNNING trial of the study but those in ``keep`` set to ``state``; how many."""
+    running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t._trial_id not in keep]
+    for trial in running:
+        study._storage.set_trial_state_values(trial._trial_id, state)
+    return len(running)

@@ -45,21 +45,14 @@ def find_trial_run(client: MlflowClient, row: TrialRow, search_run: tuple[str, s
 def close_lost_runs(
     client: MlflowClient, rows: list[TrialRow], guard: tracking_guard.TrackingGuard, search_run: tuple[str, str]
 ) -> list[str]:
-    """At the wrap-up: the runs of ended trials that are still open, closed now. Those whose closing
-    failed while MLflow was away (``guard``'s failures), and those an earlier driver left open (it
-    was killed between a trial's row and its run's closing, and its failures died with it), found
-    by one query. Returns the ids of the trials whose runs are closed."""
-    lost = {f.trial for f in guard.failures if f.call in ("find its run", "close its run")}
+    """At the wrap-up: the runs of ended trials still open in MLflow, found by one query and closed
+    now: those whose closing failed while MLflow was away (``guard`` names them in the summary)
+    and those an earlier driver left open (it was killed between a trial's row and its run's
+    closing). Returns the ids of the trials whose runs are closed."""
     still_open = guard.attempt("find the open trial runs", mt.open_trial_runs, client, *search_run) or {}
     closed = []
-    for row in rows:
-        if row.trial_id not in lost and (row.trial_id not in still_open or row.status == INTERRUPTED):
-            continue
-        row.mlflow_run_id = row.mlflow_run_id or still_open.get(row.trial_id)
-
-        def close(row: TrialRow = row) -> bool:
-            return bool(find_trial_run(client, row, search_run)) and finish_trial_run(client, row)
-
-        if guard.attempt("close its run at the wrap-up", close, trial=row.trial_id):
+    for row in (r for r in rows if r.trial_id in still_open and r.status != INTERRUPTED):
+        row.mlflow_run_id = row.mlflow_run_id or still_open[row.trial_id]
+        if guard.attempt("close its run at the wrap-up", finish_trial_run, client, row, trial=row.trial_id):
             closed.append(row.trial_id)
     return closed
